@@ -1,0 +1,400 @@
+"""The config file: pydantic models, TOML loading, and translation of every problem into one line.
+
+This is the only module that imports pydantic. Everything it returns is frozen; the engine
+reads the models' attributes and never mutates them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
+from pydantic_core import PydanticCustomError
+
+from portfwd.addr import (
+    Endpoint,
+    HostPorts,
+    Transport,
+    UnixPath,
+    parse_listen,
+    parse_target,
+)
+from portfwd.errors import ConfigError
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+#: Sections PRODUCT.md describes whose engines are not in this version yet.
+_PLANNED_SECTIONS = {
+    "tunnel": "SSH client tunnels",
+    "server": "the SSH tunnel server",
+    "gateway": "nftables gateway forwarding",
+    "map": "router port mapping",
+}
+
+
+def _fail(message: str) -> PydanticCustomError:
+    return PydanticCustomError("portfwd", "{line}", {"line": message})
+
+
+def parse_duration(value: object) -> float:
+    """Parse `"90s"`, `"10m"`, `"2h"`, `"500ms"`, `"1d"` or a number of seconds.
+
+    Raises ConfigError for anything else or for a duration that is not positive.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"{value!r} is not a duration", hint='write a duration such as "90s"')
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ConfigError(
+            f"{value!r} is not a duration", hint='write a duration such as "90s", "10m" or "2h"'
+        )
+    if not seconds > 0:
+        raise ConfigError(f"duration {value!r} must be more than zero")
+    return seconds
+
+
+def parse_network(value: object) -> Network:
+    """Parse a CIDR such as `192.168.0.0/16`, `2001:db8::/32`, or one address (a /32 or /128).
+
+    Raises ConfigError for bad text or host bits set.
+    """
+    if not isinstance(value, str):
+        raise ConfigError(f"{value!r} is not a CIDR", hint='write a string such as "10.0.0.0/8"')
+    try:
+        return ipaddress.ip_network(value.strip(), strict=True)
+    except ValueError as exc:
+        if "has host bits set" in str(exc):
+            fixed = ipaddress.ip_network(value.strip(), strict=False)
+            raise ConfigError(f"{value!r} has host bits set", hint=f"write {fixed}") from exc
+        raise ConfigError(
+            f"{value!r} is not an IP network", hint='write a CIDR such as "10.0.0.0/8" or "2001:db8::/32"'
+        ) from exc
+
+
+def _translating(parse: typing.Callable[[Any], Any]) -> typing.Callable[[Any], Any]:
+    """Wrap a parser so its ConfigError becomes a pydantic error carrying our one line."""
+
+    def validate(value: Any) -> Any:
+        if parse in (parse_listen, parse_target) and not isinstance(value, str):
+            raise _fail(f"{value!r} is not an address; write a string such as \"127.0.0.1:8080\"")
+        try:
+            return parse(value)
+        except ConfigError as exc:
+            raise _fail(exc.line()) from exc
+
+    return validate
+
+
+def _networks(value: Any) -> tuple[Network, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise _fail('must be a list of CIDRs; write ["10.0.0.0/8"]')
+    out = []
+    for item in items:
+        try:
+            out.append(parse_network(item))
+        except ConfigError as exc:
+            raise _fail(exc.line()) from exc
+    return tuple(out)
+
+
+ListenEndpoint = Annotated[Endpoint, PlainValidator(_translating(parse_listen))]
+TargetEndpoint = Annotated[Endpoint, PlainValidator(_translating(parse_target))]
+Duration = Annotated[float, PlainValidator(_translating(parse_duration))]
+Networks = Annotated[tuple[Network, ...], PlainValidator(_networks)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class RouteConfig(_Model):
+    """`[[forward.route]]`: clients from `source` go to `connect` instead of the rule's target."""
+
+    source: Networks
+    connect: TargetEndpoint
+
+
+class ForwardConfig(_Model):
+    """`[[forward]]`: one userspace proxy rule."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=64)
+    listen: ListenEndpoint
+    connect: TargetEndpoint
+    protocol: Transport = Transport.TCP
+    allow: Networks = ()
+    deny: Networks = ()
+    route: tuple[RouteConfig, ...] = ()
+    udp_idle_timeout: Duration = 60.0
+    udp_max_flows: int = Field(default=1024, ge=1, le=1_000_000)
+    connect_timeout: Duration = 10.0
+    relay: Literal["auto", "splice", "protocol"] = "auto"
+    dual_stack: bool = False
+    backlog: int = Field(default=1024, ge=1, le=65535)
+
+    @property
+    def label(self) -> str:
+        """The rule's name for logs and tables; defaults to its listen side."""
+        if self.name is not None:
+            return self.name
+        suffix = "" if self.protocol is Transport.TCP else f"/{self.protocol.value}"
+        return f"{self.listen}{suffix}"
+
+
+class MetricsConfig(_Model):
+    """`[metrics]`: where the Prometheus endpoint listens."""
+
+    listen: ListenEndpoint = Field(default_factory=lambda: parse_listen("127.0.0.1:9930"))
+
+
+class ControlConfig(_Model):
+    """`[control]`: the local control socket `portfwd status` reads."""
+
+    socket: str | None = None
+
+
+class Config(_Model):
+    """The whole config file."""
+
+    user: str | None = Field(default=None, min_length=1)
+    group: str | None = Field(default=None, min_length=1)
+    drain_timeout: Duration = 10.0
+    forward: tuple[ForwardConfig, ...] = ()
+    metrics: MetricsConfig | None = None
+    control: ControlConfig = ControlConfig()
+
+
+# --------------------------------------------------------------------------- error translation
+
+_TYPE_MESSAGES = {
+    "missing": "required key is missing; add it",
+    "string_type": "must be text in quotes",
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "model_type": "must be a table",
+    "dict_type": "must be a table",
+}
+
+
+def _path(loc: Sequence[int | str]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "config"
+
+
+def _model_at(loc: Sequence[int | str]) -> type[BaseModel] | None:
+    """Walk the models along `loc` to find the one that owns the last key."""
+    model: type[BaseModel] = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        found = None
+        for candidate in _flatten(field.annotation):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                found = candidate
+        if found is None:
+            return None
+        model = found
+    return model
+
+
+def _flatten(annotation: Any) -> Iterable[Any]:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, tuple, list):
+        for arg in typing.get_args(annotation):
+            yield from _flatten(arg)
+    else:
+        yield annotation
+
+
+def _problem(error: Any) -> str:
+    loc: tuple[int | str, ...] = tuple(error["loc"])
+    kind = error["type"]
+    if kind == "portfwd":
+        return f"{_path(loc)}: {error['ctx']['line']}"
+    if kind == "extra_forbidden":
+        owner = _model_at(loc[:-1])
+        known = ", ".join(owner.model_fields) if owner else ""
+        return f"{_path(loc)}: unknown key; remove it or use one of: {known}"
+    if kind in ("tuple_type", "list_type"):
+        name = loc[-1] if loc else ""
+        return f"{_path(loc)}: must be an array of tables; write [[{'forward.' if name == 'route' else ''}{name}]]"
+    if kind in _TYPE_MESSAGES:
+        return f"{_path(loc)}: {_TYPE_MESSAGES[kind]}"
+    message = str(error["msg"]).replace("Input should be", "must be")
+    message = message.replace("String should have", "must have").replace("Value error, ", "")
+    return f"{_path(loc)}: {message[:1].lower()}{message[1:]}"
+
+
+def _check_rules(config: Config) -> list[str]:
+    """Cross-field checks pydantic cannot express per field; returns one line per problem."""
+    problems: list[str] = []
+    seen_names: dict[str, int] = {}
+    bound: list[tuple[int, str, str, int]] = []  # (rule index, proto, host, port)
+    for index, rule in enumerate(config.forward):
+        field = f"forward[{index}]"
+        if rule.name is not None:
+            if rule.name in seen_names:
+                problems.append(
+                    f"{field}.name: {rule.name!r} is already the name of forward[{seen_names[rule.name]}]; "
+                    "pick another name"
+                )
+            seen_names[rule.name] = index
+        problems.extend(_check_sides(field, rule.listen, rule.connect, rule.protocol, "connect"))
+        for route_index, route in enumerate(rule.route):
+            problems.extend(
+                _check_sides(
+                    f"{field}.route[{route_index}]", rule.listen, route.connect, rule.protocol, "connect"
+                )
+            )
+        if isinstance(rule.listen, UnixPath) and (rule.allow or rule.deny or rule.route):
+            problems.append(
+                f"{field}.allow: allow, deny and route need an IP listener; "
+                "a Unix socket has no client address (use file permissions instead)"
+            )
+        if isinstance(rule.listen, HostPorts):
+            for proto in ("tcp", "udp"):
+                if proto == "tcp" and not rule.protocol.has_tcp:
+                    continue
+                if proto == "udp" and not rule.protocol.has_udp:
+                    continue
+                for port in rule.listen.ports.ports():
+                    clash = _clash(bound, proto, rule.listen.host, port)
+                    if clash is not None and clash != index:
+                        problems.append(
+                            f"{field}.listen: {rule.listen.at(port)}/{proto} is already used by "
+                            f"forward[{clash}]; give each rule its own port"
+                        )
+                        break
+                    bound.append((index, proto, rule.listen.host, port))
+    if config.metrics is not None:
+        listen = config.metrics.listen
+        if not isinstance(listen, HostPorts) or len(listen.ports) != 1:
+            problems.append('metrics.listen: must be one host:port; write "127.0.0.1:9930"')
+    return problems
+
+
+_ANY_ADDRESSES = ("", "0.0.0.0", "::")
+
+
+def _clash(bound: list[tuple[int, str, str, int]], proto: str, host: str, port: int) -> int | None:
+    for index, other_proto, other_host, other_port in bound:
+        if other_proto == proto and other_port == port and (
+            other_host == host or other_host in _ANY_ADDRESSES or host in _ANY_ADDRESSES
+        ):
+            return index
+    return None
+
+
+def _check_sides(
+    field: str, listen: Endpoint, connect: Endpoint, protocol: Transport, key: str
+) -> list[str]:
+    problems = []
+    if protocol.has_udp and isinstance(listen, UnixPath):
+        problems.append(f"{field}.listen: UDP cannot listen on a Unix stream socket; use protocol = \"tcp\"")
+    if protocol.has_udp and isinstance(connect, UnixPath):
+        problems.append(f"{field}.{key}: UDP cannot reach a Unix stream socket; use protocol = \"tcp\"")
+    if isinstance(listen, HostPorts) and isinstance(connect, HostPorts):
+        wanted, got = len(listen.ports), len(connect.ports)
+        if got not in (1, wanted):
+            problems.append(
+                f"{field}.{key}: port range {connect.ports} has {got} ports but listen "
+                f"{listen.ports} has {wanted}; use ranges of equal length or one target port"
+            )
+    if isinstance(listen, UnixPath) and isinstance(connect, HostPorts) and len(connect.ports) > 1:
+        problems.append(f"{field}.{key}: a Unix socket listener needs one target port, not a range")
+    return problems
+
+
+def validate(data: dict[str, Any], source: str = "config") -> Config:
+    """Validate parsed TOML (or CLI-built) data into a Config.
+
+    Raises ConfigError carrying one line per problem, each naming its field and the fix.
+    """
+    problems: list[str] = []
+    for section, what in _PLANNED_SECTIONS.items():
+        if section in data:
+            problems.append(
+                f"{section}: {what} is not available in portfwd 0.1 yet; remove this section to run the rest"
+            )
+    data = {key: value for key, value in data.items() if key not in _PLANNED_SECTIONS}
+    config = None
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(_problem(error) for error in exc.errors(include_url=False))
+    if config is not None:
+        problems.extend(_check_rules(config))
+    if problems:
+        raise ConfigError(problems[0], problems=problems)
+    assert config is not None  # for mypy: no problems means validation succeeded
+    return config
+
+
+def load(path: Path) -> Config:
+    """Read and validate a TOML config file.
+
+    Raises ConfigError for a missing/unreadable file, bad TOML or invalid values.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such config file", hint="pass -c FILE or create portfwd.toml") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from exc
+    try:
+        text = raw.decode("utf-8")
+        data = tomllib.loads(text)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: config is not UTF-8 text") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    return validate(data, str(path))
+
+
+def find(explicit: str | None) -> Path:
+    """Choose the config file: -c, then $PORTFWD_CONFIG, ./portfwd.toml, ~/.config, /etc.
+
+    Raises ConfigError naming every place it looked when none exists.
+    """
+    if explicit:
+        return Path(explicit)
+    candidates = []
+    if env := os.environ.get("PORTFWD_CONFIG"):
+        return Path(env)
+    candidates = [
+        Path("portfwd.toml"),
+        Path.home() / ".config" / "portfwd" / "portfwd.toml",
+        Path("/etc/portfwd/portfwd.toml"),
+    ]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        "no config file found (looked in ./portfwd.toml, ~/.config/portfwd/portfwd.toml, "
+        "/etc/portfwd/portfwd.toml)",
+        hint="pass -c FILE or set PORTFWD_CONFIG",
+    )

@@ -1,0 +1,196 @@
+"""Listening sockets: binding (with reasons a person understands) and a TCP accept loop.
+
+The accept loop is a reader callback on the listening socket that accepts in batches, so one
+wakeup serves a burst of clients. When the process runs out of file descriptors (EMFILE) it
+stops accepting for a moment instead of spinning on a readable socket it cannot serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable
+from typing import Any
+
+from portfwd.errors import BindError
+
+log = logging.getLogger(__name__)
+
+ACCEPT_BATCH = 64
+ACCEPT_RETRY_DELAY = 0.5
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+_WHY = {
+    errno.EACCES: "permission denied",
+    errno.EADDRINUSE: "address already in use",
+    errno.EADDRNOTAVAIL: "address not available on this machine",
+    errno.EAFNOSUPPORT: "address family not supported (is IPv6 disabled?)",
+}
+
+
+def _bind_error(what: str, where: str, exc: OSError, port: int | None) -> BindError:
+    words = _WHY.get(exc.errno or 0, (exc.strerror or str(exc)).lower())
+    hint = None
+    if exc.errno == errno.EACCES and port is not None and port < 1024:
+        hint = "ports below 1024 need root (with user = ...) or CAP_NET_BIND_SERVICE; see README, Low ports"
+    elif exc.errno == errno.EADDRINUSE:
+        hint = "another program (or rule) listens there; pick another port or stop it"
+    return BindError(f"cannot listen on {where}: {words}", field=what, hint=hint)
+
+
+def _family_for(host: str) -> tuple[int, str]:
+    """Choose the socket family for a listen host; "" is every address, dual-stack if possible."""
+    if host == "":
+        return (socket.AF_INET6, "::") if socket.has_ipv6 and _ipv6_works() else (socket.AF_INET, "0.0.0.0")
+    if ":" in host:
+        return socket.AF_INET6, host
+    try:
+        socket.inet_aton(host)
+        return socket.AF_INET, host
+    except OSError:
+        pass
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = infos[0]
+    return family, str(sockaddr[0])
+
+
+def _ipv6_works() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::", 0))
+        return True
+    except OSError:
+        return False
+
+
+def bind_ip(
+    what: str, host: str, port: int, kind: socket.SocketKind, *, backlog: int, dual_stack: bool
+) -> socket.socket:
+    """Open a non-blocking TCP (listening) or UDP socket on host:port.
+
+    `host == ""` binds every address: one IPv6 socket that also takes IPv4 where the kernel has
+    IPv6, else 0.0.0.0. An explicit `::` stays IPv6-only unless `dual_stack`.
+    Raises BindError naming the rule (`what`), the address and the errno in words.
+    """
+    where = f"[{host}]:{port}" if ":" in host else f"{host or '*'}:{port}"
+    try:
+        family, address = _family_for(host)
+    except OSError as exc:
+        raise BindError(f"cannot resolve listen host {host!r}: {exc}", field=what) from exc
+    listener = socket.socket(family, kind)
+    try:
+        if kind == socket.SOCK_STREAM:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            v6only = 0 if (host == "" or dual_stack) else 1
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+        listener.bind((address, port))
+        if kind == socket.SOCK_STREAM:
+            listener.listen(backlog)
+        listener.setblocking(False)
+    except OSError as exc:
+        listener.close()
+        raise _bind_error(what, where, exc, port) from exc
+    return listener
+
+
+def bind_unix(what: str, path: str, *, backlog: int) -> socket.socket:
+    """Listen on a Unix stream socket, replacing a stale socket file left by a dead process.
+
+    Raises BindError if the path is taken by a live listener or by a file that is not a socket.
+    """
+    where = f"unix:{path}"
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.stat(path).st_mode
+        if not stat.S_ISSOCK(mode):
+            raise BindError(
+                f"cannot listen on {where}: the path exists and is not a socket", field=what,
+                hint="remove the file or choose another path",
+            )
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # nobody answers: a stale socket from a process that died
+        else:
+            raise BindError(
+                f"cannot listen on {where}: another program is listening there", field=what,
+                hint="stop it or choose another path",
+            )
+        finally:
+            probe.close()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        listener.listen(backlog)
+        listener.setblocking(False)
+    except OSError as exc:
+        listener.close()
+        raise _bind_error(what, where, exc, None) from exc
+    return listener
+
+
+class TcpListener:
+    """Accepts clients on a listening stream socket and hands each to `serve(client, peer)`."""
+
+    def __init__(
+        self, listener: socket.socket, serve: Callable[[socket.socket, Any], None], label: str
+    ) -> None:
+        self.listener = listener
+        self._serve = serve
+        self._label = label
+        self._loop = asyncio.get_running_loop()
+        self._paused: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        """Begin accepting."""
+        self._loop.add_reader(self.listener.fileno(), self._on_accept)
+
+    def _on_accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                client, peer = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._pause(exc)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR):
+                    continue  # that client went away before we accepted it
+                log.warning("%s: accept failed: %s", self._label, exc.strerror or exc)
+                return
+            self._serve(client, peer)
+
+    def _pause(self, exc: OSError) -> None:
+        log.warning(
+            "%s: cannot accept more clients (%s); pausing accepts for %.1fs",
+            self._label, exc.strerror, ACCEPT_RETRY_DELAY,
+        )
+        self._loop.remove_reader(self.listener.fileno())
+        self._paused = self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
+
+    def _resume(self) -> None:
+        self._paused = None
+        if not self._closed:
+            self._loop.add_reader(self.listener.fileno(), self._on_accept)
+
+    def close(self) -> None:
+        """Stop accepting and close the listening socket (and its Unix path)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._paused is not None:
+            self._paused.cancel()
+        self._loop.remove_reader(self.listener.fileno())
+        path = self.listener.getsockname() if self.listener.family == socket.AF_UNIX else None
+        self.listener.close()
+        if isinstance(path, str) and path:
+            with contextlib.suppress(OSError):
+                os.unlink(path)

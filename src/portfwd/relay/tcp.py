@@ -1,0 +1,138 @@
+"""Portable TCP relay: a pair of asyncio Protocols with backpressure and half-close.
+
+Used where splice is not possible (non-Linux, later TLS) or when a rule says
+`relay = "protocol"`. `pause_writing` on one side pauses reading on its peer, so a slow reader
+never makes us buffer without bound; `eof_received` passes the half-close on with `write_eof`
+and keeps the other direction open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+
+from portfwd.state import Session
+
+
+class _Side(asyncio.Protocol):
+    """One socket of the pair; `upward` is True for the client side (bytes it reads go up)."""
+
+    __slots__ = ("eof", "lost", "peer", "relay", "transport", "upward")
+
+    def __init__(self, relay: ProtocolRelay, upward: bool) -> None:
+        self.relay = relay
+        self.upward = upward
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Side | None = None
+        self.eof = False
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = self.peer
+        # The first side made must not read until its peer can take the bytes.
+        if peer is None or peer.transport is None:
+            transport.pause_reading()
+        else:
+            peer.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        assert peer is not None and peer.transport is not None
+        if self.upward:
+            self.relay.session.bytes_up += len(data)
+        else:
+            self.relay.session.bytes_down += len(data)
+        peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.relay.half_closed(self)
+        return True
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None and not self.peer.eof:
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.relay.side_lost(self, exc)
+
+
+class ProtocolRelay:
+    """Relays two connected sockets through asyncio transports until both sides finish.
+
+    `on_close(reason)` is called exactly once, after both transports are closed. The reason is
+    the first thing that happened: `client closed`, `upstream reset`, or what `close()` was told.
+    """
+
+    __slots__ = ("_client", "_finished", "_on_close", "_reason", "_upstream", "session")
+
+    def __init__(self, session: Session, on_close: Callable[[str], None]) -> None:
+        self.session = session
+        self._on_close = on_close
+        self._reason: str | None = None
+        self._finished = False
+        self._client = _Side(self, upward=True)
+        self._upstream = _Side(self, upward=False)
+        self._client.peer = self._upstream
+        self._upstream.peer = self._client
+
+    async def start(self, client: socket.socket, upstream: socket.socket) -> None:
+        """Wrap both sockets in transports; relaying starts when both exist."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: self._upstream, upstream)
+        except BaseException:
+            upstream.close()
+            client.close()
+            raise
+        try:
+            await loop.connect_accepted_socket(lambda: self._client, client)
+        except BaseException:
+            client.close()
+            self.close("client error")
+            raise
+
+    def _note(self, reason: str) -> None:
+        if self._reason is None:
+            self._reason = reason
+
+    def half_closed(self, side: _Side) -> None:
+        """One side sent EOF: pass it on; close both once both directions are done."""
+        peer = side.peer
+        assert peer is not None
+        self._note(f"{'client' if side.upward else 'upstream'} closed")
+        if peer.transport is not None and not peer.lost and peer.transport.can_write_eof():
+            peer.transport.write_eof()
+        if peer.eof:
+            self._close_transports(abort=False)
+
+    def side_lost(self, side: _Side, exc: Exception | None) -> None:
+        """A transport is gone: the other one goes too; report when both are."""
+        name = "client" if side.upward else "upstream"
+        self._note(f"{name} reset" if exc is not None else f"{name} closed")
+        self._close_transports(abort=exc is not None)
+        other = self._upstream if side.upward else self._client
+        if (other.lost or other.transport is None) and not self._finished:
+            self._finished = True
+            self._on_close(self._reason or "closed")
+
+    def _close_transports(self, abort: bool) -> None:
+        for side in (self._client, self._upstream):
+            if side.transport is not None and not side.lost:
+                if abort:
+                    side.transport.abort()
+                else:
+                    side.transport.close()
+
+    def close(self, reason: str) -> None:
+        """Close both sides at once (shutdown, rule removal)."""
+        self._note(reason)
+        self._close_transports(abort=True)

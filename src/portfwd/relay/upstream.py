@@ -1,0 +1,110 @@
+"""Opening the connection to a forward's target: resolve at connect time, never block the loop.
+
+Host names are resolved for every new client (a DNS change takes effect at once); IP literals
+skip the resolver. Every failure becomes an UpstreamError with a short `reason` label that the
+metrics count and the log line shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import socket
+
+from portfwd.errors import UpstreamError
+
+_REASONS = {
+    errno.ECONNREFUSED: "refused",
+    errno.EHOSTUNREACH: "unreachable",
+    errno.ENETUNREACH: "unreachable",
+    errno.ETIMEDOUT: "timeout",
+    errno.ENOENT: "refused",
+}
+
+
+def _literal(host: str, port: int) -> list[tuple[int, tuple[str, int]]] | None:
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    return [(family, (host, port))]
+
+
+def _describe(exc: OSError) -> UpstreamError:
+    reason = _REASONS.get(exc.errno or 0, "error")
+    words = exc.strerror or str(exc) or type(exc).__name__
+    return UpstreamError(words[:1].lower() + words[1:], reason=reason)
+
+
+def stream_options(conn: socket.socket) -> None:
+    """Set TCP_NODELAY on a TCP socket (no-op for Unix sockets): relays must not add latency."""
+    if conn.family in (socket.AF_INET, socket.AF_INET6):
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def resolve(host: str, port: int, kind: socket.SocketKind) -> list[tuple[int, tuple[str, int]]]:
+    """Resolve `host` to (family, sockaddr) pairs without blocking the loop.
+
+    Raises UpstreamError(reason="resolve") when the name does not resolve.
+    """
+    literal = _literal(host, port)
+    if literal is not None:
+        return literal
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=kind)
+    except socket.gaierror as exc:
+        raise UpstreamError(f"cannot resolve {host!r}: {exc.strerror}", reason="resolve") from exc
+    return [(family, sockaddr[:2]) for family, _, _, _, sockaddr in infos]  # type: ignore[misc]
+
+
+async def open_tcp(host: str, port: int, timeout: float) -> socket.socket:
+    """Connect to host:port, trying each resolved address in order, within `timeout` seconds.
+
+    Returns a connected non-blocking socket with TCP_NODELAY. Raises UpstreamError.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            last: OSError | None = None
+            for family, sockaddr in await resolve(host, port, socket.SOCK_STREAM):
+                upstream = socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    upstream.setblocking(False)
+                    await loop.sock_connect(upstream, sockaddr)
+                except OSError as exc:
+                    upstream.close()
+                    last = exc
+                    continue
+                except BaseException:
+                    upstream.close()
+                    raise
+                stream_options(upstream)
+                return upstream
+    except TimeoutError as exc:
+        raise UpstreamError(f"no answer within {timeout:g}s", reason="timeout") from exc
+    if last is None:
+        raise UpstreamError(f"{host!r} resolved to no address", reason="resolve")
+    raise _describe(last) from last
+
+
+async def open_unix(path: str, timeout: float) -> socket.socket:
+    """Connect to a Unix stream socket within `timeout` seconds. Raises UpstreamError."""
+    loop = asyncio.get_running_loop()
+    upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        upstream.setblocking(False)
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(upstream, path)
+    except TimeoutError as exc:
+        upstream.close()
+        raise UpstreamError(f"no answer within {timeout:g}s", reason="timeout") from exc
+    except OSError as exc:
+        upstream.close()
+        raise _describe(exc) from exc
+    except BaseException:
+        upstream.close()
+        raise
+    return upstream
