@@ -130,9 +130,7 @@ def parse_port_range(text: str) -> PortRange:
         return PortRange(first, first)
     last = parse_port(last_text)
     if last < first:
-        raise ConfigError(
-            f"port range {first}-{last} is reversed", hint=f"write {last}-{first}"
-        )
+        raise ConfigError(f"port range {first}-{last} is reversed", hint=f"write {last}-{first}")
     return PortRange(first, last)
 
 
@@ -156,9 +154,7 @@ def parse_host(text: str, *, allow_any: bool) -> str:
             return ""
         raise ConfigError("missing host", hint="write host:port")
     if ":" in text:
-        raise ConfigError(
-            f"IPv6 address {text!r} must be in brackets", hint=f"write [{text}]:PORT"
-        )
+        raise ConfigError(f"IPv6 address {text!r} must be in brackets", hint=f"write [{text}]:PORT")
     try:
         return str(ipaddress.IPv4Address(text))
     except ValueError:
@@ -202,12 +198,11 @@ def parse_unix(text: str) -> UnixPath:
         raise ConfigError("missing Unix socket path", hint="write unix:/run/app.sock")
     if not path.startswith("/"):
         raise ConfigError(
-            f"Unix socket path {path!r} is relative", hint="write an absolute path such as unix:/run/app.sock"
+            f"Unix socket path {path!r} is relative",
+            hint="write an absolute path such as unix:/run/app.sock",
         )
     if "\x00" in path or len(path.encode()) > 107:
-        raise ConfigError(
-            "Unix socket path is too long or contains NUL", hint="use a path under 108 bytes"
-        )
+        raise ConfigError("Unix socket path is too long or contains NUL", hint="use a path under 108 bytes")
     return UnixPath(path)
 
 

@@ -34,7 +34,9 @@ ConfigOption = Annotated[
     str | None,
     typer.Option("-c", "--config", help="Config file (default: $PORTFWD_CONFIG, ./portfwd.toml, ...)."),
 ]
-VerboseOption = Annotated[int, typer.Option("-v", "--verbose", count=True, help="More log detail (-vv for debug).")]
+VerboseOption = Annotated[
+    int, typer.Option("-v", "--verbose", count=True, help="More log detail (-vv for debug).")
+]
 QuietOption = Annotated[bool, typer.Option("-q", "--quiet", help="Only warnings and errors.")]
 StrictOption = Annotated[bool, typer.Option("--strict", help="Exit 1 if any rule cannot start.")]
 LogFormatOption = Annotated[str, typer.Option("--log-format", help="text or json.")]
@@ -43,7 +45,12 @@ LogFormatOption = Annotated[str, typer.Option("--log-format", help="text or json
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return json.dumps(
-            {"ts": record.created, "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+            {
+                "ts": record.created,
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "msg": record.getMessage(),
+            }
         )
 
 
@@ -55,7 +62,9 @@ def _setup_logging(verbose: int, quiet: bool, log_format: str = "text") -> None:
     elif log_format == "text":
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     else:
-        raise click.BadParameter(f"{log_format!r} is not a log format; use text or json", param_hint="--log-format")
+        raise click.BadParameter(
+            f"{log_format!r} is not a log format; use text or json", param_hint="--log-format"
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -70,7 +79,8 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
     ] = False,
 ) -> None:
     """portfwd: userspace forwards, SSH tunnels, gateway NAT and router mappings."""
@@ -113,8 +123,13 @@ def check(config_file: ConfigOption = None) -> None:
 
 @app.command()
 def forward(
-    specs: Annotated[list[str], typer.Argument(help="[bind:]port:host:hostport[/udp|/tcp+udp], ...", show_default=False)],
-    allow: Annotated[list[str] | None, typer.Option("--allow", help="Admit only these CIDRs (repeatable).")] = None,
+    specs: Annotated[
+        list[str],
+        typer.Argument(help="[bind:]port:host:hostport[/udp|/tcp+udp], ...", show_default=False),
+    ],
+    allow: Annotated[
+        list[str] | None, typer.Option("--allow", help="Admit only these CIDRs (repeatable).")
+    ] = None,
     deny: Annotated[list[str] | None, typer.Option("--deny", help="Refuse these CIDRs (repeatable).")] = None,
     strict: StrictOption = False,
     verbose: VerboseOption = 0,
@@ -142,15 +157,22 @@ def main(argv: list[str] | None = None) -> None:
         print(exc.ctx.get_help() if exc.ctx else "", file=sys.stderr)
         sys.exit(2)
     except click.UsageError as exc:
-        hint = f" (see portfwd {exc.ctx.info_name} --help)" if exc.ctx and exc.ctx.parent else " (see portfwd --help)"
+        hint = (
+            f" (see portfwd {exc.ctx.info_name} --help)"
+            if exc.ctx and exc.ctx.parent
+            else " (see portfwd --help)"
+        )
         print(f"portfwd: {exc.format_message()}{hint}", file=sys.stderr)
         sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
         sys.exit(130)
-    except Exception as exc:  # the last boundary: a bug must still be one line
+    except Exception as exc:  # noqa: BLE001 - the last boundary: a bug must still be one line
         if os.environ.get("PORTFWD_DEBUG"):
             traceback.print_exc()
-        print(f"portfwd: internal error: {type(exc).__name__}: {exc} (set PORTFWD_DEBUG=1 for details)", file=sys.stderr)
+        print(
+            f"portfwd: internal error: {type(exc).__name__}: {exc} (set PORTFWD_DEBUG=1 for details)",
+            file=sys.stderr,
+        )
         sys.exit(1)

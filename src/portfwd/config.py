@@ -6,6 +6,7 @@ reads the models' attributes and never mutates them.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -80,7 +81,8 @@ def parse_network(value: object) -> Network:
             fixed = ipaddress.ip_network(value.strip(), strict=False)
             raise ConfigError(f"{value!r} has host bits set", hint=f"write {fixed}") from exc
         raise ConfigError(
-            f"{value!r} is not an IP network", hint='write a CIDR such as "10.0.0.0/8" or "2001:db8::/32"'
+            f"{value!r} is not an IP network",
+            hint='write a CIDR such as "10.0.0.0/8" or "2001:db8::/32"',
         ) from exc
 
 
@@ -89,7 +91,7 @@ def _translating(parse: typing.Callable[[Any], Any]) -> typing.Callable[[Any], A
 
     def validate(value: Any) -> Any:
         if parse in (parse_listen, parse_target) and not isinstance(value, str):
-            raise _fail(f"{value!r} is not an address; write a string such as \"127.0.0.1:8080\"")
+            raise _fail(f'{value!r} is not an address; write a string such as "127.0.0.1:8080"')
         try:
             return parse(value)
         except ConfigError as exc:
@@ -237,11 +239,14 @@ def _problem(error: Any) -> str:
         return f"{_path(loc)}: {error['ctx']['line']}"
     if kind == "extra_forbidden":
         owner = _model_at(loc[:-1])
-        known = ", ".join(owner.model_fields) if owner else ""
-        return f"{_path(loc)}: unknown key; remove it or use one of: {known}"
+        names = list(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+        if close:
+            return f"{_path(loc)}: unknown key; did you mean {close[0]}?"
+        return f"{_path(loc)}: unknown key; remove it or use one of: {', '.join(names)}"
     if kind in ("tuple_type", "list_type"):
-        name = loc[-1] if loc else ""
-        return f"{_path(loc)}: must be an array of tables; write [[{'forward.' if name == 'route' else ''}{name}]]"
+        table = "forward.route" if loc and loc[-1] == "route" else (loc[-1] if loc else "")
+        return f"{_path(loc)}: must be an array of tables; write [[{table}]]"
     if kind in _TYPE_MESSAGES:
         return f"{_path(loc)}: {_TYPE_MESSAGES[kind]}"
     message = str(error["msg"]).replace("Input should be", "must be")
@@ -267,7 +272,11 @@ def _check_rules(config: Config) -> list[str]:
         for route_index, route in enumerate(rule.route):
             problems.extend(
                 _check_sides(
-                    f"{field}.route[{route_index}]", rule.listen, route.connect, rule.protocol, "connect"
+                    f"{field}.route[{route_index}]",
+                    rule.listen,
+                    route.connect,
+                    rule.protocol,
+                    "connect",
                 )
             )
         if isinstance(rule.listen, UnixPath) and (rule.allow or rule.deny or rule.route):
@@ -302,21 +311,21 @@ _ANY_ADDRESSES = ("", "0.0.0.0", "::")
 
 def _clash(bound: list[tuple[int, str, str, int]], proto: str, host: str, port: int) -> int | None:
     for index, other_proto, other_host, other_port in bound:
-        if other_proto == proto and other_port == port and (
-            other_host == host or other_host in _ANY_ADDRESSES or host in _ANY_ADDRESSES
+        if (
+            other_proto == proto
+            and other_port == port
+            and (other_host == host or other_host in _ANY_ADDRESSES or host in _ANY_ADDRESSES)
         ):
             return index
     return None
 
 
-def _check_sides(
-    field: str, listen: Endpoint, connect: Endpoint, protocol: Transport, key: str
-) -> list[str]:
+def _check_sides(field: str, listen: Endpoint, connect: Endpoint, protocol: Transport, key: str) -> list[str]:
     problems = []
     if protocol.has_udp and isinstance(listen, UnixPath):
-        problems.append(f"{field}.listen: UDP cannot listen on a Unix stream socket; use protocol = \"tcp\"")
+        problems.append(f'{field}.listen: UDP cannot listen on a Unix stream socket; use protocol = "tcp"')
     if protocol.has_udp and isinstance(connect, UnixPath):
-        problems.append(f"{field}.{key}: UDP cannot reach a Unix stream socket; use protocol = \"tcp\"")
+        problems.append(f'{field}.{key}: UDP cannot reach a Unix stream socket; use protocol = "tcp"')
     if isinstance(listen, HostPorts) and isinstance(connect, HostPorts):
         wanted, got = len(listen.ports), len(connect.ports)
         if got not in (1, wanted):

@@ -35,7 +35,9 @@ class StateCollector(Collector):
             live_up[name] = live_up.get(name, 0) + session.bytes_up
             live_down[name] = live_down.get(name, 0) + session.bytes_down
         total = CounterMetricFamily(
-            "portfwd_connections", "Connections (TCP) and flows (UDP) accepted per rule", labels=["rule"]
+            "portfwd_connections",
+            "Connections (TCP) and flows (UDP) accepted per rule",
+            labels=["rule"],
         )
         active = GaugeMetricFamily("portfwd_connections_active", "Live sessions per rule", labels=["rule"])
         data = CounterMetricFamily(

@@ -17,7 +17,6 @@ import pwd
 import resource
 import signal
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -71,7 +70,8 @@ def drop_privileges(user: str, group: str | None) -> None:
         return
     if os.geteuid() != 0:
         raise RuntimeFailure(
-            f"switching to user {user!r} needs portfwd started as root", field="user",
+            f"switching to user {user!r} needs portfwd started as root",
+            field="user",
             hint="start as root, or remove user = and use CAP_NET_BIND_SERVICE",
         )
     os.setgroups([gid])
@@ -99,11 +99,12 @@ class Runtime:
         self._stop: asyncio.Event | None = None
         self._stopping = False
         self._splice = False
+        self._drained: asyncio.Event | None = None
 
     def _path_for(self, rule: ForwardConfig) -> RelayPath:
         if rule.relay == "protocol" or not self._splice:
             if rule.relay == "splice" and not self._splice:
-                log.warning("%s: relay = \"splice\" is not possible here; using the protocol path", rule.label)
+                log.warning('%s: relay = "splice" is not possible here; using the protocol path', rule.label)
             return "protocol"
         return "splice"
 
@@ -122,14 +123,23 @@ class Runtime:
                 for port in listen.ports.ports():
                     if rule.protocol.has_tcp:
                         listener = bind_ip(
-                            what, listen.host, port, socket.SOCK_STREAM,
-                            backlog=rule.backlog, dual_stack=rule.dual_stack,
+                            what,
+                            listen.host,
+                            port,
+                            socket.SOCK_STREAM,
+                            backlog=rule.backlog,
+                            dual_stack=rule.dual_stack,
                         )
                         forwarder = TcpForwarder(rule, port, self.state, path)
                         run.tcp.append((TcpListener(listener, forwarder.serve, rule.label), forwarder))
                     if rule.protocol.has_udp:
                         udp_socket = bind_ip(
-                            what, listen.host, port, socket.SOCK_DGRAM, backlog=0, dual_stack=rule.dual_stack
+                            what,
+                            listen.host,
+                            port,
+                            socket.SOCK_DGRAM,
+                            backlog=0,
+                            dual_stack=rule.dual_stack,
                         )
                         run.udp.append(UdpForwarder(rule, port, udp_socket, self.state))
                 self._announce(rule, str(listen), rule.protocol.value, path)
@@ -177,7 +187,10 @@ class Runtime:
                 self.failures.append(exc)
                 log.error("%s", exc.line())
         if self.config.control.socket is not None:
-            log.warning("control.socket: the control socket arrives with `portfwd status`; ignored in %s", __version__)
+            log.warning(
+                "control.socket: the control socket arrives with `portfwd status`; ignored in %s",
+                __version__,
+            )
         if self.failures and self.strict:
             await self.stop()
             raise RuntimeFailure(f"{self.failures[0].line()} (--strict)")
@@ -185,7 +198,10 @@ class Runtime:
             await self.stop()
             if self.failures:
                 raise RuntimeFailure(f"nothing could start: {self.failures[0].line()}")
-            raise RuntimeFailure("nothing to run: the config has no [[forward]] rule", hint="add one; see portfwd check")
+            raise RuntimeFailure(
+                "nothing to run: the config has no [[forward]] rule",
+                hint="add one; see portfwd check",
+            )
         if self.config.user is not None:
             try:
                 drop_privileges(self.config.user, self.config.group)
@@ -195,7 +211,10 @@ class Runtime:
         listeners = sum(len(run.tcp) + len(run.udp) for run in self._rules.values())
         log.info(
             "portfwd %s ready: %d rule(s), %d listening socket(s), relay %s%s",
-            __version__, len(self._rules), listeners, "splice" if self._splice else "protocol",
+            __version__,
+            len(self._rules),
+            listeners,
+            "splice" if self._splice else "protocol",
             f", {len(self.failures)} rule(s) failed" if self.failures else "",
         )
 
@@ -206,7 +225,8 @@ class Runtime:
         if self._stop.is_set():
             self._stopping = True  # second signal: skip the drain
             log.warning("second signal: closing all sessions now")
-            self._close_sessions("shutdown")
+            if self._drained is not None:
+                self._drained.set()
         self._stop.set()
 
     async def wait(self) -> None:
@@ -226,24 +246,23 @@ class Runtime:
                 listener.close()
             for udp in run.udp:
                 udp.close("shutdown")
-        deadline = time.monotonic() + self.config.drain_timeout
-        live = self._live()
-        if live and not self._stopping:
-            log.info("draining %d session(s) for up to %gs", live, self.config.drain_timeout)
-        while self._live() and time.monotonic() < deadline and not self._stopping:
-            await asyncio.sleep(0.05)  # bounded by drain_timeout; sessions end on their own
+        if self.state.sessions and not self._stopping:
+            log.info(
+                "draining %d session(s) for up to %gs", len(self.state.sessions), self.config.drain_timeout
+            )
+            drained = asyncio.Event()
+            self._drained = drained
+            self.state.on_empty = drained.set
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.drain_timeout):
+                    await drained.wait()
+            self.state.on_empty = None
         self._close_sessions("shutdown")
-        for _ in range(100):  # let close callbacks run (bounded)
-            if not self._live():
-                break
-            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # let the close callbacks of aborted transports run
         if self._metrics is not None:
             self._metrics.stop()
             self._metrics = None
         self._rules.clear()
-
-    def _live(self) -> int:
-        return sum(forwarder.active for run in self._rules.values() for _, forwarder in run.tcp)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
@@ -290,11 +309,22 @@ def describe(config: Config) -> list[tuple[str, str, str, str, str, str]]:
             access.append("deny " + ", ".join(map(str, rule.deny)))
         for route in rule.route:
             access.append(f"{', '.join(map(str, route.source))} -> {route.connect}")
-        relay = "udp" if not rule.protocol.has_tcp else (
-            "splice" if splice and rule.relay != "protocol" else "protocol"
+        relay = (
+            "udp"
+            if not rule.protocol.has_tcp
+            else ("splice" if splice and rule.relay != "protocol" else "protocol")
         )
         listen = str(rule.listen)
         if isinstance(rule.listen, HostPorts) and rule.listen.is_any:
             listen = f"{format_host('')}:{rule.listen.ports}"
-        rows.append((rule.label, listen, str(rule.connect), rule.protocol.value, "; ".join(access) or "everyone", relay))
+        rows.append(
+            (
+                rule.label,
+                listen,
+                str(rule.connect),
+                rule.protocol.value,
+                "; ".join(access) or "everyone",
+                relay,
+            )
+        )
     return rows

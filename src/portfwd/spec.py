@@ -92,7 +92,13 @@ def rules_from_specs(
             continue
         origin.append(index)
         rules.append(
-            {"listen": listen, "connect": connect, "protocol": protocol, "allow": list(allow), "deny": list(deny)}
+            {
+                "listen": listen,
+                "connect": connect,
+                "protocol": protocol,
+                "allow": list(allow),
+                "deny": list(deny),
+            }
         )
     if not specs:
         problems.append("no forward spec given; write e.g. portfwd forward 8080:10.0.0.5:80")
@@ -119,9 +125,12 @@ def _name_specs(line: str, specs: Sequence[str], origin: Sequence[int]) -> str:
     index = origin[int(index_text)]
     key = rest.lstrip(".").split(":", 1)[0]
     message = rest.split(": ", 1)[1] if ": " in rest else rest
-    where = {"listen": "listen side", "connect": "target", "allow": "--allow", "deny": "--deny"}.get(
-        key.split("[", 1)[0], key
-    )
+    where = {
+        "listen": "listen side",
+        "connect": "target",
+        "allow": "--allow",
+        "deny": "--deny",
+    }.get(key.split("[", 1)[0], key)
     if where.startswith("--"):
         return f"{where}: {message}"
     return f"spec {index + 1} ({specs[index]}) {where}: {message}"

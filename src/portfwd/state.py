@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -64,6 +65,8 @@ class State:
         self.listeners: list[Listener] = []
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
+        #: Called when the last live session closes (the runtime's drain waits on it).
+        self.on_empty: Callable[[], None] | None = None
 
     def rule(self, name: str) -> RuleStats:
         """The stats of a rule, created on first use."""
@@ -88,3 +91,5 @@ class State:
         rule.connections_active -= 1
         rule.bytes_up += session.bytes_up
         rule.bytes_down += session.bytes_down
+        if not self.sessions and self.on_empty is not None:
+            self.on_empty()

@@ -19,7 +19,7 @@ from portfwd.config import ForwardConfig
 from portfwd.errors import UpstreamError
 from portfwd.relay.splice import SpliceRelay
 from portfwd.relay.tcp import ProtocolRelay
-from portfwd.relay.upstream import open_tcp, open_unix, stream_options
+from portfwd.relay.upstream import connect_within, stream_options
 from portfwd.state import RuleStats, Session, State
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,7 @@ def format_target(target: tuple[str, int] | str) -> str:
 class TcpForwarder:
     """Serves the clients of one listening port of one rule."""
 
-    def __init__(
-        self, rule: ForwardConfig, port: int | None, state: State, path: RelayPath
-    ) -> None:
+    def __init__(self, rule: ForwardConfig, port: int | None, state: State, path: RelayPath) -> None:
         self.rule = rule
         self.port = port
         self.state = state
@@ -106,7 +104,11 @@ class TcpForwarder:
                 address = client_ip(peer[0]) if isinstance(peer, tuple) else None
                 if not self.policy.permits(address):
                     self.stats.denied_total += 1
-                    log.info("%s: %s denied by allow/deny; closed", self.label, describe_peer(client, peer))
+                    log.info(
+                        "%s: %s denied by allow/deny; closed",
+                        self.label,
+                        describe_peer(client, peer),
+                    )
                     client.close()
                     return
                 chosen = self.policy.target_for(address, self.rule.connect)
@@ -126,13 +128,16 @@ class TcpForwarder:
         target_text = format_target(target)
         started = time.monotonic()
         try:
-            if isinstance(target, str):
-                upstream = await open_unix(target, self.rule.connect_timeout)
-            else:
-                upstream = await open_tcp(target[0], target[1], self.rule.connect_timeout)
+            upstream = await connect_within(target, self.rule.connect_timeout)
         except UpstreamError as exc:
             self.stats.count_error(exc.reason)
-            log.info("%s: %s -> %s failed: %s; client closed", self.label, client_text, target_text, exc.message)
+            log.info(
+                "%s: %s -> %s failed: %s; client closed",
+                self.label,
+                client_text,
+                target_text,
+                exc.message,
+            )
             client.close()
             return
         except asyncio.CancelledError:
@@ -140,7 +145,12 @@ class TcpForwarder:
             raise
         except Exception:  # per-session boundary: log, count, keep serving others
             self.stats.count_error("internal")
-            log.exception("%s: %s -> %s: unexpected error while connecting", self.label, client_text, target_text)
+            log.exception(
+                "%s: %s -> %s: unexpected error while connecting",
+                self.label,
+                client_text,
+                target_text,
+            )
             client.close()
             return
         session = self.state.open_session(self.stats, client_text, target_text, self.path)
@@ -171,8 +181,13 @@ class TcpForwarder:
     def _log_close(self, session: Session, reason: str, started: float) -> None:
         log.info(
             "%s: %s -> %s closed (%s): %d B up, %d B down, %.3fs",
-            self.label, session.client, session.target, reason,
-            session.bytes_up, session.bytes_down, time.monotonic() - started,
+            self.label,
+            session.client,
+            session.target,
+            reason,
+            session.bytes_up,
+            session.bytes_down,
+            time.monotonic() - started,
         )
 
     def close_sessions(self, reason: str) -> None:

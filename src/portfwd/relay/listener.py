@@ -109,7 +109,8 @@ def bind_unix(what: str, path: str, *, backlog: int) -> socket.socket:
         mode = os.stat(path).st_mode
         if not stat.S_ISSOCK(mode):
             raise BindError(
-                f"cannot listen on {where}: the path exists and is not a socket", field=what,
+                f"cannot listen on {where}: the path exists and is not a socket",
+                field=what,
                 hint="remove the file or choose another path",
             )
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -119,7 +120,8 @@ def bind_unix(what: str, path: str, *, backlog: int) -> socket.socket:
             os.unlink(path)  # nobody answers: a stale socket from a process that died
         else:
             raise BindError(
-                f"cannot listen on {where}: another program is listening there", field=what,
+                f"cannot listen on {where}: another program is listening there",
+                field=what,
                 hint="stop it or choose another path",
             )
         finally:
@@ -171,7 +173,9 @@ class TcpListener:
     def _pause(self, exc: OSError) -> None:
         log.warning(
             "%s: cannot accept more clients (%s); pausing accepts for %.1fs",
-            self._label, exc.strerror, ACCEPT_RETRY_DELAY,
+            self._label,
+            exc.strerror,
+            ACCEPT_RETRY_DELAY,
         )
         self._loop.remove_reader(self.listener.fileno())
         self._paused = self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume)

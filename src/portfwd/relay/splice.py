@@ -14,6 +14,7 @@ Bytes are counted from splice's return values, so counting costs one integer add
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import os
@@ -71,10 +72,9 @@ class _Direction:
 
     def _make_pipe(self) -> None:
         self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
+        # Over the per-user pipe quota the default size still works, only slower.
+        with contextlib.suppress(OSError):
             fcntl.fcntl(self.pipe_w, F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:
-            pass  # over the per-user pipe quota: the default size still works, only slower
 
     def on_readable(self) -> None:
         relay = self.relay
@@ -145,7 +145,17 @@ class SpliceRelay:
     `on_close(reason)` is called exactly once when the relay ends; the sockets are closed by then.
     """
 
-    __slots__ = ("_done", "_down", "_on_close", "_up", "client", "closed", "loop", "session", "upstream")
+    __slots__ = (
+        "_done",
+        "_down",
+        "_on_close",
+        "_up",
+        "client",
+        "closed",
+        "loop",
+        "session",
+        "upstream",
+    )
 
     def __init__(
         self,

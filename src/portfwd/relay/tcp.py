@@ -40,7 +40,8 @@ class _Side(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         peer = self.peer
-        assert peer is not None and peer.transport is not None
+        assert peer is not None
+        assert peer.transport is not None
         if self.upward:
             self.relay.session.bytes_up += len(data)
         else:

@@ -73,7 +73,9 @@ class _Flow:
             self.forwarder.stats.count_error("udp_dropped")
             return
         except OSError as exc:  # ICMP unreachable from an earlier datagram, and the like
-            self.forwarder.stats.count_error("refused" if isinstance(exc, ConnectionRefusedError) else "udp_error")
+            self.forwarder.stats.count_error(
+                "refused" if isinstance(exc, ConnectionRefusedError) else "udp_error"
+            )
             return
         self.session.bytes_up += len(datagram)
 
@@ -172,7 +174,8 @@ class UdpForwarder:
                 self._full_logged = True
                 log.warning(
                     "%s: %d UDP flows (udp_max_flows) in use; new clients dropped until some go idle",
-                    self.label, len(self.flows),
+                    self.label,
+                    len(self.flows),
                 )
             return None
         assert not isinstance(target, str)
@@ -223,8 +226,13 @@ class UdpForwarder:
         session = flow.session
         log.info(
             "%s: %s -> %s closed (%s): %d B up, %d B down, %.3fs",
-            self.label, session.client, session.target, reason,
-            session.bytes_up, session.bytes_down, time.monotonic() - flow.started,
+            self.label,
+            session.client,
+            session.target,
+            reason,
+            session.bytes_up,
+            session.bytes_down,
+            time.monotonic() - flow.started,
         )
         self.state.close_session(session)
 

@@ -60,47 +60,40 @@ async def resolve(host: str, port: int, kind: socket.SocketKind) -> list[tuple[i
     return [(family, sockaddr[:2]) for family, _, _, _, sockaddr in infos]  # type: ignore[misc]
 
 
-async def open_tcp(host: str, port: int, timeout: float) -> socket.socket:
-    """Connect to host:port, trying each resolved address in order, within `timeout` seconds.
+async def open_tcp(host: str, port: int) -> socket.socket:
+    """Connect to host:port, trying each resolved address in order.
 
-    Returns a connected non-blocking socket with TCP_NODELAY. Raises UpstreamError.
+    Returns a connected non-blocking socket with TCP_NODELAY. Raises UpstreamError. The caller
+    bounds the time with `asyncio.timeout` (see `connect_within`).
     """
     loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(timeout):
-            last: OSError | None = None
-            for family, sockaddr in await resolve(host, port, socket.SOCK_STREAM):
-                upstream = socket.socket(family, socket.SOCK_STREAM)
-                try:
-                    upstream.setblocking(False)
-                    await loop.sock_connect(upstream, sockaddr)
-                except OSError as exc:
-                    upstream.close()
-                    last = exc
-                    continue
-                except BaseException:
-                    upstream.close()
-                    raise
-                stream_options(upstream)
-                return upstream
-    except TimeoutError as exc:
-        raise UpstreamError(f"no answer within {timeout:g}s", reason="timeout") from exc
+    last: OSError | None = None
+    for family, sockaddr in await resolve(host, port, socket.SOCK_STREAM):
+        upstream = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            upstream.setblocking(False)
+            await loop.sock_connect(upstream, sockaddr)
+        except OSError as exc:
+            upstream.close()
+            last = exc
+            continue
+        except BaseException:
+            upstream.close()
+            raise
+        stream_options(upstream)
+        return upstream
     if last is None:
         raise UpstreamError(f"{host!r} resolved to no address", reason="resolve")
     raise _describe(last) from last
 
 
-async def open_unix(path: str, timeout: float) -> socket.socket:
-    """Connect to a Unix stream socket within `timeout` seconds. Raises UpstreamError."""
+async def open_unix(path: str) -> socket.socket:
+    """Connect to a Unix stream socket. Raises UpstreamError."""
     loop = asyncio.get_running_loop()
     upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         upstream.setblocking(False)
-        async with asyncio.timeout(timeout):
-            await loop.sock_connect(upstream, path)
-    except TimeoutError as exc:
-        upstream.close()
-        raise UpstreamError(f"no answer within {timeout:g}s", reason="timeout") from exc
+        await loop.sock_connect(upstream, path)
     except OSError as exc:
         upstream.close()
         raise _describe(exc) from exc
@@ -108,3 +101,17 @@ async def open_unix(path: str, timeout: float) -> socket.socket:
         upstream.close()
         raise
     return upstream
+
+
+async def connect_within(target: tuple[str, int] | str, seconds: float) -> socket.socket:
+    """Open a TCP (host, port) or Unix (path) target, giving up after `seconds`.
+
+    Raises UpstreamError, with reason "timeout" when the time runs out.
+    """
+    try:
+        async with asyncio.timeout(seconds):
+            if isinstance(target, str):
+                return await open_unix(target)
+            return await open_tcp(target[0], target[1])
+    except TimeoutError as exc:
+        raise UpstreamError(f"no answer within {seconds:g}s", reason="timeout") from exc

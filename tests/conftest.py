@@ -1,0 +1,39 @@
+"""Shared test policy: skip with a reason when a peer or root is missing, fail instead under CI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import pytest
+import uvloop
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip the test with `reason` unless `condition`; under CI=true a missing need is a failure."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"CI must provide this: {reason}")
+    pytest.skip(reason)
+
+
+def need_binary(name: str, package: str) -> str:
+    """Path of a peer program, or skip/fail with the apt package that provides it."""
+    path = shutil.which(name)
+    need(path is not None, f"needs {name} (apt-get install {package})")
+    assert path is not None
+    return path
+
+
+def need_root() -> None:
+    """Skip/fail unless running as root."""
+    need(os.geteuid() == 0, "needs root (privilege drop, capabilities, network namespaces)")
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Run async tests on uvloop, the loop portfwd itself runs on."""
+    return {"uvloop": uvloop.new_event_loop}

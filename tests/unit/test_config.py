@@ -1,0 +1,212 @@
+"""config: the TOML file, its models, and one exact line per problem."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from portfwd import config
+from portfwd.addr import HostPorts, PortRange, Transport, UnixPath
+from portfwd.errors import ConfigError
+
+PRODUCT_FORWARD = """
+[[forward]]                        # userspace proxy rule
+name = "web"
+listen = "0.0.0.0:8080"
+connect = "192.168.1.10:80"
+protocol = "tcp"                   # "tcp" | "udp" | "tcp+udp"
+allow = ["192.168.0.0/16", "2001:db8::/32"]
+deny  = ["192.168.5.0/24"]         # deny wins over allow; no allow list = everyone
+udp_idle_timeout = "60s"
+[[forward.route]]                  # a different target per source range; first match wins
+source  = "10.0.0.0/8"
+connect = "10.0.0.6:80"
+
+[metrics]
+listen = "127.0.0.1:9930"          # Prometheus /metrics
+
+[control]
+socket = "/run/portfwd/portfwd.sock" # what `portfwd status` reads; per-user path when not root
+"""
+
+
+def load_text(tmp_path: Path, text: str) -> config.Config:
+    path = tmp_path / "portfwd.toml"
+    path.write_text(textwrap.dedent(text))
+    return config.load(path)
+
+
+def problems(tmp_path: Path, text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, text)
+    return info.value.problems
+
+
+def test_product_example_loads(tmp_path: Path) -> None:
+    loaded = load_text(tmp_path, PRODUCT_FORWARD)
+    rule = loaded.forward[0]
+    assert rule.label == "web"
+    assert rule.listen == HostPorts("0.0.0.0", PortRange(8080, 8080))
+    assert rule.protocol is Transport.TCP
+    assert [str(n) for n in rule.allow] == ["192.168.0.0/16", "2001:db8::/32"]
+    assert rule.udp_idle_timeout == 60.0
+    assert str(rule.route[0].connect) == "10.0.0.6:80"
+    assert loaded.metrics is not None
+    assert loaded.control.socket == "/run/portfwd/portfwd.sock"
+
+
+def test_default_config_in_repo_is_valid() -> None:
+    loaded = config.load(Path(__file__).parents[2] / "portfwd.toml")
+    assert loaded.forward
+    assert loaded.metrics is not None
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [('"90s"', 90.0), ('"10m"', 600.0), ('"2h"', 7200.0), ('"500ms"', 0.5), ("30", 30.0), ('"1d"', 86400.0)],
+)
+def test_durations(tmp_path: Path, text: str, value: float) -> None:
+    rule = load_text(tmp_path, f'[[forward]]\nlisten="1"\nconnect="h:1"\nudp_idle_timeout={text}\n').forward[0]
+    assert rule.udp_idle_timeout == value
+
+
+BAD = [
+    (
+        '[[forward]]\nlisten = "8080"\nconnect = "10.0.0.5"\n',
+        "forward[0].connect: missing port; write host:port",
+    ),
+    (
+        '[[forward]]\nlisten = "8080"\nconnect = "h:1"\n[[forward]]\nlisten = "70000"\nconnect = "h:1"\n',
+        "forward[1].listen: port 70000 is out of range (1-65535)",
+    ),
+    (
+        '[[forward]]\nlisten = "8080"\nconnect = "h:1"\nbogus = 1\n',
+        "forward[0].bogus: unknown key; remove it or use one of: name, listen, connect, protocol, allow, "
+        "deny, route, udp_idle_timeout, udp_max_flows, connect_timeout, relay, dual_stack, backlog",
+    ),
+    ('[[forward]]\nlisten = "8080"\n', "forward[0].connect: required key is missing; add it"),
+    (
+        '[[forward]]\nlisten = "1"\nconnect = "h:1"\nprotocol = "sctp"\n',
+        "forward[0].protocol: must be 'tcp', 'udp' or 'tcp+udp'",
+    ),
+    (
+        '[[forward]]\nlisten = "1"\nconnect = "h:1"\nudp_idle_timeout = "soon"\n',
+        "forward[0].udp_idle_timeout: 'soon' is not a duration; write a duration such as \"90s\", \"10m\" or \"2h\"",
+    ),
+    (
+        '[[forward]]\nlisten = "1"\nconnect = "h:1"\nudp_idle_timeout = "0s"\n',
+        "forward[0].udp_idle_timeout: duration '0s' must be more than zero",
+    ),
+    (
+        '[[forward]]\nlisten = "1"\nconnect = "h:1"\nallow = ["10.0.0.1/8"]\n',
+        "forward[0].allow: '10.0.0.1/8' has host bits set; write 10.0.0.0/8",
+    ),
+    (
+        '[[forward]]\nlisten = "1"\nconnect = "h:1"\ndeny = ["everyone"]\n',
+        "forward[0].deny: 'everyone' is not an IP network; write a CIDR such as \"10.0.0.0/8\" or \"2001:db8::/32\"",
+    ),
+    (
+        '[[forward]]\nlisten = "8000-8010"\nconnect = "h:9000-9005"\n',
+        "forward[0].connect: port range 9000-9005 has 6 ports but listen 8000-8010 has 11; "
+        "use ranges of equal length or one target port",
+    ),
+    (
+        '[[forward]]\nlisten = "1"\nconnect = "h:1"\n[[forward]]\nlisten = "127.0.0.1:1"\nconnect = "h:2"\n',
+        "forward[1].listen: 127.0.0.1:1/tcp is already used by forward[0]; give each rule its own port",
+    ),
+    (
+        '[[forward]]\nlisten = "unix:/tmp/a.sock"\nconnect = "h:1"\nprotocol = "udp"\n',
+        'forward[0].listen: UDP cannot listen on a Unix stream socket; use protocol = "tcp"',
+    ),
+    (
+        '[[forward]]\nlisten = "1"\nconnect = "unix:/tmp/a.sock"\nprotocol = "tcp+udp"\n',
+        'forward[0].connect: UDP cannot reach a Unix stream socket; use protocol = "tcp"',
+    ),
+    (
+        '[[forward]]\nlisten = "unix:/tmp/a.sock"\nconnect = "h:1"\nallow = ["10.0.0.0/8"]\n',
+        "forward[0].allow: allow, deny and route need an IP listener; a Unix socket has no client "
+        "address (use file permissions instead)",
+    ),
+    (
+        '[[forward]]\nname = "a"\nlisten = "1"\nconnect = "h:1"\n[[forward]]\nname = "a"\nlisten = "2"\nconnect = "h:1"\n',
+        "forward[1].name: 'a' is already the name of forward[0]; pick another name",
+    ),
+    (
+        '[[forward]]\nlisten = "1"\nconnect = "h:1"\n[[forward.route]]\nsource = "10.0.0.0/8"\n',
+        "forward[0].route[0].connect: required key is missing; add it",
+    ),
+    ('[forward]\nlisten = "1"\n', "forward: must be an array of tables; write [[forward]]"),
+    ('[metrics]\nlisten = "127.0.0.1:9000-9001"\n', 'metrics.listen: must be one host:port; write "127.0.0.1:9930"'),
+    ('colour = "blue"\n', "colour: unknown key; remove it or use one of: user, group, drain_timeout, forward, "
+     "metrics, control"),
+    (
+        '[[tunnel]]\nname = "office"\n',
+        "tunnel: SSH client tunnels is not available in portfwd 0.1 yet; remove this section to run the rest",
+    ),
+    ('[[forward]]\nlisten = 8080\nconnect = "h:1"\n',
+     "forward[0].listen: 8080 is not an address; write a string such as \"127.0.0.1:8080\""),
+    ('[[forward]]\nlisten = "1"\nconnect = "h:1"\nudp_max_flows = 0\n',
+     "forward[0].udp_max_flows: must be greater than or equal to 1"),
+]
+
+
+@pytest.mark.parametrize(("text", "line"), BAD, ids=[line.split(":")[0] + str(i) for i, (_, line) in enumerate(BAD)])
+def test_bad_configs_give_exact_lines(tmp_path: Path, text: str, line: str) -> None:
+    assert problems(tmp_path, text) == [line]
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    found = problems(tmp_path, '[[forward]]\nlisten = "70000"\nconnect = "x"\nbogus = 1\n')
+    assert found == [
+        "forward[0].listen: port 70000 is out of range (1-65535)",
+        "forward[0].connect: missing port; write host:port",
+        "forward[0].bogus: unknown key; remove it or use one of: name, listen, connect, protocol, allow, "
+        "deny, route, udp_idle_timeout, udp_max_flows, connect_timeout, relay, dual_stack, backlog",
+    ]
+
+
+def test_typo_gets_a_suggestion(tmp_path: Path) -> None:
+    assert problems(tmp_path, '[[forward]]\nlisten = "8080"\nconect = "h:1"\n') == [
+        "forward[0].connect: required key is missing; add it",
+        "forward[0].conect: unknown key; did you mean connect?",
+    ]
+
+
+def test_toml_syntax_error_is_one_line(tmp_path: Path) -> None:
+    found = problems(tmp_path, '[[forward]]\nlisten = "1\n')
+    assert len(found) == 1
+    assert found[0].startswith(f"{tmp_path / 'portfwd.toml'}: invalid TOML: ")
+    assert "line 2" in found[0]
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(tmp_path / "nope.toml")
+    assert str(info.value) == f"{tmp_path / 'nope.toml'}: no such config file; pass -c FILE or create portfwd.toml"
+
+
+def test_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("PORTFWD_CONFIG", raising=False)
+    assert config.find("explicit.toml") == Path("explicit.toml")
+    (tmp_path / "home" / ".config" / "portfwd").mkdir(parents=True)
+    (tmp_path / "home" / ".config" / "portfwd" / "portfwd.toml").write_text("")
+    assert config.find(None) == tmp_path / "home" / ".config" / "portfwd" / "portfwd.toml"
+    (tmp_path / "portfwd.toml").write_text("")
+    assert config.find(None) == Path("portfwd.toml")
+    monkeypatch.setenv("PORTFWD_CONFIG", "/elsewhere.toml")
+    assert config.find(None) == Path("/elsewhere.toml")
+
+
+def test_unix_and_ipv6_rules(tmp_path: Path) -> None:
+    loaded = load_text(
+        tmp_path,
+        '[[forward]]\nlisten = "unix:/tmp/in.sock"\nconnect = "[::1]:80"\n'
+        '[[forward]]\nlisten = "[::]:81"\nconnect = "unix:/run/app.sock"\ndual_stack = true\n',
+    )
+    assert loaded.forward[0].listen == UnixPath("/tmp/in.sock")
+    assert loaded.forward[1].connect == UnixPath("/run/app.sock")
+    assert loaded.forward[1].dual_stack

@@ -1,0 +1,76 @@
+"""Fuzzing every parser with hypothesis: bad input yields ConfigError, never anything else."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from portfwd import config
+from portfwd.addr import parse_listen, parse_target
+from portfwd.errors import ConfigError
+from portfwd.spec import rules_from_specs, split
+
+SPEC_ALPHABET = st.sampled_from(list("0123456789:[]/-.*abcdefux+ %") + ["unix:", "udp", "tcp", "::", "65536"])
+spec_text = st.lists(SPEC_ALPHABET, max_size=30).map("".join)
+
+
+@given(spec_text | st.text(max_size=40))
+@settings(max_examples=400, deadline=None)
+def test_spec_parser_only_raises_config_errors(text: str) -> None:
+    try:
+        split(text)
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+    try:
+        rules_from_specs([text])
+    except ConfigError as exc:
+        assert all("\n" not in line for line in exc.problems)
+
+
+@given(spec_text | st.text(max_size=40))
+@settings(max_examples=400, deadline=None)
+def test_endpoint_parsers_only_raise_config_errors(text: str) -> None:
+    for parse in (parse_listen, parse_target):
+        try:
+            parse(text)
+        except ConfigError as exc:
+            assert "\n" not in str(exc)
+
+
+toml_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 70000), st.floats(allow_nan=False), spec_text, st.text(max_size=10)
+)
+keys = st.sampled_from(
+    ["name", "listen", "connect", "protocol", "allow", "deny", "route", "udp_idle_timeout", "udp_max_flows",
+     "connect_timeout", "relay", "dual_stack", "backlog", "source", "bogus"]
+)
+values: Any = st.recursive(
+    toml_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=4), max_leaves=8
+)
+
+
+@given(st.dictionaries(st.sampled_from(["forward", "metrics", "control", "user", "tunnel", "x"]), values, max_size=3))
+@settings(max_examples=300, deadline=None)
+def test_config_validation_only_raises_config_errors(data: dict[str, Any]) -> None:
+    try:
+        config.validate(data)
+    except ConfigError as exc:
+        assert exc.problems
+        assert all("\n" not in line for line in exc.problems)
+
+
+@given(st.binary(max_size=200))
+@settings(max_examples=200, deadline=None)
+def test_config_loader_survives_any_bytes(tmp_path_factory: Any, raw: bytes) -> None:
+    path: Path = tmp_path_factory.mktemp("fuzz") / "portfwd.toml"
+    path.write_bytes(raw)
+    try:
+        config.load(path)
+    except ConfigError as exc:
+        assert all("\n" not in line for line in exc.problems)
+    except tomllib.TOMLDecodeError as exc:  # pragma: no cover - must never escape
+        raise AssertionError("TOML errors must be translated") from exc
