@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import typing
 from collections.abc import Callable
 
 from portfwd.state import Session
@@ -18,7 +19,7 @@ from portfwd.state import Session
 class _Side(asyncio.Protocol):
     """One socket of the pair; `upward` is True for the client side (bytes it reads go up)."""
 
-    __slots__ = ("eof", "lost", "peer", "relay", "transport", "upward")
+    __slots__ = ("early", "eof", "lost", "peer", "relay", "transport", "upward")
 
     def __init__(self, relay: ProtocolRelay, upward: bool) -> None:
         self.relay = relay
@@ -27,25 +28,35 @@ class _Side(asyncio.Protocol):
         self.peer: _Side | None = None
         self.eof = False
         self.lost = False
+        #: Bytes read before the peer's transport existed (uvloop may deliver one read after pause).
+        self.early: list[bytes] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self.transport = typing.cast(asyncio.Transport, transport)
         peer = self.peer
         # The first side made must not read until its peer can take the bytes.
         if peer is None or peer.transport is None:
-            transport.pause_reading()
+            self.transport.pause_reading()
         else:
+            if peer.early:
+                for data in peer.early:
+                    self.transport.write(data)
+                peer.early = None
             peer.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         peer = self.peer
         assert peer is not None
-        assert peer.transport is not None
         if self.upward:
             self.relay.session.bytes_up += len(data)
         else:
             self.relay.session.bytes_down += len(data)
+        if peer.transport is None:
+            if self.early is None:
+                self.early = []
+            self.early.append(data)
+            return
         peer.transport.write(data)
 
     def eof_received(self) -> bool:
