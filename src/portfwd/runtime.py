@@ -50,6 +50,17 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _preload() -> None:
+    """Import what Python and uvloop load lazily, while files root can read are still readable.
+
+    After the drop the interpreter may sit in a directory the new user cannot enter (pyenv under
+    /root); a lazy import then would fail on the first connection (`unknown encoding: idna`).
+    """
+    "localhost".encode("idna")
+    with contextlib.suppress(OSError):
+        socket.getaddrinfo("localhost", 0, type=socket.SOCK_STREAM)
+
+
 def drop_privileges(user: str, group: str | None) -> None:
     """Become `user` (and `group`, else the user's primary group) after binding as root.
 
@@ -74,6 +85,7 @@ def drop_privileges(user: str, group: str | None) -> None:
             field="user",
             hint="start as root, or remove user = and use CAP_NET_BIND_SERVICE",
         )
+    _preload()
     os.setgroups([gid])
     os.setgid(gid)
     os.setuid(entry.pw_uid)

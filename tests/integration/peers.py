@@ -93,6 +93,7 @@ class Peer:
                     await writer.drain()
                 writer.write_eof()
             elif self.mode == "exchange":
+
                 async def send() -> None:
                     writer.write(self.payload)
                     await writer.drain()

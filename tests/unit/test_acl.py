@@ -37,9 +37,7 @@ def test_ipv4_mapped_clients_match_ipv4_rules() -> None:
 def test_first_matching_route_wins() -> None:
     default = parse_target("10.0.0.5:80")
     first, second = parse_target("10.0.0.6:80"), parse_target("10.0.0.7:80")
-    policy = AccessPolicy(
-        routes=(Route((net("10.0.0.0/8"),), first), Route((net("10.1.0.0/16"),), second))
-    )
+    policy = AccessPolicy(routes=(Route((net("10.0.0.0/8"),), first), Route((net("10.1.0.0/16"),), second)))
     assert policy.target_for(client_ip("10.1.2.3"), default) == first
     assert policy.target_for(client_ip("192.0.2.1"), default) == default
     assert policy.target_for(None, default) == default

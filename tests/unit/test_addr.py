@@ -34,11 +34,17 @@ def test_listen_forms(text: str, expected: object) -> None:
         ("::1:80", "IPv6 address '::1' must be in brackets; write [::1]:80"),
         ("[::1:80", "'[::1:80' has an unclosed '['; write [::1]:PORT"),
         ("[zz]:80", "'[zz]' is not an IPv6 address; write an address such as [::1]"),
-        ("1.2.3:80", "'1.2.3' is not a valid host name or IP address; "
-         "write a name such as db.internal or an address such as 10.0.0.5"),
+        (
+            "1.2.3:80",
+            "'1.2.3' is not a valid host name or IP address; "
+            "write a name such as db.internal or an address such as 10.0.0.5",
+        ),
         ("9000-8000", "port range 9000-8000 is reversed; write 8000-9000"),
         ("unix:", "missing Unix socket path; write unix:/run/app.sock"),
-        ("unix:run/x", "Unix socket path 'run/x' is relative; write an absolute path such as unix:/run/app.sock"),
+        (
+            "unix:run/x",
+            "Unix socket path 'run/x' is relative; write an absolute path such as unix:/run/app.sock",
+        ),
     ],
 )
 def test_listen_errors(text: str, message: str) -> None:
@@ -54,8 +60,11 @@ def test_listen_errors(text: str, message: str) -> None:
         ("10.0.0.5:", "missing port; write host:port"),
         ("80", "missing host; write host:80"),
         ("*:80", "missing host; write host:port"),
-        ("bad host:80", "'bad host' is not a valid host name or IP address; "
-         "write a name such as db.internal or an address such as 10.0.0.5"),
+        (
+            "bad host:80",
+            "'bad host' is not a valid host name or IP address; "
+            "write a name such as db.internal or an address such as 10.0.0.5",
+        ),
     ],
 )
 def test_target_errors(text: str, message: str) -> None:

@@ -68,7 +68,9 @@ def test_default_config_in_repo_is_valid() -> None:
     [('"90s"', 90.0), ('"10m"', 600.0), ('"2h"', 7200.0), ('"500ms"', 0.5), ("30", 30.0), ('"1d"', 86400.0)],
 )
 def test_durations(tmp_path: Path, text: str, value: float) -> None:
-    rule = load_text(tmp_path, f'[[forward]]\nlisten="1"\nconnect="h:1"\nudp_idle_timeout={text}\n').forward[0]
+    rule = load_text(tmp_path, f'[[forward]]\nlisten="1"\nconnect="h:1"\nudp_idle_timeout={text}\n').forward[
+        0
+    ]
     assert rule.udp_idle_timeout == value
 
 
@@ -93,7 +95,7 @@ BAD = [
     ),
     (
         '[[forward]]\nlisten = "1"\nconnect = "h:1"\nudp_idle_timeout = "soon"\n',
-        "forward[0].udp_idle_timeout: 'soon' is not a duration; write a duration such as \"90s\", \"10m\" or \"2h\"",
+        'forward[0].udp_idle_timeout: \'soon\' is not a duration; write a duration such as "90s", "10m" or "2h"',
     ),
     (
         '[[forward]]\nlisten = "1"\nconnect = "h:1"\nudp_idle_timeout = "0s"\n',
@@ -105,7 +107,7 @@ BAD = [
     ),
     (
         '[[forward]]\nlisten = "1"\nconnect = "h:1"\ndeny = ["everyone"]\n',
-        "forward[0].deny: 'everyone' is not an IP network; write a CIDR such as \"10.0.0.0/8\" or \"2001:db8::/32\"",
+        'forward[0].deny: \'everyone\' is not an IP network; write a CIDR such as "10.0.0.0/8" or "2001:db8::/32"',
     ),
     (
         '[[forward]]\nlisten = "8000-8010"\nconnect = "h:9000-9005"\n',
@@ -138,21 +140,32 @@ BAD = [
         "forward[0].route[0].connect: required key is missing; add it",
     ),
     ('[forward]\nlisten = "1"\n', "forward: must be an array of tables; write [[forward]]"),
-    ('[metrics]\nlisten = "127.0.0.1:9000-9001"\n', 'metrics.listen: must be one host:port; write "127.0.0.1:9930"'),
-    ('colour = "blue"\n', "colour: unknown key; remove it or use one of: user, group, drain_timeout, forward, "
-     "metrics, control"),
+    (
+        '[metrics]\nlisten = "127.0.0.1:9000-9001"\n',
+        'metrics.listen: must be one host:port; write "127.0.0.1:9930"',
+    ),
+    (
+        'colour = "blue"\n',
+        "colour: unknown key; remove it or use one of: user, group, drain_timeout, forward, metrics, control",
+    ),
     (
         '[[tunnel]]\nname = "office"\n',
         "tunnel: SSH client tunnels is not available in portfwd 0.1 yet; remove this section to run the rest",
     ),
-    ('[[forward]]\nlisten = 8080\nconnect = "h:1"\n',
-     "forward[0].listen: 8080 is not an address; write a string such as \"127.0.0.1:8080\""),
-    ('[[forward]]\nlisten = "1"\nconnect = "h:1"\nudp_max_flows = 0\n',
-     "forward[0].udp_max_flows: must be greater than or equal to 1"),
+    (
+        '[[forward]]\nlisten = 8080\nconnect = "h:1"\n',
+        'forward[0].listen: 8080 is not an address; write a string such as "127.0.0.1:8080"',
+    ),
+    (
+        '[[forward]]\nlisten = "1"\nconnect = "h:1"\nudp_max_flows = 0\n',
+        "forward[0].udp_max_flows: must be greater than or equal to 1",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("text", "line"), BAD, ids=[line.split(":")[0] + str(i) for i, (_, line) in enumerate(BAD)])
+@pytest.mark.parametrize(
+    ("text", "line"), BAD, ids=[line.split(":")[0] + str(i) for i, (_, line) in enumerate(BAD)]
+)
 def test_bad_configs_give_exact_lines(tmp_path: Path, text: str, line: str) -> None:
     assert problems(tmp_path, text) == [line]
 
@@ -184,7 +197,10 @@ def test_toml_syntax_error_is_one_line(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         config.load(tmp_path / "nope.toml")
-    assert str(info.value) == f"{tmp_path / 'nope.toml'}: no such config file; pass -c FILE or create portfwd.toml"
+    assert (
+        str(info.value)
+        == f"{tmp_path / 'nope.toml'}: no such config file; pass -c FILE or create portfwd.toml"
+    )
 
 
 def test_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

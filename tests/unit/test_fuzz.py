@@ -42,18 +42,44 @@ def test_endpoint_parsers_only_raise_config_errors(text: str) -> None:
 
 
 toml_scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-5, 70000), st.floats(allow_nan=False), spec_text, st.text(max_size=10)
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 70000),
+    st.floats(allow_nan=False),
+    spec_text,
+    st.text(max_size=10),
 )
 keys = st.sampled_from(
-    ["name", "listen", "connect", "protocol", "allow", "deny", "route", "udp_idle_timeout", "udp_max_flows",
-     "connect_timeout", "relay", "dual_stack", "backlog", "source", "bogus"]
+    [
+        "name",
+        "listen",
+        "connect",
+        "protocol",
+        "allow",
+        "deny",
+        "route",
+        "udp_idle_timeout",
+        "udp_max_flows",
+        "connect_timeout",
+        "relay",
+        "dual_stack",
+        "backlog",
+        "source",
+        "bogus",
+    ]
 )
 values: Any = st.recursive(
-    toml_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=4), max_leaves=8
+    toml_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=4),
+    max_leaves=8,
 )
 
 
-@given(st.dictionaries(st.sampled_from(["forward", "metrics", "control", "user", "tunnel", "x"]), values, max_size=3))
+@given(
+    st.dictionaries(
+        st.sampled_from(["forward", "metrics", "control", "user", "tunnel", "x"]), values, max_size=3
+    )
+)
 @settings(max_examples=300, deadline=None)
 def test_config_validation_only_raises_config_errors(data: dict[str, Any]) -> None:
     try:

@@ -12,19 +12,39 @@ from portfwd.spec import rules_from_specs, split
     ("text", "parts", "listen", "connect"),
     [
         ("8080:10.0.0.5:80", ("8080", "10.0.0.5:80", "tcp"), "*:8080", "10.0.0.5:80"),
-        ("127.0.0.1:8080:web.internal:80", ("127.0.0.1:8080", "web.internal:80", "tcp"),
-         "127.0.0.1:8080", "web.internal:80"),
-        ("[::1]:8080:[2001:db8::5]:80", ("[::1]:8080", "[2001:db8::5]:80", "tcp"),
-         "[::1]:8080", "[2001:db8::5]:80"),
+        (
+            "127.0.0.1:8080:web.internal:80",
+            ("127.0.0.1:8080", "web.internal:80", "tcp"),
+            "127.0.0.1:8080",
+            "web.internal:80",
+        ),
+        (
+            "[::1]:8080:[2001:db8::5]:80",
+            ("[::1]:8080", "[2001:db8::5]:80", "tcp"),
+            "[::1]:8080",
+            "[2001:db8::5]:80",
+        ),
         ("5353:10.0.0.1:53/udp", ("5353", "10.0.0.1:53", "udp"), "*:5353", "10.0.0.1:53"),
         ("5353:10.0.0.1:53/tcp+udp", ("5353", "10.0.0.1:53", "tcp+udp"), "*:5353", "10.0.0.1:53"),
-        ("8000-8010:backend:9000-9010", ("8000-8010", "backend:9000-9010", "tcp"),
-         "*:8000-8010", "backend:9000-9010"),
+        (
+            "8000-8010:backend:9000-9010",
+            ("8000-8010", "backend:9000-9010", "tcp"),
+            "*:8000-8010",
+            "backend:9000-9010",
+        ),
         ("2323:unix:/run/app.sock", ("2323", "unix:/run/app.sock", "tcp"), "*:2323", "unix:/run/app.sock"),
-        ("unix:/tmp/in.sock:backend:80", ("unix:/tmp/in.sock", "backend:80", "tcp"),
-         "unix:/tmp/in.sock", "backend:80"),
-        ("unix:/tmp/in.sock:unix:/run/app.sock", ("unix:/tmp/in.sock", "unix:/run/app.sock", "tcp"),
-         "unix:/tmp/in.sock", "unix:/run/app.sock"),
+        (
+            "unix:/tmp/in.sock:backend:80",
+            ("unix:/tmp/in.sock", "backend:80", "tcp"),
+            "unix:/tmp/in.sock",
+            "backend:80",
+        ),
+        (
+            "unix:/tmp/in.sock:unix:/run/app.sock",
+            ("unix:/tmp/in.sock", "unix:/run/app.sock", "tcp"),
+            "unix:/tmp/in.sock",
+            "unix:/run/app.sock",
+        ),
     ],
 )
 def test_product_examples(text: str, parts: tuple[str, str, str], listen: str, connect: str) -> None:
@@ -38,15 +58,32 @@ def test_product_examples(text: str, parts: tuple[str, str, str], listen: str, c
 @pytest.mark.parametrize(
     ("specs", "lines"),
     [
-        (["8080:80"], ["spec 1: '8080:80' is not a forward spec; "
-                       "write [bind:]port:host:hostport[/udp], e.g. 8080:10.0.0.5:80"]),
-        (["a:b:c:d:e"], ["spec 1: 'a:b:c:d:e' is not a forward spec; "
-                         "write [bind:]port:host:hostport[/udp], e.g. 8080:10.0.0.5:80"]),
+        (
+            ["8080:80"],
+            [
+                "spec 1: '8080:80' is not a forward spec; "
+                "write [bind:]port:host:hostport[/udp], e.g. 8080:10.0.0.5:80"
+            ],
+        ),
+        (
+            ["a:b:c:d:e"],
+            [
+                "spec 1: 'a:b:c:d:e' is not a forward spec; "
+                "write [bind:]port:host:hostport[/udp], e.g. 8080:10.0.0.5:80"
+            ],
+        ),
         ([""], ["spec 1: empty forward spec; write [bind:]port:host:hostport[/udp], e.g. 8080:10.0.0.5:80"]),
-        (["8080:10.0.0.5:70000"], ["spec 1 (8080:10.0.0.5:70000) target: port 70000 is out of range (1-65535)"]),
+        (
+            ["8080:10.0.0.5:70000"],
+            ["spec 1 (8080:10.0.0.5:70000) target: port 70000 is out of range (1-65535)"],
+        ),
         (["99999:h:1"], ["spec 1 (99999:h:1) listen side: port 99999 is out of range (1-65535)"]),
-        (["1:h:1", "2:h:2/udp", "1:h:3"],
-         ["spec 3 (1:h:3) listen side: *:1/tcp is already used by forward[0]; give each rule its own port"]),
+        (
+            ["1:h:1", "2:h:2/udp", "1:h:3"],
+            [
+                "spec 3 (1:h:3) listen side: *:1/tcp is already used by forward[0]; give each rule its own port"
+            ],
+        ),
         ([], ["no forward spec given; write e.g. portfwd forward 8080:10.0.0.5:80"]),
     ],
 )

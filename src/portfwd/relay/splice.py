@@ -79,7 +79,11 @@ class _Direction:
     def on_readable(self) -> None:
         relay = self.relay
         if self.pipe_w < 0:
-            self._make_pipe()
+            try:
+                self._make_pipe()
+            except OSError as exc:  # out of descriptors: end this session, keep the others
+                relay.close(f"cannot make a pipe: {(exc.strerror or str(exc)).lower()}")
+                return
         for _ in range(ROUNDS_PER_WAKEUP):
             try:
                 moved = os.splice(self.src, self.pipe_w, PIPE_SIZE, flags=_FLAGS)

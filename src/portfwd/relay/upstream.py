@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import os
 import socket
 
 from portfwd.errors import UpstreamError
@@ -38,6 +39,15 @@ def _describe(exc: OSError) -> UpstreamError:
     return UpstreamError(words[:1].lower() + words[1:], reason=reason)
 
 
+def _new_socket(family: int) -> socket.socket:
+    try:
+        return socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:  # EMFILE/ENFILE: out of descriptors; this client fails, others go on
+        raise UpstreamError(
+            f"cannot open a socket: {(exc.strerror or str(exc)).lower()}", reason="resources"
+        ) from exc
+
+
 def stream_options(conn: socket.socket) -> None:
     """Set TCP_NODELAY on a TCP socket (no-op for Unix sockets): relays must not add latency."""
     if conn.family in (socket.AF_INET, socket.AF_INET6):
@@ -60,6 +70,31 @@ async def resolve(host: str, port: int, kind: socket.SocketKind) -> list[tuple[i
     return [(family, sockaddr[:2]) for family, _, _, _, sockaddr in infos]  # type: ignore[misc]
 
 
+async def _connect_ip(
+    loop: asyncio.AbstractEventLoop, upstream: socket.socket, sockaddr: tuple[str, int]
+) -> None:
+    """Non-blocking connect to an already resolved address.
+
+    loop.sock_connect would hand even a literal address to getaddrinfo again on every connect;
+    here the kernel is asked directly and we wait for writability. Raises OSError.
+    """
+    code = upstream.connect_ex(sockaddr)
+    if code == 0:
+        return
+    if code != errno.EINPROGRESS:
+        raise OSError(code, os.strerror(code))
+    done: asyncio.Future[None] = loop.create_future()
+    fd = upstream.fileno()
+    loop.add_writer(fd, lambda: done.done() or done.set_result(None))
+    try:
+        await done
+    finally:
+        loop.remove_writer(fd)
+    code = upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if code:
+        raise OSError(code, os.strerror(code))
+
+
 async def open_tcp(host: str, port: int) -> socket.socket:
     """Connect to host:port, trying each resolved address in order.
 
@@ -69,10 +104,10 @@ async def open_tcp(host: str, port: int) -> socket.socket:
     loop = asyncio.get_running_loop()
     last: OSError | None = None
     for family, sockaddr in await resolve(host, port, socket.SOCK_STREAM):
-        upstream = socket.socket(family, socket.SOCK_STREAM)
+        upstream = _new_socket(family)
         try:
             upstream.setblocking(False)
-            await loop.sock_connect(upstream, sockaddr)
+            await _connect_ip(loop, upstream, sockaddr)
         except OSError as exc:
             upstream.close()
             last = exc
@@ -90,7 +125,7 @@ async def open_tcp(host: str, port: int) -> socket.socket:
 async def open_unix(path: str) -> socket.socket:
     """Connect to a Unix stream socket. Raises UpstreamError."""
     loop = asyncio.get_running_loop()
-    upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    upstream = _new_socket(socket.AF_UNIX)
     try:
         upstream.setblocking(False)
         await loop.sock_connect(upstream, path)
