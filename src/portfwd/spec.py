@@ -133,4 +133,5 @@ def _name_specs(line: str, specs: Sequence[str], origin: Sequence[int]) -> str:
     }.get(key.split("[", 1)[0], key)
     if where.startswith("--"):
         return f"{where}: {message}"
-    return f"spec {index + 1} ({specs[index]}) {where}: {message}"
+    shown = specs[index] if specs[index].isprintable() else repr(specs[index])
+    return f"spec {index + 1} ({shown}) {where}: {message}"

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import os
 
-from tests.integration.peers import MiB, Address, free_port, open_client, peer, read_all, sha
+from tests.integration.peers import Address, MiB, free_port, open_client, peer, read_all, sha
 
 PAYLOAD_UP = os.urandom(8 * MiB)
 PAYLOAD_DOWN = os.urandom(8 * MiB)

@@ -155,6 +155,6 @@ async def running(data: dict[str, Any]) -> AsyncIterator[Runtime]:
 async def wait_until(condition: Callable[[], bool], seconds: float = 5.0, what: str = "condition") -> None:
     """Wait (bounded) for a condition that an event in this loop will make true."""
     async with asyncio.timeout(seconds):
-        while not condition():
+        while not condition():  # noqa: ASYNC110 - the condition is state, not an event we can await
             await asyncio.sleep(0.01)
     assert condition(), what

@@ -10,7 +10,6 @@ import hashlib
 import os
 import pwd
 import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 

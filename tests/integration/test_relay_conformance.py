@@ -36,7 +36,7 @@ class _PortfwdRelay(RelayConformance):
             assert not runtime.failures
             yield entry
         if isinstance(entry, str):
-            assert not os.path.exists(entry), "the Unix listener's socket file is removed on stop"
+            assert not os.path.exists(entry), "the Unix listener's socket file is removed"  # noqa: ASYNC240
 
 
 class TestSpliceIPv4(_PortfwdRelay):

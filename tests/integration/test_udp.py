@@ -50,10 +50,10 @@ class UdpClient:
         self.sock.setblocking(False)
         self.sock.connect(target)
 
-    async def ask(self, data: bytes, timeout: float = 5.0) -> bytes:
+    async def ask(self, data: bytes, wait: float = 5.0) -> bytes:
         loop = asyncio.get_running_loop()
         await loop.sock_sendall(self.sock, data)
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(wait):
             return await loop.sock_recv(self.sock, 65536)
 
     def close(self) -> None:
@@ -127,7 +127,7 @@ async def test_flow_cap_drops_new_clients_only() -> None:
         assert await first.ask(b"a") == b"a"
         assert await second.ask(b"b") == b"b"
         with pytest.raises(TimeoutError):
-            await third.ask(b"c", timeout=0.5)
+            await third.ask(b"c", wait=0.5)
         assert await first.ask(b"still") == b"still"
         assert runtime.state.rules[f"127.0.0.1:{port}/udp"].errors["udp_flow_limit"] >= 1
         for client in (first, second, third):
@@ -142,7 +142,7 @@ async def test_denied_source_never_reaches_the_target() -> None:
     ):
         client = UdpClient(("127.0.0.1", port))
         with pytest.raises(TimeoutError):
-            await client.ask(b"let me in", timeout=0.5)
+            await client.ask(b"let me in", wait=0.5)
         assert echo.sources == []
         assert runtime.state.rules[f"127.0.0.1:{port}/udp"].denied_total == 1
         client.close()

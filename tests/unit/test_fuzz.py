@@ -14,7 +14,7 @@ from portfwd.addr import parse_listen, parse_target
 from portfwd.errors import ConfigError
 from portfwd.spec import rules_from_specs, split
 
-SPEC_ALPHABET = st.sampled_from(list("0123456789:[]/-.*abcdefux+ %") + ["unix:", "udp", "tcp", "::", "65536"])
+SPEC_ALPHABET = st.sampled_from([*"0123456789:[]/-.*abcdefux+ %", "unix:", "udp", "tcp", "::", "65536"])
 spec_text = st.lists(SPEC_ALPHABET, max_size=30).map("".join)
 
 

@@ -85,7 +85,12 @@ async def _connect_ip(
         raise OSError(code, os.strerror(code))
     done: asyncio.Future[None] = loop.create_future()
     fd = upstream.fileno()
-    loop.add_writer(fd, lambda: done.done() or done.set_result(None))
+
+    def writable() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_writer(fd, writable)
     try:
         await done
     finally:
