@@ -1,0 +1,525 @@
+"""Benchmarks: portfwd (splice and protocol paths) beside direct, haproxy, socat and rinetd.
+
+Every measurement is taken for every forwarder in the same run, in interleaved rounds (the
+order shuffled per round), and reported as medians and as ratios to the baselines, so that the
+machine's speed cancels out. All traffic is on 127.0.0.1; every process is ours and is stopped
+by PID.
+
+Usage: .venv/bin/python bench/run.py [--rounds N] [--seconds S] [--conns N] [--write]
+Needs: iperf3, haproxy, socat, rinetd, wrk (apt-get install iperf3 haproxy socat rinetd wrk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+TICK = os.sysconf("SC_CLK_TCK")
+LOCAL = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        tcp.bind((LOCAL, 0))
+        port = tcp.getsockname()[1]
+        udp.bind((LOCAL, port))  # free for both, since iperf3 -u needs TCP and UDP on one port
+        return int(port)
+
+
+def wait_tcp(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((LOCAL, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def wait_udp(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(["ss", "-Hlun", f"sport = :{port}"], capture_output=True, text=True).stdout
+        if out.strip():
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"no UDP listener on {port}")
+
+
+class Proc:
+    """A process we started; stopped by PID only."""
+
+    def __init__(self, argv: list[str], **kwargs: object) -> None:
+        self.popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)  # type: ignore[call-overload]
+
+    @property
+    def pid(self) -> int:
+        return int(self.popen.pid)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(value) for value in fields[11:15]) / TICK  # utime stime cutime cstime
+    return total
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+@dataclass
+class Targets:
+    """The servers every path reaches: iperf3, an HTTP origin (haproxy), and an echo server."""
+
+    iperf: int
+    http: int
+    echo: int
+    procs: list[Proc] = field(default_factory=list)
+
+
+@dataclass
+class Forwarder:
+    """One way of reaching the targets; ports maps target name -> port a client uses."""
+
+    name: str
+    ports: dict[str, int]
+    procs: list[Proc] = field(default_factory=list)
+
+    @property
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self.procs]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.stop()
+
+
+def start_targets(tmp: Path) -> Targets:
+    targets = Targets(free_port(), free_port(), free_port())
+    targets.procs.append(Proc(["iperf3", "-s", "-B", LOCAL, "-p", str(targets.iperf)]))
+    origin = tmp / "origin.cfg"
+    origin.write_text(
+        "global\n  maxconn 4000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n"
+        f"  timeout server 30s\nfrontend origin\n  bind {LOCAL}:{targets.http}\n"
+        '  http-request return status 200 content-type text/plain string "ok"\n'
+    )
+    targets.procs.append(Proc(["haproxy", "-f", str(origin), "-db"]))
+    targets.procs.append(Proc([sys.executable, str(HERE / "echo_server.py"), str(targets.echo)]))
+    try:
+        for port in (targets.iperf, targets.http, targets.echo):
+            wait_tcp(port)
+    except OSError:
+        for proc in targets.procs:
+            proc.stop()
+        raise
+    return targets
+
+
+def start_forwarders(targets: Targets, tmp: Path, forwarders: list[Forwarder]) -> list[Forwarder]:
+    """Start every forwarder, appending to `forwarders` as it goes so the caller can stop them."""
+    names = ("iperf", "http", "echo")
+    upstream = {"iperf": targets.iperf, "http": targets.http, "echo": targets.echo}
+    forwarders.append(Forwarder("direct", {**upstream, "udp": targets.iperf}))
+
+    for relay in ("splice", "protocol"):
+        ports = {name: free_port() for name in (*names, "udp")}
+        config = tmp / f"portfwd-{relay}.toml"
+        rules = [
+            f'[[forward]]\nlisten = "{LOCAL}:{ports[name]}"\nconnect = "{LOCAL}:{upstream[name]}"\nrelay = "{relay}"\n'
+            for name in names
+        ]
+        rules.append(
+            f'[[forward]]\nlisten = "{LOCAL}:{ports["udp"]}"\nconnect = "{LOCAL}:{targets.iperf}"\n'
+            f'protocol = "tcp+udp"\nrelay = "{relay}"\nudp_max_flows = 64\n'
+        )
+        config.write_text("\n".join(rules))
+        portfwd = Proc([str(REPO / ".venv/bin/portfwd"), "run", "-q", "-c", str(config)])
+        forwarders.append(Forwarder(f"portfwd-{relay}", ports, [portfwd]))
+
+    ports = {name: free_port() for name in names}
+    haproxy_cfg = tmp / "haproxy.cfg"
+    lines = [
+        "global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n"
+    ]
+    for name in names:
+        lines.append(
+            f"frontend f_{name}\n  bind {LOCAL}:{ports[name]}\n  default_backend b_{name}\n"
+            f"backend b_{name}\n  server s {LOCAL}:{upstream[name]}\n"
+        )
+    haproxy_cfg.write_text("".join(lines))
+    forwarders.append(Forwarder("haproxy", ports, [Proc(["haproxy", "-f", str(haproxy_cfg), "-db"])]))
+
+    ports = {name: free_port() for name in (*names, "udp")}
+    socat = [
+        Proc(
+            [
+                "socat",
+                f"TCP-LISTEN:{ports[name]},bind={LOCAL},reuseaddr,fork,backlog=4096",
+                f"TCP:{LOCAL}:{upstream[name]}",
+            ]
+        )
+        for name in names
+    ]
+    socat.append(
+        Proc(
+            [
+                "socat",
+                f"TCP-LISTEN:{ports['udp']},bind={LOCAL},reuseaddr,fork",
+                f"TCP:{LOCAL}:{targets.iperf}",
+            ]
+        )
+    )
+    socat.append(
+        Proc(
+            [
+                "socat",
+                f"UDP-LISTEN:{ports['udp']},bind={LOCAL},reuseaddr,fork",
+                f"UDP:{LOCAL}:{targets.iperf}",
+            ]
+        )
+    )
+    forwarders.append(Forwarder("socat", ports, socat))
+
+    ports = {name: free_port() for name in (*names, "udp")}
+    rinetd_cfg = tmp / "rinetd.conf"
+    rinetd_cfg.write_text(
+        "".join(f"{LOCAL} {ports[name]} {LOCAL} {upstream[name]}\n" for name in names)
+        + f"{LOCAL} {ports['udp']}/tcp {LOCAL} {targets.iperf}/tcp\n"
+        + f"{LOCAL} {ports['udp']}/udp {LOCAL} {targets.iperf}/udp\n"
+    )
+    forwarders.append(Forwarder("rinetd", ports, [Proc(["rinetd", "-f", "-c", str(rinetd_cfg)])]))
+
+    for forwarder in forwarders:
+        for name in names:
+            wait_tcp(forwarder.ports[name])
+        if "udp" in forwarder.ports and forwarder.name != "direct":
+            wait_udp(forwarder.ports["udp"])
+    return forwarders
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def iperf_tcp(forwarder: Forwarder, streams: int, seconds: float) -> tuple[float, float]:
+    """(Gbit/s received, forwarder CPU seconds per Gbit transferred)."""
+    before = cpu_seconds(forwarder.pids)
+    out = subprocess.run(
+        [
+            "iperf3",
+            "-c",
+            LOCAL,
+            "-p",
+            str(forwarder.ports["iperf"]),
+            "-t",
+            str(seconds),
+            "-P",
+            str(streams),
+            "-J",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+    )
+    cpu = cpu_seconds(forwarder.pids) - before
+    result = json.loads(out.stdout)
+    received = result["end"]["sum_received"]
+    gbits = received["bytes"] * 8 / 1e9
+    return received["bits_per_second"] / 1e9, (cpu / gbits if gbits else float("nan"))
+
+
+def wrk_conn_rate(forwarder: Forwarder, seconds: float) -> float:
+    """HTTP requests per second with one new TCP connection per request (Connection: close)."""
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            "-c32",
+            f"-d{seconds}s",
+            "-H",
+            "Connection: close",
+            f"http://{LOCAL}:{forwarder.ports['http']}/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+    ).stdout
+    for line in out.splitlines():
+        if line.startswith("Requests/sec:"):
+            return float(line.split()[1])
+    return float("nan")
+
+
+def ping_pong(forwarder: Forwarder, count: int = 3000) -> tuple[float, float]:
+    """p50 and p99 round trip (microseconds) of 1-byte ping-pong over one connection."""
+    with socket.create_connection((LOCAL, forwarder.ports["echo"]), timeout=5) as client:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(200):  # warm up
+            client.sendall(b"x")
+            client.recv(1)
+        samples = []
+        for _ in range(count):
+            start = time.perf_counter_ns()
+            client.sendall(b"x")
+            client.recv(1)
+            samples.append((time.perf_counter_ns() - start) / 1000)
+    samples.sort()
+    return samples[len(samples) // 2], samples[int(len(samples) * 0.99)]
+
+
+def idle_memory(forwarder: Forwarder, conns: int) -> float:
+    """Forwarder RSS growth per relayed idle connection (bytes), after one echo on each."""
+    pid = forwarder.pids[0]
+    before = rss_kib(pid)
+    clients = []
+    try:
+        for _ in range(conns):
+            client = socket.create_connection((LOCAL, forwarder.ports["echo"]), timeout=10)
+            clients.append(client)
+        for client in clients:
+            client.sendall(b"x")
+        for client in clients:
+            if client.recv(1) != b"x":
+                return float("nan")
+        after = rss_kib(pid)
+    except OSError:
+        return float("nan")
+    finally:
+        for client in clients:
+            client.close()
+    return (after - before) * 1024 / conns
+
+
+def udp_kpps(forwarder: Forwarder, seconds: float) -> float:
+    """Delivered thousands of 64-byte datagrams per second (iperf3 -u -b 0)."""
+    out = subprocess.run(
+        [
+            "iperf3",
+            "-c",
+            LOCAL,
+            "-p",
+            str(forwarder.ports["udp"]),
+            "-u",
+            "-l",
+            "64",
+            "-b",
+            "0",
+            "-t",
+            str(seconds),
+            "-J",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+    )
+    try:
+        result = json.loads(out.stdout)
+        total = result["end"]["sum"]
+        delivered = total["packets"] - total["lost_packets"]
+        return delivered / total["seconds"] / 1000
+    except (ValueError, KeyError):
+        return float("nan")
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def rounds(
+    forwarders: list[Forwarder], count: int, measure: Callable[[Forwarder], object]
+) -> dict[str, list[object]]:
+    results: dict[str, list[object]] = {f.name: [] for f in forwarders}
+    for _ in range(count):
+        order = forwarders[:]
+        random.shuffle(order)
+        for forwarder in order:
+            results[forwarder.name].append(measure(forwarder))
+    return results
+
+
+def median(values: list[float]) -> float:
+    good = [v for v in values if v == v]
+    return statistics.median(good) if good else float("nan")
+
+
+def versions() -> dict[str, str]:
+    def first_line(argv: list[str]) -> str:
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            return (out.stdout or out.stderr).strip().splitlines()[0]
+        except (OSError, IndexError):
+            return "?"
+
+    return {
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "portfwd": first_line([str(REPO / ".venv/bin/portfwd"), "--version"]),
+        "haproxy": first_line(["haproxy", "-v"]),
+        "socat": first_line(["socat", "-V"]).strip()
+        if False
+        else first_line(["dpkg-query", "-W", "-f=socat ${Version}", "socat"]),
+        "rinetd": first_line(["dpkg-query", "-W", "-f=rinetd ${Version}", "rinetd"]),
+        "iperf3": first_line(["iperf3", "--version"]),
+        "wrk": first_line(["dpkg-query", "-W", "-f=wrk ${Version}", "wrk"]),
+        "cpus": str(os.cpu_count()),
+    }
+
+
+@contextlib.contextmanager
+def lab() -> Iterator[tuple[Targets, list[Forwarder]]]:
+    with tempfile.TemporaryDirectory(prefix="pf-bench-") as tmp_text:
+        tmp = Path(tmp_text)
+        targets = start_targets(tmp)
+        forwarders: list[Forwarder] = []
+        try:
+            forwarders = start_forwarders(targets, tmp, forwarders)
+            yield targets, forwarders
+        finally:
+            for forwarder in forwarders:
+                forwarder.stop()
+            for proc in targets.procs:
+                proc.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--conns", type=int, default=5000)
+    parser.add_argument("--write", action="store_true", help="write bench/RESULTS.md")
+    args = parser.parse_args()
+    missing = [
+        tool for tool in ("iperf3", "haproxy", "socat", "rinetd", "wrk", "ss") if shutil.which(tool) is None
+    ]
+    if missing:
+        print(
+            f"bench: missing {', '.join(missing)}; apt-get install iperf3 haproxy socat rinetd wrk",
+            file=sys.stderr,
+        )
+        return 2
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    seconds = int(args.seconds)
+    table: dict[str, dict[str, float]] = {}
+    with lab() as (_, forwarders):
+        tcp1 = rounds(forwarders, args.rounds, lambda f: iperf_tcp(f, 1, seconds))
+        tcp4 = rounds(forwarders, args.rounds, lambda f: iperf_tcp(f, 4, seconds))
+        conn = rounds(forwarders, args.rounds, lambda f: wrk_conn_rate(f, seconds))
+        lat = rounds(forwarders, args.rounds, ping_pong)
+        udp_forwarders = [f for f in forwarders if "udp" in f.ports]
+        udp = rounds(udp_forwarders, args.rounds, lambda f: udp_kpps(f, seconds))
+        memory = {
+            f.name: idle_memory(f, args.conns)
+            for f in forwarders
+            if f.name not in ("direct", "socat")  # socat forks a process per connection
+        }
+    for forwarder in forwarders:
+        name = forwarder.name
+        table[name] = {
+            "tcp1_gbps": median([v[0] for v in tcp1[name]]),  # type: ignore[index]
+            "tcp4_gbps": median([v[0] for v in tcp4[name]]),  # type: ignore[index]
+            "cpu_s_per_gbit": median([v[1] for v in tcp1[name]]),  # type: ignore[index]
+            "conn_per_s": median(conn[name]),  # type: ignore[arg-type]
+            "p50_us": median([v[0] for v in lat[name]]),  # type: ignore[index]
+            "p99_us": median([v[1] for v in lat[name]]),  # type: ignore[index]
+            "udp_kpps": median(udp[name]) if name in udp else float("nan"),  # type: ignore[arg-type]
+            "idle_bytes_per_conn": memory.get(name, float("nan")),
+        }
+    report = render(table, versions(), args)
+    print(report)
+    if args.write:
+        (HERE / "RESULTS.md").write_text(report)
+    return 0
+
+
+def render(table: dict[str, dict[str, float]], info: dict[str, str], args: argparse.Namespace) -> str:
+    def fmt(value: float, digits: int = 2) -> str:
+        return "n/a" if value != value else f"{value:,.{digits}f}"
+
+    direct, haproxy, socat = table["direct"], table["haproxy"], table["socat"]
+    lines = [
+        "# portfwd benchmark results",
+        "",
+        f"Measured {datetime.date.today().isoformat()} by `bench/run.py --rounds {args.rounds} --seconds {args.seconds:g}"
+        f" --conns {args.conns}` on one machine, every forwarder in the same run, interleaved rounds, medians.",
+        "All traffic on 127.0.0.1. " + ", ".join(f"{k}: {v}" for k, v in info.items()) + ".",
+        "",
+        "| path | TCP 1 stream Gbit/s | TCP 4 streams Gbit/s | CPU s per Gbit (1 stream) | conn/s (HTTP, close) "
+        "| p50 RTT µs | p99 RTT µs | UDP 64 B kpps delivered | RSS per idle conn (bytes) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in table.items():
+        lines.append(
+            f"| {name} | {fmt(row['tcp1_gbps'])} | {fmt(row['tcp4_gbps'])} | {fmt(row['cpu_s_per_gbit'], 3)} | "
+            f"{fmt(row['conn_per_s'], 0)} | {fmt(row['p50_us'], 1)} | {fmt(row['p99_us'], 1)} | "
+            f"{fmt(row['udp_kpps'], 1)} | {fmt(row['idle_bytes_per_conn'], 0)} |"
+        )
+    lines += ["", "## Ratios against the targets (issue #3)", ""]
+    for name in ("portfwd-splice", "portfwd-protocol"):
+        row = table[name]
+        checks = [
+            ("TCP bulk 1 stream vs direct (goal ≥ 0.80)", row["tcp1_gbps"] / direct["tcp1_gbps"], 0.80, True),
+            ("TCP bulk 1 stream vs haproxy (goal ≥ 1.6)", row["tcp1_gbps"] / haproxy["tcp1_gbps"], 1.6, True),
+            (
+                "CPU per Gbit vs haproxy (goal ≤ 0.33)",
+                row["cpu_s_per_gbit"] / haproxy["cpu_s_per_gbit"],
+                0.33,
+                False,
+            ),
+            ("conn/s vs haproxy (goal ≥ 0.9)", row["conn_per_s"] / haproxy["conn_per_s"], 0.9, True),
+            (
+                "added p50 latency vs haproxy's (goal ≤ 1.0)",
+                (row["p50_us"] - direct["p50_us"]) / max(haproxy["p50_us"] - direct["p50_us"], 1e-9),
+                1.0,
+                False,
+            ),
+            ("RSS per idle connection, bytes (goal ≤ 2048)", row["idle_bytes_per_conn"], 2048, False),
+            ("UDP kpps vs socat (goal ≥ 1.2)", row["udp_kpps"] / socat["udp_kpps"], 1.2, True),
+        ]
+        lines.append(f"**{name}**")
+        lines.append("")
+        for label, value, goal, higher in checks:
+            met = value == value and (value >= goal if higher else value <= goal)
+            lines.append(f"- {label}: {fmt(value)} — {'met' if met else 'NOT met'}")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
