@@ -27,7 +27,7 @@ from portfwd.errors import BindError, PortfwdError, RuntimeFailure
 from portfwd.metrics import MetricsServer
 from portfwd.relay.forwarder import RelayPath, TcpForwarder
 from portfwd.relay.listener import TcpListener, bind_ip, bind_unix
-from portfwd.relay.splice import splice_available
+from portfwd.relay.splice import PipePool, splice_available
 from portfwd.relay.udp import UdpForwarder
 from portfwd.state import Listener, State
 
@@ -98,6 +98,13 @@ def drop_privileges(user: str, group: str | None) -> None:
     log.info("dropped privileges to user %s (uid %d, gid %d)", user, entry.pw_uid, gid)
 
 
+def _accepting(listener: socket.socket, forwarder: TcpForwarder) -> TcpListener:
+    """Wire a listening socket to its forwarder, both ways (serve clients; pause on exhaustion)."""
+    accepting = TcpListener(listener, forwarder.serve, forwarder.label)
+    forwarder.exhausted = accepting.pause
+    return accepting
+
+
 class Runtime:
     """Runs a Config: start() binds, wait() serves until told to stop, stop() drains and cleans."""
 
@@ -111,6 +118,7 @@ class Runtime:
         self._stop: asyncio.Event | None = None
         self._stopping = False
         self._splice = False
+        self._pipes = PipePool()
         self._drained: asyncio.Event | None = None
 
     def _path_for(self, rule: ForwardConfig) -> RelayPath:
@@ -128,8 +136,8 @@ class Runtime:
             listen = rule.listen
             if isinstance(listen, UnixPath):
                 listener = bind_unix(what, listen.path, backlog=rule.backlog)
-                forwarder = TcpForwarder(rule, None, self.state, path)
-                run.tcp.append((TcpListener(listener, forwarder.serve, rule.label), forwarder))
+                forwarder = TcpForwarder(rule, None, self.state, path, self._pipes)
+                run.tcp.append((_accepting(listener, forwarder), forwarder))
                 self._announce(rule, str(listen), "tcp", path)
             else:
                 for port in listen.ports.ports():
@@ -142,8 +150,8 @@ class Runtime:
                             backlog=rule.backlog,
                             dual_stack=rule.dual_stack,
                         )
-                        forwarder = TcpForwarder(rule, port, self.state, path)
-                        run.tcp.append((TcpListener(listener, forwarder.serve, rule.label), forwarder))
+                        forwarder = TcpForwarder(rule, port, self.state, path, self._pipes)
+                        run.tcp.append((_accepting(listener, forwarder), forwarder))
                     if rule.protocol.has_udp:
                         udp_socket = bind_ip(
                             what,
@@ -249,7 +257,8 @@ class Runtime:
     def _close_sessions(self, reason: str) -> None:
         for run in self._rules.values():
             for _, forwarder in run.tcp:
-                forwarder.close_sessions(reason)
+                forwarder.close_pending()
+        self.state.close_all(reason)
 
     async def stop(self) -> None:
         """Stop accepting, drain live sessions for drain_timeout, close the rest, release all."""
@@ -275,6 +284,7 @@ class Runtime:
             self._metrics.stop()
             self._metrics = None
         self._rules.clear()
+        self._pipes.close()
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:

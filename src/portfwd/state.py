@@ -10,6 +10,7 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(slots=True)
@@ -30,11 +31,25 @@ class RuleStats:
         self.errors[reason] = self.errors.get(reason, 0) + 1
 
 
+class Closable(Protocol):
+    """What the state needs of a running relay: a way to end it."""
+
+    def close(self, reason: str) -> None: ...
+
+
+class SessionOwner(Protocol):
+    """Who a relay reports its end to (the forwarder that started it)."""
+
+    def relay_closed(self, session: Session, reason: str) -> None: ...
+
+
 @dataclass(slots=True)
 class Session:
     """One relayed connection (or UDP flow). Relays add to `bytes_up`/`bytes_down` directly.
 
-    `bytes_up` is client to target, `bytes_down` target to client.
+    `bytes_up` is client to target, `bytes_down` target to client. `started` is wall-clock
+    time (for display), `began` the monotonic clock (for durations). `target` and `path` are
+    shared strings, so a session costs little more than its two counters.
     """
 
     id: int
@@ -42,9 +57,11 @@ class Session:
     client: str
     target: str
     path: str
-    started: float = field(default_factory=time.time)
+    started: float
+    began: float
     bytes_up: int = 0
     bytes_down: int = 0
+    relay: Closable | None = None
 
 
 @dataclass(slots=True)
@@ -77,7 +94,7 @@ class State:
 
     def open_session(self, rule: RuleStats, client: str, target: str, path: str) -> Session:
         """Register a new live session and count it."""
-        session = Session(next(self._ids), rule, client, target, path)
+        session = Session(next(self._ids), rule, client, target, path, time.time(), time.monotonic())
         self.sessions[session.id] = session
         rule.connections_total += 1
         rule.connections_active += 1
@@ -93,3 +110,9 @@ class State:
         rule.bytes_down += session.bytes_down
         if not self.sessions and self.on_empty is not None:
             self.on_empty()
+
+    def close_all(self, reason: str) -> None:
+        """End every live relayed session (shutdown after the drain, second signal)."""
+        for session in list(self.sessions.values()):
+            if session.relay is not None:
+                session.relay.close(reason)

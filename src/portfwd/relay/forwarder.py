@@ -2,6 +2,10 @@
 
 This is the per-session boundary: whatever goes wrong with one client is logged and counted
 here and never reaches the listener, so one bad client or dead target never stops a rule.
+
+The path from accept to relay is callback-driven for IP-literal and Unix targets (no Task,
+no Future), because it runs once per connection and its cost sets the connection rate. Host
+names take a Task for the resolver, then join the same path.
 """
 
 from __future__ import annotations
@@ -11,42 +15,37 @@ import logging
 import socket
 import struct
 import time
-from typing import Any, Literal, Protocol
+from collections.abc import Callable
+from typing import Any, Literal
 
 from portfwd.acl import AccessPolicy, Route, client_ip
 from portfwd.addr import Endpoint, HostPorts, PortRange, UnixPath, target_port
 from portfwd.config import ForwardConfig
 from portfwd.errors import UpstreamError
-from portfwd.relay.splice import SpliceRelay
+from portfwd.relay.splice import PipePool, SpliceRelay
 from portfwd.relay.tcp import ProtocolRelay
-from portfwd.relay.upstream import connect_within, stream_options
+from portfwd.relay.upstream import Addresses, Connect, literal_addresses, resolve, stream_options
 from portfwd.state import RuleStats, Session, State
 
 log = logging.getLogger(__name__)
 
 RelayPath = Literal["splice", "protocol"]
-
-
-class Relay(Protocol):
-    """What the forwarder needs of a running relay."""
-
-    def close(self, reason: str) -> None: ...
+Target = tuple[str, int] | str
 
 
 def describe_peer(client: socket.socket, peer: Any) -> str:
     """Text for a client: `1.2.3.4:5678`, `[::1]:5678`, or a Unix peer's pid and uid."""
-    if client.family == socket.AF_UNIX:
+    if not isinstance(peer, tuple):
         try:
             creds = client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             pid, uid, _ = struct.unpack("3i", creds)
             return f"unix(pid={pid},uid={uid})"
         except OSError:
             return "unix"
-    host, port = peer[0], peer[1]
-    mapped = client_ip(host)
-    if mapped is not None and mapped.version == 4:
-        host = str(mapped)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    host: str = peer[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]  # an IPv4 client of a dual-stack listener
+    return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
 
 
 def compile_policy(rule: ForwardConfig) -> AccessPolicy:
@@ -58,7 +57,7 @@ def compile_policy(rule: ForwardConfig) -> AccessPolicy:
     )
 
 
-def resolve_target(listen: Endpoint, target: Endpoint, port: int | None) -> tuple[str, int] | str:
+def resolve_target(listen: Endpoint, target: Endpoint, port: int | None) -> Target:
     """Where a client of listen port `port` goes: (host, port) keeping the range offset, or a path."""
     if isinstance(target, UnixPath):
         return target.path
@@ -67,7 +66,7 @@ def resolve_target(listen: Endpoint, target: Endpoint, port: int | None) -> tupl
     return (target.host, chosen)
 
 
-def format_target(target: tuple[str, int] | str) -> str:
+def format_target(target: Target) -> str:
     """Print a resolved target for logs."""
     if isinstance(target, str):
         return f"unix:{target}"
@@ -75,110 +74,149 @@ def format_target(target: tuple[str, int] | str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class _Pending:
+    """A client waiting for its upstream connection."""
+
+    __slots__ = ("client", "client_text", "connect", "forwarder", "target_text", "task")
+
+    def __init__(
+        self, forwarder: TcpForwarder, client: socket.socket, client_text: str, target_text: str
+    ) -> None:
+        self.forwarder = forwarder
+        self.client = client
+        self.client_text = client_text
+        self.target_text = target_text
+        self.connect: Connect | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def done(self, upstream: socket.socket | None, error: UpstreamError | None) -> None:
+        self.forwarder.connected(self, upstream, error)
+
+    def cancel(self) -> None:
+        if self.connect is not None:
+            self.connect.cancel()
+        if self.task is not None:
+            self.task.cancel()
+        self.client.close()
+
+
 class TcpForwarder:
     """Serves the clients of one listening port of one rule."""
 
-    def __init__(self, rule: ForwardConfig, port: int | None, state: State, path: RelayPath) -> None:
+    def __init__(
+        self, rule: ForwardConfig, port: int | None, state: State, path: RelayPath, pipes: PipePool
+    ) -> None:
         self.rule = rule
         self.port = port
         self.state = state
         self.path = path
+        self.pipes = pipes
+        self.label = rule.label
         self.stats: RuleStats = state.rule(rule.label)
         self.policy = compile_policy(rule)
+        self._open = self.policy.is_open
         self._default = resolve_target(rule.listen, rule.connect, port)
-        self._relays: dict[int, Relay] = {}
-        self._connecting: set[asyncio.Task[None]] = set()
-        self._loop = asyncio.get_running_loop()
-
-    @property
-    def label(self) -> str:
-        """The rule's name, for logs."""
-        return self.rule.label
+        self._texts: dict[Target, str] = {}
+        self._addresses: dict[Target, Addresses | None] = {}
+        self._family = socket.AF_UNIX if isinstance(rule.listen, UnixPath) else socket.AF_INET
+        self._pending: set[_Pending] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: Set by the runtime to the listener's pause(): running out of descriptors while
+        #: connecting upstream is the same exhaustion as failing to accept.
+        self.exhausted: Callable[[str], None] | None = None
 
     def serve(self, client: socket.socket, peer: Any) -> None:
         """Admit or refuse a freshly accepted client; never raises."""
         try:
             client.setblocking(False)
             target = self._default
-            if not self.policy.is_open:
+            if not self._open:
                 address = client_ip(peer[0]) if isinstance(peer, tuple) else None
                 if not self.policy.permits(address):
                     self.stats.denied_total += 1
-                    log.info(
-                        "%s: %s denied by allow/deny; closed",
-                        self.label,
-                        describe_peer(client, peer),
-                    )
+                    log.info("%s: %s denied by allow/deny; closed", self.label, describe_peer(client, peer))
                     client.close()
                     return
                 chosen = self.policy.target_for(address, self.rule.connect)
                 if chosen is not self.rule.connect:
                     target = resolve_target(self.rule.listen, chosen, self.port)
-            stream_options(client)
+            stream_options(client, self._family)
         except OSError as exc:  # the client vanished between accept and here
             log.debug("%s: client gone before it was served: %s", self.label, exc)
             client.close()
             return
-        task = self._loop.create_task(self._connect(client, peer, target))
-        self._connecting.add(task)
-        task.add_done_callback(self._connecting.discard)
+        text = self._texts.get(target)
+        if text is None:
+            text = self._texts[target] = format_target(target)
+            self._addresses[target] = literal_addresses(target)
+        pending = _Pending(self, client, describe_peer(client, peer), text)
+        self._pending.add(pending)
+        addresses = self._addresses[target]
+        if addresses is not None:
+            pending.connect = Connect(addresses, self.rule.connect_timeout, pending.done)
+        else:
+            assert not isinstance(target, str)
+            pending.task = asyncio.get_running_loop().create_task(self._resolve(pending, target))
 
-    async def _connect(self, client: socket.socket, peer: Any, target: tuple[str, int] | str) -> None:
-        client_text = describe_peer(client, peer)
-        target_text = format_target(target)
-        started = time.monotonic()
+    async def _resolve(self, pending: _Pending, target: tuple[str, int]) -> None:
+        """Resolve a host name for one client, then connect on the callback path."""
         try:
-            upstream = await connect_within(target, self.rule.connect_timeout)
+            async with asyncio.timeout(self.rule.connect_timeout):
+                addresses = await resolve(target[0], target[1], socket.SOCK_STREAM)
         except UpstreamError as exc:
-            self.stats.count_error(exc.reason)
+            self.connected(pending, None, exc)
+            return
+        except TimeoutError:
+            error = UpstreamError(f"no answer within {self.rule.connect_timeout:g}s", reason="timeout")
+            self.connected(pending, None, error)
+            return
+        pending.task = None
+        if pending in self._pending:
+            pending.connect = Connect(addresses, self.rule.connect_timeout, pending.done)
+
+    def connected(
+        self, pending: _Pending, upstream: socket.socket | None, error: UpstreamError | None
+    ) -> None:
+        """The upstream connect finished: start the relay, or close the client with a reason."""
+        self._pending.discard(pending)
+        client = pending.client
+        if upstream is None:
+            assert error is not None
+            self.stats.count_error(error.reason)
+            if error.reason == "resources" and self.exhausted is not None:
+                self.exhausted(error.message)
             log.info(
                 "%s: %s -> %s failed: %s; client closed",
                 self.label,
-                client_text,
-                target_text,
-                exc.message,
+                pending.client_text,
+                pending.target_text,
+                error.message,
             )
             client.close()
             return
-        except asyncio.CancelledError:
-            client.close()
-            raise
-        except Exception:  # per-session boundary: log, count, keep serving others
-            self.stats.count_error("internal")
-            log.exception(
-                "%s: %s -> %s: unexpected error while connecting",
-                self.label,
-                client_text,
-                target_text,
-            )
-            client.close()
-            return
-        session = self.state.open_session(self.stats, client_text, target_text, self.path)
-        log.info("%s: %s -> %s open (%s)", self.label, client_text, target_text, self.path)
-
-        def closed(reason: str) -> None:
-            self._relays.pop(session.id, None)
-            self._log_close(session, reason, started)
-            self.state.close_session(session)
-
+        session = self.state.open_session(self.stats, pending.client_text, pending.target_text, self.path)
         try:
             if self.path == "splice":
-                splice = SpliceRelay(client, upstream, session, closed)
-                self._relays[session.id] = splice
+                splice = SpliceRelay(client, upstream, session, self, self.pipes)
+                session.relay = splice
                 splice.start()
             else:
-                relay = ProtocolRelay(session, closed)
-                self._relays[session.id] = relay
-                await relay.start(client, upstream)
-        except Exception:  # per-session boundary
+                relay = ProtocolRelay(session, self)
+                session.relay = relay
+                task = asyncio.get_running_loop().create_task(relay.start(client, upstream))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        except Exception:  # per-session boundary: log, count, keep serving others
             self.stats.count_error("internal")
-            log.exception("%s: %s -> %s: relay failed to start", self.label, client_text, target_text)
+            log.exception("%s: %s -> %s: relay failed to start", self.label, session.client, session.target)
             client.close()
             upstream.close()
-            if self._relays.pop(session.id, None) is not None:
-                self.state.close_session(session)
+            self.state.close_session(session)
+            return
+        log.info("%s: %s -> %s open (%s)", self.label, session.client, session.target, self.path)
 
-    def _log_close(self, session: Session, reason: str, started: float) -> None:
+    def relay_closed(self, session: Session, reason: str) -> None:
+        """Called once by a relay when it has ended: log the session and fold its counters."""
         log.info(
             "%s: %s -> %s closed (%s): %d B up, %d B down, %.3fs",
             self.label,
@@ -187,17 +225,15 @@ class TcpForwarder:
             reason,
             session.bytes_up,
             session.bytes_down,
-            time.monotonic() - started,
+            time.monotonic() - session.began,
         )
+        session.relay = None
+        self.state.close_session(session)
 
-    def close_sessions(self, reason: str) -> None:
-        """Close every live session of this forwarder and cancel pending connects."""
-        for task in list(self._connecting):
+    def close_pending(self) -> None:
+        """Abandon clients still waiting for their upstream (shutdown)."""
+        for pending in list(self._pending):
+            pending.cancel()
+        self._pending.clear()
+        for task in list(self._tasks):
             task.cancel()
-        for relay in list(self._relays.values()):
-            relay.close(reason)
-
-    @property
-    def active(self) -> int:
-        """Live sessions plus clients still connecting."""
-        return len(self._relays) + len(self._connecting)

@@ -162,7 +162,7 @@ class TcpListener:
                 return
             except OSError as exc:
                 if exc.errno in _OUT_OF_RESOURCES:
-                    self._pause(exc)
+                    self.pause(exc.strerror or str(exc))
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR):
                     continue  # that client went away before we accepted it
@@ -170,11 +170,17 @@ class TcpListener:
                 return
             self._serve(client, peer)
 
-    def _pause(self, exc: OSError) -> None:
+    def pause(self, why: str) -> None:
+        """Stop accepting for ACCEPT_RETRY_DELAY: the process is out of descriptors or memory.
+
+        Accepting would only hand clients a reset; waiting lets closing sessions free resources.
+        """
+        if self._paused is not None or self._closed:
+            return
         log.warning(
             "%s: cannot accept more clients (%s); pausing accepts for %.1fs",
             self._label,
-            exc.strerror,
+            why,
             ACCEPT_RETRY_DELAY,
         )
         self._loop.remove_reader(self.listener.fileno())

@@ -19,9 +19,8 @@ import errno
 import fcntl
 import os
 import socket
-from collections.abc import Callable
 
-from portfwd.state import Session
+from portfwd.state import Session, SessionOwner
 
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 256 * 1024
@@ -54,6 +53,43 @@ def splice_available() -> bool:
         os.close(write_end)
 
 
+class PipePool:
+    """Empty pipes kept for reuse, so a short connection does not pay pipe2 + fcntl + close x2.
+
+    A relay gives its pipes back only when they are known empty (every byte spliced in was
+    spliced out); anything else is closed. At most `capacity` pipes are kept.
+    """
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.capacity = capacity
+        self._free: list[tuple[int, int]] = []
+
+    def take(self) -> tuple[int, int]:
+        """An empty non-blocking pipe (read end, write end). Raises OSError (e.g. EMFILE)."""
+        if self._free:
+            return self._free.pop()
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Over the per-user pipe quota the default size still works, only slower.
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_SIZE)
+        return read_end, write_end
+
+    def give(self, read_end: int, write_end: int) -> None:
+        """Return an empty pipe."""
+        if len(self._free) < self.capacity:
+            self._free.append((read_end, write_end))
+        else:
+            os.close(read_end)
+            os.close(write_end)
+
+    def close(self) -> None:
+        """Close every pooled pipe."""
+        for read_end, write_end in self._free:
+            os.close(read_end)
+            os.close(write_end)
+        self._free.clear()
+
+
 class _Direction:
     """One direction of a splice relay: source socket -> pipe -> destination socket."""
 
@@ -70,17 +106,11 @@ class _Direction:
         self.pending = 0
         self.eof = False
 
-    def _make_pipe(self) -> None:
-        self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        # Over the per-user pipe quota the default size still works, only slower.
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(self.pipe_w, F_SETPIPE_SZ, PIPE_SIZE)
-
     def on_readable(self) -> None:
         relay = self.relay
         if self.pipe_w < 0:
             try:
-                self._make_pipe()
+                self.pipe_r, self.pipe_w = relay.pipes.take()
             except OSError as exc:  # out of descriptors: end this session, keep the others
                 relay.close(f"cannot make a pipe: {(exc.strerror or str(exc)).lower()}")
                 return
@@ -137,26 +167,32 @@ class _Direction:
             relay.loop.add_reader(self.src, self.on_readable)
 
     def close(self) -> None:
-        for fd in (self.pipe_r, self.pipe_w):
-            if fd >= 0:
-                os.close(fd)
+        if self.pipe_r < 0:
+            return
+        if self.pending == 0:
+            self.relay.pipes.give(self.pipe_r, self.pipe_w)
+        else:
+            os.close(self.pipe_r)
+            os.close(self.pipe_w)
         self.pipe_r = self.pipe_w = -1
 
 
 class SpliceRelay:
     """Relays two connected non-blocking stream sockets with os.splice until both sides finish.
 
-    `on_close(reason)` is called exactly once when the relay ends; the sockets are closed by then.
+    `owner.relay_closed(session, reason)` is called exactly once when the relay ends; the sockets
+    are closed by then.
     """
 
     __slots__ = (
         "_done",
         "_down",
-        "_on_close",
+        "_owner",
         "_up",
         "client",
         "closed",
         "loop",
+        "pipes",
         "session",
         "upstream",
     )
@@ -166,15 +202,17 @@ class SpliceRelay:
         client: socket.socket,
         upstream: socket.socket,
         session: Session,
-        on_close: Callable[[str], None],
+        owner: SessionOwner,
+        pipes: PipePool,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.client = client
         self.upstream = upstream
         self.session = session
-        self._on_close = on_close
+        self._owner = owner
+        self.pipes = pipes
         self.closed = False
-        self._done: list[str] = []
+        self._done: str | None = None  # the side that finished first
         self._up = _Direction(self, client.fileno(), upstream.fileno(), "client", upward=True)
         self._down = _Direction(self, upstream.fileno(), client.fileno(), "upstream", upward=False)
 
@@ -190,9 +228,10 @@ class SpliceRelay:
             socket_of.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the peer is already gone; the other direction will notice
-        self._done.append(direction.name)
-        if len(self._done) == 2:
-            self.close(f"{self._done[0]} closed")
+        if self._done is None:
+            self._done = direction.name
+        else:
+            self.close(f"{self._done} closed")
 
     def fail(self, exc: OSError, client_side: bool) -> None:
         """An I/O error on one side ends the whole relay."""
@@ -215,4 +254,4 @@ class SpliceRelay:
         self._down.close()
         self.client.close()
         self.upstream.close()
-        self._on_close(reason)
+        self._owner.relay_closed(self.session, reason)

@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import typing
-from collections.abc import Callable
 
-from portfwd.state import Session
+from portfwd.state import Session, SessionOwner
 
 
 class _Side(asyncio.Protocol):
@@ -80,15 +79,16 @@ class _Side(asyncio.Protocol):
 class ProtocolRelay:
     """Relays two connected sockets through asyncio transports until both sides finish.
 
-    `on_close(reason)` is called exactly once, after both transports are closed. The reason is
-    the first thing that happened: `client closed`, `upstream reset`, or what `close()` was told.
+    `owner.relay_closed(session, reason)` is called exactly once, after both transports are
+    closed. The reason is the first thing that happened: `client closed`, `upstream reset`, or
+    what `close()` was told.
     """
 
-    __slots__ = ("_client", "_finished", "_on_close", "_reason", "_upstream", "session")
+    __slots__ = ("_client", "_finished", "_owner", "_reason", "_upstream", "session")
 
-    def __init__(self, session: Session, on_close: Callable[[str], None]) -> None:
+    def __init__(self, session: Session, owner: SessionOwner) -> None:
         self.session = session
-        self._on_close = on_close
+        self._owner = owner
         self._reason: str | None = None
         self._finished = False
         self._client = _Side(self, upward=True)
@@ -134,7 +134,7 @@ class ProtocolRelay:
         other = self._upstream if side.upward else self._client
         if (other.lost or other.transport is None) and not self._finished:
             self._finished = True
-            self._on_close(self._reason or "closed")
+            self._owner.relay_closed(self.session, self._reason or "closed")
 
     def _close_transports(self, abort: bool) -> None:
         for side in (self._client, self._upstream):

@@ -12,8 +12,13 @@ import errno
 import ipaddress
 import os
 import socket
+from collections.abc import Callable
+from typing import Any
 
 from portfwd.errors import UpstreamError
+
+Addresses = list[tuple[int, Any]]  # (family, sockaddr): ("10.0.0.5", 80) or "/run/app.sock"
+ConnectDone = Callable[[socket.socket | None, UpstreamError | None], None]
 
 _REASONS = {
     errno.ECONNREFUSED: "refused",
@@ -24,7 +29,7 @@ _REASONS = {
 }
 
 
-def _literal(host: str, port: int) -> list[tuple[int, tuple[str, int]]] | None:
+def _literal(host: str, port: int) -> Addresses | None:
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
@@ -39,22 +44,13 @@ def _describe(exc: OSError) -> UpstreamError:
     return UpstreamError(words[:1].lower() + words[1:], reason=reason)
 
 
-def _new_socket(family: int) -> socket.socket:
-    try:
-        return socket.socket(family, socket.SOCK_STREAM)
-    except OSError as exc:  # EMFILE/ENFILE: out of descriptors; this client fails, others go on
-        raise UpstreamError(
-            f"cannot open a socket: {(exc.strerror or str(exc)).lower()}", reason="resources"
-        ) from exc
-
-
-def stream_options(conn: socket.socket) -> None:
+def stream_options(conn: socket.socket, family: int) -> None:
     """Set TCP_NODELAY on a TCP socket (no-op for Unix sockets): relays must not add latency."""
-    if conn.family in (socket.AF_INET, socket.AF_INET6):
+    if family != socket.AF_UNIX:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def resolve(host: str, port: int, kind: socket.SocketKind) -> list[tuple[int, tuple[str, int]]]:
+async def resolve(host: str, port: int, kind: socket.SocketKind) -> Addresses:
     """Resolve `host` to (family, sockaddr) pairs without blocking the loop.
 
     Raises UpstreamError(reason="resolve") when the name does not resolve.
@@ -67,91 +63,107 @@ async def resolve(host: str, port: int, kind: socket.SocketKind) -> list[tuple[i
         infos = await loop.getaddrinfo(host, port, type=kind)
     except socket.gaierror as exc:
         raise UpstreamError(f"cannot resolve {host!r}: {exc.strerror}", reason="resolve") from exc
-    return [(family, sockaddr[:2]) for family, _, _, _, sockaddr in infos]  # type: ignore[misc]
+    return [(family, sockaddr[:2]) for family, _, _, _, sockaddr in infos]
 
 
-async def _connect_ip(
-    loop: asyncio.AbstractEventLoop, upstream: socket.socket, sockaddr: tuple[str, int]
-) -> None:
-    """Non-blocking connect to an already resolved address.
+def literal_addresses(target: tuple[str, int] | str) -> Addresses | None:
+    """Addresses for a target that needs no resolver (an IP literal or a Unix path), else None."""
+    if isinstance(target, str):
+        return [(socket.AF_UNIX, target)]
+    return _literal(target[0], target[1])
 
-    loop.sock_connect would hand even a literal address to getaddrinfo again on every connect;
-    here the kernel is asked directly and we wait for writability. Raises OSError.
+
+class Connect:
+    """A callback-driven connect: tries `addresses` in order within `timeout` seconds.
+
+    This is the per-client fast path, so it uses no Task and no Future: a non-blocking
+    connect(), a writer callback, and a timer. `done(sock, None)` or `done(None, error)` is
+    called exactly once, unless `cancel()` came first.
     """
-    code = upstream.connect_ex(sockaddr)
-    if code == 0:
-        return
-    if code != errno.EINPROGRESS:
-        raise OSError(code, os.strerror(code))
-    done: asyncio.Future[None] = loop.create_future()
-    fd = upstream.fileno()
 
-    def writable() -> None:
-        if not done.done():
-            done.set_result(None)
+    __slots__ = ("_addresses", "_done", "_family", "_index", "_last", "_loop", "_pending", "_timer")
 
-    loop.add_writer(fd, writable)
-    try:
-        await done
-    finally:
-        loop.remove_writer(fd)
-    code = upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    if code:
-        raise OSError(code, os.strerror(code))
+    def __init__(self, addresses: Addresses, timeout: float, done: ConnectDone) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._addresses = addresses
+        self._done: ConnectDone | None = done
+        self._index = 0
+        self._last: OSError | None = None
+        self._pending: socket.socket | None = None
+        self._family = 0
+        self._timer = self._loop.call_later(timeout, self._expired, timeout)
+        self._next()
 
-
-async def open_tcp(host: str, port: int) -> socket.socket:
-    """Connect to host:port, trying each resolved address in order.
-
-    Returns a connected non-blocking socket with TCP_NODELAY. Raises UpstreamError. The caller
-    bounds the time with `asyncio.timeout` (see `connect_within`).
-    """
-    loop = asyncio.get_running_loop()
-    last: OSError | None = None
-    for family, sockaddr in await resolve(host, port, socket.SOCK_STREAM):
-        upstream = _new_socket(family)
-        try:
+    def _next(self) -> None:
+        while self._index < len(self._addresses):
+            family, sockaddr = self._addresses[self._index]
+            self._index += 1
+            try:
+                upstream = socket.socket(family, socket.SOCK_STREAM)
+            except OSError as exc:  # EMFILE/ENFILE: out of descriptors; this client fails
+                words = (exc.strerror or str(exc)).lower()
+                self._finish(None, UpstreamError(f"cannot open a socket: {words}", reason="resources"))
+                return
             upstream.setblocking(False)
-            await _connect_ip(loop, upstream, sockaddr)
+            code = upstream.connect_ex(sockaddr)
+            if code == 0:
+                self._connected(upstream, family)
+                return
+            if code == errno.EINPROGRESS:
+                self._pending = upstream
+                self._family = family
+                self._loop.add_writer(upstream.fileno(), self._writable)
+                return
+            upstream.close()
+            self._last = OSError(code, os.strerror(code))
+        if self._last is None:
+            self._finish(None, UpstreamError("the target resolved to no address", reason="resolve"))
+        else:
+            self._finish(None, _describe(self._last))
+
+    def _writable(self) -> None:
+        upstream = self._pending
+        if upstream is None:
+            return
+        self._pending = None
+        self._loop.remove_writer(upstream.fileno())
+        code = upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            upstream.close()
+            self._last = OSError(code, os.strerror(code))
+            self._next()
+            return
+        self._connected(upstream, self._family)
+
+    def _connected(self, upstream: socket.socket, family: int) -> None:
+        try:
+            stream_options(upstream, family)
         except OSError as exc:
             upstream.close()
-            last = exc
-            continue
-        except BaseException:
+            self._finish(None, _describe(exc))
+            return
+        self._finish(upstream, None)
+
+    def _expired(self, timeout: float) -> None:
+        self._drop_pending()
+        self._finish(None, UpstreamError(f"no answer within {timeout:g}s", reason="timeout"))
+
+    def _drop_pending(self) -> None:
+        if self._pending is not None:
+            self._loop.remove_writer(self._pending.fileno())
+            self._pending.close()
+            self._pending = None
+
+    def _finish(self, upstream: socket.socket | None, error: UpstreamError | None) -> None:
+        self._timer.cancel()
+        done, self._done = self._done, None
+        if done is not None:
+            done(upstream, error)
+        elif upstream is not None:
             upstream.close()
-            raise
-        stream_options(upstream)
-        return upstream
-    if last is None:
-        raise UpstreamError(f"{host!r} resolved to no address", reason="resolve")
-    raise _describe(last) from last
 
-
-async def open_unix(path: str) -> socket.socket:
-    """Connect to a Unix stream socket. Raises UpstreamError."""
-    loop = asyncio.get_running_loop()
-    upstream = _new_socket(socket.AF_UNIX)
-    try:
-        upstream.setblocking(False)
-        await loop.sock_connect(upstream, path)
-    except OSError as exc:
-        upstream.close()
-        raise _describe(exc) from exc
-    except BaseException:
-        upstream.close()
-        raise
-    return upstream
-
-
-async def connect_within(target: tuple[str, int] | str, seconds: float) -> socket.socket:
-    """Open a TCP (host, port) or Unix (path) target, giving up after `seconds`.
-
-    Raises UpstreamError, with reason "timeout" when the time runs out.
-    """
-    try:
-        async with asyncio.timeout(seconds):
-            if isinstance(target, str):
-                return await open_unix(target)
-            return await open_tcp(target[0], target[1])
-    except TimeoutError as exc:
-        raise UpstreamError(f"no answer within {seconds:g}s", reason="timeout") from exc
+    def cancel(self) -> None:
+        """Abandon the attempt; `done` will not be called."""
+        self._done = None
+        self._timer.cancel()
+        self._drop_pending()
