@@ -263,8 +263,9 @@ def iperf_tcp(forwarder: Forwarder, streams: int, seconds: float) -> tuple[float
     return received["bits_per_second"] / 1e9, (cpu / gbits if gbits else float("nan"))
 
 
-def wrk_conn_rate(forwarder: Forwarder, seconds: float) -> float:
-    """HTTP requests per second with one new TCP connection per request (Connection: close)."""
+def wrk_conn_rate(forwarder: Forwarder, seconds: float) -> tuple[float, float]:
+    """(HTTP requests/s with one new TCP connection each, forwarder CPU µs per connection)."""
+    before = cpu_seconds(forwarder.pids)
     out = subprocess.run(
         [
             "wrk",
@@ -279,10 +280,12 @@ def wrk_conn_rate(forwarder: Forwarder, seconds: float) -> float:
         text=True,
         timeout=seconds + 30,
     ).stdout
+    cpu = cpu_seconds(forwarder.pids) - before
     for line in out.splitlines():
         if line.startswith("Requests/sec:"):
-            return float(line.split()[1])
-    return float("nan")
+            rate = float(line.split()[1])
+            return rate, (cpu * 1e6 / (rate * seconds) if rate else float("nan"))
+    return float("nan"), float("nan")
 
 
 def ping_pong(forwarder: Forwarder, count: int = 3000) -> tuple[float, float]:
@@ -325,8 +328,9 @@ def idle_memory(forwarder: Forwarder, conns: int) -> float:
     return (after - before) * 1024 / conns
 
 
-def udp_kpps(forwarder: Forwarder, seconds: float) -> float:
-    """Delivered thousands of 64-byte datagrams per second (iperf3 -u -b 0)."""
+def udp_kpps(forwarder: Forwarder, seconds: float) -> tuple[float, float]:
+    """(Delivered thousands of 64-byte datagrams/s with iperf3 -u -b 0, forwarder CPU µs each)."""
+    before = cpu_seconds(forwarder.pids)
     out = subprocess.run(
         [
             "iperf3",
@@ -347,13 +351,16 @@ def udp_kpps(forwarder: Forwarder, seconds: float) -> float:
         text=True,
         timeout=seconds + 30,
     )
+    cpu = cpu_seconds(forwarder.pids) - before
     try:
         result = json.loads(out.stdout)
         total = result["end"]["sum"]
         delivered = total["packets"] - total["lost_packets"]
-        return delivered / total["seconds"] / 1000
     except (ValueError, KeyError):
-        return float("nan")
+        return float("nan"), float("nan")
+    if delivered <= 0 or delivered > total["packets"]:
+        return float("nan"), float("nan")  # rinetd's UDP run reports nonsense counts
+    return delivered / total["seconds"] / 1000, cpu * 1e6 / delivered
 
 
 # ----------------------------------------------------------------------------- driver
@@ -433,7 +440,7 @@ def main() -> int:
             file=sys.stderr,
         )
         return 2
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     seconds = int(args.seconds)
     table: dict[str, dict[str, float]] = {}
@@ -455,10 +462,12 @@ def main() -> int:
             "tcp1_gbps": median([v[0] for v in tcp1[name]]),  # type: ignore[index]
             "tcp4_gbps": median([v[0] for v in tcp4[name]]),  # type: ignore[index]
             "cpu_s_per_gbit": median([v[1] for v in tcp1[name]]),  # type: ignore[index]
-            "conn_per_s": median(conn[name]),  # type: ignore[arg-type]
+            "conn_per_s": median([v[0] for v in conn[name]]),  # type: ignore[index]
+            "cpu_us_per_conn": median([v[1] for v in conn[name]]),  # type: ignore[index]
             "p50_us": median([v[0] for v in lat[name]]),  # type: ignore[index]
             "p99_us": median([v[1] for v in lat[name]]),  # type: ignore[index]
-            "udp_kpps": median(udp[name]) if name in udp else float("nan"),  # type: ignore[arg-type]
+            "udp_kpps": median([v[0] for v in udp[name]]) if name in udp else float("nan"),  # type: ignore[index]
+            "cpu_us_per_datagram": median([v[1] for v in udp[name]]) if name in udp else float("nan"),  # type: ignore[index]
             "idle_bytes_per_conn": memory.get(name, float("nan")),
         }
     report = render(table, versions(), args)
@@ -481,14 +490,16 @@ def render(table: dict[str, dict[str, float]], info: dict[str, str], args: argpa
         "All traffic on 127.0.0.1. " + ", ".join(f"{k}: {v}" for k, v in info.items()) + ".",
         "",
         "| path | TCP 1 stream Gbit/s | TCP 4 streams Gbit/s | CPU s per Gbit (1 stream) | conn/s (HTTP, close) "
-        "| p50 RTT µs | p99 RTT µs | UDP 64 B kpps delivered | RSS per idle conn (bytes) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| CPU µs per conn | p50 RTT µs | p99 RTT µs | UDP 64 B kpps delivered | CPU µs per datagram "
+        "| RSS per idle conn (bytes) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in table.items():
         lines.append(
             f"| {name} | {fmt(row['tcp1_gbps'])} | {fmt(row['tcp4_gbps'])} | {fmt(row['cpu_s_per_gbit'], 3)} | "
-            f"{fmt(row['conn_per_s'], 0)} | {fmt(row['p50_us'], 1)} | {fmt(row['p99_us'], 1)} | "
-            f"{fmt(row['udp_kpps'], 1)} | {fmt(row['idle_bytes_per_conn'], 0)} |"
+            f"{fmt(row['conn_per_s'], 0)} | {fmt(row['cpu_us_per_conn'], 1)} | {fmt(row['p50_us'], 1)} | "
+            f"{fmt(row['p99_us'], 1)} | {fmt(row['udp_kpps'], 1)} | {fmt(row['cpu_us_per_datagram'], 2)} | "
+            f"{fmt(row['idle_bytes_per_conn'], 0)} |"
         )
     lines += ["", "## Ratios against the targets (issue #3)", ""]
     for name in ("portfwd-splice", "portfwd-protocol"):
@@ -511,12 +522,25 @@ def render(table: dict[str, dict[str, float]], info: dict[str, str], args: argpa
             ),
             ("RSS per idle connection, bytes (goal ≤ 2048)", row["idle_bytes_per_conn"], 2048, False),
             ("UDP kpps vs socat (goal ≥ 1.2)", row["udp_kpps"] / socat["udp_kpps"], 1.2, True),
+            (
+                "(context) CPU per connection vs haproxy",
+                row["cpu_us_per_conn"] / haproxy["cpu_us_per_conn"],
+                1e9,
+                False,
+            ),
+            (
+                "(context) CPU per datagram vs socat",
+                row["cpu_us_per_datagram"] / socat["cpu_us_per_datagram"],
+                1e9,
+                False,
+            ),
         ]
         lines.append(f"**{name}**")
         lines.append("")
         for label, value, goal, higher in checks:
             met = value == value and (value >= goal if higher else value <= goal)
-            lines.append(f"- {label}: {fmt(value)} — {'met' if met else 'NOT met'}")
+            verdict = "" if label.startswith("(context)") else f" — {'met' if met else 'NOT met'}"
+            lines.append(f"- {label}: {fmt(value)}{verdict}")
         lines.append("")
     return "\n".join(lines) + "\n"
 

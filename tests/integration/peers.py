@@ -23,11 +23,23 @@ def sha(data: bytes) -> str:
 
 
 def free_port(kind: socket.SocketKind = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
-    """A port the kernel just handed out and took back: free for the test to bind next."""
+    """A port the kernel just handed out and took back, free for both TCP and UDP.
+
+    `kind` picks which protocol asks first; the other must be free on the same number too, so
+    a tcp+udp rule can bind it. Bounded retries.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, kind) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
+    other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
+    for _ in range(50):
+        with socket.socket(family, kind) as probe, socket.socket(family, other) as twin:
+            probe.bind((host, 0))
+            port = int(probe.getsockname()[1])
+            try:
+                twin.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no port free for both TCP and UDP after 50 tries")
 
 
 def text(address: Address) -> str:

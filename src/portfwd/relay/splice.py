@@ -1,7 +1,8 @@
 """Zero-copy TCP relay for Linux: `os.splice` through one pipe per direction, driven by the loop.
 
-Theory of operation. Each direction (client->upstream, upstream->client) owns a pipe, made
-lazily when its first byte arrives so that idle connections cost no pipe. When the source is
+Theory of operation. Each direction (client->upstream, upstream->client) borrows a pipe from a
+shared pool when its source becomes readable and gives it back, empty, when the burst is over,
+so an idle connection holds no pipe and 5,000 idle clients cost no extra descriptors. When the source is
 readable we splice socket->pipe and at once pipe->destination. If the destination would block,
 we stop reading the source and wait for the destination to be writable (backpressure: the pipe
 is the only buffer, so memory per connection is bounded by the pipe size). A read of 0 bytes is
@@ -60,7 +61,7 @@ class PipePool:
     spliced out); anything else is closed. At most `capacity` pipes are kept.
     """
 
-    def __init__(self, capacity: int = 256) -> None:
+    def __init__(self, capacity: int = 64) -> None:
         self.capacity = capacity
         self._free: list[tuple[int, int]] = []
 
@@ -93,13 +94,12 @@ class PipePool:
 class _Direction:
     """One direction of a splice relay: source socket -> pipe -> destination socket."""
 
-    __slots__ = ("dst", "eof", "name", "pending", "pipe_r", "pipe_w", "relay", "src", "upward")
+    __slots__ = ("dst", "eof", "pending", "pipe_r", "pipe_w", "relay", "src", "upward")
 
-    def __init__(self, relay: SpliceRelay, src: int, dst: int, name: str, upward: bool) -> None:
+    def __init__(self, relay: SpliceRelay, src: int, dst: int, upward: bool) -> None:
         self.relay = relay
         self.src = src
         self.dst = dst
-        self.name = name
         self.upward = upward
         self.pipe_r = -1
         self.pipe_w = -1
@@ -118,7 +118,7 @@ class _Direction:
             try:
                 moved = os.splice(self.src, self.pipe_w, PIPE_SIZE, flags=_FLAGS)
             except BlockingIOError:
-                return
+                break
             except OSError as exc:
                 relay.fail(exc, self.upward)
                 return
@@ -126,6 +126,7 @@ class _Direction:
                 self.eof = True
                 relay.loop.remove_reader(self.src)
                 if self.pending == 0:
+                    self.release()
                     relay.finish(self)
                 return
             self.pending += moved
@@ -139,7 +140,14 @@ class _Direction:
                     relay.loop.add_writer(self.dst, self.on_writable)
                 return
             if moved < PIPE_SIZE:
-                return
+                break
+        self.release()
+
+    def release(self) -> None:
+        """Lend the (empty) pipe back to the pool between bursts: idle sessions hold no pipe."""
+        if self.pipe_r >= 0 and self.pending == 0:
+            self.relay.pipes.give(self.pipe_r, self.pipe_w)
+            self.pipe_r = self.pipe_w = -1
 
     def flush(self) -> bool:
         """Move pipe contents to the destination; False when it would block (or failed)."""
@@ -161,6 +169,7 @@ class _Direction:
         if relay.closed:
             return
         relay.loop.remove_writer(self.dst)
+        self.release()
         if self.eof:
             relay.finish(self)
         else:
@@ -177,11 +186,21 @@ class _Direction:
         self.pipe_r = self.pipe_w = -1
 
 
+def _shutdown_write(fd: int) -> None:
+    """shutdown(fd, SHUT_WR) on a bare descriptor (there is no os.shutdown)."""
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
+    try:
+        holder.shutdown(socket.SHUT_WR)
+    finally:
+        holder.detach()
+
+
 class SpliceRelay:
     """Relays two connected non-blocking stream sockets with os.splice until both sides finish.
 
-    `owner.relay_closed(session, reason)` is called exactly once when the relay ends; the sockets
-    are closed by then.
+    The relay takes the sockets' descriptors over (`detach`), so an idle session holds two ints
+    instead of two socket objects. `owner.relay_closed(session, reason)` is called exactly once
+    when the relay ends; the descriptors are closed by then.
     """
 
     __slots__ = (
@@ -206,30 +225,27 @@ class SpliceRelay:
         pipes: PipePool,
     ) -> None:
         self.loop = asyncio.get_running_loop()
-        self.client = client
-        self.upstream = upstream
+        self.client = client.detach()
+        self.upstream = upstream.detach()
         self.session = session
         self._owner = owner
         self.pipes = pipes
         self.closed = False
         self._done: str | None = None  # the side that finished first
-        self._up = _Direction(self, client.fileno(), upstream.fileno(), "client", upward=True)
-        self._down = _Direction(self, upstream.fileno(), client.fileno(), "upstream", upward=False)
+        self._up = _Direction(self, self.client, self.upstream, upward=True)
+        self._down = _Direction(self, self.upstream, self.client, upward=False)
 
     def start(self) -> None:
         """Begin relaying in both directions."""
-        self.loop.add_reader(self._up.src, self._up.on_readable)
-        self.loop.add_reader(self._down.src, self._down.on_readable)
+        self.loop.add_reader(self.client, self._up.on_readable)
+        self.loop.add_reader(self.upstream, self._down.on_readable)
 
     def finish(self, direction: _Direction) -> None:
         """A direction saw EOF and drained: pass the half-close on, end when both are done."""
-        try:
-            socket_of = self.upstream if direction.upward else self.client
-            socket_of.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the peer is already gone; the other direction will notice
+        with contextlib.suppress(OSError):  # the peer is already gone; the other side will notice
+            _shutdown_write(direction.dst)
         if self._done is None:
-            self._done = direction.name
+            self._done = "client" if direction.upward else "upstream"
         else:
             self.close(f"{self._done} closed")
 
@@ -242,16 +258,15 @@ class SpliceRelay:
             self.close(f"{side} error: {exc.strerror or exc}")
 
     def close(self, reason: str) -> None:
-        """Stop relaying, release both sockets and pipes, report `reason` once."""
+        """Stop relaying, release both descriptors and pipes, report `reason` once."""
         if self.closed:
             return
         self.closed = True
         loop = self.loop
-        for fd in (self._up.src, self._down.src):
+        for fd in (self.client, self.upstream):
             loop.remove_reader(fd)
             loop.remove_writer(fd)
+            os.close(fd)
         self._up.close()
         self._down.close()
-        self.client.close()
-        self.upstream.close()
         self._owner.relay_closed(self.session, reason)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 import time
 from typing import Any
@@ -43,7 +44,7 @@ def _peer_text(peer: Any) -> str:
 class _Flow:
     """One client's association: its upstream socket and activity clock."""
 
-    __slots__ = ("client", "forwarder", "last", "pending", "session", "started", "upstream")
+    __slots__ = ("client", "forwarder", "pending", "seen", "session", "upstream")
 
     def __init__(self, forwarder: UdpForwarder, client: Any, session: Session) -> None:
         self.forwarder = forwarder
@@ -51,8 +52,7 @@ class _Flow:
         self.session = session
         self.upstream: socket.socket | None = None
         self.pending: list[bytes] | None = []
-        self.last = forwarder.loop.time()
-        self.started = time.monotonic()
+        self.seen = forwarder.tick
 
     def attach(self, upstream: socket.socket) -> None:
         self.upstream = upstream
@@ -62,20 +62,15 @@ class _Flow:
             self.send(datagram)
 
     def send(self, datagram: bytes) -> None:
-        self.last = self.forwarder.loop.time()
+        """Send one datagram upstream (the slow path; the listener inlines the common case)."""
         if self.upstream is None:
             if self.pending is not None and len(self.pending) < PENDING_LIMIT:
                 self.pending.append(datagram)
             return
         try:
             self.upstream.send(datagram)
-        except BlockingIOError:
-            self.forwarder.stats.count_error("udp_dropped")
-            return
-        except OSError as exc:  # ICMP unreachable from an earlier datagram, and the like
-            self.forwarder.stats.count_error(
-                "refused" if isinstance(exc, ConnectionRefusedError) else "udp_error"
-            )
+        except OSError as exc:
+            self.forwarder.send_failed(exc)
             return
         self.session.bytes_up += len(datagram)
 
@@ -93,7 +88,7 @@ class _Flow:
                     "refused" if isinstance(exc, ConnectionRefusedError) else "udp_error"
                 )
                 return
-            self.last = self.forwarder.loop.time()
+            self.seen = self.forwarder.tick
             try:
                 listener.sendto(datagram, self.client)
             except OSError:
@@ -125,8 +120,12 @@ class UdpForwarder:
         self._denied_logged: set[str] = set()
         self._full_logged = False
         self._tasks: set[asyncio.Task[None]] = set()
+        # Activity is stamped with a sweep counter, not a clock read per datagram; a flow is
+        # closed after `udp_idle_timeout` of silence, give or take one sweep interval.
         interval = min(max(rule.udp_idle_timeout / 4, 0.05), 5.0)
         self._sweep_interval = interval
+        self._idle_ticks = max(1, math.ceil(rule.udp_idle_timeout / interval))
+        self.tick = 0
         self._sweeper: asyncio.TimerHandle | None = None
 
     @property
@@ -140,19 +139,42 @@ class UdpForwarder:
         self._sweeper = self.loop.call_later(self._sweep_interval, self._sweep)
 
     def _on_datagram(self) -> None:
+        # The hot path: one recvfrom and one send per datagram, nothing else allocated.
+        flows = self.flows
+        receive = self.listener.recvfrom
+        tick = self.tick
         for _ in range(BATCH):
             try:
-                datagram, peer = self.listener.recvfrom(MAX_DATAGRAM)
+                datagram, peer = receive(MAX_DATAGRAM)
             except BlockingIOError:
                 return
             except OSError:
                 continue  # an ICMP error for a reply we sent; the next datagram is fine
-            flow = self.flows.get(peer)
+            flow = flows.get(peer)
             if flow is None:
                 flow = self._new_flow(peer)
                 if flow is None:
                     continue
-            flow.send(datagram)
+            flow.seen = tick
+            upstream = flow.upstream
+            if upstream is None:
+                flow.send(datagram)
+                continue
+            try:
+                upstream.send(datagram)
+            except OSError as exc:
+                self.send_failed(exc)
+                continue
+            flow.session.bytes_up += len(datagram)
+
+    def send_failed(self, exc: OSError) -> None:
+        """Count a datagram the kernel would not send upstream (full buffer, ICMP unreachable)."""
+        if isinstance(exc, BlockingIOError):
+            self.stats.count_error("udp_dropped")
+        elif isinstance(exc, ConnectionRefusedError):
+            self.stats.count_error("refused")
+        else:
+            self.stats.count_error("udp_error")
 
     def _new_flow(self, peer: Any) -> _Flow | None:
         client_text = _peer_text(peer)
@@ -209,9 +231,9 @@ class UdpForwarder:
         flow.attach(upstream)
 
     def _sweep(self) -> None:
-        now = self.loop.time()
-        deadline = now - self.rule.udp_idle_timeout
-        for flow in [flow for flow in self.flows.values() if flow.last <= deadline]:
+        self.tick += 1
+        oldest = self.tick - self._idle_ticks
+        for flow in [flow for flow in self.flows.values() if flow.seen <= oldest]:
             self._close_flow(flow, "idle")
         self._full_logged = False
         if len(self._denied_logged) > 4096:
@@ -232,7 +254,7 @@ class UdpForwarder:
             reason,
             session.bytes_up,
             session.bytes_down,
-            time.monotonic() - flow.started,
+            time.monotonic() - session.began,
         )
         self.state.close_session(session)
 
