@@ -11,35 +11,16 @@ import logging
 import os
 import sys
 import traceback
-from typing import Annotated
+from collections.abc import Callable
 
 import click
-import typer
 from rich.console import Console
 from rich.table import Table
 
 from portfwd import __version__, config, runtime, spec
 from portfwd.errors import ConfigError, PortfwdError
 
-app = typer.Typer(
-    name="portfwd",
-    help="Every kind of port forwarding from one command line and one config file.",
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
-
-ConfigOption = Annotated[
-    str | None,
-    typer.Option("-c", "--config", help="Config file (default: $PORTFWD_CONFIG, ./portfwd.toml, ...)."),
-]
-VerboseOption = Annotated[
-    int, typer.Option("-v", "--verbose", count=True, help="More log detail (-vv for debug).")
-]
-QuietOption = Annotated[bool, typer.Option("-q", "--quiet", help="Only warnings and errors.")]
-StrictOption = Annotated[bool, typer.Option("--strict", help="Exit 1 if any rule cannot start.")]
-LogFormatOption = Annotated[str, typer.Option("--log-format", help="text or json.")]
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 class _JsonFormatter(logging.Formatter):
@@ -54,46 +35,57 @@ class _JsonFormatter(logging.Formatter):
         )
 
 
-def _setup_logging(verbose: int, quiet: bool, log_format: str = "text") -> None:
+def _setup_logging(verbose: int, quiet: bool, log_format: str) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(_JsonFormatter())
-    elif log_format == "text":
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     else:
-        raise click.BadParameter(
-            f"{log_format!r} is not a log format; use text or json", param_hint="--log-format"
-        )
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.getLogger("portfwd").setLevel(logging.DEBUG if verbose and not quiet else logging.NOTSET)
 
 
-def _version(value: bool) -> None:
-    if value:
-        print(f"portfwd {__version__}")
-        raise typer.Exit()
+def _logging_options(command: Callable[..., None]) -> Callable[..., None]:
+    """-v/-q/--log-format, shared by the commands that run something."""
+    command = click.option(
+        "--log-format",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        show_default=True,
+        help="Log lines for people (text) or machines (json).",
+    )(command)
+    command = click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")(command)
+    return click.option(
+        "-v", "--verbose", count=True, help="-v: portfwd's debug lines; -vv: every library's too."
+    )(command)
 
 
-@app.callback()
-def _root(
-    version: Annotated[
-        bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
-    ] = False,
-) -> None:
-    """portfwd: userspace forwards, SSH tunnels, gateway NAT and router mappings."""
+_config_option = click.option(
+    "-c",
+    "--config",
+    "config_file",
+    metavar="FILE",
+    help="Config file (default: $PORTFWD_CONFIG, ./portfwd.toml, ~/.config/portfwd/, /etc/portfwd/).",
+)
+_strict_option = click.option("--strict", is_flag=True, help="Exit 1 if any rule cannot start.")
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(
+    __version__, "--version", message="portfwd %(version)s", help="Print the version and exit."
+)
+def app() -> None:
+    """Every kind of port forwarding from one command line and one config file."""
 
 
 @app.command()
-def run(
-    config_file: ConfigOption = None,
-    strict: StrictOption = False,
-    verbose: VerboseOption = 0,
-    quiet: QuietOption = False,
-    log_format: LogFormatOption = "text",
-) -> None:
+@_config_option
+@_strict_option
+@_logging_options
+def run(config_file: str | None, strict: bool, verbose: int, quiet: bool, log_format: str) -> None:
     """Run everything the config declares; SIGTERM/SIGINT drains and removes what it created."""
     _setup_logging(verbose, quiet, log_format)
     path = config.find(config_file)
@@ -103,7 +95,8 @@ def run(
 
 
 @app.command()
-def check(config_file: ConfigOption = None) -> None:
+@_config_option
+def check(config_file: str | None) -> None:
     """Validate the config and print what would run; exit 0, or 2 with one line per error."""
     path = config.find(config_file)
     loaded = config.load(path)
@@ -122,30 +115,30 @@ def check(config_file: ConfigOption = None) -> None:
 
 
 @app.command()
+@click.argument("specs", nargs=-1, required=True, metavar="SPEC...")
+@click.option("--allow", multiple=True, metavar="CIDR", help="Admit only these sources (repeatable).")
+@click.option("--deny", multiple=True, metavar="CIDR", help="Refuse these sources (repeatable).")
+@_strict_option
+@_logging_options
 def forward(
-    specs: Annotated[
-        list[str],
-        typer.Argument(help="[bind:]port:host:hostport[/udp|/tcp+udp], ...", show_default=False),
-    ],
-    allow: Annotated[
-        list[str] | None, typer.Option("--allow", help="Admit only these CIDRs (repeatable).")
-    ] = None,
-    deny: Annotated[list[str] | None, typer.Option("--deny", help="Refuse these CIDRs (repeatable).")] = None,
-    strict: StrictOption = False,
-    verbose: VerboseOption = 0,
-    quiet: QuietOption = False,
-    log_format: LogFormatOption = "text",
+    specs: tuple[str, ...],
+    allow: tuple[str, ...],
+    deny: tuple[str, ...],
+    strict: bool,
+    verbose: int,
+    quiet: bool,
+    log_format: str,
 ) -> None:
-    """Quick userspace forwards with no config file, e.g. `portfwd forward 8080:10.0.0.5:80`."""
+    """Quick forwards, no config file: SPEC is [bind:]port:host:hostport[/udp|/tcp+udp]."""
     _setup_logging(verbose, quiet, log_format)
-    loaded = spec.rules_from_specs(specs, allow or [], deny or [])
+    loaded = spec.rules_from_specs(specs, allow, deny)
     runtime.run(loaded, strict=strict)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI and turn every failure into one line and an exit code."""
     try:
-        app(args=argv, prog_name="portfwd", standalone_mode=False)
+        code = app.main(args=argv, prog_name="portfwd", standalone_mode=False)
     except ConfigError as exc:
         for line in exc.problems:
             print(f"portfwd: {line}", file=sys.stderr)
@@ -164,8 +157,6 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"portfwd: {exc.format_message()}{hint}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the last boundary: a bug must still be one line
@@ -176,3 +167,4 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,122 @@
+"""cli: exit codes and one-line errors for every way a command line can be wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from portfwd import __version__
+from portfwd.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    out, err = capsys.readouterr()
+    return int(info.value.code or 0), out, err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["--version"], capsys) == (0, f"portfwd {__version__}\n", "")
+
+
+def test_unknown_command_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["frobnicate"], capsys)
+    assert code == 2
+    assert err == "portfwd: No such command 'frobnicate'. (see portfwd --help)\n"
+
+
+# click words these three messages a little differently from version to version; what portfwd
+# promises is the shape: exit 2, one line, the offending word, and where to read more.
+@pytest.mark.parametrize(
+    ("argv", "word"),
+    [
+        (["forward", "--zzz", "1:h:1"], "--zzz"),
+        (["forward"], "SPEC..."),
+        (["forward", "--log-format", "xml", "1:h:1"], "xml"),
+    ],
+)
+def test_click_usage_errors_are_one_line(
+    argv: list[str], word: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert err.count("\n") == 1
+    assert err.startswith("portfwd: ")
+    assert word in err
+    assert err.endswith(" (see portfwd forward --help)\n")
+
+
+def test_bad_spec(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["forward", "8080:10.0.0.5:70000"], capsys)
+    assert (code, err) == (
+        2,
+        "portfwd: spec 1 (8080:10.0.0.5:70000) target: port 70000 is out of range (1-65535)\n",
+    )
+
+
+def test_bad_log_format(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["forward", "--log-format", "xml", "1:h:1"], capsys)
+    assert code == 2
+    assert (
+        err
+        == "portfwd: Invalid value for '--log-format': 'xml' is not one of 'text', 'json'. (see portfwd forward --help)\n"
+    )
+
+
+def test_check_prints_the_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["check", "-c", str(REPO / "portfwd.toml")], capsys)
+    assert code == 0
+    assert "demo" in out
+    assert "127.0.0.1:8080" in out
+    assert "127.0.0.1:9930" in out
+    assert out.rstrip().endswith("config OK")
+
+
+def test_check_lists_every_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[[forward]]\nlisten = "70000"\nconnect = "x"\n')
+    code, _, err = run(["check", "-c", str(config)], capsys)
+    assert code == 2
+    assert err.splitlines() == [
+        "portfwd: forward[0].listen: port 70000 is out of range (1-65535)",
+        "portfwd: forward[0].connect: missing port; write host:port",
+    ]
+
+
+def test_missing_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["run", "-c", str(tmp_path / "none.toml")], capsys)
+    assert (code, err) == (
+        2,
+        f"portfwd: {tmp_path / 'none.toml'}: no such config file; pass -c FILE or create portfwd.toml\n",
+    )
+
+
+def test_no_config_anywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("PORTFWD_CONFIG", raising=False)
+    if Path("/etc/portfwd/portfwd.toml").exists():
+        pytest.skip("this machine has /etc/portfwd/portfwd.toml")
+    code, _, err = run(["check"], capsys)
+    assert code == 2
+    assert err == (
+        "portfwd: no config file found (looked in ./portfwd.toml, ~/.config/portfwd/portfwd.toml, "
+        "/etc/portfwd/portfwd.toml); pass -c FILE or set PORTFWD_CONFIG\n"
+    )
+
+
+def test_nothing_to_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "empty.toml"
+    config.write_text("")
+    code, _, err = run(["run", "-q", "-c", str(config)], capsys)
+    assert code == 1
+    assert (
+        err.splitlines()[-1]
+        == "portfwd: nothing to run: the config has no [[forward]] rule; add one; see portfwd check"
+    )
