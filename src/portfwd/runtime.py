@@ -61,11 +61,12 @@ def _preload() -> None:
         socket.getaddrinfo("localhost", 0, type=socket.SOCK_STREAM)
 
 
-def drop_privileges(user: str, group: str | None) -> None:
+def drop_privileges(user: str, group: str | None, owned: list[str] | None = None) -> None:
     """Become `user` (and `group`, else the user's primary group) after binding as root.
 
-    Raises RuntimeFailure when the user/group is unknown, when not started as root, or when
-    root could be regained afterwards.
+    The Unix socket files in `owned` are given to that user first, so that it can still remove
+    them at exit. Raises RuntimeFailure when the user/group is unknown, when not started as
+    root, or when root could be regained afterwards.
     """
     try:
         entry = pwd.getpwnam(user)
@@ -86,6 +87,9 @@ def drop_privileges(user: str, group: str | None) -> None:
             hint="start as root, or remove user = and use CAP_NET_BIND_SERVICE",
         )
     _preload()
+    for path in owned or []:
+        with contextlib.suppress(OSError):
+            os.chown(path, entry.pw_uid, gid)
     os.setgroups([gid])
     os.setgid(gid)
     os.setuid(entry.pw_uid)
@@ -224,17 +228,19 @@ class Runtime:
             )
         if self.config.user is not None:
             try:
-                drop_privileges(self.config.user, self.config.group)
+                rules = self.config.forward
+                unix_paths = [rule.listen.path for rule in rules if isinstance(rule.listen, UnixPath)]
+                drop_privileges(self.config.user, self.config.group, unix_paths)
             except BaseException:
                 await self.stop()
                 raise
         listeners = sum(len(run.tcp) + len(run.udp) for run in self._rules.values())
         log.info(
-            "portfwd %s ready: %d rule(s), %d listening socket(s), relay %s%s",
+            "portfwd %s ready: %d rule(s), %d listening socket(s)%s%s",
             __version__,
             len(self._rules),
             listeners,
-            "splice" if self._splice else "protocol",
+            "" if self._splice else ", splice unavailable (protocol relay everywhere)",
             f", {len(self.failures)} rule(s) failed" if self.failures else "",
         )
 

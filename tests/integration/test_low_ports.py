@@ -6,11 +6,16 @@ is touched. Traffic stays on the namespace's loopback.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pwd
+import shutil
 import subprocess
+import sys
 import sysconfig
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,9 +53,13 @@ def echo_through(ns: str, port: int) -> None:
 def test_root_binds_port_80_then_drops_to_user(tmp_path: Path) -> None:
     socat = need_binary("socat", "socat")
     nobody = pwd.getpwnam(NOBODY)
+    shared = Path(tempfile.mkdtemp(prefix="pf-sticky-"))  # like /tmp: sticky, world-writable
+    shared.chmod(0o1777)
+    unix_listener = shared / "in.sock"
     config = tmp_path / "portfwd.toml"
     config.write_text(
         f'user = "{NOBODY}"\n[[forward]]\nname = "web"\nlisten = "127.0.0.1:80"\nconnect = "localhost:8000"\n'
+        f'[[forward]]\nname = "sock"\nlisten = "unix:{unix_listener}"\nconnect = "127.0.0.1:8000"\n'
     )
     with namespace("low") as ns:
         with started(in_ns(ns, socat, "TCP-LISTEN:8000,bind=127.0.0.1,reuseaddr,fork", "EXEC:cat")):
@@ -65,17 +74,64 @@ def test_root_binds_port_80_then_drops_to_user(tmp_path: Path) -> None:
                 assert status_field(proc.pid, "CapEff") == "0000000000000000"
                 echo_through(ns, 80)
                 assert proc.popen.poll() is None, proc.output()
+                assert unix_listener.stat().st_uid == nobody.pw_uid, "handed to the user before the drop"
+                assert proc.stop() == 0
+                assert not unix_listener.exists(), "the dropped user could remove its socket at exit"
+    shared.rmdir()
 
 
-def _debian_python_env() -> tuple[str, dict[str, str]]:
-    """A Python that an unprivileged user can execute, seeing this checkout and its venv packages.
+_PROBE = """
+import sys, sysconfig, portfwd.cli, portfwd.runtime, uvloop
+roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+names = set()
+for module in list(sys.modules.values()):
+    path = getattr(module, "__file__", None) or ""
+    for root in roots:
+        if path.startswith(root + "/"):
+            names.add(path[len(root) + 1 :].split("/")[0])
+print("\\n".join(sorted(names)))
+"""
 
-    The project's own interpreter may live under /root (mode 0700), which `nobody` cannot enter.
+
+@contextlib.contextmanager
+def _readable_copy() -> Iterator[Path]:
+    """portfwd and the packages it imports, copied where an unprivileged user can read them.
+
+    The checkout and its venv may sit under a directory `nobody` cannot enter (/root is 0700).
     """
+    probe = subprocess.run(
+        [sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    site = Path(sysconfig.get_paths()["purelib"])
+    dest = Path(tempfile.mkdtemp(prefix="pf-nobody-"))
+    try:
+        dest.chmod(0o755)
+        for name in probe.stdout.split():
+            source = site / name
+            if source.is_dir():
+                shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+            elif source.is_file():
+                shutil.copy2(source, dest / name)
+        shutil.copytree(
+            REPO / "src" / "portfwd", dest / "portfwd", ignore=shutil.ignore_patterns("__pycache__")
+        )
+        for path in dest.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        yield dest
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+def _debian_python_env(packages: Path) -> tuple[str, dict[str, str]]:
+    """A Python that an unprivileged user can execute, seeing a readable copy of portfwd."""
     python = "/usr/bin/python3"
     need(os.access(python, os.X_OK), "needs /usr/bin/python3 (apt-get install python3)")
-    site = sysconfig.get_paths()["purelib"]
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO / 'src'}:{site}", "HOME": "/nonexistent"}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(packages),
+        "HOME": "/nonexistent",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
     check = subprocess.run(
         [
             "setpriv",
@@ -91,10 +147,7 @@ def _debian_python_env() -> tuple[str, dict[str, str]]:
         text=True,
         check=False,
     )
-    need(
-        check.returncode == 0,
-        f"nobody must be able to read this checkout and venv: {check.stderr.strip()[-200:]}",
-    )
+    need(check.returncode == 0, f"nobody must be able to import portfwd: {check.stderr.strip()[-300:]}")
     return python, env
 
 
@@ -102,10 +155,10 @@ def test_unprivileged_user_with_cap_net_bind_service() -> None:
     """The systemd AmbientCapabilities=CAP_NET_BIND_SERVICE way, done with setpriv."""
     socat = need_binary("socat", "socat")
     need_binary("setpriv", "util-linux")
-    python, env = _debian_python_env()
     gid = str(pwd.getpwnam(NOBODY).pw_gid)
     as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={gid}", "--clear-groups"]
-    with namespace("cap") as ns:
+    with _readable_copy() as packages, namespace("cap") as ns:
+        python, env = _debian_python_env(packages)
         with started(in_ns(ns, socat, "TCP-LISTEN:8000,bind=127.0.0.1,reuseaddr,fork", "EXEC:cat")):
             wait_listening_in(ns, 8000)
             spec = "127.0.0.1:80:127.0.0.1:8000"
