@@ -10,15 +10,21 @@ import json
 import logging
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import click
-from rich.console import Console
+from rich import box
+from rich.console import Console, Group
+from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
-from portfwd import __version__, config, runtime, spec
-from portfwd.errors import ConfigError, PortfwdError
+from portfwd import __version__, config, control, runtime, spec
+from portfwd.errors import ConfigError, PortfwdError, RuntimeFailure
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -91,7 +97,7 @@ def run(config_file: str | None, strict: bool, verbose: int, quiet: bool, log_fo
     path = config.find(config_file)
     loaded = config.load(path)
     logging.getLogger("portfwd").info("config %s", path)
-    runtime.run(loaded, strict=strict)
+    runtime.run(loaded, strict=strict, config_path=path.resolve())
 
 
 @app.command()
@@ -132,7 +138,157 @@ def forward(
     """Quick forwards, no config file: SPEC is [bind:]port:host:hostport[/udp|/tcp+udp]."""
     _setup_logging(verbose, quiet, log_format)
     loaded = spec.rules_from_specs(specs, allow, deny)
-    runtime.run(loaded, strict=strict)
+    runtime.run(loaded, strict=strict, control_optional=True)
+
+
+def _control_path(config_file: str | None) -> Path:
+    """The control socket of the instance that runs this config (or the default one).
+
+    Only `[control] socket` is read, without validating the rest: `portfwd reload` must reach
+    the running instance even when the edited file is broken, so that it can refuse it.
+    """
+    try:
+        path = config.find(config_file)
+    except ConfigError:
+        if config_file:
+            raise
+        return control.default_path()
+    socket_path = config.control_socket(path)
+    return Path(socket_path) if socket_path else control.default_path()
+
+
+def _bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"  # pragma: no cover - the loop always returns
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _status_view(status: dict[str, Any]) -> Group:
+    """The netstat-like picture of one snapshot: a header, rules, then live sessions."""
+    uptime = time.time() - float(status.get("started", time.time()))
+    header = Text(
+        f"portfwd pid {status.get('pid')}, up {_age(uptime)}, config {status.get('config') or '(none)'}"
+    )
+    rules = Table(title="rules", title_justify="left", box=box.SIMPLE_HEAD)
+    for column, justify in (
+        ("rule", "left"),
+        ("listen", "left"),
+        ("connect", "left"),
+        ("proto", "left"),
+        ("relay", "left"),
+        ("active", "right"),
+        ("total", "right"),
+        ("up", "right"),
+        ("down", "right"),
+        ("errors", "left"),
+    ):
+        rules.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for rule in sorted(status.get("rules", []), key=lambda item: str(item["name"])):
+        errors = dict(rule.get("errors", {}))
+        if rule.get("denied_total"):
+            errors["denied"] = rule["denied_total"]
+        name = rule["name"] + ("" if rule.get("running", True) else " (removed)")
+        rules.add_row(
+            name,
+            rule["listen"],
+            rule["connect"],
+            rule["protocol"],
+            rule["relay"],
+            str(rule["connections_active"]),
+            str(rule["connections_total"]),
+            _bytes(rule["bytes_up"]),
+            _bytes(rule["bytes_down"]),
+            ", ".join(f"{key} {value}" for key, value in sorted(errors.items())) or "-",
+        )
+    sessions = Table(title="sessions", title_justify="left", box=box.SIMPLE_HEAD)
+    for column, justify in (
+        ("rule", "left"),
+        ("client", "left"),
+        ("target", "left"),
+        ("path", "left"),
+        ("up", "right"),
+        ("down", "right"),
+        ("age", "right"),
+        ("idle", "right"),
+    ):
+        sessions.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for item in sorted(
+        status.get("sessions", []), key=lambda entry: (str(entry["rule"]), -float(entry["age"]))
+    ):
+        sessions.add_row(
+            item["rule"],
+            item["client"],
+            item["target"],
+            item["path"],
+            _bytes(item["bytes_up"]),
+            _bytes(item["bytes_down"]),
+            _age(item["age"]),
+            _age(item["idle"]),
+        )
+    parts: list[Any] = [header, rules]
+    parts.append(sessions if status.get("sessions") else Text("no live sessions"))
+    return Group(*parts)
+
+
+@app.command()
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw snapshot as JSON.")
+@click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
+def status(config_file: str | None, as_json: bool, watch: bool) -> None:
+    """Show the running instance: rules, listeners and live sessions with bytes and ages."""
+    path = _control_path(config_file)
+
+    def fetch() -> dict[str, Any]:
+        answer = control.request(path, "status")
+        if not answer.get("ok"):
+            raise RuntimeFailure("; ".join(answer.get("errors", ["status failed"])))
+        snapshot: dict[str, Any] = answer["status"]
+        return snapshot
+
+    if as_json and not watch:
+        print(json.dumps(fetch(), indent=2, sort_keys=True))
+        return
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    if not watch:
+        console.print(_status_view(fetch()))
+        return
+    with Live(_status_view(fetch()), console=console, refresh_per_second=4, screen=False) as live:
+        while True:
+            time.sleep(1)
+            live.update(_status_view(fetch()))
+
+
+@app.command()
+@_config_option
+def reload(config_file: str | None) -> None:
+    """Ask the running instance to re-read its config (the same as SIGHUP to it)."""
+    answer = control.request(_control_path(config_file), "reload")
+    if answer.get("ok"):
+        print(
+            f"reloaded: {answer.get('kept', 0)} kept, removed {answer.get('removed') or 'none'}, "
+            f"added {answer.get('added') or 'none'}"
+        )
+        return
+    errors = [str(line) for line in answer.get("errors", [])] or ["reload failed"]
+    if "kept" in answer:  # applied, but some rules could not start
+        more = f" (and {len(errors) - 1} more; see the log)" if len(errors) > 1 else ""
+        raise RuntimeFailure(f"reloaded, but {errors[0]}{more}")
+    raise ConfigError(
+        f"reload refused, the old config keeps running: {errors[0]}",
+        problems=[f"reload refused, the old config keeps running: {line}" for line in errors],
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -165,7 +165,9 @@ class MetricsConfig(_Model):
 class ControlConfig(_Model):
     """`[control]`: the local control socket `portfwd status` reads."""
 
-    socket: str | None = None
+    socket: str | None = Field(default=None, min_length=1)
+    group: str | None = Field(default=None, min_length=1)
+    enabled: bool = True
 
 
 class Config(_Model):
@@ -382,6 +384,20 @@ def load(path: Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
     return validate(data, str(path))
+
+
+def control_socket(path: Path) -> str | None:
+    """Just `[control] socket` from a config file, or None; never raises for a broken file.
+
+    Lets `portfwd reload` find a running instance while the file on disk is being edited.
+    """
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    section = data.get("control")
+    value = section.get("socket") if isinstance(section, dict) else None
+    return value if isinstance(value, str) and value else None
 
 
 def find(explicit: str | None) -> Path:

@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from portfwd.errors import BindError
-from portfwd.state import State
+from portfwd.state import CONNECT_BUCKETS, State
 
 
 class StateCollector(Collector):
@@ -47,6 +47,9 @@ class StateCollector(Collector):
             "portfwd_errors", "Failed or refused sessions by reason", labels=["rule", "reason"]
         )
         flows = GaugeMetricFamily("portfwd_udp_flows_active", "Live UDP flows per rule", labels=["rule"])
+        connect = HistogramMetricFamily(
+            "portfwd_upstream_connect_seconds", "Time to connect to the target", labels=["rule"]
+        )
         for rule in rules:
             total.add_metric([rule.name], rule.connections_total)
             active.add_metric([rule.name], rule.connections_active)
@@ -57,7 +60,14 @@ class StateCollector(Collector):
             for reason, count in list(rule.errors.items()):
                 errors.add_metric([rule.name, reason], count)
             flows.add_metric([rule.name], rule.udp_flows_active)
-        yield from (total, active, data, errors, flows)
+            counts = list(rule.connect_buckets)
+            cumulative = 0
+            buckets = []
+            for bound, count in zip((*map(str, CONNECT_BUCKETS), "+Inf"), counts, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            connect.add_metric([rule.name], buckets, sum_value=rule.connect_seconds_sum)
+        yield from (total, active, data, errors, flows, connect)
 
 
 class MetricsServer:

@@ -19,11 +19,15 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from portfwd import __version__
+from portfwd import config as config_module
 from portfwd.addr import HostPorts, UnixPath, format_host
 from portfwd.config import Config, ForwardConfig
-from portfwd.errors import BindError, PortfwdError, RuntimeFailure
+from portfwd.control import ControlServer, default_path
+from portfwd.errors import BindError, ConfigError, PortfwdError, RuntimeFailure
 from portfwd.metrics import MetricsServer
 from portfwd.relay.forwarder import RelayPath, TcpForwarder
 from portfwd.relay.listener import TcpListener, bind_ip, bind_unix
@@ -110,20 +114,40 @@ def _accepting(listener: socket.socket, forwarder: TcpForwarder) -> TcpListener:
 
 
 class Runtime:
-    """Runs a Config: start() binds, wait() serves until told to stop, stop() drains and cleans."""
+    """Runs a Config: start() binds, wait() serves until told to stop, stop() drains and cleans.
 
-    def __init__(self, config: Config, *, strict: bool = False) -> None:
+    Rules are keyed by their (frozen) config, so a reload can tell which rules are unchanged
+    (kept with their listeners and live sessions), removed (stop listening; their sessions
+    drain) or new (started).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        strict: bool = False,
+        config_path: Path | None = None,
+        control_optional: bool = False,
+    ) -> None:
         self.config = config
+        self.control_optional = control_optional
         self.strict = strict
+        self.config_path = config_path
         self.state = State()
+        self.state.config_path = str(config_path) if config_path else None
         self.failures: list[PortfwdError] = []
-        self._rules: dict[int, _RuleRun] = {}
+        self._runs: dict[ForwardConfig, _RuleRun] = {}
+        self._retired: list[_RuleRun] = []
         self._metrics: MetricsServer | None = None
+        self._control: ControlServer | None = None
+        self._sampler: asyncio.TimerHandle | None = None
         self._stop: asyncio.Event | None = None
         self._stopping = False
         self._splice = False
         self._pipes = PipePool()
         self._drained: asyncio.Event | None = None
+        self._reloading = asyncio.Lock()
+        self._retired_tasks: set[asyncio.Task[dict[str, Any]]] = set()
 
     def _path_for(self, rule: ForwardConfig) -> RelayPath:
         if rule.relay == "protocol" or not self._splice:
@@ -142,7 +166,6 @@ class Runtime:
                 listener = bind_unix(what, listen.path, backlog=rule.backlog)
                 forwarder = TcpForwarder(rule, None, self.state, path, self._pipes)
                 run.tcp.append((_accepting(listener, forwarder), forwarder))
-                self._announce(rule, str(listen), "tcp", path)
             else:
                 for port in listen.ports.ports():
                     if rule.protocol.has_tcp:
@@ -166,59 +189,97 @@ class Runtime:
                             dual_stack=rule.dual_stack,
                         )
                         run.udp.append(UdpForwarder(rule, port, udp_socket, self.state))
-                self._announce(rule, str(listen), rule.protocol.value, path)
         except BindError:
-            for listener_, _ in run.tcp:
-                listener_.close()
-            for udp in run.udp:
-                udp.close()
+            self._close_listeners(run)
             raise
         for listener_, _ in run.tcp:
             listener_.start()
         for udp in run.udp:
             udp.start()
+        self._announce(rule, path)
         return run
 
-    def _announce(self, rule: ForwardConfig, listen: str, protocol: str, path: str) -> None:
+    def _announce(self, rule: ForwardConfig, path: str) -> None:
         relay = path if rule.protocol.has_tcp else "udp"
+        listen = str(rule.listen)
+        protocol = "tcp" if isinstance(rule.listen, UnixPath) else rule.protocol.value
+        stats = self.state.rule(rule.label)
+        stats.listen, stats.connect, stats.protocol, stats.relay = listen, str(rule.connect), protocol, relay
+        stats.running = True
         self.state.listeners.append(Listener(rule.label, listen, protocol, relay))
         log.info("%s: listening on %s/%s -> %s (%s)", rule.label, listen, protocol, rule.connect, relay)
 
-    async def start(self) -> None:
-        """Bind every rule and the metrics endpoint, then drop privileges.
+    @staticmethod
+    def _close_listeners(run: _RuleRun) -> None:
+        for listener, _ in run.tcp:
+            listener.close()
+        for udp in run.udp:
+            udp.close("rule removed")
 
-        Raises RuntimeFailure when `strict` and any rule failed, or when nothing could start.
+    def _start_rules(self, rules: list[tuple[int, ForwardConfig]]) -> list[PortfwdError]:
+        failures: list[PortfwdError] = []
+        for index, rule in rules:
+            try:
+                self._runs[rule] = self._start_rule(index, rule)
+            except BindError as exc:
+                failures.append(exc)
+                log.error("%s", exc.line())
+        return failures
+
+    async def _start_metrics(self) -> BindError | None:
+        if self.config.metrics is None:
+            return None
+        listen = self.config.metrics.listen
+        assert isinstance(listen, HostPorts)
+        metrics = MetricsServer(self.state, listen.host or "0.0.0.0", listen.ports.first)
+        try:
+            metrics.start()
+        except BindError as exc:
+            log.error("%s", exc.line())
+            return exc
+        self._metrics = metrics
+        log.info("metrics: serving %s", metrics.url)
+        return None
+
+    async def _start_control(self) -> None:
+        control = self.config.control
+        if not control.enabled:
+            return
+        path = Path(control.socket) if control.socket else default_path()
+        server = ControlServer(self.state, path, self.reload if self.config_path else None, control.group)
+        try:
+            await server.start()
+        except BindError as exc:
+            if self.control_optional:  # quick forwards: another instance may own the default path
+                log.warning("%s; `portfwd status` will not see this instance", exc.line())
+                return
+            self.failures.append(exc)
+            log.error("%s", exc.line())
+            return
+        self._control = server
+        log.info("control: %s (portfwd status reads it)", path)
+
+    def _sample(self) -> None:
+        self.state.sample()
+        self._sampler = asyncio.get_running_loop().call_later(1.0, self._sample)
+
+    async def start(self) -> None:
+        """Bind every rule, the metrics endpoint and the control socket, then drop privileges.
+
+        Raises RuntimeFailure when `strict` and anything failed, or when nothing could start.
         """
         self._stop = asyncio.Event()
         raise_fd_limit()
         self._splice = splice_available()
-        for index, rule in enumerate(self.config.forward):
-            try:
-                self._rules[index] = self._start_rule(index, rule)
-            except BindError as exc:
-                self.failures.append(exc)
-                log.error("%s", exc.line())
-        if self.config.metrics is not None:
-            listen = self.config.metrics.listen
-            assert isinstance(listen, HostPorts)
-            host = listen.host or "0.0.0.0"
-            metrics = MetricsServer(self.state, host, listen.ports.first)
-            try:
-                metrics.start()
-                self._metrics = metrics
-                log.info("metrics: serving %s", metrics.url)
-            except BindError as exc:
-                self.failures.append(exc)
-                log.error("%s", exc.line())
-        if self.config.control.socket is not None:
-            log.warning(
-                "control.socket: the control socket arrives with `portfwd status`; ignored in %s",
-                __version__,
-            )
+        self.failures.extend(self._start_rules(list(enumerate(self.config.forward))))
+        if (metrics_failure := await self._start_metrics()) is not None:
+            self.failures.append(metrics_failure)
+        await self._start_control()
+        self._sample()
         if self.failures and self.strict:
             await self.stop()
             raise RuntimeFailure(f"{self.failures[0].line()} (--strict)")
-        if not self._rules and self._metrics is None:
+        if not self._runs and self._metrics is None:
             await self.stop()
             if self.failures:
                 raise RuntimeFailure(f"nothing could start: {self.failures[0].line()}")
@@ -228,21 +289,82 @@ class Runtime:
             )
         if self.config.user is not None:
             try:
-                rules = self.config.forward
-                unix_paths = [rule.listen.path for rule in rules if isinstance(rule.listen, UnixPath)]
-                drop_privileges(self.config.user, self.config.group, unix_paths)
+                owned = [rule.listen.path for rule in self._runs if isinstance(rule.listen, UnixPath)]
+                if self._control is not None:
+                    owned.append(str(self._control.path))
+                drop_privileges(self.config.user, self.config.group, owned)
             except BaseException:
                 await self.stop()
                 raise
-        listeners = sum(len(run.tcp) + len(run.udp) for run in self._rules.values())
+        listeners = sum(len(run.tcp) + len(run.udp) for run in self._runs.values())
         log.info(
             "portfwd %s ready: %d rule(s), %d listening socket(s)%s%s",
             __version__,
-            len(self._rules),
+            len(self._runs),
             listeners,
             "" if self._splice else ", splice unavailable (protocol relay everywhere)",
-            f", {len(self.failures)} rule(s) failed" if self.failures else "",
+            f", {len(self.failures)} failed" if self.failures else "",
         )
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config file and apply the difference; a bad config changes nothing.
+
+        Returns the control-socket answer: ok, and what was kept, stopped, started or refused.
+        """
+        async with self._reloading:
+            assert self.config_path is not None
+            try:
+                new = config_module.load(self.config_path)
+            except ConfigError as exc:
+                for line in exc.problems:
+                    log.error("reload refused, old config keeps running: %s", line)
+                return {"ok": False, "errors": exc.problems}
+            old_rules = set(self._runs)
+            new_rules = {rule: index for index, rule in enumerate(new.forward)}
+            removed = [rule for rule in self._runs if rule not in new_rules]
+            added = [(index, rule) for rule, index in new_rules.items() if rule not in old_rules]
+            for rule in removed:
+                run = self._runs.pop(rule)
+                self._close_listeners(run)
+                self._retired.append(run)
+                self.state.listeners = [item for item in self.state.listeners if item.rule != rule.label]
+                self.state.rule(rule.label).running = False
+                log.info("%s: removed by reload; stopped listening, live sessions drain", rule.label)
+            old, self.config = self.config, new
+            failures = self._start_rules(added)
+            if new.metrics != old.metrics and self._metrics is not None:
+                self._metrics.stop()
+                self._metrics = None
+            if self._metrics is None and (metrics_failure := await self._start_metrics()) is not None:
+                failures.append(metrics_failure)
+            for key in ("user", "group", "control"):
+                if getattr(new, key) != getattr(old, key):
+                    log.warning("reload: %s changes take effect at the next start", key)
+            kept = len(old_rules) - len(removed)
+            log.info(
+                "reloaded %s: %d kept, %d removed, %d added, %d failed",
+                self.config_path,
+                kept,
+                len(removed),
+                len(added) - len(failures),
+                len(failures),
+            )
+            return {
+                "ok": not failures,
+                "kept": kept,
+                "removed": [rule.label for rule in removed],
+                "added": [rule.label for _, rule in added if rule in self._runs],
+                "errors": [failure.line() for failure in failures],
+            }
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload in the background (the signal handler must not block)."""
+        if self.config_path is None:
+            log.warning("SIGHUP: this instance was started without a config file; nothing to reload")
+            return
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._retired_tasks.add(task)
+        task.add_done_callback(self._retired_tasks.discard)
 
     def request_stop(self) -> None:
         """Ask wait() to return (signal handlers call this); a second call closes at once."""
@@ -260,19 +382,21 @@ class Runtime:
         assert self._stop is not None
         await self._stop.wait()
 
+    def _all_runs(self) -> list[_RuleRun]:
+        return [*self._runs.values(), *self._retired]
+
     def _close_sessions(self, reason: str) -> None:
-        for run in self._rules.values():
+        for run in self._all_runs():
             for _, forwarder in run.tcp:
                 forwarder.close_pending()
         self.state.close_all(reason)
 
     async def stop(self) -> None:
         """Stop accepting, drain live sessions for drain_timeout, close the rest, release all."""
-        for run in self._rules.values():
-            for listener, _ in run.tcp:
-                listener.close()
-            for udp in run.udp:
-                udp.close("shutdown")
+        if self._sampler is not None:
+            self._sampler.cancel()
+        for run in self._runs.values():
+            self._close_listeners(run)
         if self.state.sessions and not self._stopping:
             log.info(
                 "draining %d session(s) for up to %gs", len(self.state.sessions), self.config.drain_timeout
@@ -289,7 +413,11 @@ class Runtime:
         if self._metrics is not None:
             self._metrics.stop()
             self._metrics = None
-        self._rules.clear()
+        if self._control is not None:
+            await self._control.stop()
+            self._control = None
+        self._runs.clear()
+        self._retired.clear()
         self._pipes.close()
 
 
@@ -301,18 +429,17 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     return uvloop.new_event_loop
 
 
-def run(config: Config, *, strict: bool = False) -> None:
-    """Run until SIGTERM/SIGINT. Raises RuntimeFailure when nothing could start."""
+def run(
+    config: Config, *, strict: bool = False, config_path: Path | None = None, control_optional: bool = False
+) -> None:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads `config_path`. Raises RuntimeFailure."""
 
     async def main() -> None:
-        runtime = Runtime(config, strict=strict)
+        runtime = Runtime(config, strict=strict, config_path=config_path, control_optional=control_optional)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, runtime.request_stop)
-        loop.add_signal_handler(
-            signal.SIGHUP,
-            lambda: log.warning("SIGHUP: reloading arrives with `portfwd reload`; restart to apply changes"),
-        )
+        loop.add_signal_handler(signal.SIGHUP, runtime.request_reload)
         await runtime.start()
         try:
             await runtime.wait()

@@ -1,16 +1,23 @@
-"""The one source of truth for what is running: listeners and live sessions with their counters.
+"""The one source of truth for what is running: rules, listeners and live sessions with counters.
 
 Owned by the runtime and written by the relays. Counting is plain integer addition on slotted
-objects: no lock (one event loop thread), no allocation per chunk.
+objects: no lock (one event loop thread), no allocation per chunk. Idle time is not stamped on
+the hot path either: `sample()` runs once a second and notes which sessions moved bytes.
+The lists for later parts (tunnels, server sessions, gateway rules, triggers, router
+mappings) are here already, so a snapshot has one shape from the start.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+#: Upper bounds (seconds) of the upstream connect-time histogram buckets; +Inf is implied.
+CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass(slots=True)
@@ -18,6 +25,11 @@ class RuleStats:
     """Counters for one rule, summed over its listeners and sessions (live and closed)."""
 
     name: str
+    listen: str = ""
+    connect: str = ""
+    protocol: str = ""
+    relay: str = ""
+    running: bool = True
     connections_total: int = 0
     connections_active: int = 0
     bytes_up: int = 0
@@ -25,10 +37,21 @@ class RuleStats:
     denied_total: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     udp_flows_active: int = 0
+    connect_buckets: list[int] = field(default_factory=lambda: [0] * (len(CONNECT_BUCKETS) + 1))
+    connect_seconds_sum: float = 0.0
 
     def count_error(self, reason: str) -> None:
         """Add one to the error counter for `reason` (refused, timeout, unreachable...)."""
         self.errors[reason] = self.errors.get(reason, 0) + 1
+
+    def observe_connect(self, seconds: float) -> None:
+        """Record one successful upstream connect time (for the histogram)."""
+        self.connect_seconds_sum += seconds
+        for index, bound in enumerate(CONNECT_BUCKETS):
+            if seconds <= bound:
+                self.connect_buckets[index] += 1
+                return
+        self.connect_buckets[-1] += 1
 
 
 class Closable(Protocol):
@@ -48,8 +71,8 @@ class Session:
     """One relayed connection (or UDP flow). Relays add to `bytes_up`/`bytes_down` directly.
 
     `bytes_up` is client to target, `bytes_down` target to client. `started` is wall-clock
-    time (for display), `began` the monotonic clock (for durations). `target` and `path` are
-    shared strings, so a session costs little more than its two counters.
+    time (for display), `began` the monotonic clock (for durations), `active` the monotonic
+    time `sample()` last saw bytes move. `target` and `path` are shared strings.
     """
 
     id: int
@@ -62,11 +85,13 @@ class Session:
     bytes_up: int = 0
     bytes_down: int = 0
     relay: Closable | None = None
+    moved: int = 0
+    active: float = 0.0
 
 
 @dataclass(slots=True)
 class Listener:
-    """One bound socket of a rule."""
+    """One bound socket (or port range) of a rule."""
 
     rule: str
     address: str
@@ -81,6 +106,14 @@ class State:
         self.rules: dict[str, RuleStats] = {}
         self.listeners: list[Listener] = []
         self.sessions: dict[int, Session] = {}
+        # Slots the later parts fill; listed in every snapshot so its shape never changes.
+        self.tunnels: list[dict[str, Any]] = []
+        self.server_sessions: list[dict[str, Any]] = []
+        self.gateway_rules: list[dict[str, Any]] = []
+        self.triggers: list[dict[str, Any]] = []
+        self.mappings: list[dict[str, Any]] = []
+        self.started = time.time()
+        self.config_path: str | None = None
         self._ids = itertools.count(1)
         #: Called when the last live session closes (the runtime's drain waits on it).
         self.on_empty: Callable[[], None] | None = None
@@ -94,7 +127,8 @@ class State:
 
     def open_session(self, rule: RuleStats, client: str, target: str, path: str) -> Session:
         """Register a new live session and count it."""
-        session = Session(next(self._ids), rule, client, target, path, time.time(), time.monotonic())
+        now = time.monotonic()
+        session = Session(next(self._ids), rule, client, target, path, time.time(), now, active=now)
         self.sessions[session.id] = session
         rule.connections_total += 1
         rule.connections_active += 1
@@ -116,3 +150,74 @@ class State:
         for session in list(self.sessions.values()):
             if session.relay is not None:
                 session.relay.close(reason)
+
+    def sample(self) -> None:
+        """Note which sessions moved bytes since the last call (idle time, off the hot path)."""
+        now = time.monotonic()
+        for session in self.sessions.values():
+            moved = session.bytes_up + session.bytes_down
+            if moved != session.moved:
+                session.moved = moved
+                session.active = now
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-ready picture of everything, for `portfwd status` and tests.
+
+        Rule byte counts include live sessions, so they grow while a transfer runs.
+        """
+        now = time.monotonic()
+        live_up: dict[str, int] = {}
+        live_down: dict[str, int] = {}
+        sessions = []
+        for session in self.sessions.values():
+            name = session.rule.name
+            live_up[name] = live_up.get(name, 0) + session.bytes_up
+            live_down[name] = live_down.get(name, 0) + session.bytes_down
+            sessions.append(
+                {
+                    "id": session.id,
+                    "rule": name,
+                    "client": session.client,
+                    "target": session.target,
+                    "path": session.path,
+                    "started": session.started,
+                    "age": now - session.began,
+                    "idle": now - max(session.active, session.began),
+                    "bytes_up": session.bytes_up,
+                    "bytes_down": session.bytes_down,
+                }
+            )
+        rules = [
+            {
+                "name": rule.name,
+                "listen": rule.listen,
+                "connect": rule.connect,
+                "protocol": rule.protocol,
+                "relay": rule.relay,
+                "running": rule.running,
+                "connections_total": rule.connections_total,
+                "connections_active": rule.connections_active,
+                "bytes_up": rule.bytes_up + live_up.get(rule.name, 0),
+                "bytes_down": rule.bytes_down + live_down.get(rule.name, 0),
+                "denied_total": rule.denied_total,
+                "errors": dict(rule.errors),
+                "udp_flows_active": rule.udp_flows_active,
+            }
+            for rule in self.rules.values()
+        ]
+        return {
+            "pid": os.getpid(),
+            "started": self.started,
+            "config": self.config_path,
+            "rules": rules,
+            "listeners": [
+                {"rule": item.rule, "address": item.address, "protocol": item.protocol, "path": item.path}
+                for item in self.listeners
+            ],
+            "sessions": sessions,
+            "tunnels": list(self.tunnels),
+            "server_sessions": list(self.server_sessions),
+            "gateway_rules": list(self.gateway_rules),
+            "triggers": list(self.triggers),
+            "mappings": list(self.mappings),
+        }

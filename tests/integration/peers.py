@@ -155,7 +155,7 @@ async def peer(mode: str, where: Address, payload: bytes = b"") -> AsyncIterator
 @contextlib.asynccontextmanager
 async def running(data: dict[str, Any]) -> AsyncIterator[Runtime]:
     """Run a portfwd Runtime in this event loop for the body of the `async with`."""
-    data = {"drain_timeout": "1s", **data}
+    data = {"drain_timeout": "1s", "control": {"enabled": False}, **data}
     runtime = Runtime(config.validate(data))
     await runtime.start()
     try:

@@ -77,7 +77,7 @@ def format_target(target: Target) -> str:
 class _Pending:
     """A client waiting for its upstream connection."""
 
-    __slots__ = ("client", "client_text", "connect", "forwarder", "target_text", "task")
+    __slots__ = ("began", "client", "client_text", "connect", "forwarder", "target_text", "task")
 
     def __init__(
         self, forwarder: TcpForwarder, client: socket.socket, client_text: str, target_text: str
@@ -88,6 +88,7 @@ class _Pending:
         self.target_text = target_text
         self.connect: Connect | None = None
         self.task: asyncio.Task[None] | None = None
+        self.began = time.monotonic()
 
     def done(self, upstream: socket.socket | None, error: UpstreamError | None) -> None:
         self.forwarder.connected(self, upstream, error)
@@ -194,6 +195,7 @@ class TcpForwarder:
             )
             client.close()
             return
+        self.stats.observe_connect(time.monotonic() - pending.began)
         session = self.state.open_session(self.stats, pending.client_text, pending.target_text, self.path)
         try:
             if self.path == "splice":

@@ -1,0 +1,185 @@
+"""The local control socket: `portfwd status` reads state snapshots and `portfwd reload` asks
+for a reload through it.
+
+A Unix stream socket, mode 0600 (0660 with a `group`), that speaks one JSON line each way:
+the client sends `{"command": "status"}` or `{"command": "reload"}`, and the server answers
+one JSON object and closes. The file lives at `[control] socket`, or at the default path:
+`/run/portfwd/portfwd.sock` for root, a per-user runtime path otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import json
+import logging
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from portfwd.errors import BindError, RuntimeFailure
+from portfwd.state import State
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 4096
+Reloader = Callable[[], Awaitable[dict[str, Any]]]
+
+
+def default_path() -> Path:
+    """Where the control socket goes when the config does not say."""
+    if os.geteuid() == 0:
+        return Path("/run/portfwd/portfwd.sock")
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime_dir and os.path.isdir(runtime_dir):
+        return Path(runtime_dir) / "portfwd" / "portfwd.sock"
+    return Path(f"/tmp/portfwd-{os.geteuid()}") / "portfwd.sock"
+
+
+class ControlServer:
+    """Serves snapshots of `state` (and reloads through `reloader`) on a Unix socket."""
+
+    def __init__(self, state: State, path: Path, reloader: Reloader | None, group: str | None = None) -> None:
+        self.state = state
+        self.path = path
+        self.reloader = reloader
+        self.group = group
+        self._server: asyncio.AbstractServer | None = None
+        self._made_dir = False
+
+    async def start(self) -> None:
+        """Bind the socket with safe permissions. Raises BindError."""
+        where = f"control socket {self.path}"
+        try:
+            if not self.path.parent.is_dir():
+                self.path.parent.mkdir(mode=0o700 if os.geteuid() else 0o755, parents=True)
+                self._made_dir = True
+        except OSError as exc:
+            raise BindError(
+                f"cannot create {self.path.parent}: {exc.strerror}", field="control.socket"
+            ) from exc
+        if self.path.exists() or self.path.is_symlink():
+            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                raise BindError(
+                    f"{where}: the path exists and is not a socket",
+                    field="control.socket",
+                    hint="remove it or choose another [control] socket",
+                )
+            if _answers(self.path):
+                raise BindError(
+                    f"{where} is in use: another portfwd is running",
+                    field="control.socket",
+                    hint="stop it, or give this instance its own [control] socket",
+                )
+            self.path.unlink()  # stale, from an instance that died
+        gid = -1
+        if self.group is not None:
+            try:
+                gid = grp.getgrnam(self.group).gr_gid
+            except KeyError as exc:
+                raise BindError(f"no such group {self.group!r}", field="control.group") from exc
+        old_umask = os.umask(0o177)  # the socket is never visible with looser permissions
+        try:
+            self._server = await asyncio.start_unix_server(self._handle, str(self.path), limit=MAX_REQUEST)
+        except OSError as exc:
+            raise BindError(f"cannot listen on {where}: {exc.strerror}", field="control.socket") from exc
+        finally:
+            os.umask(old_umask)
+        if gid >= 0:
+            os.chown(self.path, -1, gid)
+            os.chmod(self.path, 0o660)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(5):
+                line = await reader.readline()
+            request = json.loads(line) if line.strip() else {}
+            command = request.get("command") if isinstance(request, dict) else None
+            if command == "status":
+                self.state.sample()
+                answer: dict[str, Any] = {"ok": True, "status": self.state.snapshot()}
+            elif command == "reload":
+                if self.reloader is None:
+                    answer = {
+                        "ok": False,
+                        "errors": ["this instance runs without a config file; nothing to reload"],
+                    }
+                else:
+                    answer = await self.reloader()
+            else:
+                answer = {"ok": False, "errors": [f"unknown command {command!r}; use status or reload"]}
+        except (ValueError, TimeoutError, asyncio.LimitOverrunError) as exc:
+            answer = {"ok": False, "errors": [f"bad request: {exc}"]}
+        except Exception as exc:  # per-request boundary: the control socket keeps serving
+            log.exception("control: request failed")
+            answer = {"ok": False, "errors": [f"internal error: {type(exc).__name__}"]}
+        with contextlib.suppress(ConnectionError, OSError):
+            writer.write(json.dumps(answer).encode() + b"\n")
+            await writer.drain()
+        writer.close()
+
+    async def stop(self) -> None:
+        """Stop serving and remove the socket file."""
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            if self._made_dir:
+                with contextlib.suppress(OSError):
+                    self.path.parent.rmdir()  # only if empty: we leave nothing of ours behind
+            self._server = None
+
+
+def _answers(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def request(path: Path, command: str, timeout: float = 30.0) -> dict[str, Any]:
+    """Ask a running instance (blocking; used by the CLI).
+
+    Raises RuntimeFailure naming the path when nothing answers there.
+    """
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(timeout)
+    try:
+        try:
+            client.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise RuntimeFailure(
+                f"no running portfwd: nothing answers on {path}",
+                hint="start one with portfwd run, or pass the -c FILE it runs with",
+            ) from exc
+        except PermissionError as exc:
+            raise RuntimeFailure(
+                f"no permission to use {path}", hint="run as the same user, or as root"
+            ) from exc
+        client.sendall(json.dumps({"command": command}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = client.recv(1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    except OSError as exc:
+        raise RuntimeFailure(f"talking to {path} failed: {exc.strerror or exc}") from exc
+    finally:
+        client.close()
+    try:
+        answer = json.loads(data)
+    except ValueError as exc:
+        raise RuntimeFailure(f"{path} answered something that is not portfwd's JSON") from exc
+    if not isinstance(answer, dict):
+        raise RuntimeFailure(f"{path} answered something that is not portfwd's JSON")
+    return answer
