@@ -194,7 +194,7 @@ def _status_view(status: dict[str, Any]) -> Group:
         ("down", "right"),
         ("errors", "left"),
     ):
-        rules.add_column(column, justify=justify)  # type: ignore[arg-type]
+        rules.add_column(column, justify=justify, no_wrap=column in ("rule", "listen", "connect"))  # type: ignore[arg-type]
     for rule in sorted(status.get("rules", []), key=lambda item: str(item["name"])):
         errors = dict(rule.get("errors", {}))
         if rule.get("denied_total"):
@@ -223,7 +223,7 @@ def _status_view(status: dict[str, Any]) -> Group:
         ("age", "right"),
         ("idle", "right"),
     ):
-        sessions.add_column(column, justify=justify)  # type: ignore[arg-type]
+        sessions.add_column(column, justify=justify, no_wrap=column in ("client", "target"))  # type: ignore[arg-type]
     for item in sorted(
         status.get("sessions", []), key=lambda entry: (str(entry["rule"]), -float(entry["age"]))
     ):
@@ -264,6 +264,11 @@ def status(config_file: str | None, as_json: bool, watch: bool) -> None:
     if not watch:
         console.print(_status_view(fetch()))
         return
+    if not console.is_terminal:  # piped: print a fresh picture every second instead
+        while True:
+            console.print(_status_view(fetch()))
+            sys.stdout.flush()
+            time.sleep(1)
     with Live(_status_view(fetch()), console=console, refresh_per_second=4, screen=False) as live:
         while True:
             time.sleep(1)

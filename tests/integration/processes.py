@@ -57,10 +57,15 @@ class Proc:
         self.lines.extend(line.decode(errors="replace") for line in complete)
         return True
 
-    def wait_for(self, needle: str, timeout: float = 15.0) -> str:
-        """Return the first output line containing `needle`, waiting up to `timeout` seconds."""
+    def mark(self) -> int:
+        """How many lines have been read so far; pass to wait_for(start=) to see only newer ones."""
+        self._pump(0)
+        return len(self.lines)
+
+    def wait_for(self, needle: str, timeout: float = 15.0, start: int = 0) -> str:
+        """Return the first output line (from line `start`) containing `needle`, within `timeout` s."""
         deadline = time.monotonic() + timeout
-        seen = 0
+        seen = start
         while True:
             for line in self.lines[seen:]:
                 if needle in line:
