@@ -233,7 +233,7 @@ class Runtime:
         assert isinstance(listen, HostPorts)
         metrics = MetricsServer(self.state, listen.host or "0.0.0.0", listen.ports.first)
         try:
-            metrics.start()
+            await metrics.start()
         except BindError as exc:
             log.error("%s", exc.line())
             return exc

@@ -9,6 +9,7 @@ mappings) are here already, so a snapshot has one shape from the start.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import os
 import time
@@ -47,11 +48,7 @@ class RuleStats:
     def observe_connect(self, seconds: float) -> None:
         """Record one successful upstream connect time (for the histogram)."""
         self.connect_seconds_sum += seconds
-        for index, bound in enumerate(CONNECT_BUCKETS):
-            if seconds <= bound:
-                self.connect_buckets[index] += 1
-                return
-        self.connect_buckets[-1] += 1
+        self.connect_buckets[bisect.bisect_left(CONNECT_BUCKETS, seconds)] += 1
 
 
 class Closable(Protocol):
