@@ -190,6 +190,7 @@ def start_forwarders(targets: Targets, tmp: Path, forwarders: list[Forwarder]) -
             f'[[forward]]\nlisten = "{LOCAL}:{ports["udp"]}"\nconnect = "{LOCAL}:{targets.iperf}"\n'
             f'protocol = "tcp+udp"\nrelay = "{relay}"\nudp_max_flows = 64\n'
         )
+        rules.append("[control]\nenabled = false\n")
         config.write_text("\n".join(rules))
         portfwd = Proc([str(REPO / ".venv/bin/portfwd"), "run", "-q", "-c", str(config)])
         forwarders.append(Forwarder(f"portfwd-{relay}", ports, [portfwd]))

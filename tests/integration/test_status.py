@@ -5,6 +5,7 @@ portfwd runs as a subprocess, as users run it; peers are plain sockets in thread
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -292,3 +293,43 @@ def test_status_watch_refreshes_until_ctrl_c(tmp_path: Path) -> None:
             watch.close()
     assert code == 130
     assert "Traceback" not in "\n".join(watch.lines)
+
+
+def test_second_signal_closes_sessions_at_once(tmp_path: Path) -> None:
+    sink = Sink(pace=0.05).start()  # far too slow to finish 8 MiB within the 10 s drain
+    port, control, config = free_port(), tmp_path / "ctl.sock", tmp_path / "portfwd.toml"
+    write_config(config, control, [("slow", port, sink.port)])
+    proc = Proc(portfwd_argv("run", "-c", str(config)))
+    client = None
+    try:
+        proc.wait_for("ready")
+        client = socket.create_connection(("127.0.0.1", port), timeout=30)
+        client.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            client.send(os.urandom(8 * MiB))
+        proc.wait_for("slow: 127.0.0.1:")
+        started_at = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait_for("draining 1 session(s)")
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.popen.wait(10) == 0
+        assert time.monotonic() - started_at < 5, "did not wait for the 10 s drain"
+        assert "closed (shutdown)" in proc.output()
+    finally:
+        if client is not None:
+            client.close()
+        proc.stop()
+        proc.close()
+        sink.close()
+
+
+def test_json_logs_are_one_object_per_line() -> None:
+    port = free_port()
+    with started(
+        portfwd_argv("forward", "--log-format", "json", f"127.0.0.1:{port}:127.0.0.1:{free_port()}")
+    ) as proc:
+        line = proc.wait_for("ready")
+    record = json.loads(line)
+    assert record["level"] == "info"
+    assert record["logger"] == "portfwd.runtime"
+    assert record["msg"].startswith("portfwd 0.1.0 ready: 1 rule(s)")

@@ -33,6 +33,28 @@ RelayPath = Literal["splice", "protocol"]
 Target = tuple[str, int] | str
 
 
+def format_peer(peer: tuple[Any, ...]) -> str:
+    """`1.2.3.4:5678` or `[::1]:5678`; an IPv4 client of a dual-stack socket shows as IPv4."""
+    host: str = peer[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+
+
+def log_closed(label: str, session: Session, reason: str) -> None:
+    """The one line a session ends with: who, where, why, bytes each way, how long."""
+    log.info(
+        "%s: %s -> %s closed (%s): %d B up, %d B down, %.3fs",
+        label,
+        session.client,
+        session.target,
+        reason,
+        session.bytes_up,
+        session.bytes_down,
+        time.monotonic() - session.began,
+    )
+
+
 def describe_peer(client: socket.socket, peer: Any) -> str:
     """Text for a client: `1.2.3.4:5678`, `[::1]:5678`, or a Unix peer's pid and uid."""
     if not isinstance(peer, tuple):
@@ -42,10 +64,7 @@ def describe_peer(client: socket.socket, peer: Any) -> str:
             return f"unix(pid={pid},uid={uid})"
         except OSError:
             return "unix"
-    host: str = peer[0]
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]  # an IPv4 client of a dual-stack listener
-    return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    return format_peer(peer)
 
 
 def compile_policy(rule: ForwardConfig) -> AccessPolicy:
@@ -219,16 +238,7 @@ class TcpForwarder:
 
     def relay_closed(self, session: Session, reason: str) -> None:
         """Called once by a relay when it has ended: log the session and fold its counters."""
-        log.info(
-            "%s: %s -> %s closed (%s): %d B up, %d B down, %.3fs",
-            self.label,
-            session.client,
-            session.target,
-            reason,
-            session.bytes_up,
-            session.bytes_down,
-            time.monotonic() - session.began,
-        )
+        log_closed(self.label, session, reason)
         session.relay = None
         self.state.close_session(session)
 

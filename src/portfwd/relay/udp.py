@@ -15,13 +15,12 @@ import contextlib
 import logging
 import math
 import socket
-import time
 from typing import Any
 
 from portfwd.acl import client_ip
 from portfwd.config import ForwardConfig
 from portfwd.errors import UpstreamError
-from portfwd.relay.forwarder import compile_policy, format_target, resolve_target
+from portfwd.relay.forwarder import compile_policy, format_peer, format_target, log_closed, resolve_target
 from portfwd.relay.upstream import resolve
 from portfwd.state import RuleStats, Session, State
 
@@ -31,14 +30,6 @@ MAX_DATAGRAM = 65536
 BATCH = 64
 #: Datagrams held for a flow whose target host name is still being resolved.
 PENDING_LIMIT = 64
-
-
-def _peer_text(peer: Any) -> str:
-    host, port = peer[0], peer[1]
-    mapped = client_ip(host)
-    if mapped is not None and mapped.version == 4:
-        host = str(mapped)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _Flow:
@@ -177,7 +168,7 @@ class UdpForwarder:
             self.stats.count_error("udp_error")
 
     def _new_flow(self, peer: Any) -> _Flow | None:
-        client_text = _peer_text(peer)
+        client_text = format_peer(peer)
         target = self._default
         if not self.policy.is_open:
             address = client_ip(peer[0])
@@ -245,18 +236,8 @@ class UdpForwarder:
             return
         flow.close()
         self.stats.udp_flows_active -= 1
-        session = flow.session
-        log.info(
-            "%s: %s -> %s closed (%s): %d B up, %d B down, %.3fs",
-            self.label,
-            session.client,
-            session.target,
-            reason,
-            session.bytes_up,
-            session.bytes_down,
-            time.monotonic() - session.began,
-        )
-        self.state.close_session(session)
+        log_closed(self.label, flow.session, reason)
+        self.state.close_session(flow.session)
 
     def close(self, reason: str = "shutdown") -> None:
         """Stop reading, close every flow and the listening socket."""
