@@ -235,10 +235,12 @@ def test_reload_under_load(tmp_path: Path) -> None:
             # 3: a broken config is refused; the old rules keep serving
             config.write_text(config.read_text() + "bogus = true\n")
             mark = proc.mark()
+            os.kill(proc.pid, signal.SIGHUP)
+            assert "forward[1].bogus: unknown key" in proc.wait_for("reload refused", start=mark)
+            # ...and `portfwd reload` says so too, as a config error
             reload = run_portfwd("reload", "-c", str(config))
             assert reload.returncode == 2
             assert reload.stderr.startswith("portfwd: reload refused, the old config keeps running: ")
-            proc.wait_for("reload refused", start=mark)
             with socket.create_connection(("127.0.0.1", added), timeout=5) as client:
                 client.shutdown(socket.SHUT_WR)
                 assert client.recv(64) == hashlib.sha256(b"").hexdigest().encode()
