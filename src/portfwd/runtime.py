@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import grp
 import logging
 import os
@@ -296,6 +297,11 @@ class Runtime:
             except BaseException:
                 await self.stop()
                 raise
+        # Everything allocated so far (imports, config, listeners) lives as long as the process:
+        # keep it out of the cyclic GC's full scans, which per-connection garbage triggers
+        # (measured: under 1 % per connection here, but free).
+        gc.collect()
+        gc.freeze()
         listeners = sum(len(run.tcp) + len(run.udp) for run in self._runs.values())
         log.info(
             "portfwd %s ready: %d rule(s), %d listening socket(s)%s%s",
