@@ -1,9 +1,10 @@
 """The composition root: turns a Config into running listeners, then drains and cleans up.
 
 The only module that knows every part. It binds every rule (a rule that fails is reported and
-skipped unless `strict`), drops root privileges once everything is bound, serves until
-SIGTERM/SIGINT, then stops accepting, lets sessions drain for `drain_timeout`, closes the rest,
-and removes what it created (Unix socket files, the metrics listener).
+skipped unless `strict`), starts the metrics endpoint and the control socket, drops root
+privileges once everything is bound, and serves. SIGHUP (or `portfwd reload`) applies an edited
+config; SIGTERM/SIGINT stops accepting, lets sessions drain for `drain_timeout`, closes the rest,
+and removes what it created (Unix socket files, the control socket, the metrics listener).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class _RuleRun:
 
 
 def raise_fd_limit() -> None:
-    """Raise the soft open-files limit to the hard one: each relayed TCP client needs 2-6 fds."""
+    """Raise the soft open-files limit to the hard one: each relayed TCP client needs 2 fds (+4 mid-burst)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
