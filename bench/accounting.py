@@ -30,9 +30,10 @@ def start(
 ) -> Forwarder:
     ports = {key: free_port() for key in upstream}
     config = tmp / f"{name}.toml"
-    text = "[control]\nenabled = false\n"
-    if metrics is not None:
-        text += f'[metrics]\nlisten = "{LOCAL}:{metrics}"\n'
+    if metrics is not None:  # the counted variant: what `portfwd run` has by default, plus /metrics
+        text = f'[control]\nsocket = "{tmp / "control.sock"}"\n[metrics]\nlisten = "{LOCAL}:{metrics}"\n'
+    else:
+        text = "[control]\nenabled = false\n"
     for key, target in upstream.items():
         text += f'[[forward]]\nlisten = "{LOCAL}:{ports[key]}"\nconnect = "{LOCAL}:{target}"\n'
     config.write_text(text)
@@ -116,8 +117,9 @@ def main() -> int:
         "## Cost of accounting (issue #4)",
         "",
         f"Measured {datetime.date.today().isoformat()} by `bench/accounting.py --rounds {args.rounds} --seconds {args.seconds}`:"
-        " portfwd (splice path) as built, with /metrics scraped every round, against the same build with the byte counters,"
-        " session registry, idle sampler and metrics removed (`bench/portfwd_uncounted.py`). Interleaved rounds, medians.",
+        " portfwd (splice path) as built, with its control socket and /metrics (scraped every round), against the same"
+        " build with the byte counters, session registry, idle sampler, connect histogram, control socket and metrics"
+        " removed (`bench/portfwd_uncounted.py`). Interleaved rounds, medians.",
         "",
         "| variant | TCP 1 stream Gbit/s | forwarder CPU s per Gbit | conn/s | forwarder CPU µs per conn |",
         "|---|---|---|---|---|",
