@@ -74,7 +74,7 @@ class Sink:
 
 @pytest.fixture
 def sink() -> Iterator[Sink]:
-    server = Sink(pace=0.004).start()
+    server = Sink(pace=0.01).start()  # 8 MiB takes >= 1.3 s: several status snapshots fit
     yield server
     server.close()
 
@@ -199,11 +199,11 @@ def test_metrics_counters_equal_the_bytes_that_crossed(tmp_path: Path) -> None:
 
 
 def test_reload_under_load(tmp_path: Path) -> None:
-    sink = Sink(pace=0.01).start()
+    sink = Sink(pace=0.03).start()  # 8 MiB takes >= 3.8 s: longer than three reloads
     keep, added, removed = free_port(), free_port(), free_port()
     control, config = tmp_path / "ctl.sock", tmp_path / "portfwd.toml"
     write_config(config, control, [("keep", keep, sink.port), ("gone", removed, sink.port)])
-    data = os.urandom(4 * MiB)
+    data = os.urandom(8 * MiB)
     answer: list[bytes] = []
     try:
         with started(portfwd_argv("run", "-c", str(config)), ready="ready") as proc:
@@ -254,10 +254,10 @@ def test_reload_under_load(tmp_path: Path) -> None:
 
 
 def test_sigterm_lets_a_session_finish_then_leaves_nothing(tmp_path: Path) -> None:
-    sink = Sink(pace=0.01).start()
+    sink = Sink(pace=0.02).start()  # 4 MiB takes >= 1.3 s: SIGTERM lands mid-transfer
     port, control, config = free_port(), tmp_path / "ctl.sock", tmp_path / "portfwd.toml"
     write_config(config, control, [("drain", port, sink.port)])
-    data = os.urandom(2 * MiB)
+    data = os.urandom(4 * MiB)
     answer: list[bytes] = []
     proc = Proc(portfwd_argv("run", "-c", str(config)))
     try:
