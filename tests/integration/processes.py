@@ -14,6 +14,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+#: The line portfwd prints when every listener is up ("already in use" must not match).
+READY = " ready: "
 
 
 class Proc:

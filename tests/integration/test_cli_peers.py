@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import need_binary
 from tests.integration.peers import free_port
-from tests.integration.processes import REPO, Proc, portfwd_argv, run_portfwd, started, wait_listening
+from tests.integration.processes import READY, REPO, Proc, portfwd_argv, run_portfwd, started, wait_listening
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +73,7 @@ def test_socat_client_and_server_through_forward(socat_echo: int, tmp_path: Path
     port = free_port()
     data = tmp_path / "data"
     data.write_bytes(os.urandom(2 * 1024 * 1024))
-    with started(portfwd_argv("forward", f"127.0.0.1:{port}:127.0.0.1:{socat_echo}"), ready="ready") as proc:
+    with started(portfwd_argv("forward", f"127.0.0.1:{port}:127.0.0.1:{socat_echo}"), ready=READY) as proc:
         with data.open("rb") as stdin:
             result = subprocess.run(
                 [socat, "-t", "5", "-", f"TCP:127.0.0.1:{port}"],
@@ -92,7 +92,7 @@ def test_socat_client_and_server_through_forward(socat_echo: int, tmp_path: Path
 def test_curl_through_forward_and_session_log(http_server: tuple[int, Path, Proc], tmp_path: Path) -> None:
     upstream, blob, _ = http_server
     port = free_port()
-    with started(portfwd_argv("forward", f"127.0.0.1:{port}:localhost:{upstream}"), ready="ready") as proc:
+    with started(portfwd_argv("forward", f"127.0.0.1:{port}:localhost:{upstream}"), ready=READY) as proc:
         result = curl(f"http://127.0.0.1:{port}/blob", tmp_path / "got")
         assert result.returncode == 0, result.stderr
         assert sha_file(tmp_path / "got") == sha_file(blob)
@@ -118,7 +118,7 @@ def test_allow_and_deny_seen_from_the_client(
     upstream, blob, server = http_server
     port = free_port()
     with started(
-        portfwd_argv("forward", f"127.0.0.1:{port}:127.0.0.1:{upstream}", *flags), ready="ready"
+        portfwd_argv("forward", f"127.0.0.1:{port}:127.0.0.1:{upstream}", *flags), ready=READY
     ) as proc:
         result = curl(f"http://127.0.0.1:{port}/blob", tmp_path / "got")
         if admitted:
@@ -149,7 +149,7 @@ def test_failing_rule_does_not_take_the_others_down(socat_echo: int, tmp_path: P
         f'[[forward]]\nname = "good"\nlisten = "127.0.0.1:{good}"\nconnect = "127.0.0.1:{socat_echo}"\n'
     )
     try:
-        with started(portfwd_argv("run", "-c", str(config)), ready="ready") as proc:
+        with started(portfwd_argv("run", "-c", str(config)), ready=READY) as proc:
             error = proc.wait_for("cannot listen")
             assert error.endswith(
                 f"forward[0] (busy): cannot listen on 127.0.0.1:{busy_port}: address already in use; "
@@ -174,7 +174,7 @@ def test_sigterm_drains_and_leaves_nothing_behind(socat_echo: int, tmp_path: Pat
     specs = [f"unix:{path}:127.0.0.1:{socat_echo}", f"127.0.0.1:{port}:127.0.0.1:{socat_echo}"]
     proc = Proc(portfwd_argv("forward", *specs))
     try:
-        proc.wait_for("ready")
+        proc.wait_for(READY)
         assert path.is_socket()
         with socket.socket(socket.AF_UNIX) as client:
             client.connect(str(path))
@@ -193,7 +193,7 @@ def test_sigterm_drains_and_leaves_nothing_behind(socat_echo: int, tmp_path: Pat
 def test_restart_rebinds_at_once_with_connections_in_time_wait(socat_echo: int) -> None:
     port = free_port()
     for _ in range(2):
-        with started(portfwd_argv("forward", f"127.0.0.1:{port}:127.0.0.1:{socat_echo}"), ready="ready"):
+        with started(portfwd_argv("forward", f"127.0.0.1:{port}:127.0.0.1:{socat_echo}"), ready=READY):
             with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
                 client.sendall(b"x")
                 assert client.recv(1) == b"x"
@@ -203,7 +203,7 @@ def test_running_out_of_file_descriptors_pauses_accepts(socat_echo: int) -> None
     prlimit = need_binary("prlimit", "util-linux")
     port = free_port()
     argv = [prlimit, "--nofile=48:48", *portfwd_argv("forward", f"127.0.0.1:{port}:127.0.0.1:{socat_echo}")]
-    with started(argv, ready="ready") as proc:
+    with started(argv, ready=READY) as proc:
         clients = []
         for _ in range(40):
             client = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -232,7 +232,7 @@ def test_running_out_of_file_descriptors_pauses_accepts(socat_echo: int) -> None
 
 def test_default_config_works_as_written(tmp_path: Path) -> None:
     """PRODUCT.md: ./run on the default config shows something at once (a forward to /metrics)."""
-    with started(portfwd_argv("run", "-c", str(REPO / "portfwd.toml")), ready="ready") as proc:
+    with started(portfwd_argv("run", "-c", str(REPO / "portfwd.toml")), ready=READY) as proc:
         assert "demo: listening on 127.0.0.1:8080/tcp -> 127.0.0.1:9930 (splice)" in proc.output()
         result = curl("http://127.0.0.1:8080/metrics", tmp_path / "metrics")
         assert result.returncode == 0

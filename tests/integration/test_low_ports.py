@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import need, need_binary
 from tests.integration.netns import in_ns, namespace, wait_listening_in
-from tests.integration.processes import REPO, portfwd_argv, started
+from tests.integration.processes import READY, REPO, portfwd_argv, started
 
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.netns]
 
@@ -65,7 +65,7 @@ def test_root_binds_port_80_then_drops_to_user(tmp_path: Path) -> None:
         with started(in_ns(ns, socat, "TCP-LISTEN:8000,bind=127.0.0.1,reuseaddr,fork", "EXEC:cat")):
             wait_listening_in(ns, 8000)
             argv = in_ns(ns, *portfwd_argv("run", "-c", str(config)))
-            with started(argv, ready="ready", cwd=REPO) as proc:
+            with started(argv, ready=READY, cwd=REPO) as proc:
                 assert proc.wait_for("dropped privileges").endswith(
                     f"dropped privileges to user {NOBODY} (uid {nobody.pw_uid}, gid {nobody.pw_gid})"
                 )
@@ -177,7 +177,7 @@ def test_unprivileged_user_with_cap_net_bind_service() -> None:
             )
             with_cap = [*as_nobody, "--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service"]
             with started(
-                in_ns(ns, *with_cap, python, "-m", "portfwd", "forward", spec), ready="ready", env=env
+                in_ns(ns, *with_cap, python, "-m", "portfwd", "forward", spec), ready=READY, env=env
             ) as proc:
                 assert status_field(proc.pid, "Uid").split()[0] == str(pwd.getpwnam(NOBODY).pw_uid)
                 assert int(status_field(proc.pid, "CapEff"), 16) == 1 << 10, "only CAP_NET_BIND_SERVICE"

@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import need_binary
 from tests.integration.peers import free_port
-from tests.integration.processes import Proc, portfwd_argv, run_portfwd, started
+from tests.integration.processes import READY, Proc, portfwd_argv, run_portfwd, started
 
 pytestmark = pytest.mark.integration
 MiB = 1024 * 1024
@@ -109,7 +109,7 @@ def test_status_watches_a_transfer_and_totals_match_the_peer(sink: Sink, tmp_pat
     write_config(config, control, [("bulk", port, sink.port)])
     data = os.urandom(8 * MiB)
     answer: list[bytes] = []
-    with started(portfwd_argv("run", "-c", str(config)), ready="ready"):
+    with started(portfwd_argv("run", "-c", str(config)), ready=READY):
         assert oct(control.stat().st_mode & 0o777) == "0o600"
         sender = threading.Thread(target=send_all, args=(port, data, answer))
         sender.start()
@@ -143,7 +143,7 @@ def test_status_table_and_no_instance(tmp_path: Path) -> None:
         f"portfwd: no running portfwd: nothing answers on {control}; "
         "start one with portfwd run, or pass the -c FILE it runs with\n"
     )
-    with started(portfwd_argv("run", "-c", str(config)), ready="ready"):
+    with started(portfwd_argv("run", "-c", str(config)), ready=READY):
         table = run_portfwd("status", "-c", str(config))
     assert table.returncode == 0
     assert "web" in table.stdout
@@ -167,7 +167,7 @@ def test_metrics_counters_equal_the_bytes_that_crossed(tmp_path: Path) -> None:
     data = os.urandom(MiB + 7)
     with (
         started([socat, f"TCP-LISTEN:{echo},bind=127.0.0.1,reuseaddr,fork", "EXEC:cat"]),
-        started(portfwd_argv("run", "-c", str(config)), ready="ready") as proc,
+        started(portfwd_argv("run", "-c", str(config)), ready=READY) as proc,
     ):
         result = subprocess.run(
             [socat, "-t", "5", "-", f"TCP:127.0.0.1:{port}"],
@@ -206,7 +206,7 @@ def test_reload_under_load(tmp_path: Path) -> None:
     data = os.urandom(8 * MiB)
     answer: list[bytes] = []
     try:
-        with started(portfwd_argv("run", "-c", str(config)), ready="ready") as proc:
+        with started(portfwd_argv("run", "-c", str(config)), ready=READY) as proc:
             sender = threading.Thread(target=send_all, args=(keep, data, answer))
             sender.start()
             proc.wait_for("keep: 127.0.0.1:")  # the streaming session is open
@@ -261,7 +261,7 @@ def test_sigterm_lets_a_session_finish_then_leaves_nothing(tmp_path: Path) -> No
     answer: list[bytes] = []
     proc = Proc(portfwd_argv("run", "-c", str(config)))
     try:
-        proc.wait_for("ready")
+        proc.wait_for(READY)
         sender = threading.Thread(target=send_all, args=(port, data, answer))
         sender.start()
         proc.wait_for("drain: 127.0.0.1:")
@@ -286,7 +286,7 @@ def test_sigterm_lets_a_session_finish_then_leaves_nothing(tmp_path: Path) -> No
 def test_status_watch_refreshes_until_ctrl_c(tmp_path: Path) -> None:
     control, config = tmp_path / "ctl.sock", tmp_path / "portfwd.toml"
     write_config(config, control, [("watched", free_port(), free_port())])
-    with started(portfwd_argv("run", "-c", str(config)), ready="ready"):
+    with started(portfwd_argv("run", "-c", str(config)), ready=READY):
         watch = Proc(portfwd_argv("status", "--watch", "-c", str(config)))
         try:
             watch.wait_for("watched")
@@ -304,7 +304,7 @@ def test_second_signal_closes_sessions_at_once(tmp_path: Path) -> None:
     proc = Proc(portfwd_argv("run", "-c", str(config)))
     client = None
     try:
-        proc.wait_for("ready")
+        proc.wait_for(READY)
         client = socket.create_connection(("127.0.0.1", port), timeout=30)
         client.setblocking(False)
         with contextlib.suppress(BlockingIOError):
@@ -330,7 +330,7 @@ def test_json_logs_are_one_object_per_line() -> None:
     with started(
         portfwd_argv("forward", "--log-format", "json", f"127.0.0.1:{port}:127.0.0.1:{free_port()}")
     ) as proc:
-        line = proc.wait_for("ready")
+        line = proc.wait_for(READY)
     record = json.loads(line)
     assert record["level"] == "info"
     assert record["logger"] == "portfwd.runtime"
