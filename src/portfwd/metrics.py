@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from portfwd.errors import BindError
-from portfwd.relay.listener import TcpListener
+from portfwd.relay.listener import StreamListener
 from portfwd.state import CONNECT_BUCKETS, State
 
 REQUEST_TIMEOUT = 10.0
@@ -89,8 +89,7 @@ class MetricsServer:
         self.registry.register(StateCollector(state))
         self.host = host
         self.port = port
-        self._accepting: TcpListener | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._accepting: StreamListener | None = None
 
     async def start(self) -> None:
         """Bind and serve. Raises BindError when the address cannot be bound."""
@@ -104,22 +103,8 @@ class MetricsServer:
                 hint="pick another port in [metrics] listen",
             ) from exc
         listener.setblocking(False)
-        self._accepting = TcpListener(listener, self._accept, "metrics")
+        self._accepting = StreamListener(listener, self._handle, "metrics", MAX_REQUEST)
         self._accepting.start()
-
-    def _accept(self, client: socket.socket, peer: object) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve(client))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _serve(self, client: socket.socket) -> None:
-        try:
-            client.setblocking(False)
-            reader, writer = await asyncio.open_connection(sock=client, limit=MAX_REQUEST)
-        except OSError:
-            client.close()
-            return
-        await self._handle(reader, writer)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -155,5 +140,3 @@ class MetricsServer:
         if self._accepting is not None:
             self._accepting.close()
             self._accepting = None
-        for task in list(self._tasks):
-            task.cancel()

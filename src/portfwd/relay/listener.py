@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from portfwd.errors import BindError
@@ -204,3 +204,49 @@ class TcpListener:
         if isinstance(path, str) and path:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+
+
+StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class StreamListener:
+    """portfwd's accept loop feeding an asyncio-streams handler: for the control socket and /metrics.
+
+    Not `asyncio.start_server`: with uvloop, merely having such a server object in the loop was
+    measured to cost about 3.5 % more CPU per *relayed* connection. This reuses TcpListener (and
+    its EMFILE pause) and wraps each accepted client in streams.
+    """
+
+    def __init__(self, listener: socket.socket, handle: StreamHandler, label: str, limit: int) -> None:
+        self._handle = handle
+        self._limit = limit
+        self._unix = listener.family == socket.AF_UNIX
+        self._accepting = TcpListener(listener, self._accept, label)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        """Begin accepting."""
+        self._accepting.start()
+
+    def _accept(self, client: socket.socket, peer: Any) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(client))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, client: socket.socket) -> None:
+        try:
+            client.setblocking(False)
+            if self._unix:
+                reader, writer = await asyncio.open_unix_connection(sock=client, limit=self._limit)
+            else:
+                reader, writer = await asyncio.open_connection(sock=client, limit=self._limit)
+        except OSError:
+            client.close()
+            return
+        await self._handle(reader, writer)
+
+    def close(self) -> None:
+        """Stop accepting (removing a Unix socket file) and cancel requests in progress."""
+        self._accepting.close()
+        for task in list(self._tasks):
+            task.cancel()
