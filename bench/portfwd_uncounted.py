@@ -53,7 +53,7 @@ def _patch() -> None:
         self: state.State, rule: state.RuleStats, client: str, target: str, path: str
     ) -> state.Session:
         now = time.monotonic()
-        return state.Session(next(ids), rule, client, target, path, 0.0, now)
+        return state.Session(next(ids), rule, client, target, path, now)
 
     def close_session(self: state.State, session: state.Session) -> None:
         return None

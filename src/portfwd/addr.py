@@ -206,12 +206,19 @@ def parse_unix(text: str) -> UnixPath:
     return UnixPath(path)
 
 
-def parse_listen(text: str) -> Endpoint:
+def _address_text(value: object) -> str:
+    """The stripped text of an address; a TOML number or list is refused here, not deeper."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{value!r} is not an address", hint='write a string such as "127.0.0.1:8080"')
+    return value.strip()
+
+
+def parse_listen(value: object) -> Endpoint:
     """Parse a listen side: `8080`, `*:8080`, `0.0.0.0:8000-8010`, `[::]:8080`, `unix:/path`.
 
-    Raises ConfigError naming what is wrong.
+    Raises ConfigError naming what is wrong (also for a value that is not text).
     """
-    text = text.strip()
+    text = _address_text(value)
     if text.startswith(UNIX_PREFIX):
         return parse_unix(text)
     if text.isdigit() or re.fullmatch(r"\d+-\d+", text):
@@ -220,12 +227,12 @@ def parse_listen(text: str) -> Endpoint:
     return HostPorts(parse_host(host, allow_any=True), parse_port_range(port))
 
 
-def parse_target(text: str) -> Endpoint:
+def parse_target(value: object) -> Endpoint:
     """Parse a connect side: `host:port`, `[v6]:port`, `host:9000-9010`, `unix:/path`.
 
-    Raises ConfigError naming what is wrong.
+    Raises ConfigError naming what is wrong (also for a value that is not text).
     """
-    text = text.strip()
+    text = _address_text(value)
     if text.startswith(UNIX_PREFIX):
         return parse_unix(text)
     if text.isdigit():

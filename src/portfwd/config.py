@@ -90,8 +90,6 @@ def _translating(parse: typing.Callable[[Any], Any]) -> typing.Callable[[Any], A
     """Wrap a parser so its ConfigError becomes a pydantic error carrying our one line."""
 
     def validate(value: Any) -> Any:
-        if parse in (parse_listen, parse_target) and not isinstance(value, str):
-            raise _fail(f'{value!r} is not an address; write a string such as "127.0.0.1:8080"')
         try:
             return parse(value)
         except ConfigError as exc:
@@ -407,7 +405,6 @@ def find(explicit: str | None) -> Path:
     """
     if explicit:
         return Path(explicit)
-    candidates = []
     if env := os.environ.get("PORTFWD_CONFIG"):
         return Path(env)
     candidates = [

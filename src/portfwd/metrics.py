@@ -31,12 +31,7 @@ class StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         """Build the samples from one consistent-enough snapshot of the state."""
         rules = list(self.state.rules.values())
-        live_up: dict[str, int] = {}
-        live_down: dict[str, int] = {}
-        for session in list(self.state.sessions.values()):
-            name = session.rule.name
-            live_up[name] = live_up.get(name, 0) + session.bytes_up
-            live_down[name] = live_down.get(name, 0) + session.bytes_down
+        totals = self.state.rule_bytes()
         total = CounterMetricFamily(
             "portfwd_connections",
             "Connections (TCP) and flows (UDP) accepted per rule",
@@ -56,8 +51,9 @@ class StateCollector(Collector):
         for rule in rules:
             total.add_metric([rule.name], rule.connections_total)
             active.add_metric([rule.name], rule.connections_active)
-            data.add_metric([rule.name, "up"], rule.bytes_up + live_up.get(rule.name, 0))
-            data.add_metric([rule.name, "down"], rule.bytes_down + live_down.get(rule.name, 0))
+            up, down = totals[rule.name]
+            data.add_metric([rule.name, "up"], up)
+            data.add_metric([rule.name, "down"], down)
             if rule.denied_total:
                 errors.add_metric([rule.name, "denied"], rule.denied_total)
             for reason, count in list(rule.errors.items()):

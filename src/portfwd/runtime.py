@@ -26,7 +26,7 @@ from typing import Any
 
 from portfwd import __version__
 from portfwd import config as config_module
-from portfwd.addr import HostPorts, UnixPath, format_host
+from portfwd.addr import HostPorts, UnixPath
 from portfwd.config import Config, ForwardConfig
 from portfwd.control import ControlServer, default_path
 from portfwd.errors import BindError, ConfigError, PortfwdError, RuntimeFailure
@@ -108,6 +108,11 @@ def drop_privileges(user: str, group: str | None, owned: list[str] | None = None
     log.info("dropped privileges to user %s (uid %d, gid %d)", user, entry.pw_uid, gid)
 
 
+def relay_path(rule: ForwardConfig, splice_ok: bool) -> RelayPath:
+    """The TCP relay a rule gets: splice when possible and not refused, else the Protocol pair."""
+    return "splice" if splice_ok and rule.relay != "protocol" else "protocol"
+
+
 def _accepting(listener: socket.socket, forwarder: TcpForwarder) -> TcpListener:
     """Wire a listening socket to its forwarder, both ways (serve clients; pause on exhaustion)."""
     accepting = TcpListener(listener, forwarder.serve, forwarder.label)
@@ -152,11 +157,9 @@ class Runtime:
         self._retired_tasks: set[asyncio.Task[dict[str, Any]]] = set()
 
     def _path_for(self, rule: ForwardConfig) -> RelayPath:
-        if rule.relay == "protocol" or not self._splice:
-            if rule.relay == "splice" and not self._splice:
-                log.warning('%s: relay = "splice" is not possible here; using the protocol path', rule.label)
-            return "protocol"
-        return "splice"
+        if rule.relay == "splice" and not self._splice:
+            log.warning('%s: relay = "splice" is not possible here; using the protocol path', rule.label)
+        return relay_path(rule, self._splice)
 
     def _start_rule(self, index: int, rule: ForwardConfig) -> _RuleRun:
         what = f"forward[{index}]" + (f" ({rule.name})" if rule.name else "")
@@ -461,7 +464,7 @@ def run(
 
 def describe(config: Config) -> list[tuple[str, str, str, str, str, str]]:
     """Rows for `portfwd check`: name, listen, connect, protocol, access, relay."""
-    rows = []
+    rows: list[tuple[str, str, str, str, str, str]] = []
     splice = splice_available()
     for rule in config.forward:
         access = []
@@ -471,18 +474,11 @@ def describe(config: Config) -> list[tuple[str, str, str, str, str, str]]:
             access.append("deny " + ", ".join(map(str, rule.deny)))
         for route in rule.route:
             access.append(f"{', '.join(map(str, route.source))} -> {route.connect}")
-        relay = (
-            "udp"
-            if not rule.protocol.has_tcp
-            else ("splice" if splice and rule.relay != "protocol" else "protocol")
-        )
-        listen = str(rule.listen)
-        if isinstance(rule.listen, HostPorts) and rule.listen.is_any:
-            listen = f"{format_host('')}:{rule.listen.ports}"
+        relay: str = relay_path(rule, splice) if rule.protocol.has_tcp else "udp"
         rows.append(
             (
                 rule.label,
-                listen,
+                str(rule.listen),
                 str(rule.connect),
                 rule.protocol.value,
                 "; ".join(access) or "everyone",

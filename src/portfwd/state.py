@@ -67,9 +67,9 @@ class SessionOwner(Protocol):
 class Session:
     """One relayed connection (or UDP flow). Relays add to `bytes_up`/`bytes_down` directly.
 
-    `bytes_up` is client to target, `bytes_down` target to client. `started` is wall-clock
-    time (for display), `began` the monotonic clock (for durations), `active` the monotonic
-    time `sample()` last saw bytes move. `target` and `path` are shared strings.
+    `bytes_up` is client to target, `bytes_down` target to client. `began` is the monotonic
+    clock at open (wall-clock start is derived in snapshots), `active` the monotonic time
+    `sample()` last saw bytes move. `target` and `path` are shared strings.
     """
 
     id: int
@@ -77,7 +77,6 @@ class Session:
     client: str
     target: str
     path: str
-    started: float
     began: float
     bytes_up: int = 0
     bytes_down: int = 0
@@ -110,6 +109,7 @@ class State:
         self.triggers: list[dict[str, Any]] = []
         self.mappings: list[dict[str, Any]] = []
         self.started = time.time()
+        self._started_monotonic = time.monotonic()
         self.config_path: str | None = None
         self._ids = itertools.count(1)
         #: Called when the last live session closes (the runtime's drain waits on it).
@@ -125,7 +125,7 @@ class State:
     def open_session(self, rule: RuleStats, client: str, target: str, path: str) -> Session:
         """Register a new live session and count it."""
         now = time.monotonic()
-        session = Session(next(self._ids), rule, client, target, path, time.time(), now, active=now)
+        session = Session(next(self._ids), rule, client, target, path, now, active=now)
         self.sessions[session.id] = session
         rule.connections_total += 1
         rule.connections_active += 1
@@ -157,33 +157,37 @@ class State:
                 session.moved = moved
                 session.active = now
 
+    def rule_bytes(self) -> dict[str, tuple[int, int]]:
+        """Bytes (up, down) per rule, closed sessions plus live ones, so totals grow mid-transfer."""
+        totals = {name: (rule.bytes_up, rule.bytes_down) for name, rule in self.rules.items()}
+        for session in self.sessions.values():
+            up, down = totals.get(session.rule.name, (0, 0))
+            totals[session.rule.name] = (up + session.bytes_up, down + session.bytes_down)
+        return totals
+
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready picture of everything, for `portfwd status` and tests.
 
         Rule byte counts include live sessions, so they grow while a transfer runs.
         """
         now = time.monotonic()
-        live_up: dict[str, int] = {}
-        live_down: dict[str, int] = {}
-        sessions = []
-        for session in self.sessions.values():
-            name = session.rule.name
-            live_up[name] = live_up.get(name, 0) + session.bytes_up
-            live_down[name] = live_down.get(name, 0) + session.bytes_down
-            sessions.append(
-                {
-                    "id": session.id,
-                    "rule": name,
-                    "client": session.client,
-                    "target": session.target,
-                    "path": session.path,
-                    "started": session.started,
-                    "age": now - session.began,
-                    "idle": now - max(session.active, session.began),
-                    "bytes_up": session.bytes_up,
-                    "bytes_down": session.bytes_down,
-                }
-            )
+        wall_offset = self.started - self._started_monotonic
+        totals = self.rule_bytes()
+        sessions = [
+            {
+                "id": session.id,
+                "rule": session.rule.name,
+                "client": session.client,
+                "target": session.target,
+                "path": session.path,
+                "started": wall_offset + session.began,
+                "age": now - session.began,
+                "idle": now - max(session.active, session.began),
+                "bytes_up": session.bytes_up,
+                "bytes_down": session.bytes_down,
+            }
+            for session in self.sessions.values()
+        ]
         rules = [
             {
                 "name": rule.name,
@@ -194,8 +198,8 @@ class State:
                 "running": rule.running,
                 "connections_total": rule.connections_total,
                 "connections_active": rule.connections_active,
-                "bytes_up": rule.bytes_up + live_up.get(rule.name, 0),
-                "bytes_down": rule.bytes_down + live_down.get(rule.name, 0),
+                "bytes_up": totals[rule.name][0],
+                "bytes_down": totals[rule.name][1],
                 "denied_total": rule.denied_total,
                 "errors": dict(rule.errors),
                 "udp_flows_active": rule.udp_flows_active,

@@ -136,8 +136,8 @@ class TcpForwarder:
         self.policy = compile_policy(rule)
         self._open = self.policy.is_open
         self._default = resolve_target(rule.listen, rule.connect, port)
-        self._texts: dict[Target, str] = {}
-        self._addresses: dict[Target, Addresses | None] = {}
+        #: Per target: its log text and, for IP literals and Unix paths, its addresses (computed once).
+        self._targets: dict[Target, tuple[str, Addresses | None]] = {}
         self._family = socket.AF_UNIX if isinstance(rule.listen, UnixPath) else socket.AF_INET
         self._pending: set[_Pending] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -165,13 +165,12 @@ class TcpForwarder:
             log.debug("%s: client gone before it was served: %s", self.label, exc)
             client.close()
             return
-        text = self._texts.get(target)
-        if text is None:
-            text = self._texts[target] = format_target(target)
-            self._addresses[target] = literal_addresses(target)
+        known = self._targets.get(target)
+        if known is None:
+            known = self._targets[target] = (format_target(target), literal_addresses(target))
+        text, addresses = known
         pending = _Pending(self, client, describe_peer(client, peer), text)
         self._pending.add(pending)
-        addresses = self._addresses[target]
         if addresses is not None:
             pending.connect = Connect(addresses, self.rule.connect_timeout, pending.done)
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import socket
@@ -59,7 +60,9 @@ def _family_for(host: str) -> tuple[int, str]:
     return family, str(sockaddr[0])
 
 
+@functools.cache
 def _ipv6_works() -> bool:
+    """Whether this kernel can bind IPv6 at all; probed once (a 1000-port range binds 1000 times)."""
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
             probe.bind(("::", 0))
