@@ -167,6 +167,25 @@ def parse_host(text: str, *, allow_any: bool) -> str:
     return text
 
 
+def split_colons(spec: str) -> list[str]:
+    """Split a spec at colons outside `[...]`, keeping the brackets on their token."""
+    tokens: list[str] = []
+    current = ""
+    depth = 0
+    for char in spec:
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth = max(depth - 1, 0)
+        if char == ":" and depth == 0:
+            tokens.append(current)
+            current = ""
+        else:
+            current += char
+    tokens.append(current)
+    return tokens
+
+
 def split_host_port(text: str) -> tuple[str, str]:
     """Split `host:port` or `[v6]:port` at the port colon; the port part may be empty.
 

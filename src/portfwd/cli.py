@@ -23,7 +23,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from portfwd import __version__, config, control, runtime, spec
+from portfwd import __version__, config, control, runtime, spec, tunnelspec
 from portfwd.errors import ConfigError, PortfwdError, RuntimeFailure
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -52,6 +52,8 @@ def _setup_logging(verbose: int, quiet: bool, log_format: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("portfwd").setLevel(logging.DEBUG if verbose and not quiet else logging.NOTSET)
+    # asyncssh narrates every channel at INFO; portfwd logs what matters itself.
+    logging.getLogger("asyncssh").setLevel(logging.NOTSET if verbose > 1 else logging.WARNING)
 
 
 def _logging_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -139,6 +141,129 @@ def forward(
     _setup_logging(verbose, quiet, log_format)
     loaded = spec.rules_from_specs(specs, allow, deny)
     runtime.run(loaded, strict=strict, control_optional=True)
+
+
+@app.command(context_settings={"ignore_unknown_options": False})
+@click.argument("destination", metavar="[user@]host[:port]")
+@click.option(
+    "-L", "local", multiple=True, metavar="SPEC", help="[bind:]port:host:hostport (or socket paths)."
+)
+@click.option(
+    "-R", "remote", multiple=True, metavar="SPEC", help="[bind:]port:host:hostport, or [bind:]port for SOCKS."
+)
+@click.option("-D", "dynamic", multiple=True, metavar="SPEC", help="[bind:]port: a SOCKS 4/4a/5 server.")
+@click.option("-p", "port", type=int, metavar="PORT", help="SSH server port.")
+@click.option("-i", "identity", multiple=True, metavar="KEY", help="Private key file (repeatable).")
+@click.option("-J", "jump", metavar="JUMP", help="Jump host(s): [user@]host[:port][,...].")
+@click.option("-o", "options", multiple=True, metavar="Key=Value", help="OpenSSH option (see below).")
+@click.option("-F", "ssh_config", metavar="FILE", help="ssh_config file instead of ~/.ssh/config.")
+@click.option("-C", "compression", is_flag=True, help="Compress (Compression=yes).")
+@click.option("-N", "no_command", is_flag=True, help="Accepted for ssh compatibility: never runs a command.")
+@click.option("--name", help="Name in status and logs (default: the destination).")
+@_logging_options
+def ssh(
+    destination: str,
+    local: tuple[str, ...],
+    remote: tuple[str, ...],
+    dynamic: tuple[str, ...],
+    port: int | None,
+    identity: tuple[str, ...],
+    jump: str | None,
+    options: tuple[str, ...],
+    ssh_config: str | None,
+    compression: bool,
+    no_command: bool,
+    name: str | None,
+    verbose: int,
+    quiet: bool,
+    log_format: str,
+) -> None:
+    """OpenSSH-style tunnels that reconnect by themselves: portfwd ssh [user@]host -L/-R/-D SPEC.
+
+    -o understands ServerAliveInterval, ServerAliveCountMax, ExitOnForwardFailure,
+    StrictHostKeyChecking (yes, accept-new), UserKnownHostsFile, ConnectTimeout, Compression,
+    Ciphers, Port, User, IdentityFile, IdentitiesOnly, ProxyJump and BatchMode.
+    """
+    _setup_logging(verbose, quiet, log_format)
+    loaded = tunnel_from_args(
+        destination, local, remote, dynamic, port, identity, jump, options, ssh_config, compression, name
+    )
+    runtime.run(loaded, control_optional=True, exit_on_auth=True)
+
+
+def tunnel_from_args(
+    destination: str,
+    local: tuple[str, ...],
+    remote: tuple[str, ...],
+    dynamic: tuple[str, ...],
+    port: int | None,
+    identity: tuple[str, ...],
+    jump: str | None,
+    options: tuple[str, ...],
+    ssh_config: str | None,
+    compression: bool,
+    name: str | None,
+) -> config.Config:
+    """The Config `portfwd ssh ARGS` runs: one [[tunnel]]. Raises ConfigError, one line per problem."""
+    problems: list[str] = []
+    table: dict[str, Any] = {"ssh": destination}
+    for flag, kind, specs in (("-L", "local", local), ("-R", "remote", remote), ("-D", "dynamic", dynamic)):
+        for item in specs:
+            try:
+                tunnelspec.parse_forward(kind, item)  # type: ignore[arg-type]
+            except ConfigError as exc:
+                problems.append(f"{flag} {item}: {exc.line()}")
+        table[kind] = list(specs)
+    if port is not None:
+        table["port"] = port
+    if identity:
+        table["identity"] = list(identity)
+    if jump:
+        table["jump"] = jump.split(",")
+    if ssh_config:
+        table["ssh_config"] = [ssh_config]
+    if compression:
+        table["compression"] = True
+    if name:
+        table["name"] = name
+    for option in options:
+        try:
+            tunnelspec.parse_option(option, table)
+        except ConfigError as exc:
+            problems.append(exc.line())
+    if not (local or remote or dynamic):
+        problems.append("no forward given; add -L, -R or -D (portfwd ssh only forwards ports)")
+    if problems:
+        raise ConfigError(problems[0], problems=problems)
+    try:
+        return config.validate({"tunnel": [table]})
+    except ConfigError as exc:
+        lines = [_cli_words(line) for line in exc.problems]
+        raise ConfigError(lines[0], problems=lines) from None
+
+
+_CLI_KEYS = {
+    "ssh": "destination",
+    "port": "-p",
+    "identity": "-i",
+    "jump": "-J",
+    "keepalive_interval": "-o ServerAliveInterval",
+    "keepalive_count": "-o ServerAliveCountMax",
+    "connect_timeout": "-o ConnectTimeout",
+    "ciphers": "-o Ciphers",
+    "known_hosts": "-o UserKnownHostsFile",
+    "user": "-o User",
+}
+
+
+def _cli_words(line: str) -> str:
+    """`tunnel[0].ciphers: ...` as a CLI user wrote it: `-o Ciphers: ...`."""
+    prefix = "tunnel[0]"
+    if not line.startswith(prefix):
+        return line
+    rest = line[len(prefix) :].lstrip(".")
+    key, _, message = rest.partition(": ")
+    return f"{_CLI_KEYS.get(key, key)}: {message}" if key else message
 
 
 def _control_path(config_file: str | None) -> Path:
@@ -237,9 +362,60 @@ def _status_view(status: dict[str, Any]) -> Group:
             _age(item["age"]),
             _age(item["idle"]),
         )
-    parts: list[Any] = [header, rules]
+    parts: list[Any] = [header]
+    if status.get("rules") or not status.get("tunnels"):
+        parts.append(rules)
+    if status.get("tunnels"):
+        parts.append(_tunnel_view(status["tunnels"]))
     parts.append(sessions if status.get("sessions") else Text("no live sessions"))
     return Group(*parts)
+
+
+def _tunnel_view(tunnels: list[dict[str, Any]]) -> Table:
+    """One row per tunnel (state, since, reconnects, last error), then one per forward."""
+    table = Table(title="tunnels", title_justify="left", box=box.SIMPLE_HEAD)
+    for column, justify in (
+        ("tunnel / forward", "left"),
+        ("listen", "left"),
+        ("target", "left"),
+        ("state", "left"),
+        ("active", "right"),
+        ("total", "right"),
+        ("up", "right"),
+        ("down", "right"),
+        ("note", "left"),
+    ):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    now = time.time()
+    for tunnel in tunnels:
+        note = f"{tunnel['reconnects']} reconnects"
+        if tunnel.get("last_error"):
+            note += f"; last error: {tunnel['last_error']}"
+        table.add_row(
+            f"{tunnel['name']}",
+            tunnel["server"],
+            "",
+            f"{tunnel['state']} {_age(now - float(tunnel['since']))}",
+            "",
+            "",
+            "",
+            "",
+            note,
+        )
+        for forward in tunnel["forwards"]:
+            errors = ", ".join(f"{key} {value}" for key, value in sorted(forward["errors"].items()))
+            table.add_row(
+                f"  {forward['spec'].split()[0]}",
+                forward["listen"],
+                forward["target"],
+                forward["state"],
+                str(forward["connections_active"]),
+                str(forward["connections_total"]),
+                _bytes(forward["bytes_up"]),
+                _bytes(forward["bytes_down"]),
+                "; ".join(item for item in (forward.get("error", ""), errors) if item) or "-",
+            )
+    return table
 
 
 @app.command()

@@ -29,6 +29,7 @@ from portfwd.addr import (
     parse_target,
 )
 from portfwd.errors import ConfigError
+from portfwd.tunnelspec import Kind, TunnelForward, parse_destination, parse_forward
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -36,7 +37,6 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 #: Sections PRODUCT.md describes whose engines are not in this version yet.
 _PLANNED_SECTIONS = {
-    "tunnel": "SSH client tunnels",
     "server": "the SSH tunnel server",
     "gateway": "nftables gateway forwarding",
     "map": "router port mapping",
@@ -154,6 +154,109 @@ class ForwardConfig(_Model):
         return f"{self.listen}{suffix}"
 
 
+def _forwards(kind: Kind) -> typing.Callable[[Any], tuple[TunnelForward, ...]]:
+    def parse(value: Any) -> tuple[TunnelForward, ...]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise _fail(f'must be a list of specs; write {kind} = ["..."]')
+        out = []
+        for index, item in enumerate(items):
+            try:
+                out.append(parse_forward(kind, item))
+            except ConfigError as exc:
+                raise _fail(f"[{index}] {exc.line()}") from exc
+        return tuple(out)
+
+    return parse
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(item, str) and item for item in items):
+        raise _fail('must be a path or a list of paths; write ["~/.ssh/id_ed25519"]')
+    return tuple(items)
+
+
+def _seconds_or_off(value: Any) -> float:
+    if value in (0, "0", "off", "no"):
+        return 0.0
+    try:
+        return parse_duration(value)
+    except ConfigError as exc:
+        raise _fail(exc.line() + " (or 0 to turn it off)") from exc
+
+
+def _ciphers(value: Any) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(item, str) for item in items):
+        raise _fail('must be a list of cipher names; write ["aes128-gcm@openssh.com"]')
+    from asyncssh.encryption import get_encryption_algs  # only here: config stays light to import
+
+    known = [alg.decode() for alg in get_encryption_algs()]
+    for item in items:
+        if item.strip() not in known:
+            raise _fail(f"unknown cipher {item!r}; use one of: {', '.join(known)}")
+    return tuple(item.strip() for item in items)
+
+
+def _strictness(value: Any) -> str:
+    if value in ("yes", "accept-new"):
+        return str(value)
+    if value in ("no", "off", False):
+        raise _fail('portfwd never skips host-key checks; use "yes" or "accept-new"')
+    raise _fail(f'{value!r} is not a choice; use "yes" (known keys only) or "accept-new" (record a first key)')
+
+
+def _destination(value: Any) -> str:
+    try:
+        parse_destination(value)
+    except ConfigError as exc:
+        raise _fail(exc.line()) from exc
+    return str(value).strip()
+
+
+Paths = Annotated[tuple[str, ...], PlainValidator(_strings)]
+
+
+class TunnelConfig(_Model):
+    """`[[tunnel]]`: one SSH connection and the forwards it carries (what `portfwd ssh` builds)."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=64)
+    ssh: Annotated[str, PlainValidator(_destination)]
+    port: int | None = Field(default=None, ge=1, le=65535)
+    user: str | None = Field(default=None, min_length=1)
+    identity: Paths = ()
+    agent: bool = True
+    known_hosts: Paths = ("~/.ssh/known_hosts",)
+    strict_host_key_checking: Annotated[str, PlainValidator(_strictness)] = "yes"
+    jump: tuple[Annotated[str, PlainValidator(_destination)], ...] = ()
+    ssh_config: Paths | None = None
+    local: Annotated[tuple[TunnelForward, ...], PlainValidator(_forwards("local"))] = ()
+    remote: Annotated[tuple[TunnelForward, ...], PlainValidator(_forwards("remote"))] = ()
+    dynamic: Annotated[tuple[TunnelForward, ...], PlainValidator(_forwards("dynamic"))] = ()
+    keepalive_interval: Annotated[float, PlainValidator(_seconds_or_off)] = 15.0
+    keepalive_count: int = Field(default=3, ge=1, le=1000)
+    connect_timeout: Duration = 10.0
+    reconnect_min: Duration = 1.0
+    reconnect_max: Duration = 60.0
+    reconnect_attempts: int = Field(default=0, ge=0)
+    exit_on_forward_failure: bool = False
+    compression: bool = False
+    ciphers: Annotated[tuple[str, ...], PlainValidator(_ciphers)] = ()
+    socks_user: str | None = Field(default=None, min_length=1, max_length=255)
+    socks_password: str | None = Field(default=None, min_length=1, max_length=255)
+
+    @property
+    def label(self) -> str:
+        """The tunnel's name for logs and tables; defaults to its destination."""
+        return self.name if self.name is not None else self.ssh
+
+    @property
+    def forwards(self) -> tuple[TunnelForward, ...]:
+        """Every forward, -L then -R then -D."""
+        return (*self.local, *self.remote, *self.dynamic)
+
+
 class MetricsConfig(_Model):
     """`[metrics]`: where the Prometheus endpoint listens."""
 
@@ -175,6 +278,7 @@ class Config(_Model):
     group: str | None = Field(default=None, min_length=1)
     drain_timeout: Duration = 10.0
     forward: tuple[ForwardConfig, ...] = ()
+    tunnel: tuple[TunnelConfig, ...] = ()
     metrics: MetricsConfig | None = None
     control: ControlConfig = ControlConfig()
 
@@ -299,10 +403,33 @@ def _check_rules(config: Config) -> list[str]:
                         )
                         break
                     bound.append((index, proto, rule.listen.host, port))
+    problems.extend(_check_tunnels(config))
     if config.metrics is not None:
         listen = config.metrics.listen
         if not isinstance(listen, HostPorts) or len(listen.ports) != 1:
             problems.append('metrics.listen: must be one host:port; write "127.0.0.1:9930"')
+    return problems
+
+
+def _check_tunnels(config: Config) -> list[str]:
+    problems: list[str] = []
+    names: dict[str, int] = {}
+    for index, tunnel in enumerate(config.tunnel):
+        field = f"tunnel[{index}]"
+        if tunnel.name is not None:
+            if tunnel.name in names:
+                problems.append(
+                    f"{field}.name: {tunnel.name!r} is already the name of tunnel[{names[tunnel.name]}]"
+                )
+            names[tunnel.name] = index
+        if not tunnel.forwards:
+            problems.append(f"{field}: no forward; add local, remote or dynamic (or -L/-R/-D)")
+        if (tunnel.socks_user is None) != (tunnel.socks_password is None):
+            problems.append(f"{field}.socks_user: set socks_user and socks_password together")
+        if tunnel.reconnect_max < tunnel.reconnect_min:
+            problems.append(
+                f"{field}.reconnect_max: must be at least reconnect_min ({tunnel.reconnect_min:g}s)"
+            )
     return problems
 
 

@@ -67,6 +67,37 @@ class StateCollector(Collector):
                 buckets.append((bound, cumulative))
             connect.add_metric([rule.name], buckets, sum_value=rule.connect_seconds_sum)
         yield from (total, active, data, errors, flows, connect)
+        yield from self._tunnels()
+
+    def _tunnels(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("portfwd_tunnel_up", "1 while the SSH link is up", labels=["tunnel"])
+        reconnects = CounterMetricFamily(
+            "portfwd_tunnel_reconnects", "Times the SSH link came back after a loss", labels=["tunnel"]
+        )
+        sessions = CounterMetricFamily(
+            "portfwd_tunnel_connections", "Sessions per tunnel forward", labels=["tunnel", "forward"]
+        )
+        active = GaugeMetricFamily(
+            "portfwd_tunnel_connections_active",
+            "Live sessions per tunnel forward",
+            labels=["tunnel", "forward"],
+        )
+        data = CounterMetricFamily(
+            "portfwd_tunnel_bytes",
+            "Bytes through a tunnel forward; up is client to target",
+            labels=["tunnel", "forward", "direction"],
+        )
+        for tunnel in self.state.tunnel_rows():
+            name = tunnel["name"]
+            up.add_metric([name], 1 if tunnel["state"] == "up" else 0)
+            reconnects.add_metric([name], tunnel["reconnects"])
+            for forward in tunnel["forwards"]:
+                labels = [name, forward["spec"]]
+                sessions.add_metric(labels, forward["connections_total"])
+                active.add_metric(labels, forward["connections_active"])
+                data.add_metric([*labels, "up"], forward["bytes_up"])
+                data.add_metric([*labels, "down"], forward["bytes_down"])
+        yield from (up, reconnects, sessions, active, data)
 
 
 class MetricsServer:

@@ -27,7 +27,7 @@ from typing import Any
 from portfwd import __version__
 from portfwd import config as config_module
 from portfwd.addr import HostPorts, UnixPath
-from portfwd.config import Config, ForwardConfig
+from portfwd.config import Config, ForwardConfig, TunnelConfig
 from portfwd.control import ControlServer, default_path
 from portfwd.errors import BindError, ConfigError, PortfwdError, RuntimeFailure
 from portfwd.metrics import MetricsServer
@@ -36,6 +36,7 @@ from portfwd.relay.listener import TcpListener, bind_ip, bind_unix
 from portfwd.relay.splice import PipePool, splice_available
 from portfwd.relay.udp import UdpForwarder
 from portfwd.state import Listener, State
+from portfwd.tunnel.client import Tunnel
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +136,13 @@ class Runtime:
         strict: bool = False,
         config_path: Path | None = None,
         control_optional: bool = False,
+        exit_on_auth: bool = False,
     ) -> None:
         self.config = config
+        self.exit_on_auth = exit_on_auth
+        #: Set when a part must end the process (host key refused, ExitOnForwardFailure).
+        self.fatal_error: PortfwdError | None = None
+        self._tunnels: dict[TunnelConfig, Tunnel] = {}
         self.control_optional = control_optional
         self.strict = strict
         self.config_path = config_path
@@ -231,6 +237,21 @@ class Runtime:
                 log.error("%s", exc.line())
         return failures
 
+    def _start_tunnels(self, tunnels: list[TunnelConfig]) -> list[PortfwdError]:
+        failures: list[PortfwdError] = []
+        for tunnel_config in tunnels:
+            tunnel = Tunnel(tunnel_config, self.state, self._fatal, exit_on_auth=self.exit_on_auth)
+            failures.extend(tunnel.start())
+            self._tunnels[tunnel_config] = tunnel
+        return failures
+
+    def _fatal(self, error: PortfwdError) -> None:
+        """A part that cannot go on without lying to its user: stop the process, exit 1."""
+        if self.fatal_error is None:
+            self.fatal_error = error
+            self._stopping = True  # no drain: the process is failing
+            self.request_stop()
+
     async def _start_metrics(self) -> BindError | None:
         if self.config.metrics is None:
             return None
@@ -277,6 +298,7 @@ class Runtime:
         raise_fd_limit()
         self._splice = splice_available()
         self.failures.extend(self._start_rules(list(enumerate(self.config.forward))))
+        self.failures.extend(self._start_tunnels(list(self.config.tunnel)))
         if (metrics_failure := await self._start_metrics()) is not None:
             self.failures.append(metrics_failure)
         await self._start_control()
@@ -284,12 +306,15 @@ class Runtime:
         if self.failures and self.strict:
             await self.stop()
             raise RuntimeFailure(f"{self.failures[0].line()} (--strict)")
-        if not self._runs and self._metrics is None:
+        if self.fatal_error is not None:
+            await self.stop()
+            raise RuntimeFailure(self.fatal_error.line())
+        if not self._runs and not self._tunnels and self._metrics is None:
             await self.stop()
             if self.failures:
                 raise RuntimeFailure(f"nothing could start: {self.failures[0].line()}")
             raise RuntimeFailure(
-                "nothing to run: the config has no [[forward]] rule",
+                "nothing to run: the config has no [[forward]] or [[tunnel]]",
                 hint="add one; see portfwd check",
             )
         if self.config.user is not None:
@@ -308,10 +333,11 @@ class Runtime:
         gc.freeze()
         listeners = sum(len(run.tcp) + len(run.udp) for run in self._runs.values())
         log.info(
-            "portfwd %s ready: %d rule(s), %d listening socket(s)%s%s",
+            "portfwd %s ready: %d rule(s), %d listening socket(s), %d tunnel(s)%s%s",
             __version__,
             len(self._runs),
             listeners,
+            len(self._tunnels),
             "" if self._splice else ", splice unavailable (protocol relay everywhere)",
             f", {len(self.failures)} failed" if self.failures else "",
         )
@@ -340,8 +366,16 @@ class Runtime:
                 self.state.listeners = [item for item in self.state.listeners if item.rule != rule.label]
                 self.state.rule(rule.label).running = False
                 log.info("%s: removed by reload; stopped listening, live sessions drain", rule.label)
+            old_tunnels = set(self._tunnels)
+            gone = [item for item in old_tunnels if item not in new.tunnel]
+            for tunnel_config in gone:
+                tunnel = self._tunnels.pop(tunnel_config)
+                await tunnel.stop()
+                self.state.tunnels.remove(tunnel.stats)
+                log.info("%s: tunnel removed by reload", tunnel.label)
             old, self.config = self.config, new
             failures = self._start_rules(added)
+            failures.extend(self._start_tunnels([item for item in new.tunnel if item not in old_tunnels]))
             if new.metrics != old.metrics and self._metrics is not None:
                 self._metrics.stop()
                 self._metrics = None
@@ -418,6 +452,9 @@ class Runtime:
                 async with asyncio.timeout(self.config.drain_timeout):
                     await drained.wait()
             self.state.on_empty = None
+        for tunnel in self._tunnels.values():
+            await tunnel.stop()
+        self._tunnels.clear()
         self._close_sessions("shutdown")
         await asyncio.sleep(0)  # let the close callbacks of aborted transports run
         if self._metrics is not None:
@@ -440,12 +477,23 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
 
 
 def run(
-    config: Config, *, strict: bool = False, config_path: Path | None = None, control_optional: bool = False
+    config: Config,
+    *,
+    strict: bool = False,
+    config_path: Path | None = None,
+    control_optional: bool = False,
+    exit_on_auth: bool = False,
 ) -> None:
     """Run until SIGTERM/SIGINT; SIGHUP reloads `config_path`. Raises RuntimeFailure."""
 
     async def main() -> None:
-        runtime = Runtime(config, strict=strict, config_path=config_path, control_optional=control_optional)
+        runtime = Runtime(
+            config,
+            strict=strict,
+            config_path=config_path,
+            control_optional=control_optional,
+            exit_on_auth=exit_on_auth,
+        )
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, runtime.request_stop)
@@ -457,6 +505,8 @@ def run(
             log.info("stopping")
             await runtime.stop()
             log.info("stopped")
+        if runtime.fatal_error is not None:
+            raise RuntimeFailure(runtime.fatal_error.line())
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(main())

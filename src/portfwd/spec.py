@@ -10,30 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from portfwd import config
-from portfwd.addr import UNIX_PREFIX
+from portfwd.addr import UNIX_PREFIX, split_colons
 from portfwd.errors import ConfigError
 
 _SUFFIXES = ("/tcp+udp", "/tcp", "/udp")
 _SHAPE = "write [bind:]port:host:hostport[/udp], e.g. 8080:10.0.0.5:80"
-
-
-def _tokens(spec: str) -> list[str]:
-    """Split at colons outside `[...]`, keeping the brackets on their token."""
-    tokens: list[str] = []
-    current = ""
-    depth = 0
-    for char in spec:
-        if char == "[":
-            depth += 1
-        elif char == "]":
-            depth = max(depth - 1, 0)
-        if char == ":" and depth == 0:
-            tokens.append(current)
-            current = ""
-        else:
-            current += char
-    tokens.append(current)
-    return tokens
 
 
 def split(spec: str) -> tuple[str, str, str]:
@@ -50,7 +31,7 @@ def split(spec: str) -> tuple[str, str, str]:
             protocol = suffix[1:]
             text = text[: -len(suffix)]
             break
-    tokens = _tokens(text)
+    tokens = split_colons(text)
     if tokens[0] == UNIX_PREFIX[:-1]:
         # unix:/listen/path:... — the path runs to the next colon.
         if len(tokens) < 3:

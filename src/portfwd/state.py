@@ -86,6 +86,40 @@ class Session:
 
 
 @dataclass(slots=True)
+class TunnelForwardStats:
+    """One -L/-R/-D forward of a tunnel: where it listens now, its state, and its counters."""
+
+    spec: str
+    kind: str
+    listen: str
+    target: str
+    state: str = "waiting"
+    error: str = ""
+    stats: RuleStats = field(default_factory=lambda: RuleStats(""))
+
+
+@dataclass(slots=True)
+class TunnelStats:
+    """One SSH tunnel: connecting, up, backoff or failed; since when; how often it came back."""
+
+    name: str
+    server: str
+    state: str = "connecting"
+    since: float = field(default_factory=time.time)
+    reconnects: int = 0
+    last_error: str = ""
+    forwards: list[TunnelForwardStats] = field(default_factory=list)
+
+    def enter(self, state: str, error: str | None = None) -> None:
+        """Move to `state` (and note why, when it is a failure)."""
+        if state != self.state:
+            self.state = state
+            self.since = time.time()
+        if error is not None:
+            self.last_error = error
+
+
+@dataclass(slots=True)
 class Listener:
     """One bound socket (or port range) of a rule."""
 
@@ -103,7 +137,7 @@ class State:
         self.listeners: list[Listener] = []
         self.sessions: dict[int, Session] = {}
         # Slots the later parts fill; listed in every snapshot so its shape never changes.
-        self.tunnels: list[dict[str, Any]] = []
+        self.tunnels: list[TunnelStats] = []
         self.server_sessions: list[dict[str, Any]] = []
         self.gateway_rules: list[dict[str, Any]] = []
         self.triggers: list[dict[str, Any]] = []
@@ -159,11 +193,58 @@ class State:
 
     def rule_bytes(self) -> dict[str, tuple[int, int]]:
         """Bytes (up, down) per rule, closed sessions plus live ones, so totals grow mid-transfer."""
-        totals = {name: (rule.bytes_up, rule.bytes_down) for name, rule in self.rules.items()}
-        for session in self.sessions.values():
-            up, down = totals.get(session.rule.name, (0, 0))
-            totals[session.rule.name] = (up + session.bytes_up, down + session.bytes_down)
+        live = self.live_bytes()
+        totals = {}
+        for name, rule in self.rules.items():
+            up, down = live.get(id(rule), (0, 0))
+            totals[name] = (rule.bytes_up + up, rule.bytes_down + down)
         return totals
+
+    def live_bytes(self) -> dict[int, tuple[int, int]]:
+        """Bytes (up, down) of live sessions, keyed by id() of their RuleStats."""
+        live: dict[int, tuple[int, int]] = {}
+        for session in self.sessions.values():
+            key = id(session.rule)
+            up, down = live.get(key, (0, 0))
+            live[key] = (up + session.bytes_up, down + session.bytes_down)
+        return live
+
+    def tunnel_rows(self) -> list[dict[str, Any]]:
+        """Tunnels with their forwards, byte totals including live sessions (JSON-ready)."""
+        live = self.live_bytes()
+        rows = []
+        for tunnel in self.tunnels:
+            forwards = []
+            for forward in tunnel.forwards:
+                stats = forward.stats
+                up, down = live.get(id(stats), (0, 0))
+                forwards.append(
+                    {
+                        "spec": forward.spec,
+                        "kind": forward.kind,
+                        "listen": forward.listen,
+                        "target": forward.target,
+                        "state": forward.state,
+                        "error": forward.error,
+                        "connections_total": stats.connections_total,
+                        "connections_active": stats.connections_active,
+                        "bytes_up": stats.bytes_up + up,
+                        "bytes_down": stats.bytes_down + down,
+                        "errors": dict(stats.errors),
+                    }
+                )
+            rows.append(
+                {
+                    "name": tunnel.name,
+                    "server": tunnel.server,
+                    "state": tunnel.state,
+                    "since": tunnel.since,
+                    "reconnects": tunnel.reconnects,
+                    "last_error": tunnel.last_error,
+                    "forwards": forwards,
+                }
+            )
+        return rows
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready picture of everything, for `portfwd status` and tests.
@@ -216,7 +297,7 @@ class State:
                 for item in self.listeners
             ],
             "sessions": sessions,
-            "tunnels": list(self.tunnels),
+            "tunnels": self.tunnel_rows(),
             "server_sessions": list(self.server_sessions),
             "gateway_rules": list(self.gateway_rules),
             "triggers": list(self.triggers),

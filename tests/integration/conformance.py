@@ -34,10 +34,14 @@ class RelayConformance:
     def forward(self, target: Address) -> contextlib.AbstractAsyncContextManager[Address]:
         raise NotImplementedError
 
+    async def open_client(self, entry: Address) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect a client to the forward's entry (SOCKS paths add their handshake here)."""
+        return await open_client(entry)
+
     async def test_eight_mib_each_way_at_once(self, tmp_path: object) -> None:
         async with peer("exchange", self.upstream_address(tmp_path), PAYLOAD_DOWN) as upstream:
             async with self.forward(upstream.address) as entry:
-                reader, writer = await open_client(entry)
+                reader, writer = await self.open_client(entry)
 
                 async def send() -> None:
                     writer.write(PAYLOAD_UP)
@@ -57,7 +61,7 @@ class RelayConformance:
         request = os.urandom(MiB)
         async with peer("reply_after_eof", self.upstream_address(tmp_path)) as upstream:
             async with self.forward(upstream.address) as entry:
-                reader, writer = await open_client(entry)
+                reader, writer = await self.open_client(entry)
                 writer.write(request)
                 await writer.drain()
                 writer.write_eof()
@@ -69,7 +73,7 @@ class RelayConformance:
         greeting, request = os.urandom(MiB), os.urandom(MiB)
         async with peer("send_first", self.upstream_address(tmp_path), greeting) as upstream:
             async with self.forward(upstream.address) as entry:
-                reader, writer = await open_client(entry)
+                reader, writer = await self.open_client(entry)
                 got = await read_all(reader)  # EOF from upstream arrives first...
                 writer.write(request)  # ...and we can still send
                 await writer.drain()
@@ -82,10 +86,10 @@ class RelayConformance:
     async def test_second_client_served_while_first_is_open(self, tmp_path: object) -> None:
         async with peer("echo", self.upstream_address(tmp_path)) as upstream:
             async with self.forward(upstream.address) as entry:
-                first_reader, first_writer = await open_client(entry)
+                first_reader, first_writer = await self.open_client(entry)
                 first_writer.write(b"first")
                 assert await first_reader.readexactly(5) == b"first"
-                second_reader, second_writer = await open_client(entry)
+                second_reader, second_writer = await self.open_client(entry)
                 second_writer.write(b"second")
                 second_writer.write_eof()
                 assert await read_all(second_reader) == b"second"
@@ -100,7 +104,7 @@ class RelayConformance:
 
                 async def client(index: int) -> bool:
                     data = os.urandom(64 * 1024) + index.to_bytes(4, "big")
-                    reader, writer = await open_client(entry)
+                    reader, writer = await self.open_client(entry)
                     writer.write(data)
                     await writer.drain()
                     writer.write_eof()
@@ -115,12 +119,12 @@ class RelayConformance:
     async def test_refused_upstream_does_not_stop_the_listener(self, tmp_path: object) -> None:
         target = self.upstream_address(tmp_path)  # nothing listens there yet
         async with self.forward(target) as entry:
-            reader, writer = await open_client(entry)
+            reader, writer = await self.open_client(entry)
             with contextlib.suppress(ConnectionError):
                 assert await read_all(reader) == b""  # closed, not hung
             writer.close()
             async with peer("echo", target):
-                reader, writer = await open_client(entry)
+                reader, writer = await self.open_client(entry)
                 writer.write(b"after refusal")
                 writer.write_eof()
                 assert await read_all(reader) == b"after refusal"

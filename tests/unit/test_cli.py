@@ -118,5 +118,5 @@ def test_nothing_to_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert code == 1
     assert (
         err.splitlines()[-1]
-        == "portfwd: nothing to run: the config has no [[forward]] rule; add one; see portfwd check"
+        == "portfwd: nothing to run: the config has no [[forward]] or [[tunnel]]; add one; see portfwd check"
     )

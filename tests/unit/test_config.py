@@ -146,11 +146,34 @@ BAD = [
     ),
     (
         'colour = "blue"\n',
-        "colour: unknown key; remove it or use one of: user, group, drain_timeout, forward, metrics, control",
+        "colour: unknown key; remove it or use one of: user, group, drain_timeout, forward, tunnel, metrics, control",
     ),
     (
-        '[[tunnel]]\nname = "office"\n',
-        "tunnel: SSH client tunnels is not available in portfwd 0.1 yet; remove this section to run the rest",
+        '[server]\nlisten = "0.0.0.0:2222"\n',
+        "server: the SSH tunnel server is not available in portfwd 0.1 yet; remove this section to run the rest",
+    ),
+    ('[[tunnel]]\nname = "office"\n', "tunnel[0].ssh: required key is missing; add it"),
+    ('[[tunnel]]\nssh = "a@h"\n', "tunnel[0]: no forward; add local, remote or dynamic (or -L/-R/-D)"),
+    (
+        '[[tunnel]]\nssh = "a@h"\nlocal = ["8080"]\n',
+        "tunnel[0].local: [0] '8080' has no target; write -L [bind:]port:host:hostport, e.g. 127.0.0.1:5432:db.internal:5432",
+    ),
+    (
+        '[[tunnel]]\nssh = "a@h"\ndynamic = ["1080"]\nstrict_host_key_checking = "no"\n',
+        'tunnel[0].strict_host_key_checking: portfwd never skips host-key checks; use "yes" or "accept-new"',
+    ),
+    (
+        '[[tunnel]]\nssh = "a@h"\ndynamic = ["1080"]\nsocks_user = "u"\n',
+        "tunnel[0].socks_user: set socks_user and socks_password together",
+    ),
+    ('[[tunnel]]\nssh = "a@h:99999"\ndynamic = ["1080"]\n', "tunnel[0].ssh: port 99999 is out of range (1-65535)"),
+    (
+        '[[tunnel]]\nssh = "a@h"\ndynamic = "1080"\nciphers = ["rot13"]\n',
+        "tunnel[0].ciphers: unknown cipher 'rot13'; use one of: chacha20-poly1305@openssh.com, aes256-gcm@openssh.com, aes128-gcm@openssh.com, aes256-ctr, aes192-ctr, aes128-ctr, aes256-cbc, aes192-cbc, aes128-cbc, 3des-cbc, blowfish-cbc, cast128-cbc, seed-cbc@ssh.com, arcfour256, arcfour128, arcfour",
+    ),
+    (
+        '[[tunnel]]\nssh = "h"\nremote = ["1.2.3.4"]\n',
+        "tunnel[0].remote: [0] port '1.2.3.4' is not a number; write a port number such as 8080",
     ),
     (
         '[[forward]]\nlisten = 8080\nconnect = "h:1"\n',

@@ -1,0 +1,101 @@
+"""Host-key checking against OpenSSH known_hosts files, with answers a person can act on.
+
+asyncssh does the matching (hashed entries, `[host]:port`, patterns, `@cert-authority`,
+`@revoked`); this module adds what it leaves to the caller: StrictHostKeyChecking=accept-new
+(record a first key), and the exact file and line to fix when a key has changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+import asyncssh
+
+from portfwd.errors import RuntimeFailure
+
+log = logging.getLogger(__name__)
+
+
+class HostKeyError(RuntimeFailure):
+    """The server's host key is unknown or changed: never connected, never retried blindly."""
+
+
+def _entry_name(host: str, port: int) -> str:
+    return host if port in (0, 22) else f"[{host}]:{port}"
+
+
+class HostKeyCheck:
+    """Verifies one server's key for one connection attempt; `problem` says why it was refused."""
+
+    def __init__(self, files: list[str], accept_new: bool) -> None:
+        self.files = [Path(os.path.expanduser(item)) for item in files]
+        self.accept_new = accept_new
+        self.problem: HostKeyError | None = None
+
+    def _lines(self) -> list[tuple[Path, int, str]]:
+        lines: list[tuple[Path, int, str]] = []
+        for path in self.files:
+            with contextlib.suppress(OSError):
+                for number, line in enumerate(
+                    path.read_text(encoding="utf-8", errors="replace").splitlines(), 1
+                ):
+                    stripped = line.strip()
+                    if stripped and not stripped.startswith("#"):
+                        lines.append((path, number, stripped))
+        return lines
+
+    def known_hosts(self) -> asyncssh.SSHKnownHosts:
+        """Every readable file merged; a line asyncssh cannot read is refused naming file:line."""
+        lines = self._lines()
+        try:
+            return asyncssh.import_known_hosts("\n".join(line for _, _, line in lines) + "\n")
+        except (ValueError, asyncssh.KeyImportError):
+            pass
+        for path, number, line in lines:
+            try:
+                asyncssh.import_known_hosts(line + "\n")
+            except (ValueError, asyncssh.KeyImportError) as exc:
+                raise HostKeyError(
+                    f"{path}:{number}: not a known_hosts line ({exc})", hint="fix or delete that line"
+                ) from exc
+        raise HostKeyError(f"cannot read known_hosts {', '.join(map(str, self.files))}")  # pragma: no cover
+
+    def validate(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
+        """asyncssh asks this about a key no known_hosts entry trusts: accept-new, or refuse why."""
+        name = _entry_name(host, port)
+        offered = f"{key.get_algorithm()} {key.get_fingerprint()}"
+        for path, number, line in self._lines():
+            try:
+                entry = asyncssh.import_known_hosts(line + "\n")
+                host_keys, *_ = entry.match(host, addr, port)
+            except (ValueError, asyncssh.KeyImportError):
+                continue
+            if host_keys:
+                self.problem = HostKeyError(
+                    f"host key for {name} has CHANGED (server offers {offered}; "
+                    f"{path}:{number} holds another); refusing to connect",
+                    hint=f"if the change is expected, delete line {number} of {path} "
+                    f"(ssh-keygen -R '{name}' -f {path})",
+                )
+                return False
+        if not self.accept_new:
+            where = str(self.files[0]) if self.files else "known_hosts"
+            self.problem = HostKeyError(
+                f"host key for {name} is unknown ({offered}; not in {', '.join(map(str, self.files))})",
+                hint=f"add it to {where} (ssh-keyscan -p {port or 22} {host} >> {where}) "
+                "or use -o StrictHostKeyChecking=accept-new",
+            )
+            return False
+        target = self.files[0]
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with target.open("a", encoding="utf-8") as handle:
+                handle.write(f"{name} {key.export_public_key().decode().strip()}\n")
+        except OSError as exc:
+            self.problem = HostKeyError(f"cannot record the host key of {name} in {target}: {exc.strerror}")
+            return False
+        log.warning("recorded new host key for %s in %s: %s", name, target, offered)
+        return True

@@ -1,0 +1,288 @@
+"""OpenSSH's -L, -R and -D spec grammar, shared by `portfwd ssh` and `[[tunnel]]`.
+
+    -L [bind:]port:host:hostport   -L [bind:]port:/remote.sock   -L /local.sock:host:hostport
+    -R [bind:]port:host:hostport   -R [bind:]port:/local.sock    -R /remote.sock:host:hostport
+    -R [bind:]port                 (reverse dynamic: a SOCKS server on the far side, OpenSSH 7.6+)
+    -D [bind:]port
+
+A bind of `*` or an empty one (`:8080:...`) means every address; no bind at all means
+loopback for -L/-D (OpenSSH's GatewayPorts=no) and the server's default (loopback) for -R.
+`-R 0:...` lets the server pick the port. Socket paths are absolute (`/x.sock` or
+`unix:/x.sock`). IPv6 addresses go in brackets.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from portfwd.addr import (
+    UNIX_PREFIX,
+    format_host,
+    parse_host,
+    parse_port,
+    parse_unix,
+    split_colons,
+    split_host_port,
+)
+from portfwd.errors import ConfigError
+
+Kind = Literal["local", "remote", "dynamic"]
+
+_SHAPES: dict[Kind, str] = {
+    "local": "write -L [bind:]port:host:hostport, e.g. 127.0.0.1:5432:db.internal:5432",
+    "remote": "write -R [bind:]port:host:hostport, or -R [bind:]port for reverse SOCKS",
+    "dynamic": "write -D [bind:]port, e.g. 127.0.0.1:1080",
+}
+FLAGS: dict[Kind, str] = {"local": "-L", "remote": "-R", "dynamic": "-D"}
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelForward:
+    """One forward of a tunnel.
+
+    Listen side: `path` (a Unix socket) or `bind` + `port`; `bind` None is the default
+    (loopback here for local/dynamic; the server's choice for remote), "" every address.
+    Target: `target_path`, or `host` + `host_port`, or neither (dynamic: the SOCKS client
+    names it; also remote without a target, i.e. reverse dynamic).
+    """
+
+    kind: Kind
+    bind: str | None = None
+    port: int = 0
+    path: str | None = None
+    host: str | None = None
+    host_port: int = 0
+    target_path: str | None = None
+
+    @property
+    def is_socks(self) -> bool:
+        """True when a SOCKS client chooses each target (-D, or -R without a target)."""
+        return self.host is None and self.target_path is None
+
+    @property
+    def listen_text(self) -> str:
+        """Where it listens, `127.0.0.1:8080`, `*:8080` or `unix:/x.sock`."""
+        if self.path is not None:
+            return UNIX_PREFIX + self.path
+        bind = self.bind if self.bind is not None else ("localhost" if self.kind == "remote" else "127.0.0.1")
+        return f"{format_host(bind)}:{self.port}"
+
+    @property
+    def target_text(self) -> str:
+        """Where it goes, `db:5432`, `unix:/x.sock` or `socks`."""
+        if self.target_path is not None:
+            return UNIX_PREFIX + self.target_path
+        if self.host is not None:
+            return f"{format_host(self.host)}:{self.host_port}"
+        return "socks"
+
+    def __str__(self) -> str:
+        return f"{FLAGS[self.kind]} {self.listen_text} -> {self.target_text}"
+
+
+def _merge_unix(tokens: list[str]) -> list[str]:
+    """Join `unix` + `/path` (split at the prefix's colon) back into one `unix:/path` token."""
+    merged: list[str] = []
+    for token in tokens:
+        if merged and merged[-1] == UNIX_PREFIX[:-1] and token.startswith("/"):
+            merged[-1] = UNIX_PREFIX + token
+        else:
+            merged.append(token)
+    return merged
+
+
+def _is_path(token: str) -> bool:
+    return token.startswith("/") or token.startswith(UNIX_PREFIX)
+
+
+def _path(token: str) -> str:
+    return parse_unix(token if token.startswith(UNIX_PREFIX) else UNIX_PREFIX + token).path
+
+
+def _port(text: str, *, zero_ok: bool) -> int:
+    if zero_ok and text.strip() == "0":
+        return 0
+    return parse_port(text)
+
+
+def _bind(text: str) -> str:
+    if text == "localhost":
+        return "127.0.0.1"
+    return parse_host(text, allow_any=True)
+
+
+def parse_forward(kind: Kind, spec: object) -> TunnelForward:
+    """Parse one -L/-R/-D spec. Raises ConfigError naming what is wrong and the shape to write."""
+    if not isinstance(spec, str):
+        raise ConfigError(f"expected a string like {_SHAPES[kind].split(', e.g. ')[-1]!r}, got {spec!r}")
+    text = spec.strip()
+    shape = _SHAPES[kind]
+    if not text:
+        raise ConfigError(f"empty {FLAGS[kind]} spec", hint=shape)
+    tokens = _merge_unix(split_colons(text))
+    zero_ok = kind == "remote"
+    if len(tokens) > 4:
+        raise ConfigError(f"{text!r} is not a {FLAGS[kind]} spec", hint=shape)
+    if kind == "dynamic":
+        if len(tokens) > 2 or any(_is_path(token) for token in tokens):
+            raise ConfigError(f"{text!r} is not a -D spec", hint=shape)
+        if len(tokens) == 1:
+            return TunnelForward(kind, port=parse_port(tokens[0]))
+        return TunnelForward(kind, bind=_bind(tokens[0]), port=parse_port(tokens[1]))
+    # Listen side first: a path, or [bind:]port.
+    path: str | None = None
+    bind: str | None = None
+    port = 0
+    if _is_path(tokens[0]):
+        path, rest = _path(tokens[0]), tokens[1:]
+    elif len(tokens) in (2, 4) or (len(tokens) == 3 and _is_path(tokens[2])):
+        if len(tokens) == 2 and _is_path(tokens[1]):
+            port, rest = _port(tokens[0], zero_ok=zero_ok), tokens[1:]
+        else:
+            bind, port, rest = _bind(tokens[0]), _port(tokens[1], zero_ok=zero_ok), tokens[2:]
+    else:
+        port, rest = _port(tokens[0], zero_ok=zero_ok), tokens[1:]
+    # Then the target: nothing (reverse dynamic), a path, or host:hostport.
+    if not rest:
+        if kind == "local":
+            raise ConfigError(f"{text!r} has no target", hint=shape)
+        return TunnelForward(kind, bind=bind, port=port, path=path)
+    if len(rest) == 1 and _is_path(rest[0]):
+        return TunnelForward(kind, bind=bind, port=port, path=path, target_path=_path(rest[0]))
+    if len(rest) != 2:
+        raise ConfigError(f"{text!r} is not a {FLAGS[kind]} spec", hint=shape)
+    host_text = rest[0]
+    if host_text in ("", "*"):
+        raise ConfigError(f"{text!r} has no target host", hint=shape)
+    host = "localhost" if host_text == "localhost" else parse_host(host_text, allow_any=False)
+    return TunnelForward(kind, bind=bind, port=port, path=path, host=host, host_port=parse_port(rest[1]))
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_.%-]+$")
+
+
+def parse_destination(value: object) -> tuple[str | None, str, int | None]:
+    """Parse `[user@]host[:port]` (IPv6 in brackets) into (user, host, port).
+
+    The host may be an alias from ~/.ssh/config, so any name-like word is taken here; whether it
+    resolves is the connection's business. Raises ConfigError.
+    """
+    shape = "write [user@]host[:port], e.g. alice@bastion.example.org:22"
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{value!r} is not an SSH destination", hint=shape)
+    text = value.strip()
+    user: str | None = None
+    if "@" in text:
+        user, _, text = text.rpartition("@")
+        if not user or any(char.isspace() for char in user):
+            raise ConfigError(f"{value!r} has an empty or bad user name", hint=shape)
+    port: int | None = None
+    if text.startswith("["):
+        host_text, port_text = split_host_port(text) if "]:" in text else (text, "")
+        host = parse_host(host_text, allow_any=False) if host_text.endswith("]") else ""
+        if not host:
+            raise ConfigError(f"{value!r} has a bad IPv6 host", hint=shape)
+    else:
+        host, colon, port_text = text.partition(":")
+        if colon and ":" in port_text:
+            raise ConfigError(f"IPv6 address in {value!r} must be in brackets", hint="write user@[::1]:22")
+        if not _NAME.match(host):
+            raise ConfigError(f"{host!r} is not a host name or address", hint=shape)
+    if port_text:
+        port = parse_port(port_text)
+    return user, host, port
+
+
+#: `-o` options portfwd ssh understands, by lower-case name, and the [[tunnel]] key each sets.
+OPTION_KEYS = {
+    "serveraliveinterval": "keepalive_interval",
+    "serveralivecountmax": "keepalive_count",
+    "exitonforwardfailure": "exit_on_forward_failure",
+    "stricthostkeychecking": "strict_host_key_checking",
+    "userknownhostsfile": "known_hosts",
+    "connecttimeout": "connect_timeout",
+    "compression": "compression",
+    "ciphers": "ciphers",
+    "port": "port",
+    "user": "user",
+    "identityfile": "identity",
+    "identitiesonly": "agent",
+    "proxyjump": "jump",
+    "batchmode": None,  # portfwd never prompts: always batch mode
+}
+_YES = {"yes": True, "true": True, "no": False, "false": False}
+
+
+def _yes_no(name: str, value: str) -> bool:
+    try:
+        return _YES[value.lower()]
+    except KeyError:
+        raise ConfigError(f"-o {name}={value}: must be yes or no") from None
+
+
+def _whole(name: str, value: str, low: int) -> int:
+    if not value.isdigit() or int(value) < low:
+        raise ConfigError(f"-o {name}={value}: must be a whole number of at least {low}")
+    return int(value)
+
+
+def parse_option(text: str, into: dict[str, object]) -> None:
+    """Apply one `-o Key=Value` (or `Key Value`) to `into`, a [[tunnel]] table being built.
+
+    Names are case-insensitive as in OpenSSH. Raises ConfigError naming the option and the fix.
+    """
+    name, sep, value = text.strip().partition("=")
+    if not sep:
+        name, _, value = text.strip().partition(" ")
+    name, value = name.strip(), value.strip()
+    if not name or not value:
+        raise ConfigError(f"-o {text!r}: write -o Key=Value, e.g. -o ServerAliveInterval=15")
+    lower = name.lower()
+    if lower not in OPTION_KEYS:
+        known = "ServerAliveInterval, ServerAliveCountMax, ExitOnForwardFailure, StrictHostKeyChecking, "
+        known += "UserKnownHostsFile, ConnectTimeout, Compression, Ciphers, Port, User, IdentityFile, "
+        known += "IdentitiesOnly, ProxyJump, BatchMode"
+        raise ConfigError(f"-o {name}: not an option portfwd ssh supports; it supports {known}")
+    key = OPTION_KEYS[lower]
+    if lower == "batchmode":
+        if not _yes_no(name, value):
+            raise ConfigError(
+                f"-o {name}=no: portfwd ssh never prompts (it reconnects unattended); remove it"
+            )
+        return
+    if lower in ("serveraliveinterval", "connecttimeout"):
+        seconds = _whole(name, value, 0 if lower == "serveraliveinterval" else 1)
+        into[key or name] = seconds
+    elif lower in ("serveralivecountmax", "port"):
+        into[key or name] = _whole(name, value, 1)
+    elif lower in ("exitonforwardfailure", "compression"):
+        into[key or name] = _yes_no(name, value)
+    elif lower == "identitiesonly":
+        into["agent"] = not _yes_no(name, value)
+    elif lower == "stricthostkeychecking":
+        choice = value.lower()
+        if choice in ("no", "off"):
+            raise ConfigError(
+                f"-o {name}={value}: portfwd never skips host-key checks; use yes or accept-new"
+            )
+        if choice == "ask":
+            raise ConfigError(
+                f"-o {name}=ask: portfwd cannot ask (it runs unattended); use yes or accept-new"
+            )
+        if choice not in ("yes", "accept-new"):
+            raise ConfigError(f"-o {name}={value}: must be yes or accept-new")
+        into["strict_host_key_checking"] = choice
+    elif lower == "userknownhostsfile":
+        into["known_hosts"] = value.split()
+    elif lower == "ciphers":
+        into["ciphers"] = [item for item in value.split(",") if item]
+    elif lower == "identityfile":
+        identities = into.setdefault("identity", [])
+        assert isinstance(identities, list)
+        identities.append(value)
+    elif lower == "proxyjump":
+        into["jump"] = [] if value.lower() == "none" else value.split(",")
+    else:
+        into[key or name] = value
