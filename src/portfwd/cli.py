@@ -208,12 +208,14 @@ def tunnel_from_args(
     problems: list[str] = []
     table: dict[str, Any] = {"ssh": destination}
     for flag, kind, specs in (("-L", "local", local), ("-R", "remote", remote), ("-D", "dynamic", dynamic)):
+        good = []
         for item in specs:
             try:
                 tunnelspec.parse_forward(kind, item)  # type: ignore[arg-type]
+                good.append(item)
             except ConfigError as exc:
                 problems.append(f"{flag} {item}: {exc.line()}")
-        table[kind] = list(specs)
+        table[kind] = good  # the bad ones are reported above; validate the rest below
     if port is not None:
         table["port"] = port
     if identity:
@@ -233,13 +235,15 @@ def tunnel_from_args(
             problems.append(exc.line())
     if not (local or remote or dynamic):
         problems.append("no forward given; add -L, -R or -D (portfwd ssh only forwards ports)")
+    try:
+        loaded = config.validate({"tunnel": [table]})
+    except ConfigError as exc:
+        if problems:  # "no forward" only because the bad specs were left out
+            exc.problems = [line for line in exc.problems if not line.startswith("tunnel[0]: no forward")]
+        problems.extend(_cli_words(line) for line in exc.problems)
     if problems:
         raise ConfigError(problems[0], problems=problems)
-    try:
-        return config.validate({"tunnel": [table]})
-    except ConfigError as exc:
-        lines = [_cli_words(line) for line in exc.problems]
-        raise ConfigError(lines[0], problems=lines) from None
+    return loaded
 
 
 _CLI_KEYS = {

@@ -5,8 +5,10 @@ Started by absolute path with `-D -e` so its log is ours to read; stopped by PID
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -29,10 +31,31 @@ def keygen(path: Path, kind: str = "ed25519") -> str:
     )
 
 
+def descendants(pid: int) -> list[int]:
+    """PIDs of every process below `pid` (deepest first), read from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry))
+    found: list[int] = []
+    stack = list(parents.get(pid, []))
+    while stack:
+        child = stack.pop()
+        found.append(child)
+        stack.extend(parents.get(child, []))
+    return found[::-1]
+
+
 class Sshd:
     """One stock sshd on 127.0.0.1:port with a fresh host key and one authorized user key."""
 
-    def __init__(self, root: Path, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, root: Path, extra: tuple[str, ...] = (), *, certificate: bool = False) -> None:
         need_root()
         need(os.path.exists(SSHD), "needs OpenSSH's sshd (apt-get install openssh-server)")
         need(shutil.which("ssh-keygen") is not None, "needs ssh-keygen (apt-get install openssh-client)")
@@ -45,6 +68,26 @@ class Sshd:
         (root / "authorized_keys").write_text(keygen(self.user_key) + "\n")
         self.known_hosts = root / "known_hosts"
         self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {self.host_public}\n")
+        if certificate:  # a host certificate signed by a CA that known_hosts trusts instead
+            ca_public = keygen(root / "host_ca")
+            subprocess.run(
+                [
+                    "ssh-keygen",
+                    "-q",
+                    "-s",
+                    str(root / "host_ca"),
+                    "-I",
+                    "test-host",
+                    "-h",
+                    "-n",
+                    "127.0.0.1",
+                    f"{self.host_key}.pub",
+                ],
+                check=True,
+                timeout=30,
+            )
+            extra = (f"HostCertificate {self.host_key}-cert.pub", *extra)
+            self.known_hosts.write_text(f"@cert-authority [127.0.0.1]:{self.port} {ca_public}\n")
         self.config = root / "sshd_config"
         lines = [
             f"Port {self.port}",
@@ -75,11 +118,15 @@ class Sshd:
         return self
 
     def kill(self) -> None:
-        """Stop the server (the listening process, by PID); its sessions' children die with it."""
-        if self.proc is not None:
-            self.proc.stop()
-            self.proc.close()
-            self.proc = None
+        """Stop the server and every session process it forked, by PID (children first)."""
+        if self.proc is None:
+            return
+        for pid in descendants(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.stop(signal.SIGKILL)
+        self.proc.close()
+        self.proc = None
 
     def tunnel(self, **fields: object) -> dict[str, object]:
         """A [[tunnel]] table for this server, strict host keys against our known_hosts."""

@@ -166,7 +166,10 @@ BAD = [
         '[[tunnel]]\nssh = "a@h"\ndynamic = ["1080"]\nsocks_user = "u"\n',
         "tunnel[0].socks_user: set socks_user and socks_password together",
     ),
-    ('[[tunnel]]\nssh = "a@h:99999"\ndynamic = ["1080"]\n', "tunnel[0].ssh: port 99999 is out of range (1-65535)"),
+    (
+        '[[tunnel]]\nssh = "a@h:99999"\ndynamic = ["1080"]\n',
+        "tunnel[0].ssh: port 99999 is out of range (1-65535)",
+    ),
     (
         '[[tunnel]]\nssh = "a@h"\ndynamic = "1080"\nciphers = ["rot13"]\n',
         "tunnel[0].ciphers: unknown cipher 'rot13'; use one of: chacha20-poly1305@openssh.com, aes256-gcm@openssh.com, aes128-gcm@openssh.com, aes256-ctr, aes192-ctr, aes128-ctr, aes256-cbc, aes192-cbc, aes128-cbc, 3des-cbc, blowfish-cbc, cast128-cbc, seed-cbc@ssh.com, arcfour256, arcfour128, arcfour",

@@ -209,7 +209,7 @@ class SocksServer:
     # SOCKS5 request: VER CMD RSV ATYP DST.ADDR DST.PORT
     def _socks5(self) -> Request | None:
         buffer = self._buffer
-        if len(buffer) < 5:
+        if len(buffer) < 4:
             return _NEED_MORE
         version, command, _, kind = buffer[:4]
         failure = self._failure
@@ -221,6 +221,8 @@ class SocksServer:
                 return _NEED_MORE
             host = str(ipaddress.IPv4Address(buffer[4:end]))
         elif kind == 3:
+            if len(buffer) < 5:
+                return _NEED_MORE
             end = 5 + buffer[4]
             if len(buffer) < end + 2:
                 return _NEED_MORE

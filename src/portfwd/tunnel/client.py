@@ -501,8 +501,8 @@ class Tunnel:
                 log.info("%s: %s: bad SOCKS request: %s", self.label, client, exc.message)
                 forward.stats.stats.count_error("socks")
                 if bridge.chan is not None:
-                    if exc.reply:
-                        bridge.chan.write(exc.reply)
+                    if answer := codec.outgoing() + exc.reply:
+                        bridge.chan.write(answer)
                     bridge.chan.close()
                 return
             if bridge.chan is not None and (out := codec.outgoing()):
@@ -606,8 +606,8 @@ class Tunnel:
             forward.stats.stats.count_error("socks")
             log.info("%s: %s: bad SOCKS request: %s", self.label, text, exc.message)
             with contextlib.suppress(OSError):
-                if exc.reply:
-                    await loop.sock_sendall(client, exc.reply)
+                if answer := codec.outgoing() + exc.reply:  # e.g. the method choice, then the refusal
+                    await loop.sock_sendall(client, answer)
             client.close()
             return
         except (TimeoutError, OSError) as exc:

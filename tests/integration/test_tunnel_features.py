@@ -1,0 +1,310 @@
+"""SSH tunnel features against stock sshd, in-process: host keys, jump hosts, retries, SOCKS replies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from portfwd.runtime import Runtime
+from tests.conftest import need_binary
+from tests.integration.peers import MiB, free_port, open_client, peer, read_all, running, sha, wait_until
+from tests.integration.socks_client import socks4, socks5, socks5_request
+from tests.integration.sshd import Sshd
+from tests.integration.test_tunnel import tunnel, wait_up
+
+pytestmark = [pytest.mark.integration, pytest.mark.root]
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    server = Sshd(tmp_path_factory.mktemp("sshd")).start()
+    yield server
+    server.kill()
+
+
+async def echo_through(entry: tuple[str, int], size: int = MiB) -> bool:
+    data = os.urandom(size)
+    reader, writer = await open_client(entry)
+    writer.write(data)
+    writer.write_eof()
+    got = await read_all(reader)
+    writer.close()
+    return sha(got) == sha(data)
+
+
+@contextlib.asynccontextmanager
+async def echo_tunnel(sshd: Sshd, **fields: Any) -> AsyncIterator[tuple[Runtime, tuple[str, int]]]:
+    async with peer("echo", ("127.0.0.1", 0)) as upstream:
+        entry = ("127.0.0.1", free_port())
+        assert not isinstance(upstream.address, str)
+        local = [f"127.0.0.1:{entry[1]}:127.0.0.1:{upstream.address[1]}"]
+        async with tunnel(sshd, local=local, **fields) as runtime:
+            yield runtime, entry
+
+
+# ---------------------------------------------------------------------------- host keys
+
+
+async def test_accept_new_records_the_first_key(sshd: Sshd, tmp_path: Path) -> None:
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    async with echo_tunnel(sshd, known_hosts=[str(known)], strict_host_key_checking="accept-new") as (
+        _,
+        entry,
+    ):
+        assert await echo_through(entry)
+    kind, key = sshd.host_public.split()[:2]
+    assert known.read_text().split() == [f"[127.0.0.1]:{sshd.port}", kind, key]
+
+
+async def test_hashed_known_hosts_entry(sshd: Sshd, tmp_path: Path) -> None:
+    known = tmp_path / "known_hosts"
+    known.write_text(sshd.known_hosts.read_text())
+    subprocess.run(["ssh-keygen", "-q", "-H", "-f", str(known)], check=True, timeout=30, capture_output=True)
+    assert known.read_text().startswith("|1|"), "ssh-keygen -H hashed the entry"
+    async with echo_tunnel(sshd, known_hosts=[str(known)]) as (_, entry):
+        assert await echo_through(entry)
+
+
+async def test_cert_authority_known_hosts(tmp_path: Path) -> None:
+    server = Sshd(tmp_path, certificate=True).start()
+    try:
+        assert server.known_hosts.read_text().startswith("@cert-authority ")
+        async with echo_tunnel(server) as (_, entry):
+            assert await echo_through(entry)
+    finally:
+        server.kill()
+
+
+async def test_changed_key_in_a_config_tunnel_stops_only_that_tunnel(sshd: Sshd, tmp_path: Path) -> None:
+    from tests.integration.sshd import keygen
+
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{sshd.port} {keygen(tmp_path / 'impostor')}\n")
+    async with peer("echo", ("127.0.0.1", 0)) as upstream:
+        assert not isinstance(upstream.address, str)
+        rule_port = free_port()
+        data = {
+            "forward": [{"listen": f"127.0.0.1:{rule_port}", "connect": f"127.0.0.1:{upstream.address[1]}"}],
+            "tunnel": [sshd.tunnel(known_hosts=[str(known)], dynamic=[str(free_port())])],
+        }
+        async with running(data) as runtime:
+            stats = runtime.state.tunnels[0]
+            await wait_until(lambda: stats.state == "failed", 10, "tunnel failed")
+            assert "has CHANGED" in stats.last_error
+            assert f"{known}:1 holds another" in stats.last_error
+            assert await echo_through(("127.0.0.1", rule_port)), "the forward rule keeps serving"
+
+
+# ---------------------------------------------------------------------------- connection
+
+
+async def test_jump_host(sshd: Sshd) -> None:
+    """-J through the same sshd: the second hop is a direct-tcpip channel of the first."""
+    async with echo_tunnel(sshd, jump=[f"root@127.0.0.1:{sshd.port}"]) as (_, entry):
+        assert await echo_through(entry)
+
+
+async def test_compression_and_a_chosen_cipher(sshd: Sshd) -> None:
+    fields = {"compression": True, "ciphers": ["chacha20-poly1305@openssh.com"]}
+    async with echo_tunnel(sshd, **fields) as (runtime, entry):
+        assert await echo_through(entry, 4 * MiB)
+
+
+async def test_refused_remote_forward_is_reported_and_retried(sshd: Sshd) -> None:
+    busy = socket.create_server(("127.0.0.1", 0))
+    port = busy.getsockname()[1]
+    async with peer("echo", ("127.0.0.1", 0)) as upstream:
+        assert not isinstance(upstream.address, str)
+        fields = {
+            "remote": [f"127.0.0.1:{port}:127.0.0.1:{upstream.address[1]}"],
+            "reconnect_min": "200ms",
+            "reconnect_max": "500ms",
+        }
+        async with running({"tunnel": [sshd.tunnel(**fields)]}) as runtime:
+            forward = runtime.state.tunnels[0].forwards[0]
+            await wait_until(lambda: forward.state == "refused", 10, "forward refused")
+            assert forward.error
+            busy.close()
+            await wait_until(lambda: forward.state == "listening", 10, "forward retried")
+            assert await echo_through(("127.0.0.1", port))
+            rows = runtime.state.snapshot()["tunnels"]
+            assert rows[0]["forwards"][0]["connections_total"] == 1
+            assert rows[0]["forwards"][0]["bytes_up"] == MiB
+
+
+async def test_local_listener_waits_for_the_link(sshd: Sshd, tmp_path: Path) -> None:
+    """A client that arrives before the first connection is served once the link is up."""
+    async with peer("echo", ("127.0.0.1", 0)) as upstream:
+        assert not isinstance(upstream.address, str)
+        entry = ("127.0.0.1", free_port())
+        fields = {
+            "local": [f"127.0.0.1:{entry[1]}:127.0.0.1:{upstream.address[1]}"],
+            "connect_timeout": "10s",
+        }
+        async with running({"tunnel": [sshd.tunnel(**fields)]}) as runtime:
+            # start() returns with the listener bound and the link still connecting
+            assert runtime.state.tunnels[0].state == "connecting"
+            assert await echo_through(entry)
+
+
+# ---------------------------------------------------------------------------- SOCKS
+
+
+class _HttpPeer:
+    """A tiny HTTP/1.0 server: GET returns `body`; POST answers the sha256 of what was sent."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> _HttpPeer:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        if head.startswith("POST"):
+            length = int(
+                next(
+                    line.split(":")[1]
+                    for line in head.split("\r\n")
+                    if line.lower().startswith("content-length")
+                )
+            )
+            answer = sha(await reader.readexactly(length)).encode()
+        else:
+            answer = self.body
+        writer.write(f"HTTP/1.0 200 OK\r\nContent-Length: {len(answer)}\r\n\r\n".encode() + answer)
+        await writer.drain()
+        writer.close()
+
+
+async def curl(*args: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        "curl",
+        "-sS",
+        "--max-time",
+        "30",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    return out.decode()
+
+
+@pytest.mark.parametrize("proxy", ["--socks5-hostname", "--socks4a"])
+async def test_curl_through_dynamic_forward(sshd: Sshd, tmp_path: Path, proxy: str) -> None:
+    need_binary("curl", "curl")
+    body, upload = os.urandom(8 * MiB), os.urandom(8 * MiB)
+    (tmp_path / "upload").write_bytes(upload)
+    socks_port = free_port()
+    async with _HttpPeer(body) as http, tunnel(sshd, dynamic=[f"127.0.0.1:{socks_port}"]):
+        url = f"http://localhost:{http.port}/"
+        await curl(proxy, f"127.0.0.1:{socks_port}", "-o", str(tmp_path / "got"), url)
+        posted = await curl(proxy, f"127.0.0.1:{socks_port}", "--data-binary", f"@{tmp_path / 'upload'}", url)
+    assert sha((tmp_path / "got").read_bytes()) == sha(body)
+    assert posted == sha(upload)
+
+
+async def raw_exchange(entry: tuple[str, int], data: bytes) -> bytes:
+    """Send raw bytes to a SOCKS port; return everything it answers before closing."""
+    reader, writer = await open_client(entry)
+    writer.write(data)
+    async with asyncio.timeout(10):
+        answer = await read_all(reader)
+    writer.close()
+    return answer
+
+
+async def test_socks_replies_and_garbage(sshd: Sshd) -> None:
+    socks_port = free_port()
+    entry = ("127.0.0.1", socks_port)
+    async with peer("echo", ("127.0.0.1", 0)) as upstream, tunnel(sshd, dynamic=[str(socks_port)]) as runtime:
+        assert not isinstance(upstream.address, str)
+        closed = free_port()  # nothing listens there
+        _, writer, code = await socks5(entry, "127.0.0.1", closed)
+        writer.close()
+        assert code == 5, "connection refused"
+        _, writer, code = await socks5(entry, "no-such-host.invalid", 80)
+        writer.close()
+        assert code == 4, "host unreachable"
+        _, writer, code = await socks4(entry, "127.0.0.1", closed)
+        writer.close()
+        assert code == 91, "SOCKS4 has one failure code"
+        # BIND, UDP ASSOCIATE, an unknown address type, and bytes that are not SOCKS at all
+        assert await raw_exchange(entry, b"\x05\x01\x00" + socks5_request("127.0.0.1", 80, command=2)) == (
+            b"\x05\x00" + b"\x05\x07\x00\x01" + bytes(6)
+        )
+        assert await raw_exchange(entry, b"\x05\x01\x00" + socks5_request("127.0.0.1", 80, command=3)) == (
+            b"\x05\x00" + b"\x05\x07\x00\x01" + bytes(6)
+        )
+        assert await raw_exchange(
+            entry, b"\x05\x01\x00\x05\x01\x00\x09"
+        ) == b"\x05\x00" + b"\x05\x08\x00\x01" + bytes(6)
+        assert await raw_exchange(entry, b"\x05\x01\x02") == b"\x05\xff", "no acceptable method"
+        assert await raw_exchange(entry, b"\x04\x02\x00\x50\x7f\x00\x00\x01\x00") == b"\x00\x5b" + bytes(6)
+        assert await raw_exchange(entry, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == b""
+        assert await raw_exchange(entry, os.urandom(2000)) in (b"", b"\x00\x5b" + bytes(6), b"\x05\xff")
+        # ...and the next well-formed client is served
+        reader, writer, code = await socks5(entry, "127.0.0.1", upstream.address[1])
+        assert code == 0
+        writer.write(b"still serving")
+        writer.write_eof()
+        assert await read_all(reader) == b"still serving"
+        writer.close()
+        errors = runtime.state.tunnels[0].forwards[0].stats.errors
+        assert errors["socks"] >= 6
+        assert errors["refused"] >= 3
+
+
+async def test_socks_not_allowed_by_the_server(tmp_path: Path) -> None:
+    server = Sshd(tmp_path, ("PermitOpen 127.0.0.1:1",)).start()
+    try:
+        socks_port = free_port()
+        async with tunnel(server, dynamic=[str(socks_port)]):
+            _, writer, code = await socks5(("127.0.0.1", socks_port), "127.0.0.1", 80)
+            writer.close()
+        assert code == 2, "connection not allowed by ruleset"
+    finally:
+        server.kill()
+
+
+async def test_socks5_password(sshd: Sshd) -> None:
+    socks_port = free_port()
+    entry = ("127.0.0.1", socks_port)
+    fields = {"dynamic": [str(socks_port)], "socks_user": "alice", "socks_password": "s3cret"}
+    async with peer("echo", ("127.0.0.1", 0)) as upstream, tunnel(sshd, **fields):
+        assert not isinstance(upstream.address, str)
+        _, writer, code = await socks5(entry, "127.0.0.1", upstream.address[1])
+        writer.close()
+        assert code == -1, "no-auth offer refused"
+        _, writer, code = await socks5(entry, "127.0.0.1", upstream.address[1], ("alice", "wrong"))
+        writer.close()
+        assert code == -2, "wrong password refused"
+        _, writer, code = await socks4(entry, "127.0.0.1", upstream.address[1])
+        writer.close()
+        assert code == 91, "SOCKS4 cannot authenticate"
+        reader, writer, code = await socks5(entry, "127.0.0.1", upstream.address[1], ("alice", "s3cret"))
+        assert code == 0
+        writer.write(b"authenticated")
+        writer.write_eof()
+        assert await read_all(reader) == b"authenticated"
+        writer.close()
