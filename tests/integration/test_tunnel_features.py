@@ -18,7 +18,7 @@ from tests.conftest import need_binary
 from tests.integration.peers import MiB, free_port, open_client, peer, read_all, running, sha, wait_until
 from tests.integration.socks_client import socks4, socks5, socks5_request
 from tests.integration.sshd import Sshd
-from tests.integration.test_tunnel import tunnel, wait_up
+from tests.integration.test_tunnel import tunnel
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]
 
@@ -53,6 +53,10 @@ async def echo_tunnel(sshd: Sshd, **fields: Any) -> AsyncIterator[tuple[Runtime,
 # ---------------------------------------------------------------------------- host keys
 
 
+def hash_known_hosts(path: Path) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-H", "-f", str(path)], check=True, timeout=30, capture_output=True)
+
+
 async def test_accept_new_records_the_first_key(sshd: Sshd, tmp_path: Path) -> None:
     known = tmp_path / "known_hosts"
     known.write_text("")
@@ -68,7 +72,7 @@ async def test_accept_new_records_the_first_key(sshd: Sshd, tmp_path: Path) -> N
 async def test_hashed_known_hosts_entry(sshd: Sshd, tmp_path: Path) -> None:
     known = tmp_path / "known_hosts"
     known.write_text(sshd.known_hosts.read_text())
-    subprocess.run(["ssh-keygen", "-q", "-H", "-f", str(known)], check=True, timeout=30, capture_output=True)
+    hash_known_hosts(known)  # before the loop has anything to serve
     assert known.read_text().startswith("|1|"), "ssh-keygen -H hashed the entry"
     async with echo_tunnel(sshd, known_hosts=[str(known)]) as (_, entry):
         assert await echo_through(entry)
@@ -115,7 +119,7 @@ async def test_jump_host(sshd: Sshd) -> None:
 
 async def test_compression_and_a_chosen_cipher(sshd: Sshd) -> None:
     fields = {"compression": True, "ciphers": ["chacha20-poly1305@openssh.com"]}
-    async with echo_tunnel(sshd, **fields) as (runtime, entry):
+    async with echo_tunnel(sshd, **fields) as (_, entry):
         assert await echo_through(entry, 4 * MiB)
 
 
