@@ -183,8 +183,9 @@ class Tunnel:
                 forward.stats.state = "failed"
                 forward.stats.error = exc.message
                 failures.append(exc)
-                log.error("%s: %s", self.label, exc.line())
-                if self.config.exit_on_forward_failure:
+                if not self.config.exit_on_forward_failure:
+                    log.error("%s: %s", self.label, exc.line())
+                else:
                     self.fatal(
                         RuntimeFailure(f"{self.label}: {forward.spec}: {exc.message} (ExitOnForwardFailure)")
                     )
@@ -406,8 +407,9 @@ class Tunnel:
                     text = _error_text(exc) if not isinstance(exc, asyncssh.ChannelListenError) else str(exc)
                     forward.stats.state = "refused"
                     forward.stats.error = text
-                    log.error("%s: server refused %s: %s", self.label, forward.spec, text)
-                    if self.config.exit_on_forward_failure:
+                    if not self.config.exit_on_forward_failure:
+                        log.error("%s: server refused %s: %s; asking again", self.label, forward.spec, text)
+                    else:
                         self.fatal(
                             RuntimeFailure(
                                 f"{self.label}: remote forward {forward.spec} refused: {text}"
