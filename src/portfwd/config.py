@@ -204,7 +204,7 @@ def _strictness(value: Any) -> str:
         return str(value)
     if value in ("no", "off", False):
         raise _fail('portfwd never skips host-key checks; use "yes" or "accept-new"')
-    raise _fail(f'{value!r} is not a choice; use "yes" (known keys only) or "accept-new" (record a first key)')
+    raise _fail(f'{value!r} is not a choice; use "yes" (known keys only) or "accept-new" (record the first)')
 
 
 def _destination(value: Any) -> str:

@@ -131,6 +131,8 @@ def parse_forward(kind: Kind, spec: object) -> TunnelForward:
         if len(tokens) == 1:
             return TunnelForward(kind, port=parse_port(tokens[0]))
         return TunnelForward(kind, bind=_bind(tokens[0]), port=parse_port(tokens[1]))
+    if len(tokens) == 2 and kind == "local" and not any(_is_path(token) for token in tokens):
+        raise ConfigError(f"{text!r} is not a -L spec", hint=shape)
     # Listen side first: a path, or [bind:]port.
     path: str | None = None
     bind: str | None = None

@@ -88,7 +88,7 @@ def test_sshd_killed_and_back_the_tunnel_returns(sshd: Sshd, sink: Sink, tmp_pat
         poll(config, "up")
         assert through(local, 8 * MiB)
         sshd.kill()
-        down, seen = poll(config, "backoff")
+        down, _ = poll(config, "backoff")
         assert down["tunnels"][0]["last_error"]
         # a client that arrives while the link is down is accepted and waits for it
         answer: list[bytes] = []
@@ -111,7 +111,8 @@ def test_sshd_killed_and_back_the_tunnel_returns(sshd: Sshd, sink: Sink, tmp_pat
     assert lab["forwards"][0]["bytes_up"] == 17 * MiB
     assert 'portfwd_tunnel_up{tunnel="lab"} 1.0' in scrape
     assert 'portfwd_tunnel_reconnects_total{tunnel="lab"} 1.0' in scrape
-    assert "lab" in table and "up" in table and "1 reconnects" in table
+    assert "lab" in table
+    assert "1 reconnects" in table
 
 
 def test_remote_port_zero_and_public_bind(sshd: Sshd, sink: Sink) -> None:

@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from portfwd import config
 from portfwd.addr import parse_listen, parse_target
 from portfwd.errors import ConfigError
+from portfwd.proto.socks import SocksError, SocksServer
 from portfwd.spec import rules_from_specs, split
+from portfwd.tunnelspec import parse_destination, parse_forward, parse_option
 
 SPEC_ALPHABET = st.sampled_from([*"0123456789:[]/-.*abcdefux+ %", "unix:", "udp", "tcp", "::", "65536"])
 spec_text = st.lists(SPEC_ALPHABET, max_size=30).map("".join)
@@ -100,3 +102,56 @@ def test_config_loader_survives_any_bytes(tmp_path_factory: Any, raw: bytes) -> 
         assert all("\n" not in line for line in exc.problems)
     except tomllib.TOMLDecodeError as exc:  # pragma: no cover - must never escape
         raise AssertionError("TOML errors must be translated") from exc
+
+
+# ------------------------------------------------------------------------- SSH specs and SOCKS
+
+
+@given(st.sampled_from(["local", "remote", "dynamic"]), spec_text | st.text(max_size=40))
+@settings(max_examples=400, deadline=None)
+def test_tunnel_spec_parser_only_raises_config_errors(kind: Any, text: str) -> None:
+    try:
+        parse_forward(kind, text)
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+
+
+@given(st.text(max_size=40))
+@settings(max_examples=300, deadline=None)
+def test_destination_and_option_parsers_only_raise_config_errors(text: str) -> None:
+    for parse in (parse_destination, lambda value: parse_option(value, {})):
+        try:
+            parse(text)
+        except ConfigError as exc:
+            assert "\n" not in str(exc)
+
+
+SOCKS_START = st.sampled_from(
+    [b"\x04\x01", b"\x05\x01\x00\x05\x01\x00", b"\x05\x02\x00\x02", b"\x04", b"\x05", b""]
+)
+
+
+@given(SOCKS_START, st.binary(max_size=600), st.lists(st.integers(1, 64), max_size=20), st.booleans())
+@settings(max_examples=600, deadline=None)
+def test_socks_codec_yields_a_request_or_a_socks_error(
+    start: bytes, body: bytes, cuts: list[int], password: bool
+) -> None:
+    """Any bytes, in any fragmentation: a Request, 'need more', or SocksError; nothing else."""
+    codec = SocksServer(("user", "pass") if password else None)
+    data = start + body
+    chunks, at = [], 0
+    for cut in cuts:
+        chunks.append(data[at : at + cut])
+        at += cut
+    chunks.append(data[at:])
+    try:
+        for chunk in chunks:
+            request = codec.feed(chunk)
+            codec.outgoing()
+            if request is not None:
+                assert 0 < request.port < 65536
+                assert request.host
+                break
+    except SocksError as exc:
+        assert "\n" not in exc.message
+        assert len(exc.reply) <= 10

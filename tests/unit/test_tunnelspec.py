@@ -1,0 +1,145 @@
+"""OpenSSH's -L/-R/-D grammar, destinations and -o options: what parses, and the exact errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from portfwd.errors import ConfigError
+from portfwd.tunnelspec import parse_destination, parse_forward, parse_option
+
+GOOD = [
+    ("local", "8080:db:5432", "-L 127.0.0.1:8080 -> db:5432"),
+    ("local", "0.0.0.0:8080:10.0.0.5:80", "-L 0.0.0.0:8080 -> 10.0.0.5:80"),
+    ("local", "*:8080:db:5432", "-L *:8080 -> db:5432"),
+    ("local", ":8080:db:5432", "-L *:8080 -> db:5432"),
+    ("local", "localhost:8080:db:5432", "-L 127.0.0.1:8080 -> db:5432"),
+    ("local", "[::1]:8080:[2001:db8::5]:80", "-L [::1]:8080 -> [2001:db8::5]:80"),
+    ("local", "8080:/run/app.sock", "-L 127.0.0.1:8080 -> unix:/run/app.sock"),
+    ("local", "/tmp/in.sock:db:5432", "-L unix:/tmp/in.sock -> db:5432"),
+    ("local", "unix:/tmp/in.sock:unix:/run/app.sock", "-L unix:/tmp/in.sock -> unix:/run/app.sock"),
+    ("remote", "0.0.0.0:8022:localhost:22", "-R 0.0.0.0:8022 -> localhost:22"),
+    ("remote", "0:localhost:80", "-R localhost:0 -> localhost:80"),
+    ("remote", "8022", "-R localhost:8022 -> socks"),
+    ("remote", "0.0.0.0:1080", "-R 0.0.0.0:1080 -> socks"),
+    ("remote", "/tmp/r.sock:localhost:22", "-R unix:/tmp/r.sock -> localhost:22"),
+    ("dynamic", "1080", "-D 127.0.0.1:1080 -> socks"),
+    ("dynamic", "[::1]:1080", "-D [::1]:1080 -> socks"),
+]
+
+
+@pytest.mark.parametrize(("kind", "spec", "shown"), GOOD)
+def test_openssh_specs(kind: str, spec: str, shown: str) -> None:
+    assert str(parse_forward(kind, spec)) == shown  # type: ignore[arg-type]
+
+
+BAD = [
+    (
+        "local",
+        "8080",
+        "'8080' has no target; write -L [bind:]port:host:hostport, e.g. 127.0.0.1:5432:db.internal:5432",
+    ),
+    ("local", "", "empty -L spec; write -L [bind:]port:host:hostport, e.g. 127.0.0.1:5432:db.internal:5432"),
+    ("local", "0:db:1", "port 0 is out of range (1-65535)"),
+    (
+        "local",
+        "a:b:c:d:e",
+        "'a:b:c:d:e' is not a -L spec; write -L [bind:]port:host:hostport, e.g. 127.0.0.1:5432:db.internal:5432",
+    ),
+    ("local", "8080:db:http", "port 'http' is not a number; write a port number such as 8080"),
+    (
+        "local",
+        "8080:tmp/x.sock",
+        "'8080:tmp/x.sock' is not a -L spec; write -L [bind:]port:host:hostport, e.g. 127.0.0.1:5432:db.internal:5432",
+    ),
+    (
+        "remote",
+        "8080:*:80",
+        "'8080:*:80' has no target host; write -R [bind:]port:host:hostport, or -R [bind:]port for reverse SOCKS",
+    ),
+    (
+        "remote",
+        "::1:8080:h:1",
+        "'::1:8080:h:1' is not a -R spec; write -R [bind:]port:host:hostport, or -R [bind:]port for reverse SOCKS",
+    ),
+    ("dynamic", "1080:h:1", "'1080:h:1' is not a -D spec; write -D [bind:]port, e.g. 127.0.0.1:1080"),
+    ("dynamic", "70000", "port 70000 is out of range (1-65535)"),
+    ("dynamic", 1080, "expected a string like '127.0.0.1:1080', got 1080"),
+]
+
+
+@pytest.mark.parametrize(("kind", "spec", "line"), BAD)
+def test_bad_specs(kind: str, spec: object, line: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_forward(kind, spec)  # type: ignore[arg-type]
+    assert caught.value.line() == line
+
+
+def test_destinations() -> None:
+    assert parse_destination("alice@bastion.example.org:2222") == ("alice", "bastion.example.org", 2222)
+    assert parse_destination("bastion") == (None, "bastion", None)
+    assert parse_destination("a.b@[2001:db8::1]:22") == ("a.b", "2001:db8::1", 22)
+    for bad, line in [
+        ("", "'' is not an SSH destination; write [user@]host[:port], e.g. alice@bastion.example.org:22"),
+        (
+            "@host",
+            "'@host' has an empty or bad user name; write [user@]host[:port], e.g. alice@bastion.example.org:22",
+        ),
+        ("host:0", "port 0 is out of range (1-65535)"),
+        ("2001:db8::1", "IPv6 address in '2001:db8::1' must be in brackets; write user@[::1]:22"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            parse_destination(bad)
+        assert caught.value.line() == line
+
+
+def test_options_map_to_tunnel_keys() -> None:
+    table: dict[str, object] = {}
+    for option in [
+        "ServerAliveInterval=5",
+        "serveralivecountmax 2",
+        "ExitOnForwardFailure=yes",
+        "StrictHostKeyChecking=accept-new",
+        "UserKnownHostsFile=/a /b",
+        "ConnectTimeout=3",
+        "Compression=no",
+        "Ciphers=aes128-gcm@openssh.com,chacha20-poly1305@openssh.com",
+        "IdentityFile=/k1",
+        "IdentityFile=/k2",
+        "IdentitiesOnly=yes",
+        "ProxyJump=a@j1,j2:2222",
+        "BatchMode=yes",
+    ]:
+        parse_option(option, table)
+    assert table == {
+        "keepalive_interval": 5,
+        "keepalive_count": 2,
+        "exit_on_forward_failure": True,
+        "strict_host_key_checking": "accept-new",
+        "known_hosts": ["/a", "/b"],
+        "connect_timeout": 3,
+        "compression": False,
+        "ciphers": ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com"],
+        "identity": ["/k1", "/k2"],
+        "agent": False,
+        "jump": ["a@j1", "j2:2222"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("option", "line"),
+    [
+        ("ServerAliveInterval=soon", "-o ServerAliveInterval=soon: must be a whole number of at least 0"),
+        ("ExitOnForwardFailure=maybe", "-o ExitOnForwardFailure=maybe: must be yes or no"),
+        (
+            "StrictHostKeyChecking=ask",
+            "-o StrictHostKeyChecking=ask: portfwd cannot ask (it runs unattended); use yes or accept-new",
+        ),
+        ("BatchMode=no", "-o BatchMode=no: portfwd ssh never prompts (it reconnects unattended); remove it"),
+        ("ConnectTimeout=0", "-o ConnectTimeout=0: must be a whole number of at least 1"),
+        ("=x", "-o '=x': write -o Key=Value, e.g. -o ServerAliveInterval=15"),
+    ],
+)
+def test_bad_options(option: str, line: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_option(option, {})
+    assert caught.value.line() == line
