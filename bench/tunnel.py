@@ -1,0 +1,168 @@
+"""SSH tunnel benchmark: `portfwd ssh -L` beside OpenSSH's `ssh -L`, to the same sshd, same cipher.
+
+For each cipher (aes128-gcm, chacha20-poly1305), in interleaved rounds of one run: iperf3 bulk
+Gbit/s (1 stream) and client CPU per Gbit, conn/s of small HTTP requests (wrk, one connection
+each), p50 round trip of 1-byte ping-pong, and client memory per idle tunnelled connection.
+Reported as ratios portfwd / OpenSSH. All traffic is on 127.0.0.1; needs root (sshd privsep).
+
+Usage: .venv/bin/python bench/tunnel.py [--rounds N] [--seconds S] [--conns N] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import run as base  # bench/run.py: targets, measurements, rounds, medians
+
+sys.path.insert(0, str(base.REPO))
+from tests.integration.sshd import Sshd  # noqa: E402 - the test suite's throwaway sshd
+
+CIPHERS = {"aes128-gcm": "aes128-gcm@openssh.com", "chacha20": "chacha20-poly1305@openssh.com"}
+MARKER = "\n## SSH tunnels (issue #5)"
+NAMES = ("iperf", "http", "echo")
+
+
+def start_tunnels(sshd: Sshd, targets: base.Targets, forwarders: list[base.Forwarder]) -> None:
+    upstream = {"iperf": targets.iperf, "http": targets.http, "echo": targets.echo}
+    forwarders.append(base.Forwarder("direct", dict(upstream)))
+    for short, cipher in CIPHERS.items():
+        for client in ("openssh", "portfwd"):
+            ports = {name: base.free_port() for name in NAMES}
+            specs = [
+                arg for name in NAMES for arg in ("-L", f"127.0.0.1:{ports[name]}:127.0.0.1:{upstream[name]}")
+            ]
+            common = [
+                "-F",
+                "/dev/null",
+                "-i",
+                str(sshd.user_key),
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                f"UserKnownHostsFile={sshd.known_hosts}",
+                "-o",
+                f"Ciphers={cipher}",
+                "-o",
+                "Compression=no",
+                "-p",
+                str(sshd.port),
+                "-N",
+                *specs,
+                "root@127.0.0.1",
+            ]
+            if client == "openssh":
+                argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", *common]
+            else:
+                argv = [str(base.REPO / ".venv/bin/portfwd"), "ssh", "-q", *common]
+            forwarders.append(base.Forwarder(f"{client}-{short}", ports, [base.Proc(argv)]))
+    for forwarder in forwarders:
+        # Not the iperf port: iperf3 serves one client at a time and would take a probe for one.
+        base.wait_tcp(forwarder.ports["http"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--conns", type=int, default=1000)
+    parser.add_argument("--write", action="store_true", help="write the section into bench/RESULTS.md")
+    args = parser.parse_args()
+    missing = [tool for tool in ("iperf3", "haproxy", "wrk", "ssh") if shutil.which(tool) is None]
+    if missing:
+        print(
+            f"bench: missing {', '.join(missing)}; apt-get install iperf3 haproxy wrk openssh-client",
+            file=sys.stderr,
+        )
+        return 2
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    seconds = int(args.seconds)
+    with tempfile.TemporaryDirectory(prefix="pf-bench-ssh-") as tmp_text:
+        tmp = Path(tmp_text)
+        sshd = Sshd(tmp, ("MaxSessions 10000", "MaxStartups 1000")).start()
+        targets = base.start_targets(tmp)
+        forwarders: list[base.Forwarder] = []
+        try:
+            start_tunnels(sshd, targets, forwarders)
+            bulk = base.rounds(forwarders, args.rounds, lambda f: base.iperf_tcp(f, 1, seconds))
+            conn = base.rounds(forwarders, args.rounds, lambda f: base.wrk_conn_rate(f, seconds))
+            lat = base.rounds(forwarders, args.rounds, base.ping_pong)
+            memory = {f.name: base.idle_memory(f, args.conns) for f in forwarders if f.name != "direct"}
+        finally:
+            for forwarder in forwarders:
+                forwarder.stop()
+            for proc in targets.procs:
+                proc.stop()
+            sshd.kill()
+    table = {
+        f.name: {
+            "gbps": base.median([v[0] for v in bulk[f.name]]),  # type: ignore[index]
+            "cpu_s_per_gbit": base.median([v[1] for v in bulk[f.name]]),  # type: ignore[index]
+            "conn_per_s": base.median([v[0] for v in conn[f.name]]),  # type: ignore[index]
+            "p50_us": base.median([v[0] for v in lat[f.name]]),  # type: ignore[index]
+            "idle_bytes": memory.get(f.name, float("nan")),
+        }
+        for f in forwarders
+    }
+    report = render(table, args)
+    print(report)
+    if args.write:
+        results = base.HERE / "RESULTS.md"
+        old = results.read_text() if results.exists() else ""
+        if MARKER in old:
+            start = old.index(MARKER)
+            end = old.find("\n## ", start + len(MARKER))
+            old = old[:start] + (old[end:] if end >= 0 else "")
+        results.write_text(old.rstrip("\n") + "\n" + report)
+    return 0
+
+
+def render(table: dict[str, dict[str, float]], args: argparse.Namespace) -> str:
+    def fmt(value: float, digits: int = 2) -> str:
+        return "n/a" if value != value else f"{value:,.{digits}f}"
+
+    def ratio(top: float, bottom: float) -> float:
+        return top / bottom if bottom and bottom == bottom and top == top else float("nan")
+
+    direct = table["direct"]
+    lines = [
+        MARKER.strip(),
+        "",
+        f"Measured {datetime.date.today().isoformat()} by `bench/tunnel.py --rounds {args.rounds} --seconds {args.seconds:g}"
+        f" --conns {args.conns}`: `portfwd ssh -L` and OpenSSH `ssh -L` to one stock sshd on 127.0.0.1, same cipher,"
+        " interleaved rounds, medians. CPU and memory are the client process's.",
+        "",
+        "| path | bulk Gbit/s | client CPU s per Gbit | conn/s (HTTP, close) | p50 RTT µs | added p50 µs | RSS per idle conn (bytes) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in table.items():
+        lines.append(
+            f"| {name} | {fmt(row['gbps'])} | {fmt(row['cpu_s_per_gbit'], 3)} | {fmt(row['conn_per_s'], 0)} | "
+            f"{fmt(row['p50_us'], 1)} | {fmt(row['p50_us'] - direct['p50_us'], 1)} | {fmt(row['idle_bytes'], 0)} |"
+        )
+    lines += [
+        "",
+        "| cipher | bulk vs OpenSSH (goal ≥ 0.6) | conn/s vs OpenSSH (goal ≥ 0.5) | added p50 vs OpenSSH | idle memory vs OpenSSH (goal ≤ 1.0) |",
+        "|---|---|---|---|---|",
+    ]
+    for short in CIPHERS:
+        ours, theirs = table[f"portfwd-{short}"], table[f"openssh-{short}"]
+        added = ratio(ours["p50_us"] - direct["p50_us"], theirs["p50_us"] - direct["p50_us"])
+        lines.append(
+            f"| {short} | {fmt(ratio(ours['gbps'], theirs['gbps']))} | {fmt(ratio(ours['conn_per_s'], theirs['conn_per_s']))} | "
+            f"{fmt(added)} | {fmt(ratio(ours['idle_bytes'], theirs['idle_bytes']))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
