@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -123,4 +125,28 @@ class TestReverseDynamic(_Socks):
         self.target = target
         entry = ("127.0.0.1", free_port())
         async with tunnel(self.server, remote=[f"127.0.0.1:{entry[1]}"]):
+            yield entry
+
+
+class TestLocalUnixListener(TestLocal):
+    """-L /local.sock:host:hostport."""
+
+    @contextlib.asynccontextmanager
+    async def forward(self, target: Address) -> AsyncIterator[Address]:
+        entry = os.path.join(tempfile.mkdtemp(prefix="pf-"), "in.sock")
+        async with tunnel(self.server, local=[f"{entry}:{text(target)}"]):
+            yield entry
+        assert not os.path.exists(entry), "the listener's socket file is removed"  # noqa: ASYNC240
+
+
+class TestRemoteToUnixSocket(TestRemote):
+    """-R port:/local.sock."""
+
+    upstream_family = "unix"
+
+    @contextlib.asynccontextmanager
+    async def forward(self, target: Address) -> AsyncIterator[Address]:
+        entry = ("127.0.0.1", free_port())
+        assert isinstance(target, str)
+        async with tunnel(self.server, remote=[f"127.0.0.1:{entry[1]}:{target}"]):
             yield entry

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,9 @@ import pytest
 from portfwd.runtime import Runtime
 from tests.conftest import need_binary
 from tests.integration.peers import MiB, free_port, open_client, peer, read_all, running, sha, wait_until
+from tests.integration.processes import Proc
 from tests.integration.socks_client import socks4, socks5, socks5_request
-from tests.integration.sshd import Sshd
+from tests.integration.sshd import Sshd, descendants
 from tests.integration.test_tunnel import tunnel
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]
@@ -312,3 +315,104 @@ async def test_socks5_password(sshd: Sshd) -> None:
         writer.write_eof()
         assert await read_all(reader) == b"authenticated"
         writer.close()
+
+
+# ---------------------------------------------------------------------------- staying up
+
+
+async def test_keepalive_finds_a_silent_server(tmp_path: Path) -> None:
+    """The server's session process is frozen (SIGSTOP): no FIN, no RST, only silence."""
+    server = Sshd(tmp_path).start()
+    frozen: list[int] = []
+    try:
+        fields = {
+            "keepalive_interval": "500ms",
+            "keepalive_count": 2,
+            "reconnect_min": "5s",
+            "reconnect_max": "5s",
+        }
+        async with echo_tunnel(server, **fields) as (runtime, entry):
+            assert await echo_through(entry)
+            assert server.proc is not None
+            frozen = descendants(server.proc.pid)
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+            stats = runtime.state.tunnels[0]
+            began = time.monotonic()
+            await wait_until(lambda: stats.state != "up", 10, "dead peer noticed")
+            assert time.monotonic() - began < 5, "2 x 0.5 s keepalive, not TCP's minutes"
+            assert "keepalive" in stats.last_error.lower() or "timeout" in stats.last_error.lower(), (
+                stats.last_error
+            )
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGCONT)
+        server.kill()
+
+
+async def test_a_client_waiting_for_a_dead_link_is_closed_after_connect_timeout(tmp_path: Path) -> None:
+    entry = ("127.0.0.1", free_port())
+    fields = {
+        "ssh": f"root@127.0.0.1:{free_port()}",  # nothing listens: the link never comes up
+        "local": [f"127.0.0.1:{entry[1]}:127.0.0.1:9"],
+        "connect_timeout": "1s",
+        "known_hosts": [str(tmp_path / "none")],
+    }
+    async with running({"tunnel": [fields]}) as runtime:
+        reader, writer = await open_client(entry)  # accepted: the listener is bound
+        began = time.monotonic()
+        async with asyncio.timeout(10):
+            assert await read_all(reader) == b""
+        writer.close()
+        assert 0.9 < time.monotonic() - began < 5
+        assert runtime.state.tunnels[0].forwards[0].stats.errors == {"down": 1}
+
+
+# ---------------------------------------------------------------------------- where keys and hosts come from
+
+
+async def test_ssh_config_host_alias(sshd: Sshd, tmp_path: Path) -> None:
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Host lab\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User root\n"
+        f"  IdentityFile {sshd.user_key}\n  IdentitiesOnly yes\n"
+    )
+    async with peer("echo", ("127.0.0.1", 0)) as upstream:
+        assert not isinstance(upstream.address, str)
+        entry = ("127.0.0.1", free_port())
+        fields = {
+            "ssh": "lab",
+            "ssh_config": [str(config)],
+            "agent": False,
+            "known_hosts": [str(sshd.known_hosts)],
+            "local": [f"127.0.0.1:{entry[1]}:127.0.0.1:{upstream.address[1]}"],
+        }
+        async with running({"tunnel": [fields]}) as runtime:
+            await wait_until(lambda: runtime.state.tunnels[0].state == "up", 15, "up through the alias")
+            assert await echo_through(entry)
+
+
+@pytest.fixture
+def agent(sshd: Sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A real ssh-agent holding the user key, as SSH_AUTH_SOCK."""
+    need_binary("ssh-agent", "openssh-client")
+    sock = tmp_path / "agent.sock"
+    proc = Proc(["ssh-agent", "-D", "-a", str(sock)])
+    try:
+        proc.wait_for("SSH_AUTH_SOCK")
+        env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+        subprocess.run(
+            ["ssh-add", "-q", str(sshd.user_key)], env=env, check=True, timeout=30, capture_output=True
+        )
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        yield sock
+    finally:
+        proc.stop()
+        proc.close()
+
+
+async def test_key_from_ssh_agent(sshd: Sshd, agent: Path) -> None:
+    async with echo_tunnel(sshd, identity=[], agent=True) as (_, entry):
+        assert await echo_through(entry)

@@ -30,6 +30,7 @@ from portfwd.relay.listener import TcpListener, bind_ip, bind_unix
 from portfwd.relay.upstream import Connect, literal_addresses, resolve, stream_options
 from portfwd.state import Session, State, TunnelForwardStats, TunnelStats
 from portfwd.tunnel.bridge import Bridge
+from portfwd.tunnel.cork import CorkedConnector
 from portfwd.tunnel.hostkeys import HostKeyCheck, HostKeyError
 from portfwd.tunnelspec import TunnelForward, parse_destination
 
@@ -300,7 +301,7 @@ class Tunnel:
         check = HostKeyCheck(list(self.config.known_hosts), accept_new)
         options = self._options(check, self.port, self.user)
         try:
-            return await asyncssh.connect(self.host, tunnel=tunnel, **options)
+            return await asyncssh.connect(self.host, tunnel=tunnel or CorkedConnector(), **options)
         except asyncssh.HostKeyNotVerifiable as exc:
             raise check.problem or HostKeyError(f"{self.host}: {exc.reason}") from exc
 
