@@ -14,7 +14,6 @@ import argparse
 import datetime
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import run as base  # bench/run.py: targets, measurements, rounds, medians
 
 sys.path.insert(0, str(base.REPO))
-from tests.integration.sshd import Sshd  # noqa: E402 - the test suite's throwaway sshd
+from tests.integration.sshd import Sshd
 
 CIPHERS = {"aes128-gcm": "aes128-gcm@openssh.com", "chacha20": "chacha20-poly1305@openssh.com"}
 MARKER = "\n## SSH tunnels (issue #5)"

@@ -15,7 +15,6 @@ import asyncio
 from collections.abc import Callable, Iterable
 from typing import Any
 
-
 #: Flush at once past this many queued bytes, so the server starts decrypting while we encrypt:
 #: a 32 KiB data packet goes out at once, together with the small packets queued before it
 #: (measured: 16 KiB to 256 KiB all did the same; batching whole loop passes was slower upstream).
