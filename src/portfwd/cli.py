@@ -114,7 +114,25 @@ def check(config_file: str | None) -> None:
         table.add_column(column)
     for row in runtime.describe(loaded):
         table.add_row(*row)
-    console.print(table)
+    if loaded.forward or not loaded.tunnel:
+        console.print(table)
+    if loaded.tunnel:
+        tunnels = Table(title=f"{len(loaded.tunnel)} SSH tunnel(s)", title_justify="left")
+        for column in ("tunnel", "server", "forwards", "host keys", "keepalive"):
+            tunnels.add_column(column)
+        for item in loaded.tunnel:
+            via = f" via {', '.join(item.jump)}" if item.jump else ""
+            keepalive = (
+                f"{item.keepalive_interval:g}s x {item.keepalive_count}" if item.keepalive_interval else "off"
+            )
+            tunnels.add_row(
+                item.label,
+                item.ssh + via,
+                "\n".join(str(forward) for forward in item.forwards),
+                f"{item.strict_host_key_checking}: {', '.join(item.known_hosts)}",
+                keepalive,
+            )
+        console.print(tunnels)
     if loaded.metrics is not None:
         console.print(f"metrics: http://{loaded.metrics.listen}/metrics")
     if loaded.user is not None:

@@ -120,3 +120,33 @@ def test_nothing_to_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         err.splitlines()[-1]
         == "portfwd: nothing to run: the config has no [[forward]] or [[tunnel]]; add one; see portfwd check"
     )
+
+
+PRODUCT_TUNNEL = """
+[[tunnel]]                         # SSH client tunnel (portfwd ssh, from the config)
+name = "office"
+ssh = "alice@bastion.example.org:22"
+identity = "~/.ssh/id_ed25519"
+known_hosts = "~/.ssh/known_hosts"  # strict by default
+local   = ["127.0.0.1:5432:db.internal:5432"]
+remote  = ["0.0.0.0:8022:localhost:22"]
+dynamic = ["127.0.0.1:1080"]
+"""
+
+
+def test_check_shows_the_product_tunnel_example(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "tunnel.toml"
+    config.write_text(PRODUCT_TUNNEL)  # PRODUCT.md's [[tunnel]] example, verbatim
+    code, out, _ = run(["check", "-c", str(config)], capsys)
+    assert code == 0
+    assert "office" in out
+    assert "1 SSH tunnel(s)" in out
+    assert out.rstrip().endswith("config OK")
+
+
+def test_ssh_without_a_forward_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["ssh", "alice@host"], capsys)
+    assert code == 2
+    assert err.splitlines() == [
+        "portfwd: no forward given; add -L, -R or -D (portfwd ssh only forwards ports)"
+    ]
