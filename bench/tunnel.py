@@ -25,6 +25,7 @@ from tests.integration.sshd import Sshd
 
 CIPHERS = {"aes128-gcm": "aes128-gcm@openssh.com", "chacha20": "chacha20-poly1305@openssh.com"}
 MARKER = "\n## SSH tunnels (issue #5)"
+NOTES = "### What holds the tunnel back"
 NAMES = ("iperf", "http", "echo")
 
 
@@ -117,11 +118,15 @@ def main() -> int:
     if args.write:
         results = base.HERE / "RESULTS.md"
         old = results.read_text() if results.exists() else ""
+        analysis = ""  # the hand-written profile notes under the table are kept
         if MARKER in old:
             start = old.index(MARKER)
             end = old.find("\n## ", start + len(MARKER))
+            section = old[start : end if end >= 0 else len(old)]
+            if NOTES in section:
+                analysis = "\n" + section[section.index(NOTES) :].strip("\n") + "\n"
             old = old[:start] + (old[end:] if end >= 0 else "")
-        results.write_text(old.rstrip("\n") + "\n" + report)
+        results.write_text(old.rstrip("\n") + "\n" + report + analysis)
     return 0
 
 
