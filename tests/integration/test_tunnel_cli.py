@@ -223,3 +223,29 @@ def test_bad_arguments_exit_2_with_every_problem() -> None:
         "aes128-gcm@openssh.com, aes256-ctr, aes192-ctr, aes128-ctr, aes256-cbc, aes192-cbc, aes128-cbc, 3des-cbc, "
         "blowfish-cbc, cast128-cbc, seed-cbc@ssh.com, arcfour256, arcfour128, arcfour",
     ]
+
+
+def test_exit_on_forward_failure_for_a_busy_local_port(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        argv = portfwd_argv(
+            "ssh",
+            "-q",
+            "-F",
+            "/dev/null",
+            "-o",
+            f"UserKnownHostsFile={tmp_path / 'kh'}",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-p",
+            str(free_port()),
+            "-L",
+            f"127.0.0.1:{port}:127.0.0.1:9",
+            "root@127.0.0.1",
+        )
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"portfwd: root@127.0.0.1: -L 127.0.0.1:{port} -> 127.0.0.1:9: cannot listen on 127.0.0.1:{port}: "
+        "address already in use (ExitOnForwardFailure)"
+    ]

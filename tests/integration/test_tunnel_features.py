@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -416,3 +417,31 @@ def agent(sshd: Sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
 async def test_key_from_ssh_agent(sshd: Sshd, agent: Path) -> None:
     async with echo_tunnel(sshd, identity=[], agent=True) as (_, entry):
         assert await echo_through(entry)
+
+
+async def test_reload_swaps_tunnels(sshd: Sshd, tmp_path: Path) -> None:
+    from portfwd import config as config_module
+
+    first, second = free_port(), free_port()
+    path = tmp_path / "portfwd.toml"
+
+    def write(port: int) -> None:
+        table = sshd.tunnel(dynamic=[f"127.0.0.1:{port}"])
+        lines = ["[control]", "enabled = false", "[[tunnel]]"]
+        lines += [f"{key} = {json.dumps(value)}" for key, value in table.items()]
+        path.write_text("\n".join(lines) + "\n")
+
+    write(first)
+    runtime = Runtime(config_module.load(path), config_path=path)
+    await runtime.start()
+    try:
+        await wait_until(lambda: runtime.state.tunnels[0].state == "up", 15, "first tunnel up")
+        write(second)
+        answer = await runtime.reload()
+        assert answer["ok"], answer
+        assert [tunnel.forwards[0].listen for tunnel in runtime.state.tunnels] == [f"127.0.0.1:{second}"]
+        with pytest.raises(ConnectionRefusedError):
+            await open_client(("127.0.0.1", first))
+        await wait_until(lambda: runtime.state.tunnels[0].state == "up", 15, "second tunnel up")
+    finally:
+        await runtime.stop()

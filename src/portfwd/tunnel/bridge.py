@@ -119,6 +119,9 @@ class Bridge:
 
     # channel side
     def channel_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+        if self._ended:  # the open was given up on (timeout) but the server confirmed it late
+            chan.close()
+            return
         self.chan = chan
         if self.transport is None:
             if self.intercept is None:
