@@ -441,6 +441,8 @@ class Runtime:
             self._sampler.cancel()
         for run in self._runs.values():
             self._close_listeners(run)
+        for tunnel in self._tunnels.values():
+            tunnel.stop_accepting()
         if self.state.sessions and not self._stopping:
             log.info(
                 "draining %d session(s) for up to %gs", len(self.state.sessions), self.config.drain_timeout

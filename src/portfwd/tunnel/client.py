@@ -228,13 +228,17 @@ class Tunnel:
             spec.target_text,
         )
 
-    async def stop(self) -> None:
-        """Close listeners, end sessions, cancel the remote forwards and the connection."""
-        self._stopping = True
+    def stop_accepting(self) -> None:
+        """Close the local listeners (shutdown begins: live sessions may still drain)."""
         for forward in self.forwards:
             for listener in forward.listeners:
                 listener.close()
             forward.listeners.clear()
+
+    async def stop(self) -> None:
+        """Close listeners, end sessions, cancel the remote forwards and the connection."""
+        self._stopping = True
+        self.stop_accepting()
         for task in list(self._tasks):
             task.cancel()
         if self._task is not None:
@@ -588,6 +592,9 @@ class Tunnel:
         except (asyncssh.ChannelOpenError, TimeoutError, RuntimeFailure, OSError, asyncssh.Error) as exc:
             self._failed(forward, bridge, client, exc)
             return
+        except asyncio.CancelledError:  # shutdown while the channel was opening
+            self._failed(forward, bridge, client, RuntimeFailure("shutdown"))
+            raise
         await self._attach(bridge, client)
 
     async def _socks_client(self, forward: _Forward, client: socket.socket, text: str) -> None:
@@ -617,6 +624,9 @@ class Tunnel:
             log.info("%s: %s: SOCKS handshake failed: %s", self.label, text, _error_text(exc))
             client.close()
             return
+        except asyncio.CancelledError:
+            client.close()
+            raise
         bridge = self._bridge(forward, text, request.target)
         try:
             await self._open_channel(forward, bridge, request.host, request.port, None)
@@ -626,6 +636,9 @@ class Tunnel:
                 await loop.sock_sendall(client, codec.refuse(code))
             self._failed(forward, bridge, client, exc)
             return
+        except asyncio.CancelledError:
+            self._failed(forward, bridge, client, RuntimeFailure("shutdown"))
+            raise
         try:
             await loop.sock_sendall(client, codec.accept())
         except OSError as exc:
@@ -643,7 +656,8 @@ class Tunnel:
             if isinstance(exc, TimeoutError)
             else "down"
         )
-        forward.stats.stats.count_error(reason)
+        if not self._stopping:
+            forward.stats.stats.count_error(reason)
         log.info(
             "%s: %s -> %s failed: %s; client closed",
             self.label,
