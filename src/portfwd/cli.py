@@ -288,6 +288,25 @@ def _cli_words(line: str) -> str:
     return f"{_CLI_KEYS.get(key, key)}: {message}" if key else message
 
 
+@app.command()
+@_config_option
+@click.option("--fingerprint", is_flag=True, help="Print the host key's SHA256 fingerprint and exit.")
+@_logging_options
+def server(config_file: str | None, fingerprint: bool, verbose: int, quiet: bool, log_format: str) -> None:
+    """The SSH tunnel server for stock ssh -N -L/-R/-D clients, from the config's [server]."""
+    _setup_logging(verbose, quiet, log_format)
+    path = config.find(config_file)
+    loaded = config.load(path)
+    if loaded.server is None:
+        raise ConfigError(f"{path}: no [server] section", hint="add [server] and a [[server.user]]")
+    if fingerprint:
+        from portfwd.tunnel.server import load_host_key
+
+        print(load_host_key(loaded.server.host_key).get_fingerprint())
+        return
+    runtime.run(loaded, config_path=path.resolve())
+
+
 def _control_path(config_file: str | None) -> Path:
     """The control socket of the instance that runs this config (or the default one).
 
@@ -385,10 +404,27 @@ def _status_view(status: dict[str, Any]) -> Group:
             _age(item["idle"]),
         )
     parts: list[Any] = [header]
-    if status.get("rules") or not status.get("tunnels"):
+    if status.get("rules") or not (status.get("tunnels") or status.get("server_sessions")):
         parts.append(rules)
     if status.get("tunnels"):
         parts.append(_tunnel_view(status["tunnels"]))
+    if status.get("server_sessions"):
+        clients = Table(title="server sessions", title_justify="left", box=box.SIMPLE_HEAD)
+        for column in ("user", "source", "key", "forwards", "active", "total", "up", "down", "age"):
+            clients.add_column(column)
+        for item in status["server_sessions"]:
+            clients.add_row(
+                item["user"],
+                item["source"],
+                item["fingerprint"],
+                ", ".join(item["forwards"]) or "-",
+                str(item["connections_active"]),
+                str(item["connections_total"]),
+                _bytes(item["bytes_up"]),
+                _bytes(item["bytes_down"]),
+                _age(time.time() - float(item["since"])),
+            )
+        parts.append(clients)
     parts.append(sessions if status.get("sessions") else Text("no live sessions"))
     return Group(*parts)
 

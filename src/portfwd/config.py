@@ -37,7 +37,6 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 #: Sections PRODUCT.md describes whose engines are not in this version yet.
 _PLANNED_SECTIONS = {
-    "server": "the SSH tunnel server",
     "gateway": "nftables gateway forwarding",
     "map": "router port mapping",
 }
@@ -257,6 +256,53 @@ class TunnelConfig(_Model):
         return (*self.local, *self.remote, *self.dynamic)
 
 
+def _permits(value: Any) -> tuple[str, ...]:
+    """`host:port`, `*:port`, `host:*` or `any` (permit_open / permit_listen entries)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(item, str) for item in items):
+        raise _fail('must be a list like ["db.internal:5432", "*:8022", "any"]')
+    out = []
+    for item in items:
+        text = item.strip()
+        if text == "any":
+            out.append(text)
+            continue
+        host, _, port = text.rpartition(":")
+        if not host or not (port == "*" or (port.isdigit() and 0 <= int(port) <= 65535)):
+            raise _fail(
+                f'{item!r} is not host:port; write "db.internal:5432", "*:8022", "0.0.0.0:*" or "any"'
+            )
+        out.append(text)
+    return tuple(out)
+
+
+Permits = Annotated[tuple[str, ...], PlainValidator(_permits)]
+
+
+class ServerUserConfig(_Model):
+    """`[[server.user]]`: who may log in to `portfwd server`, with which keys, to forward what."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    authorized_keys: str = Field(min_length=1)
+    permit_open: Permits = ()
+    permit_listen: Permits = ()
+    source: Networks = Field(default=(), alias="from")
+
+
+class ServerConfig(_Model):
+    """`[server]`: the SSH tunnel server stock `ssh -L/-R/-D` clients use."""
+
+    listen: ListenEndpoint = Field(default_factory=lambda: parse_listen("0.0.0.0:2222"))
+    host_key: str = Field(default="/var/lib/portfwd/host_ed25519", min_length=1)
+    gateway_ports: bool = False
+    client_alive_interval: Annotated[float, PlainValidator(_seconds_or_off)] = 15.0
+    client_alive_count: int = Field(default=3, ge=1, le=1000)
+    max_auth_failures: int = Field(default=10, ge=1, le=100000)
+    user: tuple[ServerUserConfig, ...] = ()
+
+
 class MetricsConfig(_Model):
     """`[metrics]`: where the Prometheus endpoint listens."""
 
@@ -279,6 +325,7 @@ class Config(_Model):
     drain_timeout: Duration = 10.0
     forward: tuple[ForwardConfig, ...] = ()
     tunnel: tuple[TunnelConfig, ...] = ()
+    server: ServerConfig | None = None
     metrics: MetricsConfig | None = None
     control: ControlConfig = ControlConfig()
 
@@ -404,6 +451,19 @@ def _check_rules(config: Config) -> list[str]:
                         break
                     bound.append((index, proto, rule.listen.host, port))
     problems.extend(_check_tunnels(config))
+    if config.server is not None:
+        server = config.server
+        if not server.user:
+            problems.append(
+                "server: no [[server.user]]; add one with name and authorized_keys "
+                "(portfwd server never runs without users)"
+            )
+        if not isinstance(server.listen, HostPorts) or len(server.listen.ports) != 1:
+            problems.append('server.listen: must be one host:port; write "0.0.0.0:2222"')
+        names = [user.name for user in server.user]
+        for index, name in enumerate(names):
+            if name in names[:index]:
+                problems.append(f"server.user[{index}].name: {name!r} is listed twice")
     if config.metrics is not None:
         listen = config.metrics.listen
         if not isinstance(listen, HostPorts) or len(listen.ports) != 1:

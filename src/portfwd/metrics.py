@@ -98,6 +98,20 @@ class StateCollector(Collector):
                 data.add_metric([*labels, "up"], forward["bytes_up"])
                 data.add_metric([*labels, "down"], forward["bytes_down"])
         yield from (up, reconnects, sessions, active, data)
+        server_active = GaugeMetricFamily(
+            "portfwd_server_sessions_active", "Clients logged in to portfwd server", labels=["user"]
+        )
+        users: dict[str, int] = {}
+        for item in self.state.server_sessions:
+            users[item.user] = users.get(item.user, 0) + 1
+        for user, count in sorted(users.items()):
+            server_active.add_metric([user], count)
+        failures = CounterMetricFamily(
+            "portfwd_server_auth_failures",
+            "Failed logins to portfwd server",
+            value=self.state.server_auth_failures,
+        )
+        yield from (server_active, failures)
 
 
 class MetricsServer:

@@ -37,6 +37,7 @@ from portfwd.relay.splice import PipePool, splice_available
 from portfwd.relay.udp import UdpForwarder
 from portfwd.state import Listener, State
 from portfwd.tunnel.client import Tunnel
+from portfwd.tunnel.server import TunnelServer
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ class Runtime:
         #: Set when a part must end the process (host key refused, ExitOnForwardFailure).
         self.fatal_error: PortfwdError | None = None
         self._tunnels: dict[TunnelConfig, Tunnel] = {}
+        self._server: TunnelServer | None = None
         self.control_optional = control_optional
         self.strict = strict
         self.config_path = config_path
@@ -299,6 +301,14 @@ class Runtime:
         self._splice = splice_available()
         self.failures.extend(self._start_rules(list(enumerate(self.config.forward))))
         self.failures.extend(self._start_tunnels(list(self.config.tunnel)))
+        if self.config.server is not None:
+            server = TunnelServer(self.config.server, self.state)
+            try:
+                await server.start()
+                self._server = server
+            except RuntimeFailure as exc:
+                self.failures.append(exc)
+                log.error("%s", exc.line())
         if (metrics_failure := await self._start_metrics()) is not None:
             self.failures.append(metrics_failure)
         await self._start_control()
@@ -309,7 +319,7 @@ class Runtime:
         if self.fatal_error is not None:
             await self.stop()
             raise RuntimeFailure(self.fatal_error.line())
-        if not self._runs and not self._tunnels and self._metrics is None:
+        if not self._runs and not self._tunnels and self._server is None and self._metrics is None:
             await self.stop()
             if self.failures:
                 raise RuntimeFailure(f"nothing could start: {self.failures[0].line()}")
@@ -381,7 +391,7 @@ class Runtime:
                 self._metrics = None
             if self._metrics is None and (metrics_failure := await self._start_metrics()) is not None:
                 failures.append(metrics_failure)
-            for key in ("user", "group", "control"):
+            for key in ("user", "group", "control", "server"):
                 if getattr(new, key) != getattr(old, key):
                     log.warning("reload: %s changes take effect at the next start", key)
             kept = len(old_rules) - len(removed)
@@ -443,6 +453,8 @@ class Runtime:
             self._close_listeners(run)
         for tunnel in self._tunnels.values():
             tunnel.stop_accepting()
+        if self._server is not None:
+            await self._server.stop_accepting()
         if self.state.sessions and not self._stopping:
             log.info(
                 "draining %d session(s) for up to %gs", len(self.state.sessions), self.config.drain_timeout
@@ -457,6 +469,9 @@ class Runtime:
         for tunnel in self._tunnels.values():
             await tunnel.stop()
         self._tunnels.clear()
+        if self._server is not None:
+            await self._server.stop()
+            self._server = None
         self._close_sessions("shutdown")
         await asyncio.sleep(0)  # let the close callbacks of aborted transports run
         if self._metrics is not None:

@@ -120,6 +120,18 @@ class TunnelStats:
 
 
 @dataclass(slots=True)
+class ServerSessionStats:
+    """One client logged in to `portfwd server`: who, from where, with which key, asking what."""
+
+    user: str
+    source: str
+    fingerprint: str
+    since: float = field(default_factory=time.time)
+    forwards: list[str] = field(default_factory=list)
+    stats: RuleStats = field(default_factory=lambda: RuleStats(""))
+
+
+@dataclass(slots=True)
 class Listener:
     """One bound socket (or port range) of a rule."""
 
@@ -138,7 +150,8 @@ class State:
         self.sessions: dict[int, Session] = {}
         # Slots the later parts fill; listed in every snapshot so its shape never changes.
         self.tunnels: list[TunnelStats] = []
-        self.server_sessions: list[dict[str, Any]] = []
+        self.server_sessions: list[ServerSessionStats] = []
+        self.server_auth_failures = 0
         self.gateway_rules: list[dict[str, Any]] = []
         self.triggers: list[dict[str, Any]] = []
         self.mappings: list[dict[str, Any]] = []
@@ -246,6 +259,27 @@ class State:
             )
         return rows
 
+    def server_rows(self) -> list[dict[str, Any]]:
+        """Clients of `portfwd server` with their forwards and bytes (JSON-ready)."""
+        live = self.live_bytes()
+        rows = []
+        for item in self.server_sessions:
+            up, down = live.get(id(item.stats), (0, 0))
+            rows.append(
+                {
+                    "user": item.user,
+                    "source": item.source,
+                    "fingerprint": item.fingerprint,
+                    "since": item.since,
+                    "forwards": list(item.forwards),
+                    "connections_total": item.stats.connections_total,
+                    "connections_active": item.stats.connections_active,
+                    "bytes_up": item.stats.bytes_up + up,
+                    "bytes_down": item.stats.bytes_down + down,
+                }
+            )
+        return rows
+
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready picture of everything, for `portfwd status` and tests.
 
@@ -298,7 +332,7 @@ class State:
             ],
             "sessions": sessions,
             "tunnels": self.tunnel_rows(),
-            "server_sessions": list(self.server_sessions),
+            "server_sessions": self.server_rows(),
             "gateway_rules": list(self.gateway_rules),
             "triggers": list(self.triggers),
             "mappings": list(self.mappings),

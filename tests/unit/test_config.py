@@ -146,11 +146,19 @@ BAD = [
     ),
     (
         'colour = "blue"\n',
-        "colour: unknown key; remove it or use one of: user, group, drain_timeout, forward, tunnel, metrics, control",
+        "colour: unknown key; remove it or use one of: user, group, drain_timeout, forward, tunnel, server, metrics, control",
+    ),
+    (
+        '[gateway]\nwan = "eth0"\n',
+        "gateway: nftables gateway forwarding is not available in portfwd 0.1 yet; remove this section to run the rest",
     ),
     (
         '[server]\nlisten = "0.0.0.0:2222"\n',
-        "server: the SSH tunnel server is not available in portfwd 0.1 yet; remove this section to run the rest",
+        "server: no [[server.user]]; add one with name and authorized_keys (portfwd server never runs without users)",
+    ),
+    (
+        '[server]\n[[server.user]]\nname = "alice"\nauthorized_keys = "/k"\npermit_open = ["db"]\n',
+        'server.user[0].permit_open: \'db\' is not host:port; write "db.internal:5432", "*:8022", "0.0.0.0:*" or "any"',
     ),
     ('[[tunnel]]\nname = "office"\n', "tunnel[0].ssh: required key is missing; add it"),
     ('[[tunnel]]\nssh = "a@h"\n', "tunnel[0]: no forward; add local, remote or dynamic (or -L/-R/-D)"),

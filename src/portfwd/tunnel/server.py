@@ -1,0 +1,454 @@
+"""`portfwd server`: an SSH server that only forwards, for stock `ssh -N -L/-R/-D` clients.
+
+Public-key authentication only, for configured users only. Each user gets the targets
+(`permit_open`) and listen addresses (`permit_listen`) the admin allowed, from the source
+networks allowed (`from`), narrowed further by OpenSSH authorized_keys options (`permitopen`,
+`permitlisten`, `from`, `restrict`, `no-port-forwarding`). Relayed connections go through the
+same Bridge as the client side and are counted in the one state model. A client whose link
+died may take its own `-R` port back at once (same user, same key); nobody else can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from portfwd.config import ServerConfig, ServerUserConfig
+from portfwd.errors import BindError, RuntimeFailure, UpstreamError
+from portfwd.relay.forwarder import format_peer
+from portfwd.relay.listener import TcpListener, bind_ip
+from portfwd.state import ServerSessionStats, State
+from portfwd.tunnel.bridge import Bridge
+from portfwd.tunnel.client import PACKET, WINDOW, connect_local
+
+log = logging.getLogger(__name__)
+
+#: How long failed logins from one address are remembered (and it is refused once over the limit).
+PENALTY_WINDOW = 60.0
+UPSTREAM_TIMEOUT = 10.0
+
+
+def load_host_key(path: str) -> asyncssh.SSHKey:
+    """The server's ed25519 host key: read it, or create it (mode 0600) on first start."""
+    key_path = Path(os.path.expanduser(path))
+    try:
+        return asyncssh.read_private_key(str(key_path))
+    except FileNotFoundError:
+        pass
+    except (OSError, asyncssh.KeyImportError, ValueError) as exc:
+        raise RuntimeFailure(f"cannot read host key {key_path}: {exc}", field="server.host_key") from exc
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    try:
+        key_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(key.export_private_key())
+    except OSError as exc:
+        raise RuntimeFailure(
+            f"cannot create host key {key_path}: {exc.strerror}",
+            field="server.host_key",
+            hint="pick a writable path",
+        ) from exc
+    log.warning("server: created host key %s (%s)", key_path, key.get_fingerprint())
+    return key
+
+
+def _permits(rules: tuple[str, ...] | list[str], host: str, port: int) -> bool:
+    """Does `host:port` match one of `host:port`, `*:port`, `host:*`, `any`?"""
+    for rule in rules:
+        if rule == "any":
+            return True
+        rule_host, _, rule_port = rule.rpartition(":")
+        rule_host = rule_host.strip("[]")
+        if rule_port not in ("*", str(port)):
+            continue
+        if rule_host in ("*", host):
+            return True
+    return False
+
+
+def _forwarding_allowed(options: dict[str, Any]) -> bool:
+    """authorized_keys: `no-port-forwarding`, or `restrict` without `port-forwarding`, forbid it."""
+    if options.get("no-port-forwarding"):
+        return False
+    return not (options.get("restrict") and not options.get("port-forwarding"))
+
+
+class _RemoteListener(asyncssh.SSHListener):
+    """A -R port this server bound for one client; each connection becomes a forwarded channel."""
+
+    def __init__(
+        self, server: TunnelServer, owner: _Session, sock: socket.socket, requested_host: str
+    ) -> None:
+        super().__init__()
+        self.server = server
+        self.owner = owner
+        self.requested_host = requested_host
+        self.address = sock.getsockname()[:2]
+        self.port = int(self.address[1])
+        self.listener = TcpListener(sock, self._accept, f"server {owner.user_name}")
+        self.listener.start()
+
+    def get_port(self) -> int:
+        return self.port
+
+    def _accept(self, client: socket.socket, peer: Any) -> None:
+        self.server.spawn(self._serve(client, format_peer(peer) if isinstance(peer, tuple) else "unix", peer))
+
+    async def _serve(self, client: socket.socket, text: str, peer: Any) -> None:
+        owner = self.owner
+        client.setblocking(False)
+        bridge = owner.bridge(text, f"client {owner.source}", channel_is_client=False)
+        try:
+            async with asyncio.timeout(UPSTREAM_TIMEOUT):
+                await owner.conn.create_connection(
+                    bridge.channel_session,
+                    self.requested_host,
+                    self.port,
+                    str(peer[0]),
+                    int(peer[1]),
+                    window=WINDOW,
+                    max_pktsize=PACKET,
+                )
+        except (asyncssh.Error, OSError, TimeoutError) as exc:
+            owner.stats.stats.count_error("refused")
+            log.info("server: %s -> %s: the client did not take it: %s", text, owner.label, exc)
+            client.close()
+            bridge.close("refused")
+            return
+        await self.server.attach(bridge, client)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.server.released(self)
+
+    async def wait_closed(self) -> None:
+        """Closing is immediate."""
+
+
+class _Session(asyncssh.SSHServer):
+    """One SSH connection to the server: authentication, then the policy for every request."""
+
+    def __init__(self, server: TunnelServer) -> None:
+        self.server = server
+        self.conn: asyncssh.SSHServerConnection = None  # type: ignore[assignment]
+        self.source = "?"
+        self.source_ip = ""
+        self.user: ServerUserConfig | None = None
+        self.user_name = ""
+        self.keys: asyncssh.SSHAuthorizedKeys | None = None
+        self.options: dict[str, Any] = {}
+        self.fingerprint = ""
+        self.authenticated = False
+        self.stats = ServerSessionStats("", "", "")
+        self.listeners: list[_RemoteListener] = []
+
+    @property
+    def label(self) -> str:
+        return f"{self.user_name}@{self.source}"
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        peer = conn.get_extra_info("peername")
+        self.source = format_peer(peer) if isinstance(peer, tuple) else "?"
+        self.source_ip = str(peer[0]) if isinstance(peer, tuple) else ""
+        if self.server.penalized(self.source_ip):
+            log.warning("server: %s refused: too many failed logins from this address", self.source)
+            asyncio.get_running_loop().call_soon(conn.close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.authenticated:
+            if self.user_name:
+                self.server.failed_login(self.source_ip)
+            return
+        for listener in list(self.listeners):
+            listener.close()
+        with contextlib.suppress(ValueError):
+            self.server.state.server_sessions.remove(self.stats)
+        log.info("server: %s logged out (%s)", self.label, exc or "closed")
+
+    def begin_auth(self, username: str) -> bool:
+        self.user_name = username
+        self.user = self.server.users.get(username)
+        if self.user is None:
+            log.warning("server: %s: unknown user %r; refused", self.source, username)
+            return True
+        try:
+            self.keys = asyncssh.read_authorized_keys(os.path.expanduser(self.user.authorized_keys))
+        except (OSError, ValueError, asyncssh.KeyImportError) as exc:
+            log.error(
+                "server: user %s: cannot read %s: %s; refused", username, self.user.authorized_keys, exc
+            )
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        user, keys = self.user, self.keys
+        if user is None or keys is None:
+            return False
+        address = ipaddress.ip_address(self.source_ip) if self.source_ip else None
+        if user.source and (address is None or not any(address in net for net in user.source)):
+            log.warning(
+                "server: %s: user %s is not allowed from this address (from = ...)", self.source, username
+            )
+            return False
+        options = keys.validate(key, self.source_ip, self.source_ip)
+        if options is None:
+            return False
+        self.options = dict(options)
+        self.fingerprint = key.get_fingerprint()
+        return True
+
+    def auth_completed(self) -> None:
+        self.authenticated = True
+        self.stats = ServerSessionStats(self.user_name, self.source, self.fingerprint)
+        self.stats.stats.name = f"server {self.label}"
+        self.server.state.server_sessions.append(self.stats)
+        log.info("server: %s logged in with key %s", self.label, self.fingerprint)
+
+    def session_requested(self) -> bool:
+        log.info("server: %s asked for a shell or command; refused (use ssh -N)", self.label)
+        return False
+
+    # -------------------------------------------------------------- -L and -D (direct-tcpip)
+    def _deny_open(self, what: str, why: str) -> None:
+        log.warning("server: %s: %s denied: %s", self.label, what, why)
+        self.stats.stats.count_error("denied")
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, f"{what}: {why}")
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
+        assert self.user is not None
+        what = f"connect to {dest_host}:{dest_port}"
+        if not _forwarding_allowed(self.options):
+            self._deny_open(what, "port forwarding is off for this key (authorized_keys restrict)")
+        if not _permits(self.user.permit_open, dest_host, dest_port):
+            self._deny_open(what, "not in permit_open")
+        allowed = self.options.get("permitopen")
+        if allowed and (dest_host, dest_port) not in allowed and (dest_host, None) not in allowed:
+            self._deny_open(what, "not in the key's permitopen")
+        client = f"{orig_host}:{orig_port} via {self.label}"
+        return self.server.open_upstream(self, client, (dest_host, dest_port))
+
+    def unix_connection_requested(self, dest_path: str) -> Any:
+        assert self.user is not None
+        what = f"connect to unix:{dest_path}"
+        if not _forwarding_allowed(self.options):
+            self._deny_open(what, "port forwarding is off for this key (authorized_keys restrict)")
+        if "any" not in self.user.permit_open:
+            self._deny_open(what, 'Unix sockets need permit_open = ["any"]')
+        return self.server.open_upstream(self, f"unix via {self.label}", dest_path)
+
+    def bridge(self, client: str, target: str, *, channel_is_client: bool) -> Bridge:
+        return self.server.bridge(self, client, target, channel_is_client=channel_is_client)
+
+    # -------------------------------------------------------------- -R (tcpip-forward)
+    def server_requested(self, listen_host: str, listen_port: int) -> Any:
+        assert self.user is not None
+        what = f"listen on {listen_host or '*'}:{listen_port}"
+
+        def deny(why: str) -> bool:
+            log.warning("server: %s: %s denied: %s", self.label, what, why)
+            self.stats.stats.count_error("denied")
+            return False
+
+        if not _forwarding_allowed(self.options):
+            return deny("port forwarding is off for this key (authorized_keys restrict)")
+        bind = self.server.bind_address(listen_host)
+        if not _permits(self.user.permit_listen, bind, listen_port) and not _permits(
+            self.user.permit_listen, listen_host, listen_port
+        ):
+            return deny("not in permit_listen")
+        key_listens = self.options.get("permitlisten")
+        if key_listens and not any(
+            _permits([item if ":" in item else f"*:{item}"], bind, listen_port) for item in key_listens
+        ):
+            return deny("not in the key's permitlisten")
+        return self.server.listen_remote(self, listen_host, bind, listen_port)
+
+    def unix_server_requested(self, listen_path: str) -> bool:
+        log.warning(
+            "server: %s: listen on unix:%s denied: not supported by portfwd server", self.label, listen_path
+        )
+        return False
+
+
+class TunnelServer:
+    """Owns the SSH listener, the users, the -R ports in use and the failed-login memory."""
+
+    def __init__(self, config: ServerConfig, state: State) -> None:
+        self.config = config
+        self.state = state
+        self.users = {user.name: user for user in config.user}
+        self.ports: dict[tuple[str, int], _RemoteListener] = {}
+        self._failures: dict[str, list[float]] = {}
+        self._acceptor: asyncssh.SSHAcceptor | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._bridges: set[Bridge] = set()
+        self.fingerprint = ""
+
+    async def start(self) -> None:
+        """Load (or create) the host key and listen. Raises RuntimeFailure or BindError."""
+        key = load_host_key(self.config.host_key)
+        self.fingerprint = key.get_fingerprint()
+        listen = self.config.listen
+        host, port = getattr(listen, "host", ""), listen.ports.first  # type: ignore[union-attr]
+        try:
+            self._acceptor = await asyncssh.listen(
+                host or "",
+                port,
+                server_host_keys=[key],
+                server_factory=lambda: _Session(self),
+                password_auth=False,
+                kbdint_auth=False,
+                allow_pty=False,
+                agent_forwarding=False,
+                x11_forwarding=False,
+                keepalive_interval=self.config.client_alive_interval,
+                keepalive_count_max=self.config.client_alive_count,
+                reuse_address=True,
+            )
+        except OSError as exc:
+            raise BindError(
+                f"cannot listen on {listen}: {(exc.strerror or str(exc)).lower()}",
+                field="server.listen",
+                hint="pick another port",
+            ) from exc
+        log.info(
+            "server: listening on %s for %d user(s); host key %s",
+            listen,
+            len(self.users),
+            self.fingerprint,
+        )
+
+    async def stop_accepting(self) -> None:
+        """Stop taking new SSH connections (shutdown begins; live sessions may drain)."""
+        if self._acceptor is not None:
+            self._acceptor.close()
+            await self._acceptor.wait_closed()
+            self._acceptor = None
+
+    async def stop(self) -> None:
+        """Close everything: the listener, the -R ports, the relays."""
+        await self.stop_accepting()
+        for listener in list(self.ports.values()):
+            listener.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for bridge in list(self._bridges):
+            bridge.close("shutdown")
+
+    # ------------------------------------------------------------------ failed logins
+    def penalized(self, address: str) -> bool:
+        now = time.monotonic()
+        recent = [stamp for stamp in self._failures.get(address, []) if now - stamp < PENALTY_WINDOW]
+        self._failures[address] = recent
+        return len(recent) >= self.config.max_auth_failures
+
+    def failed_login(self, address: str) -> None:
+        self.state.server_auth_failures += 1
+        self._failures.setdefault(address, []).append(time.monotonic())
+
+    # ------------------------------------------------------------------ relays
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def bridge(self, owner: _Session, client: str, target: str, *, channel_is_client: bool) -> Bridge:
+        session = self.state.open_session(owner.stats.stats, client, target, "ssh-server")
+        bridge = Bridge(session, self._closed, channel_is_client=channel_is_client)
+        session.relay = bridge
+        self._bridges.add(bridge)
+        return bridge
+
+    async def attach(self, bridge: Bridge, sock: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(bridge.socket_protocol, sock)
+        except OSError as exc:
+            sock.close()
+            bridge.close(f"socket: {exc.strerror}")
+
+    def _closed(self, bridge: Bridge, reason: str) -> None:
+        self._bridges.discard(bridge)
+        bridge.session.relay = None
+        self.state.close_session(bridge.session)
+
+    async def open_upstream(
+        self, owner: _Session, client: str, target: tuple[str, int] | str
+    ) -> asyncssh.SSHTCPSession[bytes]:
+        """A -L/-D channel: connect the target first, then accept the channel with a bridge."""
+        text = f"unix:{target}" if isinstance(target, str) else f"{target[0]}:{target[1]}"
+        try:
+            sock = await connect_local(target, UPSTREAM_TIMEOUT)
+        except (UpstreamError, TimeoutError) as exc:
+            reason = exc.reason if isinstance(exc, UpstreamError) else "timeout"
+            owner.stats.stats.count_error(reason)
+            message = exc.message if isinstance(exc, UpstreamError) else "timed out"
+            log.info("server: %s -> %s failed: %s", client, text, message)
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, message.capitalize()) from None
+        bridge = self.bridge(owner, client, text, channel_is_client=True)
+        await self.attach(bridge, sock)
+        return bridge.channel_session()
+
+    # ------------------------------------------------------------------ -R ports
+    def bind_address(self, requested: str) -> str:
+        """Where a -R really binds: loopback unless gateway_ports (sshd's GatewayPorts no/clientspecified)."""
+        if not self.config.gateway_ports or requested in ("localhost", "127.0.0.1"):
+            return "127.0.0.1"
+        if requested in ("", "*", "0.0.0.0"):
+            return "0.0.0.0"
+        return requested
+
+    async def listen_remote(
+        self, owner: _Session, requested: str, bind: str, port: int
+    ) -> _RemoteListener | bool:
+        held = self.ports.get((bind, port)) if port else None
+        if held is not None:
+            old = held.owner
+            if old is owner:
+                log.warning("server: %s: %s:%d is already forwarded by this session", owner.label, bind, port)
+                return False
+            if old.user_name != owner.user_name or old.fingerprint != owner.fingerprint:
+                log.warning("server: %s: %s:%d is held by %s; refused", owner.label, bind, port, old.label)
+                owner.stats.stats.count_error("denied")
+                return False
+            # Same user, same key: the client reconnected before its old link was noticed dead.
+            log.warning(
+                "server: %s takes over %s:%d from its stale session %s", owner.label, bind, port, old.label
+            )
+            held.close()
+            old.conn.close()
+        try:
+            sock = bind_ip(
+                f"server {owner.label} -R", bind, port, socket.SOCK_STREAM, backlog=1024, dual_stack=False
+            )
+        except BindError as exc:
+            log.warning("server: %s: %s", owner.label, exc.line())
+            return False
+        listener = _RemoteListener(self, owner, sock, requested)
+        self.ports[(bind, listener.port)] = listener
+        owner.listeners.append(listener)
+        forward = f"-R {bind}:{listener.port}"
+        owner.stats.forwards.append(forward)
+        log.info("server: %s: listening on %s:%d for the client", owner.label, bind, listener.port)
+        return listener
+
+    def released(self, listener: _RemoteListener) -> None:
+        key = (listener.address[0], listener.port)
+        if self.ports.get(key) is listener:
+            del self.ports[key]
+        with contextlib.suppress(ValueError):
+            listener.owner.listeners.remove(listener)
+        with contextlib.suppress(ValueError):
+            listener.owner.stats.forwards.remove(f"-R {listener.address[0]}:{listener.port}")
