@@ -1,11 +1,14 @@
 """SSH tunnel benchmark: `portfwd ssh -L` beside OpenSSH's `ssh -L`, to the same sshd, same cipher.
 
+With --server: the stock `ssh -L` through `portfwd server` beside the same client through
+OpenSSH's sshd (CPU and memory are then the server's, its session processes included).
+
 For each cipher (aes128-gcm, chacha20-poly1305), in interleaved rounds of one run: iperf3 bulk
 Gbit/s (1 stream) and client CPU per Gbit, conn/s of small HTTP requests (wrk, one connection
 each), p50 round trip of 1-byte ping-pong, and client memory per idle tunnelled connection.
 Reported as ratios portfwd / OpenSSH. All traffic is on 127.0.0.1; needs root (sshd privsep).
 
-Usage: .venv/bin/python bench/tunnel.py [--rounds N] [--seconds S] [--conns N] [--write]
+Usage: .venv/bin/python bench/tunnel.py [--server] [--rounds N] [--seconds S] [--conns N] [--write]
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import datetime
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +28,7 @@ sys.path.insert(0, str(base.REPO))
 from tests.integration.sshd import Sshd
 
 CIPHERS = {"aes128-gcm": "aes128-gcm@openssh.com", "chacha20": "chacha20-poly1305@openssh.com"}
-MARKER = "\n## SSH tunnels (issue #5)"
+MARKERS = {False: "\n## SSH tunnels (issue #5)", True: "\n## SSH tunnel server (issue #6)"}
 NOTES = "### What holds the tunnel back"
 NAMES = ("iperf", "http", "echo")
 
@@ -67,6 +71,108 @@ def start_tunnels(sshd: Sshd, targets: base.Targets, forwarders: list[base.Forwa
         base.wait_tcp(forwarder.ports["http"])
 
 
+class _Server:
+    """A server process shared by several forwarders: measured through them, stopped once."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def stop(self) -> None:
+        """Stopped by its owner, not per forwarder."""
+
+
+def tree_rss_kib(pid: int) -> int:
+    """RSS of a process and every descendant (sshd forks one or two per connection)."""
+    from tests.integration.sshd import descendants
+
+    return sum(base.rss_kib(item) for item in [pid, *descendants(pid)] if Path(f"/proc/{item}").exists())
+
+
+def start_servers(
+    sshd: Sshd, tmp: Path, targets: base.Targets, forwarders: list[base.Forwarder], clients: list[base.Proc]
+) -> None:
+    """ssh -L through sshd and through portfwd server, per cipher (every process goes in `clients`)."""
+    upstream = {"iperf": targets.iperf, "http": targets.http, "echo": targets.echo}
+    forwarders.append(base.Forwarder("direct", dict(upstream)))
+    port = base.free_port()
+    (tmp / "server.keys").write_text((tmp / "id_ed25519.pub").read_text())
+    config = tmp / "server.toml"
+    config.write_text(
+        f'[control]\nenabled = false\n[server]\nlisten = "127.0.0.1:{port}"\nhost_key = "{tmp / "pf_host"}"\n'
+        f'[[server.user]]\nname = "root"\nauthorized_keys = "{tmp / "server.keys"}"\npermit_open = ["any"]\n'
+    )
+    server = base.Proc([str(base.REPO / ".venv/bin/portfwd"), "server", "-q", "-c", str(config)])
+    clients.append(server)  # stopped by the caller, even if what follows fails
+    base.wait_tcp(port)
+    public = subprocess.run(
+        ["ssh-keygen", "-y", "-f", str(tmp / "pf_host")], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    known = tmp / "known_hosts_all"
+    known.write_text(sshd.known_hosts.read_text() + f"[127.0.0.1]:{port} {public}\n")
+    assert sshd.proc is not None
+    for short, cipher in CIPHERS.items():
+        for name, server_port, pid in (
+            ("sshd", sshd.port, sshd.proc.pid),
+            ("portfwd-server", port, server.pid),
+        ):
+            ports = {item: base.free_port() for item in NAMES}
+            specs = [
+                arg for item in NAMES for arg in ("-L", f"127.0.0.1:{ports[item]}:127.0.0.1:{upstream[item]}")
+            ]
+            argv = [
+                "ssh",
+                "-F",
+                "/dev/null",
+                "-i",
+                str(sshd.user_key),
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                f"UserKnownHostsFile={known}",
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                f"Ciphers={cipher}",
+                "-o",
+                "Compression=no",
+                "-p",
+                str(server_port),
+                "-N",
+                *specs,
+                "root@127.0.0.1",
+            ]
+            clients.append(base.Proc(argv))
+            forwarders.append(base.Forwarder(f"{name}-{short}", ports, [_Server(pid)]))  # type: ignore[list-item]
+    for forwarder in forwarders:
+        base.wait_tcp(forwarder.ports["http"])
+
+
+def server_idle_memory(forwarder: base.Forwarder, conns: int) -> float:
+    """Server RSS growth (process tree) per idle forwarded connection, in bytes."""
+    import socket as socket_module
+
+    pid = forwarder.pids[0]
+    before = tree_rss_kib(pid)
+    clients = []
+    try:
+        for _ in range(conns):
+            clients.append(socket_module.create_connection((base.LOCAL, forwarder.ports["echo"]), timeout=10))
+        for client in clients:
+            client.sendall(b"x")
+        for client in clients:
+            if client.recv(1) != b"x":
+                return float("nan")
+        after = tree_rss_kib(pid)
+    except OSError:
+        return float("nan")
+    finally:
+        for client in clients:
+            client.close()
+    return (after - before) * 1024 / conns
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -75,6 +181,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--conns", type=int, default=1000)
     parser.add_argument("--write", action="store_true", help="write the section into bench/RESULTS.md")
+    parser.add_argument("--server", action="store_true", help="portfwd server beside sshd (issue #6)")
     args = parser.parse_args()
     missing = [tool for tool in ("iperf3", "haproxy", "wrk", "ssh") if shutil.which(tool) is None]
     if missing:
@@ -91,15 +198,22 @@ def main() -> int:
         sshd = Sshd(tmp, ("MaxSessions 10000", "MaxStartups 1000")).start()
         targets = base.start_targets(tmp)
         forwarders: list[base.Forwarder] = []
+        clients: list[base.Proc] = []
         try:
-            start_tunnels(sshd, targets, forwarders)
+            if args.server:
+                start_servers(sshd, tmp, targets, forwarders, clients)
+            else:
+                start_tunnels(sshd, targets, forwarders)
             bulk = base.rounds(forwarders, args.rounds, lambda f: base.iperf_tcp(f, 1, seconds))
             conn = base.rounds(forwarders, args.rounds, lambda f: base.wrk_conn_rate(f, seconds))
             lat = base.rounds(forwarders, args.rounds, base.ping_pong)
-            memory = {f.name: base.idle_memory(f, args.conns) for f in forwarders if f.name != "direct"}
+            measure = server_idle_memory if args.server else base.idle_memory
+            memory = {f.name: measure(f, args.conns) for f in forwarders if f.name != "direct"}
         finally:
             for forwarder in forwarders:
                 forwarder.stop()
+            for client in clients:
+                client.stop()
             for proc in targets.procs:
                 proc.stop()
             sshd.kill()
@@ -113,15 +227,16 @@ def main() -> int:
         }
         for f in forwarders
     }
-    report = render(table, args)
+    marker = MARKERS[args.server]
+    report = render(table, args, marker)
     print(report)
     if args.write:
         results = base.HERE / "RESULTS.md"
         old = results.read_text() if results.exists() else ""
         analysis = ""  # the hand-written profile notes under the table are kept
-        if MARKER in old:
-            start = old.index(MARKER)
-            end = old.find("\n## ", start + len(MARKER))
+        if marker in old:
+            start = old.index(marker)
+            end = old.find("\n## ", start + len(marker))
             section = old[start : end if end >= 0 else len(old)]
             if NOTES in section:
                 analysis = "\n" + section[section.index(NOTES) :].strip("\n") + "\n"
@@ -130,7 +245,7 @@ def main() -> int:
     return 0
 
 
-def render(table: dict[str, dict[str, float]], args: argparse.Namespace) -> str:
+def render(table: dict[str, dict[str, float]], args: argparse.Namespace, marker: str) -> str:
     def fmt(value: float, digits: int = 2) -> str:
         return "n/a" if value != value else f"{value:,.{digits}f}"
 
@@ -138,14 +253,22 @@ def render(table: dict[str, dict[str, float]], args: argparse.Namespace) -> str:
         return top / bottom if bottom and bottom == bottom and top == top else float("nan")
 
     direct = table["direct"]
+    server = "server" in marker
+    what = (
+        "stock `ssh -L` through `portfwd server` and through OpenSSH's sshd on 127.0.0.1, same cipher; CPU and"
+        " memory are the server's (sshd's session processes included)"
+        if server
+        else "`portfwd ssh -L` and OpenSSH `ssh -L` to one stock sshd on 127.0.0.1, same cipher; CPU and memory"
+        " are the client process's"
+    )
+    flag = " --server" if server else ""
     lines = [
-        MARKER.strip(),
+        marker.strip(),
         "",
-        f"Measured {datetime.date.today().isoformat()} by `bench/tunnel.py --rounds {args.rounds} --seconds {args.seconds:g}"
-        f" --conns {args.conns}`: `portfwd ssh -L` and OpenSSH `ssh -L` to one stock sshd on 127.0.0.1, same cipher,"
-        " interleaved rounds, medians. CPU and memory are the client process's.",
+        f"Measured {datetime.date.today().isoformat()} by `bench/tunnel.py{flag} --rounds {args.rounds} --seconds"
+        f" {args.seconds:g} --conns {args.conns}`: {what}. Interleaved rounds, medians.",
         "",
-        "| path | bulk Gbit/s | client CPU s per Gbit | conn/s (HTTP, close) | p50 RTT µs | added p50 µs | RSS per idle conn (bytes) |",
+        "| path | bulk Gbit/s | CPU s per Gbit | conn/s (HTTP, close) | p50 RTT µs | added p50 µs | RSS per idle conn (bytes) |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, row in table.items():
@@ -155,11 +278,15 @@ def render(table: dict[str, dict[str, float]], args: argparse.Namespace) -> str:
         )
     lines += [
         "",
-        "| cipher | bulk vs OpenSSH (goal ≥ 0.6) | conn/s vs OpenSSH (goal ≥ 0.5) | added p50 vs OpenSSH | idle memory vs OpenSSH (goal ≤ 1.0) |",
+        "| cipher | bulk vs OpenSSH (goal ≥ 0.6) | conn/s vs OpenSSH (goal ≥ 0.5) | added p50 vs OpenSSH"
+        " | idle memory vs OpenSSH (goal ≤ 1.0) |",
         "|---|---|---|---|---|",
     ]
     for short in CIPHERS:
-        ours, theirs = table[f"portfwd-{short}"], table[f"openssh-{short}"]
+        if server:
+            ours, theirs = table[f"portfwd-server-{short}"], table[f"sshd-{short}"]
+        else:
+            ours, theirs = table[f"portfwd-{short}"], table[f"openssh-{short}"]
         added = ratio(ours["p50_us"] - direct["p50_us"], theirs["p50_us"] - direct["p50_us"])
         lines.append(
             f"| {short} | {fmt(ratio(ours['gbps'], theirs['gbps']))} | {fmt(ratio(ours['conn_per_s'], theirs['conn_per_s']))} | "

@@ -321,3 +321,21 @@ def test_fingerprint_and_garbage_clients(server: Server, sink: Sink) -> None:
                     while raw.recv(4096):
                         pass
         assert through(local, MiB), "the logged-in client is undisturbed"
+
+
+def test_a_silent_client_is_reaped(server: Server, sink: Sink) -> None:
+    """client_alive_interval = 1s (x3): a frozen client's session and -R port are released."""
+    port = free_port()
+    client = Proc(server.ssh("-o", "ServerAliveInterval=0", "-R", f"127.0.0.1:{port}:127.0.0.1:{sink.port}"))
+    try:
+        server.proc.wait_for(f"listening on 127.0.0.1:{port} for the client")  # type: ignore[union-attr]
+        os.kill(client.pid, signal.SIGSTOP)
+        began = time.monotonic()
+        server.proc.wait_for("logged out", timeout=15)  # type: ignore[union-attr]
+        assert time.monotonic() - began < 8
+        snapshot = json.loads(run_portfwd("status", "--json", "-c", str(server.config)).stdout)
+        assert snapshot["server_sessions"] == []
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        with_suppress_kill(client)
