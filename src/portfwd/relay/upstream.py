@@ -38,7 +38,10 @@ def _literal(host: str, port: int) -> Addresses | None:
     return [(family, (host, port))]
 
 
-def _describe(exc: OSError) -> UpstreamError:
+def describe_error(exc: OSError) -> UpstreamError:
+    """An OSError from connecting as an UpstreamError: words for people, a reason for counters."""
+    if isinstance(exc, socket.gaierror):
+        return UpstreamError(f"cannot resolve: {exc.strerror}", reason="resolve")
     reason = _REASONS.get(exc.errno or 0, "error")
     words = exc.strerror or str(exc) or type(exc).__name__
     return UpstreamError(words[:1].lower() + words[1:], reason=reason)
@@ -119,7 +122,7 @@ class Connect:
         if self._last is None:
             self._finish(None, UpstreamError("the target resolved to no address", reason="resolve"))
         else:
-            self._finish(None, _describe(self._last))
+            self._finish(None, describe_error(self._last))
 
     def _writable(self) -> None:
         upstream = self._pending
@@ -140,7 +143,7 @@ class Connect:
             stream_options(upstream, family)
         except OSError as exc:
             upstream.close()
-            self._finish(None, _describe(exc))
+            self._finish(None, describe_error(exc))
             return
         self._finish(upstream, None)
 

@@ -100,7 +100,7 @@ class _Corking(asyncio.Protocol):
 
 
 class CorkedConnector:
-    """asyncssh `tunnel=` object: opens the TCP connection to the server with corked writes."""
+    """asyncssh `tunnel=` object: the TCP connection to (or from) a peer, with corked writes."""
 
     async def create_connection(
         self, session_factory: Callable[[], Any], remote_host: str, remote_port: int
@@ -109,6 +109,19 @@ class CorkedConnector:
         inner = session_factory()
         transport, _ = await loop.create_connection(lambda: _Corking(inner), remote_host, remote_port)
         return transport, inner
+
+    async def create_server(
+        self, session_factory: Callable[[str, int], Any], listen_host: str, listen_port: int
+    ) -> asyncio.AbstractServer:
+        """The server side (`asyncssh.listen(tunnel=...)`): every accepted connection corked."""
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(
+            lambda: _Corking(session_factory("", 0)),
+            listen_host or None,
+            listen_port,
+            reuse_address=True,
+            backlog=1024,
+        )
 
     def close(self) -> None:
         """Nothing to close: the connection owns its socket."""

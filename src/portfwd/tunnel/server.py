@@ -26,9 +26,11 @@ from portfwd.config import ServerConfig, ServerUserConfig
 from portfwd.errors import BindError, RuntimeFailure, UpstreamError
 from portfwd.relay.forwarder import format_peer
 from portfwd.relay.listener import TcpListener, bind_ip
+from portfwd.relay.upstream import describe_error
 from portfwd.state import ServerSessionStats, State
 from portfwd.tunnel.bridge import Bridge
-from portfwd.tunnel.client import PACKET, WINDOW, connect_local
+from portfwd.tunnel.client import PACKET, WINDOW
+from portfwd.tunnel.cork import CorkedConnector
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +318,7 @@ class TunnelServer:
                 x11_forwarding=False,
                 keepalive_interval=self.config.client_alive_interval,
                 keepalive_count_max=self.config.client_alive_count,
-                reuse_address=True,
+                tunnel=CorkedConnector(),
             )
         except OSError as exc:
             raise BindError(
@@ -389,16 +391,28 @@ class TunnelServer:
     ) -> asyncssh.SSHTCPSession[bytes]:
         """A -L/-D channel: connect the target first, then accept the channel with a bridge."""
         text = f"unix:{target}" if isinstance(target, str) else f"{target[0]}:{target[1]}"
-        try:
-            sock = await connect_local(target, UPSTREAM_TIMEOUT)
-        except (UpstreamError, TimeoutError) as exc:
-            reason = exc.reason if isinstance(exc, UpstreamError) else "timeout"
-            owner.stats.stats.count_error(reason)
-            message = exc.message if isinstance(exc, UpstreamError) else "timed out"
-            log.info("server: %s -> %s failed: %s", client, text, message)
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, message.capitalize()) from None
         bridge = self.bridge(owner, client, text, channel_is_client=True)
-        await self.attach(bridge, sock)
+        loop = asyncio.get_running_loop()
+        try:
+            # One native call connects and builds the transport (measured faster than connecting
+            # with relay.upstream.Connect and wrapping the socket afterwards).
+            async with asyncio.timeout(UPSTREAM_TIMEOUT):
+                if isinstance(target, str):
+                    await loop.create_unix_connection(bridge.socket_protocol, target)
+                else:
+                    await loop.create_connection(bridge.socket_protocol, target[0], target[1])
+        except (OSError, TimeoutError) as exc:
+            error = (
+                describe_error(exc)
+                if isinstance(exc, OSError)
+                else UpstreamError(f"no answer within {UPSTREAM_TIMEOUT:g}s", reason="timeout")
+            )
+            owner.stats.stats.count_error(error.reason)
+            log.info("server: %s -> %s failed: %s", client, text, error.message)
+            bridge.close(error.message)
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_CONNECT_FAILED, error.message.capitalize()
+            ) from None
         return bridge.channel_session()
 
     # ------------------------------------------------------------------ -R ports
