@@ -132,6 +132,8 @@ class Bridge:
             for data in self._pending_up:
                 chan.write(data)
             self._pending_up.clear()
+        if self.socket_eof:  # the client finished before the channel opened
+            chan.write_eof()
 
     def from_channel(self, data: bytes) -> None:
         if self.intercept is not None:
@@ -182,7 +184,11 @@ class Bridge:
         else:
             self.session.bytes_up += len(data)
         if self.chan is None:
+            # uvloop may deliver reads despite the pause in connection_made; keep them
+            # (bounded: pause again) until the channel exists.
             self._pending_up.append(data)
+            if self.transport is not None:
+                self.transport.pause_reading()
         else:
             self.chan.write(data)
 
