@@ -339,3 +339,11 @@ def test_a_silent_client_is_reaped(server: Server, sink: Sink) -> None:
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
     finally:
         with_suppress_kill(client)
+
+
+def test_shell_and_commands_are_refused(server: Server) -> None:
+    argv = [item for item in server.ssh() if item != "-N"]
+    result = subprocess.run([*argv, "id"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 255
+    assert "open failed" in result.stderr
+    assert "asked for a shell or command; refused (use ssh -N)" in server.log()
