@@ -264,7 +264,7 @@ def _permits(value: Any) -> tuple[str, ...]:
     out = []
     for item in items:
         text = item.strip()
-        if text == "any":
+        if text == "any" or (text.startswith("unix:/") and len(text) > 6):
             out.append(text)
             continue
         host, _, port = text.rpartition(":")

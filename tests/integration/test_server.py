@@ -347,3 +347,32 @@ def test_shell_and_commands_are_refused(server: Server) -> None:
     assert result.returncode == 255
     assert "open failed" in result.stderr
     assert "asked for a shell or command; refused (use ssh -N)" in server.log()
+
+
+def test_stock_ssh_remote_unix_socket(tmp_path: Path, sink: Sink) -> None:
+    path = tmp_path / "remote.sock"
+    server = Server(tmp_path, permit_listen=f'["unix:{path}"]').start()
+    try:
+        with started(server.ssh("-R", f"{path}:127.0.0.1:{sink.port}")):
+            server.proc.wait_for(f"listening on unix:{path} for the client")  # type: ignore[union-attr]
+            data = os.urandom(8 * MiB)
+            with socket.socket(socket.AF_UNIX) as client:
+                client.settimeout(30)
+                client.connect(str(path))
+                client.sendall(data)
+                client.shutdown(socket.SHUT_WR)
+                answer = b""
+                while chunk := client.recv(4096):
+                    answer += chunk
+            assert answer == hashlib.sha256(data).hexdigest().encode()
+        refused = subprocess.run(
+            server.ssh("-R", f"{tmp_path / 'other.sock'}:127.0.0.1:{sink.port}"),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert refused.returncode == 255
+        assert "remote port forwarding failed" in refused.stderr or "forwarding failed" in refused.stderr
+    finally:
+        server.stop()
+    assert not path.exists(), "the socket file is removed when the session ends"

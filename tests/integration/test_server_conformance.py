@@ -36,6 +36,7 @@ class Keys:
         self.user_key = root / "user_key"
         (root / "user.keys").write_text(keygen(self.user_key) + "\n")
         self.port = free_port()
+        self.remote_path = str(root / "remote.sock")
         self.known_hosts = root / "known_hosts"
         public = host.export_public_key().decode().strip()
         self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {public}\n")
@@ -45,7 +46,7 @@ class Keys:
             "name": "tester",
             "authorized_keys": str(self.root / "user.keys"),
             "permit_open": ["any"],
-            "permit_listen": ["127.0.0.1:*"],
+            "permit_listen": ["127.0.0.1:*", f"unix:{self.remote_path}"],
         }
         return {
             "listen": f"127.0.0.1:{self.port}",
@@ -110,6 +111,16 @@ class TestRemoteThroughPortfwdServer(_ThroughServer):
     async def forward(self, target: Address) -> AsyncIterator[Address]:
         entry = ("127.0.0.1", free_port())
         async with through_server(self.keys, remote=[f"127.0.0.1:{entry[1]}:{text(target)}"]):
+            yield entry
+
+
+class TestRemoteUnixListenerThroughPortfwdServer(_ThroughServer):
+    """-R /remote.sock:host:port: the server listens on a Unix socket (forwarded-streamlocal)."""
+
+    @contextlib.asynccontextmanager
+    async def forward(self, target: Address) -> AsyncIterator[Address]:
+        entry = self.keys.remote_path
+        async with through_server(self.keys, remote=[f"{entry}:{text(target)}"]):
             yield entry
 
 

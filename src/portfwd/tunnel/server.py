@@ -25,7 +25,7 @@ import asyncssh
 from portfwd.config import ServerConfig, ServerUserConfig
 from portfwd.errors import BindError, RuntimeFailure, UpstreamError
 from portfwd.relay.forwarder import format_peer
-from portfwd.relay.listener import TcpListener, bind_ip
+from portfwd.relay.listener import TcpListener, bind_ip, bind_unix
 from portfwd.relay.upstream import describe_error
 from portfwd.state import ServerSessionStats, State
 from portfwd.tunnel.bridge import Bridge
@@ -137,6 +137,48 @@ class _RemoteListener(asyncssh.SSHListener):
         """Closing is immediate."""
 
 
+class _RemotePathListener(asyncssh.SSHListener):
+    """A remote Unix socket (`ssh -R /path:...`); each connection becomes a forwarded-streamlocal channel."""
+
+    def __init__(self, server: TunnelServer, owner: _Session, sock: socket.socket, path: str) -> None:
+        super().__init__()
+        self.server = server
+        self.owner = owner
+        self.path = path
+        self.listener = TcpListener(sock, self._accept, f"server {owner.user_name}")
+        self.listener.start()
+
+    def get_port(self) -> int:
+        return 0
+
+    def _accept(self, client: socket.socket, peer: Any) -> None:
+        self.server.spawn(self._serve(client))
+
+    async def _serve(self, client: socket.socket) -> None:
+        owner = self.owner
+        client.setblocking(False)
+        bridge = owner.bridge(f"unix:{self.path}", f"client {owner.source}", channel_is_client=False)
+        try:
+            async with asyncio.timeout(UPSTREAM_TIMEOUT):
+                await owner.conn.create_unix_connection(
+                    bridge.unix_session, self.path, window=WINDOW, max_pktsize=PACKET
+                )
+        except (asyncssh.Error, OSError, TimeoutError) as exc:
+            owner.stats.stats.count_error("refused")
+            log.info("server: unix:%s -> %s: the client did not take it: %s", self.path, owner.label, exc)
+            client.close()
+            bridge.close("refused")
+            return
+        await self.server.attach(bridge, client)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.server.released_path(self)
+
+    async def wait_closed(self) -> None:
+        """Closing is immediate."""
+
+
 class _Session(asyncssh.SSHServer):
     """One SSH connection to the server: authentication, then the policy for every request."""
 
@@ -152,7 +194,7 @@ class _Session(asyncssh.SSHServer):
         self.fingerprint = ""
         self.authenticated = False
         self.stats = ServerSessionStats("", "", "")
-        self.listeners: list[_RemoteListener] = []
+        self.listeners: list[_RemoteListener | _RemotePathListener] = []
 
     @property
     def label(self) -> str:
@@ -278,10 +320,18 @@ class _Session(asyncssh.SSHServer):
             return deny("not in the key's permitlisten")
         return self.server.listen_remote(self, listen_host, bind, listen_port)
 
-    def unix_server_requested(self, listen_path: str) -> bool:
-        log.warning(
-            "server: %s: listen on unix:%s denied: not supported by portfwd server", self.label, listen_path
-        )
+    def unix_server_requested(self, listen_path: str) -> Any:
+        assert self.user is not None
+        what = f"listen on unix:{listen_path}"
+        allowed = self.user.permit_listen
+        if not _forwarding_allowed(self.options):
+            reason = "port forwarding is off for this key (authorized_keys restrict)"
+        elif "any" not in allowed and f"unix:{listen_path}" not in allowed:
+            reason = "not in permit_listen"
+        else:
+            return self.server.listen_remote_path(self, listen_path)
+        log.warning("server: %s: %s denied: %s", self.label, what, reason)
+        self.stats.stats.count_error("denied")
         return False
 
 
@@ -293,6 +343,7 @@ class TunnelServer:
         self.state = state
         self.users = {user.name: user for user in config.user}
         self.ports: dict[tuple[str, int], _RemoteListener] = {}
+        self.paths: dict[str, _RemotePathListener] = {}
         self._failures: dict[str, list[float]] = {}
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -343,7 +394,7 @@ class TunnelServer:
     async def stop(self) -> None:
         """Close everything: the listener, the -R ports, the relays."""
         await self.stop_accepting()
-        for listener in list(self.ports.values()):
+        for listener in [*self.ports.values(), *self.paths.values()]:
             listener.close()
         for task in list(self._tasks):
             task.cancel()
@@ -457,6 +508,37 @@ class TunnelServer:
         owner.stats.forwards.append(forward)
         log.info("server: %s: listening on %s:%d for the client", owner.label, bind, listener.port)
         return listener
+
+    async def listen_remote_path(self, owner: _Session, path: str) -> _RemotePathListener | bool:
+        held = self.paths.get(path)
+        if held is not None and held.owner is not owner:
+            if held.owner.user_name != owner.user_name or held.owner.fingerprint != owner.fingerprint:
+                log.warning("server: %s: unix:%s is held by %s; refused", owner.label, path, held.owner.label)
+                return False
+            log.warning(
+                "server: %s takes over unix:%s from its stale session %s", owner.label, path, held.owner.label
+            )
+            held.close()
+            held.owner.conn.close()
+        try:
+            sock = bind_unix(f"server {owner.label} -R", path, backlog=1024)
+        except BindError as exc:
+            log.warning("server: %s: %s", owner.label, exc.line())
+            return False
+        listener = _RemotePathListener(self, owner, sock, path)
+        self.paths[path] = listener
+        owner.listeners.append(listener)
+        owner.stats.forwards.append(f"-R unix:{path}")
+        log.info("server: %s: listening on unix:%s for the client", owner.label, path)
+        return listener
+
+    def released_path(self, listener: _RemotePathListener) -> None:
+        if self.paths.get(listener.path) is listener:
+            del self.paths[listener.path]
+        with contextlib.suppress(ValueError):
+            listener.owner.listeners.remove(listener)
+        with contextlib.suppress(ValueError):
+            listener.owner.stats.forwards.remove(f"-R unix:{listener.path}")
 
     def released(self, listener: _RemoteListener) -> None:
         key = (listener.address[0], listener.port)
