@@ -376,3 +376,47 @@ def test_stock_ssh_remote_unix_socket(tmp_path: Path, sink: Sink) -> None:
     finally:
         server.stop()
     assert not path.exists(), "the socket file is removed when the session ends"
+
+
+@pytest.mark.root
+def test_stock_sshd_fails_the_same_takeover(tmp_path: Path, sink: Sink) -> None:
+    """The comparison for the takeover test: sshd keeps the dead session's -R port."""
+    from tests.integration.sshd import Sshd
+
+    sshd = Sshd(tmp_path).start()
+    port = free_port()
+
+    def client(*extra: str) -> list[str]:
+        return [
+            "ssh",
+            "-F",
+            "/dev/null",
+            "-i",
+            str(sshd.user_key),
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"UserKnownHostsFile={sshd.known_hosts}",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-N",
+            "-p",
+            str(sshd.port),
+            *extra,
+            "-R",
+            f"127.0.0.1:{port}:127.0.0.1:{sink.port}",
+            "root@127.0.0.1",
+        ]
+
+    first = Proc(client("-o", "ServerAliveInterval=0"))
+    try:
+        wait_port(port)
+        os.kill(first.pid, signal.SIGSTOP)
+        result = subprocess.run(client(), capture_output=True, text=True, timeout=30)
+        assert result.returncode == 255
+        assert f"remote port forwarding failed for listen port {port}" in result.stderr
+    finally:
+        with_suppress_kill(first)
+        sshd.kill()
