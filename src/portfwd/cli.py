@@ -114,8 +114,18 @@ def check(config_file: str | None) -> None:
         table.add_column(column)
     for row in runtime.describe(loaded):
         table.add_row(*row)
-    if loaded.forward or not loaded.tunnel:
+    if loaded.forward or not (loaded.tunnel or loaded.server):
         console.print(table)
+    if loaded.server is not None:
+        users = ", ".join(
+            f"{user.name} (open {', '.join(user.permit_open) or 'nothing'}; "
+            f"listen {', '.join(user.permit_listen) or 'nothing'})"
+            for user in loaded.server.user
+        )
+        console.print(
+            f"server: ssh on {loaded.server.listen}, host key {loaded.server.host_key}, "
+            f"gateway_ports {'on' if loaded.server.gateway_ports else 'off'}; users: {users}"
+        )
     if loaded.tunnel:
         tunnels = Table(title=f"{len(loaded.tunnel)} SSH tunnel(s)", title_justify="left")
         for column in ("tunnel", "server", "forwards", "host keys", "keepalive"):

@@ -150,3 +150,25 @@ def test_ssh_without_a_forward_is_a_usage_error(capsys: pytest.CaptureFixture[st
     assert err.splitlines() == [
         "portfwd: no forward given; add -L, -R or -D (portfwd ssh only forwards ports)"
     ]
+
+
+PRODUCT_SERVER = """
+[server]                           # SSH tunnel server for stock ssh clients
+listen = "0.0.0.0:2222"
+host_key = "/var/lib/portfwd/host_ed25519"   # created on first start
+gateway_ports = false              # -R binds loopback unless true
+[[server.user]]
+name = "alice"
+authorized_keys = "/etc/portfwd/alice.keys"  # OpenSSH options honoured: permitopen, permitlisten, from, restrict
+permit_open = ["db.internal:5432"]
+permit_listen = ["0.0.0.0:8022"]
+"""
+
+
+def test_check_shows_the_product_server_example(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "server.toml"
+    config.write_text(PRODUCT_SERVER)  # PRODUCT.md's [server] example, verbatim
+    code, out, _ = run(["check", "-c", str(config)], capsys)
+    assert code == 0
+    assert "alice (open db.internal:5432; listen 0.0.0.0:8022)" in " ".join(out.split())
+    assert out.rstrip().endswith("config OK")

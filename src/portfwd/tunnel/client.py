@@ -15,7 +15,6 @@ import logging
 import os
 import random
 import socket
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -452,12 +451,9 @@ class Tunnel:
             port = listener.get_port()
             where = f"{bind or '*'}:{port}"
             if spec.port == 0:
-                # The line OpenSSH prints, so scripts that parse ssh's output parse ours.
-                print(
-                    f"Allocated port {port} for remote forward to {spec.target_text}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                # The words OpenSSH prints, so scripts that grep ssh's output find ours; at warning
+                # level so that -q still shows it, as ssh shows it without -v.
+                log.warning("Allocated port %d for remote forward to %s", port, spec.target_text)
         forward.remote = listener
         forward.stats.listen = where
         forward.stats.state = "listening"
