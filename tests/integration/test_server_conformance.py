@@ -19,7 +19,7 @@ from portfwd.metrics import StateCollector
 from portfwd.runtime import Runtime
 from portfwd.tunnel.server import load_host_key
 from tests.integration.conformance import RelayConformance
-from tests.integration.peers import Address, free_port, running, text, wait_until
+from tests.integration.peers import Address, free_port, open_client, read_all, running, text, wait_until
 from tests.integration.socks_client import socks5
 from tests.integration.sshd import keygen
 
@@ -45,7 +45,7 @@ class Keys:
         user = {
             "name": "tester",
             "authorized_keys": str(self.root / "user.keys"),
-            "permit_open": ["any"],
+            "permit_open": ["any", "unix:/tmp/*"],
             "permit_listen": ["127.0.0.1:*", f"unix:{self.remote_path}"],
         }
         return {
@@ -183,3 +183,19 @@ async def test_sessions_in_status_and_metrics(keys: Keys) -> None:
         assert row["user"] == "tester"
         assert row["fingerprint"].startswith("SHA256:")
         assert 'portfwd_server_sessions_active{user="tester"} 1.0' in _samples(runtime)
+
+
+async def test_any_does_not_open_unix_sockets(keys: Keys, tmp_path: Path) -> None:
+    """permit_open = ["any"] covers host:port targets, never a Unix socket on the server."""
+    server = keys.server()
+    server["user"] = [{**server["user"][0], "permit_open": ["any"]}]
+    entry = ("127.0.0.1", free_port())
+    tunnel = keys.tunnel(local=[f"127.0.0.1:{entry[1]}:{tmp_path / 'secret.sock'}"])
+    async with running({"server": server, "tunnel": [tunnel]}) as runtime:
+        await wait_until(lambda: runtime.state.tunnels[0].state == "up", 15, "up")
+        reader, writer = await open_client(entry)
+        assert await read_all(reader) == b""
+        writer.close()
+        await wait_until(lambda: bool(runtime.state.server_sessions[0].stats.errors), 5, "denial counted")
+        assert runtime.state.server_sessions[0].stats.errors == {"denied": 1}
+        assert runtime.state.tunnels[0].forwards[0].stats.errors == {"refused": 1}

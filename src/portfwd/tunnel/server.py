@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import ipaddress
 import logging
 import os
@@ -76,6 +77,15 @@ def _permits(rules: tuple[str, ...] | list[str], host: str, port: int) -> bool:
         if rule_host in ("*", host):
             return True
     return False
+
+
+def _path_permitted(rules: tuple[str, ...], path: str) -> bool:
+    """Does a Unix socket path match a `unix:/path` entry (shell wildcards allowed)?
+
+    "any" does not cover paths: the server may run as root, and a socket path reaches local
+    services (a container runtime's socket, say) that host:port rules were never meant to open.
+    """
+    return any(rule.startswith("unix:") and fnmatch.fnmatchcase(path, rule[5:]) for rule in rules)
 
 
 def _forwarding_allowed(options: dict[str, Any]) -> bool:
@@ -289,8 +299,8 @@ class _Session(asyncssh.SSHServer):
         what = f"connect to unix:{dest_path}"
         if not _forwarding_allowed(self.options):
             self._deny_open(what, "port forwarding is off for this key (authorized_keys restrict)")
-        if "any" not in self.user.permit_open:
-            self._deny_open(what, 'Unix sockets need permit_open = ["any"]')
+        if not _path_permitted(self.user.permit_open, dest_path):
+            self._deny_open(what, 'not in permit_open (a Unix socket needs its own "unix:/path" entry)')
         return self.server.open_upstream(self, f"unix via {self.label}", dest_path)
 
     def bridge(self, client: str, target: str, *, channel_is_client: bool) -> Bridge:
@@ -326,8 +336,8 @@ class _Session(asyncssh.SSHServer):
         allowed = self.user.permit_listen
         if not _forwarding_allowed(self.options):
             reason = "port forwarding is off for this key (authorized_keys restrict)"
-        elif "any" not in allowed and f"unix:{listen_path}" not in allowed:
-            reason = "not in permit_listen"
+        elif not _path_permitted(allowed, listen_path):
+            reason = 'not in permit_listen (a Unix socket needs its own "unix:/path" entry)'
         else:
             return self.server.listen_remote_path(self, listen_path)
         log.warning("server: %s: %s denied: %s", self.label, what, reason)
