@@ -173,6 +173,10 @@ def test_stock_ssh_local_remote_and_dynamic(server: Server, sink: Sink) -> None:
         assert through(remote)
         assert socks_through(socks, sink.port)
         snapshot = json.loads(run_portfwd("status", "--json", "-c", str(server.config)).stdout)
+        table = run_portfwd("status", "-c", str(server.config))
+    assert table.returncode == 0, table.stderr
+    assert "server sessions" in table.stdout
+    assert f"-R 127.0.0.1:{remote}" in table.stdout
     [session] = snapshot["server_sessions"]
     assert session["user"] == "alice"
     assert session["fingerprint"].startswith("SHA256:")
