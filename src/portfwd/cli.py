@@ -317,6 +317,41 @@ def server(config_file: str | None, fingerprint: bool, verbose: int, quiet: bool
     runtime.run(loaded, config_path=path.resolve())
 
 
+@app.command()
+@click.argument("action", type=click.Choice(["plan", "apply", "remove"]))
+@_config_option
+def gateway(action: str, config_file: str | None) -> None:
+    """nftables gateway forwarding from [gateway]: plan (print and check), apply, or remove."""
+    from portfwd.kernel import nft
+
+    if action == "remove":
+        print("removed table inet portfwd" if nft.remove() else "table inet portfwd was not loaded")
+        return
+    path = config.find(config_file)
+    loaded = config.load(path)
+    if loaded.gateway is None:
+        raise ConfigError(
+            f"{path}: no [gateway] section", hint="add [gateway] with wan, lan and [[gateway.forward]]"
+        )
+    ruleset = nft.prepare(loaded.gateway)
+    if action == "plan":
+        print(ruleset, end="")
+        nft.apply(ruleset, check_only=True)
+        print(
+            "# nft -c accepts this ruleset;",
+            "table inet portfwd is loaded now" if nft.live() else "not loaded now",
+        )
+        problem = nft.forwarding_problem(enable=False)
+        if problem:
+            print(f"# warning: {problem}")
+        return
+    problem = nft.forwarding_problem(loaded.gateway.enable_forwarding)
+    if problem:
+        print(f"portfwd: warning: {problem}", file=sys.stderr)
+    nft.apply(ruleset)
+    print(f"applied table inet portfwd: {len(loaded.gateway.forward)} forward rule(s)")
+
+
 def _control_path(config_file: str | None) -> Path:
     """The control socket of the instance that runs this config (or the default one).
 

@@ -23,9 +23,11 @@ from pydantic_core import PydanticCustomError
 from portfwd.addr import (
     Endpoint,
     HostPorts,
+    PortRange,
     Transport,
     UnixPath,
     parse_listen,
+    parse_port_range,
     parse_target,
 )
 from portfwd.errors import ConfigError
@@ -37,7 +39,6 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 #: Sections PRODUCT.md describes whose engines are not in this version yet.
 _PLANNED_SECTIONS = {
-    "gateway": "nftables gateway forwarding",
     "map": "router port mapping",
 }
 
@@ -303,6 +304,63 @@ class ServerConfig(_Model):
     user: tuple[ServerUserConfig, ...] = ()
 
 
+def _interface(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.@-]{1,15}", value):
+        raise _fail(f'{value!r} is not an interface name; write one such as "eth0"')
+    return value
+
+
+def _wan_ports(value: Any) -> PortRange:
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(text, str):
+        raise _fail('must be a port or a range; write "8080" or "8000-8010"')
+    try:
+        return parse_port_range(text)
+    except ConfigError as exc:
+        raise _fail(exc.line()) from exc
+
+
+def _lan_target(value: Any) -> HostPorts:
+    try:
+        target = parse_target(value)
+    except ConfigError as exc:
+        raise _fail(exc.line()) from exc
+    if not isinstance(target, HostPorts):
+        raise _fail("the kernel forwards to an address, not a Unix socket; write host:port")
+    try:
+        address = ipaddress.IPv4Address(target.host)
+    except ValueError:
+        raise _fail(f"{target.host!r} must be an IPv4 address (the kernel does not resolve names)") from None
+    return HostPorts(str(address), target.ports)
+
+
+class GatewayForwardConfig(_Model):
+    """`[[gateway.forward]]`: a WAN port (or range) DNATed to a LAN host by the kernel."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=64)
+    port: Annotated[PortRange, PlainValidator(_wan_ports)]
+    to: Annotated[HostPorts, PlainValidator(_lan_target)]
+    protocol: Transport = Transport.TCP
+    allow: Networks = ()
+
+    @property
+    def label(self) -> str:
+        """Name for logs and tables; defaults to the WAN port."""
+        return self.name or f"wan:{self.port}/{self.protocol.value} -> {self.to}"
+
+
+class GatewayConfig(_Model):
+    """`[gateway]`: nftables DNAT, masquerade and hairpin on a Linux router."""
+
+    wan: Annotated[str, PlainValidator(_interface)]
+    lan: Annotated[str, PlainValidator(_interface)]
+    masquerade: bool = True
+    hairpin: bool = True
+    allow_external_target: bool = False
+    enable_forwarding: bool = False
+    forward: tuple[GatewayForwardConfig, ...] = ()
+
+
 class MetricsConfig(_Model):
     """`[metrics]`: where the Prometheus endpoint listens."""
 
@@ -326,6 +384,7 @@ class Config(_Model):
     forward: tuple[ForwardConfig, ...] = ()
     tunnel: tuple[TunnelConfig, ...] = ()
     server: ServerConfig | None = None
+    gateway: GatewayConfig | None = None
     metrics: MetricsConfig | None = None
     control: ControlConfig = ControlConfig()
 
@@ -451,6 +510,7 @@ def _check_rules(config: Config) -> list[str]:
                         break
                     bound.append((index, proto, rule.listen.host, port))
     problems.extend(_check_tunnels(config))
+    problems.extend(_check_gateway(config))
     if config.server is not None:
         server = config.server
         if not server.user:
@@ -490,6 +550,40 @@ def _check_tunnels(config: Config) -> list[str]:
             problems.append(
                 f"{field}.reconnect_max: must be at least reconnect_min ({tunnel.reconnect_min:g}s)"
             )
+    return problems
+
+
+def _check_gateway(config: Config) -> list[str]:
+    gateway = config.gateway
+    if gateway is None:
+        return []
+    problems: list[str] = []
+    if gateway.wan == gateway.lan:
+        problems.append("gateway.lan: must differ from gateway.wan")
+    claimed: dict[tuple[str, int], int] = {}
+    for index, rule in enumerate(gateway.forward):
+        field = f"gateway.forward[{index}]"
+        if len(rule.to.ports) not in (1, len(rule.port)):
+            problems.append(
+                f"{field}.to: port range {rule.to.ports} has {len(rule.to.ports)} ports but port {rule.port} "
+                f"has {len(rule.port)}; use ranges of equal length or one target port"
+            )
+        clash = None
+        for proto in ("tcp", "udp"):
+            if (proto == "tcp" and not rule.protocol.has_tcp) or (
+                proto == "udp" and not rule.protocol.has_udp
+            ):
+                continue
+            for port in rule.port.ports():
+                other = claimed.get((proto, port))
+                if other is not None and other != index and clash is None:
+                    clash = (
+                        f"{field}.port: {port}/{proto} is already forwarded by gateway.forward[{other}]; "
+                        "give each rule its own port"
+                    )
+                claimed[(proto, port)] = index
+        if clash:
+            problems.append(clash)
     return problems
 
 
@@ -537,6 +631,12 @@ def validate(data: dict[str, Any], source: str = "config") -> Config:
                 f"{section}: {what} is not available in portfwd 0.1 yet; remove this section to run the rest"
             )
     data = {key: value for key, value in data.items() if key not in _PLANNED_SECTIONS}
+    gateway = data.get("gateway")
+    if isinstance(gateway, dict) and "trigger" in gateway:
+        problems.append(
+            "gateway.trigger: port triggering is not available in portfwd 0.1 yet; remove it to run the rest"
+        )
+        data = {**data, "gateway": {key: value for key, value in gateway.items() if key != "trigger"}}
     config = None
     try:
         config = Config.model_validate(data)

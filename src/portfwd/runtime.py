@@ -30,6 +30,7 @@ from portfwd.addr import HostPorts, UnixPath
 from portfwd.config import Config, ForwardConfig, TunnelConfig
 from portfwd.control import ControlServer, default_path
 from portfwd.errors import BindError, ConfigError, PortfwdError, RuntimeFailure
+from portfwd.kernel import nft
 from portfwd.metrics import MetricsServer
 from portfwd.relay.forwarder import RelayPath, TcpForwarder
 from portfwd.relay.listener import TcpListener, bind_ip, bind_unix
@@ -40,6 +41,9 @@ from portfwd.tunnel.client import Tunnel
 from portfwd.tunnel.server import TunnelServer
 
 log = logging.getLogger(__name__)
+
+#: How often `portfwd run` checks that its nftables table is still loaded (seconds).
+GATEWAY_CHECK = float(os.environ.get("PORTFWD_GATEWAY_CHECK", "10"))
 
 
 @dataclass(slots=True)
@@ -145,6 +149,8 @@ class Runtime:
         self.fatal_error: PortfwdError | None = None
         self._tunnels: dict[TunnelConfig, Tunnel] = {}
         self._server: TunnelServer | None = None
+        self._gateway: str | None = None  # the ruleset applied, while portfwd's table is ours
+        self._gateway_check: asyncio.Task[None] | None = None
         self.control_optional = control_optional
         self.strict = strict
         self.config_path = config_path
@@ -247,6 +253,34 @@ class Runtime:
             self._tunnels[tunnel_config] = tunnel
         return failures
 
+    async def _apply_gateway(self) -> None:
+        """Plan and apply the gateway ruleset, then watch that it stays loaded."""
+        gateway = self.config.gateway
+        assert gateway is not None
+        problem = nft.forwarding_problem(gateway.enable_forwarding)
+        if problem:
+            log.warning("gateway: %s", problem)
+        ruleset = await asyncio.to_thread(nft.prepare, gateway)
+        await asyncio.to_thread(nft.apply, ruleset)
+        self._gateway = ruleset
+        self.state.gateway_rules = [
+            {"rule": rule.label, "port": str(rule.port), "to": str(rule.to), "protocol": rule.protocol.value}
+            for rule in gateway.forward
+        ]
+        log.info("gateway: table inet portfwd applied: %d forward rule(s)", len(gateway.forward))
+        self._gateway_check = asyncio.get_running_loop().create_task(self._watch_gateway())
+
+    async def _watch_gateway(self) -> None:
+        """Every GATEWAY_CHECK seconds: if someone deleted portfwd's table, load it again."""
+        while self._gateway is not None:
+            await asyncio.sleep(GATEWAY_CHECK)
+            try:
+                if await asyncio.to_thread(nft.live) is None and self._gateway is not None:
+                    log.warning("gateway: table inet portfwd was removed behind our back; applying it again")
+                    await asyncio.to_thread(nft.apply, self._gateway)
+            except nft.GatewayError as exc:
+                log.error("gateway: %s", exc.line())
+
     def _fatal(self, error: PortfwdError) -> None:
         """A part that cannot go on without lying to its user: stop the process, exit 1."""
         if self.fatal_error is None:
@@ -301,6 +335,12 @@ class Runtime:
         self._splice = splice_available()
         self.failures.extend(self._start_rules(list(enumerate(self.config.forward))))
         self.failures.extend(self._start_tunnels(list(self.config.tunnel)))
+        if self.config.gateway is not None:
+            try:
+                await self._apply_gateway()
+            except nft.GatewayError as exc:
+                self.failures.append(exc)
+                log.error("gateway: %s", exc.line())
         if self.config.server is not None:
             server = TunnelServer(self.config.server, self.state)
             try:
@@ -319,7 +359,13 @@ class Runtime:
         if self.fatal_error is not None:
             await self.stop()
             raise RuntimeFailure(self.fatal_error.line())
-        if not self._runs and not self._tunnels and self._server is None and self._metrics is None:
+        if (
+            not self._runs
+            and not self._tunnels
+            and self._server is None
+            and self._gateway is None
+            and self._metrics is None
+        ):
             await self.stop()
             if self.failures:
                 raise RuntimeFailure(f"nothing could start: {self.failures[0].line()}")
@@ -391,7 +437,7 @@ class Runtime:
                 self._metrics = None
             if self._metrics is None and (metrics_failure := await self._start_metrics()) is not None:
                 failures.append(metrics_failure)
-            for key in ("user", "group", "control", "server"):
+            for key in ("user", "group", "control", "server", "gateway"):
                 if getattr(new, key) != getattr(old, key):
                     log.warning("reload: %s changes take effect at the next start", key)
             kept = len(old_rules) - len(removed)
@@ -472,6 +518,16 @@ class Runtime:
         if self._server is not None:
             await self._server.stop()
             self._server = None
+        if self._gateway_check is not None:
+            self._gateway_check.cancel()
+            self._gateway_check = None
+        if self._gateway is not None:
+            self._gateway = None
+            try:
+                await asyncio.to_thread(nft.remove)
+                log.info("gateway: table inet portfwd removed")
+            except nft.GatewayError as exc:
+                log.error("gateway: %s", exc.line())
         self._close_sessions("shutdown")
         await asyncio.sleep(0)  # let the close callbacks of aborted transports run
         if self._metrics is not None:

@@ -146,11 +146,25 @@ BAD = [
     ),
     (
         'colour = "blue"\n',
-        "colour: unknown key; remove it or use one of: user, group, drain_timeout, forward, tunnel, server, metrics, control",
+        "colour: unknown key; remove it or use one of: user, group, drain_timeout, forward, tunnel, server, gateway, metrics, control",
+    ),
+    ('[gateway]\nwan = "eth0"\n', "gateway.lan: required key is missing; add it"),
+    (
+        '[gateway]\nwan = "eth0"\nlan = "eth1"\n[[gateway.trigger]]\ntrigger = "tcp/6667"\n',
+        "gateway.trigger: port triggering is not available in portfwd 0.1 yet; remove it to run the rest",
     ),
     (
-        '[gateway]\nwan = "eth0"\n',
-        "gateway: nftables gateway forwarding is not available in portfwd 0.1 yet; remove this section to run the rest",
+        '[gateway]\nwan = "eth0"\nlan = "eth1"\n[[gateway.forward]]\nport = 80\nto = "web.lan:80"\n',
+        "gateway.forward[0].to: 'web.lan' must be an IPv4 address (the kernel does not resolve names)",
+    ),
+    (
+        '[gateway]\nwan = "eth0"\nlan = "eth1"\n[[gateway.forward]]\nport = "80-81"\nto = "10.0.0.1:80"\n'
+        '[[gateway.forward]]\nport = 81\nto = "10.0.0.2:80"\n',
+        "gateway.forward[1].port: 81/tcp is already forwarded by gateway.forward[0]; give each rule its own port",
+    ),
+    (
+        "[map]\nport = 1\n",
+        "map: router port mapping is not available in portfwd 0.1 yet; remove this section to run the rest",
     ),
     (
         '[server]\nlisten = "0.0.0.0:2222"\n',

@@ -1,0 +1,1 @@
+"""Kernel forwarding on a Linux gateway: nftables rulesets planned from the config, applied whole."""

@@ -1,0 +1,239 @@
+"""The gateway config as one nftables ruleset in portfwd's own table, and the nft calls around it.
+
+`plan()` is pure: config + the interfaces' addresses in, nft text out. Forwards
+become map lookups (`dnat ip to tcp dport map @dnat_tcp`), so the per-packet cost
+does not grow with the number of forwarded ports. Rules with a source allow list get their own
+map behind an `ip saddr @allow_N` match. `apply()` replaces the whole table in one nft
+transaction (add, delete, add again, then the contents): either all of it takes effect or none,
+and nothing outside table `inet portfwd` is touched.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import Any
+
+from portfwd.config import GatewayConfig, GatewayForwardConfig
+from portfwd.errors import RuntimeFailure
+
+TABLE = "portfwd"
+FAMILY = "inet"
+Network = ipaddress.IPv4Network
+
+
+class GatewayError(RuntimeFailure):
+    """The gateway plan cannot be built or applied; the message names the rule or interface."""
+
+
+@dataclass(frozen=True, slots=True)
+class Interfaces:
+    """What the plan needs to know about the box: the WAN addresses and the LAN networks."""
+
+    wan_addresses: tuple[str, ...]
+    lan_networks: tuple[Network, ...]
+
+
+def _elements(rule: GatewayForwardConfig) -> list[str]:
+    """`wan_port : lan_address . lan_port`, one per port (a range keeps its offset)."""
+    out = []
+    for offset, port in enumerate(rule.port.ports()):
+        target = rule.to.ports.first if len(rule.to.ports) == 1 else rule.to.ports.first + offset
+        out.append(f"{port} : {rule.to.host} . {target}")
+    return out
+
+
+def _protocols(rule: GatewayForwardConfig) -> list[str]:
+    return [proto for proto, on in (("tcp", rule.protocol.has_tcp), ("udp", rule.protocol.has_udp)) if on]
+
+
+def _map(name: str, elements: list[str]) -> str:
+    return (
+        f"  map {name} {{ type inet_service : ipv4_addr . inet_service; "
+        f"elements = {{ {', '.join(elements)} }} }}"
+    )
+
+
+def check(config: GatewayConfig, interfaces: Interfaces) -> list[str]:
+    """Problems the plan cannot express, one line each (targets outside the LAN, no LAN address)."""
+    problems = []
+    if not interfaces.lan_networks:
+        problems.append(f"gateway.lan: interface {config.lan} has no IPv4 address; give it one first")
+    for index, rule in enumerate(config.forward):
+        address = ipaddress.IPv4Address(rule.to.host)
+        if not config.allow_external_target and not any(address in net for net in interfaces.lan_networks):
+            nets = ", ".join(map(str, interfaces.lan_networks)) or "none"
+            problems.append(
+                f"gateway.forward[{index}].to: {rule.to.host} is not on the LAN ({config.lan}: {nets}); "
+                "set allow_external_target = true if that is intended"
+            )
+    return problems
+
+
+def plan(config: GatewayConfig, interfaces: Interfaces) -> str:
+    """The ruleset for table inet portfwd, as nft text.
+
+    Text, not JSON: nft 1.0.6's JSON parser rejects the concatenated map type
+    (`ipv4_addr . inet_service`) that its own JSON listing prints, and that map is what keeps
+    the per-packet cost flat.
+    """
+    wan, lan = f'"{config.wan}"', f'"{config.lan}"'
+    lines = [f"table {FAMILY} {TABLE} {{"]
+    prerouting: list[str] = []
+    hairpin: list[str] = []
+    shared: dict[str, list[str]] = {"tcp": [], "udp": []}
+    for index, rule in enumerate(config.forward):
+        for proto in _protocols(rule):
+            if not rule.allow:
+                shared[proto].extend(_elements(rule))
+                continue
+            name, allow = f"dnat_{index}_{proto}", f"allow_{index}"
+            lines.append(_map(name, _elements(rule)))
+            if f"  set {allow} " not in "\n".join(lines):
+                nets = ", ".join(str(net) for net in rule.allow)
+                lines.append(f"  set {allow} {{ type ipv4_addr; flags interval; elements = {{ {nets} }} }}")
+            prerouting.append(
+                f"iifname {wan} ip saddr @{allow} counter dnat ip to {proto} dport map @{name}"
+                f' comment "gateway.forward[{index}]"'
+            )
+    wan_addresses = ", ".join(interfaces.wan_addresses)
+    for proto, elements in shared.items():
+        if not elements:
+            continue
+        lines.append(_map(f"dnat_{proto}", elements))
+        prerouting.append(f"iifname {wan} counter dnat ip to {proto} dport map @dnat_{proto}")
+        if config.hairpin and wan_addresses:
+            hairpin.append(
+                f"iifname {lan} ip daddr {{ {wan_addresses} }} counter"
+                f' dnat ip to {proto} dport map @dnat_{proto} comment "hairpin"'
+            )
+    lan_nets = ", ".join(str(net) for net in interfaces.lan_networks)
+    postrouting: list[str] = []
+    if config.masquerade and lan_nets:
+        postrouting.append(f'oifname {wan} ip saddr {{ {lan_nets} }} counter masquerade comment "masquerade"')
+    if hairpin and lan_nets:
+        postrouting.append(
+            f'oifname {lan} ip saddr {{ {lan_nets} }} ct status dnat counter masquerade comment "hairpin"'
+        )
+    chains = [
+        ("prerouting", "type nat hook prerouting priority dstnat", [*prerouting, *hairpin]),
+        ("postrouting", "type nat hook postrouting priority srcnat", postrouting),
+        (
+            "forward",
+            "type filter hook forward priority filter",
+            ['ct status dnat counter accept comment "dnat"'],
+        ),
+    ]
+    for name, hook, rules in chains:
+        lines.append(f"  chain {name} {{")
+        lines.append(f"    {hook}; policy accept;")
+        lines.extend(f"    {rule}" for rule in rules)
+        lines.append("  }")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def document(ruleset: str) -> str:
+    """Replace table inet portfwd with `ruleset` in one nft transaction (one file = one batch)."""
+    return f"table {FAMILY} {TABLE} {{}}\ndelete table {FAMILY} {TABLE}\n{ruleset}"
+
+
+# --------------------------------------------------------------------------- nft calls
+
+
+def _nft(*args: str, payload: str | None = None) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("nft")
+    if binary is None:
+        raise GatewayError("nft is not installed", hint="apt-get install nftables")
+    try:
+        return subprocess.run([binary, *args], input=payload, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise GatewayError(f"nft could not run: {exc}") from exc
+
+
+def _one_line(stderr: str) -> str:
+    lines = [
+        line.strip()
+        for line in stderr.replace("\u2018", "'").replace("\u2019", "'").splitlines()
+        if line.strip()
+    ]
+    errors = [line for line in lines if "Error" in line] or lines or ["unknown error"]
+    return errors[0]
+
+
+def apply(ruleset: str, *, check_only: bool = False) -> None:
+    """Load the plan atomically (or only check it). Raises GatewayError with nft's first error line."""
+    args = ["-c", "-f", "-"] if check_only else ["-f", "-"]
+    result = _nft(*args, payload=document(ruleset))
+    if result.returncode != 0:
+        raise GatewayError(f"nft refused the ruleset; nothing changed: {_one_line(result.stderr)}")
+
+
+def live() -> dict[str, Any] | None:
+    """portfwd's table as nft lists it now (JSON), or None when it is not there."""
+    result = _nft("-j", "list", "table", FAMILY, TABLE)
+    if result.returncode != 0:
+        return None
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+def remove() -> bool:
+    """Delete table inet portfwd (only it). Returns False when it was not there."""
+    if live() is None:
+        return False
+    result = _nft("delete", "table", FAMILY, TABLE)
+    if result.returncode != 0:
+        raise GatewayError(f"nft could not delete table {FAMILY} {TABLE}: {_one_line(result.stderr)}")
+    return True
+
+
+def forwarding_problem(enable: bool) -> str | None:
+    """None when the kernel routes IPv4; else what to do (or enable it when `enable`)."""
+    path = "/proc/sys/net/ipv4/ip_forward"
+    try:
+        with open(path, encoding="ascii") as handle:
+            if handle.read().strip() == "1":
+                return None
+        if enable:
+            with open(path, "w", encoding="ascii") as handle:
+                handle.write("1\n")
+            return None
+    except OSError as exc:
+        return f"cannot read or set {path}: {exc.strerror}"
+    return "IPv4 forwarding is off: run sysctl -w net.ipv4.ip_forward=1, or set enable_forwarding = true"
+
+
+def interfaces(config: GatewayConfig) -> Interfaces:
+    """Read the WAN addresses and LAN networks with `ip -j addr`. Raises GatewayError for a missing one."""
+
+    def addresses(name: str, field: str) -> list[ipaddress.IPv4Interface]:
+        try:
+            result = subprocess.run(
+                ["ip", "-j", "-4", "addr", "show", "dev", name], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise GatewayError(f"cannot run ip: {exc}", hint="apt-get install iproute2") from exc
+        if result.returncode != 0:
+            raise GatewayError(f"no interface {name!r} on this machine", field=field, hint="see ip link")
+        out = []
+        for link in json.loads(result.stdout or "[]"):
+            for info in link.get("addr_info", []):
+                out.append(ipaddress.IPv4Interface(f"{info['local']}/{info['prefixlen']}"))
+        return out
+
+    wan = addresses(config.wan, "gateway.wan")
+    lan = addresses(config.lan, "gateway.lan")
+    return Interfaces(tuple(str(item.ip) for item in wan), tuple(item.network for item in lan))
+
+
+def prepare(config: GatewayConfig) -> str:
+    """Read the interfaces, check the plan against them, and return the ruleset. Raises GatewayError."""
+    found = interfaces(config)
+    problems = check(config, found)
+    if problems:
+        raise GatewayError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    return plan(config, found)

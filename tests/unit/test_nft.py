@@ -1,0 +1,87 @@
+"""The gateway plan as nft text: maps for O(1) lookups, allow lists, hairpin, masquerade, checks."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from portfwd import config
+from portfwd.kernel.nft import Interfaces, check, document, plan
+
+GATEWAY = config.validate(
+    {
+        "gateway": {
+            "wan": "eth0",
+            "lan": "eth1",
+            "forward": [
+                {"port": 8080, "to": "192.168.1.10:80", "protocol": "tcp+udp"},
+                {"port": "8000-8002", "to": "192.168.1.11:9000-9002"},
+                {"port": 2222, "to": "192.168.1.12:22", "allow": ["198.51.100.0/24", "203.0.113.7"]},
+            ],
+        }
+    }
+).gateway
+LAN = Interfaces(("203.0.113.1",), (ipaddress.IPv4Network("192.168.1.0/24"),))
+
+
+def test_plan_text() -> None:
+    assert GATEWAY is not None
+    assert plan(GATEWAY, LAN) == (
+        "table inet portfwd {\n"
+        "  map dnat_2_tcp { type inet_service : ipv4_addr . inet_service; elements = { 2222 : 192.168.1.12 . 22 } }\n"
+        "  set allow_2 { type ipv4_addr; flags interval; elements = { 198.51.100.0/24, 203.0.113.7/32 } }\n"
+        "  map dnat_tcp { type inet_service : ipv4_addr . inet_service; elements = { 8080 : 192.168.1.10 . 80, "
+        "8000 : 192.168.1.11 . 9000, 8001 : 192.168.1.11 . 9001, 8002 : 192.168.1.11 . 9002 } }\n"
+        "  map dnat_udp { type inet_service : ipv4_addr . inet_service; elements = { 8080 : 192.168.1.10 . 80 } }\n"
+        "  chain prerouting {\n"
+        "    type nat hook prerouting priority dstnat; policy accept;\n"
+        '    iifname "eth0" ip saddr @allow_2 counter dnat ip to tcp dport map @dnat_2_tcp comment "gateway.forward[2]"\n'
+        '    iifname "eth0" counter dnat ip to tcp dport map @dnat_tcp\n'
+        '    iifname "eth0" counter dnat ip to udp dport map @dnat_udp\n'
+        '    iifname "eth1" ip daddr { 203.0.113.1 } counter dnat ip to tcp dport map @dnat_tcp comment "hairpin"\n'
+        '    iifname "eth1" ip daddr { 203.0.113.1 } counter dnat ip to udp dport map @dnat_udp comment "hairpin"\n'
+        "  }\n"
+        "  chain postrouting {\n"
+        "    type nat hook postrouting priority srcnat; policy accept;\n"
+        '    oifname "eth0" ip saddr { 192.168.1.0/24 } counter masquerade comment "masquerade"\n'
+        '    oifname "eth1" ip saddr { 192.168.1.0/24 } ct status dnat counter masquerade comment "hairpin"\n'
+        "  }\n"
+        "  chain forward {\n"
+        "    type filter hook forward priority filter; policy accept;\n"
+        '    ct status dnat counter accept comment "dnat"\n'
+        "  }\n"
+        "}\n"
+    )
+
+
+def test_a_thousand_ports_are_one_rule_per_protocol() -> None:
+    many = config.validate(
+        {
+            "gateway": {
+                "wan": "eth0",
+                "lan": "eth1",
+                "forward": [{"port": "10000-10999", "to": "192.168.1.10:20000-20999"}],
+            }
+        }
+    ).gateway
+    assert many is not None
+    text = plan(many, LAN)
+    assert text.count("dnat ip to tcp dport map @dnat_tcp") == 2  # WAN side, and hairpin
+    assert "10999 : 192.168.1.10 . 20999" in text
+
+
+def test_replace_is_one_transaction_that_never_fails_on_a_missing_table() -> None:
+    assert document("X\n") == "table inet portfwd {}\ndelete table inet portfwd\nX\n"
+
+
+def test_targets_outside_the_lan_are_refused() -> None:
+    assert GATEWAY is not None
+    elsewhere = Interfaces(("203.0.113.1",), (ipaddress.IPv4Network("10.0.0.0/24"),))
+    assert check(GATEWAY, elsewhere)[0] == (
+        "gateway.forward[0].to: 192.168.1.10 is not on the LAN (eth1: 10.0.0.0/24); "
+        "set allow_external_target = true if that is intended"
+    )
+    assert (
+        check(GATEWAY, Interfaces((), ()))[0]
+        == "gateway.lan: interface eth1 has no IPv4 address; give it one first"
+    )
+    assert check(GATEWAY, LAN) == []
