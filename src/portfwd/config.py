@@ -349,6 +349,35 @@ class GatewayForwardConfig(_Model):
         return self.name or f"wan:{self.port}/{self.protocol.value} -> {self.to}"
 
 
+def _proto_ports(value: Any) -> tuple[str, PortRange]:
+    if not isinstance(value, str) or "/" not in value:
+        raise _fail(f'{value!r} is not protocol/port; write "tcp/6667" or "udp/7000-7010"')
+    proto, _, ports = value.strip().partition("/")
+    if proto not in ("tcp", "udp"):
+        raise _fail(f'{value!r}: the protocol must be tcp or udp; write "tcp/6667"')
+    try:
+        return proto, parse_port_range(ports)
+    except ConfigError as exc:
+        raise _fail(f"{value!r}: {exc.line()}") from exc
+
+
+def _proto_ports_list(value: Any) -> tuple[tuple[str, PortRange], ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise _fail('must be a list; write ["tcp/7000-7010", "udp/7100"]')
+    return tuple(_proto_ports(item) for item in items)
+
+
+class GatewayTriggerConfig(_Model):
+    """`[[gateway.trigger]]`: a LAN host connecting out on `trigger` gets `open` forwarded to it."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=64)
+    trigger: Annotated[tuple[str, PortRange], PlainValidator(_proto_ports)]
+    open: Annotated[tuple[tuple[str, PortRange], ...], PlainValidator(_proto_ports_list)]
+    idle_timeout: Duration = 600.0
+    mode: Literal["kernel"] = "kernel"
+
+
 class GatewayConfig(_Model):
     """`[gateway]`: nftables DNAT, masquerade and hairpin on a Linux router."""
 
@@ -359,6 +388,7 @@ class GatewayConfig(_Model):
     allow_external_target: bool = False
     enable_forwarding: bool = False
     forward: tuple[GatewayForwardConfig, ...] = ()
+    trigger: tuple[GatewayTriggerConfig, ...] = ()
 
 
 class MetricsConfig(_Model):
@@ -631,12 +661,6 @@ def validate(data: dict[str, Any], source: str = "config") -> Config:
                 f"{section}: {what} is not available in portfwd 0.1 yet; remove this section to run the rest"
             )
     data = {key: value for key, value in data.items() if key not in _PLANNED_SECTIONS}
-    gateway = data.get("gateway")
-    if isinstance(gateway, dict) and "trigger" in gateway:
-        problems.append(
-            "gateway.trigger: port triggering is not available in portfwd 0.1 yet; remove it to run the rest"
-        )
-        data = {**data, "gateway": {key: value for key, value in gateway.items() if key != "trigger"}}
     config = None
     try:
         config = Config.model_validate(data)

@@ -135,3 +135,35 @@ def test_a_bad_ruleset_changes_nothing(tmp_path: Path) -> None:
             "the old ruleset still works"
         )
         assert portfwd(net, "gateway", "remove").returncode == 0
+
+
+def test_port_trigger_opens_and_closes_after_idle(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        '[control]\nenabled = false\n[gateway]\nwan = "gwwan0"\nlan = "gwlan0"\n'
+        '[[gateway.trigger]]\ntrigger = "tcp/6667"\nopen = ["tcp/7000-7010", "udp/7100"]\nidle_timeout = "2s"\n'
+    )
+    with lab() as net:
+        net.serve(net.lan, 7005, REPLY)
+        net.serve(net.lan, 7100, "cat", udp=True)
+        net.serve(net.wan, 6667, "echo irc")
+        assert portfwd(net, "gateway", "apply", "-c", str(config)).returncode == 0
+        try:
+            assert tcp_from(net, net.wan, GW_WAN, 7005, b"x") == "", "closed before the trigger"
+            assert tcp_from(net, net.lan, WAN_HOST, 6667, b"") == "irc\n", "the LAN host connects out"
+            reply = tcp_from(net, net.wan, GW_WAN, 7005, b"x")
+            assert reply.splitlines()[0] == f"peer={WAN_HOST}", "opened to the triggering host"
+            udp = net.run(net.wan, "socat", "-T", "3", "-", f"UDP4:{GW_WAN}:7100", data=b"dgram\n")
+            assert udp.stdout == b"dgram\n"
+            began = time.monotonic()
+            while time.monotonic() - began < 10:  # bounded: the element expires 2 s after the last packet
+                time.sleep(0.5)
+                listed = net.run(
+                    net.gw, "nft", "list", "map", "inet", "portfwd", "trig_host_0"
+                ).stdout.decode()
+                if "elements" not in listed:
+                    break
+            assert "elements" not in listed, "the trigger expired"
+            assert tcp_from(net, net.wan, GW_WAN, 7005, b"x") == "", "closed again after idle_timeout"
+        finally:
+            portfwd(net, "gateway", "remove")

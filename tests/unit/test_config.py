@@ -150,8 +150,12 @@ BAD = [
     ),
     ('[gateway]\nwan = "eth0"\n', "gateway.lan: required key is missing; add it"),
     (
-        '[gateway]\nwan = "eth0"\nlan = "eth1"\n[[gateway.trigger]]\ntrigger = "tcp/6667"\n',
-        "gateway.trigger: port triggering is not available in portfwd 0.1 yet; remove it to run the rest",
+        '[gateway]\nwan = "eth0"\nlan = "eth1"\n[[gateway.trigger]]\ntrigger = "sctp/6667"\nopen = ["tcp/7000"]\n',
+        "gateway.trigger[0].trigger: 'sctp/6667': the protocol must be tcp or udp; write \"tcp/6667\"",
+    ),
+    (
+        '[gateway]\nwan = "eth0"\nlan = "eth1"\n[[gateway.trigger]]\ntrigger = "tcp/6667"\nopen = ["tcp/70000"]\n',
+        "gateway.trigger[0].open: 'tcp/70000': port 70000 is out of range (1-65535)",
     ),
     (
         '[gateway]\nwan = "eth0"\nlan = "eth1"\n[[gateway.forward]]\nport = 80\nto = "web.lan:80"\n',

@@ -85,3 +85,29 @@ def test_targets_outside_the_lan_are_refused() -> None:
         == "gateway.lan: interface eth1 has no IPv4 address; give it one first"
     )
     assert check(GATEWAY, LAN) == []
+
+
+def test_trigger_plan() -> None:
+    triggered = config.validate(
+        {
+            "gateway": {
+                "wan": "eth0",
+                "lan": "eth1",
+                "trigger": [
+                    {"trigger": "tcp/6667", "open": ["tcp/7000-7010", "udp/7100"], "idle_timeout": "10m"}
+                ],
+            }
+        }
+    ).gateway
+    assert triggered is not None
+    text = plan(triggered, LAN)
+    assert "  map trig_host_0 { type mark : ipv4_addr; flags dynamic,timeout; timeout 600s; }\n" in text
+    assert "elements = { tcp . 7000-7010, udp . 7100 }" in text
+    assert (
+        'iifname "eth1" oifname "eth0" meta l4proto . th dport @trig_out_0 meta mark set 0x70f00'
+        ' update @trig_host_0 { meta mark : ip saddr } counter comment "gateway.trigger[0]"'
+    ) in text
+    assert (
+        'iifname "eth0" meta l4proto . th dport @trig_open_0 meta mark set 0x70f00'
+        ' counter dnat ip to meta mark map @trig_host_0 comment "gateway.trigger[0]"'
+    ) in text

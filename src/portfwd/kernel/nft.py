@@ -73,6 +73,46 @@ def check(config: GatewayConfig, interfaces: Interfaces) -> list[str]:
     return problems
 
 
+def _ports(proto_ports: tuple[str, Any]) -> str:
+    proto, ports = proto_ports
+    return f"{proto} . {ports.first}" if len(ports) == 1 else f"{proto} . {ports.first}-{ports.last}"
+
+
+def _triggers(config: GatewayConfig, lines: list[str], wan: str, lan: str) -> tuple[list[str], list[str]]:
+    """Port triggering in the kernel (TESTBED §5a): per trigger, a dynamic map mark -> LAN host.
+
+    An outbound packet to the trigger port writes its source into the map; inbound packets to
+    the opened ports are DNATed to whatever the map holds, and refresh it. The element expires
+    after idle_timeout without traffic, which closes the ports. The first host keeps the ports
+    while it stays active (nft's `update` cannot replace a value).
+    """
+    nat: list[str] = []
+    forward: list[str] = []
+    for index, trigger in enumerate(config.trigger):
+        mark = f"0x{0x70F00 + index:x}"  # portfwd's marks: 0x70f00 + trigger index
+        host, out, opened = f"trig_host_{index}", f"trig_out_{index}", f"trig_open_{index}"
+        timeout = max(1, round(trigger.idle_timeout))
+        interval = "type inet_proto . inet_service; flags interval"
+        lines.append(f"  map {host} {{ type mark : ipv4_addr; flags dynamic,timeout; timeout {timeout}s; }}")
+        lines.append(f"  set {out} {{ {interval}; elements = {{ {_ports(trigger.trigger)} }} }}")
+        elements = ", ".join(_ports(item) for item in trigger.open)
+        lines.append(f"  set {opened} {{ {interval}; elements = {{ {elements} }} }}")
+        comment = f'comment "gateway.trigger[{index}]"'
+        forward.append(
+            f"iifname {lan} oifname {wan} meta l4proto . th dport @{out} meta mark set {mark}"
+            f" update @{host} {{ meta mark : ip saddr }} counter {comment}"
+        )
+        forward.append(
+            f"iifname {wan} oifname {lan} ct status dnat meta l4proto . th dport @{opened}"
+            f" meta mark set {mark} update @{host} {{ meta mark : ip daddr }} counter {comment}"
+        )
+        nat.append(
+            f"iifname {wan} meta l4proto . th dport @{opened} meta mark set {mark}"
+            f" counter dnat ip to meta mark map @{host} {comment}"
+        )
+    return nat, forward
+
+
 def plan(config: GatewayConfig, interfaces: Interfaces) -> str:
     """The ruleset for table inet portfwd, as nft text.
 
@@ -118,13 +158,14 @@ def plan(config: GatewayConfig, interfaces: Interfaces) -> str:
         postrouting.append(
             f'oifname {lan} ip saddr {{ {lan_nets} }} ct status dnat counter masquerade comment "hairpin"'
         )
+    triggered, trigger_forward = _triggers(config, lines, wan, lan)
     chains = [
-        ("prerouting", "type nat hook prerouting priority dstnat", [*prerouting, *hairpin]),
+        ("prerouting", "type nat hook prerouting priority dstnat", [*prerouting, *triggered, *hairpin]),
         ("postrouting", "type nat hook postrouting priority srcnat", postrouting),
         (
             "forward",
             "type filter hook forward priority filter",
-            ['ct status dnat counter accept comment "dnat"'],
+            [*trigger_forward, 'ct status dnat counter accept comment "dnat"'],
         ),
     ]
     for name, hook, rules in chains:
