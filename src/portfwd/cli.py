@@ -449,10 +449,29 @@ def _status_view(status: dict[str, Any]) -> Group:
             _age(item["idle"]),
         )
     parts: list[Any] = [header]
-    if status.get("rules") or not (status.get("tunnels") or status.get("server_sessions")):
+    if status.get("rules") or not (
+        status.get("tunnels") or status.get("server_sessions") or status.get("gateway_rules")
+    ):
         parts.append(rules)
     if status.get("tunnels"):
         parts.append(_tunnel_view(status["tunnels"]))
+    if status.get("gateway_rules"):
+        rules_table = Table(title="gateway (table inet portfwd)", title_justify="left", box=box.SIMPLE_HEAD)
+        for column in ("chain", "rule", "packets", "bytes"):
+            rules_table.add_column(column)
+        for row in status["gateway_rules"]:
+            rules_table.add_row(row["chain"], row["rule"] or "-", str(row["packets"]), _bytes(row["bytes"]))
+        parts.append(rules_table)
+    if status.get("triggers"):
+        triggers = Table(title="port triggers", title_justify="left", box=box.SIMPLE_HEAD)
+        for column in ("trigger", "opens", "held by", "time left"):
+            triggers.add_column(column)
+        for row in status["triggers"]:
+            held = bool(row.get("host"))
+            triggers.add_row(
+                row["trigger"], row["open"], row["host"] or "-", _age(row["expires"]) if held else "-"
+            )
+        parts.append(triggers)
     if status.get("server_sessions"):
         clients = Table(title="server sessions", title_justify="left", box=box.SIMPLE_HEAD)
         for column in ("user", "source", "key", "forwards", "active", "total", "up", "down", "age"):

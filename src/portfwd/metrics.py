@@ -112,6 +112,22 @@ class StateCollector(Collector):
             value=self.state.server_auth_failures,
         )
         yield from (server_active, failures)
+        packets = CounterMetricFamily(
+            "portfwd_gateway_packets", "Packets matched by a gateway nftables rule", labels=["chain", "rule"]
+        )
+        octets = CounterMetricFamily(
+            "portfwd_gateway_bytes", "Bytes matched by a gateway nftables rule", labels=["chain", "rule"]
+        )
+        for row in list(self.state.gateway_rules):
+            packets.add_metric([row["chain"], row["rule"]], row["packets"])
+            octets.add_metric([row["chain"], row["rule"]], row["bytes"])
+        held = GaugeMetricFamily(
+            "portfwd_trigger_held", "1 while a LAN host holds a port trigger", labels=["trigger", "host"]
+        )
+        for row in list(self.state.triggers):
+            if row.get("host"):
+                held.add_metric([row["trigger"], row["host"]], 1)
+        yield from (packets, octets, held)
 
 
 class MetricsServer:

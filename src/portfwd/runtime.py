@@ -263,11 +263,12 @@ class Runtime:
         ruleset = await asyncio.to_thread(nft.prepare, gateway)
         await asyncio.to_thread(nft.apply, ruleset)
         self._gateway = ruleset
-        self.state.gateway_rules = [
-            {"rule": rule.label, "port": str(rule.port), "to": str(rule.to), "protocol": rule.protocol.value}
-            for rule in gateway.forward
-        ]
-        log.info("gateway: table inet portfwd applied: %d forward rule(s)", len(gateway.forward))
+        log.info(
+            "gateway: table inet portfwd applied: %d forward rule(s), %d trigger(s)",
+            len(gateway.forward),
+            len(gateway.trigger),
+        )
+        await self._read_gateway()
         self._gateway_check = asyncio.get_running_loop().create_task(self._watch_gateway())
 
     async def _watch_gateway(self) -> None:
@@ -275,11 +276,30 @@ class Runtime:
         while self._gateway is not None:
             await asyncio.sleep(GATEWAY_CHECK)
             try:
-                if await asyncio.to_thread(nft.live) is None and self._gateway is not None:
+                if not await self._read_gateway() and self._gateway is not None:
                     log.warning("gateway: table inet portfwd was removed behind our back; applying it again")
                     await asyncio.to_thread(nft.apply, self._gateway)
             except nft.GatewayError as exc:
                 log.error("gateway: %s", exc.line())
+
+    async def _read_gateway(self) -> bool:
+        """Refresh the gateway counters and trigger holders in the state; False if the table is gone."""
+        listing = await asyncio.to_thread(nft.live)
+        if listing is None:
+            return False
+        self.state.gateway_rules = nft.counters(listing)
+        gateway = self.config.gateway
+        holders = nft.trigger_holders(listing)
+        self.state.triggers = [
+            {
+                "trigger": trigger.name or f"gateway.trigger[{index}]",
+                "open": ", ".join(f"{proto}/{ports}" for proto, ports in trigger.open),
+                "host": holders.get(index, ("", 0))[0],
+                "expires": holders.get(index, ("", 0))[1],
+            }
+            for index, trigger in enumerate(gateway.trigger if gateway else ())
+        ]
+        return True
 
     def _fatal(self, error: PortfwdError) -> None:
         """A part that cannot go on without lying to its user: stop the process, exit 1."""

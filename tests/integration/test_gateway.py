@@ -7,6 +7,7 @@ and the address the peer saw.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -90,6 +91,8 @@ def test_apply_dnat_range_allow_masquerade_and_remove(tmp_path: Path) -> None:
 def test_run_applies_restores_after_drift_and_removes_on_exit(tmp_path: Path) -> None:
     config = tmp_path / "gateway.toml"
     write_config(config)
+    control = tmp_path / "ctl.sock"
+    config.write_text(config.read_text().replace("enabled = false", f'socket = "{control}"'))
     with lab() as net:
         net.serve(net.lan, 80, REPLY)
         env = {**os.environ, "PORTFWD_GATEWAY_CHECK": "0.3"}
@@ -108,6 +111,22 @@ def test_run_applies_restores_after_drift_and_removes_on_exit(tmp_path: Path) ->
             while "table inet portfwd" not in tables(net) and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert tcp_from(net, net.wan, GW_WAN, 8080, b"x").startswith(f"peer={WAN_HOST}")
+            deadline = time.monotonic() + 10
+            counted = 0
+            while time.monotonic() < deadline and not counted:  # counters are read every 0.3 s here
+                answer = subprocess.run(
+                    [sys.executable, "-m", "portfwd", "status", "--json", "-c", str(config)],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                    cwd=REPO,
+                )
+                rows = json.loads(answer.stdout)["gateway_rules"] if answer.returncode == 0 else []
+                counted = sum(row["packets"] for row in rows if row["rule"] == "gateway.forward tcp")
+                time.sleep(0.1)
+            # nat chains see a connection's first packet only, and the re-applied table started
+            # from zero: exactly the one connection made after the drift.
+            assert counted == 1
             assert proc.stop(signal.SIGTERM) == 0
             assert "portfwd" not in tables(net), "removed on exit"
         finally:

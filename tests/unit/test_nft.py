@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 from portfwd import config
-from portfwd.kernel.nft import Interfaces, check, document, plan
+from portfwd.kernel.nft import Interfaces, check, counters, document, plan, trigger_holders
 
 GATEWAY = config.validate(
     {
@@ -35,8 +35,8 @@ def test_plan_text() -> None:
         "  chain prerouting {\n"
         "    type nat hook prerouting priority dstnat; policy accept;\n"
         '    iifname "eth0" ip saddr @allow_2 counter dnat ip to tcp dport map @dnat_2_tcp comment "gateway.forward[2]"\n'
-        '    iifname "eth0" counter dnat ip to tcp dport map @dnat_tcp\n'
-        '    iifname "eth0" counter dnat ip to udp dport map @dnat_udp\n'
+        '    iifname "eth0" counter dnat ip to tcp dport map @dnat_tcp comment "gateway.forward tcp"\n'
+        '    iifname "eth0" counter dnat ip to udp dport map @dnat_udp comment "gateway.forward udp"\n'
         '    iifname "eth1" ip daddr { 203.0.113.1 } counter dnat ip to tcp dport map @dnat_tcp comment "hairpin"\n'
         '    iifname "eth1" ip daddr { 203.0.113.1 } counter dnat ip to udp dport map @dnat_udp comment "hairpin"\n'
         "  }\n"
@@ -111,3 +111,43 @@ def test_trigger_plan() -> None:
         'iifname "eth0" meta l4proto . th dport @trig_open_0 meta mark set 0x70f00'
         ' counter dnat ip to meta mark map @trig_host_0 comment "gateway.trigger[0]"'
     ) in text
+
+
+def test_counters_and_trigger_holders_from_a_listing() -> None:
+    listing = {
+        "nftables": [
+            {"metainfo": {"version": "1.0.6"}},
+            {
+                "map": {
+                    "name": "trig_host_0",
+                    "elem": [[{"elem": {"val": 462592, "expires": 30}}, "192.168.77.10"]],
+                }
+            },
+            {
+                "rule": {
+                    "chain": "prerouting",
+                    "comment": "gateway.forward tcp",
+                    "expr": [{"counter": {"packets": 3, "bytes": 180}}],
+                }
+            },
+            {
+                "rule": {
+                    "chain": "forward",
+                    "comment": "gateway.trigger[0]",
+                    "expr": [{"counter": {"packets": 1, "bytes": 60}}],
+                }
+            },
+            {
+                "rule": {
+                    "chain": "forward",
+                    "comment": "gateway.trigger[0]",
+                    "expr": [{"counter": {"packets": 2, "bytes": 120}}],
+                }
+            },
+        ]
+    }
+    assert counters(listing) == [
+        {"chain": "prerouting", "rule": "gateway.forward tcp", "packets": 3, "bytes": 180},
+        {"chain": "forward", "rule": "gateway.trigger[0]", "packets": 3, "bytes": 180},
+    ]
+    assert trigger_holders(listing) == {0: ("192.168.77.10", 30)}

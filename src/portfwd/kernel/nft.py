@@ -144,7 +144,8 @@ def plan(config: GatewayConfig, interfaces: Interfaces) -> str:
         if not elements:
             continue
         lines.append(_map(f"dnat_{proto}", elements))
-        prerouting.append(f"iifname {wan} counter dnat ip to {proto} dport map @dnat_{proto}")
+        comment = f'comment "gateway.forward {proto}"'
+        prerouting.append(f"iifname {wan} counter dnat ip to {proto} dport map @dnat_{proto} {comment}")
         if config.hairpin and wan_addresses:
             hairpin.append(
                 f"iifname {lan} ip daddr {{ {wan_addresses} }} counter"
@@ -278,3 +279,36 @@ def prepare(config: GatewayConfig) -> str:
     if problems:
         raise GatewayError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     return plan(config, found)
+
+
+def counters(listing: dict[str, Any]) -> list[dict[str, Any]]:
+    """Packets and bytes per commented rule of portfwd's table (`nft -j list table` output)."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for item in listing.get("nftables", []):
+        rule = item.get("rule")
+        if not isinstance(rule, dict):
+            continue
+        comment = str(rule.get("comment") or "")
+        for expr in rule.get("expr", []):
+            if isinstance(expr, dict) and isinstance(expr.get("counter"), dict):
+                key = (str(rule.get("chain")), comment)
+                row = rows.setdefault(key, {"chain": key[0], "rule": comment, "packets": 0, "bytes": 0})
+                row["packets"] += int(expr["counter"].get("packets", 0))
+                row["bytes"] += int(expr["counter"].get("bytes", 0))
+    return list(rows.values())
+
+
+def trigger_holders(listing: dict[str, Any]) -> dict[int, tuple[str, int]]:
+    """Which LAN host holds each trigger now, and the seconds left: {index: (host, expires)}."""
+    held: dict[int, tuple[str, int]] = {}
+    for item in listing.get("nftables", []):
+        table_map = item.get("map")
+        if not isinstance(table_map, dict) or not str(table_map.get("name", "")).startswith("trig_host_"):
+            continue
+        index = int(str(table_map["name"]).rsplit("_", 1)[1])
+        for element in table_map.get("elem", []):
+            if isinstance(element, list) and len(element) == 2:
+                key, host = element
+                expires = key.get("elem", {}).get("expires", 0) if isinstance(key, dict) else 0
+                held[index] = (str(host), int(expires))
+    return held
