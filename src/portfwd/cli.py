@@ -116,6 +116,22 @@ def check(config_file: str | None) -> None:
         table.add_row(*row)
     if loaded.forward or not (loaded.tunnel or loaded.server):
         console.print(table)
+    if loaded.gateway is not None:
+        from portfwd.kernel import nft
+
+        try:
+            found = nft.interfaces(loaded.gateway)
+        except nft.GatewayError as exc:
+            raise ConfigError(exc.line()) from None
+        problems = nft.check(loaded.gateway, found)
+        if problems:
+            raise ConfigError(problems[0], problems=problems)
+        console.print(
+            f"gateway: {loaded.gateway.wan} ({', '.join(found.wan_addresses) or 'no address'}) -> "
+            f"{loaded.gateway.lan} ({', '.join(map(str, found.lan_networks))}): "
+            f"{len(loaded.gateway.forward)} forward(s), {len(loaded.gateway.trigger)} trigger(s); "
+            "portfwd gateway plan prints the ruleset"
+        )
     if loaded.server is not None:
         users = ", ".join(
             f"{user.name} (open {', '.join(user.permit_open) or 'nothing'}; "

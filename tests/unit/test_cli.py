@@ -172,3 +172,11 @@ def test_check_shows_the_product_server_example(tmp_path: Path, capsys: pytest.C
     assert code == 0
     assert "alice (open db.internal:5432; listen 0.0.0.0:8022)" in " ".join(out.split())
     assert out.rstrip().endswith("config OK")
+
+
+def test_check_names_a_missing_gateway_interface(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('[gateway]\nwan = "pfnosuch0"\nlan = "lo"\n')
+    code, _, err = run(["check", "-c", str(config)], capsys)
+    assert code == 2
+    assert err.splitlines() == ["portfwd: gateway.wan: no interface 'pfnosuch0' on this machine; see ip link"]
