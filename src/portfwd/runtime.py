@@ -151,6 +151,7 @@ class Runtime:
         self._server: TunnelServer | None = None
         self._gateway: str | None = None  # the ruleset applied, while portfwd's table is ours
         self._gateway_check: asyncio.Task[None] | None = None
+        self._gateway_fingerprint: str | None = None
         self.control_optional = control_optional
         self.strict = strict
         self.config_path = config_path
@@ -263,6 +264,7 @@ class Runtime:
         ruleset = await asyncio.to_thread(nft.prepare, gateway)
         await asyncio.to_thread(nft.apply, ruleset)
         self._gateway = ruleset
+        self._gateway_fingerprint = await asyncio.to_thread(nft.fingerprint)
         log.info(
             "gateway: table inet portfwd applied: %d forward rule(s), %d trigger(s)",
             len(gateway.forward),
@@ -272,13 +274,21 @@ class Runtime:
         self._gateway_check = asyncio.get_running_loop().create_task(self._watch_gateway())
 
     async def _watch_gateway(self) -> None:
-        """Every GATEWAY_CHECK seconds: if someone deleted portfwd's table, load it again."""
+        """Every GATEWAY_CHECK seconds: if someone deleted or changed portfwd's table, load it again."""
         while self._gateway is not None:
             await asyncio.sleep(GATEWAY_CHECK)
             try:
-                if not await self._read_gateway() and self._gateway is not None:
+                present = await self._read_gateway()
+                if self._gateway is None:
+                    return
+                if not present:
                     log.warning("gateway: table inet portfwd was removed behind our back; applying it again")
-                    await asyncio.to_thread(nft.apply, self._gateway)
+                elif await asyncio.to_thread(nft.fingerprint) != self._gateway_fingerprint:
+                    log.warning("gateway: table inet portfwd was changed behind our back; applying it again")
+                else:
+                    continue
+                await asyncio.to_thread(nft.apply, self._gateway)
+                self._gateway_fingerprint = await asyncio.to_thread(nft.fingerprint)
             except nft.GatewayError as exc:
                 log.error("gateway: %s", exc.line())
 

@@ -111,6 +111,10 @@ def test_run_applies_restores_after_drift_and_removes_on_exit(tmp_path: Path) ->
             while "table inet portfwd" not in tables(net) and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert tcp_from(net, net.wan, GW_WAN, 8080, b"x").startswith(f"peer={WAN_HOST}")
+            mark = proc.mark()
+            net.run(net.gw, "nft", "flush", "chain", "inet", "portfwd", "prerouting")  # changed, not deleted
+            proc.wait_for("changed behind our back; applying it again", start=mark)
+            assert tcp_from(net, net.wan, GW_WAN, 8080, b"x").startswith(f"peer={WAN_HOST}")
             deadline = time.monotonic() + 10
             counted = 0
             while time.monotonic() < deadline and not counted:  # counters are read every 0.3 s here

@@ -312,3 +312,29 @@ def trigger_holders(listing: dict[str, Any]) -> dict[int, tuple[str, int]]:
                 expires = key.get("elem", {}).get("expires", 0) if isinstance(key, dict) else 0
                 held[index] = (str(host), int(expires))
     return held
+
+
+def fingerprint() -> str | None:
+    """portfwd's table as `nft -s` lists it (no counters), minus the trigger maps' live elements.
+
+    Two calls return the same text unless someone changed the table: what `portfwd run` compares
+    to notice drift. None when the table is not loaded.
+    """
+    result = _nft("-s", "list", "table", FAMILY, TABLE)
+    if result.returncode != 0:
+        return None
+    kept: list[str] = []
+    in_trigger_map = skipping = False
+    for line in result.stdout.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("map trig_host_"):
+            in_trigger_map = True
+        elif in_trigger_map and stripped == "}":
+            in_trigger_map = False
+        if in_trigger_map and stripped.startswith("elements = {"):
+            skipping = True
+        if not skipping:
+            kept.append(line)
+        if skipping and stripped.endswith("}"):
+            skipping = False
+    return "\n".join(kept)
