@@ -375,7 +375,7 @@ class GatewayTriggerConfig(_Model):
     trigger: Annotated[tuple[str, PortRange], PlainValidator(_proto_ports)]
     open: Annotated[tuple[tuple[str, PortRange], ...], PlainValidator(_proto_ports_list)]
     idle_timeout: Duration = 600.0
-    mode: Literal["kernel"] = "kernel"
+    mode: Literal["kernel", "last-wins"] = "kernel"
 
 
 class GatewayConfig(_Model):

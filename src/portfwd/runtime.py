@@ -31,6 +31,7 @@ from portfwd.config import Config, ForwardConfig, TunnelConfig
 from portfwd.control import ControlServer, default_path
 from portfwd.errors import BindError, ConfigError, PortfwdError, RuntimeFailure
 from portfwd.kernel import nft
+from portfwd.kernel.triggers import LastWins
 from portfwd.metrics import MetricsServer
 from portfwd.relay.forwarder import RelayPath, TcpForwarder
 from portfwd.relay.listener import TcpListener, bind_ip, bind_unix
@@ -152,6 +153,7 @@ class Runtime:
         self._gateway: str | None = None  # the ruleset applied, while portfwd's table is ours
         self._gateway_check: asyncio.Task[None] | None = None
         self._gateway_fingerprint: str | None = None
+        self._last_wins: LastWins | None = None
         self.control_optional = control_optional
         self.strict = strict
         self.config_path = config_path
@@ -261,7 +263,11 @@ class Runtime:
         problem = nft.forwarding_problem(gateway.enable_forwarding)
         if problem:
             log.warning("gateway: %s", problem)
-        ruleset = await asyncio.to_thread(nft.prepare, gateway)
+        found = await asyncio.to_thread(nft.interfaces, gateway)
+        problems = nft.check(gateway, found)
+        if problems:
+            raise nft.GatewayError(problems[0])
+        ruleset = nft.plan(gateway, found)
         await asyncio.to_thread(nft.apply, ruleset)
         self._gateway = ruleset
         self._gateway_fingerprint = await asyncio.to_thread(nft.fingerprint)
@@ -272,6 +278,8 @@ class Runtime:
         )
         await self._read_gateway()
         self._gateway_check = asyncio.get_running_loop().create_task(self._watch_gateway())
+        self._last_wins = LastWins(gateway, found.lan_networks)
+        await self._last_wins.start()
 
     async def _watch_gateway(self) -> None:
         """Every GATEWAY_CHECK seconds: if someone deleted or changed portfwd's table, load it again."""
@@ -551,6 +559,9 @@ class Runtime:
         if self._gateway_check is not None:
             self._gateway_check.cancel()
             self._gateway_check = None
+        if self._last_wins is not None:
+            await self._last_wins.stop()
+            self._last_wins = None
         if self._gateway is not None:
             self._gateway = None
             try:

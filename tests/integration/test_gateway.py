@@ -190,3 +190,44 @@ def test_port_trigger_opens_and_closes_after_idle(tmp_path: Path) -> None:
             assert tcp_from(net, net.wan, GW_WAN, 7005, b"x") == "", "closed again after idle_timeout"
         finally:
             portfwd(net, "gateway", "remove")
+
+
+def test_last_wins_trigger_hands_the_ports_to_the_newest_host(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        '[control]\nenabled = false\n[gateway]\nwan = "gwwan0"\nlan = "gwlan0"\n'
+        '[[gateway.trigger]]\ntrigger = "tcp/6667"\nopen = ["tcp/7000-7010"]\nidle_timeout = "30s"\nmode = "last-wins"\n'
+    )
+    with lab() as net:
+        second = "192.168.77.11"
+        net.run(net.lan, "ip", "addr", "add", f"{second}/24", "dev", "lan0")
+        net.serve(net.lan, 7005, "echo local=$SOCAT_SOCKADDR")
+        net.serve(net.wan, 6667, "echo irc")
+        proc = Proc(
+            ["ip", "netns", "exec", net.gw, sys.executable, "-m", "portfwd", "run", "-c", str(config)],
+            cwd=REPO,
+        )
+        try:
+            proc.wait_for(READY)
+            for host in (LAN_HOST, second):
+                mark = proc.mark()
+                for _ in range(20):  # bounded: conntrack -E prints no ready line, so trigger until it is seen
+                    net.run(
+                        net.lan,
+                        "socat",
+                        "-T",
+                        "3",
+                        "-",
+                        f"TCP4:{WAN_HOST}:6667,bind={host},connect-timeout=2",
+                    )
+                    try:
+                        proc.wait_for(f"{host} takes the ports", timeout=0.5, start=mark)
+                        break
+                    except AssertionError:
+                        continue
+                assert tcp_from(net, net.wan, GW_WAN, 7005, b"") == f"local={host}\n"
+            assert f"{second} takes the ports from {LAN_HOST}" in proc.output()
+            assert proc.stop(signal.SIGTERM) == 0
+        finally:
+            proc.stop()
+            proc.close()

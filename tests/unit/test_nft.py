@@ -151,3 +151,15 @@ def test_counters_and_trigger_holders_from_a_listing() -> None:
         {"chain": "forward", "rule": "gateway.trigger[0]", "packets": 3, "bytes": 180},
     ]
     assert trigger_holders(listing) == {0: ("192.168.77.10", 30)}
+
+
+def test_conntrack_event_lines() -> None:
+    from portfwd.kernel.triggers import parse_event
+
+    line = (
+        "    [NEW] tcp      6 120 SYN_SENT src=192.168.77.10 dst=203.0.113.20 sport=40000 dport=6667 [UNREPLIED] "
+        "src=203.0.113.20 dst=203.0.113.1 sport=6667 dport=40000"
+    )
+    assert parse_event(line) == ("tcp", "192.168.77.10", 6667)
+    assert parse_event("[DESTROY] tcp 6 src=1.2.3.4 dport=1") is None
+    assert parse_event("[NEW] tcp 6 garbage") is None

@@ -78,6 +78,24 @@ def _ports(proto_ports: tuple[str, Any]) -> str:
     return f"{proto} . {ports.first}" if len(ports) == 1 else f"{proto} . {ports.first}-{ports.last}"
 
 
+def trigger_mark(index: int) -> str:
+    """The packet mark (and map key) of trigger `index`: portfwd's marks are 0x70f00 + index."""
+    return f"0x{0x70F00 + index:x}"
+
+
+def hand_over(index: int, host: str) -> None:
+    """Give trigger `index`'s ports to `host` now (last-wins), replacing any holder. Raises GatewayError."""
+    mark = trigger_mark(index)
+    name = f"trig_host_{index}"
+    # nft 1.0.6 has no "replace element" (and no "destroy"): delete the holder if there is one,
+    # then add. Between the two, an inbound packet is simply not forwarded.
+    _nft("delete", "element", FAMILY, TABLE, name, f"{{ {mark} }}")
+    batch = f"add element {FAMILY} {TABLE} {name} {{ {mark} : {host} }}\n"
+    result = _nft("-f", "-", payload=batch)
+    if result.returncode != 0:
+        raise GatewayError(f"cannot hand trigger {index} to {host}: {_one_line(result.stderr)}")
+
+
 def _triggers(config: GatewayConfig, lines: list[str], wan: str, lan: str) -> tuple[list[str], list[str]]:
     """Port triggering in the kernel (TESTBED §5a): per trigger, a dynamic map mark -> LAN host.
 
@@ -89,7 +107,7 @@ def _triggers(config: GatewayConfig, lines: list[str], wan: str, lan: str) -> tu
     nat: list[str] = []
     forward: list[str] = []
     for index, trigger in enumerate(config.trigger):
-        mark = f"0x{0x70F00 + index:x}"  # portfwd's marks: 0x70f00 + trigger index
+        mark = trigger_mark(index)
         host, out, opened = f"trig_host_{index}", f"trig_out_{index}", f"trig_open_{index}"
         timeout = max(1, round(trigger.idle_timeout))
         interval = "type inet_proto . inet_service; flags interval"
@@ -98,10 +116,11 @@ def _triggers(config: GatewayConfig, lines: list[str], wan: str, lan: str) -> tu
         elements = ", ".join(_ports(item) for item in trigger.open)
         lines.append(f"  set {opened} {{ {interval}; elements = {{ {elements} }} }}")
         comment = f'comment "gateway.trigger[{index}]"'
-        forward.append(
-            f"iifname {lan} oifname {wan} meta l4proto . th dport @{out} meta mark set {mark}"
-            f" update @{host} {{ meta mark : ip saddr }} counter {comment}"
-        )
+        if trigger.mode == "kernel":  # last-wins: portfwd's conntrack watcher writes the holder
+            forward.append(
+                f"iifname {lan} oifname {wan} meta l4proto . th dport @{out} meta mark set {mark}"
+                f" update @{host} {{ meta mark : ip saddr }} counter {comment}"
+            )
         forward.append(
             f"iifname {wan} oifname {lan} ct status dnat meta l4proto . th dport @{opened}"
             f" meta mark set {mark} update @{host} {{ meta mark : ip daddr }} counter {comment}"
