@@ -6,6 +6,7 @@ and config errors and 1 for runtime failures. No traceback is shown unless PORTF
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 from rich import box
@@ -366,6 +367,231 @@ def gateway(action: str, config_file: str | None) -> None:
         print(f"portfwd: warning: {problem}", file=sys.stderr)
     nft.apply(ruleset)
     print(f"applied table inet portfwd: {len(loaded.gateway.forward)} forward rule(s)")
+
+
+def _port_proto(value: str) -> tuple[int, Literal["tcp", "udp"]]:
+    """`8080`, `8080/tcp` or `5353/udp` for the map commands."""
+    port_text, _, proto_text = value.partition("/")
+    proto: Literal["tcp", "udp"] = "udp" if proto_text.lower() == "udp" else "tcp"
+    if proto_text.lower() not in ("", "tcp", "udp"):
+        raise click.BadParameter(f"{value!r}: protocol must be tcp or udp; write PORT/tcp or PORT/udp")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise click.BadParameter(f"{value!r}: not a port; write a number in 1-65535, e.g. 8080/tcp")
+    return int(port_text), proto
+
+
+def _external(value: str | None, port: int) -> int:
+    if value is None:
+        return port
+    if value == "any":
+        return 0
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise click.BadParameter(f"{value!r}: write a port in 1-65535 or any", param_hint="'--external'")
+    return int(value)
+
+
+_METHODS = click.Choice(["auto", "pcp", "natpmp", "upnp"])
+
+
+def _router_options(command: Callable[..., None]) -> Callable[..., None]:
+    command = click.option(
+        "--upnp-url", metavar="URL", help="The router's UPnP description URL (skips SSDP)."
+    )(command)
+    command = click.option(
+        "--gateway", metavar="ADDR", help="The router's address (default: the default route's)."
+    )(command)
+    command = click.option(
+        "--method",
+        type=_METHODS,
+        default="auto",
+        show_default=True,
+        help="PCP, NAT-PMP, UPnP IGD, or the first that works.",
+    )(command)
+    return _logging_options(command)
+
+
+def _route(gateway: str | None) -> Any:
+    from portfwd.router.base import default_route, route_via
+
+    return route_via(gateway) if gateway else default_route()
+
+
+def _asyncio_run(coroutine: Any) -> Any:
+    import asyncio
+
+    return asyncio.run(coroutine)
+
+
+@app.group(name="map")
+def map_group() -> None:
+    """Ask the home router for a port (PCP, NAT-PMP or UPnP IGD), list or remove mappings."""
+
+
+@map_group.command(name="ip")
+@_router_options
+def map_ip(
+    method: str, gateway: str | None, upnp_url: str | None, verbose: int, quiet: bool, log_format: str
+) -> None:
+    """Print the router's external address and the method that told it."""
+    from portfwd.router.choose import first_working
+
+    _setup_logging(verbose, quiet, log_format)
+
+    async def ask() -> tuple[str, str, str]:
+        used, address = await first_working(
+            method, _route(gateway), lambda m: m.external_address(), upnp_url=upnp_url
+        )
+        await used.close()
+        return address, used.name, used.where
+
+    address, name, where = _asyncio_run(ask())
+    print(f"{address} (via {name} at {where})")
+
+
+@map_group.command(name="add")
+@click.argument("port", metavar="PORT[/PROTO]")
+@click.option(
+    "--external", metavar="N|any", help="External port to ask for (default: PORT; any = the router picks)."
+)
+@click.option(
+    "--lease", default="2h", show_default=True, metavar="DURATION", help="Lease to ask for, e.g. 90s, 2h."
+)
+@click.option(
+    "--to", "to_host", metavar="HOST", help="Map to another LAN host (UPnP only; default: this host)."
+)
+@_router_options
+def map_add(
+    port: str,
+    external: str | None,
+    lease: str,
+    to_host: str | None,
+    method: str,
+    gateway: str | None,
+    upnp_url: str | None,
+    verbose: int,
+    quiet: bool,
+    log_format: str,
+) -> None:
+    """Map one port on the router to this host and print the public endpoint (like upnpc -a)."""
+    from portfwd.router.base import MapRequest
+    from portfwd.router.choose import first_working
+
+    _setup_logging(verbose, quiet, log_format)
+    number, proto = _port_proto(port)
+    try:
+        seconds = config.parse_duration(lease)
+    except ConfigError as exc:
+        raise click.BadParameter(exc.message, param_hint="'--lease'") from None
+    request = MapRequest(proto, number, _external(external, number), max(1, round(seconds)), to_host)
+
+    async def add() -> Any:
+        used, granted = await first_working(
+            method, _route(gateway), lambda m: m.add(request), upnp_url=upnp_url
+        )
+        await used.close()
+        return granted
+
+    granted = _asyncio_run(add())
+    lease_text = (
+        f"lease {granted.lifetime} s" if granted.lifetime else "permanent: remove it with portfwd map remove"
+    )
+    print(
+        f"{granted.public}/{granted.protocol} -> {granted.internal_host}:{granted.internal_port} "
+        f"via {granted.method} ({lease_text})"
+    )
+
+
+@map_group.command(name="remove")
+@click.argument("port", metavar="PORT[/PROTO]")
+@click.option("--external", metavar="N", help="External port of the mapping (UPnP; default: PORT).")
+@_router_options
+def map_remove(
+    port: str,
+    external: str | None,
+    method: str,
+    gateway: str | None,
+    upnp_url: str | None,
+    verbose: int,
+    quiet: bool,
+    log_format: str,
+) -> None:
+    """Delete a mapping; with auto, ask every method the router answers."""
+    from portfwd.errors import RouterError
+    from portfwd.router.base import MapRequest
+    from portfwd.router.choose import make
+
+    _setup_logging(verbose, quiet, log_format)
+    number, proto = _port_proto(port)
+    request = MapRequest(proto, number, _external(external, number) or number, 0)
+
+    async def remove() -> list[str]:
+        route = _route(gateway)
+        done: list[str] = []
+        errors: list[RouterError] = []
+        for name in ("pcp", "natpmp", "upnp") if method == "auto" else (method,):
+            used = make(name, route, upnp_url=upnp_url, probing=method == "auto")
+            try:
+                await used.remove(request, None)
+                done.append(name)
+            except RouterError as exc:
+                if method != "auto" or exc.reason not in ("unsupported", "unreachable"):
+                    errors.append(exc)
+            finally:
+                await used.close()
+        if errors and not done:
+            raise errors[0]
+        if not done:
+            raise RouterError("no mapping method answered", reason="unreachable")
+        return done
+
+    done = _asyncio_run(remove())
+    print(f"removed {request.external_port}/{proto} (asked {', '.join(done)})")
+
+
+@map_group.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_router_options
+def map_list(
+    as_json: bool,
+    method: str,
+    gateway: str | None,
+    upnp_url: str | None,
+    verbose: int,
+    quiet: bool,
+    log_format: str,
+) -> None:
+    """List the router's mappings (UPnP), marking portfwd's own."""
+    from portfwd.router.choose import make
+
+    _setup_logging(verbose, quiet, log_format)
+    if method not in ("auto", "upnp"):
+        raise click.BadParameter(
+            f"{method} cannot list a router's mappings; use upnp", param_hint="'--method'"
+        )
+
+    async def entries() -> Any:
+        used = make("upnp", _route(gateway), upnp_url=upnp_url)
+        try:
+            return await used.entries()
+        finally:
+            await used.close()
+
+    rows = _asyncio_run(entries())
+    if as_json:
+        print(json.dumps([{**dataclasses.asdict(row), "ours": row.ours} for row in rows], indent=2))
+        return
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("", "external", "internal", "lease", "description"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            "*" if row.ours else "",
+            f"{row.external_port}/{row.protocol}",
+            f"{row.internal_host}:{row.internal_port}",
+            f"{row.lease} s" if row.lease else "permanent",
+            row.description,
+        )
+    Console().print(table if rows else Text("the router holds no mappings"))
 
 
 def _control_path(config_file: str | None) -> Path:

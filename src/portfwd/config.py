@@ -38,9 +38,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 #: Sections PRODUCT.md describes whose engines are not in this version yet.
-_PLANNED_SECTIONS = {
-    "map": "router port mapping",
-}
+_PLANNED_SECTIONS: dict[str, str] = {}
 
 
 def _fail(message: str) -> PydanticCustomError:
@@ -144,6 +142,7 @@ class ForwardConfig(_Model):
     relay: Literal["auto", "splice", "protocol"] = "auto"
     dual_stack: bool = False
     backlog: int = Field(default=1024, ge=1, le=65535)
+    map: bool = False
 
     @property
     def label(self) -> str:
@@ -391,6 +390,53 @@ class GatewayConfig(_Model):
     trigger: tuple[GatewayTriggerConfig, ...] = ()
 
 
+def _external_port(value: Any) -> int:
+    if value == "any":
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise _fail(f'{value!r} is not a port; write a number in 1-65535 or "any"')
+    return value
+
+
+def _ipv4(value: Any) -> str:
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise _fail(f"{value!r} is not an IPv4 address; write the router's LAN address") from None
+
+
+def _url(value: Any) -> str:
+    if not isinstance(value, str) or not re.match(r"^https?://[^/\s]+/\S*$", value):
+        raise _fail(
+            f"{value!r} is not a URL; write the router's description URL, e.g. http://192.168.1.1:5000/rootDesc.xml"
+        )
+    return value
+
+
+MapMethod = Literal["auto", "pcp", "natpmp", "upnp"]
+
+
+class MapConfig(_Model):
+    """`[[map]]`: ask the home router to forward `external_port` to this host's `port`."""
+
+    port: int = Field(ge=1, le=65535)
+    external_port: Annotated[int, PlainValidator(_external_port)] | None = None
+    protocol: Literal["tcp", "udp"] = "tcp"
+    method: MapMethod = "auto"
+    lease: Duration = 3600.0
+    upnp_url: Annotated[str, PlainValidator(_url)] | None = None
+    gateway: Annotated[str, PlainValidator(_ipv4)] | None = None
+
+    @property
+    def external(self) -> int:
+        """The external port to ask for; 0 = whatever the router offers."""
+        return self.port if self.external_port is None else self.external_port
+
+    @property
+    def label(self) -> str:
+        return f"{self.port}/{self.protocol}"
+
+
 class MetricsConfig(_Model):
     """`[metrics]`: where the Prometheus endpoint listens."""
 
@@ -415,6 +461,7 @@ class Config(_Model):
     tunnel: tuple[TunnelConfig, ...] = ()
     server: ServerConfig | None = None
     gateway: GatewayConfig | None = None
+    map: tuple[MapConfig, ...] = ()
     metrics: MetricsConfig | None = None
     control: ControlConfig = ControlConfig()
 
@@ -541,6 +588,7 @@ def _check_rules(config: Config) -> list[str]:
                     bound.append((index, proto, rule.listen.host, port))
     problems.extend(_check_tunnels(config))
     problems.extend(_check_gateway(config))
+    problems.extend(_check_maps(config))
     if config.server is not None:
         server = config.server
         if not server.user:
@@ -558,6 +606,48 @@ def _check_rules(config: Config) -> list[str]:
         listen = config.metrics.listen
         if not isinstance(listen, HostPorts) or len(listen.ports) != 1:
             problems.append('metrics.listen: must be one host:port; write "127.0.0.1:9930"')
+    return problems
+
+
+def published(config: Config) -> list[tuple[str, MapConfig]]:
+    """Every router mapping the config asks for: `[[map]]` plus each `[[forward]]` with map = true.
+
+    Returns (config field, mapping) pairs; a forward publishes its own listen port, per protocol.
+    """
+    maps = [(f"map[{index}]", entry) for index, entry in enumerate(config.map)]
+    for index, rule in enumerate(config.forward):
+        if not rule.map or not isinstance(rule.listen, HostPorts) or len(rule.listen.ports) != 1:
+            continue
+        port = rule.listen.ports.first
+        for proto in ("tcp", "udp"):
+            if (proto == "tcp" and rule.protocol.has_tcp) or (proto == "udp" and rule.protocol.has_udp):
+                maps.append((f"forward[{index}].map", MapConfig(port=port, protocol=proto)))
+    return maps
+
+
+def _check_maps(config: Config) -> list[str]:
+    problems: list[str] = []
+    for index, rule in enumerate(config.forward):
+        if rule.map and (not isinstance(rule.listen, HostPorts) or len(rule.listen.ports) != 1):
+            problems.append(
+                f"forward[{index}].map: only a rule that listens on one TCP/UDP port can be published; "
+                "add a [[map]] per port instead"
+            )
+    claimed: dict[tuple[str, str, int], str] = {}
+    for field, entry in published(config):
+        keys = [("port", entry.protocol, entry.port)]
+        if entry.external:
+            keys.append(("external_port", entry.protocol, entry.external))
+        for key in keys:
+            other = claimed.get(key)
+            if other is not None:
+                what = "local port" if key[0] == "port" else "external port"
+                problems.append(
+                    f"{field}.{key[0]}: {what} {key[2]}/{key[1]} is already mapped by {other}; map each port once"
+                )
+                break
+        for key in keys:
+            claimed.setdefault(key, field)
     return problems
 
 

@@ -70,3 +70,15 @@ class UpstreamError(RuntimeFailure):
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class RouterError(RuntimeFailure):
+    """The home router refused, did not answer, or answered nonsense to a port-mapping request.
+
+    `reason` is a short label (`conflict`, `refused`, `unreachable`, `unsupported`, `bad-reply`)
+    so `method = "auto"` can tell "try the next method" from "the answer is no".
+    """
+
+    def __init__(self, message: str, *, reason: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.reason = reason

@@ -27,7 +27,7 @@ from typing import Any
 from portfwd import __version__
 from portfwd import config as config_module
 from portfwd.addr import HostPorts, UnixPath
-from portfwd.config import Config, ForwardConfig, TunnelConfig
+from portfwd.config import Config, ForwardConfig, MapConfig, TunnelConfig, published
 from portfwd.control import ControlServer, default_path
 from portfwd.errors import BindError, ConfigError, PortfwdError, RuntimeFailure
 from portfwd.kernel import nft
@@ -37,6 +37,8 @@ from portfwd.relay.forwarder import RelayPath, TcpForwarder
 from portfwd.relay.listener import TcpListener, bind_ip, bind_unix
 from portfwd.relay.splice import PipePool, splice_available
 from portfwd.relay.udp import UdpForwarder
+from portfwd.router.base import MapRequest
+from portfwd.router.keeper import Keeper, Wanted
 from portfwd.state import Listener, State
 from portfwd.tunnel.client import Tunnel
 from portfwd.tunnel.server import TunnelServer
@@ -153,6 +155,7 @@ class Runtime:
         self._gateway: str | None = None  # the ruleset applied, while portfwd's table is ours
         self._gateway_check: asyncio.Task[None] | None = None
         self._gateway_fingerprint: str | None = None
+        self._keeper: Keeper | None = None
         self._last_wins: LastWins | None = None
         self.control_optional = control_optional
         self.strict = strict
@@ -379,6 +382,9 @@ class Runtime:
             except nft.GatewayError as exc:
                 self.failures.append(exc)
                 log.error("gateway: %s", exc.line())
+        if maps := published(self.config):
+            self._keeper = Keeper([wanted(name, entry) for name, entry in maps], self.state.mappings)
+            await self._keeper.start()
         if self.config.server is not None:
             server = TunnelServer(self.config.server, self.state)
             try:
@@ -402,6 +408,7 @@ class Runtime:
             and not self._tunnels
             and self._server is None
             and self._gateway is None
+            and self._keeper is None
             and self._metrics is None
         ):
             await self.stop()
@@ -475,7 +482,7 @@ class Runtime:
                 self._metrics = None
             if self._metrics is None and (metrics_failure := await self._start_metrics()) is not None:
                 failures.append(metrics_failure)
-            for key in ("user", "group", "control", "server", "gateway"):
+            for key in ("user", "group", "control", "server", "gateway", "map"):
                 if getattr(new, key) != getattr(old, key):
                     log.warning("reload: %s changes take effect at the next start", key)
             kept = len(old_rules) - len(removed)
@@ -569,6 +576,9 @@ class Runtime:
                 log.info("gateway: table inet portfwd removed")
             except nft.GatewayError as exc:
                 log.error("gateway: %s", exc.line())
+        if self._keeper is not None:
+            await self._keeper.stop()
+            self._keeper = None
         self._close_sessions("shutdown")
         await asyncio.sleep(0)  # let the close callbacks of aborted transports run
         if self._metrics is not None:
@@ -624,6 +634,12 @@ def run(
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(main())
+
+
+def wanted(name: str, entry: MapConfig) -> Wanted:
+    """A `[[map]]` entry as the router layer's plain request."""
+    request = MapRequest(entry.protocol, entry.port, entry.external, max(1, round(entry.lease)))
+    return Wanted(name, request, entry.method, entry.upnp_url, entry.gateway)
 
 
 def describe(config: Config) -> list[tuple[str, str, str, str, str, str]]:

@@ -86,7 +86,7 @@ BAD = [
     (
         '[[forward]]\nlisten = "8080"\nconnect = "h:1"\nbogus = 1\n',
         "forward[0].bogus: unknown key; remove it or use one of: name, listen, connect, protocol, allow, "
-        "deny, route, udp_idle_timeout, udp_max_flows, connect_timeout, relay, dual_stack, backlog",
+        "deny, route, udp_idle_timeout, udp_max_flows, connect_timeout, relay, dual_stack, backlog, map",
     ),
     ('[[forward]]\nlisten = "8080"\n', "forward[0].connect: required key is missing; add it"),
     (
@@ -146,7 +146,7 @@ BAD = [
     ),
     (
         'colour = "blue"\n',
-        "colour: unknown key; remove it or use one of: user, group, drain_timeout, forward, tunnel, server, gateway, metrics, control",
+        "colour: unknown key; remove it or use one of: user, group, drain_timeout, forward, tunnel, server, gateway, map, metrics, control",
     ),
     ('[gateway]\nwan = "eth0"\n', "gateway.lan: required key is missing; add it"),
     (
@@ -166,9 +166,35 @@ BAD = [
         '[[gateway.forward]]\nport = 81\nto = "10.0.0.2:80"\n',
         "gateway.forward[1].port: 81/tcp is already forwarded by gateway.forward[0]; give each rule its own port",
     ),
+    ("[map]\nport = 1\n", "map: must be an array of tables; write [[map]]"),
     (
-        "[map]\nport = 1\n",
-        "map: router port mapping is not available in portfwd 0.1 yet; remove this section to run the rest",
+        '[[map]]\nport = 80\nexternal_port = "some"\n',
+        'map[0].external_port: \'some\' is not a port; write a number in 1-65535 or "any"',
+    ),
+    ('[[map]]\nport = 80\nmethod = "igd"\n', "map[0].method: must be 'auto', 'pcp', 'natpmp' or 'upnp'"),
+    (
+        '[[map]]\nport = 80\nupnp_url = "router"\n',
+        "map[0].upnp_url: 'router' is not a URL; write the router's description URL, e.g. http://192.168.1.1:5000/rootDesc.xml",
+    ),
+    (
+        '[[map]]\nport = 80\ngateway = "router.lan"\n',
+        "map[0].gateway: 'router.lan' is not an IPv4 address; write the router's LAN address",
+    ),
+    (
+        "[[map]]\nport = 80\n[[map]]\nport = 80\n",
+        "map[1].port: local port 80/tcp is already mapped by map[0]; map each port once",
+    ),
+    (
+        "[[map]]\nport = 80\n[[map]]\nport = 81\nexternal_port = 80\n",
+        "map[1].external_port: external port 80/tcp is already mapped by map[0]; map each port once",
+    ),
+    (
+        '[[forward]]\nlisten = "8000-8001"\nconnect = "h:1"\nmap = true\n',
+        "forward[0].map: only a rule that listens on one TCP/UDP port can be published; add a [[map]] per port instead",
+    ),
+    (
+        '[[forward]]\nlisten = "8000"\nconnect = "h:1"\nmap = true\n[[map]]\nport = 8000\n',
+        "forward[0].map.port: local port 8000/tcp is already mapped by map[0]; map each port once",
     ),
     (
         '[server]\nlisten = "0.0.0.0:2222"\n',
@@ -228,7 +254,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "forward[0].listen: port 70000 is out of range (1-65535)",
         "forward[0].connect: missing port; write host:port",
         "forward[0].bogus: unknown key; remove it or use one of: name, listen, connect, protocol, allow, "
-        "deny, route, udp_idle_timeout, udp_max_flows, connect_timeout, relay, dual_stack, backlog",
+        "deny, route, udp_idle_timeout, udp_max_flows, connect_timeout, relay, dual_stack, backlog, map",
     ]
 
 

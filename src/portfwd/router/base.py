@@ -1,0 +1,160 @@
+"""What every mapping method shares: the request, the grant, and where the router is.
+
+The router for PCP and NAT-PMP is the default route's gateway, read from the kernel's routing
+table (`/proc/net/route`), never guessed from the local address; the local address that
+route leaves from is "this host" in every request, and the interface SSDP searches on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+from portfwd.errors import RouterError
+
+MethodName = Literal["pcp", "natpmp", "upnp"]
+METHODS: tuple[MethodName, ...] = ("pcp", "natpmp", "upnp")
+TransportName = Literal["tcp", "udp"]
+
+#: Mappings portfwd makes carry this description (UPnP), so `map list` can mark them.
+DESCRIPTION = "portfwd"
+
+
+@dataclass(frozen=True, slots=True)
+class MapRequest:
+    """One port to publish: `internal_port` on this host, `external_port` on the router (0 = any)."""
+
+    protocol: TransportName
+    internal_port: int
+    external_port: int
+    lifetime: int
+    internal_host: str | None = None  #: another LAN host (UPnP only); None = this host
+
+    @property
+    def label(self) -> str:
+        return f"{self.internal_port}/{self.protocol}"
+
+
+@dataclass(slots=True)
+class Granted:
+    """What the router actually granted, which may differ from what was asked."""
+
+    method: MethodName
+    protocol: TransportName
+    internal_host: str
+    internal_port: int
+    external_host: str
+    external_port: int
+    lifetime: int  #: seconds granted; 0 = permanent (UPnP), which portfwd must delete itself
+    epoch: int | None = None
+    nonce: bytes = field(default=b"", repr=False)
+
+    @property
+    def public(self) -> str:
+        return f"{self.external_host}:{self.external_port}"
+
+
+@dataclass(frozen=True, slots=True)
+class RouterEntry:
+    """One line of the router's own mapping table (`portfwd map list`)."""
+
+    protocol: str
+    external_port: int
+    internal_host: str
+    internal_port: int
+    description: str
+    lease: int
+    enabled: bool = True
+
+    @property
+    def ours(self) -> bool:
+        return self.description.startswith(DESCRIPTION)
+
+
+class Method(Protocol):
+    """A way to talk to the router; `router/natpmp.py`, `pcp.py` and `upnp.py` implement it."""
+
+    name: MethodName
+    where: str  #: the router endpoint, for messages
+    route: Route
+
+    async def external_address(self) -> str: ...
+
+    async def add(self, request: MapRequest) -> Granted: ...
+
+    async def refresh(self, request: MapRequest, granted: Granted) -> tuple[Granted, bool]:
+        """Renew `granted`; the bool says the router had lost it (rebooted) and it was re-made."""
+        ...
+
+    async def remove(self, request: MapRequest, granted: Granted | None) -> None: ...
+
+    async def entries(self) -> list[RouterEntry]: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """The default route: the router's address and ours on that link."""
+
+    gateway: ipaddress.IPv4Address
+    interface: str
+    local: ipaddress.IPv4Address
+
+
+def default_route(table: str = "/proc/net/route") -> Route:
+    """The IPv4 default route from the kernel's table; RouterError if there is none."""
+    try:
+        lines = Path(table).read_text().splitlines()[1:]
+    except OSError as exc:
+        raise RouterError(
+            f"cannot read the routing table {table}: {exc.strerror}", reason="unreachable"
+        ) from exc
+    best: tuple[int, str, ipaddress.IPv4Address] | None = None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        iface, destination, gateway, flags, metric, mask = (
+            fields[0], fields[1], fields[2], int(fields[3], 16), int(fields[6]), fields[7],
+        )  # fmt: skip
+        up_gateway = 0x1 | 0x2
+        if destination != "00000000" or mask != "00000000" or flags & up_gateway != up_gateway:
+            continue
+        address = ipaddress.IPv4Address(struct.pack("<I", int(gateway, 16)))
+        if best is None or metric < best[0]:
+            best = (metric, iface, address)
+    if best is None:
+        raise RouterError(
+            "no IPv4 default route, so no router to ask",
+            reason="unreachable",
+            hint="connect to a network, or give the router with --gateway",
+        )
+    return Route(best[2], best[1], local_address_towards(best[2]))
+
+
+def route_via(gateway: str) -> Route:
+    """A Route for an explicitly given router address."""
+    try:
+        address = ipaddress.IPv4Address(gateway)
+    except ValueError as exc:
+        raise RouterError(f"gateway {gateway!r} is not an IPv4 address", reason="unreachable") from exc
+    return Route(address, "", local_address_towards(address))
+
+
+def local_address_towards(gateway: ipaddress.IPv4Address) -> ipaddress.IPv4Address:
+    """The source address the kernel picks for packets to `gateway` (a connect, no packet sent)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.connect((str(gateway), 9))
+        return ipaddress.IPv4Address(sock.getsockname()[0])
+    except OSError as exc:
+        raise RouterError(f"no route to the router {gateway}: {exc.strerror}", reason="unreachable") from exc
+    finally:
+        with contextlib.suppress(OSError):
+            sock.close()

@@ -1,0 +1,72 @@
+"""Pick the method: the one asked for, or with `auto` the first of PCP, NAT-PMP, UPnP that works.
+
+`auto` moves on only when a method is absent or silent (`unsupported`, `unreachable`,
+`bad-reply`); a router that speaks a method and says no (`refused`, `conflict`) has answered,
+and asking it again another way would only hide the real reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from portfwd.errors import RouterError
+from portfwd.router.base import METHODS, Method, Route
+from portfwd.router.natpmp import NatPmp
+from portfwd.router.pcp import Pcp
+from portfwd.router.upnp import Upnp
+
+log = logging.getLogger("portfwd.router")
+
+T = TypeVar("T")
+
+#: Tries per UDP method while probing under `auto`: 250 ms + 500 ms for NAT-PMP, 3 s for PCP.
+AUTO_TRIES = 2
+
+
+def make(name: str, route: Route, *, upnp_url: str | None = None, probing: bool = False) -> Method:
+    """One method object by name."""
+    if name == "pcp":
+        return Pcp(route, tries=1 if probing else 6)
+    if name == "natpmp":
+        return NatPmp(route, tries=AUTO_TRIES if probing else 9)
+    if name == "upnp":
+        return Upnp(route, upnp_url)
+    raise RouterError(f"unknown method {name!r}", reason="unsupported", hint="use auto, pcp, natpmp or upnp")
+
+
+async def first_working(
+    method: str,
+    route: Route,
+    attempt: Callable[[Method], Awaitable[T]],
+    *,
+    upnp_url: str | None = None,
+) -> tuple[Method, T]:
+    """Run `attempt` with the named method, or with each in turn under `auto`.
+
+    Returns the method that worked (still open, for renewals and removal) and its result.
+    """
+    names = METHODS if method == "auto" else (method,)
+    failures: list[str] = []
+    for name in names:
+        candidate = make(name, route, upnp_url=upnp_url, probing=method == "auto")
+        try:
+            result = await attempt(candidate)
+        except RouterError as exc:
+            await candidate.close()
+            if method != "auto" or exc.reason in ("refused", "conflict"):
+                raise
+            log.info("router mapping: %s did not work (%s); trying the next method", name, exc.message)
+            failures.append(f"{name}: {exc.message}")
+            continue
+        if method == "auto":
+            log.info("router mapping: using %s at %s", name, candidate.where)
+        if isinstance(candidate, (Pcp, NatPmp)):
+            candidate.full_schedule()
+        return candidate, result
+    raise RouterError(
+        "no mapping method worked (" + "; ".join(failures) + ")",
+        reason="unreachable",
+        hint="switch on UPnP or NAT-PMP/PCP in the router, or check it is the default gateway",
+    )

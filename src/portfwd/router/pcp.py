@@ -1,0 +1,170 @@
+"""PCP (RFC 6887) driver: the codec in `proto/pcp.py` over UDP to the default gateway.
+
+The router binds each mapping to the nonce that made it; renewing or deleting needs the same
+one. portfwd derives it from a secret key kept in its state directory (HMAC of the mapping's
+protocol and port), so `portfwd map remove` in a later process, or `portfwd run` after a crash,
+can still renew or delete what an earlier one made, and nobody else can guess it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+from portfwd.errors import RouterError
+from portfwd.proto import natpmp, pcp
+from portfwd.router.base import Granted, MapRequest, MethodName, Route, RouterEntry
+from portfwd.router.udp import doubling, exchange
+
+
+def state_dir() -> Path:
+    """Where portfwd keeps small state: $PORTFWD_STATE_DIR, /var/lib/portfwd as root, else XDG."""
+    if env := os.environ.get("PORTFWD_STATE_DIR"):
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/portfwd")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "portfwd"
+
+
+def nonce_key() -> bytes:
+    """The secret behind every PCP nonce; created (0600) on first use."""
+    path = state_dir() / "pcp-nonce.key"
+    with contextlib.suppress(FileNotFoundError):
+        key = path.read_bytes()
+        if len(key) == 32:
+            return key
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = secrets.token_bytes(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+        return key
+    except OSError as exc:
+        raise RouterError(
+            f"cannot keep the PCP nonce key in {path}: {exc.strerror}",
+            reason="unsupported",
+            hint="set PORTFWD_STATE_DIR to a writable directory",
+        ) from exc
+
+
+class Pcp:
+    """Talks PCP MAP to `route.gateway`."""
+
+    name: MethodName = "pcp"
+
+    def __init__(self, route: Route, *, tries: int = 6) -> None:
+        self.route = route
+        self.where = f"{route.gateway}:{pcp.PORT}"
+        self._tries = tries
+        self._epoch = natpmp.Epoch()  # RFC 6887 §8.5 uses NAT-PMP's rule
+        self.reset = False
+
+    def nonce(self, request: MapRequest) -> bytes:
+        message = f"{self.route.gateway}/{request.protocol}/{request.internal_port}".encode()
+        return hmac.new(nonce_key(), message, hashlib.sha256).digest()[: pcp.NONCE]
+
+    async def _map(self, request: MapRequest, external_port: int, lifetime: int) -> pcp.MapReply:
+        if request.internal_host not in (None, str(self.route.local)):
+            raise RouterError(
+                f"PCP here maps only this host's ports ({self.route.local}), not {request.internal_host}",
+                reason="unsupported",
+                hint="use --method upnp to map a port for another host",
+            )
+        datagram = pcp.map_request(
+            nonce=self.nonce(request),
+            protocol=request.protocol,
+            internal_port=request.internal_port,
+            external_port=external_port,
+            lifetime=lifetime,
+            client=self.route.local,
+        )
+        try:
+            reply = await exchange(
+                (str(self.route.gateway), pcp.PORT),
+                datagram,
+                lambda data: pcp.parse_reply(data, datagram),
+                doubling(pcp.RETRY_FIRST, self._tries, pcp.RETRY_MAX, jitter=0.1),
+                label="PCP",
+                source=str(self.route.local),
+            )
+        except pcp.PcpReplyError as exc:
+            raise self._error(exc, request, external_port) from exc
+        self.reset = self._epoch.observe(reply.epoch, asyncio.get_running_loop().time())
+        return reply
+
+    def _error(self, exc: pcp.PcpReplyError, request: MapRequest, external_port: int) -> RouterError:
+        if exc.result == pcp.CANNOT_PROVIDE_EXTERNAL and external_port:
+            return RouterError(
+                f"PCP at {self.where}: external port {external_port}/{request.protocol} is taken "
+                "(CANNOT_PROVIDE_EXTERNAL)",
+                reason="conflict",
+                hint='pick another external port, or use external_port = "any"',
+            )
+        reason = {
+            pcp.UNSUPP_VERSION: "unsupported",
+            pcp.NOT_AUTHORIZED: "refused",
+            4: "unsupported",
+        }.get(exc.result or 0, "bad-reply" if exc.result is None else "refused")
+        return RouterError(f"PCP at {self.where}: {exc.message}", reason=reason)
+
+    async def external_address(self) -> str:
+        # PCP has no "what is my address" opcode. RFC 6887 §11.6 suggests a short-lived mapping,
+        # which answers it; it is deleted right away. A high port keeps clear of router policies
+        # that only allow 1024-65535.
+        probe = MapRequest("udp", 49152 + secrets.randbelow(16384), 0, 30)
+        reply = await self._map(probe, 0, 30)
+        with contextlib.suppress(RouterError):
+            await self._map(probe, 0, 0)
+        return str(reply.external_address)
+
+    async def add(self, request: MapRequest) -> Granted:
+        reply = await self._map(request, request.external_port, request.lifetime)
+        if request.external_port and reply.external_port != request.external_port:
+            with contextlib.suppress(RouterError):
+                await self._map(request, 0, 0)
+            raise RouterError(
+                f"PCP at {self.where}: external port {request.external_port}/{request.protocol} is taken "
+                f"(the router offered {reply.external_port})",
+                reason="conflict",
+                hint='pick another external port, or use external_port = "any"',
+            )
+        return Granted(
+            "pcp",
+            request.protocol,
+            str(self.route.local),
+            reply.internal_port,
+            str(reply.external_address),
+            reply.external_port,
+            reply.lifetime,
+            epoch=reply.epoch,
+            nonce=reply.nonce,
+        )
+
+    async def refresh(self, request: MapRequest, granted: Granted) -> tuple[Granted, bool]:
+        """Renewal is the same MAP with the same nonce, asking for the port already granted."""
+        renewed = await self.add(
+            MapRequest(request.protocol, request.internal_port, granted.external_port, request.lifetime)
+        )
+        return renewed, self.reset
+
+    async def remove(self, request: MapRequest, granted: Granted | None) -> None:
+        await self._map(request, 0, 0)
+
+    async def entries(self) -> list[RouterEntry]:
+        raise RouterError(
+            "PCP cannot list a router's mappings", reason="unsupported", hint="use --method upnp"
+        )
+
+    def full_schedule(self) -> None:
+        """After `auto` picked this method: retransmit on the RFC's whole schedule from now on."""
+        self._tries = 6
+
+    async def close(self) -> None:
+        return None
