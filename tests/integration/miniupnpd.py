@@ -9,7 +9,9 @@ its table (miniupnpd leaves its rules behind on purpose).
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,8 +41,9 @@ table inet {TABLE} {{
 class Router:
     lab: Lab
     workdir: Path
-    proc: Proc | None = None
+    proc: subprocess.Popen[bytes] | None = None
     conf: Path | None = None
+    logfile: Path | None = None
 
     def start(self, *, natpmp: bool = True, upnp: bool = True, extra: str = "") -> None:
         """(Re)start miniupnpd with a fresh lease file, like a router that rebooted."""
@@ -77,24 +80,42 @@ class Router:
                 ]
             )
         )
-        self.proc = Proc(
-            ["ip", "netns", "exec", self.lab.gw, "/usr/sbin/miniupnpd", "-d", "-f", str(self.conf),
-             "-P", str(self.workdir / "miniupnpd.pid")]
-        )  # fmt: skip
-        self.proc.wait_for("Port forwarding is now enabled", timeout=20)
+        # Its log goes to a file, not a pipe: miniupnpd logs one line per port it tries for a
+        # denied NAT-PMP request (65,535 of them), and a pipe nobody drains would block it.
+        self.logfile = self.workdir / f"miniupnpd-{uuid.uuid4().hex[:6]}.log"
+        with self.logfile.open("wb") as out:
+            self.proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.lab.gw, "/usr/sbin/miniupnpd", "-d", "-f", str(self.conf),
+                 "-P", str(self.workdir / "miniupnpd.pid")],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        self.wait_log("Port forwarding is now enabled", timeout=20)
         if upnp:
             from tests.integration.netns import wait_listening_in
 
             wait_listening_in(self.lab.gw, 5000)
 
+    def wait_log(self, needle: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.log():
+            assert self.proc is not None and self.proc.poll() is None, f"miniupnpd exited: {self.log()[-2000:]}"
+            assert time.monotonic() < deadline, f"miniupnpd never logged {needle!r}: {self.log()[-2000:]}"
+            time.sleep(0.05)
+
     def stop(self) -> None:
+        """TERM by PID, KILL after 5 s, reap."""
         if self.proc is not None:
-            self.proc.stop()
-            self.proc.close()
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(5)
             self.proc = None
 
     def log(self) -> str:
-        return "\n".join(self.proc.lines) if self.proc else ""
+        return self.logfile.read_text(errors="replace") if self.logfile else ""
 
     def ruleset(self) -> str:
         return self.lab.run(self.lab.gw, "nft", "list", "table", "inet", TABLE).stdout.decode()

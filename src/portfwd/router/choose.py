@@ -23,12 +23,14 @@ T = TypeVar("T")
 
 #: Tries per UDP method while probing under `auto`: 250 ms + 500 ms for NAT-PMP, 3 s for PCP.
 AUTO_TRIES = 2
+#: PCP's schedule (3 s doubling) has no end in RFC 6887; 4 tries = 45 s before saying so.
+PCP_TRIES = 4
 
 
 def make(name: str, route: Route, *, upnp_url: str | None = None, probing: bool = False) -> Method:
     """One method object by name."""
     if name == "pcp":
-        return Pcp(route, tries=1 if probing else 6)
+        return Pcp(route, tries=1 if probing else PCP_TRIES)
     if name == "natpmp":
         return NatPmp(route, tries=AUTO_TRIES if probing else 9)
     if name == "upnp":

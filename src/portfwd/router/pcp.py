@@ -59,7 +59,7 @@ class Pcp:
 
     name: MethodName = "pcp"
 
-    def __init__(self, route: Route, *, tries: int = 6) -> None:
+    def __init__(self, route: Route, *, tries: int = 4) -> None:
         self.route = route
         self.where = f"{route.gateway}:{pcp.PORT}"
         self._tries = tries
@@ -164,7 +164,7 @@ class Pcp:
 
     def full_schedule(self) -> None:
         """After `auto` picked this method: retransmit on the RFC's whole schedule from now on."""
-        self._tries = 6
+        self._tries = 4
 
     async def close(self) -> None:
         return None
