@@ -401,6 +401,12 @@ def _router_options(command: Callable[..., None]) -> Callable[..., None]:
         "--gateway", metavar="ADDR", help="The router's address (default: the default route's)."
     )(command)
     command = click.option(
+        "--tries",
+        type=click.IntRange(1, 20),
+        metavar="N",
+        help="Send a PCP/NAT-PMP request at most N times (default: the RFC's schedule, about a minute).",
+    )(command)
+    command = click.option(
         "--method",
         type=_METHODS,
         default="auto",
@@ -430,7 +436,13 @@ def map_group() -> None:
 @map_group.command(name="ip")
 @_router_options
 def map_ip(
-    method: str, gateway: str | None, upnp_url: str | None, verbose: int, quiet: bool, log_format: str
+    method: str,
+    tries: int | None,
+    gateway: str | None,
+    upnp_url: str | None,
+    verbose: int,
+    quiet: bool,
+    log_format: str,
 ) -> None:
     """Print the router's external address and the method that told it."""
     from portfwd.router.choose import first_working
@@ -439,7 +451,7 @@ def map_ip(
 
     async def ask() -> tuple[str, str, str]:
         used, address = await first_working(
-            method, _route(gateway), lambda m: m.external_address(), upnp_url=upnp_url
+            method, _route(gateway), lambda m: m.external_address(), upnp_url=upnp_url, tries=tries
         )
         await used.close()
         return address, used.name, used.where
@@ -466,6 +478,7 @@ def map_add(
     lease: str,
     to_host: str | None,
     method: str,
+    tries: int | None,
     gateway: str | None,
     upnp_url: str | None,
     verbose: int,
@@ -486,7 +499,7 @@ def map_add(
 
     async def add() -> Any:
         used, granted = await first_working(
-            method, _route(gateway), lambda m: m.add(request), upnp_url=upnp_url
+            method, _route(gateway), lambda m: m.add(request), upnp_url=upnp_url, tries=tries
         )
         await used.close()
         return granted
@@ -509,6 +522,7 @@ def map_remove(
     port: str,
     external: str | None,
     method: str,
+    tries: int | None,
     gateway: str | None,
     upnp_url: str | None,
     verbose: int,
@@ -529,7 +543,7 @@ def map_remove(
         done: list[str] = []
         errors: list[RouterError] = []
         for name in ("pcp", "natpmp", "upnp") if method == "auto" else (method,):
-            used = make(name, route, upnp_url=upnp_url, probing=method == "auto")
+            used = make(name, route, upnp_url=upnp_url, probing=method == "auto", tries=tries)
             try:
                 await used.remove(request, None)
                 done.append(name)
@@ -554,6 +568,7 @@ def map_remove(
 def map_list(
     as_json: bool,
     method: str,
+    tries: int | None,
     gateway: str | None,
     upnp_url: str | None,
     verbose: int,
@@ -692,7 +707,10 @@ def _status_view(status: dict[str, Any]) -> Group:
         )
     parts: list[Any] = [header]
     if status.get("rules") or not (
-        status.get("tunnels") or status.get("server_sessions") or status.get("gateway_rules")
+        status.get("tunnels")
+        or status.get("server_sessions")
+        or status.get("gateway_rules")
+        or status.get("mappings")
     ):
         parts.append(rules)
     if status.get("tunnels"):
@@ -704,6 +722,35 @@ def _status_view(status: dict[str, Any]) -> Group:
         for row in status["gateway_rules"]:
             rules_table.add_row(row["chain"], row["rule"] or "-", str(row["packets"]), _bytes(row["bytes"]))
         parts.append(rules_table)
+    if status.get("mappings"):
+        mappings = Table(title="router mappings", title_justify="left", box=box.SIMPLE_HEAD)
+        for column in (
+            "mapping",
+            "method",
+            "state",
+            "internal",
+            "external",
+            "lease left",
+            "renewals",
+            "last error",
+        ):
+            mappings.add_column(column)
+        for row in status["mappings"]:
+            expires = row.get("expires")
+            left = "permanent" if row["state"] == "up" and not expires else "-"
+            if expires:
+                left = _age(float(expires) - time.time())
+            mappings.add_row(
+                f"{row['name']} {row['protocol']}",
+                row["method"],
+                row["state"],
+                row["internal"],
+                row["external"] or "-",
+                left,
+                str(row["renewals"]),
+                row["last_error"] or "-",
+            )
+        parts.append(mappings)
     if status.get("triggers"):
         triggers = Table(title="port triggers", title_justify="left", box=box.SIMPLE_HEAD)
         for column in ("trigger", "opens", "held by", "time left"):

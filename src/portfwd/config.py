@@ -643,7 +643,8 @@ def _check_maps(config: Config) -> list[str]:
             if other is not None:
                 what = "local port" if key[0] == "port" else "external port"
                 problems.append(
-                    f"{field}.{key[0]}: {what} {key[2]}/{key[1]} is already mapped by {other}; map each port once"
+                    f"{field}.{key[0]}: {what} {key[2]}/{key[1]} is already mapped by {other}; "
+                    "map each port once"
                 )
                 break
         for key in keys:

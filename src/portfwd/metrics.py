@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -128,6 +129,25 @@ class StateCollector(Collector):
             if row.get("host"):
                 held.add_metric([row["trigger"], row["host"]], 1)
         yield from (packets, octets, held)
+        mapped = GaugeMetricFamily(
+            "portfwd_mapping_up",
+            "1 while the router holds a mapping portfwd asked for",
+            labels=["mapping", "method"],
+        )
+        lease_left = GaugeMetricFamily(
+            "portfwd_mapping_lease_seconds", "Seconds left on a router mapping's lease", labels=["mapping"]
+        )
+        renewals = CounterMetricFamily(
+            "portfwd_mapping_renewals", "Renewals and checks of a router mapping", labels=["mapping"]
+        )
+        now = time.time()
+        for row in list(self.state.mappings):
+            name = f"{row['name']} {row['protocol']}"
+            mapped.add_metric([name, row["method"]], 1 if row["state"] == "up" else 0)
+            if row.get("expires"):
+                lease_left.add_metric([name], max(0.0, float(row["expires"]) - now))
+            renewals.add_metric([name], row["renewals"])
+        yield from (mapped, lease_left, renewals)
 
 
 class MetricsServer:

@@ -98,7 +98,8 @@ class Router:
     def wait_log(self, needle: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while needle not in self.log():
-            assert self.proc is not None and self.proc.poll() is None, f"miniupnpd exited: {self.log()[-2000:]}"
+            assert self.proc is not None
+            assert self.proc.poll() is None, f"miniupnpd exited: {self.log()[-2000:]}"
             assert time.monotonic() < deadline, f"miniupnpd never logged {needle!r}: {self.log()[-2000:]}"
             time.sleep(0.05)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -107,10 +108,16 @@ def test_add_reach_list_remove(net: Lab, home: tuple[Lab, Router], tmp_path: Pat
 
     listed = portfwd(net, tmp_path, "map", "list", "--upnp-url", URL, "--json")
     (entry,) = json.loads(listed.stdout)
-    assert (entry["external_port"], entry["internal_host"], entry["internal_port"]) == (external, LAN_HOST, 8000)
+    assert (entry["external_port"], entry["internal_host"], entry["internal_port"]) == (
+        external,
+        LAN_HOST,
+        8000,
+    )
     assert entry["ours"] is (method == "upnp"), "only UPnP carries portfwd's description"
 
-    removed = portfwd(net, tmp_path, "map", "remove", "8000/tcp", "--external", str(external), "--method", method)
+    removed = portfwd(
+        net, tmp_path, "map", "remove", "8000/tcp", "--external", str(external), "--method", method
+    )
     assert removed.returncode == 0, removed.stderr
     assert router_mappings(net) == []
     assert dnat_rules(net, box) == []
@@ -118,7 +125,9 @@ def test_add_reach_list_remove(net: Lab, home: tuple[Lab, Router], tmp_path: Pat
 
 
 def test_any_external_port(net: Lab, tmp_path: Path) -> None:
-    added = portfwd(net, tmp_path, "map", "add", "8000", "--external", "any", "--method", "upnp", "--upnp-url", URL)
+    added = portfwd(
+        net, tmp_path, "map", "add", "8000", "--external", "any", "--method", "upnp", "--upnp-url", URL
+    )
     assert added.returncode == 0, added.stderr
     public = added.stdout.split("/")[0]
     port = int(public.rsplit(":", 1)[1])
@@ -160,16 +169,16 @@ def test_secure_mode_refuses_another_host(net: Lab, tmp_path: Path) -> None:
 
 OTHER_HOST = "192.168.77.11"
 
-SOAP = """import http.client, sys
+SOAP = f"""import http.client, sys
 action, body = sys.argv[1], sys.argv[2]
 envelope = ('<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
     's:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body>'
-    f'<u:{action} xmlns:u="urn:schemas-upnp-org:service:WANIPConnection:2">{body}</u:{action}></s:Body></s:Envelope>')
-conn = http.client.HTTPConnection("%s", 5000, timeout=10, source_address=("%s", 0))
-conn.request("POST", "/ctl/IPConn", envelope, {"Content-Type": 'text/xml; charset="utf-8"',
-    "SOAPAction": f'"urn:schemas-upnp-org:service:WANIPConnection:2#{action}"'})
+    f'<u:{{action}} xmlns:u="urn:schemas-upnp-org:service:WANIPConnection:2">{{body}}</u:{{action}}></s:Body></s:Envelope>')
+conn = http.client.HTTPConnection("{GW_LAN}", 5000, timeout=10, source_address=("{OTHER_HOST}", 0))
+conn.request("POST", "/ctl/IPConn", envelope, {{"Content-Type": 'text/xml; charset="utf-8"',
+    "SOAPAction": f'"urn:schemas-upnp-org:service:WANIPConnection:2#{{action}}"'}})
 print(conn.getresponse().status)
-""" % (GW_LAN, OTHER_HOST)
+"""
 
 
 def other_host_soap(net: Lab, action: str, body: str) -> str:
@@ -193,14 +202,16 @@ def test_fixed_port_held_by_another_host(net: Lab, tmp_path: Path, method: str) 
         assert clash.returncode == 1, clash.stdout
         expected = {
             "upnp": "portfwd: router refused: UPnP AddPortMapping error 718, ConflictInMappingEntry: "
-            "external port 18020/tcp is already mapped; pick another external port, or use external_port = \"any\"\n",
+            'external port 18020/tcp is already mapped; pick another external port, or use external_port = "any"\n',
             "natpmp": f"portfwd: NAT-PMP at {GW_LAN}:5351: external port 18020/tcp is taken (the router offered ",
             "pcp": f"portfwd: PCP at {GW_LAN}:5351: external port 18020/tcp is taken (the router offered ",
         }[method]
         assert clash.stderr.startswith(expected), clash.stderr
         assert clash.stderr.count("\n") == 1
         (line,) = router_mappings(net)
-        assert f"TCP 18020->{OTHER_HOST}:9000" in line, "the other host keeps its port, and no stray mapping is left"
+        assert f"TCP 18020->{OTHER_HOST}:9000" in line, (
+            "the other host keeps its port, and no stray mapping is left"
+        )
     finally:
         other_host_soap(net, "DeletePortMapping", mapping)
 
@@ -224,7 +235,7 @@ def test_auto_falls_back(home: tuple[Lab, Router], tmp_path: Path) -> None:
 def run_config(tmp: Path, method: str, port: int, lease: str = "4s") -> Path:
     path = tmp / "map.toml"
     path.write_text(
-        f'[control]\nsocket = "{tmp}/ctl.sock"\n'
+        f'[control]\nsocket = "{tmp}/ctl.sock"\n[metrics]\nlisten = "127.0.0.1:9930"\n'
         f'[[map]]\nport = 8000\nexternal_port = {port}\nmethod = "{method}"\nlease = "{lease}"\n'
         f'upnp_url = "{URL}"\n'
     )
@@ -238,7 +249,9 @@ def status(net: Lab, tmp: Path, path: Path) -> dict[str, object]:
     return result
 
 
-def wait_mapping(net: Lab, tmp: Path, path: Path, key: str, least: int, timeout: float = 20) -> dict[str, object]:
+def wait_mapping(
+    net: Lab, tmp: Path, path: Path, key: str, least: int, timeout: float = 20
+) -> dict[str, object]:
     deadline = time.monotonic() + timeout
     while True:
         (row,) = status(net, tmp, path)["mappings"]  # type: ignore[misc]
@@ -262,13 +275,27 @@ def test_run_renews_survives_reboot_and_removes_on_exit(
         proc.wait_for(f"published at {GW_WAN}:{external} via {method}")
         # A 4 s lease renewed every 2 s: after 3 renewals (> 4 s) it is still there.
         row = wait_mapping(net, tmp_path, path, "renewals", 3)
-        assert (row["method"], row["external"], row["internal"]) == (method, f"{GW_WAN}:{external}", f"{LAN_HOST}:8000")
+        assert (row["method"], row["external"], row["internal"]) == (
+            method,
+            f"{GW_WAN}:{external}",
+            f"{LAN_HOST}:8000",
+        )
         assert any(f"TCP {external}->" in line for line in router_mappings(net)), "the router still holds it"
         check_reachable(net, external)
+        table = portfwd(net, tmp_path, "status", "-c", str(path)).stdout
+        assert "router mappings" in table
+        assert re.search(
+            rf"map\[0\] tcp\s+{method}\s+up\s+{LAN_HOST}:8000\s+{GW_WAN}:{external}\s+\d+s\s+\d+", table
+        ), table
+        metrics = net.run(net.lan, "curl", "-s", "http://127.0.0.1:9930/metrics").stdout.decode()
+        assert f'portfwd_mapping_up{{mapping="map[0] tcp",method="{method}"}} 1.0' in metrics
+        assert 'portfwd_mapping_lease_seconds{mapping="map[0] tcp"}' in metrics
 
         mark = proc.mark()
         box.start()  # a router reboot: new process, empty lease file, its nft table recreated empty
-        proc.wait_for(f"the router lost mapping 8000/tcp (restarted?); made it again at {GW_WAN}:{external}", start=mark)
+        proc.wait_for(
+            f"the router lost mapping 8000/tcp (restarted?); made it again at {GW_WAN}:{external}", start=mark
+        )
         check_reachable(net, external)
         wait_mapping(net, tmp_path, path, "recreated", 1)
     finally:
@@ -283,7 +310,7 @@ def test_forward_rule_publishes_its_port(net: Lab, tmp_path: Path) -> None:
     """`map = true` on a [[forward]]: the relay's own listen port is published, and removed at exit."""
     path = tmp_path / "fwd.toml"
     path.write_text(
-        f'[control]\nenabled = false\n[[forward]]\nlisten = "0.0.0.0:18050"\nconnect = "127.0.0.1:8000"\n'
+        '[control]\nenabled = false\n[[forward]]\nlisten = "0.0.0.0:18050"\nconnect = "127.0.0.1:8000"\n'
         "map = true\n"
     )
     argv = ["ip", "netns", "exec", net.lan, sys.executable, "-m", "portfwd", "run", "-c", str(path)]

@@ -169,7 +169,7 @@ BAD = [
     ("[map]\nport = 1\n", "map: must be an array of tables; write [[map]]"),
     (
         '[[map]]\nport = 80\nexternal_port = "some"\n',
-        'map[0].external_port: \'some\' is not a port; write a number in 1-65535 or "any"',
+        "map[0].external_port: 'some' is not a port; write a number in 1-65535 or \"any\"",
     ),
     ('[[map]]\nport = 80\nmethod = "igd"\n', "map[0].method: must be 'auto', 'pcp', 'natpmp' or 'upnp'"),
     (

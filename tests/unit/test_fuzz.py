@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from portfwd import config
 from portfwd.addr import parse_listen, parse_target
 from portfwd.errors import ConfigError
+from portfwd.proto import natpmp, pcp
 from portfwd.proto.socks import SocksError, SocksServer
 from portfwd.spec import rules_from_specs, split
 from portfwd.tunnelspec import parse_destination, parse_forward, parse_option
@@ -155,3 +157,45 @@ def test_socks_codec_yields_a_request_or_a_socks_error(
     except SocksError as exc:
         assert "\n" not in exc.message
         assert len(exc.reply) <= 10
+
+
+NATPMP_REQUESTS = [natpmp.external_address_request(), natpmp.map_request("udp", 5000, 0, 60)]
+PCP_REQUEST = pcp.map_request(
+    nonce=bytes(12), protocol="udp", internal_port=5000, external_port=0, lifetime=60,
+    client=ipaddress.IPv4Address("10.0.0.2"),
+)  # fmt: skip
+
+
+@given(st.sampled_from(NATPMP_REQUESTS), st.binary(max_size=40) | st.binary(min_size=12, max_size=16))
+@settings(max_examples=600, deadline=None)
+def test_natpmp_codec_yields_an_event_or_a_reply_error(request: bytes, data: bytes) -> None:
+    try:
+        natpmp.parse_reply(data, request)
+    except natpmp.NatPmpReplyError as exc:
+        assert exc.message
+        assert "\n" not in exc.message
+    natpmp.parse_announcement(data)
+
+
+PCP_LIKE = st.builds(
+    lambda head, tail: head + tail,
+    st.sampled_from([b"\x02\x81", b"\x02\x80", b"\x00\x81", b"\x02\x01"]),
+    st.binary(min_size=0, max_size=70),
+)
+
+
+@given(
+    st.binary(max_size=80)
+    | PCP_LIKE
+    | st.builds(
+        lambda tail: PCP_REQUEST[:2].replace(b"\x01", b"\x81") + tail, st.binary(min_size=58, max_size=58)
+    )
+)
+@settings(max_examples=800, deadline=None)
+def test_pcp_codec_yields_an_event_or_a_reply_error(data: bytes) -> None:
+    try:
+        pcp.parse_reply(data, PCP_REQUEST)
+    except pcp.PcpReplyError as exc:
+        assert exc.message
+        assert "\n" not in exc.message
+    pcp.parse_announcement(data)

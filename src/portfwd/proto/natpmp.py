@@ -32,6 +32,9 @@ RETRY_COUNT = 9
 
 Protocol = Literal["tcp", "udp"]
 
+#: A grant shorter than this cannot be renewed in time (renewal is at half the lease).
+MIN_LIFETIME = 2
+
 RESULTS = {
     1: "unsupported version (the router speaks another protocol)",
     2: "not authorized or refused (mapping switched off on the router, or not allowed for this port)",
@@ -115,8 +118,8 @@ def parse_reply(data: bytes, request: bytes) -> ExternalAddress | Mapping:
         )
     if asked_lifetime and not external:
         raise NatPmpReplyError("router granted external port 0: not a usable mapping")
-    if asked_lifetime and lifetime == 0:
-        raise NatPmpReplyError("router granted a lease of 0 s for a new mapping: not a usable mapping")
+    if asked_lifetime and lifetime < MIN_LIFETIME:
+        raise NatPmpReplyError(f"router granted a lease of {lifetime} s: too short to keep alive")
     protocol: Protocol = "tcp" if op == OP_MAP_TCP else "udp"
     return Mapping(epoch, protocol, internal, external, lifetime)
 

@@ -30,6 +30,8 @@ RETRY_FIRST = 3.0
 RETRY_MAX = 1024.0
 
 HEADER = 24
+#: A grant shorter than this cannot be renewed in time (renewal is at half the lease).
+MIN_LIFETIME = 2
 MAP_BODY = 36
 NONCE = 12
 
@@ -158,8 +160,8 @@ def parse_reply(data: bytes, request: bytes) -> MapReply:
         reason = RESULTS.get(result, "unknown result code")
         raise PcpReplyError(f"router refused: PCP result {result}, {reason}", result, lifetime)
     (asked_lifetime,) = struct.unpack_from("!I", request, 4)
-    if asked_lifetime and lifetime == 0:
-        raise PcpReplyError("router granted a lease of 0 s for a new mapping: not a usable mapping")
+    if asked_lifetime and lifetime < MIN_LIFETIME:
+        raise PcpReplyError(f"router granted a lease of {lifetime} s: too short to keep alive")
     if asked_lifetime and external == 0:
         raise PcpReplyError("router granted external port 0: not a usable mapping")
     protocol: Protocol = "tcp" if proto_number == PROTOCOLS["tcp"] else "udp"

@@ -27,12 +27,14 @@ AUTO_TRIES = 2
 PCP_TRIES = 4
 
 
-def make(name: str, route: Route, *, upnp_url: str | None = None, probing: bool = False) -> Method:
-    """One method object by name."""
+def make(
+    name: str, route: Route, *, upnp_url: str | None = None, probing: bool = False, tries: int | None = None
+) -> Method:
+    """One method object by name; `tries` caps PCP/NAT-PMP retransmissions (default: the RFC's)."""
     if name == "pcp":
-        return Pcp(route, tries=1 if probing else PCP_TRIES)
+        return Pcp(route, tries=tries or (1 if probing else PCP_TRIES))
     if name == "natpmp":
-        return NatPmp(route, tries=AUTO_TRIES if probing else 9)
+        return NatPmp(route, tries=tries or (AUTO_TRIES if probing else 9))
     if name == "upnp":
         return Upnp(route, upnp_url)
     raise RouterError(f"unknown method {name!r}", reason="unsupported", hint="use auto, pcp, natpmp or upnp")
@@ -44,6 +46,7 @@ async def first_working(
     attempt: Callable[[Method], Awaitable[T]],
     *,
     upnp_url: str | None = None,
+    tries: int | None = None,
 ) -> tuple[Method, T]:
     """Run `attempt` with the named method, or with each in turn under `auto`.
 
@@ -52,7 +55,7 @@ async def first_working(
     names = METHODS if method == "auto" else (method,)
     failures: list[str] = []
     for name in names:
-        candidate = make(name, route, upnp_url=upnp_url, probing=method == "auto")
+        candidate = make(name, route, upnp_url=upnp_url, probing=method == "auto", tries=tries)
         try:
             result = await attempt(candidate)
         except RouterError as exc:
@@ -64,7 +67,7 @@ async def first_working(
             continue
         if method == "auto":
             log.info("router mapping: using %s at %s", name, candidate.where)
-        if isinstance(candidate, (Pcp, NatPmp)):
+        if isinstance(candidate, (Pcp, NatPmp)) and tries is None:
             candidate.full_schedule()
         return candidate, result
     raise RouterError(
