@@ -15,7 +15,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 from rich import box
@@ -24,8 +24,12 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from portfwd import __version__, config, control, runtime, spec, tunnelspec
+from portfwd import __version__, control, tunnelspec
+from portfwd.duration import parse_duration
 from portfwd.errors import ConfigError, PortfwdError, RuntimeFailure
+
+if TYPE_CHECKING:
+    from portfwd import config
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -96,10 +100,14 @@ def app() -> None:
 @_logging_options
 def run(config_file: str | None, strict: bool, verbose: int, quiet: bool, log_format: str) -> None:
     """Run everything the config declares; SIGTERM/SIGINT drains and removes what it created."""
+    from portfwd import config  # pydantic and the models cost 130 ms to import
+
     _setup_logging(verbose, quiet, log_format)
     path = config.find(config_file)
     loaded = config.load(path)
     logging.getLogger("portfwd").info("config %s", path)
+    from portfwd import runtime
+
     runtime.run(loaded, strict=strict, config_path=path.resolve())
 
 
@@ -107,15 +115,20 @@ def run(config_file: str | None, strict: bool, verbose: int, quiet: bool, log_fo
 @_config_option
 def check(config_file: str | None) -> None:
     """Validate the config and print what would run; exit 0, or 2 with one line per error."""
+    from portfwd import config  # pydantic and the models cost 130 ms to import
+
     path = config.find(config_file)
     loaded = config.load(path)
     console = Console()
     table = Table(title=f"{path}: {len(loaded.forward)} forward rule(s)", title_justify="left")
     for column in ("rule", "listen", "connect", "protocol", "access", "relay"):
         table.add_column(column)
+    from portfwd import runtime
+
     for row in runtime.describe(loaded):
         table.add_row(*row)
-    if loaded.forward or not (loaded.tunnel or loaded.server):
+    maps = config.published(loaded)
+    if loaded.forward or not (loaded.tunnel or loaded.server or maps):
         console.print(table)
     if loaded.gateway is not None:
         from portfwd.kernel import nft
@@ -160,6 +173,15 @@ def check(config_file: str | None) -> None:
                 keepalive,
             )
         console.print(tunnels)
+    for field, entry in maps:
+        external = entry.external or "any"
+        where = entry.upnp_url or (
+            f"router {entry.gateway}" if entry.gateway else "the default route's router"
+        )
+        console.print(
+            f"{field}: ask {where} for external port {external}/{entry.protocol} -> "
+            f"this host's {entry.port} via {entry.method}, lease {entry.lease:g} s, renewed at half"
+        )
     if loaded.metrics is not None:
         console.print(f"metrics: http://{loaded.metrics.listen}/metrics")
     if loaded.user is not None:
@@ -183,8 +205,12 @@ def forward(
     log_format: str,
 ) -> None:
     """Quick forwards, no config file: SPEC is [bind:]port:host:hostport[/udp|/tcp+udp]."""
+    from portfwd import spec  # pydantic and the models cost 130 ms to import
+
     _setup_logging(verbose, quiet, log_format)
     loaded = spec.rules_from_specs(specs, allow, deny)
+    from portfwd import runtime
+
     runtime.run(loaded, strict=strict, control_optional=True)
 
 
@@ -233,6 +259,8 @@ def ssh(
     loaded = tunnel_from_args(
         destination, local, remote, dynamic, port, identity, jump, options, ssh_config, compression, name
     )
+    from portfwd import runtime
+
     runtime.run(loaded, control_optional=True, exit_on_auth=True)
 
 
@@ -250,6 +278,8 @@ def tunnel_from_args(
     name: str | None,
 ) -> config.Config:
     """The Config `portfwd ssh ARGS` runs: one [[tunnel]]. Raises ConfigError, one line per problem."""
+    from portfwd import config  # pydantic and the models cost 130 ms to import
+
     problems: list[str] = []
     table: dict[str, Any] = {"ssh": destination}
     for flag, kind, specs in (("-L", "local", local), ("-R", "remote", remote), ("-D", "dynamic", dynamic)):
@@ -321,6 +351,8 @@ def _cli_words(line: str) -> str:
 @_logging_options
 def server(config_file: str | None, fingerprint: bool, verbose: int, quiet: bool, log_format: str) -> None:
     """The SSH tunnel server for stock ssh -N -L/-R/-D clients, from the config's [server]."""
+    from portfwd import config  # pydantic and the models cost 130 ms to import
+
     _setup_logging(verbose, quiet, log_format)
     path = config.find(config_file)
     loaded = config.load(path)
@@ -331,6 +363,8 @@ def server(config_file: str | None, fingerprint: bool, verbose: int, quiet: bool
 
         print(load_host_key(loaded.server.host_key).get_fingerprint())
         return
+    from portfwd import runtime
+
     runtime.run(loaded, config_path=path.resolve())
 
 
@@ -339,6 +373,7 @@ def server(config_file: str | None, fingerprint: bool, verbose: int, quiet: bool
 @_config_option
 def gateway(action: str, config_file: str | None) -> None:
     """nftables gateway forwarding from [gateway]: plan (print and check), apply, or remove."""
+    from portfwd import config  # pydantic and the models cost 130 ms to import
     from portfwd.kernel import nft
 
     if action == "remove":
@@ -492,7 +527,7 @@ def map_add(
     _setup_logging(verbose, quiet, log_format)
     number, proto = _port_proto(port)
     try:
-        seconds = config.parse_duration(lease)
+        seconds = parse_duration(lease)
     except ConfigError as exc:
         raise click.BadParameter(exc.message, param_hint="'--lease'") from None
     request = MapRequest(proto, number, _external(external, number), max(1, round(seconds)), to_host)
@@ -615,6 +650,8 @@ def _control_path(config_file: str | None) -> Path:
     Only `[control] socket` is read, without validating the rest: `portfwd reload` must reach
     the running instance even when the edited file is broken, so that it can refuse it.
     """
+    from portfwd import config  # pydantic and the models cost 130 ms to import
+
     try:
         path = config.find(config_file)
     except ConfigError:

@@ -30,39 +30,18 @@ from portfwd.addr import (
     parse_port_range,
     parse_target,
 )
+from portfwd.duration import parse_duration
 from portfwd.errors import ConfigError
 from portfwd.tunnelspec import Kind, TunnelForward, parse_destination, parse_forward
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 #: Sections PRODUCT.md describes whose engines are not in this version yet.
 _PLANNED_SECTIONS: dict[str, str] = {}
 
 
 def _fail(message: str) -> PydanticCustomError:
     return PydanticCustomError("portfwd", "{line}", {"line": message})
-
-
-def parse_duration(value: object) -> float:
-    """Parse `"90s"`, `"10m"`, `"2h"`, `"500ms"`, `"1d"` or a number of seconds.
-
-    Raises ConfigError for anything else or for a duration that is not positive.
-    """
-    if isinstance(value, bool):
-        raise ConfigError(f"{value!r} is not a duration", hint='write a duration such as "90s"')
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.match(value)):
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    else:
-        raise ConfigError(
-            f"{value!r} is not a duration", hint='write a duration such as "90s", "10m" or "2h"'
-        )
-    if not seconds > 0:
-        raise ConfigError(f"duration {value!r} must be more than zero")
-    return seconds
 
 
 def parse_network(value: object) -> Network:

@@ -15,7 +15,6 @@ from portfwd.errors import RouterError
 from portfwd.router.base import METHODS, Method, Route
 from portfwd.router.natpmp import NatPmp
 from portfwd.router.pcp import Pcp
-from portfwd.router.upnp import Upnp
 
 log = logging.getLogger("portfwd.router")
 
@@ -36,6 +35,8 @@ def make(
     if name == "natpmp":
         return NatPmp(route, tries=tries or (AUTO_TRIES if probing else 9))
     if name == "upnp":
+        from portfwd.router.upnp import Upnp  # aiohttp costs 80 ms to import; only UPnP needs it
+
         return Upnp(route, upnp_url)
     raise RouterError(f"unknown method {name!r}", reason="unsupported", hint="use auto, pcp, natpmp or upnp")
 
