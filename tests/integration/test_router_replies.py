@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.integration.processes import REPO
+from tests.integration.processes import READY, REPO, portfwd_argv, started
 
 pytestmark = [pytest.mark.integration]
 
@@ -160,3 +162,169 @@ def test_garbage_datagrams_are_skipped_then_reported_in_one_line() -> None:
         1,
         "portfwd: NAT-PMP: no answer from 127.0.0.1:5351; last datagram: NAT-PMP reply truncated to 3 bytes (want 12)\n",
     )
+
+
+def _scpd() -> str:
+    """A WANIPConnection SCPD with the four actions portfwd uses."""
+    variables = {
+        "ExternalIPAddress": "string", "RemoteHost": "string", "ExternalPort": "ui2", "InternalPort": "ui2",
+        "PortMappingProtocol": "string", "InternalClient": "string", "PortMappingEnabled": "boolean",
+        "PortMappingDescription": "string", "PortMappingLeaseDuration": "ui4",
+    }  # fmt: skip
+    key = [
+        ("NewRemoteHost", "RemoteHost"),
+        ("NewExternalPort", "ExternalPort"),
+        ("NewProtocol", "PortMappingProtocol"),
+    ]
+    entry = [
+        ("NewInternalPort", "InternalPort"), ("NewInternalClient", "InternalClient"),
+        ("NewEnabled", "PortMappingEnabled"), ("NewPortMappingDescription", "PortMappingDescription"),
+        ("NewLeaseDuration", "PortMappingLeaseDuration"),
+    ]  # fmt: skip
+    actions = {
+        "GetExternalIPAddress": ([], [("NewExternalIPAddress", "ExternalIPAddress")]),
+        "AddPortMapping": (key + entry, []),
+        "GetSpecificPortMappingEntry": (key, entry),
+        "DeletePortMapping": (key, []),
+    }
+
+    def arguments(items: list[tuple[str, str]], direction: str) -> str:
+        return "".join(
+            f"<argument><name>{name}</name><direction>{direction}</direction>"
+            f"<relatedStateVariable>{var}</relatedStateVariable></argument>"
+            for name, var in items
+        )
+
+    action_xml = "".join(
+        f"<action><name>{name}</name><argumentList>{arguments(ins, 'in')}{arguments(outs, 'out')}</argumentList></action>"
+        for name, (ins, outs) in actions.items()
+    )
+    state = "".join(
+        f'<stateVariable sendEvents="no"><name>{name}</name><dataType>{kind}</dataType></stateVariable>'
+        for name, kind in variables.items()
+    )
+    return (
+        '<?xml version="1.0"?><scpd xmlns="urn:schemas-upnp-org:service-1-0"><specVersion><major>1</major>'
+        f"<minor>0</minor></specVersion><actionList>{action_xml}</actionList>"
+        f"<serviceStateTable>{state}</serviceStateTable></scpd>"
+    )
+
+
+def _soap(action: str, fields: dict[str, str]) -> str:
+    body = "".join(f"<{key}>{value}</{key}>" for key, value in fields.items())
+    return (
+        '<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body>'
+        f'<u:{action}Response xmlns:u="urn:schemas-upnp-org:service:WANIPConnection:1">{body}'
+        f"</u:{action}Response></s:Body></s:Envelope>"
+    )
+
+
+def _fault(code: int) -> str:
+    return (
+        '<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body><s:Fault>'
+        "<faultcode>s:Client</faultcode><faultstring>UPnPError</faultstring><detail>"
+        '<UPnPError xmlns="urn:schemas-upnp-org:control-1-0">'
+        f"<errorCode>{code}</errorCode><errorDescription>error {code}</errorDescription></UPnPError>"
+        "</detail></s:Fault></s:Body></s:Envelope>"
+    )
+
+
+class QuirkyIgd:
+    """An IGD with one of two quirks seen in the field: permanent leases only (725), or a lease
+    other than the one asked for. Records every action it was asked."""
+
+    def __init__(self, quirk: str) -> None:
+        self.quirk = quirk
+        self.calls: list[tuple[str, str]] = []
+        self.mappings: dict[str, str] = {}
+
+    def answer(self, action: str, body: str) -> tuple[int, str]:
+        import re
+
+        def field(name: str) -> str:
+            found = re.search(rf"<{name}>([^<]*)</{name}>", body)
+            return found.group(1) if found else ""
+
+        port = field("NewExternalPort")
+        self.calls.append((action, field("NewLeaseDuration") if action == "AddPortMapping" else port))
+        if action == "GetExternalIPAddress":
+            return 200, _soap(action, {"NewExternalIPAddress": "198.51.100.7"})
+        if action == "AddPortMapping":
+            if self.quirk == "permanent-only" and field("NewLeaseDuration") != "0":
+                return 500, _fault(725)
+            self.mappings[port] = field("NewInternalClient")
+            return 200, _soap(action, {})
+        if action == "GetSpecificPortMappingEntry":
+            if port not in self.mappings:
+                return 500, _fault(714)
+            lease = "0" if self.quirk == "permanent-only" else "120"
+            return 200, _soap(action, {
+                "NewInternalPort": "8000", "NewInternalClient": self.mappings[port], "NewEnabled": "1",
+                "NewPortMappingDescription": "portfwd 8000/tcp", "NewLeaseDuration": lease,
+            })  # fmt: skip
+        if action == "DeletePortMapping":
+            self.mappings.pop(port, None)
+            return 200, _soap(action, {})
+        return 500, _fault(401)
+
+
+@contextlib.contextmanager
+def quirky(igd: QuirkyIgd) -> Iterator[str]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _send(self, status: int, body: str) -> None:
+            data = body.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", 'text/xml; charset="utf-8"')
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            self._send(200, DESCRIPTION if self.path == "/desc.xml" else _scpd())
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0"))).decode()
+            action = self.headers.get("SOAPAction", "").strip('"').rsplit("#", 1)[-1]
+            self._send(*igd.answer(action, body))
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/desc.xml"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("quirk", "published", "lease_column"),
+    [
+        ("permanent-only", "(lease permanent, removed on exit)", 0),
+        ("other-lease", "(lease 120 s)", 120),
+    ],
+)
+def test_lease_quirks_under_run(tmp_path: Path, quirk: str, published: str, lease_column: int) -> None:
+    """725 → lease 0 and deleted on exit; a lease the router changed is read back and trusted."""
+    igd = QuirkyIgd(quirk)
+    with quirky(igd) as url:
+        path = tmp_path / "map.toml"
+        path.write_text(
+            f'[control]\nsocket = "{tmp_path}/ctl.sock"\n[[map]]\nport = 8000\nexternal_port = 18000\n'
+            f'method = "upnp"\nlease = "1h"\nupnp_url = "{url}"\ngateway = "127.0.0.1"\n'
+        )
+        with started(portfwd_argv("run", "-c", str(path)), READY) as proc:
+            proc.wait_for(f"map[0]: 8000/tcp published at 198.51.100.7:18000 via upnp {published}")
+            state = json.loads(portfwd("status", "-c", str(path), "--json").stdout)
+            (row,) = state["mappings"]
+            assert (row["lease"], row["state"]) == (lease_column, "up")
+        assert igd.mappings == {}, "removed on exit"
+    adds = [lease for action, lease in igd.calls if action == "AddPortMapping"]
+    if quirk == "permanent-only":
+        assert adds == ["3600", "0"], "asked for an hour, then for what the router can do"
+    else:
+        assert adds == ["3600"]
+    assert ("DeletePortMapping", "18000") in igd.calls
