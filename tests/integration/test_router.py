@@ -324,3 +324,25 @@ def test_forward_rule_publishes_its_port(net: Lab, tmp_path: Path) -> None:
         proc.stop()
         proc.close()
     assert router_mappings(net) == []
+
+
+def test_a_refused_mapping_is_retried_and_shown_while_the_other_runs(net: Lab, tmp_path: Path) -> None:
+    path = tmp_path / "two.toml"
+    path.write_text(
+        f'[control]\nsocket = "{tmp_path}/ctl.sock"\n'
+        f'[[map]]\nport = 80\nmethod = "upnp"\nupnp_url = "{URL}"\n'
+        f'[[map]]\nport = 8000\nexternal_port = 18060\nmethod = "upnp"\nupnp_url = "{URL}"\n'
+    )
+    argv = ["ip", "netns", "exec", net.lan, sys.executable, "-m", "portfwd", "run", "-c", str(path)]
+    proc = Proc(argv, env=env(tmp_path), cwd=REPO)
+    try:
+        proc.wait_for(f"map[1]: 8000/tcp published at {GW_WAN}:18060 via upnp")
+        proc.wait_for("map[0]: router refused: UPnP AddPortMapping error 606")
+        check_reachable(net, 18060)
+        refused, good = status(net, tmp_path, path)["mappings"]  # type: ignore[misc]
+        assert (refused["state"], good["state"]) == ("retrying", "up")
+        assert refused["last_error"].startswith("router refused: UPnP AddPortMapping error 606")
+    finally:
+        proc.stop()
+        proc.close()
+    assert router_mappings(net) == []

@@ -54,7 +54,8 @@ class _Run:
     wanted: Wanted
     row: dict[str, Any]
     method: Method | None = None
-    granted: Granted | None = None
+    granted: Granted | None = None  #: the last grant; kept after a failure so exit still deletes it
+    remap: bool = True  #: map (again) before the next renewal
     poke: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
@@ -104,8 +105,9 @@ class Keeper:
         backoff = BACKOFF_FIRST
         while True:
             try:
-                if run.granted is None:
+                if run.remap:
                     await self._map(run)
+                    run.remap = False
                     backoff = BACKOFF_FIRST
                 granted = run.granted
                 assert granted is not None
@@ -132,7 +134,7 @@ class Keeper:
             except RouterError as exc:
                 row["state"], row["last_error"] = "retrying", exc.line()
                 log.error("%s: %s; retrying in %g s", wanted.name, exc.line(), backoff)
-                run.granted = None
+                run.remap = True
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
