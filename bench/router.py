@@ -134,7 +134,8 @@ def main() -> None:
         "",
         f"`bench/router.py --rounds {args.rounds}`, {datetime.date.today()}, miniupnpd 2.3.1 on the lab's gw;",
         "median time until the mapping exists (each checked reachable from wan). Baseline: the stock C",
-        "client in the same run (natpmpc for NAT-PMP and PCP, upnpc -u for UPnP).",
+        "client in the same run (natpmpc for NAT-PMP and PCP, upnpc -u for UPnP). The command's time",
+        "is mostly CPython starting and importing (about 90 ms before any packet).",
         "",
         "| method | inside portfwd | `portfwd map add` command | stock client command | goal |",
         "|---|---|---|---|---|",
@@ -144,7 +145,8 @@ def main() -> None:
         lines.append(
             f"| {names[method]} | {inside:.1f} ms | {row['command_ms']:.0f} ms "
             f"({row['command_ms'] / row['baseline_ms']:.1f}\u00d7 the stock client) | {row['baseline_ms']:.0f} ms | "
-            f"≤ {goal[method]} ms, {'met' if inside <= goal[method] else 'NOT met'} inside portfwd |"
+            f"≤ {goal[method]} ms: {'met' if inside <= goal[method] else 'NOT met'} inside portfwd, "
+            f"{'met' if row['command_ms'] <= goal[method] else 'not met'} by the command |"
         )
     text = "\n".join(lines) + "\n"
     print(text)

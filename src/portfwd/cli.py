@@ -18,17 +18,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import click
-from rich import box
-from rich.console import Console, Group
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
 
 from portfwd import __version__, control, tunnelspec
 from portfwd.duration import parse_duration
 from portfwd.errors import ConfigError, PortfwdError, RuntimeFailure
 
 if TYPE_CHECKING:
+    from rich.console import Group
+    from rich.table import Table
+
     from portfwd import config
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -115,6 +113,9 @@ def run(config_file: str | None, strict: bool, verbose: int, quiet: bool, log_fo
 @_config_option
 def check(config_file: str | None) -> None:
     """Validate the config and print what would run; exit 0, or 2 with one line per error."""
+    from rich.console import Console
+    from rich.table import Table
+
     from portfwd import config  # pydantic and the models cost 130 ms to import
 
     path = config.find(config_file)
@@ -611,6 +612,11 @@ def map_list(
     log_format: str,
 ) -> None:
     """List the router's mappings (UPnP), marking portfwd's own."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
     from portfwd.router.choose import make
 
     _setup_logging(verbose, quiet, log_format)
@@ -682,6 +688,11 @@ def _age(seconds: float) -> str:
 
 def _status_view(status: dict[str, Any]) -> Group:
     """The netstat-like picture of one snapshot: a header, rules, then live sessions."""
+    from rich import box
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
     uptime = time.time() - float(status.get("started", time.time()))
     header = Text(
         f"portfwd pid {status.get('pid')}, up {_age(uptime)}, config {status.get('config') or '(none)'}"
@@ -821,6 +832,9 @@ def _status_view(status: dict[str, Any]) -> Group:
 
 def _tunnel_view(tunnels: list[dict[str, Any]]) -> Table:
     """One row per tunnel (state, since, reconnects, last error), then one per forward."""
+    from rich import box
+    from rich.table import Table
+
     table = Table(title="tunnels", title_justify="left", box=box.SIMPLE_HEAD)
     for column, justify in (
         ("tunnel / forward", "left"),
@@ -872,6 +886,9 @@ def _tunnel_view(tunnels: list[dict[str, Any]]) -> Table:
 @click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
 def status(config_file: str | None, as_json: bool, watch: bool) -> None:
     """Show the running instance: rules, listeners and live sessions with bytes and ages."""
+    from rich.console import Console
+    from rich.live import Live
+
     path = _control_path(config_file)
 
     def fetch() -> dict[str, Any]:
