@@ -390,10 +390,14 @@ def gateway(action: str, config_file: str | None) -> None:
     if action == "plan":
         print(ruleset, end="")
         nft.apply(ruleset, check_only=True)
-        print(
-            "# nft -c accepts this ruleset;",
-            "table inet portfwd is loaded now" if nft.live() else "not loaded now",
-        )
+        changes = nft.diff(ruleset)
+        if changes is None:
+            print("# nft -c accepts this ruleset; not loaded now")
+        elif not changes:
+            print("# nft -c accepts this ruleset; the live table inet portfwd is the same")
+        else:
+            print("# nft -c accepts this ruleset; the live table inet portfwd differs (- live, + this plan):")
+            print("\n".join(f"# {line}" for line in changes))
         problem = nft.forwarding_problem(enable=False)
         if problem:
             print(f"# warning: {problem}")

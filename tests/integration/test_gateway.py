@@ -139,21 +139,32 @@ def test_run_applies_restores_after_drift_and_removes_on_exit(tmp_path: Path) ->
 
 
 def test_a_bad_ruleset_changes_nothing(tmp_path: Path) -> None:
+    """A config nft refuses (overlapping allow networks) names the rule; the old table keeps working."""
     config = tmp_path / "gateway.toml"
     write_config(config)
+    bad = tmp_path / "bad.toml"
+    write_config(bad)
+    bad.write_text(bad.read_text().replace('["198.51.100.0/24"]', '["198.51.100.0/24", "198.51.100.128/25"]'))
     with lab() as net:
         net.serve(net.lan, 80, REPLY)
         assert portfwd(net, "gateway", "apply", "-c", str(config)).returncode == 0
-        broken = (
-            "from portfwd.kernel import nft\n"
-            "try:\n"
-            "    nft.apply('table inet portfwd { chain prerouting { type nat hook prerouting priority dstnat; "
-            'iifname "gwwan0" tcp dport 1 dnat ip to 10.0.0.1:99999 } }\')\n'
-            "except nft.GatewayError as exc:\n"
-            "    print(exc.line())\n"
+        same = portfwd(net, "gateway", "plan", "-c", str(config)).stdout.decode()
+        assert same.endswith("# nft -c accepts this ruleset; the live table inet portfwd is the same\n")
+        changed = tmp_path / "changed.toml"
+        changed.write_text(config.read_text().replace("port = 8080", "port = 8081"))
+        plan = portfwd(net, "gateway", "plan", "-c", str(changed)).stdout.decode()
+        diff = plan.split("differs (- live, + this plan):\n", 1)[1].splitlines()
+        assert diff[:2] == ["# --- live table", "# +++ this plan"]
+        minus = [line for line in diff if line.startswith("# -\t")]
+        plus = [line for line in diff if line.startswith("# +\t")]
+        assert any('8080 comment "gateway.forward[0]"' in line for line in minus), diff
+        assert any('8081 comment "gateway.forward[0]"' in line for line in plus), diff
+        refused = portfwd(net, "gateway", "apply", "-c", str(bad))
+        assert (refused.returncode, refused.stderr.decode()) == (
+            1,
+            "portfwd: gateway.forward[2].allow: nft refused it: conflicting intervals specified "
+            "(198.51.100.128/25); nothing changed, the previous ruleset stays\n",
         )
-        result = net.run(net.gw, sys.executable, "-c", broken)
-        assert result.stdout.decode().startswith("nft refused the ruleset; nothing changed: ")
         assert tcp_from(net, net.wan, GW_WAN, 8080, b"x").startswith(f"peer={WAN_HOST}"), (
             "the old ruleset still works"
         )

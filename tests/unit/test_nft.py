@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 from portfwd import config
-from portfwd.kernel.nft import Interfaces, check, counters, document, plan, trigger_holders
+from portfwd.kernel.nft import Interfaces, check, counters, document, explain, plan, trigger_holders
 
 GATEWAY = config.validate(
     {
@@ -27,11 +27,12 @@ def test_plan_text() -> None:
     assert GATEWAY is not None
     assert plan(GATEWAY, LAN) == (
         "table inet portfwd {\n"
-        "  map dnat_2_tcp { type inet_service : ipv4_addr . inet_service; elements = { 2222 : 192.168.1.12 . 22 } }\n"
+        '  map dnat_2_tcp { type inet_service : ipv4_addr . inet_service; elements = { 2222 comment "gateway.forward[2]" : 192.168.1.12 . 22 } }\n'
         "  set allow_2 { type ipv4_addr; flags interval; elements = { 198.51.100.0/24, 203.0.113.7/32 } }\n"
-        "  map dnat_tcp { type inet_service : ipv4_addr . inet_service; elements = { 8080 : 192.168.1.10 . 80, "
-        "8000 : 192.168.1.11 . 9000, 8001 : 192.168.1.11 . 9001, 8002 : 192.168.1.11 . 9002 } }\n"
-        "  map dnat_udp { type inet_service : ipv4_addr . inet_service; elements = { 8080 : 192.168.1.10 . 80 } }\n"
+        "  map dnat_tcp { type inet_service : ipv4_addr . inet_service; elements = { "
+        '8080 comment "gateway.forward[0]" : 192.168.1.10 . 80, 8000 comment "gateway.forward[1]" : 192.168.1.11 . 9000, '
+        '8001 comment "gateway.forward[1]" : 192.168.1.11 . 9001, 8002 comment "gateway.forward[1]" : 192.168.1.11 . 9002 } }\n'
+        '  map dnat_udp { type inet_service : ipv4_addr . inet_service; elements = { 8080 comment "gateway.forward[0]" : 192.168.1.10 . 80 } }\n'
         "  chain prerouting {\n"
         "    type nat hook prerouting priority dstnat; policy accept;\n"
         '    iifname "eth0" ip saddr @allow_2 counter dnat ip to tcp dport map @dnat_2_tcp comment "gateway.forward[2]"\n'
@@ -66,7 +67,7 @@ def test_a_thousand_ports_are_one_rule_per_protocol() -> None:
     assert many is not None
     text = plan(many, LAN)
     assert text.count("dnat ip to tcp dport map @dnat_tcp") == 2  # WAN side, and hairpin
-    assert "10999 : 192.168.1.10 . 20999" in text
+    assert '10999 comment "gateway.forward[0]" : 192.168.1.10 . 20999' in text
 
 
 def test_replace_is_one_transaction_that_never_fails_on_a_missing_table() -> None:
@@ -163,3 +164,23 @@ def test_conntrack_event_lines() -> None:
     assert parse_event(line) == ("tcp", "192.168.77.10", 6667)
     assert parse_event("[DESTROY] tcp 6 src=1.2.3.4 dport=1") is None
     assert parse_event("[NEW] tcp 6 garbage") is None
+
+
+def test_nft_errors_name_the_rule() -> None:
+    """nft's own error lines (as nft 1.0.6 prints them) traced back to the config rule."""
+    assert GATEWAY is not None
+    text = document(plan(GATEWAY, LAN))
+    lines = text.splitlines()
+    number = next(i for i, line in enumerate(lines, 1) if line.startswith("  map dnat_tcp"))
+    line = lines[number - 1]
+    column = line.index("192.168.1.11 . 9001") + len("192.168.1.11 . ") + 1
+    stderr = f"/dev/stdin:{number}:{column}-{column + 3}: Error: Service out of range\n{line}\n"
+    assert explain(text, stderr) == ("gateway.forward[1]", "Service out of range (9001)")
+    number = next(i for i, line in enumerate(lines, 1) if line.startswith("  set allow_2"))
+    column = lines[number - 1].index("203.0.113.7/32") + 1
+    stderr = f"/dev/stdin:{number}:{column}-{column + 13}: Error: conflicting intervals specified\n"
+    assert explain(text, stderr) == (
+        "gateway.forward[2].allow",
+        "conflicting intervals specified (203.0.113.7/32)",
+    )
+    assert explain(text, "Error: something else entirely\n") is None

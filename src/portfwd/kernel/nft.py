@@ -10,8 +10,10 @@ and nothing outside table `inet portfwd` is touched.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -37,12 +39,16 @@ class Interfaces:
     lan_networks: tuple[Network, ...]
 
 
-def _elements(rule: GatewayForwardConfig) -> list[str]:
-    """`wan_port : lan_address . lan_port`, one per port (a range keeps its offset)."""
+def _elements(rule: GatewayForwardConfig, index: int) -> list[str]:
+    """`wan_port : lan_address . lan_port`, one per port (a range keeps its offset).
+
+    Each element carries its rule's name as a comment, so `nft list` shows where it came from
+    and an nft error on one element can be traced back to the config rule (`explain`).
+    """
     out = []
     for offset, port in enumerate(rule.port.ports()):
         target = rule.to.ports.first if len(rule.to.ports) == 1 else rule.to.ports.first + offset
-        out.append(f"{port} : {rule.to.host} . {target}")
+        out.append(f'{port} comment "gateway.forward[{index}]" : {rule.to.host} . {target}')
     return out
 
 
@@ -147,10 +153,10 @@ def plan(config: GatewayConfig, interfaces: Interfaces) -> str:
     for index, rule in enumerate(config.forward):
         for proto in _protocols(rule):
             if not rule.allow:
-                shared[proto].extend(_elements(rule))
+                shared[proto].extend(_elements(rule, index))
                 continue
             name, allow = f"dnat_{index}_{proto}", f"allow_{index}"
-            lines.append(_map(name, _elements(rule)))
+            lines.append(_map(name, _elements(rule, index)))
             if f"  set {allow} " not in "\n".join(lines):
                 nets = ", ".join(str(net) for net in rule.allow)
                 lines.append(f"  set {allow} {{ type ipv4_addr; flags interval; elements = {{ {nets} }} }}")
@@ -225,11 +231,62 @@ def _one_line(stderr: str) -> str:
     return errors[0]
 
 
+_NFT_ERROR = re.compile(r"^/dev/stdin:(\d+):(\d+)-(\d+): Error: (.+)$", re.MULTILINE)
+_COMMENT = re.compile(r'comment "([^"]+)"')
+_NAMED = (
+    (re.compile(r"\ballow_(\d+)\b"), "gateway.forward[{}].allow"),
+    (re.compile(r"\bdnat_(\d+)_"), "gateway.forward[{}]"),
+    (re.compile(r"\btrig_open_(\d+)\b"), "gateway.trigger[{}].open"),
+    (re.compile(r"\btrig_out_(\d+)\b"), "gateway.trigger[{}].trigger"),
+    (re.compile(r"\btrig_host_(\d+)\b"), "gateway.trigger[{}]"),
+)
+
+
+def explain(text: str, stderr: str) -> tuple[str, str] | None:
+    """(config rule, what nft said) for nft's first error in the document `text`, if traceable.
+
+    nft reports `/dev/stdin:LINE:FIRST-LAST: Error: ...`; the line and columns point into the
+    document. The rule is the comment of the map element under the columns, else the rule
+    line's own comment, else the set or map name (`allow_2` is gateway.forward[2].allow).
+    """
+    found = _NFT_ERROR.search(stderr)
+    if found is None:
+        return None
+    number, first, last, message = int(found[1]), int(found[2]), int(found[3]), found[4].strip()
+    lines = text.splitlines()
+    if not 1 <= number <= len(lines):
+        return None
+    line = lines[number - 1]
+    culprit = line[first - 1 : last].strip()
+    what = f"{message} ({culprit})" if culprit else message
+    start, end = line.rfind("{ ", 0, first), line.find(" }", last)
+    if start != -1 and end != -1:
+        element_start = max(line.rfind(", ", start, first) + 2, start + 2)
+        element_end = line.find(", ", last)
+        element = line[element_start : element_end if element_end != -1 and element_end < end else end]
+        if comment := _COMMENT.search(element):
+            return comment[1], what
+    for pattern, template in _NAMED:
+        if named := pattern.search(line):
+            return template.format(named[1]), what
+    if comment := _COMMENT.search(line):
+        return comment[1], what
+    return None
+
+
 def apply(ruleset: str, *, check_only: bool = False) -> None:
-    """Load the plan atomically (or only check it). Raises GatewayError with nft's first error line."""
+    """Load the plan atomically (or only check it).
+
+    Raises GatewayError naming the config rule nft refused (or nft's first error line).
+    """
     args = ["-c", "-f", "-"] if check_only else ["-f", "-"]
-    result = _nft(*args, payload=document(ruleset))
+    text = document(ruleset)
+    result = _nft(*args, payload=text)
     if result.returncode != 0:
+        explained = explain(text, result.stderr)
+        if explained is not None:
+            rule, what = explained
+            raise GatewayError(f"{rule}: nft refused it: {what}; nothing changed, the previous ruleset stays")
         raise GatewayError(f"nft refused the ruleset; nothing changed: {_one_line(result.stderr)}")
 
 
@@ -342,9 +399,13 @@ def fingerprint() -> str | None:
     result = _nft("-s", "list", "table", FAMILY, TABLE)
     if result.returncode != 0:
         return None
+    return _without_live_elements(result.stdout)
+
+
+def _without_live_elements(listing: str) -> str:
     kept: list[str] = []
     in_trigger_map = skipping = False
-    for line in result.stdout.splitlines():
+    for line in listing.splitlines():
         stripped = line.strip()
         if stripped.startswith("map trig_host_"):
             in_trigger_map = True
@@ -357,3 +418,33 @@ def fingerprint() -> str | None:
         if skipping and stripped.endswith("}"):
             skipping = False
     return "\n".join(kept)
+
+
+def diff(ruleset: str) -> list[str] | None:
+    """Unified diff from the live table to `ruleset`, both as nft lists them; None if not loaded.
+
+    The plan is loaded into a throwaway network namespace (`unshare --net`) and listed there,
+    so both sides are in nft's own canonical form and only real differences show.
+    """
+    live_text = fingerprint()
+    if live_text is None:
+        return None
+    unshare = shutil.which("unshare")
+    binary = shutil.which("nft")
+    if unshare is None or binary is None:
+        raise GatewayError("cannot diff: needs unshare (util-linux) and nft")
+    script = f"{binary} -f - && {binary} -s list table {FAMILY} {TABLE}"
+    try:
+        result = subprocess.run(
+            [unshare, "--net", "sh", "-c", script], input=ruleset, capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise GatewayError(f"cannot diff: {exc}") from exc
+    if result.returncode != 0:
+        raise GatewayError(f"cannot diff against the live table: {_one_line(result.stderr)}")
+    planned = _without_live_elements(result.stdout)
+    return list(
+        difflib.unified_diff(
+            live_text.splitlines(), planned.splitlines(), "live table", "this plan", lineterm="", n=1
+        )
+    )
