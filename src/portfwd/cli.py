@@ -803,6 +803,21 @@ def _status_view(status: dict[str, Any]) -> Group:
                 row["last_error"] or "-",
             )
         parts.append(mappings)
+    if status.get("gateway_sessions"):
+        nat = Table(title="gateway NAT sessions (conntrack)", title_justify="left", box=box.SIMPLE_HEAD)
+        for column in ("rule", "proto", "client", "public port", "LAN target", "state", "age"):
+            nat.add_column(column)
+        for row in status["gateway_sessions"]:
+            nat.add_row(
+                row["rule"],
+                row["proto"],
+                row["client"],
+                str(row["public_port"]),
+                row["target"],
+                row["state"] or "-",
+                "-" if row["age"] is None else _age(row["age"]),
+            )
+        parts.append(nat)
     if status.get("triggers"):
         triggers = Table(title="port triggers", title_justify="left", box=box.SIMPLE_HEAD)
         for column in ("trigger", "opens", "held by", "time left"):

@@ -30,7 +30,7 @@ from portfwd.addr import HostPorts, UnixPath
 from portfwd.config import Config, ForwardConfig, MapConfig, TunnelConfig, published
 from portfwd.control import ControlServer, default_path
 from portfwd.errors import BindError, ConfigError, PortfwdError, RuntimeFailure
-from portfwd.kernel import nft
+from portfwd.kernel import conntrack, nft
 from portfwd.kernel.triggers import LastWins
 from portfwd.metrics import MetricsServer
 from portfwd.relay.forwarder import RelayPath, TcpForwarder
@@ -156,6 +156,7 @@ class Runtime:
         self._gateway_check: asyncio.Task[None] | None = None
         self._gateway_fingerprint: str | None = None
         self._keeper: Keeper | None = None
+        self._restore_timestamps = False
         self._last_wins: LastWins | None = None
         self.control_optional = control_optional
         self.strict = strict
@@ -274,6 +275,9 @@ class Runtime:
         await asyncio.to_thread(nft.apply, ruleset)
         self._gateway = ruleset
         self._gateway_fingerprint = await asyncio.to_thread(nft.fingerprint)
+        if conntrack.timestamps(on=True) is False:
+            self._restore_timestamps = True
+            log.info("gateway: turned on net.netfilter.nf_conntrack_timestamp (NAT session ages in status)")
         log.info(
             "gateway: table inet portfwd applied: %d forward rule(s), %d trigger(s)",
             len(gateway.forward),
@@ -320,6 +324,10 @@ class Runtime:
             }
             for index, trigger in enumerate(gateway.trigger if gateway else ())
         ]
+        if gateway is not None:
+            self.state.gateway_sessions = await asyncio.to_thread(
+                conntrack.sessions, conntrack.claims(gateway)
+            )
         return True
 
     def _fatal(self, error: PortfwdError) -> None:
@@ -574,6 +582,9 @@ class Runtime:
             try:
                 await asyncio.to_thread(nft.remove)
                 log.info("gateway: table inet portfwd removed")
+                if self._restore_timestamps:
+                    conntrack.timestamps(on=False)
+                    self._restore_timestamps = False
             except nft.GatewayError as exc:
                 log.error("gateway: %s", exc.line())
         if self._keeper is not None:

@@ -154,6 +154,7 @@ class State:
         self.server_auth_failures = 0
         self.gateway_rules: list[dict[str, Any]] = []
         self.triggers: list[dict[str, Any]] = []
+        self.gateway_sessions: list[dict[str, Any]] = []
         self.mappings: list[dict[str, Any]] = []
         self.started = time.time()
         self._started_monotonic = time.monotonic()
@@ -335,5 +336,6 @@ class State:
             "server_sessions": self.server_rows(),
             "gateway_rules": list(self.gateway_rules),
             "triggers": list(self.triggers),
+            "gateway_sessions": list(self.gateway_sessions),
             "mappings": list(self.mappings),
         }

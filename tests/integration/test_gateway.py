@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import need_binary
 from tests.integration.processes import READY, REPO, Proc
 from tests.integration.topology import GW_WAN, LAN_HOST, WAN_HOST, Lab, lab
 
@@ -239,6 +240,52 @@ def test_last_wins_trigger_hands_the_ports_to_the_newest_host(tmp_path: Path) ->
                 assert tcp_from(net, net.wan, GW_WAN, 7005, b"") == f"local={host}\n"
             assert f"{second} takes the ports from {LAN_HOST}" in proc.output()
             assert proc.stop(signal.SIGTERM) == 0
+        finally:
+            proc.stop()
+            proc.close()
+
+
+def test_status_shows_live_nat_sessions_from_conntrack(tmp_path: Path) -> None:
+    need_binary("conntrack", "conntrack")
+    config = tmp_path / "gateway.toml"
+    write_config(config)
+    control = tmp_path / "ctl.sock"
+    config.write_text(config.read_text().replace("enabled = false", f'socket = "{control}"'))
+    with lab() as net:
+        net.serve(net.lan, 9000, "sleep 30")
+        env = {**os.environ, "PORTFWD_GATEWAY_CHECK": "0.3"}
+        argv = ["ip", "netns", "exec", net.gw, sys.executable, "-m", "portfwd", "run", "-c", str(config)]
+        proc = Proc(argv, env=env, cwd=REPO)
+        try:
+            proc.wait_for("nf_conntrack_timestamp")
+            proc.wait_for(READY)
+            client = Proc(["ip", "netns", "exec", net.wan, "socat", "-T", "30", "-", f"TCP4:{GW_WAN}:8000"])
+            net.procs.append(client)
+            deadline = time.monotonic() + 15
+            rows: list[dict[str, object]] = []
+            while not rows:
+                assert time.monotonic() < deadline, "no NAT session in status"
+                answer = subprocess.run(
+                    [sys.executable, "-m", "portfwd", "status", "--json", "-c", str(config)],
+                    capture_output=True, text=True, timeout=30, cwd=REPO,
+                )  # fmt: skip
+                if answer.returncode == 0:
+                    rows = json.loads(answer.stdout)["gateway_sessions"]
+                time.sleep(0.1)
+            (row,) = rows
+            assert row["rule"] == "gateway.forward[1]"
+            assert (row["proto"], row["public_port"], row["target"]) == ("tcp", 8000, f"{LAN_HOST}:9000")
+            assert str(row["client"]).startswith(f"{WAN_HOST}:")
+            assert isinstance(row["age"], int)
+            table = subprocess.run(
+                [sys.executable, "-m", "portfwd", "status", "-c", str(config)],
+                capture_output=True, text=True, timeout=30, cwd=REPO,
+            ).stdout  # fmt: skip
+            assert "gateway NAT sessions (conntrack)" in table
+            assert f"{LAN_HOST}:9000" in table
+            assert proc.stop(signal.SIGTERM) == 0
+            sysctl = net.run(net.gw, "sysctl", "-n", "net.netfilter.nf_conntrack_timestamp").stdout
+            assert sysctl == b"0\n", "the setting portfwd turned on is restored on exit"
         finally:
             proc.stop()
             proc.close()

@@ -199,3 +199,14 @@ def test_pcp_codec_yields_an_event_or_a_reply_error(data: bytes) -> None:
         assert exc.message
         assert "\n" not in exc.message
     pcp.parse_announcement(data)
+
+
+@given(
+    st.text(max_size=300)
+    | st.builds(lambda t: f"<conntrack><flow>{t}</flow></conntrack>", st.text(max_size=200))
+)
+@settings(max_examples=300, deadline=None)
+def test_conntrack_listing_parser_never_raises(text: str) -> None:
+    from portfwd.kernel.conntrack import Claim, parse
+
+    assert isinstance(parse(text, [Claim("r", "tcp", 1, 65535)]), list)

@@ -1,0 +1,124 @@
+"""Live NAT sessions of the gateway, from the kernel's connection tracking table.
+
+`conntrack -L --dst-nat -o xml` lists every DNATed flow with its original tuple (the WAN
+client and the public port it asked for) and its reply tuple (the LAN host that answers).
+Each flow is attributed to the `[[gateway.forward]]` rule, or the trigger, whose WAN port it
+hit. Ages need `net.netfilter.nf_conntrack_timestamp = 1`, which `portfwd run` turns on while
+its gateway is applied (and restores on exit).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from portfwd.config import GatewayConfig
+
+TIMESTAMP = Path("/proc/sys/net/netfilter/nf_conntrack_timestamp")
+#: Rows kept per refresh; a busy router can track far more flows than a status table shows.
+MAX_SESSIONS = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Which rule owns a WAN port: `name` for flows to `proto` ports `first`..`last`."""
+
+    name: str
+    proto: str
+    first: int
+    last: int
+
+
+def timestamps(on: bool | None = None) -> bool | None:
+    """Read (and with `on`, set) whether conntrack stamps flows; None when not available."""
+    try:
+        before = TIMESTAMP.read_text().strip() == "1"
+        if on is not None and on != before:
+            TIMESTAMP.write_text("1\n" if on else "0\n")
+        return before
+    except OSError:
+        return None
+
+
+def sessions(claims: list[Claim]) -> list[dict[str, Any]]:
+    """The DNATed flows now, one dict per flow (rule, proto, client, target, state, age)."""
+    binary = shutil.which("conntrack")
+    if binary is None:
+        return []
+    try:
+        result = subprocess.run(
+            [binary, "-L", "--dst-nat", "-o", "xml"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return parse(result.stdout, claims)
+
+
+def parse(text: str, claims: list[Claim]) -> list[dict[str, Any]]:
+    """conntrack's XML listing to rows; flows that match no claim are left out."""
+    try:
+        root = ET.fromstring(text) if text.strip() else None
+    except ET.ParseError:
+        return []
+    rows: list[dict[str, Any]] = []
+    for flow in root.iter("flow") if root is not None else ():
+        metas = {meta.get("direction"): meta for meta in flow.findall("meta")}
+        original, reply, independent = metas.get("original"), metas.get("reply"), metas.get("independent")
+        if original is None or reply is None:
+            continue
+        proto = original.find("layer4")
+        proto_name = proto.get("protoname", "") if proto is not None else ""
+        dport = _int(original.findtext("layer4/dport"))
+        owner = _owner(claims, proto_name, dport)
+        if owner is None:
+            continue
+        state = independent.findtext("state") if independent is not None else None
+        if state is None and independent is not None:
+            state = "UNREPLIED" if independent.find("unreplied") is not None else "ASSURED"
+        age = independent.findtext("deltatime") if independent is not None else None
+        rows.append(
+            {
+                "rule": owner,
+                "proto": proto_name,
+                "client": f"{original.findtext('layer3/src')}:{original.findtext('layer4/sport')}",
+                "public_port": dport,
+                "target": f"{reply.findtext('layer3/src')}:{reply.findtext('layer4/sport')}",
+                "state": state or "",
+                "age": _int(age) if age is not None else None,
+            }
+        )
+        if len(rows) >= MAX_SESSIONS:
+            break
+    return rows
+
+
+def _owner(claims: list[Claim], proto: str, dport: int) -> str | None:
+    for claim in claims:
+        if claim.proto == proto and claim.first <= dport <= claim.last:
+            return claim.name
+    return None
+
+
+def claims(gateway: GatewayConfig) -> list[Claim]:
+    """Which rule owns which WAN ports: each forward (by its name or index), each trigger's opened ports."""
+    out: list[Claim] = []
+    for index, rule in enumerate(gateway.forward):
+        name = rule.name or f"gateway.forward[{index}]"
+        for proto, on in (("tcp", rule.protocol.has_tcp), ("udp", rule.protocol.has_udp)):
+            if on:
+                out.append(Claim(name, proto, rule.port.first, rule.port.last))
+    for index, trigger in enumerate(gateway.trigger):
+        name = trigger.name or f"gateway.trigger[{index}]"
+        out += [Claim(name, proto, ports.first, ports.last) for proto, ports in trigger.open]
+    return out
+
+
+def _int(text: str | None) -> int:
+    try:
+        return int(text or 0)
+    except ValueError:
+        return 0

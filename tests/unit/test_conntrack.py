@@ -1,0 +1,29 @@
+"""conntrack's XML listing (as conntrack-tools 1.4.7 prints it) to NAT session rows."""
+
+from __future__ import annotations
+
+from portfwd.kernel.conntrack import Claim, parse
+
+LISTING = """<?xml version="1.0" encoding="utf-8"?>
+<conntrack>
+<flow><meta direction="original"><layer3 protonum="2" protoname="ipv4"><src>203.0.113.20</src><dst>203.0.113.1</dst></layer3><layer4 protonum="17" protoname="udp"><sport>38719</sport><dport>8080</dport></layer4></meta><meta direction="reply"><layer3 protonum="2" protoname="ipv4"><src>192.168.77.10</src><dst>203.0.113.20</dst></layer3><layer4 protonum="17" protoname="udp"><sport>80</sport><dport>38719</dport></layer4></meta><meta direction="independent"><timeout>28</timeout><mark>0</mark><use>1</use><id>1953829063</id><unreplied/><deltatime>1</deltatime></meta></flow>
+<flow><meta direction="original"><layer3 protonum="2" protoname="ipv4"><src>203.0.113.20</src><dst>203.0.113.1</dst></layer3><layer4 protonum="6" protoname="tcp"><sport>49478</sport><dport>8001</dport></layer4></meta><meta direction="reply"><layer3 protonum="2" protoname="ipv4"><src>192.168.77.10</src><dst>203.0.113.20</dst></layer3><layer4 protonum="6" protoname="tcp"><sport>9001</sport><dport>49478</dport></layer4></meta><meta direction="independent"><state>ESTABLISHED</state><timeout>118</timeout><mark>0</mark><use>1</use><id>2147508418</id><assured/><deltatime>7</deltatime></meta></flow>
+<flow><meta direction="original"><layer3 protonum="2" protoname="ipv4"><src>203.0.113.20</src><dst>203.0.113.1</dst></layer3><layer4 protonum="6" protoname="tcp"><sport>1</sport><dport>22</dport></layer4></meta><meta direction="reply"><layer3 protonum="2" protoname="ipv4"><src>192.168.77.9</src><dst>203.0.113.20</dst></layer3><layer4 protonum="6" protoname="tcp"><sport>22</sport><dport>1</dport></layer4></meta><meta direction="independent"><state>SYN_SENT</state></meta></flow>
+</conntrack>
+"""
+CLAIMS = [Claim("web", "udp", 8080, 8080), Claim("gateway.forward[1]", "tcp", 8000, 8001)]
+
+
+def test_flows_become_rows_per_rule() -> None:
+    assert parse(LISTING, CLAIMS) == [
+        {"rule": "web", "proto": "udp", "client": "203.0.113.20:38719", "public_port": 8080,
+         "target": "192.168.77.10:80", "state": "UNREPLIED", "age": 1},
+        {"rule": "gateway.forward[1]", "proto": "tcp", "client": "203.0.113.20:49478", "public_port": 8001,
+         "target": "192.168.77.10:9001", "state": "ESTABLISHED", "age": 7},
+    ]  # fmt: skip
+
+
+def test_other_dnat_flows_and_bad_xml_are_left_out() -> None:
+    assert parse(LISTING, []) == []
+    assert parse("<conntrack><flow>", CLAIMS) == []
+    assert parse("", CLAIMS) == []
