@@ -235,6 +235,8 @@ def parse_option(text: str, into: dict[str, object]) -> None:
 
     Names are case-insensitive as in OpenSSH. Raises ConfigError naming the option and the fix.
     """
+    if any(char in text for char in "\r\n\0"):
+        raise ConfigError(f"-o {text!r}: an option is one line; write -o Key=Value")
     name, sep, value = text.strip().partition("=")
     if not sep:
         name, _, value = text.strip().partition(" ")

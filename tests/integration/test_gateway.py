@@ -200,6 +200,15 @@ def test_port_trigger_opens_and_closes_after_idle(tmp_path: Path) -> None:
                     break
             assert "elements" not in listed, "the trigger expired"
             assert tcp_from(net, net.wan, GW_WAN, 7005, b"x") == "", "closed again after idle_timeout"
+            # Once expired, the ports are free: a second LAN host triggers and gets them.
+            second = "192.168.77.11"
+            net.run(net.lan, "ip", "addr", "add", f"{second}/24", "dev", "lan0")
+            net.serve(net.lan, 7006, "echo local=$SOCAT_SOCKADDR")
+            out = net.run(
+                net.lan, "socat", "-T", "3", "-", f"TCP4:{WAN_HOST}:6667,bind={second},connect-timeout=2"
+            )
+            assert out.stdout == b"irc\n"
+            assert tcp_from(net, net.wan, GW_WAN, 7006, b"") == f"local={second}\n"
         finally:
             portfwd(net, "gateway", "remove")
 
