@@ -398,12 +398,10 @@ def gateway(action: str, config_file: str | None) -> None:
         else:
             print("# nft -c accepts this ruleset; the live table inet portfwd differs (- live, + this plan):")
             print("\n".join(f"# {line}" for line in changes))
-        problem = nft.forwarding_problem(enable=False)
-        if problem:
+        for problem in nft.forwarding_problems(enable=False):
             print(f"# warning: {problem}")
         return
-    problem = nft.forwarding_problem(loaded.gateway.enable_forwarding)
-    if problem:
+    for problem in nft.forwarding_problems(loaded.gateway.enable_forwarding):
         print(f"portfwd: warning: {problem}", file=sys.stderr)
     nft.apply(ruleset)
     print(f"applied table inet portfwd: {len(loaded.gateway.forward)} forward rule(s)")

@@ -264,8 +264,7 @@ class Runtime:
         """Plan and apply the gateway ruleset, then watch that it stays loaded."""
         gateway = self.config.gateway
         assert gateway is not None
-        problem = nft.forwarding_problem(gateway.enable_forwarding)
-        if problem:
+        for problem in nft.forwarding_problems(gateway.enable_forwarding):
             log.warning("gateway: %s", problem)
         found = await asyncio.to_thread(nft.interfaces, gateway)
         problems = nft.check(gateway, found)

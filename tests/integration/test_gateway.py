@@ -298,3 +298,27 @@ def test_status_shows_live_nat_sessions_from_conntrack(tmp_path: Path) -> None:
         finally:
             proc.stop()
             proc.close()
+
+
+def test_forwarding_switches_warned_or_enabled(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    write_config(config)
+    with lab() as net:
+        net.serve(net.lan, 80, REPLY)
+        net.run(net.gw, "sysctl", "-qw", "net.ipv4.ip_forward=0")
+        warned = portfwd(net, "gateway", "apply", "-c", str(config))
+        assert warned.returncode == 0
+        assert warned.stderr.decode().splitlines() == [
+            "portfwd: warning: IPv4 forwarding is off: run sysctl -w net.ipv4.ip_forward=1, or set enable_forwarding = true",
+            "portfwd: warning: IPv6 forwarding is off: run sysctl -w net.ipv6.conf.all.forwarding=1, or set enable_forwarding = true",
+        ]
+        assert tcp_from(net, net.wan, GW_WAN, 8080, b"x") == "", "the kernel does not route yet"
+        config.write_text(
+            config.read_text().replace('lan = "gwlan0"\n', 'lan = "gwlan0"\nenable_forwarding = true\n')
+        )
+        enabled = portfwd(net, "gateway", "apply", "-c", str(config))
+        assert (enabled.returncode, enabled.stderr) == (0, b"")
+        for key in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"):
+            assert net.run(net.gw, "sysctl", "-n", key).stdout == b"1\n"
+        assert tcp_from(net, net.wan, GW_WAN, 8080, b"x").startswith(f"peer={WAN_HOST}")
+        assert portfwd(net, "gateway", "remove").returncode == 0

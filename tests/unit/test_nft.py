@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 from portfwd import config
-from portfwd.kernel.nft import Interfaces, check, counters, document, explain, plan, trigger_holders
+from portfwd.kernel.nft import (
+    Interfaces,
+    check,
+    counters,
+    document,
+    explain,
+    forwarding_problems,
+    plan,
+    trigger_holders,
+)
 
 GATEWAY = config.validate(
     {
@@ -184,3 +194,18 @@ def test_nft_errors_name_the_rule() -> None:
         "conflicting intervals specified (203.0.113.7/32)",
     )
     assert explain(text, "Error: something else entirely\n") is None
+
+
+def test_forwarding_switches_are_checked_and_set(tmp_path: Path) -> None:
+    v4, v6 = tmp_path / "ip_forward", tmp_path / "forwarding"
+    v4.write_text("0\n")
+    v6.write_text("0\n")
+    switches = (("IPv4", str(v4), "net.ipv4.ip_forward"), ("IPv6", str(v6), "net.ipv6.conf.all.forwarding"))
+    assert forwarding_problems(False, switches) == [
+        "IPv4 forwarding is off: run sysctl -w net.ipv4.ip_forward=1, or set enable_forwarding = true",
+        "IPv6 forwarding is off: run sysctl -w net.ipv6.conf.all.forwarding=1, or set enable_forwarding = true",
+    ]
+    assert forwarding_problems(True, switches) == []
+    assert (v4.read_text(), v6.read_text()) == ("1\n", "1\n")
+    v6.unlink()
+    assert forwarding_problems(False, switches) == [], "a kernel without IPv6 is not a problem"

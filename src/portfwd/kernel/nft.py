@@ -309,20 +309,38 @@ def remove() -> bool:
     return True
 
 
-def forwarding_problem(enable: bool) -> str | None:
-    """None when the kernel routes IPv4; else what to do (or enable it when `enable`)."""
-    path = "/proc/sys/net/ipv4/ip_forward"
-    try:
-        with open(path, encoding="ascii") as handle:
-            if handle.read().strip() == "1":
-                return None
-        if enable:
-            with open(path, "w", encoding="ascii") as handle:
-                handle.write("1\n")
-            return None
-    except OSError as exc:
-        return f"cannot read or set {path}: {exc.strerror}"
-    return "IPv4 forwarding is off: run sysctl -w net.ipv4.ip_forward=1, or set enable_forwarding = true"
+FORWARDING = (
+    ("IPv4", "/proc/sys/net/ipv4/ip_forward", "net.ipv4.ip_forward"),
+    ("IPv6", "/proc/sys/net/ipv6/conf/all/forwarding", "net.ipv6.conf.all.forwarding"),
+)
+
+
+def forwarding_problems(enable: bool, switches: tuple[tuple[str, str, str], ...] = FORWARDING) -> list[str]:
+    """What to do about the kernel not routing IPv4 (and IPv6); with `enable`, switch them on.
+
+    portfwd's DNAT rules are IPv4, so IPv6 forwarding off is only worth a line: IPv6 hosts
+    behind the gateway are not reached, which a user expecting them should know.
+    """
+    problems = []
+    for family, path, key in switches:
+        try:
+            with open(path, encoding="ascii") as handle:
+                if handle.read().strip() == "1":
+                    continue
+            if enable:
+                with open(path, "w", encoding="ascii") as handle:
+                    handle.write("1\n")
+                continue
+        except FileNotFoundError:
+            if family == "IPv6":
+                continue  # a kernel without IPv6
+            problems.append(f"cannot read {path}: the kernel has no {family} forwarding switch")
+            continue
+        except OSError as exc:
+            problems.append(f"cannot read or set {path}: {exc.strerror}")
+            continue
+        problems.append(f"{family} forwarding is off: run sysctl -w {key}=1, or set enable_forwarding = true")
+    return problems
 
 
 def interfaces(config: GatewayConfig) -> Interfaces:
