@@ -306,6 +306,7 @@ def test_forwarding_switches_warned_or_enabled(tmp_path: Path) -> None:
     with lab() as net:
         net.serve(net.lan, 80, REPLY)
         net.run(net.gw, "sysctl", "-qw", "net.ipv4.ip_forward=0")
+        net.run(net.gw, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=0")  # the lab has IPv6 off
         warned = portfwd(net, "gateway", "apply", "-c", str(config))
         assert warned.returncode == 0
         assert warned.stderr.decode().splitlines() == [

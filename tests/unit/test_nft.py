@@ -201,11 +201,17 @@ def test_forwarding_switches_are_checked_and_set(tmp_path: Path) -> None:
     v4.write_text("0\n")
     v6.write_text("0\n")
     switches = (("IPv4", str(v4), "net.ipv4.ip_forward"), ("IPv6", str(v6), "net.ipv6.conf.all.forwarding"))
-    assert forwarding_problems(False, switches) == [
+    disabled = tmp_path / "disable_ipv6"
+    disabled.write_text("1\n")
+    assert forwarding_problems(False, switches, str(disabled)) == [
+        "IPv4 forwarding is off: run sysctl -w net.ipv4.ip_forward=1, or set enable_forwarding = true",
+    ], "no IPv6 line where IPv6 is switched off"
+    disabled.write_text("0\n")
+    assert forwarding_problems(False, switches, str(disabled)) == [
         "IPv4 forwarding is off: run sysctl -w net.ipv4.ip_forward=1, or set enable_forwarding = true",
         "IPv6 forwarding is off: run sysctl -w net.ipv6.conf.all.forwarding=1, or set enable_forwarding = true",
     ]
-    assert forwarding_problems(True, switches) == []
+    assert forwarding_problems(True, switches, str(disabled)) == []
     assert (v4.read_text(), v6.read_text()) == ("1\n", "1\n")
     v6.unlink()
-    assert forwarding_problems(False, switches) == [], "a kernel without IPv6 is not a problem"
+    assert forwarding_problems(False, switches, str(disabled)) == [], "a kernel without IPv6 is not a problem"

@@ -313,16 +313,24 @@ FORWARDING = (
     ("IPv4", "/proc/sys/net/ipv4/ip_forward", "net.ipv4.ip_forward"),
     ("IPv6", "/proc/sys/net/ipv6/conf/all/forwarding", "net.ipv6.conf.all.forwarding"),
 )
+IPV6_DISABLED = "/proc/sys/net/ipv6/conf/all/disable_ipv6"
 
 
-def forwarding_problems(enable: bool, switches: tuple[tuple[str, str, str], ...] = FORWARDING) -> list[str]:
+def forwarding_problems(
+    enable: bool,
+    switches: tuple[tuple[str, str, str], ...] = FORWARDING,
+    ipv6_disabled: str = IPV6_DISABLED,
+) -> list[str]:
     """What to do about the kernel not routing IPv4 (and IPv6); with `enable`, switch them on.
 
     portfwd's DNAT rules are IPv4, so IPv6 forwarding off is only worth a line: IPv6 hosts
-    behind the gateway are not reached, which a user expecting them should know.
+    behind the gateway are not reached, which a user expecting them should know. A box with
+    IPv6 switched off altogether gets no IPv6 line.
     """
     problems = []
     for family, path, key in switches:
+        if family == "IPv6" and _reads_one(ipv6_disabled):
+            continue
         try:
             with open(path, encoding="ascii") as handle:
                 if handle.read().strip() == "1":
@@ -341,6 +349,14 @@ def forwarding_problems(enable: bool, switches: tuple[tuple[str, str, str], ...]
             continue
         problems.append(f"{family} forwarding is off: run sysctl -w {key}=1, or set enable_forwarding = true")
     return problems
+
+
+def _reads_one(path: str) -> bool:
+    try:
+        with open(path, encoding="ascii") as handle:
+            return handle.read().strip() == "1"
+    except OSError:
+        return False
 
 
 def interfaces(config: GatewayConfig) -> Interfaces:
