@@ -303,6 +303,7 @@ class Runtime:
                     continue
                 await asyncio.to_thread(nft.apply, self._gateway)
                 self._gateway_fingerprint = await asyncio.to_thread(nft.fingerprint)
+                log.info("gateway: table inet portfwd applied again")
             except nft.GatewayError as exc:
                 log.error("gateway: %s", exc.line())
 

@@ -106,15 +106,15 @@ def test_run_applies_restores_after_drift_and_removes_on_exit(tmp_path: Path) ->
             proc.wait_for(READY)
             assert "table inet portfwd" in tables(net)
             assert tcp_from(net, net.wan, GW_WAN, 8080, b"x").startswith(f"peer={WAN_HOST}")
+            mark = proc.mark()
             net.run(net.gw, "nft", "delete", "table", "inet", "portfwd")
-            proc.wait_for("removed behind our back; applying it again")
-            deadline = time.monotonic() + 10
-            while "table inet portfwd" not in tables(net) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            proc.wait_for("removed behind our back; applying it again", start=mark)
+            proc.wait_for("table inet portfwd applied again", start=mark)
             assert tcp_from(net, net.wan, GW_WAN, 8080, b"x").startswith(f"peer={WAN_HOST}")
             mark = proc.mark()
             net.run(net.gw, "nft", "flush", "chain", "inet", "portfwd", "prerouting")  # changed, not deleted
             proc.wait_for("changed behind our back; applying it again", start=mark)
+            proc.wait_for("table inet portfwd applied again", start=mark)
             assert tcp_from(net, net.wan, GW_WAN, 8080, b"x").startswith(f"peer={WAN_HOST}")
             deadline = time.monotonic() + 10
             counted = 0
