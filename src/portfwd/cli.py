@@ -466,6 +466,20 @@ def _asyncio_run(coroutine: Any) -> Any:
     return asyncio.run(coroutine)
 
 
+def _one_shot(
+    method: str, gateway: str | None, upnp_url: str | None, tries: int | None, attempt: Callable[[Any], Any]
+) -> tuple[Any, Any]:
+    """Run `attempt` with the chosen method (or the first that works) once; (method, result)."""
+    from portfwd.router.choose import first_working
+
+    async def once() -> tuple[Any, Any]:
+        used, result = await first_working(method, _route(gateway), attempt, upnp_url=upnp_url, tries=tries)
+        await used.close()
+        return used, result
+
+    return _asyncio_run(once())  # type: ignore[no-any-return]
+
+
 @app.group(name="map")
 def map_group() -> None:
     """Ask the home router for a port (PCP, NAT-PMP or UPnP IGD), list or remove mappings."""
@@ -483,19 +497,9 @@ def map_ip(
     log_format: str,
 ) -> None:
     """Print the router's external address and the method that told it."""
-    from portfwd.router.choose import first_working
-
     _setup_logging(verbose, quiet, log_format)
-
-    async def ask() -> tuple[str, str, str]:
-        used, address = await first_working(
-            method, _route(gateway), lambda m: m.external_address(), upnp_url=upnp_url, tries=tries
-        )
-        await used.close()
-        return address, used.name, used.where
-
-    address, name, where = _asyncio_run(ask())
-    print(f"{address} (via {name} at {where})")
+    used, address = _one_shot(method, gateway, upnp_url, tries, lambda m: m.external_address())
+    print(f"{address} (via {used.name} at {used.where})")
 
 
 @map_group.command(name="add")
@@ -525,7 +529,6 @@ def map_add(
 ) -> None:
     """Map one port on the router to this host and print the public endpoint (like upnpc -a)."""
     from portfwd.router.base import MapRequest
-    from portfwd.router.choose import first_working
 
     _setup_logging(verbose, quiet, log_format)
     number, proto = _port_proto(port)
@@ -534,15 +537,7 @@ def map_add(
     except ConfigError as exc:
         raise click.BadParameter(exc.message, param_hint="'--lease'") from None
     request = MapRequest(proto, number, _external(external, number), max(1, round(seconds)), to_host)
-
-    async def add() -> Any:
-        used, granted = await first_working(
-            method, _route(gateway), lambda m: m.add(request), upnp_url=upnp_url, tries=tries
-        )
-        await used.close()
-        return granted
-
-    granted = _asyncio_run(add())
+    _, granted = _one_shot(method, gateway, upnp_url, tries, lambda m: m.add(request))
     lease_text = (
         f"lease {granted.lifetime} s" if granted.lifetime else "permanent: remove it with portfwd map remove"
     )

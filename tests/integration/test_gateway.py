@@ -49,6 +49,16 @@ def tcp_from(net: Lab, ns: str, host: str, port: int, data: bytes) -> str:
     return result.stdout.decode(errors="replace")
 
 
+def status_rows(config: Path, key: str) -> list[dict[str, object]]:
+    """One list from `portfwd status --json` of the instance running `config` (empty until it answers)."""
+    answer = subprocess.run(
+        [sys.executable, "-m", "portfwd", "status", "--json", "-c", str(config)],
+        capture_output=True, text=True, timeout=30, cwd=REPO,
+    )  # fmt: skip
+    rows: list[dict[str, object]] = json.loads(answer.stdout)[key] if answer.returncode == 0 else []
+    return rows
+
+
 def tables(net: Lab) -> str:
     return net.run(net.gw, "nft", "list", "tables").stdout.decode()
 
@@ -119,14 +129,7 @@ def test_run_applies_restores_after_drift_and_removes_on_exit(tmp_path: Path) ->
             deadline = time.monotonic() + 10
             counted = 0
             while time.monotonic() < deadline and not counted:  # counters are read every 0.3 s here
-                answer = subprocess.run(
-                    [sys.executable, "-m", "portfwd", "status", "--json", "-c", str(config)],
-                    capture_output=True,
-                    text=True,
-                    timeout=30,
-                    cwd=REPO,
-                )
-                rows = json.loads(answer.stdout)["gateway_rules"] if answer.returncode == 0 else []
+                rows = status_rows(config, "gateway_rules")
                 counted = sum(row["packets"] for row in rows if row["rule"] == "gateway.forward tcp")
                 time.sleep(0.1)
             # nat chains see a connection's first packet only, and the re-applied table started
@@ -274,12 +277,7 @@ def test_status_shows_live_nat_sessions_from_conntrack(tmp_path: Path) -> None:
             rows: list[dict[str, object]] = []
             while not rows:
                 assert time.monotonic() < deadline, "no NAT session in status"
-                answer = subprocess.run(
-                    [sys.executable, "-m", "portfwd", "status", "--json", "-c", str(config)],
-                    capture_output=True, text=True, timeout=30, cwd=REPO,
-                )  # fmt: skip
-                if answer.returncode == 0:
-                    rows = json.loads(answer.stdout)["gateway_sessions"]
+                rows = status_rows(config, "gateway_sessions")
                 time.sleep(0.1)
             (row,) = rows
             assert row["rule"] == "gateway.forward[1]"

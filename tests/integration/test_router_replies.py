@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -39,11 +39,16 @@ SCPD = """<?xml version="1.0"?>
 <name>ExternalIPAddress</name><dataType>string</dataType></stateVariable></serviceStateTable></scpd>"""
 
 
-def serve(pages: dict[str, tuple[int, str]]) -> Iterator[str]:
+@contextlib.contextmanager
+def router_http(answer: Callable[[str, str, str], tuple[int, str]]) -> Iterator[str]:
+    """A scripted router's HTTP side on loopback: `answer(path, soap_action, body)` -> (status, XML)."""
+
     class Handler(http.server.BaseHTTPRequestHandler):
         def _answer(self) -> None:
-            status, body = pages.get(self.path, (404, "no"))
-            data = body.encode()
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0"))).decode()
+            action = self.headers.get("SOAPAction", "").strip('"').rsplit("#", 1)[-1]
+            status, text = answer(self.path, action, body)
+            data = text.encode()
             self.send_response(status)
             self.send_header("Content-Type", 'text/xml; charset="utf-8"')
             self.send_header("Content-Length", str(len(data)))
@@ -110,7 +115,7 @@ def portfwd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
     ],
 )
 def test_broken_upnp_router_gives_one_line(pages: dict[str, tuple[int, str]], error: str) -> None:
-    with contextlib.contextmanager(serve)(pages) as url:
+    with router_http(lambda path, _action, _body: pages.get(path, (404, "no"))) as url:
         result = portfwd(
             "map", "ip", "--method", "upnp", "--gateway", "127.0.0.1", "--upnp-url", f"{url}/desc.xml"
         )
@@ -238,6 +243,12 @@ class QuirkyIgd:
         self.calls: list[tuple[str, str]] = []
         self.mappings: dict[str, str] = {}
 
+    def serve(self, path: str, action: str, body: str) -> tuple[int, str]:
+        """GETs fetch the description and the SCPD; POSTs are SOAP actions."""
+        if not action:
+            return 200, DESCRIPTION if path == "/desc.xml" else _scpd()
+        return self.answer(action, body)
+
     def answer(self, action: str, body: str) -> tuple[int, str]:
         import re
 
@@ -268,38 +279,6 @@ class QuirkyIgd:
         return 500, _fault(401)
 
 
-@contextlib.contextmanager
-def quirky(igd: QuirkyIgd) -> Iterator[str]:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def _send(self, status: int, body: str) -> None:
-            data = body.encode()
-            self.send_response(status)
-            self.send_header("Content-Type", 'text/xml; charset="utf-8"')
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self) -> None:
-            self._send(200, DESCRIPTION if self.path == "/desc.xml" else _scpd())
-
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", "0"))).decode()
-            action = self.headers.get("SOAPAction", "").strip('"').rsplit("#", 1)[-1]
-            self._send(*igd.answer(action, body))
-
-        def log_message(self, *args: object) -> None:
-            return None
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/desc.xml"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.mark.parametrize(
     ("quirk", "published", "lease_column"),
     [
@@ -310,7 +289,8 @@ def quirky(igd: QuirkyIgd) -> Iterator[str]:
 def test_lease_quirks_under_run(tmp_path: Path, quirk: str, published: str, lease_column: int) -> None:
     """725 → lease 0 and deleted on exit; a lease the router changed is read back and trusted."""
     igd = QuirkyIgd(quirk)
-    with quirky(igd) as url:
+    with router_http(igd.serve) as root:
+        url = f"{root}/desc.xml"
         path = tmp_path / "map.toml"
         path.write_text(
             f'[control]\nsocket = "{tmp_path}/ctl.sock"\n[[map]]\nport = 8000\nexternal_port = 18000\n'

@@ -28,6 +28,8 @@ Protocol = Literal["tcp", "udp"]
 #: RFC 6887 §8.1.1: IRT 3 s, doubling with ±10 % jitter, capped at MRT 1024 s.
 RETRY_FIRST = 3.0
 RETRY_MAX = 1024.0
+#: The RFC's schedule has no end; 4 tries (3 + 6 + 12 + 24 s = 45 s) before saying "no answer".
+RETRY_COUNT = 4
 
 HEADER = 24
 #: A grant shorter than this cannot be renewed in time (renewal is at half the lease).

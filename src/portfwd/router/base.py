@@ -98,6 +98,26 @@ class Method(Protocol):
     async def close(self) -> None: ...
 
 
+def own_host_only(label: str, route: Route, request: MapRequest) -> None:
+    """NAT-PMP, and PCP without THIRD_PARTY, map only the asking host's ports: refuse another."""
+    if request.internal_host not in (None, str(route.local)):
+        raise RouterError(
+            f"{label} maps only this host's ports ({route.local}), not {request.internal_host}",
+            reason="unsupported",
+            hint="use --method upnp to map a port for another host",
+        )
+
+
+def port_taken(label: str, request: MapRequest, offered: int) -> RouterError:
+    """A fixed external port was asked for and the router offered another one instead."""
+    return RouterError(
+        f"{label}: external port {request.external_port}/{request.protocol} is taken "
+        f"(the router offered {offered})",
+        reason="conflict",
+        hint='pick another external port, or use external_port = "any"',
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """The default route: the router's address and ours on that link."""

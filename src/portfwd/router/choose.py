@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from portfwd.errors import RouterError
+from portfwd.proto import natpmp, pcp
 from portfwd.router.base import METHODS, Method, Route
 from portfwd.router.natpmp import NatPmp
 from portfwd.router.pcp import Pcp
@@ -22,8 +23,6 @@ T = TypeVar("T")
 
 #: Tries per UDP method while probing under `auto`: 250 ms + 500 ms for NAT-PMP, 3 s for PCP.
 AUTO_TRIES = 2
-#: PCP's schedule (3 s doubling) has no end in RFC 6887; 4 tries = 45 s before saying so.
-PCP_TRIES = 4
 
 
 def make(
@@ -31,9 +30,9 @@ def make(
 ) -> Method:
     """One method object by name; `tries` caps PCP/NAT-PMP retransmissions (default: the RFC's)."""
     if name == "pcp":
-        return Pcp(route, tries=tries or (1 if probing else PCP_TRIES))
+        return Pcp(route, tries=tries or (1 if probing else pcp.RETRY_COUNT))
     if name == "natpmp":
-        return NatPmp(route, tries=tries or (AUTO_TRIES if probing else 9))
+        return NatPmp(route, tries=tries or (AUTO_TRIES if probing else natpmp.RETRY_COUNT))
     if name == "upnp":
         from portfwd.router.upnp import Upnp  # aiohttp costs 80 ms to import; only UPnP needs it
 

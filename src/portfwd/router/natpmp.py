@@ -6,7 +6,7 @@ import asyncio
 
 from portfwd.errors import RouterError
 from portfwd.proto import natpmp
-from portfwd.router.base import Granted, MapRequest, MethodName, Route, RouterEntry
+from portfwd.router.base import Granted, MapRequest, MethodName, Route, RouterEntry, own_host_only, port_taken
 from portfwd.router.udp import doubling, exchange
 
 
@@ -46,12 +46,7 @@ class NatPmp:
         return self._address
 
     async def add(self, request: MapRequest) -> Granted:
-        if request.internal_host not in (None, str(self.route.local)):
-            raise RouterError(
-                f"NAT-PMP maps only this host's ports ({self.route.local}), not {request.internal_host}",
-                reason="unsupported",
-                hint="use --method upnp to map a port for another host",
-            )
+        own_host_only("NAT-PMP", self.route, request)
         address = self._address or await self.external_address()
         reply = await self._ask(
             natpmp.map_request(
@@ -62,12 +57,7 @@ class NatPmp:
         if request.external_port and reply.external_port != request.external_port:
             # NAT-PMP cannot say "that port is taken"; it offers another. A fixed port was asked.
             await self._delete(request)
-            raise RouterError(
-                f"NAT-PMP at {self.where}: external port {request.external_port}/{request.protocol} is taken "
-                f"(the router offered {reply.external_port})",
-                reason="conflict",
-                hint='pick another external port, or use external_port = "any"',
-            )
+            raise port_taken(f"NAT-PMP at {self.where}", request, reply.external_port)
         return Granted(
             "natpmp",
             request.protocol,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from portfwd.errors import RouterError
 from portfwd.proto import natpmp, pcp
-from portfwd.router.base import Granted, MapRequest, MethodName, Route, RouterEntry
+from portfwd.router.base import Granted, MapRequest, MethodName, Route, RouterEntry, own_host_only, port_taken
 from portfwd.router.udp import doubling, exchange
 
 
@@ -59,7 +59,7 @@ class Pcp:
 
     name: MethodName = "pcp"
 
-    def __init__(self, route: Route, *, tries: int = 4) -> None:
+    def __init__(self, route: Route, *, tries: int = pcp.RETRY_COUNT) -> None:
         self.route = route
         self.where = f"{route.gateway}:{pcp.PORT}"
         self._tries = tries
@@ -71,12 +71,7 @@ class Pcp:
         return hmac.new(nonce_key(), message, hashlib.sha256).digest()[: pcp.NONCE]
 
     async def _map(self, request: MapRequest, external_port: int, lifetime: int) -> pcp.MapReply:
-        if request.internal_host not in (None, str(self.route.local)):
-            raise RouterError(
-                f"PCP here maps only this host's ports ({self.route.local}), not {request.internal_host}",
-                reason="unsupported",
-                hint="use --method upnp to map a port for another host",
-            )
+        own_host_only("PCP here", self.route, request)
         datagram = pcp.map_request(
             nonce=self.nonce(request),
             protocol=request.protocol,
@@ -129,12 +124,7 @@ class Pcp:
         if request.external_port and reply.external_port != request.external_port:
             with contextlib.suppress(RouterError):
                 await self._map(request, 0, 0)
-            raise RouterError(
-                f"PCP at {self.where}: external port {request.external_port}/{request.protocol} is taken "
-                f"(the router offered {reply.external_port})",
-                reason="conflict",
-                hint='pick another external port, or use external_port = "any"',
-            )
+            raise port_taken(f"PCP at {self.where}", request, reply.external_port)
         return Granted(
             "pcp",
             request.protocol,
@@ -164,7 +154,7 @@ class Pcp:
 
     def full_schedule(self) -> None:
         """After `auto` picked this method: retransmit on the RFC's whole schedule from now on."""
-        self._tries = 4
+        self._tries = pcp.RETRY_COUNT
 
     async def close(self) -> None:
         return None
