@@ -66,6 +66,6 @@ def _patch() -> None:
 
 if __name__ == "__main__":
     _patch()
-    from portfwd.cli import main
+    from portfwd.cli.commands import main
 
     main()

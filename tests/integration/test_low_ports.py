@@ -81,7 +81,7 @@ def test_root_binds_port_80_then_drops_to_user(tmp_path: Path) -> None:
 
 
 _PROBE = """
-import sys, sysconfig, portfwd.cli, portfwd.runtime, uvloop
+import sys, sysconfig, portfwd.cli.commands, portfwd.runtime, uvloop
 roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
 names = set()
 for module in list(sys.modules.values()):
@@ -140,7 +140,7 @@ def _debian_python_env(packages: Path) -> tuple[str, dict[str, str]]:
             "--clear-groups",
             python,
             "-c",
-            "import portfwd.cli, uvloop, pydantic_core",
+            "import portfwd.cli.commands, uvloop, pydantic_core",
         ],
         env=env,
         capture_output=True,

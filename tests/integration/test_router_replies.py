@@ -70,9 +70,11 @@ def router_http(answer: Callable[[str, str, str], tuple[int, str]]) -> Iterator[
         server.server_close()
 
 
-def portfwd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def portfwd(*args: str, timeout: float = 60, full_cli: bool = False) -> subprocess.CompletedProcess[str]:
+    """The `portfwd` command; `full_cli` skips the fast path for `map add|ip` (cli/__init__.py)."""
+    start = ["-c", "from portfwd.cli.commands import main; main()"] if full_cli else ["-m", "portfwd"]
     return subprocess.run(
-        [sys.executable, "-m", "portfwd", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+        [sys.executable, *start, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
     )
 
 
@@ -126,8 +128,15 @@ def test_broken_upnp_router_gives_one_line(pages: dict[str, tuple[int, str]], er
     assert "Traceback" not in result.stderr
 
 
-def test_garbage_datagrams_are_skipped_then_reported_in_one_line() -> None:
-    """A 'router' that answers every NAT-PMP/PCP request with a wrong or truncated datagram."""
+@pytest.mark.parametrize("full_cli", [False, True], ids=["fast-path", "full-cli"])
+def test_garbage_datagrams_are_skipped_then_reported_in_one_line(
+    full_cli: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 'router' that answers every NAT-PMP/PCP request with a wrong or truncated datagram.
+
+    The same words whether `entry.py`'s fast path or the full CLI ran the command.
+    """
+    monkeypatch.setenv("PORTFWD_STATE_DIR", str(tmp_path))
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.bind(("127.0.0.1", 5351))
@@ -151,9 +160,20 @@ def test_garbage_datagrams_are_skipped_then_reported_in_one_line() -> None:
     thread.start()
     try:
         result = portfwd(
-            "map", "add", "8000/tcp", "--gateway", "127.0.0.1", "--method", "pcp", "--tries", "1"
+            "map",
+            "add",
+            "8000/tcp",
+            "--gateway",
+            "127.0.0.1",
+            "--method",
+            "pcp",
+            "--tries",
+            "1",
+            full_cli=full_cli,
         )
-        natpmp = portfwd("map", "ip", "--gateway", "127.0.0.1", "--method", "natpmp", "--tries", "3")
+        natpmp = portfwd(
+            "map", "ip", "--gateway", "127.0.0.1", "--method", "natpmp", "--tries", "3", full_cli=full_cli
+        )
     finally:
         stop.set()
         thread.join(5)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from portfwd import __version__
-from portfwd.cli import main
+from portfwd.cli.commands import main
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 PORT = 5351  #: where the gateway listens
 CLIENT_PORT = 5350  #: where a router announces a new address or a reboot (224.0.0.1)
@@ -53,16 +52,14 @@ class NatPmpReplyError(Exception):
         self.result = result
 
 
-@dataclass(frozen=True, slots=True)
-class ExternalAddress:
+class ExternalAddress(NamedTuple):
     """The router's answer to opcode 0."""
 
     epoch: int
     address: ipaddress.IPv4Address
 
 
-@dataclass(frozen=True, slots=True)
-class Mapping:
+class Mapping(NamedTuple):
     """The router's answer to a map (or delete) request: what it actually granted."""
 
     epoch: int

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 PORT = 5351
 VERSION = 2
@@ -71,8 +70,7 @@ class PcpReplyError(Exception):
         self.lifetime = lifetime
 
 
-@dataclass(frozen=True, slots=True)
-class MapReply:
+class MapReply(NamedTuple):
     """What the router granted for a MAP request."""
 
     epoch: int

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import random
 import socket
 import struct
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal, Protocol
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Literal, NamedTuple, Protocol, TypeVar
 
 from portfwd.errors import RouterError
+from portfwd.proto.natpmp import NatPmpReplyError
+from portfwd.proto.pcp import PcpReplyError
+
+T = TypeVar("T")
 
 MethodName = Literal["pcp", "natpmp", "upnp"]
 METHODS: tuple[MethodName, ...] = ("pcp", "natpmp", "upnp")
@@ -25,8 +29,7 @@ TransportName = Literal["tcp", "udp"]
 DESCRIPTION = "portfwd"
 
 
-@dataclass(frozen=True, slots=True)
-class MapRequest:
+class MapRequest(NamedTuple):
     """One port to publish: `internal_port` on this host, `external_port` on the router (0 = any)."""
 
     protocol: TransportName
@@ -40,8 +43,7 @@ class MapRequest:
         return f"{self.internal_port}/{self.protocol}"
 
 
-@dataclass(slots=True)
-class Granted:
+class Granted(NamedTuple):
     """What the router actually granted, which may differ from what was asked."""
 
     method: MethodName
@@ -52,15 +54,14 @@ class Granted:
     external_port: int
     lifetime: int  #: seconds granted; 0 = permanent (UPnP), which portfwd must delete itself
     epoch: int | None = None
-    nonce: bytes = field(default=b"", repr=False)
+    nonce: bytes = b""
 
     @property
     def public(self) -> str:
         return f"{self.external_host}:{self.external_port}"
 
 
-@dataclass(frozen=True, slots=True)
-class RouterEntry:
+class RouterEntry(NamedTuple):
     """One line of the router's own mapping table (`portfwd map list`)."""
 
     protocol: str
@@ -98,6 +99,82 @@ class Method(Protocol):
     async def close(self) -> None: ...
 
 
+class Exchange(Protocol):
+    """Sends one request to the router until an answer parses (PCP and NAT-PMP).
+
+    Two implementations share `Retransmission`: `router/udp.py` on the event loop, for
+    `portfwd run`, and `router/blocking.py` for one-shot commands, which must not pay the
+    40 ms that importing asyncio costs.
+    """
+
+    def __call__(
+        self,
+        where: tuple[str, int],
+        request: bytes,
+        parse: Callable[[bytes], T],
+        schedule: Iterator[float],
+        *,
+        label: str,
+        source: str | None = None,
+    ) -> Awaitable[T]: ...
+
+
+def doubling(first: float, count: int, cap: float = 1024.0, jitter: float = 0.0) -> Iterator[float]:
+    """Waits between tries: `first`, doubling up to `cap`, `count` of them, with ± `jitter`."""
+    wait = first
+    for _ in range(count):
+        yield wait * (1 + random.uniform(-jitter, jitter)) if jitter else wait
+        wait = min(wait * 2, cap)
+
+
+class Retransmission:
+    """An exchange's decisions without its I/O: which datagram answers, and what each failure says.
+
+    `parse` raises for datagrams that are not our answer; a stray one is skipped, but an error
+    that carries the router's result code (`result` attribute not None) is the answer.
+    """
+
+    def __init__(self, where: tuple[str, int], label: str) -> None:
+        self.where = where
+        self.label = label
+        self.last: Exception | None = None
+
+    def received(self, parse: Callable[[bytes], T], data: bytes) -> tuple[T] | None:
+        """`(answer,)`, or None for a stray datagram; raises the router's own refusal."""
+        try:
+            return (parse(data),)
+        except (NatPmpReplyError, PcpReplyError) as exc:
+            if exc.result is not None:
+                raise
+            self.last = exc
+            return None
+
+    def cannot_reach(self, exc: OSError) -> RouterError:
+        """No socket towards the router (no route, address not ours)."""
+        return RouterError(
+            f"{self.label}: cannot reach {self.where[0]}:{self.where[1]}: {exc.strerror}",
+            reason="unreachable",
+        )
+
+    def failed(self, exc: OSError) -> RouterError:
+        """An ICMP error came back: "port unreachable" means the router does not speak this."""
+        if isinstance(exc, ConnectionRefusedError):
+            return RouterError(
+                f"{self.label}: {self.where[0]}:{self.where[1]} refused (no {self.label} service there)",
+                reason="unsupported",
+            )
+        return RouterError(
+            f"{self.label}: {self.where[0]}:{self.where[1]}: {exc.strerror or exc}", reason="unreachable"
+        )
+
+    def silent(self) -> RouterError:
+        """Every try went unanswered."""
+        detail = f"; last datagram: {self.last}" if self.last else ""
+        return RouterError(
+            f"{self.label}: no answer from {self.where[0]}:{self.where[1]}{detail}", reason="unreachable"
+        )
+
+
 def own_host_only(label: str, route: Route, request: MapRequest) -> None:
     """NAT-PMP, and PCP without THIRD_PARTY, map only the asking host's ports: refuse another."""
     if request.internal_host not in (None, str(route.local)):
@@ -118,8 +195,7 @@ def port_taken(label: str, request: MapRequest, offered: int) -> RouterError:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
+class Route(NamedTuple):
     """The default route: the router's address and ours on that link."""
 
     gateway: ipaddress.IPv4Address
@@ -130,7 +206,8 @@ class Route:
 def default_route(table: str = "/proc/net/route") -> Route:
     """The IPv4 default route from the kernel's table; RouterError if there is none."""
     try:
-        lines = Path(table).read_text().splitlines()[1:]
+        with open(table, encoding="ascii") as f:
+            lines = f.read().splitlines()[1:]
     except OSError as exc:
         raise RouterError(
             f"cannot read the routing table {table}: {exc.strerror}", reason="unreachable"

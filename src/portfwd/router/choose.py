@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from portfwd.errors import RouterError
 from portfwd.proto import natpmp, pcp
-from portfwd.router.base import METHODS, Method, Route
+from portfwd.router.base import METHODS, Exchange, Method, Route
 from portfwd.router.natpmp import NatPmp
 from portfwd.router.pcp import Pcp
 
@@ -26,13 +26,19 @@ AUTO_TRIES = 2
 
 
 def make(
-    name: str, route: Route, *, upnp_url: str | None = None, probing: bool = False, tries: int | None = None
+    name: str,
+    route: Route,
+    exchange: Exchange,
+    *,
+    upnp_url: str | None = None,
+    probing: bool = False,
+    tries: int | None = None,
 ) -> Method:
     """One method object by name; `tries` caps PCP/NAT-PMP retransmissions (default: the RFC's)."""
     if name == "pcp":
-        return Pcp(route, tries=tries or (1 if probing else pcp.RETRY_COUNT))
+        return Pcp(route, exchange, tries=tries or (1 if probing else pcp.RETRY_COUNT))
     if name == "natpmp":
-        return NatPmp(route, tries=tries or (AUTO_TRIES if probing else natpmp.RETRY_COUNT))
+        return NatPmp(route, exchange, tries=tries or (AUTO_TRIES if probing else natpmp.RETRY_COUNT))
     if name == "upnp":
         from portfwd.router.upnp import Upnp  # aiohttp costs 80 ms to import; only UPnP needs it
 
@@ -40,11 +46,55 @@ def make(
     raise RouterError(f"unknown method {name!r}", reason="unsupported", hint="use auto, pcp, natpmp or upnp")
 
 
+def candidates(method: str) -> tuple[str, ...]:
+    """The methods `method` stands for, in the order `auto` tries them."""
+    return METHODS if method == "auto" else (method,)
+
+
+async def attempt_with(
+    name: str,
+    method: str,
+    route: Route,
+    attempt: Callable[[Method], Awaitable[T]],
+    *,
+    exchange: Exchange,
+    upnp_url: str | None = None,
+    tries: int | None = None,
+) -> tuple[Method, T] | str:
+    """Run `attempt` with the method `name`, one of `candidates(method)`.
+
+    Returns the method (still open) and the result, or under `auto` the failure to note before
+    moving on; raises when there is no moving on (a named method, or a router that said no).
+    """
+    candidate = make(name, route, exchange, upnp_url=upnp_url, probing=method == "auto", tries=tries)
+    try:
+        result = await attempt(candidate)
+    except RouterError as exc:
+        await candidate.close()
+        if method != "auto" or exc.reason in ("refused", "conflict"):
+            raise
+        log.info("router mapping: %s did not work (%s); trying the next method", name, exc.message)
+        return f"{name}: {exc.message}"
+    if method == "auto":
+        log.info("router mapping: using %s at %s", name, candidate.where)
+    return candidate, result
+
+
+def none_worked(failures: list[str]) -> RouterError:
+    """`auto` ran out of methods."""
+    return RouterError(
+        "no mapping method worked (" + "; ".join(failures) + ")",
+        reason="unreachable",
+        hint="switch on UPnP or NAT-PMP/PCP in the router, or check it is the default gateway",
+    )
+
+
 async def first_working(
     method: str,
     route: Route,
     attempt: Callable[[Method], Awaitable[T]],
     *,
+    exchange: Exchange,
     upnp_url: str | None = None,
     tries: int | None = None,
 ) -> tuple[Method, T]:
@@ -52,26 +102,15 @@ async def first_working(
 
     Returns the method that worked (still open, for renewals and removal) and its result.
     """
-    names = METHODS if method == "auto" else (method,)
     failures: list[str] = []
-    for name in names:
-        candidate = make(name, route, upnp_url=upnp_url, probing=method == "auto", tries=tries)
-        try:
-            result = await attempt(candidate)
-        except RouterError as exc:
-            await candidate.close()
-            if method != "auto" or exc.reason in ("refused", "conflict"):
-                raise
-            log.info("router mapping: %s did not work (%s); trying the next method", name, exc.message)
-            failures.append(f"{name}: {exc.message}")
+    for name in candidates(method):
+        outcome = await attempt_with(
+            name, method, route, attempt, exchange=exchange, upnp_url=upnp_url, tries=tries
+        )
+        if isinstance(outcome, str):
+            failures.append(outcome)
             continue
-        if method == "auto":
-            log.info("router mapping: using %s at %s", name, candidate.where)
-        if isinstance(candidate, (Pcp, NatPmp)) and tries is None:
-            candidate.full_schedule()
-        return candidate, result
-    raise RouterError(
-        "no mapping method worked (" + "; ".join(failures) + ")",
-        reason="unreachable",
-        hint="switch on UPnP or NAT-PMP/PCP in the router, or check it is the default gateway",
-    )
+        if isinstance(outcome[0], (Pcp, NatPmp)) and tries is None:
+            outcome[0].full_schedule()
+        return outcome
+    raise none_worked(failures)

@@ -23,6 +23,7 @@ from portfwd.errors import RouterError
 from portfwd.proto import natpmp, pcp
 from portfwd.router.base import Granted, MapRequest, Method, Route, default_route, route_via
 from portfwd.router.choose import first_working
+from portfwd.router.udp import exchange
 
 log = logging.getLogger("portfwd.router")
 
@@ -143,7 +144,11 @@ class Keeper:
         if run.method is None:
             route = self._resolve(wanted)
             run.method, granted = await first_working(
-                wanted.method, route, lambda method: method.add(wanted.request), upnp_url=wanted.upnp_url
+                wanted.method,
+                route,
+                lambda method: method.add(wanted.request),
+                exchange=exchange,
+                upnp_url=wanted.upnp_url,
             )
         else:
             granted = await run.method.add(wanted.request)

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
+import time
 
 from portfwd.errors import RouterError
 from portfwd.proto import natpmp
-from portfwd.router.base import Granted, MapRequest, MethodName, Route, RouterEntry, own_host_only, port_taken
-from portfwd.router.udp import doubling, exchange
+from portfwd.router.base import (
+    Exchange,
+    Granted,
+    MapRequest,
+    MethodName,
+    Route,
+    RouterEntry,
+    doubling,
+    own_host_only,
+    port_taken,
+)
 
 
 class NatPmp:
@@ -15,8 +24,9 @@ class NatPmp:
 
     name: MethodName = "natpmp"
 
-    def __init__(self, route: Route, *, tries: int = natpmp.RETRY_COUNT) -> None:
+    def __init__(self, route: Route, exchange: Exchange, *, tries: int = natpmp.RETRY_COUNT) -> None:
         self.route = route
+        self._exchange = exchange
         self.where = f"{route.gateway}:{natpmp.PORT}"
         self._tries = tries
         self._epoch = natpmp.Epoch()
@@ -25,7 +35,7 @@ class NatPmp:
 
     async def _ask(self, request: bytes) -> natpmp.ExternalAddress | natpmp.Mapping:
         try:
-            reply = await exchange(
+            reply = await self._exchange(
                 (str(self.route.gateway), natpmp.PORT),
                 request,
                 lambda data: natpmp.parse_reply(data, request),
@@ -36,7 +46,7 @@ class NatPmp:
         except natpmp.NatPmpReplyError as exc:
             reason = {1: "unsupported", 2: "refused", 5: "unsupported"}.get(exc.result or 0, "bad-reply")
             raise RouterError(f"NAT-PMP at {self.where}: {exc.message}", reason=reason) from exc
-        self.reset = self._epoch.observe(reply.epoch, asyncio.get_running_loop().time())
+        self.reset = self._epoch.observe(reply.epoch, time.monotonic())
         return reply
 
     async def external_address(self) -> str:

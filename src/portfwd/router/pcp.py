@@ -8,40 +8,50 @@ can still renew or delete what an earlier one made, and nobody else can guess it
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import hmac
 import os
-import secrets
-from pathlib import Path
+import time
 
 from portfwd.errors import RouterError
 from portfwd.proto import natpmp, pcp
-from portfwd.router.base import Granted, MapRequest, MethodName, Route, RouterEntry, own_host_only, port_taken
-from portfwd.router.udp import doubling, exchange
+from portfwd.router.base import (
+    Exchange,
+    Granted,
+    MapRequest,
+    MethodName,
+    Route,
+    RouterEntry,
+    doubling,
+    own_host_only,
+    port_taken,
+)
 
 
-def state_dir() -> Path:
-    """Where portfwd keeps small state: $PORTFWD_STATE_DIR, /var/lib/portfwd as root, else XDG."""
+def state_dir() -> str:
+    """Where portfwd keeps small state: $PORTFWD_STATE_DIR, /var/lib/portfwd as root, else XDG.
+
+    Plain `os.path`: pathlib would add a millisecond to every `portfwd map add`.
+    """
     if env := os.environ.get("PORTFWD_STATE_DIR"):
-        return Path(env)
+        return env
     if os.geteuid() == 0:
-        return Path("/var/lib/portfwd")
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "portfwd"
+        return "/var/lib/portfwd"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "portfwd")
 
 
 def nonce_key() -> bytes:
     """The secret behind every PCP nonce; created (0600) on first use."""
-    path = state_dir() / "pcp-nonce.key"
-    with contextlib.suppress(FileNotFoundError):
-        key = path.read_bytes()
+    path = os.path.join(state_dir(), "pcp-nonce.key")
+    with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+        key = f.read()
         if len(key) == 32:
             return key
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        key = secrets.token_bytes(32)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        key = os.urandom(32)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(key)
@@ -59,8 +69,9 @@ class Pcp:
 
     name: MethodName = "pcp"
 
-    def __init__(self, route: Route, *, tries: int = pcp.RETRY_COUNT) -> None:
+    def __init__(self, route: Route, exchange: Exchange, *, tries: int = pcp.RETRY_COUNT) -> None:
         self.route = route
+        self._exchange = exchange
         self.where = f"{route.gateway}:{pcp.PORT}"
         self._tries = tries
         self._epoch = natpmp.Epoch()  # RFC 6887 §8.5 uses NAT-PMP's rule
@@ -81,7 +92,7 @@ class Pcp:
             client=self.route.local,
         )
         try:
-            reply = await exchange(
+            reply = await self._exchange(
                 (str(self.route.gateway), pcp.PORT),
                 datagram,
                 lambda data: pcp.parse_reply(data, datagram),
@@ -91,7 +102,7 @@ class Pcp:
             )
         except pcp.PcpReplyError as exc:
             raise self._error(exc, request, external_port) from exc
-        self.reset = self._epoch.observe(reply.epoch, asyncio.get_running_loop().time())
+        self.reset = self._epoch.observe(reply.epoch, time.monotonic())
         return reply
 
     def _error(self, exc: pcp.PcpReplyError, request: MapRequest, external_port: int) -> RouterError:
@@ -113,7 +124,7 @@ class Pcp:
         # PCP has no "what is my address" opcode. RFC 6887 §11.6 suggests a short-lived mapping,
         # which answers it; it is deleted right away. A high port keeps clear of router policies
         # that only allow 1024-65535.
-        probe = MapRequest("udp", 49152 + secrets.randbelow(16384), 0, 30)
+        probe = MapRequest("udp", 49152 + int.from_bytes(os.urandom(2), "big") % 16384, 0, 30)
         reply = await self._map(probe, 0, 30)
         with contextlib.suppress(RouterError):
             await self._map(probe, 0, 0)

@@ -1,20 +1,18 @@
-"""One UDP request/answer exchange with the router, retransmitted on the protocol's schedule.
+"""One UDP request/answer exchange with the router on the event loop (`portfwd run`).
 
 The socket is connected to the router, so an ICMP "port unreachable" (a router without
 NAT-PMP/PCP) arrives as ConnectionRefusedError at once instead of a long silence; `auto`
-moves on to the next method within milliseconds.
+moves on to the next method within milliseconds. One-shot commands use `router/blocking.py`,
+which makes the same decisions (`Retransmission`) with a plain socket.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from portfwd.errors import RouterError
-from portfwd.proto.natpmp import NatPmpReplyError
-from portfwd.proto.pcp import PcpReplyError
+from portfwd.router.base import Retransmission
 
 T = TypeVar("T")
 
@@ -32,14 +30,6 @@ class _Answers(asyncio.DatagramProtocol):
             self.queue.put_nowait(exc)
 
 
-def doubling(first: float, count: int, cap: float = 1024.0, jitter: float = 0.0) -> Iterator[float]:
-    """Waits between tries: `first`, doubling up to `cap`, `count` of them, with ± `jitter`."""
-    wait = first
-    for _ in range(count):
-        yield wait * (1 + random.uniform(-jitter, jitter)) if jitter else wait
-        wait = min(wait * 2, cap)
-
-
 async def exchange(
     where: tuple[str, int],
     request: bytes,
@@ -49,21 +39,15 @@ async def exchange(
     label: str,
     source: str | None = None,
 ) -> T:
-    """Send `request` until `parse` accepts an answer; each wait comes from `schedule`.
-
-    `parse` raises for datagrams that are not our answer; a stray one is skipped, but an error
-    that carries the router's result code (`result` attribute not None) is the answer.
-    """
+    """Send `request` until `parse` accepts an answer; each wait comes from `schedule`."""
+    decide = Retransmission(where, label)
     loop = asyncio.get_running_loop()
     try:
         transport, protocol = await loop.create_datagram_endpoint(
             _Answers, remote_addr=where, local_addr=(source, 0) if source else None
         )
     except OSError as exc:
-        raise RouterError(
-            f"{label}: cannot reach {where[0]}:{where[1]}: {exc.strerror}", reason="unreachable"
-        ) from exc
-    last: Exception | None = None
+        raise decide.cannot_reach(exc) from exc
     try:
         for wait in schedule:
             transport.sendto(request)
@@ -74,17 +58,9 @@ async def exchange(
                 except TimeoutError:
                     break
                 if isinstance(item, OSError):
-                    raise RouterError(
-                        f"{label}: {where[0]}:{where[1]} refused (no {label} service there)",
-                        reason="unsupported",
-                    ) from item
-                try:
-                    return parse(item)
-                except (NatPmpReplyError, PcpReplyError) as exc:
-                    if exc.result is not None:
-                        raise
-                    last = exc
-        detail = f"; last datagram: {last}" if last else ""
-        raise RouterError(f"{label}: no answer from {where[0]}:{where[1]}{detail}", reason="unreachable")
+                    raise decide.failed(item) from item
+                if answer := decide.received(parse, item):
+                    return answer[0]
+        raise decide.silent()
     finally:
         transport.close()

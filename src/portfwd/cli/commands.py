@@ -1,4 +1,4 @@
-"""The command line: parses arguments, sets up logging, prints results. The only module that prints.
+"""The full command line (click): parses arguments, sets up logging, prints results.
 
 Every error reaches the user as one line, `portfwd: <what>; <fix>`, with exit code 2 for usage
 and config errors and 1 for runtime failures. No traceback is shown unless PORTFWD_DEBUG=1.
@@ -6,22 +6,19 @@ and config errors and 1 for runtime failures. No traceback is shown unless PORTF
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import os
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
-from portfwd import __version__, control, tunnelspec
-from portfwd.duration import parse_duration
-from portfwd.errors import ConfigError, PortfwdError, RuntimeFailure
+from portfwd import __version__, control, oneshot, tunnelspec
+from portfwd.cli.console import report, setup_logging
+from portfwd.errors import ConfigError, RuntimeFailure
 
 if TYPE_CHECKING:
     from rich.console import Group
@@ -30,33 +27,6 @@ if TYPE_CHECKING:
     from portfwd import config
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "ts": record.created,
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "msg": record.getMessage(),
-            }
-        )
-
-
-def _setup_logging(verbose: int, quiet: bool, log_format: str) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    logging.getLogger("portfwd").setLevel(logging.DEBUG if verbose and not quiet else logging.NOTSET)
-    # asyncssh narrates every channel at INFO; portfwd logs what matters itself.
-    logging.getLogger("asyncssh").setLevel(logging.NOTSET if verbose > 1 else logging.WARNING)
 
 
 def _logging_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -100,7 +70,7 @@ def run(config_file: str | None, strict: bool, verbose: int, quiet: bool, log_fo
     """Run everything the config declares; SIGTERM/SIGINT drains and removes what it created."""
     from portfwd import config  # pydantic and the models cost 130 ms to import
 
-    _setup_logging(verbose, quiet, log_format)
+    setup_logging(verbose, quiet, log_format)
     path = config.find(config_file)
     loaded = config.load(path)
     logging.getLogger("portfwd").info("config %s", path)
@@ -208,7 +178,7 @@ def forward(
     """Quick forwards, no config file: SPEC is [bind:]port:host:hostport[/udp|/tcp+udp]."""
     from portfwd import spec  # pydantic and the models cost 130 ms to import
 
-    _setup_logging(verbose, quiet, log_format)
+    setup_logging(verbose, quiet, log_format)
     loaded = spec.rules_from_specs(specs, allow, deny)
     from portfwd import runtime
 
@@ -256,7 +226,7 @@ def ssh(
     StrictHostKeyChecking (yes, accept-new), UserKnownHostsFile, ConnectTimeout, Compression,
     Ciphers, Port, User, IdentityFile, IdentitiesOnly, ProxyJump and BatchMode.
     """
-    _setup_logging(verbose, quiet, log_format)
+    setup_logging(verbose, quiet, log_format)
     loaded = tunnel_from_args(
         destination, local, remote, dynamic, port, identity, jump, options, ssh_config, compression, name
     )
@@ -354,7 +324,7 @@ def server(config_file: str | None, fingerprint: bool, verbose: int, quiet: bool
     """The SSH tunnel server for stock ssh -N -L/-R/-D clients, from the config's [server]."""
     from portfwd import config  # pydantic and the models cost 130 ms to import
 
-    _setup_logging(verbose, quiet, log_format)
+    setup_logging(verbose, quiet, log_format)
     path = config.find(config_file)
     loaded = config.load(path)
     if loaded.server is None:
@@ -408,24 +378,17 @@ def gateway(action: str, config_file: str | None) -> None:
 
 
 def _port_proto(value: str) -> tuple[int, Literal["tcp", "udp"]]:
-    """`8080`, `8080/tcp` or `5353/udp` for the map commands."""
-    port_text, _, proto_text = value.partition("/")
-    proto: Literal["tcp", "udp"] = "udp" if proto_text.lower() == "udp" else "tcp"
-    if proto_text.lower() not in ("", "tcp", "udp"):
-        raise click.BadParameter(f"{value!r}: protocol must be tcp or udp; write PORT/tcp or PORT/udp")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise click.BadParameter(f"{value!r}: not a port; write a number in 1-65535, e.g. 8080/tcp")
-    return int(port_text), proto
+    try:
+        return oneshot.port_proto(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _external(value: str | None, port: int) -> int:
-    if value is None:
-        return port
-    if value == "any":
-        return 0
-    if not value.isdigit() or not 1 <= int(value) <= 65535:
-        raise click.BadParameter(f"{value!r}: write a port in 1-65535 or any", param_hint="'--external'")
-    return int(value)
+    try:
+        return oneshot.external_port(value, port)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--external'") from None
 
 
 _METHODS = click.Choice(["auto", "pcp", "natpmp", "upnp"])
@@ -454,30 +417,10 @@ def _router_options(command: Callable[..., None]) -> Callable[..., None]:
     return _logging_options(command)
 
 
-def _route(gateway: str | None) -> Any:
-    from portfwd.router.base import default_route, route_via
-
-    return route_via(gateway) if gateway else default_route()
-
-
 def _asyncio_run(coroutine: Any) -> Any:
     import asyncio
 
     return asyncio.run(coroutine)
-
-
-def _one_shot(
-    method: str, gateway: str | None, upnp_url: str | None, tries: int | None, attempt: Callable[[Any], Any]
-) -> tuple[Any, Any]:
-    """Run `attempt` with the chosen method (or the first that works) once; (method, result)."""
-    from portfwd.router.choose import first_working
-
-    async def once() -> tuple[Any, Any]:
-        used, result = await first_working(method, _route(gateway), attempt, upnp_url=upnp_url, tries=tries)
-        await used.close()
-        return used, result
-
-    return _asyncio_run(once())  # type: ignore[no-any-return]
 
 
 @app.group(name="map")
@@ -497,9 +440,9 @@ def map_ip(
     log_format: str,
 ) -> None:
     """Print the router's external address and the method that told it."""
-    _setup_logging(verbose, quiet, log_format)
-    used, address = _one_shot(method, gateway, upnp_url, tries, lambda m: m.external_address())
-    print(f"{address} (via {used.name} at {used.where})")
+    setup_logging(verbose, quiet, log_format)
+    used, address = oneshot.one_shot(method, gateway, upnp_url, tries, lambda m: m.external_address())
+    print(oneshot.address_line(used, address))
 
 
 @map_group.command(name="add")
@@ -508,7 +451,11 @@ def map_ip(
     "--external", metavar="N|any", help="External port to ask for (default: PORT; any = the router picks)."
 )
 @click.option(
-    "--lease", default="2h", show_default=True, metavar="DURATION", help="Lease to ask for, e.g. 90s, 2h."
+    "--lease",
+    default=oneshot.DEFAULT_LEASE,
+    show_default=True,
+    metavar="DURATION",
+    help="Lease to ask for, e.g. 90s, 2h.",
 )
 @click.option(
     "--to", "to_host", metavar="HOST", help="Map to another LAN host (UPnP only; default: this host)."
@@ -528,23 +475,15 @@ def map_add(
     log_format: str,
 ) -> None:
     """Map one port on the router to this host and print the public endpoint (like upnpc -a)."""
-    from portfwd.router.base import MapRequest
-
-    _setup_logging(verbose, quiet, log_format)
-    number, proto = _port_proto(port)
+    setup_logging(verbose, quiet, log_format)
+    _port_proto(port)
+    _external(external, 1)
     try:
-        seconds = parse_duration(lease)
+        request = oneshot.add_request(port, external, lease, to_host)
     except ConfigError as exc:
         raise click.BadParameter(exc.message, param_hint="'--lease'") from None
-    request = MapRequest(proto, number, _external(external, number), max(1, round(seconds)), to_host)
-    _, granted = _one_shot(method, gateway, upnp_url, tries, lambda m: m.add(request))
-    lease_text = (
-        f"lease {granted.lifetime} s" if granted.lifetime else "permanent: remove it with portfwd map remove"
-    )
-    print(
-        f"{granted.public}/{granted.protocol} -> {granted.internal_host}:{granted.internal_port} "
-        f"via {granted.method} ({lease_text})"
-    )
+    _, granted = oneshot.one_shot(method, gateway, upnp_url, tries, lambda m: m.add(request))
+    print(oneshot.granted_line(granted))
 
 
 @map_group.command(name="remove")
@@ -566,17 +505,18 @@ def map_remove(
     from portfwd.errors import RouterError
     from portfwd.router.base import MapRequest
     from portfwd.router.choose import make
+    from portfwd.router.udp import exchange
 
-    _setup_logging(verbose, quiet, log_format)
+    setup_logging(verbose, quiet, log_format)
     number, proto = _port_proto(port)
     request = MapRequest(proto, number, _external(external, number) or number, 0)
 
     async def remove() -> list[str]:
-        route = _route(gateway)
+        route = oneshot.route(gateway)
         done: list[str] = []
         errors: list[RouterError] = []
         for name in ("pcp", "natpmp", "upnp") if method == "auto" else (method,):
-            used = make(name, route, upnp_url=upnp_url, probing=method == "auto", tries=tries)
+            used = make(name, route, exchange, upnp_url=upnp_url, probing=method == "auto", tries=tries)
             try:
                 await used.remove(request, None)
                 done.append(name)
@@ -615,15 +555,16 @@ def map_list(
     from rich.text import Text
 
     from portfwd.router.choose import make
+    from portfwd.router.udp import exchange
 
-    _setup_logging(verbose, quiet, log_format)
+    setup_logging(verbose, quiet, log_format)
     if method not in ("auto", "upnp"):
         raise click.BadParameter(
             f"{method} cannot list a router's mappings; use upnp", param_hint="'--method'"
         )
 
     async def entries() -> Any:
-        used = make("upnp", _route(gateway), upnp_url=upnp_url)
+        used = make("upnp", oneshot.route(gateway), exchange, upnp_url=upnp_url)
         try:
             return await used.entries()
         finally:
@@ -631,7 +572,7 @@ def map_list(
 
     rows = _asyncio_run(entries())
     if as_json:
-        print(json.dumps([{**dataclasses.asdict(row), "ours": row.ours} for row in rows], indent=2))
+        print(json.dumps([{**row._asdict(), "ours": row.ours} for row in rows], indent=2))
         return
     table = Table(box=box.SIMPLE_HEAD)
     for column in ("", "external", "internal", "lease", "description"):
@@ -953,13 +894,6 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI and turn every failure into one line and an exit code."""
     try:
         code = app.main(args=argv, prog_name="portfwd", standalone_mode=False)
-    except ConfigError as exc:
-        for line in exc.problems:
-            print(f"portfwd: {line}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except PortfwdError as exc:
-        print(f"portfwd: {exc.line()}", file=sys.stderr)
-        sys.exit(exc.exit_code)
     except click.exceptions.NoArgsIsHelpError as exc:
         print(exc.ctx.get_help() if exc.ctx else "", file=sys.stderr)
         sys.exit(2)
@@ -971,14 +905,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"portfwd: {exc.format_message()}{hint}", file=sys.stderr)
         sys.exit(2)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except click.exceptions.Abort:
         sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - the last boundary: a bug must still be one line
-        if os.environ.get("PORTFWD_DEBUG"):
-            traceback.print_exc()
-        print(
-            f"portfwd: internal error: {type(exc).__name__}: {exc} (set PORTFWD_DEBUG=1 for details)",
-            file=sys.stderr,
-        )
-        sys.exit(1)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the last boundary: one line, even for a bug
+        sys.exit(report(exc))
     sys.exit(code if isinstance(code, int) else 0)

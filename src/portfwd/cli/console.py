@@ -1,0 +1,71 @@
+"""What reaches the terminal from either entry point: log set-up and the one-line error boundary.
+
+Shared by the full CLI (`commands.py`) and the fast path for one-shot router commands (`__init__.py`),
+so both format logs and failures identically. Only the standard library's small modules here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from portfwd.errors import ConfigError, PortfwdError
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line, for `--log-format json`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json  # not at the top: one-shot commands start without it
+
+        return json.dumps(
+            {
+                "ts": record.created,
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "msg": record.getMessage(),
+            }
+        )
+
+
+def setup_logging(verbose: int, quiet: bool, log_format: str) -> None:
+    """-q: warnings only; -v: portfwd's debug lines; -vv: every library's too."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("portfwd").setLevel(logging.DEBUG if verbose and not quiet else logging.NOTSET)
+    # asyncssh narrates every channel at INFO; portfwd logs what matters itself.
+    logging.getLogger("asyncssh").setLevel(logging.NOTSET if verbose > 1 else logging.WARNING)
+
+
+def report(exc: BaseException) -> int:
+    """Print `exc` as the line(s) a person sees and return the exit code; never a traceback.
+
+    ConfigError prints every problem found; any other PortfwdError its one line; anything else
+    is a bug, still shown as one line unless PORTFWD_DEBUG is set.
+    """
+    if isinstance(exc, ConfigError):
+        for line in exc.problems:
+            print(f"portfwd: {line}", file=sys.stderr)
+        return exc.exit_code
+    if isinstance(exc, PortfwdError):
+        print(f"portfwd: {exc.line()}", file=sys.stderr)
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    if os.environ.get("PORTFWD_DEBUG"):
+        import traceback  # only here: it costs a millisecond at every start
+
+        traceback.print_exception(exc)
+    print(
+        f"portfwd: internal error: {type(exc).__name__}: {exc} (set PORTFWD_DEBUG=1 for details)",
+        file=sys.stderr,
+    )
+    return 1
