@@ -31,6 +31,7 @@ from portfwd.state import Session, State, TunnelForwardStats, TunnelStats
 from portfwd.tunnel.bridge import Bridge
 from portfwd.tunnel.cork import CorkedConnector
 from portfwd.tunnel.hostkeys import HostKeyCheck, HostKeyError
+from portfwd.tunnel.ignore import skip_needless_ignores
 from portfwd.tunnelspec import TunnelForward, parse_destination
 
 log = logging.getLogger(__name__)
@@ -300,13 +301,16 @@ class Tunnel:
                 tunnel = await asyncssh.connect(host, tunnel=tunnel, **options)
             except asyncssh.HostKeyNotVerifiable as exc:
                 raise check.problem or HostKeyError(f"jump host {host}: {exc.reason}") from exc
+            skip_needless_ignores(tunnel)
             self._jumps.append(tunnel)
         check = HostKeyCheck(list(self.config.known_hosts), accept_new)
         options = self._options(check, self.port, self.user)
         try:
-            return await asyncssh.connect(self.host, tunnel=tunnel or CorkedConnector(), **options)
+            conn = await asyncssh.connect(self.host, tunnel=tunnel or CorkedConnector(), **options)
         except asyncssh.HostKeyNotVerifiable as exc:
             raise check.problem or HostKeyError(f"{self.host}: {exc.reason}") from exc
+        skip_needless_ignores(conn)
+        return conn
 
     def _note_lost(self, reason: str) -> None:
         self._lost_reason = reason
