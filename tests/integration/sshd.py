@@ -90,6 +90,7 @@ class Sshd:
             self.known_hosts.write_text(f"@cert-authority [127.0.0.1]:{self.port} {ca_public}\n")
         self.config = root / "sshd_config"
         lines = [
+            *extra,  # first: sshd takes each keyword's first value, so these override the rest
             f"Port {self.port}",
             "ListenAddress 127.0.0.1",
             f"HostKey {self.host_key}",
@@ -107,7 +108,6 @@ class Sshd:
             "GatewayPorts clientspecified",
             "MaxStartups 200:30:400",
             "LogLevel VERBOSE",
-            *extra,
         ]
         self.config.write_text("\n".join(lines) + "\n")
         self.proc: Proc | None = None

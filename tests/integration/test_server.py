@@ -185,6 +185,20 @@ def test_stock_ssh_local_remote_and_dynamic(server: Server, sink: Sink) -> None:
     assert session["bytes_up"] >= 24 * MiB
 
 
+def test_no_ignore_packets_reach_the_stock_client(server: Server, sink: Sink) -> None:
+    """ssh -vvv logs each SSH_MSG_IGNORE it receives; asyncssh would send one before every packet."""
+    local = free_port()
+    argv = server.ssh(
+        "-vvv", "-o", "Ciphers=aes128-gcm@openssh.com", "-L", f"127.0.0.1:{local}:127.0.0.1:{sink.port}"
+    )
+    with started(argv) as client:
+        wait_port(local)
+        assert through(local, MiB)
+        log = client.output()
+    assert "cipher: aes128-gcm@openssh.com" in log
+    assert "Received SSH2_MSG_IGNORE" not in log
+
+
 def test_remote_port_zero_and_gateway_ports(tmp_path: Path, sink: Sink) -> None:
     for gateway_ports, expected in ((False, "127.0.0.1"), (True, "0.0.0.0")):
         root = tmp_path / str(gateway_ports)

@@ -127,6 +127,27 @@ async def test_compression_and_a_chosen_cipher(sshd: Sshd) -> None:
         assert await echo_through(entry, 4 * MiB)
 
 
+@pytest.mark.parametrize(("cipher", "ignores"), [("aes128-gcm@openssh.com", False), ("aes128-cbc", True)])
+async def test_ignore_packets_only_under_cbc(tmp_path: Path, cipher: str, ignores: bool) -> None:
+    """sshd logs each SSH_MSG_IGNORE it receives; asyncssh would send one before every packet.
+
+    The client's wrapper goes on once connected, so the few during authentication still come.
+    """
+    server = Sshd(tmp_path, ("LogLevel DEBUG3", "Ciphers +aes128-cbc")).start()
+    try:
+        async with echo_tunnel(server, ciphers=[cipher]) as (_, entry):
+            assert await echo_through(entry, MiB)
+        assert server.proc is not None
+        log = server.proc.output()
+        assert f"cipher: {cipher}" in log, "the cipher asked for was negotiated"
+        after_auth = [
+            line for line in log.splitlines() if "Received SSH2_MSG_IGNORE" in line and "preauth" not in line
+        ]
+        assert bool(after_auth) is ignores
+    finally:
+        server.kill()
+
+
 async def test_refused_remote_forward_is_reported_and_retried(sshd: Sshd) -> None:
     busy = socket.create_server(("127.0.0.1", 0))
     port = busy.getsockname()[1]
