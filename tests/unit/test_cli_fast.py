@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from portfwd.cli import _read
+from portfwd.router.base import MapRequest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -18,18 +19,28 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["map", "add", "8080"], ("add", "8080", {}, 0, False)),
+        (["map", "add", "8080"], (MapRequest("tcp", 8080, 8080, 7200), {}, 0, False)),
         (
             ["map", "add", "8080/udp", "--external=any", "--lease", "90s", "--method", "pcp", "-v", "-q"],
-            ("add", "8080/udp", {"--external": "any", "--lease": "90s", "--method": "pcp"}, 1, True),
+            (
+                MapRequest("udp", 8080, 0, 90),
+                {"--external": "any", "--lease": "90s", "--method": "pcp"},
+                1,
+                True,
+            ),
         ),
         (
             ["map", "ip", "--tries", "2", "--gateway", "10.0.0.1"],
-            ("ip", None, {"--tries": "2", "--gateway": "10.0.0.1"}, 0, False),
+            (None, {"--tries": "2", "--gateway": "10.0.0.1"}, 0, False),
         ),
         (
             ["map", "add", "8080", "--to", "192.168.1.9", "--method", "upnp"],
-            ("add", "8080", {"--to": "192.168.1.9", "--method": "upnp"}, 0, False),
+            (
+                MapRequest("tcp", 8080, 8080, 7200, "192.168.1.9"),
+                {"--to": "192.168.1.9", "--method": "upnp"},
+                0,
+                False,
+            ),
         ),
     ],
 )
@@ -79,7 +90,7 @@ def test_everything_else_goes_to_the_full_cli(argv: list[str]) -> None:
 )
 def test_reading_never_raises(argv: list[str]) -> None:
     parsed = _read(argv)
-    assert parsed is None or parsed[0] == "add"
+    assert parsed is None or parsed.request is not None
 
 
 def test_fast_path_imports_neither_click_nor_asyncio(tmp_path: Path) -> None:

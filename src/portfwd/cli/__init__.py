@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from portfwd.router.base import MapRequest
 
 #: Options that take a value, with what the fast path accepts for it (None: any text).
 _VALUES: dict[str, tuple[str, ...] | None] = {
@@ -33,18 +37,17 @@ _ONLY_ADD = ("--external", "--lease", "--to")
 def main(argv: list[str] | None = None) -> None:
     """Console script: the fast path when it applies, else `commands.main`."""
     argv = sys.argv[1:] if argv is None else argv
-    parsed = _read(argv)
-    if parsed is None:
+    plain = _read(argv)
+    if plain is None:
         from portfwd.cli.commands import main as full_cli
 
         full_cli(argv)
         return
-    command, operand, options, verbose, quiet = parsed
     from portfwd.cli.console import report
 
     try:
-        code = _run(command, operand, options, verbose, quiet)
-    except BaseException as exc:  # noqa: BLE001 - the same boundary as cli.main
+        code = _run(plain)
+    except BaseException as exc:  # noqa: BLE001 - the same boundary as commands.main
         code = report(exc)
     _leave(code)
 
@@ -59,8 +62,17 @@ def _leave(code: int) -> None:
     os._exit(code)
 
 
-def _read(argv: list[str]) -> tuple[str, str | None, dict[str, str], int, bool] | None:
-    """(command, operand, options, verbose, quiet) for `map add|ip` written plainly, else None."""
+class _Plain(NamedTuple):
+    """A `map add|ip` command line the fast path runs; `request` is None for `ip`."""
+
+    request: MapRequest | None
+    options: dict[str, str]
+    verbose: int
+    quiet: bool
+
+
+def _read(argv: list[str]) -> _Plain | None:
+    """The command when argv is `map add|ip` written plainly, else None (the full CLI's turn)."""
     if len(argv) < 2 or argv[0] != "map" or argv[1] not in ("add", "ip"):
         return None
     command, rest = argv[1], argv[2:]
@@ -89,36 +101,36 @@ def _read(argv: list[str]) -> tuple[str, str | None, dict[str, str], int, bool] 
             options[name] = value
         else:
             operands.append(word)
-    if len(operands) != (1 if command == "add" else 0):
+    if command == "ip":
+        return None if operands else _Plain(None, options, verbose, quiet)
+    if len(operands) != 1:
         return None
-    if command == "add":
-        from portfwd.errors import ConfigError
-        from portfwd.oneshot import DEFAULT_LEASE, add_request
+    from portfwd.errors import ConfigError
+    from portfwd.oneshot import DEFAULT_LEASE, add_request
 
-        try:
-            add_request(operands[0], options.get("--external"), options.get("--lease", DEFAULT_LEASE), None)
-        except (ValueError, ConfigError):
-            return None
-    return command, operands[0] if operands else None, options, verbose, quiet
+    try:
+        request = add_request(
+            operands[0], options.get("--external"), options.get("--lease", DEFAULT_LEASE), options.get("--to")
+        )
+    except (ValueError, ConfigError):
+        return None
+    return _Plain(request, options, verbose, quiet)
 
 
-def _run(command: str, operand: str | None, options: dict[str, str], verbose: int, quiet: bool) -> int:
+def _run(plain: _Plain) -> int:
     from portfwd import oneshot
     from portfwd.cli.console import setup_logging
-    from portfwd.oneshot import DEFAULT_LEASE
 
-    setup_logging(verbose, quiet, options.get("--log-format", "text"))
+    options = plain.options
+    setup_logging(plain.verbose, plain.quiet, options.get("--log-format", "text"))
     method = options.get("--method", "auto")
     tries = int(options["--tries"]) if "--tries" in options else None
     gateway, upnp_url = options.get("--gateway"), options.get("--upnp-url")
-    if command == "ip":
+    request = plain.request
+    if request is None:
         used, address = oneshot.one_shot(method, gateway, upnp_url, tries, lambda m: m.external_address())
         print(oneshot.address_line(used, address))
-        return 0
-    assert operand is not None
-    request = oneshot.add_request(
-        operand, options.get("--external"), options.get("--lease", DEFAULT_LEASE), options.get("--to")
-    )
-    _, granted = oneshot.one_shot(method, gateway, upnp_url, tries, lambda m: m.add(request))
-    print(oneshot.granted_line(granted))
+    else:
+        _, granted = oneshot.one_shot(method, gateway, upnp_url, tries, lambda m: m.add(request))
+        print(oneshot.granted_line(granted))
     return 0

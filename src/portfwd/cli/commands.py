@@ -476,7 +476,7 @@ def map_add(
 ) -> None:
     """Map one port on the router to this host and print the public endpoint (like upnpc -a)."""
     setup_logging(verbose, quiet, log_format)
-    _port_proto(port)
+    _port_proto(port)  # each argument checked on its own, so click's message names the one at fault
     _external(external, 1)
     try:
         request = oneshot.add_request(port, external, lease, to_host)
@@ -504,7 +504,7 @@ def map_remove(
     """Delete a mapping; with auto, ask every method the router answers."""
     from portfwd.errors import RouterError
     from portfwd.router.base import MapRequest
-    from portfwd.router.choose import make
+    from portfwd.router.choose import candidates, make
     from portfwd.router.udp import exchange
 
     setup_logging(verbose, quiet, log_format)
@@ -515,7 +515,7 @@ def map_remove(
         route = oneshot.route(gateway)
         done: list[str] = []
         errors: list[RouterError] = []
-        for name in ("pcp", "natpmp", "upnp") if method == "auto" else (method,):
+        for name in candidates(method):
             used = make(name, route, exchange, upnp_url=upnp_url, probing=method == "auto", tries=tries)
             try:
                 await used.remove(request, None)
