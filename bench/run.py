@@ -328,10 +328,13 @@ def ping_pong(forwarder: Forwarder, count: int = 3000) -> tuple[float, float]:
     return samples[len(samples) // 2], samples[int(len(samples) * 0.99)]
 
 
-def idle_memory(forwarder: Forwarder, conns: int) -> float:
-    """Forwarder RSS growth per relayed idle connection (bytes), after one echo on each."""
+def idle_memory(forwarder: Forwarder, conns: int, rss: Callable[[int], int] = rss_kib) -> float:
+    """Forwarder RSS growth per relayed idle connection (bytes), after one echo on each.
+
+    `rss` reads a pid's resident KiB; bench/tunnel.py passes one that adds sshd's children.
+    """
     pid = forwarder.pids[0]
-    before = rss_kib(pid)
+    before = rss(pid)
     clients = []
     try:
         for _ in range(conns):
@@ -342,7 +345,7 @@ def idle_memory(forwarder: Forwarder, conns: int) -> float:
         for client in clients:
             if client.recv(1) != b"x":
                 return float("nan")
-        after = rss_kib(pid)
+        after = rss(pid)
     except OSError:
         return float("nan")
     finally:

@@ -151,26 +151,7 @@ def start_servers(
 
 def server_idle_memory(forwarder: base.Forwarder, conns: int) -> float:
     """Server RSS growth (process tree) per idle forwarded connection, in bytes."""
-    import socket as socket_module
-
-    pid = forwarder.pids[0]
-    before = tree_rss_kib(pid)
-    clients = []
-    try:
-        for _ in range(conns):
-            clients.append(socket_module.create_connection((base.LOCAL, forwarder.ports["echo"]), timeout=10))
-        for client in clients:
-            client.sendall(b"x")
-        for client in clients:
-            if client.recv(1) != b"x":
-                return float("nan")
-        after = tree_rss_kib(pid)
-    except OSError:
-        return float("nan")
-    finally:
-        for client in clients:
-            client.close()
-    return (after - before) * 1024 / conns
+    return base.idle_memory(forwarder, conns, tree_rss_kib)
 
 
 def main() -> int:

@@ -41,9 +41,9 @@ def format_peer(peer: tuple[Any, ...]) -> str:
     return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
 
 
-def log_closed(label: str, session: Session, reason: str) -> None:
+def log_closed(label: str, session: Session, reason: str, logger: logging.Logger = log) -> None:
     """The one line a session ends with: who, where, why, bytes each way, how long."""
-    log.info(
+    logger.info(
         "%s: %s -> %s closed (%s): %d B up, %d B down, %.3fs",
         label,
         session.client,

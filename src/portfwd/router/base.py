@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Literal, NamedTuple, Protocol, TypeVar
 
 from portfwd.errors import RouterError
-from portfwd.proto.natpmp import NatPmpReplyError
+from portfwd.proto.natpmp import Epoch, NatPmpReplyError
 from portfwd.proto.pcp import PcpReplyError
 
 T = TypeVar("T")
@@ -173,6 +173,37 @@ class Retransmission:
         return RouterError(
             f"{self.label}: no answer from {self.where[0]}:{self.where[1]}{detail}", reason="unreachable"
         )
+
+
+class UdpMethod:
+    """What the PCP and NAT-PMP drivers share: the router at `route.gateway`, a budget of tries
+    (the RFC's whole schedule unless capped), the epoch that shows a router restart, and no way
+    to list the router's mappings. Subclasses set the class attributes."""
+
+    name: MethodName
+    label: str  #: the protocol's name in messages
+    port: int  #: where the router listens
+    retry_count: int  #: tries on the RFC's whole schedule
+
+    def __init__(self, route: Route, exchange: Exchange, *, tries: int | None = None) -> None:
+        self.route = route
+        self._exchange = exchange
+        self.where = f"{route.gateway}:{self.port}"
+        self._tries = tries or self.retry_count
+        self._epoch = Epoch()  # RFC 6887 §8.5 uses NAT-PMP's rule for PCP too
+        self.reset = False  #: the last reply showed the router had restarted
+
+    async def entries(self) -> list[RouterEntry]:
+        raise RouterError(
+            f"{self.label} cannot list a router's mappings", reason="unsupported", hint="use --method upnp"
+        )
+
+    def full_schedule(self) -> None:
+        """After `auto` picked this method: retransmit on the RFC's whole schedule from now on."""
+        self._tries = self.retry_count
+
+    async def close(self) -> None:
+        return None
 
 
 def own_host_only(label: str, route: Route, request: MapRequest) -> None:

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from portfwd.errors import RouterError
 from portfwd.proto import natpmp, pcp
-from portfwd.router.base import METHODS, Exchange, Method, Route
+from portfwd.router.base import METHODS, Exchange, Method, Route, UdpMethod
 from portfwd.router.natpmp import NatPmp
 from portfwd.router.pcp import Pcp
 
@@ -110,7 +110,7 @@ async def first_working(
         if isinstance(outcome, str):
             failures.append(outcome)
             continue
-        if isinstance(outcome[0], (Pcp, NatPmp)) and tries is None:
+        if isinstance(outcome[0], UdpMethod) and tries is None:
             outcome[0].full_schedule()
         return outcome
     raise none_worked(failures)

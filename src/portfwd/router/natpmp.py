@@ -12,26 +12,24 @@ from portfwd.router.base import (
     MapRequest,
     MethodName,
     Route,
-    RouterEntry,
+    UdpMethod,
     doubling,
     own_host_only,
     port_taken,
 )
 
 
-class NatPmp:
+class NatPmp(UdpMethod):
     """Talks NAT-PMP to `route.gateway`; remembers the epoch to notice a router restart."""
 
     name: MethodName = "natpmp"
+    label = "NAT-PMP"
+    port = natpmp.PORT
+    retry_count = natpmp.RETRY_COUNT
 
-    def __init__(self, route: Route, exchange: Exchange, *, tries: int = natpmp.RETRY_COUNT) -> None:
-        self.route = route
-        self._exchange = exchange
-        self.where = f"{route.gateway}:{natpmp.PORT}"
-        self._tries = tries
-        self._epoch = natpmp.Epoch()
+    def __init__(self, route: Route, exchange: Exchange, *, tries: int | None = None) -> None:
+        super().__init__(route, exchange, tries=tries)
         self._address: str | None = None
-        self.reset = False  #: the last reply showed the router had restarted
 
     async def _ask(self, request: bytes) -> natpmp.ExternalAddress | natpmp.Mapping:
         try:
@@ -94,15 +92,3 @@ class NatPmp:
     async def _delete(self, request: MapRequest) -> None:
         # RFC 6886 §3.4: lifetime 0 and suggested external port 0 delete the mapping.
         await self._ask(natpmp.map_request(request.protocol, request.internal_port, 0, 0))
-
-    async def entries(self) -> list[RouterEntry]:
-        raise RouterError(
-            "NAT-PMP cannot list a router's mappings", reason="unsupported", hint="use --method upnp"
-        )
-
-    def full_schedule(self) -> None:
-        """After `auto` picked this method: retransmit on the RFC's whole schedule from now on."""
-        self._tries = natpmp.RETRY_COUNT
-
-    async def close(self) -> None:
-        return None

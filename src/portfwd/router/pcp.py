@@ -15,14 +15,12 @@ import os
 import time
 
 from portfwd.errors import RouterError
-from portfwd.proto import natpmp, pcp
+from portfwd.proto import pcp
 from portfwd.router.base import (
-    Exchange,
     Granted,
     MapRequest,
     MethodName,
-    Route,
-    RouterEntry,
+    UdpMethod,
     doubling,
     own_host_only,
     port_taken,
@@ -64,18 +62,13 @@ def nonce_key() -> bytes:
         ) from exc
 
 
-class Pcp:
+class Pcp(UdpMethod):
     """Talks PCP MAP to `route.gateway`."""
 
     name: MethodName = "pcp"
-
-    def __init__(self, route: Route, exchange: Exchange, *, tries: int = pcp.RETRY_COUNT) -> None:
-        self.route = route
-        self._exchange = exchange
-        self.where = f"{route.gateway}:{pcp.PORT}"
-        self._tries = tries
-        self._epoch = natpmp.Epoch()  # RFC 6887 §8.5 uses NAT-PMP's rule
-        self.reset = False
+    label = "PCP"
+    port = pcp.PORT
+    retry_count = pcp.RETRY_COUNT
 
     def nonce(self, request: MapRequest) -> bytes:
         message = f"{self.route.gateway}/{request.protocol}/{request.internal_port}".encode()
@@ -157,15 +150,3 @@ class Pcp:
 
     async def remove(self, request: MapRequest, granted: Granted | None) -> None:
         await self._map(request, 0, 0)
-
-    async def entries(self) -> list[RouterEntry]:
-        raise RouterError(
-            "PCP cannot list a router's mappings", reason="unsupported", hint="use --method upnp"
-        )
-
-    def full_schedule(self) -> None:
-        """After `auto` picked this method: retransmit on the RFC's whole schedule from now on."""
-        self._tries = pcp.RETRY_COUNT
-
-    async def close(self) -> None:
-        return None

@@ -15,7 +15,6 @@ import logging
 import os
 import random
 import socket
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +23,7 @@ import asyncssh
 from portfwd.config import TunnelConfig
 from portfwd.errors import BindError, PortfwdError, RuntimeFailure, UpstreamError
 from portfwd.proto.socks import Reply, SocksError, SocksServer
-from portfwd.relay.forwarder import describe_peer
+from portfwd.relay.forwarder import describe_peer, log_closed
 from portfwd.relay.listener import TcpListener, bind_ip, bind_unix
 from portfwd.relay.upstream import Connect, literal_addresses, resolve, stream_options
 from portfwd.state import Session, State, TunnelForwardStats, TunnelStats
@@ -692,16 +691,7 @@ class Tunnel:
         session: Session = bridge.session
         session.relay = None
         if session.id in self.state.sessions:
-            log.info(
-                "%s: %s -> %s closed (%s): %d B up, %d B down, %.3fs",
-                self.label,
-                session.client,
-                session.target,
-                reason,
-                session.bytes_up,
-                session.bytes_down,
-                time.monotonic() - session.began,
-            )
+            log_closed(self.label, session, reason, log)
         self.state.close_session(session)
 
     def _credentials(self) -> tuple[str, str] | None:

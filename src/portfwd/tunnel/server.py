@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,30 @@ def _forwarding_allowed(options: dict[str, Any]) -> bool:
     return not (options.get("restrict") and not options.get("port-forwarding"))
 
 
+async def _hand_back(
+    server: TunnelServer,
+    owner: _Session,
+    client: socket.socket,
+    bridge: Bridge,
+    source: str,
+    channel: Awaitable[object],
+) -> None:
+    """Wait (up to UPSTREAM_TIMEOUT) for the channel back to the `-R` client, then relay.
+
+    A client that refuses or does not answer closes only this connection, counted and logged.
+    """
+    try:
+        async with asyncio.timeout(UPSTREAM_TIMEOUT):
+            await channel
+    except (asyncssh.Error, OSError, TimeoutError) as exc:
+        owner.stats.stats.count_error("refused")
+        log.info("server: %s -> %s: the client did not take it: %s", source, owner.label, exc)
+        client.close()
+        bridge.close("refused")
+        return
+    await server.attach(bridge, client)
+
+
 class _RemoteListener(asyncssh.SSHListener):
     """A -R port this server bound for one client; each connection becomes a forwarded channel."""
 
@@ -121,24 +146,16 @@ class _RemoteListener(asyncssh.SSHListener):
         owner = self.owner
         client.setblocking(False)
         bridge = owner.bridge(text, f"client {owner.source}", channel_is_client=False)
-        try:
-            async with asyncio.timeout(UPSTREAM_TIMEOUT):
-                await owner.conn.create_connection(
-                    bridge.channel_session,
-                    self.requested_host,
-                    self.port,
-                    str(peer[0]),
-                    int(peer[1]),
-                    window=WINDOW,
-                    max_pktsize=PACKET,
-                )
-        except (asyncssh.Error, OSError, TimeoutError) as exc:
-            owner.stats.stats.count_error("refused")
-            log.info("server: %s -> %s: the client did not take it: %s", text, owner.label, exc)
-            client.close()
-            bridge.close("refused")
-            return
-        await self.server.attach(bridge, client)
+        channel = owner.conn.create_connection(
+            bridge.channel_session,
+            self.requested_host,
+            self.port,
+            str(peer[0]),
+            int(peer[1]),
+            window=WINDOW,
+            max_pktsize=PACKET,
+        )
+        await _hand_back(self.server, owner, client, bridge, text, channel)
 
     def close(self) -> None:
         self.listener.close()
@@ -169,18 +186,10 @@ class _RemotePathListener(asyncssh.SSHListener):
         owner = self.owner
         client.setblocking(False)
         bridge = owner.bridge(f"unix:{self.path}", f"client {owner.source}", channel_is_client=False)
-        try:
-            async with asyncio.timeout(UPSTREAM_TIMEOUT):
-                await owner.conn.create_unix_connection(
-                    bridge.unix_session, self.path, window=WINDOW, max_pktsize=PACKET
-                )
-        except (asyncssh.Error, OSError, TimeoutError) as exc:
-            owner.stats.stats.count_error("refused")
-            log.info("server: unix:%s -> %s: the client did not take it: %s", self.path, owner.label, exc)
-            client.close()
-            bridge.close("refused")
-            return
-        await self.server.attach(bridge, client)
+        channel = owner.conn.create_unix_connection(
+            bridge.unix_session, self.path, window=WINDOW, max_pktsize=PACKET
+        )
+        await _hand_back(self.server, owner, client, bridge, f"unix:{self.path}", channel)
 
     def close(self) -> None:
         self.listener.close()
