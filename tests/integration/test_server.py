@@ -199,6 +199,23 @@ def test_no_ignore_packets_reach_the_stock_client(server: Server, sink: Sink) ->
     assert "Received SSH2_MSG_IGNORE" not in log
 
 
+@pytest.mark.parametrize("cipher", ["aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com"])
+def test_stock_client_rekeys_under_the_stateful_ciphers(server: Server, sink: Sink, cipher: str) -> None:
+    """ssh re-keys every 256 KiB; the server swaps in its stateful cipher for each new key."""
+    local = free_port()
+    log = server.root / "ssh.log"  # -E: a log this long would fill the pipe and stall ssh
+    argv = server.ssh(
+        "-v", "-E", str(log), "-o", f"Ciphers={cipher}", "-o", "RekeyLimit=256K",
+        "-L", f"127.0.0.1:{local}:127.0.0.1:{sink.port}",
+    )  # fmt: skip
+    with started(argv):
+        wait_port(local)
+        assert through(local, 4 * MiB)
+    text = log.read_text()
+    assert f"cipher: {cipher}" in text
+    assert text.count("SSH2_MSG_NEWKEYS received") >= 8, "many key exchanges, none refused"
+
+
 def test_remote_port_zero_and_gateway_ports(tmp_path: Path, sink: Sink) -> None:
     for gateway_ports, expected in ((False, "127.0.0.1"), (True, "0.0.0.0")):
         root = tmp_path / str(gateway_ports)

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from portfwd.runtime import Runtime
+from portfwd.tunnel.aead import FastChacha, FastGcm
 from tests.conftest import need_binary
 from tests.integration.peers import MiB, free_port, open_client, peer, read_all, running, sha, wait_until
 from tests.integration.processes import Proc
@@ -144,6 +145,36 @@ async def test_ignore_packets_only_under_cbc(tmp_path: Path, cipher: str, ignore
             line for line in log.splitlines() if "Received SSH2_MSG_IGNORE" in line and "preauth" not in line
         ]
         assert bool(after_auth) is ignores
+    finally:
+        server.kill()
+
+
+@pytest.mark.parametrize(
+    ("cipher", "kind"),
+    [
+        ("aes128-gcm@openssh.com", FastGcm),
+        ("aes256-gcm@openssh.com", FastGcm),
+        ("chacha20-poly1305@openssh.com", FastChacha),
+    ],
+)
+async def test_stateful_ciphers_across_rekeys(tmp_path: Path, cipher: str, kind: type) -> None:
+    """sshd re-keys every 256 KiB; each new key gets the stateful cipher and no byte is lost.
+
+    2 MiB each way: sshd's DEBUG1 lines for each key exchange go to a pipe read only at the end.
+    """
+    server = Sshd(tmp_path, ("RekeyLimit 256K", "LogLevel DEBUG1")).start()
+    try:
+        async with echo_tunnel(server, ciphers=[cipher]) as (runtime, entry):
+            assert await echo_through(entry, 2 * MiB)
+            assert await echo_through(entry, 1024)  # packets after the last key exchange
+            conn = next(iter(runtime._tunnels.values())).conn
+            assert conn is not None
+            assert type(conn._send_encryption) is kind
+            assert type(conn._recv_encryption) is kind
+        assert server.proc is not None
+        log = server.proc.output()
+        rekeys = [line for line in log.splitlines() if "SSH2_MSG_NEWKEYS received" in line]
+        assert len(rekeys) >= 8, "2 MiB each way at 256 KiB a key: many key exchanges"
     finally:
         server.kill()
 

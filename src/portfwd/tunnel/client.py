@@ -30,7 +30,7 @@ from portfwd.state import Session, State, TunnelForwardStats, TunnelStats
 from portfwd.tunnel.bridge import Bridge
 from portfwd.tunnel.cork import CorkedConnector
 from portfwd.tunnel.hostkeys import HostKeyCheck, HostKeyError
-from portfwd.tunnel.ignore import skip_needless_ignores
+from portfwd.tunnel.packets import tune
 from portfwd.tunnelspec import TunnelForward, parse_destination
 
 log = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ class Tunnel:
                 tunnel = await asyncssh.connect(host, tunnel=tunnel, **options)
             except asyncssh.HostKeyNotVerifiable as exc:
                 raise check.problem or HostKeyError(f"jump host {host}: {exc.reason}") from exc
-            skip_needless_ignores(tunnel)
+            tune(tunnel)
             self._jumps.append(tunnel)
         check = HostKeyCheck(list(self.config.known_hosts), accept_new)
         options = self._options(check, self.port, self.user)
@@ -308,7 +308,7 @@ class Tunnel:
             conn = await asyncssh.connect(self.host, tunnel=tunnel or CorkedConnector(), **options)
         except asyncssh.HostKeyNotVerifiable as exc:
             raise check.problem or HostKeyError(f"{self.host}: {exc.reason}") from exc
-        skip_needless_ignores(conn)
+        tune(conn)
         return conn
 
     def _note_lost(self, reason: str) -> None:

@@ -33,7 +33,7 @@ from portfwd.state import ServerSessionStats, State
 from portfwd.tunnel.bridge import Bridge
 from portfwd.tunnel.client import PACKET, WINDOW
 from portfwd.tunnel.cork import CorkedConnector
-from portfwd.tunnel.ignore import skip_needless_ignores
+from portfwd.tunnel.packets import tune
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class _Session(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
-        skip_needless_ignores(conn)
+        tune(conn)
         peer = conn.get_extra_info("peername")
         self.source = format_peer(peer) if isinstance(peer, tuple) else "?"
         self.source_ip = str(peer[0]) if isinstance(peer, tuple) else ""
