@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import pytest
 
 from portfwd.runtime import Runtime
@@ -177,6 +179,21 @@ async def test_stateful_ciphers_across_rekeys(tmp_path: Path, cipher: str, kind:
         assert len(rekeys) >= 8, "2 MiB each way at 256 KiB a key: many key exchanges"
     finally:
         server.kill()
+
+
+async def test_packet_logging_still_works_when_asked(sshd: Sshd, caplog: pytest.LogCaptureFixture) -> None:
+    """tune() skips rendering packet log lines only while nobody could see them."""
+    caplog.set_level(logging.DEBUG, logger="asyncssh")
+    asyncssh.set_debug_level(3)
+    try:
+        async with echo_tunnel(sshd) as (_, entry):
+            assert await echo_through(entry, 1024)
+    finally:
+        asyncssh.set_debug_level(1)
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("Sent MSG_CHANNEL_DATA" in text for text in messages)
+    assert any("Received MSG_CHANNEL_DATA" in text for text in messages)
+    assert any("Sent MSG_CHANNEL_OPEN " in text for text in messages)
 
 
 async def test_refused_remote_forward_is_reported_and_retried(sshd: Sshd) -> None:

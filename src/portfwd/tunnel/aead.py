@@ -24,7 +24,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hmac
-from ctypes import POINTER, c_char_p, c_int, c_size_t, c_void_p
+from ctypes import c_char_p, c_int, c_size_t, c_void_p
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -32,6 +33,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 TAG = 16
 _COUNTER_MASK = (1 << 64) - 1
 _COUNTER_ZERO = bytes(8)
+_POLY_KEY_SIZE = c_size_t(32)
+_TAG_SIZE = c_size_t(TAG)
 _ZERO_BLOCK = bytes(64)  # ChaCha20 block 0 under the payload key: its first 32 bytes key Poly1305
 
 
@@ -68,7 +71,13 @@ class FastGcm:
 
 
 class _LibCrypto:
-    """The few libcrypto 3 functions the ChaCha20-Poly1305 construction needs, typed for ctypes."""
+    """The few libcrypto 3 functions the ChaCha20-Poly1305 construction needs.
+
+    Set-up and clean-up go through typed functions. The per-packet calls are separate,
+    untyped function objects (`lib[name]` makes a new one), because argument conversion for
+    typed calls was a third of the cost of a small packet: every argument passed to them is
+    already a ctypes object (`c_void_p`, `c_size_t`, a buffer), bytes, None, or a small int.
+    """
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         lib.EVP_CIPHER_CTX_new.restype = c_void_p
@@ -79,25 +88,31 @@ class _LibCrypto:
         lib.EVP_chacha20.argtypes = []
         lib.EVP_CipherInit_ex.restype = c_int
         lib.EVP_CipherInit_ex.argtypes = [c_void_p, c_void_p, c_void_p, c_char_p, c_char_p, c_int]
-        lib.EVP_Cipher.restype = c_int  # one call per update, no out-length: ChaCha20 is a stream
-        lib.EVP_Cipher.argtypes = [c_void_p, c_void_p, c_char_p, ctypes.c_uint]
         lib.EVP_MAC_fetch.restype = c_void_p
         lib.EVP_MAC_fetch.argtypes = [c_void_p, c_char_p, c_char_p]
         lib.EVP_MAC_CTX_new.restype = c_void_p
         lib.EVP_MAC_CTX_new.argtypes = [c_void_p]
         lib.EVP_MAC_CTX_free.restype = None
         lib.EVP_MAC_CTX_free.argtypes = [c_void_p]
-        lib.EVP_MAC_init.restype = c_int
-        lib.EVP_MAC_init.argtypes = [c_void_p, c_void_p, c_size_t, c_void_p]
-        lib.EVP_MAC_update.restype = c_int
-        lib.EVP_MAC_update.argtypes = [c_void_p, c_void_p, c_size_t]
-        lib.EVP_MAC_final.restype = c_int
-        lib.EVP_MAC_final.argtypes = [c_void_p, c_void_p, POINTER(c_size_t), c_size_t]
         self.lib = lib
         self.chacha20 = lib.EVP_chacha20()
         self.poly1305 = lib.EVP_MAC_fetch(None, b"POLY1305", None)
         if not self.chacha20 or not self.poly1305:
             raise OSError("libcrypto has no ChaCha20 or Poly1305")
+        # int EVP_CipherInit_ex(ctx, NULL, NULL, NULL, iv, -1): a new nonce, same key and direction
+        self.rekey = self._untyped("EVP_CipherInit_ex")
+        # int EVP_Cipher(ctx, out, in, unsigned int inl): ChaCha20 is a stream, so no final step
+        self.cipher = self._untyped("EVP_Cipher")
+        # int EVP_MAC_init(ctx, key, size_t keylen, NULL) / _update(ctx, data, size_t len)
+        # / _final(ctx, out, size_t *outl, size_t outsize)
+        self.mac_init = self._untyped("EVP_MAC_init")
+        self.mac_update = self._untyped("EVP_MAC_update")
+        self.mac_final = self._untyped("EVP_MAC_final")
+
+    def _untyped(self, name: str) -> Any:
+        function = self.lib[name]
+        function.restype = c_int
+        return function
 
 
 _libcrypto: list[_LibCrypto | None] = []  # loaded once, at the first use
@@ -125,22 +140,11 @@ class FastChacha:
     The 64-byte key is two ChaCha20 keys: K_2 (first half) encrypts the payload from block 1 on
     and gives the Poly1305 key from block 0; K_1 (second half) encrypts the 4-byte length. The
     nonce is the packet sequence number; the tag covers the encrypted length and payload.
-    Every call here is on the hot path (several per packet), so the ctypes functions and the
-    small buffers are looked up and made once per key.
+    Every call here is on the hot path (several per packet), so the contexts are wrapped as
+    ctypes objects and the small buffers made once per key.
     """
 
-    __slots__ = (
-        "_block",
-        "_cipher",
-        "_crypto",
-        "_header",
-        "_init",
-        "_length",
-        "_mac",
-        "_main",
-        "_tag",
-        "_tagl",
-    )
+    __slots__ = ("_block", "_crypto", "_header", "_length", "_mac", "_main", "_tag", "_tag_size")
 
     def __init__(self, key: bytes) -> None:
         crypto = _load()
@@ -148,86 +152,93 @@ class FastChacha:
             raise OSError("libcrypto 3 is not available")
         self._crypto = crypto
         lib = crypto.lib
-        self._main = lib.EVP_CIPHER_CTX_new()
-        self._header = lib.EVP_CIPHER_CTX_new()
-        self._mac = lib.EVP_MAC_CTX_new(crypto.poly1305)
-        if not (self._main and self._header and self._mac):
+        main, header, mac = (
+            lib.EVP_CIPHER_CTX_new(),
+            lib.EVP_CIPHER_CTX_new(),
+            lib.EVP_MAC_CTX_new(crypto.poly1305),
+        )
+        self._main, self._header, self._mac = c_void_p(main), c_void_p(header), c_void_p(mac)
+        if not (main and header and mac):
             self._free()
             raise MemoryError("OpenSSL could not allocate a cipher context")
         blank = bytes(16)
         if not (
-            lib.EVP_CipherInit_ex(self._main, crypto.chacha20, None, key[:32], blank, 1)
-            and lib.EVP_CipherInit_ex(self._header, crypto.chacha20, None, key[32:64], blank, 1)
+            lib.EVP_CipherInit_ex(main, crypto.chacha20, None, key[:32], blank, 1)
+            and lib.EVP_CipherInit_ex(header, crypto.chacha20, None, key[32:64], blank, 1)
         ):
             self._free()
             raise ValueError("OpenSSL refused the ChaCha20 key")
-        self._init = lib.EVP_CipherInit_ex
-        self._cipher = lib.EVP_Cipher
         self._block = ctypes.create_string_buffer(64)  # payload stream block 0: the Poly1305 key
         self._length = ctypes.create_string_buffer(4)
         self._tag = ctypes.create_string_buffer(TAG)
-        self._tagl = c_size_t()
+        self._tag_size = c_size_t()
 
     def _free(self) -> None:
         lib = self._crypto.lib
-        if self._main:
-            lib.EVP_CIPHER_CTX_free(self._main)
-        if self._header:
-            lib.EVP_CIPHER_CTX_free(self._header)
-        if self._mac:
-            lib.EVP_MAC_CTX_free(self._mac)
-        self._main = self._header = self._mac = None
+        if self._main.value:
+            lib.EVP_CIPHER_CTX_free(self._main.value)
+        if self._header.value:
+            lib.EVP_CIPHER_CTX_free(self._header.value)
+        if self._mac.value:
+            lib.EVP_MAC_CTX_free(self._mac.value)
+        self._main = self._header = self._mac = c_void_p()
 
     def __del__(self) -> None:
-        if getattr(self, "_crypto", None) is not None:
+        if getattr(self, "_mac", None) is not None:
             self._free()
 
-    def _poly1305(self, *parts: bytes) -> bytes:
-        """The tag over `parts`, keyed by the block the last `_rekey` left in `_block`."""
-        lib = self._crypto.lib
+    def _poly1305(self, data: bytes, more: bytes = b"") -> bytes:
+        """The tag over `data` (then `more`), keyed by the block `_rekey` left in `_block`."""
+        crypto = self._crypto
         mac = self._mac
-        ok = lib.EVP_MAC_init(mac, self._block, 32, None)
-        for part in parts:
-            ok = ok and lib.EVP_MAC_update(mac, part, len(part))
-        if not (ok and lib.EVP_MAC_final(mac, self._tag, self._tagl, TAG)):
+        ok = crypto.mac_init(mac, self._block, _POLY_KEY_SIZE, None) and crypto.mac_update(
+            mac, data, c_size_t(len(data))
+        )
+        if more:
+            ok = ok and crypto.mac_update(mac, more, c_size_t(len(more)))
+        if not (ok and crypto.mac_final(mac, self._tag, ctypes.byref(self._tag_size), _TAG_SIZE)):
             raise ValueError("OpenSSL Poly1305 failed")
         return self._tag.raw
 
-    def _rekey(self, seq: int) -> bytes:
-        """Point both streams at packet `seq` and take the payload stream's block 0 into `_block`.
-
-        OpenSSL's 16-byte ChaCha20 IV is the block counter (0), then the 8-byte nonce.
+    def _rekey(self, seq: int, *, header: bool) -> None:
+        """Point the payload stream (and the length's, if asked) at packet `seq`; block 0 of the
+        payload stream goes to `_block`. OpenSSL's 16-byte ChaCha20 IV is the block counter (0),
+        then the 8-byte nonce.
         """
+        crypto = self._crypto
         iv = _COUNTER_ZERO + seq.to_bytes(8, "big")
-        init = self._init
-        if not (init(self._main, None, None, None, iv, -1) and init(self._header, None, None, None, iv, -1)):
+        if not (
+            crypto.rekey(self._main, None, None, None, iv, -1)
+            and (not header or crypto.rekey(self._header, None, None, None, iv, -1))
+        ):
             raise ValueError("OpenSSL refused the ChaCha20 nonce")
-        self._cipher(self._main, self._block, _ZERO_BLOCK, 64)
-        return iv
+        crypto.cipher(self._main, self._block, _ZERO_BLOCK, 64)
 
     def encrypt_packet(self, seq: int, header: bytes, packet: bytes) -> tuple[bytes, bytes]:
-        self._rekey(seq)
+        self._rekey(seq, header=True)
+        cipher = self._crypto.cipher
         size = len(packet)
         out = ctypes.create_string_buffer(4 + size)
-        self._cipher(self._header, out, header, 4)
-        self._cipher(self._main, ctypes.byref(out, 4), packet, size)
+        cipher(self._header, out, header, 4)
+        cipher(self._main, ctypes.byref(out, 4), packet, size)
         body = out.raw
         return body + self._poly1305(body), b""
 
     def decrypt_header(self, seq: int, first_block: bytes, header_len: int) -> tuple[bytes, bytes]:
-        if not self._init(self._header, None, None, None, _COUNTER_ZERO + seq.to_bytes(8, "big"), -1):
+        crypto = self._crypto
+        if not crypto.rekey(self._header, None, None, None, _COUNTER_ZERO + seq.to_bytes(8, "big"), -1):
             raise ValueError("OpenSSL refused the ChaCha20 nonce")
-        self._cipher(self._header, self._length, first_block, 4)
+        crypto.cipher(self._header, self._length, first_block, 4)
         return first_block, self._length.raw
 
     def decrypt_packet(
         self, seq: int, first: bytes, rest: bytes, header_len: int, mac: bytes
     ) -> bytes | None:
-        self._rekey(seq)
+        self._rekey(seq, header=False)  # decrypt_header came first, for the same seq
         if not hmac.compare_digest(self._poly1305(first, rest), mac):
             return None
         body = first[header_len:] + rest
         size = len(body)
         out = ctypes.create_string_buffer(size)
-        self._cipher(self._main, out, body, size)
+        self._crypto.cipher(self._main, out, body, size)
         return out.raw
