@@ -24,7 +24,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hmac
-from ctypes import c_char_p, c_int, c_size_t, c_void_p
+from ctypes import c_char_p, c_int, c_size_t, c_uint64, c_ulonglong, c_void_p
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -34,6 +34,10 @@ TAG = 16
 _COUNTER_MASK = (1 << 64) - 1
 _COUNTER_ZERO = bytes(8)
 _POLY_KEY_SIZE = c_size_t(32)
+_LENGTH_SIZE = c_ulonglong(4)
+_BLOCK_ZERO = c_uint64(0)
+#: Packets up to this size (payload and padding) go through libsodium, larger ones through OpenSSL.
+SMALL = 4096
 _TAG_SIZE = c_size_t(TAG)
 _ZERO_BLOCK = bytes(64)  # ChaCha20 block 0 under the payload key: its first 32 bytes key Poly1305
 
@@ -100,22 +104,45 @@ class _LibCrypto:
         if not self.chacha20 or not self.poly1305:
             raise OSError("libcrypto has no ChaCha20 or Poly1305")
         # int EVP_CipherInit_ex(ctx, NULL, NULL, NULL, iv, -1): a new nonce, same key and direction
-        self.rekey = self._untyped("EVP_CipherInit_ex")
+        self.rekey = _untyped(lib, "EVP_CipherInit_ex")
         # int EVP_Cipher(ctx, out, in, unsigned int inl): ChaCha20 is a stream, so no final step
-        self.cipher = self._untyped("EVP_Cipher")
+        self.cipher = _untyped(lib, "EVP_Cipher")
         # int EVP_MAC_init(ctx, key, size_t keylen, NULL) / _update(ctx, data, size_t len)
         # / _final(ctx, out, size_t *outl, size_t outsize)
-        self.mac_init = self._untyped("EVP_MAC_init")
-        self.mac_update = self._untyped("EVP_MAC_update")
-        self.mac_final = self._untyped("EVP_MAC_final")
+        self.mac_init = _untyped(lib, "EVP_MAC_init")
+        self.mac_update = _untyped(lib, "EVP_MAC_update")
+        self.mac_final = _untyped(lib, "EVP_MAC_final")
 
-    def _untyped(self, name: str) -> Any:
-        function = self.lib[name]
-        function.restype = c_int
-        return function
+
+class _Sodium:
+    """libsodium's original-nonce ChaCha20 and Poly1305: one call each, no context to re-key.
+
+    OpenSSL needs a context re-keyed per nonce (two calls a stream) and three calls a MAC;
+    libsodium takes key and nonce in every call, so a small packet costs three calls instead of
+    eight (2.2 µs against 4.0 µs for 48 bytes). Its ChaCha20 and Poly1305 are slower per byte,
+    so large packets stay on OpenSSL (the two meet near 8 KiB). Untyped like _LibCrypto's
+    per-packet calls; lengths go as `c_ulonglong`, the block counter as `c_uint64`.
+    """
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        if lib.sodium_init() < 0:
+            raise OSError("libsodium could not start")
+        # int crypto_stream_chacha20_xor_ic(c, m, unsigned long long mlen, n[8], uint64_t ic, k[32])
+        self.xor = _untyped(lib, "crypto_stream_chacha20_xor_ic")
+        # int crypto_onetimeauth_poly1305(out[16], in, unsigned long long inlen, k[32])
+        self.poly1305 = _untyped(lib, "crypto_onetimeauth_poly1305")
+        # int crypto_onetimeauth_poly1305_verify(h[16], in, unsigned long long inlen, k[32]): 0 if equal
+        self.poly1305_verify = _untyped(lib, "crypto_onetimeauth_poly1305_verify")
+
+
+def _untyped(lib: ctypes.CDLL, name: str) -> Any:
+    function = lib[name]
+    function.restype = c_int
+    return function
 
 
 _libcrypto: list[_LibCrypto | None] = []  # loaded once, at the first use
+_sodium: list[_Sodium | None] = []
 
 
 def _load() -> _LibCrypto | None:
@@ -127,6 +154,16 @@ def _load() -> _LibCrypto | None:
         except (OSError, AttributeError):  # no libcrypto 3 (OpenSSL 1.1 lacks EVP_MAC)
             _libcrypto.append(None)
     return _libcrypto[0]
+
+
+def _load_sodium() -> _Sodium | None:
+    if not _sodium:
+        try:
+            name = ctypes.util.find_library("sodium")
+            _sodium.append(_Sodium(ctypes.CDLL(name or "libsodium.so.23")))
+        except (OSError, AttributeError):  # small packets then go through OpenSSL too
+            _sodium.append(None)
+    return _sodium[0]
 
 
 def chacha_available() -> bool:
@@ -144,7 +181,10 @@ class FastChacha:
     ctypes objects and the small buffers made once per key.
     """
 
-    __slots__ = ("_block", "_crypto", "_header", "_length", "_mac", "_main", "_tag", "_tag_size")
+    __slots__ = (
+        "_block", "_crypto", "_header", "_k1", "_k2", "_length",
+        "_mac", "_main", "_sodium", "_tag", "_tag_size",
+    )  # fmt: skip
 
     def __init__(self, key: bytes) -> None:
         crypto = _load()
@@ -168,6 +208,8 @@ class FastChacha:
         ):
             self._free()
             raise ValueError("OpenSSL refused the ChaCha20 key")
+        self._sodium = _load_sodium()
+        self._k2, self._k1 = key[:32], key[32:64]
         self._block = ctypes.create_string_buffer(64)  # payload stream block 0: the Poly1305 key
         self._length = ctypes.create_string_buffer(4)
         self._tag = ctypes.create_string_buffer(TAG)
@@ -215,9 +257,19 @@ class FastChacha:
         crypto.cipher(self._main, self._block, _ZERO_BLOCK, 64)
 
     def encrypt_packet(self, seq: int, header: bytes, packet: bytes) -> tuple[bytes, bytes]:
+        size = len(packet)
+        sodium = self._sodium
+        if sodium is not None and size <= SMALL:
+            # One buffer: payload block 0 (its first 32 bytes key Poly1305; bytes 60-63 then
+            # take the encrypted length), the encrypted payload, the tag. Bytes 60- are the wire.
+            nonce = seq.to_bytes(8, "big")
+            out = ctypes.create_string_buffer(64 + size + TAG)
+            sodium.xor(out, _ZERO_BLOCK + packet, c_ulonglong(64 + size), nonce, _BLOCK_ZERO, self._k2)
+            sodium.xor(ctypes.byref(out, 60), header, _LENGTH_SIZE, nonce, _BLOCK_ZERO, self._k1)
+            sodium.poly1305(ctypes.byref(out, 64 + size), ctypes.byref(out, 60), c_ulonglong(4 + size), out)
+            return memoryview(out)[60:].tobytes(), b""
         self._rekey(seq, header=True)
         cipher = self._crypto.cipher
-        size = len(packet)
         out = ctypes.create_string_buffer(4 + size)
         cipher(self._header, out, header, 4)
         cipher(self._main, ctypes.byref(out, 4), packet, size)
@@ -225,6 +277,10 @@ class FastChacha:
         return body + self._poly1305(body), b""
 
     def decrypt_header(self, seq: int, first_block: bytes, header_len: int) -> tuple[bytes, bytes]:
+        if self._sodium is not None:
+            nonce = seq.to_bytes(8, "big")
+            self._sodium.xor(self._length, first_block, _LENGTH_SIZE, nonce, _BLOCK_ZERO, self._k1)
+            return first_block, self._length.raw
         crypto = self._crypto
         if not crypto.rekey(self._header, None, None, None, _COUNTER_ZERO + seq.to_bytes(8, "big"), -1):
             raise ValueError("OpenSSL refused the ChaCha20 nonce")
@@ -234,6 +290,18 @@ class FastChacha:
     def decrypt_packet(
         self, seq: int, first: bytes, rest: bytes, header_len: int, mac: bytes
     ) -> bytes | None:
+        sodium = self._sodium
+        if sodium is not None and len(first) + len(rest) <= SMALL + header_len:
+            nonce = seq.to_bytes(8, "big")
+            covered = first + rest  # what the tag covers: the encrypted length and payload
+            size = len(covered) - header_len
+            out = ctypes.create_string_buffer(64 + size)  # block 0 (the Poly1305 key), then plaintext
+            sodium.xor(
+                out, _ZERO_BLOCK + covered[header_len:], c_ulonglong(64 + size), nonce, _BLOCK_ZERO, self._k2
+            )
+            if sodium.poly1305_verify(mac, covered, c_ulonglong(len(covered)), out) != 0:
+                return None
+            return memoryview(out)[64:].tobytes()
         self._rekey(seq, header=False)  # decrypt_header came first, for the same seq
         if not hmac.compare_digest(self._poly1305(first, rest), mac):
             return None
