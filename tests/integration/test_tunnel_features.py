@@ -20,6 +20,7 @@ import pytest
 
 from portfwd.runtime import Runtime
 from portfwd.tunnel.aead import FastChacha, FastGcm
+from portfwd.tunnel.packets import tune
 from tests.conftest import need_binary
 from tests.integration.peers import MiB, free_port, open_client, peer, read_all, running, sha, wait_until
 from tests.integration.processes import Proc
@@ -177,6 +178,36 @@ async def test_stateful_ciphers_across_rekeys(tmp_path: Path, cipher: str, kind:
         log = server.proc.output()
         rekeys = [line for line in log.splitlines() if "SSH2_MSG_NEWKEYS received" in line]
         assert len(rekeys) >= 8, "2 MiB each way at 256 KiB a key: many key exchanges"
+    finally:
+        server.kill()
+
+
+async def test_lean_path_hands_our_own_rekeys_to_asyncssh(tmp_path: Path) -> None:
+    """asyncssh re-keys after rekey_bytes of its own sending: the lean path counts those bytes."""
+    server = Sshd(tmp_path, ("LogLevel DEBUG1",)).start()
+    try:
+        async with peer("echo", ("127.0.0.1", 0)) as upstream:
+            assert not isinstance(upstream.address, str)
+            conn = await asyncssh.connect(
+                "127.0.0.1",
+                server.port,
+                username="root",
+                client_keys=[str(server.user_key)],
+                known_hosts=str(server.known_hosts),
+                rekey_bytes=128 * 1024,
+                encryption_algs=["chacha20-poly1305@openssh.com"],
+            )
+            async with conn:
+                tune(conn)
+                reader, writer = await conn.open_connection("127.0.0.1", upstream.address[1])
+                data = os.urandom(MiB)
+                writer.write(data)
+                writer.write_eof()
+                got = await read_all(reader)
+                assert sha(got) == sha(data)
+        assert server.proc is not None
+        rekeys = server.proc.output().count("SSH2_MSG_NEWKEYS received")
+        assert rekeys >= 6, "1 MiB sent at 128 KiB a key"
     finally:
         server.kill()
 
