@@ -183,7 +183,7 @@ class FastChacha:
 
     __slots__ = (
         "_block", "_crypto", "_header", "_k1", "_k2", "_length",
-        "_mac", "_main", "_sodium", "_tag", "_tag_size",
+        "_mac", "_main", "_scratch", "_sodium", "_tag", "_tag_size",
     )  # fmt: skip
 
     def __init__(self, key: bytes) -> None:
@@ -210,6 +210,7 @@ class FastChacha:
             raise ValueError("OpenSSL refused the ChaCha20 key")
         self._sodium = _load_sodium()
         self._k2, self._k1 = key[:32], key[32:64]
+        self._scratch = ctypes.create_string_buffer(64 + SMALL + 64 + TAG)  # small packets, in and out
         self._block = ctypes.create_string_buffer(64)  # payload stream block 0: the Poly1305 key
         self._length = ctypes.create_string_buffer(4)
         self._tag = ctypes.create_string_buffer(TAG)
@@ -263,11 +264,11 @@ class FastChacha:
             # One buffer: payload block 0 (its first 32 bytes key Poly1305; bytes 60-63 then
             # take the encrypted length), the encrypted payload, the tag. Bytes 60- are the wire.
             nonce = seq.to_bytes(8, "big")
-            out = ctypes.create_string_buffer(64 + size + TAG)
+            out = self._scratch  # the wire bytes are copied out below
             sodium.xor(out, _ZERO_BLOCK + packet, c_ulonglong(64 + size), nonce, _BLOCK_ZERO, self._k2)
             sodium.xor(ctypes.byref(out, 60), header, _LENGTH_SIZE, nonce, _BLOCK_ZERO, self._k1)
             sodium.poly1305(ctypes.byref(out, 64 + size), ctypes.byref(out, 60), c_ulonglong(4 + size), out)
-            return memoryview(out)[60:].tobytes(), b""
+            return memoryview(out)[60 : 64 + size + TAG].tobytes(), b""
         self._rekey(seq, header=True)
         cipher = self._crypto.cipher
         out = ctypes.create_string_buffer(4 + size)
@@ -295,13 +296,13 @@ class FastChacha:
             nonce = seq.to_bytes(8, "big")
             covered = first + rest  # what the tag covers: the encrypted length and payload
             size = len(covered) - header_len
-            out = ctypes.create_string_buffer(64 + size)  # block 0 (the Poly1305 key), then plaintext
+            out = self._scratch  # block 0 (the Poly1305 key), then the plaintext, copied out below
             sodium.xor(
                 out, _ZERO_BLOCK + covered[header_len:], c_ulonglong(64 + size), nonce, _BLOCK_ZERO, self._k2
             )
             if sodium.poly1305_verify(mac, covered, c_ulonglong(len(covered)), out) != 0:
                 return None
-            return memoryview(out)[64:].tobytes()
+            return memoryview(out)[64 : 64 + size].tobytes()
         self._rekey(seq, header=False)  # decrypt_header came first, for the same seq
         if not hmac.compare_digest(self._poly1305(first, rest), mac):
             return None
