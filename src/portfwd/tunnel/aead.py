@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import hmac
 from ctypes import c_char_p, c_int, c_size_t, c_uint64, c_ulonglong, c_void_p
 from typing import Any
@@ -141,29 +142,21 @@ def _untyped(lib: ctypes.CDLL, name: str) -> Any:
     return function
 
 
-_libcrypto: list[_LibCrypto | None] = []  # loaded once, at the first use
-_sodium: list[_Sodium | None] = []
-
-
+@functools.cache  # loaded once, at the first use
 def _load() -> _LibCrypto | None:
-    if not _libcrypto:
-        try:
-            name = ctypes.util.find_library("crypto")
-            lib = ctypes.CDLL(name if name and ".so.3" in name else "libcrypto.so.3")
-            _libcrypto.append(_LibCrypto(lib))
-        except (OSError, AttributeError):  # no libcrypto 3 (OpenSSL 1.1 lacks EVP_MAC)
-            _libcrypto.append(None)
-    return _libcrypto[0]
+    try:
+        name = ctypes.util.find_library("crypto")
+        return _LibCrypto(ctypes.CDLL(name if name and ".so.3" in name else "libcrypto.so.3"))
+    except (OSError, AttributeError):  # no libcrypto 3 (OpenSSL 1.1 lacks EVP_MAC)
+        return None
 
 
+@functools.cache
 def _load_sodium() -> _Sodium | None:
-    if not _sodium:
-        try:
-            name = ctypes.util.find_library("sodium")
-            _sodium.append(_Sodium(ctypes.CDLL(name or "libsodium.so.23")))
-        except (OSError, AttributeError):  # small packets then go through OpenSSL too
-            _sodium.append(None)
-    return _sodium[0]
+    try:
+        return _Sodium(ctypes.CDLL(ctypes.util.find_library("sodium") or "libsodium.so.23"))
+    except (OSError, AttributeError):  # small packets then go through OpenSSL too
+        return None
 
 
 def chacha_available() -> bool:
