@@ -27,6 +27,7 @@ from tests.integration.netns import wait_listening_in  # noqa: E402
 from tests.integration.processes import Proc  # noqa: E402
 from tests.integration.topology import GW_WAN, LAN_HOST, Lab, lab  # noqa: E402
 
+import run as base  # noqa: E402  (bench/run.py: the wrk command and its report)
 from portfwd import config  # noqa: E402
 from portfwd.kernel import nft  # noqa: E402
 
@@ -61,21 +62,8 @@ def iperf(net: Lab, host: str, port: int, seconds: int) -> float:
 
 
 def wrk(net: Lab, host: str, port: int, seconds: int) -> float:
-    out = net.run(
-        net.wan,
-        "wrk",
-        "-t1",
-        "-c32",
-        f"-d{seconds}s",
-        "-H",
-        "Connection: close",
-        f"http://{host}:{port}/",
-        timeout=seconds + 30,
-    ).stdout.decode()
-    for line in out.splitlines():
-        if line.startswith("Requests/sec:"):
-            return float(line.split()[1])
-    return float("nan")
+    out = net.run(net.wan, *base.wrk_argv(f"http://{host}:{port}/", seconds), timeout=seconds + 30)
+    return base.wrk_rate(out.stdout.decode())
 
 
 def main() -> int:

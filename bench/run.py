@@ -286,29 +286,31 @@ def iperf_tcp(forwarder: Forwarder, streams: int, seconds: float) -> tuple[float
     return received["bits_per_second"] / 1e9, (cpu / gbits if gbits else float("nan"))
 
 
+def wrk_argv(url: str, seconds: float) -> list[str]:
+    """wrk with one new TCP connection per request (HTTP close): what conn/s means here."""
+    return ["wrk", "-t1", "-c32", f"-d{seconds}s", "-H", "Connection: close", url]
+
+
+def wrk_rate(out: str) -> float:
+    """Requests/s from wrk's report (NaN when it printed none)."""
+    for line in out.splitlines():
+        if line.startswith("Requests/sec:"):
+            return float(line.split()[1])
+    return float("nan")
+
+
 def wrk_conn_rate(forwarder: Forwarder, seconds: float) -> tuple[float, float]:
     """(HTTP requests/s with one new TCP connection each, forwarder CPU µs per connection)."""
     before = cpu_seconds(forwarder.pids)
     out = subprocess.run(
-        [
-            "wrk",
-            "-t1",
-            "-c32",
-            f"-d{seconds}s",
-            "-H",
-            "Connection: close",
-            f"http://{LOCAL}:{forwarder.ports['http']}/",
-        ],
+        wrk_argv(f"http://{LOCAL}:{forwarder.ports['http']}/", seconds),
         capture_output=True,
         text=True,
         timeout=seconds + 30,
     ).stdout
     cpu = cpu_seconds(forwarder.pids) - before
-    for line in out.splitlines():
-        if line.startswith("Requests/sec:"):
-            rate = float(line.split()[1])
-            return rate, (cpu * 1e6 / (rate * seconds) if rate else float("nan"))
-    return float("nan"), float("nan")
+    rate = wrk_rate(out)
+    return rate, (cpu * 1e6 / (rate * seconds) if rate else float("nan"))  # NaN stays NaN
 
 
 def ping_pong(forwarder: Forwarder, count: int = 3000) -> tuple[float, float]:

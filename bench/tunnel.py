@@ -33,38 +33,55 @@ NOTES = "### What holds the tunnel back"
 NAMES = ("iperf", "http", "echo")
 
 
-def start_tunnels(sshd: Sshd, targets: base.Targets, forwarders: list[base.Forwarder]) -> None:
+def upstream_of(targets: base.Targets, forwarders: list[base.Forwarder]) -> dict[str, int]:
+    """The target ports by name; the `direct` path (no tunnel) goes first among the forwarders."""
     upstream = {"iperf": targets.iperf, "http": targets.http, "echo": targets.echo}
     forwarders.append(base.Forwarder("direct", dict(upstream)))
+    return upstream
+
+
+def ssh_options(
+    upstream: dict[str, int], key: Path, known_hosts: Path, cipher: str, port: int
+) -> tuple[dict[str, int], list[str]]:
+    """Fresh local ports for the targets, and the OpenSSH options (`ssh` and `portfwd ssh` alike)
+    that forward them through the server at `port` with `cipher`."""
+    ports = {name: base.free_port() for name in NAMES}
+    specs = [arg for name in NAMES for arg in ("-L", f"127.0.0.1:{ports[name]}:127.0.0.1:{upstream[name]}")]
+    options = [
+        "-F",
+        "/dev/null",
+        "-i",
+        str(key),
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        f"UserKnownHostsFile={known_hosts}",
+        "-o",
+        f"Ciphers={cipher}",
+        "-o",
+        "Compression=no",
+        "-p",
+        str(port),
+        "-N",
+        *specs,
+        "root@127.0.0.1",
+    ]
+    return ports, options
+
+
+#: Stock ssh in front of the shared options: never prompt, never accept an unknown host key.
+OPENSSH = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
+
+
+def start_tunnels(sshd: Sshd, targets: base.Targets, forwarders: list[base.Forwarder]) -> None:
+    upstream = upstream_of(targets, forwarders)
     for short, cipher in CIPHERS.items():
         for client in ("openssh", "portfwd"):
-            ports = {name: base.free_port() for name in NAMES}
-            specs = [
-                arg for name in NAMES for arg in ("-L", f"127.0.0.1:{ports[name]}:127.0.0.1:{upstream[name]}")
-            ]
-            common = [
-                "-F",
-                "/dev/null",
-                "-i",
-                str(sshd.user_key),
-                "-o",
-                "IdentitiesOnly=yes",
-                "-o",
-                f"UserKnownHostsFile={sshd.known_hosts}",
-                "-o",
-                f"Ciphers={cipher}",
-                "-o",
-                "Compression=no",
-                "-p",
-                str(sshd.port),
-                "-N",
-                *specs,
-                "root@127.0.0.1",
-            ]
+            ports, options = ssh_options(upstream, sshd.user_key, sshd.known_hosts, cipher, sshd.port)
             if client == "openssh":
-                argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", *common]
+                argv = [*OPENSSH, *options]
             else:
-                argv = [str(base.REPO / ".venv/bin/portfwd"), "ssh", "-q", *common]
+                argv = [str(base.REPO / ".venv/bin/portfwd"), "ssh", "-q", *options]
             forwarders.append(base.Forwarder(f"{client}-{short}", ports, [base.Proc(argv)]))
     for forwarder in forwarders:
         # Not the iperf port: iperf3 serves one client at a time and would take a probe for one.
@@ -92,8 +109,7 @@ def start_servers(
     sshd: Sshd, tmp: Path, targets: base.Targets, forwarders: list[base.Forwarder], clients: list[base.Proc]
 ) -> None:
     """ssh -L through sshd and through portfwd server, per cipher (every process goes in `clients`)."""
-    upstream = {"iperf": targets.iperf, "http": targets.http, "echo": targets.echo}
-    forwarders.append(base.Forwarder("direct", dict(upstream)))
+    upstream = upstream_of(targets, forwarders)
     port = base.free_port()
     (tmp / "server.keys").write_text((tmp / "id_ed25519.pub").read_text())
     config = tmp / "server.toml"
@@ -115,34 +131,8 @@ def start_servers(
             ("sshd", sshd.port, sshd.proc.pid),
             ("portfwd-server", port, server.pid),
         ):
-            ports = {item: base.free_port() for item in NAMES}
-            specs = [
-                arg for item in NAMES for arg in ("-L", f"127.0.0.1:{ports[item]}:127.0.0.1:{upstream[item]}")
-            ]
-            argv = [
-                "ssh",
-                "-F",
-                "/dev/null",
-                "-i",
-                str(sshd.user_key),
-                "-o",
-                "IdentitiesOnly=yes",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                f"UserKnownHostsFile={known}",
-                "-o",
-                "StrictHostKeyChecking=yes",
-                "-o",
-                f"Ciphers={cipher}",
-                "-o",
-                "Compression=no",
-                "-p",
-                str(server_port),
-                "-N",
-                *specs,
-                "root@127.0.0.1",
-            ]
+            ports, options = ssh_options(upstream, sshd.user_key, known, cipher, server_port)
+            argv = [*OPENSSH, *options]
             clients.append(base.Proc(argv))
             forwarders.append(base.Forwarder(f"{name}-{short}", ports, [_Server(pid)]))  # type: ignore[list-item]
     for forwarder in forwarders:
