@@ -212,6 +212,77 @@ async def test_lean_path_hands_our_own_rekeys_to_asyncssh(tmp_path: Path) -> Non
         server.kill()
 
 
+@contextlib.asynccontextmanager
+async def choppy_proxy(port: int, seed: int) -> AsyncIterator[int]:
+    """A TCP proxy to 127.0.0.1:`port` that writes what it reads in random pieces (1 to 700
+    bytes, a loop pass apart), so packets reach the reader split at any offset."""
+    import random
+
+    chooser = random.Random(seed)
+    writers: list[asyncio.StreamWriter] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await reader.read(65536):
+                while data:
+                    cut = chooser.randint(1, 700)
+                    writer.write(data[:cut])
+                    data = data[cut:]
+                    await writer.drain()
+                    await asyncio.sleep(0)
+            writer.write_eof()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        writers.extend((writer, up_writer))
+        for task in (pump(reader, up_writer), pump(up_reader, writer)):
+            tasks.add(asyncio.create_task(task))
+
+    listener = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield listener.sockets[0].getsockname()[1]
+    finally:
+        listener.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for writer in writers:
+            writer.close()
+        await listener.wait_closed()
+
+
+@pytest.mark.parametrize("cipher", ["chacha20-poly1305@openssh.com", "aes128-gcm@openssh.com"])
+async def test_lean_receive_takes_packets_split_anywhere(sshd: Sshd, cipher: str) -> None:
+    """Packets cut at every offset (mid-length, mid-tag, many in one read) cross intact."""
+    async with peer("echo", ("127.0.0.1", 0)) as upstream, choppy_proxy(sshd.port, seed=7) as port:
+        assert not isinstance(upstream.address, str)
+        conn = await asyncssh.connect(
+            "127.0.0.1",
+            port,
+            username="root",
+            client_keys=[str(sshd.user_key)],
+            known_hosts=([asyncssh.read_public_key(f"{sshd.host_key}.pub")], [], []),  # the proxy's port
+            encryption_algs=[cipher],
+        )
+        async with conn:
+            tune(conn)
+            assert conn._recv_data.__self__.on, "the lean receive path is installed"
+            reader, writer = await conn.open_connection("127.0.0.1", upstream.address[1])
+            data = os.urandom(256 * 1024)
+            at = 0
+            for size in (1, 5, 37, 300, 1500, 4000, 20000, 40000) * 20:  # packets of many sizes
+                writer.write(data[at : at + size])
+                at += size
+                if at >= len(data):
+                    break
+            writer.write(data[at:])
+            writer.write_eof()
+            got = await read_all(reader)
+            assert sha(got) == sha(data)
+            assert type(conn._recv_encryption) in (FastChacha, FastGcm)
+
+
 async def test_packet_logging_still_works_when_asked(sshd: Sshd, caplog: pytest.LogCaptureFixture) -> None:
     """tune() skips rendering packet log lines only while nobody could see them."""
     caplog.set_level(logging.DEBUG, logger="asyncssh")

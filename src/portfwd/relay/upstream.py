@@ -81,10 +81,13 @@ class Connect:
 
     This is the per-client fast path, so it uses no Task and no Future: a non-blocking
     connect(), a writer callback, and a timer. `done(sock, None)` or `done(None, error)` is
-    called exactly once, unless `cancel()` came first.
+    called exactly once, unless `cancel()` came first; when the answer is known at once (see
+    `_next`), it is called before the constructor returns.
     """
 
-    __slots__ = ("_addresses", "_done", "_family", "_index", "_last", "_loop", "_pending", "_timer")
+    __slots__ = (
+        "_addresses", "_done", "_family", "_index", "_last", "_loop", "_pending", "_timeout", "_timer",
+    )  # fmt: skip
 
     def __init__(self, addresses: Addresses, timeout: float, done: ConnectDone) -> None:
         self._loop = asyncio.get_running_loop()
@@ -94,7 +97,8 @@ class Connect:
         self._last: OSError | None = None
         self._pending: socket.socket | None = None
         self._family = 0
-        self._timer = self._loop.call_later(timeout, self._expired, timeout)
+        self._timeout = timeout
+        self._timer: asyncio.TimerHandle | None = None  # armed at the first wait (a loop timer costs)
         self._next()
 
     def _next(self) -> None:
@@ -109,13 +113,22 @@ class Connect:
                 return
             upstream.setblocking(False)
             code = upstream.connect_ex(sockaddr)
+            if code == errno.EINPROGRESS:
+                # To loopback (and to this host's own addresses) the handshake is over by the
+                # time connect() returns; asking again says so (EISCONN) or gives the refusal,
+                # without a writer callback and a trip through the loop.
+                code = upstream.connect_ex(sockaddr)
+                if code == errno.EISCONN:
+                    code = 0
             if code == 0:
                 self._connected(upstream, family)
                 return
-            if code == errno.EINPROGRESS:
+            if code in (errno.EINPROGRESS, errno.EALREADY):
                 self._pending = upstream
                 self._family = family
                 self._loop.add_writer(upstream.fileno(), self._writable)
+                if self._timer is None:
+                    self._timer = self._loop.call_later(self._timeout, self._expired, self._timeout)
                 return
             upstream.close()
             self._last = OSError(code, os.strerror(code))
@@ -158,7 +171,8 @@ class Connect:
             self._pending = None
 
     def _finish(self, upstream: socket.socket | None, error: UpstreamError | None) -> None:
-        self._timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         done, self._done = self._done, None
         if done is not None:
             done(upstream, error)
@@ -168,5 +182,6 @@ class Connect:
     def cancel(self) -> None:
         """Abandon the attempt; `done` will not be called."""
         self._done = None
-        self._timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         self._drop_pending()

@@ -15,7 +15,7 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncssh
@@ -23,6 +23,7 @@ import asyncssh
 from portfwd.config import TunnelConfig
 from portfwd.errors import BindError, PortfwdError, RuntimeFailure, UpstreamError
 from portfwd.proto.socks import Reply, SocksError, SocksServer
+from portfwd.relay.deadline import Deadlines
 from portfwd.relay.forwarder import describe_peer, log_closed
 from portfwd.relay.listener import TcpListener, bind_ip, bind_unix
 from portfwd.relay.upstream import Connect, literal_addresses, resolve, stream_options
@@ -166,6 +167,7 @@ class Tunnel:
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._bridges: set[Bridge] = set()
+        self._deadlines = Deadlines()  # channel opens: one timer for all
         self._stopping = False
         self._connected_once = False
         self._lost_reason = ""
@@ -246,6 +248,7 @@ class Tunnel:
                 await self._task
         for bridge in list(self._bridges):
             bridge.close("shutdown")
+        self._deadlines.close()
         await self._disconnect()
         self.stats.enter("stopped")
 
@@ -569,16 +572,17 @@ class Tunnel:
         conn = await self.link()
         if conn is None:
             raise RuntimeFailure(f"tunnel down (no link within {self.config.connect_timeout:g}s)")
-        async with asyncio.timeout(self.config.connect_timeout):
-            if path is not None:
-                await conn.create_unix_connection(
-                    bridge.unix_session, path, encoding=None, window=WINDOW, max_pktsize=PACKET
-                )
-            else:
-                assert host is not None
-                await conn.create_connection(
-                    bridge.channel_session, host, port, window=WINDOW, max_pktsize=PACKET
-                )
+        opened: Awaitable[object]
+        if path is not None:
+            opened = conn.create_unix_connection(
+                bridge.unix_session, path, encoding=None, window=WINDOW, max_pktsize=PACKET
+            )
+        else:
+            assert host is not None
+            opened = conn.create_connection(
+                bridge.channel_session, host, port, window=WINDOW, max_pktsize=PACKET
+            )
+        await self._deadlines.within(self.config.connect_timeout, opened)
 
     async def _local_client(self, forward: _Forward, client: socket.socket, text: str) -> None:
         spec = forward.spec

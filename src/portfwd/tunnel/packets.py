@@ -41,6 +41,7 @@ from asyncssh.encryption import ChachaEncryption, GCMEncryption
 from asyncssh.logging import SSHLogger
 
 from portfwd.tunnel.aead import FastChacha, FastGcm, chacha_available
+from portfwd.tunnel.receive import Receiver
 
 
 def _faster(enc: Any) -> Any:
@@ -208,4 +209,6 @@ class _PacketPath:
 
 def tune(conn: Any) -> None:
     """Install the trims on one asyncssh connection (client or server side)."""
-    conn.send_packet = _PacketPath(conn).send_packet
+    path = _PacketPath(conn)
+    conn.send_packet = path.send_packet
+    conn._recv_data = Receiver(conn, unlogged=path.unlogged).recv_data

@@ -26,6 +26,7 @@ import asyncssh
 
 from portfwd.config import ServerConfig, ServerUserConfig
 from portfwd.errors import BindError, RuntimeFailure, UpstreamError
+from portfwd.relay.deadline import Deadlines
 from portfwd.relay.forwarder import format_peer
 from portfwd.relay.listener import TcpListener, bind_ip, bind_unix
 from portfwd.relay.upstream import describe_error
@@ -369,6 +370,7 @@ class TunnelServer:
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._bridges: set[Bridge] = set()
+        self._deadlines = Deadlines()  # upstream connects: one timer for all
         self.fingerprint = ""
 
     async def start(self) -> None:
@@ -421,6 +423,7 @@ class TunnelServer:
             task.cancel()
         for bridge in list(self._bridges):
             bridge.close("shutdown")
+        self._deadlines.close()
 
     # ------------------------------------------------------------------ failed logins
     def penalized(self, address: str) -> bool:
@@ -465,26 +468,27 @@ class TunnelServer:
         text = f"unix:{target}" if isinstance(target, str) else f"{target[0]}:{target[1]}"
         bridge = self.bridge(owner, client, text, channel_is_client=True)
         loop = asyncio.get_running_loop()
+        error: UpstreamError | None = None
         try:
             # One native call connects and builds the transport (measured faster than connecting
-            # with relay.upstream.Connect and wrapping the socket afterwards).
-            async with asyncio.timeout(UPSTREAM_TIMEOUT):
-                if isinstance(target, str):
-                    await loop.create_unix_connection(bridge.socket_protocol, target)
-                else:
-                    await loop.create_connection(bridge.socket_protocol, target[0], target[1])
-        except (OSError, TimeoutError) as exc:
-            error = (
-                describe_error(exc)
-                if isinstance(exc, OSError)
-                else UpstreamError(f"no answer within {UPSTREAM_TIMEOUT:g}s", reason="timeout")
-            )
+            # with relay.upstream.Connect and wrapping the socket, or a transport of our own).
+            if isinstance(target, str):
+                await self._deadlines.within(
+                    UPSTREAM_TIMEOUT, loop.create_unix_connection(bridge.socket_protocol, target)
+                )
+            else:
+                await self._deadlines.within(
+                    UPSTREAM_TIMEOUT, loop.create_connection(bridge.socket_protocol, target[0], target[1])
+                )
+        except TimeoutError:
+            error = UpstreamError(f"no answer within {UPSTREAM_TIMEOUT:g}s", reason="timeout")
+        except OSError as exc:
+            error = describe_error(exc)
+        if error is not None:
             owner.stats.stats.count_error(error.reason)
             log.info("server: %s -> %s failed: %s", client, text, error.message)
             bridge.close(error.message)
-            raise asyncssh.ChannelOpenError(
-                asyncssh.OPEN_CONNECT_FAILED, error.message.capitalize()
-            ) from None
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, error.message.capitalize())
         return bridge.channel_session()
 
     # ------------------------------------------------------------------ -R ports

@@ -1,0 +1,79 @@
+"""relay/upstream.py's Connect on real loopback sockets: answers known at once, and waits."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from portfwd.errors import UpstreamError
+from portfwd.relay.upstream import Connect
+
+Outcome = list[tuple[socket.socket | None, UpstreamError | None]]
+
+
+async def test_loopback_connects_before_the_constructor_returns() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    outcome: Outcome = []
+    try:
+        attempt = Connect([(socket.AF_INET, listener.getsockname())], 5, lambda s, e: outcome.append((s, e)))
+        assert len(outcome) == 1, "no trip through the loop"
+        sock, error = outcome[0]
+        assert error is None
+        assert sock is not None
+        assert attempt._timer is None, "no timer was armed"
+        assert sock.getpeername() == listener.getsockname()
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        sock.close()
+    finally:
+        listener.close()
+
+
+async def test_a_refusal_is_known_at_once_and_the_next_address_tried() -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    refused = closed.getsockname()
+    closed.close()
+    listener = socket.create_server(("127.0.0.1", 0))
+    outcome: Outcome = []
+    try:
+        Connect([(socket.AF_INET, refused)], 5, lambda s, e: outcome.append((s, e)))
+        assert outcome[0][0] is None
+        error = outcome[0][1]
+        assert error is not None
+        assert (error.reason, error.message) == ("refused", "connection refused")
+        outcome.clear()
+        addresses = [(socket.AF_INET, refused), (socket.AF_INET, listener.getsockname())]
+        Connect(addresses, 5, lambda s, e: outcome.append((s, e)))
+        sock = outcome[0][0]
+        assert sock is not None
+        assert sock.getpeername() == listener.getsockname()
+        sock.close()
+    finally:
+        listener.close()
+
+
+async def test_a_connect_that_must_wait_keeps_its_deadline() -> None:
+    """A listener whose backlog is full drops SYNs: the connect waits, then times out."""
+    stuck = socket.socket()
+    stuck.bind(("127.0.0.1", 0))
+    stuck.listen(0)
+    fillers = []
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[tuple[socket.socket | None, UpstreamError | None]] = loop.create_future()
+    try:
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(stuck.getsockname())
+            fillers.append(filler)
+        attempt = Connect([(socket.AF_INET, stuck.getsockname())], 0.3, lambda s, e: done.set_result((s, e)))
+        assert not done.done()
+        assert attempt._timer is not None
+        sock, error = await asyncio.wait_for(done, 5)
+        assert sock is None
+        assert error is not None
+        assert (error.reason, error.message) == ("timeout", "no answer within 0.3s")
+    finally:
+        for filler in fillers:
+            filler.close()
+        stuck.close()
