@@ -35,6 +35,7 @@ from portfwd.kernel.triggers import LastWins
 from portfwd.metrics import MetricsServer
 from portfwd.relay.forwarder import RelayPath, TcpForwarder
 from portfwd.relay.listener import TcpListener, bind_ip, bind_unix
+from portfwd.relay.poller import Poller
 from portfwd.relay.splice import PipePool, splice_available
 from portfwd.relay.udp import UdpForwarder
 from portfwd.router.base import MapRequest
@@ -173,6 +174,7 @@ class Runtime:
         self._stopping = False
         self._splice = False
         self._pipes = PipePool()
+        self._poller = Poller()  # the splice relays' sockets
         self._drained: asyncio.Event | None = None
         self._reloading = asyncio.Lock()
         self._retired_tasks: set[asyncio.Task[dict[str, Any]]] = set()
@@ -190,7 +192,7 @@ class Runtime:
             listen = rule.listen
             if isinstance(listen, UnixPath):
                 listener = bind_unix(what, listen.path, backlog=rule.backlog)
-                forwarder = TcpForwarder(rule, None, self.state, path, self._pipes)
+                forwarder = TcpForwarder(rule, None, self.state, path, self._pipes, self._poller)
                 run.tcp.append((_accepting(listener, forwarder), forwarder))
             else:
                 for port in listen.ports.ports():
@@ -203,7 +205,7 @@ class Runtime:
                             backlog=rule.backlog,
                             dual_stack=rule.dual_stack,
                         )
-                        forwarder = TcpForwarder(rule, port, self.state, path, self._pipes)
+                        forwarder = TcpForwarder(rule, port, self.state, path, self._pipes, self._poller)
                         run.tcp.append((_accepting(listener, forwarder), forwarder))
                     if rule.protocol.has_udp:
                         udp_socket = bind_ip(
@@ -601,6 +603,7 @@ class Runtime:
         self._runs.clear()
         self._retired.clear()
         self._pipes.close()
+        self._poller.close()
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:

@@ -2,7 +2,8 @@
 
 A subclass provides `forward(target)`: an async context manager that makes the relay path
 under test carry clients from the address it yields to `target`. Every path then has to
-show: 8 MiB each way intact at once, half-close kept in each direction, a second client served
+show: 8 MiB each way intact at once, half-close kept in each direction, a stalled reader waited
+for (backpressure), a second client served
 while the first is open, 100 concurrent clients, and a refused upstream that leaves the
 listener serving.
 """
@@ -82,6 +83,21 @@ class RelayConformance:
                 writer.close()
         assert sha(got) == sha(greeting)
         assert upstream.received == [sha(request)]
+
+    async def test_a_stalled_reader_is_waited_for(self, tmp_path: object) -> None:
+        """The client stops reading: socket buffers fill, the relay must wait for room, not drop."""
+        greeting = os.urandom(16 * MiB)  # more than loopback's socket buffers hold
+        async with peer("send_first", self.upstream_address(tmp_path), greeting) as upstream:
+            async with self.forward(upstream.address) as entry:
+                reader, writer = await self.open_client(entry)
+                first = await reader.readexactly(1024)  # the relay is up and sending
+                await asyncio.sleep(0.5)  # stalled: everything between fills up
+                async with asyncio.timeout(30):  # a relay that never resumes fails here
+                    got = first + await read_all(reader)
+                writer.write_eof()
+                await upstream.done.wait()
+                writer.close()
+        assert sha(got) == sha(greeting)
 
     async def test_second_client_served_while_first_is_open(self, tmp_path: object) -> None:
         async with peer("echo", self.upstream_address(tmp_path)) as upstream:

@@ -22,6 +22,7 @@ from portfwd.acl import AccessPolicy, Route, client_ip
 from portfwd.addr import Endpoint, HostPorts, PortRange, UnixPath, target_port
 from portfwd.config import ForwardConfig
 from portfwd.errors import UpstreamError
+from portfwd.relay.poller import Poller
 from portfwd.relay.splice import PipePool, SpliceRelay
 from portfwd.relay.tcp import ProtocolRelay
 from portfwd.relay.upstream import Addresses, Connect, literal_addresses, resolve, stream_options
@@ -124,13 +125,20 @@ class TcpForwarder:
     """Serves the clients of one listening port of one rule."""
 
     def __init__(
-        self, rule: ForwardConfig, port: int | None, state: State, path: RelayPath, pipes: PipePool
+        self,
+        rule: ForwardConfig,
+        port: int | None,
+        state: State,
+        path: RelayPath,
+        pipes: PipePool,
+        poller: Poller,
     ) -> None:
         self.rule = rule
         self.port = port
         self.state = state
         self.path = path
         self.pipes = pipes
+        self.poller = poller
         self.label = rule.label
         self.stats: RuleStats = state.rule(rule.label)
         self.policy = compile_policy(rule)
@@ -217,7 +225,7 @@ class TcpForwarder:
         session = self.state.open_session(self.stats, pending.client_text, pending.target_text, self.path)
         try:
             if self.path == "splice":
-                splice = SpliceRelay(client, upstream, session, self, self.pipes)
+                splice = SpliceRelay(client, upstream, session, self, self.pipes, self.poller)
                 session.relay = splice
                 splice.start()
             else:

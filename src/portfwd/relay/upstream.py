@@ -29,6 +29,9 @@ _REASONS = {
 }
 
 
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+
+
 def _literal(host: str, port: int) -> Addresses | None:
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
@@ -106,12 +109,14 @@ class Connect:
             family, sockaddr = self._addresses[self._index]
             self._index += 1
             try:
-                upstream = socket.socket(family, socket.SOCK_STREAM)
+                # On Linux made non-blocking by the kernel: no ioctl(FIONBIO) afterwards.
+                upstream = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
             except OSError as exc:  # EMFILE/ENFILE: out of descriptors; this client fails
                 words = (exc.strerror or str(exc)).lower()
                 self._finish(None, UpstreamError(f"cannot open a socket: {words}", reason="resources"))
                 return
-            upstream.setblocking(False)
+            if not _NONBLOCK:
+                upstream.setblocking(False)
             code = upstream.connect_ex(sockaddr)
             if code == errno.EINPROGRESS:
                 # To loopback (and to this host's own addresses) the handshake is over by the

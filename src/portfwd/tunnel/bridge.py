@@ -28,7 +28,7 @@ class _ChannelSide(asyncssh.SSHTCPSession[bytes], asyncssh.SSHUNIXSession[bytes]
         self.bridge = bridge
 
     def connection_made(self, chan: SSHChannel[bytes]) -> None:
-        self.bridge.channel_made(typing.cast(asyncssh.SSHTCPChannel[bytes], chan))
+        self.bridge.channel_made(typing.cast("asyncssh.SSHTCPChannel[bytes]", chan))
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self.bridge.from_channel(data)
