@@ -20,6 +20,8 @@ Costs asyncssh (2.24) pays on every packet, removed here on the connection insta
   the tunnel's CPU.
 - **The general send path** for the common packet: `_PacketPath` sends channel traffic in the
   steady state itself, with one join and pooled padding (see there).
+- **The general receive path**, and a new keepalive timer for every read: see
+  `tunnel/receive.py`, which `tune` installs as the connection's `_recv_data`.
 
 Both hook into the one method asyncssh sends every packet through, `send_packet`: asyncssh
 calls it as `self.send_packet`, so the instance attribute wins. New keys (the first key
