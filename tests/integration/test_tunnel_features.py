@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -216,8 +217,6 @@ async def test_lean_path_hands_our_own_rekeys_to_asyncssh(tmp_path: Path) -> Non
 async def choppy_proxy(port: int, seed: int) -> AsyncIterator[int]:
     """A TCP proxy to 127.0.0.1:`port` that writes what it reads in random pieces (1 to 700
     bytes, a loop pass apart), so packets reach the reader split at any offset."""
-    import random
-
     chooser = random.Random(seed)
     writers: list[asyncio.StreamWriter] = []
     tasks: set[asyncio.Task[None]] = set()

@@ -93,7 +93,7 @@ class Connect:
     )  # fmt: skip
 
     def __init__(self, addresses: Addresses, timeout: float, done: ConnectDone) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._loop: asyncio.AbstractEventLoop | None = None  # looked up only to wait (a getpid() each time)
         self._addresses = addresses
         self._done: ConnectDone | None = done
         self._index = 0
@@ -131,9 +131,12 @@ class Connect:
             if code in (errno.EINPROGRESS, errno.EALREADY):
                 self._pending = upstream
                 self._family = family
-                self._loop.add_writer(upstream.fileno(), self._writable)
+                loop = self._loop
+                if loop is None:
+                    loop = self._loop = asyncio.get_running_loop()
+                loop.add_writer(upstream.fileno(), self._writable)
                 if self._timer is None:
-                    self._timer = self._loop.call_later(self._timeout, self._expired, self._timeout)
+                    self._timer = loop.call_later(self._timeout, self._expired, self._timeout)
                 return
             upstream.close()
             self._last = OSError(code, os.strerror(code))
@@ -147,6 +150,7 @@ class Connect:
         if upstream is None:
             return
         self._pending = None
+        assert self._loop is not None  # set when the wait began
         self._loop.remove_writer(upstream.fileno())
         code = upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
@@ -171,6 +175,7 @@ class Connect:
 
     def _drop_pending(self) -> None:
         if self._pending is not None:
+            assert self._loop is not None  # set when the wait began
             self._loop.remove_writer(self._pending.fileno())
             self._pending.close()
             self._pending = None

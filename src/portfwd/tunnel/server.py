@@ -111,8 +111,7 @@ async def _hand_back(
     A client that refuses or does not answer closes only this connection, counted and logged.
     """
     try:
-        async with asyncio.timeout(UPSTREAM_TIMEOUT):
-            await channel
+        await server.deadlines.within(UPSTREAM_TIMEOUT, channel)
     except (asyncssh.Error, OSError, TimeoutError) as exc:
         owner.stats.stats.count_error("refused")
         log.info("server: %s -> %s: the client did not take it: %s", source, owner.label, exc)
@@ -370,7 +369,7 @@ class TunnelServer:
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._bridges: set[Bridge] = set()
-        self._deadlines = Deadlines()  # upstream connects: one timer for all
+        self.deadlines = Deadlines()  # upstream connects and -R hand-backs: one timer for all
         self.fingerprint = ""
 
     async def start(self) -> None:
@@ -423,7 +422,7 @@ class TunnelServer:
             task.cancel()
         for bridge in list(self._bridges):
             bridge.close("shutdown")
-        self._deadlines.close()
+        self.deadlines.close()
 
     # ------------------------------------------------------------------ failed logins
     def penalized(self, address: str) -> bool:
@@ -473,11 +472,11 @@ class TunnelServer:
             # One native call connects and builds the transport (measured faster than connecting
             # with relay.upstream.Connect and wrapping the socket, or a transport of our own).
             if isinstance(target, str):
-                await self._deadlines.within(
+                await self.deadlines.within(
                     UPSTREAM_TIMEOUT, loop.create_unix_connection(bridge.socket_protocol, target)
                 )
             else:
-                await self._deadlines.within(
+                await self.deadlines.within(
                     UPSTREAM_TIMEOUT, loop.create_connection(bridge.socket_protocol, target[0], target[1])
                 )
         except TimeoutError:
