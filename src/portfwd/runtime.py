@@ -35,6 +35,7 @@ from portfwd.kernel.triggers import LastWins
 from portfwd.metrics import MetricsServer
 from portfwd.relay.forwarder import RelayPath, TcpForwarder
 from portfwd.relay.listener import TcpListener, bind_ip, bind_unix
+from portfwd.relay.mmsg import Batch
 from portfwd.relay.poller import Poller
 from portfwd.relay.splice import PipePool, splice_available
 from portfwd.relay.udp import UdpForwarder
@@ -175,6 +176,8 @@ class Runtime:
         self._splice = False
         self._pipes = PipePool()
         self._poller = Poller()  # the splice relays' sockets
+        self._batch: Batch | None = None  # the UDP forwarders' recvmmsg/sendmmsg slots
+        self._batch_tried = False
         self._drained: asyncio.Event | None = None
         self._reloading = asyncio.Lock()
         self._retired_tasks: set[asyncio.Task[dict[str, Any]]] = set()
@@ -183,6 +186,13 @@ class Runtime:
         if rule.relay == "splice" and not self._splice:
             log.warning('%s: relay = "splice" is not possible here; using the protocol path', rule.label)
         return relay_path(rule, self._splice)
+
+    def _udp_batch(self) -> Batch | None:
+        """The process's batched-UDP slots, made at the first UDP rule; None where impossible."""
+        if not self._batch_tried:
+            self._batch_tried = True
+            self._batch = Batch.create()
+        return self._batch
 
     def _start_rule(self, index: int, rule: ForwardConfig) -> _RuleRun:
         what = f"forward[{index}]" + (f" ({rule.name})" if rule.name else "")
@@ -216,7 +226,8 @@ class Runtime:
                             backlog=0,
                             dual_stack=rule.dual_stack,
                         )
-                        run.udp.append(UdpForwarder(rule, port, udp_socket, self.state))
+                        batch = self._udp_batch() if rule.relay != "protocol" else None
+                        run.udp.append(UdpForwarder(rule, port, udp_socket, self.state, batch))
         except BindError:
             self._close_listeners(run)
             raise
@@ -604,6 +615,9 @@ class Runtime:
         self._retired.clear()
         self._pipes.close()
         self._poller.close()
+        if self._batch is not None:
+            self._batch.close()
+            self._batch = None
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:

@@ -41,9 +41,9 @@ class RuleStats:
     connect_buckets: list[int] = field(default_factory=lambda: [0] * (len(CONNECT_BUCKETS) + 1))
     connect_seconds_sum: float = 0.0
 
-    def count_error(self, reason: str) -> None:
-        """Add one to the error counter for `reason` (refused, timeout, unreachable...)."""
-        self.errors[reason] = self.errors.get(reason, 0) + 1
+    def count_error(self, reason: str, times: int = 1) -> None:
+        """Add `times` to the error counter for `reason` (refused, timeout, unreachable...)."""
+        self.errors[reason] = self.errors.get(reason, 0) + times
 
     def observe_connect(self, seconds: float) -> None:
         """Record one successful upstream connect time (for the histogram)."""

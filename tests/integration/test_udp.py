@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from portfwd.relay.mmsg import Batch
 from tests.integration.peers import free_port, running, wait_until
 
 pytestmark = pytest.mark.integration
@@ -60,28 +62,44 @@ class UdpClient:
         self.sock.close()
 
 
-def rule(listen_port: int, target_port: int, **extra: Any) -> dict[str, Any]:
+@pytest.fixture(params=["batched", "per-datagram"])
+def relay(request: pytest.FixtureRequest) -> str:
+    """Every test runs on both UDP paths: recvmmsg/sendmmsg batches (Linux) and one call per datagram."""
+    if request.param == "batched" and Batch.create() is None:
+        pytest.skip("recvmmsg/sendmmsg are not available here")
+    return "auto" if request.param == "batched" else "protocol"
+
+
+def rule(listen_port: int, target_port: int, relay: str, **extra: Any) -> dict[str, Any]:
     return {
         "listen": f"127.0.0.1:{listen_port}",
         "connect": f"127.0.0.1:{target_port}",
         "protocol": "udp",
+        "relay": relay,
         **extra,
     }
 
 
+def uses_batches(runtime: Any) -> bool:
+    """Whether the running UDP forwarders move datagrams in batches."""
+    forwarders = [udp for run in runtime._runs.values() for udp in run.udp]
+    assert forwarders
+    return all(udp.batch is not None for udp in forwarders)
+
+
 @pytest.mark.parametrize("size", [1, 1400, 65507])
-async def test_datagram_sizes_cross_intact(size: int) -> None:
+async def test_datagram_sizes_cross_intact(size: int, relay: str) -> None:
     port = free_port(socket.SOCK_DGRAM)
-    async with udp_echo() as (_, target), running({"forward": [rule(port, target)]}):
+    async with udp_echo() as (_, target), running({"forward": [rule(port, target, relay)]}):
         client = UdpClient(("127.0.0.1", port))
         data = os.urandom(size)
         assert await client.ask(data) == data
         client.close()
 
 
-async def test_fifty_flows_keep_their_replies_apart() -> None:
+async def test_fifty_flows_keep_their_replies_apart(relay: str) -> None:
     port = free_port(socket.SOCK_DGRAM)
-    async with udp_echo() as (echo, target), running({"forward": [rule(port, target)]}) as runtime:
+    async with udp_echo() as (echo, target), running({"forward": [rule(port, target, relay)]}) as runtime:
         clients = [UdpClient(("127.0.0.1", port)) for _ in range(50)]
 
         async def talk(index: int, client: UdpClient) -> bool:
@@ -99,12 +117,12 @@ async def test_fifty_flows_keep_their_replies_apart() -> None:
             client.close()
 
 
-async def test_idle_flows_expire_and_a_new_flow_follows() -> None:
+async def test_idle_flows_expire_and_a_new_flow_follows(relay: str) -> None:
     port = free_port(socket.SOCK_DGRAM)
     label = f"127.0.0.1:{port}/udp"
     async with (
         udp_echo() as (echo, target),
-        running({"forward": [rule(port, target, udp_idle_timeout="300ms")]}) as runtime,
+        running({"forward": [rule(port, target, relay, udp_idle_timeout="300ms")]}) as runtime,
     ):
         client = UdpClient(("127.0.0.1", port))
         assert await client.ask(b"one") == b"one"
@@ -117,11 +135,11 @@ async def test_idle_flows_expire_and_a_new_flow_follows() -> None:
         client.close()
 
 
-async def test_flow_cap_drops_new_clients_only() -> None:
+async def test_flow_cap_drops_new_clients_only(relay: str) -> None:
     port = free_port(socket.SOCK_DGRAM)
     async with (
         udp_echo() as (_, target),
-        running({"forward": [rule(port, target, udp_max_flows=2)]}) as runtime,
+        running({"forward": [rule(port, target, relay, udp_max_flows=2)]}) as runtime,
     ):
         first, second, third = (UdpClient(("127.0.0.1", port)) for _ in range(3))
         assert await first.ask(b"a") == b"a"
@@ -134,11 +152,11 @@ async def test_flow_cap_drops_new_clients_only() -> None:
             client.close()
 
 
-async def test_denied_source_never_reaches_the_target() -> None:
+async def test_denied_source_never_reaches_the_target(relay: str) -> None:
     port = free_port(socket.SOCK_DGRAM)
     async with (
         udp_echo() as (echo, target),
-        running({"forward": [rule(port, target, allow=["10.0.0.0/8"])]}) as runtime,
+        running({"forward": [rule(port, target, relay, allow=["10.0.0.0/8"])]}) as runtime,
     ):
         client = UdpClient(("127.0.0.1", port))
         with pytest.raises(TimeoutError):
@@ -148,24 +166,82 @@ async def test_denied_source_never_reaches_the_target() -> None:
         client.close()
 
 
-async def test_ipv6_udp() -> None:
+async def test_ipv6_udp(relay: str) -> None:
     port = free_port(socket.SOCK_DGRAM, host="::1")
     async with (
         udp_echo("::1") as (_, target),
-        running({"forward": [{"listen": f"[::1]:{port}", "connect": f"[::1]:{target}", "protocol": "udp"}]}),
+        running(
+            {
+                "forward": [
+                    {
+                        "listen": f"[::1]:{port}",
+                        "connect": f"[::1]:{target}",
+                        "protocol": "udp",
+                        "relay": relay,
+                    }
+                ]
+            }
+        ) as runtime,
     ):
+        assert uses_batches(runtime) == (relay == "auto")
         client = UdpClient(("::1", port), socket.AF_INET6)
         assert await client.ask(b"v6") == b"v6"
         client.close()
 
 
-async def test_tcp_and_udp_on_one_rule() -> None:
+async def test_tcp_and_udp_on_one_rule(relay: str) -> None:
     port = free_port(socket.SOCK_DGRAM)
     async with (
         udp_echo() as (_, target),
-        running({"forward": [rule(port, target, protocol="tcp+udp")]}) as runtime,
+        running({"forward": [rule(port, target, relay, protocol="tcp+udp")]}) as runtime,
     ):
         client = UdpClient(("127.0.0.1", port))
         assert await client.ask(b"both") == b"both"
         client.close()
         assert [listener.protocol for listener in runtime.state.listeners] == ["tcp+udp"]
+
+
+async def test_a_burst_crosses_whole_and_in_order(relay: str) -> None:
+    """Datagrams queued before the forwarder reads arrive as one batch each way; none is lost or merged."""
+    port = free_port(socket.SOCK_DGRAM)
+    sizes = [1, 65507, 1400, 65507, 7, *([512] * 40), 3]
+    async with udp_echo() as (echo, target), running({"forward": [rule(port, target, relay)]}) as runtime:
+        assert uses_batches(runtime) == (relay == "auto")
+        client = UdpClient(("127.0.0.1", port))
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        assert await client.ask(b"warm up") == b"warm up"  # the flow's upstream socket exists now
+        sent = [os.urandom(size) for size in sizes]
+        for datagram in sent:  # no await between: the forwarder finds them all queued
+            client.sock.send(datagram)
+        loop = asyncio.get_running_loop()
+        received = []
+        async with asyncio.timeout(5):
+            while len(received) < len(sent):
+                received.append(await loop.sock_recv(client.sock, 65536))
+        assert [hashlib.sha256(d).hexdigest() for d in received] == [
+            hashlib.sha256(d).hexdigest() for d in sent
+        ]
+        stats = runtime.state.rules[f"127.0.0.1:{port}/udp"]
+        assert stats.errors == {}
+        assert len(set(echo.sources)) == 1
+        client.close()
+
+
+async def test_clients_interleaved_in_one_batch_keep_their_replies(relay: str) -> None:
+    """A batch holding datagrams of several clients, alternating, sends each client only its own."""
+    port = free_port(socket.SOCK_DGRAM)
+    async with udp_echo() as (echo, target), running({"forward": [rule(port, target, relay)]}):
+        clients = [UdpClient(("127.0.0.1", port)) for _ in range(3)]
+        for index, client in enumerate(clients):
+            assert await client.ask(f"hello {index}".encode()) == f"hello {index}".encode()
+        for round_ in range(10):  # queued before the forwarder reads: a, b, c, a, b, c, ...
+            for index, client in enumerate(clients):
+                client.sock.send(f"{index}:{round_}".encode())
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(5):
+            for index, client in enumerate(clients):
+                got = [await loop.sock_recv(client.sock, 100) for _ in range(10)]
+                assert got == [f"{index}:{round_}".encode() for round_ in range(10)]
+        assert len(set(echo.sources)) == 3
+        for client in clients:
+            client.close()

@@ -6,21 +6,29 @@ to the target, so the kernel filters replies to that target for us. Replies read
 socket are sent back to the client from the listening socket, so the client sees answers from
 the address it wrote to. A sweep closes flows idle for longer than `udp_idle_timeout`.
 Datagrams are read into a 64 KiB buffer, so any size up to 65507 bytes crosses whole.
+
+On Linux both directions move datagrams in batches (relay/mmsg.py): one recvmmsg takes up to
+64, and each run of them from one client leaves in one sendmmsg, from the slots they arrived
+in. Flows are then keyed by the client's raw sockaddr, which needs no parsing per datagram.
+Elsewhere each datagram takes a recvfrom and a send.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import math
 import socket
+import sys
 from typing import Any
 
 from portfwd.acl import client_ip
 from portfwd.config import ForwardConfig
 from portfwd.errors import UpstreamError
 from portfwd.relay.forwarder import compile_policy, format_peer, format_target, log_closed, resolve_target
+from portfwd.relay.mmsg import NAME_SIZE, Batch
 from portfwd.relay.upstream import resolve
 from portfwd.state import RuleStats, Session, State
 
@@ -28,6 +36,8 @@ log = logging.getLogger(__name__)
 
 MAX_DATAGRAM = 65536
 BATCH = 64
+#: recvmmsg calls per readiness event before yielding to other sockets (fairness).
+ROUNDS = 4
 #: Datagrams held for a flow whose target host name is still being resolved.
 PENDING_LIMIT = 64
 
@@ -35,19 +45,27 @@ PENDING_LIMIT = 64
 class _Flow:
     """One client's association: its upstream socket and activity clock."""
 
-    __slots__ = ("client", "forwarder", "pending", "seen", "session", "upstream")
+    __slots__ = (
+        "client", "forwarder", "key", "name", "pending", "seen", "session", "upstream", "upstream_fd",
+    )  # fmt: skip
 
-    def __init__(self, forwarder: UdpForwarder, client: Any, session: Session) -> None:
+    def __init__(self, forwarder: UdpForwarder, client: Any, key: Any, session: Session) -> None:
         self.forwarder = forwarder
         self.client = client
+        self.key = key  # in the flow table: the raw sockaddr (batched) or the address tuple
+        #: The batched path's reply address: the client's raw sockaddr for sendmmsg.
+        self.name = ctypes.create_string_buffer(key, len(key)) if isinstance(key, bytes) else None
         self.session = session
         self.upstream: socket.socket | None = None
+        self.upstream_fd = -1
         self.pending: list[bytes] | None = []
         self.seen = forwarder.tick
 
     def attach(self, upstream: socket.socket) -> None:
         self.upstream = upstream
-        self.forwarder.loop.add_reader(upstream.fileno(), self.on_reply)
+        self.upstream_fd = upstream.fileno()
+        on_reply = self.on_reply if self.forwarder.batch is None else self.on_replies
+        self.forwarder.loop.add_reader(self.upstream_fd, on_reply)
         pending, self.pending = self.pending or [], None
         for datagram in pending:
             self.send(datagram)
@@ -87,21 +105,66 @@ class _Flow:
                 continue
             self.session.bytes_down += len(datagram)
 
+    def on_replies(self) -> None:
+        """The batched on_reply: replies leave the listening socket in runs of up to BATCH."""
+        forwarder = self.forwarder
+        batch = forwarder.batch
+        assert batch is not None
+        assert self.name is not None
+        listener = forwarder.listener_fd
+        for _ in range(ROUNDS):
+            try:
+                count = batch.receive(self.upstream_fd)
+            except OSError as exc:
+                refused = isinstance(exc, ConnectionRefusedError)
+                forwarder.stats.count_error("refused" if refused else "udp_error")
+                return
+            if not count:
+                return
+            self.seen = forwarder.tick
+            lengths = batch.lengths(count)
+            start = 0
+            while lengths:  # each pass sends at least one datagram or drops one
+                try:
+                    sent = batch.send(listener, start, lengths, self.name)
+                except OSError:
+                    forwarder.stats.count_error("udp_dropped")
+                    sent = 1
+                else:
+                    self.session.bytes_down += sum(lengths[:sent])
+                start += sent
+                lengths = lengths[sent:]
+            if count < BATCH:
+                return
+
     def close(self) -> None:
         if self.upstream is not None:
-            self.forwarder.loop.remove_reader(self.upstream.fileno())
+            self.forwarder.loop.remove_reader(self.upstream_fd)
             self.upstream.close()
             self.upstream = None
+            self.upstream_fd = -1
         self.pending = None
 
 
 class UdpForwarder:
     """Serves one UDP listening port of one rule."""
 
-    def __init__(self, rule: ForwardConfig, port: int, listener: socket.socket, state: State) -> None:
+    def __init__(
+        self,
+        rule: ForwardConfig,
+        port: int,
+        listener: socket.socket,
+        state: State,
+        batch: Batch | None = None,
+    ) -> None:
         self.rule = rule
         self.port = port
         self.listener = listener
+        self.listener_fd = listener.fileno()
+        #: Shared by the process's UDP forwarders (used only inside one callback); None: per datagram.
+        self.batch = batch
+        #: Bytes of a raw source sockaddr that identify a client: sockaddr_in or sockaddr_in6.
+        self._name_size = 28 if listener.family == socket.AF_INET6 else 16
         self.state = state
         self.loop = asyncio.get_running_loop()
         self.stats: RuleStats = state.rule(rule.label)
@@ -126,7 +189,8 @@ class UdpForwarder:
 
     def start(self) -> None:
         """Begin reading datagrams and sweeping idle flows."""
-        self.loop.add_reader(self.listener.fileno(), self._on_datagram)
+        on_datagram = self._on_datagram if self.batch is None else self._on_datagrams
+        self.loop.add_reader(self.listener_fd, on_datagram)
         self._sweeper = self.loop.call_later(self._sweep_interval, self._sweep)
 
     def _on_datagram(self) -> None:
@@ -143,7 +207,7 @@ class UdpForwarder:
                 continue  # an ICMP error for a reply we sent; the next datagram is fine
             flow = flows.get(peer)
             if flow is None:
-                flow = self._new_flow(peer)
+                flow = self._new_flow(peer, peer)
                 if flow is None:
                     continue
             flow.seen = tick
@@ -158,6 +222,60 @@ class UdpForwarder:
                 continue
             flow.session.bytes_up += len(datagram)
 
+    def _on_datagrams(self) -> None:
+        # The batched hot path: one recvmmsg, then one sendmmsg per run of datagrams from one client.
+        batch = self.batch
+        assert batch is not None
+        flows = self.flows
+        size = self._name_size
+        listener = self.listener_fd
+        tick = self.tick
+        for _ in range(ROUNDS):
+            try:
+                count = batch.receive(listener)
+            except OSError:
+                continue  # an ICMP error for a reply we sent; the next datagram is fine
+            if not count:
+                return
+            lengths = batch.lengths(count)
+            sources = batch.sources(count)
+            start = 0
+            while start < count:
+                offset = start * NAME_SIZE
+                key = sources[offset : offset + size]
+                end = start + 1
+                while end < count:
+                    offset += NAME_SIZE
+                    if sources[offset : offset + size] != key:
+                        break
+                    end += 1
+                flow = flows.get(key)
+                if flow is None:
+                    flow = self._new_flow(_sockaddr(key), key, end - start)
+                if flow is not None:
+                    flow.seen = tick
+                    if flow.upstream is None:
+                        for index in range(start, end):
+                            flow.send(batch.payload(index, lengths[index]))
+                    else:
+                        self._pass_up(batch, flow, start, lengths[start:end])
+                start = end
+            if count < BATCH:
+                return
+
+    def _pass_up(self, batch: Batch, flow: _Flow, start: int, lengths: list[int]) -> None:
+        """Send received slots start.. upstream for `flow`, dropping (and counting) any refused."""
+        while lengths:  # each pass sends at least one datagram or drops one
+            try:
+                sent = batch.send(flow.upstream_fd, start, lengths, None)
+            except OSError as exc:
+                self.send_failed(exc)
+                sent = 1
+            else:
+                flow.session.bytes_up += sum(lengths[:sent])
+            start += sent
+            lengths = lengths[sent:]
+
     def send_failed(self, exc: OSError) -> None:
         """Count a datagram the kernel would not send upstream (full buffer, ICMP unreachable)."""
         if isinstance(exc, BlockingIOError):
@@ -167,13 +285,14 @@ class UdpForwarder:
         else:
             self.stats.count_error("udp_error")
 
-    def _new_flow(self, peer: Any) -> _Flow | None:
+    def _new_flow(self, peer: Any, key: Any, datagrams: int = 1) -> _Flow | None:
+        """A flow for a new client, or None (counted per datagram) when it is denied or over the cap."""
         client_text = format_peer(peer)
         target = self._default
         if not self.policy.is_open:
             address = client_ip(peer[0])
             if not self.policy.permits(address):
-                self.stats.denied_total += 1
+                self.stats.denied_total += datagrams
                 if client_text not in self._denied_logged:
                     self._denied_logged.add(client_text)
                     log.info("%s: %s denied by allow/deny; datagrams dropped", self.label, client_text)
@@ -182,7 +301,7 @@ class UdpForwarder:
             if chosen is not self.rule.connect:
                 target = resolve_target(self.rule.listen, chosen, self.port)
         if len(self.flows) >= self.rule.udp_max_flows:
-            self.stats.count_error("udp_flow_limit")
+            self.stats.count_error("udp_flow_limit", datagrams)
             if not self._full_logged:
                 self._full_logged = True
                 log.warning(
@@ -193,8 +312,8 @@ class UdpForwarder:
             return None
         assert not isinstance(target, str)
         session = self.state.open_session(self.stats, client_text, format_target(target), "udp")
-        flow = _Flow(self, peer, session)
-        self.flows[peer] = flow
+        flow = _Flow(self, peer, key, session)
+        self.flows[key] = flow
         self.stats.udp_flows_active += 1
         log.info("%s: %s -> %s open (udp)", self.label, client_text, session.target)
         task = self.loop.create_task(self._connect(flow, target))
@@ -232,7 +351,7 @@ class UdpForwarder:
         self._sweeper = self.loop.call_later(self._sweep_interval, self._sweep)
 
     def _close_flow(self, flow: _Flow, reason: str) -> None:
-        if self.flows.pop(flow.client, None) is None:
+        if self.flows.pop(flow.key, None) is None:
             return
         flow.close()
         self.stats.udp_flows_active -= 1
@@ -246,7 +365,7 @@ class UdpForwarder:
         for task in list(self._tasks):
             task.cancel()
         with contextlib.suppress(OSError, ValueError):
-            self.loop.remove_reader(self.listener.fileno())
+            self.loop.remove_reader(self.listener_fd)
         for flow in list(self.flows.values()):
             self._close_flow(flow, reason)
         self.listener.close()
@@ -255,3 +374,13 @@ class UdpForwarder:
     def active(self) -> int:
         """Live flows."""
         return len(self.flows)
+
+
+def _sockaddr(raw: bytes) -> tuple[Any, ...]:
+    """A raw sockaddr_in or sockaddr_in6 as the address tuple recvfrom would give."""
+    port = int.from_bytes(raw[2:4], "big")
+    if len(raw) == 16:
+        return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
+    flowinfo = int.from_bytes(raw[4:8], "big")
+    scope = int.from_bytes(raw[24:28], sys.byteorder)  # host order, unlike the rest
+    return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, flowinfo, scope
