@@ -71,7 +71,10 @@ class Proc:
     """A process we started; stopped by PID only."""
 
     def __init__(self, argv: list[str], **kwargs: object) -> None:
-        self.popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)  # type: ignore[call-overload]
+        # A session of its own, so stop() reaches the children it forks (socat's fork mode).
+        self.popen = subprocess.Popen(  # type: ignore[call-overload]
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, **kwargs
+        )
 
     @property
     def pid(self) -> int:
@@ -85,6 +88,9 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(5)
+        # Children it forked and left behind (socat's per-peer UDP processes) are in its group.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGTERM)
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -500,11 +506,16 @@ def main() -> int:
         }
     report = render(table, versions(), args)
     print(report)
-    if args.write:  # keep the accounting section bench/accounting.py wrote after ours
+    if args.write:
+        # Keep what follows our table: the hand-written notes on reading it, then the sections
+        # bench/accounting.py and bench/tunnel.py wrote.
         results = HERE / "RESULTS.md"
         old = results.read_text() if results.exists() else ""
-        marker = "\n## Cost of accounting (issue #4)"
-        kept = old[old.index(marker) :] if marker in old else ""
+        kept = ""
+        for marker in ("\n## Reading these numbers", "\n## Cost of accounting (issue #4)"):
+            if marker in old:
+                kept = old[old.index(marker) :]
+                break
         results.write_text(report + kept)
     return 0
 

@@ -22,6 +22,7 @@ from portfwd.acl import AccessPolicy, Route, client_ip
 from portfwd.addr import Endpoint, HostPorts, PortRange, UnixPath, target_port
 from portfwd.config import ForwardConfig
 from portfwd.errors import UpstreamError
+from portfwd.relay.listener import NODELAY_INHERITED
 from portfwd.relay.poller import Poller
 from portfwd.relay.splice import PipePool, SpliceRelay
 from portfwd.relay.tcp import ProtocolRelay
@@ -147,6 +148,8 @@ class TcpForwarder:
         #: Per target: its log text and, for IP literals and Unix paths, its addresses (computed once).
         self._targets: dict[Target, tuple[str, Addresses | None]] = {}
         self._family = socket.AF_UNIX if isinstance(rule.listen, UnixPath) else socket.AF_INET
+        #: Clients of an IP listener from bind_ip come with TCP_NODELAY already on (Linux).
+        self._nodelay = NODELAY_INHERITED or self._family == socket.AF_UNIX
         self._pending: set[_Pending] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         #: Set by the runtime to the listener's pause(): running out of descriptors while
@@ -168,7 +171,8 @@ class TcpForwarder:
                 chosen = self.policy.target_for(address, self.rule.connect)
                 if chosen is not self.rule.connect:
                     target = resolve_target(self.rule.listen, chosen, self.port)
-            stream_options(client, self._family)
+            if not self._nodelay:
+                stream_options(client, self._family)
         except OSError as exc:  # the client vanished between accept and here
             log.debug("%s: client gone before it was served: %s", self.label, exc)
             client.close()

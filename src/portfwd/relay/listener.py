@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import stat
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,6 +24,8 @@ from portfwd.errors import BindError
 log = logging.getLogger(__name__)
 
 ACCEPT_BATCH = 64
+#: Whether a socket accepted from a listener made by bind_ip already has TCP_NODELAY.
+NODELAY_INHERITED = sys.platform == "linux"
 ACCEPT_RETRY_DELAY = 0.5
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -89,6 +92,8 @@ def bind_ip(
     try:
         if kind == socket.SOCK_STREAM:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Accepted sockets inherit it on Linux: no setsockopt per client (NODELAY_INHERITED).
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if family == socket.AF_INET6:
             v6only = 0 if (host == "" or dual_stack) else 1
             listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)

@@ -316,12 +316,14 @@ class SpliceRelay:
 
     def finish(self, direction: _Direction) -> None:
         """A direction saw EOF and drained: pass the half-close on, end when both are done."""
+        if self._done is not None:
+            # Both directions are over: close() sends the last FIN itself (every byte has been
+            # read, so it is a FIN, not a reset), one shutdown(2) fewer per connection.
+            self.close(f"{self._done} closed")
+            return
         with contextlib.suppress(OSError):  # the peer is already gone; the other side will notice
             _shutdown_write(direction.dst)
-        if self._done is None:
-            self._done = "client" if direction.upward else "upstream"
-        else:
-            self.close(f"{self._done} closed")
+        self._done = "client" if direction.upward else "upstream"
 
     def fail(self, exc: OSError, client_side: bool) -> None:
         """An I/O error on one side ends the whole relay."""
