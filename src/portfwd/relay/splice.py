@@ -8,6 +8,9 @@ we stop reading the source and wait for the destination to be writable (backpres
 is the only buffer, so memory per connection is bounded by the pipe size). A read of 0 bytes is
 EOF: once the pipe is empty we shut down the destination's write side and leave the other
 direction running (half-close). The relay ends when both directions are done or on any error.
+That half-close waits for the end of the poller's batch of events: when the other direction
+ends in the same batch (both ends closing, as after a short exchange), close() alone sends
+both FINs.
 
 Bytes are counted from splice's return values, so counting costs one integer add per call.
 """
@@ -132,11 +135,12 @@ class _Direction:
                 return
             if moved == 0:
                 self.eof = True
-                self.reading = False
-                relay.watch(self.src)
+                self.reading = False  # ready() ignores the source from now on
                 if self.pending == 0:
                     self.release()
-                    relay.finish(self)
+                    relay.finish(self)  # which also stops watching the source, when it must
+                else:
+                    relay.watch(self.src)
                 return
             self.pending += moved
             if self.upward:
@@ -246,6 +250,7 @@ class SpliceRelay:
         "_client_mask",
         "_done",
         "_down",
+        "_owed",
         "_owner",
         "_up",
         "_upstream_mask",
@@ -274,6 +279,7 @@ class SpliceRelay:
         self.poller = poller
         self.closed = False
         self._done: str | None = None  # the side that finished first
+        self._owed: _Direction | None = None  # ended; its half-close waits for the batch's end
         self._up = _Direction(self, self.client, self.upstream, upward=True)
         self._down = _Direction(self, self.upstream, self.client, upward=False)
         self._client_mask = 0
@@ -315,15 +321,30 @@ class SpliceRelay:
             destination.on_writable()
 
     def finish(self, direction: _Direction) -> None:
-        """A direction saw EOF and drained: pass the half-close on, end when both are done."""
+        """A direction saw EOF and drained: pass the half-close on, end when both are done.
+
+        The half-close waits for the end of the poller's batch (`settle`): when the other
+        direction ends in the same batch, close() sends both FINs itself (every byte has been
+        read, so they are FINs, not resets) and no shutdown(2) is made at all.
+        """
         if self._done is not None:
-            # Both directions are over: close() sends the last FIN itself (every byte has been
-            # read, so it is a FIN, not a reset), one shutdown(2) fewer per connection.
             self.close(f"{self._done} closed")
             return
+        self._done = "client" if direction.upward else "upstream"
+        self._owed = direction
+        self.poller.defer(self)
+
+    def settle(self) -> None:
+        """The poller's batch is over and the relay still runs: stop watching the source that
+        ended (epoll is level-triggered) and pass its half-close on. When the relay closed in
+        the same batch, both are left to close(): no epoll_ctl and no shutdown(2) at all.
+        """
+        direction, self._owed = self._owed, None
+        if direction is None or self.closed:
+            return
+        self.watch(direction.src)
         with contextlib.suppress(OSError):  # the peer is already gone; the other side will notice
             _shutdown_write(direction.dst)
-        self._done = "client" if direction.upward else "upstream"
 
     def fail(self, exc: OSError, client_side: bool) -> None:
         """An I/O error on one side ends the whole relay."""
