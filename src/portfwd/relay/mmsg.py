@@ -19,6 +19,7 @@ import errno
 import mmap
 import os
 import struct
+import sys
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -74,7 +75,7 @@ class Batch:
     """Message slots for one recvmmsg and the sendmmsg calls that pass its datagrams on.
 
     After `receive(fd)` returns n, datagram i (< n) is `lengths(n)[i]` bytes in slot i, from
-    the raw sockaddr `source(i, size)`. `send(fd, start, lengths, name)` sends slots start..
+    the raw sockaddr at `sources(n)[i * NAME_SIZE:]`. `send(fd, start, lengths, name)` sends slots start..
     with those lengths, to `name` (a raw sockaddr the caller holds) or, with name None, to a
     connected socket's peer.
     """
@@ -128,7 +129,7 @@ class Batch:
     @classmethod
     def create(cls) -> Batch | None:
         """A Batch, or None where recvmmsg/sendmmsg cannot be used (not 64-bit Linux)."""
-        if ctypes.sizeof(ctypes.c_void_p) != 8 or not hasattr(os, "splice"):
+        if ctypes.sizeof(ctypes.c_void_p) != 8 or not sys.platform.startswith("linux"):
             return None
         calls = _libc_calls()
         return cls(calls) if calls is not None else None
@@ -154,7 +155,7 @@ class Batch:
     def sources(self, count: int) -> bytes:
         """The source sockaddrs of the first `count` datagrams, NAME_SIZE bytes apart.
 
-        Datagram i's is at i * NAME_SIZE: 16 bytes for IPv4, 28 for IPv6 (the rest is zero).
+        Datagram i's starts at i * NAME_SIZE: 16 bytes for a sockaddr_in, 28 for a sockaddr_in6.
         """
         return self._names_view[: count * NAME_SIZE].tobytes()
 
