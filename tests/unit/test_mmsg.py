@@ -101,3 +101,21 @@ def test_ipv6_source_parses_like_recvfrom(batch: Batch) -> None:
     assert _sockaddr(batch.sources(1)[:28]) == client.getsockname()
     listener.close()
     client.close()
+
+
+def test_send_all_drops_a_refused_datagram_and_sends_the_rest(batch: Batch) -> None:
+    listener, client, gone = udp(), udp(), udp()
+    address = gone.getsockname()
+    gone.close()
+    upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    upstream.connect(address)
+    for datagram in (b"a", b"bb", b"ccc"):
+        client.sendto(datagram, listener.getsockname())
+    assert batch.receive(listener.fileno()) == 3
+    assert batch.send(upstream.fileno(), 0, [1], None) == 1  # answered by ICMP port unreachable
+    dropped: list[int | None] = []
+    went = batch.send_all(upstream.fileno(), 1, [2, 3], None, lambda exc: dropped.append(exc.errno))
+    assert dropped == [errno.ECONNREFUSED]
+    assert went == 3  # "bb" took the pending error; "ccc" went
+    for sock in (listener, client, upstream):
+        sock.close()

@@ -17,11 +17,12 @@ import array
 import ctypes
 import errno
 import mmap
-import os
 import struct
 import sys
 from collections.abc import Callable
 from typing import Any, Literal
+
+from portfwd.relay import libc
 
 #: Datagrams per system call.
 SLOTS = 64
@@ -60,15 +61,11 @@ _Send = Callable[[int, int, int, int], int]
 
 def _libc_calls() -> tuple[_Receive, _Send] | None:
     """libc's recvmmsg and sendmmsg, or None where they cannot be reached."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        receive, send = libc.recvmmsg, libc.sendmmsg
-    except (OSError, AttributeError):
-        return None
-    receive.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p)
-    send.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int)
-    receive.restype = send.restype = ctypes.c_int
-    return receive, send
+    receive = libc.function(
+        "recvmmsg", (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p)
+    )
+    send = libc.function("sendmmsg", (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int))
+    return (receive, send) if receive is not None and send is not None else None
 
 
 class Batch:
@@ -141,10 +138,10 @@ class Batch:
         count = self._recvmmsg(fd, self._rx_at, SLOTS, MSG_DONTWAIT, None)
         if count < 0:
             self._rx_used = SLOTS  # the kernel may have written some headers before failing
-            code = ctypes.get_errno()
-            if code in (errno.EAGAIN, errno.EWOULDBLOCK):
+            error = libc.last_error()
+            if error.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
                 return 0
-            raise OSError(code, os.strerror(code))
+            raise error
         self._rx_used = count
         return count
 
@@ -187,9 +184,34 @@ class Batch:
             at = self._tx_to_at
         sent = self._sendmmsg(fd, at + start * _HEADER, len(lengths), MSG_DONTWAIT)
         if sent < 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
+            raise libc.last_error()
         return sent
+
+    def send_all(
+        self,
+        fd: int,
+        start: int,
+        lengths: list[int],
+        name: ctypes.Array[ctypes.c_char] | None,
+        dropped: Callable[[OSError], None],
+    ) -> int:
+        """`send` until every slot went or was dropped; the bytes that went.
+
+        A datagram the kernel refuses (full buffer, ICMP error) is dropped and told to
+        `dropped`, and the rest still go: a UDP relay never retries.
+        """
+        went = 0
+        while lengths:  # each pass sends at least one datagram or drops one
+            try:
+                sent = self.send(fd, start, lengths, name)
+            except OSError as exc:
+                dropped(exc)
+                sent = 1
+            else:
+                went += sum(lengths[:sent])
+            start += sent
+            lengths = lengths[sent:]
+        return went
 
     def close(self) -> None:
         """Unmap the slots; the Batch must not be used afterwards."""

@@ -23,9 +23,9 @@ import errno
 import fcntl
 import os
 import socket
-import typing
 from collections.abc import Callable
 
+from portfwd.relay import libc
 from portfwd.relay.poller import IN, OUT, READABLE, WRITABLE, Poller
 from portfwd.state import Session, SessionOwner
 
@@ -203,19 +203,7 @@ class _Direction:
         self.pipe_r = self.pipe_w = -1
 
 
-def _libc_shutdown() -> Callable[[int, int], int] | None:
-    """libc's shutdown(2), or None where ctypes cannot reach it."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        call = libc.shutdown
-    except (OSError, AttributeError):
-        return None
-    call.argtypes = (ctypes.c_int, ctypes.c_int)
-    call.restype = ctypes.c_int
-    return typing.cast("Callable[[int, int], int]", call)
-
-
-_SHUTDOWN = _libc_shutdown()
+_SHUTDOWN: Callable[[int, int], int] | None = libc.function("shutdown", (ctypes.c_int, ctypes.c_int))
 
 
 def _shutdown_write(fd: int) -> None:
@@ -226,8 +214,7 @@ def _shutdown_write(fd: int) -> None:
     """
     if _SHUTDOWN is not None:
         if _SHUTDOWN(fd, socket.SHUT_WR) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
+            raise libc.last_error()
         return
     holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
     try:

@@ -100,8 +100,8 @@ class _Flow:
             self.seen = self.forwarder.tick
             try:
                 listener.sendto(datagram, self.client)
-            except OSError:
-                self.forwarder.stats.count_error("udp_dropped")
+            except OSError as exc:
+                self.forwarder.reply_dropped(exc)
                 continue
             self.session.bytes_down += len(datagram)
 
@@ -123,17 +123,8 @@ class _Flow:
                 return
             self.seen = forwarder.tick
             lengths = batch.lengths(count)
-            start = 0
-            while lengths:  # each pass sends at least one datagram or drops one
-                try:
-                    sent = batch.send(listener, start, lengths, self.name)
-                except OSError:
-                    forwarder.stats.count_error("udp_dropped")
-                    sent = 1
-                else:
-                    self.session.bytes_down += sum(lengths[:sent])
-                start += sent
-                lengths = lengths[sent:]
+            went = batch.send_all(listener, 0, lengths, self.name, forwarder.reply_dropped)
+            self.session.bytes_down += went
             if count < BATCH:
                 return
 
@@ -258,23 +249,16 @@ class UdpForwarder:
                         for index in range(start, end):
                             flow.send(batch.payload(index, lengths[index]))
                     else:
-                        self._pass_up(batch, flow, start, lengths[start:end])
+                        run = lengths[start:end]
+                        went = batch.send_all(flow.upstream_fd, start, run, None, self.send_failed)
+                        flow.session.bytes_up += went
                 start = end
             if count < BATCH:
                 return
 
-    def _pass_up(self, batch: Batch, flow: _Flow, start: int, lengths: list[int]) -> None:
-        """Send received slots start.. upstream for `flow`, dropping (and counting) any refused."""
-        while lengths:  # each pass sends at least one datagram or drops one
-            try:
-                sent = batch.send(flow.upstream_fd, start, lengths, None)
-            except OSError as exc:
-                self.send_failed(exc)
-                sent = 1
-            else:
-                flow.session.bytes_up += sum(lengths[:sent])
-            start += sent
-            lengths = lengths[sent:]
+    def reply_dropped(self, exc: OSError) -> None:
+        """Count a reply the kernel would not send back to its client."""
+        self.stats.count_error("udp_dropped")
 
     def send_failed(self, exc: OSError) -> None:
         """Count a datagram the kernel would not send upstream (full buffer, ICMP unreachable)."""
