@@ -34,7 +34,7 @@ from portfwd.kernel import conntrack, nft
 from portfwd.kernel.triggers import LastWins
 from portfwd.metrics import MetricsServer
 from portfwd.relay.forwarder import RelayPath, TcpForwarder
-from portfwd.relay.listener import TcpListener, bind_ip, bind_unix
+from portfwd.relay.listener import DescriptorListener, bind_ip, bind_unix
 from portfwd.relay.mmsg import Batch
 from portfwd.relay.poller import Poller
 from portfwd.relay.splice import PipePool, splice_available
@@ -55,7 +55,7 @@ GATEWAY_CHECK = float(os.environ.get("PORTFWD_GATEWAY_CHECK", "10"))
 class _RuleRun:
     """What one rule has running: its TCP listeners with forwarders, and UDP forwarders."""
 
-    tcp: list[tuple[TcpListener, TcpForwarder]]
+    tcp: list[tuple[DescriptorListener, TcpForwarder]]
     udp: list[UdpForwarder]
 
 
@@ -124,9 +124,9 @@ def relay_path(rule: ForwardConfig, splice_ok: bool) -> RelayPath:
     return "splice" if splice_ok and rule.relay != "protocol" else "protocol"
 
 
-def _accepting(listener: socket.socket, forwarder: TcpForwarder) -> TcpListener:
+def _accepting(listener: socket.socket, forwarder: TcpForwarder) -> DescriptorListener:
     """Wire a listening socket to its forwarder, both ways (serve clients; pause on exhaustion)."""
-    accepting = TcpListener(listener, forwarder.serve, forwarder.label)
+    accepting = DescriptorListener(listener, forwarder.serve, forwarder.label)
     forwarder.exhausted = accepting.pause
     return accepting
 

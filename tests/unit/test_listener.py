@@ -1,12 +1,18 @@
-"""relay/listener.py: what a listening socket made by bind_ip gives the sockets it accepts."""
+"""relay/listener.py: what a listening socket made by bind_ip gives the sockets it accepts, and
+what DescriptorListener hands the forwarder (both its accept4 and its portable path)."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import socket
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from portfwd.relay.listener import NODELAY_INHERITED, bind_ip
+from portfwd.relay import listener as listener_module
+from portfwd.relay.listener import NODELAY_INHERITED, DescriptorListener, bind_ip, bind_unix
 
 
 @pytest.mark.skipif(not NODELAY_INHERITED, reason="TCP_NODELAY is inherited on Linux only")
@@ -20,3 +26,56 @@ def test_accepted_clients_come_with_nodelay() -> None:
     assert not client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     for sock in (accepted, client, listener):
         sock.close()
+
+
+async def _accept_one(listener: socket.socket, client: socket.socket) -> tuple[int, Any]:
+    """Start a DescriptorListener on `listener` and wait (bounded) for the client it hands over."""
+    got: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    accepting = DescriptorListener(listener, lambda fd, peer: got.put_nowait((fd, peer)), "forward[1]")
+    accepting.start()
+    try:
+        return await asyncio.wait_for(got.get(), 5)
+    finally:
+        accepting.close()
+        client.close()
+
+
+@pytest.fixture(params=["accept4", "portable"])
+def accept_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways DescriptorListener accepts: accept4(2) through libc, and socket objects."""
+    if request.param == "portable":
+        monkeypatch.setattr(listener_module, "_ACCEPT4", None)
+    elif listener_module._ACCEPT4 is None:
+        pytest.skip("accept4 through libc is Linux-only")
+    return str(request.param)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_descriptor_listener_hands_over_a_ready_descriptor(accept_path: str, host: str) -> None:
+    """The forwarder relies on it: non-blocking, TCP_NODELAY on, and the peer as accept() gives it."""
+    listener = bind_ip("forward[1]", host, 0, socket.SOCK_STREAM, backlog=8, dual_stack=False)
+    client = socket.create_connection(listener.getsockname()[:2])
+    where = client.getsockname()
+    fd, peer = await _accept_one(listener, client)
+    try:
+        assert peer == where
+        assert not os.get_blocking(fd)
+        with socket.socket(fileno=os.dup(fd)) as accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            assert accepted.getpeername() == where
+    finally:
+        os.close(fd)
+
+
+async def test_descriptor_listener_unix_peers(accept_path: str, tmp_path: Path) -> None:
+    """A Unix client's address is its path: "" when unnamed (the usual case), else the path."""
+    path = str(tmp_path / "in.sock")
+    for named in ("", str(tmp_path / "client.sock")):
+        listener = bind_unix("forward[1]", path, backlog=8)  # closed (and unlinked) by _accept_one
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if named:
+            client.bind(named)
+        client.connect(path)
+        fd, peer = await _accept_one(listener, client)
+        os.close(fd)
+        assert peer == named

@@ -1,4 +1,4 @@
-"""relay/mmsg.py's Batch against real loopback UDP sockets, and the raw-sockaddr parser of udp.py."""
+"""relay/mmsg.py's Batch against real loopback UDP sockets, and the raw-sockaddr parser of libc.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from portfwd.relay.mmsg import NAME_SIZE, SLOTS, Batch
-from portfwd.relay.udp import _sockaddr
+from portfwd.relay.libc import sockaddr
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def test_receive_then_send_on_from_the_same_slots(batch: Batch) -> None:
     assert batch.payload(2, lengths[2]) == sent[2]
     sources = batch.sources(count)
     assert len(sources) == count * NAME_SIZE
-    assert _sockaddr(sources[:16]) == client.getsockname()
+    assert sockaddr(sources[:16]) == client.getsockname()
     assert batch.send(upstream.fileno(), 0, lengths, None) == count  # to the connected peer
     assert [target.recv(65536) for _ in sent] == sent
     name = ctypes.create_string_buffer(sources[:16], 16)
@@ -98,7 +98,7 @@ def test_ipv6_source_parses_like_recvfrom(batch: Batch) -> None:
         pytest.skip("no IPv6 on loopback")
     client.sendto(b"v6", listener.getsockname())
     assert batch.receive(listener.fileno()) == 1
-    assert _sockaddr(batch.sources(1)[:28]) == client.getsockname()
+    assert sockaddr(batch.sources(1)[:28]) == client.getsockname()
     listener.close()
     client.close()
 

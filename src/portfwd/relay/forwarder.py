@@ -11,7 +11,9 @@ names take a Task for the resolver, then join the same path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import socket
 import struct
 import time
@@ -22,11 +24,10 @@ from portfwd.acl import AccessPolicy, Route, client_ip
 from portfwd.addr import Endpoint, HostPorts, PortRange, UnixPath, target_port
 from portfwd.config import ForwardConfig
 from portfwd.errors import UpstreamError
-from portfwd.relay.listener import NODELAY_INHERITED
 from portfwd.relay.poller import Poller
 from portfwd.relay.splice import PipePool, SpliceRelay
 from portfwd.relay.tcp import ProtocolRelay
-from portfwd.relay.upstream import Addresses, Connect, literal_addresses, resolve, stream_options
+from portfwd.relay.upstream import Addresses, Connect, literal_addresses, resolve
 from portfwd.state import RuleStats, Session, State
 
 log = logging.getLogger(__name__)
@@ -57,16 +58,25 @@ def log_closed(label: str, session: Session, reason: str, logger: logging.Logger
     )
 
 
-def describe_peer(client: socket.socket, peer: Any) -> str:
-    """Text for a client: `1.2.3.4:5678`, `[::1]:5678`, or a Unix peer's pid and uid."""
-    if not isinstance(peer, tuple):
-        try:
-            creds = client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            pid, uid, _ = struct.unpack("3i", creds)
-            return f"unix(pid={pid},uid={uid})"
-        except OSError:
-            return "unix"
-    return format_peer(peer)
+def describe_peer(client: socket.socket | int, peer: Any) -> str:
+    """Text for a client (a socket or a bare descriptor): `1.2.3.4:5678`, `[::1]:5678`, or a
+    Unix peer's pid and uid."""
+    if isinstance(peer, tuple):
+        return format_peer(peer)
+    borrowed = isinstance(client, int)
+    if isinstance(client, int):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=client)
+    else:
+        sock = client
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _ = struct.unpack("3i", creds)
+        return f"unix(pid={pid},uid={uid})"
+    except OSError:
+        return "unix"
+    finally:
+        if borrowed:
+            sock.detach()  # the descriptor stays the caller's
 
 
 def compile_policy(rule: ForwardConfig) -> AccessPolicy:
@@ -100,9 +110,7 @@ class _Pending:
 
     __slots__ = ("began", "client", "client_text", "connect", "forwarder", "target_text", "task")
 
-    def __init__(
-        self, forwarder: TcpForwarder, client: socket.socket, client_text: str, target_text: str
-    ) -> None:
+    def __init__(self, forwarder: TcpForwarder, client: int, client_text: str, target_text: str) -> None:
         self.forwarder = forwarder
         self.client = client
         self.client_text = client_text
@@ -119,7 +127,7 @@ class _Pending:
             self.connect.cancel()
         if self.task is not None:
             self.task.cancel()
-        self.client.close()
+        os.close(self.client)
 
 
 class TcpForwarder:
@@ -147,36 +155,26 @@ class TcpForwarder:
         self._default = resolve_target(rule.listen, rule.connect, port)
         #: Per target: its log text and, for IP literals and Unix paths, its addresses (computed once).
         self._targets: dict[Target, tuple[str, Addresses | None]] = {}
-        self._family = socket.AF_UNIX if isinstance(rule.listen, UnixPath) else socket.AF_INET
-        #: Clients of an IP listener from bind_ip come with TCP_NODELAY already on (Linux).
-        self._nodelay = NODELAY_INHERITED or self._family == socket.AF_UNIX
         self._pending: set[_Pending] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         #: Set by the runtime to the listener's pause(): running out of descriptors while
         #: connecting upstream is the same exhaustion as failing to accept.
         self.exhausted: Callable[[str], None] | None = None
 
-    def serve(self, client: socket.socket, peer: Any) -> None:
-        """Admit or refuse a freshly accepted client; never raises."""
-        try:
-            client.setblocking(False)
-            target = self._default
-            if not self._open:
-                address = client_ip(peer[0]) if isinstance(peer, tuple) else None
-                if not self.policy.permits(address):
-                    self.stats.denied_total += 1
-                    log.info("%s: %s denied by allow/deny; closed", self.label, describe_peer(client, peer))
-                    client.close()
-                    return
-                chosen = self.policy.target_for(address, self.rule.connect)
-                if chosen is not self.rule.connect:
-                    target = resolve_target(self.rule.listen, chosen, self.port)
-            if not self._nodelay:
-                stream_options(client, self._family)
-        except OSError as exc:  # the client vanished between accept and here
-            log.debug("%s: client gone before it was served: %s", self.label, exc)
-            client.close()
-            return
+    def serve(self, client: int, peer: Any) -> None:
+        """Admit or refuse a freshly accepted client (a non-blocking descriptor from
+        DescriptorListener, TCP_NODELAY on); never raises."""
+        target = self._default
+        if not self._open:
+            address = client_ip(peer[0]) if isinstance(peer, tuple) else None
+            if not self.policy.permits(address):
+                self.stats.denied_total += 1
+                log.info("%s: %s denied by allow/deny; closed", self.label, describe_peer(client, peer))
+                os.close(client)
+                return
+            chosen = self.policy.target_for(address, self.rule.connect)
+            if chosen is not self.rule.connect:
+                target = resolve_target(self.rule.listen, chosen, self.port)
         known = self._targets.get(target)
         if known is None:
             known = self._targets[target] = (format_target(target), literal_addresses(target))
@@ -223,25 +221,34 @@ class TcpForwarder:
                 pending.target_text,
                 error.message,
             )
-            client.close()
+            os.close(client)
             return
         self.stats.observe_connect(time.monotonic() - pending.began)
         session = self.state.open_session(self.stats, pending.client_text, pending.target_text, self.path)
+        wrapped: socket.socket | None = None
         try:
             if self.path == "splice":
-                splice = SpliceRelay(client, upstream, session, self, self.pipes, self.poller)
+                splice = SpliceRelay(client, upstream.detach(), session, self, self.pipes, self.poller)
                 session.relay = splice
                 splice.start()
             else:
                 relay = ProtocolRelay(session, self)
                 session.relay = relay
-                task = asyncio.get_running_loop().create_task(relay.start(client, upstream))
+                wrapped = socket.socket(fileno=client)
+                task = asyncio.get_running_loop().create_task(relay.start(wrapped, upstream))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         except Exception:  # per-session boundary: log, count, keep serving others
             self.stats.count_error("internal")
             log.exception("%s: %s -> %s: relay failed to start", self.label, session.client, session.target)
-            client.close()
+            if isinstance(session.relay, SpliceRelay):
+                session.relay.close("internal error")  # it owns both descriptors; it ends the session
+                return
+            if wrapped is not None:
+                wrapped.close()
+            else:
+                with contextlib.suppress(OSError):
+                    os.close(client)
             upstream.close()
             self.state.close_session(session)
             return

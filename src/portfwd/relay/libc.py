@@ -1,7 +1,8 @@
 """libc calls that Python's os and socket modules lack, through ctypes, for the relays' hot paths.
 
-shutdown(2) on a bare descriptor (splice.py) and recvmmsg/sendmmsg (mmsg.py). One place loads
-libc and turns a failed call's errno into the OSError `os` itself would raise.
+shutdown(2) on a bare descriptor (splice.py), accept4(2) straight to a descriptor (listener.py)
+and recvmmsg/sendmmsg (mmsg.py). One place loads libc, turns a failed call's errno into the
+OSError `os` itself would raise, and reads the raw socket addresses these calls fill in.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import socket
+import sys
 from typing import Any
 
 
@@ -39,3 +42,20 @@ def last_error() -> OSError:
     subclass: ConnectionRefusedError for ECONNREFUSED, BlockingIOError for EAGAIN...)."""
     code = ctypes.get_errno()
     return OSError(code, os.strerror(code))
+
+
+def sockaddr(raw: bytes) -> Any:
+    """A raw sockaddr as the address Python's socket module would give for it.
+
+    sockaddr_in: (host, port); sockaddr_in6: (host, port, flowinfo, scope_id); sockaddr_un: the
+    path ("" for an unnamed client, which is what Unix clients usually are).
+    """
+    family = int.from_bytes(raw[:2], sys.byteorder)
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[4:8]), int.from_bytes(raw[2:4], "big")
+    if family == socket.AF_INET6:
+        port = int.from_bytes(raw[2:4], "big")
+        flowinfo = int.from_bytes(raw[4:8], "big")
+        scope = int.from_bytes(raw[24:28], sys.byteorder)  # host order, unlike the rest
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, flowinfo, scope
+    return os.fsdecode(raw[2:].split(b"\0", 1)[0])

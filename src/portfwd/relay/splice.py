@@ -226,11 +226,11 @@ def _shutdown_write(fd: int) -> None:
 class SpliceRelay:
     """Relays two connected non-blocking stream sockets with os.splice until both sides finish.
 
-    The relay takes the sockets' descriptors over (`detach`), so an idle session holds two ints
-    instead of two socket objects. Readiness comes from relay/poller.py's epoll set (each
-    socket is watched for what its two directions wait for: reading as a source, writing as a
-    blocked destination). `owner.relay_closed(session, reason)` is called exactly once when the
-    relay ends; the descriptors are closed by then.
+    The relay is given the two sockets as bare descriptors and owns them from then on, so an
+    idle session holds two ints instead of two socket objects. Readiness comes from
+    relay/poller.py's epoll set (each socket is watched for what its two directions wait for:
+    reading as a source, writing as a blocked destination). `owner.relay_closed(session,
+    reason)` is called exactly once when the relay ends; the descriptors are closed by then.
     """
 
     __slots__ = (
@@ -251,15 +251,15 @@ class SpliceRelay:
 
     def __init__(
         self,
-        client: socket.socket,
-        upstream: socket.socket,
+        client: int,
+        upstream: int,
         session: Session,
         owner: SessionOwner,
         pipes: PipePool,
         poller: Poller,
     ) -> None:
-        self.client = client.detach()
-        self.upstream = upstream.detach()
+        self.client = client
+        self.upstream = upstream
         self.session = session
         self._owner = owner
         self.pipes = pipes

@@ -21,12 +21,12 @@ import ctypes
 import logging
 import math
 import socket
-import sys
 from typing import Any
 
 from portfwd.acl import client_ip
 from portfwd.config import ForwardConfig
 from portfwd.errors import UpstreamError
+from portfwd.relay import libc
 from portfwd.relay.forwarder import compile_policy, format_peer, format_target, log_closed, resolve_target
 from portfwd.relay.mmsg import NAME_SIZE, Batch
 from portfwd.relay.upstream import resolve
@@ -242,7 +242,7 @@ class UdpForwarder:
                     end += 1
                 flow = flows.get(key)
                 if flow is None:
-                    flow = self._new_flow(_sockaddr(key), key, end - start)
+                    flow = self._new_flow(libc.sockaddr(key), key, end - start)
                 if flow is not None:
                     flow.seen = tick
                     if flow.upstream is None:
@@ -358,13 +358,3 @@ class UdpForwarder:
     def active(self) -> int:
         """Live flows."""
         return len(self.flows)
-
-
-def _sockaddr(raw: bytes) -> tuple[Any, ...]:
-    """A raw sockaddr_in or sockaddr_in6 as the address tuple recvfrom would give."""
-    port = int.from_bytes(raw[2:4], "big")
-    if len(raw) == 16:
-        return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
-    flowinfo = int.from_bytes(raw[4:8], "big")
-    scope = int.from_bytes(raw[24:28], sys.byteorder)  # host order, unlike the rest
-    return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, flowinfo, scope
