@@ -31,7 +31,9 @@ def test_accepted_clients_come_with_nodelay() -> None:
 async def _accept_one(listener: socket.socket, client: socket.socket) -> tuple[int, Any]:
     """Start a DescriptorListener on `listener` and wait (bounded) for the client it hands over."""
     got: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-    accepting = DescriptorListener(listener, lambda fd, peer: got.put_nowait((fd, peer)), "forward[1]")
+    accepting = DescriptorListener(
+        listener, lambda batch: [got.put_nowait(each) for each in batch], "forward[1]"
+    )
     accepting.start()
     try:
         return await asyncio.wait_for(got.get(), 5)

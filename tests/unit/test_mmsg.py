@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from portfwd.relay.mmsg import NAME_SIZE, SLOTS, Batch
 from portfwd.relay.libc import sockaddr
+from portfwd.relay.mmsg import NAME_SIZE, SLOTS, Batch
 
 
 @pytest.fixture

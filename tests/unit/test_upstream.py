@@ -77,3 +77,36 @@ async def test_a_connect_that_must_wait_keeps_its_deadline() -> None:
         for filler in fillers:
             filler.close()
         stuck.close()
+
+
+async def test_a_held_connect_goes_on_at_confirm() -> None:
+    """The forwarder begins a burst's connects, then confirms them: nothing is done before."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    outcome: Outcome = []
+    held: list[Connect] = []
+    try:
+        attempt = Connect(
+            [(socket.AF_INET, listener.getsockname())], 5, lambda s, e: outcome.append((s, e)), held
+        )
+        assert (outcome, held) == ([], [attempt])
+        attempt.confirm()
+        sock, error = outcome[0]
+        assert error is None
+        assert sock is not None
+        assert sock.getpeername() == listener.getsockname()
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        sock.close()
+        attempt.confirm()  # a second confirm is a no-op
+        assert len(outcome) == 1
+
+        outcome.clear()
+        held.clear()
+        cancelled = Connect(
+            [(socket.AF_INET, listener.getsockname())], 5, lambda s, e: outcome.append((s, e)), held
+        )
+        cancelled.cancel()
+        cancelled.confirm()
+        assert outcome == [], "cancelled: done is never called"
+        assert cancelled._waiting is None, "its socket was closed"
+    finally:
+        listener.close()

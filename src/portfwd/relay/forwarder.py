@@ -161,9 +161,24 @@ class TcpForwarder:
         #: connecting upstream is the same exhaustion as failing to accept.
         self.exhausted: Callable[[str], None] | None = None
 
-    def serve(self, client: int, peer: Any) -> None:
-        """Admit or refuse a freshly accepted client (a non-blocking descriptor from
-        DescriptorListener, TCP_NODELAY on); never raises."""
+    def serve(self, clients: list[tuple[int, Any]]) -> None:
+        """Admit or refuse the clients of one accept burst (non-blocking descriptors from
+        DescriptorListener, TCP_NODELAY on); never raises.
+
+        Every client's upstream connect begins before any is asked how it went (Connect's
+        `held`). Why: to a local target each connect() wakes the target's accept loop, and a
+        sleeping target costs a cross-CPU wakeup each time; connects that follow each other
+        closely find it awake (A/B under wrk: 52 against 58 CPU µs a connection).
+        """
+        held: list[Connect] = []
+        try:
+            for client, peer in clients:
+                self._admit(client, peer, held)
+        finally:  # the connects begun go on whatever happened to a later client
+            for connect in held:
+                connect.confirm()
+
+    def _admit(self, client: int, peer: Any, held: list[Connect]) -> None:
         target = self._default
         if not self._open:
             address = client_ip(peer[0]) if isinstance(peer, tuple) else None
@@ -182,7 +197,7 @@ class TcpForwarder:
         pending = _Pending(self, client, describe_peer(client, peer), text)
         self._pending.add(pending)
         if addresses is not None:
-            pending.connect = Connect(addresses, self.rule.connect_timeout, pending.done)
+            pending.connect = Connect(addresses, self.rule.connect_timeout, pending.done, held)
         else:
             assert not isinstance(target, str)
             pending.task = asyncio.get_running_loop().create_task(self._resolve(pending, target))

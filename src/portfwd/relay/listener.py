@@ -155,9 +155,8 @@ Client = TypeVar("Client")
 class _Accepting(Generic[Client]):
     """The accept loop shared by both listeners: batches, the EMFILE pause, closing."""
 
-    def __init__(self, listener: socket.socket, serve: Callable[[Client, Any], None], label: str) -> None:
+    def __init__(self, listener: socket.socket, label: str) -> None:
         self.listener = listener
-        self._serve = serve
         self._label = label
         self._loop = asyncio.get_running_loop()
         self._paused: asyncio.TimerHandle | None = None
@@ -171,21 +170,27 @@ class _Accepting(Generic[Client]):
         """One client and its address. Raises OSError (BlockingIOError when none is waiting)."""
         raise NotImplementedError
 
+    def _serve(self, batch: list[tuple[Client, Any]]) -> None:
+        """Hand over the clients accepted in one wakeup."""
+        raise NotImplementedError
+
     def _on_accept(self) -> None:
+        batch = []
         for _ in range(ACCEPT_BATCH):
             try:
-                client, peer = self._accept()
+                batch.append(self._accept())
             except BlockingIOError:
-                return
+                break
             except OSError as exc:
                 if exc.errno in _OUT_OF_RESOURCES:
                     self.pause(exc.strerror or str(exc))
-                    return
+                    break
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR):
                     continue  # that client went away before we accepted it
                 log.warning("%s: accept failed: %s", self._label, exc.strerror or exc)
-                return
-            self._serve(client, peer)
+                break
+        if batch:
+            self._serve(batch)
 
     def pause(self, why: str) -> None:
         """Stop accepting for ACCEPT_RETRY_DELAY: the process is out of descriptors or memory.
@@ -226,8 +231,18 @@ class _Accepting(Generic[Client]):
 class TcpListener(_Accepting[socket.socket]):
     """Accepts clients on a listening stream socket and hands each to `serve(client, peer)`."""
 
+    def __init__(
+        self, listener: socket.socket, serve: Callable[[socket.socket, Any], None], label: str
+    ) -> None:
+        super().__init__(listener, label)
+        self._serve_one = serve
+
     def _accept(self) -> tuple[socket.socket, Any]:
         return self.listener.accept()
+
+    def _serve(self, batch: list[tuple[socket.socket, Any]]) -> None:
+        for client, peer in batch:
+            self._serve_one(client, peer)
 
 
 _ACCEPT4 = (
@@ -241,8 +256,9 @@ _inet_ntop = socket.inet_ntop
 
 
 class DescriptorListener(_Accepting[int]):
-    """Hands each client to `serve(fd, peer)` as a bare descriptor, non-blocking, with TCP_NODELAY
-    (IP) on: for the forwarder, whose relays work on descriptors.
+    """Hands the clients of each wakeup to `serve([(fd, peer), ...])` as bare descriptors,
+    non-blocking, with TCP_NODELAY (IP) on: for the forwarder, whose relays work on descriptors
+    and which begins the burst's upstream connects together (TcpForwarder.serve).
 
     Why not socket.accept(): it wraps the client in a socket object, whose constructor checks
     the descriptor with getsockname(2), and the client then needs ioctl(FIONBIO) to become
@@ -251,8 +267,11 @@ class DescriptorListener(_Accepting[int]):
     through socket objects.
     """
 
-    def __init__(self, listener: socket.socket, serve: Callable[[int, Any], None], label: str) -> None:
-        super().__init__(listener, serve, label)
+    def __init__(
+        self, listener: socket.socket, serve: Callable[[list[tuple[int, Any]]], None], label: str
+    ) -> None:
+        super().__init__(listener, label)
+        self._serve_batch = serve
         self._fd = listener.fileno()
         self._nodelay = listener.family != socket.AF_UNIX and not NODELAY_INHERITED
         self._ipv4 = listener.family == socket.AF_INET
@@ -273,6 +292,9 @@ class DescriptorListener(_Accepting[int]):
         if self._ipv4:  # the common case, read in place
             return fd, (_inet_ntop(socket.AF_INET, view[4:8]), view[2] << 8 | view[3])
         return fd, libc.sockaddr(bytes(view[: self._length.value]))
+
+    def _serve(self, batch: list[tuple[int, Any]]) -> None:
+        self._serve_batch(batch)
 
     def _accept_portable(self) -> tuple[int, Any]:
         client, peer = self.listener.accept()

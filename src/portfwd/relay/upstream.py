@@ -86,19 +86,29 @@ class Connect:
     connect(), a writer callback, and a timer. `done(sock, None)` or `done(None, error)` is
     called exactly once, unless `cancel()` came first; when the answer is known at once (see
     `_next`), it is called before the constructor returns.
+
+    With `held` (a list), a first connect() still in progress is not asked again at once: the
+    Connect adds itself to `held`, and its owner calls `confirm()` once every client of the
+    burst has begun its connect (see TcpForwarder.serve).
     """
 
     __slots__ = (
-        "_addresses", "_done", "_family", "_index", "_last", "_loop", "_pending", "_timeout", "_timer",
+        "_addresses", "_done", "_family", "_held", "_index", "_last", "_loop", "_pending",
+        "_sockaddr", "_timeout", "_timer", "_waiting",
     )  # fmt: skip
 
-    def __init__(self, addresses: Addresses, timeout: float, done: ConnectDone) -> None:
+    def __init__(
+        self, addresses: Addresses, timeout: float, done: ConnectDone, held: list[Connect] | None = None
+    ) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None  # looked up only to wait (a getpid() each time)
         self._addresses = addresses
         self._done: ConnectDone | None = done
         self._index = 0
         self._last: OSError | None = None
-        self._pending: socket.socket | None = None
+        self._pending: socket.socket | None = None  # waiting for the writer callback
+        self._held = held
+        self._waiting: socket.socket | None = None  # waiting for confirm()
+        self._sockaddr: Any = None
         self._family = 0
         self._timeout = timeout
         self._timer: asyncio.TimerHandle | None = None  # armed at the first wait (a loop timer costs)
@@ -119,31 +129,59 @@ class Connect:
                 upstream.setblocking(False)
             code = upstream.connect_ex(sockaddr)
             if code == errno.EINPROGRESS:
-                # To loopback (and to this host's own addresses) the handshake is over by the
-                # time connect() returns; asking again says so (EISCONN) or gives the refusal,
-                # without a writer callback and a trip through the loop.
-                code = upstream.connect_ex(sockaddr)
-                if code == errno.EISCONN:
-                    code = 0
-            if code == 0:
-                self._connected(upstream, family)
+                held, self._held = self._held, None
+                if held is not None:
+                    self._waiting, self._sockaddr, self._family = upstream, sockaddr, family
+                    held.append(self)
+                    return
+                code = self._again(upstream, sockaddr)
+            if self._went(upstream, family, code):
                 return
-            if code in (errno.EINPROGRESS, errno.EALREADY):
-                self._pending = upstream
-                self._family = family
-                loop = self._loop
-                if loop is None:
-                    loop = self._loop = asyncio.get_running_loop()
-                loop.add_writer(upstream.fileno(), self._writable)
-                if self._timer is None:
-                    self._timer = loop.call_later(self._timeout, self._expired, self._timeout)
-                return
-            upstream.close()
-            self._last = OSError(code, os.strerror(code))
         if self._last is None:
             self._finish(None, UpstreamError("the target resolved to no address", reason="resolve"))
         else:
             self._finish(None, describe_error(self._last))
+
+    @staticmethod
+    def _again(upstream: socket.socket, sockaddr: Any) -> int:
+        """Ask a connect() in progress how it went, without waiting.
+
+        To loopback (and to this host's own addresses) the handshake is over by the time
+        connect() returns; asking again says so (EISCONN) or gives the refusal, without a writer
+        callback and a trip through the loop. Elsewhere it says EALREADY: still under way.
+        """
+        code = upstream.connect_ex(sockaddr)
+        return 0 if code == errno.EISCONN else code
+
+    def _went(self, upstream: socket.socket, family: int, code: int) -> bool:
+        """Act on connect()'s answer: True when done or waiting, False to try the next address."""
+        if code == 0:
+            self._connected(upstream, family)
+            return True
+        if code in (errno.EINPROGRESS, errno.EALREADY):
+            self._pending = upstream
+            self._family = family
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            loop.add_writer(upstream.fileno(), self._writable)
+            if self._timer is None:
+                self._timer = loop.call_later(self._timeout, self._expired, self._timeout)
+            return True
+        upstream.close()
+        self._last = OSError(code, os.strerror(code))
+        return False
+
+    def confirm(self) -> None:
+        """Go on with a connect that was held (see the class docstring)."""
+        upstream, self._waiting = self._waiting, None
+        if upstream is None:
+            return
+        if self._done is None:  # cancelled meanwhile
+            upstream.close()
+            return
+        if not self._went(upstream, self._family, self._again(upstream, self._sockaddr)):
+            self._next()
 
     def _writable(self) -> None:
         upstream = self._pending
@@ -195,3 +233,6 @@ class Connect:
         if self._timer is not None:
             self._timer.cancel()
         self._drop_pending()
+        if self._waiting is not None:
+            self._waiting.close()
+            self._waiting = None
