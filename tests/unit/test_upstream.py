@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
+
 from portfwd.errors import UpstreamError
 from portfwd.relay.upstream import Connect
 
@@ -52,8 +54,10 @@ async def test_a_refusal_is_known_at_once_and_the_next_address_tried() -> None:
         listener.close()
 
 
-async def test_a_connect_that_must_wait_keeps_its_deadline() -> None:
-    """A listener whose backlog is full drops SYNs: the connect waits, then times out."""
+@pytest.mark.parametrize("held", [False, True], ids=["at-once", "held"])
+async def test_a_connect_that_must_wait_keeps_its_deadline(held: bool) -> None:
+    """A listener whose backlog is full drops SYNs: the connect waits, then times out (also
+    after a hold, where confirm() finds the connect still under way)."""
     stuck = socket.socket()
     stuck.bind(("127.0.0.1", 0))
     stuck.listen(0)
@@ -66,7 +70,14 @@ async def test_a_connect_that_must_wait_keeps_its_deadline() -> None:
             filler.setblocking(False)
             filler.connect_ex(stuck.getsockname())
             fillers.append(filler)
-        attempt = Connect([(socket.AF_INET, stuck.getsockname())], 0.3, lambda s, e: done.set_result((s, e)))
+        holding: list[Connect] | None = [] if held else None
+        attempt = Connect(
+            [(socket.AF_INET, stuck.getsockname())], 0.3, lambda s, e: done.set_result((s, e)), holding
+        )
+        if holding is not None:
+            assert holding == [attempt]
+            assert attempt._timer is None, "no timer while held"
+            attempt.confirm()
         assert not done.done()
         assert attempt._timer is not None
         sock, error = await asyncio.wait_for(done, 5)
