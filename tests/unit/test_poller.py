@@ -19,22 +19,14 @@ class Seen:
         self.woke = asyncio.Event()
         self.drain = drain
         self.fail = fail
-        self.log: list[str] = []  # ready and settle calls, in order
-        self.poller: Poller | None = None  # set: each ready() defers a settle
 
     def ready(self, fd: int, events: int) -> None:
         self.events.append((fd, events))
-        self.log.append(f"ready {fd}")
-        if self.poller is not None:
-            self.poller.defer(self)
         self.woke.set()
         if self.drain is not None and events & IN:
             self.drain.recv(4096)
         if self.fail:
             raise RuntimeError("a bug")
-
-    def settle(self) -> None:
-        self.log.append("settle")
 
 
 async def woken(seen: Seen) -> None:
@@ -108,30 +100,3 @@ async def test_a_failing_watcher_is_dropped_and_logged(caplog: pytest.LogCapture
         poller.close()
         left.close()
         right.close()
-
-
-async def test_deferred_work_waits_for_the_whole_batch() -> None:
-    """What the splice relay's half-close relies on: settle() after every event of the batch."""
-    poller = Poller()
-    pairs = [socket.socketpair() for _ in range(2)]
-    try:
-        seen = Seen()
-        for left, right in pairs:
-            left.setblocking(False)
-            poller.register(left.fileno(), IN, seen)
-            right.send(b"x")  # both readable before the loop looks: one batch
-        seen.poller = poller
-        await woken(seen)
-        await asyncio.sleep(0)
-        first, second = (left.fileno() for left, _ in pairs)
-        assert sorted(seen.log[:2]) == sorted([f"ready {first}", f"ready {second}"])
-        assert seen.log[2:4] == ["settle", "settle"]
-        seen.poller = None
-        seen.log.clear()
-        poller.defer(seen)  # outside a batch: at once
-        assert seen.log == ["settle"]
-    finally:
-        poller.close()
-        for left, right in pairs:
-            left.close()
-            right.close()

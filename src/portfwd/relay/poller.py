@@ -25,9 +25,11 @@ from typing import Protocol
 # Linux's values, so that this module imports anywhere (only the splice path, Linux, polls).
 IN = getattr(select, "EPOLLIN", 0x001)
 OUT = getattr(select, "EPOLLOUT", 0x004)
+#: The peer has shut down its writing (its FIN is in): the last bytes, then EOF, are waiting.
+RDHUP = getattr(select, "EPOLLRDHUP", 0x2000)
 _ERR_HUP = getattr(select, "EPOLLERR", 0x008) | getattr(select, "EPOLLHUP", 0x010)
 #: What wakes a reader or a writer: the direction itself, or an error or hang-up on the socket.
-READABLE = IN | _ERR_HUP
+READABLE = IN | RDHUP | _ERR_HUP
 WRITABLE = OUT | _ERR_HUP
 #: Events taken per wake-up of the loop's reader; more stay pending and wake it again.
 BATCH = 256
@@ -39,9 +41,6 @@ class Watcher(Protocol):
     def ready(self, fd: int, events: int) -> None:
         """`fd` is ready for `events` (a mask of select.EPOLL* bits)."""
 
-    def settle(self) -> None:
-        """Do what was put off with `Poller.defer`: the batch of ready events is dispatched."""
-
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +48,12 @@ log = logging.getLogger(__name__)
 class Poller:
     """An epoll set whose ready descriptors are dispatched from the loop (see the module docstring)."""
 
-    __slots__ = ("_deferred", "_dispatching", "_epoll", "_loop", "_watchers")
+    __slots__ = ("_epoll", "_loop", "_watchers")
 
     def __init__(self) -> None:
         self._epoll: select.epoll | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchers: dict[int, Watcher] = {}
-        self._dispatching = False
-        self._deferred: list[Watcher] = []
 
     def register(self, fd: int, mask: int, watcher: Watcher) -> None:
         """Watch `fd` for `mask` (IN, OUT or both); `watcher.ready(fd, events)` runs when it is ready."""
@@ -83,19 +80,6 @@ class Poller:
         """`fd` is about to be closed, which takes it out of the set: drop its watcher only."""
         self._watchers.pop(fd, None)
 
-    def defer(self, watcher: Watcher) -> None:
-        """Call `watcher.settle()` once the events already taken from the kernel are dispatched.
-
-        Why: a relay told one side's EOF owes the other side a shutdown(2), but when the other
-        side's EOF is in the same batch (a short exchange, both ends closing), closing the
-        socket sends that FIN anyway: the deferred shutdown is then skipped. Outside a batch
-        `settle` runs at once.
-        """
-        if self._dispatching:
-            self._deferred.append(watcher)
-        else:
-            self._settle(watcher)
-
     def _ready(self) -> None:
         assert self._epoll is not None
         try:
@@ -103,32 +87,17 @@ class Poller:
         except InterruptedError:
             return
         watchers = self._watchers
-        self._dispatching = True
-        try:
-            for fd, mask in events:
-                watcher = watchers.get(fd)
-                if watcher is None:  # an earlier watcher in this batch closed it
-                    continue
-                try:
-                    watcher.ready(fd, mask)
-                except Exception:  # a bug in one relay: stop its spinning, keep the others going
-                    log.exception("relay poller: watcher of descriptor %d failed; no longer watched", fd)
-                    if watchers.get(fd) is watcher:
-                        with contextlib.suppress(OSError):
-                            self.unregister(fd)
-        finally:
-            self._dispatching = False
-        if self._deferred:
-            deferred, self._deferred = self._deferred, []
-            for watcher in deferred:
-                self._settle(watcher)
-
-    @staticmethod
-    def _settle(watcher: Watcher) -> None:
-        try:
-            watcher.settle()
-        except Exception:  # the same boundary as ready(): one relay's bug stays its own
-            log.exception("relay poller: a watcher failed to settle")
+        for fd, mask in events:
+            watcher = watchers.get(fd)
+            if watcher is None:  # an earlier watcher in this batch closed it
+                continue
+            try:
+                watcher.ready(fd, mask)
+            except Exception:  # a bug in one relay: stop its spinning, keep the others going
+                log.exception("relay poller: watcher of descriptor %d failed; no longer watched", fd)
+                if watchers.get(fd) is watcher:
+                    with contextlib.suppress(OSError):
+                        self.unregister(fd)
 
     def close(self) -> None:
         """Stop dispatching and close the epoll set (the watched descriptors are their owners')."""
@@ -139,4 +108,3 @@ class Poller:
             self._epoll.close()
             self._epoll = None
         self._watchers.clear()
-        self._deferred.clear()

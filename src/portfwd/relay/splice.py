@@ -2,15 +2,20 @@
 
 Theory of operation. Each direction (client->upstream, upstream->client) borrows a pipe from a
 shared pool when its source becomes readable and gives it back, empty, when the burst is over,
-so an idle connection holds no pipe and 5,000 idle clients cost no extra descriptors. When the source is
-readable we splice socket->pipe and at once pipe->destination. If the destination would block,
+so an idle connection holds no pipe and 5,000 idle clients cost no extra descriptors. When the
+source is readable we splice socket->pipe and at once pipe->destination. If the destination would block,
 we stop reading the source and wait for the destination to be writable (backpressure: the pipe
 is the only buffer, so memory per connection is bounded by the pipe size). A read of 0 bytes is
-EOF: once the pipe is empty we shut down the destination's write side and leave the other
-direction running (half-close). The relay ends when both directions are done or on any error.
-That half-close waits for the end of the poller's batch of events: when the other direction
-ends in the same batch (both ends closing, as after a short exchange), close() alone sends
-both FINs.
+EOF: once the pipe is empty we shut down the destination's write side at once and leave the
+other direction running (half-close). The relay ends when both directions are done or on any
+error.
+
+The FIN follows the last bytes without delay: when epoll says the peer's FIN is in
+(EPOLLRDHUP), we read on to the EOF in the same wake-up, and pass it on there and then. Why: a
+client that closes as soon as its response is complete would otherwise close first, and hold
+the TIME_WAIT the server holds when nothing stands in between. wrk through the relay in the
+netns lab collected 14,000 of them in 3 s, after which its connects slowed to 800 a second;
+with the FIN passed on at once, 18,000-20,000 a second throughout.
 
 Bytes are counted from splice's return values, so counting costs one integer add per call.
 """
@@ -26,7 +31,7 @@ import socket
 from collections.abc import Callable
 
 from portfwd.relay import libc
-from portfwd.relay.poller import IN, OUT, READABLE, WRITABLE, Poller
+from portfwd.relay.poller import IN, OUT, RDHUP, READABLE, WRITABLE, Poller
 from portfwd.state import Session, SessionOwner
 
 F_SETPIPE_SZ = 1031
@@ -117,7 +122,8 @@ class _Direction:
         self.reading = True  # waiting for the source to be readable
         self.blocked = False  # waiting for the destination to be writable
 
-    def on_readable(self) -> None:
+    def on_readable(self, hangup: int = 0) -> None:
+        """Move what the source has; with `hangup` (its FIN is in) read on to the EOF."""
         relay = self.relay
         if self.pipe_w < 0:
             try:
@@ -154,7 +160,7 @@ class _Direction:
                     relay.watch(self.src)
                     relay.watch(self.dst)
                 return
-            if moved < PIPE_SIZE:
+            if moved < PIPE_SIZE and not hangup:
                 break
         self.release()
 
@@ -237,7 +243,6 @@ class SpliceRelay:
         "_client_mask",
         "_done",
         "_down",
-        "_owed",
         "_owner",
         "_up",
         "_upstream_mask",
@@ -266,7 +271,6 @@ class SpliceRelay:
         self.poller = poller
         self.closed = False
         self._done: str | None = None  # the side that finished first
-        self._owed: _Direction | None = None  # ended; its half-close waits for the batch's end
         self._up = _Direction(self, self.client, self.upstream, upward=True)
         self._down = _Direction(self, self.upstream, self.client, upward=False)
         self._client_mask = 0
@@ -283,7 +287,7 @@ class SpliceRelay:
             return
         client = fd == self.client
         source, destination = (self._up, self._down) if client else (self._down, self._up)
-        want = (IN if source.reading else 0) | (OUT if destination.blocked else 0)
+        want = (IN | RDHUP if source.reading else 0) | (OUT if destination.blocked else 0)
         have = self._client_mask if client else self._upstream_mask
         if want == have:
             return
@@ -303,33 +307,17 @@ class SpliceRelay:
         """The poller: `fd` (client or upstream) can be read from, written to, or failed."""
         source, destination = (self._up, self._down) if fd == self.client else (self._down, self._up)
         if events & READABLE and source.reading:
-            source.on_readable()
+            source.on_readable(events & RDHUP)
         if events & WRITABLE and destination.blocked and not self.closed:
             destination.on_writable()
 
     def finish(self, direction: _Direction) -> None:
-        """A direction saw EOF and drained: pass the half-close on, end when both are done.
-
-        The half-close waits for the end of the poller's batch (`settle`): when the other
-        direction ends in the same batch, close() sends both FINs itself (every byte has been
-        read, so they are FINs, not resets) and no shutdown(2) is made at all.
-        """
+        """A direction saw EOF and drained: pass the half-close on, end when both are done."""
         if self._done is not None:
             self.close(f"{self._done} closed")
             return
         self._done = "client" if direction.upward else "upstream"
-        self._owed = direction
-        self.poller.defer(self)
-
-    def settle(self) -> None:
-        """The poller's batch is over and the relay still runs: stop watching the source that
-        ended (epoll is level-triggered) and pass its half-close on. When the relay closed in
-        the same batch, both are left to close(): no epoll_ctl and no shutdown(2) at all.
-        """
-        direction, self._owed = self._owed, None
-        if direction is None or self.closed:
-            return
-        self.watch(direction.src)
+        self.watch(direction.src)  # epoll is level-triggered: stop watching the source that ended
         with contextlib.suppress(OSError):  # the peer is already gone; the other side will notice
             _shutdown_write(direction.dst)
 
