@@ -3,12 +3,12 @@
 Theory of operation. Each direction (client->upstream, upstream->client) borrows a pipe from a
 shared pool when its source becomes readable and gives it back, empty, when the burst is over,
 so an idle connection holds no pipe and 5,000 idle clients cost no extra descriptors. When the
-source is readable we splice socket->pipe and at once pipe->destination. If the destination would block,
-we stop reading the source and wait for the destination to be writable (backpressure: the pipe
-is the only buffer, so memory per connection is bounded by the pipe size). A read of 0 bytes is
-EOF: once the pipe is empty we shut down the destination's write side at once and leave the
-other direction running (half-close). The relay ends when both directions are done or on any
-error.
+source is readable we splice socket->pipe and at once pipe->destination. If the destination
+would block, we stop reading the source and wait for the destination to be writable
+(backpressure: the pipe is the only buffer, so memory per connection is bounded by the pipe
+size). A read of 0 bytes is EOF: once the pipe is empty we shut down the destination's write
+side at once and leave the other direction running (half-close). The relay ends when both
+directions are done or on any error.
 
 The FIN follows the last bytes without delay: when epoll says the peer's FIN is in
 (EPOLLRDHUP), we read on to the EOF in the same wake-up, and pass it on there and then. Why: a
