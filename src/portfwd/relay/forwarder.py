@@ -63,20 +63,18 @@ def describe_peer(client: socket.socket | int, peer: Any) -> str:
     Unix peer's pid and uid."""
     if isinstance(peer, tuple):
         return format_peer(peer)
-    borrowed = isinstance(client, int)
-    if isinstance(client, int):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=client)
-    else:
-        sock = client
+    borrowed: socket.socket | None = None
     try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        if isinstance(client, int):
+            client = borrowed = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=client)
+        creds = client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, _ = struct.unpack("3i", creds)
         return f"unix(pid={pid},uid={uid})"
     except OSError:
         return "unix"
     finally:
-        if borrowed:
-            sock.detach()  # the descriptor stays the caller's
+        if borrowed is not None:
+            borrowed.detach()  # the descriptor stays the caller's
 
 
 def compile_policy(rule: ForwardConfig) -> AccessPolicy:
