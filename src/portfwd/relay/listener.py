@@ -252,7 +252,6 @@ _ACCEPT4 = (
 )
 _ACCEPT_FLAGS = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
 _ADDRESS_SIZE = 128  # sizeof(struct sockaddr_storage)
-_inet_ntop = socket.inet_ntop
 
 
 class DescriptorListener(_Accepting[int]):
@@ -288,10 +287,9 @@ class DescriptorListener(_Accepting[int]):
         fd: int = _ACCEPT4(self._fd, address, length, _ACCEPT_FLAGS)
         if fd < 0:
             raise libc.last_error()
-        view = self._view
         if self._ipv4:  # the common case, read in place
-            return fd, (_inet_ntop(socket.AF_INET, view[4:8]), view[2] << 8 | view[3])
-        return fd, libc.sockaddr(bytes(view[: self._length.value]))
+            return fd, libc.sockaddr_in(self._view)
+        return fd, libc.sockaddr(bytes(self._view[: self._length.value]))
 
     def _serve(self, batch: list[tuple[int, Any]]) -> None:
         self._serve_batch(batch)
