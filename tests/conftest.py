@@ -4,12 +4,34 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from typing import Any
 
 import pytest
 import uvloop
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+_HERMETIC: list[str] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep the suite off the machine's default paths, whatever else runs on it.
+
+    Every portfwd the tests start (in this process or as a child) puts its control socket in a
+    private runtime directory, and sees a private HOME: no test reads or writes /run/portfwd,
+    $XDG_RUNTIME_DIR/portfwd or the user's ~/.ssh, so the suite passes beside another portfwd.
+    """
+    root = tempfile.mkdtemp(prefix="portfwd-tests-")
+    _HERMETIC.append(root)
+    os.environ["PORTFWD_RUNTIME_DIR"] = os.path.join(root, "run")
+    os.environ["HOME"] = os.path.join(root, "home")
+    os.makedirs(os.environ["HOME"], mode=0o700)
+    os.environ.pop("PORTFWD_CONFIG", None)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for root in _HERMETIC:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def need(condition: bool, reason: str) -> None:

@@ -436,6 +436,7 @@ class Config(_Model):
     user: str | None = Field(default=None, min_length=1)
     group: str | None = Field(default=None, min_length=1)
     drain_timeout: Duration = 10.0
+    ssh_fast_path: bool = True
     forward: tuple[ForwardConfig, ...] = ()
     tunnel: tuple[TunnelConfig, ...] = ()
     server: ServerConfig | None = None

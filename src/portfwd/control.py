@@ -3,8 +3,9 @@ for a reload through it.
 
 A Unix stream socket, mode 0600 (0660 with a `group`), that speaks one JSON line each way:
 the client sends `{"command": "status"}` or `{"command": "reload"}`, and the server answers
-one JSON object and closes. The file lives at `[control] socket`, or at the default path:
-`/run/portfwd/portfwd.sock` for root, a per-user runtime path otherwise.
+one JSON object and closes. A request may name the config file it means (`"config": PATH`):
+an instance running another file (or none) refuses it, so that `reload -c FILE` never
+reloads the wrong instance. Where the socket lives is instances.py's concern.
 """
 
 from __future__ import annotations
@@ -29,16 +30,6 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST = 4096
 Reloader = Callable[[], Awaitable[dict[str, Any]]]
-
-
-def default_path() -> Path:
-    """Where the control socket goes when the config does not say."""
-    if os.geteuid() == 0:
-        return Path("/run/portfwd/portfwd.sock")
-    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime_dir and os.path.isdir(runtime_dir):
-        return Path(runtime_dir) / "portfwd" / "portfwd.sock"
-    return Path(f"/tmp/portfwd-{os.geteuid()}") / "portfwd.sock"
 
 
 class ControlServer:
@@ -72,9 +63,9 @@ class ControlServer:
                 )
             if _answers(self.path):
                 raise BindError(
-                    f"{where} is in use: another portfwd is running",
+                    f"{where} is in use: another portfwd of the same name is running",
                     field="control.socket",
-                    hint="stop it, or give this instance its own [control] socket",
+                    hint="stop it, or give this instance another --name (portfwd status lists them)",
                 )
             self.path.unlink()  # stale, from an instance that died
         gid = -1
@@ -104,11 +95,20 @@ class ControlServer:
         try:
             async with asyncio.timeout(5):
                 line = await reader.readline()
+            answer: dict[str, Any]
             request = json.loads(line) if line.strip() else {}
             command = request.get("command") if isinstance(request, dict) else None
-            if command == "status":
+            meant = request.get("config") if isinstance(request, dict) else None
+            if meant is not None and meant != self.state.config_path:
+                runs = self.state.config_path or "no config file"
+                answer = {
+                    "ok": False,
+                    "other_config": True,
+                    "errors": [f"{self.path} is the instance running {runs}, not {meant}"],
+                }
+            elif command == "status":
                 self.state.sample()
-                answer: dict[str, Any] = {"ok": True, "status": self.state.snapshot()}
+                answer = {"ok": True, "status": self.state.snapshot()}
             elif command == "reload":
                 if self.reloader is None:
                     answer = {
@@ -153,8 +153,8 @@ def _answers(path: Path) -> bool:
         probe.close()
 
 
-def request(path: Path, command: str, timeout: float = 30.0) -> dict[str, Any]:
-    """Ask a running instance (blocking; used by the CLI).
+def request(path: Path, command: str, timeout: float = 30.0, config: Path | None = None) -> dict[str, Any]:
+    """Ask a running instance (blocking; used by the CLI), which must run `config` if given.
 
     Raises RuntimeFailure naming the path when nothing answers there.
     """
@@ -166,13 +166,16 @@ def request(path: Path, command: str, timeout: float = 30.0) -> dict[str, Any]:
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise RuntimeFailure(
                 f"no running portfwd: nothing answers on {path}",
-                hint="start one with portfwd run, or pass the -c FILE it runs with",
+                hint="start one with portfwd run; portfwd status lists the running ones",
             ) from exc
         except PermissionError as exc:
             raise RuntimeFailure(
                 f"no permission to use {path}", hint="run as the same user, or as root"
             ) from exc
-        client.sendall(json.dumps({"command": command}).encode() + b"\n")
+        message: dict[str, str] = {"command": command}
+        if config is not None:
+            message["config"] = str(config)
+        client.sendall(json.dumps(message).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             chunk = client.recv(1 << 16)

@@ -21,15 +21,15 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from portfwd import __version__
 from portfwd import config as config_module
 from portfwd.addr import HostPorts, UnixPath
 from portfwd.config import Config, ForwardConfig, MapConfig, TunnelConfig, published
-from portfwd.control import ControlServer, default_path
+from portfwd.control import ControlServer
 from portfwd.errors import BindError, ConfigError, PortfwdError, RuntimeFailure
+from portfwd.instances import Identity
 from portfwd.kernel import conntrack, nft
 from portfwd.kernel.triggers import LastWins
 from portfwd.metrics import MetricsServer
@@ -43,6 +43,7 @@ from portfwd.router.base import MapRequest
 from portfwd.router.keeper import Keeper, Wanted
 from portfwd.state import Listener, State
 from portfwd.tunnel.client import Tunnel
+from portfwd.tunnel.lean import fast_path
 from portfwd.tunnel.server import TunnelServer
 
 log = logging.getLogger(__name__)
@@ -144,8 +145,7 @@ class Runtime:
         config: Config,
         *,
         strict: bool = False,
-        config_path: Path | None = None,
-        control_optional: bool = False,
+        identity: Identity | None = None,
         exit_on_auth: bool = False,
     ) -> None:
         self.config = config
@@ -160,11 +160,14 @@ class Runtime:
         self._keeper: Keeper | None = None
         self._restore_timestamps = False
         self._last_wins: LastWins | None = None
-        self.control_optional = control_optional
+        self.identity = identity
         self.strict = strict
-        self.config_path = config_path
+        self.config_path = identity.config if identity is not None else None
         self.state = State()
-        self.state.config_path = str(config_path) if config_path else None
+        self.state.config_path = str(self.config_path) if self.config_path else None
+        if identity is not None:
+            self.state.instance = identity.name
+            self.state.kind = identity.kind
         self.failures: list[PortfwdError] = []
         self._runs: dict[ForwardConfig, _RuleRun] = {}
         self._retired: list[_RuleRun] = []
@@ -268,7 +271,13 @@ class Runtime:
     def _start_tunnels(self, tunnels: list[TunnelConfig]) -> list[PortfwdError]:
         failures: list[PortfwdError] = []
         for tunnel_config in tunnels:
-            tunnel = Tunnel(tunnel_config, self.state, self._fatal, exit_on_auth=self.exit_on_auth)
+            tunnel = Tunnel(
+                tunnel_config,
+                self.state,
+                self._fatal,
+                exit_on_auth=self.exit_on_auth,
+                fast_path=self.config.ssh_fast_path,
+            )
             failures.extend(tunnel.start())
             self._tunnels[tunnel_config] = tunnel
         return failures
@@ -366,21 +375,20 @@ class Runtime:
         return None
 
     async def _start_control(self) -> None:
+        """Claim this instance's control socket. Raises RuntimeFailure when it cannot: an
+        instance that `status` and `reload` cannot reach, or that another one answers for,
+        must not run (see instances.py)."""
         control = self.config.control
-        if not control.enabled:
+        if not control.enabled or self.identity is None:
             return
-        path = Path(control.socket) if control.socket else default_path()
+        path = self.identity.socket
         server = ControlServer(self.state, path, self.reload if self.config_path else None, control.group)
         try:
             await server.start()
         except BindError as exc:
-            if self.control_optional:  # quick forwards: another instance may own the default path
-                log.warning("%s; `portfwd status` will not see this instance", exc.line())
-                return
-            self.failures.append(exc)
-            log.error("%s", exc.line())
-            return
+            raise RuntimeFailure(exc.line()) from exc
         self._control = server
+        self.state.control = str(path)
         log.info("control: %s (portfwd status reads it)", path)
 
     def _sample(self) -> None:
@@ -394,8 +402,15 @@ class Runtime:
         """
         self._stop = asyncio.Event()
         raise_fd_limit()
+        await self._start_control()  # first: a second instance of the same identity stops here
         self._splice = splice_available()
         self.failures.extend(self._start_rules(list(enumerate(self.config.forward))))
+        if self.config.tunnel or self.config.server is not None:
+            decided = fast_path(self.config.ssh_fast_path)
+            if decided.on or not self.config.ssh_fast_path:
+                log.debug("%s", decided.reason)
+            else:
+                log.warning("%s", decided.reason)
         self.failures.extend(self._start_tunnels(list(self.config.tunnel)))
         if self.config.gateway is not None:
             try:
@@ -407,7 +422,7 @@ class Runtime:
             self._keeper = Keeper([wanted(name, entry) for name, entry in maps], self.state.mappings)
             await self._keeper.start()
         if self.config.server is not None:
-            server = TunnelServer(self.config.server, self.state)
+            server = TunnelServer(self.config.server, self.state, fast_path=self.config.ssh_fast_path)
             try:
                 await server.start()
                 self._server = server
@@ -416,7 +431,6 @@ class Runtime:
                 log.error("%s", exc.line())
         if (metrics_failure := await self._start_metrics()) is not None:
             self.failures.append(metrics_failure)
-        await self._start_control()
         self._sample()
         if self.failures and self.strict:
             await self.stop()
@@ -503,7 +517,7 @@ class Runtime:
                 self._metrics = None
             if self._metrics is None and (metrics_failure := await self._start_metrics()) is not None:
                 failures.append(metrics_failure)
-            for key in ("user", "group", "control", "server", "gateway", "map"):
+            for key in ("user", "group", "control", "server", "gateway", "map", "ssh_fast_path"):
                 if getattr(new, key) != getattr(old, key):
                     log.warning("reload: %s changes take effect at the next start", key)
             kept = len(old_rules) - len(removed)
@@ -632,18 +646,16 @@ def run(
     config: Config,
     *,
     strict: bool = False,
-    config_path: Path | None = None,
-    control_optional: bool = False,
+    identity: Identity | None = None,
     exit_on_auth: bool = False,
 ) -> None:
-    """Run until SIGTERM/SIGINT; SIGHUP reloads `config_path`. Raises RuntimeFailure."""
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the identity's config. Raises RuntimeFailure."""
 
     async def main() -> None:
         runtime = Runtime(
             config,
             strict=strict,
-            config_path=config_path,
-            control_optional=control_optional,
+            identity=identity,
             exit_on_auth=exit_on_auth,
         )
         loop = asyncio.get_running_loop()

@@ -159,6 +159,9 @@ class State:
         self.started = time.time()
         self._started_monotonic = time.monotonic()
         self.config_path: str | None = None
+        self.instance = ""  # the instance's name (instances.py)
+        self.kind = ""  # run, forward, ssh or server
+        self.control = ""  # the control socket it serves
         self._ids = itertools.count(1)
         #: Called when the last live session closes (the runtime's drain waits on it).
         self.on_empty: Callable[[], None] | None = None
@@ -326,6 +329,9 @@ class State:
             "pid": os.getpid(),
             "started": self.started,
             "config": self.config_path,
+            "instance": self.instance,
+            "kind": self.kind,
+            "control": self.control,
             "rules": rules,
             "listeners": [
                 {"rule": item.rule, "address": item.address, "protocol": item.protocol, "path": item.path}

@@ -140,8 +140,8 @@ def test_status_table_and_no_instance(tmp_path: Path) -> None:
     result = run_portfwd("status", "-c", str(config))
     assert result.returncode == 1
     assert result.stderr == (
-        f"portfwd: no running portfwd: nothing answers on {control}; "
-        "start one with portfwd run, or pass the -c FILE it runs with\n"
+        f"portfwd: no running portfwd runs {config.resolve()}: nothing answers on {control}; "
+        f"start it with portfwd run -c {config.resolve()}\n"
     )
     with started(portfwd_argv("run", "-c", str(config)), ready=READY):
         table = run_portfwd("status", "-c", str(config))

@@ -19,9 +19,10 @@ from typing import Any
 import asyncssh
 import pytest
 
+from portfwd import instances
 from portfwd.runtime import Runtime
-from portfwd.tunnel.aead import FastChacha, FastGcm
-from portfwd.tunnel.packets import tune
+from portfwd.tunnel.lean.aead import FastChacha, FastGcm
+from portfwd.tunnel.lean.packets import tune
 from tests.conftest import need_binary
 from tests.integration.peers import MiB, free_port, open_client, peer, read_all, running, sha, wait_until
 from tests.integration.processes import Proc
@@ -602,7 +603,7 @@ async def test_reload_swaps_tunnels(sshd: Sshd, tmp_path: Path) -> None:
         path.write_text("\n".join(lines) + "\n")
 
     write(first)
-    runtime = Runtime(config_module.load(path), config_path=path)
+    runtime = Runtime(config_module.load(path), identity=instances.identify("run", config=path))
     await runtime.start()
     try:
         await wait_until(lambda: runtime.state.tunnels[0].state == "up", 15, "first tunnel up")

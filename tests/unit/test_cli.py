@@ -180,3 +180,23 @@ def test_check_names_a_missing_gateway_interface(tmp_path: Path, capsys: pytest.
     code, _, err = run(["check", "-c", str(config)], capsys)
     assert code == 2
     assert err.splitlines() == ["portfwd: gateway.wan: no interface 'pfnosuch0' on this machine; see ip link"]
+
+
+def test_dependencies_warnings_are_filtered_by_module_not_ours() -> None:
+    import warnings
+
+    from portfwd.cli.console import quiet_dependencies
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        warnings.simplefilter("always")
+        quiet_dependencies()
+        for module in ("asyncssh.crypto.misc", "cryptography.utils", "aiohttp", "portfwdish"):
+            warnings.warn_explicit("deprecated", DeprecationWarning, "x.py", 1, module=module)
+        warnings.warn_explicit("DSA is deprecated", UserWarning, "x.py", 1, module="asyncssh")
+        warnings.warn_explicit("ours", DeprecationWarning, "x.py", 1, module="portfwd.config")
+        warnings.warn_explicit("a real bug", RuntimeWarning, "x.py", 1, module="asyncssh")
+    assert [(str(item.message), item.category) for item in caught] == [
+        ("ours", DeprecationWarning),
+        ("a real bug", RuntimeWarning),
+    ]

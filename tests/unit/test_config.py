@@ -146,7 +146,7 @@ BAD = [
     ),
     (
         'colour = "blue"\n',
-        "colour: unknown key; remove it or use one of: user, group, drain_timeout, forward, tunnel, server, gateway, map, metrics, control",
+        "colour: unknown key; remove it or use one of: user, group, drain_timeout, ssh_fast_path, forward, tunnel, server, gateway, map, metrics, control",
     ),
     ('[gateway]\nwan = "eth0"\n', "gateway.lan: required key is missing; add it"),
     (

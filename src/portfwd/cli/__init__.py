@@ -36,6 +36,9 @@ _ONLY_ADD = ("--external", "--lease", "--to")
 
 def main(argv: list[str] | None = None) -> None:
     """Console script: the fast path when it applies, else `commands.main`."""
+    from portfwd.cli.console import quiet_dependencies
+
+    quiet_dependencies()
     argv = sys.argv[1:] if argv is None else argv
     plain = _read(argv)
     if plain is None:

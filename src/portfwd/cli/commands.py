@@ -11,12 +11,11 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
-from portfwd import __version__, control, oneshot, tunnelspec
+from portfwd import __version__, instances, oneshot, tunnelspec
 from portfwd.cli.console import report, setup_logging
 from portfwd.errors import ConfigError, RuntimeFailure
 
@@ -52,6 +51,22 @@ _config_option = click.option(
     help="Config file (default: $PORTFWD_CONFIG, ./portfwd.toml, ~/.config/portfwd/, /etc/portfwd/).",
 )
 _strict_option = click.option("--strict", is_flag=True, help="Exit 1 if any rule cannot start.")
+_name_option = click.option(
+    "--name", metavar="NAME", help="Name this instance (its control socket is NAME.sock; see status)."
+)
+_control_option = click.option(
+    "--control", "control_socket", metavar="PATH", help="Serve the control socket at PATH instead."
+)
+_fast_path_option = click.option(
+    "--no-ssh-fast-path",
+    "no_fast_path",
+    is_flag=True,
+    help="Use asyncssh's own packet path (the same as ssh_fast_path = false).",
+)
+
+
+def _no_fast_path(loaded: config.Config) -> config.Config:
+    return loaded.model_copy(update={"ssh_fast_path": False})
 
 
 @click.group(context_settings=CONTEXT)
@@ -65,18 +80,35 @@ def app() -> None:
 @app.command()
 @_config_option
 @_strict_option
+@_name_option
+@_control_option
+@_fast_path_option
 @_logging_options
-def run(config_file: str | None, strict: bool, verbose: int, quiet: bool, log_format: str) -> None:
+def run(
+    config_file: str | None,
+    strict: bool,
+    name: str | None,
+    control_socket: str | None,
+    no_fast_path: bool,
+    verbose: int,
+    quiet: bool,
+    log_format: str,
+) -> None:
     """Run everything the config declares; SIGTERM/SIGINT drains and removes what it created."""
     from portfwd import config  # pydantic and the models cost 130 ms to import
 
     setup_logging(verbose, quiet, log_format)
     path = config.find(config_file)
     loaded = config.load(path)
-    logging.getLogger("portfwd").info("config %s", path)
+    if no_fast_path:
+        loaded = _no_fast_path(loaded)
+    identity = instances.identify(
+        "run", config=path, name=name, control=control_socket, configured=loaded.control.socket
+    )
+    logging.getLogger("portfwd").info("config %s (instance %s)", path, identity.name)
     from portfwd import runtime
 
-    runtime.run(loaded, strict=strict, config_path=path.resolve())
+    runtime.run(loaded, strict=strict, identity=identity)
 
 
 @app.command()
@@ -165,12 +197,16 @@ def check(config_file: str | None) -> None:
 @click.option("--allow", multiple=True, metavar="CIDR", help="Admit only these sources (repeatable).")
 @click.option("--deny", multiple=True, metavar="CIDR", help="Refuse these sources (repeatable).")
 @_strict_option
+@_name_option
+@_control_option
 @_logging_options
 def forward(
     specs: tuple[str, ...],
     allow: tuple[str, ...],
     deny: tuple[str, ...],
     strict: bool,
+    name: str | None,
+    control_socket: str | None,
     verbose: int,
     quiet: bool,
     log_format: str,
@@ -179,10 +215,11 @@ def forward(
     from portfwd import spec  # pydantic and the models cost 130 ms to import
 
     setup_logging(verbose, quiet, log_format)
+    identity = instances.identify("forward", name=name, control=control_socket)
     loaded = spec.rules_from_specs(specs, allow, deny)
     from portfwd import runtime
 
-    runtime.run(loaded, strict=strict, control_optional=True)
+    runtime.run(loaded, strict=strict, identity=identity)
 
 
 @app.command(context_settings={"ignore_unknown_options": False})
@@ -201,7 +238,9 @@ def forward(
 @click.option("-F", "ssh_config", metavar="FILE", help="ssh_config file instead of ~/.ssh/config.")
 @click.option("-C", "compression", is_flag=True, help="Compress (Compression=yes).")
 @click.option("-N", "no_command", is_flag=True, help="Accepted for ssh compatibility: never runs a command.")
-@click.option("--name", help="Name in status and logs (default: the destination).")
+@click.option("--name", metavar="NAME", help="Name this instance and its tunnel (default: ssh-PID).")
+@_control_option
+@_fast_path_option
 @_logging_options
 def ssh(
     destination: str,
@@ -216,6 +255,8 @@ def ssh(
     compression: bool,
     no_command: bool,
     name: str | None,
+    control_socket: str | None,
+    no_fast_path: bool,
     verbose: int,
     quiet: bool,
     log_format: str,
@@ -227,12 +268,15 @@ def ssh(
     Ciphers, Port, User, IdentityFile, IdentitiesOnly, ProxyJump and BatchMode.
     """
     setup_logging(verbose, quiet, log_format)
+    instance = instances.identify("ssh", name=name, control=control_socket)
     loaded = tunnel_from_args(
         destination, local, remote, dynamic, port, identity, jump, options, ssh_config, compression, name
     )
+    if no_fast_path:
+        loaded = _no_fast_path(loaded)
     from portfwd import runtime
 
-    runtime.run(loaded, control_optional=True, exit_on_auth=True)
+    runtime.run(loaded, identity=instance, exit_on_auth=True)
 
 
 def tunnel_from_args(
@@ -319,8 +363,20 @@ def _cli_words(line: str) -> str:
 @app.command()
 @_config_option
 @click.option("--fingerprint", is_flag=True, help="Print the host key's SHA256 fingerprint and exit.")
+@_name_option
+@_control_option
+@_fast_path_option
 @_logging_options
-def server(config_file: str | None, fingerprint: bool, verbose: int, quiet: bool, log_format: str) -> None:
+def server(
+    config_file: str | None,
+    fingerprint: bool,
+    name: str | None,
+    control_socket: str | None,
+    no_fast_path: bool,
+    verbose: int,
+    quiet: bool,
+    log_format: str,
+) -> None:
     """The SSH tunnel server for stock ssh -N -L/-R/-D clients, from the config's [server]."""
     from portfwd import config  # pydantic and the models cost 130 ms to import
 
@@ -334,9 +390,14 @@ def server(config_file: str | None, fingerprint: bool, verbose: int, quiet: bool
 
         print(load_host_key(loaded.server.host_key).get_fingerprint())
         return
+    if no_fast_path:
+        loaded = _no_fast_path(loaded)
+    identity = instances.identify(
+        "server", config=path, name=name, control=control_socket, configured=loaded.control.socket
+    )
     from portfwd import runtime
 
-    runtime.run(loaded, config_path=path.resolve())
+    runtime.run(loaded, identity=identity)
 
 
 @app.command()
@@ -588,24 +649,6 @@ def map_list(
     Console().print(table if rows else Text("the router holds no mappings"))
 
 
-def _control_path(config_file: str | None) -> Path:
-    """The control socket of the instance that runs this config (or the default one).
-
-    Only `[control] socket` is read, without validating the rest: `portfwd reload` must reach
-    the running instance even when the edited file is broken, so that it can refuse it.
-    """
-    from portfwd import config  # pydantic and the models cost 130 ms to import
-
-    try:
-        path = config.find(config_file)
-    except ConfigError:
-        if config_file:
-            raise
-        return control.default_path()
-    socket_path = config.control_socket(path)
-    return Path(socket_path) if socket_path else control.default_path()
-
-
 def _bytes(count: int) -> str:
     value = float(count)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -632,8 +675,9 @@ def _status_view(status: dict[str, Any]) -> Group:
     from rich.text import Text
 
     uptime = time.time() - float(status.get("started", time.time()))
+    who = f"{status.get('instance')} ({status.get('kind')}), " if status.get("instance") else ""
     header = Text(
-        f"portfwd pid {status.get('pid')}, up {_age(uptime)}, config {status.get('config') or '(none)'}"
+        f"portfwd {who}pid {status.get('pid')}, up {_age(uptime)}, config {status.get('config') or '(none)'}"
     )
     rules = Table(title="rules", title_justify="left", box=box.SIMPLE_HEAD)
     for column, justify in (
@@ -833,47 +877,123 @@ def _tunnel_view(tunnels: list[dict[str, Any]]) -> Table:
     return table
 
 
+_target_options = (
+    click.option("--name", metavar="NAME", help="The instance started with --name NAME."),
+    click.option("--control", "control_socket", metavar="PATH", help="The instance serving PATH."),
+)
+
+
+def _instances_view(snapshots: list[dict[str, Any]]) -> Table:
+    """One row per running instance, for `status` with nothing naming one."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=f"{len(snapshots)} running instance(s)", title_justify="left", box=box.SIMPLE_HEAD)
+    for column in ("name", "kind", "pid", "up", "config", "rules", "tunnels", "sessions", "control"):
+        table.add_column(
+            column, justify="right" if column in ("pid", "rules", "tunnels", "sessions") else "left"
+        )
+    now = time.time()
+    for snapshot in snapshots:
+        table.add_row(
+            str(snapshot.get("instance") or "?"),
+            str(snapshot.get("kind") or "?"),
+            str(snapshot.get("pid")),
+            _age(now - float(snapshot.get("started", now))),
+            str(snapshot.get("config") or "-"),
+            str(len(snapshot.get("rules", []))),
+            str(len(snapshot.get("tunnels", []))),
+            str(len(snapshot.get("sessions", [])) + len(snapshot.get("server_sessions", []))),
+            str(snapshot.get("control") or "-"),
+        )
+    return table
+
+
 @app.command()
 @_config_option
+@_target_options[0]
+@_target_options[1]
 @click.option("--json", "as_json", is_flag=True, help="Print the raw snapshot as JSON.")
 @click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
-def status(config_file: str | None, as_json: bool, watch: bool) -> None:
-    """Show the running instance: rules, listeners and live sessions with bytes and ages."""
-    from rich.console import Console
-    from rich.live import Live
+def status(
+    config_file: str | None, name: str | None, control_socket: str | None, as_json: bool, watch: bool
+) -> None:
+    """Show a running instance: rules, listeners and live sessions with bytes and ages.
 
-    path = _control_path(config_file)
+    -c FILE, --name or --control picks one instance; with none of them (and no $PORTFWD_CONFIG),
+    every running instance is listed, and shown whole when there is just one.
+    """
+    from rich.console import Console, Group
+    from rich.live import Live
+    from rich.text import Text
+
+    from portfwd.cli import find
+
+    where = find.target(config_file, name, control_socket, validate=False)
 
     def fetch() -> dict[str, Any]:
-        answer = control.request(path, "status")
+        assert where is not None
+        answer = find.ask(where, "status")
         if not answer.get("ok"):
             raise RuntimeFailure("; ".join(answer.get("errors", ["status failed"])))
         snapshot: dict[str, Any] = answer["status"]
         return snapshot
 
+    def every() -> list[dict[str, Any]]:
+        snapshots = find.every()
+        if not snapshots:
+            raise find.none_running()
+        return snapshots
+
+    def view() -> Group | Table:
+        if where is not None:
+            return _status_view(fetch())
+        snapshots = every()
+        if len(snapshots) == 1:
+            return _status_view(snapshots[0])
+        hint = Text("portfwd status --name NAME shows one of them whole")
+        return Group(_instances_view(snapshots), hint)
+
     if as_json and not watch:
-        print(json.dumps(fetch(), indent=2, sort_keys=True))
+        picture: Any = fetch() if where is not None else {"instances": every()}
+        print(json.dumps(picture, indent=2, sort_keys=True))
         return
     console = Console() if sys.stdout.isatty() else Console(width=200)
     if not watch:
-        console.print(_status_view(fetch()))
+        console.print(view())
         return
     if not console.is_terminal:  # piped: print a fresh picture every second instead
         while True:
-            console.print(_status_view(fetch()))
+            console.print(view())
             sys.stdout.flush()
             time.sleep(1)
-    with Live(_status_view(fetch()), console=console, refresh_per_second=4, screen=False) as live:
+    with Live(view(), console=console, refresh_per_second=4, screen=False) as live:
         while True:
             time.sleep(1)
-            live.update(_status_view(fetch()))
+            live.update(view())
 
 
 @app.command()
 @_config_option
-def reload(config_file: str | None) -> None:
-    """Ask the running instance to re-read its config (the same as SIGHUP to it)."""
-    answer = control.request(_control_path(config_file), "reload")
+@_target_options[0]
+@_target_options[1]
+def reload(config_file: str | None, name: str | None, control_socket: str | None) -> None:
+    """Ask the running instance to re-read its config (the same as SIGHUP to it).
+
+    The config is validated here first: a file that does not load is refused (exit 2) and
+    nothing is sent to any instance.
+    """
+    from portfwd.cli import find
+
+    try:
+        where = find.target(config_file, name, control_socket, validate=True)
+    except ConfigError as exc:
+        prefix = "reload refused, the old config keeps running: "
+        raise ConfigError(
+            prefix + exc.problems[0], problems=[prefix + line for line in exc.problems]
+        ) from exc
+    assert where is not None  # validate: the usual config lookup always names one
+    answer = find.ask(where, "reload")
     if answer.get("ok"):
         print(
             f"reloaded: {answer.get('kept', 0)} kept, removed {answer.get('removed') or 'none'}, "

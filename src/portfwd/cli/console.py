@@ -9,8 +9,35 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 from portfwd.errors import ConfigError, PortfwdError
+
+#: What a dependency may warn about without a user seeing it: deprecations (cryptography's
+#: CryptographyDeprecationWarning is a UserWarning) are for their authors and for ours, who meet
+#: them in the test suite, where pyproject.toml names each one.
+QUIET_CATEGORIES: tuple[type[Warning], ...] = (
+    DeprecationWarning,
+    PendingDeprecationWarning,
+    FutureWarning,
+    UserWarning,
+)
+#: Every module but portfwd's own: a warning is attributed to the module its `stacklevel` names,
+#: so cryptography's warning about a type asyncssh imports is asyncssh's.
+NOT_OURS = r"(?!portfwd(\.|$))"
+
+
+def quiet_dependencies() -> None:
+    """Keep dependencies' warnings off the user's terminal, unless the user asked for them.
+
+    Called first thing by both entry points, before anything third-party is imported. Filters
+    by category and by module (everything but `portfwd.*`), so portfwd's own warnings, and
+    anything the user turns on with `python -W` or PYTHONWARNINGS, still show.
+    """
+    if sys.warnoptions:
+        return
+    for category in QUIET_CATEGORIES:
+        warnings.filterwarnings("ignore", category=category, module=NOT_OURS)
 
 
 class JsonFormatter(logging.Formatter):

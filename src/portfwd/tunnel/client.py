@@ -31,7 +31,7 @@ from portfwd.state import Session, State, TunnelForwardStats, TunnelStats
 from portfwd.tunnel.bridge import Bridge
 from portfwd.tunnel.cork import CorkedConnector
 from portfwd.tunnel.hostkeys import HostKeyCheck, HostKeyError
-from portfwd.tunnel.packets import tune
+from portfwd.tunnel.lean import tune
 from portfwd.tunnelspec import TunnelForward, parse_destination
 
 log = logging.getLogger(__name__)
@@ -141,9 +141,16 @@ class Tunnel:
     """Runs one [[tunnel]]: start() binds and launches the link task, stop() ends everything."""
 
     def __init__(
-        self, config: TunnelConfig, state: State, fatal: Fatal, *, exit_on_auth: bool = False
+        self,
+        config: TunnelConfig,
+        state: State,
+        fatal: Fatal,
+        *,
+        exit_on_auth: bool = False,
+        fast_path: bool = True,
     ) -> None:
         self.config = config
+        self.fast_path = fast_path
         self.state = state
         self.fatal = fatal
         self.exit_on_auth = exit_on_auth
@@ -303,7 +310,7 @@ class Tunnel:
                 tunnel = await asyncssh.connect(host, tunnel=tunnel, **options)
             except asyncssh.HostKeyNotVerifiable as exc:
                 raise check.problem or HostKeyError(f"jump host {host}: {exc.reason}") from exc
-            tune(tunnel)
+            tune(tunnel, self.fast_path)
             self._jumps.append(tunnel)
         check = HostKeyCheck(list(self.config.known_hosts), accept_new)
         options = self._options(check, self.port, self.user)
@@ -311,7 +318,7 @@ class Tunnel:
             conn = await asyncssh.connect(self.host, tunnel=tunnel or CorkedConnector(), **options)
         except asyncssh.HostKeyNotVerifiable as exc:
             raise check.problem or HostKeyError(f"{self.host}: {exc.reason}") from exc
-        tune(conn)
+        tune(conn, self.fast_path)
         return conn
 
     def _note_lost(self, reason: str) -> None:

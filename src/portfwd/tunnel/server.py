@@ -34,7 +34,7 @@ from portfwd.state import ServerSessionStats, State
 from portfwd.tunnel.bridge import Bridge
 from portfwd.tunnel.client import PACKET, WINDOW
 from portfwd.tunnel.cork import CorkedConnector
-from portfwd.tunnel.packets import tune
+from portfwd.tunnel.lean import tune
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class _Session(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
-        tune(conn)
+        tune(conn, self.server.fast_path)
         peer = conn.get_extra_info("peername")
         self.source = format_peer(peer) if isinstance(peer, tuple) else "?"
         self.source_ip = str(peer[0]) if isinstance(peer, tuple) else ""
@@ -359,8 +359,9 @@ class _Session(asyncssh.SSHServer):
 class TunnelServer:
     """Owns the SSH listener, the users, the -R ports in use and the failed-login memory."""
 
-    def __init__(self, config: ServerConfig, state: State) -> None:
+    def __init__(self, config: ServerConfig, state: State, *, fast_path: bool = True) -> None:
         self.config = config
+        self.fast_path = fast_path
         self.state = state
         self.users = {user.name: user for user in config.user}
         self.ports: dict[tuple[str, int], _RemoteListener] = {}

@@ -1,0 +1,108 @@
+"""The SSH fast path, fenced: the only place portfwd touches asyncssh's private internals.
+
+`packets.py` and `receive.py` replace parts of asyncssh's packet path on each connection, and
+`aead.py` supplies the ciphers they swap in (see each module for what and why). They mirror
+asyncssh code line for line, so they are right only for the asyncssh they were checked
+against. Everything outside this package calls one function, `tune(conn)`, and it does
+nothing unless the fast path is on:
+
+- **version guard**: on an asyncssh other than `VERIFIED`, `fast_path()` says off (and why),
+  without importing the modules that reach into asyncssh; tunnels run on asyncssh's own
+  path, slower but whole;
+- **off switch**: the caller passes `enabled` (`ssh_fast_path = false` in the config,
+  `--no-ssh-fast-path` on the command line);
+- **a test that fails when asyncssh moves**: `tests/unit/test_lean_fence.py` compares the
+  installed asyncssh with `VERIFIED` and the source of every function in `MIRRORED` with the
+  digest it had when it was last read, and names the functions to re-read.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import inspect
+from importlib import metadata
+from typing import Any, NamedTuple
+
+#: The asyncssh releases the fast path was checked against, line by line (see MIRRORED).
+VERIFIED = ("2.24.1",)
+
+#: The asyncssh code the fast path mirrors or reaches into, with the sha256 (first 16 hex digits)
+#: of its source in the VERIFIED release. When asyncssh moves, re-read each one that changed
+#: against packets.py / receive.py / aead.py, then update the digest and VERIFIED.
+MIRRORED = {
+    "asyncssh.connection:SSHConnection.send_packet": "fb9da7bec6dd395a",
+    "asyncssh.connection:SSHConnection._recv_data": "fc4e0735191bb0fd",
+    "asyncssh.connection:SSHConnection._recv_pkthdr": "7adc4d88fe20593c",
+    "asyncssh.connection:SSHConnection._recv_packet": "b3daa22e9763eee9",
+    "asyncssh.connection:SSHConnection._finish_recv_packet": "e12d96db58b3524e",
+    "asyncssh.connection:SSHConnection._reset_keepalive_timer": "7a9157707c514524",
+    "asyncssh.connection:SSHConnection._set_keepalive_timer": "23a054202a1cb32b",
+    "asyncssh.connection:SSHConnection._keepalive_timer_callback": "6d8aa6656cfc6003",
+    "asyncssh.packet:SSHPacketHandler.process_packet": "490a59d971d0ce03",
+    "asyncssh.encryption:GCMEncryption": "d255f9e6b1fa73ee",
+    "asyncssh.encryption:ChachaEncryption": "5902581e97e59135",
+    "asyncssh.logging:SSHLogger.log": "508a0a50623f9179",
+}
+
+
+class FastPath(NamedTuple):
+    """Whether the fast path may run, and the one line that says why not."""
+
+    on: bool
+    reason: str
+
+
+def installed_asyncssh() -> str:
+    """The installed asyncssh's version ("" when its metadata cannot be read)."""
+    try:
+        return metadata.version("asyncssh")
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+@functools.cache
+def fast_path(enabled: bool = True) -> FastPath:
+    """Decide once per process: on only when enabled and asyncssh is a VERIFIED release."""
+    if not enabled:
+        return FastPath(False, "SSH fast path off (ssh_fast_path = false): tunnels use asyncssh's own path")
+    version = installed_asyncssh()
+    if version not in VERIFIED:
+        return FastPath(
+            False,
+            f"SSH fast path off: asyncssh {version or '(unknown)'} is not the release it was checked "
+            f"against ({', '.join(VERIFIED)}); tunnels use asyncssh's own, slower path",
+        )
+    return FastPath(True, "SSH fast path on")
+
+
+def tune(conn: Any, enabled: bool) -> None:
+    """Install the fast path on one asyncssh connection (client or server side), when it may run.
+
+    `enabled` is the caller's switch; the version guard is applied here as well, so a caller
+    cannot turn it on for an asyncssh it was not checked against.
+    """
+    if not fast_path(enabled).on:
+        return
+    from portfwd.tunnel.lean.packets import tune as install  # reaches into asyncssh: only when verified
+
+    install(conn)
+
+
+def changed() -> list[str]:
+    """The MIRRORED names whose source differs from the digest recorded (or is gone)."""
+    moved = []
+    for name, digest in MIRRORED.items():
+        module_name, _, attribute = name.partition(":")
+        try:
+            target: Any = importlib.import_module(module_name)
+            for part in attribute.split("."):
+                target = getattr(target, part)
+            source = inspect.getsource(target)
+        except (ImportError, AttributeError, OSError, TypeError):
+            moved.append(f"{name} (gone)")
+            continue
+        if hashlib.sha256(source.encode()).hexdigest()[:16] != digest:
+            moved.append(name)
+    return moved
