@@ -41,6 +41,8 @@ class Server:
         gateway_ports: bool = False,
         extra_user: str = "",
         permit_listen: str = '["127.0.0.1:*", "0.0.0.0:*"]',
+        permit_open: str = '["127.0.0.1:*", "localhost:*"]',
+        log_format: str = "text",
     ) -> None:
         need_binary("ssh", "openssh-client")
         self.root = root
@@ -56,15 +58,16 @@ class Server:
             f'[server]\nlisten = "127.0.0.1:{self.port}"\nhost_key = "{self.host_key}"\n'
             f'gateway_ports = {"true" if gateway_ports else "false"}\nclient_alive_interval = "1s"\n'
             f'[[server.user]]\nname = "alice"\nauthorized_keys = "{root / "alice.keys"}"\n'
-            'permit_open = ["127.0.0.1:*", "localhost:*"]\n'
+            f"permit_open = {permit_open}\n"
             f"permit_listen = {permit_listen}\n" + extra_user
         )
         self.known_hosts = root / "known_hosts"
+        self.log_format = log_format
         self.proc: Proc | None = None
 
     def start(self) -> Server:
-        self.proc = Proc(portfwd_argv("server", "-c", str(self.config)))
-        self.proc.wait_for(READY)
+        self.proc = Proc(portfwd_argv("server", "-c", str(self.config), "--log-format", self.log_format))
+        self.proc.wait_for("ready" if self.log_format == "json" else READY)
         public = subprocess.run(
             ["ssh-keygen", "-y", "-f", str(self.host_key)],
             capture_output=True,

@@ -18,6 +18,7 @@ import click
 from portfwd import __version__, instances, oneshot, tunnelspec
 from portfwd.cli.console import report, setup_logging
 from portfwd.errors import ConfigError, RuntimeFailure
+from portfwd.printable import printable, printable_values
 
 if TYPE_CHECKING:
     from rich.console import Group
@@ -644,9 +645,9 @@ def map_list(
             f"{row.external_port}/{row.protocol}",
             f"{row.internal_host}:{row.internal_port}",
             f"{row.lease} s" if row.lease else "permanent",
-            row.description,
+            printable(row.description),  # the router's text
         )
-    Console().print(table if rows else Text("the router holds no mappings"))
+    Console(markup=False, emoji=False).print(table if rows else Text("the router holds no mappings"))
 
 
 def _bytes(count: int) -> str:
@@ -877,6 +878,11 @@ def _tunnel_view(tunnels: list[dict[str, Any]]) -> Table:
     return table
 
 
+def _printable(snapshot: dict[str, Any]) -> dict[str, Any]:
+    cleaned: dict[str, Any] = printable_values(snapshot)  # type: ignore[assignment]
+    return cleaned
+
+
 _target_options = (
     click.option("--name", metavar="NAME", help="The instance started with --name NAME."),
     click.option("--control", "control_socket", metavar="PATH", help="The instance serving PATH."),
@@ -946,9 +952,10 @@ def status(
         return snapshots
 
     def view() -> Group | Table:
+        # Snapshots quote peers (SOCKS names, users, router replies): escaped, and no rich markup.
         if where is not None:
-            return _status_view(fetch())
-        snapshots = every()
+            return _status_view(_printable(fetch()))
+        snapshots = [_printable(snapshot) for snapshot in every()]
         if len(snapshots) == 1:
             return _status_view(snapshots[0])
         hint = Text("portfwd status --name NAME shows one of them whole")
@@ -958,7 +965,8 @@ def status(
         picture: Any = fetch() if where is not None else {"instances": every()}
         print(json.dumps(picture, indent=2, sort_keys=True))
         return
-    console = Console() if sys.stdout.isatty() else Console(width=200)
+    plain = {"markup": False, "emoji": False, "highlight": False}
+    console = Console(**plain) if sys.stdout.isatty() else Console(width=200, **plain)  # type: ignore[arg-type]
     if not watch:
         console.print(view())
         return

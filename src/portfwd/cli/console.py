@@ -10,8 +10,10 @@ import logging
 import os
 import sys
 import warnings
+from typing import Any
 
 from portfwd.errors import ConfigError, PortfwdError
+from portfwd.printable import printable
 
 #: What a dependency may warn about without a user seeing it: deprecations (cryptography's
 #: CryptographyDeprecationWarning is a UserWarning) are for their authors and for ours, who meet
@@ -40,8 +42,19 @@ def quiet_dependencies() -> None:
         warnings.filterwarnings("ignore", category=category, module=NOT_OURS)
 
 
+class TextFormatter(logging.Formatter):
+    """One line per record for people: whatever came from the network is escaped (printable.py)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        # A traceback keeps its lines; an exception's text (which may quote a peer) is escaped.
+        return "\n".join(map(printable, super().formatException(ei).splitlines()))
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per log line, for `--log-format json`."""
+    """One JSON object per log line, for `--log-format json` (json.dumps escapes what must be)."""
 
     def format(self, record: logging.LogRecord) -> str:
         import json  # not at the top: one-shot commands start without it
@@ -63,7 +76,7 @@ def setup_logging(verbose: int, quiet: bool, log_format: str) -> None:
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -80,10 +93,10 @@ def report(exc: BaseException) -> int:
     """
     if isinstance(exc, ConfigError):
         for line in exc.problems:
-            print(f"portfwd: {line}", file=sys.stderr)
+            print(f"portfwd: {printable(line)}", file=sys.stderr)
         return exc.exit_code
-    if isinstance(exc, PortfwdError):
-        print(f"portfwd: {exc.line()}", file=sys.stderr)
+    if isinstance(exc, PortfwdError):  # may quote a peer (a server's refusal reason, say)
+        print(f"portfwd: {printable(exc.line())}", file=sys.stderr)
         return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         return 130
@@ -92,7 +105,8 @@ def report(exc: BaseException) -> int:
 
         traceback.print_exception(exc)
     print(
-        f"portfwd: internal error: {type(exc).__name__}: {exc} (set PORTFWD_DEBUG=1 for details)",
+        f"portfwd: internal error: {type(exc).__name__}: {printable(str(exc))} "
+        "(set PORTFWD_DEBUG=1 for details)",
         file=sys.stderr,
     )
     return 1

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 #: How long failed logins from one address are remembered (and it is refused once over the limit).
 PENALTY_WINDOW = 60.0
 UPSTREAM_TIMEOUT = 10.0
+NOT_PLAIN = "not a plain absolute path ('..', '.' and empty components are refused)"
 
 
 def load_host_key(path: str) -> asyncssh.SSHKey:
@@ -82,13 +83,37 @@ def _permits(rules: tuple[str, ...] | list[str], host: str, port: int) -> bool:
     return False
 
 
-def _path_permitted(rules: tuple[str, ...], path: str) -> bool:
-    """Does a Unix socket path match a `unix:/path` entry (shell wildcards allowed)?
+def plain_path(path: str) -> bool:
+    """Is `path` absolute and already normal: no `..` or `.` component, no `//`, no NUL?
 
+    The server may run as root and binds or connects whatever path the client names; a path
+    that only looks like it is under a permitted directory (`/srv/pub/../secret/x.sock`) must
+    never match, so anything but the one plain spelling of a path is refused outright.
+    """
+    if not path.startswith("/") or "\0" in path:
+        return False
+    parts = path[1:].split("/")
+    return all(part not in ("", ".", "..") for part in parts)
+
+
+def _path_permitted(rules: tuple[str, ...], path: str) -> bool:
+    """Does a Unix socket path match a `unix:/path` entry (shell wildcards within one component)?
+
+    Matched component by component, so a `*` never crosses a `/` (`/srv/pub/*.sock` does not
+    admit `/srv/pub/sub/x.sock`), and only plain paths (see `plain_path`) match at all.
     "any" does not cover paths: the server may run as root, and a socket path reaches local
     services (a container runtime's socket, say) that host:port rules were never meant to open.
     """
-    return any(rule.startswith("unix:") and fnmatch.fnmatchcase(path, rule[5:]) for rule in rules)
+    if not plain_path(path):
+        return False
+    parts = path.split("/")
+    for rule in rules:
+        if not rule.startswith("unix:"):
+            continue
+        pattern = rule[5:].split("/")
+        if len(pattern) == len(parts) and all(map(fnmatch.fnmatchcase, parts, pattern)):
+            return True
+    return False
 
 
 def _forwarding_allowed(options: dict[str, Any]) -> bool:
@@ -295,6 +320,9 @@ class _Session(asyncssh.SSHServer):
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
         assert self.user is not None
         what = f"connect to {dest_host}:{dest_port}"
+        if not 0 < dest_port <= 0xFFFF or not 0 <= orig_port <= 0xFFFF:
+            # SSH carries ports as uint32; sshd refuses these too (serverloop.c, "invalid ... port").
+            self._deny_open(what, "port out of range (1-65535)")
         if not _forwarding_allowed(self.options):
             self._deny_open(what, "port forwarding is off for this key (authorized_keys restrict)")
         if not _permits(self.user.permit_open, dest_host, dest_port):
@@ -310,6 +338,8 @@ class _Session(asyncssh.SSHServer):
         what = f"connect to unix:{dest_path}"
         if not _forwarding_allowed(self.options):
             self._deny_open(what, "port forwarding is off for this key (authorized_keys restrict)")
+        if not plain_path(dest_path):
+            self._deny_open(what, NOT_PLAIN)
         if not _path_permitted(self.user.permit_open, dest_path):
             self._deny_open(what, 'not in permit_open (a Unix socket needs its own "unix:/path" entry)')
         return self.server.open_upstream(self, f"unix via {self.label}", dest_path)
@@ -327,6 +357,8 @@ class _Session(asyncssh.SSHServer):
             self.stats.stats.count_error("denied")
             return False
 
+        if not 0 <= listen_port <= 0xFFFF:
+            return deny("port out of range (0-65535)")
         if not _forwarding_allowed(self.options):
             return deny("port forwarding is off for this key (authorized_keys restrict)")
         bind = self.server.bind_address(listen_host)
@@ -347,6 +379,8 @@ class _Session(asyncssh.SSHServer):
         allowed = self.user.permit_listen
         if not _forwarding_allowed(self.options):
             reason = "port forwarding is off for this key (authorized_keys restrict)"
+        elif not plain_path(listen_path):
+            reason = NOT_PLAIN
         elif not _path_permitted(allowed, listen_path):
             reason = 'not in permit_listen (a Unix socket needs its own "unix:/path" entry)'
         else:
