@@ -10,6 +10,7 @@ import difflib
 import ipaddress
 import os
 import re
+import stat
 import tomllib
 import types
 import typing
@@ -17,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictBool, ValidationError
 from pydantic_core import PydanticCustomError
 
 from portfwd.addr import (
@@ -88,7 +89,19 @@ def _networks(value: Any) -> tuple[Network, ...]:
     return tuple(out)
 
 
+def _name(value: Any) -> str:
+    """A rule, tunnel or map name: printable text of 1-64 characters (it is logged and shown)."""
+    if not isinstance(value, str):
+        raise _fail("must be text in quotes")
+    if not 1 <= len(value) <= 64:
+        raise _fail("must have 1 to 64 characters")
+    if not value.isprintable():
+        raise _fail(f"{value!r} has control or invisible characters; use printable text")
+    return value
+
+
 ListenEndpoint = Annotated[Endpoint, PlainValidator(_translating(parse_listen))]
+Name = Annotated[str, PlainValidator(_name)]
 TargetEndpoint = Annotated[Endpoint, PlainValidator(_translating(parse_target))]
 Duration = Annotated[float, PlainValidator(_translating(parse_duration))]
 Networks = Annotated[tuple[Network, ...], PlainValidator(_networks)]
@@ -108,7 +121,7 @@ class RouteConfig(_Model):
 class ForwardConfig(_Model):
     """`[[forward]]`: one userspace proxy rule."""
 
-    name: str | None = Field(default=None, min_length=1, max_length=64)
+    name: Name | None = None
     listen: ListenEndpoint
     connect: TargetEndpoint
     protocol: Transport = Transport.TCP
@@ -119,9 +132,9 @@ class ForwardConfig(_Model):
     udp_max_flows: int = Field(default=1024, ge=1, le=1_000_000)
     connect_timeout: Duration = 10.0
     relay: Literal["auto", "splice", "protocol"] = "auto"
-    dual_stack: bool = False
+    dual_stack: StrictBool = False
     backlog: int = Field(default=1024, ge=1, le=65535)
-    map: bool = False
+    map: StrictBool = False
 
     @property
     def label(self) -> str:
@@ -199,12 +212,12 @@ Paths = Annotated[tuple[str, ...], PlainValidator(_strings)]
 class TunnelConfig(_Model):
     """`[[tunnel]]`: one SSH connection and the forwards it carries (what `portfwd ssh` builds)."""
 
-    name: str | None = Field(default=None, min_length=1, max_length=64)
+    name: Name | None = None
     ssh: Annotated[str, PlainValidator(_destination)]
     port: int | None = Field(default=None, ge=1, le=65535)
     user: str | None = Field(default=None, min_length=1)
     identity: Paths = ()
-    agent: bool = True
+    agent: StrictBool = True
     known_hosts: Paths = ("~/.ssh/known_hosts",)
     strict_host_key_checking: Annotated[str, PlainValidator(_strictness)] = "yes"
     jump: tuple[Annotated[str, PlainValidator(_destination)], ...] = ()
@@ -218,8 +231,8 @@ class TunnelConfig(_Model):
     reconnect_min: Duration = 1.0
     reconnect_max: Duration = 60.0
     reconnect_attempts: int = Field(default=0, ge=0)
-    exit_on_forward_failure: bool = False
-    compression: bool = False
+    exit_on_forward_failure: StrictBool = False
+    compression: StrictBool = False
     ciphers: Annotated[tuple[str, ...], PlainValidator(_ciphers)] = ()
     socks_user: str | None = Field(default=None, min_length=1, max_length=255)
     socks_password: str | None = Field(default=None, min_length=1, max_length=255)
@@ -275,7 +288,7 @@ class ServerConfig(_Model):
 
     listen: ListenEndpoint = Field(default_factory=lambda: parse_listen("0.0.0.0:2222"))
     host_key: str = Field(default="/var/lib/portfwd/host_ed25519", min_length=1)
-    gateway_ports: bool = False
+    gateway_ports: StrictBool = False
     client_alive_interval: Annotated[float, PlainValidator(_seconds_or_off)] = 15.0
     client_alive_count: int = Field(default=3, ge=1, le=1000)
     max_auth_failures: int = Field(default=10, ge=1, le=100000)
@@ -315,7 +328,7 @@ def _lan_target(value: Any) -> HostPorts:
 class GatewayForwardConfig(_Model):
     """`[[gateway.forward]]`: a WAN port (or range) DNATed to a LAN host by the kernel."""
 
-    name: str | None = Field(default=None, min_length=1, max_length=64)
+    name: Name | None = None
     port: Annotated[PortRange, PlainValidator(_wan_ports)]
     to: Annotated[HostPorts, PlainValidator(_lan_target)]
     protocol: Transport = Transport.TCP
@@ -349,7 +362,7 @@ def _proto_ports_list(value: Any) -> tuple[tuple[str, PortRange], ...]:
 class GatewayTriggerConfig(_Model):
     """`[[gateway.trigger]]`: a LAN host connecting out on `trigger` gets `open` forwarded to it."""
 
-    name: str | None = Field(default=None, min_length=1, max_length=64)
+    name: Name | None = None
     trigger: Annotated[tuple[str, PortRange], PlainValidator(_proto_ports)]
     open: Annotated[tuple[tuple[str, PortRange], ...], PlainValidator(_proto_ports_list)]
     idle_timeout: Duration = 600.0
@@ -361,10 +374,10 @@ class GatewayConfig(_Model):
 
     wan: Annotated[str, PlainValidator(_interface)]
     lan: Annotated[str, PlainValidator(_interface)]
-    masquerade: bool = True
-    hairpin: bool = True
-    allow_external_target: bool = False
-    enable_forwarding: bool = False
+    masquerade: StrictBool = True
+    hairpin: StrictBool = True
+    allow_external_target: StrictBool = False
+    enable_forwarding: StrictBool = False
     forward: tuple[GatewayForwardConfig, ...] = ()
     trigger: tuple[GatewayTriggerConfig, ...] = ()
 
@@ -427,7 +440,7 @@ class ControlConfig(_Model):
 
     socket: str | None = Field(default=None, min_length=1)
     group: str | None = Field(default=None, min_length=1)
-    enabled: bool = True
+    enabled: StrictBool = True
 
 
 class Config(_Model):
@@ -436,7 +449,7 @@ class Config(_Model):
     user: str | None = Field(default=None, min_length=1)
     group: str | None = Field(default=None, min_length=1)
     drain_timeout: Duration = 10.0
-    ssh_fast_path: bool = True
+    ssh_fast_path: StrictBool = True
     forward: tuple[ForwardConfig, ...] = ()
     tunnel: tuple[TunnelConfig, ...] = ()
     server: ServerConfig | None = None
@@ -739,10 +752,66 @@ def validate(data: dict[str, Any], source: str = "config") -> Config:
         problems.extend(_problem(error) for error in exc.errors(include_url=False))
     if config is not None:
         problems.extend(_check_rules(config))
+    if config is not None and not problems and not _declares_anything(config):
+        # `run` would start nothing and exit: `check` must not call that OK.
+        problems.append(
+            "nothing to run: the config has no [[forward]], [[tunnel]], [server], [gateway], "
+            "[[map]] or [metrics]; add one"
+        )
     if problems:
         raise ConfigError(problems[0], problems=problems)
     assert config is not None  # for mypy: no problems means validation succeeded
     return config
+
+
+#: A config file larger than this is refused: configs are a few KiB, and -c /dev/zero must end.
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _read(path: Path) -> bytes:
+    """The bytes of a regular config file of at most MAX_CONFIG_BYTES. Raises ConfigError.
+
+    Opened without blocking and checked before reading, so that `-c` on a FIFO, a device or
+    a directory is refused at once instead of waiting or reading forever.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such config file", hint="pass -c FILE or create portfwd.toml") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{path}: not a regular file", hint="pass -c with a TOML file")
+        chunks, size = [], 0
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"{path}: config is larger than {MAX_CONFIG_BYTES >> 20} MiB")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+
+
+def _parse(path: Path, raw: bytes) -> dict[str, Any]:
+    """TOML text to a table. Raises ConfigError (never RecursionError) for what is not a config."""
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: config is not UTF-8 text") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: invalid TOML: nested too deeply") from exc
+
+
+def _declares_anything(config: Config) -> bool:
+    return bool(
+        config.forward or config.tunnel or config.server or config.gateway or config.map or config.metrics
+    )
 
 
 def load(path: Path) -> Config:
@@ -750,31 +819,20 @@ def load(path: Path) -> Config:
 
     Raises ConfigError for a missing/unreadable file, bad TOML or invalid values.
     """
+    data = _parse(path, _read(path))
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: no such config file", hint="pass -c FILE or create portfwd.toml") from exc
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from exc
-    try:
-        text = raw.decode("utf-8")
-        data = tomllib.loads(text)
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: config is not UTF-8 text") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
-    return validate(data, str(path))
+        return validate(data, str(path))
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: a value is nested too deeply") from exc
 
 
 def control_socket(path: Path) -> str | None:
-    """Just `[control] socket` from a config file, or None; never raises for a broken file.
+    """Just `[control] socket` from a config file, or None, without validating the rest.
 
-    Lets `portfwd reload` find a running instance while the file on disk is being edited.
+    Lets `portfwd status` see a running instance while the file on disk is being edited (its
+    values may be wrong for a moment). Raises ConfigError when the file is missing or not TOML.
     """
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return None
+    data = _parse(path, _read(path))
     section = data.get("control")
     value = section.get("socket") if isinstance(section, dict) else None
     return value if isinstance(value, str) and value else None

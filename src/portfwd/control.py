@@ -18,11 +18,13 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from portfwd.errors import BindError, RuntimeFailure
+from portfwd.printable import printable
 from portfwd.relay.listener import StreamListener
 from portfwd.state import State
 
@@ -78,7 +80,7 @@ class ControlServer:
         old_umask = os.umask(0o177)  # the socket is never visible with looser permissions
         try:
             listener.bind(str(self.path))
-            listener.listen(16)
+            listener.listen(socket.SOMAXCONN)  # many `status` at once must not meet EAGAIN
             listener.setblocking(False)
         except OSError as exc:
             listener.close()
@@ -119,8 +121,10 @@ class ControlServer:
                     answer = await self.reloader()
             else:
                 answer = {"ok": False, "errors": [f"unknown command {command!r}; use status or reload"]}
+        except RecursionError:
+            answer = {"ok": False, "errors": ["bad request: JSON nested too deeply"]}
         except (ValueError, TimeoutError, asyncio.LimitOverrunError) as exc:
-            answer = {"ok": False, "errors": [f"bad request: {exc}"]}
+            answer = {"ok": False, "errors": [f"bad request: {printable(str(exc))}"]}
         except Exception as exc:  # per-request boundary: the control socket keeps serving
             log.exception("control: request failed")
             answer = {"ok": False, "errors": [f"internal error: {type(exc).__name__}"]}
@@ -153,6 +157,21 @@ def _answers(path: Path) -> bool:
         probe.close()
 
 
+def _connect(client: socket.socket, path: Path, timeout: float) -> None:
+    """connect(2), again while the instance's backlog is full (EAGAIN on a Unix socket)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        try:
+            client.connect(str(path))
+            return
+        except BlockingIOError:
+            if time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)  # bounded back-off: the instance accepts within milliseconds
+            delay = min(delay * 2, 0.2)
+
+
 def request(path: Path, command: str, timeout: float = 30.0, config: Path | None = None) -> dict[str, Any]:
     """Ask a running instance (blocking; used by the CLI), which must run `config` if given.
 
@@ -162,7 +181,7 @@ def request(path: Path, command: str, timeout: float = 30.0, config: Path | None
     client.settimeout(timeout)
     try:
         try:
-            client.connect(str(path))
+            _connect(client, path, timeout)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise RuntimeFailure(
                 f"no running portfwd: nothing answers on {path}",

@@ -84,6 +84,8 @@ def rules_from_specs(
     if not specs:
         problems.append("no forward spec given; write e.g. portfwd forward 8080:10.0.0.5:80")
     result = None
+    if problems and not rules:  # every spec is reported above; there is nothing left to validate
+        raise ConfigError(problems[0], problems=problems)
     try:
         result = config.validate({"forward": rules})
     except ConfigError as exc:

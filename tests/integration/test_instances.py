@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from portfwd import control
 from tests.integration.peers import free_port
 from tests.integration.processes import READY, portfwd_argv, run_portfwd, started
 
@@ -77,7 +80,11 @@ def test_two_configs_and_a_quick_forward_side_by_side(tmp_path: Path) -> None:
         applied = run_portfwd("reload", "-c", str(one))
         assert applied.returncode == 0, applied.stderr
         assert applied.stdout == "reloaded: 0 kept, removed ['alpha'], added ['alpha2']\n"
-        assert [rule["name"] for rule in snapshot("-c", str(two))["rules"]] == ["beta"]  # type: ignore[attr-defined]
+        broken_status = run_portfwd("status", "-c", str(two))
+        assert broken_status.returncode == 2, "a file that does not parse: nothing is asked"
+        assert broken_status.stderr.startswith(f"portfwd: {two}: invalid TOML: ")
+        beta_now = snapshot("--name", str(beta["instance"]))
+        assert [rule["name"] for rule in beta_now["rules"]] == ["beta"]  # type: ignore[attr-defined]
     for proc, reloads in ((first, 1), (second, 0), (third, 0)):
         lines = proc.output().splitlines()
         assert [line for line in lines if " WARNING " in line or "Warning" in line] == []
@@ -117,3 +124,25 @@ def test_a_named_instance_is_found_by_its_file_and_a_second_of_the_name_is_refus
         )
         reloaded = run_portfwd("reload", "--name", "edge")
         assert (reloaded.returncode, reloaded.stdout) == (0, "reloaded: 1 kept, removed none, added none\n")
+
+
+def test_the_control_socket_refuses_nested_json_and_serves_many_at_once(tmp_path: Path) -> None:
+    config = write_rule(tmp_path / "busy.toml", "busy")
+    with started(portfwd_argv("run", "-c", str(config)), ready=READY) as running:
+        path = Path(str(snapshot("-c", str(config))["control"]))
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(10)
+            client.connect(str(path))
+            client.sendall(b"[" * 3000 + b"\n")
+            answer = json.loads(client.makefile("rb").readline())
+        assert answer == {"ok": False, "errors": ["bad request: JSON nested too deeply"]}
+
+        def ask() -> bool:
+            return bool(control.request(path, "status", timeout=30)["ok"])
+
+        with ThreadPoolExecutor(max_workers=64) as pool:
+            results = list(pool.map(lambda _: ask(), range(256)))
+        assert results == [True] * 256
+        output = running.output()
+    assert "Traceback" not in output
+    assert " ERROR " not in output

@@ -111,15 +111,16 @@ def test_no_config_anywhere(
     )
 
 
-def test_nothing_to_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_nothing_to_run_and_check_agree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "empty.toml"
-    config.write_text("")
-    code, _, err = run(["run", "-q", "-c", str(config)], capsys)
-    assert code == 1
-    assert (
-        err.splitlines()[-1]
-        == "portfwd: nothing to run: the config has no [[forward]] or [[tunnel]]; add one; see portfwd check"
+    config.write_text("[control]\nenabled = false\n")
+    line = (
+        "portfwd: nothing to run: the config has no [[forward]], [[tunnel]], [server], [gateway], "
+        "[[map]] or [metrics]; add one"
     )
+    for command in ("run", "check"):
+        code, out, err = run([command, "-c", str(config)], capsys)
+        assert (code, out, err) == (2, "", line + "\n")
 
 
 PRODUCT_TUNNEL = """

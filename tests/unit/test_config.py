@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -238,7 +239,55 @@ BAD = [
         '[[forward]]\nlisten = "1"\nconnect = "h:1"\nudp_max_flows = 0\n',
         "forward[0].udp_max_flows: must be greater than or equal to 1",
     ),
+    (
+        '[[forward]]\nlisten = "1"\nconnect = "h:1"\nconnect_timeout = inf\n',
+        'forward[0].connect_timeout: duration inf is too long; the longest is "365d"',
+    ),
+    (
+        '[[forward]]\nlisten = "1"\nconnect = "h:1"\nconnect_timeout = nan\n',
+        "forward[0].connect_timeout: duration nan must be more than zero",
+    ),
+    (
+        'drain_timeout = "99999999d"\n[[forward]]\nlisten = "1"\nconnect = "h:1"\n',
+        "drain_timeout: duration '99999999d' is too long; the longest is \"365d\"",
+    ),
+    (
+        '[[forward]]\nlisten = "1"\nconnect = "h:1"\ndual_stack = "yes"\n',
+        "forward[0].dual_stack: must be true or false",
+    ),
+    (
+        '[[forward]]\nname = "web\\nERROR forged"\nlisten = "1"\nconnect = "h:1"\n',
+        "forward[0].name: 'web\\nERROR forged' has control or invisible characters; use printable text",
+    ),
+    (
+        "[control]\nenabled = false\n",
+        "nothing to run: the config has no [[forward]], [[tunnel]], [server], [gateway], [[map]] or [metrics]; add one",
+    ),
 ]
+
+
+def test_a_deeply_nested_config_is_one_line(tmp_path: Path) -> None:
+    assert problems(tmp_path, "x = " + "[" * 5000 + "]" * 5000 + "\n") == [
+        f"{tmp_path / 'portfwd.toml'}: invalid TOML: nested too deeply"
+    ]
+
+
+def test_only_a_regular_file_of_sane_size_is_read(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    for path, line in (
+        (fifo, f"{fifo}: not a regular file; pass -c with a TOML file"),
+        (Path("/dev/zero"), "/dev/zero: not a regular file; pass -c with a TOML file"),
+        (tmp_path, f"{tmp_path}: not a regular file; pass -c with a TOML file"),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            config.load(path)
+        assert caught.value.problems == [line]
+    big = tmp_path / "big.toml"
+    big.write_bytes(b"# " + b"x" * (config.MAX_CONFIG_BYTES + 10) + b"\n")
+    with pytest.raises(ConfigError) as caught:
+        config.load(big)
+    assert caught.value.problems == [f"{big}: config is larger than 1 MiB"]
 
 
 @pytest.mark.parametrize(
