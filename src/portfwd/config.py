@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictBool, ValidationError
 from pydantic_core import PydanticCustomError
 
+from portfwd import sshalgorithms
 from portfwd.addr import (
     Endpoint,
     HostPorts,
@@ -33,7 +34,14 @@ from portfwd.addr import (
 )
 from portfwd.duration import parse_duration
 from portfwd.errors import ConfigError
-from portfwd.tunnelspec import Kind, TunnelForward, parse_destination, parse_forward
+from portfwd.tunnelspec import (
+    Kind,
+    StartupsSpec,
+    TunnelForward,
+    parse_destination,
+    parse_forward,
+    parse_startups,
+)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -135,6 +143,8 @@ class ForwardConfig(_Model):
     dual_stack: StrictBool = False
     backlog: int = Field(default=1024, ge=1, le=65535)
     map: StrictBool = False
+    tcp_keepalive: StrictBool = True  # on both sides of every TCP session (relay/listener.KEEPALIVE)
+    idle_timeout: Duration | None = None  # close a TCP session that moved no byte for this long
 
     @property
     def label(self) -> str:
@@ -177,17 +187,15 @@ def _seconds_or_off(value: Any) -> float:
         raise _fail(exc.line() + " (or 0 to turn it off)") from exc
 
 
-def _ciphers(value: Any) -> tuple[str, ...]:
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, list | tuple) or not all(isinstance(item, str) for item in items):
-        raise _fail('must be a list of cipher names; write ["aes128-gcm@openssh.com"]')
-    from asyncssh.encryption import get_encryption_algs  # only here: config stays light to import
+def _algorithms(kind: sshalgorithms.Kind) -> PlainValidator:
+    """A validator for one SSH algorithm list (sshalgorithms.py holds the safe sets)."""
+    return PlainValidator(_translating(lambda value: sshalgorithms.narrow(kind, value)))
 
-    known = [alg.decode() for alg in get_encryption_algs()]
-    for item in items:
-        if item.strip() not in known:
-            raise _fail(f"unknown cipher {item!r}; use one of: {', '.join(known)}")
-    return tuple(item.strip() for item in items)
+
+Kex = Annotated[tuple[str, ...], _algorithms("kex")]
+Ciphers = Annotated[tuple[str, ...], _algorithms("ciphers")]
+Macs = Annotated[tuple[str, ...], _algorithms("macs")]
+HostKeyAlgorithms = Annotated[tuple[str, ...], _algorithms("host_key_algorithms")]
 
 
 def _strictness(value: Any) -> str:
@@ -233,9 +241,14 @@ class TunnelConfig(_Model):
     reconnect_attempts: int = Field(default=0, ge=0)
     exit_on_forward_failure: StrictBool = False
     compression: StrictBool = False
-    ciphers: Annotated[tuple[str, ...], PlainValidator(_ciphers)] = ()
+    kex: Kex = ()
+    ciphers: Ciphers = ()
+    macs: Macs = ()
+    host_key_algorithms: HostKeyAlgorithms = ()
     socks_user: str | None = Field(default=None, min_length=1, max_length=255)
     socks_password: str | None = Field(default=None, min_length=1, max_length=255)
+    tcp_keepalive: StrictBool = True  # on the local side of every -L/-D/-R connection
+    idle_timeout: Duration | None = None  # close a forwarded connection idle this long
 
     @property
     def label(self) -> str:
@@ -292,6 +305,25 @@ class ServerConfig(_Model):
     client_alive_interval: Annotated[float, PlainValidator(_seconds_or_off)] = 15.0
     client_alive_count: int = Field(default=3, ge=1, le=1000)
     max_auth_failures: int = Field(default=10, ge=1, le=100000)
+    # Before authentication (sshd: LoginGraceTime 120, MaxStartups 10:30:100, MaxAuthTries 6).
+    login_grace_time: Duration = 30.0
+    max_startups: Annotated[StartupsSpec, PlainValidator(_translating(parse_startups))] = StartupsSpec(
+        10, 30, 60
+    )
+    max_auth_tries: int = Field(default=6, ge=1, le=100)
+    # After authentication: open channels (-L/-D connections and -R hand-backs).
+    max_channels: int = Field(default=256, ge=1, le=100000)
+    max_channels_per_user: int = Field(default=1024, ge=1, le=1000000)
+    # A second client of the same user and key asking for a held -R port takes it over only if
+    # the holder fails a keepalive probe within this time (sshd refuses the newcomer outright).
+    takeover_probe: Duration = 3.0
+    kex: Kex = ()  # () offers all of sshalgorithms.KEX; a list narrows it (so for the three below)
+    ciphers: Ciphers = ()
+    macs: Macs = ()
+    host_key_algorithms: HostKeyAlgorithms = ()
+    # Relayed connections: TCP keepalive on the server's side of each, and an optional idle cap.
+    tcp_keepalive: StrictBool = True
+    idle_timeout: Duration | None = None
     user: tuple[ServerUserConfig, ...] = ()
 
 

@@ -133,6 +133,11 @@ class ControlServer:
             await writer.drain()
         writer.close()
 
+    @property
+    def made_dir(self) -> Path | None:
+        """The directory `start` created for the socket (removed at stop when empty), or None."""
+        return self.path.parent if self._made_dir else None
+
     async def stop(self) -> None:
         """Stop serving and remove the socket file."""
         if self._accepting is not None:

@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import grp
 import logging
 import os
-import pwd
 import resource
 import signal
 import socket
@@ -33,6 +31,7 @@ from portfwd.instances import Identity
 from portfwd.kernel import conntrack, nft
 from portfwd.kernel.triggers import LastWins
 from portfwd.metrics import MetricsServer
+from portfwd.privileges import Janitor, drop_privileges
 from portfwd.relay.forwarder import RelayPath, TcpForwarder
 from portfwd.relay.listener import DescriptorListener, bind_ip, bind_unix
 from portfwd.relay.mmsg import Batch
@@ -66,58 +65,6 @@ def raise_fd_limit() -> None:
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def _preload() -> None:
-    """Import what Python and uvloop load lazily, while files root can read are still readable.
-
-    After the drop the interpreter may sit in a directory the new user cannot enter (pyenv under
-    /root); a lazy import then would fail on the first connection (`unknown encoding: idna`).
-    """
-    "localhost".encode("idna")
-    with contextlib.suppress(OSError):
-        socket.getaddrinfo("localhost", 0, type=socket.SOCK_STREAM)
-
-
-def drop_privileges(user: str, group: str | None, owned: list[str] | None = None) -> None:
-    """Become `user` (and `group`, else the user's primary group) after binding as root.
-
-    The Unix socket files in `owned` are given to that user first, so that it can still remove
-    them at exit. Raises RuntimeFailure when the user/group is unknown, when not started as
-    root, or when root could be regained afterwards.
-    """
-    try:
-        entry = pwd.getpwnam(user)
-    except KeyError as exc:
-        raise RuntimeFailure(f"no such user {user!r}", field="user", hint="name an existing account") from exc
-    gid = entry.pw_gid
-    if group is not None:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError as exc:
-            raise RuntimeFailure(f"no such group {group!r}", field="group") from exc
-    if os.geteuid() == entry.pw_uid:
-        return
-    if os.geteuid() != 0:
-        raise RuntimeFailure(
-            f"switching to user {user!r} needs portfwd started as root",
-            field="user",
-            hint="start as root, or remove user = and use CAP_NET_BIND_SERVICE",
-        )
-    _preload()
-    for path in owned or []:
-        with contextlib.suppress(OSError):
-            os.chown(path, entry.pw_uid, gid)
-    os.setgroups([gid])
-    os.setgid(gid)
-    os.setuid(entry.pw_uid)
-    try:
-        os.setuid(0)
-    except PermissionError:
-        pass
-    else:  # pragma: no cover - would mean the kernel ignored setuid
-        raise RuntimeFailure("privilege drop failed: root could be regained", field="user")
-    log.info("dropped privileges to user %s (uid %d, gid %d)", user, entry.pw_uid, gid)
 
 
 def relay_path(rule: ForwardConfig, splice_ok: bool) -> RelayPath:
@@ -173,6 +120,7 @@ class Runtime:
         self._retired: list[_RuleRun] = []
         self._metrics: MetricsServer | None = None
         self._control: ControlServer | None = None
+        self._janitor: Janitor | None = None  # removes root-made files after a privilege drop
         self._sampler: asyncio.TimerHandle | None = None
         self._stop: asyncio.Event | None = None
         self._stopping = False
@@ -217,6 +165,7 @@ class Runtime:
                             socket.SOCK_STREAM,
                             backlog=rule.backlog,
                             dual_stack=rule.dual_stack,
+                            tcp_keepalive=rule.tcp_keepalive,
                         )
                         forwarder = TcpForwarder(rule, port, self.state, path, self._pipes, self._poller)
                         run.tcp.append((_accepting(listener, forwarder), forwarder))
@@ -248,6 +197,7 @@ class Runtime:
         stats = self.state.rule(rule.label)
         stats.listen, stats.connect, stats.protocol, stats.relay = listen, str(rule.connect), protocol, relay
         stats.running = True
+        stats.idle_timeout = rule.idle_timeout or 0.0
         self.state.listeners.append(Listener(rule.label, listen, protocol, relay))
         log.info("%s: listening on %s/%s -> %s (%s)", rule.label, listen, protocol, rule.connect, relay)
 
@@ -456,9 +406,12 @@ class Runtime:
         if self.config.user is not None:
             try:
                 owned = [rule.listen.path for rule in self._runs if isinstance(rule.listen, UnixPath)]
+                made = []
                 if self._control is not None:
                     owned.append(str(self._control.path))
-                drop_privileges(self.config.user, self.config.group, owned)
+                    if self._control.made_dir is not None:
+                        made.append(str(self._control.made_dir))
+                self._janitor = drop_privileges(self.config.user, self.config.group, owned, made)
             except BaseException:
                 await self.stop()
                 raise
@@ -632,6 +585,9 @@ class Runtime:
         if self._batch is not None:
             self._batch.close()
             self._batch = None
+        if self._janitor is not None:  # last: everything that made a file has let go of it
+            self._janitor.finish()
+            self._janitor = None
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:

@@ -40,6 +40,7 @@ class RuleStats:
     udp_flows_active: int = 0
     connect_buckets: list[int] = field(default_factory=lambda: [0] * (len(CONNECT_BUCKETS) + 1))
     connect_seconds_sum: float = 0.0
+    idle_timeout: float = 0.0  # seconds a TCP session may move nothing before `sample` ends it; 0: never
 
     def count_error(self, reason: str, times: int = 1) -> None:
         """Add `times` to the error counter for `reason` (refused, timeout, unreachable...)."""
@@ -200,13 +201,24 @@ class State:
                 session.relay.close(reason)
 
     def sample(self) -> None:
-        """Note which sessions moved bytes since the last call (idle time, off the hot path)."""
+        """Note which sessions moved bytes since the last call (idle time, off the hot path), and
+        end the TCP sessions idle longer than their rule's `idle_timeout`."""
         now = time.monotonic()
+        idle: list[Session] = []
         for session in self.sessions.values():
             moved = session.bytes_up + session.bytes_down
             if moved != session.moved:
                 session.moved = moved
                 session.active = now
+            elif (
+                (limit := session.rule.idle_timeout)
+                and now - max(session.active, session.began) > limit
+                and session.path != "udp"  # UDP flows have udp_idle_timeout of their own
+            ):
+                idle.append(session)
+        for session in idle:
+            if session.relay is not None:
+                session.relay.close("idle timeout")
 
     def rule_bytes(self) -> dict[str, tuple[int, int]]:
         """Bytes (up, down) per rule, closed sessions plus live ones, so totals grow mid-transfer."""

@@ -207,6 +207,9 @@ OPTION_KEYS = {
     "connecttimeout": "connect_timeout",
     "compression": "compression",
     "ciphers": "ciphers",
+    "kexalgorithms": "kex",
+    "macs": "macs",
+    "hostkeyalgorithms": "host_key_algorithms",
     "port": "port",
     "user": "user",
     "identityfile": "identity",
@@ -246,8 +249,8 @@ def parse_option(text: str, into: dict[str, object]) -> None:
     lower = name.lower()
     if lower not in OPTION_KEYS:
         known = "ServerAliveInterval, ServerAliveCountMax, ExitOnForwardFailure, StrictHostKeyChecking, "
-        known += "UserKnownHostsFile, ConnectTimeout, Compression, Ciphers, Port, User, IdentityFile, "
-        known += "IdentitiesOnly, ProxyJump, BatchMode"
+        known += "UserKnownHostsFile, ConnectTimeout, Compression, Ciphers, KexAlgorithms, MACs, "
+        known += "HostKeyAlgorithms, Port, User, IdentityFile, IdentitiesOnly, ProxyJump, BatchMode"
         raise ConfigError(f"-o {name}: not an option portfwd ssh supports; it supports {known}")
     key = OPTION_KEYS[lower]
     if lower == "batchmode":
@@ -280,8 +283,8 @@ def parse_option(text: str, into: dict[str, object]) -> None:
         into["strict_host_key_checking"] = choice
     elif lower == "userknownhostsfile":
         into["known_hosts"] = value.split()
-    elif lower == "ciphers":
-        into["ciphers"] = [item for item in value.split(",") if item]
+    elif lower in ("ciphers", "kexalgorithms", "macs", "hostkeyalgorithms"):
+        into[key or name] = [item for item in value.split(",") if item]  # checked by config
     elif lower == "identityfile":
         identities = into.setdefault("identity", [])
         assert isinstance(identities, list)
@@ -290,3 +293,35 @@ def parse_option(text: str, into: dict[str, object]) -> None:
         into["jump"] = [] if value.lower() == "none" else value.split(",")
     else:
         into[key or name] = value
+
+
+# --------------------------------------------------------------------------- sshd's MaxStartups
+
+_STARTUPS = re.compile(r"(\d+)(?::(\d+):(\d+))?")
+
+
+@dataclass(frozen=True, slots=True)
+class StartupsSpec:
+    """`max_startups = "start:rate:full"` (or a single number: drop every one past it)."""
+
+    start: int
+    rate: int
+    full: int
+
+
+def parse_startups(text: str) -> StartupsSpec:
+    """sshd's MaxStartups syntax. Raises ConfigError naming the fix."""
+    match = _STARTUPS.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None:
+        raise ConfigError(f"{text!r} is not start:rate:full", hint='write it as sshd does, e.g. "10:30:60"')
+    start = int(match.group(1))
+    if match.group(2) is None:
+        spec = StartupsSpec(start, 100, start)
+    else:
+        spec = StartupsSpec(start, int(match.group(2)), int(match.group(3)))
+    if not 1 <= spec.start <= spec.full or not 1 <= spec.rate <= 100 or spec.full > 100000:
+        raise ConfigError(
+            f"{text!r}: need 1 <= start <= full <= 100000 and a rate of 1-100 (%)",
+            hint='e.g. "10:30:60"',
+        )
+    return spec

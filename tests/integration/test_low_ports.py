@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from portfwd.instances import name_for_config
 from tests.conftest import need, need_binary
 from tests.integration.netns import in_ns, namespace, wait_listening_in
 from tests.integration.processes import READY, REPO, portfwd_argv, started
@@ -53,8 +54,8 @@ def echo_through(ns: str, port: int) -> None:
 def test_root_binds_port_80_then_drops_to_user(tmp_path: Path) -> None:
     socat = need_binary("socat", "socat")
     nobody = pwd.getpwnam(NOBODY)
-    shared = Path(tempfile.mkdtemp(prefix="pf-sticky-"))  # like /tmp: sticky, world-writable
-    shared.chmod(0o1777)
+    shared = Path(tempfile.mkdtemp(prefix="pf-rootdir-"))  # root's: nobody cannot unlink in it
+    shared.chmod(0o755)
     unix_listener = shared / "in.sock"
     config = tmp_path / "portfwd.toml"
     config.write_text(
@@ -67,16 +68,22 @@ def test_root_binds_port_80_then_drops_to_user(tmp_path: Path) -> None:
             argv = in_ns(ns, *portfwd_argv("run", "-c", str(config)))
             with started(argv, ready=READY, cwd=REPO) as proc:
                 assert proc.wait_for("dropped privileges").endswith(
-                    f"dropped privileges to user {NOBODY} (uid {nobody.pw_uid}, gid {nobody.pw_gid})"
+                    f"dropped privileges to user {NOBODY} (uid {nobody.pw_uid}, gid {nobody.pw_gid}); "
+                    "no capabilities can come back; no_new_privs set"
                 )
                 uids = status_field(proc.pid, "Uid").split()
                 assert uids == [str(nobody.pw_uid)] * 4, "real, effective, saved and fs uid are all nobody's"
                 assert status_field(proc.pid, "CapEff") == "0000000000000000"
+                assert status_field(proc.pid, "CapBnd") == "0000000000000000", "the bounding set is empty"
+                assert status_field(proc.pid, "NoNewPrivs") == "1"
+                control = Path(os.environ["PORTFWD_RUNTIME_DIR"]) / f"{name_for_config(config)}.sock"
+                assert control.is_socket()
                 echo_through(ns, 80)
                 assert proc.popen.poll() is None, proc.output()
                 assert unix_listener.stat().st_uid == nobody.pw_uid, "handed to the user before the drop"
                 assert proc.stop() == 0
-                assert not unix_listener.exists(), "the dropped user could remove its socket at exit"
+                assert not unix_listener.exists(), "removed at exit from a directory only root may write"
+                assert not control.exists(), "and so is the control socket"
     shared.rmdir()
 
 

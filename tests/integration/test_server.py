@@ -43,6 +43,7 @@ class Server:
         permit_listen: str = '["127.0.0.1:*", "0.0.0.0:*"]',
         permit_open: str = '["127.0.0.1:*", "localhost:*"]',
         log_format: str = "text",
+        settings: str = "",
     ) -> None:
         need_binary("ssh", "openssh-client")
         self.root = root
@@ -56,7 +57,7 @@ class Server:
         self.config.write_text(
             f'[control]\nsocket = "{self.control}"\n'
             f'[server]\nlisten = "127.0.0.1:{self.port}"\nhost_key = "{self.host_key}"\n'
-            f'gateway_ports = {"true" if gateway_ports else "false"}\nclient_alive_interval = "1s"\n'
+            f'gateway_ports = {"true" if gateway_ports else "false"}\nclient_alive_interval = "1s"\n{settings}'
             f'[[server.user]]\nname = "alice"\nauthorized_keys = "{root / "alice.keys"}"\n'
             f"permit_open = {permit_open}\n"
             f"permit_listen = {permit_listen}\n" + extra_user
@@ -300,7 +301,8 @@ def test_policy_refusals_reach_the_stock_client(tmp_path: Path, sink: Sink) -> N
         server.stop()
 
 
-def test_reverse_port_takeover_after_a_dead_link(server: Server, sink: Sink) -> None:
+def test_reverse_port_takeover_after_a_dead_link(tmp_path: Path, sink: Sink) -> None:
+    server = Server(tmp_path, settings='takeover_probe = "1s"\n').start()
     port = free_port()
     first = Proc(server.ssh("-o", "ServerAliveInterval=0", "-R", f"127.0.0.1:{port}:127.0.0.1:{sink.port}"))
     second: Proc | None = None
@@ -311,15 +313,41 @@ def test_reverse_port_takeover_after_a_dead_link(server: Server, sink: Sink) -> 
         began = time.monotonic()
         second = Proc(server.ssh("-R", f"127.0.0.1:{port}:127.0.0.1:{sink.port}"))
         server.proc.wait_for(f"listening on 127.0.0.1:{port} for the client", start=mark)  # type: ignore[union-attr]
-        assert time.monotonic() - began < 2.0, "served by the new session within 2 s, ssh's start-up included"
+        took = time.monotonic() - began
+        assert 1.0 <= took < 3.0, "the probe's 1 s, then served by the new session, ssh's start-up included"
         assert through(port, MiB)
-        assert f"takes over 127.0.0.1:{port}" in server.log()
+        assert f"takes over 127.0.0.1:{port} from its stale session" in server.log()
+        assert "(no keepalive answer within 1s)" in server.log()
         assert second.popen.poll() is None
     finally:
         with_suppress_kill(first)
         if second is not None:
             second.stop()
             second.close()
+        server.stop()
+
+
+def test_a_live_session_keeps_its_port_against_a_second_client_with_its_key(
+    server: Server, sink: Sink
+) -> None:
+    """Two autossh with one key by mistake: the port stays with the first, the second is refused."""
+    port = free_port()
+    argv = server.ssh("-R", f"127.0.0.1:{port}:127.0.0.1:{sink.port}")
+    first = Proc(argv)
+    try:
+        server.proc.wait_for(f"listening on 127.0.0.1:{port} for the client")  # type: ignore[union-attr]
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        assert second.returncode == 255
+        assert f"remote port forwarding failed for listen port {port}" in second.stderr
+        assert first.popen.poll() is None, "the first client keeps running"
+        assert through(port, MiB), "and keeps the port"
+        log = server.log()
+        assert f"127.0.0.1:{port} is held by alice@127.0.0.1:" in log
+        assert "which is alive (it answered a keepalive); refused" in log
+        assert "takes over" not in log
+    finally:
+        first.stop()
+        first.close()
 
 
 def with_suppress_kill(proc: Proc) -> None:

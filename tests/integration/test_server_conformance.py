@@ -45,7 +45,8 @@ class Keys:
         user = {
             "name": "tester",
             "authorized_keys": str(self.root / "user.keys"),
-            "permit_open": ["any", "unix:/tmp/*"],
+            # pytest's tmp_path (/tmp/pytest-of-USER/pytest-N/TEST/): a '*' matches one component
+            "permit_open": ["any", "unix:/tmp/*/*/*/*.sock"],
             "permit_listen": ["127.0.0.1:*", f"unix:{self.remote_path}"],
         }
         return {

@@ -165,3 +165,19 @@ async def test_names_from_the_network_cannot_forge_log_lines(tmp_path: Path, log
         escaped = "evil\\n2026-01-01 00:00:00 ERROR forged\\x1b[31m\\u202e"
         assert any(f"connect to {escaped}:80 denied: not in permit_open" in line for line in lines), log
         assert any(f"listen on {escaped.lower()}:70000 denied" in line for line in lines), log
+
+
+async def test_a_flood_of_denied_channels_is_summarised_in_the_log(tmp_path: Path) -> None:
+    server = Server(tmp_path).start()
+    try:
+        async with await raw_client(server) as conn:
+            for port in range(1000, 1060):
+                with pytest.raises(asyncssh.ChannelOpenError):
+                    await conn.create_connection(asyncssh.SSHTCPSession, "192.0.2.1", port)
+        assert server.proc is not None
+        summary = server.proc.wait_for("more like it in the last 10 s, not logged)", timeout=20)
+        log = server.log()
+    finally:
+        server.stop()
+    assert log.count("denied: not in permit_open") == 11, "ten lines, then one summary"
+    assert "connect to 192.0.2.1:1059 denied: not in permit_open (and 50 more like it" in summary

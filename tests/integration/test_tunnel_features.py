@@ -133,16 +133,43 @@ async def test_compression_and_a_chosen_cipher(sshd: Sshd) -> None:
         assert await echo_through(entry, 4 * MiB)
 
 
-@pytest.mark.parametrize(("cipher", "ignores"), [("aes128-gcm@openssh.com", False), ("aes128-cbc", True)])
+async def echo_tuned(sshd: Sshd, cipher: str) -> None:
+    """1 MiB echoed over a plain asyncssh connection with the lean path on (a cipher portfwd refuses)."""
+    async with peer("echo", ("127.0.0.1", 0)) as upstream:
+        assert not isinstance(upstream.address, str)
+        conn = await asyncssh.connect(
+            "127.0.0.1",
+            sshd.port,
+            username="root",
+            client_keys=[str(sshd.user_key)],
+            known_hosts=str(sshd.known_hosts),
+            encryption_algs=[cipher],
+        )
+        async with conn:
+            tune(conn)
+            reader, writer = await conn.open_connection("127.0.0.1", upstream.address[1])
+            data = os.urandom(MiB)
+            writer.write(data)
+            writer.write_eof()
+            assert sha(await read_all(reader)) == sha(data)
+
+
+@pytest.mark.parametrize(
+    ("cipher", "ignores"), [("aes128-gcm@openssh.com", False), ("aes128-ctr", False), ("aes128-cbc", True)]
+)
 async def test_ignore_packets_only_under_cbc(tmp_path: Path, cipher: str, ignores: bool) -> None:
     """sshd logs each SSH_MSG_IGNORE it receives; asyncssh would send one before every packet.
 
     The client's wrapper goes on once connected, so the few during authentication still come.
+    portfwd never offers CBC (sshalgorithms.py): that case runs the lean path on asyncssh directly.
     """
     server = Sshd(tmp_path, ("LogLevel DEBUG3", "Ciphers +aes128-cbc")).start()
     try:
-        async with echo_tunnel(server, ciphers=[cipher]) as (_, entry):
-            assert await echo_through(entry, MiB)
+        if cipher.endswith("-cbc"):
+            await echo_tuned(server, cipher)
+        else:
+            async with echo_tunnel(server, ciphers=[cipher]) as (_, entry):
+                assert await echo_through(entry, MiB)
         assert server.proc is not None
         log = server.proc.output()
         assert f"cipher: {cipher}" in log, "the cipher asked for was negotiated"
@@ -487,6 +514,41 @@ async def test_socks5_password(sshd: Sshd) -> None:
         writer.write_eof()
         assert await read_all(reader) == b"authenticated"
         writer.close()
+
+
+async def test_socks5_password_guessing_is_slowed_then_locked_out(sshd: Sshd) -> None:
+    socks_port = free_port()
+    entry = ("127.0.0.1", socks_port)
+    fields = {"dynamic": [str(socks_port)], "socks_user": "alice", "socks_password": "s3cret"}
+    async with peer("echo", ("127.0.0.1", 0)) as upstream, tunnel(sshd, **fields):
+        assert not isinstance(upstream.address, str)
+        began = time.monotonic()
+        guesses = await asyncio.gather(
+            *(socks5(entry, "127.0.0.1", upstream.address[1], ("alice", f"guess{n}")) for n in range(10))
+        )
+        for _, writer, code in guesses:
+            writer.close()
+            assert code == -2
+        assert time.monotonic() - began >= 1.0, "each wrong password is answered a second later"
+        reader, writer = await open_client(entry)
+        writer.write(bytes((5, 1, 2)))
+        async with asyncio.timeout(5):
+            assert await reader.read() == b"", "locked out: closed before any answer, right password or not"
+        writer.close()
+
+
+async def test_reverse_socks_handshake_times_out(sshd: Sshd) -> None:
+    port = free_port()
+    async with running({"tunnel": [sshd.tunnel(remote=[f"127.0.0.1:{port}"])]}) as runtime:
+        forward = runtime.state.tunnels[0].forwards[0]
+        await wait_until(lambda: forward.state == "listening", 10, "-R listening")
+        reader, writer = await open_client(("127.0.0.1", port))
+        began = time.monotonic()
+        async with asyncio.timeout(20):
+            assert await reader.read() == b"", "closed without a SOCKS request"
+        assert 9 <= time.monotonic() - began < 15
+        writer.close()
+        assert forward.stats.errors.get("socks") == 1
 
 
 # ---------------------------------------------------------------------------- staying up

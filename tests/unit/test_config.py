@@ -87,7 +87,7 @@ BAD = [
     (
         '[[forward]]\nlisten = "8080"\nconnect = "h:1"\nbogus = 1\n',
         "forward[0].bogus: unknown key; remove it or use one of: name, listen, connect, protocol, allow, "
-        "deny, route, udp_idle_timeout, udp_max_flows, connect_timeout, relay, dual_stack, backlog, map",
+        "deny, route, udp_idle_timeout, udp_max_flows, connect_timeout, relay, dual_stack, backlog, map, tcp_keepalive, idle_timeout",
     ),
     ('[[forward]]\nlisten = "8080"\n', "forward[0].connect: required key is missing; add it"),
     (
@@ -225,7 +225,7 @@ BAD = [
     ),
     (
         '[[tunnel]]\nssh = "a@h"\ndynamic = "1080"\nciphers = ["rot13"]\n',
-        "tunnel[0].ciphers: unknown cipher 'rot13'; use one of: chacha20-poly1305@openssh.com, aes256-gcm@openssh.com, aes128-gcm@openssh.com, aes256-ctr, aes192-ctr, aes128-ctr, aes256-cbc, aes192-cbc, aes128-cbc, 3des-cbc, blowfish-cbc, cast128-cbc, seed-cbc@ssh.com, arcfour256, arcfour128, arcfour",
+        "tunnel[0].ciphers: unknown cipher 'rot13'; use one or more of: chacha20-poly1305@openssh.com, aes256-gcm@openssh.com, aes128-gcm@openssh.com, aes256-ctr, aes192-ctr, aes128-ctr",
     ),
     (
         '[[tunnel]]\nssh = "h"\nremote = ["1.2.3.4"]\n',
@@ -303,7 +303,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "forward[0].listen: port 70000 is out of range (1-65535)",
         "forward[0].connect: missing port; write host:port",
         "forward[0].bogus: unknown key; remove it or use one of: name, listen, connect, protocol, allow, "
-        "deny, route, udp_idle_timeout, udp_max_flows, connect_timeout, relay, dual_stack, backlog, map",
+        "deny, route, udp_idle_timeout, udp_max_flows, connect_timeout, relay, dual_stack, backlog, map, tcp_keepalive, idle_timeout",
     ]
 
 

@@ -17,7 +17,7 @@ def test_installed_asyncssh_is_the_one_the_fast_path_was_checked_against() -> No
     assert installed in lean.VERIFIED, (
         f"asyncssh {installed} is installed, but the SSH fast path (portfwd/tunnel/lean) was checked "
         f"against {', '.join(lean.VERIFIED)}: re-read {', '.join(lean.MIRRORED)} against lean/packets.py, "
-        "lean/receive.py and lean/aead.py, then update lean.VERIFIED and lean.MIRRORED"
+        "lean/receive.py, lean/aead.py and lean/kex.py, then update lean.VERIFIED and lean.MIRRORED"
     )
 
 

@@ -86,3 +86,44 @@ def test_no_permitted_path_resolves_outside_the_directory(parts: list[str]) -> N
     if _path_permitted(("unix:/srv/pub/*",), path):
         assert posixpath.normpath(path).startswith("/srv/pub/")
         assert posixpath.normpath(path) == path
+
+
+def test_a_flood_of_identical_warnings_is_summarised() -> None:
+    import threading
+
+    from portfwd.cli.console import Flood
+
+    lines: list[str] = []
+    summarised = threading.Event()
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+            if getattr(record, "summary", False):
+                summarised.set()
+
+    handler = Collect()
+    flood = Flood(burst=3, window=0.3)
+    flood.handler = handler
+    handler.addFilter(flood)
+    logger = logging.getLogger("portfwd.test.flood")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        for port in range(10):
+            logger.warning("connect to %s denied", port)
+        logger.warning("another template %s", "passes")
+        for _ in range(5):
+            logger.info("sessions are never held back")
+        assert summarised.wait(5)
+    finally:
+        logger.removeHandler(handler)
+    assert lines == [
+        "connect to 0 denied",
+        "connect to 1 denied",
+        "connect to 2 denied",
+        "another template passes",
+        *["sessions are never held back"] * 5,
+        "connect to 9 denied (and 7 more like it in the last 0.3 s, not logged)",
+    ]

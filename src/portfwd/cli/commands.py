@@ -266,7 +266,8 @@ def ssh(
 
     -o understands ServerAliveInterval, ServerAliveCountMax, ExitOnForwardFailure,
     StrictHostKeyChecking (yes, accept-new), UserKnownHostsFile, ConnectTimeout, Compression,
-    Ciphers, Port, User, IdentityFile, IdentitiesOnly, ProxyJump and BatchMode.
+    Ciphers, KexAlgorithms, MACs, HostKeyAlgorithms (each narrows portfwd's safe set), Port, User,
+    IdentityFile, IdentitiesOnly, ProxyJump and BatchMode.
     """
     setup_logging(verbose, quiet, log_format)
     instance = instances.identify("ssh", name=name, control=control_socket)
@@ -346,6 +347,9 @@ _CLI_KEYS = {
     "keepalive_count": "-o ServerAliveCountMax",
     "connect_timeout": "-o ConnectTimeout",
     "ciphers": "-o Ciphers",
+    "kex": "-o KexAlgorithms",
+    "macs": "-o MACs",
+    "host_key_algorithms": "-o HostKeyAlgorithms",
     "known_hosts": "-o UserKnownHostsFile",
     "user": "-o User",
 }

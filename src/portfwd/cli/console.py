@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import time
 import warnings
 from typing import Any
 
@@ -40,6 +42,63 @@ def quiet_dependencies() -> None:
         return
     for category in QUIET_CATEGORIES:
         warnings.filterwarnings("ignore", category=category, module=NOT_OURS)
+
+
+class Flood(logging.Filter):
+    """Rate limit for warnings and errors an attacker can repeat (denied channels, bad SOCKS clients).
+
+    Records with the same logger, level and message template share a budget of `burst` lines
+    per `window` seconds; past it they are counted, not written, and when the window ends one
+    line says how many were left out, so a flood cannot fill the disk or bury what matters.
+    Lines below WARNING (sessions opening and closing) are never held back.
+    """
+
+    def __init__(self, burst: int = 10, window: float = 10.0) -> None:
+        super().__init__()
+        self.burst = burst
+        self.window = window
+        self._lock = threading.Lock()
+        self._seen: dict[tuple[str, int, object], list[Any]] = {}  # key -> [start, count, held, last]
+        self.handler: logging.Handler | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or getattr(record, "summary", False):
+            return True
+        key = (record.name, record.levelno, record.msg)
+        now = time.monotonic()
+        with self._lock:
+            seen = self._seen.get(key)
+            if seen is None or now - seen[0] >= self.window:
+                self._seen[key] = [now, 1, 0, None]
+                return True
+            seen[1] += 1
+            if seen[1] <= self.burst:
+                return True
+            seen[2] += 1
+            seen[3] = record
+            if seen[2] == 1:
+                timer = threading.Timer(seen[0] + self.window - now, self._summarise, (key,))
+                timer.daemon = True
+                timer.start()
+            return False
+
+    def _summarise(self, key: tuple[str, int, object]) -> None:
+        with self._lock:
+            seen = self._seen.pop(key, None)
+        if seen is None or not seen[2] or self.handler is None:
+            return
+        last: logging.LogRecord = seen[3]
+        summary = logging.LogRecord(
+            last.name,
+            last.levelno,
+            last.pathname,
+            last.lineno,
+            "%s (and %d more like it in the last %g s, not logged)",
+            (last.getMessage(), seen[2], self.window),
+            None,
+        )
+        summary.summary = True
+        self.handler.handle(summary)
 
 
 class TextFormatter(logging.Formatter):
@@ -77,6 +136,9 @@ def setup_logging(verbose: int, quiet: bool, log_format: str) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    flood = Flood()
+    flood.handler = handler
+    handler.addFilter(flood)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -43,6 +43,10 @@ class SocksError(Exception):
         self.reply = reply
 
 
+class SocksAuthError(SocksError):
+    """The client gave a wrong username or password (the I/O layer delays and counts these)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     """A complete CONNECT request: where the client wants to go."""
@@ -198,7 +202,7 @@ class SocksServer:
         good_user, good_password = (part.encode() for part in self.credentials)
         # Compare both fields always, in constant time, so timing reveals neither.
         if not (hmac.compare_digest(user, good_user) & hmac.compare_digest(password, good_password)):
-            raise SocksError(
+            raise SocksAuthError(
                 f"wrong SOCKS5 username or password for {user.decode('utf-8', 'replace')!r}", b"\x01\x01"
             )
         self._user = user.decode("utf-8", "replace")

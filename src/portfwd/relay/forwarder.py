@@ -195,7 +195,13 @@ class TcpForwarder:
         pending = _Pending(self, client, describe_peer(client, peer), text)
         self._pending.add(pending)
         if addresses is not None:
-            pending.connect = Connect(addresses, self.rule.connect_timeout, pending.done, held)
+            pending.connect = Connect(
+                addresses,
+                self.rule.connect_timeout,
+                pending.done,
+                held,
+                tcp_keepalive=self.rule.tcp_keepalive,
+            )
         else:
             assert not isinstance(target, str)
             pending.task = asyncio.get_running_loop().create_task(self._resolve(pending, target))
@@ -214,7 +220,9 @@ class TcpForwarder:
             return
         pending.task = None
         if pending in self._pending:
-            pending.connect = Connect(addresses, self.rule.connect_timeout, pending.done)
+            pending.connect = Connect(
+                addresses, self.rule.connect_timeout, pending.done, tcp_keepalive=self.rule.tcp_keepalive
+            )
 
     def connected(
         self, pending: _Pending, upstream: socket.socket | None, error: UpstreamError | None

@@ -78,13 +78,37 @@ def _ipv6_works() -> bool:
         return False
 
 
+#: TCP keepalive on relayed connections (idle seconds, seconds between probes, probes): a peer
+#: that vanished (no FIN, no RST: a laptop closed, a NAT that forgot) is found within about
+#: two minutes of silence, and its session and descriptors go, instead of staying forever.
+KEEPALIVE = (60, 10, 6)
+
+
+def keepalive(sock: socket.socket) -> None:
+    """Turn on TCP keepalive with KEEPALIVE's timing. Raises OSError."""
+    idle, interval, count = KEEPALIVE
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+
+
 def bind_ip(
-    what: str, host: str, port: int, kind: socket.SocketKind, *, backlog: int, dual_stack: bool
+    what: str,
+    host: str,
+    port: int,
+    kind: socket.SocketKind,
+    *,
+    backlog: int,
+    dual_stack: bool,
+    tcp_keepalive: bool = True,
 ) -> socket.socket:
     """Open a non-blocking TCP (listening) or UDP socket on host:port.
 
     `host == ""` binds every address: one IPv6 socket that also takes IPv4 where the kernel has
-    IPv6, else 0.0.0.0. An explicit `::` stays IPv6-only unless `dual_stack`.
+    IPv6, else 0.0.0.0. An explicit `::` stays IPv6-only unless `dual_stack`. With
+    `tcp_keepalive`, accepted clients inherit KEEPALIVE from the listener (Linux copies socket
+    options to accepted sockets): no system call per client.
     Raises BindError naming the rule (`what`), the address and the errno in words.
     """
     where = f"[{host}]:{port}" if ":" in host else f"{host or '*'}:{port}"
@@ -98,6 +122,8 @@ def bind_ip(
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             # Accepted sockets inherit it on Linux: no setsockopt per client (NODELAY_INHERITED).
             listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tcp_keepalive:
+                keepalive(listener)
         if family == socket.AF_INET6:
             v6only = 0 if (host == "" or dual_stack) else 1
             listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from portfwd.errors import UpstreamError
+from portfwd.relay.listener import keepalive
 
 Addresses = list[tuple[int, Any]]  # (family, sockaddr): ("10.0.0.5", 80) or "/run/app.sock"
 ConnectDone = Callable[[socket.socket | None, UpstreamError | None], None]
@@ -93,13 +94,20 @@ class Connect:
     """
 
     __slots__ = (
-        "_addresses", "_done", "_family", "_held", "_index", "_last", "_loop", "_pending",
+        "_addresses", "_done", "_family", "_held", "_index", "_keepalive", "_last", "_loop", "_pending",
         "_sockaddr", "_timeout", "_timer", "_waiting",
     )  # fmt: skip
 
     def __init__(
-        self, addresses: Addresses, timeout: float, done: ConnectDone, held: list[Connect] | None = None
+        self,
+        addresses: Addresses,
+        timeout: float,
+        done: ConnectDone,
+        held: list[Connect] | None = None,
+        *,
+        tcp_keepalive: bool = True,
     ) -> None:
+        self._keepalive = tcp_keepalive
         self._loop: asyncio.AbstractEventLoop | None = None  # looked up only to wait (a getpid() each time)
         self._addresses = addresses
         self._done: ConnectDone | None = done
@@ -127,6 +135,13 @@ class Connect:
                 return
             if not _NONBLOCK:
                 upstream.setblocking(False)
+            if self._keepalive and family != socket.AF_UNIX:
+                try:
+                    keepalive(upstream)
+                except OSError as exc:
+                    upstream.close()
+                    self._last = exc
+                    continue
             code = upstream.connect_ex(sockaddr)
             if code == errno.EINPROGRESS:
                 held, self._held = self._held, None

@@ -20,18 +20,20 @@ from typing import Any
 
 import asyncssh
 
+from portfwd import sshalgorithms
 from portfwd.config import TunnelConfig
 from portfwd.errors import BindError, PortfwdError, RuntimeFailure, UpstreamError
-from portfwd.proto.socks import Reply, SocksError, SocksServer
+from portfwd.proto.socks import Reply, SocksAuthError, SocksError, SocksServer
 from portfwd.relay.deadline import Deadlines
 from portfwd.relay.forwarder import describe_peer, log_closed
 from portfwd.relay.listener import TcpListener, bind_ip, bind_unix
 from portfwd.relay.upstream import Connect, literal_addresses, resolve, stream_options
-from portfwd.state import Session, State, TunnelForwardStats, TunnelStats
+from portfwd.state import RuleStats, Session, State, TunnelForwardStats, TunnelStats
 from portfwd.tunnel.bridge import Bridge
 from portfwd.tunnel.cork import CorkedConnector
 from portfwd.tunnel.hostkeys import HostKeyCheck, HostKeyError
-from portfwd.tunnel.lean import tune
+from portfwd.tunnel.lean import fix, tune
+from portfwd.tunnel.limits import Failures
 from portfwd.tunnelspec import TunnelForward, parse_destination
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,11 @@ log = logging.getLogger(__name__)
 WINDOW = 8 * 1024 * 1024
 PACKET = 256 * 1024
 SOCKS_HANDSHAKE_TIMEOUT = 10.0
+#: A wrong SOCKS5 password is answered this much later, and this many from one source within
+#: a minute lock that source out for the rest of the minute: thousands of guesses a second
+#: become a few.
+SOCKS_AUTH_DELAY = 1.0
+SOCKS_AUTH_LIMIT = 10
 
 Fatal = Callable[[PortfwdError], None]
 
@@ -88,7 +95,9 @@ def socks_reply_for(exc: BaseException) -> Reply:
     return Reply.GENERAL_FAILURE
 
 
-async def connect_local(target: tuple[str, int] | str, within: float) -> socket.socket:
+async def connect_local(
+    target: tuple[str, int] | str, within: float, *, tcp_keepalive: bool = True
+) -> socket.socket:
     """Connect to a local target (host:port or Unix path) for a -R channel. Raises UpstreamError."""
     addresses = literal_addresses(target)
     if addresses is None:
@@ -106,7 +115,7 @@ async def connect_local(target: tuple[str, int] | str, within: float) -> socket.
         else:
             done.set_exception(error or UpstreamError("connect failed", reason="error"))
 
-    connect = Connect(addresses, within, finished)
+    connect = Connect(addresses, within, finished, tcp_keepalive=tcp_keepalive)
     try:
         return await done
     finally:
@@ -119,6 +128,9 @@ class _Client(asyncssh.SSHClient):
     def __init__(self, check: HostKeyCheck, lost: Callable[[str], None]) -> None:
         self.check = check
         self.lost = lost
+
+    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        fix(conn)  # before the key exchange, fast path or not: a server's guessed packet (lean/kex.py)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost(_error_text(exc) if exc is not None else "closed by the server")
@@ -162,7 +174,16 @@ class Tunnel:
         server = f"{self.user + '@' if self.user else ''}{host}{':' + str(self.port) if self.port else ''}"
         self.stats = TunnelStats(self.label, server)
         self.forwards = [
-            _Forward(spec, TunnelForwardStats(str(spec), spec.kind, spec.listen_text, spec.target_text))
+            _Forward(
+                spec,
+                TunnelForwardStats(
+                    str(spec),
+                    spec.kind,
+                    spec.listen_text,
+                    spec.target_text,
+                    stats=RuleStats("", idle_timeout=config.idle_timeout or 0.0),
+                ),
+            )
             for spec in config.forwards
         ]
         self.stats.forwards = [forward.stats for forward in self.forwards]
@@ -175,6 +196,7 @@ class Tunnel:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._bridges: set[Bridge] = set()
         self._deadlines = Deadlines()  # channel opens: one timer for all
+        self._socks_failures = Failures(SOCKS_AUTH_LIMIT)
         self._stopping = False
         self._connected_once = False
         self._lost_reason = ""
@@ -205,18 +227,45 @@ class Tunnel:
     def _bind(self, forward: _Forward) -> None:
         spec = forward.spec
         what = f"{self.label} {'-L' if spec.kind == 'local' else '-D'} {spec.listen_text}"
+        keep = self.config.tcp_keepalive
         if spec.path is not None:
             sockets = [bind_unix(what, spec.path, backlog=1024)]
         elif spec.bind is None:
             sockets = [
-                bind_ip(what, "127.0.0.1", spec.port, socket.SOCK_STREAM, backlog=1024, dual_stack=False)
+                bind_ip(
+                    what,
+                    "127.0.0.1",
+                    spec.port,
+                    socket.SOCK_STREAM,
+                    backlog=1024,
+                    dual_stack=False,
+                    tcp_keepalive=keep,
+                )
             ]
             with contextlib.suppress(BindError):  # like ssh: ::1 too, when the machine has IPv6
                 port = sockets[0].getsockname()[1]
-                sockets.append(bind_ip(what, "::1", port, socket.SOCK_STREAM, backlog=1024, dual_stack=False))
+                sockets.append(
+                    bind_ip(
+                        what,
+                        "::1",
+                        port,
+                        socket.SOCK_STREAM,
+                        backlog=1024,
+                        dual_stack=False,
+                        tcp_keepalive=keep,
+                    )
+                )
         else:
             sockets = [
-                bind_ip(what, spec.bind, spec.port, socket.SOCK_STREAM, backlog=1024, dual_stack=False)
+                bind_ip(
+                    what,
+                    spec.bind,
+                    spec.port,
+                    socket.SOCK_STREAM,
+                    backlog=1024,
+                    dual_stack=False,
+                    tcp_keepalive=keep,
+                )
             ]
         serve = self._serve_socks if spec.is_socks else self._serve_local
         for sock in sockets:
@@ -272,10 +321,11 @@ class Tunnel:
                     await conn.wait_closed()
 
     # ------------------------------------------------------------------ the link
-    def _options(self, check: HostKeyCheck, port: int | None, user: str | None) -> dict[str, Any]:
+    def _options(self, check: HostKeyCheck, host: str, port: int | None, user: str | None) -> dict[str, Any]:
         config = self.config
+        known = check.known_hosts()
         options: dict[str, Any] = {
-            "known_hosts": check.known_hosts(),
+            "known_hosts": known,
             "client_factory": lambda: _Client(check, self._note_lost),
             "connect_timeout": config.connect_timeout,
             "keepalive_interval": config.keepalive_interval,
@@ -294,8 +344,11 @@ class Tunnel:
         if config.ssh_config is not None:
             options["config"] = [os.path.expanduser(item) for item in config.ssh_config]
         options["compression_algs"] = ["zlib@openssh.com", "zlib", "none"] if config.compression else ["none"]
-        if config.ciphers:
-            options["encryption_algs"] = list(config.ciphers)
+        # OpenSSH's algorithm sets or stricter (sshalgorithms.py), as narrowed by the config; they
+        # override ssh_config's. Host keys: what known_hosts holds for this host first.
+        options.update(sshalgorithms.client_options(config.kex, config.ciphers, config.macs))
+        ssh_config = options.get("config", ())  # () is asyncssh's default: ~/.ssh/config
+        options["server_host_key_algs"] = check.host_key_algorithms(known, host, port, ssh_config)
         return options
 
     async def _connect(self) -> asyncssh.SSHClientConnection:
@@ -304,16 +357,16 @@ class Tunnel:
         tunnel: asyncssh.SSHClientConnection | None = None
         for jump in self.config.jump:
             user, host, port = parse_destination(jump)
-            check = HostKeyCheck(list(self.config.known_hosts), accept_new)
-            options = self._options(check, port, user)
+            check = HostKeyCheck(list(self.config.known_hosts), accept_new, self.config.host_key_algorithms)
+            options = self._options(check, host, port, user)
             try:
                 tunnel = await asyncssh.connect(host, tunnel=tunnel, **options)
             except asyncssh.HostKeyNotVerifiable as exc:
                 raise check.problem or HostKeyError(f"jump host {host}: {exc.reason}") from exc
             tune(tunnel, self.fast_path)
             self._jumps.append(tunnel)
-        check = HostKeyCheck(list(self.config.known_hosts), accept_new)
-        options = self._options(check, self.port, self.user)
+        check = HostKeyCheck(list(self.config.known_hosts), accept_new, self.config.host_key_algorithms)
+        options = self._options(check, self.host, self.port, self.user)
         try:
             conn = await asyncssh.connect(self.host, tunnel=tunnel or CorkedConnector(), **options)
         except asyncssh.HostKeyNotVerifiable as exc:
@@ -488,7 +541,9 @@ class Tunnel:
     ) -> asyncssh.SSHTCPSession[bytes]:
         stats = forward.stats.stats
         try:
-            sock = await connect_local(target, self.config.connect_timeout)
+            sock = await connect_local(
+                target, self.config.connect_timeout, tcp_keepalive=self.config.tcp_keepalive
+            )
         except (UpstreamError, TimeoutError) as exc:
             reason = exc.reason if isinstance(exc, UpstreamError) else "timeout"
             stats.count_error(reason)
@@ -505,6 +560,37 @@ class Tunnel:
         bridge = self._bridge(forward, client, "socks")
         codec = SocksServer(self._credentials())
         done = False
+        loop = asyncio.get_running_loop()
+        source = client.rpartition(":")[0] or client  # the -R client's address, as the server gave it
+
+        def refuse(answer: bytes) -> None:
+            if bridge.chan is not None:
+                if answer:
+                    bridge.chan.write(answer)
+                bridge.chan.close()
+
+        def expired() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                forward.stats.stats.count_error("socks")
+                log.info(
+                    "%s: %s: SOCKS handshake failed: no request within %gs",
+                    self.label,
+                    client,
+                    SOCKS_HANDSHAKE_TIMEOUT,
+                )
+                refuse(b"")
+
+        deadline = loop.call_later(SOCKS_HANDSHAKE_TIMEOUT, expired)
+        if self._socks_failures.blocked(source):
+            done = True
+            deadline.cancel()
+            forward.stats.stats.count_error("socks")
+            log.warning(
+                "%s: %s: refused: too many wrong SOCKS5 passwords from this address", self.label, client
+            )
+            loop.call_soon(refuse, b"")
 
         def feed(data: bytes) -> None:
             nonlocal done
@@ -514,17 +600,21 @@ class Tunnel:
                 request = codec.feed(data)
             except SocksError as exc:
                 done = True
+                deadline.cancel()
                 log.info("%s: %s: bad SOCKS request: %s", self.label, client, exc.message)
                 forward.stats.stats.count_error("socks")
-                if bridge.chan is not None:
-                    if answer := codec.outgoing() + exc.reply:
-                        bridge.chan.write(answer)
-                    bridge.chan.close()
+                answer = codec.outgoing() + exc.reply
+                if isinstance(exc, SocksAuthError):
+                    self._socks_failures.note(source)
+                    loop.call_later(SOCKS_AUTH_DELAY, refuse, answer)
+                else:
+                    refuse(answer)
                 return
             if bridge.chan is not None and (out := codec.outgoing()):
                 bridge.chan.write(out)
             if request is not None:
                 done = True
+                deadline.cancel()
                 if bridge.chan is not None:
                     bridge.chan.pause_reading()
                 self._spawn(self._reverse_connect(forward, bridge, codec, request.host, request.port))
@@ -537,7 +627,9 @@ class Tunnel:
     ) -> None:
         bridge.session.target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            sock = await connect_local((host, port), self.config.connect_timeout)
+            sock = await connect_local(
+                (host, port), self.config.connect_timeout, tcp_keepalive=self.config.tcp_keepalive
+            )
         except (UpstreamError, TimeoutError) as exc:
             forward.stats.stats.count_error(exc.reason if isinstance(exc, UpstreamError) else "timeout")
             log.info(
@@ -570,7 +662,8 @@ class Tunnel:
         self._spawn(self._local_client(forward, client, describe_peer(client, peer)))
 
     def _serve_socks(self, forward: _Forward, client: socket.socket, peer: Any) -> None:
-        self._spawn(self._socks_client(forward, client, describe_peer(client, peer)))
+        source = str(peer[0]) if isinstance(peer, tuple) and peer else "unix"
+        self._spawn(self._socks_client(forward, client, describe_peer(client, peer), source))
 
     async def _open_channel(
         self, forward: _Forward, bridge: Bridge, host: str | None, port: int, path: str | None
@@ -607,10 +700,17 @@ class Tunnel:
             raise
         await self._attach(bridge, client)
 
-    async def _socks_client(self, forward: _Forward, client: socket.socket, text: str) -> None:
+    async def _socks_client(self, forward: _Forward, client: socket.socket, text: str, source: str) -> None:
         client.setblocking(False)
         loop = asyncio.get_running_loop()
         codec = SocksServer(self._credentials())
+        if self._socks_failures.blocked(source):
+            forward.stats.stats.count_error("socks")
+            log.warning(
+                "%s: %s: refused: too many wrong SOCKS5 passwords from this address", self.label, text
+            )
+            client.close()
+            return
         try:
             async with asyncio.timeout(SOCKS_HANDSHAKE_TIMEOUT):
                 request = None
@@ -625,6 +725,9 @@ class Tunnel:
         except SocksError as exc:
             forward.stats.stats.count_error("socks")
             log.info("%s: %s: bad SOCKS request: %s", self.label, text, exc.message)
+            if isinstance(exc, SocksAuthError):
+                self._socks_failures.note(source)
+                await asyncio.sleep(SOCKS_AUTH_DELAY)  # this client's task only; others are served
             with contextlib.suppress(OSError):
                 if answer := codec.outgoing() + exc.reply:  # e.g. the method choice, then the refusal
                     await loop.sock_sendall(client, answer)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import asyncssh
 
+from portfwd import sshalgorithms
 from portfwd.errors import RuntimeFailure
 
 log = logging.getLogger(__name__)
@@ -30,9 +31,10 @@ def _entry_name(host: str, port: int) -> str:
 class HostKeyCheck:
     """Verifies one server's key for one connection attempt; `problem` says why it was refused."""
 
-    def __init__(self, files: list[str], accept_new: bool) -> None:
+    def __init__(self, files: list[str], accept_new: bool, chosen: tuple[str, ...] = ()) -> None:
         self.files = [Path(os.path.expanduser(item)) for item in files]
         self.accept_new = accept_new
+        self.chosen = chosen  # host_key_algorithms from the config; () is the whole safe set
         self.problem: HostKeyError | None = None
 
     def _lines(self) -> list[tuple[Path, int, str]]:
@@ -62,6 +64,23 @@ class HostKeyCheck:
                     f"{path}:{number}: not a known_hosts line ({exc})", hint="fix or delete that line"
                 ) from exc
         raise HostKeyError(f"cannot read known_hosts {', '.join(map(str, self.files))}")  # pragma: no cover
+
+    def host_key_algorithms(
+        self, known: asyncssh.SSHKnownHosts, host: str, port: int | None, config: object
+    ) -> list[str]:
+        """What to offer this server: the key types `known` holds for it first (as OpenSSH does).
+
+        Without this an RSA-only entry would fail once ed25519 is preferred. The name is looked up
+        as asyncssh will look it up: after ssh_config's Hostname, Port and HostKeyAlias.
+        """
+        algorithms = sshalgorithms.offered("host_key_algorithms", self.chosen)
+        names = asyncssh.SSHClientConnectionOptions(
+            host=host, port=port or (), config=config, known_hosts=None, client_keys=None, agent_path=None
+        )
+        at = names.port if names.port != 22 else None
+        keys, authorities, *_ = known.match(names.host_key_alias or names.host, "", at)
+        types = {key.get_algorithm() for key in keys}
+        return sshalgorithms.host_key_order(algorithms, types, bool(authorities))
 
     def validate(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
         """asyncssh asks this about a key no known_hosts entry trusts: accept-new, or refuse why."""

@@ -17,24 +17,25 @@ import ipaddress
 import logging
 import os
 import socket
-import time
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
 import asyncssh
 
+from portfwd import sshalgorithms
 from portfwd.config import ServerConfig, ServerUserConfig
 from portfwd.errors import BindError, RuntimeFailure, UpstreamError
 from portfwd.relay.deadline import Deadlines
 from portfwd.relay.forwarder import format_peer
-from portfwd.relay.listener import TcpListener, bind_ip, bind_unix
+from portfwd.relay.listener import TcpListener, bind_ip, bind_unix, keepalive
 from portfwd.relay.upstream import describe_error
 from portfwd.state import ServerSessionStats, State
 from portfwd.tunnel.bridge import Bridge
 from portfwd.tunnel.client import PACKET, WINDOW
 from portfwd.tunnel.cork import CorkedConnector
-from portfwd.tunnel.lean import tune
+from portfwd.tunnel.lean import fix, probe, tune
+from portfwd.tunnel.limits import Channels, Failures, Startups
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,8 @@ class _RemoteListener(asyncssh.SSHListener):
 
     async def _serve(self, client: socket.socket, text: str, peer: Any) -> None:
         owner = self.owner
+        if self.server.no_room(owner, client, f"-R {self.address[0]}:{self.port}"):
+            return
         client.setblocking(False)
         bridge = owner.bridge(text, f"client {owner.source}", channel_is_client=False)
         channel = owner.conn.create_connection(
@@ -209,6 +212,8 @@ class _RemotePathListener(asyncssh.SSHListener):
 
     async def _serve(self, client: socket.socket) -> None:
         owner = self.owner
+        if self.server.no_room(owner, client, f"-R unix:{self.path}"):
+            return
         client.setblocking(False)
         bridge = owner.bridge(f"unix:{self.path}", f"client {owner.source}", channel_is_client=False)
         channel = owner.conn.create_unix_connection(
@@ -238,6 +243,9 @@ class _Session(asyncssh.SSHServer):
         self.options: dict[str, Any] = {}
         self.fingerprint = ""
         self.authenticated = False
+        self.waiting = False  # counted in the server's max_startups until logged in or gone
+        self.auth_failures = 0
+        self.began = 0.0
         self.stats = ServerSessionStats("", "", "")
         self.listeners: list[_RemoteListener | _RemotePathListener] = []
 
@@ -247,6 +255,8 @@ class _Session(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
+        self.began = asyncio.get_running_loop().time()
+        fix(conn)  # before the key exchange, fast path or not: dropbear's guessed packet (lean/kex.py)
         tune(conn, self.server.fast_path)
         peer = conn.get_extra_info("peername")
         self.source = format_peer(peer) if isinstance(peer, tuple) else "?"
@@ -254,17 +264,49 @@ class _Session(asyncssh.SSHServer):
         if self.server.penalized(self.source_ip):
             log.warning("server: %s refused: too many failed logins from this address", self.source)
             asyncio.get_running_loop().call_soon(conn.close)
+            return
+        if not self.server.startups.admit():
+            log.warning(
+                "server: %s dropped before authentication: %d connections wait to log in (max_startups)",
+                self.source,
+                self.server.startups.pending,
+            )
+            asyncio.get_running_loop().call_soon(conn.abort)
+            return
+        self.waiting = True
+
+    def _logged_in_or_gone(self) -> None:
+        if self.waiting:
+            self.waiting = False
+            self.server.startups.done()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._logged_in_or_gone()
         if not self.authenticated:
+            # asyncssh's login timer starts a moment before connection_made: allow for it
+            if asyncio.get_running_loop().time() - self.began >= self.server.config.login_grace_time - 0.25:
+                log.warning("server: %s did not log in within login_grace_time; closed", self.source)
             if self.user_name:
-                self.server.failed_login(self.source_ip)
+                if not self.auth_failures:
+                    self.server.failed_login(self.source_ip)  # gave up (or timed out) without a key
+            elif exc is not None:  # before any login attempt: the key exchange did not get through
+                self._kex_failed(exc)
             return
         for listener in list(self.listeners):
             listener.close()
         with contextlib.suppress(ValueError):
             self.server.state.server_sessions.remove(self.stats)
         log.info("server: %s logged out (%s)", self.label, exc or "closed")
+
+    def _kex_failed(self, exc: Exception) -> None:
+        # The reason and the version string may be the peer's own text: repr keeps them on one line.
+        reason = exc.reason if isinstance(exc, asyncssh.Error) else str(exc) or type(exc).__name__
+        version = self.conn.get_extra_info("client_version")
+        peer = f"{self.source} ({repr(version) if version else 'no version line'})"
+        if isinstance(exc, asyncssh.ConnectionLost):  # it hung up, or never asked to log in: a probe, a scan
+            log.debug("server: %s: closed before logging in: %r", peer, reason)
+        else:
+            log.info("server: %s: key exchange failed: %r", peer, reason)
 
     def begin_auth(self, username: str) -> bool:
         self.user_name = username
@@ -284,6 +326,26 @@ class _Session(asyncssh.SSHServer):
         return True
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        sshalgorithms.accept_only_safe_signatures(key)  # asyncssh would verify an ssh-rsa (SHA-1) one
+        if self._accepts(username, key):
+            return True
+        self.auth_failures += 1
+        self.server.failed_login(self.source_ip)
+        if self.auth_failures >= self.server.config.max_auth_tries:
+            log.warning(
+                "server: %s: %d failed authentication attempts for %r (max_auth_tries); disconnected",
+                self.source,
+                self.auth_failures,
+                username,
+            )
+            asyncio.get_running_loop().call_soon(
+                self.conn.disconnect,
+                asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                "Too many authentication failures",
+            )
+        return False
+
+    def _accepts(self, username: str, key: asyncssh.SSHKey) -> bool:
         user, keys = self.user, self.keys
         if user is None or keys is None:
             return False
@@ -301,8 +363,10 @@ class _Session(asyncssh.SSHServer):
         return True
 
     def auth_completed(self) -> None:
+        self._logged_in_or_gone()
         self.authenticated = True
         self.stats = ServerSessionStats(self.user_name, self.source, self.fingerprint)
+        self.stats.stats.idle_timeout = self.server.config.idle_timeout or 0.0
         self.stats.stats.name = f"server {self.label}"
         self.server.state.server_sessions.append(self.stats)
         log.info("server: %s logged in with key %s", self.label, self.fingerprint)
@@ -312,6 +376,14 @@ class _Session(asyncssh.SSHServer):
         return False
 
     # -------------------------------------------------------------- -L and -D (direct-tcpip)
+    def _room_for_a_channel(self, what: str) -> None:
+        """Raise the channel-open refusal when this connection or user is at its channel cap."""
+        refusal = self.server.channels.refusal(id(self), self.user_name)
+        if refusal is not None:
+            log.warning("server: %s: %s refused: %s", self.label, what, refusal)
+            self.stats.stats.count_error("limit")
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE, f"{what}: {refusal}")
+
     def _deny_open(self, what: str, why: str) -> None:
         log.warning("server: %s: %s denied: %s", self.label, what, why)
         self.stats.stats.count_error("denied")
@@ -330,6 +402,7 @@ class _Session(asyncssh.SSHServer):
         allowed = self.options.get("permitopen")
         if allowed and (dest_host, dest_port) not in allowed and (dest_host, None) not in allowed:
             self._deny_open(what, "not in the key's permitopen")
+        self._room_for_a_channel(what)
         client = f"{orig_host}:{orig_port} via {self.label}"
         return self.server.open_upstream(self, client, (dest_host, dest_port))
 
@@ -342,6 +415,7 @@ class _Session(asyncssh.SSHServer):
             self._deny_open(what, NOT_PLAIN)
         if not _path_permitted(self.user.permit_open, dest_path):
             self._deny_open(what, 'not in permit_open (a Unix socket needs its own "unix:/path" entry)')
+        self._room_for_a_channel(what)
         return self.server.open_upstream(self, f"unix via {self.label}", dest_path)
 
     def bridge(self, client: str, target: str, *, channel_is_client: bool) -> Bridge:
@@ -400,11 +474,14 @@ class TunnelServer:
         self.users = {user.name: user for user in config.user}
         self.ports: dict[tuple[str, int], _RemoteListener] = {}
         self.paths: dict[str, _RemotePathListener] = {}
-        self._failures: dict[str, list[float]] = {}
+        self._failures = Failures(config.max_auth_failures, PENALTY_WINDOW)
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._bridges: set[Bridge] = set()
         self.deadlines = Deadlines()  # upstream connects and -R hand-backs: one timer for all
+        self.startups = Startups(config.max_startups)
+        self.channels = Channels(config.max_channels, config.max_channels_per_user)
+        self._channel_owner: dict[Bridge, _Session] = {}
         self.fingerprint = ""
 
     async def start(self) -> None:
@@ -417,16 +494,19 @@ class TunnelServer:
             self._acceptor = await asyncssh.listen(
                 host or "",
                 port,
-                server_host_keys=[key],
+                server_host_keys=sshalgorithms.host_keypairs(key, self.config.host_key_algorithms),
                 server_factory=lambda: _Session(self),
                 password_auth=False,
                 kbdint_auth=False,
                 allow_pty=False,
                 agent_forwarding=False,
                 x11_forwarding=False,
+                login_timeout=self.config.login_grace_time,
                 keepalive_interval=self.config.client_alive_interval,
                 keepalive_count_max=self.config.client_alive_count,
                 tunnel=CorkedConnector(),
+                # OpenSSH's algorithm sets or stricter, SHA-2 RSA signatures only, no library banner.
+                **sshalgorithms.server_options(self.config.kex, self.config.ciphers, self.config.macs),
             )
         except OSError as exc:
             raise BindError(
@@ -461,14 +541,11 @@ class TunnelServer:
 
     # ------------------------------------------------------------------ failed logins
     def penalized(self, address: str) -> bool:
-        now = time.monotonic()
-        recent = [stamp for stamp in self._failures.get(address, []) if now - stamp < PENALTY_WINDOW]
-        self._failures[address] = recent
-        return len(recent) >= self.config.max_auth_failures
+        return self._failures.blocked(address)
 
     def failed_login(self, address: str) -> None:
         self.state.server_auth_failures += 1
-        self._failures.setdefault(address, []).append(time.monotonic())
+        self._failures.note(address)
 
     # ------------------------------------------------------------------ relays
     def spawn(self, coro: Any) -> None:
@@ -481,7 +558,19 @@ class TunnelServer:
         bridge = Bridge(session, self._closed, channel_is_client=channel_is_client)
         session.relay = bridge
         self._bridges.add(bridge)
+        self.channels.opened(id(owner), owner.user_name)
+        self._channel_owner[bridge] = owner
         return bridge
+
+    def no_room(self, owner: _Session, client: socket.socket, what: str) -> bool:
+        """True (and the -R client closed, logged) when `owner` is at its channel cap."""
+        refusal = self.channels.refusal(id(owner), owner.user_name)
+        if refusal is None:
+            return False
+        owner.stats.stats.count_error("limit")
+        log.warning("server: %s: connection to %s refused: %s", owner.label, what, refusal)
+        client.close()
+        return True
 
     async def attach(self, bridge: Bridge, sock: socket.socket) -> None:
         try:
@@ -492,6 +581,9 @@ class TunnelServer:
 
     def _closed(self, bridge: Bridge, reason: str) -> None:
         self._bridges.discard(bridge)
+        owner = self._channel_owner.pop(bridge, None)
+        if owner is not None:
+            self.channels.closed(id(owner), owner.user_name)
         bridge.session.relay = None
         self.state.close_session(bridge.session)
 
@@ -511,9 +603,12 @@ class TunnelServer:
                     UPSTREAM_TIMEOUT, loop.create_unix_connection(bridge.socket_protocol, target)
                 )
             else:
-                await self.deadlines.within(
+                transport, _ = await self.deadlines.within(
                     UPSTREAM_TIMEOUT, loop.create_connection(bridge.socket_protocol, target[0], target[1])
                 )
+                upstream = transport.get_extra_info("socket")
+                if self.config.tcp_keepalive and upstream is not None:
+                    keepalive(upstream)
         except TimeoutError:
             error = UpstreamError(f"no answer within {UPSTREAM_TIMEOUT:g}s", reason="timeout")
         except OSError as exc:
@@ -534,28 +629,61 @@ class TunnelServer:
             return "0.0.0.0"
         return requested
 
+    async def _may_take(self, owner: _Session, holder: _Session, what: str) -> bool:
+        """May `owner` take the -R `what` that `holder` has bound? Only its own dead session's.
+
+        Same user and same key, and the holder does not answer a keepalive within
+        `takeover_probe`: the client reconnected before its old link was noticed dead (autossh
+        after a network change). A holder that answers is alive (two clients with one key, say):
+        the newcomer is refused, as sshd refuses it, and told who holds the port.
+        """
+        if holder is owner:
+            log.warning("server: %s: %s is already forwarded by this session", owner.label, what)
+            return False
+        if holder.user_name != owner.user_name or holder.fingerprint != owner.fingerprint:
+            log.warning("server: %s: %s is held by %s; refused", owner.label, what, holder.label)
+            owner.stats.stats.count_error("denied")
+            return False
+        within = self.config.takeover_probe
+        alive = await probe(holder.conn, within)
+        if alive is not False:
+            log.warning(
+                "server: %s: %s is held by %s, which is alive (%s); refused",
+                owner.label,
+                what,
+                holder.label,
+                "it answered a keepalive" if alive else "it cannot be probed on this asyncssh",
+            )
+            owner.stats.stats.count_error("denied")
+            return False
+        log.warning(
+            "server: %s takes over %s from its stale session %s (no keepalive answer within %gs)",
+            owner.label,
+            what,
+            holder.label,
+            within,
+        )
+        return True
+
     async def listen_remote(
         self, owner: _Session, requested: str, bind: str, port: int
     ) -> _RemoteListener | bool:
         held = self.ports.get((bind, port)) if port else None
         if held is not None:
-            old = held.owner
-            if old is owner:
-                log.warning("server: %s: %s:%d is already forwarded by this session", owner.label, bind, port)
+            if not await self._may_take(owner, held.owner, f"{bind}:{port}"):
                 return False
-            if old.user_name != owner.user_name or old.fingerprint != owner.fingerprint:
-                log.warning("server: %s: %s:%d is held by %s; refused", owner.label, bind, port, old.label)
-                owner.stats.stats.count_error("denied")
-                return False
-            # Same user, same key: the client reconnected before its old link was noticed dead.
-            log.warning(
-                "server: %s takes over %s:%d from its stale session %s", owner.label, bind, port, old.label
-            )
-            held.close()
-            old.conn.close()
+            if self.ports.get((bind, port)) is held:  # still there after the probe
+                held.close()
+            held.owner.conn.close()
         try:
             sock = bind_ip(
-                f"server {owner.label} -R", bind, port, socket.SOCK_STREAM, backlog=1024, dual_stack=False
+                f"server {owner.label} -R",
+                bind,
+                port,
+                socket.SOCK_STREAM,
+                backlog=1024,
+                dual_stack=False,
+                tcp_keepalive=self.config.tcp_keepalive,
             )
         except BindError as exc:
             log.warning("server: %s: %s", owner.label, exc.line())
@@ -570,14 +698,11 @@ class TunnelServer:
 
     async def listen_remote_path(self, owner: _Session, path: str) -> _RemotePathListener | bool:
         held = self.paths.get(path)
-        if held is not None and held.owner is not owner:
-            if held.owner.user_name != owner.user_name or held.owner.fingerprint != owner.fingerprint:
-                log.warning("server: %s: unix:%s is held by %s; refused", owner.label, path, held.owner.label)
+        if held is not None:
+            if not await self._may_take(owner, held.owner, f"unix:{path}"):
                 return False
-            log.warning(
-                "server: %s takes over unix:%s from its stale session %s", owner.label, path, held.owner.label
-            )
-            held.close()
+            if self.paths.get(path) is held:  # still there after the probe
+                held.close()
             held.owner.conn.close()
         try:
             sock = bind_unix(f"server {owner.label} -R", path, backlog=1024)

@@ -1,10 +1,10 @@
-"""The SSH fast path, fenced: the only place portfwd touches asyncssh's private internals.
+"""The SSH fast path and interop fixes, fenced: the only place portfwd touches asyncssh's internals.
 
 `packets.py` and `receive.py` replace parts of asyncssh's packet path on each connection, and
 `aead.py` supplies the ciphers they swap in (see each module for what and why). They mirror
 asyncssh code line for line, so they are right only for the asyncssh they were checked
-against. Everything outside this package calls one function, `tune(conn)`, and it does
-nothing unless the fast path is on:
+against. Everything outside this package reaches the fast path through one function,
+`tune(conn)`, and it does nothing unless the fast path is on:
 
 - **version guard**: on an asyncssh other than `VERIFIED`, `fast_path()` says off (and why),
   without importing the modules that reach into asyncssh; tunnels run on asyncssh's own
@@ -14,6 +14,19 @@ nothing unless the fast path is on:
 - **a test that fails when asyncssh moves**: `tests/unit/test_lean_fence.py` compares the
   installed asyncssh with `VERIFIED` and the source of every function in `MIRRORED` with the
   digest it had when it was last read, and names the functions to re-read.
+
+`kex.py` is not speed but correctness: asyncssh takes a peer's guessed first key-exchange
+packet that RFC 4253 §7 says to ignore, and dropbear's client cannot log in (see there). It
+has its own call, `fix(conn)`, made before the key exchange (`connection_made`), and it applies
+whenever asyncssh is a VERIFIED release, fast path on or off: `ssh_fast_path = false` trades
+speed for asyncssh's own packet path, and must not bring back a login failure with it. (Not
+folded into `tune`, which a client calls only after `connect` returns, when the key exchange
+is over.) On another asyncssh it stands aside like the fast path, and the same fence test
+names what to re-read.
+
+`probe.py` asks a peer once whether it is alive (`probe(conn, within)`), which asyncssh has no
+public call for; the tunnel server uses it before taking a `-R` port from a session that looks
+stale. On another asyncssh it answers "cannot tell", and the server keeps the port where it is.
 """
 
 from __future__ import annotations
@@ -25,12 +38,12 @@ import inspect
 from importlib import metadata
 from typing import Any, NamedTuple
 
-#: The asyncssh releases the fast path was checked against, line by line (see MIRRORED).
+#: The asyncssh releases the fast path and the fixes were checked against, line by line (see MIRRORED).
 VERIFIED = ("2.24.1",)
 
-#: The asyncssh code the fast path mirrors or reaches into, with the sha256 (first 16 hex digits)
-#: of its source in the VERIFIED release. When asyncssh moves, re-read each one that changed
-#: against packets.py / receive.py / aead.py, then update the digest and VERIFIED.
+#: The asyncssh code the fast path and the fixes mirror or reach into, with the sha256 (first 16
+#: hex digits) of its source in the VERIFIED release. When asyncssh moves, re-read each one that
+#: changed against packets.py / receive.py / aead.py / kex.py, then update the digest and VERIFIED.
 MIRRORED = {
     "asyncssh.connection:SSHConnection.send_packet": "fb9da7bec6dd395a",
     "asyncssh.connection:SSHConnection._recv_data": "fc4e0735191bb0fd",
@@ -44,6 +57,13 @@ MIRRORED = {
     "asyncssh.encryption:GCMEncryption": "d255f9e6b1fa73ee",
     "asyncssh.encryption:ChachaEncryption": "5902581e97e59135",
     "asyncssh.logging:SSHLogger.log": "508a0a50623f9179",
+    # kex.py: the handler it wraps and the KEXINIT it reads back (it also relies on _recv_packet,
+    # which does the ignoring, and process_packet, which finds the per-connection handler table)
+    "asyncssh.connection:SSHConnection._process_kexinit": "439bdf2fc55e6737",
+    "asyncssh.connection:SSHConnection._send_kexinit": "275ddc818b59f44b",
+    # probe.py: one keepalive round trip through asyncssh's ordered global-request waiters
+    "asyncssh.connection:SSHConnection._make_global_request": "5f4b41f0c38aeb65",
+    "asyncssh.connection:SSHConnection._report_global_response": "590a13bfd2ed513f",
 }
 
 
@@ -90,6 +110,26 @@ def tune(conn: Any, enabled: bool) -> None:
     install(conn)
 
 
+@functools.cache
+def verified() -> bool:
+    """Is the installed asyncssh a VERIFIED release (decided once per process)?"""
+    return installed_asyncssh() in VERIFIED
+
+
+def fix(conn: Any) -> bool:
+    """Install the interop fixes on one asyncssh connection, before its key exchange begins.
+
+    Applied whenever asyncssh is VERIFIED, whatever the fast-path switch says (see the module
+    docstring); False when nothing was installed (another asyncssh, or not a connection of
+    the kind checked). Raises nothing.
+    """
+    if not verified():
+        return False
+    from portfwd.tunnel.lean.kex import fix as judge_guesses  # reaches into asyncssh: only when verified
+
+    return judge_guesses(conn)
+
+
 def changed() -> list[str]:
     """The MIRRORED names whose source differs from the digest recorded (or is gone)."""
     moved = []
@@ -106,3 +146,13 @@ def changed() -> list[str]:
         if hashlib.sha256(source.encode()).hexdigest()[:16] != digest:
             moved.append(name)
     return moved
+
+
+async def probe(conn: Any, within: float) -> bool | None:
+    """Does `conn`'s peer answer a keepalive within `within` s? None when it cannot be asked
+    (an asyncssh that is not VERIFIED): the caller must then assume the peer is alive."""
+    if not verified():
+        return None
+    from portfwd.tunnel.lean.probe import answers  # reaches into asyncssh: only when verified
+
+    return await answers(conn, within)
