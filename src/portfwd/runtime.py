@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -57,6 +58,33 @@ class _RuleRun:
 
     tcp: list[tuple[DescriptorListener, TcpForwarder]]
     udp: list[UdpForwarder]
+
+
+#: Every this many seconds the runtime counts its open files: near the limit, accept(2) fails
+#: with EMFILE, and the event loop's acceptors (asyncssh's among them) drop such clients
+#: without a word. One warning says so instead.
+DESCRIPTOR_CHECK = 5
+DESCRIPTOR_WARN = 0.9
+
+
+def descriptors_warning() -> None:
+    """Warn when open files are above DESCRIPTOR_WARN of the soft limit (Linux: /proc/self/fd)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            return
+        used = soft  # not even one more to look with: the limit is reached
+    if used >= soft * DESCRIPTOR_WARN:
+        log.warning(
+            "open files: %d of the limit of %d in use; new connections fail (EMFILE) when it is reached; "
+            "raise the limit (LimitNOFILE=, ulimit -n)",
+            used,
+            soft,
+        )
 
 
 def raise_fd_limit() -> None:
@@ -121,6 +149,7 @@ class Runtime:
         self._metrics: MetricsServer | None = None
         self._control: ControlServer | None = None
         self._janitor: Janitor | None = None  # removes root-made files after a privilege drop
+        self._samples = 0
         self._sampler: asyncio.TimerHandle | None = None
         self._stop: asyncio.Event | None = None
         self._stopping = False
@@ -343,6 +372,9 @@ class Runtime:
 
     def _sample(self) -> None:
         self.state.sample()
+        self._samples += 1
+        if self._samples % DESCRIPTOR_CHECK == 0:
+            descriptors_warning()
         self._sampler = asyncio.get_running_loop().call_later(1.0, self._sample)
 
     async def start(self) -> None:

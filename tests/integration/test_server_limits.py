@@ -19,6 +19,8 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from tests.conftest import need_binary
+from tests.integration.processes import READY, Proc, portfwd_argv
 from tests.integration.sshd import keygen
 from tests.integration.test_server import Server
 from tests.integration.test_server_hostile import raw_client
@@ -174,3 +176,17 @@ async def test_channels_are_capped_per_connection_and_per_user(tmp_path: Path) -
     finally:
         server.stop()
         sink.close()
+
+
+def test_running_out_of_descriptors_is_logged(tmp_path: Path) -> None:
+    """At EMFILE the event loop drops new clients without a word; portfwd says it is near the limit."""
+    prlimit = need_binary("prlimit", "util-linux")
+    server = Server(tmp_path, settings='max_startups = "200"\n')
+    server.proc = Proc([prlimit, "--nofile=64:64", *portfwd_argv("server", "-c", str(server.config))])
+    try:
+        server.proc.wait_for(READY)
+        with idle_clients(server.port, 70):
+            line = server.proc.wait_for("open files: ", timeout=15)
+        assert "of the limit of 64 in use; new connections fail (EMFILE) when it is reached" in line
+    finally:
+        server.stop()
