@@ -130,7 +130,7 @@ def drop_privileges(
     janitor = Janitor(list(owned or []), list(made_dirs or []))
     for path in owned or []:
         with contextlib.suppress(OSError):
-            os.chown(path, entry.pw_uid, gid)  # the user may still remove it itself
+            os.chown(path, entry.pw_uid, -1)  # its group stays ([control] group); sticky dirs ask the owner
     bounded = _bounding_set_dropped()
     os.setgroups([gid])
     os.setgid(gid)

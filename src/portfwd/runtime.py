@@ -136,6 +136,8 @@ class Runtime:
         self._restore_timestamps = False
         self._last_wins: LastWins | None = None
         self.identity = identity
+        #: Decided at start (config or --no-ssh-fast-path) and kept across reloads, which say so.
+        self.fast_path = config.ssh_fast_path
         self.strict = strict
         self.config_path = identity.config if identity is not None else None
         self.state = State()
@@ -255,7 +257,7 @@ class Runtime:
                 self.state,
                 self._fatal,
                 exit_on_auth=self.exit_on_auth,
-                fast_path=self.config.ssh_fast_path,
+                fast_path=self.fast_path,
             )
             failures.extend(tunnel.start())
             self._tunnels[tunnel_config] = tunnel
@@ -365,6 +367,8 @@ class Runtime:
         try:
             await server.start()
         except BindError as exc:
+            if exc.field == "control.group":  # a config error (exit 2), not a runtime one
+                raise ConfigError(exc.line()) from exc
             raise RuntimeFailure(exc.line()) from exc
         self._control = server
         self.state.control = str(path)
@@ -388,8 +392,8 @@ class Runtime:
         self._splice = splice_available()
         self.failures.extend(self._start_rules(list(enumerate(self.config.forward))))
         if self.config.tunnel or self.config.server is not None:
-            decided = fast_path(self.config.ssh_fast_path)
-            if decided.on or not self.config.ssh_fast_path:
+            decided = fast_path(self.fast_path)
+            if decided.on or not self.fast_path:
                 log.debug("%s", decided.reason)
             else:
                 log.warning("%s", decided.reason)
@@ -404,7 +408,7 @@ class Runtime:
             self._keeper = Keeper([wanted(name, entry) for name, entry in maps], self.state.mappings)
             await self._keeper.start()
         if self.config.server is not None:
-            server = TunnelServer(self.config.server, self.state, fast_path=self.config.ssh_fast_path)
+            server = TunnelServer(self.config.server, self.state, fast_path=self.fast_path)
             try:
                 await server.start()
                 self._server = server
@@ -438,6 +442,7 @@ class Runtime:
         if self.config.user is not None:
             try:
                 owned = [rule.listen.path for rule in self._runs if isinstance(rule.listen, UnixPath)]
+                owned += [path for tunnel in self._tunnels.values() for path in tunnel.socket_paths()]
                 made = []
                 if self._control is not None:
                     owned.append(str(self._control.path))

@@ -311,6 +311,8 @@ class StartupsSpec:
 
 def parse_startups(text: str) -> StartupsSpec:
     """sshd's MaxStartups syntax. Raises ConfigError naming the fix."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        text = str(text)  # `max_startups = 10`, as sshd's bare number
     match = _STARTUPS.fullmatch(text.strip()) if isinstance(text, str) else None
     if match is None:
         raise ConfigError(f"{text!r} is not start:rate:full", hint='write it as sshd does, e.g. "10:30:60"')

@@ -18,8 +18,9 @@ import asyncssh
 import pytest
 
 from tests.integration.peers import free_port
-from tests.integration.processes import wait_listening
+from tests.integration.processes import run_portfwd, wait_listening
 from tests.integration.test_server import Server
+from tests.integration.test_status import Sink
 
 pytestmark = [pytest.mark.integration]
 
@@ -70,12 +71,14 @@ def test_unix_permits_never_reach_outside_the_permitted_directory(tmp_path: Path
             unix_service(secret / "svc.sock", b"secret"),
             unix_service(pub / "sub" / "deep.sock", b"deep"),
         ):
-            ports = {name: free_port() for name in ("ok", "dotdot", "deep", "dot")}
+            (pub / "link.sock").symlink_to(secret / "svc.sock")  # anyone who may write in pub/
+            ports = {name: free_port() for name in ("ok", "dotdot", "deep", "dot", "link")}
             forwards = {
                 "ok": f"{pub}/ok.sock",
                 "dotdot": f"{pub}/../secret/svc.sock",
                 "deep": f"{pub}/sub/deep.sock",
                 "dot": f"{pub}/./ok.sock",
+                "link": f"{pub}/link.sock",
             }
             argv = server.ssh(*(f"-L{ports[name]}:{path}" for name, path in forwards.items()))
             client = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -86,6 +89,7 @@ def test_unix_permits_never_reach_outside_the_permitted_directory(tmp_path: Path
                 assert read_through(ports["dotdot"]) == b"", "a '..' path is refused, not followed"
                 assert read_through(ports["deep"]) == b"", "a '*' does not cross a '/'"
                 assert read_through(ports["dot"]) == b""
+                assert read_through(ports["link"]) == b"", "a symbolic link is not followed"
             finally:
                 client.terminate()
                 client.wait(10)
@@ -102,6 +106,7 @@ def test_unix_permits_never_reach_outside_the_permitted_directory(tmp_path: Path
     assert f"connect to unix:{pub}/../secret/svc.sock denied: {not_plain}" in log
     assert f"connect to unix:{pub}/./ok.sock denied: {not_plain}" in log
     assert f"connect to unix:{pub}/sub/deep.sock denied: not in permit_open" in log
+    assert f"connect to unix:{pub}/link.sock denied: the path goes through a symbolic link" in log
     assert f"listen on unix:{pub}/../secret/planted.sock denied: {not_plain}" in log
 
 
@@ -181,3 +186,21 @@ async def test_a_flood_of_denied_channels_is_summarised_in_the_log(tmp_path: Pat
         server.stop()
     assert log.count("denied: not in permit_open") == 11, "ten lines, then one summary"
     assert "connect to 192.0.2.1:1059 denied: not in permit_open (and 50 more like it" in summary
+
+
+async def test_a_name_the_resolver_refuses_fails_one_channel_only(tmp_path: Path) -> None:
+    server = Server(tmp_path, permit_open='["any"]').start()
+    sink = Sink().start()
+    try:
+        async with await raw_client(server) as conn:
+            with pytest.raises(asyncssh.ChannelOpenError) as opened:
+                await conn.create_connection(asyncssh.SSHTCPSession, "a" * 64 + ".example", 443)
+            assert opened.value.code == asyncssh.OPEN_CONNECT_FAILED
+            assert opened.value.reason == "Cannot resolve: not a valid host name"
+            channel, _ = await conn.create_connection(asyncssh.SSHTCPSession, "127.0.0.1", sink.port)
+            channel.close()  # the connection lives on
+        status = json.loads(run_portfwd("status", "--json", "-c", str(server.config)).stdout)
+        assert status["sessions"] == [], "nothing leaked"
+    finally:
+        server.stop()
+        sink.close()

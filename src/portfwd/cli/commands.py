@@ -239,7 +239,11 @@ def forward(
 @click.option("-F", "ssh_config", metavar="FILE", help="ssh_config file instead of ~/.ssh/config.")
 @click.option("-C", "compression", is_flag=True, help="Compress (Compression=yes).")
 @click.option("-N", "no_command", is_flag=True, help="Accepted for ssh compatibility: never runs a command.")
-@click.option("--name", metavar="NAME", help="Name this instance and its tunnel (default: ssh-PID).")
+@click.option(
+    "--name",
+    metavar="NAME",
+    help="Name this instance (default: ssh-PID) and its tunnel (default: the destination).",
+)
 @_control_option
 @_fast_path_option
 @_logging_options

@@ -77,15 +77,19 @@ class Flood(logging.Filter):
             seen[2] += 1
             seen[3] = record
             if seen[2] == 1:
-                timer = threading.Timer(seen[0] + self.window - now, self._summarise, (key,))
+                timer = threading.Timer(seen[0] + self.window - now, self._summarise, (key, seen))
                 timer.daemon = True
                 timer.start()
             return False
 
-    def _summarise(self, key: tuple[str, int, object]) -> None:
+    def _summarise(self, key: tuple[str, int, object], seen: list[Any]) -> None:
+        # `seen` is the window this timer was set for; a record that arrived after it ended may
+        # have opened the next one under the same key, which is left alone.
         with self._lock:
-            seen = self._seen.pop(key, None)
-        if seen is None or not seen[2] or self.handler is None:
+            if self._seen.get(key) is seen:
+                del self._seen[key]
+            held = seen[2]
+        if not held or self.handler is None:
             return
         last: logging.LogRecord = seen[3]
         summary = logging.LogRecord(
@@ -94,7 +98,7 @@ class Flood(logging.Filter):
             last.pathname,
             last.lineno,
             "%s (and %d more like it in the last %g s, not logged)",
-            (last.getMessage(), seen[2], self.window),
+            (last.getMessage(), held, self.window),
             None,
         )
         summary.summary = True

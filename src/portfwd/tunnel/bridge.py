@@ -99,6 +99,11 @@ class Bridge:
         self._socket_done = False
         self._ended = False
 
+    @property
+    def ended(self) -> bool:
+        """True once `closed` has been called: both sides are done."""
+        return self._ended
+
     # factories for asyncssh and asyncio
     def channel_session(self) -> asyncssh.SSHTCPSession[bytes]:
         """The SSHTCPSession to hand asyncssh (create_connection, create_server factories)."""

@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import socket
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -48,6 +49,7 @@ SOCKS_HANDSHAKE_TIMEOUT = 10.0
 #: become a few.
 SOCKS_AUTH_DELAY = 1.0
 SOCKS_AUTH_LIMIT = 10
+SOCKS_AUTH_PARALLEL = 8
 
 Fatal = Callable[[PortfwdError], None]
 
@@ -197,6 +199,7 @@ class Tunnel:
         self._bridges: set[Bridge] = set()
         self._deadlines = Deadlines()  # channel opens: one timer for all
         self._socks_failures = Failures(SOCKS_AUTH_LIMIT)
+        self._socks_handshakes: Counter[str] = Counter()  # per source, while a password is asked
         self._stopping = False
         self._connected_once = False
         self._lost_reason = ""
@@ -223,6 +226,14 @@ class Tunnel:
         self.state.tunnels.append(self.stats)
         self._task = asyncio.get_running_loop().create_task(self._run())
         return failures
+
+    def socket_paths(self) -> list[str]:
+        """The Unix socket files this tunnel listens on (made at start; removed at exit)."""
+        return [
+            forward.spec.path
+            for forward in self.forwards
+            if forward.spec.kind != "remote" and forward.spec.path is not None
+        ]
 
     def _bind(self, forward: _Forward) -> None:
         spec = forward.spec
@@ -564,14 +575,15 @@ class Tunnel:
         source = client.rpartition(":")[0] or client  # the -R client's address, as the server gave it
 
         def refuse(answer: bytes) -> None:
-            if bridge.chan is not None:
-                if answer:
-                    bridge.chan.write(answer)
-                bridge.chan.close()
+            if bridge.chan is not None and not bridge.ended:
+                with contextlib.suppress(OSError, asyncssh.Error):  # it may have gone meanwhile
+                    if answer:
+                        bridge.chan.write(answer)
+                    bridge.chan.close()
 
         def expired() -> None:
             nonlocal done
-            if not done:
+            if not done and not bridge.ended:
                 done = True
                 forward.stats.stats.count_error("socks")
                 log.info(
@@ -595,6 +607,12 @@ class Tunnel:
         def feed(data: bytes) -> None:
             nonlocal done
             if done:
+                return
+            if self._socks_failures.blocked(source):  # locked out since this channel opened
+                done = True
+                deadline.cancel()
+                forward.stats.stats.count_error("socks")
+                refuse(b"")
                 return
             try:
                 request = codec.feed(data)
@@ -701,6 +719,40 @@ class Tunnel:
         await self._attach(bridge, client)
 
     async def _socks_client(self, forward: _Forward, client: socket.socket, text: str, source: str) -> None:
+        if self._credentials() is None:
+            await self._socks_handshake(forward, client, text, source)
+            return
+        # With a password, at most SOCKS_AUTH_PARALLEL handshakes at once per source: a batch of
+        # parallel guesses is small, and the lockout after SOCKS_AUTH_LIMIT stops the next one.
+        if self._socks_handshakes[source] >= SOCKS_AUTH_PARALLEL:
+            forward.stats.stats.count_error("socks")
+            log.warning("%s: %s: refused: too many SOCKS handshakes at once from there", self.label, text)
+            client.close()
+            return
+        self._socks_handshakes[source] += 1
+        held = True
+
+        def release() -> None:  # the handshake is over (the relay that follows does not count)
+            nonlocal held
+            if held:
+                held = False
+                self._socks_handshakes[source] -= 1
+                if self._socks_handshakes[source] <= 0:
+                    del self._socks_handshakes[source]
+
+        try:
+            await self._socks_handshake(forward, client, text, source, release)
+        finally:
+            release()
+
+    async def _socks_handshake(
+        self,
+        forward: _Forward,
+        client: socket.socket,
+        text: str,
+        source: str,
+        handshaken: Callable[[], None] = lambda: None,
+    ) -> None:
         client.setblocking(False)
         loop = asyncio.get_running_loop()
         codec = SocksServer(self._credentials())
@@ -740,6 +792,7 @@ class Tunnel:
         except asyncio.CancelledError:
             client.close()
             raise
+        handshaken()
         bridge = self._bridge(forward, text, request.target)
         try:
             await self._open_channel(forward, bridge, request.host, request.port, None)

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 PENALTY_WINDOW = 60.0
 UPSTREAM_TIMEOUT = 10.0
 NOT_PLAIN = "not a plain absolute path ('..', '.' and empty components are refused)"
+LINKED = "the path goes through a symbolic link; use the real path (a link could lead anywhere)"
 
 
 def load_host_key(path: str) -> asyncssh.SSHKey:
@@ -95,6 +96,15 @@ def plain_path(path: str) -> bool:
         return False
     parts = path[1:].split("/")
     return all(part not in ("", ".", "..") for part in parts)
+
+
+def linked(path: str) -> bool:
+    """Does `path` (plain) pass through a symbolic link, the last component included?
+
+    connect(2) and bind(2) follow links, so `/srv/pub/x.sock -> /var/run/docker.sock`, made by
+    anyone who may write in /srv/pub, would otherwise match `unix:/srv/pub/*.sock`.
+    """
+    return os.path.realpath(path) != path
 
 
 def _path_permitted(rules: tuple[str, ...], path: str) -> bool:
@@ -246,6 +256,7 @@ class _Session(asyncssh.SSHServer):
         self.waiting = False  # counted in the server's max_startups until logged in or gone
         self.auth_failures = 0
         self.began = 0.0
+        self.gone = False  # the SSH connection has ended (checked after every await)
         self.stats = ServerSessionStats("", "", "")
         self.listeners: list[_RemoteListener | _RemotePathListener] = []
 
@@ -281,14 +292,18 @@ class _Session(asyncssh.SSHServer):
             self.server.startups.done()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
         self._logged_in_or_gone()
+        self.server.orphans(self)
         if not self.authenticated:
             # asyncssh's login timer starts a moment before connection_made: allow for it
             if asyncio.get_running_loop().time() - self.began >= self.server.config.login_grace_time - 0.25:
                 log.warning("server: %s did not log in within login_grace_time; closed", self.source)
             if self.user_name:
-                if not self.auth_failures:
-                    self.server.failed_login(self.source_ip)  # gave up (or timed out) without a key
+                # A connection that never logged in costs its address each failed attempt (at
+                # least one); keys tried before a login that succeeds cost nothing (an agent
+                # offering several keys, many users behind one NAT).
+                self.server.failed_login(self.source_ip, max(1, self.auth_failures))
             elif exc is not None:  # before any login attempt: the key exchange did not get through
                 self._kex_failed(exc)
             return
@@ -330,7 +345,6 @@ class _Session(asyncssh.SSHServer):
         if self._accepts(username, key):
             return True
         self.auth_failures += 1
-        self.server.failed_login(self.source_ip)
         if self.auth_failures >= self.server.config.max_auth_tries:
             log.warning(
                 "server: %s: %d failed authentication attempts for %r (max_auth_tries); disconnected",
@@ -413,6 +427,8 @@ class _Session(asyncssh.SSHServer):
             self._deny_open(what, "port forwarding is off for this key (authorized_keys restrict)")
         if not plain_path(dest_path):
             self._deny_open(what, NOT_PLAIN)
+        if linked(dest_path):
+            self._deny_open(what, LINKED)
         if not _path_permitted(self.user.permit_open, dest_path):
             self._deny_open(what, 'not in permit_open (a Unix socket needs its own "unix:/path" entry)')
         self._room_for_a_channel(what)
@@ -455,6 +471,8 @@ class _Session(asyncssh.SSHServer):
             reason = "port forwarding is off for this key (authorized_keys restrict)"
         elif not plain_path(listen_path):
             reason = NOT_PLAIN
+        elif linked(listen_path):
+            reason = LINKED
         elif not _path_permitted(allowed, listen_path):
             reason = 'not in permit_listen (a Unix socket needs its own "unix:/path" entry)'
         else:
@@ -543,9 +561,10 @@ class TunnelServer:
     def penalized(self, address: str) -> bool:
         return self._failures.blocked(address)
 
-    def failed_login(self, address: str) -> None:
-        self.state.server_auth_failures += 1
-        self._failures.note(address)
+    def failed_login(self, address: str, times: int = 1) -> None:
+        self.state.server_auth_failures += times
+        for _ in range(times):
+            self._failures.note(address)
 
     # ------------------------------------------------------------------ relays
     def spawn(self, coro: Any) -> None:
@@ -561,6 +580,13 @@ class TunnelServer:
         self.channels.opened(id(owner), owner.user_name)
         self._channel_owner[bridge] = owner
         return bridge
+
+    def orphans(self, owner: _Session) -> None:
+        """Close `owner`'s bridges whose channel never opened: with the connection gone, asyncssh
+        will not attach them, and their upstream sockets would otherwise wait for ever."""
+        for bridge, held_by in list(self._channel_owner.items()):
+            if held_by is owner and bridge.chan is None:
+                bridge.close("the client went away")
 
     def no_room(self, owner: _Session, client: socket.socket, what: str) -> bool:
         """True (and the -R client closed, logged) when `owner` is at its channel cap."""
@@ -593,6 +619,15 @@ class TunnelServer:
         """A -L/-D channel: connect the target first, then accept the channel with a bridge."""
         text = f"unix:{target}" if isinstance(target, str) else f"{target[0]}:{target[1]}"
         bridge = self.bridge(owner, client, text, channel_is_client=True)
+        try:
+            return await self._connect_upstream(owner, client, text, target, bridge)
+        except BaseException:
+            bridge.close("not opened")  # idempotent: every way out frees the session and its count
+            raise
+
+    async def _connect_upstream(
+        self, owner: _Session, client: str, text: str, target: tuple[str, int] | str, bridge: Bridge
+    ) -> asyncssh.SSHTCPSession[bytes]:
         loop = asyncio.get_running_loop()
         error: UpstreamError | None = None
         try:
@@ -613,6 +648,10 @@ class TunnelServer:
             error = UpstreamError(f"no answer within {UPSTREAM_TIMEOUT:g}s", reason="timeout")
         except OSError as exc:
             error = describe_error(exc)
+        except ValueError:  # a name the resolver will not take (a label over 63 bytes, a NUL)
+            error = UpstreamError("cannot resolve: not a valid host name", reason="resolve")
+        if error is None and owner.gone:  # the SSH connection ended while we connected
+            error = UpstreamError("the client went away", reason="closed")
         if error is not None:
             owner.stats.stats.count_error(error.reason)
             log.info("server: %s -> %s failed: %s", client, text, error.message)
@@ -670,7 +709,7 @@ class TunnelServer:
     ) -> _RemoteListener | bool:
         held = self.ports.get((bind, port)) if port else None
         if held is not None:
-            if not await self._may_take(owner, held.owner, f"{bind}:{port}"):
+            if not await self._may_take(owner, held.owner, f"{bind}:{port}") or owner.gone:
                 return False
             if self.ports.get((bind, port)) is held:  # still there after the probe
                 held.close()
@@ -699,7 +738,7 @@ class TunnelServer:
     async def listen_remote_path(self, owner: _Session, path: str) -> _RemotePathListener | bool:
         held = self.paths.get(path)
         if held is not None:
-            if not await self._may_take(owner, held.owner, f"unix:{path}"):
+            if not await self._may_take(owner, held.owner, f"unix:{path}") or owner.gone:
                 return False
             if self.paths.get(path) is held:  # still there after the probe
                 held.close()
