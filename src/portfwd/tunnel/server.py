@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Awaitable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +28,14 @@ from portfwd.config import ServerConfig, ServerUserConfig
 from portfwd.errors import BindError, RuntimeFailure, UpstreamError
 from portfwd.relay.deadline import Deadlines
 from portfwd.relay.forwarder import format_peer
-from portfwd.relay.listener import TcpListener, bind_ip, bind_unix, keepalive
+from portfwd.relay.listener import bind_ip, bind_unix, keepalive
 from portfwd.relay.upstream import describe_error
 from portfwd.state import ServerSessionStats, State
 from portfwd.tunnel.bridge import Bridge
-from portfwd.tunnel.client import PACKET, WINDOW
 from portfwd.tunnel.cork import CorkedConnector
 from portfwd.tunnel.lean import fix, probe, tune
 from portfwd.tunnel.limits import Channels, Failures, Startups
+from portfwd.tunnel.remote import RemoteListener
 
 log = logging.getLogger(__name__)
 
@@ -134,111 +134,6 @@ def _forwarding_allowed(options: dict[str, Any]) -> bool:
     return not (options.get("restrict") and not options.get("port-forwarding"))
 
 
-async def _hand_back(
-    server: TunnelServer,
-    owner: _Session,
-    client: socket.socket,
-    bridge: Bridge,
-    source: str,
-    channel: Awaitable[object],
-) -> None:
-    """Wait (up to UPSTREAM_TIMEOUT) for the channel back to the `-R` client, then relay.
-
-    A client that refuses or does not answer closes only this connection, counted and logged.
-    """
-    try:
-        await server.deadlines.within(UPSTREAM_TIMEOUT, channel)
-    except (asyncssh.Error, OSError, TimeoutError) as exc:
-        owner.stats.stats.count_error("refused")
-        log.info("server: %s -> %s: the client did not take it: %s", source, owner.label, exc)
-        client.close()
-        bridge.close("refused")
-        return
-    await server.attach(bridge, client)
-
-
-class _RemoteListener(asyncssh.SSHListener):
-    """A -R port this server bound for one client; each connection becomes a forwarded channel."""
-
-    def __init__(
-        self, server: TunnelServer, owner: _Session, sock: socket.socket, requested_host: str
-    ) -> None:
-        super().__init__()
-        self.server = server
-        self.owner = owner
-        self.requested_host = requested_host
-        self.address = sock.getsockname()[:2]
-        self.port = int(self.address[1])
-        self.listener = TcpListener(sock, self._accept, f"server {owner.user_name}")
-        self.listener.start()
-
-    def get_port(self) -> int:
-        return self.port
-
-    def _accept(self, client: socket.socket, peer: Any) -> None:
-        self.server.spawn(self._serve(client, format_peer(peer) if isinstance(peer, tuple) else "unix", peer))
-
-    async def _serve(self, client: socket.socket, text: str, peer: Any) -> None:
-        owner = self.owner
-        if self.server.no_room(owner, client, f"-R {self.address[0]}:{self.port}"):
-            return
-        client.setblocking(False)
-        bridge = owner.bridge(text, f"client {owner.source}", channel_is_client=False)
-        channel = owner.conn.create_connection(
-            bridge.channel_session,
-            self.requested_host,
-            self.port,
-            str(peer[0]),
-            int(peer[1]),
-            window=WINDOW,
-            max_pktsize=PACKET,
-        )
-        await _hand_back(self.server, owner, client, bridge, text, channel)
-
-    def close(self) -> None:
-        self.listener.close()
-        self.server.released(self)
-
-    async def wait_closed(self) -> None:
-        """Closing is immediate."""
-
-
-class _RemotePathListener(asyncssh.SSHListener):
-    """A remote Unix socket (`ssh -R /path:...`); each connection becomes a forwarded-streamlocal channel."""
-
-    def __init__(self, server: TunnelServer, owner: _Session, sock: socket.socket, path: str) -> None:
-        super().__init__()
-        self.server = server
-        self.owner = owner
-        self.path = path
-        self.listener = TcpListener(sock, self._accept, f"server {owner.user_name}")
-        self.listener.start()
-
-    def get_port(self) -> int:
-        return 0
-
-    def _accept(self, client: socket.socket, peer: Any) -> None:
-        self.server.spawn(self._serve(client))
-
-    async def _serve(self, client: socket.socket) -> None:
-        owner = self.owner
-        if self.server.no_room(owner, client, f"-R unix:{self.path}"):
-            return
-        client.setblocking(False)
-        bridge = owner.bridge(f"unix:{self.path}", f"client {owner.source}", channel_is_client=False)
-        channel = owner.conn.create_unix_connection(
-            bridge.unix_session, self.path, window=WINDOW, max_pktsize=PACKET
-        )
-        await _hand_back(self.server, owner, client, bridge, f"unix:{self.path}", channel)
-
-    def close(self) -> None:
-        self.listener.close()
-        self.server.released_path(self)
-
-    async def wait_closed(self) -> None:
-        """Closing is immediate."""
-
-
 class _Session(asyncssh.SSHServer):
     """One SSH connection to the server: authentication, then the policy for every request."""
 
@@ -258,7 +153,7 @@ class _Session(asyncssh.SSHServer):
         self.began = 0.0
         self.gone = False  # the SSH connection has ended (checked after every await)
         self.stats = ServerSessionStats("", "", "")
-        self.listeners: list[_RemoteListener | _RemotePathListener] = []
+        self.listeners: list[RemoteListener] = []
 
     @property
     def label(self) -> str:
@@ -490,8 +385,7 @@ class TunnelServer:
         self.fast_path = fast_path
         self.state = state
         self.users = {user.name: user for user in config.user}
-        self.ports: dict[tuple[str, int], _RemoteListener] = {}
-        self.paths: dict[str, _RemotePathListener] = {}
+        self.remotes: dict[str, RemoteListener] = {}  # -R ports and sockets by key (remote.py)
         self._failures = Failures(config.max_auth_failures, PENALTY_WINDOW)
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -549,7 +443,7 @@ class TunnelServer:
     async def stop(self) -> None:
         """Close everything: the listener, the -R ports, the relays."""
         await self.stop_accepting()
-        for listener in [*self.ports.values(), *self.paths.values()]:
+        for listener in list(self.remotes.values()):
             listener.close()
         for task in list(self._tasks):
             task.cancel()
@@ -706,16 +600,11 @@ class TunnelServer:
 
     async def listen_remote(
         self, owner: _Session, requested: str, bind: str, port: int
-    ) -> _RemoteListener | bool:
-        held = self.ports.get((bind, port)) if port else None
-        if held is not None:
-            if not await self._may_take(owner, held.owner, f"{bind}:{port}") or owner.gone:
-                return False
-            if self.ports.get((bind, port)) is held:  # still there after the probe
-                held.close()
-            held.owner.conn.close()
-        try:
-            sock = bind_ip(
+    ) -> RemoteListener | bool:
+        """`ssh -R [bind:]port:...`: bind the port for `owner` (taking it from its dead self)."""
+
+        def make() -> socket.socket:
+            return bind_ip(
                 f"server {owner.label} -R",
                 bind,
                 port,
@@ -724,50 +613,49 @@ class TunnelServer:
                 dual_stack=False,
                 tcp_keepalive=self.config.tcp_keepalive,
             )
-        except BindError as exc:
-            log.warning("server: %s: %s", owner.label, exc.line())
-            return False
-        listener = _RemoteListener(self, owner, sock, requested)
-        self.ports[(bind, listener.port)] = listener
-        owner.listeners.append(listener)
-        forward = f"-R {bind}:{listener.port}"
-        owner.stats.forwards.append(forward)
-        log.info("server: %s: listening on %s:%d for the client", owner.label, bind, listener.port)
-        return listener
 
-    async def listen_remote_path(self, owner: _Session, path: str) -> _RemotePathListener | bool:
-        held = self.paths.get(path)
+        key = f"{bind}:{port}" if port else None  # port 0: a new port, never held
+        return await self._listen(owner, key, make, requested_host=requested)
+
+    async def listen_remote_path(self, owner: _Session, path: str) -> RemoteListener | bool:
+        """`ssh -R /path.sock:...`: bind the socket file for `owner`."""
+        key = f"unix:{path}"
+        return await self._listen(
+            owner, key, lambda: bind_unix(f"server {owner.label} -R", path, backlog=1024), path=path
+        )
+
+    async def _listen(
+        self,
+        owner: _Session,
+        key: str | None,
+        make: Callable[[], socket.socket],
+        *,
+        requested_host: str = "",
+        path: str | None = None,
+    ) -> RemoteListener | bool:
+        held = self.remotes.get(key) if key is not None else None
         if held is not None:
-            if not await self._may_take(owner, held.owner, f"unix:{path}") or owner.gone:
+            if not await self._may_take(owner, held.owner, key or "") or owner.gone:
                 return False
-            if self.paths.get(path) is held:  # still there after the probe
+            if self.remotes.get(held.key) is held:  # still there after the probe
                 held.close()
             held.owner.conn.close()
         try:
-            sock = bind_unix(f"server {owner.label} -R", path, backlog=1024)
+            sock = make()
         except BindError as exc:
             log.warning("server: %s: %s", owner.label, exc.line())
             return False
-        listener = _RemotePathListener(self, owner, sock, path)
-        self.paths[path] = listener
+        listener = RemoteListener(self, owner, sock, requested_host=requested_host, path=path)
+        self.remotes[listener.key] = listener
         owner.listeners.append(listener)
-        owner.stats.forwards.append(f"-R unix:{path}")
-        log.info("server: %s: listening on unix:%s for the client", owner.label, path)
+        owner.stats.forwards.append(f"-R {listener.key}")
+        log.info("server: %s: listening on %s for the client", owner.label, listener.key)
         return listener
 
-    def released_path(self, listener: _RemotePathListener) -> None:
-        if self.paths.get(listener.path) is listener:
-            del self.paths[listener.path]
+    def released(self, listener: RemoteListener) -> None:
+        if self.remotes.get(listener.key) is listener:
+            del self.remotes[listener.key]
         with contextlib.suppress(ValueError):
             listener.owner.listeners.remove(listener)
         with contextlib.suppress(ValueError):
-            listener.owner.stats.forwards.remove(f"-R unix:{listener.path}")
-
-    def released(self, listener: _RemoteListener) -> None:
-        key = (listener.address[0], listener.port)
-        if self.ports.get(key) is listener:
-            del self.ports[key]
-        with contextlib.suppress(ValueError):
-            listener.owner.listeners.remove(listener)
-        with contextlib.suppress(ValueError):
-            listener.owner.stats.forwards.remove(f"-R {listener.address[0]}:{listener.port}")
+            listener.owner.stats.forwards.remove(f"-R {listener.key}")
