@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
-from portfwd import __version__, instances, oneshot, tunnelspec
+from portfwd import __version__, instances, oneshot
 from portfwd.cli.console import report, setup_logging
 from portfwd.errors import ConfigError, RuntimeFailure
-from portfwd.printable import printable, printable_values
+from portfwd.printable import printable
 
 if TYPE_CHECKING:
     from rich.console import Group
@@ -275,6 +275,8 @@ def ssh(
     """
     setup_logging(verbose, quiet, log_format)
     instance = instances.identify("ssh", name=name, control=control_socket)
+    from portfwd.cli.sshargs import tunnel_from_args
+
     loaded = tunnel_from_args(
         destination, local, remote, dynamic, port, identity, jump, options, ssh_config, compression, name
     )
@@ -283,90 +285,6 @@ def ssh(
     from portfwd import runtime
 
     runtime.run(loaded, identity=instance, exit_on_auth=True)
-
-
-def tunnel_from_args(
-    destination: str,
-    local: tuple[str, ...],
-    remote: tuple[str, ...],
-    dynamic: tuple[str, ...],
-    port: int | None,
-    identity: tuple[str, ...],
-    jump: str | None,
-    options: tuple[str, ...],
-    ssh_config: str | None,
-    compression: bool,
-    name: str | None,
-) -> config.Config:
-    """The Config `portfwd ssh ARGS` runs: one [[tunnel]]. Raises ConfigError, one line per problem."""
-    from portfwd import config  # pydantic and the models cost 130 ms to import
-
-    problems: list[str] = []
-    table: dict[str, Any] = {"ssh": destination}
-    for flag, kind, specs in (("-L", "local", local), ("-R", "remote", remote), ("-D", "dynamic", dynamic)):
-        good = []
-        for item in specs:
-            try:
-                tunnelspec.parse_forward(kind, item)  # type: ignore[arg-type]
-                good.append(item)
-            except ConfigError as exc:
-                problems.append(f"{flag} {item}: {exc.line()}")
-        table[kind] = good  # the bad ones are reported above; validate the rest below
-    if port is not None:
-        table["port"] = port
-    if identity:
-        table["identity"] = list(identity)
-    if jump:
-        table["jump"] = jump.split(",")
-    if ssh_config:
-        table["ssh_config"] = [ssh_config]
-    if compression:
-        table["compression"] = True
-    if name:
-        table["name"] = name
-    for option in options:
-        try:
-            tunnelspec.parse_option(option, table)
-        except ConfigError as exc:
-            problems.append(exc.line())
-    if not (local or remote or dynamic):
-        problems.append("no forward given; add -L, -R or -D (portfwd ssh only forwards ports)")
-    try:
-        loaded = config.validate({"tunnel": [table]})
-    except ConfigError as exc:
-        if problems:  # "no forward" only because the bad specs were left out
-            exc.problems = [line for line in exc.problems if not line.startswith("tunnel[0]: no forward")]
-        problems.extend(_cli_words(line) for line in exc.problems)
-    if problems:
-        raise ConfigError(problems[0], problems=problems)
-    return loaded
-
-
-_CLI_KEYS = {
-    "ssh": "destination",
-    "port": "-p",
-    "identity": "-i",
-    "jump": "-J",
-    "keepalive_interval": "-o ServerAliveInterval",
-    "keepalive_count": "-o ServerAliveCountMax",
-    "connect_timeout": "-o ConnectTimeout",
-    "ciphers": "-o Ciphers",
-    "kex": "-o KexAlgorithms",
-    "macs": "-o MACs",
-    "host_key_algorithms": "-o HostKeyAlgorithms",
-    "known_hosts": "-o UserKnownHostsFile",
-    "user": "-o User",
-}
-
-
-def _cli_words(line: str) -> str:
-    """`tunnel[0].ciphers: ...` as a CLI user wrote it: `-o Ciphers: ...`."""
-    prefix = "tunnel[0]"
-    if not line.startswith(prefix):
-        return line
-    rest = line[len(prefix) :].lstrip(".")
-    key, _, message = rest.partition(": ")
-    return f"{_CLI_KEYS.get(key, key)}: {message}" if key else message
 
 
 @app.command()
@@ -658,269 +576,10 @@ def map_list(
     Console(markup=False, emoji=False).print(table if rows else Text("the router holds no mappings"))
 
 
-def _bytes(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{count} B"  # pragma: no cover - the loop always returns
-
-
-def _age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def _status_view(status: dict[str, Any]) -> Group:
-    """The netstat-like picture of one snapshot: a header, rules, then live sessions."""
-    from rich import box
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
-
-    uptime = time.time() - float(status.get("started", time.time()))
-    who = f"{status.get('instance')} ({status.get('kind')}), " if status.get("instance") else ""
-    header = Text(
-        f"portfwd {who}pid {status.get('pid')}, up {_age(uptime)}, config {status.get('config') or '(none)'}"
-    )
-    rules = Table(title="rules", title_justify="left", box=box.SIMPLE_HEAD)
-    for column, justify in (
-        ("rule", "left"),
-        ("listen", "left"),
-        ("connect", "left"),
-        ("proto", "left"),
-        ("relay", "left"),
-        ("active", "right"),
-        ("total", "right"),
-        ("up", "right"),
-        ("down", "right"),
-        ("errors", "left"),
-    ):
-        rules.add_column(column, justify=justify, no_wrap=column in ("rule", "listen", "connect"))  # type: ignore[arg-type]
-    for rule in sorted(status.get("rules", []), key=lambda item: str(item["name"])):
-        errors = dict(rule.get("errors", {}))
-        if rule.get("denied_total"):
-            errors["denied"] = rule["denied_total"]
-        name = rule["name"] + ("" if rule.get("running", True) else " (removed)")
-        rules.add_row(
-            name,
-            rule["listen"],
-            rule["connect"],
-            rule["protocol"],
-            rule["relay"],
-            str(rule["connections_active"]),
-            str(rule["connections_total"]),
-            _bytes(rule["bytes_up"]),
-            _bytes(rule["bytes_down"]),
-            ", ".join(f"{key} {value}" for key, value in sorted(errors.items())) or "-",
-        )
-    sessions = Table(title="sessions", title_justify="left", box=box.SIMPLE_HEAD)
-    for column, justify in (
-        ("rule", "left"),
-        ("client", "left"),
-        ("target", "left"),
-        ("path", "left"),
-        ("up", "right"),
-        ("down", "right"),
-        ("age", "right"),
-        ("idle", "right"),
-    ):
-        sessions.add_column(column, justify=justify, no_wrap=column in ("client", "target"))  # type: ignore[arg-type]
-    for item in sorted(
-        status.get("sessions", []), key=lambda entry: (str(entry["rule"]), -float(entry["age"]))
-    ):
-        sessions.add_row(
-            item["rule"],
-            item["client"],
-            item["target"],
-            item["path"],
-            _bytes(item["bytes_up"]),
-            _bytes(item["bytes_down"]),
-            _age(item["age"]),
-            _age(item["idle"]),
-        )
-    parts: list[Any] = [header]
-    if status.get("rules") or not (
-        status.get("tunnels")
-        or status.get("server_sessions")
-        or status.get("gateway_rules")
-        or status.get("mappings")
-    ):
-        parts.append(rules)
-    if status.get("tunnels"):
-        parts.append(_tunnel_view(status["tunnels"]))
-    if status.get("gateway_rules"):
-        rules_table = Table(title="gateway (table inet portfwd)", title_justify="left", box=box.SIMPLE_HEAD)
-        for column in ("chain", "rule", "packets", "bytes"):
-            rules_table.add_column(column)
-        for row in status["gateway_rules"]:
-            rules_table.add_row(row["chain"], row["rule"] or "-", str(row["packets"]), _bytes(row["bytes"]))
-        parts.append(rules_table)
-    if status.get("mappings"):
-        mappings = Table(title="router mappings", title_justify="left", box=box.SIMPLE_HEAD)
-        for column in (
-            "mapping",
-            "method",
-            "state",
-            "internal",
-            "external",
-            "lease left",
-            "renewals",
-            "last error",
-        ):
-            mappings.add_column(column)
-        for row in status["mappings"]:
-            expires = row.get("expires")
-            left = "permanent" if row["state"] == "up" and not expires else "-"
-            if expires:
-                left = _age(float(expires) - time.time())
-            mappings.add_row(
-                f"{row['name']} {row['protocol']}",
-                row["method"],
-                row["state"],
-                row["internal"],
-                row["external"] or "-",
-                left,
-                str(row["renewals"]),
-                row["last_error"] or "-",
-            )
-        parts.append(mappings)
-    if status.get("gateway_sessions"):
-        nat = Table(title="gateway NAT sessions (conntrack)", title_justify="left", box=box.SIMPLE_HEAD)
-        for column in ("rule", "proto", "client", "public port", "LAN target", "state", "age"):
-            nat.add_column(column)
-        for row in status["gateway_sessions"]:
-            nat.add_row(
-                row["rule"],
-                row["proto"],
-                row["client"],
-                str(row["public_port"]),
-                row["target"],
-                row["state"] or "-",
-                "-" if row["age"] is None else _age(row["age"]),
-            )
-        parts.append(nat)
-    if status.get("triggers"):
-        triggers = Table(title="port triggers", title_justify="left", box=box.SIMPLE_HEAD)
-        for column in ("trigger", "opens", "held by", "time left"):
-            triggers.add_column(column)
-        for row in status["triggers"]:
-            held = bool(row.get("host"))
-            triggers.add_row(
-                row["trigger"], row["open"], row["host"] or "-", _age(row["expires"]) if held else "-"
-            )
-        parts.append(triggers)
-    if status.get("server_sessions"):
-        clients = Table(title="server sessions", title_justify="left", box=box.SIMPLE_HEAD)
-        for column in ("user", "source", "key", "forwards", "active", "total", "up", "down", "age"):
-            clients.add_column(column)
-        for item in status["server_sessions"]:
-            clients.add_row(
-                item["user"],
-                item["source"],
-                item["fingerprint"],
-                ", ".join(item["forwards"]) or "-",
-                str(item["connections_active"]),
-                str(item["connections_total"]),
-                _bytes(item["bytes_up"]),
-                _bytes(item["bytes_down"]),
-                _age(time.time() - float(item["since"])),
-            )
-        parts.append(clients)
-    parts.append(sessions if status.get("sessions") else Text("no live sessions"))
-    return Group(*parts)
-
-
-def _tunnel_view(tunnels: list[dict[str, Any]]) -> Table:
-    """One row per tunnel (state, since, reconnects, last error), then one per forward."""
-    from rich import box
-    from rich.table import Table
-
-    table = Table(title="tunnels", title_justify="left", box=box.SIMPLE_HEAD)
-    for column, justify in (
-        ("tunnel / forward", "left"),
-        ("listen", "left"),
-        ("target", "left"),
-        ("state", "left"),
-        ("active", "right"),
-        ("total", "right"),
-        ("up", "right"),
-        ("down", "right"),
-        ("note", "left"),
-    ):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    now = time.time()
-    for tunnel in tunnels:
-        note = f"{tunnel['reconnects']} reconnects"
-        if tunnel.get("last_error"):
-            note += f"; last error: {tunnel['last_error']}"
-        table.add_row(
-            f"{tunnel['name']}",
-            tunnel["server"],
-            "",
-            f"{tunnel['state']} {_age(now - float(tunnel['since']))}",
-            "",
-            "",
-            "",
-            "",
-            note,
-        )
-        for forward in tunnel["forwards"]:
-            errors = ", ".join(f"{key} {value}" for key, value in sorted(forward["errors"].items()))
-            table.add_row(
-                f"  {forward['spec'].split()[0]}",
-                forward["listen"],
-                forward["target"],
-                forward["state"],
-                str(forward["connections_active"]),
-                str(forward["connections_total"]),
-                _bytes(forward["bytes_up"]),
-                _bytes(forward["bytes_down"]),
-                "; ".join(item for item in (forward.get("error", ""), errors) if item) or "-",
-            )
-    return table
-
-
-def _printable(snapshot: dict[str, Any]) -> dict[str, Any]:
-    cleaned: dict[str, Any] = printable_values(snapshot)  # type: ignore[assignment]
-    return cleaned
-
-
 _target_options = (
     click.option("--name", metavar="NAME", help="The instance started with --name NAME."),
     click.option("--control", "control_socket", metavar="PATH", help="The instance serving PATH."),
 )
-
-
-def _instances_view(snapshots: list[dict[str, Any]]) -> Table:
-    """One row per running instance, for `status` with nothing naming one."""
-    from rich import box
-    from rich.table import Table
-
-    table = Table(title=f"{len(snapshots)} running instance(s)", title_justify="left", box=box.SIMPLE_HEAD)
-    for column in ("name", "kind", "pid", "up", "config", "rules", "tunnels", "sessions", "control"):
-        table.add_column(
-            column, justify="right" if column in ("pid", "rules", "tunnels", "sessions") else "left"
-        )
-    now = time.time()
-    for snapshot in snapshots:
-        table.add_row(
-            str(snapshot.get("instance") or "?"),
-            str(snapshot.get("kind") or "?"),
-            str(snapshot.get("pid")),
-            _age(now - float(snapshot.get("started", now))),
-            str(snapshot.get("config") or "-"),
-            str(len(snapshot.get("rules", []))),
-            str(len(snapshot.get("tunnels", []))),
-            str(len(snapshot.get("sessions", [])) + len(snapshot.get("server_sessions", []))),
-            str(snapshot.get("control") or "-"),
-        )
-    return table
 
 
 @app.command()
@@ -941,7 +600,7 @@ def status(
     from rich.live import Live
     from rich.text import Text
 
-    from portfwd.cli import find
+    from portfwd.cli import find, views
 
     where = find.target(config_file, name, control_socket, validate=False)
 
@@ -962,12 +621,12 @@ def status(
     def view() -> Group | Table:
         # Snapshots quote peers (SOCKS names, users, router replies): escaped, and no rich markup.
         if where is not None:
-            return _status_view(_printable(fetch()))
-        snapshots = [_printable(snapshot) for snapshot in every()]
+            return views.status_view(views.printable_snapshot(fetch()))
+        snapshots = [views.printable_snapshot(snapshot) for snapshot in every()]
         if len(snapshots) == 1:
-            return _status_view(snapshots[0])
+            return views.status_view(snapshots[0])
         hint = Text("portfwd status --name NAME shows one of them whole")
-        return Group(_instances_view(snapshots), hint)
+        return Group(views.instances_view(snapshots), hint)
 
     if as_json and not watch:
         picture: Any = fetch() if where is not None else {"instances": every()}
