@@ -29,8 +29,8 @@ from portfwd.config import Config, ForwardConfig, MapConfig, TunnelConfig, publi
 from portfwd.control import ControlServer
 from portfwd.errors import BindError, ConfigError, PortfwdError, RuntimeFailure
 from portfwd.instances import Identity
-from portfwd.kernel import conntrack, nft
-from portfwd.kernel.triggers import LastWins
+from portfwd.kernel import nft
+from portfwd.kernel.gateway import GatewayService
 from portfwd.metrics import MetricsServer
 from portfwd.privileges import Janitor, drop_privileges
 from portfwd.relay.forwarder import RelayPath, TcpForwarder
@@ -47,9 +47,6 @@ from portfwd.tunnel.lean import fast_path
 from portfwd.tunnel.server import TunnelServer
 
 log = logging.getLogger(__name__)
-
-#: How often `portfwd run` checks that its nftables table is still loaded (seconds).
-GATEWAY_CHECK = float(os.environ.get("PORTFWD_GATEWAY_CHECK", "10"))
 
 
 @dataclass(slots=True)
@@ -129,12 +126,8 @@ class Runtime:
         self.fatal_error: PortfwdError | None = None
         self._tunnels: dict[TunnelConfig, Tunnel] = {}
         self._server: TunnelServer | None = None
-        self._gateway: str | None = None  # the ruleset applied, while portfwd's table is ours
-        self._gateway_check: asyncio.Task[None] | None = None
-        self._gateway_fingerprint: str | None = None
+        self._gateway: GatewayService | None = None
         self._keeper: Keeper | None = None
-        self._restore_timestamps = False
-        self._last_wins: LastWins | None = None
         self.identity = identity
         #: Decided at start (config or --no-ssh-fast-path) and kept across reloads, which say so.
         self.fast_path = config.ssh_fast_path
@@ -263,76 +256,6 @@ class Runtime:
             self._tunnels[tunnel_config] = tunnel
         return failures
 
-    async def _apply_gateway(self) -> None:
-        """Plan and apply the gateway ruleset, then watch that it stays loaded."""
-        gateway = self.config.gateway
-        assert gateway is not None
-        for problem in nft.forwarding_problems(gateway.enable_forwarding):
-            log.warning("gateway: %s", problem)
-        found = await asyncio.to_thread(nft.interfaces, gateway)
-        problems = nft.check(gateway, found)
-        if problems:
-            raise nft.GatewayError(problems[0])
-        ruleset = nft.plan(gateway, found)
-        await asyncio.to_thread(nft.apply, ruleset)
-        self._gateway = ruleset
-        self._gateway_fingerprint = await asyncio.to_thread(nft.fingerprint)
-        if conntrack.timestamps(on=True) is False:
-            self._restore_timestamps = True
-            log.info("gateway: turned on net.netfilter.nf_conntrack_timestamp (NAT session ages in status)")
-        log.info(
-            "gateway: table inet portfwd applied: %d forward rule(s), %d trigger(s)",
-            len(gateway.forward),
-            len(gateway.trigger),
-        )
-        await self._read_gateway()
-        self._gateway_check = asyncio.get_running_loop().create_task(self._watch_gateway())
-        self._last_wins = LastWins(gateway, found.lan_networks)
-        await self._last_wins.start()
-
-    async def _watch_gateway(self) -> None:
-        """Every GATEWAY_CHECK seconds: if someone deleted or changed portfwd's table, load it again."""
-        while self._gateway is not None:
-            await asyncio.sleep(GATEWAY_CHECK)
-            try:
-                present = await self._read_gateway()
-                if self._gateway is None:
-                    return
-                if not present:
-                    log.warning("gateway: table inet portfwd was removed behind our back; applying it again")
-                elif await asyncio.to_thread(nft.fingerprint) != self._gateway_fingerprint:
-                    log.warning("gateway: table inet portfwd was changed behind our back; applying it again")
-                else:
-                    continue
-                await asyncio.to_thread(nft.apply, self._gateway)
-                self._gateway_fingerprint = await asyncio.to_thread(nft.fingerprint)
-                log.info("gateway: table inet portfwd applied again")
-            except nft.GatewayError as exc:
-                log.error("gateway: %s", exc.line())
-
-    async def _read_gateway(self) -> bool:
-        """Refresh the gateway counters and trigger holders in the state; False if the table is gone."""
-        listing = await asyncio.to_thread(nft.live)
-        if listing is None:
-            return False
-        self.state.gateway_rules = nft.counters(listing)
-        gateway = self.config.gateway
-        holders = nft.trigger_holders(listing)
-        self.state.triggers = [
-            {
-                "trigger": trigger.name or f"gateway.trigger[{index}]",
-                "open": ", ".join(f"{proto}/{ports}" for proto, ports in trigger.open),
-                "host": holders.get(index, ("", 0))[0],
-                "expires": holders.get(index, ("", 0))[1],
-            }
-            for index, trigger in enumerate(gateway.trigger if gateway else ())
-        ]
-        if gateway is not None:
-            self.state.gateway_sessions = await asyncio.to_thread(
-                conntrack.sessions, conntrack.claims(gateway)
-            )
-        return True
-
     def _fatal(self, error: PortfwdError) -> None:
         """A part that cannot go on without lying to its user: stop the process, exit 1."""
         if self.fatal_error is None:
@@ -399,9 +322,12 @@ class Runtime:
                 log.warning("%s", decided.reason)
         self.failures.extend(self._start_tunnels(list(self.config.tunnel)))
         if self.config.gateway is not None:
+            gateway = GatewayService(self.config.gateway, self.state)
             try:
-                await self._apply_gateway()
+                await gateway.start()
+                self._gateway = gateway
             except nft.GatewayError as exc:
+                await gateway.stop()
                 self.failures.append(exc)
                 log.error("gateway: %s", exc.line())
         if maps := published(self.config):
@@ -588,22 +514,9 @@ class Runtime:
         if self._server is not None:
             await self._server.stop()
             self._server = None
-        if self._gateway_check is not None:
-            self._gateway_check.cancel()
-            self._gateway_check = None
-        if self._last_wins is not None:
-            await self._last_wins.stop()
-            self._last_wins = None
         if self._gateway is not None:
+            await self._gateway.stop()
             self._gateway = None
-            try:
-                await asyncio.to_thread(nft.remove)
-                log.info("gateway: table inet portfwd removed")
-                if self._restore_timestamps:
-                    conntrack.timestamps(on=False)
-                    self._restore_timestamps = False
-            except nft.GatewayError as exc:
-                log.error("gateway: %s", exc.line())
         if self._keeper is not None:
             await self._keeper.stop()
             self._keeper = None
