@@ -41,10 +41,10 @@ from portfwd.relay.splice import PipePool, splice_available
 from portfwd.relay.udp import UdpForwarder
 from portfwd.router.base import MapRequest
 from portfwd.router.keeper import Keeper, Wanted
+from portfwd.ssh.client import Tunnel
+from portfwd.ssh.lean import fast_path
+from portfwd.ssh.server import TunnelServer
 from portfwd.state import Listener, State
-from portfwd.tunnel.client import Tunnel
-from portfwd.tunnel.lean import fast_path
-from portfwd.tunnel.server import TunnelServer
 
 log = logging.getLogger(__name__)
 

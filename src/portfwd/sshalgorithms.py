@@ -10,7 +10,7 @@ implements it, in OpenSSH's order unless noted, minus what asyncssh does less sa
   are post-quantum hybrids. diffie-hellman-group-exchange-sha256 is left out: asyncssh's server
   hands a 1024-bit group to a client asking for one, and its client takes any group a server
   sends, where OpenSSH refuses anything under 2048 bits both ways.
-- ciphers: OpenSSH's six; AEAD first, as asyncssh orders them (tunnel/lean speeds those up).
+- ciphers: OpenSSH's six; AEAD first, as asyncssh orders them (ssh/lean speeds those up).
 - macs: OpenSSH's, minus SHA-1 (hmac-sha1, hmac-sha1-etm) and 64-bit tags (umac-64, umac-64-etm):
   stricter, at no cost to a peer with SHA-2 MACs (OpenSSH 5.9+). The encrypt-and-MAC SHA-2 and
   umac-128 stay, as in OpenSSH, for peers without etm or AEAD (AEAD uses no MAC at all).

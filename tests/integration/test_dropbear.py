@@ -3,7 +3,7 @@
 dbclient sends a guessed first key-exchange packet behind its KEXINIT. RFC 4253 §7: when the
 two sides' first key exchange or first host key algorithms differ, the guess is wrong and the
 server must ignore it; asyncssh 2.24 judged only the kex algorithm it chose, so dbclient was
-refused with "Key exchange not in progress" (see portfwd/tunnel/lean/kex.py). The server
+refused with "Key exchange not in progress" (see portfwd/ssh/lean/kex.py). The server
 is run with the guess wrong by kex (asyncssh's own first choice, mlkem768x25519-sha256, is
 not dbclient's curve25519-sha256), wrong by host key only (kex narrowed to dbclient's first,
 an RSA host key), and right (both narrowed to dbclient's firsts). The narrowing is the server's
@@ -30,7 +30,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from portfwd.tunnel.lean.kex import Proposal, proposal
+from portfwd.ssh.lean.kex import Proposal, proposal
 from tests.conftest import need_binary, need_root
 from tests.integration.peers import free_port
 from tests.integration.processes import READY, Proc, portfwd_argv, started

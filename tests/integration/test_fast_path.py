@@ -4,7 +4,7 @@ Each test checks what a person reads (the decision line at -v), that the bytes c
 (8 MiB, sha256 checked by the Sink), and which packet path carried them, as the peer sees it
 on the wire: asyncssh's own send path puts an empty SSH_MSG_IGNORE before every packet once
 keys are in place, the fast path sends none under the ciphers negotiated here (see
-portfwd/tunnel/lean/packets.py), and OpenSSH logs each one it receives at DEBUG3
+portfwd/ssh/lean/packets.py), and OpenSSH logs each one it receives at DEBUG3
 ("Received SSH2_MSG_IGNORE"). Switched off, at least one arrives per 32 KiB data packet;
 on, none once the fast path is installed. OpenSSH's logs go to files (-E): this many DEBUG3
 lines would fill a pipe and stall the peer.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from portfwd.tunnel import lean
+from portfwd.ssh import lean
 from tests.integration.peers import MiB, free_port, open_client, peer, read_all, running, sha
 from tests.integration.processes import READY, Proc, portfwd_argv, started, wait_listening
 from tests.integration.sshd import SSHD, Sshd

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from portfwd.metrics import StateCollector
 from portfwd.runtime import Runtime
-from portfwd.tunnel.server import load_host_key
+from portfwd.ssh.server import load_host_key
 from tests.integration.conformance import RelayConformance
 from tests.integration.peers import Address, free_port, open_client, read_all, running, text, wait_until
 from tests.integration.socks_client import socks5

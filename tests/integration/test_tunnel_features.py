@@ -21,8 +21,8 @@ import pytest
 
 from portfwd import instances
 from portfwd.runtime import Runtime
-from portfwd.tunnel.lean.aead import FastChacha, FastGcm
-from portfwd.tunnel.lean.packets import tune
+from portfwd.ssh.lean.aead import FastChacha, FastGcm
+from portfwd.ssh.lean.packets import tune
 from tests.conftest import need_binary
 from tests.integration.peers import MiB, free_port, open_client, peer, read_all, running, sha, wait_until
 from tests.integration.processes import Proc

@@ -7,8 +7,8 @@ from asyncssh.encryption import get_encryption
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portfwd.tunnel.lean.aead import SMALL, FastChacha, FastGcm, chacha_available
-from portfwd.tunnel.lean.packets import _faster
+from portfwd.ssh.lean.aead import SMALL, FastChacha, FastGcm, chacha_available
+from portfwd.ssh.lean.packets import _faster
 
 ALGS = {
     b"aes128-gcm@openssh.com": (16, 12, 16, FastGcm),

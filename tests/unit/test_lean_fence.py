@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from portfwd.tunnel import lean
+from portfwd.ssh import lean
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "portfwd"
 
@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "portfwd"
 def test_installed_asyncssh_is_the_one_the_fast_path_was_checked_against() -> None:
     installed = lean.installed_asyncssh()
     assert installed in lean.VERIFIED, (
-        f"asyncssh {installed} is installed, but the SSH fast path (portfwd/tunnel/lean) was checked "
+        f"asyncssh {installed} is installed, but the SSH fast path (portfwd/ssh/lean) was checked "
         f"against {', '.join(lean.VERIFIED)}: re-read {', '.join(lean.MIRRORED)} against lean/packets.py, "
         "lean/receive.py, lean/aead.py and lean/kex.py, then update lean.VERIFIED and lean.MIRRORED"
     )
@@ -25,7 +25,7 @@ def test_the_asyncssh_code_the_fast_path_mirrors_has_not_moved() -> None:
     moved = lean.changed()
     assert not moved, (
         f"asyncssh {lean.installed_asyncssh()} changed what the SSH fast path mirrors: re-read "
-        f"{', '.join(moved)} against portfwd/tunnel/lean, then update their digests in lean.MIRRORED"
+        f"{', '.join(moved)} against portfwd/ssh/lean, then update their digests in lean.MIRRORED"
     )
 
 

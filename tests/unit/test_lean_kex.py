@@ -1,4 +1,4 @@
-"""RFC 4253 §7 for a guessed first key-exchange packet (portfwd/tunnel/lean/kex.py): bytes in, verdicts out.
+"""RFC 4253 §7 for a guessed first key-exchange packet (portfwd/ssh/lean/kex.py): bytes in, verdicts out.
 
 The server tests run asyncssh on 127.0.0.1 and play dbclient's part in raw bytes: version,
 KEXINIT with first_kex_packet_follows, the guessed KEX_ECDH_INIT, and (when the guess is
@@ -17,8 +17,8 @@ import struct
 import asyncssh
 import pytest
 
-from portfwd.tunnel import lean
-from portfwd.tunnel.lean.kex import Proposal, guess_is_wrong, proposal
+from portfwd.ssh import lean
+from portfwd.ssh.lean.kex import Proposal, guess_is_wrong, proposal
 
 DBCLIENT_KEX = (
     "curve25519-sha256",
@@ -188,5 +188,5 @@ async def test_asyncssh_alone_still_takes_the_wrong_guess(kind: str, ed25519: as
     assert isinstance(ended, asyncssh.ProtocolError), ended
     assert ended.reason == "Key exchange not in progress", (
         f"asyncssh {lean.installed_asyncssh()} now ends this way: {ended!r}; if it ignores a wrong "
-        "guess itself, portfwd/tunnel/lean/kex.py may be dropped"
+        "guess itself, portfwd/ssh/lean/kex.py may be dropped"
     )

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from portfwd.cli.console import TextFormatter
 from portfwd.printable import printable, printable_values
-from portfwd.tunnel.server import _path_permitted, plain_path
+from portfwd.ssh.server import _path_permitted, plain_path
 
 
 @given(st.text())

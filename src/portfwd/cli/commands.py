@@ -313,7 +313,7 @@ def server(
     if loaded.server is None:
         raise ConfigError(f"{path}: no [server] section", hint="add [server] and a [[server.user]]")
     if fingerprint:
-        from portfwd.tunnel.server import load_host_key
+        from portfwd.ssh.server import load_host_key
 
         print(load_host_key(loaded.server.host_key).get_fingerprint())
         return

@@ -30,12 +30,12 @@ from portfwd.relay.deadline import Deadlines
 from portfwd.relay.forwarder import format_peer
 from portfwd.relay.listener import bind_ip, bind_unix, keepalive
 from portfwd.relay.upstream import describe_error
+from portfwd.ssh.bridge import Bridge
+from portfwd.ssh.cork import CorkedConnector
+from portfwd.ssh.lean import fix, probe, tune
+from portfwd.ssh.limits import Channels, Failures, Startups
+from portfwd.ssh.remote import RemoteListener
 from portfwd.state import ServerSessionStats, State
-from portfwd.tunnel.bridge import Bridge
-from portfwd.tunnel.cork import CorkedConnector
-from portfwd.tunnel.lean import fix, probe, tune
-from portfwd.tunnel.limits import Channels, Failures, Startups
-from portfwd.tunnel.remote import RemoteListener
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ import asyncssh
 
 from portfwd.relay.forwarder import format_peer
 from portfwd.relay.listener import TcpListener
-from portfwd.tunnel.bridge import Bridge
-from portfwd.tunnel.client import PACKET, WINDOW
+from portfwd.ssh.bridge import Bridge
+from portfwd.ssh.client import PACKET, WINDOW
 
 if TYPE_CHECKING:
-    from portfwd.tunnel.server import TunnelServer, _Session
+    from portfwd.ssh.server import TunnelServer, _Session
 
 log = logging.getLogger(__name__)
 

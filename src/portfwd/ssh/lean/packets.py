@@ -9,7 +9,7 @@ Costs asyncssh (2.24) pays on every packet, removed here on the connection insta
   to protect, and OpenSSH sends no such packets. In a tunnel the extra packet doubled the
   packets asyncssh builds, pads and encrypts. Under a `-cbc` cipher every packet keeps it.
 - **A new cipher object per packet** for AES-GCM and ChaCha20-Poly1305: the connection's
-  encryption objects are swapped for `tunnel/lean/aead.py`'s, which produce the same bytes from
+  encryption objects are swapped for `ssh/lean/aead.py`'s, which produce the same bytes from
   state made once per key (see there for the numbers).
 - **Log lines rendered for nobody**: each packet sent or received is described (type name,
   byte count) before asyncssh's packet logger checks its debug level, and its INFO lines
@@ -21,7 +21,7 @@ Costs asyncssh (2.24) pays on every packet, removed here on the connection insta
 - **The general send path** for the common packet: `_PacketPath` sends channel traffic in the
   steady state itself, with one join and pooled padding (see there).
 - **The general receive path**, and a new keepalive timer for every read: see
-  `tunnel/lean/receive.py`, which `tune` installs as the connection's `_recv_data`.
+  `ssh/lean/receive.py`, which `tune` installs as the connection's `_recv_data`.
 
 Both hook into the one method asyncssh sends every packet through, `send_packet`: asyncssh
 calls it as `self.send_packet`, so the instance attribute wins. New keys (the first key
@@ -42,8 +42,8 @@ from asyncssh.constants import MSG_IGNORE, MSG_USERAUTH_LAST
 from asyncssh.encryption import ChachaEncryption, GCMEncryption
 from asyncssh.logging import SSHLogger
 
-from portfwd.tunnel.lean.aead import FastChacha, FastGcm, chacha_available
-from portfwd.tunnel.lean.receive import Receiver
+from portfwd.ssh.lean.aead import FastChacha, FastGcm, chacha_available
+from portfwd.ssh.lean.receive import Receiver
 
 
 def _faster(enc: Any) -> Any:

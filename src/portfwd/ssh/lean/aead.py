@@ -7,7 +7,7 @@ many small packets (a channel open, its data, EOF and close are about ten packet
 connection), so that set-up cost, not the cipher, bounded connections per second.
 
 These classes have asyncssh's `Encryption` interface (`encrypt_packet`, `decrypt_header`,
-`decrypt_packet`) and produce the same bytes; `tunnel/lean/packets.py` swaps them in per
+`decrypt_packet`) and produce the same bytes; `ssh/lean/packets.py` swaps them in per
 connection. AES-GCM keeps one `AESGCM` object per key. ChaCha20-Poly1305 calls OpenSSL's
 libcrypto through ctypes with two cipher contexts and a MAC context made once per key and
 re-keyed per packet with the sequence-number nonce, which is what OpenSSH does in C; no

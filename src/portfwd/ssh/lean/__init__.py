@@ -105,7 +105,7 @@ def tune(conn: Any, enabled: bool) -> None:
     """
     if not fast_path(enabled).on:
         return
-    from portfwd.tunnel.lean.packets import tune as install  # reaches into asyncssh: only when verified
+    from portfwd.ssh.lean.packets import tune as install  # reaches into asyncssh: only when verified
 
     install(conn)
 
@@ -125,7 +125,7 @@ def fix(conn: Any) -> bool:
     """
     if not verified():
         return False
-    from portfwd.tunnel.lean.kex import fix as judge_guesses  # reaches into asyncssh: only when verified
+    from portfwd.ssh.lean.kex import fix as judge_guesses  # reaches into asyncssh: only when verified
 
     return judge_guesses(conn)
 
@@ -153,6 +153,6 @@ async def probe(conn: Any, within: float) -> bool | None:
     (an asyncssh that is not VERIFIED): the caller must then assume the peer is alive."""
     if not verified():
         return None
-    from portfwd.tunnel.lean.probe import answers  # reaches into asyncssh: only when verified
+    from portfwd.ssh.lean.probe import answers  # reaches into asyncssh: only when verified
 
     return await answers(conn, within)

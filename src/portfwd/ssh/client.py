@@ -29,12 +29,12 @@ from portfwd.relay.deadline import Deadlines
 from portfwd.relay.forwarder import describe_peer, log_closed
 from portfwd.relay.listener import TcpListener, bind_ip, bind_unix
 from portfwd.relay.upstream import Connect, literal_addresses, resolve, stream_options
+from portfwd.ssh.bridge import Bridge
+from portfwd.ssh.cork import CorkedConnector
+from portfwd.ssh.hostkeys import HostKeyCheck, HostKeyError
+from portfwd.ssh.lean import fix, tune
+from portfwd.ssh.limits import Failures
 from portfwd.state import RuleStats, Session, State, TunnelForwardStats, TunnelStats
-from portfwd.tunnel.bridge import Bridge
-from portfwd.tunnel.cork import CorkedConnector
-from portfwd.tunnel.hostkeys import HostKeyCheck, HostKeyError
-from portfwd.tunnel.lean import fix, tune
-from portfwd.tunnel.limits import Failures
 from portfwd.tunnelspec import TunnelForward, parse_destination
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from asyncssh.constants import MSG_CHANNEL_FAILURE, MSG_CHANNEL_WINDOW_ADJUST
 from asyncssh.misc import DisconnectError, MACError, ProtocolError
 from asyncssh.packet import PacketDecodeError, SSHPacket
 
-from portfwd.tunnel.lean.aead import FastChacha, FastGcm
+from portfwd.ssh.lean.aead import FastChacha, FastGcm
 
 #: What the lean path reads and writes on the connection; without all of them it stays off.
 _STATE = (
