@@ -23,9 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from portfwd import __version__
-from portfwd import config as config_module
-from portfwd.addr import HostPorts, UnixPath
-from portfwd.config import Config, ForwardConfig, MapConfig, TunnelConfig, published
+from portfwd.addr import UnixPath
 from portfwd.control import ControlServer
 from portfwd.errors import BindError, ConfigError, PortfwdError, RuntimeFailure
 from portfwd.instances import Identity
@@ -33,20 +31,32 @@ from portfwd.kernel import nft
 from portfwd.kernel.gateway import GatewayService
 from portfwd.metrics import MetricsServer
 from portfwd.privileges import Janitor, drop_privileges
+from portfwd.relay.describe import relay_path
 from portfwd.relay.forwarder import RelayPath, TcpForwarder
 from portfwd.relay.listener import DescriptorListener, bind_ip, bind_unix
 from portfwd.relay.mmsg import Batch
 from portfwd.relay.poller import Poller
 from portfwd.relay.splice import PipePool, splice_available
 from portfwd.relay.udp import UdpForwarder
-from portfwd.router.base import MapRequest
-from portfwd.router.keeper import Keeper, Wanted
+from portfwd.router.keeper import Keeper
+from portfwd.specs import Plan, RuleSpec, TunnelSpec
 from portfwd.ssh.client import Tunnel
 from portfwd.ssh.lean import fast_path
 from portfwd.ssh.server import TunnelServer
 from portfwd.state import Listener, State
 
 log = logging.getLogger(__name__)
+
+#: Plan parts a reload does not apply (attribute: the config section it names in the warning).
+_RESTART_ONLY = {
+    "user": "user",
+    "group": "group",
+    "control": "control",
+    "server": "server",
+    "gateway": "gateway",
+    "maps": "map",
+    "ssh_fast_path": "ssh_fast_path",
+}
 
 
 @dataclass(slots=True)
@@ -92,11 +102,6 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def relay_path(rule: ForwardConfig, splice_ok: bool) -> RelayPath:
-    """The TCP relay a rule gets: splice when possible and not refused, else the Protocol pair."""
-    return "splice" if splice_ok and rule.relay != "protocol" else "protocol"
-
-
 def _accepting(listener: socket.socket, forwarder: TcpForwarder) -> DescriptorListener:
     """Wire a listening socket to its forwarder, both ways (serve clients; pause on exhaustion)."""
     accepting = DescriptorListener(listener, forwarder.serve, forwarder.label)
@@ -105,7 +110,7 @@ def _accepting(listener: socket.socket, forwarder: TcpForwarder) -> DescriptorLi
 
 
 class Runtime:
-    """Runs a Config: start() binds, wait() serves until told to stop, stop() drains and cleans.
+    """Runs a Plan: start() binds, wait() serves until told to stop, stop() drains and cleans.
 
     Rules are keyed by their (frozen) config, so a reload can tell which rules are unchanged
     (kept with their listeners and live sessions), removed (stop listening; their sessions
@@ -114,23 +119,25 @@ class Runtime:
 
     def __init__(
         self,
-        config: Config,
+        plan: Plan,
         *,
         strict: bool = False,
         identity: Identity | None = None,
         exit_on_auth: bool = False,
+        loader: Callable[[], Plan] | None = None,
     ) -> None:
-        self.config = config
+        self.plan = plan
+        self.loader = loader  # re-reads the config file (reload); None: nothing to reload
         self.exit_on_auth = exit_on_auth
         #: Set when a part must end the process (host key refused, ExitOnForwardFailure).
         self.fatal_error: PortfwdError | None = None
-        self._tunnels: dict[TunnelConfig, Tunnel] = {}
+        self._tunnels: dict[TunnelSpec, Tunnel] = {}
         self._server: TunnelServer | None = None
         self._gateway: GatewayService | None = None
         self._keeper: Keeper | None = None
         self.identity = identity
         #: Decided at start (config or --no-ssh-fast-path) and kept across reloads, which say so.
-        self.fast_path = config.ssh_fast_path
+        self.fast_path = plan.ssh_fast_path
         self.strict = strict
         self.config_path = identity.config if identity is not None else None
         self.state = State()
@@ -139,7 +146,7 @@ class Runtime:
             self.state.instance = identity.name
             self.state.kind = identity.kind
         self.failures: list[PortfwdError] = []
-        self._runs: dict[ForwardConfig, _RuleRun] = {}
+        self._runs: dict[RuleSpec, _RuleRun] = {}
         self._retired: list[_RuleRun] = []
         self._metrics: MetricsServer | None = None
         self._control: ControlServer | None = None
@@ -157,7 +164,7 @@ class Runtime:
         self._reloading = asyncio.Lock()
         self._retired_tasks: set[asyncio.Task[dict[str, Any]]] = set()
 
-    def _path_for(self, rule: ForwardConfig) -> RelayPath:
+    def _path_for(self, rule: RuleSpec) -> RelayPath:
         if rule.relay == "splice" and not self._splice:
             log.warning('%s: relay = "splice" is not possible here; using the protocol path', rule.label)
         return relay_path(rule, self._splice)
@@ -169,8 +176,8 @@ class Runtime:
             self._batch = Batch.create()
         return self._batch
 
-    def _start_rule(self, index: int, rule: ForwardConfig) -> _RuleRun:
-        what = f"forward[{index}]" + (f" ({rule.name})" if rule.name else "")
+    def _start_rule(self, index: int, rule: RuleSpec) -> _RuleRun:
+        what = rule.where
         run = _RuleRun([], [])
         path = self._path_for(rule)
         try:
@@ -214,7 +221,7 @@ class Runtime:
         self._announce(rule, path)
         return run
 
-    def _announce(self, rule: ForwardConfig, path: str) -> None:
+    def _announce(self, rule: RuleSpec, path: str) -> None:
         relay = path if rule.protocol.has_tcp else "udp"
         listen = str(rule.listen)
         protocol = "tcp" if isinstance(rule.listen, UnixPath) else rule.protocol.value
@@ -232,7 +239,7 @@ class Runtime:
         for udp in run.udp:
             udp.close("rule removed")
 
-    def _start_rules(self, rules: list[tuple[int, ForwardConfig]]) -> list[PortfwdError]:
+    def _start_rules(self, rules: list[tuple[int, RuleSpec]]) -> list[PortfwdError]:
         failures: list[PortfwdError] = []
         for index, rule in rules:
             try:
@@ -242,7 +249,7 @@ class Runtime:
                 log.error("%s", exc.line())
         return failures
 
-    def _start_tunnels(self, tunnels: list[TunnelConfig]) -> list[PortfwdError]:
+    def _start_tunnels(self, tunnels: list[TunnelSpec]) -> list[PortfwdError]:
         failures: list[PortfwdError] = []
         for tunnel_config in tunnels:
             tunnel = Tunnel(
@@ -264,11 +271,10 @@ class Runtime:
             self.request_stop()
 
     async def _start_metrics(self) -> BindError | None:
-        if self.config.metrics is None:
+        listen = self.plan.metrics
+        if listen is None:
             return None
-        listen = self.config.metrics.listen
-        assert isinstance(listen, HostPorts)
-        metrics = MetricsServer(self.state, listen.host or "0.0.0.0", listen.ports.first)
+        metrics = MetricsServer(self.state, listen.host or "0.0.0.0", listen.port)
         try:
             await metrics.start()
         except BindError as exc:
@@ -282,11 +288,13 @@ class Runtime:
         """Claim this instance's control socket. Raises RuntimeFailure when it cannot: an
         instance that `status` and `reload` cannot reach, or that another one answers for,
         must not run (see instances.py)."""
-        control = self.config.control
+        control = self.plan.control
         if not control.enabled or self.identity is None:
             return
         path = self.identity.socket
-        server = ControlServer(self.state, path, self.reload if self.config_path else None, control.group)
+        server = ControlServer(
+            self.state, path, self.reload if self.loader is not None else None, control.group
+        )
         try:
             await server.start()
         except BindError as exc:
@@ -313,16 +321,16 @@ class Runtime:
         raise_fd_limit()
         await self._start_control()  # first: a second instance of the same identity stops here
         self._splice = splice_available()
-        self.failures.extend(self._start_rules(list(enumerate(self.config.forward))))
-        if self.config.tunnel or self.config.server is not None:
+        self.failures.extend(self._start_rules(list(enumerate(self.plan.rules))))
+        if self.plan.tunnels or self.plan.server is not None:
             decided = fast_path(self.fast_path)
             if decided.on or not self.fast_path:
                 log.debug("%s", decided.reason)
             else:
                 log.warning("%s", decided.reason)
-        self.failures.extend(self._start_tunnels(list(self.config.tunnel)))
-        if self.config.gateway is not None:
-            gateway = GatewayService(self.config.gateway, self.state)
+        self.failures.extend(self._start_tunnels(list(self.plan.tunnels)))
+        if self.plan.gateway is not None:
+            gateway = GatewayService(self.plan.gateway, self.state)
             try:
                 await gateway.start()
                 self._gateway = gateway
@@ -330,11 +338,11 @@ class Runtime:
                 await gateway.stop()
                 self.failures.append(exc)
                 log.error("gateway: %s", exc.line())
-        if maps := published(self.config):
-            self._keeper = Keeper([wanted(name, entry) for name, entry in maps], self.state.mappings)
+        if self.plan.maps:
+            self._keeper = Keeper(self.plan.maps, self.state.mappings)
             await self._keeper.start()
-        if self.config.server is not None:
-            server = TunnelServer(self.config.server, self.state, fast_path=self.fast_path)
+        if self.plan.server is not None:
+            server = TunnelServer(self.plan.server, self.state, fast_path=self.fast_path)
             try:
                 await server.start()
                 self._server = server
@@ -365,7 +373,7 @@ class Runtime:
                 "nothing to run: the config has no [[forward]] or [[tunnel]]",
                 hint="add one; see portfwd check",
             )
-        if self.config.user is not None:
+        if self.plan.user is not None:
             try:
                 owned = [rule.listen.path for rule in self._runs if isinstance(rule.listen, UnixPath)]
                 owned += [path for tunnel in self._tunnels.values() for path in tunnel.socket_paths()]
@@ -374,7 +382,7 @@ class Runtime:
                     owned.append(str(self._control.path))
                     if self._control.made_dir is not None:
                         made.append(str(self._control.made_dir))
-                self._janitor = drop_privileges(self.config.user, self.config.group, owned, made)
+                self._janitor = drop_privileges(self.plan.user, self.plan.group, owned, made)
             except BaseException:
                 await self.stop()
                 raise
@@ -400,15 +408,15 @@ class Runtime:
         Returns the control-socket answer: ok, and what was kept, stopped, started or refused.
         """
         async with self._reloading:
-            assert self.config_path is not None
+            assert self.loader is not None
             try:
-                new = config_module.load(self.config_path)
+                new = self.loader()
             except ConfigError as exc:
                 for line in exc.problems:
                     log.error("reload refused, old config keeps running: %s", line)
                 return {"ok": False, "errors": exc.problems}
             old_rules = set(self._runs)
-            new_rules = {rule: index for index, rule in enumerate(new.forward)}
+            new_rules = {rule: index for index, rule in enumerate(new.rules)}
             removed = [rule for rule in self._runs if rule not in new_rules]
             added = [(index, rule) for rule, index in new_rules.items() if rule not in old_rules]
             for rule in removed:
@@ -419,23 +427,23 @@ class Runtime:
                 self.state.rule(rule.label).running = False
                 log.info("%s: removed by reload; stopped listening, live sessions drain", rule.label)
             old_tunnels = set(self._tunnels)
-            gone = [item for item in old_tunnels if item not in new.tunnel]
+            gone = [item for item in old_tunnels if item not in new.tunnels]
             for tunnel_config in gone:
                 tunnel = self._tunnels.pop(tunnel_config)
                 await tunnel.stop()
                 self.state.tunnels.remove(tunnel.stats)
                 log.info("%s: tunnel removed by reload", tunnel.label)
-            old, self.config = self.config, new
+            old, self.plan = self.plan, new
             failures = self._start_rules(added)
-            failures.extend(self._start_tunnels([item for item in new.tunnel if item not in old_tunnels]))
+            failures.extend(self._start_tunnels([item for item in new.tunnels if item not in old_tunnels]))
             if new.metrics != old.metrics and self._metrics is not None:
                 self._metrics.stop()
                 self._metrics = None
             if self._metrics is None and (metrics_failure := await self._start_metrics()) is not None:
                 failures.append(metrics_failure)
-            for key in ("user", "group", "control", "server", "gateway", "map", "ssh_fast_path"):
+            for key, section in _RESTART_ONLY.items():
                 if getattr(new, key) != getattr(old, key):
-                    log.warning("reload: %s changes take effect at the next start", key)
+                    log.warning("reload: %s changes take effect at the next start", section)
             kept = len(old_rules) - len(removed)
             log.info(
                 "reloaded %s: %d kept, %d removed, %d added, %d failed",
@@ -455,7 +463,7 @@ class Runtime:
 
     def request_reload(self) -> None:
         """SIGHUP: reload in the background (the signal handler must not block)."""
-        if self.config_path is None:
+        if self.loader is None:
             log.warning("SIGHUP: this instance was started without a config file; nothing to reload")
             return
         task = asyncio.get_running_loop().create_task(self.reload())
@@ -499,13 +507,13 @@ class Runtime:
             await self._server.stop_accepting()
         if self.state.sessions and not self._stopping:
             log.info(
-                "draining %d session(s) for up to %gs", len(self.state.sessions), self.config.drain_timeout
+                "draining %d session(s) for up to %gs", len(self.state.sessions), self.plan.drain_timeout
             )
             drained = asyncio.Event()
             self._drained = drained
             self.state.on_empty = drained.set
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.config.drain_timeout):
+                async with asyncio.timeout(self.plan.drain_timeout):
                     await drained.wait()
             self.state.on_empty = None
         for tunnel in self._tunnels.values():
@@ -549,21 +557,17 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
 
 
 def run(
-    config: Config,
+    plan: Plan,
     *,
     strict: bool = False,
     identity: Identity | None = None,
     exit_on_auth: bool = False,
+    loader: Callable[[], Plan] | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the identity's config. Raises RuntimeFailure."""
 
     async def main() -> None:
-        runtime = Runtime(
-            config,
-            strict=strict,
-            identity=identity,
-            exit_on_auth=exit_on_auth,
-        )
+        runtime = Runtime(plan, strict=strict, identity=identity, exit_on_auth=exit_on_auth, loader=loader)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, runtime.request_stop)
@@ -580,35 +584,3 @@ def run(
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(main())
-
-
-def wanted(name: str, entry: MapConfig) -> Wanted:
-    """A `[[map]]` entry as the router layer's plain request."""
-    request = MapRequest(entry.protocol, entry.port, entry.external, max(1, round(entry.lease)))
-    return Wanted(name, request, entry.method, entry.upnp_url, entry.gateway)
-
-
-def describe(config: Config) -> list[tuple[str, str, str, str, str, str]]:
-    """Rows for `portfwd check`: name, listen, connect, protocol, access, relay."""
-    rows: list[tuple[str, str, str, str, str, str]] = []
-    splice = splice_available()
-    for rule in config.forward:
-        access = []
-        if rule.allow:
-            access.append("allow " + ", ".join(map(str, rule.allow)))
-        if rule.deny:
-            access.append("deny " + ", ".join(map(str, rule.deny)))
-        for route in rule.route:
-            access.append(f"{', '.join(map(str, route.source))} -> {route.connect}")
-        relay: str = relay_path(rule, splice) if rule.protocol.has_tcp else "udp"
-        rows.append(
-            (
-                rule.label,
-                str(rule.listen),
-                str(rule.connect),
-                rule.protocol.value,
-                "; ".join(access) or "everyone",
-                relay,
-            )
-        )
-    return rows

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from portfwd import config
+from portfwd import config, planner
 from portfwd.runtime import Runtime
 
 MiB = 1024 * 1024
@@ -156,7 +156,7 @@ async def peer(mode: str, where: Address, payload: bytes = b"") -> AsyncIterator
 async def running(data: dict[str, Any]) -> AsyncIterator[Runtime]:
     """Run a portfwd Runtime in this event loop for the body of the `async with`."""
     data = {"drain_timeout": "1s", "control": {"enabled": False}, **data}
-    runtime = Runtime(config.validate(data))
+    runtime = Runtime(planner.plan(config.validate(data)))
     await runtime.start()
     try:
         yield runtime

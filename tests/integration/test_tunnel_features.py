@@ -655,7 +655,7 @@ async def test_key_from_ssh_agent(sshd: Sshd, agent: Path) -> None:
 
 
 async def test_reload_swaps_tunnels(sshd: Sshd, tmp_path: Path) -> None:
-    from portfwd import config as config_module
+    from portfwd import planner
 
     first, second = free_port(), free_port()
     path = tmp_path / "portfwd.toml"
@@ -667,7 +667,9 @@ async def test_reload_swaps_tunnels(sshd: Sshd, tmp_path: Path) -> None:
         path.write_text("\n".join(lines) + "\n")
 
     write(first)
-    runtime = Runtime(config_module.load(path), identity=instances.identify("run", config=path))
+    runtime = Runtime(
+        planner.load(path), identity=instances.identify("run", config=path), loader=lambda: planner.load(path)
+    )
     await runtime.start()
     try:
         await wait_until(lambda: runtime.state.tunnels[0].state == "up", 15, "first tunnel up")

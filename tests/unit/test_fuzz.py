@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from portfwd import config
 from portfwd.addr import parse_listen, parse_target
 from portfwd.errors import ConfigError
+from portfwd.forwardspec import rules_from_specs, split
 from portfwd.proto import natpmp, pcp
 from portfwd.proto.socks import SocksError, SocksServer
-from portfwd.spec import rules_from_specs, split
 from portfwd.tunnelspec import parse_destination, parse_forward, parse_option
 
 SPEC_ALPHABET = st.sampled_from([*"0123456789:[]/-.*abcdefux+ %", "unix:", "udp", "tcp", "::", "65536"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from portfwd import config
+from portfwd import config, planner
 from portfwd.kernel.nft import (
     Interfaces,
     check,
@@ -17,18 +17,20 @@ from portfwd.kernel.nft import (
     trigger_holders,
 )
 
-GATEWAY = config.validate(
-    {
-        "gateway": {
-            "wan": "eth0",
-            "lan": "eth1",
-            "forward": [
-                {"port": 8080, "to": "192.168.1.10:80", "protocol": "tcp+udp"},
-                {"port": "8000-8002", "to": "192.168.1.11:9000-9002"},
-                {"port": 2222, "to": "192.168.1.12:22", "allow": ["198.51.100.0/24", "203.0.113.7"]},
-            ],
+GATEWAY = planner.plan(
+    config.validate(
+        {
+            "gateway": {
+                "wan": "eth0",
+                "lan": "eth1",
+                "forward": [
+                    {"port": 8080, "to": "192.168.1.10:80", "protocol": "tcp+udp"},
+                    {"port": "8000-8002", "to": "192.168.1.11:9000-9002"},
+                    {"port": 2222, "to": "192.168.1.12:22", "allow": ["198.51.100.0/24", "203.0.113.7"]},
+                ],
+            }
         }
-    }
+    )
 ).gateway
 LAN = Interfaces(("203.0.113.1",), (ipaddress.IPv4Network("192.168.1.0/24"),))
 
@@ -65,14 +67,16 @@ def test_plan_text() -> None:
 
 
 def test_a_thousand_ports_are_one_rule_per_protocol() -> None:
-    many = config.validate(
-        {
-            "gateway": {
-                "wan": "eth0",
-                "lan": "eth1",
-                "forward": [{"port": "10000-10999", "to": "192.168.1.10:20000-20999"}],
+    many = planner.plan(
+        config.validate(
+            {
+                "gateway": {
+                    "wan": "eth0",
+                    "lan": "eth1",
+                    "forward": [{"port": "10000-10999", "to": "192.168.1.10:20000-20999"}],
+                }
             }
-        }
+        )
     ).gateway
     assert many is not None
     text = plan(many, LAN)
@@ -99,16 +103,18 @@ def test_targets_outside_the_lan_are_refused() -> None:
 
 
 def test_trigger_plan() -> None:
-    triggered = config.validate(
-        {
-            "gateway": {
-                "wan": "eth0",
-                "lan": "eth1",
-                "trigger": [
-                    {"trigger": "tcp/6667", "open": ["tcp/7000-7010", "udp/7100"], "idle_timeout": "10m"}
-                ],
+    triggered = planner.plan(
+        config.validate(
+            {
+                "gateway": {
+                    "wan": "eth0",
+                    "lan": "eth1",
+                    "trigger": [
+                        {"trigger": "tcp/6667", "open": ["tcp/7000-7010", "udp/7100"], "idle_timeout": "10m"}
+                    ],
+                }
             }
-        }
+        )
     ).gateway
     assert triggered is not None
     text = plan(triggered, LAN)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from portfwd.errors import ConfigError
-from portfwd.spec import rules_from_specs, split
+from portfwd.forwardspec import rules_from_specs, split
 
 
 @pytest.mark.parametrize(

@@ -107,9 +107,9 @@ def run(
         "run", config=path, name=name, control=control_socket, configured=loaded.control.socket
     )
     logging.getLogger("portfwd").info("config %s (instance %s)", path, identity.name)
-    from portfwd import runtime
+    from portfwd import planner, runtime
 
-    runtime.run(loaded, strict=strict, identity=identity)
+    runtime.run(planner.plan(loaded), strict=strict, identity=identity, loader=lambda: planner.load(path))
 
 
 @app.command()
@@ -127,9 +127,10 @@ def check(config_file: str | None) -> None:
     table = Table(title=f"{path}: {len(loaded.forward)} forward rule(s)", title_justify="left")
     for column in ("rule", "listen", "connect", "protocol", "access", "relay"):
         table.add_column(column)
-    from portfwd import runtime
+    from portfwd import planner
+    from portfwd.relay.describe import describe
 
-    for row in runtime.describe(loaded):
+    for row in describe(planner.plan(loaded).rules):
         table.add_row(*row)
     maps = config.published(loaded)
     if loaded.forward or not (loaded.tunnel or loaded.server or maps):
@@ -138,10 +139,10 @@ def check(config_file: str | None) -> None:
         from portfwd.kernel import nft
 
         try:
-            found = nft.interfaces(loaded.gateway)
+            found = nft.interfaces(planner.gateway_spec(loaded.gateway))
         except nft.GatewayError as exc:
             raise ConfigError(exc.line()) from None
-        problems = nft.check(loaded.gateway, found)
+        problems = nft.check(planner.gateway_spec(loaded.gateway), found)
         if problems:
             raise ConfigError(problems[0], problems=problems)
         console.print(
@@ -213,14 +214,14 @@ def forward(
     log_format: str,
 ) -> None:
     """Quick forwards, no config file: SPEC is [bind:]port:host:hostport[/udp|/tcp+udp]."""
-    from portfwd import spec  # pydantic and the models cost 130 ms to import
+    from portfwd import forwardspec  # pydantic and the models cost 130 ms to import
 
     setup_logging(verbose, quiet, log_format)
     identity = instances.identify("forward", name=name, control=control_socket)
-    loaded = spec.rules_from_specs(specs, allow, deny)
-    from portfwd import runtime
+    loaded = forwardspec.rules_from_specs(specs, allow, deny)
+    from portfwd import planner, runtime
 
-    runtime.run(loaded, strict=strict, identity=identity)
+    runtime.run(planner.plan(loaded), strict=strict, identity=identity)
 
 
 @app.command(context_settings={"ignore_unknown_options": False})
@@ -282,9 +283,9 @@ def ssh(
     )
     if no_fast_path:
         loaded = _no_fast_path(loaded)
-    from portfwd import runtime
+    from portfwd import planner, runtime
 
-    runtime.run(loaded, identity=instance, exit_on_auth=True)
+    runtime.run(planner.plan(loaded), identity=instance, exit_on_auth=True)
 
 
 @app.command()
@@ -322,9 +323,9 @@ def server(
     identity = instances.identify(
         "server", config=path, name=name, control=control_socket, configured=loaded.control.socket
     )
-    from portfwd import runtime
+    from portfwd import planner, runtime
 
-    runtime.run(loaded, identity=identity)
+    runtime.run(planner.plan(loaded), identity=identity, loader=lambda: planner.load(path))
 
 
 @app.command()
@@ -344,7 +345,9 @@ def gateway(action: str, config_file: str | None) -> None:
         raise ConfigError(
             f"{path}: no [gateway] section", hint="add [gateway] with wan, lan and [[gateway.forward]]"
         )
-    ruleset = nft.prepare(loaded.gateway)
+    from portfwd import planner
+
+    ruleset = nft.prepare(planner.gateway_spec(loaded.gateway))
     if action == "plan":
         print(ruleset, end="")
         nft.apply(ruleset, check_only=True)

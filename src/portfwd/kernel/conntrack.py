@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from portfwd.config import GatewayConfig
+from portfwd.specs import GatewaySpec
 
 TIMESTAMP = Path("/proc/sys/net/netfilter/nf_conntrack_timestamp")
 #: Rows kept per refresh; a busy router can track far more flows than a status table shows.
@@ -103,7 +103,7 @@ def _owner(claims: list[Claim], proto: str, dport: int) -> str | None:
     return None
 
 
-def claims(gateway: GatewayConfig) -> list[Claim]:
+def claims(gateway: GatewaySpec) -> list[Claim]:
     """Which rule owns which WAN ports: each forward (by its name or index), each trigger's opened ports."""
     out: list[Claim] = []
     for index, rule in enumerate(gateway.forward):

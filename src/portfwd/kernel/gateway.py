@@ -12,9 +12,9 @@ import contextlib
 import logging
 import os
 
-from portfwd.config import GatewayConfig
 from portfwd.kernel import conntrack, nft
 from portfwd.kernel.triggers import LastWins
+from portfwd.specs import GatewaySpec
 from portfwd.state import State
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ GATEWAY_CHECK = float(os.environ.get("PORTFWD_GATEWAY_CHECK", "10"))
 class GatewayService:
     """Applies `config` at start, re-applies it if changed or deleted behind our back, removes it at stop."""
 
-    def __init__(self, config: GatewayConfig, state: State) -> None:
+    def __init__(self, config: GatewaySpec, state: State) -> None:
         self.config = config
         self.state = state
         self.ruleset: str | None = None  # the ruleset applied, while portfwd's table is ours

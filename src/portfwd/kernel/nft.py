@@ -19,8 +19,8 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-from portfwd.config import GatewayConfig, GatewayForwardConfig
 from portfwd.errors import RuntimeFailure
+from portfwd.specs import GatewayForwardSpec, GatewaySpec
 
 TABLE = "portfwd"
 FAMILY = "inet"
@@ -39,7 +39,7 @@ class Interfaces:
     lan_networks: tuple[Network, ...]
 
 
-def _elements(rule: GatewayForwardConfig, index: int) -> list[str]:
+def _elements(rule: GatewayForwardSpec, index: int) -> list[str]:
     """`wan_port : lan_address . lan_port`, one per port (a range keeps its offset).
 
     Each element carries its rule's name as a comment, so `nft list` shows where it came from
@@ -52,7 +52,7 @@ def _elements(rule: GatewayForwardConfig, index: int) -> list[str]:
     return out
 
 
-def _protocols(rule: GatewayForwardConfig) -> list[str]:
+def _protocols(rule: GatewayForwardSpec) -> list[str]:
     return [proto for proto, on in (("tcp", rule.protocol.has_tcp), ("udp", rule.protocol.has_udp)) if on]
 
 
@@ -63,7 +63,7 @@ def _map(name: str, elements: list[str]) -> str:
     )
 
 
-def check(config: GatewayConfig, interfaces: Interfaces) -> list[str]:
+def check(config: GatewaySpec, interfaces: Interfaces) -> list[str]:
     """Problems the plan cannot express, one line each (targets outside the LAN, no LAN address)."""
     problems = []
     if not interfaces.lan_networks:
@@ -102,7 +102,7 @@ def hand_over(index: int, host: str) -> None:
         raise GatewayError(f"cannot hand trigger {index} to {host}: {_one_line(result.stderr)}")
 
 
-def _triggers(config: GatewayConfig, lines: list[str], wan: str, lan: str) -> tuple[list[str], list[str]]:
+def _triggers(config: GatewaySpec, lines: list[str], wan: str, lan: str) -> tuple[list[str], list[str]]:
     """Port triggering in the kernel (TESTBED §5a): per trigger, a dynamic map mark -> LAN host.
 
     An outbound packet to the trigger port writes its source into the map; inbound packets to
@@ -138,7 +138,7 @@ def _triggers(config: GatewayConfig, lines: list[str], wan: str, lan: str) -> tu
     return nat, forward
 
 
-def plan(config: GatewayConfig, interfaces: Interfaces) -> str:
+def plan(config: GatewaySpec, interfaces: Interfaces) -> str:
     """The ruleset for table inet portfwd, as nft text.
 
     Text, not JSON: nft 1.0.6's JSON parser rejects the concatenated map type
@@ -359,7 +359,7 @@ def _reads_one(path: str) -> bool:
         return False
 
 
-def interfaces(config: GatewayConfig) -> Interfaces:
+def interfaces(config: GatewaySpec) -> Interfaces:
     """Read the WAN addresses and LAN networks with `ip -j addr`. Raises GatewayError for a missing one."""
 
     def addresses(name: str, field: str) -> list[ipaddress.IPv4Interface]:
@@ -382,7 +382,7 @@ def interfaces(config: GatewayConfig) -> Interfaces:
     return Interfaces(tuple(str(item.ip) for item in wan), tuple(item.network for item in lan))
 
 
-def prepare(config: GatewayConfig) -> str:
+def prepare(config: GatewaySpec) -> str:
     """Read the interfaces, check the plan against them, and return the ruleset. Raises GatewayError."""
     found = interfaces(config)
     problems = check(config, found)

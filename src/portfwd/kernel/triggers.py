@@ -14,8 +14,8 @@ import ipaddress
 import logging
 import shutil
 
-from portfwd.config import GatewayConfig, GatewayTriggerConfig
 from portfwd.kernel import nft
+from portfwd.specs import GatewaySpec, GatewayTriggerSpec
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def parse_event(line: str) -> tuple[str, str, int] | None:
 class LastWins:
     """Watches the triggers whose mode is "last-wins" and hands their ports to the newest host."""
 
-    def __init__(self, config: GatewayConfig, lan: tuple[ipaddress.IPv4Network, ...]) -> None:
+    def __init__(self, config: GatewaySpec, lan: tuple[ipaddress.IPv4Network, ...]) -> None:
         self.config = config
         self.lan = lan
         self.holders: dict[int, str] = {}
@@ -66,9 +66,7 @@ class LastWins:
             self._procs.append(proc)
             self._tasks.append(asyncio.get_running_loop().create_task(self._watch(index, trigger, proc)))
 
-    async def _watch(
-        self, index: int, trigger: GatewayTriggerConfig, proc: asyncio.subprocess.Process
-    ) -> None:
+    async def _watch(self, index: int, trigger: GatewayTriggerSpec, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
         proto, ports = trigger.trigger
         name = trigger.name or f"gateway.trigger[{index}]"

@@ -22,12 +22,12 @@ from typing import Any, Literal
 
 from portfwd.acl import AccessPolicy, Route, client_ip
 from portfwd.addr import Endpoint, HostPorts, PortRange, UnixPath, target_port
-from portfwd.config import ForwardConfig
 from portfwd.errors import UpstreamError
 from portfwd.relay.poller import Poller
 from portfwd.relay.splice import PipePool, SpliceRelay
 from portfwd.relay.tcp import ProtocolRelay
 from portfwd.relay.upstream import Addresses, Connect, literal_addresses, resolve
+from portfwd.specs import RuleSpec
 from portfwd.state import RuleStats, Session, State
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def describe_peer(client: socket.socket | int, peer: Any) -> str:
             borrowed.detach()  # the descriptor stays the caller's
 
 
-def compile_policy(rule: ForwardConfig) -> AccessPolicy:
+def compile_policy(rule: RuleSpec) -> AccessPolicy:
     """The rule's allow/deny/route lists as an AccessPolicy."""
     return AccessPolicy(
         allow=rule.allow,
@@ -133,7 +133,7 @@ class TcpForwarder:
 
     def __init__(
         self,
-        rule: ForwardConfig,
+        rule: RuleSpec,
         port: int | None,
         state: State,
         path: RelayPath,

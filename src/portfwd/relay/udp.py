@@ -24,12 +24,12 @@ import socket
 from typing import Any
 
 from portfwd.acl import client_ip
-from portfwd.config import ForwardConfig
 from portfwd.errors import UpstreamError
 from portfwd.relay import libc
 from portfwd.relay.forwarder import compile_policy, format_peer, format_target, log_closed, resolve_target
 from portfwd.relay.mmsg import NAME_SIZE, Batch
 from portfwd.relay.upstream import resolve
+from portfwd.specs import RuleSpec
 from portfwd.state import RuleStats, Session, State
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class UdpForwarder:
 
     def __init__(
         self,
-        rule: ForwardConfig,
+        rule: RuleSpec,
         port: int,
         listener: socket.socket,
         state: State,

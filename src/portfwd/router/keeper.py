@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from portfwd.proto import natpmp, pcp
 from portfwd.router.base import Granted, MapRequest, Method, Route, default_route, route_via
 from portfwd.router.choose import first_working
 from portfwd.router.udp import exchange
+from portfwd.specs import MapSpec
 
 log = logging.getLogger("portfwd.router")
 
@@ -41,7 +43,7 @@ def check_interval() -> float:
 
 @dataclass(frozen=True, slots=True)
 class Wanted:
-    """One mapping the config asks for (plain values, so this layer needs no config models)."""
+    """One mapping to keep: a MapSpec with its request in the router drivers' terms."""
 
     name: str
     request: MapRequest
@@ -64,7 +66,17 @@ class _Run:
 class Keeper:
     """All mappings of one `portfwd run`; `rows` is the live list `portfwd status` shows."""
 
-    def __init__(self, wanted: list[Wanted], rows: list[dict[str, Any]]) -> None:
+    def __init__(self, maps: Sequence[MapSpec], rows: list[dict[str, Any]]) -> None:
+        wanted = [
+            Wanted(
+                spec.name,
+                MapRequest(spec.protocol, spec.port, spec.external, spec.lease),
+                spec.method,
+                spec.upnp_url,
+                spec.gateway,
+            )
+            for spec in maps
+        ]
         self.rows = rows
         self._runs = [_Run(item, self._row(item)) for item in wanted]
         self._announcements: asyncio.DatagramTransport | None = None

@@ -22,13 +22,13 @@ from typing import Any
 import asyncssh
 
 from portfwd import sshalgorithms
-from portfwd.config import TunnelConfig
 from portfwd.errors import BindError, PortfwdError, RuntimeFailure, UpstreamError
 from portfwd.proto.socks import Reply, SocksAuthError, SocksError, SocksServer
 from portfwd.relay.deadline import Deadlines
 from portfwd.relay.forwarder import describe_peer, log_closed
 from portfwd.relay.listener import TcpListener, bind_ip, bind_unix
 from portfwd.relay.upstream import Connect, literal_addresses, resolve, stream_options
+from portfwd.specs import TunnelSpec
 from portfwd.ssh.bridge import Bridge
 from portfwd.ssh.cork import CorkedConnector
 from portfwd.ssh.hostkeys import HostKeyCheck, HostKeyError
@@ -156,7 +156,7 @@ class Tunnel:
 
     def __init__(
         self,
-        config: TunnelConfig,
+        config: TunnelSpec,
         state: State,
         fatal: Fatal,
         *,
@@ -169,11 +169,10 @@ class Tunnel:
         self.fatal = fatal
         self.exit_on_auth = exit_on_auth
         self.label = config.label
-        user, host, port = parse_destination(config.ssh)
-        self.user = config.user or user
-        self.host = host
-        self.port = config.port or port
-        server = f"{self.user + '@' if self.user else ''}{host}{':' + str(self.port) if self.port else ''}"
+        self.user, self.host, self.port = config.user, config.host, config.port
+        server = (
+            f"{self.user + '@' if self.user else ''}{self.host}{':' + str(self.port) if self.port else ''}"
+        )
         self.stats = TunnelStats(self.label, server)
         self.forwards = [
             _Forward(
@@ -862,7 +861,4 @@ class Tunnel:
         self.state.close_session(session)
 
     def _credentials(self) -> tuple[str, str] | None:
-        config = self.config
-        if config.socks_user is not None and config.socks_password is not None:
-            return (config.socks_user, config.socks_password)
-        return None
+        return self.config.socks_credentials

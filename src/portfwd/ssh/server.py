@@ -24,12 +24,12 @@ from typing import Any
 import asyncssh
 
 from portfwd import sshalgorithms
-from portfwd.config import ServerConfig, ServerUserConfig
 from portfwd.errors import BindError, RuntimeFailure, UpstreamError
 from portfwd.relay.deadline import Deadlines
 from portfwd.relay.forwarder import format_peer
 from portfwd.relay.listener import bind_ip, bind_unix, keepalive
 from portfwd.relay.upstream import describe_error
+from portfwd.specs import ServerSpec, ServerUserSpec
 from portfwd.ssh.bridge import Bridge
 from portfwd.ssh.cork import CorkedConnector
 from portfwd.ssh.lean import fix, probe, tune
@@ -142,7 +142,7 @@ class _Session(asyncssh.SSHServer):
         self.conn: asyncssh.SSHServerConnection = None  # type: ignore[assignment]
         self.source = "?"
         self.source_ip = ""
-        self.user: ServerUserConfig | None = None
+        self.user: ServerUserSpec | None = None
         self.user_name = ""
         self.keys: asyncssh.SSHAuthorizedKeys | None = None
         self.options: dict[str, Any] = {}
@@ -380,11 +380,11 @@ class _Session(asyncssh.SSHServer):
 class TunnelServer:
     """Owns the SSH listener, the users, the -R ports in use and the failed-login memory."""
 
-    def __init__(self, config: ServerConfig, state: State, *, fast_path: bool = True) -> None:
+    def __init__(self, config: ServerSpec, state: State, *, fast_path: bool = True) -> None:
         self.config = config
         self.fast_path = fast_path
         self.state = state
-        self.users = {user.name: user for user in config.user}
+        self.users = {user.name: user for user in config.users}
         self.remotes: dict[str, RemoteListener] = {}  # -R ports and sockets by key (remote.py)
         self._failures = Failures(config.max_auth_failures, PENALTY_WINDOW)
         self._acceptor: asyncssh.SSHAcceptor | None = None
@@ -401,7 +401,7 @@ class TunnelServer:
         key = load_host_key(self.config.host_key)
         self.fingerprint = key.get_fingerprint()
         listen = self.config.listen
-        host, port = getattr(listen, "host", ""), listen.ports.first  # type: ignore[union-attr]
+        host, port = listen.host, listen.port
         try:
             self._acceptor = await asyncssh.listen(
                 host or "",

@@ -1,0 +1,199 @@
+"""Plan, then run: turn a validated `Config` into the frozen specs the engine runs (`specs.Plan`).
+
+This is the one seam between the config file's pydantic models and the engine; nothing below
+it imports `portfwd.config` (an import-linter contract says so). What validation proved is
+written into the types here: single-port listeners become `Address`, a tunnel's destination is
+split into user, host and port, a forward with `map = true` becomes a `MapSpec`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from portfwd import config as config_module
+from portfwd.addr import HostPorts
+from portfwd.config import (
+    Config,
+    ForwardConfig,
+    GatewayConfig,
+    ServerConfig,
+    TunnelConfig,
+)
+from portfwd.specs import (
+    Address,
+    ControlSpec,
+    GatewayForwardSpec,
+    GatewaySpec,
+    GatewayTriggerSpec,
+    MapSpec,
+    Plan,
+    RouteSpec,
+    RuleSpec,
+    ServerSpec,
+    ServerUserSpec,
+    TunnelSpec,
+)
+from portfwd.tunnelspec import parse_destination
+
+
+def plan(config: Config) -> Plan:
+    """The specs of everything `config` asks for, in config order."""
+    return Plan(
+        rules=tuple(rule_spec(index, rule) for index, rule in enumerate(config.forward)),
+        tunnels=tuple(tunnel_spec(tunnel) for tunnel in config.tunnel),
+        server=server_spec(config.server) if config.server is not None else None,
+        gateway=gateway_spec(config.gateway) if config.gateway is not None else None,
+        maps=tuple(map_specs(config)),
+        metrics=_address(config.metrics.listen) if config.metrics is not None else None,
+        control=ControlSpec(config.control.enabled, config.control.socket, config.control.group),
+        user=config.user,
+        group=config.group,
+        drain_timeout=config.drain_timeout,
+        ssh_fast_path=config.ssh_fast_path,
+    )
+
+
+def load(path: Path) -> Plan:
+    """Read, validate and plan a config file. Raises ConfigError (a bad file plans nothing)."""
+    return plan(config_module.load(path))
+
+
+def _address(listen: object) -> Address:
+    # config's cross-field checks refuse anything but one host:port for these listeners.
+    assert isinstance(listen, HostPorts), listen
+    assert len(listen.ports) == 1, listen
+    return Address(listen.host, listen.ports.first)
+
+
+def rule_spec(index: int, rule: ForwardConfig) -> RuleSpec:
+    """One `[[forward]]` as the relay layer's spec."""
+    return RuleSpec(
+        label=rule.label,
+        name=rule.name,
+        listen=rule.listen,
+        connect=rule.connect,
+        protocol=rule.protocol,
+        allow=rule.allow,
+        deny=rule.deny,
+        route=tuple(RouteSpec(route.source, route.connect) for route in rule.route),
+        udp_idle_timeout=rule.udp_idle_timeout,
+        udp_max_flows=rule.udp_max_flows,
+        connect_timeout=rule.connect_timeout,
+        relay=rule.relay,
+        dual_stack=rule.dual_stack,
+        backlog=rule.backlog,
+        tcp_keepalive=rule.tcp_keepalive,
+        idle_timeout=rule.idle_timeout,
+        where=f"forward[{index}]" + (f" ({rule.name})" if rule.name else ""),
+    )
+
+
+def tunnel_spec(tunnel: TunnelConfig) -> TunnelSpec:
+    """One `[[tunnel]]` as the SSH layer's spec; `user`/`port` keys win over the destination's."""
+    user, host, port = parse_destination(tunnel.ssh)
+    strict: Literal["yes", "accept-new"] = (
+        "accept-new" if tunnel.strict_host_key_checking == "accept-new" else "yes"
+    )
+    credentials = None
+    if tunnel.socks_user is not None and tunnel.socks_password is not None:
+        credentials = (tunnel.socks_user, tunnel.socks_password)
+    return TunnelSpec(
+        label=tunnel.label,
+        ssh=tunnel.ssh,
+        user=tunnel.user or user,
+        host=host,
+        port=tunnel.port or port,
+        identity=tunnel.identity,
+        agent=tunnel.agent,
+        known_hosts=tunnel.known_hosts,
+        strict_host_key_checking=strict,
+        jump=tunnel.jump,
+        ssh_config=tunnel.ssh_config,
+        local=tunnel.local,
+        remote=tunnel.remote,
+        dynamic=tunnel.dynamic,
+        keepalive_interval=tunnel.keepalive_interval,
+        keepalive_count=tunnel.keepalive_count,
+        connect_timeout=tunnel.connect_timeout,
+        reconnect_min=tunnel.reconnect_min,
+        reconnect_max=tunnel.reconnect_max,
+        reconnect_attempts=tunnel.reconnect_attempts,
+        exit_on_forward_failure=tunnel.exit_on_forward_failure,
+        compression=tunnel.compression,
+        kex=tunnel.kex,
+        ciphers=tunnel.ciphers,
+        macs=tunnel.macs,
+        host_key_algorithms=tunnel.host_key_algorithms,
+        socks_credentials=credentials,
+        tcp_keepalive=tunnel.tcp_keepalive,
+        idle_timeout=tunnel.idle_timeout,
+    )
+
+
+def server_spec(server: ServerConfig) -> ServerSpec:
+    """`[server]` as the SSH layer's spec."""
+    return ServerSpec(
+        listen=_address(server.listen),
+        host_key=server.host_key,
+        users=tuple(
+            ServerUserSpec(user.name, user.authorized_keys, user.permit_open, user.permit_listen, user.source)
+            for user in server.user
+        ),
+        gateway_ports=server.gateway_ports,
+        client_alive_interval=server.client_alive_interval,
+        client_alive_count=server.client_alive_count,
+        max_auth_failures=server.max_auth_failures,
+        login_grace_time=server.login_grace_time,
+        max_startups=server.max_startups,
+        max_auth_tries=server.max_auth_tries,
+        max_channels=server.max_channels,
+        max_channels_per_user=server.max_channels_per_user,
+        takeover_probe=server.takeover_probe,
+        kex=server.kex,
+        ciphers=server.ciphers,
+        macs=server.macs,
+        host_key_algorithms=server.host_key_algorithms,
+        tcp_keepalive=server.tcp_keepalive,
+        idle_timeout=server.idle_timeout,
+    )
+
+
+def gateway_spec(gateway: GatewayConfig) -> GatewaySpec:
+    """`[gateway]` as the kernel layer's spec."""
+    return GatewaySpec(
+        wan=gateway.wan,
+        lan=gateway.lan,
+        masquerade=gateway.masquerade,
+        hairpin=gateway.hairpin,
+        allow_external_target=gateway.allow_external_target,
+        enable_forwarding=gateway.enable_forwarding,
+        forward=tuple(
+            GatewayForwardSpec(rule.label, rule.name, rule.port, rule.to, rule.protocol, rule.allow)
+            for rule in gateway.forward
+        ),
+        trigger=tuple(
+            GatewayTriggerSpec(item.name, item.trigger, item.open, item.idle_timeout, item.mode)
+            for item in gateway.trigger
+        ),
+    )
+
+
+def map_specs(config: Config) -> list[MapSpec]:
+    """Every router mapping: `[[map]]` plus each single-port `[[forward]]` with `map = true`, per protocol."""
+    maps = [
+        MapSpec(
+            f"map[{index}]",
+            entry.protocol,
+            entry.port,
+            entry.external,
+            max(1, round(entry.lease)),
+            entry.method,
+            entry.upnp_url,
+            entry.gateway,
+        )
+        for index, entry in enumerate(config.map)
+    ]
+    for field, entry in config_module.published(config)[len(config.map) :]:
+        maps.append(MapSpec(field, entry.protocol, entry.port, entry.external, max(1, round(entry.lease))))
+    return maps

@@ -1,0 +1,42 @@
+"""The forward rules as `portfwd check` shows them: which relay each gets, who may use it.
+
+Plain rows from the specs (the CLI draws them), so the relay layer that decides the relay path
+is the one that explains it.
+"""
+
+from __future__ import annotations
+
+from portfwd.relay.forwarder import RelayPath
+from portfwd.relay.splice import splice_available
+from portfwd.specs import RuleSpec
+
+
+def relay_path(rule: RuleSpec, splice_ok: bool) -> RelayPath:
+    """The TCP relay a rule gets: splice when possible and not refused, else the Protocol pair."""
+    return "splice" if splice_ok and rule.relay != "protocol" else "protocol"
+
+
+def describe(rules: tuple[RuleSpec, ...]) -> list[tuple[str, str, str, str, str, str]]:
+    """Rows for `portfwd check`: name, listen, connect, protocol, access, relay."""
+    rows: list[tuple[str, str, str, str, str, str]] = []
+    splice = splice_available()
+    for rule in rules:
+        access = []
+        if rule.allow:
+            access.append("allow " + ", ".join(map(str, rule.allow)))
+        if rule.deny:
+            access.append("deny " + ", ".join(map(str, rule.deny)))
+        for route in rule.route:
+            access.append(f"{', '.join(map(str, route.source))} -> {route.connect}")
+        relay: str = relay_path(rule, splice) if rule.protocol.has_tcp else "udp"
+        rows.append(
+            (
+                rule.label,
+                str(rule.listen),
+                str(rule.connect),
+                rule.protocol.value,
+                "; ".join(access) or "everyone",
+                relay,
+            )
+        )
+    return rows
