@@ -12,8 +12,9 @@ import textwrap
 import time
 from typing import Any
 
-from portfwd import runtime, state
+from portfwd import state
 from portfwd.relay import splice, tcp, udp
+from portfwd.services import sampler
 
 COUNTING = (
     "relay.session.bytes_up += moved",
@@ -61,7 +62,7 @@ def _patch() -> None:
     state.State.open_session = open_session  # type: ignore[method-assign]
     state.State.close_session = close_session  # type: ignore[method-assign]
     state.RuleStats.observe_connect = lambda self, seconds: None  # type: ignore[method-assign]
-    runtime.Runtime._sample = lambda self: None  # type: ignore[method-assign]
+    sampler.Sampler.sample = lambda self: None  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

@@ -1,49 +1,41 @@
-"""The composition root: turns a Config into running listeners, then drains and cleans up.
+"""The composition root: turns a Plan into running services, then drains and cleans up.
 
-The only module that knows every part. It binds every rule (a rule that fails is reported and
-skipped unless `strict`), starts the metrics endpoint and the control socket, drops root
-privileges once everything is bound, and serves. SIGHUP (or `portfwd reload`) applies an edited
-config; SIGTERM/SIGINT stops accepting, lets sessions drain for `drain_timeout`, closes the rest,
-and removes what it created (Unix socket files, the control socket, the metrics listener).
+The only module that knows every part. It builds one service per running part (services/),
+starts them in order under one task group (a rule or tunnel that fails is reported and
+skipped unless `strict`), drops root privileges once everything is bound, and serves. SIGHUP
+(or `portfwd reload`) hands each service its part of an edited config; SIGTERM/SIGINT stops
+accepting, lets sessions drain for `drain_timeout`, closes the rest, and removes what it
+created (Unix socket files, the control socket, the metrics listener).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import gc
 import logging
-import os
-import resource
 import signal
-import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from portfwd import __version__
-from portfwd.addr import UnixPath
-from portfwd.control import ControlServer
-from portfwd.errors import BindError, ConfigError, PortfwdError, RuntimeFailure
+from portfwd.errors import ConfigError, PortfwdError, RuntimeFailure
 from portfwd.instances import Identity
-from portfwd.kernel import nft
-from portfwd.kernel.gateway import GatewayService
-from portfwd.metrics import MetricsServer
 from portfwd.privileges import Janitor, drop_privileges
-from portfwd.relay.describe import relay_path
-from portfwd.relay.forwarder import RelayPath, TcpForwarder
-from portfwd.relay.listener import DescriptorListener, bind_ip, bind_unix
-from portfwd.relay.mmsg import Batch
-from portfwd.relay.poller import Poller
-from portfwd.relay.splice import PipePool, splice_available
 from portfwd.relay.udp import UdpForwarder
-from portfwd.router.keeper import Keeper
-from portfwd.specs import Plan, RuleSpec, TunnelSpec
+from portfwd.services.base import Change, Reloadable, Service
+from portfwd.services.control import Control
+from portfwd.services.descriptors import raise_fd_limit
+from portfwd.services.gateway import Gateway
+from portfwd.services.maps import Maps
+from portfwd.services.metrics import Metrics
+from portfwd.services.rules import RuleSet
+from portfwd.services.sampler import Sampler
+from portfwd.services.server import Server
+from portfwd.services.tunnels import Tunnels, log_fast_path
+from portfwd.specs import Plan
 from portfwd.ssh.client import Tunnel
-from portfwd.ssh.lean import fast_path
-from portfwd.ssh.server import TunnelServer
-from portfwd.state import Listener, State
+from portfwd.state import State
 
 log = logging.getLogger(__name__)
 
@@ -59,62 +51,11 @@ _RESTART_ONLY = {
 }
 
 
-@dataclass(slots=True)
-class _RuleRun:
-    """What one rule has running: its TCP listeners with forwarders, and UDP forwarders."""
-
-    tcp: list[tuple[DescriptorListener, TcpForwarder]]
-    udp: list[UdpForwarder]
-
-
-#: Every this many seconds the runtime counts its open files: near the limit, accept(2) fails
-#: with EMFILE, and the event loop's acceptors (asyncssh's among them) drop such clients
-#: without a word. One warning says so instead.
-DESCRIPTOR_CHECK = 5
-DESCRIPTOR_WARN = 0.9
-
-
-def descriptors_warning() -> None:
-    """Warn when open files are above DESCRIPTOR_WARN of the soft limit (Linux: /proc/self/fd)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft <= 0:
-        return
-    try:
-        used = len(os.listdir("/proc/self/fd"))
-    except OSError as exc:
-        if exc.errno not in (errno.EMFILE, errno.ENFILE):
-            return
-        used = soft  # not even one more to look with: the limit is reached
-    if used >= soft * DESCRIPTOR_WARN:
-        log.warning(
-            "open files: %d of the limit of %d in use; new connections fail (EMFILE) when it is reached; "
-            "raise the limit (LimitNOFILE=, ulimit -n)",
-            used,
-            soft,
-        )
-
-
-def raise_fd_limit() -> None:
-    """Raise the soft open-files limit to the hard one: each relayed TCP client needs 2 fds (+4 mid-burst)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def _accepting(listener: socket.socket, forwarder: TcpForwarder) -> DescriptorListener:
-    """Wire a listening socket to its forwarder, both ways (serve clients; pause on exhaustion)."""
-    accepting = DescriptorListener(listener, forwarder.serve, forwarder.label)
-    forwarder.exhausted = accepting.pause
-    return accepting
-
-
 class Runtime:
     """Runs a Plan: start() binds, wait() serves until told to stop, stop() drains and cleans.
 
-    Rules are keyed by their (frozen) config, so a reload can tell which rules are unchanged
-    (kept with their listeners and live sessions), removed (stop listening; their sessions
-    drain) or new (started).
+    Every background task (the sampler, a SIGHUP reload) is a task of one TaskGroup, entered
+    by start() and left by stop() once each task has been cancelled and has ended.
     """
 
     def __init__(
@@ -131,10 +72,6 @@ class Runtime:
         self.exit_on_auth = exit_on_auth
         #: Set when a part must end the process (host key refused, ExitOnForwardFailure).
         self.fatal_error: PortfwdError | None = None
-        self._tunnels: dict[TunnelSpec, Tunnel] = {}
-        self._server: TunnelServer | None = None
-        self._gateway: GatewayService | None = None
-        self._keeper: Keeper | None = None
         self.identity = identity
         #: Decided at start (config or --no-ssh-fast-path) and kept across reloads, which say so.
         self.fast_path = plan.ssh_fast_path
@@ -146,122 +83,73 @@ class Runtime:
             self.state.instance = identity.name
             self.state.kind = identity.kind
         self.failures: list[PortfwdError] = []
-        self._runs: dict[RuleSpec, _RuleRun] = {}
-        self._retired: list[_RuleRun] = []
-        self._metrics: MetricsServer | None = None
-        self._control: ControlServer | None = None
+        self._tasks = asyncio.TaskGroup()
+        self._entered = False  # start() has entered the task group and stop() has not left it
+        self._background: set[asyncio.Task[None]] = set()  # SIGHUP reloads
+        state = self.state
+        self._control: Control | None = None
+        if plan.control.enabled and identity is not None:
+            reloader = self.reload if loader is not None else None
+            self._control = Control(plan.control, identity.socket, state, reloader)
+        self._rules = RuleSet(plan.rules, state)
+        self._tunnels = Tunnels(
+            plan.tunnels, state, self._fatal, exit_on_auth=exit_on_auth, fast_path=self.fast_path
+        )
+        self._gateway = Gateway(plan.gateway, state) if plan.gateway is not None else None
+        self._maps = Maps(plan.maps, state) if plan.maps else None
+        self._server = (
+            Server(plan.server, state, fast_path=self.fast_path) if plan.server is not None else None
+        )
+        self._metrics = Metrics(plan.metrics, state)
+        self._sampler = Sampler(state, self._tasks)
         self._janitor: Janitor | None = None  # removes root-made files after a privilege drop
-        self._samples = 0
-        self._sampler: asyncio.TimerHandle | None = None
         self._stop: asyncio.Event | None = None
-        self._stopping = False
-        self._splice = False
-        self._pipes = PipePool()
-        self._poller = Poller()  # the splice relays' sockets
-        self._batch: Batch | None = None  # the UDP forwarders' recvmmsg/sendmmsg slots
-        self._batch_tried = False
+        self._stopping = False  # skip the drain (a second signal, a fatal error)
+        self._closed = False
         self._drained: asyncio.Event | None = None
         self._reloading = asyncio.Lock()
-        self._retired_tasks: set[asyncio.Task[dict[str, Any]]] = set()
 
-    def _path_for(self, rule: RuleSpec) -> RelayPath:
-        if rule.relay == "splice" and not self._splice:
-            log.warning('%s: relay = "splice" is not possible here; using the protocol path', rule.label)
-        return relay_path(rule, self._splice)
+    # ------------------------------------------------------------------ composition
+    def _services(self) -> list[Service]:
+        """The services in start order: the control socket first, the sampler last."""
+        ordered = [
+            self._control,
+            self._rules,
+            self._tunnels,
+            self._gateway,
+            self._maps,
+            self._server,
+            self._metrics,
+            self._sampler,
+        ]
+        return [service for service in ordered if service is not None]
 
-    def _udp_batch(self) -> Batch | None:
-        """The process's batched-UDP slots, made at the first UDP rule; None where impossible."""
-        if not self._batch_tried:
-            self._batch_tried = True
-            self._batch = Batch.create()
-        return self._batch
+    def _stop_order(self) -> list[Service]:
+        """Links and kernel state before the rules' sessions close; status answers until the end."""
+        ordered = [
+            self._tunnels,
+            self._server,
+            self._gateway,
+            self._maps,
+            self._rules,
+            self._metrics,
+            self._control,
+        ]
+        return [service for service in ordered if service is not None]
 
-    def _start_rule(self, index: int, rule: RuleSpec) -> _RuleRun:
-        what = rule.where
-        run = _RuleRun([], [])
-        path = self._path_for(rule)
-        try:
-            listen = rule.listen
-            if isinstance(listen, UnixPath):
-                listener = bind_unix(what, listen.path, backlog=rule.backlog)
-                forwarder = TcpForwarder(rule, None, self.state, path, self._pipes, self._poller)
-                run.tcp.append((_accepting(listener, forwarder), forwarder))
-            else:
-                for port in listen.ports.ports():
-                    if rule.protocol.has_tcp:
-                        listener = bind_ip(
-                            what,
-                            listen.host,
-                            port,
-                            socket.SOCK_STREAM,
-                            backlog=rule.backlog,
-                            dual_stack=rule.dual_stack,
-                            tcp_keepalive=rule.tcp_keepalive,
-                        )
-                        forwarder = TcpForwarder(rule, port, self.state, path, self._pipes, self._poller)
-                        run.tcp.append((_accepting(listener, forwarder), forwarder))
-                    if rule.protocol.has_udp:
-                        udp_socket = bind_ip(
-                            what,
-                            listen.host,
-                            port,
-                            socket.SOCK_DGRAM,
-                            backlog=0,
-                            dual_stack=rule.dual_stack,
-                        )
-                        batch = self._udp_batch() if rule.relay != "protocol" else None
-                        run.udp.append(UdpForwarder(rule, port, udp_socket, self.state, batch))
-        except BindError:
-            self._close_listeners(run)
-            raise
-        for listener_, _ in run.tcp:
-            listener_.start()
-        for udp in run.udp:
-            udp.start()
-        self._announce(rule, path)
-        return run
+    def _reloadable(self, plan: Plan) -> list[tuple[Reloadable[Any], Any]]:
+        """The services a reload changes, each with its part of `plan`."""
+        return [(self._rules, plan.rules), (self._tunnels, plan.tunnels), (self._metrics, plan.metrics)]
 
-    def _announce(self, rule: RuleSpec, path: str) -> None:
-        relay = path if rule.protocol.has_tcp else "udp"
-        listen = str(rule.listen)
-        protocol = "tcp" if isinstance(rule.listen, UnixPath) else rule.protocol.value
-        stats = self.state.rule(rule.label)
-        stats.listen, stats.connect, stats.protocol, stats.relay = listen, str(rule.connect), protocol, relay
-        stats.running = True
-        stats.idle_timeout = rule.idle_timeout or 0.0
-        self.state.listeners.append(Listener(rule.label, listen, protocol, relay))
-        log.info("%s: listening on %s/%s -> %s (%s)", rule.label, listen, protocol, rule.connect, relay)
+    @property
+    def tunnels(self) -> list[Tunnel]:
+        """The running tunnels, in start order."""
+        return self._tunnels.running()
 
-    @staticmethod
-    def _close_listeners(run: _RuleRun) -> None:
-        for listener, _ in run.tcp:
-            listener.close()
-        for udp in run.udp:
-            udp.close("rule removed")
-
-    def _start_rules(self, rules: list[tuple[int, RuleSpec]]) -> list[PortfwdError]:
-        failures: list[PortfwdError] = []
-        for index, rule in rules:
-            try:
-                self._runs[rule] = self._start_rule(index, rule)
-            except BindError as exc:
-                failures.append(exc)
-                log.error("%s", exc.line())
-        return failures
-
-    def _start_tunnels(self, tunnels: list[TunnelSpec]) -> list[PortfwdError]:
-        failures: list[PortfwdError] = []
-        for tunnel_config in tunnels:
-            tunnel = Tunnel(
-                tunnel_config,
-                self.state,
-                self._fatal,
-                exit_on_auth=self.exit_on_auth,
-                fast_path=self.fast_path,
-            )
-            failures.extend(tunnel.start())
-            self._tunnels[tunnel_config] = tunnel
-        return failures
+    @property
+    def udp_forwarders(self) -> list[UdpForwarder]:
+        """The running rules' UDP forwarders."""
+        return self._rules.udp_forwarders()
 
     def _fatal(self, error: PortfwdError) -> None:
         """A part that cannot go on without lying to its user: stop the process, exit 1."""
@@ -270,103 +158,33 @@ class Runtime:
             self._stopping = True  # no drain: the process is failing
             self.request_stop()
 
-    async def _start_metrics(self) -> BindError | None:
-        listen = self.plan.metrics
-        if listen is None:
-            return None
-        metrics = MetricsServer(self.state, listen.host or "0.0.0.0", listen.port)
-        try:
-            await metrics.start()
-        except BindError as exc:
-            log.error("%s", exc.line())
-            return exc
-        self._metrics = metrics
-        log.info("metrics: serving %s", metrics.url)
-        return None
-
-    async def _start_control(self) -> None:
-        """Claim this instance's control socket. Raises RuntimeFailure when it cannot: an
-        instance that `status` and `reload` cannot reach, or that another one answers for,
-        must not run (see instances.py)."""
-        control = self.plan.control
-        if not control.enabled or self.identity is None:
-            return
-        path = self.identity.socket
-        server = ControlServer(
-            self.state, path, self.reload if self.loader is not None else None, control.group
-        )
-        try:
-            await server.start()
-        except BindError as exc:
-            if exc.field == "control.group":  # a config error (exit 2), not a runtime one
-                raise ConfigError(exc.line()) from exc
-            raise RuntimeFailure(exc.line()) from exc
-        self._control = server
-        self.state.control = str(path)
-        log.info("control: %s (portfwd status reads it)", path)
-
-    def _sample(self) -> None:
-        self.state.sample()
-        self._samples += 1
-        if self._samples % DESCRIPTOR_CHECK == 0:
-            descriptors_warning()
-        self._sampler = asyncio.get_running_loop().call_later(1.0, self._sample)
-
+    # ------------------------------------------------------------------ start
     async def start(self) -> None:
-        """Bind every rule, the metrics endpoint and the control socket, then drop privileges.
+        """Start every service in order, then drop privileges.
 
-        Raises RuntimeFailure when `strict` and anything failed, or when nothing could start.
+        Raises RuntimeFailure when `strict` and anything failed, when nothing could start, or
+        when the control socket cannot be claimed (everything started is stopped first).
         """
         self._stop = asyncio.Event()
         raise_fd_limit()
-        await self._start_control()  # first: a second instance of the same identity stops here
-        self._splice = splice_available()
-        self.failures.extend(self._start_rules(list(enumerate(self.plan.rules))))
-        if self.plan.tunnels or self.plan.server is not None:
-            decided = fast_path(self.fast_path)
-            if decided.on or not self.fast_path:
-                log.debug("%s", decided.reason)
-            else:
-                log.warning("%s", decided.reason)
-        self.failures.extend(self._start_tunnels(list(self.plan.tunnels)))
-        if self.plan.gateway is not None:
-            gateway = GatewayService(self.plan.gateway, self.state)
-            try:
-                await gateway.start()
-                self._gateway = gateway
-            except nft.GatewayError as exc:
-                await gateway.stop()
-                self.failures.append(exc)
-                log.error("gateway: %s", exc.line())
-        if self.plan.maps:
-            self._keeper = Keeper(self.plan.maps, self.state.mappings)
-            await self._keeper.start()
-        if self.plan.server is not None:
-            server = TunnelServer(self.plan.server, self.state, fast_path=self.fast_path)
-            try:
-                await server.start()
-                self._server = server
-            except RuntimeFailure as exc:
-                self.failures.append(exc)
-                log.error("%s", exc.line())
-        if (metrics_failure := await self._start_metrics()) is not None:
-            self.failures.append(metrics_failure)
-        self._sample()
-        if self.failures and self.strict:
+        await self._tasks.__aenter__()
+        self._entered = True
+        try:
+            await self._start()
+        except BaseException:
             await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        for service in self._services():  # the control socket raises: a second instance stops there
+            if service is self._tunnels and (self.plan.tunnels or self.plan.server is not None):
+                log_fast_path(self.fast_path)
+            self.failures.extend(await service.start())
+        if self.failures and self.strict:
             raise RuntimeFailure(f"{self.failures[0].line()} (--strict)")
         if self.fatal_error is not None:
-            await self.stop()
             raise RuntimeFailure(self.fatal_error.line())
-        if (
-            not self._runs
-            and not self._tunnels
-            and self._server is None
-            and self._gateway is None
-            and self._keeper is None
-            and self._metrics is None
-        ):
-            await self.stop()
+        if not any(service.active for service in self._services()):
             if self.failures:
                 raise RuntimeFailure(f"nothing could start: {self.failures[0].line()}")
             raise RuntimeFailure(
@@ -374,38 +192,36 @@ class Runtime:
                 hint="add one; see portfwd check",
             )
         if self.plan.user is not None:
-            try:
-                owned = [rule.listen.path for rule in self._runs if isinstance(rule.listen, UnixPath)]
-                owned += [path for tunnel in self._tunnels.values() for path in tunnel.socket_paths()]
-                made = []
-                if self._control is not None:
-                    owned.append(str(self._control.path))
-                    if self._control.made_dir is not None:
-                        made.append(str(self._control.made_dir))
-                self._janitor = drop_privileges(self.plan.user, self.plan.group, owned, made)
-            except BaseException:
-                await self.stop()
-                raise
+            owned = [
+                service.owned()
+                for service in (self._rules, self._tunnels, self._control)
+                if service is not None
+            ]
+            files = [path for part in owned for path in part.files]
+            dirs = [path for part in owned for path in part.dirs]
+            self._janitor = drop_privileges(self.plan.user, self.plan.group, files, dirs)
         # Everything allocated so far (imports, config, listeners) lives as long as the process:
         # keep it out of the cyclic GC's full scans, which per-connection garbage triggers
         # (measured: under 1 % per connection here, but free).
         gc.collect()
         gc.freeze()
-        listeners = sum(len(run.tcp) + len(run.udp) for run in self._runs.values())
         log.info(
             "portfwd %s ready: %d rule(s), %d listening socket(s), %d tunnel(s)%s%s",
             __version__,
-            len(self._runs),
-            listeners,
-            len(self._tunnels),
-            "" if self._splice else ", splice unavailable (protocol relay everywhere)",
+            self._rules.running,
+            self._rules.sockets,
+            len(self._tunnels.running()),
+            "" if self._rules.splice else ", splice unavailable (protocol relay everywhere)",
             f", {len(self.failures)} failed" if self.failures else "",
         )
 
+    # ------------------------------------------------------------------ reload
     async def reload(self) -> dict[str, Any]:
-        """Re-read the config file and apply the difference; a bad config changes nothing.
+        """Re-read the config file and hand each service its part; a bad config changes nothing.
 
-        Returns the control-socket answer: ok, and what was kept, stopped, started or refused.
+        Every service retires what the new plan dropped before any starts what it added, so a
+        port one part gives up is free for another. Returns the control-socket answer: ok, and
+        the rules kept, stopped and started, and what was refused.
         """
         async with self._reloading:
             assert self.loader is not None
@@ -415,61 +231,45 @@ class Runtime:
                 for line in exc.problems:
                     log.error("reload refused, old config keeps running: %s", line)
                 return {"ok": False, "errors": exc.problems}
-            old_rules = set(self._runs)
-            new_rules = {rule: index for index, rule in enumerate(new.rules)}
-            removed = [rule for rule in self._runs if rule not in new_rules]
-            added = [(index, rule) for rule, index in new_rules.items() if rule not in old_rules]
-            for rule in removed:
-                run = self._runs.pop(rule)
-                self._close_listeners(run)
-                self._retired.append(run)
-                self.state.listeners = [item for item in self.state.listeners if item.rule != rule.label]
-                self.state.rule(rule.label).running = False
-                log.info("%s: removed by reload; stopped listening, live sessions drain", rule.label)
-            old_tunnels = set(self._tunnels)
-            gone = [item for item in old_tunnels if item not in new.tunnels]
-            for tunnel_config in gone:
-                tunnel = self._tunnels.pop(tunnel_config)
-                await tunnel.stop()
-                self.state.tunnels.remove(tunnel.stats)
-                log.info("%s: tunnel removed by reload", tunnel.label)
+            parts = self._reloadable(new)
+            retired = [await service.retire(part) for service, part in parts]
             old, self.plan = self.plan, new
-            failures = self._start_rules(added)
-            failures.extend(self._start_tunnels([item for item in new.tunnels if item not in old_tunnels]))
-            if new.metrics != old.metrics and self._metrics is not None:
-                self._metrics.stop()
-                self._metrics = None
-            if self._metrics is None and (metrics_failure := await self._start_metrics()) is not None:
-                failures.append(metrics_failure)
+            applied = [await service.apply(part) for service, part in parts]
+            rules = applied[0]
+            removed = retired[0].removed
+            failures = [failure for change in applied for failure in change.failures]
             for key, section in _RESTART_ONLY.items():
                 if getattr(new, key) != getattr(old, key):
                     log.warning("reload: %s changes take effect at the next start", section)
-            kept = len(old_rules) - len(removed)
             log.info(
                 "reloaded %s: %d kept, %d removed, %d added, %d failed",
                 self.config_path,
-                kept,
+                rules.kept,
                 len(removed),
-                len(added) - len(failures),
+                rules.tried - len(failures),  # as ever: new rules less every failure, tunnels' too
                 len(failures),
             )
-            return {
-                "ok": not failures,
-                "kept": kept,
-                "removed": [rule.label for rule in removed],
-                "added": [rule.label for _, rule in added if rule in self._runs],
-                "errors": [failure.line() for failure in failures],
-            }
+            return _answer(rules, removed, failures)
 
     def request_reload(self) -> None:
-        """SIGHUP: reload in the background (the signal handler must not block)."""
+        """SIGHUP: reload in a task of the group (the signal handler must not block)."""
         if self.loader is None:
             log.warning("SIGHUP: this instance was started without a config file; nothing to reload")
             return
-        task = asyncio.get_running_loop().create_task(self.reload())
-        self._retired_tasks.add(task)
-        task.add_done_callback(self._retired_tasks.discard)
+        if not self._entered or self._closed:
+            log.warning("SIGHUP: not serving (starting or stopping); nothing to reload")
+            return
+        task = self._tasks.create_task(self._reload_in_background(), name="portfwd reload")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
+    async def _reload_in_background(self) -> None:
+        try:
+            await self.reload()
+        except Exception:  # a request's boundary, as on the control socket: log it, keep serving
+            log.exception("reload failed; the instance keeps running")
+
+    # ------------------------------------------------------------------ stop
     def request_stop(self) -> None:
         """Ask wait() to return (signal handlers call this); a second call closes at once."""
         if self._stop is None:
@@ -486,69 +286,58 @@ class Runtime:
         assert self._stop is not None
         await self._stop.wait()
 
-    def _all_runs(self) -> list[_RuleRun]:
-        return [*self._runs.values(), *self._retired]
-
-    def _close_sessions(self, reason: str) -> None:
-        for run in self._all_runs():
-            for _, forwarder in run.tcp:
-                forwarder.close_pending()
-        self.state.close_all(reason)
+    async def _drain(self) -> None:
+        """Wait for live sessions to end, up to drain_timeout (a second signal ends the wait)."""
+        if not self.state.sessions or self._stopping:
+            return
+        log.info("draining %d session(s) for up to %gs", len(self.state.sessions), self.plan.drain_timeout)
+        drained = asyncio.Event()
+        self._drained = drained
+        self.state.on_empty = drained.set
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.plan.drain_timeout):
+                await drained.wait()
+        self.state.on_empty = None
 
     async def stop(self) -> None:
-        """Stop accepting, drain live sessions for drain_timeout, close the rest, release all."""
-        if self._sampler is not None:
-            self._sampler.cancel()
-        for run in self._runs.values():
-            self._close_listeners(run)
-        for tunnel in self._tunnels.values():
-            tunnel.stop_accepting()
-        if self._server is not None:
-            await self._server.stop_accepting()
-        if self.state.sessions and not self._stopping:
-            log.info(
-                "draining %d session(s) for up to %gs", len(self.state.sessions), self.plan.drain_timeout
-            )
-            drained = asyncio.Event()
-            self._drained = drained
-            self.state.on_empty = drained.set
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.plan.drain_timeout):
-                    await drained.wait()
-            self.state.on_empty = None
-        for tunnel in self._tunnels.values():
-            await tunnel.stop()
-        self._tunnels.clear()
-        if self._server is not None:
-            await self._server.stop()
-            self._server = None
-        if self._gateway is not None:
-            await self._gateway.stop()
-            self._gateway = None
-        if self._keeper is not None:
-            await self._keeper.stop()
-            self._keeper = None
-        self._close_sessions("shutdown")
-        await asyncio.sleep(0)  # let the close callbacks of aborted transports run
-        if self._metrics is not None:
-            self._metrics.stop()
-            self._metrics = None
-        if self._control is not None:
-            await self._control.stop()
-            self._control = None
-        self._runs.clear()
-        self._retired.clear()
-        self._pipes.close()
-        self._poller.close()
-        if self._batch is not None:
-            self._batch.close()
-            self._batch = None
+        """Stop accepting, drain live sessions for drain_timeout, close the rest, release all.
+
+        The background tasks are cancelled first and awaited; the janitor finishes last.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._background:
+            task.cancel()
+        if self._background:
+            await asyncio.wait(self._background)
+        await self._sampler.stop()
+        for service in self._services():
+            await service.stop_accepting()
+        await self._drain()
+        for service in self._stop_order():
+            await service.stop()
         if self._janitor is not None:  # last: everything that made a file has let go of it
             self._janitor.finish()
             self._janitor = None
+        if self._entered:
+            self._entered = False
+            await self._tasks.__aexit__(None, None, None)
+
+
+def _answer(rules: Change, removed: tuple[str, ...], failures: list[PortfwdError]) -> dict[str, Any]:
+    """The reload answer on the control socket: the rules' changes and every failure."""
+    return {
+        "ok": not failures,
+        "kept": rules.kept,
+        "removed": list(removed),
+        "added": list(rules.added),
+        "errors": [failure.line() for failure in failures],
+    }
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop where it is installed: portfwd is measured and tested on it."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux

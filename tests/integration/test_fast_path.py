@@ -217,7 +217,7 @@ async def test_nothing_is_installed_on_the_connection_when_off(enabled: bool, tm
             async with running({"ssh_fast_path": enabled, "tunnel": [tunnel]}) as runtime:
                 assert not runtime.failures
                 await wait_up(runtime)
-                conn = next(iter(runtime._tunnels.values())).conn
+                conn = runtime.tunnels[0].conn
                 assert conn is not None
                 installed = {"send_packet", "_recv_data"} & set(vars(conn))
                 if enabled and verified():

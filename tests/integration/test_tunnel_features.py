@@ -199,7 +199,7 @@ async def test_stateful_ciphers_across_rekeys(tmp_path: Path, cipher: str, kind:
         async with echo_tunnel(server, ciphers=[cipher]) as (runtime, entry):
             assert await echo_through(entry, 2 * MiB)
             assert await echo_through(entry, 1024)  # packets after the last key exchange
-            conn = next(iter(runtime._tunnels.values())).conn
+            conn = runtime.tunnels[0].conn
             assert conn is not None
             assert type(conn._send_encryption) is kind
             assert type(conn._recv_encryption) is kind

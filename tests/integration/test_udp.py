@@ -82,7 +82,7 @@ def rule(listen_port: int, target_port: int, relay: str, **extra: Any) -> dict[s
 
 def uses_batches(runtime: Any) -> bool:
     """Whether the running UDP forwarders move datagrams in batches."""
-    forwarders = [udp for run in runtime._runs.values() for udp in run.udp]
+    forwarders = runtime.udp_forwarders
     assert forwarders
     return all(udp.batch is not None for udp in forwarders)
 

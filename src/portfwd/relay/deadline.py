@@ -1,8 +1,8 @@
 """Coarse deadlines for many short waits: one loop timer for all of them, not one each.
 
 A per-connection wait (an upstream connect, a channel open) needs a deadline that almost never
-fires. `asyncio.timeout` costs about 3.5 µs per use on uvloop and a bare `call_later` about 1.8
-µs (measured: a timer handle made and cancelled each time); here a wait costs a dict entry.
+fires. `asyncio.timeout` and even a bare `call_later` cost several times a dict entry, which is
+what a wait costs here (bench/RESULTS.md, design measurement D1).
 The price is resolution: a deadline fires up to `tick` seconds late, never early — right for
 timeouts counted in seconds.
 

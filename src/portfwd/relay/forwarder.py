@@ -166,7 +166,7 @@ class TcpForwarder:
         Every client's upstream connect begins before any is asked how it went (Connect's
         `held`). Why: to a local target each connect() wakes the target's accept loop, and a
         sleeping target costs a cross-CPU wakeup each time; connects that follow each other
-        closely find it awake (A/B under wrk: 52 against 58 CPU µs a connection).
+        closely find it awake (bench/RESULTS.md, design measurement D2).
         """
         held: list[Connect] = []
         try:

@@ -288,7 +288,7 @@ class DescriptorListener(_Accepting[int]):
     Why not socket.accept(): it wraps the client in a socket object, whose constructor checks
     the descriptor with getsockname(2), and the client then needs ioctl(FIONBIO) to become
     non-blocking. On Linux accept4(2) gives a non-blocking descriptor and the peer's address in
-    one call (measured: 2.4 against 4.1 µs a client, the address included). Elsewhere the same
+    one call (bench/RESULTS.md, design measurement D3). Elsewhere the same
     through socket objects.
     """
 
@@ -338,8 +338,8 @@ StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable
 class StreamListener:
     """portfwd's accept loop feeding an asyncio-streams handler: for the control socket and /metrics.
 
-    Not `asyncio.start_server`: with uvloop, merely having such a server object in the loop was
-    measured to cost about 3.5 % more CPU per *relayed* connection. This reuses TcpListener (and
+    Not `asyncio.start_server`: with uvloop, merely having such a server object in the loop
+    costs CPU on every *relayed* connection (bench/RESULTS.md, D4). This reuses TcpListener (and
     its EMFILE pause) and wraps each accepted client in streams.
     """
 

@@ -35,9 +35,9 @@ from portfwd.relay.poller import IN, OUT, RDHUP, READABLE, WRITABLE, Poller
 from portfwd.state import Session, SessionOwner
 
 F_SETPIPE_SZ = 1031
-#: 1 MiB (the default fs.pipe-max-size) measured 16 % less CPU per Gbit than 256 KiB here. Pipes are
-#: lent per burst, so idle sessions hold none; over the per-user pipe quota (non-root, many
-#: simultaneous bursts) F_SETPIPE_SZ fails and the default 64 KiB still works.
+#: 1 MiB (the default fs.pipe-max-size) costs less CPU per Gbit than smaller pipes (bench/RESULTS.md,
+#: D6). Pipes are lent per burst, so idle sessions hold none; over the per-user pipe quota
+#: (non-root, many simultaneous bursts) F_SETPIPE_SZ fails and the default 64 KiB still works.
 PIPE_SIZE = 1024 * 1024
 #: Splices per readiness event before yielding to other connections (fairness).
 ROUNDS_PER_WAKEUP = 8
@@ -216,7 +216,7 @@ def _shutdown_write(fd: int) -> None:
     """shutdown(fd, SHUT_WR) on a bare descriptor (there is no os.shutdown). Raises OSError.
 
     Through libc directly: wrapping the descriptor in a socket object for its shutdown() costs
-    a getsockname() and an object per call (measured: most of this function's time under wrk).
+    a getsockname() and an object per call (bench/RESULTS.md, D7).
     """
     if _SHUTDOWN is not None:
         if _SHUTDOWN(fd, socket.SHUT_WR) != 0:

@@ -1,0 +1,218 @@
+"""The forward rules as one service: bind, announce and close their listeners, keep them on reload.
+
+Rules are keyed by their (frozen) spec, so a reload can tell which rules are unchanged (kept
+with their listeners and live sessions), removed (stop listening; their sessions drain) or
+new (started). The relay resources the rules share live here too: the splice pipe pool, the
+epoll set of the splice relays and the UDP forwarders' recvmmsg/sendmmsg slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from dataclasses import dataclass
+
+from portfwd.addr import UnixPath
+from portfwd.errors import BindError, PortfwdError
+from portfwd.relay.describe import relay_path
+from portfwd.relay.forwarder import RelayPath, TcpForwarder
+from portfwd.relay.listener import DescriptorListener, bind_ip, bind_unix
+from portfwd.relay.mmsg import Batch
+from portfwd.relay.poller import Poller
+from portfwd.relay.splice import PipePool, splice_available
+from portfwd.relay.udp import UdpForwarder
+from portfwd.services.base import Change, Owned, Reloadable
+from portfwd.specs import RuleSpec
+from portfwd.state import Listener, State
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _RuleRun:
+    """What one rule has running: its TCP listeners with forwarders, and UDP forwarders."""
+
+    tcp: list[tuple[DescriptorListener, TcpForwarder]]
+    udp: list[UdpForwarder]
+
+    def close_listeners(self) -> None:
+        """Stop listening; a UDP forwarder also ends its flows (they have no listener of their own)."""
+        for listener, _ in self.tcp:
+            listener.close()
+        for udp in self.udp:
+            udp.close("rule removed")
+
+
+def _accepting(listener: socket.socket, forwarder: TcpForwarder) -> DescriptorListener:
+    """Wire a listening socket to its forwarder, both ways (serve clients; pause on exhaustion)."""
+    accepting = DescriptorListener(listener, forwarder.serve, forwarder.label)
+    forwarder.exhausted = accepting.pause
+    return accepting
+
+
+class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
+    """Runs the [[forward]] rules; a rule that cannot bind is reported and skipped."""
+
+    name = "rules"
+
+    def __init__(self, rules: tuple[RuleSpec, ...], state: State) -> None:
+        self.rules = rules
+        self.state = state
+        #: Whether splice(2) works here; decided at start, before the first rule binds.
+        self.splice = False
+        self._runs: dict[RuleSpec, _RuleRun] = {}
+        self._retired: list[_RuleRun] = []  # removed by a reload; their sessions drain
+        self._pipes = PipePool()
+        self._poller = Poller()  # the splice relays' sockets
+        self._batch: Batch | None = None  # the UDP forwarders' recvmmsg/sendmmsg slots
+        self._batch_tried = False
+
+    # ------------------------------------------------------------------ what runs
+    @property
+    def active(self) -> bool:
+        return bool(self._runs)
+
+    @property
+    def running(self) -> int:
+        """How many rules listen."""
+        return len(self._runs)
+
+    @property
+    def sockets(self) -> int:
+        """How many listening sockets the rules have."""
+        return sum(len(run.tcp) + len(run.udp) for run in self._runs.values())
+
+    def udp_forwarders(self) -> list[UdpForwarder]:
+        """The running rules' UDP forwarders (tests look at how they move datagrams)."""
+        return [udp for run in self._runs.values() for udp in run.udp]
+
+    def owned(self) -> Owned:
+        return Owned(files=[rule.listen.path for rule in self._runs if isinstance(rule.listen, UnixPath)])
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> list[PortfwdError]:
+        self.splice = splice_available()
+        return self._start_rules(list(self.rules))
+
+    async def retire(self, part: tuple[RuleSpec, ...]) -> Change:
+        removed = [rule for rule in self._runs if rule not in part]
+        for rule in removed:
+            run = self._runs.pop(rule)
+            run.close_listeners()
+            self._retired.append(run)
+            self.state.listeners = [item for item in self.state.listeners if item.rule != rule.label]
+            self.state.rule(rule.label).running = False
+            log.info("%s: removed by reload; stopped listening, live sessions drain", rule.label)
+        return Change(removed=tuple(rule.label for rule in removed))
+
+    async def apply(self, part: tuple[RuleSpec, ...]) -> Change:
+        retired = await self.retire(part)
+        kept = len(self._runs)
+        # dict.fromkeys: one start per distinct rule, in the new config's order
+        added = [rule for rule in dict.fromkeys(part) if rule not in self._runs]
+        self.rules = part
+        failures = self._start_rules(added)
+        return Change(
+            kept=kept,
+            removed=retired.removed,
+            added=tuple(rule.label for rule in added if rule in self._runs),
+            tried=len(added),
+            failures=tuple(failures),
+        )
+
+    async def stop_accepting(self) -> None:
+        for run in self._runs.values():
+            run.close_listeners()
+
+    async def stop(self) -> None:
+        """Close the connects still pending and every session left (tunnels and the server have
+        closed theirs by now), then release the shared relay resources."""
+        for run in [*self._runs.values(), *self._retired]:
+            for _, forwarder in run.tcp:
+                forwarder.close_pending()
+        self.state.close_all("shutdown")
+        await asyncio.sleep(0)  # let the close callbacks of aborted transports run
+        self._runs.clear()
+        self._retired.clear()
+        self._pipes.close()
+        self._poller.close()
+        if self._batch is not None:
+            self._batch.close()
+            self._batch = None
+
+    # ------------------------------------------------------------------ one rule
+    def _start_rules(self, rules: list[RuleSpec]) -> list[PortfwdError]:
+        failures: list[PortfwdError] = []
+        for rule in rules:
+            try:
+                self._runs[rule] = self._start_rule(rule)
+            except BindError as exc:
+                failures.append(exc)
+                log.error("%s", exc.line())
+        return failures
+
+    def _path_for(self, rule: RuleSpec) -> RelayPath:
+        if rule.relay == "splice" and not self.splice:
+            log.warning('%s: relay = "splice" is not possible here; using the protocol path', rule.label)
+        return relay_path(rule, self.splice)
+
+    def _udp_batch(self) -> Batch | None:
+        """The process's batched-UDP slots, made at the first UDP rule; None where impossible."""
+        if not self._batch_tried:
+            self._batch_tried = True
+            self._batch = Batch.create()
+        return self._batch
+
+    def _start_rule(self, rule: RuleSpec) -> _RuleRun:
+        """Bind every listening socket of `rule`, then serve them. Raises BindError (nothing of
+        the rule is left open then)."""
+        what = rule.where
+        run = _RuleRun([], [])
+        path = self._path_for(rule)
+        try:
+            listen = rule.listen
+            if isinstance(listen, UnixPath):
+                listener = bind_unix(what, listen.path, backlog=rule.backlog)
+                forwarder = TcpForwarder(rule, None, self.state, path, self._pipes, self._poller)
+                run.tcp.append((_accepting(listener, forwarder), forwarder))
+            else:
+                for port in listen.ports.ports():
+                    if rule.protocol.has_tcp:
+                        listener = bind_ip(
+                            what,
+                            listen.host,
+                            port,
+                            socket.SOCK_STREAM,
+                            backlog=rule.backlog,
+                            dual_stack=rule.dual_stack,
+                            tcp_keepalive=rule.tcp_keepalive,
+                        )
+                        forwarder = TcpForwarder(rule, port, self.state, path, self._pipes, self._poller)
+                        run.tcp.append((_accepting(listener, forwarder), forwarder))
+                    if rule.protocol.has_udp:
+                        udp_socket = bind_ip(
+                            what, listen.host, port, socket.SOCK_DGRAM, backlog=0, dual_stack=rule.dual_stack
+                        )
+                        batch = self._udp_batch() if rule.relay != "protocol" else None
+                        run.udp.append(UdpForwarder(rule, port, udp_socket, self.state, batch))
+        except BindError:
+            run.close_listeners()
+            raise
+        for accepting, _ in run.tcp:
+            accepting.start()
+        for udp in run.udp:
+            udp.start()
+        self._announce(rule, path)
+        return run
+
+    def _announce(self, rule: RuleSpec, path: str) -> None:
+        relay = path if rule.protocol.has_tcp else "udp"
+        listen = str(rule.listen)
+        protocol = "tcp" if isinstance(rule.listen, UnixPath) else rule.protocol.value
+        stats = self.state.rule(rule.label)
+        stats.listen, stats.connect, stats.protocol, stats.relay = listen, str(rule.connect), protocol, relay
+        stats.running = True
+        stats.idle_timeout = rule.idle_timeout or 0.0
+        self.state.listeners.append(Listener(rule.label, listen, protocol, relay))
+        log.info("%s: listening on %s/%s -> %s (%s)", rule.label, listen, protocol, rule.connect, relay)

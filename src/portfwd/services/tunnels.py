@@ -1,0 +1,106 @@
+"""The SSH tunnels as one service: one `Tunnel` per [[tunnel]], kept, removed or added on reload."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from portfwd.errors import PortfwdError
+from portfwd.services.base import Change, Owned, Reloadable
+from portfwd.specs import TunnelSpec
+from portfwd.ssh.client import Tunnel
+from portfwd.ssh.lean import fast_path
+from portfwd.state import State
+
+log = logging.getLogger(__name__)
+
+#: Called by a tunnel that cannot go on without lying to its user; ends the process.
+Fatal = Callable[[PortfwdError], None]
+
+
+def log_fast_path(wanted: bool) -> None:
+    """Say whether the SSH fast path runs: a warning only when it was wanted and cannot."""
+    decided = fast_path(wanted)
+    if decided.on or not wanted:
+        log.debug("%s", decided.reason)
+    else:
+        log.warning("%s", decided.reason)
+
+
+class Tunnels(Reloadable[tuple[TunnelSpec, ...]]):
+    """Runs the [[tunnel]]s. A tunnel keeps reconnecting on its own; `fatal` ends the process
+    (host key refused, ExitOnForwardFailure)."""
+
+    name = "tunnels"
+
+    def __init__(
+        self,
+        tunnels: tuple[TunnelSpec, ...],
+        state: State,
+        fatal: Fatal,
+        *,
+        exit_on_auth: bool,
+        fast_path: bool,
+    ) -> None:
+        self.tunnels = tunnels
+        self.state = state
+        self.fatal = fatal
+        self.exit_on_auth = exit_on_auth
+        self.fast_path = fast_path  # decided at start and kept across reloads
+        self._running: dict[TunnelSpec, Tunnel] = {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self._running)
+
+    def running(self) -> list[Tunnel]:
+        """The tunnels, in start order (tests look at their connections)."""
+        return list(self._running.values())
+
+    def owned(self) -> Owned:
+        return Owned(files=[path for tunnel in self._running.values() for path in tunnel.socket_paths()])
+
+    async def start(self) -> list[PortfwdError]:
+        return self._start(list(self.tunnels))
+
+    def _start(self, tunnels: list[TunnelSpec]) -> list[PortfwdError]:
+        failures: list[PortfwdError] = []
+        for spec in tunnels:
+            tunnel = Tunnel(
+                spec, self.state, self.fatal, exit_on_auth=self.exit_on_auth, fast_path=self.fast_path
+            )
+            failures.extend(tunnel.start())
+            self._running[spec] = tunnel
+        return failures
+
+    async def retire(self, part: tuple[TunnelSpec, ...]) -> Change:
+        gone = [spec for spec in self._running if spec not in part]
+        for spec in gone:
+            tunnel = self._running.pop(spec)
+            await tunnel.stop()
+            self.state.tunnels.remove(tunnel.stats)
+            log.info("%s: tunnel removed by reload", tunnel.label)
+        return Change(removed=tuple(spec.label for spec in gone))
+
+    async def apply(self, part: tuple[TunnelSpec, ...]) -> Change:
+        retired = await self.retire(part)
+        kept = len(self._running)
+        added = [spec for spec in part if spec not in self._running]
+        self.tunnels = part
+        failures = self._start(added)
+        return Change(
+            kept=kept,
+            removed=retired.removed,
+            added=tuple(spec.label for spec in added),
+            tried=len(added),
+            failures=tuple(failures),
+        )
+
+    async def stop_accepting(self) -> None:
+        for tunnel in self._running.values():
+            tunnel.stop_accepting()
+
+    async def stop(self) -> None:
+        for tunnel in self._running.values():
+            await tunnel.stop()
+        self._running.clear()
