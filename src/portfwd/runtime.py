@@ -202,7 +202,7 @@ class Runtime:
             self._janitor = drop_privileges(self.plan.user, self.plan.group, files, dirs)
         # Everything allocated so far (imports, config, listeners) lives as long as the process:
         # keep it out of the cyclic GC's full scans, which per-connection garbage triggers
-        # (measured: under 1 % per connection here, but free).
+        # (bench/RESULTS.md, design measurement D8).
         gc.collect()
         gc.freeze()
         log.info(
