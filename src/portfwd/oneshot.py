@@ -2,10 +2,9 @@
 
 A router answers a PCP or NAT-PMP request in about a millisecond, so `portfwd map add` costs
 what the process costs to start. This module imports only small parts of the standard library
-and the PCP/NAT-PMP drivers, which it runs on `router.blocking` (no asyncio: 40 ms saved);
-UPnP gets an event loop only when it is reached. `cli/__init__.py` calls it straight from argv for the
-plain forms of the commands, and the full CLI
-(click and rich: 60 ms more) calls it too.
+and the PCP/NAT-PMP drivers, which it runs on `router.blocking` (no asyncio); UPnP gets an event
+loop only when it is reached. `cli/maps.py` parses the commands and calls it; the CLI's
+`LazyGroup` loads nothing else for them (bench/RESULTS.md has the times).
 """
 
 from __future__ import annotations

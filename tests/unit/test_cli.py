@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from portfwd import __version__
-from portfwd.cli.commands import main
+from portfwd.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -200,4 +200,82 @@ def test_dependencies_warnings_are_filtered_by_module_not_ours() -> None:
     assert [(str(item.message), item.category) for item in caught] == [
         ("ours", DeprecationWarning),
         ("a real bug", RuntimeWarning),
+    ]
+
+
+EVERY_SECTION = """
+user = "nobody"
+[[forward]]
+name = "dns"
+listen = "127.0.0.1:5353"
+connect = "10.0.0.5:53"
+protocol = "udp"
+allow = ["10.0.0.0/8"]
+map = true
+[[forward]]
+listen = "unix:/tmp/x.sock"
+connect = "127.0.0.1:22"
+relay = "protocol"
+[[tunnel]]
+name = "office"
+ssh = "alice@bastion.example.org:22"
+jump = ["bob@jump1"]
+local = ["127.0.0.1:5432:db.internal:5432"]
+dynamic = ["127.0.0.1:1080"]
+keepalive_interval = "7.5s"
+strict_host_key_checking = "accept-new"
+[server]
+listen = "0.0.0.0:2222"
+host_key = "/var/lib/portfwd/host_ed25519"
+[[server.user]]
+name = "alice"
+authorized_keys = "/etc/portfwd/alice.keys"
+permit_open = ["db.internal:5432"]
+[[map]]
+port = 7000
+external_port = "any"
+protocol = "udp"
+method = "pcp"
+lease = "90m"
+gateway = "192.168.1.1"
+[metrics]
+listen = "127.0.0.1:9930"
+"""
+
+
+def test_check_shows_every_section_from_its_plan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each section comes from the part that owns it (relay, ssh, router describe.py), in this order."""
+    config = tmp_path / "every.toml"
+    config.write_text(EVERY_SECTION)
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, err = run(["check", "-c", str(config)], capsys)
+    assert (code, err) == (0, "")
+    lines = [line.rstrip() for line in out.splitlines()]
+    rows = [[cell.strip() for cell in line.strip("│").split("│")] for line in lines if line.startswith("│")]
+    assert rows == [
+        ["dns", "127.0.0.1:5353", "10.0.0.5:53", "udp", "allow 10.0.0.0/8", "udp"],
+        ["unix:/tmp/x.sock", "unix:/tmp/x.sock", "127.0.0.1:22", "tcp", "everyone", "protocol"],
+        [
+            "office",
+            "alice@bastion.example.org:22 via bob@jump1",
+            "-L 127.0.0.1:5432 -> db.internal:5432",
+            "accept-new: ~/.ssh/known_hosts",
+            "7.5s x 3",
+        ],
+        ["", "", "-D 127.0.0.1:1080 -> socks", "", ""],
+    ]
+    assert [line for line in lines if line[:1] not in "┏┃┡│└"] == [
+        f"{config}: 2 forward rule(s)",
+        "server: ssh on 0.0.0.0:2222, host key /var/lib/portfwd/host_ed25519, gateway_ports off; "
+        "users: alice (open db.internal:5432; listen nothing)",
+        "1 SSH tunnel(s)",
+        "map[0]: ask router 192.168.1.1 for external port any/udp -> this host's 7000 via pcp, "
+        "lease 5400 s, renewed at half",
+        "forward[0].map: ask the default route's router for external port 5353/udp -> this host's 5353 "
+        "via auto, lease 3600 s, renewed at half",
+        "metrics: http://127.0.0.1:9930/metrics",
+        "after binding, runs as user nobody",
+        "config OK",
     ]

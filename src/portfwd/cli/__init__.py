@@ -1,139 +1,120 @@
 """The command line, the only part of portfwd that prints; `main` is the `portfwd` executable.
 
-It runs plain `map add` and `map ip` straight away and hands everything else to the full CLI.
-
-`portfwd map add 8080` should be as quick as `natpmpc` or `upnpc`: the router answers in a
-millisecond, so the time is start-up, and click, rich, pydantic and asyncio together take about
-90 ms to import. `main` reads argv by hand for the two commands' well-formed options and
-runs them through `oneshot.py` (about 35 ms in all). Anything else — help, another command, an
-option it does not know, a value it cannot read — goes to the full CLI (`commands.py`)
-untouched, which parses it again and gives its usual answer or error, so there is only one
-place for messages. `console.py` holds what both print through: log set-up, the error line.
+One click parser for every command. Start-up time is kept in one place, `LazyGroup`: a command's
+module is imported when that command runs (or when `--help` lists it), not at start-up, so each
+command pays for what it uses. `portfwd map add 8080` should be about as quick as `natpmpc` or
+`upnpc` (the router answers in a millisecond; the rest is start-up): it loads click, `maps.py`
+and the router drivers (`oneshot.py`), never pydantic, rich or asyncio. The config commands
+(`commands.py`) import those inside the command that needs them. `console.py` holds what every
+command prints through: log set-up and the error line.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable
+from typing import Any, NoReturn
 
-if TYPE_CHECKING:
-    from portfwd.router.base import MapRequest
+import click
 
-#: Options that take a value, with what the fast path accepts for it (None: any text).
-_VALUES: dict[str, tuple[str, ...] | None] = {
-    "--external": None,
-    "--lease": None,
-    "--to": None,
-    "--method": ("auto", "pcp", "natpmp", "upnp"),
-    "--tries": tuple(str(n) for n in range(1, 21)),
-    "--gateway": None,
-    "--upnp-url": None,
-    "--log-format": ("text", "json"),
+from portfwd import __version__
+from portfwd.cli.console import quiet_dependencies, report
+
+#: Every command and where it is defined, `module:name`; imported only when it is used.
+COMMANDS = {
+    "check": "portfwd.cli.commands:check",
+    "forward": "portfwd.cli.commands:forward",
+    "gateway": "portfwd.cli.commands:gateway",
+    "map": "portfwd.cli.maps:map_group",
+    "reload": "portfwd.cli.commands:reload",
+    "run": "portfwd.cli.commands:run",
+    "server": "portfwd.cli.commands:server",
+    "ssh": "portfwd.cli.commands:ssh",
+    "status": "portfwd.cli.commands:status",
 }
-_ONLY_ADD = ("--external", "--lease", "--to")
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console script: the fast path when it applies, else `commands.main`."""
-    from portfwd.cli.console import quiet_dependencies
+class LazyGroup(click.Group):
+    """A click group that imports a command's module when the command is looked up."""
 
-    quiet_dependencies()
-    argv = sys.argv[1:] if argv is None else argv
-    plain = _read(argv)
-    if plain is None:
-        from portfwd.cli.commands import main as full_cli
+    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy
 
-        full_cli(argv)
-        return
-    from portfwd.cli.console import report
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(self.lazy)
 
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        where = self.lazy.get(cmd_name)
+        if where is None:
+            return None
+        module, _, name = where.partition(":")
+        command = getattr(importlib.import_module(module), name)
+        assert isinstance(command, click.Command), where
+        return command
+
+
+@click.group(cls=LazyGroup, lazy=COMMANDS, context_settings=CONTEXT)
+@click.version_option(
+    __version__, "--version", message="portfwd %(version)s", help="Print the version and exit."
+)
+def app() -> None:
+    """Every kind of port forwarding from one command line and one config file."""
+
+
+def logging_options(command: Callable[..., None]) -> Callable[..., None]:
+    """-v/-q/--log-format, shared by the commands that run something."""
+    command = click.option(
+        "--log-format",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        show_default=True,
+        help="Log lines for people (text) or machines (json).",
+    )(command)
+    command = click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")(command)
+    return click.option(
+        "-v", "--verbose", count=True, help="-v: portfwd's debug lines; -vv: every library's too."
+    )(command)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Console script: run the command and turn every failure into one line and an exit code.
+
+    Exit 2 for usage and config errors, 1 for runtime failures, 130 for Ctrl-C; no traceback
+    unless PORTFWD_DEBUG=1. Always raises SystemExit, except that the executable (`argv` None)
+    ends a `map` command without the interpreter's teardown: see `_leave`.
+    """
+    quiet_dependencies()  # before any command imports a dependency that warns at import
     try:
-        code = _run(plain)
-    except BaseException as exc:  # noqa: BLE001 - the same boundary as commands.main
+        code = app.main(args=argv, prog_name="portfwd", standalone_mode=False)
+        code = code if isinstance(code, int) else 0
+    except click.exceptions.NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help() if exc.ctx else "", file=sys.stderr)
+        code = 2
+    except click.UsageError as exc:
+        hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx else " (see portfwd --help)"
+        print(f"portfwd: {exc.format_message()}{hint}", file=sys.stderr)
+        code = 2
+    except click.exceptions.Abort:
+        code = 130
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the last boundary: one line, even for a bug
         code = report(exc)
-    _leave(code)
+    if argv is None and sys.argv[1:2] == ["map"]:
+        _leave(code)
+    sys.exit(code)
 
 
-def _leave(code: int) -> None:
-    """Exit without the interpreter's teardown (4 ms here): nothing is left open or unwritten."""
+def _leave(code: int) -> NoReturn:
+    """Exit without the interpreter's teardown, which with click loaded takes a good part of a
+    `map add`'s time. Only for `map`: it leaves no thread, child, file or event loop open.
+    """
     try:
         sys.stdout.flush()
         sys.stderr.flush()
     except OSError:  # a closed pipe: let the normal exit report it
         sys.exit(code)
     os._exit(code)
-
-
-class _Plain(NamedTuple):
-    """A `map add|ip` command line the fast path runs; `request` is None for `ip`."""
-
-    request: MapRequest | None
-    options: dict[str, str]
-    verbose: int
-    quiet: bool
-
-
-def _read(argv: list[str]) -> _Plain | None:
-    """The command when argv is `map add|ip` written plainly, else None (the full CLI's turn)."""
-    if len(argv) < 2 or argv[0] != "map" or argv[1] not in ("add", "ip"):
-        return None
-    command, rest = argv[1], argv[2:]
-    operands: list[str] = []
-    options: dict[str, str] = {}
-    verbose, quiet = 0, False
-    index = 0
-    while index < len(rest):
-        word = rest[index]
-        index += 1
-        if word in ("-v", "--verbose"):
-            verbose += 1
-        elif word in ("-q", "--quiet"):
-            quiet = True
-        elif word.startswith("-"):
-            name, equals, value = word.partition("=")
-            if name not in _VALUES or name in options or (command == "ip" and name in _ONLY_ADD):
-                return None
-            if not equals:
-                if index == len(rest):
-                    return None
-                value, index = rest[index], index + 1
-            allowed = _VALUES[name]
-            if allowed is not None and value not in allowed:
-                return None
-            options[name] = value
-        else:
-            operands.append(word)
-    if command == "ip":
-        return None if operands else _Plain(None, options, verbose, quiet)
-    if len(operands) != 1:
-        return None
-    from portfwd.errors import ConfigError
-    from portfwd.oneshot import DEFAULT_LEASE, add_request
-
-    try:
-        request = add_request(
-            operands[0], options.get("--external"), options.get("--lease", DEFAULT_LEASE), options.get("--to")
-        )
-    except (ValueError, ConfigError):
-        return None
-    return _Plain(request, options, verbose, quiet)
-
-
-def _run(plain: _Plain) -> int:
-    from portfwd import oneshot
-    from portfwd.cli.console import setup_logging
-
-    options = plain.options
-    setup_logging(plain.verbose, plain.quiet, options.get("--log-format", "text"))
-    method = options.get("--method", "auto")
-    tries = int(options["--tries"]) if "--tries" in options else None
-    gateway, upnp_url = options.get("--gateway"), options.get("--upnp-url")
-    request = plain.request
-    if request is None:
-        used, address = oneshot.one_shot(method, gateway, upnp_url, tries, lambda m: m.external_address())
-        print(oneshot.address_line(used, address))
-    else:
-        _, granted = oneshot.one_shot(method, gateway, upnp_url, tries, lambda m: m.add(request))
-        print(oneshot.granted_line(granted))
-    return 0

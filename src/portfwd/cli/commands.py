@@ -1,7 +1,10 @@
-"""The full command line (click): parses arguments, sets up logging, prints results.
+"""The commands that read a config or start an instance: run, check, forward, ssh, server, gateway,
+status and reload (`cli/__init__.py` lists them; `maps.py` has `portfwd map`).
 
-Every error reaches the user as one line, `portfwd: <what>; <fix>`, with exit code 2 for usage
-and config errors and 1 for runtime failures. No traceback is shown unless PORTFWD_DEBUG=1.
+Each command imports what is slow to import in its own body: pydantic (through `_load`, the
+one way here to a config), rich, and the runtime with asyncio. So `status` never loads
+pydantic, and `--help` loads none of them. What `check` prints comes from the part that owns
+each section (`relay`, `ssh`, `kernel`, `router` `describe.py`); this module only draws it.
 """
 
 from __future__ import annotations
@@ -10,39 +13,24 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from portfwd import __version__, instances, oneshot
-from portfwd.cli.console import report, setup_logging
+from portfwd import instances
+from portfwd.cli import logging_options
+from portfwd.cli import main as main  # the entry point's old home: bench/ and a test still import it here
+from portfwd.cli.console import setup_logging
 from portfwd.errors import ConfigError, RuntimeFailure
-from portfwd.printable import printable
 
 if TYPE_CHECKING:
     from rich.console import Group
     from rich.table import Table
 
-    from portfwd import config
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-def _logging_options(command: Callable[..., None]) -> Callable[..., None]:
-    """-v/-q/--log-format, shared by the commands that run something."""
-    command = click.option(
-        "--log-format",
-        type=click.Choice(["text", "json"]),
-        default="text",
-        show_default=True,
-        help="Log lines for people (text) or machines (json).",
-    )(command)
-    command = click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")(command)
-    return click.option(
-        "-v", "--verbose", count=True, help="-v: portfwd's debug lines; -vv: every library's too."
-    )(command)
-
+    from portfwd.specs import Plan
 
 _config_option = click.option(
     "-c",
@@ -66,25 +54,24 @@ _fast_path_option = click.option(
 )
 
 
-def _no_fast_path(loaded: config.Config) -> config.Config:
-    return loaded.model_copy(update={"ssh_fast_path": False})
+def _load(config_file: str | None) -> tuple[Path, Plan]:
+    """Find the config file (-c, else the usual places), then read, validate and plan it.
+
+    Raises ConfigError, one line per problem. The only place here that imports pydantic.
+    """
+    from portfwd import config, planner
+
+    path = config.find(config_file)
+    return path, planner.load(path)
 
 
-@click.group(context_settings=CONTEXT)
-@click.version_option(
-    __version__, "--version", message="portfwd %(version)s", help="Print the version and exit."
-)
-def app() -> None:
-    """Every kind of port forwarding from one command line and one config file."""
-
-
-@app.command()
+@click.command()
 @_config_option
 @_strict_option
 @_name_option
 @_control_option
 @_fast_path_option
-@_logging_options
+@logging_options
 def run(
     config_file: str | None,
     strict: bool,
@@ -96,112 +83,73 @@ def run(
     log_format: str,
 ) -> None:
     """Run everything the config declares; SIGTERM/SIGINT drains and removes what it created."""
-    from portfwd import config  # pydantic and the models cost 130 ms to import
-
     setup_logging(verbose, quiet, log_format)
-    path = config.find(config_file)
-    loaded = config.load(path)
+    path, plan = _load(config_file)
     if no_fast_path:
-        loaded = _no_fast_path(loaded)
+        plan = replace(plan, ssh_fast_path=False)
     identity = instances.identify(
-        "run", config=path, name=name, control=control_socket, configured=loaded.control.socket
+        "run", config=path, name=name, control=control_socket, configured=plan.control.socket
     )
     logging.getLogger("portfwd").info("config %s (instance %s)", path, identity.name)
     from portfwd import planner, runtime
 
-    runtime.run(planner.plan(loaded), strict=strict, identity=identity, loader=lambda: planner.load(path))
+    runtime.run(plan, strict=strict, identity=identity, loader=lambda: planner.load(path))
 
 
-@app.command()
+def _table(title: str, columns: Iterable[str], rows: Iterable[tuple[str, ...]]) -> Table:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+@click.command()
 @_config_option
 def check(config_file: str | None) -> None:
     """Validate the config and print what would run; exit 0, or 2 with one line per error."""
     from rich.console import Console
-    from rich.table import Table
 
-    from portfwd import config  # pydantic and the models cost 130 ms to import
+    from portfwd.kernel import describe as kernel
+    from portfwd.relay import describe as relay
+    from portfwd.router.describe import map_lines
+    from portfwd.ssh.describe import TUNNEL_COLUMNS, server_line, tunnel_rows
 
-    path = config.find(config_file)
-    loaded = config.load(path)
+    path, plan = _load(config_file)
     console = Console()
-    table = Table(title=f"{path}: {len(loaded.forward)} forward rule(s)", title_justify="left")
-    for column in ("rule", "listen", "connect", "protocol", "access", "relay"):
-        table.add_column(column)
-    from portfwd import planner
-    from portfwd.relay.describe import describe
-
-    for row in describe(planner.plan(loaded).rules):
-        table.add_row(*row)
-    maps = config.published(loaded)
-    if loaded.forward or not (loaded.tunnel or loaded.server or maps):
-        console.print(table)
-    if loaded.gateway is not None:
-        from portfwd.kernel import nft
-
-        try:
-            found = nft.interfaces(planner.gateway_spec(loaded.gateway))
-        except nft.GatewayError as exc:
-            raise ConfigError(exc.line()) from None
-        problems = nft.check(planner.gateway_spec(loaded.gateway), found)
+    if plan.rules or not (plan.tunnels or plan.server or plan.maps):
+        title = f"{path}: {len(plan.rules)} forward rule(s)"
+        console.print(_table(title, relay.COLUMNS, relay.describe(plan.rules)))
+    if plan.gateway is not None:
+        found, problems = kernel.problems(plan.gateway)
         if problems:
             raise ConfigError(problems[0], problems=problems)
-        console.print(
-            f"gateway: {loaded.gateway.wan} ({', '.join(found.wan_addresses) or 'no address'}) -> "
-            f"{loaded.gateway.lan} ({', '.join(map(str, found.lan_networks))}): "
-            f"{len(loaded.gateway.forward)} forward(s), {len(loaded.gateway.trigger)} trigger(s); "
-            "portfwd gateway plan prints the ruleset"
-        )
-    if loaded.server is not None:
-        users = ", ".join(
-            f"{user.name} (open {', '.join(user.permit_open) or 'nothing'}; "
-            f"listen {', '.join(user.permit_listen) or 'nothing'})"
-            for user in loaded.server.user
-        )
-        console.print(
-            f"server: ssh on {loaded.server.listen}, host key {loaded.server.host_key}, "
-            f"gateway_ports {'on' if loaded.server.gateway_ports else 'off'}; users: {users}"
-        )
-    if loaded.tunnel:
-        tunnels = Table(title=f"{len(loaded.tunnel)} SSH tunnel(s)", title_justify="left")
-        for column in ("tunnel", "server", "forwards", "host keys", "keepalive"):
-            tunnels.add_column(column)
-        for item in loaded.tunnel:
-            via = f" via {', '.join(item.jump)}" if item.jump else ""
-            keepalive = (
-                f"{item.keepalive_interval:g}s x {item.keepalive_count}" if item.keepalive_interval else "off"
-            )
-            tunnels.add_row(
-                item.label,
-                item.ssh + via,
-                "\n".join(str(forward) for forward in item.forwards),
-                f"{item.strict_host_key_checking}: {', '.join(item.known_hosts)}",
-                keepalive,
-            )
-        console.print(tunnels)
-    for field, entry in maps:
-        external = entry.external or "any"
-        where = entry.upnp_url or (
-            f"router {entry.gateway}" if entry.gateway else "the default route's router"
-        )
-        console.print(
-            f"{field}: ask {where} for external port {external}/{entry.protocol} -> "
-            f"this host's {entry.port} via {entry.method}, lease {entry.lease:g} s, renewed at half"
-        )
-    if loaded.metrics is not None:
-        console.print(f"metrics: http://{loaded.metrics.listen}/metrics")
-    if loaded.user is not None:
-        console.print(f"after binding, runs as user {loaded.user}")
+        assert found is not None  # no problems: the interfaces were read
+        console.print(kernel.summary(plan.gateway, found))
+    if plan.server is not None:
+        console.print(server_line(plan.server))
+    if plan.tunnels:
+        console.print(_table(f"{len(plan.tunnels)} SSH tunnel(s)", TUNNEL_COLUMNS, tunnel_rows(plan.tunnels)))
+    for line in map_lines(plan.maps):
+        console.print(line)
+    if plan.metrics is not None:
+        console.print(f"metrics: http://{plan.metrics}/metrics")
+    if plan.user is not None:
+        console.print(f"after binding, runs as user {plan.user}")
     console.print("config OK")
 
 
-@app.command()
+@click.command()
 @click.argument("specs", nargs=-1, required=True, metavar="SPEC...")
 @click.option("--allow", multiple=True, metavar="CIDR", help="Admit only these sources (repeatable).")
 @click.option("--deny", multiple=True, metavar="CIDR", help="Refuse these sources (repeatable).")
 @_strict_option
 @_name_option
 @_control_option
-@_logging_options
+@logging_options
 def forward(
     specs: tuple[str, ...],
     allow: tuple[str, ...],
@@ -214,17 +162,17 @@ def forward(
     log_format: str,
 ) -> None:
     """Quick forwards, no config file: SPEC is [bind:]port:host:hostport[/udp|/tcp+udp]."""
-    from portfwd import forwardspec  # pydantic and the models cost 130 ms to import
-
     setup_logging(verbose, quiet, log_format)
     identity = instances.identify("forward", name=name, control=control_socket)
-    loaded = forwardspec.rules_from_specs(specs, allow, deny)
-    from portfwd import planner, runtime
+    from portfwd import forwardspec, planner
 
-    runtime.run(planner.plan(loaded), strict=strict, identity=identity)
+    plan = planner.plan(forwardspec.rules_from_specs(specs, allow, deny))
+    from portfwd import runtime
+
+    runtime.run(plan, strict=strict, identity=identity)
 
 
-@app.command(context_settings={"ignore_unknown_options": False})
+@click.command(context_settings={"ignore_unknown_options": False})
 @click.argument("destination", metavar="[user@]host[:port]")
 @click.option(
     "-L", "local", multiple=True, metavar="SPEC", help="[bind:]port:host:hostport (or socket paths)."
@@ -247,7 +195,7 @@ def forward(
 )
 @_control_option
 @_fast_path_option
-@_logging_options
+@logging_options
 def ssh(
     destination: str,
     local: tuple[str, ...],
@@ -276,25 +224,28 @@ def ssh(
     """
     setup_logging(verbose, quiet, log_format)
     instance = instances.identify("ssh", name=name, control=control_socket)
+    from portfwd import planner
     from portfwd.cli.sshargs import tunnel_from_args
 
-    loaded = tunnel_from_args(
-        destination, local, remote, dynamic, port, identity, jump, options, ssh_config, compression, name
+    plan = planner.plan(
+        tunnel_from_args(
+            destination, local, remote, dynamic, port, identity, jump, options, ssh_config, compression, name
+        )
     )
     if no_fast_path:
-        loaded = _no_fast_path(loaded)
-    from portfwd import planner, runtime
+        plan = replace(plan, ssh_fast_path=False)
+    from portfwd import runtime
 
-    runtime.run(planner.plan(loaded), identity=instance, exit_on_auth=True)
+    runtime.run(plan, identity=instance, exit_on_auth=True)
 
 
-@app.command()
+@click.command()
 @_config_option
 @click.option("--fingerprint", is_flag=True, help="Print the host key's SHA256 fingerprint and exit.")
 @_name_option
 @_control_option
 @_fast_path_option
-@_logging_options
+@logging_options
 def server(
     config_file: str | None,
     fingerprint: bool,
@@ -306,277 +257,52 @@ def server(
     log_format: str,
 ) -> None:
     """The SSH tunnel server for stock ssh -N -L/-R/-D clients, from the config's [server]."""
-    from portfwd import config  # pydantic and the models cost 130 ms to import
-
     setup_logging(verbose, quiet, log_format)
-    path = config.find(config_file)
-    loaded = config.load(path)
-    if loaded.server is None:
+    path, plan = _load(config_file)
+    if plan.server is None:
         raise ConfigError(f"{path}: no [server] section", hint="add [server] and a [[server.user]]")
     if fingerprint:
         from portfwd.ssh.server import load_host_key
 
-        print(load_host_key(loaded.server.host_key).get_fingerprint())
+        print(load_host_key(plan.server.host_key).get_fingerprint())
         return
     if no_fast_path:
-        loaded = _no_fast_path(loaded)
+        plan = replace(plan, ssh_fast_path=False)
     identity = instances.identify(
-        "server", config=path, name=name, control=control_socket, configured=loaded.control.socket
+        "server", config=path, name=name, control=control_socket, configured=plan.control.socket
     )
     from portfwd import planner, runtime
 
-    runtime.run(planner.plan(loaded), identity=identity, loader=lambda: planner.load(path))
+    runtime.run(plan, identity=identity, loader=lambda: planner.load(path))
 
 
-@app.command()
+@click.command()
 @click.argument("action", type=click.Choice(["plan", "apply", "remove"]))
 @_config_option
 def gateway(action: str, config_file: str | None) -> None:
     """nftables gateway forwarding from [gateway]: plan (print and check), apply, or remove."""
-    from portfwd import config  # pydantic and the models cost 130 ms to import
     from portfwd.kernel import nft
+    from portfwd.kernel.describe import plan_notes
 
     if action == "remove":
         print("removed table inet portfwd" if nft.remove() else "table inet portfwd was not loaded")
         return
-    path = config.find(config_file)
-    loaded = config.load(path)
-    if loaded.gateway is None:
+    path, plan = _load(config_file)
+    if plan.gateway is None:
         raise ConfigError(
             f"{path}: no [gateway] section", hint="add [gateway] with wan, lan and [[gateway.forward]]"
         )
-    from portfwd import planner
-
-    ruleset = nft.prepare(planner.gateway_spec(loaded.gateway))
+    ruleset = nft.prepare(plan.gateway)
     if action == "plan":
         print(ruleset, end="")
         nft.apply(ruleset, check_only=True)
-        changes = nft.diff(ruleset)
-        if changes is None:
-            print("# nft -c accepts this ruleset; not loaded now")
-        elif not changes:
-            print("# nft -c accepts this ruleset; the live table inet portfwd is the same")
-        else:
-            print("# nft -c accepts this ruleset; the live table inet portfwd differs (- live, + this plan):")
-            print("\n".join(f"# {line}" for line in changes))
-        for problem in nft.forwarding_problems(enable=False):
-            print(f"# warning: {problem}")
+        for line in plan_notes(nft.diff(ruleset), nft.forwarding_problems(enable=False)):
+            print(line)
         return
-    for problem in nft.forwarding_problems(loaded.gateway.enable_forwarding):
+    for problem in nft.forwarding_problems(plan.gateway.enable_forwarding):
         print(f"portfwd: warning: {problem}", file=sys.stderr)
     nft.apply(ruleset)
-    print(f"applied table inet portfwd: {len(loaded.gateway.forward)} forward rule(s)")
-
-
-def _port_proto(value: str) -> tuple[int, Literal["tcp", "udp"]]:
-    try:
-        return oneshot.port_proto(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-def _external(value: str | None, port: int) -> int:
-    try:
-        return oneshot.external_port(value, port)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="'--external'") from None
-
-
-_METHODS = click.Choice(["auto", "pcp", "natpmp", "upnp"])
-
-
-def _router_options(command: Callable[..., None]) -> Callable[..., None]:
-    command = click.option(
-        "--upnp-url", metavar="URL", help="The router's UPnP description URL (skips SSDP)."
-    )(command)
-    command = click.option(
-        "--gateway", metavar="ADDR", help="The router's address (default: the default route's)."
-    )(command)
-    command = click.option(
-        "--tries",
-        type=click.IntRange(1, 20),
-        metavar="N",
-        help="Send a PCP/NAT-PMP request at most N times (default: the RFC's schedule, about a minute).",
-    )(command)
-    command = click.option(
-        "--method",
-        type=_METHODS,
-        default="auto",
-        show_default=True,
-        help="PCP, NAT-PMP, UPnP IGD, or the first that works.",
-    )(command)
-    return _logging_options(command)
-
-
-def _asyncio_run(coroutine: Any) -> Any:
-    import asyncio
-
-    return asyncio.run(coroutine)
-
-
-@app.group(name="map")
-def map_group() -> None:
-    """Ask the home router for a port (PCP, NAT-PMP or UPnP IGD), list or remove mappings."""
-
-
-@map_group.command(name="ip")
-@_router_options
-def map_ip(
-    method: str,
-    tries: int | None,
-    gateway: str | None,
-    upnp_url: str | None,
-    verbose: int,
-    quiet: bool,
-    log_format: str,
-) -> None:
-    """Print the router's external address and the method that told it."""
-    setup_logging(verbose, quiet, log_format)
-    used, address = oneshot.one_shot(method, gateway, upnp_url, tries, lambda m: m.external_address())
-    print(oneshot.address_line(used, address))
-
-
-@map_group.command(name="add")
-@click.argument("port", metavar="PORT[/PROTO]")
-@click.option(
-    "--external", metavar="N|any", help="External port to ask for (default: PORT; any = the router picks)."
-)
-@click.option(
-    "--lease",
-    default=oneshot.DEFAULT_LEASE,
-    show_default=True,
-    metavar="DURATION",
-    help="Lease to ask for, e.g. 90s, 2h.",
-)
-@click.option(
-    "--to", "to_host", metavar="HOST", help="Map to another LAN host (UPnP only; default: this host)."
-)
-@_router_options
-def map_add(
-    port: str,
-    external: str | None,
-    lease: str,
-    to_host: str | None,
-    method: str,
-    tries: int | None,
-    gateway: str | None,
-    upnp_url: str | None,
-    verbose: int,
-    quiet: bool,
-    log_format: str,
-) -> None:
-    """Map one port on the router to this host and print the public endpoint (like upnpc -a)."""
-    setup_logging(verbose, quiet, log_format)
-    _port_proto(port)  # each argument checked on its own, so click's message names the one at fault
-    _external(external, 1)
-    try:
-        request = oneshot.add_request(port, external, lease, to_host)
-    except ConfigError as exc:
-        raise click.BadParameter(exc.message, param_hint="'--lease'") from None
-    _, granted = oneshot.one_shot(method, gateway, upnp_url, tries, lambda m: m.add(request))
-    print(oneshot.granted_line(granted))
-
-
-@map_group.command(name="remove")
-@click.argument("port", metavar="PORT[/PROTO]")
-@click.option("--external", metavar="N", help="External port of the mapping (UPnP; default: PORT).")
-@_router_options
-def map_remove(
-    port: str,
-    external: str | None,
-    method: str,
-    tries: int | None,
-    gateway: str | None,
-    upnp_url: str | None,
-    verbose: int,
-    quiet: bool,
-    log_format: str,
-) -> None:
-    """Delete a mapping; with auto, ask every method the router answers."""
-    from portfwd.errors import RouterError
-    from portfwd.router.base import MapRequest
-    from portfwd.router.choose import candidates, make
-    from portfwd.router.udp import exchange
-
-    setup_logging(verbose, quiet, log_format)
-    number, proto = _port_proto(port)
-    request = MapRequest(proto, number, _external(external, number) or number, 0)
-
-    async def remove() -> list[str]:
-        route = oneshot.route(gateway)
-        done: list[str] = []
-        errors: list[RouterError] = []
-        for name in candidates(method):
-            used = make(name, route, exchange, upnp_url=upnp_url, probing=method == "auto", tries=tries)
-            try:
-                await used.remove(request, None)
-                done.append(name)
-            except RouterError as exc:
-                if method != "auto" or exc.reason not in ("unsupported", "unreachable"):
-                    errors.append(exc)
-            finally:
-                await used.close()
-        if errors and not done:
-            raise errors[0]
-        if not done:
-            raise RouterError("no mapping method answered", reason="unreachable")
-        return done
-
-    done = _asyncio_run(remove())
-    print(f"removed {request.external_port}/{proto} (asked {', '.join(done)})")
-
-
-@map_group.command(name="list")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@_router_options
-def map_list(
-    as_json: bool,
-    method: str,
-    tries: int | None,
-    gateway: str | None,
-    upnp_url: str | None,
-    verbose: int,
-    quiet: bool,
-    log_format: str,
-) -> None:
-    """List the router's mappings (UPnP), marking portfwd's own."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    from portfwd.router.choose import make
-    from portfwd.router.udp import exchange
-
-    setup_logging(verbose, quiet, log_format)
-    if method not in ("auto", "upnp"):
-        raise click.BadParameter(
-            f"{method} cannot list a router's mappings; use upnp", param_hint="'--method'"
-        )
-
-    async def entries() -> Any:
-        used = make("upnp", oneshot.route(gateway), exchange, upnp_url=upnp_url)
-        try:
-            return await used.entries()
-        finally:
-            await used.close()
-
-    rows = _asyncio_run(entries())
-    if as_json:
-        print(json.dumps([{**row._asdict(), "ours": row.ours} for row in rows], indent=2))
-        return
-    table = Table(box=box.SIMPLE_HEAD)
-    for column in ("", "external", "internal", "lease", "description"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(
-            "*" if row.ours else "",
-            f"{row.external_port}/{row.protocol}",
-            f"{row.internal_host}:{row.internal_port}",
-            f"{row.lease} s" if row.lease else "permanent",
-            printable(row.description),  # the router's text
-        )
-    Console(markup=False, emoji=False).print(table if rows else Text("the router holds no mappings"))
+    print(f"applied table inet portfwd: {len(plan.gateway.forward)} forward rule(s)")
 
 
 _target_options = (
@@ -585,7 +311,7 @@ _target_options = (
 )
 
 
-@app.command()
+@click.command()
 @_config_option
 @_target_options[0]
 @_target_options[1]
@@ -651,7 +377,7 @@ def status(
             live.update(view())
 
 
-@app.command()
+@click.command()
 @_config_option
 @_target_options[0]
 @_target_options[1]
@@ -686,25 +412,3 @@ def reload(config_file: str | None, name: str | None, control_socket: str | None
         f"reload refused, the old config keeps running: {errors[0]}",
         problems=[f"reload refused, the old config keeps running: {line}" for line in errors],
     )
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI and turn every failure into one line and an exit code."""
-    try:
-        code = app.main(args=argv, prog_name="portfwd", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as exc:
-        print(exc.ctx.get_help() if exc.ctx else "", file=sys.stderr)
-        sys.exit(2)
-    except click.UsageError as exc:
-        hint = (
-            f" (see portfwd {exc.ctx.info_name} --help)"
-            if exc.ctx and exc.ctx.parent
-            else " (see portfwd --help)"
-        )
-        print(f"portfwd: {exc.format_message()}{hint}", file=sys.stderr)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the last boundary: one line, even for a bug
-        sys.exit(report(exc))
-    sys.exit(code if isinstance(code, int) else 0)

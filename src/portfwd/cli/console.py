@@ -1,7 +1,8 @@
-"""What reaches the terminal from either entry point: log set-up and the one-line error boundary.
+"""What reaches the terminal from every command: log set-up and the one-line error report.
 
-Shared by the full CLI (`commands.py`) and the fast path for one-shot router commands (`__init__.py`),
-so both format logs and failures identically. Only the standard library's small modules here.
+Used by `cli/__init__.py` (the error boundary), `commands.py` and `maps.py`, so every command
+formats logs and failures identically. Only the standard library's small modules here:
+`portfwd map add` loads this module and should start fast.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ NOT_OURS = r"(?!portfwd(\.|$))"
 def quiet_dependencies() -> None:
     """Keep dependencies' warnings off the user's terminal, unless the user asked for them.
 
-    Called first thing by both entry points, before anything third-party is imported. Filters
+    Called first thing by `main`, before any command imports a dependency. Filters
     by category and by module (everything but `portfwd.*`), so portfwd's own warnings, and
     anything the user turns on with `python -W` or PYTHONWARNINGS, still show.
     """

@@ -7,13 +7,10 @@ about `tunnel[0].ciphers` is told back as `-o Ciphers`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from portfwd import tunnelspec
+from portfwd import config, tunnelspec
 from portfwd.errors import ConfigError
-
-if TYPE_CHECKING:
-    from portfwd import config
 
 
 def tunnel_from_args(
@@ -30,8 +27,6 @@ def tunnel_from_args(
     name: str | None,
 ) -> config.Config:
     """The Config `portfwd ssh ARGS` runs: one [[tunnel]]. Raises ConfigError, one line per problem."""
-    from portfwd import config  # pydantic and the models cost 130 ms to import
-
     problems: list[str] = []
     table: dict[str, Any] = {"ssh": destination}
     for flag, kind, specs in (("-L", "local", local), ("-R", "remote", remote), ("-D", "dynamic", dynamic)):

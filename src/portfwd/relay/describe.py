@@ -10,6 +10,9 @@ from portfwd.relay.forwarder import RelayPath
 from portfwd.relay.splice import splice_available
 from portfwd.specs import RuleSpec
 
+#: The columns of `describe`'s rows.
+COLUMNS = ("rule", "listen", "connect", "protocol", "access", "relay")
+
 
 def relay_path(rule: RuleSpec, splice_ok: bool) -> RelayPath:
     """The TCP relay a rule gets: splice when possible and not refused, else the Protocol pair."""

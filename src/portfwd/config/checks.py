@@ -1,0 +1,254 @@
+"""Validation: pydantic per field, then the checks that span fields (names, ports, ranges, maps).
+
+`validate` is the one way in; every problem comes back as one line naming its field and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from portfwd.addr import Endpoint, HostPorts, Transport, UnixPath
+from portfwd.config.messages import problem
+from portfwd.config.models import Config, MapConfig
+from portfwd.errors import ConfigError
+
+#: Sections PRODUCT.md describes whose engines are not in this version yet.
+_PLANNED_SECTIONS: dict[str, str] = {}
+
+
+def _check_rules(config: Config) -> list[str]:
+    """Cross-field checks pydantic cannot express per field; returns one line per problem."""
+    problems: list[str] = []
+    seen_names: dict[str, int] = {}
+    bound: list[tuple[int, str, str, int]] = []  # (rule index, proto, host, port)
+    for index, rule in enumerate(config.forward):
+        field = f"forward[{index}]"
+        if rule.name is not None:
+            if rule.name in seen_names:
+                problems.append(
+                    f"{field}.name: {rule.name!r} is already the name of forward[{seen_names[rule.name]}]; "
+                    "pick another name"
+                )
+            seen_names[rule.name] = index
+        problems.extend(_check_sides(field, rule.listen, rule.connect, rule.protocol, "connect"))
+        for route_index, route in enumerate(rule.route):
+            problems.extend(
+                _check_sides(
+                    f"{field}.route[{route_index}]",
+                    rule.listen,
+                    route.connect,
+                    rule.protocol,
+                    "connect",
+                )
+            )
+        if isinstance(rule.listen, UnixPath) and (rule.allow or rule.deny or rule.route):
+            problems.append(
+                f"{field}.allow: allow, deny and route need an IP listener; "
+                "a Unix socket has no client address (use file permissions instead)"
+            )
+        if isinstance(rule.listen, HostPorts):
+            for proto in ("tcp", "udp"):
+                if proto == "tcp" and not rule.protocol.has_tcp:
+                    continue
+                if proto == "udp" and not rule.protocol.has_udp:
+                    continue
+                for port in rule.listen.ports.ports():
+                    clash = _clash(bound, proto, rule.listen.host, port)
+                    if clash is not None and clash != index:
+                        problems.append(
+                            f"{field}.listen: {rule.listen.at(port)}/{proto} is already used by "
+                            f"forward[{clash}]; give each rule its own port"
+                        )
+                        break
+                    bound.append((index, proto, rule.listen.host, port))
+    problems.extend(_check_tunnels(config))
+    problems.extend(_check_gateway(config))
+    problems.extend(_check_maps(config))
+    if config.server is not None:
+        server = config.server
+        if not server.user:
+            problems.append(
+                "server: no [[server.user]]; add one with name and authorized_keys "
+                "(portfwd server never runs without users)"
+            )
+        if not isinstance(server.listen, HostPorts) or len(server.listen.ports) != 1:
+            problems.append('server.listen: must be one host:port; write "0.0.0.0:2222"')
+        names = [user.name for user in server.user]
+        for index, name in enumerate(names):
+            if name in names[:index]:
+                problems.append(f"server.user[{index}].name: {name!r} is listed twice")
+    if config.metrics is not None:
+        listen = config.metrics.listen
+        if not isinstance(listen, HostPorts) or len(listen.ports) != 1:
+            problems.append('metrics.listen: must be one host:port; write "127.0.0.1:9930"')
+    return problems
+
+
+def published(config: Config) -> list[tuple[str, MapConfig]]:
+    """Every router mapping the config asks for: `[[map]]` plus each `[[forward]]` with map = true.
+
+    Returns (config field, mapping) pairs; a forward publishes its own listen port, per protocol.
+    """
+    maps = [(f"map[{index}]", entry) for index, entry in enumerate(config.map)]
+    for index, rule in enumerate(config.forward):
+        if not rule.map or not isinstance(rule.listen, HostPorts) or len(rule.listen.ports) != 1:
+            continue
+        port = rule.listen.ports.first
+        for proto in ("tcp", "udp"):
+            if (proto == "tcp" and rule.protocol.has_tcp) or (proto == "udp" and rule.protocol.has_udp):
+                maps.append((f"forward[{index}].map", MapConfig(port=port, protocol=proto)))
+    return maps
+
+
+def _check_maps(config: Config) -> list[str]:
+    problems: list[str] = []
+    for index, rule in enumerate(config.forward):
+        if rule.map and (not isinstance(rule.listen, HostPorts) or len(rule.listen.ports) != 1):
+            problems.append(
+                f"forward[{index}].map: only a rule that listens on one TCP/UDP port can be published; "
+                "add a [[map]] per port instead"
+            )
+    claimed: dict[tuple[str, str, int], str] = {}
+    for field, entry in published(config):
+        keys = [("port", entry.protocol, entry.port)]
+        if entry.external:
+            keys.append(("external_port", entry.protocol, entry.external))
+        for key in keys:
+            other = claimed.get(key)
+            if other is not None:
+                what = "local port" if key[0] == "port" else "external port"
+                problems.append(
+                    f"{field}.{key[0]}: {what} {key[2]}/{key[1]} is already mapped by {other}; "
+                    "map each port once"
+                )
+                break
+        for key in keys:
+            claimed.setdefault(key, field)
+    return problems
+
+
+def _check_tunnels(config: Config) -> list[str]:
+    problems: list[str] = []
+    names: dict[str, int] = {}
+    for index, tunnel in enumerate(config.tunnel):
+        field = f"tunnel[{index}]"
+        if tunnel.name is not None:
+            if tunnel.name in names:
+                problems.append(
+                    f"{field}.name: {tunnel.name!r} is already the name of tunnel[{names[tunnel.name]}]"
+                )
+            names[tunnel.name] = index
+        if not tunnel.forwards:
+            problems.append(f"{field}: no forward; add local, remote or dynamic (or -L/-R/-D)")
+        if (tunnel.socks_user is None) != (tunnel.socks_password is None):
+            problems.append(f"{field}.socks_user: set socks_user and socks_password together")
+        if tunnel.reconnect_max < tunnel.reconnect_min:
+            problems.append(
+                f"{field}.reconnect_max: must be at least reconnect_min ({tunnel.reconnect_min:g}s)"
+            )
+    return problems
+
+
+def _check_gateway(config: Config) -> list[str]:
+    gateway = config.gateway
+    if gateway is None:
+        return []
+    problems: list[str] = []
+    if gateway.wan == gateway.lan:
+        problems.append("gateway.lan: must differ from gateway.wan")
+    claimed: dict[tuple[str, int], int] = {}
+    for index, rule in enumerate(gateway.forward):
+        field = f"gateway.forward[{index}]"
+        if len(rule.to.ports) not in (1, len(rule.port)):
+            problems.append(
+                f"{field}.to: port range {rule.to.ports} has {len(rule.to.ports)} ports but port {rule.port} "
+                f"has {len(rule.port)}; use ranges of equal length or one target port"
+            )
+        clash = None
+        for proto in ("tcp", "udp"):
+            if (proto == "tcp" and not rule.protocol.has_tcp) or (
+                proto == "udp" and not rule.protocol.has_udp
+            ):
+                continue
+            for port in rule.port.ports():
+                other = claimed.get((proto, port))
+                if other is not None and other != index and clash is None:
+                    clash = (
+                        f"{field}.port: {port}/{proto} is already forwarded by gateway.forward[{other}]; "
+                        "give each rule its own port"
+                    )
+                claimed[(proto, port)] = index
+        if clash:
+            problems.append(clash)
+    return problems
+
+
+_ANY_ADDRESSES = ("", "0.0.0.0", "::")
+
+
+def _clash(bound: list[tuple[int, str, str, int]], proto: str, host: str, port: int) -> int | None:
+    for index, other_proto, other_host, other_port in bound:
+        if (
+            other_proto == proto
+            and other_port == port
+            and (other_host == host or other_host in _ANY_ADDRESSES or host in _ANY_ADDRESSES)
+        ):
+            return index
+    return None
+
+
+def _check_sides(field: str, listen: Endpoint, connect: Endpoint, protocol: Transport, key: str) -> list[str]:
+    problems = []
+    if protocol.has_udp and isinstance(listen, UnixPath):
+        problems.append(f'{field}.listen: UDP cannot listen on a Unix stream socket; use protocol = "tcp"')
+    if protocol.has_udp and isinstance(connect, UnixPath):
+        problems.append(f'{field}.{key}: UDP cannot reach a Unix stream socket; use protocol = "tcp"')
+    if isinstance(listen, HostPorts) and isinstance(connect, HostPorts):
+        wanted, got = len(listen.ports), len(connect.ports)
+        if got not in (1, wanted):
+            problems.append(
+                f"{field}.{key}: port range {connect.ports} has {got} ports but listen "
+                f"{listen.ports} has {wanted}; use ranges of equal length or one target port"
+            )
+    if isinstance(listen, UnixPath) and isinstance(connect, HostPorts) and len(connect.ports) > 1:
+        problems.append(f"{field}.{key}: a Unix socket listener needs one target port, not a range")
+    return problems
+
+
+def validate(data: dict[str, Any], source: str = "config") -> Config:
+    """Validate parsed TOML (or CLI-built) data into a Config.
+
+    Raises ConfigError carrying one line per problem, each naming its field and the fix.
+    """
+    problems: list[str] = []
+    for section, what in _PLANNED_SECTIONS.items():
+        if section in data:
+            problems.append(
+                f"{section}: {what} is not available in portfwd 0.1 yet; remove this section to run the rest"
+            )
+    data = {key: value for key, value in data.items() if key not in _PLANNED_SECTIONS}
+    config = None
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(problem(error) for error in exc.errors(include_url=False))
+    if config is not None:
+        problems.extend(_check_rules(config))
+    if config is not None and not problems and not _declares_anything(config):
+        # `run` would start nothing and exit: `check` must not call that OK.
+        problems.append(
+            "nothing to run: the config has no [[forward]], [[tunnel]], [server], [gateway], "
+            "[[map]] or [metrics]; add one"
+        )
+    if problems:
+        raise ConfigError(problems[0], problems=problems)
+    assert config is not None  # for mypy: no problems means validation succeeded
+    return config
+
+
+def _declares_anything(config: Config) -> bool:
+    return bool(
+        config.forward or config.tunnel or config.server or config.gateway or config.map or config.metrics
+    )
