@@ -67,6 +67,6 @@ def _patch() -> None:
 
 if __name__ == "__main__":
     _patch()
-    from portfwd.cli.commands import main
+    from portfwd.cli import main
 
     main()

@@ -146,7 +146,7 @@ def main() -> None:
         "median time until the mapping exists (each checked reachable from wan). Baseline: the stock C",
         "client in the same run (natpmpc for NAT-PMP and PCP, upnpc -u for UPnP), each timed from inside",
         "lan from exec to exit. The command is the installed `portfwd` script; for PCP and NAT-PMP",
-        "it takes the fast path (`cli/__init__.py`: no click, no asyncio), so its time is mostly CPython starting.",
+        "it loads click and the router drivers only (no rich, pydantic or asyncio), so its time is mostly CPython starting.",
         "",
         "| method | inside portfwd | `portfwd map add` command | stock client command | goal |",
         "|---|---|---|---|---|",

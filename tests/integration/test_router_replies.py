@@ -71,8 +71,8 @@ def router_http(answer: Callable[[str, str, str], tuple[int, str]]) -> Iterator[
 
 
 def portfwd(*args: str, timeout: float = 60, full_cli: bool = False) -> subprocess.CompletedProcess[str]:
-    """The `portfwd` command; `full_cli` skips the fast path for `map add|ip` (cli/__init__.py)."""
-    start = ["-c", "from portfwd.cli.commands import main; main()"] if full_cli else ["-m", "portfwd"]
+    """The `portfwd` command; `full_cli` calls `portfwd.cli.main` in-process (no quick exit)."""
+    start = ["-c", "from portfwd.cli import main; main()"] if full_cli else ["-m", "portfwd"]
     return subprocess.run(
         [sys.executable, *start, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
     )
@@ -134,7 +134,7 @@ def test_garbage_datagrams_are_skipped_then_reported_in_one_line(
 ) -> None:
     """A 'router' that answers every NAT-PMP/PCP request with a wrong or truncated datagram.
 
-    The same words whether `entry.py`'s fast path or the full CLI ran the command.
+    The same words whether the executable (which exits without teardown) or `main()` ran it.
     """
     monkeypatch.setenv("PORTFWD_STATE_DIR", str(tmp_path))
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

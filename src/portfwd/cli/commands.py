@@ -22,7 +22,6 @@ import click
 
 from portfwd import instances
 from portfwd.cli import logging_options
-from portfwd.cli import main as main  # the entry point's old home: bench/ and a test still import it here
 from portfwd.cli.console import setup_logging
 from portfwd.errors import ConfigError, RuntimeFailure
 
