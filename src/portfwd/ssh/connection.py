@@ -1,0 +1,120 @@
+"""The tunnel client's SSH connection: asyncssh's options, the jump hosts, and the host-key check.
+
+Each hop (every jump host, then the server) is verified against known_hosts the same way; a key
+that does not verify is a HostKeyError naming what to fix, never a retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+from collections.abc import Callable
+from typing import Any
+
+import asyncssh
+
+from portfwd import sshalgorithms
+from portfwd.specs import TunnelSpec
+from portfwd.ssh.cork import CorkedConnector
+from portfwd.ssh.errors import ssh_error
+from portfwd.ssh.hostkeys import HostKeyCheck, HostKeyError
+from portfwd.ssh.lean import fix, tune
+from portfwd.tunnelspec import parse_destination
+
+Lost = Callable[[str], None]
+
+
+class _Client(asyncssh.SSHClient):
+    """Hands asyncssh's host-key question to our check, and notes why the link ended."""
+
+    def __init__(self, check: HostKeyCheck, lost: Lost) -> None:
+        self.check = check
+        self.lost = lost
+
+    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        fix(conn)  # before the key exchange, fast path or not: a server's guessed packet (lean/kex.py)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost(ssh_error(exc).message if exc is not None else "closed by the server")
+
+    def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
+        return self.check.validate(host, addr, port, key)
+
+
+def backoff(config: TunnelSpec, attempt: int) -> float:
+    """Seconds to wait before attempt `attempt + 1`: exponential to reconnect_max, with jitter."""
+    base = min(config.reconnect_max, config.reconnect_min * (2 ** min(attempt, 30)))
+    return random.uniform(base / 2, base)
+
+
+def _options(
+    config: TunnelSpec, check: HostKeyCheck, host: str, port: int | None, user: str | None, lost: Lost
+) -> dict[str, Any]:
+    known = check.known_hosts()
+    options: dict[str, Any] = {
+        "known_hosts": known,
+        "client_factory": lambda: _Client(check, lost),
+        "connect_timeout": config.connect_timeout,
+        "keepalive_interval": config.keepalive_interval,
+        "keepalive_count_max": config.keepalive_count,
+        "password_auth": False,
+        "kbdint_auth": False,
+    }
+    if port is not None:
+        options["port"] = port
+    if user is not None:
+        options["username"] = user
+    if config.identity:
+        options["client_keys"] = [os.path.expanduser(item) for item in config.identity]
+    if not config.agent:
+        options["agent_path"] = None
+    if config.ssh_config is not None:
+        options["config"] = [os.path.expanduser(item) for item in config.ssh_config]
+    options["compression_algs"] = ["zlib@openssh.com", "zlib", "none"] if config.compression else ["none"]
+    # OpenSSH's algorithm sets or stricter (sshalgorithms.py), as narrowed by the config; they
+    # override ssh_config's. Host keys: what known_hosts holds for this host first.
+    options.update(sshalgorithms.client_options(config.kex, config.ciphers, config.macs))
+    ssh_config = options.get("config", ())  # () is asyncssh's default: ~/.ssh/config
+    options["server_host_key_algs"] = check.host_key_algorithms(known, host, port, ssh_config)
+    return options
+
+
+async def connect(
+    config: TunnelSpec, fast_path: bool, jumps: list[asyncssh.SSHClientConnection], lost: Lost
+) -> asyncssh.SSHClientConnection:
+    """Connect through the jump hosts (each appended to `jumps` once up) to the server.
+
+    Raises HostKeyError, or what asyncssh.connect raises (asyncssh.Error, OSError, TimeoutError).
+    """
+    accept_new = config.strict_host_key_checking == "accept-new"
+    tunnel: asyncssh.SSHClientConnection | None = None
+    for jump in config.jump:
+        user, host, port = parse_destination(jump)
+        check = HostKeyCheck(list(config.known_hosts), accept_new, config.host_key_algorithms)
+        options = _options(config, check, host, port, user, lost)
+        try:
+            tunnel = await asyncssh.connect(host, tunnel=tunnel, **options)
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise check.problem or HostKeyError(f"jump host {host}: {exc.reason}") from exc
+        tune(tunnel, fast_path)
+        jumps.append(tunnel)
+    check = HostKeyCheck(list(config.known_hosts), accept_new, config.host_key_algorithms)
+    options = _options(config, check, config.host, config.port, config.user, lost)
+    try:
+        conn = await asyncssh.connect(config.host, tunnel=tunnel or CorkedConnector(), **options)
+    except asyncssh.HostKeyNotVerifiable as exc:
+        raise check.problem or HostKeyError(f"{config.host}: {exc.reason}") from exc
+    tune(conn, fast_path)
+    return conn
+
+
+async def close(conns: list[asyncssh.SSHClientConnection]) -> None:
+    """Close the connections (the server's, then the jump hosts') and wait up to 2 s for each."""
+    for conn in conns:
+        conn.close()
+    for conn in conns:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                await conn.wait_closed()
