@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from portfwd.cli.console import TextFormatter
 from portfwd.printable import printable, printable_values
-from portfwd.ssh.server import _path_permitted, plain_path
+from portfwd.ssh.policy import path_permitted as _path_permitted
+from portfwd.ssh.policy import plain_path
 
 
 @given(st.text())

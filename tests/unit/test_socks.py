@@ -7,7 +7,7 @@ import pytest
 
 from portfwd.errors import UpstreamError
 from portfwd.proto.socks import Reply, Request, SocksError, SocksServer
-from portfwd.ssh.client import socks_reply_for
+from portfwd.ssh.errors import socks_reply_for
 
 
 def feed_all(codec: SocksServer, data: bytes, step: int = 1) -> tuple[Request | None, bytes]:

@@ -28,15 +28,15 @@ from portfwd.relay.upstream import stream_options
 from portfwd.specs import TunnelSpec
 from portfwd.ssh import connection
 from portfwd.ssh.bridge import Bridge
-from portfwd.ssh.errors import Reason, SshError, socks_reply_for, ssh_error
-from portfwd.ssh.forwarded import RemoteForwards, connect_local
+from portfwd.ssh.errors import Reason, SshError, ssh_error
+from portfwd.ssh.forwarded import RemoteForwards
 from portfwd.ssh.hostkeys import HostKeyError
 from portfwd.ssh.sessions import PACKET, WINDOW, Sessions
 from portfwd.ssh.socks import SocksFront
 from portfwd.state import RuleStats, State, TunnelForwardStats, TunnelStats
 from portfwd.tunnelspec import TunnelForward
 
-__all__ = ["PACKET", "WINDOW", "Fatal", "Forward", "Tunnel", "connect_local", "socks_reply_for"]
+__all__ = ["Fatal", "Forward", "Tunnel"]
 
 log = logging.getLogger(__name__)
 

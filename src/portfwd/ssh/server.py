@@ -29,14 +29,12 @@ from portfwd.ssh.bridge import Bridge
 from portfwd.ssh.cork import CorkedConnector
 from portfwd.ssh.errors import channel_refusal, ssh_error
 from portfwd.ssh.limits import Channels, Failures, Startups
-from portfwd.ssh.policy import path_permitted as _path_permitted
-from portfwd.ssh.policy import plain_path
 from portfwd.ssh.remote import Remotes
 from portfwd.ssh.serverconn import ServerConnection
 from portfwd.ssh.sessions import Sessions
 from portfwd.state import State
 
-__all__ = ["TunnelServer", "_path_permitted", "load_host_key", "plain_path"]
+__all__ = ["TunnelServer", "load_host_key"]
 
 log = logging.getLogger(__name__)
 
