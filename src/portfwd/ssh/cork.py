@@ -2,8 +2,8 @@
 
 asyncssh writes every SSH packet to its transport on its own, and precedes each data packet
 with an SSH_MSG_IGNORE; on an idle socket each write is a send() syscall, so a 32 KiB channel
-packet cost two syscalls. Profiled (bench/tunnel.py), those syscalls were 40 % of the tunnel's
-CPU on bulk transfers. This transport proxy queues the writes and hands them to the real
+packet cost two syscalls, a large part of a tunnel's CPU on bulk transfers (bench/RESULTS.md,
+D10). This transport proxy queues the writes and hands them to the real
 transport once per event-loop pass with `writelines` (one writev). It plugs in through
 asyncssh's documented `tunnel=` hook (an object with `create_connection`), so nothing inside
 asyncssh is patched.
@@ -17,7 +17,7 @@ from typing import Any
 
 #: Flush at once past this many queued bytes, so the server starts decrypting while we encrypt:
 #: a 32 KiB data packet goes out at once, together with the small packets queued before it
-#: (measured: 16 KiB to 256 KiB all did the same; batching whole loop passes was slower upstream).
+#: (bench/RESULTS.md, D10: the size hardly matters; batching whole loop passes was slower).
 FLUSH_AT = 32 * 1024
 
 

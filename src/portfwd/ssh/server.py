@@ -191,8 +191,9 @@ class TunnelServer:
         deadlines = self.sessions.deadlines
         error: UpstreamError | None = None
         try:
-            # One native call connects and builds the transport (measured faster than connecting
-            # with relay.upstream.Connect and wrapping the socket, or a transport of our own).
+            # One native call connects and builds the transport (faster than connecting with
+            # relay.upstream.Connect and wrapping the socket, or a transport of our own: D15 in
+            # bench/RESULTS.md).
             if isinstance(target, str):
                 await deadlines.within(
                     UPSTREAM_TIMEOUT, loop.create_unix_connection(bridge.socket_protocol, target)

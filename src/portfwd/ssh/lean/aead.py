@@ -2,7 +2,7 @@
 
 asyncssh (2.24) builds a new cipher object for every packet: `AESGCM(key)` for each
 AES-GCM packet, and for chacha20-poly1305@openssh.com three ChaCha20 contexts and a Poly1305
-per packet (about 10 µs for a 60-byte packet, against 1.7 µs for AES-GCM). A tunnel moves
+per packet (several times AES-GCM's cost for a small packet; bench/RESULTS.md, D13). A tunnel moves
 many small packets (a channel open, its data, EOF and close are about ten packets per
 connection), so that set-up cost, not the cipher, bounded connections per second.
 
@@ -120,7 +120,7 @@ class _Sodium:
 
     OpenSSL needs a context re-keyed per nonce (two calls a stream) and three calls a MAC;
     libsodium takes key and nonce in every call, so a small packet costs three calls instead of
-    eight (2.2 µs against 4.0 µs for 48 bytes). Its ChaCha20 and Poly1305 are slower per byte,
+    eight (bench/RESULTS.md, D14). Its ChaCha20 and Poly1305 are slower per byte,
     so large packets stay on OpenSSL (the two meet near 8 KiB). Untyped like _LibCrypto's
     per-packet calls; lengths go as `c_ulonglong`, the block counter as `c_uint64`.
     """

@@ -16,8 +16,7 @@ Costs asyncssh (2.24) pays on every packet, removed here on the connection insta
   (three per channel) convert their arguments before the logging level is checked. Unless
   packet logging is on (`asyncssh.set_debug_level(3)` and DEBUG enabled), the connection and
   each channel it makes skip the description, and the connection's logger (which its
-  channels' loggers copy) checks the level first. Profiled under `wrk`, these were 5 to 7 % of
-  the tunnel's CPU.
+  channels' loggers copy) checks the level first (bench/RESULTS.md, D11).
 - **The general send path** for the common packet: `_PacketPath` sends channel traffic in the
   steady state itself, with one join and pooled padding (see there).
 - **The general receive path**, and a new keepalive timer for every read: see

@@ -4,7 +4,8 @@ asyncssh (2.24) receives a packet in two steps (`_recv_pkthdr`, then `_recv_pack
 re-slicing its whole input buffer, and then runs every packet through a general dispatch: an
 `SSHPacket`, a chain of state checks for key exchange and auth, a packet-log call, a handler
 lookup, `inspect.isawaitable`, and `_finish_recv_packet`. Profiled under `wrk` through
-`portfwd server`, that framing was about 15 % of the server's CPU per connection. It also
+`portfwd server`, that framing was a large share of the server's CPU per connection
+(bench/RESULTS.md, D12). It also
 re-arms the keepalive timer (a cancel and a new `call_later`) on every read.
 
 `Receiver.recv_data` stands in for the connection's `_recv_data` (asyncssh calls it as
