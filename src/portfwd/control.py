@@ -110,7 +110,7 @@ class ControlServer:
                 }
             elif command == "status":
                 self.state.sample()
-                answer = {"ok": True, "status": self.state.snapshot()}
+                answer = {"ok": True, "status": self.state.status().to_json()}
             elif command == "reload":
                 if self.reloader is None:
                     answer = {

@@ -1,4 +1,4 @@
-"""Prometheus metrics: a collector that reads `state.State` at scrape time, and its HTTP endpoint.
+"""Prometheus metrics: a collector over the state's typed status rows, and its HTTP endpoint.
 
 Nothing on the relay hot path touches prometheus-client: relays add to plain integers in the
 state, and this collector turns them into samples only when Prometheus asks.
@@ -18,21 +18,28 @@ from prometheus_client.registry import Collector
 from portfwd.errors import BindError
 from portfwd.relay.listener import StreamListener
 from portfwd.state import CONNECT_BUCKETS, State
+from portfwd.status import GatewayRuleRow, MappingRow, RuleRow, ServerSessionRow, TriggerRow, TunnelRow
 
 REQUEST_TIMEOUT = 10.0
 MAX_REQUEST = 16 * 1024
 
 
 class StateCollector(Collector):
-    """Exports per-rule counters from the runtime's state."""
+    """Exports the runtime's status rows (status.py, the types `portfwd status` shows) as samples."""
 
     def __init__(self, state: State) -> None:
         self.state = state
 
     def collect(self) -> Iterator[Metric]:
-        """Build the samples from one consistent-enough snapshot of the state."""
-        rules = list(self.state.rules.values())
-        totals = self.state.rule_bytes()
+        """Build the samples from the state's typed status rows (one consistent-enough moment)."""
+        yield from self._rules(self.state.rule_rows())
+        yield from self._tunnels(self.state.tunnel_rows())
+        yield from self._server(self.state.server_rows(), self.state.server_auth_failures)
+        yield from self._gateway(list(self.state.gateway_rules), list(self.state.triggers))
+        yield from self._mappings(list(self.state.mappings))
+
+    @staticmethod
+    def _rules(rules: list[RuleRow]) -> Iterator[Metric]:
         total = CounterMetricFamily(
             "portfwd_connections",
             "Connections (TCP) and flows (UDP) accepted per rule",
@@ -52,25 +59,23 @@ class StateCollector(Collector):
         for rule in rules:
             total.add_metric([rule.name], rule.connections_total)
             active.add_metric([rule.name], rule.connections_active)
-            up, down = totals[rule.name]
-            data.add_metric([rule.name, "up"], up)
-            data.add_metric([rule.name, "down"], down)
+            data.add_metric([rule.name, "up"], rule.bytes_up)
+            data.add_metric([rule.name, "down"], rule.bytes_down)
             if rule.denied_total:
                 errors.add_metric([rule.name, "denied"], rule.denied_total)
-            for reason, count in list(rule.errors.items()):
+            for reason, count in rule.errors.items():
                 errors.add_metric([rule.name, reason], count)
             flows.add_metric([rule.name], rule.udp_flows_active)
-            counts = list(rule.connect_buckets)
             cumulative = 0
             buckets = []
-            for bound, count in zip((*map(str, CONNECT_BUCKETS), "+Inf"), counts, strict=True):
+            for bound, count in zip((*map(str, CONNECT_BUCKETS), "+Inf"), rule.connect_buckets, strict=True):
                 cumulative += count
                 buckets.append((bound, cumulative))
             connect.add_metric([rule.name], buckets, sum_value=rule.connect_seconds_sum)
         yield from (total, active, data, errors, flows, connect)
-        yield from self._tunnels()
 
-    def _tunnels(self) -> Iterator[Metric]:
+    @staticmethod
+    def _tunnels(tunnels: list[TunnelRow]) -> Iterator[Metric]:
         up = GaugeMetricFamily("portfwd_tunnel_up", "1 while the SSH link is up", labels=["tunnel"])
         reconnects = CounterMetricFamily(
             "portfwd_tunnel_reconnects", "Times the SSH link came back after a loss", labels=["tunnel"]
@@ -88,47 +93,53 @@ class StateCollector(Collector):
             "Bytes through a tunnel forward; up is client to target",
             labels=["tunnel", "forward", "direction"],
         )
-        for tunnel in self.state.tunnel_rows():
-            name = tunnel["name"]
-            up.add_metric([name], 1 if tunnel["state"] == "up" else 0)
-            reconnects.add_metric([name], tunnel["reconnects"])
-            for forward in tunnel["forwards"]:
-                labels = [name, forward["spec"]]
-                sessions.add_metric(labels, forward["connections_total"])
-                active.add_metric(labels, forward["connections_active"])
-                data.add_metric([*labels, "up"], forward["bytes_up"])
-                data.add_metric([*labels, "down"], forward["bytes_down"])
+        for tunnel in tunnels:
+            up.add_metric([tunnel.name], 1 if tunnel.state == "up" else 0)
+            reconnects.add_metric([tunnel.name], tunnel.reconnects)
+            for forward in tunnel.forwards:
+                labels = [tunnel.name, forward.spec]
+                sessions.add_metric(labels, forward.connections_total)
+                active.add_metric(labels, forward.connections_active)
+                data.add_metric([*labels, "up"], forward.bytes_up)
+                data.add_metric([*labels, "down"], forward.bytes_down)
         yield from (up, reconnects, sessions, active, data)
+
+    @staticmethod
+    def _server(clients: list[ServerSessionRow], auth_failures: int) -> Iterator[Metric]:
         server_active = GaugeMetricFamily(
             "portfwd_server_sessions_active", "Clients logged in to portfwd server", labels=["user"]
         )
         users: dict[str, int] = {}
-        for item in self.state.server_sessions:
+        for item in clients:
             users[item.user] = users.get(item.user, 0) + 1
         for user, count in sorted(users.items()):
             server_active.add_metric([user], count)
         failures = CounterMetricFamily(
-            "portfwd_server_auth_failures",
-            "Failed logins to portfwd server",
-            value=self.state.server_auth_failures,
+            "portfwd_server_auth_failures", "Failed logins to portfwd server", value=auth_failures
         )
         yield from (server_active, failures)
+
+    @staticmethod
+    def _gateway(rules: list[GatewayRuleRow], triggers: list[TriggerRow]) -> Iterator[Metric]:
         packets = CounterMetricFamily(
             "portfwd_gateway_packets", "Packets matched by a gateway nftables rule", labels=["chain", "rule"]
         )
         octets = CounterMetricFamily(
             "portfwd_gateway_bytes", "Bytes matched by a gateway nftables rule", labels=["chain", "rule"]
         )
-        for row in list(self.state.gateway_rules):
-            packets.add_metric([row["chain"], row["rule"]], row["packets"])
-            octets.add_metric([row["chain"], row["rule"]], row["bytes"])
+        for row in rules:
+            packets.add_metric([row.chain, row.rule], row.packets)
+            octets.add_metric([row.chain, row.rule], row.bytes)
         held = GaugeMetricFamily(
             "portfwd_trigger_held", "1 while a LAN host holds a port trigger", labels=["trigger", "host"]
         )
-        for row in list(self.state.triggers):
-            if row.get("host"):
-                held.add_metric([row["trigger"], row["host"]], 1)
+        for trigger in triggers:
+            if trigger.host:
+                held.add_metric([trigger.trigger, trigger.host], 1)
         yield from (packets, octets, held)
+
+    @staticmethod
+    def _mappings(mappings: list[MappingRow]) -> Iterator[Metric]:
         mapped = GaugeMetricFamily(
             "portfwd_mapping_up",
             "1 while the router holds a mapping portfwd asked for",
@@ -141,12 +152,12 @@ class StateCollector(Collector):
             "portfwd_mapping_renewals", "Renewals and checks of a router mapping", labels=["mapping"]
         )
         now = time.time()
-        for row in list(self.state.mappings):
-            name = f"{row['name']} {row['protocol']}"
-            mapped.add_metric([name, row["method"]], 1 if row["state"] == "up" else 0)
-            if row.get("expires"):
-                lease_left.add_metric([name], max(0.0, float(row["expires"]) - now))
-            renewals.add_metric([name], row["renewals"])
+        for row in mappings:
+            name = f"{row.name} {row.protocol}"
+            mapped.add_metric([name, row.method], 1 if row.state == "up" else 0)
+            if row.expires:
+                lease_left.add_metric([name], max(0.0, row.expires - now))
+            renewals.add_metric([name], row.renewals)
         yield from (mapped, lease_left, renewals)
 
 

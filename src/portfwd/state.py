@@ -3,8 +3,8 @@
 Owned by the runtime and written by the relays. Counting is plain integer addition on slotted
 objects: no lock (one event loop thread), no allocation per chunk. Idle time is not stamped on
 the hot path either: `sample()` runs once a second and notes which sessions moved bytes.
-The lists for later parts (tunnels, server sessions, gateway rules, triggers, router
-mappings) are here already, so a snapshot has one shape from the start.
+What is shown is typed: `status()` builds a `status.Snapshot` of frozen rows, the one picture
+the control socket, `/metrics` and `portfwd status` read; this module keeps the live counters.
 """
 
 from __future__ import annotations
@@ -16,6 +16,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from portfwd.status import (
+    ForwardRow,
+    GatewayRuleRow,
+    GatewaySessionRow,
+    MappingRow,
+    RuleRow,
+    ServerSessionRow,
+    SessionRow,
+    Snapshot,
+    TriggerRow,
+    TunnelRow,
+)
+from portfwd.status import Listener as Listener  # re-exported: the runtime adds listeners here
 
 #: Upper bounds (seconds) of the upstream connect-time histogram buckets; +Inf is implied.
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -132,16 +146,6 @@ class ServerSessionStats:
     stats: RuleStats = field(default_factory=lambda: RuleStats(""))
 
 
-@dataclass(slots=True)
-class Listener:
-    """One bound socket (or port range) of a rule."""
-
-    rule: str
-    address: str
-    protocol: str
-    path: str
-
-
 class State:
     """Everything the runtime knows about its rules, listeners and sessions."""
 
@@ -149,14 +153,14 @@ class State:
         self.rules: dict[str, RuleStats] = {}
         self.listeners: list[Listener] = []
         self.sessions: dict[int, Session] = {}
-        # Slots the later parts fill; listed in every snapshot so its shape never changes.
         self.tunnels: list[TunnelStats] = []
         self.server_sessions: list[ServerSessionStats] = []
         self.server_auth_failures = 0
-        self.gateway_rules: list[dict[str, Any]] = []
-        self.triggers: list[dict[str, Any]] = []
-        self.gateway_sessions: list[dict[str, Any]] = []
-        self.mappings: list[dict[str, Any]] = []
+        # Rows the kernel gateway and the router keeper replace whole (frozen; nothing to add to).
+        self.gateway_rules: list[GatewayRuleRow] = []
+        self.triggers: list[TriggerRow] = []
+        self.gateway_sessions: list[GatewaySessionRow] = []
+        self.mappings: list[MappingRow] = []
         self.started = time.time()
         self._started_monotonic = time.monotonic()
         self.config_path: str | None = None
@@ -238,8 +242,52 @@ class State:
             live[key] = (up + session.bytes_up, down + session.bytes_down)
         return live
 
-    def tunnel_rows(self) -> list[dict[str, Any]]:
-        """Tunnels with their forwards, byte totals including live sessions (JSON-ready)."""
+    def rule_rows(self) -> list[RuleRow]:
+        """Rules with their counters; bytes include live sessions, so they grow mid-transfer."""
+        totals = self.rule_bytes()
+        return [
+            RuleRow(
+                name=rule.name,
+                listen=rule.listen,
+                connect=rule.connect,
+                protocol=rule.protocol,
+                relay=rule.relay,
+                running=rule.running,
+                connections_total=rule.connections_total,
+                connections_active=rule.connections_active,
+                bytes_up=totals[rule.name][0],
+                bytes_down=totals[rule.name][1],
+                denied_total=rule.denied_total,
+                errors=dict(rule.errors),
+                udp_flows_active=rule.udp_flows_active,
+                connect_buckets=tuple(rule.connect_buckets),
+                connect_seconds_sum=rule.connect_seconds_sum,
+            )
+            for rule in list(self.rules.values())
+        ]
+
+    def session_rows(self) -> list[SessionRow]:
+        """Live sessions: wall-clock start, age and idle seconds, bytes so far."""
+        now = time.monotonic()
+        wall_offset = self.started - self._started_monotonic
+        return [
+            SessionRow(
+                id=session.id,
+                rule=session.rule.name,
+                client=session.client,
+                target=session.target,
+                path=session.path,
+                started=wall_offset + session.began,
+                age=now - session.began,
+                idle=now - max(session.active, session.began),
+                bytes_up=session.bytes_up,
+                bytes_down=session.bytes_down,
+            )
+            for session in self.sessions.values()
+        ]
+
+    def tunnel_rows(self) -> list[TunnelRow]:
+        """Tunnels with their forwards, byte totals including live sessions."""
         live = self.live_bytes()
         rows = []
         for tunnel in self.tunnels:
@@ -248,112 +296,75 @@ class State:
                 stats = forward.stats
                 up, down = live.get(id(stats), (0, 0))
                 forwards.append(
-                    {
-                        "spec": forward.spec,
-                        "kind": forward.kind,
-                        "listen": forward.listen,
-                        "target": forward.target,
-                        "state": forward.state,
-                        "error": forward.error,
-                        "connections_total": stats.connections_total,
-                        "connections_active": stats.connections_active,
-                        "bytes_up": stats.bytes_up + up,
-                        "bytes_down": stats.bytes_down + down,
-                        "errors": dict(stats.errors),
-                    }
+                    ForwardRow(
+                        spec=forward.spec,
+                        kind=forward.kind,
+                        listen=forward.listen,
+                        target=forward.target,
+                        state=forward.state,
+                        error=forward.error,
+                        connections_total=stats.connections_total,
+                        connections_active=stats.connections_active,
+                        bytes_up=stats.bytes_up + up,
+                        bytes_down=stats.bytes_down + down,
+                        errors=dict(stats.errors),
+                    )
                 )
             rows.append(
-                {
-                    "name": tunnel.name,
-                    "server": tunnel.server,
-                    "state": tunnel.state,
-                    "since": tunnel.since,
-                    "reconnects": tunnel.reconnects,
-                    "last_error": tunnel.last_error,
-                    "forwards": forwards,
-                }
+                TunnelRow(
+                    name=tunnel.name,
+                    server=tunnel.server,
+                    state=tunnel.state,
+                    since=tunnel.since,
+                    reconnects=tunnel.reconnects,
+                    last_error=tunnel.last_error,
+                    forwards=tuple(forwards),
+                )
             )
         return rows
 
-    def server_rows(self) -> list[dict[str, Any]]:
-        """Clients of `portfwd server` with their forwards and bytes (JSON-ready)."""
+    def server_rows(self) -> list[ServerSessionRow]:
+        """Clients of `portfwd server` with their forwards and bytes."""
         live = self.live_bytes()
         rows = []
         for item in self.server_sessions:
             up, down = live.get(id(item.stats), (0, 0))
             rows.append(
-                {
-                    "user": item.user,
-                    "source": item.source,
-                    "fingerprint": item.fingerprint,
-                    "since": item.since,
-                    "forwards": list(item.forwards),
-                    "connections_total": item.stats.connections_total,
-                    "connections_active": item.stats.connections_active,
-                    "bytes_up": item.stats.bytes_up + up,
-                    "bytes_down": item.stats.bytes_down + down,
-                }
+                ServerSessionRow(
+                    user=item.user,
+                    source=item.source,
+                    fingerprint=item.fingerprint,
+                    since=item.since,
+                    forwards=tuple(item.forwards),
+                    connections_total=item.stats.connections_total,
+                    connections_active=item.stats.connections_active,
+                    bytes_up=item.stats.bytes_up + up,
+                    bytes_down=item.stats.bytes_down + down,
+                )
             )
         return rows
 
-    def snapshot(self) -> dict[str, Any]:
-        """A JSON-ready picture of everything, for `portfwd status` and tests.
+    def status(self) -> Snapshot:
+        """The typed picture of everything, for the control socket, `/metrics` and tests."""
+        return Snapshot(
+            pid=os.getpid(),
+            started=self.started,
+            config=self.config_path,
+            instance=self.instance,
+            kind=self.kind,
+            control=self.control,
+            rules=tuple(self.rule_rows()),
+            listeners=tuple(self.listeners),
+            sessions=tuple(self.session_rows()),
+            tunnels=tuple(self.tunnel_rows()),
+            server_sessions=tuple(self.server_rows()),
+            gateway_rules=tuple(self.gateway_rules),
+            triggers=tuple(self.triggers),
+            gateway_sessions=tuple(self.gateway_sessions),
+            mappings=tuple(self.mappings),
+            server_auth_failures=self.server_auth_failures,
+        )
 
-        Rule byte counts include live sessions, so they grow while a transfer runs.
-        """
-        now = time.monotonic()
-        wall_offset = self.started - self._started_monotonic
-        totals = self.rule_bytes()
-        sessions = [
-            {
-                "id": session.id,
-                "rule": session.rule.name,
-                "client": session.client,
-                "target": session.target,
-                "path": session.path,
-                "started": wall_offset + session.began,
-                "age": now - session.began,
-                "idle": now - max(session.active, session.began),
-                "bytes_up": session.bytes_up,
-                "bytes_down": session.bytes_down,
-            }
-            for session in self.sessions.values()
-        ]
-        rules = [
-            {
-                "name": rule.name,
-                "listen": rule.listen,
-                "connect": rule.connect,
-                "protocol": rule.protocol,
-                "relay": rule.relay,
-                "running": rule.running,
-                "connections_total": rule.connections_total,
-                "connections_active": rule.connections_active,
-                "bytes_up": totals[rule.name][0],
-                "bytes_down": totals[rule.name][1],
-                "denied_total": rule.denied_total,
-                "errors": dict(rule.errors),
-                "udp_flows_active": rule.udp_flows_active,
-            }
-            for rule in self.rules.values()
-        ]
-        return {
-            "pid": os.getpid(),
-            "started": self.started,
-            "config": self.config_path,
-            "instance": self.instance,
-            "kind": self.kind,
-            "control": self.control,
-            "rules": rules,
-            "listeners": [
-                {"rule": item.rule, "address": item.address, "protocol": item.protocol, "path": item.path}
-                for item in self.listeners
-            ],
-            "sessions": sessions,
-            "tunnels": self.tunnel_rows(),
-            "server_sessions": self.server_rows(),
-            "gateway_rules": list(self.gateway_rules),
-            "triggers": list(self.triggers),
-            "gateway_sessions": list(self.gateway_sessions),
-            "mappings": list(self.mappings),
-        }
+    def snapshot(self) -> dict[str, Any]:
+        """`status()` in its JSON form: what the control socket sends and `status --json` prints."""
+        return self.status().to_json()

@@ -5,7 +5,8 @@
 derived it (instances.py), and when nothing answers there, the instances in the runtime
 directory are asked which of them runs FILE (it may have been started with `--name`). An
 instance that answers for another file is never taken for FILE's. With none of these,
-`status` lists every instance it can see.
+`status` lists every instance it can see. A status answer is read as this portfwd's types
+(status.py) before anyone sees it, so an instance of another version fails with one line.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, NamedTuple
 
 from portfwd import control, instances
 from portfwd.errors import RuntimeFailure
+from portfwd.status import Snapshot
 
 
 class Target(NamedTuple):
@@ -48,7 +50,11 @@ def target(config_file: str | None, name: str | None, socket: str | None, *, val
 
 
 def ask(where: Target, command: str) -> dict[str, Any]:
-    """Send `command` to the instance meant and return its answer. Raises RuntimeFailure."""
+    """Send `command` to the instance meant and return its answer.
+
+    A status answer's snapshot comes back checked (`checked`). Raises RuntimeFailure, and
+    StatusError for a snapshot this portfwd cannot read.
+    """
     try:
         answer = control.request(where.socket, command, config=where.config)
     except RuntimeFailure:
@@ -61,7 +67,18 @@ def ask(where: Target, command: str) -> dict[str, Any]:
                 hint=f"start it with portfwd run -c {where.config}",
             ) from None
         answer = control.request(found, command, config=where.config)
+    if command == "status" and answer.get("ok"):
+        answer["status"] = checked(answer.get("status"))
     return answer
+
+
+def checked(data: object) -> dict[str, Any]:
+    """An instance's JSON snapshot read as `status.Snapshot` and written back: its schema version
+    checked, every value of the right type, keys this portfwd does not know left out.
+
+    Raises StatusError (one line) otherwise.
+    """
+    return Snapshot.from_json(data).to_json()
 
 
 def _running(config: Path) -> Path | None:
@@ -77,7 +94,10 @@ def _running(config: Path) -> Path | None:
 
 
 def every() -> list[dict[str, Any]]:
-    """Snapshots of every instance listed in the runtime directory that answers."""
+    """Snapshots of every instance listed in the runtime directory that answers, checked.
+
+    Raises StatusError for an instance whose snapshot this portfwd cannot read.
+    """
     snapshots = []
     for socket in instances.listed():
         try:
@@ -85,7 +105,7 @@ def every() -> list[dict[str, Any]]:
         except RuntimeFailure:
             continue  # stale: an instance that died without removing its socket
         if answer.get("ok") and isinstance(answer.get("status"), dict):
-            snapshots.append(answer["status"])
+            snapshots.append(checked(answer["status"]))
     return snapshots
 
 

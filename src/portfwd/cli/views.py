@@ -1,8 +1,9 @@
-"""What `portfwd status` draws: rich renderables built from status snapshots, and nothing else.
+"""What `portfwd status` draws: rich renderables built from typed status snapshots, and nothing else.
 
-Apart from commands.py so that the command line stays parsing and dispatch. Every value in a
+Apart from commands.py so that the command line stays parsing and dispatch. Every string in a
 snapshot may quote a peer (a SOCKS name, a user, a router's description); `printable_snapshot`
-escapes them all before anything here renders them, and the console renders without markup.
+reads the instance's JSON into `status.Snapshot` with all of them escaped before anything here
+renders them, and the console renders without markup.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from portfwd.printable import printable_values
+from portfwd.status import Snapshot, TunnelRow
 
 if TYPE_CHECKING:
-    from rich.console import Group
+    from rich.console import Group, RenderableType
     from rich.table import Table
 
 
@@ -35,19 +37,70 @@ def _age(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def status_view(status: dict[str, Any]) -> Group:
+def status_view(status: Snapshot) -> Group:
     """The netstat-like picture of one snapshot: a header, rules, then live sessions."""
     from rich import box
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
-    uptime = time.time() - float(status.get("started", time.time()))
-    who = f"{status.get('instance')} ({status.get('kind')}), " if status.get("instance") else ""
+    who = f"{status.instance} ({status.kind}), " if status.instance else ""
     header = Text(
-        f"portfwd {who}pid {status.get('pid')}, up {_age(uptime)}, config {status.get('config') or '(none)'}"
+        f"portfwd {who}pid {status.pid}, up {_age(time.time() - status.started)}, "
+        f"config {status.config or '(none)'}"
     )
-    rules = Table(title="rules", title_justify="left", box=box.SIMPLE_HEAD)
+    parts: list[RenderableType] = [header]
+    if status.rules or not (
+        status.tunnels or status.server_sessions or status.gateway_rules or status.mappings
+    ):
+        parts.append(_rules(status))
+    if status.tunnels:
+        parts.append(tunnel_view(status.tunnels))
+    if status.gateway_rules:
+        gateway = Table(title="gateway (table inet portfwd)", title_justify="left", box=box.SIMPLE_HEAD)
+        for column in ("chain", "rule", "packets", "bytes"):
+            gateway.add_column(column)
+        for row in status.gateway_rules:
+            gateway.add_row(row.chain, row.rule or "-", str(row.packets), _bytes(row.bytes))
+        parts.append(gateway)
+    if status.mappings:
+        parts.append(_mappings(status))
+    if status.gateway_sessions:
+        nat = Table(title="gateway NAT sessions (conntrack)", title_justify="left", box=box.SIMPLE_HEAD)
+        for column in ("rule", "proto", "client", "public port", "LAN target", "state", "age"):
+            nat.add_column(column)
+        for flow in status.gateway_sessions:
+            nat.add_row(
+                flow.rule,
+                flow.proto,
+                flow.client,
+                str(flow.public_port),
+                flow.target,
+                flow.state or "-",
+                "-" if flow.age is None else _age(flow.age),
+            )
+        parts.append(nat)
+    if status.triggers:
+        triggers = Table(title="port triggers", title_justify="left", box=box.SIMPLE_HEAD)
+        for column in ("trigger", "opens", "held by", "time left"):
+            triggers.add_column(column)
+        for trigger in status.triggers:
+            held = bool(trigger.host)
+            triggers.add_row(
+                trigger.trigger, trigger.open, trigger.host or "-", _age(trigger.expires) if held else "-"
+            )
+        parts.append(triggers)
+    if status.server_sessions:
+        parts.append(_server_sessions(status))
+    parts.append(_sessions(status) if status.sessions else Text("no live sessions"))
+    return Group(*parts)
+
+
+def _rules(status: Snapshot) -> Table:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title="rules", title_justify="left", box=box.SIMPLE_HEAD)
     for column, justify in (
         ("rule", "left"),
         ("listen", "left"),
@@ -60,25 +113,31 @@ def status_view(status: dict[str, Any]) -> Group:
         ("down", "right"),
         ("errors", "left"),
     ):
-        rules.add_column(column, justify=justify, no_wrap=column in ("rule", "listen", "connect"))  # type: ignore[arg-type]
-    for rule in sorted(status.get("rules", []), key=lambda item: str(item["name"])):
-        errors = dict(rule.get("errors", {}))
-        if rule.get("denied_total"):
-            errors["denied"] = rule["denied_total"]
-        name = rule["name"] + ("" if rule.get("running", True) else " (removed)")
-        rules.add_row(
-            name,
-            rule["listen"],
-            rule["connect"],
-            rule["protocol"],
-            rule["relay"],
-            str(rule["connections_active"]),
-            str(rule["connections_total"]),
-            _bytes(rule["bytes_up"]),
-            _bytes(rule["bytes_down"]),
+        table.add_column(column, justify=justify, no_wrap=column in ("rule", "listen", "connect"))  # type: ignore[arg-type]
+    for rule in sorted(status.rules, key=lambda item: item.name):
+        errors = dict(rule.errors)
+        if rule.denied_total:
+            errors["denied"] = rule.denied_total
+        table.add_row(
+            rule.name + ("" if rule.running else " (removed)"),
+            rule.listen,
+            rule.connect,
+            rule.protocol,
+            rule.relay,
+            str(rule.connections_active),
+            str(rule.connections_total),
+            _bytes(rule.bytes_up),
+            _bytes(rule.bytes_down),
             ", ".join(f"{key} {value}" for key, value in sorted(errors.items())) or "-",
         )
-    sessions = Table(title="sessions", title_justify="left", box=box.SIMPLE_HEAD)
+    return table
+
+
+def _sessions(status: Snapshot) -> Table:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title="sessions", title_justify="left", box=box.SIMPLE_HEAD)
     for column, justify in (
         ("rule", "left"),
         ("client", "left"),
@@ -89,113 +148,77 @@ def status_view(status: dict[str, Any]) -> Group:
         ("age", "right"),
         ("idle", "right"),
     ):
-        sessions.add_column(column, justify=justify, no_wrap=column in ("client", "target"))  # type: ignore[arg-type]
-    for item in sorted(
-        status.get("sessions", []), key=lambda entry: (str(entry["rule"]), -float(entry["age"]))
-    ):
-        sessions.add_row(
-            item["rule"],
-            item["client"],
-            item["target"],
-            item["path"],
-            _bytes(item["bytes_up"]),
-            _bytes(item["bytes_down"]),
-            _age(item["age"]),
-            _age(item["idle"]),
+        table.add_column(column, justify=justify, no_wrap=column in ("client", "target"))  # type: ignore[arg-type]
+    for item in sorted(status.sessions, key=lambda entry: (entry.rule, -entry.age)):
+        table.add_row(
+            item.rule,
+            item.client,
+            item.target,
+            item.path,
+            _bytes(item.bytes_up),
+            _bytes(item.bytes_down),
+            _age(item.age),
+            _age(item.idle),
         )
-    parts: list[Any] = [header]
-    if status.get("rules") or not (
-        status.get("tunnels")
-        or status.get("server_sessions")
-        or status.get("gateway_rules")
-        or status.get("mappings")
+    return table
+
+
+def _mappings(status: Snapshot) -> Table:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title="router mappings", title_justify="left", box=box.SIMPLE_HEAD)
+    for column in (
+        "mapping",
+        "method",
+        "state",
+        "internal",
+        "external",
+        "lease left",
+        "renewals",
+        "last error",
     ):
-        parts.append(rules)
-    if status.get("tunnels"):
-        parts.append(tunnel_view(status["tunnels"]))
-    if status.get("gateway_rules"):
-        rules_table = Table(title="gateway (table inet portfwd)", title_justify="left", box=box.SIMPLE_HEAD)
-        for column in ("chain", "rule", "packets", "bytes"):
-            rules_table.add_column(column)
-        for row in status["gateway_rules"]:
-            rules_table.add_row(row["chain"], row["rule"] or "-", str(row["packets"]), _bytes(row["bytes"]))
-        parts.append(rules_table)
-    if status.get("mappings"):
-        mappings = Table(title="router mappings", title_justify="left", box=box.SIMPLE_HEAD)
-        for column in (
-            "mapping",
-            "method",
-            "state",
-            "internal",
-            "external",
-            "lease left",
-            "renewals",
-            "last error",
-        ):
-            mappings.add_column(column)
-        for row in status["mappings"]:
-            expires = row.get("expires")
-            left = "permanent" if row["state"] == "up" and not expires else "-"
-            if expires:
-                left = _age(float(expires) - time.time())
-            mappings.add_row(
-                f"{row['name']} {row['protocol']}",
-                row["method"],
-                row["state"],
-                row["internal"],
-                row["external"] or "-",
-                left,
-                str(row["renewals"]),
-                row["last_error"] or "-",
-            )
-        parts.append(mappings)
-    if status.get("gateway_sessions"):
-        nat = Table(title="gateway NAT sessions (conntrack)", title_justify="left", box=box.SIMPLE_HEAD)
-        for column in ("rule", "proto", "client", "public port", "LAN target", "state", "age"):
-            nat.add_column(column)
-        for row in status["gateway_sessions"]:
-            nat.add_row(
-                row["rule"],
-                row["proto"],
-                row["client"],
-                str(row["public_port"]),
-                row["target"],
-                row["state"] or "-",
-                "-" if row["age"] is None else _age(row["age"]),
-            )
-        parts.append(nat)
-    if status.get("triggers"):
-        triggers = Table(title="port triggers", title_justify="left", box=box.SIMPLE_HEAD)
-        for column in ("trigger", "opens", "held by", "time left"):
-            triggers.add_column(column)
-        for row in status["triggers"]:
-            held = bool(row.get("host"))
-            triggers.add_row(
-                row["trigger"], row["open"], row["host"] or "-", _age(row["expires"]) if held else "-"
-            )
-        parts.append(triggers)
-    if status.get("server_sessions"):
-        clients = Table(title="server sessions", title_justify="left", box=box.SIMPLE_HEAD)
-        for column in ("user", "source", "key", "forwards", "active", "total", "up", "down", "age"):
-            clients.add_column(column)
-        for item in status["server_sessions"]:
-            clients.add_row(
-                item["user"],
-                item["source"],
-                item["fingerprint"],
-                ", ".join(item["forwards"]) or "-",
-                str(item["connections_active"]),
-                str(item["connections_total"]),
-                _bytes(item["bytes_up"]),
-                _bytes(item["bytes_down"]),
-                _age(time.time() - float(item["since"])),
-            )
-        parts.append(clients)
-    parts.append(sessions if status.get("sessions") else Text("no live sessions"))
-    return Group(*parts)
+        table.add_column(column)
+    for row in status.mappings:
+        left = "permanent" if row.state == "up" and not row.expires else "-"
+        if row.expires:
+            left = _age(row.expires - time.time())
+        table.add_row(
+            f"{row.name} {row.protocol}",
+            row.method,
+            row.state,
+            row.internal,
+            row.external or "-",
+            left,
+            str(row.renewals),
+            row.last_error or "-",
+        )
+    return table
 
 
-def tunnel_view(tunnels: list[dict[str, Any]]) -> Table:
+def _server_sessions(status: Snapshot) -> Table:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title="server sessions", title_justify="left", box=box.SIMPLE_HEAD)
+    for column in ("user", "source", "key", "forwards", "active", "total", "up", "down", "age"):
+        table.add_column(column)
+    for item in status.server_sessions:
+        table.add_row(
+            item.user,
+            item.source,
+            item.fingerprint,
+            ", ".join(item.forwards) or "-",
+            str(item.connections_active),
+            str(item.connections_total),
+            _bytes(item.bytes_up),
+            _bytes(item.bytes_down),
+            _age(time.time() - item.since),
+        )
+    return table
+
+
+def tunnel_view(tunnels: tuple[TunnelRow, ...]) -> Table:
     """One row per tunnel (state, since, reconnects, last error), then one per forward."""
     from rich import box
     from rich.table import Table
@@ -215,42 +238,37 @@ def tunnel_view(tunnels: list[dict[str, Any]]) -> Table:
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     now = time.time()
     for tunnel in tunnels:
-        note = f"{tunnel['reconnects']} reconnects"
-        if tunnel.get("last_error"):
-            note += f"; last error: {tunnel['last_error']}"
+        note = f"{tunnel.reconnects} reconnects"
+        if tunnel.last_error:
+            note += f"; last error: {tunnel.last_error}"
         table.add_row(
-            f"{tunnel['name']}",
-            tunnel["server"],
-            "",
-            f"{tunnel['state']} {_age(now - float(tunnel['since']))}",
-            "",
-            "",
-            "",
-            "",
-            note,
+            tunnel.name, tunnel.server, "", f"{tunnel.state} {_age(now - tunnel.since)}", "", "", "", "", note
         )
-        for forward in tunnel["forwards"]:
-            errors = ", ".join(f"{key} {value}" for key, value in sorted(forward["errors"].items()))
+        for forward in tunnel.forwards:
+            errors = ", ".join(f"{key} {value}" for key, value in sorted(forward.errors.items()))
             table.add_row(
-                f"  {forward['spec'].split()[0]}",
-                forward["listen"],
-                forward["target"],
-                forward["state"],
-                str(forward["connections_active"]),
-                str(forward["connections_total"]),
-                _bytes(forward["bytes_up"]),
-                _bytes(forward["bytes_down"]),
-                "; ".join(item for item in (forward.get("error", ""), errors) if item) or "-",
+                f"  {(forward.spec.split() or [''])[0]}",
+                forward.listen,
+                forward.target,
+                forward.state,
+                str(forward.connections_active),
+                str(forward.connections_total),
+                _bytes(forward.bytes_up),
+                _bytes(forward.bytes_down),
+                "; ".join(item for item in (forward.error, errors) if item) or "-",
             )
     return table
 
 
-def printable_snapshot(snapshot: dict[str, Any]) -> dict[str, Any]:
-    cleaned: dict[str, Any] = printable_values(snapshot)  # type: ignore[assignment]
-    return cleaned
+def printable_snapshot(data: dict[str, Any]) -> Snapshot:
+    """Read an instance's JSON snapshot with every string escaped for the terminal.
+
+    Raises StatusError (one line) for another schema version or a malformed snapshot.
+    """
+    return Snapshot.from_json(printable_values(data))
 
 
-def instances_view(snapshots: list[dict[str, Any]]) -> Table:
+def instances_view(snapshots: list[Snapshot]) -> Table:
     """One row per running instance, for `status` with nothing naming one."""
     from rich import box
     from rich.table import Table
@@ -263,14 +281,14 @@ def instances_view(snapshots: list[dict[str, Any]]) -> Table:
     now = time.time()
     for snapshot in snapshots:
         table.add_row(
-            str(snapshot.get("instance") or "?"),
-            str(snapshot.get("kind") or "?"),
-            str(snapshot.get("pid")),
-            _age(now - float(snapshot.get("started", now))),
-            str(snapshot.get("config") or "-"),
-            str(len(snapshot.get("rules", []))),
-            str(len(snapshot.get("tunnels", []))),
-            str(len(snapshot.get("sessions", [])) + len(snapshot.get("server_sessions", []))),
-            str(snapshot.get("control") or "-"),
+            snapshot.instance or "?",
+            snapshot.kind or "?",
+            str(snapshot.pid),
+            _age(now - snapshot.started),
+            snapshot.config or "-",
+            str(len(snapshot.rules)),
+            str(len(snapshot.tunnels)),
+            str(len(snapshot.sessions) + len(snapshot.server_sessions)),
+            snapshot.control or "-",
         )
     return table

@@ -16,6 +16,7 @@ from portfwd.kernel import conntrack, nft
 from portfwd.kernel.triggers import LastWins
 from portfwd.specs import GatewaySpec
 from portfwd.state import State
+from portfwd.status import GatewayRuleRow, GatewaySessionRow, TriggerRow
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +87,34 @@ class GatewayService:
         listing = await asyncio.to_thread(nft.live)
         if listing is None:
             return False
-        self.state.gateway_rules = nft.counters(listing)
+        self.state.gateway_rules = [
+            GatewayRuleRow(row["chain"], row["rule"], row["packets"], row["bytes"])
+            for row in nft.counters(listing)
+        ]
         gateway = self.config
         holders = nft.trigger_holders(listing)
         self.state.triggers = [
-            {
-                "trigger": trigger.name or f"gateway.trigger[{index}]",
-                "open": ", ".join(f"{proto}/{ports}" for proto, ports in trigger.open),
-                "host": holders.get(index, ("", 0))[0],
-                "expires": holders.get(index, ("", 0))[1],
-            }
+            TriggerRow(
+                trigger=trigger.name or f"gateway.trigger[{index}]",
+                open=", ".join(f"{proto}/{ports}" for proto, ports in trigger.open),
+                host=holders.get(index, ("", 0))[0],
+                expires=holders.get(index, ("", 0))[1],
+            )
             for index, trigger in enumerate(gateway.trigger)
         ]
-        self.state.gateway_sessions = await asyncio.to_thread(conntrack.sessions, conntrack.claims(gateway))
+        flows = await asyncio.to_thread(conntrack.sessions, conntrack.claims(gateway))
+        self.state.gateway_sessions = [
+            GatewaySessionRow(
+                row["rule"],
+                row["proto"],
+                row["client"],
+                row["public_port"],
+                row["target"],
+                row["state"],
+                row["age"],
+            )
+            for row in flows
+        ]
         return True
 
     async def stop(self) -> None:

@@ -17,7 +17,7 @@ import os
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from portfwd.errors import RouterError
@@ -26,6 +26,7 @@ from portfwd.router.base import Granted, MapRequest, Method, Route, default_rout
 from portfwd.router.choose import first_working
 from portfwd.router.udp import exchange
 from portfwd.specs import MapSpec
+from portfwd.status import MappingRow
 
 log = logging.getLogger("portfwd.router")
 
@@ -55,7 +56,7 @@ class Wanted:
 @dataclass(slots=True)
 class _Run:
     wanted: Wanted
-    row: dict[str, Any]
+    row: MappingRow  #: frozen: changes replace it, here and in the keeper's `rows`
     method: Method | None = None
     granted: Granted | None = None  #: the last grant; kept after a failure so exit still deletes it
     remap: bool = True  #: map (again) before the next renewal
@@ -66,7 +67,7 @@ class _Run:
 class Keeper:
     """All mappings of one `portfwd run`; `rows` is the live list `portfwd status` shows."""
 
-    def __init__(self, maps: Sequence[MapSpec], rows: list[dict[str, Any]]) -> None:
+    def __init__(self, maps: Sequence[MapSpec], rows: list[MappingRow]) -> None:
         wanted = [
             Wanted(
                 spec.name,
@@ -83,21 +84,30 @@ class Keeper:
         self._route: Route | None = None
 
     @staticmethod
-    def _row(item: Wanted) -> dict[str, Any]:
-        return {
-            "name": item.name,
-            "method": item.method,
-            "protocol": item.request.protocol,
-            "internal": f"*:{item.request.internal_port}",
-            "external": "",
-            "state": "mapping",
-            "lease": 0,
-            "expires": None,
-            "renewals": 0,
-            "recreated": 0,
-            "last_error": "",
-            "since": time.time(),
-        }
+    def _row(item: Wanted) -> MappingRow:
+        return MappingRow(
+            name=item.name,
+            method=item.method,
+            protocol=item.request.protocol,
+            internal=f"*:{item.request.internal_port}",
+            external="",
+            state="mapping",
+            lease=0,
+            expires=None,
+            renewals=0,
+            recreated=0,
+            last_error="",
+            since=time.time(),
+        )
+
+    def _update(self, run: _Run, **changes: Any) -> None:
+        """Replace the run's row with a changed copy, in `rows` too (if a reload has not dropped it)."""
+        old = run.row
+        run.row = replace(old, **changes)
+        for index, row in enumerate(self.rows):
+            if row is old:
+                self.rows[index] = run.row
+                break
 
     async def start(self) -> None:
         """Start one task per mapping; returns at once (mapping happens in the background)."""
@@ -114,7 +124,7 @@ class Keeper:
         return self._route
 
     async def _keep(self, run: _Run) -> None:
-        wanted, row = run.wanted, run.row
+        wanted = run.wanted
         backoff = BACKOFF_FIRST
         while True:
             try:
@@ -132,9 +142,9 @@ class Keeper:
                 run.poke.clear()
                 renewed, lost = await run.method.refresh(wanted.request, granted)
                 self._granted(run, renewed)
-                row["renewals"] += 1
+                self._update(run, renewals=run.row.renewals + 1)
                 if lost:
-                    row["recreated"] += 1
+                    self._update(run, recreated=run.row.recreated + 1)
                     log.warning(
                         "%s: the router lost mapping %s (restarted?); made it again at %s",
                         wanted.name, wanted.request.label, renewed.public,
@@ -145,7 +155,7 @@ class Keeper:
                         wanted.name, granted.external_host, renewed.external_host,
                     )  # fmt: skip
             except RouterError as exc:
-                row["state"], row["last_error"] = "retrying", exc.line()
+                self._update(run, state="retrying", last_error=exc.line())
                 log.error("%s: %s; retrying in %g s", wanted.name, exc.line(), backoff)
                 run.remap = True
                 await asyncio.sleep(backoff)
@@ -173,14 +183,15 @@ class Keeper:
 
     def _granted(self, run: _Run, granted: Granted) -> None:
         run.granted = granted
-        run.row.update(
+        self._update(
+            run,
             method=granted.method,
             internal=f"{granted.internal_host}:{granted.internal_port}",
             external=granted.public,
             state="up",
             lease=granted.lifetime,
             expires=time.time() + granted.lifetime if granted.lifetime else None,
-            since=run.row["since"] if run.row["state"] == "up" else time.time(),
+            since=run.row.since if run.row.state == "up" else time.time(),
         )
 
     async def _listen_announcements(self) -> None:
@@ -239,7 +250,7 @@ class Keeper:
             if granted is not None:
                 await asyncio.wait_for(method.remove(run.wanted.request, granted), REMOVE_TIMEOUT)
                 log.info("%s: mapping %s removed from the router", run.wanted.name, granted.public)
-                run.row.update(state="removed", external="")
+                self._update(run, state="removed", external="")
         except (RouterError, TimeoutError) as exc:
             text = exc.line() if isinstance(exc, RouterError) else f"no answer in {REMOVE_TIMEOUT:g} s"
             log.error(
