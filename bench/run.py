@@ -5,7 +5,11 @@ order shuffled per round), and reported as medians and as ratios to the baseline
 machine's speed cancels out. All traffic is on 127.0.0.1; every process is ours and is stopped
 by PID.
 
-Usage: .venv/bin/python bench/run.py [--rounds N] [--seconds S] [--conns N] [--write]
+Usage: .venv/bin/python bench/run.py [--rounds N] [--seconds S] [--conns N] [--write] [--before REPO]
+
+--before REPO adds REPO's portfwd (another checkout with its own .venv, e.g. `git worktree add
+/tmp/before <commit>`) as `before-splice` and `before-protocol`, measured in the same interleaved
+rounds, and prints each build's ratios to the baselines side by side (a refactor's A/B).
 Needs: iperf3, haproxy, socat, rinetd, wrk (apt-get install iperf3 haproxy socat rinetd wrk).
 """
 
@@ -179,15 +183,18 @@ def start_targets(tmp: Path) -> Targets:
     return targets
 
 
-def start_forwarders(targets: Targets, tmp: Path, forwarders: list[Forwarder]) -> list[Forwarder]:
+def start_forwarders(
+    targets: Targets, tmp: Path, forwarders: list[Forwarder], before: Path | None = None
+) -> list[Forwarder]:
     """Start every forwarder, appending to `forwarders` as it goes so the caller can stop them."""
     names = ("iperf", "http", "echo")
     upstream = {"iperf": targets.iperf, "http": targets.http, "echo": targets.echo}
     forwarders.append(Forwarder("direct", {**upstream, "udp": targets.iperf}))
 
-    for relay in ("splice", "protocol"):
+    builds = [("portfwd", REPO)] + ([("before", before)] if before is not None else [])
+    for (build, repo), relay in [(item, relay) for item in builds for relay in ("splice", "protocol")]:
         ports = {name: free_port() for name in (*names, "udp")}
-        config = tmp / f"portfwd-{relay}.toml"
+        config = tmp / f"{build}-{relay}.toml"
         rules = [
             f'[[forward]]\nlisten = "{LOCAL}:{ports[name]}"\nconnect = "{LOCAL}:{upstream[name]}"\nrelay = "{relay}"\n'
             for name in names
@@ -198,8 +205,8 @@ def start_forwarders(targets: Targets, tmp: Path, forwarders: list[Forwarder]) -
         )
         rules.append("[control]\nenabled = false\n")
         config.write_text("\n".join(rules))
-        portfwd = Proc([str(REPO / ".venv/bin/portfwd"), "run", "-q", "-c", str(config)])
-        forwarders.append(Forwarder(f"portfwd-{relay}", ports, [portfwd]))
+        portfwd = Proc([str(repo / ".venv/bin/portfwd"), "run", "-q", "-c", str(config)])
+        forwarders.append(Forwarder(f"{build}-{relay}", ports, [portfwd]))
 
     ports = {name: free_port() for name in names}
     haproxy_cfg = tmp / "haproxy.cfg"
@@ -447,13 +454,13 @@ def versions() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def lab() -> Iterator[tuple[Targets, list[Forwarder]]]:
+def lab(before: Path | None = None) -> Iterator[tuple[Targets, list[Forwarder]]]:
     with tempfile.TemporaryDirectory(prefix="pf-bench-") as tmp_text:
         tmp = Path(tmp_text)
         targets = start_targets(tmp)
         forwarders: list[Forwarder] = []
         try:
-            forwarders = start_forwarders(targets, tmp, forwarders)
+            forwarders = start_forwarders(targets, tmp, forwarders, before)
             yield targets, forwarders
         finally:
             for forwarder in forwarders:
@@ -470,7 +477,14 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--conns", type=int, default=5000)
     parser.add_argument("--write", action="store_true", help="write bench/RESULTS.md")
+    parser.add_argument("--before", type=Path, help="another checkout's portfwd, measured beside this one")
     args = parser.parse_args()
+    if args.before is not None and not (args.before / ".venv/bin/portfwd").exists():
+        print(
+            f"bench: {args.before}/.venv/bin/portfwd is missing; run its ./test once to build it",
+            file=sys.stderr,
+        )
+        return 2
     missing = [
         tool for tool in ("iperf3", "haproxy", "socat", "rinetd", "wrk", "ss") if shutil.which(tool) is None
     ]
@@ -484,7 +498,7 @@ def main() -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     seconds = int(args.seconds)
     table: dict[str, dict[str, float]] = {}
-    with lab() as (_, forwarders):
+    with lab(args.before) as (_, forwarders):
         tcp1 = rounds(forwarders, args.rounds, lambda f: iperf_tcp(f, 1, seconds))
         tcp4 = rounds(forwarders, args.rounds, lambda f: iperf_tcp(f, 4, seconds))
         conn = rounds(forwarders, args.rounds, lambda f: wrk_conn_rate(f, seconds))
@@ -512,7 +526,9 @@ def main() -> int:
         }
     report = render(table, versions(), args)
     print(report)
-    if args.write:
+    if args.before is not None:
+        print(render_before(table))
+    if args.write and args.before is None:
         # Keep what follows our table: the hand-written notes on reading it, then the sections
         # bench/accounting.py and bench/tunnel.py wrote.
         results = HERE / "RESULTS.md"
@@ -524,6 +540,34 @@ def main() -> int:
                 break
         results.write_text(report + kept)
     return 0
+
+
+#: (label, metric, baseline path, whether higher is better) for the before/after table.
+BEFORE_AFTER = (
+    ("bulk 1 stream vs direct", "tcp1_gbps", "direct", True),
+    ("bulk 4 streams vs direct", "tcp4_gbps", "direct", True),
+    ("CPU per Gbit vs haproxy", "cpu_s_per_gbit", "haproxy", False),
+    ("conn/s vs haproxy", "conn_per_s", "haproxy", True),
+    ("CPU per conn vs haproxy", "cpu_us_per_conn", "haproxy", False),
+    ("UDP kpps vs socat", "udp_kpps", "socat", True),
+    ("CPU per datagram vs socat", "cpu_us_per_datagram", "socat", False),
+    ("RSS per idle conn vs haproxy", "idle_bytes_per_conn", "haproxy", False),
+)
+
+
+def render_before(table: dict[str, dict[str, float]]) -> str:
+    """Each build's ratio to the same baseline, and after / before (1.00 = no change)."""
+    lines = [
+        "| path | ratio | before | after | after / before |",
+        "|---|---|---|---|---|",
+    ]
+    for relay in ("splice", "protocol"):
+        after, before = table[f"portfwd-{relay}"], table[f"before-{relay}"]
+        for label, key, baseline, _ in BEFORE_AFTER:
+            base = table[baseline][key]
+            old, new = before[key] / base, after[key] / base
+            lines.append(f"| {relay} | {label} | {old:.3f} | {new:.3f} | {new / old:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def render(table: dict[str, dict[str, float]], info: dict[str, str], args: argparse.Namespace) -> str:

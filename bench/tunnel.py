@@ -9,6 +9,10 @@ each), p50 round trip of 1-byte ping-pong, and client memory per idle tunnelled 
 Reported as ratios portfwd / OpenSSH. All traffic is on 127.0.0.1; needs root (sshd privsep).
 
 Usage: .venv/bin/python bench/tunnel.py [--server] [--rounds N] [--seconds S] [--conns N] [--write]
+                                       [--before REPO]
+
+--before REPO adds REPO's portfwd (another checkout with its own .venv) beside this one, in the
+same interleaved rounds, and prints both builds' ratios to OpenSSH side by side.
 """
 
 from __future__ import annotations
@@ -73,15 +77,18 @@ def ssh_options(
 OPENSSH = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
 
 
-def start_tunnels(sshd: Sshd, targets: base.Targets, forwarders: list[base.Forwarder]) -> None:
+def start_tunnels(
+    sshd: Sshd, targets: base.Targets, forwarders: list[base.Forwarder], before: Path | None = None
+) -> None:
     upstream = upstream_of(targets, forwarders)
+    builds = {"portfwd": base.REPO, **({"before": before} if before is not None else {})}
     for short, cipher in CIPHERS.items():
-        for client in ("openssh", "portfwd"):
+        for client in ("openssh", *builds):
             ports, options = ssh_options(upstream, sshd.user_key, sshd.known_hosts, cipher, sshd.port)
             if client == "openssh":
                 argv = [*OPENSSH, *options]
             else:
-                argv = [str(base.REPO / ".venv/bin/portfwd"), "ssh", "-q", *options]
+                argv = [str(builds[client] / ".venv/bin/portfwd"), "ssh", "-q", *options]
             forwarders.append(base.Forwarder(f"{client}-{short}", ports, [base.Proc(argv)]))
     for forwarder in forwarders:
         # Not the iperf port: iperf3 serves one client at a time and would take a probe for one.
@@ -106,31 +113,39 @@ def tree_rss_kib(pid: int) -> int:
 
 
 def start_servers(
-    sshd: Sshd, tmp: Path, targets: base.Targets, forwarders: list[base.Forwarder], clients: list[base.Proc]
+    sshd: Sshd,
+    tmp: Path,
+    targets: base.Targets,
+    forwarders: list[base.Forwarder],
+    clients: list[base.Proc],
+    before: Path | None = None,
 ) -> None:
     """ssh -L through sshd and through portfwd server, per cipher (every process goes in `clients`)."""
     upstream = upstream_of(targets, forwarders)
-    port = base.free_port()
     (tmp / "server.keys").write_text((tmp / "id_ed25519.pub").read_text())
-    config = tmp / "server.toml"
-    config.write_text(
-        f'[control]\nenabled = false\n[server]\nlisten = "127.0.0.1:{port}"\nhost_key = "{tmp / "pf_host"}"\n'
-        f'[[server.user]]\nname = "root"\nauthorized_keys = "{tmp / "server.keys"}"\npermit_open = ["any"]\n'
-    )
-    server = base.Proc([str(base.REPO / ".venv/bin/portfwd"), "server", "-q", "-c", str(config)])
-    clients.append(server)  # stopped by the caller, even if what follows fails
-    base.wait_tcp(port)
-    public = subprocess.run(
-        ["ssh-keygen", "-y", "-f", str(tmp / "pf_host")], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    known = tmp / "known_hosts_all"
-    known.write_text(sshd.known_hosts.read_text() + f"[127.0.0.1]:{port} {public}\n")
     assert sshd.proc is not None
+    servers = [("sshd", sshd.port, sshd.proc.pid)]
+    known_lines = sshd.known_hosts.read_text()
+    builds = {"portfwd-server": base.REPO, **({"before-server": before} if before is not None else {})}
+    for name, repo in builds.items():
+        port = base.free_port()
+        config = tmp / f"{name}.toml"
+        config.write_text(
+            f'[control]\nenabled = false\n[server]\nlisten = "127.0.0.1:{port}"\nhost_key = "{tmp / "pf_host"}"\n'
+            f'[[server.user]]\nname = "root"\nauthorized_keys = "{tmp / "server.keys"}"\npermit_open = ["any"]\n'
+        )
+        server = base.Proc([str(repo / ".venv/bin/portfwd"), "server", "-q", "-c", str(config)])
+        clients.append(server)  # stopped by the caller, even if what follows fails
+        base.wait_tcp(port)
+        public = subprocess.run(
+            ["ssh-keygen", "-y", "-f", str(tmp / "pf_host")], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        known_lines += f"[127.0.0.1]:{port} {public}\n"
+        servers.append((name, port, server.pid))
+    known = tmp / "known_hosts_all"
+    known.write_text(known_lines)
     for short, cipher in CIPHERS.items():
-        for name, server_port, pid in (
-            ("sshd", sshd.port, sshd.proc.pid),
-            ("portfwd-server", port, server.pid),
-        ):
+        for name, server_port, pid in servers:
             ports, options = ssh_options(upstream, sshd.user_key, known, cipher, server_port)
             argv = [*OPENSSH, *options]
             clients.append(base.Proc(argv))
@@ -153,7 +168,14 @@ def main() -> int:
     parser.add_argument("--conns", type=int, default=1000)
     parser.add_argument("--write", action="store_true", help="write the section into bench/RESULTS.md")
     parser.add_argument("--server", action="store_true", help="portfwd server beside sshd (issue #6)")
+    parser.add_argument("--before", type=Path, help="another checkout's portfwd, measured beside this one")
     args = parser.parse_args()
+    if args.before is not None and not (args.before / ".venv/bin/portfwd").exists():
+        print(
+            f"bench: {args.before}/.venv/bin/portfwd is missing; run its ./test once to build it",
+            file=sys.stderr,
+        )
+        return 2
     missing = [tool for tool in ("iperf3", "haproxy", "wrk", "ssh") if shutil.which(tool) is None]
     if missing:
         print(
@@ -172,9 +194,9 @@ def main() -> int:
         clients: list[base.Proc] = []
         try:
             if args.server:
-                start_servers(sshd, tmp, targets, forwarders, clients)
+                start_servers(sshd, tmp, targets, forwarders, clients, args.before)
             else:
-                start_tunnels(sshd, targets, forwarders)
+                start_tunnels(sshd, targets, forwarders, args.before)
             bulk = base.rounds(forwarders, args.rounds, lambda f: base.iperf_tcp(f, 1, seconds))
             conn = base.rounds(forwarders, args.rounds, lambda f: base.wrk_conn_rate(f, seconds))
             lat = base.rounds(forwarders, args.rounds, base.ping_pong)
@@ -201,7 +223,9 @@ def main() -> int:
     marker = MARKERS[args.server]
     report = render(table, args, marker)
     print(report)
-    if args.write:
+    if args.before is not None:
+        print(render_before(table, args.server))
+    if args.write and args.before is None:
         results = base.HERE / "RESULTS.md"
         old = results.read_text() if results.exists() else ""
         analysis = ""  # the hand-written profile notes under the table are kept
@@ -214,6 +238,26 @@ def main() -> int:
             old = old[:start] + (old[end:] if end >= 0 else "")
         results.write_text(old.rstrip("\n") + "\n" + report + analysis)
     return 0
+
+
+def render_before(table: dict[str, dict[str, float]], server: bool) -> str:
+    """Both builds' ratios to OpenSSH for each cipher, and after / before (1.00 = no change)."""
+    ours, theirs, old = (
+        ("portfwd-server", "sshd", "before-server") if server else ("portfwd", "openssh", "before")
+    )
+    lines = ["| cipher | ratio to OpenSSH | before | after | after / before |", "|---|---|---|---|---|"]
+    for short in CIPHERS:
+        after, before, openssh = table[f"{ours}-{short}"], table[f"{old}-{short}"], table[f"{theirs}-{short}"]
+        for label, key in (
+            ("bulk Gbit/s", "gbps"),
+            ("CPU per Gbit", "cpu_s_per_gbit"),
+            ("conn/s", "conn_per_s"),
+            ("p50 RTT", "p50_us"),
+            ("RSS per idle conn", "idle_bytes"),
+        ):
+            was, now = before[key] / openssh[key], after[key] / openssh[key]
+            lines.append(f"| {short} | {label} | {was:.3f} | {now:.3f} | {now / was:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def render(table: dict[str, dict[str, float]], args: argparse.Namespace, marker: str) -> str:

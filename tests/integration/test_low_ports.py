@@ -88,7 +88,7 @@ def test_root_binds_port_80_then_drops_to_user(tmp_path: Path) -> None:
 
 
 _PROBE = """
-import sys, sysconfig, portfwd.cli.commands, portfwd.runtime, uvloop
+import sys, sysconfig, portfwd.cli.commands, portfwd.planner, portfwd.runtime, uvloop
 roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
 names = set()
 for module in list(sys.modules.values()):
