@@ -225,6 +225,8 @@ class Runtime:
         """
         async with self._reloading:
             assert self.loader is not None
+            if self._closed:
+                return {"ok": False, "errors": ["portfwd is stopping; nothing reloaded"]}
             try:
                 new = self.loader()
             except ConfigError as exc:
@@ -302,13 +304,15 @@ class Runtime:
     async def stop(self) -> None:
         """Stop accepting, drain live sessions for drain_timeout, close the rest, release all.
 
-        The background tasks are cancelled first and awaited; the janitor finishes last.
+        A reload under way finishes first and none starts after; the janitor finishes last.
         """
         if self._closed:
             return
         self._closed = True
-        for task in self._background:
-            task.cancel()
+        # A reload under way finishes first (it may be half-way through stopping a tunnel, which
+        # a cancel would leave half-stopped); none starts after this.
+        async with self._reloading:
+            pass
         if self._background:
             await asyncio.wait(self._background)
         await self._sampler.stop()

@@ -59,6 +59,29 @@ def test_an_ssh_error_is_an_upstream_error_whose_reason_is_the_counter_label() -
 
 
 @pytest.mark.parametrize(
+    ("text", "reply"),
+    [
+        ("Connection refused", Reply.CONNECTION_REFUSED),  # OpenSSH sshd
+        ("connect failed: Connection refused (111)", Reply.CONNECTION_REFUSED),
+        ("Error resolving 'nowhere.invalid' port '80'. Name or service not known", Reply.HOST_UNREACHABLE),
+        ("Error connecting: Connection refused", Reply.CONNECTION_REFUSED),  # dropbear
+        ("Cannot resolve: no address associated with hostname", Reply.HOST_UNREACHABLE),
+        ("Temporary failure in name resolution", Reply.HOST_UNREACHABLE),
+        ("Host unreachable", Reply.HOST_UNREACHABLE),
+        ("No route to host", Reply.HOST_UNREACHABLE),
+        ("Network is unreachable", Reply.NETWORK_UNREACHABLE),
+        ("Connection timed out", Reply.TTL_EXPIRED),
+        ("No answer within 10s", Reply.GENERAL_FAILURE),
+    ],
+)
+def test_a_peers_connect_failed_words_choose_the_socks_reply_wherever_they_are(
+    text: str, reply: Reply
+) -> None:
+    refusal = asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, text)
+    assert socks_reply(ssh_error(refusal)) == reply
+
+
+@pytest.mark.parametrize(
     ("reason", "code"),
     [
         (Reason.PROHIBITED, asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED),

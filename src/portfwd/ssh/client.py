@@ -246,6 +246,7 @@ class Tunnel:
                     return
                 continue
             await self._serve_link(conn)
+            attempt = 0  # the link worked: a later outage backs off and counts from the start
             if self._stopping:
                 return
             reason = self._lost_reason or "connection lost"

@@ -8,14 +8,14 @@ elsewhere looks at an exception's text.
 One thing only the text can tell: RFC 4254 gives a failed channel open a code (prohibited,
 connect failed, resource shortage) and a free-text reason, and every server we meet (OpenSSH,
 dropbear, portfwd's own) fills that text with the C library's words for the errno or resolver
-error (`Connection refused`, `Name or service not known`). `_PEER_WORDS` reads those words back
-into a reason, by exact phrase; an unknown phrase is a plain connect failure.
+error (`Connection refused`, `Name or service not known`), sometimes with more around them.
+`_PEER_WORDS` reads those words back into a reason, wherever they are in the text; text with
+none of them is a plain connect failure.
 """
 
 from __future__ import annotations
 
 import errno
-import os
 import socket
 from enum import StrEnum
 
@@ -60,16 +60,24 @@ class SshError(UpstreamError):
         self.peer = peer
 
 
-#: The C library's words (lower case) a peer puts in a channel-open refusal, by what they mean.
-_PEER_WORDS = {
-    os.strerror(errno.ECONNREFUSED).lower(): Reason.REFUSED,
-    os.strerror(errno.EHOSTUNREACH).lower(): Reason.UNREACHABLE,
-    os.strerror(errno.ENETUNREACH).lower(): Reason.NETWORK,
-    os.strerror(errno.ETIMEDOUT).lower(): Reason.TIMEOUT,
-    "name or service not known": Reason.RESOLVE,  # glibc's EAI_NONAME
-    "temporary failure in name resolution": Reason.RESOLVE,  # glibc's EAI_AGAIN
-    "not a valid host name": Reason.RESOLVE,  # portfwd server's "Cannot resolve: ..."
-}
+#: Words in a peer's "connect failed" refusal, in the order they are tried, and what they mean.
+#: RFC 4254 §5.1 gives such a refusal one code (OPEN_CONNECT_FAILED) and free text: sshd sends
+#: the C library's words ("Connection refused"), dropbear its own ("Error resolving 'x' port
+#: '80'. Name or service not known"), portfwd server "Cannot resolve: ...". The words are the
+#: only signal, so they are read here, once, anywhere in the text.
+_PEER_WORDS = (
+    ("refused", Reason.REFUSED),
+    ("network is unreachable", Reason.NETWORK),
+    ("no route", Reason.UNREACHABLE),
+    ("unreachable", Reason.UNREACHABLE),
+    ("name or service", Reason.RESOLVE),  # glibc's EAI_NONAME
+    ("name resolution", Reason.RESOLVE),  # glibc's EAI_AGAIN
+    ("resolv", Reason.RESOLVE),
+    ("getaddrinfo", Reason.RESOLVE),
+    ("not a valid host name", Reason.RESOLVE),
+    ("timed out", Reason.TIMEOUT),
+    ("prohibited", Reason.PROHIBITED),
+)
 
 _ERRNO = {
     errno.ECONNREFUSED: Reason.REFUSED,
@@ -105,8 +113,8 @@ def _peer_reason(code: int, text: str) -> Reason:
         return Reason.PROHIBITED
     if code == asyncssh.OPEN_RESOURCE_SHORTAGE:
         return Reason.SHORTAGE
-    cause = text.rpartition(": ")[2].strip().lower()  # "Cannot resolve: name or service not known"
-    return _PEER_WORDS.get(cause, Reason.ERROR)
+    lowered = text.lower()
+    return next((reason for words, reason in _PEER_WORDS if words in lowered), Reason.ERROR)
 
 
 def ssh_error(exc: BaseException) -> SshError:
