@@ -164,9 +164,10 @@ class StateCollector(Collector):
 class MetricsServer:
     """The /metrics HTTP endpoint, served from the event loop itself.
 
-    prometheus-client's own server runs in a thread; merely having that thread beside the relay
-    cost about 15 % more CPU per Gbit. And a uvloop server object (`asyncio.start_server`) in
-    the loop cost about 3.5 % more CPU per relayed connection, even when never scraped. So the
+    prometheus-client's own server runs in a thread, and merely having that thread beside the
+    relay costs CPU on bulk transfers; a uvloop server object (`asyncio.start_server`) in the
+    loop costs CPU on every relayed connection, even when never scraped (bench/RESULTS.md, D4
+    and D5). So the
     listener is portfwd's own accept loop, the exposition text comes from prometheus-client
     (`generate_latest`), and the few lines of HTTP/1.0 around it are ours. A scrape sees a
     consistent state because nothing else runs meanwhile.

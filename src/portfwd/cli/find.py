@@ -37,7 +37,7 @@ def target(config_file: str | None, name: str | None, socket: str | None, *, val
         return Target(Path(socket), None)
     if name:
         return Target(instances.socket_for(instances.check_name(name)), None)
-    from portfwd import config  # pydantic and the models cost 130 ms to import
+    from portfwd import config  # here, not at the top: see cli/__init__.py on start-up time
 
     if not validate and not config_file and not os.environ.get("PORTFWD_CONFIG"):
         return None

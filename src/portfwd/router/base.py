@@ -103,8 +103,8 @@ class Exchange(Protocol):
     """Sends one request to the router until an answer parses (PCP and NAT-PMP).
 
     Two implementations share `Retransmission`: `router/udp.py` on the event loop, for
-    `portfwd run`, and `router/blocking.py` for one-shot commands, which must not pay the
-    40 ms that importing asyncio costs.
+    `portfwd run`, and `router/blocking.py` for one-shot commands, which must not pay for
+    importing asyncio (bench/RESULTS.md, D16).
     """
 
     def __call__(

@@ -40,7 +40,7 @@ def make(
     if name == "natpmp":
         return NatPmp(route, exchange, tries=tries or (AUTO_TRIES if probing else natpmp.RETRY_COUNT))
     if name == "upnp":
-        from portfwd.router.upnp import Upnp  # aiohttp costs 80 ms to import; only UPnP needs it
+        from portfwd.router.upnp import Upnp  # aiohttp is slow to import (D16); only UPnP needs it
 
         return Upnp(route, upnp_url)
     raise RouterError(f"unknown method {name!r}", reason="unsupported", hint="use auto, pcp, natpmp or upnp")
