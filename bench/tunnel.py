@@ -132,6 +132,8 @@ def start_servers(
         config = tmp / f"{name}.toml"
         config.write_text(
             f'[control]\nenabled = false\n[server]\nlisten = "127.0.0.1:{port}"\nhost_key = "{tmp / "pf_host"}"\n'
+            # One ssh -L carries --conns idle connections (sshd: MaxSessions 10000 above).
+            "max_channels = 100000\nmax_channels_per_user = 1000000\n"
             f'[[server.user]]\nname = "root"\nauthorized_keys = "{tmp / "server.keys"}"\npermit_open = ["any"]\n'
         )
         server = base.Proc([str(repo / ".venv/bin/portfwd"), "server", "-q", "-c", str(config)])

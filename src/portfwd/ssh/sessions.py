@@ -13,7 +13,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable, Coroutine
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import Any
 
 from portfwd.relay.deadline import Deadlines
@@ -33,12 +33,13 @@ PACKET = 256 * 1024
 class _Scope:
     """What one session task owns until it hands it on: its client socket and its bridges."""
 
-    __slots__ = ("bridges", "client", "sessions")
+    __slots__ = ("bridges", "client", "sessions", "token")
 
     def __init__(self, sessions: Sessions, client: socket.socket | None, bridge: Bridge | None) -> None:
         self.sessions = sessions
         self.client = client
         self.bridges: list[Bridge] = [] if bridge is None else [bridge]
+        self.token: Token[_Scope | None] | None = None
 
 
 _scope: ContextVar[_Scope | None] = ContextVar("portfwd_ssh_session", default=None)
@@ -84,7 +85,7 @@ class Sessions:
         task.add_done_callback(self._tasks.discard)
 
     async def _guard(self, coro: Coroutine[Any, Any, None], scope: _Scope) -> None:
-        _scope.set(scope)
+        scope.token = _scope.set(scope)
         why = "shutdown"
         try:
             await coro
@@ -144,12 +145,19 @@ class Sessions:
         scope = _scope.get()
         if scope is not None and scope.client is sock:
             scope.client = None  # the transport owns it now: closing it twice could hit a reused fd
+        if scope is not None and scope.token is not None:
+            # The transport keeps a copy of this task's context for the connection's life: it
+            # must not keep the scope too (measured: a few hundred bytes per idle connection).
+            _scope.reset(scope.token)
         try:
             await asyncio.get_running_loop().connect_accepted_socket(bridge.socket_protocol, sock)
         except OSError as exc:
             sock.close()
             bridge.close(f"{side}: {ssh_error(exc).message}")
             return False
+        finally:
+            if scope is not None:
+                scope.token = _scope.set(scope)
         return True
 
     def _closed(self, bridge: Bridge, reason: str) -> None:
