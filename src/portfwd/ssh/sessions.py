@@ -13,7 +13,6 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable, Coroutine
-from contextvars import ContextVar, Token
 from typing import Any
 
 from portfwd.relay.deadline import Deadlines
@@ -31,18 +30,18 @@ PACKET = 256 * 1024
 
 
 class _Scope:
-    """What one session task owns until it hands it on: its client socket and its bridges."""
+    """What one session task owns until it hands it on: its client socket and its bridges.
 
-    __slots__ = ("bridges", "client", "sessions", "token")
+    Found by the task itself (`Sessions._scope`), not through a ContextVar: a transport keeps a
+    copy of the context it was made in for the connection's life, and a context changed per
+    task cost about a hundred bytes per idle connection (bench/tunnel.py).
+    """
 
-    def __init__(self, sessions: Sessions, client: socket.socket | None, bridge: Bridge | None) -> None:
-        self.sessions = sessions
+    __slots__ = ("bridges", "client")
+
+    def __init__(self, client: socket.socket | None, bridge: Bridge | None) -> None:
         self.client = client
         self.bridges: list[Bridge] = [] if bridge is None else [bridge]
-        self.token: Token[_Scope | None] | None = None
-
-
-_scope: ContextVar[_Scope | None] = ContextVar("portfwd_ssh_session", default=None)
 
 
 class Sessions:
@@ -68,7 +67,7 @@ class Sessions:
         self.log = logger
         self.released = released
         self.deadlines = Deadlines()  # channel opens, upstream connects, hand-backs: one timer
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], _Scope] = {}  # every session task, with what it owns
         self._owners: dict[Bridge, Any] = {}  # every live bridge, and whom it was made for
 
     # ------------------------------------------------------------------ tasks
@@ -80,12 +79,20 @@ class Sessions:
         bridge: Bridge | None = None,
     ) -> None:
         """Serve one session in a task of its own; `client` and `bridge` are closed if it fails."""
-        task = asyncio.get_running_loop().create_task(self._guard(coro, _Scope(self, client, bridge)))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        scope = _Scope(client, bridge)
+        task = asyncio.get_running_loop().create_task(self._guard(coro, scope))
+        self._tasks[task] = scope  # before the task first runs (on a later turn of the loop)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+
+    def _scope(self) -> _Scope | None:
+        """The scope of the session task running now, if it is one of ours."""
+        task = asyncio.current_task()
+        return self._tasks.get(task) if task is not None else None
 
     async def _guard(self, coro: Coroutine[Any, Any, None], scope: _Scope) -> None:
-        scope.token = _scope.set(scope)
         why = "shutdown"
         try:
             await coro
@@ -123,8 +130,8 @@ class Sessions:
         bridge = Bridge(session, self._closed, channel_is_client=channel_is_client)
         session.relay = bridge
         self._owners[bridge] = owner
-        scope = _scope.get()
-        if scope is not None and scope.sessions is self:
+        scope = self._scope()
+        if scope is not None:
             scope.bridges.append(bridge)
         return bridge
 
@@ -142,22 +149,15 @@ class Sessions:
 
         False (the socket closed, the session ended as `side: why`) when asyncio cannot.
         """
-        scope = _scope.get()
+        scope = self._scope()
         if scope is not None and scope.client is sock:
             scope.client = None  # the transport owns it now: closing it twice could hit a reused fd
-        if scope is not None and scope.token is not None:
-            # The transport keeps a copy of this task's context for the connection's life: it
-            # must not keep the scope too (measured: a few hundred bytes per idle connection).
-            _scope.reset(scope.token)
         try:
             await asyncio.get_running_loop().connect_accepted_socket(bridge.socket_protocol, sock)
         except OSError as exc:
             sock.close()
             bridge.close(f"{side}: {ssh_error(exc).message}")
             return False
-        finally:
-            if scope is not None:
-                scope.token = _scope.set(scope)
         return True
 
     def _closed(self, bridge: Bridge, reason: str) -> None:
