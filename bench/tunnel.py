@@ -217,6 +217,7 @@ def main() -> int:
             "gbps": base.median([v[0] for v in bulk[f.name]]),  # type: ignore[index]
             "cpu_s_per_gbit": base.median([v[1] for v in bulk[f.name]]),  # type: ignore[index]
             "conn_per_s": base.median([v[0] for v in conn[f.name]]),  # type: ignore[index]
+            "cpu_us_per_conn": base.median([v[1] for v in conn[f.name]]),  # type: ignore[index]
             "p50_us": base.median([v[0] for v in lat[f.name]]),  # type: ignore[index]
             "idle_bytes": memory.get(f.name, float("nan")),
         }
@@ -254,6 +255,7 @@ def render_before(table: dict[str, dict[str, float]], server: bool) -> str:
             ("bulk Gbit/s", "gbps"),
             ("CPU per Gbit", "cpu_s_per_gbit"),
             ("conn/s", "conn_per_s"),
+            ("CPU per conn", "cpu_us_per_conn"),
             ("p50 RTT", "p50_us"),
             ("RSS per idle conn", "idle_bytes"),
         ):
