@@ -123,7 +123,19 @@ def test_add_reach_list_remove(net: Lab, home: tuple[Lab, Router], tmp_path: Pat
         LAN_HOST,
         8000,
     )
-    assert entry["ours"] is (method == "upnp"), "only UPnP carries portfwd's description"
+    # UPnP by its description; PCP and NAT-PMP because portfwd wrote down what it was granted.
+    assert (entry["ours"], entry["method"]) == (True, method)
+    if method != "upnp":
+        (mine,) = json.loads(portfwd(net, tmp_path, "map", "list", "--method", method, "--json").stdout)
+        assert (mine["external_port"], mine["internal_host"], mine["internal_port"], mine["method"]) == (
+            external,
+            LAN_HOST,
+            8000,
+            method,
+        )
+        assert 3500 < mine["lease"] <= 3600, "the lease left, counted from what the router granted"
+        table = portfwd(net, tmp_path, "map", "list", "--method", method).stdout
+        assert re.search(rf"\*\s+{external}/tcp\s+{LAN_HOST}:8000\s+\d+ s\s+{method}", table), table
 
     removed = portfwd(
         net, tmp_path, "map", "remove", "8000/tcp", "--external", str(external), "--method", method
@@ -132,6 +144,8 @@ def test_add_reach_list_remove(net: Lab, home: tuple[Lab, Router], tmp_path: Pat
     assert router_mappings(net) == []
     assert dnat_rules(net, box) == []
     assert reach(net, external, b"x") == ""
+    listed = portfwd(net, tmp_path, "map", "list", "--upnp-url", URL, "--json")
+    assert (listed.returncode, listed.stdout) == (0, "[]\n"), "crossed off portfwd's list too"
 
 
 def test_any_external_port(net: Lab, tmp_path: Path) -> None:
@@ -293,6 +307,10 @@ def test_run_renews_survives_reboot_and_removes_on_exit(
         )
         assert any(f"TCP {external}->" in line for line in router_mappings(net)), "the router still holds it"
         check_reachable(net, external)
+        listed = json.loads(portfwd(net, tmp_path, "map", "list", "--upnp-url", URL, "--json").stdout)
+        assert [(row["external_port"], row["ours"], row["method"]) for row in listed] == [
+            (external, True, method)
+        ], "map list in another shell marks what portfwd run holds"
         table = portfwd(net, tmp_path, "status", "-c", str(path)).stdout
         assert "router mappings" in table
         assert re.search(

@@ -30,6 +30,7 @@ class _Router:
     def __init__(self) -> None:
         self.asked: list[tuple[str, Any]] = []
         self.logging: tuple[int, bool, str] | None = None
+        self.remembered: list[Granted] = []
 
     def add(self, request: MapRequest) -> None:
         self.asked.append(("add", request))
@@ -38,13 +39,29 @@ class _Router:
         self.asked.append(("ip", None))
 
     def one_shot(
-        self, method: str, gateway: str | None, upnp_url: str | None, tries: int | None, attempt: Any
+        self,
+        method: str,
+        gateway: str | None,
+        upnp_url: str | None,
+        tries: int | None,
+        attempt: Any,
+        *,
+        timeout: float,
+        notice: Any,
     ) -> tuple[_Router, object]:
         attempt(self)
-        self.asked.append(
-            ("options", {"method": method, "gateway": gateway, "upnp_url": upnp_url, "tries": tries})
-        )
+        options = {
+            "method": method,
+            "gateway": gateway,
+            "upnp_url": upnp_url,
+            "tries": tries,
+            "timeout": timeout,
+        }
+        self.asked.append(("options", options))
         return self, GRANTED if self.asked[0][0] == "add" else "203.0.113.7"
+
+    def remember(self, used: object, granted: Granted) -> None:
+        self.remembered.append(granted)
 
     def setup_logging(self, verbose: int, quiet: bool, log_format: str) -> None:
         self.logging = (verbose, quiet, log_format)
@@ -56,6 +73,7 @@ def _run(argv: list[str]) -> tuple[int, str, str, _Router]:
     out, err = io.StringIO(), io.StringIO()
     with (
         mock.patch("portfwd.oneshot.one_shot", router.one_shot),
+        mock.patch("portfwd.oneshot.remember", router.remember),
         mock.patch("portfwd.cli.maps.setup_logging", router.setup_logging),
         contextlib.redirect_stdout(out),
         contextlib.redirect_stderr(err),
@@ -65,13 +83,14 @@ def _run(argv: list[str]) -> tuple[int, str, str, _Router]:
     return int(info.value.code or 0), out.getvalue(), err.getvalue(), router
 
 
-DEFAULTS = {"method": "auto", "gateway": None, "upnp_url": None, "tries": None}
+DEFAULTS = {"method": "auto", "gateway": None, "upnp_url": None, "tries": None, "timeout": 10.0}
 
 
 @pytest.mark.parametrize(
     ("argv", "asked", "options", "logging"),
     [
-        (["map", "add", "8080"], ("add", MapRequest("tcp", 8080, 8080, 7200)), {}, (0, False, "text")),
+        # Without -v a one-shot command logs warnings and errors only (quiet): no INFO lines.
+        (["map", "add", "8080"], ("add", MapRequest("tcp", 8080, 8080, 7200)), {}, (0, True, "text")),
         (
             ["map", "add", "8080/udp", "--external=any", "--lease", "90s", "--method", "pcp", "-v", "-q"],
             ("add", MapRequest("udp", 8080, 0, 90)),
@@ -79,10 +98,10 @@ DEFAULTS = {"method": "auto", "gateway": None, "upnp_url": None, "tries": None}
             (1, True, "text"),
         ),
         (
-            ["map", "ip", "--tries", "2", "--gateway", "10.0.0.1", "--log-format=json"],
+            ["map", "ip", "--tries", "2", "--gateway", "10.0.0.1", "--log-format=json", "--timeout=1m"],
             ("ip", None),
-            {"tries": 2, "gateway": "10.0.0.1"},
-            (0, False, "json"),
+            {"tries": 2, "gateway": "10.0.0.1", "timeout": 60.0},
+            (0, True, "json"),
         ),
         (
             ["map", "add", "8080", "--to", "192.168.1.9", "--method", "upnp", "-vq"],
@@ -90,7 +109,13 @@ DEFAULTS = {"method": "auto", "gateway": None, "upnp_url": None, "tries": None}
             {"method": "upnp"},
             (1, True, "text"),
         ),
-        (["map", "add", "--", "8080"], ("add", MapRequest("tcp", 8080, 8080, 7200)), {}, (0, False, "text")),
+        (["map", "add", "--", "8080"], ("add", MapRequest("tcp", 8080, 8080, 7200)), {}, (0, True, "text")),
+        (
+            ["map", "add", "8080", "--timeout", "500ms", "-v"],
+            ("add", MapRequest("tcp", 8080, 8080, 7200)),
+            {"timeout": 0.5},
+            (1, False, "text"),
+        ),
     ],
 )
 def test_map_commands_ask_the_router_what_the_command_line_says(
@@ -100,6 +125,7 @@ def test_map_commands_ask_the_router_what_the_command_line_says(
     assert (code, err) == (0, "")
     assert router.asked == [asked, ("options", {**DEFAULTS, **options})]
     assert router.logging == logging
+    assert router.remembered == ([GRANTED] if asked[0] == "add" else [])
     assert out == (
         "203.0.113.7:8080/tcp -> 192.168.1.9:8080 via pcp (lease 7200 s)\n"
         if asked[0] == "add"
@@ -119,6 +145,8 @@ def test_map_commands_ask_the_router_what_the_command_line_says(
         (["map", "add", "8080", "--method", "carrier-pigeon"], "carrier-pigeon"),
         (["map", "add", "8080", "--tries", "0"], "--tries"),
         (["map", "add", "8080", "--tries"], "--tries"),
+        (["map", "add", "8080", "--timeout", "soon"], "--timeout"),
+        (["map", "ip", "--timeout", "0s"], "--timeout"),
         (["map", "add", "8080", "--log-format", "xml"], "xml"),
         (["map", "ip", "--external", "80"], "--external"),  # add's options mean nothing to ip
         (["map", "ip", "8080"], "8080"),

@@ -7,14 +7,16 @@ brings in asyncio and aiohttp when it is reached, `map list` rich or json when i
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 import click
 
 from portfwd import oneshot
 from portfwd.cli import logging_options
 from portfwd.cli.console import setup_logging
+from portfwd.duration import parse_duration
 from portfwd.errors import ConfigError
 from portfwd.printable import printable
 
@@ -33,6 +35,13 @@ def _external(value: str | None, port: int) -> int:
         raise click.BadParameter(str(exc), param_hint="'--external'") from None
 
 
+def _seconds(_ctx: click.Context, _param: click.Parameter, value: str) -> float:
+    try:
+        return parse_duration(value)
+    except ConfigError as exc:
+        raise click.BadParameter(exc.message) from None
+
+
 _METHODS = click.Choice(["auto", "pcp", "natpmp", "upnp"])
 
 
@@ -44,10 +53,18 @@ def _router_options(command: Callable[..., None]) -> Callable[..., None]:
         "--gateway", metavar="ADDR", help="The router's address (default: the default route's)."
     )(command)
     command = click.option(
+        "--timeout",
+        default=oneshot.DEFAULT_TIMEOUT,
+        show_default=True,
+        metavar="DURATION",
+        callback=_seconds,
+        help="Give up after this long in all, whatever --tries says.",
+    )(command)
+    command = click.option(
         "--tries",
         type=click.IntRange(1, 20),
         metavar="N",
-        help="Send a PCP/NAT-PMP request at most N times (default: the RFC's schedule, about a minute).",
+        help="Send a PCP/NAT-PMP request at most N times (default: the RFC's schedule, cut by --timeout).",
     )(command)
     command = click.option(
         "--method",
@@ -59,10 +76,20 @@ def _router_options(command: Callable[..., None]) -> Callable[..., None]:
     return logging_options(command)
 
 
-def _asyncio_run(coroutine: Any) -> Any:
-    import asyncio
+def _logging(verbose: int, quiet: bool, log_format: str) -> Callable[[str], None] | None:
+    """Logs for a one-shot command: warnings and errors, and portfwd's INFO lines only with -v.
 
-    return asyncio.run(coroutine)
+    Returns where "still asking ..." goes: a line on a terminal or with -v, never in a script's
+    quiet pipe, never with -q.
+    """
+    setup_logging(verbose, quiet or not verbose, log_format)
+    if quiet or not (verbose or sys.stderr.isatty()):
+        return None
+
+    def notice(line: str) -> None:
+        print(f"portfwd: {printable(line)}", file=sys.stderr, flush=True)
+
+    return notice
 
 
 @click.group(name="map")
@@ -75,6 +102,7 @@ def map_group() -> None:
 def map_ip(
     method: str,
     tries: int | None,
+    timeout: float,
     gateway: str | None,
     upnp_url: str | None,
     verbose: int,
@@ -82,8 +110,10 @@ def map_ip(
     log_format: str,
 ) -> None:
     """Print the router's external address and the method that told it."""
-    setup_logging(verbose, quiet, log_format)
-    used, address = oneshot.one_shot(method, gateway, upnp_url, tries, lambda m: m.external_address())
+    notice = _logging(verbose, quiet, log_format)
+    used, address = oneshot.one_shot(
+        method, gateway, upnp_url, tries, lambda m: m.external_address(), timeout=timeout, notice=notice
+    )
     print(oneshot.address_line(used, address))
 
 
@@ -110,6 +140,7 @@ def map_add(
     to_host: str | None,
     method: str,
     tries: int | None,
+    timeout: float,
     gateway: str | None,
     upnp_url: str | None,
     verbose: int,
@@ -117,14 +148,17 @@ def map_add(
     log_format: str,
 ) -> None:
     """Map one port on the router to this host and print the public endpoint (like upnpc -a)."""
-    setup_logging(verbose, quiet, log_format)
+    notice = _logging(verbose, quiet, log_format)
     _port_proto(port)  # each argument checked on its own, so click's message names the one at fault
     _external(external, 1)
     try:
         request = oneshot.add_request(port, external, lease, to_host)
     except ConfigError as exc:
         raise click.BadParameter(exc.message, param_hint="'--lease'") from None
-    _, granted = oneshot.one_shot(method, gateway, upnp_url, tries, lambda m: m.add(request))
+    used, granted = oneshot.one_shot(
+        method, gateway, upnp_url, tries, lambda m: m.add(request), timeout=timeout, notice=notice
+    )
+    oneshot.remember(used, granted)
     print(oneshot.granted_line(granted))
 
 
@@ -137,6 +171,7 @@ def map_remove(
     external: str | None,
     method: str,
     tries: int | None,
+    timeout: float,
     gateway: str | None,
     upnp_url: str | None,
     verbose: int,
@@ -144,36 +179,12 @@ def map_remove(
     log_format: str,
 ) -> None:
     """Delete a mapping; with auto, ask every method the router answers."""
-    from portfwd.errors import RouterError
     from portfwd.router.base import MapRequest
-    from portfwd.router.choose import candidates, make
-    from portfwd.router.udp import exchange
 
-    setup_logging(verbose, quiet, log_format)
+    notice = _logging(verbose, quiet, log_format)
     number, proto = _port_proto(port)
     request = MapRequest(proto, number, _external(external, number) or number, 0)
-
-    async def remove() -> list[str]:
-        route = oneshot.route(gateway)
-        done: list[str] = []
-        errors: list[RouterError] = []
-        for name in candidates(method):
-            used = make(name, route, exchange, upnp_url=upnp_url, probing=method == "auto", tries=tries)
-            try:
-                await used.remove(request, None)
-                done.append(name)
-            except RouterError as exc:
-                if method != "auto" or exc.reason not in ("unsupported", "unreachable"):
-                    errors.append(exc)
-            finally:
-                await used.close()
-        if errors and not done:
-            raise errors[0]
-        if not done:
-            raise RouterError("no mapping method answered", reason="unreachable")
-        return done
-
-    done = _asyncio_run(remove())
+    done = oneshot.remove(method, gateway, upnp_url, tries, request, timeout=timeout, notice=notice)
     print(f"removed {request.external_port}/{proto} (asked {', '.join(done)})")
 
 
@@ -184,42 +195,32 @@ def map_list(
     as_json: bool,
     method: str,
     tries: int | None,
+    timeout: float,
     gateway: str | None,
     upnp_url: str | None,
     verbose: int,
     quiet: bool,
     log_format: str,
 ) -> None:
-    """List the router's mappings (UPnP), marking portfwd's own."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
+    """List the router's mappings (UPnP) and portfwd's own (PCP, NAT-PMP too), marked with *.
 
-    from portfwd.router.choose import make
-    from portfwd.router.udp import exchange
-
-    setup_logging(verbose, quiet, log_format)
-    if method not in ("auto", "upnp"):
-        raise click.BadParameter(
-            f"{method} cannot list a router's mappings; use upnp", param_hint="'--method'"
-        )
-
-    async def entries() -> Any:
-        used = make("upnp", oneshot.route(gateway), exchange, upnp_url=upnp_url)
-        try:
-            return await used.entries()
-        finally:
-            await used.close()
-
-    rows = _asyncio_run(entries())
+    PCP and NAT-PMP cannot list a router's mappings: for them, portfwd lists what it made
+    itself (with `map add` or `run`) and what is left of each lease.
+    """
+    notice = _logging(verbose, quiet, log_format)
+    rows = oneshot.entries(method, gateway, upnp_url, timeout=timeout, notice=notice)
     if as_json:
         import json
 
         print(json.dumps([{**row._asdict(), "ours": row.ours} for row in rows], indent=2))
         return
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(box=box.SIMPLE_HEAD)
-    for column in ("", "external", "internal", "lease", "description"):
+    for column in ("", "external", "internal", "lease", "by", "description"):
         table.add_column(column)
     for row in rows:
         table.add_row(
@@ -227,6 +228,12 @@ def map_list(
             f"{row.external_port}/{row.protocol}",
             f"{row.internal_host}:{row.internal_port}",
             f"{row.lease} s" if row.lease else "permanent",
+            row.method,
             printable(row.description),  # the router's text
         )
-    Console(markup=False, emoji=False).print(table if rows else Text("the router holds no mappings"))
+    empty = (
+        f"portfwd holds no {method} mappings at this router"
+        if method in ("pcp", "natpmp")
+        else "the router holds no mappings"
+    )
+    Console(markup=False, emoji=False).print(table if rows else Text(empty))

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import math
 import random
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Literal, NamedTuple, Protocol, TypeVar
 
@@ -27,6 +29,15 @@ TransportName = Literal["tcp", "udp"]
 
 #: Mappings portfwd makes carry this description (UPnP), so `map list` can mark them.
 DESCRIPTION = "portfwd"
+
+#: One-shot commands (`map add|ip|remove|list`) give up after this long in all, `--timeout`.
+#: A router on the LAN answers in about a millisecond; RFC 6886's schedule (128 s for NAT-PMP)
+#: and RFC 6887's (no end; 45 s for portfwd's 4 PCP tries) are for daemons that keep trying.
+#: 10 s still holds 6 NAT-PMP sends (5 lost datagrams in a row), 3 PCP sends (IRT 3 s), and
+#: `auto`'s whole probe: PCP once (3 s), NAT-PMP twice (0.75 s), UPnP's SSDP search (3 s).
+DEFAULT_TIMEOUT = 10.0
+#: A one-shot command says what it is waiting for once it has waited this long.
+NOTICE_AFTER = 1.0
 
 
 class MapRequest(NamedTuple):
@@ -62,19 +73,20 @@ class Granted(NamedTuple):
 
 
 class RouterEntry(NamedTuple):
-    """One line of the router's own mapping table (`portfwd map list`)."""
+    """One line of `portfwd map list`: the router's UPnP table, and what portfwd made by PCP/NAT-PMP."""
 
     protocol: str
     external_port: int
     internal_host: str
     internal_port: int
     description: str
-    lease: int
+    lease: int  #: seconds left; 0 = permanent
     enabled: bool = True
+    method: str = ""  #: how portfwd made it; "" = not portfwd's (as far as portfwd knows)
 
     @property
     def ours(self) -> bool:
-        return self.description.startswith(DESCRIPTION)
+        return bool(self.method) or self.description.startswith(DESCRIPTION)
 
 
 class Method(Protocol):
@@ -167,12 +179,81 @@ class Retransmission:
             f"{self.label}: {self.where[0]}:{self.where[1]}: {exc.strerror or exc}", reason="unreachable"
         )
 
-    def silent(self) -> RouterError:
-        """Every try went unanswered."""
+    def silent(self, waited: float) -> RouterError:
+        """Every try went unanswered, for `waited` seconds in all."""
         detail = f"; last datagram: {self.last}" if self.last else ""
         return RouterError(
-            f"{self.label}: no answer from {self.where[0]}:{self.where[1]}{detail}", reason="unreachable"
+            f"{self.label}: no answer from {self.where[0]}:{self.where[1]} in {seconds(waited)} s{detail}",
+            reason="unreachable",
         )
+
+
+def seconds(value: float) -> str:
+    """A time for people: `0.8`, `3`, `45` (tenths below 10 s, whole seconds above)."""
+    return f"{value:.1f}".removesuffix(".0") if value < 10 else str(round(value))
+
+
+class Deadline:
+    """A one-shot command's time budget (`--timeout`) and the line that says what it waits for.
+
+    The exchanges and `oneshot.py` ask it how long they may still wait; when the budget is
+    spent they raise `expired()` (reason `timeout`, which `auto` does not move on from: the time
+    is up for every method). `notice`, when given, receives a sentence saying what is asked of
+    whom once a method has waited `after` seconds for its answer (once per method: a router
+    that answers at once is never mentioned).
+    """
+
+    def __init__(
+        self,
+        budget: float,
+        notice: Callable[[str], None] | None = None,
+        *,
+        after: float = NOTICE_AFTER,
+    ) -> None:
+        self.budget = budget
+        self.start = time.monotonic()
+        self.end = self.start + budget
+        self._notice = notice
+        self._after = after
+        self._told: set[str] = set()
+        self._began: dict[str, float] = {}
+        self.tried: list[tuple[str, str]] = []  #: (method label, where), in the order asked
+        self.router = "the router"  #: its address, once the route is known
+
+    def left(self) -> float:
+        """Seconds still to spend (0 when spent)."""
+        return max(0.0, self.end - time.monotonic())
+
+    def asking(self, label: str, where: str) -> None:
+        """A method starts asking the router at `where`."""
+        self._began.setdefault(label, time.monotonic())
+        if (label, where) not in self.tried:
+            self.tried.append((label, where))
+
+    def waiting(self, label: str, host: str) -> float:
+        """Say what is waited for when the time has come; seconds until then (inf once said)."""
+        if self._notice is None or label in self._told:
+            return math.inf
+        due = self._began.get(label, self.start) + self._after - time.monotonic()
+        if due > 0:
+            return due
+        self._told.add(label)
+        self._notice(f"asking {host} by {label} (no answer yet; giving up in {round(self.left())} s)")
+        return math.inf
+
+    def expired(self) -> RouterError:
+        """The budget is spent: the method(s), the router and the time, in one line."""
+        spent = seconds(self.budget)
+        if len(self.tried) == 1:
+            label, where = self.tried[0]
+            text = f"{label}: no answer from {where} in {spent} s"
+        else:
+            labels = [label for label, _ in self.tried]
+            text = f"no answer from the router at {self.router} in {spent} s"
+            if labels:
+                asked = labels[0] if len(labels) == 1 else f"{', '.join(labels[:-1])} and {labels[-1]}"
+                text += f" (asked by {asked})"
+        return RouterError(text, reason="timeout", hint="give it longer with --timeout")
 
 
 class UdpMethod:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
-from portfwd.router.base import Retransmission
+from portfwd.router.base import Deadline, Retransmission
 
 T = TypeVar("T")
 
@@ -21,40 +21,68 @@ T = TypeVar("T")
 _DATAGRAM = 2048
 
 
-async def exchange(
-    where: tuple[str, int],
-    request: bytes,
-    parse: Callable[[bytes], T],
-    schedule: Iterator[float],
-    *,
-    label: str,
-    source: str | None = None,
-) -> T:
-    """Like `router.udp.exchange`, blocking; an `async def` only to fit the drivers' awaits."""
-    decide = Retransmission(where, label)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with sock:
-        try:
-            if source:
-                sock.bind((source, 0))
-            sock.connect(where)
-        except OSError as exc:
-            raise decide.cannot_reach(exc) from exc
-        for wait in schedule:
-            deadline = time.monotonic() + wait
+class Exchange:
+    """Like `router.udp.exchange`, blocking; `__call__` is `async` only to fit the drivers' awaits.
+
+    With a `Deadline` (a one-shot command's `--timeout`) every wait is cut to what is left of
+    it, and the deadline is told while an answer is awaited, so it can say what is being tried.
+    """
+
+    def __init__(self, deadline: Deadline | None = None) -> None:
+        self.deadline = deadline
+
+    async def __call__(
+        self,
+        where: tuple[str, int],
+        request: bytes,
+        parse: Callable[[bytes], T],
+        schedule: Iterator[float],
+        *,
+        label: str,
+        source: str | None = None,
+    ) -> T:
+        decide = Retransmission(where, label)
+        deadline = self.deadline
+        if deadline is not None:
+            deadline.asking(label, f"{where[0]}:{where[1]}")
+        began = time.monotonic()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sock:
             try:
-                sock.send(request)
-                while (left := deadline - time.monotonic()) > 0:
-                    sock.settimeout(left)
-                    try:
-                        data = sock.recv(_DATAGRAM)
-                    except TimeoutError:
-                        break
-                    if answer := decide.received(parse, data):
-                        return answer[0]
+                if source:
+                    sock.bind((source, 0))
+                sock.connect(where)
             except OSError as exc:
-                raise decide.failed(exc) from exc
-        raise decide.silent()
+                raise decide.cannot_reach(exc) from exc
+            for wait in schedule:
+                until = time.monotonic() + wait
+                if deadline is not None:
+                    if deadline.left() <= 0:
+                        raise deadline.expired()
+                    until = min(until, deadline.end)
+                try:
+                    sock.send(request)
+                    # Bounded by time: every pass either reads a datagram or times out, and a
+                    # timeout ends the try, except once when the deadline has something to say.
+                    while (left := until - time.monotonic()) > 0:
+                        if deadline is not None:
+                            left = min(left, deadline.waiting(label, where[0]))
+                        sock.settimeout(left)
+                        try:
+                            data = sock.recv(_DATAGRAM)
+                        except TimeoutError:
+                            continue
+                        if answer := decide.received(parse, data):
+                            return answer[0]
+                except OSError as exc:
+                    raise decide.failed(exc) from exc
+            if deadline is not None and deadline.left() <= 0:
+                raise deadline.expired()
+            raise decide.silent(time.monotonic() - began)
+
+
+#: Without a deadline: the drivers' own schedules (the RFCs', or `--tries`).
+exchange = Exchange()
 
 
 def run(coroutine: Coroutine[Any, Any, T]) -> T:

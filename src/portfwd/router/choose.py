@@ -2,7 +2,8 @@
 
 `auto` moves on only when a method is absent or silent (`unsupported`, `unreachable`,
 `bad-reply`); a router that speaks a method and says no (`refused`, `conflict`) has answered,
-and asking it again another way would only hide the real reason.
+and asking it again another way would only hide the real reason. A one-shot command whose
+`--timeout` is spent (`timeout`) has no time left for another method either.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ async def attempt_with(
         result = await attempt(candidate)
     except RouterError as exc:
         await candidate.close()
-        if method != "auto" or exc.reason in ("refused", "conflict"):
+        if method != "auto" or exc.reason in ("refused", "conflict", "timeout"):
             raise
         log.info("router mapping: %s did not work (%s); trying the next method", name, exc.message)
         return f"{name}: {exc.message}"

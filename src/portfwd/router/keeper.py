@@ -22,6 +22,7 @@ from typing import Any
 
 from portfwd.errors import RouterError
 from portfwd.proto import natpmp, pcp
+from portfwd.router import ledger
 from portfwd.router.base import Granted, MapRequest, Method, Route, default_route, route_via
 from portfwd.router.choose import first_working
 from portfwd.router.udp import exchange
@@ -183,6 +184,12 @@ class Keeper:
 
     def _granted(self, run: _Run, granted: Granted) -> None:
         run.granted = granted
+        if run.method is not None and granted.method != "upnp":
+            # For `portfwd map list`, which cannot ask a PCP/NAT-PMP router what it holds.
+            try:
+                ledger.record(str(run.method.route.gateway), granted)
+            except RouterError as exc:
+                log.debug("%s: %s", run.wanted.name, exc.line())
         self._update(
             run,
             method=granted.method,
@@ -211,7 +218,9 @@ class Keeper:
         except OSError as exc:
             sock.close()
             log.debug(
-                "router announcements not heard (port %d: %s); checks cover it", natpmp.CLIENT_PORT, exc
+                "router announcements not heard (port %d: %s); checks cover it",
+                natpmp.CLIENT_PORT,
+                exc.strerror or type(exc).__name__,
             )
             return
         self._announcements = transport
@@ -251,12 +260,19 @@ class Keeper:
                 await asyncio.wait_for(method.remove(run.wanted.request, granted), REMOVE_TIMEOUT)
                 log.info("%s: mapping %s removed from the router", run.wanted.name, granted.public)
                 self._update(run, state="removed", external="")
+                if granted.method != "upnp":
+                    try:
+                        ledger.forget(
+                            granted.method, str(method.route.gateway), granted.protocol, granted.internal_port
+                        )
+                    except RouterError as exc:
+                        log.debug("%s: %s", run.wanted.name, exc.line())
         except (RouterError, TimeoutError) as exc:
             text = exc.line() if isinstance(exc, RouterError) else f"no answer in {REMOVE_TIMEOUT:g} s"
             log.error(
                 "%s: could not remove mapping %s: %s",
                 run.wanted.name,
-                granted.public if granted else "",
+                granted.public if granted else run.wanted.request.label,
                 text,
             )
         finally:

@@ -25,19 +25,7 @@ from portfwd.router.base import (
     own_host_only,
     port_taken,
 )
-
-
-def state_dir() -> str:
-    """Where portfwd keeps small state: $PORTFWD_STATE_DIR, /var/lib/portfwd as root, else XDG.
-
-    Plain `os.path`: pathlib would add a millisecond to every `portfwd map add`.
-    """
-    if env := os.environ.get("PORTFWD_STATE_DIR"):
-        return env
-    if os.geteuid() == 0:
-        return "/var/lib/portfwd"
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "portfwd")
+from portfwd.router.ledger import state_dir
 
 
 def nonce_key() -> bytes:

@@ -48,6 +48,7 @@ async def exchange(
         )
     except OSError as exc:
         raise decide.cannot_reach(exc) from exc
+    began = loop.time()
     try:
         for wait in schedule:
             transport.sendto(request)
@@ -61,6 +62,6 @@ async def exchange(
                     raise decide.failed(item) from item
                 if answer := decide.received(parse, item):
                     return answer[0]
-        raise decide.silent()
+        raise decide.silent(loop.time() - began)
     finally:
         transport.close()
