@@ -5,7 +5,9 @@ starts them in order under one task group (a rule or tunnel that fails is report
 skipped unless `strict`), drops root privileges once everything is bound, and serves. SIGHUP
 (or `portfwd reload`) hands each service its part of an edited config; SIGTERM/SIGINT stops
 accepting, lets sessions drain for `drain_timeout`, closes the rest, and removes what it
-created (Unix socket files, the control socket, the metrics listener).
+created (Unix socket files, the control socket, the metrics listener). Under systemd
+(Type=notify) each of these steps is told to the manager: READY=1 once everything is bound,
+RELOADING=1 then READY=1 around a reload, STOPPING=1 (notify.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 from portfwd import __version__
 from portfwd.errors import ConfigError, PortfwdError, RuntimeFailure
 from portfwd.instances import Identity
+from portfwd.notify import Notifier
 from portfwd.privileges import Janitor, drop_privileges
 from portfwd.relay.udp import UdpForwarder
 from portfwd.services.base import Change, Reloadable, Service
@@ -108,6 +111,7 @@ class Runtime:
         self._closed = False
         self._drained: asyncio.Event | None = None
         self._reloading = asyncio.Lock()
+        self._notify = Notifier()  # sd_notify: READY/RELOADING/STOPPING when $NOTIFY_SOCKET is set
 
     # ------------------------------------------------------------------ composition
     def _services(self) -> list[Service]:
@@ -214,6 +218,14 @@ class Runtime:
             "" if self._rules.splice else ", splice unavailable (protocol relay everywhere)",
             f", {len(self.failures)} failed" if self.failures else "",
         )
+        self._notify.ready(self._ready_status())
+
+    def _ready_status(self) -> str:
+        """The STATUS= line sent with READY=1: what is running now."""
+        return (
+            f"{self._rules.running} rule(s), {self._rules.sockets} listening socket(s), "
+            f"{len(self._tunnels.running())} tunnel(s)"
+        )
 
     # ------------------------------------------------------------------ reload
     async def reload(self) -> dict[str, Any]:
@@ -227,36 +239,50 @@ class Runtime:
             assert self.loader is not None
             if self._closed:
                 return {"ok": False, "errors": ["portfwd is stopping; nothing reloaded"]}
+            self._notify.reloading()  # systemd shows "reloading" until READY=1, refused or not
             try:
-                new = self.loader()
-            except ConfigError as exc:
-                for line in exc.problems:
-                    log.error("reload refused, old config keeps running: %s", line)
-                return {"ok": False, "errors": exc.problems}
-            parts = self._reloadable(new)
-            retired = [await service.retire(part) for service, part in parts]
-            old, self.plan = self.plan, new
-            applied = [await service.apply(part) for service, part in parts]
-            rules = applied[0]
-            removed = retired[0].removed
-            failures = [failure for change in applied for failure in change.failures]
-            for key, section in _RESTART_ONLY.items():
-                if getattr(new, key) != getattr(old, key):
-                    log.warning("reload: %s changes take effect at the next start", section)
-            log.info(
-                "reloaded %s: %d kept, %d removed, %d added, %d failed",
-                self.config_path,
-                rules.kept,
-                len(removed),
-                rules.tried - len(failures),  # as ever: new rules less every failure, tunnels' too
-                len(failures),
-            )
-            return _answer(rules, removed, failures)
+                return await self._reload()
+            finally:
+                self._notify.reloaded(self._ready_status())
+
+    async def _reload(self) -> dict[str, Any]:
+        """reload() under its lock, the instance serving: load, retire, apply, answer."""
+        assert self.loader is not None
+        try:
+            new = self.loader()
+        except ConfigError as exc:
+            for line in exc.problems:
+                log.error("reload refused, old config keeps running: %s", line)
+            return {"ok": False, "errors": exc.problems}
+        parts = self._reloadable(new)
+        retired = [await service.retire(part) for service, part in parts]
+        old, self.plan = self.plan, new
+        applied = [await service.apply(part) for service, part in parts]
+        rules = applied[0]
+        removed = retired[0].removed
+        failures = [failure for change in applied for failure in change.failures]
+        for key, section in _RESTART_ONLY.items():
+            if getattr(new, key) != getattr(old, key):
+                log.warning("reload: %s changes take effect at the next start", section)
+        log.info(
+            "reloaded %s: %d kept, %d removed, %d added, %d failed",
+            self.config_path,
+            rules.kept,
+            len(removed),
+            rules.tried - len(failures),  # as ever: new rules less every failure, tunnels' too
+            len(failures),
+        )
+        return _answer(rules, removed, failures)
 
     def request_reload(self) -> None:
-        """SIGHUP: reload in a task of the group (the signal handler must not block)."""
+        """SIGHUP: reload in a task of the group (the signal handler must not block).
+
+        With no config file to reload (`portfwd ssh`, `portfwd forward`) it stops as SIGTERM
+        does: the Unix default, and what ends `ssh` when the terminal it ran in closes.
+        """
         if self.loader is None:
-            log.warning("SIGHUP: this instance was started without a config file; nothing to reload")
+            log.warning("SIGHUP: no config file to reload; stopping")
+            self.request_stop()
             return
         if not self._entered or self._closed:
             log.warning("SIGHUP: not serving (starting or stopping); nothing to reload")
@@ -309,6 +335,7 @@ class Runtime:
         if self._closed:
             return
         self._closed = True
+        self._notify.stopping()
         # A reload under way finishes first (it may be half-way through stopping a tunnel, which
         # a cancel would leave half-stopped); none starts after this.
         async with self._reloading:
