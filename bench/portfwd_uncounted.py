@@ -56,7 +56,7 @@ def _patch() -> None:
         now = time.monotonic()
         return state.Session(next(ids), rule, client, target, path, now)
 
-    def close_session(self: state.State, session: state.Session) -> None:
+    def close_session(self: state.State, session: state.Session, reason: str = "") -> None:
         return None
 
     state.State.open_session = open_session  # type: ignore[method-assign]

@@ -89,6 +89,7 @@ class ControlServer:
             os.umask(old_umask)
         self._accepting = StreamListener(listener, self._handle, "control", MAX_REQUEST)
         self._accepting.start()
+        self.state.add_listening("control", "control", [listener], "control")
         if gid >= 0:
             os.chown(self.path, -1, gid)
             os.chmod(self.path, 0o660)
@@ -109,7 +110,8 @@ class ControlServer:
                     "errors": [f"{self.path} is the instance running {runs}, not {meant}"],
                 }
             elif command == "status":
-                self.state.sample()
+                # No sample here: rates are per sampler interval, and many `status --watch`
+                # would make them per request; status reads idle time without one.
                 answer = {"ok": True, "status": self.state.status().to_json()}
             elif command == "reload":
                 if self.reloader is None:
@@ -141,6 +143,7 @@ class ControlServer:
     async def stop(self) -> None:
         """Stop serving and remove the socket file."""
         if self._accepting is not None:
+            self.state.remove_listening(["control"], "control")
             self._accepting.close()  # also unlinks the socket file
             self._accepting = None
             with contextlib.suppress(OSError):

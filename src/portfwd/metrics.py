@@ -176,6 +176,7 @@ class MetricsServer:
     def __init__(self, state: State, host: str, port: int) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(StateCollector(state))
+        self.state = state
         self.host = host
         self.port = port
         self._accepting: StreamListener | None = None
@@ -194,6 +195,7 @@ class MetricsServer:
         listener.setblocking(False)
         self._accepting = StreamListener(listener, self._handle, "metrics", MAX_REQUEST)
         self._accepting.start()
+        self.state.add_listening("metrics", "http", [listener], "metrics")
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -227,5 +229,6 @@ class MetricsServer:
     def stop(self) -> None:
         """Stop serving and release the port."""
         if self._accepting is not None:
+            self.state.remove_listening(["metrics"], "metrics")
             self._accepting.close()
             self._accepting = None

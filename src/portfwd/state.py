@@ -1,8 +1,10 @@
 """The one source of truth for what is running: rules, listeners and live sessions with counters.
 
 Owned by the runtime and written by the relays. Counting is plain integer addition on slotted
-objects: no lock (one event loop thread), no allocation per chunk. Idle time is not stamped on
-the hot path either: `sample()` runs once a second and notes which sessions moved bytes.
+objects: no lock (one event loop thread), no allocation per chunk. Idle time and byte rates are
+not stamped on the hot path either: `sample()` runs once a second and notes which sessions moved
+bytes, and how many. A closing session leaves one tuple in a bounded deque of its rule (the
+last RECENT_CLOSED), which `status()` turns into rows.
 What is shown is typed: `status()` builds a `status.Snapshot` of frozen rows, the one picture
 the control socket, `/metrics` and `portfwd status` read; this module keeps the live counters.
 """
@@ -12,15 +14,19 @@ from __future__ import annotations
 import bisect
 import itertools
 import os
+import socket
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from portfwd.status import (
+    ClosedRow,
     ForwardRow,
     GatewayRuleRow,
     GatewaySessionRow,
+    ListeningSocket,
     MappingRow,
     RuleRow,
     ServerSessionRow,
@@ -33,6 +39,13 @@ from portfwd.status import Listener as Listener  # re-exported: the runtime adds
 
 #: Upper bounds (seconds) of the upstream connect-time histogram buckets; +Inf is implied.
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: How many closed sessions each rule, tunnel forward and the server keep for `status`.
+RECENT_CLOSED = 20
+
+#: A closed session as kept: the session, why it closed ("" for "closed") and when (monotonic).
+#: One small tuple per close; rows are made when status is asked.
+Closed = tuple["Session", str, float]
+_monotonic = time.monotonic  # closing reads the clock once per session: no attribute lookups
 
 
 @dataclass(slots=True)
@@ -55,6 +68,11 @@ class RuleStats:
     connect_buckets: list[int] = field(default_factory=lambda: [0] * (len(CONNECT_BUCKETS) + 1))
     connect_seconds_sum: float = 0.0
     idle_timeout: float = 0.0  # seconds a TCP session may move nothing before `sample` ends it; 0: never
+    closed: deque[Closed] | None = None  # the last RECENT_CLOSED sessions, made at the first close
+    sampled_up: int = 0  # bytes each way at the last sample, and the rates measured then
+    sampled_down: int = 0
+    rate_up: float = 0.0
+    rate_down: float = 0.0
 
     def count_error(self, reason: str, times: int = 1) -> None:
         """Add `times` to the error counter for `reason` (refused, timeout, unreachable...)."""
@@ -84,7 +102,9 @@ class Session:
 
     `bytes_up` is client to target, `bytes_down` target to client. `began` is the monotonic
     clock at open (wall-clock start is derived in snapshots), `active` the monotonic time
-    `sample()` last saw bytes move. `target` and `path` are shared strings.
+    `sample()` last saw bytes move, `moved` and `sampled_up` the bytes it saw then (for idle
+    time and rates; rates themselves live in the state, for moving sessions only: an idle
+    session costs no more). `target` and `path` are shared strings.
     """
 
     id: int
@@ -98,6 +118,7 @@ class Session:
     relay: Closable | None = None
     moved: int = 0
     active: float = 0.0
+    sampled_up: int = 0
 
 
 @dataclass(slots=True)
@@ -124,6 +145,8 @@ class TunnelStats:
     reconnects: int = 0
     last_error: str = ""
     forwards: list[TunnelForwardStats] = field(default_factory=list)
+    #: The SSH connection's (local, peer) socket addresses, read when status is asked; None: none.
+    link: Callable[[], tuple[str, str] | None] | None = None
 
     def enter(self, state: str, error: str | None = None) -> None:
         """Move to `state` (and note why, when it is a failure)."""
@@ -152,6 +175,7 @@ class State:
     def __init__(self) -> None:
         self.rules: dict[str, RuleStats] = {}
         self.listeners: list[Listener] = []
+        self.listening: list[ListeningSocket] = []  # every socket of the listeners, and the others
         self.sessions: dict[int, Session] = {}
         self.tunnels: list[TunnelStats] = []
         self.server_sessions: list[ServerSessionStats] = []
@@ -168,6 +192,10 @@ class State:
         self.kind = ""  # run, forward, ssh or server
         self.control = ""  # the control socket it serves
         self._ids = itertools.count(1)
+        self._sampled = self._started_monotonic  # when `sample()` last ran
+        self._server_closed: deque[Closed] = deque(maxlen=RECENT_CLOSED)  # all server clients'
+        self._rates: dict[int, tuple[float, float]] = {}  # session id -> bytes/s up, down (if moving)
+        self._closing: dict[int, str] = {}  # session id -> why the state asked its relay to close
         #: Called when the last live session closes (the runtime's drain waits on it).
         self.on_empty: Callable[[], None] | None = None
 
@@ -187,32 +215,94 @@ class State:
         rule.connections_active += 1
         return session
 
-    def close_session(self, session: Session) -> None:
-        """Fold a finished session's bytes into its rule and forget it."""
+    def close_session(self, session: Session, reason: str = "") -> None:
+        """Fold a finished session's bytes into its rule, keep it among the recently closed, and
+        forget it. Why it closed: what the state asked its relay to close for (idle timeout,
+        shutdown), else `reason` (the relay's own), else "closed"."""
         if self.sessions.pop(session.id, None) is None:
             return
+        if self._closing:
+            reason = self._closing.pop(session.id, "") or reason
         rule = session.rule
         rule.connections_active -= 1
         rule.bytes_up += session.bytes_up
         rule.bytes_down += session.bytes_down
+        session.relay = None  # kept among the recently closed: without its relay
+        closed = rule.closed
+        if closed is None:
+            closed = rule.closed = self._closed_for(rule)
+        closed.append((session, reason, _monotonic()))
         if not self.sessions and self.on_empty is not None:
             self.on_empty()
+
+    def connect_failed(self, rule: RuleStats, client: str, target: str, path: str, reason: str) -> None:
+        """Keep a client whose upstream never connected (refused, timeout) among the recently
+        closed, with no bytes: it never became a session."""
+        closed = rule.closed
+        if closed is None:
+            closed = rule.closed = self._closed_for(rule)
+        now = time.monotonic()
+        closed.append((Session(0, rule, client, target, path, now), reason, now))
+
+    def _closed_for(self, rule: RuleStats) -> deque[Closed]:
+        """The deque a rule's closed sessions go to: its own, or the server's shared one (its
+        clients come and go; their sessions stay visible after they log out)."""
+        if any(item.stats is rule for item in self.server_sessions):
+            return self._server_closed
+        return deque(maxlen=RECENT_CLOSED)
 
     def close_all(self, reason: str) -> None:
         """End every live relayed session (shutdown after the drain, second signal)."""
         for session in list(self.sessions.values()):
             if session.relay is not None:
+                self._closing.setdefault(session.id, reason)
                 session.relay.close(reason)
 
+    def add_listening(
+        self, owner: str, path: str, sockets: Iterable[socket.socket], kind: str = "rule"
+    ) -> None:
+        """List the listening `sockets` of `owner` (a rule, a tunnel forward, metrics, control),
+        one row each with the address it is bound to, as `ss -l` shows them."""
+        for listener in sockets:
+            if listener.family == socket.AF_UNIX:
+                protocol = "unix"
+            else:
+                protocol = "udp" if listener.type == socket.SOCK_DGRAM else "tcp"
+            self.listening.append(ListeningSocket(owner, kind, protocol, bound_text(listener), path))
+
+    def order_rules(self, names: Iterable[str]) -> None:
+        """Put the rules and their listeners in the order of `names` (the config's, after a
+        reload added some), the rest after them as they were (removed rules, other sockets)."""
+        order = {name: index for index, name in enumerate(names)}
+        last = len(order)
+        rules = sorted(self.rules.items(), key=lambda item: order.get(item[0], last))
+        self.rules.clear()  # in place: whoever holds the dict sees the new order
+        self.rules.update(rules)
+        self.listeners.sort(key=lambda item: order.get(item.rule, last))
+        self.listening.sort(key=lambda item: order.get(item.owner, last) if item.kind == "rule" else last)
+
+    def remove_listening(self, owners: Iterable[str], kind: str = "rule") -> None:
+        """Forget the listening sockets of `owners` of `kind` (closed: removed by reload, or
+        shutting down)."""
+        gone = set(owners)
+        self.listening = [item for item in self.listening if item.owner not in gone or item.kind != kind]
+
     def sample(self) -> None:
-        """Note which sessions moved bytes since the last call (idle time, off the hot path), and
-        end the TCP sessions idle longer than their rule's `idle_timeout`."""
+        """Note which sessions moved bytes since the last call and how many per second (idle
+        time and rates, off the hot path), the same for every rule, tunnel forward and server
+        client, and end the TCP sessions idle longer than their rule's `idle_timeout`."""
         now = time.monotonic()
+        seconds, self._sampled = now - self._sampled, now
         idle: list[Session] = []
+        rates: dict[int, tuple[float, float]] = {}
         for session in self.sessions.values():
-            moved = session.bytes_up + session.bytes_down
+            up = session.bytes_up
+            moved = up + session.bytes_down
             if moved != session.moved:
-                session.moved = moved
+                if seconds > 0:
+                    up_now = up - session.sampled_up
+                    rates[session.id] = (up_now / seconds, (moved - session.moved - up_now) / seconds)
+                session.moved, session.sampled_up = moved, up
                 session.active = now
             elif (
                 (limit := session.rule.idle_timeout)
@@ -220,9 +310,28 @@ class State:
                 and session.path != "udp"  # UDP flows have udp_idle_timeout of their own
             ):
                 idle.append(session)
+        self._rates = rates
+        if seconds > 0:
+            live = self.live_bytes()
+            for stats in self._every_stats():
+                up, down = live.get(id(stats), (0, 0))
+                up, down = stats.bytes_up + up, stats.bytes_down + down
+                stats.rate_up = (up - stats.sampled_up) / seconds
+                stats.rate_down = (down - stats.sampled_down) / seconds
+                stats.sampled_up, stats.sampled_down = up, down
         for session in idle:
             if session.relay is not None:
+                self._closing.setdefault(session.id, "idle timeout")
                 session.relay.close("idle timeout")
+
+    def _every_stats(self) -> Iterator[RuleStats]:
+        """Every counter set: the rules (config order), tunnel forwards, server clients."""
+        yield from list(self.rules.values())
+        for tunnel in self.tunnels:
+            for forward in tunnel.forwards:
+                yield forward.stats
+        for item in self.server_sessions:
+            yield item.stats
 
     def rule_bytes(self) -> dict[str, tuple[int, int]]:
         """Bytes (up, down) per rule, closed sessions plus live ones, so totals grow mid-transfer."""
@@ -262,6 +371,8 @@ class State:
                 udp_flows_active=rule.udp_flows_active,
                 connect_buckets=tuple(rule.connect_buckets),
                 connect_seconds_sum=rule.connect_seconds_sum,
+                rate_up=rule.rate_up,
+                rate_down=rule.rate_down,
             )
             for rule in list(self.rules.values())
         ]
@@ -279,11 +390,42 @@ class State:
                 path=session.path,
                 started=wall_offset + session.began,
                 age=now - session.began,
-                idle=now - max(session.active, session.began),
+                # bytes moved since the last sample (under a second ago): not idle
+                idle=0.0
+                if session.bytes_up + session.bytes_down != session.moved
+                else now - max(session.active, session.began),
                 bytes_up=session.bytes_up,
                 bytes_down=session.bytes_down,
+                rate_up=rates[0],
+                rate_down=rates[1],
+                upstream_local=upstream_text(session.relay),
             )
             for session in self.sessions.values()
+            for rates in (self._rates.get(session.id, (0.0, 0.0)),)
+        ]
+
+    def closed_rows(self) -> list[ClosedRow]:
+        """The recently closed sessions: per rule (config order), tunnel forward, then the
+        server's, newest first in each."""
+        wall_offset = self.started - self._started_monotonic
+        kept = [stats.closed for stats in self._every_stats() if stats.closed]
+        kept = [closed for closed in kept if closed is not self._server_closed]
+        kept.append(self._server_closed)
+        return [
+            ClosedRow(
+                rule=session.rule.name,
+                client=session.client,
+                target=session.target,
+                path=session.path,
+                started=wall_offset + session.began,
+                ended=wall_offset + ended,
+                duration=ended - session.began,
+                bytes_up=session.bytes_up,
+                bytes_down=session.bytes_down,
+                reason=reason or "closed",
+            )
+            for closed in kept
+            for session, reason, ended in reversed(closed)
         ]
 
     def tunnel_rows(self) -> list[TunnelRow]:
@@ -291,6 +433,8 @@ class State:
         live = self.live_bytes()
         rows = []
         for tunnel in self.tunnels:
+            link = tunnel.link() if tunnel.link is not None else None
+            local, peer = link or ("", "")
             forwards = []
             for forward in tunnel.forwards:
                 stats = forward.stats
@@ -308,6 +452,8 @@ class State:
                         bytes_up=stats.bytes_up + up,
                         bytes_down=stats.bytes_down + down,
                         errors=dict(stats.errors),
+                        rate_up=stats.rate_up,
+                        rate_down=stats.rate_down,
                     )
                 )
             rows.append(
@@ -319,6 +465,8 @@ class State:
                     reconnects=tunnel.reconnects,
                     last_error=tunnel.last_error,
                     forwards=tuple(forwards),
+                    local=local,
+                    peer=peer,
                 )
             )
         return rows
@@ -340,6 +488,8 @@ class State:
                     connections_active=item.stats.connections_active,
                     bytes_up=item.stats.bytes_up + up,
                     bytes_down=item.stats.bytes_down + down,
+                    rate_up=item.stats.rate_up,
+                    rate_down=item.stats.rate_down,
                 )
             )
         return rows
@@ -363,8 +513,47 @@ class State:
             gateway_sessions=tuple(self.gateway_sessions),
             mappings=tuple(self.mappings),
             server_auth_failures=self.server_auth_failures,
+            listening=tuple(self.listening),
+            closed=tuple(self.closed_rows()),
         )
 
     def snapshot(self) -> dict[str, Any]:
         """`status()` in its JSON form: what the control socket sends and `status --json` prints."""
         return self.status().to_json()
+
+
+def address_text(address: Any) -> str:
+    """A socket address as status shows it: `127.0.0.1:8080`, `[::1]:8080`, a Unix path ("" for
+    none: an unnamed socket, or a transport that does not say)."""
+    if address is None or address == "":
+        return ""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = str(address[0])
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    if isinstance(address, bytes):  # an abstract Unix name
+        return "@" + address[1:].decode(errors="replace")
+    return str(address)
+
+
+def upstream_text(relay: Closable | None) -> str:
+    """The local address of a live relay's upstream socket, read now (status is asked), so the
+    relay pays nothing per session for it; "" for a relay that has no public `upstream`
+    descriptor (only the splice relay has one) or has closed."""
+    fd = getattr(relay, "upstream", None)
+    if type(fd) is not int or getattr(relay, "closed", True) is not False:
+        return ""
+    borrowed = socket.socket(fileno=fd)  # one event loop: the relay cannot close it meanwhile
+    try:
+        return address_text(borrowed.getsockname())
+    except OSError:
+        return ""
+    finally:
+        borrowed.detach()  # the descriptor stays the relay's
+
+
+def bound_text(listener: socket.socket) -> str:
+    """The address `listener` is bound to, as `address_text` writes it ("" once closed)."""
+    try:
+        return address_text(listener.getsockname())
+    except OSError:
+        return ""

@@ -53,6 +53,9 @@ class RuleRow:
     #: Upstream connect times per bucket (state.CONNECT_BUCKETS, then +Inf); not cumulative.
     connect_buckets: tuple[int, ...] = ()
     connect_seconds_sum: float = 0.0
+    #: Bytes per second each way over the last sample interval (about a second).
+    rate_up: float = 0.0
+    rate_down: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +65,24 @@ class Listener:
     rule: str
     address: str
     protocol: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListeningSocket:
+    """One socket portfwd listens on, as `ss -l` lists it: a row per socket, so a port range,
+    a tcp+udp rule and both halves of a tunnel's `-L localhost:port` each have several.
+
+    `owner` is what it serves (a rule, a tunnel forward `edge -L 127.0.0.1:8080 -> web:80`,
+    `metrics`, `control`), `kind` which of those it is (rule, tunnel, metrics, control),
+    `protocol` tcp, udp or unix, `address` the address it is bound to (`127.0.0.1:8080`,
+    `[::1]:8080`, a Unix path) and `path` the relay path of its sessions.
+    """
+
+    owner: str
+    kind: str
+    protocol: str
+    address: str
     path: str
 
 
@@ -79,6 +100,32 @@ class SessionRow:
     idle: float
     bytes_up: int
     bytes_down: int
+    #: Bytes per second each way over the last sample interval (about a second).
+    rate_up: float = 0.0
+    rate_down: float = 0.0
+    #: The local address of portfwd's upstream socket (`127.0.0.1:41000`), "" where the relay
+    #: does not tell it (only the splice relay does, so far).
+    upstream_local: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedRow:
+    """One recently closed session (the last few per rule, tunnel forward and server).
+
+    `started` and `ended` are wall-clock, `duration` seconds; `reason` is why it closed, as
+    its log line says it (`client closed`, `upstream reset`, `idle timeout`, `shutdown`, ...).
+    """
+
+    rule: str
+    client: str
+    target: str
+    path: str
+    started: float
+    ended: float
+    duration: float
+    bytes_up: int
+    bytes_down: int
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +143,8 @@ class ForwardRow:
     bytes_up: int
     bytes_down: int
     errors: dict[str, int]
+    rate_up: float = 0.0
+    rate_down: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +158,9 @@ class TunnelRow:
     reconnects: int
     last_error: str
     forwards: tuple[ForwardRow, ...]
+    #: The SSH connection's own socket while it is up (`127.0.0.1:40312`, `[::1]:22`), else "".
+    local: str = ""
+    peer: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +176,8 @@ class ServerSessionRow:
     connections_active: int
     bytes_up: int
     bytes_down: int
+    rate_up: float = 0.0
+    rate_down: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +251,10 @@ class Snapshot:
     gateway_sessions: tuple[GatewaySessionRow, ...] = ()
     mappings: tuple[MappingRow, ...] = ()
     server_auth_failures: int = 0
+    #: Every listening socket, one row each (`listeners` has one row per rule).
+    listening: tuple[ListeningSocket, ...] = ()
+    #: Recently closed sessions: per rule (in config order), tunnel forward and server, newest first.
+    closed: tuple[ClosedRow, ...] = ()
     schema: int = field(default=SCHEMA)
 
     def to_json(self) -> dict[str, Any]:

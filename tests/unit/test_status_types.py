@@ -20,6 +20,7 @@ from portfwd.status import (
     SCHEMA,
     GatewayRuleRow,
     GatewaySessionRow,
+    ListeningSocket,
     MappingRow,
     Snapshot,
     StatusError,
@@ -42,12 +43,22 @@ def busy_state() -> State:
     rule.observe_connect(0.003)
     rule.denied_total = 1
     state.listeners.append(Listener("web", "0.0.0.0:8080", "tcp", "splice"))
+    state.listening.append(ListeningSocket("web", "rule", "tcp", "0.0.0.0:8080", "splice"))
+    gone = state.open_session(rule, "192.0.2.8:5001", "10.0.0.5:80", "splice")
+    gone.bytes_up, gone.bytes_down = 60, 0
+    state.close_session(gone, "client closed")
+    state.connect_failed(rule, "192.0.2.9:5002", "10.0.0.5:80", "splice", "upstream: connection refused")
     session = state.open_session(rule, "192.0.2.7:5000", "10.0.0.5:80", "splice")
     session.bytes_up, session.bytes_down = 100, 2000
     forward = TunnelForwardStats("-D 1080", "dynamic", "127.0.0.1:1080", "socks", state="up")
+    forward.stats.name = "vps -D 1080"  # as ssh/client.py names it
     forward.stats.count_error("unreachable")
     state.tunnels.append(TunnelStats("vps", "user@vps", state="up", forwards=[forward]))
     state.open_session(forward.stats, "127.0.0.1:4000", "evil\x1b[2J.example:443", "ssh").bytes_up = 5
+    state.close_session(
+        state.open_session(forward.stats, "127.0.0.1:4001", "evil\x1b[2J.example:80", "ssh"),
+        "target:\x1b[2J no",
+    )
     state.server_sessions.append(
         ServerSessionStats("alice\n", "198.51.100.2:40000", "SHA256:abc", forwards=["-R 9000"])
     )
@@ -78,7 +89,7 @@ def test_json_keeps_the_old_keys_and_carries_the_version_first() -> None:
     data = json.loads(json.dumps(busy_state().snapshot()))
     assert next(iter(data)) == "schema"
     assert data["schema"] == SCHEMA == 1
-    assert data["rules"][0]["bytes_up"] == 100
+    assert data["rules"][0]["bytes_up"] == 160
     assert data["rules"][0]["errors"] == {"refused": 2}
     assert data["sessions"][0]["client"] == "192.0.2.7:5000"
     assert data["tunnels"][0]["forwards"][0]["spec"] == "-D 1080"
@@ -88,6 +99,15 @@ def test_json_keeps_the_old_keys_and_carries_the_version_first() -> None:
     assert data["listeners"] == [
         {"rule": "web", "address": "0.0.0.0:8080", "protocol": "tcp", "path": "splice"}
     ]
+    assert data["listening"] == [
+        {"owner": "web", "kind": "rule", "protocol": "tcp", "address": "0.0.0.0:8080", "path": "splice"}
+    ]
+    assert [(row["rule"], row["client"], row["bytes_up"], row["reason"]) for row in data["closed"]] == [
+        ("web", "192.0.2.9:5002", 0, "upstream: connection refused"),
+        ("web", "192.0.2.8:5001", 60, "client closed"),
+        ("vps -D 1080", "127.0.0.1:4001", 0, "target:\x1b[2J no"),
+    ]
+    assert data["rules"][0]["rate_up"] == data["sessions"][0]["rate_down"] == 0.0
 
 
 @pytest.mark.parametrize(
@@ -202,6 +222,10 @@ def test_status_view_renders_every_part_with_peer_text_escaped() -> None:
     assert "denied 1, refused 2" in text
     assert "alice\\n" in text
     assert "\x1b" not in text
+    assert "listening sockets" in text
+    assert "recently closed" in text
+    assert "upstream: connection refused" in text
+    assert "target:\\x1b[2J no" in text
     listing = render(views.instances_view([snapshot, snapshot]))
     assert "2 running instance(s)" in listing
 
@@ -215,7 +239,7 @@ def test_metrics_read_the_same_rows() -> None:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(StateCollector(busy_state()))
     text = generate_latest(registry).decode()
-    assert 'portfwd_bytes_total{direction="up",rule="web"} 100.0' in text
+    assert 'portfwd_bytes_total{direction="up",rule="web"} 160.0' in text  # a closed session's 60 too
     assert 'portfwd_errors_total{reason="denied",rule="web"} 1.0' in text
     assert 'portfwd_upstream_connect_seconds_bucket{le="0.005",rule="web"} 1.0' in text
     assert 'portfwd_tunnel_bytes_total{direction="up",forward="-D 1080",tunnel="vps"} 5.0' in text

@@ -3,11 +3,13 @@
 Apart from commands.py so that the command line stays parsing and dispatch. Every string in a
 snapshot may quote a peer (a SOCKS name, a user, a router's description); `printable_snapshot`
 reads the instance's JSON into `status.Snapshot` with all of them escaped before anything here
-renders them, and the console renders without markup.
+renders them, and the console renders without markup. Rows keep the snapshot's order, which
+is the config's.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -15,8 +17,22 @@ from portfwd.printable import printable_values
 from portfwd.status import Snapshot, TunnelRow
 
 if TYPE_CHECKING:
-    from rich.console import Group, RenderableType
+    from rich.console import Console, Group, RenderableType
     from rich.table import Table
+
+#: The width a console has when stdout is not a terminal: wider than any line, so that
+#: `status | cat` and `check | cat` print every value whole (a table is as wide as it needs).
+PIPED_WIDTH = 1_000_000
+
+
+def console() -> Console:
+    """The console `status` and `check` print to: plain (snapshots quote peers; nothing is
+    markup), as wide as the terminal, and when piped as wide as each line needs."""
+    from rich.console import Console
+
+    if sys.stdout.isatty():
+        return Console(markup=False, emoji=False, highlight=False)
+    return Console(markup=False, emoji=False, highlight=False, width=PIPED_WIDTH)
 
 
 def _bytes(count: int) -> str:
@@ -26,6 +42,11 @@ def _bytes(count: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{count} B"  # pragma: no cover - the loop always returns
+
+
+def _rate(per_second: float) -> str:
+    """Bytes per second as `12.0 KiB/s`; `-` for nothing moving."""
+    return f"{_bytes(round(per_second))}/s" if per_second >= 0.5 else "-"
 
 
 def _age(seconds: float) -> str:
@@ -92,8 +113,62 @@ def status_view(status: Snapshot) -> Group:
         parts.append(triggers)
     if status.server_sessions:
         parts.append(_server_sessions(status))
+    if status.listening:
+        parts.append(_listening(status))
     parts.append(_sessions(status) if status.sessions else Text("no live sessions"))
+    if status.closed:
+        parts.append(_closed(status))
     return Group(*parts)
+
+
+def _listening(status: Snapshot) -> Table:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title="listening sockets", title_justify="left", box=box.SIMPLE_HEAD)
+    for column in ("socket", "proto", "serves", "path"):
+        table.add_column(column)
+    for item in status.listening:
+        table.add_row(item.address or "-", item.protocol, item.owner, item.path)
+    return table
+
+
+def _closed(status: Snapshot) -> Table:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title="recently closed", title_justify="left", box=box.SIMPLE_HEAD)
+    for column, justify in (
+        ("rule", "left"),
+        ("client", "left"),
+        ("target", "left"),
+        ("path", "left"),
+        ("up", "right"),
+        ("down", "right"),
+        ("lasted", "right"),
+        ("closed", "right"),
+        ("why", "left"),
+    ):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    now = time.time()
+    for item in status.closed:
+        table.add_row(
+            item.rule,
+            item.client,
+            item.target,
+            item.path,
+            _bytes(item.bytes_up),
+            _bytes(item.bytes_down),
+            _duration(item.duration),
+            f"{_age(now - item.ended)} ago",
+            item.reason,
+        )
+    return table
+
+
+def _duration(seconds: float) -> str:
+    """Short durations to the millisecond (`0.004s`), longer ones as ages (`2m05s`)."""
+    return f"{seconds:.3f}s" if seconds < 10 else _age(seconds)
 
 
 def _rules(status: Snapshot) -> Table:
@@ -111,10 +186,12 @@ def _rules(status: Snapshot) -> Table:
         ("total", "right"),
         ("up", "right"),
         ("down", "right"),
+        ("up/s", "right"),
+        ("down/s", "right"),
         ("errors", "left"),
     ):
         table.add_column(column, justify=justify, no_wrap=column in ("rule", "listen", "connect"))  # type: ignore[arg-type]
-    for rule in sorted(status.rules, key=lambda item: item.name):
+    for rule in status.rules:
         errors = dict(rule.errors)
         if rule.denied_total:
             errors["denied"] = rule.denied_total
@@ -128,6 +205,8 @@ def _rules(status: Snapshot) -> Table:
             str(rule.connections_total),
             _bytes(rule.bytes_up),
             _bytes(rule.bytes_down),
+            _rate(rule.rate_up),
+            _rate(rule.rate_down),
             ", ".join(f"{key} {value}" for key, value in sorted(errors.items())) or "-",
         )
     return table
@@ -142,21 +221,28 @@ def _sessions(status: Snapshot) -> Table:
         ("rule", "left"),
         ("client", "left"),
         ("target", "left"),
+        ("via", "left"),
         ("path", "left"),
         ("up", "right"),
         ("down", "right"),
+        ("up/s", "right"),
+        ("down/s", "right"),
         ("age", "right"),
         ("idle", "right"),
     ):
-        table.add_column(column, justify=justify, no_wrap=column in ("client", "target"))  # type: ignore[arg-type]
-    for item in sorted(status.sessions, key=lambda entry: (entry.rule, -entry.age)):
+        table.add_column(column, justify=justify, no_wrap=column in ("client", "target", "via"))  # type: ignore[arg-type]
+    order = {rule.name: index for index, rule in enumerate(status.rules)}  # config order, then the rest
+    for item in sorted(status.sessions, key=lambda entry: (order.get(entry.rule, len(order)), -entry.age)):
         table.add_row(
             item.rule,
             item.client,
             item.target,
+            item.upstream_local or "-",
             item.path,
             _bytes(item.bytes_up),
             _bytes(item.bytes_down),
+            _rate(item.rate_up),
+            _rate(item.rate_down),
             _age(item.age),
             _age(item.idle),
         )
@@ -201,7 +287,19 @@ def _server_sessions(status: Snapshot) -> Table:
     from rich.table import Table
 
     table = Table(title="server sessions", title_justify="left", box=box.SIMPLE_HEAD)
-    for column in ("user", "source", "key", "forwards", "active", "total", "up", "down", "age"):
+    for column in (
+        "user",
+        "source",
+        "key",
+        "forwards",
+        "active",
+        "total",
+        "up",
+        "down",
+        "up/s",
+        "down/s",
+        "age",
+    ):
         table.add_column(column)
     for item in status.server_sessions:
         table.add_row(
@@ -213,6 +311,8 @@ def _server_sessions(status: Snapshot) -> Table:
             str(item.connections_total),
             _bytes(item.bytes_up),
             _bytes(item.bytes_down),
+            _rate(item.rate_up),
+            _rate(item.rate_down),
             _age(time.time() - item.since),
         )
     return table
@@ -233,6 +333,8 @@ def tunnel_view(tunnels: tuple[TunnelRow, ...]) -> Table:
         ("total", "right"),
         ("up", "right"),
         ("down", "right"),
+        ("up/s", "right"),
+        ("down/s", "right"),
         ("note", "left"),
     ):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
@@ -241,8 +343,19 @@ def tunnel_view(tunnels: tuple[TunnelRow, ...]) -> Table:
         note = f"{tunnel.reconnects} reconnects"
         if tunnel.last_error:
             note += f"; last error: {tunnel.last_error}"
+        link = f"{tunnel.local} -> {tunnel.peer}" if tunnel.local else ""
         table.add_row(
-            tunnel.name, tunnel.server, "", f"{tunnel.state} {_age(now - tunnel.since)}", "", "", "", "", note
+            tunnel.name,
+            tunnel.server,
+            link,
+            f"{tunnel.state} {_age(now - tunnel.since)}",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            note,
         )
         for forward in tunnel.forwards:
             errors = ", ".join(f"{key} {value}" for key, value in sorted(forward.errors.items()))
@@ -255,6 +368,8 @@ def tunnel_view(tunnels: tuple[TunnelRow, ...]) -> Table:
                 str(forward.connections_total),
                 _bytes(forward.bytes_up),
                 _bytes(forward.bytes_down),
+                _rate(forward.rate_up),
+                _rate(forward.rate_down),
                 "; ".join(item for item in (forward.error, errors) if item) or "-",
             )
     return table

@@ -242,6 +242,9 @@ class TcpForwarder:
                 pending.target_text,
                 error.message,
             )
+            self.state.connect_failed(
+                self.stats, pending.client_text, pending.target_text, self.path, f"upstream: {error.message}"
+            )
             os.close(client)
             return
         self.stats.observe_connect(time.monotonic() - pending.began)
@@ -271,7 +274,7 @@ class TcpForwarder:
                 with contextlib.suppress(OSError):
                     os.close(client)
             upstream.close()
-            self.state.close_session(session)
+            self.state.close_session(session, "internal error")
             return
         log.info("%s: %s -> %s open (%s)", self.label, session.client, session.target, self.path)
 
@@ -279,7 +282,7 @@ class TcpForwarder:
         """Called once by a relay when it has ended: log the session and fold its counters."""
         log_closed(self.label, session, reason)
         session.relay = None
-        self.state.close_session(session)
+        self.state.close_session(session, reason)
 
     def close_pending(self) -> None:
         """Abandon clients still waiting for their upstream (shutdown)."""

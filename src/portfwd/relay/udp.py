@@ -340,7 +340,7 @@ class UdpForwarder:
         flow.close()
         self.stats.udp_flows_active -= 1
         log_closed(self.label, flow.session, reason)
-        self.state.close_session(flow.session)
+        self.state.close_session(flow.session, reason)
 
     def close(self, reason: str = "shutdown") -> None:
         """Stop reading, close every flow and the listening socket."""

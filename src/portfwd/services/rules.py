@@ -102,6 +102,7 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
             run.close_listeners()
             self._retired.append(run)
             self.state.listeners = [item for item in self.state.listeners if item.rule != rule.label]
+            self.state.remove_listening([rule.label])
             self.state.rule(rule.label).running = False
             log.info("%s: removed by reload; stopped listening, live sessions drain", rule.label)
         return Change(removed=tuple(rule.label for rule in removed))
@@ -113,6 +114,7 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         added = [rule for rule in dict.fromkeys(part) if rule not in self._runs]
         self.rules = part
         failures = self._start_rules(added)
+        self.state.order_rules(rule.label for rule in part)  # status shows the config's order
         return Change(
             kept=kept,
             removed=retired.removed,
@@ -122,6 +124,7 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         )
 
     async def stop_accepting(self) -> None:
+        self.state.remove_listening([rule.label for rule in self._runs])
         for run in self._runs.values():
             run.close_listeners()
 
@@ -203,10 +206,10 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
             accepting.start()
         for udp in run.udp:
             udp.start()
-        self._announce(rule, path)
+        self._announce(rule, path, run)
         return run
 
-    def _announce(self, rule: RuleSpec, path: str) -> None:
+    def _announce(self, rule: RuleSpec, path: str, run: _RuleRun) -> None:
         relay = path if rule.protocol.has_tcp else "udp"
         listen = str(rule.listen)
         protocol = "tcp" if isinstance(rule.listen, UnixPath) else rule.protocol.value
@@ -215,4 +218,6 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         stats.running = True
         stats.idle_timeout = rule.idle_timeout or 0.0
         self.state.listeners.append(Listener(rule.label, listen, protocol, relay))
+        self.state.add_listening(rule.label, path, [accepting.listener for accepting, _ in run.tcp])
+        self.state.add_listening(rule.label, "udp", [udp.listener for udp in run.udp])
         log.info("%s: listening on %s/%s -> %s (%s)", rule.label, listen, protocol, rule.connect, relay)

@@ -1,7 +1,12 @@
-"""The SSH tunnels as one service: one `Tunnel` per [[tunnel]], kept, removed or added on reload."""
+"""The SSH tunnels as one service: one `Tunnel` per [[tunnel]], kept, removed or added on reload.
+
+It lists each tunnel's local listeners (-L, -D; both halves of `localhost`) in the state, and
+lets status read the SSH connection's own addresses when it is asked.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -10,12 +15,25 @@ from portfwd.services.base import Change, Owned, Reloadable
 from portfwd.specs import TunnelSpec
 from portfwd.ssh.client import Tunnel
 from portfwd.ssh.lean import fast_path
-from portfwd.state import State
+from portfwd.state import State, address_text
 
 log = logging.getLogger(__name__)
 
 #: Called by a tunnel that cannot go on without lying to its user; ends the process.
 Fatal = Callable[[PortfwdError], None]
+
+
+def link_addresses(tunnel: Tunnel) -> tuple[str, str] | None:
+    """The (local, peer) addresses of the tunnel's SSH connection while it has one."""
+    conn = tunnel.conn
+    if conn is None:
+        return None
+    return address_text(conn.get_extra_info("sockname")), address_text(conn.get_extra_info("peername"))
+
+
+def listener_names(tunnel: Tunnel) -> list[str]:
+    """The names the tunnel's forwards have in status (and their listeners in `state.listeners`)."""
+    return [forward.stats.stats.name for forward in tunnel.forwards]
 
 
 def log_fast_path(wanted: bool) -> None:
@@ -71,12 +89,22 @@ class Tunnels(Reloadable[tuple[TunnelSpec, ...]]):
             )
             failures.extend(tunnel.start())
             self._running[spec] = tunnel
+            self._announce(tunnel)
         return failures
+
+    def _announce(self, tunnel: Tunnel) -> None:
+        """List the local listeners the tunnel bound, and let status read its SSH connection."""
+        tunnel.stats.link = functools.partial(link_addresses, tunnel)
+        for forward in tunnel.forwards:
+            path = "socks" if forward.spec.is_socks else "ssh"
+            sockets = [listener.listener for listener in forward.listeners]
+            self.state.add_listening(forward.stats.stats.name, path, sockets, "tunnel")
 
     async def retire(self, part: tuple[TunnelSpec, ...]) -> Change:
         gone = [spec for spec in self._running if spec not in part]
         for spec in gone:
             tunnel = self._running.pop(spec)
+            self.state.remove_listening(listener_names(tunnel), "tunnel")
             await tunnel.stop()
             self.state.tunnels.remove(tunnel.stats)
             log.info("%s: tunnel removed by reload", tunnel.label)
@@ -98,9 +126,11 @@ class Tunnels(Reloadable[tuple[TunnelSpec, ...]]):
 
     async def stop_accepting(self) -> None:
         for tunnel in self._running.values():
+            self.state.remove_listening(listener_names(tunnel), "tunnel")
             tunnel.stop_accepting()
 
     async def stop(self) -> None:
         for tunnel in self._running.values():
+            self.state.remove_listening(listener_names(tunnel), "tunnel")
             await tunnel.stop()
         self._running.clear()
