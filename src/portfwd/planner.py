@@ -128,6 +128,7 @@ def tunnel_spec(tunnel: TunnelConfig) -> TunnelSpec:
         socks_credentials=credentials,
         tcp_keepalive=tunnel.tcp_keepalive,
         idle_timeout=tunnel.idle_timeout,
+        retry_first_connect=tunnel.retry_first_connect,
     )
 
 

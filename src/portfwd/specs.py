@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from portfwd.addr import Endpoint, HostPorts, PortRange, Transport, format_host
 from portfwd.tunnelspec import StartupsSpec, TunnelForward
@@ -100,6 +100,15 @@ class TunnelSpec:
     socks_credentials: tuple[str, str] | None = None  #: (user, password) the SOCKS fronts ask for
     tcp_keepalive: bool = True  #: on the local side of every -L/-D/-R connection
     idle_timeout: float | None = None  #: close a forwarded connection idle this long
+    #: Retry a first connect that fails for good (unknown host name, authentication refused, no
+    #: common algorithm); False: such a failure ends `portfwd ssh`, or leaves a [[tunnel]] failed.
+    retry_first_connect: bool = False
+    #: socket.AF_INET or AF_INET6 (-4/-6): the SSH connection's and the -L/-D listeners' family;
+    #: 0: any (the listeners then take 127.0.0.1 and ::1, as ssh).
+    family: int = 0
+    #: The `identity` keys already read (asyncssh key pairs) by a front end that could ask for a
+    #: passphrase (`portfwd ssh`, ssh/keys.py); None: read `identity` at each connect.
+    client_keys: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
 
     @property
     def forwards(self) -> tuple[TunnelForward, ...]:

@@ -215,7 +215,7 @@ OPTION_KEYS = {
     "identityfile": "identity",
     "identitiesonly": "agent",
     "proxyjump": "jump",
-    "batchmode": None,  # portfwd never prompts: always batch mode
+    "batchmode": None,  # read by the CLI (cli/sshargs.py): whether a key's passphrase may be asked
 }
 _YES = {"yes": True, "true": True, "no": False, "false": False}
 
@@ -254,10 +254,7 @@ def parse_option(text: str, into: dict[str, object]) -> None:
         raise ConfigError(f"-o {name}: not an option portfwd ssh supports; it supports {known}")
     key = OPTION_KEYS[lower]
     if lower == "batchmode":
-        if not _yes_no(name, value):
-            raise ConfigError(
-                f"-o {name}=no: portfwd ssh never prompts (it reconnects unattended); remove it"
-            )
+        _yes_no(name, value)  # checked here; used by the front end (it asks before any connect)
         return
     if lower in ("serveraliveinterval", "connecttimeout"):
         seconds = _whole(name, value, 0 if lower == "serveraliveinterval" else 1)

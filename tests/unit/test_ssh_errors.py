@@ -23,8 +23,13 @@ from portfwd.ssh.hostkeys import HostKeyError
          "Cannot resolve: name or service not known", Reason.RESOLVE, True),
         (asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "No answer within 10s"), "No answer within 10s",
          Reason.ERROR, True),
-        (asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "no"), "no", Reason.PROHIBITED, True),
-        (asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE, "full"), "full", Reason.SHORTAGE, True),
+        (asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "open failed"),
+         "open failed (administratively prohibited)", Reason.PROHIBITED, True),
+        (asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, ""), "administratively prohibited",
+         Reason.PROHIBITED, True),
+        (asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE, "full"), "full (resource shortage)",
+         Reason.SHORTAGE, True),
+        (asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, ""), "connect failed", Reason.ERROR, True),
         (asyncssh.ConnectionLost("Connection lost"), "Connection lost", Reason.LOST, False),
         (asyncssh.PermissionDenied("Permission denied"), "Permission denied", Reason.AUTH, False),
         (asyncssh.KeyExchangeFailed("No matching"), "No matching", Reason.DISCONNECTED, False),
@@ -49,6 +54,25 @@ def test_foreign_errors_are_mapped_once(
     assert (mapped.message, mapped.reason, mapped.peer) == (message, reason, peer)
     assert str(mapped) == message
     assert ssh_error(mapped) is mapped, "an SshError passes the edge unchanged"
+
+
+@pytest.mark.parametrize(
+    ("error", "permanent"),
+    [
+        (asyncssh.PermissionDenied("Permission denied"), True),
+        (asyncssh.KeyExchangeFailed("No matching"), True),
+        (asyncssh.HostKeyNotVerifiable("Host key is not trusted"), True),
+        (HostKeyError("host key changed"), True),
+        (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), True),
+        (socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"), False),
+        (asyncssh.ConnectionLost("Connection lost"), False),
+        (ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"), False),
+        (TimeoutError(), False),
+        (asyncssh.KeyImportError("Passphrase must be specified to import encrypted private keys"), True),
+    ],
+)  # fmt: skip
+def test_what_a_retry_cannot_mend_is_permanent(error: BaseException, permanent: bool) -> None:
+    assert ssh_error(error).permanent is permanent
 
 
 def test_an_ssh_error_is_an_upstream_error_whose_reason_is_the_counter_label() -> None:

@@ -108,6 +108,7 @@ def test_options_map_to_tunnel_keys() -> None:
         "IdentitiesOnly=yes",
         "ProxyJump=a@j1,j2:2222",
         "BatchMode=yes",
+        "BatchMode=no",
     ]:
         parse_option(option, table)
     assert table == {
@@ -134,7 +135,7 @@ def test_options_map_to_tunnel_keys() -> None:
             "StrictHostKeyChecking=ask",
             "-o StrictHostKeyChecking=ask: portfwd cannot ask (it runs unattended); use yes or accept-new",
         ),
-        ("BatchMode=no", "-o BatchMode=no: portfwd ssh never prompts (it reconnects unattended); remove it"),
+        ("BatchMode=maybe", "-o BatchMode=maybe: must be yes or no"),
         ("ConnectTimeout=0", "-o ConnectTimeout=0: must be a whole number of at least 1"),
         ("=x", "-o '=x': write -o Key=Value, e.g. -o ServerAliveInterval=15"),
     ],

@@ -15,7 +15,7 @@ import time
 import warnings
 from typing import Any
 
-from portfwd.errors import ConfigError, PortfwdError
+from portfwd.errors import ConfigError, PortfwdError, UsageError
 from portfwd.printable import printable
 
 #: What a dependency may warn about without a user seeing it: deprecations (cryptography's
@@ -133,10 +133,18 @@ class JsonFormatter(logging.Formatter):
         )
 
 
-def setup_logging(verbose: int, quiet: bool, log_format: str) -> None:
-    """-q: warnings only; -v: portfwd's debug lines; -vv: every library's too."""
+def setup_logging(verbose: int, quiet: bool, log_format: str, log_file: str | None = None) -> None:
+    """-q: warnings only; -v: portfwd's debug lines; -vv: every library's too. `log_file` (ssh's
+    -E): append there instead of stderr. Raises UsageError when it cannot be opened."""
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler
+    if log_file is None:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        try:
+            handler = logging.FileHandler(log_file, encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot open the log file {log_file}: {exc.strerror}", field="-E") from exc
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:

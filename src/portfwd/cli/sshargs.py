@@ -7,10 +7,15 @@ about `tunnel[0].ciphers` is told back as `-o Ciphers`.
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
+from dataclasses import replace
 from typing import Any
 
 from portfwd import config, tunnelspec
 from portfwd.errors import ConfigError
+from portfwd.specs import TunnelSpec
 
 
 def tunnel_from_args(
@@ -25,8 +30,17 @@ def tunnel_from_args(
     ssh_config: str | None,
     compression: bool,
     name: str | None,
+    *,
+    login: str | None = None,
+    found: dict[str, Any] | None = None,
+    stdio: bool = False,
 ) -> config.Config:
-    """The Config `portfwd ssh ARGS` runs: one [[tunnel]]. Raises ConfigError, one line per problem."""
+    """The Config `portfwd ssh ARGS` runs: one [[tunnel]]. Raises ConfigError, one line per problem.
+
+    `found` is what ssh_config says for the host (`read_ssh_config`): it fills in what the command
+    line left out, and its forwards join the command line's, as in ssh. `stdio` (-W): no forward
+    is needed.
+    """
     problems: list[str] = []
     table: dict[str, Any] = {"ssh": destination}
     for flag, kind, specs in (("-L", "local", local), ("-R", "remote", remote), ("-D", "dynamic", dynamic)):
@@ -50,12 +64,20 @@ def tunnel_from_args(
         table["compression"] = True
     if name:
         table["name"] = name
+    if login and "user" not in table:
+        table["user"] = login
     for option in options:
         try:
             tunnelspec.parse_option(option, table)
         except ConfigError as exc:
             problems.append(exc.line())
-    if not (local or remote or dynamic):
+    if found:
+        _apply_ssh_config(found, table, ssh_config or "~/.ssh/config", problems)
+    if stdio:
+        # -W clears every forward, as ssh's ClearAllForwardings (`stdio_spec` drops this one,
+        # which is here only because a [[tunnel]] must carry a forward to validate).
+        table.update(local=["127.0.0.1:1:127.0.0.1:1"], remote=[], dynamic=[])
+    elif not (local or remote or dynamic or any(name in (found or {}) for name in _FORWARD_KEYWORDS)):
         problems.append("no forward given; add -L, -R or -D (portfwd ssh only forwards ports)")
     try:
         loaded = config.validate({"tunnel": [table]})
@@ -93,3 +115,118 @@ def _cli_words(line: str) -> str:
     rest = line[len(prefix) :].lstrip(".")
     key, _, message = rest.partition(": ")
     return f"{_CLI_KEYS.get(key, key)}: {message}" if key else message
+
+
+def batch_mode(options: tuple[str, ...]) -> bool | None:
+    """-o BatchMode (the first one wins, as in ssh): yes never asks a person anything; None: not given."""
+    for option in options:
+        name, sep, value = option.strip().partition("=")
+        if not sep:
+            name, _, value = option.strip().partition(" ")
+        if name.strip().lower() == "batchmode":
+            return value.strip().lower() in ("yes", "true")
+    return None
+
+
+def with_keys(tunnel: TunnelSpec, *, batch: bool) -> TunnelSpec:
+    """The tunnel with its -i keys read now, before anything runs: a passphrase is asked for
+    once, on the terminal (as ssh asks), unless the agent holds the key.
+
+    Raises KeyFileError (exit 2: missing, too open, not a key) or KeyLoginError (exit 1: a
+    passphrase is needed and BatchMode=yes or there is no terminal; a wrong one, three times).
+    """
+    if not tunnel.identity:
+        return tunnel
+    from portfwd.ssh import keys
+
+    loaded = keys.load(tunnel.identity, field="-i", agent=tunnel.agent, batch=batch, ask=keys.ask_on_terminal)
+    return replace(tunnel, client_keys=loaded)
+
+
+#: ssh_config's forward keywords and the [[tunnel]] list each adds to.
+_FORWARD_KEYWORDS = {"LocalForward": "local", "RemoteForward": "remote", "DynamicForward": "dynamic"}
+
+
+def read_ssh_config(destination: str, ssh_config: str | None) -> dict[str, Any]:
+    """What ssh_config (-F FILE, else ~/.ssh/config) sets for the destination's host among the
+    options portfwd ssh takes. Raises ConfigError naming the file and line."""
+    path = os.path.expanduser(ssh_config or "~/.ssh/config")
+    if ssh_config is None and not os.path.exists(path):
+        return {}
+    try:
+        _, host, _ = tunnelspec.parse_destination(destination)
+    except ConfigError:
+        return {}  # reported with the rest by tunnel_from_args
+    from portfwd.ssh import lean
+
+    try:
+        found = lean.ssh_config([path], host)
+    except OSError as exc:
+        raise ConfigError(f"-F {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"ssh_config: {exc}") from exc
+    if found is None:
+        logging.getLogger("portfwd.cli").warning(
+            "ssh_config's LocalForward, RemoteForward, DynamicForward and ExitOnForwardFailure are not "
+            "read with this asyncssh (not the release portfwd was checked against); give them as -L/-R/-D/-o"
+        )
+    return found or {}
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list | tuple):
+        return " ".join(str(item) for item in value)
+    return str(value)
+
+
+def _apply_ssh_config(found: dict[str, Any], table: dict[str, Any], source: str, problems: list[str]) -> None:
+    """Fill `table` from ssh_config: forwards are added; any other option only when the command
+    line did not set it (ssh's first value wins, and the command line comes first)."""
+    for name, value in found.items():
+        kind = _FORWARD_KEYWORDS.get(name)
+        if kind is not None:
+            for line in value:
+                spec = ":".join(line.split())  # `8080 db:5432` is -L 8080:db:5432
+                try:
+                    tunnelspec.parse_forward(kind, spec)  # type: ignore[arg-type]
+                    table[kind] = [*table[kind], spec]
+                except ConfigError as exc:
+                    problems.append(f"{source}: {name} {line}: {exc.line()}")
+            continue
+        key = tunnelspec.OPTION_KEYS.get(name.lower())
+        if key is None or key in table:
+            continue  # BatchMode (the front end reads it), or set on the command line
+        if name == "StrictHostKeyChecking" and str(value).lower() == "ask":
+            continue  # nobody to ask: the same as yes for portfwd
+        if name == "IdentityFile":  # as ssh: a file ssh_config names but that is missing is skipped
+            value = [item for item in value if os.path.exists(os.path.expanduser(item))]
+            if not value:
+                continue
+        try:
+            for item in value if name == "IdentityFile" else [value]:
+                tunnelspec.parse_option(f"{name}={_text(item)}", table)
+        except ConfigError as exc:
+            problems.append(f"{source}: {exc.line().removeprefix('-o ')}")
+
+
+def with_flags(tunnel: TunnelSpec, *, gateway_ports: bool, family: int) -> TunnelSpec:
+    """-g (-L/-D without a bind address listen on every address) and -4/-6 (one address family
+    for the SSH connection and the local listeners)."""
+    forwards = {
+        kind: tuple(
+            replace(item, bind="") if gateway_ports and item.bind is None and item.path is None else item
+            for item in items
+        )
+        for kind, items in (("local", tunnel.local), ("dynamic", tunnel.dynamic))
+    }
+    return replace(tunnel, local=forwards["local"], dynamic=forwards["dynamic"], family=family)
+
+
+FAMILIES = {"4": socket.AF_INET, "6": socket.AF_INET6}
+
+
+def stdio_spec(tunnel: TunnelSpec) -> TunnelSpec:
+    """The tunnel -W runs: no forwards (ssh's ClearAllForwardings), one try (ExitOnForwardFailure)."""
+    return replace(tunnel, local=(), remote=(), dynamic=())

@@ -114,6 +114,9 @@ class TunnelConfig(_Model):
     socks_password: str | None = Field(default=None, min_length=1, max_length=255)
     tcp_keepalive: StrictBool = True  # on the local side of every -L/-D/-R connection
     idle_timeout: Duration | None = None  # close a forwarded connection idle this long
+    # A first connect refused for good (unknown host, authentication, algorithms) is retried
+    # like a lost link, instead of leaving the tunnel failed (autossh's AUTOSSH_GATETIME=0).
+    retry_first_connect: StrictBool = False
 
     @property
     def label(self) -> str:

@@ -4,6 +4,9 @@ Local listeners (-L, -D) are bound once at start and stay bound while the link i
 that arrives then waits up to `connect_timeout` for the link and is served or closed, never
 refused. The connection task loops: connect, verify the host key, ask for the remote forwards
 (-R), wait until the link dies (keepalive finds a dead peer), back off with jitter, again.
+A first connect that fails for good (errors.py's `permanent`: unknown host name, keys refused,
+no algorithm in common, host key) is not retried, as with ssh, unless `retry_first_connect`:
+`portfwd ssh` exits 1, a [[tunnel]] stays failed; only a link that once worked is retried.
 
 The connection is ssh/connection.py, the SOCKS front ssh/socks.py, the -R side ssh/forwarded.py,
 and every session lives in the layer the server shares (ssh/sessions.py).
@@ -53,8 +56,9 @@ class Forward:
         self.remote: asyncssh.SSHListener | None = None
 
 
-def _bind_sockets(what: str, spec: TunnelForward, keep: bool) -> list[socket.socket]:
-    """The listening sockets for a -L or -D: its path, its address, or (like ssh) 127.0.0.1 and ::1."""
+def _bind_sockets(what: str, spec: TunnelForward, keep: bool, family: int = 0) -> list[socket.socket]:
+    """The listening sockets for a -L or -D: its path, its address, or (like ssh) 127.0.0.1 and ::1
+    (only one of them with -4/-6; "" then means every address of that family)."""
     if spec.path is not None:
         return [bind_unix(what, spec.path, backlog=1024)]
 
@@ -63,9 +67,13 @@ def _bind_sockets(what: str, spec: TunnelForward, keep: bool) -> list[socket.soc
             what, host, port, socket.SOCK_STREAM, backlog=1024, dual_stack=False, tcp_keepalive=keep
         )
 
+    if family == socket.AF_INET6:
+        return [bind("::1" if spec.bind is None else spec.bind or "::", spec.port)]
     if spec.bind is not None:
-        return [bind(spec.bind, spec.port)]
+        return [bind(spec.bind or ("0.0.0.0" if family == socket.AF_INET else ""), spec.port)]
     sockets = [bind("127.0.0.1", spec.port)]
+    if family == socket.AF_INET:
+        return sockets
     with contextlib.suppress(BindError):  # like ssh: ::1 too, when the machine has IPv6
         sockets.append(bind("::1", sockets[0].getsockname()[1]))
     return sockets
@@ -160,7 +168,7 @@ class Tunnel:
     def _bind(self, forward: Forward) -> None:
         spec = forward.spec
         what = f"{self.label} {'-L' if spec.kind == 'local' else '-D'} {spec.listen_text}"
-        sockets = _bind_sockets(what, spec, self.config.tcp_keepalive)
+        sockets = _bind_sockets(what, spec, self.config.tcp_keepalive, self.config.family)
         serve = self.socks.serve if spec.is_socks else self._serve_local
         for sock in sockets:
             listener = TcpListener(sock, functools.partial(serve, forward), self.label)
@@ -221,28 +229,24 @@ class Tunnel:
                 else:
                     log.error("%s: %s; this tunnel stays down until reload", self.label, exc.line())
                 return
-            except (OSError, asyncssh.Error, RuntimeFailure) as exc:  # TimeoutError is an OSError
+            except (OSError, asyncssh.Error, PortfwdError, asyncssh.KeyImportError) as exc:
+                # TimeoutError is an OSError; KeyImportError (a ValueError) is a key from ssh_config
                 await self._disconnect()
                 error = ssh_error(exc)
-                if error.reason == Reason.AUTH:
-                    text = f"authentication failed: {error.message}"
-                    if self.exit_on_auth and not self._connected_once:
-                        self.stats.enter("failed", text)
-                        self.fatal(
-                            RuntimeFailure(
-                                f"{self.label}: {text}", hint="check -i KEY, the agent and the user"
-                            )
-                        )
-                        return
-                    await self._backoff(attempt, text)
-                    attempt += 1
-                    continue
-                await self._backoff(attempt, error.message)
+                auth = isinstance(exc, asyncssh.PermissionDenied)
+                text = f"authentication failed: {error.message}" if auth else error.message
+                if isinstance(exc, asyncssh.KeyExchangeFailed):
+                    text = f"no algorithm in common with the server: {error.message}"
+                if error.permanent and not self._connected_once and not self.config.retry_first_connect:
+                    # As ssh: what a retry cannot mend ends it at once; only a link that worked is retried.
+                    self._give_up(text, "check -i KEY, the agent and the user" if auth else None)
+                    return
+                await self._backoff(attempt, text)
                 attempt += 1
+                if error.reason == Reason.AUTH:
+                    continue  # a server that refuses keys backs off, but is not counted (as before)
                 if self.config.reconnect_attempts and attempt >= self.config.reconnect_attempts:
-                    self.fatal(
-                        RuntimeFailure(f"{self.label}: gave up after {attempt} attempts: {error.message}")
-                    )
+                    self.fatal(RuntimeFailure(f"{self.label}: gave up after {attempt} attempts: {text}"))
                     return
                 continue
             await self._serve_link(conn)
@@ -254,6 +258,18 @@ class Tunnel:
             self.sessions.close_all("tunnel down")
             await self._disconnect()
             await self._backoff(0, f"link lost: {reason}")
+
+    def _give_up(self, text: str, hint: str | None) -> None:
+        """A first connect failed for good: end `portfwd ssh` (exit 1), or leave this [[tunnel]] failed."""
+        self.stats.enter("failed", text)
+        if self.exit_on_auth:
+            self.fatal(RuntimeFailure(f"{self.label}: {text}", hint=hint))
+            return
+        log.error(
+            "%s: %s; this tunnel stays down until reload (retry_first_connect = true retries it)",
+            self.label,
+            f"{text}; {hint}" if hint else text,
+        )
 
     async def _serve_link(self, conn: asyncssh.SSHClientConnection) -> None:
         """The link is up: ask for the -R forwards, and wait until it ends."""

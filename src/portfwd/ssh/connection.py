@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import random
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -17,8 +18,9 @@ import asyncssh
 
 from portfwd import sshalgorithms
 from portfwd.specs import TunnelSpec
+from portfwd.ssh import keys
 from portfwd.ssh.cork import CorkedConnector
-from portfwd.ssh.errors import ssh_error
+from portfwd.ssh.errors import resolve_error, ssh_error
 from portfwd.ssh.hostkeys import HostKeyCheck, HostKeyError
 from portfwd.ssh.lean import fix, tune
 from portfwd.tunnelspec import parse_destination
@@ -64,10 +66,16 @@ def _options(
     }
     if port is not None:
         options["port"] = port
+    if config.family:
+        options["family"] = config.family
     if user is not None:
         options["username"] = user
-    if config.identity:
-        options["client_keys"] = [os.path.expanduser(item) for item in config.identity]
+    if config.client_keys is not None:  # read (and unlocked) by the front end: ssh/keys.py
+        options["client_keys"] = list(config.client_keys)
+    elif config.identity:
+        options["client_keys"] = list(
+            keys.load(config.identity, field=f"{config.label}: identity", agent=config.agent)
+        )
     if not config.agent:
         options["agent_path"] = None
     if config.ssh_config is not None:
@@ -86,7 +94,8 @@ async def connect(
 ) -> asyncssh.SSHClientConnection:
     """Connect through the jump hosts (each appended to `jumps` once up) to the server.
 
-    Raises HostKeyError, or what asyncssh.connect raises (asyncssh.Error, OSError, TimeoutError).
+    Raises HostKeyError, KeyFileError or KeyLoginError (keys.py), or what asyncssh.connect raises
+    (asyncssh.Error, OSError, TimeoutError).
     """
     accept_new = config.strict_host_key_checking == "accept-new"
     tunnel: asyncssh.SSHClientConnection | None = None
@@ -98,6 +107,8 @@ async def connect(
             tunnel = await asyncssh.connect(host, tunnel=tunnel, **options)
         except asyncssh.HostKeyNotVerifiable as exc:
             raise check.problem or HostKeyError(f"jump host {host}: {exc.reason}") from exc
+        except socket.gaierror as exc:
+            raise resolve_error(f"jump host {host}", exc) from exc
         tune(tunnel, fast_path)
         jumps.append(tunnel)
     check = HostKeyCheck(list(config.known_hosts), accept_new, config.host_key_algorithms)
@@ -106,6 +117,8 @@ async def connect(
         conn = await asyncssh.connect(config.host, tunnel=tunnel or CorkedConnector(), **options)
     except asyncssh.HostKeyNotVerifiable as exc:
         raise check.problem or HostKeyError(f"{config.host}: {exc.reason}") from exc
+    except socket.gaierror as exc:
+        raise resolve_error(config.host, exc) from exc
     tune(conn, fast_path)
     return conn
 

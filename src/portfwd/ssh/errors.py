@@ -24,6 +24,7 @@ import asyncssh
 from portfwd.errors import PortfwdError, UpstreamError
 from portfwd.proto.socks import Reply
 from portfwd.ssh.hostkeys import HostKeyError
+from portfwd.ssh.keys import KeyFileError, KeyLoginError
 
 
 class Reason(StrEnum):
@@ -50,14 +51,18 @@ class SshError(UpstreamError):
     """A failure at the SSH layer: `message` for people, `reason` for counters and replies.
 
     `peer` is True when the SSH peer refused a channel (its answer, not our own failure).
+    `permanent` is True for what trying again cannot mend by itself: an unknown host name, every
+    key refused, no algorithm in common, a host key that does not verify (ssh gives up on these
+    at once; a tunnel retries them only on a link that once worked).
     """
 
     reason: Reason
 
-    def __init__(self, message: str, *, reason: Reason, peer: bool = False) -> None:
+    def __init__(self, message: str, *, reason: Reason, peer: bool = False, permanent: bool = False) -> None:
         super().__init__(message, reason=reason)
         self.reason = reason
         self.peer = peer
+        self.permanent = permanent
 
 
 #: Words in a peer's "connect failed" refusal, in the order they are tried, and what they mean.
@@ -117,13 +122,36 @@ def _peer_reason(code: int, text: str) -> Reason:
     return next((reason for words, reason in _PEER_WORDS if words in lowered), Reason.ERROR)
 
 
+#: RFC 4254 §5.1's names for a channel-open refusal's code, as ssh prints them.
+_OPEN_CODES = {
+    asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED: "administratively prohibited",
+    asyncssh.OPEN_CONNECT_FAILED: "connect failed",
+    asyncssh.OPEN_UNKNOWN_CHANNEL_TYPE: "unknown channel type",
+    asyncssh.OPEN_RESOURCE_SHORTAGE: "resource shortage",
+}
+
+#: The resolver's answers that mean "no such name" (not "try again later": EAI_AGAIN is retried).
+_NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+
+
+def refusal_text(code: int, text: str) -> str:
+    """A peer's channel-open refusal as people read it: its words, with the code's name when the
+    words do not already say it (`open failed (administratively prohibited)`)."""
+    name = _OPEN_CODES.get(code, f"code {code}")
+    if not text:
+        return name
+    if code == asyncssh.OPEN_CONNECT_FAILED or name in text.lower():
+        return text  # sshd and dropbear put the C library's words here (`Connection refused`)
+    return f"{text} ({name})"
+
+
 def ssh_error(exc: BaseException) -> SshError:
     """Map any failure met at the SSH layer into an SshError (itself unchanged)."""
     if isinstance(exc, SshError):
         return exc
     if isinstance(exc, asyncssh.ChannelOpenError):
         return SshError(
-            exc.reason or type(exc).__name__, reason=_peer_reason(exc.code, exc.reason), peer=True
+            refusal_text(exc.code, exc.reason), reason=_peer_reason(exc.code, exc.reason), peer=True
         )
     if isinstance(exc, asyncssh.DisconnectError):
         reason = (
@@ -135,18 +163,35 @@ def ssh_error(exc: BaseException) -> SshError:
             if isinstance(exc, asyncssh.HostKeyNotVerifiable)
             else Reason.DISCONNECTED
         )
-        return SshError(exc.reason or type(exc).__name__, reason=reason)
+        permanent = isinstance(
+            exc, asyncssh.PermissionDenied | asyncssh.HostKeyNotVerifiable | asyncssh.KeyExchangeFailed
+        )
+        return SshError(exc.reason or type(exc).__name__, reason=reason, permanent=permanent)
+    if isinstance(exc, asyncssh.KeyImportError | asyncssh.KeyEncryptionError):  # a key ssh_config names
+        return SshError(f"cannot use a private key: {exc}", reason=Reason.AUTH, permanent=True)
     if isinstance(exc, TimeoutError):
         return SshError(exc.strerror or "timed out", reason=Reason.TIMEOUT)
     if isinstance(exc, socket.gaierror):
-        return SshError(exc.strerror or str(exc), reason=Reason.RESOLVE)
+        return SshError(exc.strerror or str(exc), reason=Reason.RESOLVE, permanent=exc.errno in _NO_SUCH_NAME)
     if isinstance(exc, OSError):
         return SshError(exc.strerror or str(exc), reason=_ERRNO.get(exc.errno or 0, Reason.ERROR))
     if isinstance(exc, UpstreamError):
         return SshError(str(exc), reason=_reason(exc.reason))
     if isinstance(exc, PortfwdError):
-        return SshError(str(exc), reason=Reason.HOSTKEY if isinstance(exc, HostKeyError) else Reason.ERROR)
+        hostkey = isinstance(exc, HostKeyError)
+        permanent = hostkey or isinstance(exc, KeyFileError | KeyLoginError)
+        return SshError(str(exc), reason=Reason.HOSTKEY if hostkey else Reason.ERROR, permanent=permanent)
     return SshError(str(exc) or type(exc).__name__, reason=Reason.ERROR)
+
+
+def resolve_error(host: str, exc: socket.gaierror) -> SshError:
+    """An SSH server's (or jump host's) name that did not resolve, named (ssh: "Could not resolve
+    hostname"); permanent for "no such name", not for the resolver's "try again"."""
+    return SshError(
+        f"cannot resolve {host}: {exc.strerror or exc}",
+        reason=Reason.RESOLVE,
+        permanent=exc.errno in _NO_SUCH_NAME,
+    )
 
 
 def socks_reply(error: SshError) -> Reply:

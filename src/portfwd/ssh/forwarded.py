@@ -1,6 +1,7 @@
 """The tunnel client's `-R` forwards: asked of the server on every link, served on this side.
 
-Each `-R` is requested again after every reconnect; a refused one is reported and asked again
+Each `-R` is requested again after every reconnect, ready for its channels before the request
+(lean/forwards.py: none is refused while it comes up); a refused one is reported and asked again
 with backoff (or ends portfwd with ExitOnForwardFailure). A connection the server forwards back
 (`forwarded-tcpip`, `forwarded-streamlocal`) is connected to its local target first, and only
 then is the channel accepted; a failure becomes the channel-open refusal the server sees.
@@ -19,6 +20,7 @@ from portfwd.errors import RuntimeFailure, UpstreamError
 from portfwd.relay.upstream import Connect, literal_addresses, resolve
 from portfwd.ssh.connection import backoff
 from portfwd.ssh.errors import SshError, channel_refusal, ssh_error
+from portfwd.ssh.lean import expect_forwarded
 from portfwd.ssh.sessions import PACKET, WINDOW
 
 if TYPE_CHECKING:
@@ -102,25 +104,31 @@ class RemoteForwards:
 
     async def _listen(self, conn: asyncssh.SSHClientConnection, forward: Forward) -> None:
         spec = forward.spec
-        if spec.path is not None:
-            listener = await conn.create_unix_server(
-                lambda: self._session(forward, "unix"),
-                spec.path,
-                window=WINDOW,
-                max_pktsize=PACKET,
-            )
-            where = f"unix:{spec.path}"
-        else:
-            bind = "localhost" if spec.bind is None else spec.bind
-            listener = await conn.create_server(
-                lambda host, port: self._session(forward, f"{host}:{port}"),
-                bind,
-                spec.port,
-                window=WINDOW,
-                max_pktsize=PACKET,
-            )
-            if listener is None:
-                raise asyncssh.ChannelListenError("Failed to create remote TCP listener")
+        bind = "localhost" if spec.bind is None else spec.bind
+
+        def unix() -> Any:
+            return self._session(forward, "unix")
+
+        def tcp(host: str, port: int) -> Any:
+            return self._session(forward, f"{host}:{port}")
+
+        # Ready for the forward's channels before asking for it: the server may send the first
+        # ones with its answer, before create_server's own listener exists (lean/forwards.py).
+        undo = expect_forwarded(
+            conn, unix if spec.path is not None else tcp, bind, spec.port, spec.path, WINDOW, PACKET
+        )
+        try:
+            if spec.path is not None:
+                listener = await conn.create_unix_server(unix, spec.path, window=WINDOW, max_pktsize=PACKET)
+                where = f"unix:{spec.path}"
+            else:
+                listener = await conn.create_server(tcp, bind, spec.port, window=WINDOW, max_pktsize=PACKET)
+                if listener is None:
+                    raise asyncssh.ChannelListenError("Failed to create remote TCP listener")
+        except BaseException:
+            undo()
+            raise
+        if spec.path is None:
             port = listener.get_port()
             where = f"{bind or '*'}:{port}"
             if spec.port == 0:

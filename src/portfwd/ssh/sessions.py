@@ -168,4 +168,4 @@ class Sessions:
         session.relay = None
         if self.label is not None and session.id in self.state.sessions:
             log_closed(self.label, session, reason, self.log)
-        self.state.close_session(session)
+        self.state.close_session(session, reason)

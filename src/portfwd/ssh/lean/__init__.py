@@ -24,6 +24,14 @@ folded into `tune`, which a client calls only after `connect` returns, when the 
 is over.) On another asyncssh it stands aside like the fast path, and the same fence test
 names what to re-read.
 
+`forwards.py` makes a `-R` ready for its first connections before it is asked for (asyncssh
+registers the listener a moment after the server starts forwarding, and refuses what comes
+between): `expect_forwarded(...)`. On another asyncssh it does nothing, and that moment stays.
+
+`sshconfig.py` reads the ssh_config keywords asyncssh skips (LocalForward, RemoteForward,
+DynamicForward, ExitOnForwardFailure, ...) with asyncssh's own parser: `ssh_config(paths, host)`.
+On another asyncssh it answers None and `portfwd ssh` says that ssh_config forwards are not read.
+
 `probe.py` asks a peer once whether it is alive (`probe(conn, within)`), which asyncssh has no
 public call for; the tunnel server uses it before taking a `-R` port from a session that looks
 stale. On another asyncssh it answers "cannot tell", and the server keeps the port where it is.
@@ -64,6 +72,20 @@ MIRRORED = {
     # probe.py: one keepalive round trip through asyncssh's ordered global-request waiters
     "asyncssh.connection:SSHConnection._make_global_request": "5f4b41f0c38aeb65",
     "asyncssh.connection:SSHConnection._report_global_response": "590a13bfd2ed513f",
+    # forwards.py: the listener table a -R's stand-in joins before the request, how the request
+    # replaces it, how a forwarded channel finds it, and the listener classes it makes
+    "asyncssh.connection:SSHClientConnection.create_server": "45f94f4144042b45",
+    "asyncssh.connection:SSHClientConnection.create_unix_server": "5c9f5324f28e8cad",
+    "asyncssh.connection:SSHClientConnection._process_forwarded_tcpip_open": "4d82ef7115cfb8e3",
+    "asyncssh.connection:SSHClientConnection._process_forwarded_streamlocal_at_openssh_dot_com_open": (
+        "9827df1ecaa90a86"
+    ),
+    "asyncssh.listener:SSHTCPClientListener": "c9eef01ab28cf64a",
+    "asyncssh.listener:SSHUNIXClientListener": "eef73ccbb08131c5",
+    # sshconfig.py: the parser it extends with forwarding keywords, and its handler table
+    "asyncssh.config:SSHConfig.parse": "8809c434443397c9",
+    "asyncssh.config:SSHConfig.load": "aefeb793e46ab83a",
+    "asyncssh.config:SSHClientConfig": "e561c063101f2e27",
 }
 
 
@@ -146,6 +168,31 @@ def changed() -> list[str]:
         if hashlib.sha256(source.encode()).hexdigest()[:16] != digest:
             moved.append(name)
     return moved
+
+
+def expect_forwarded(
+    conn: Any, factory: Any, host: str | None, port: int, path: str | None, window: int, packet: int
+) -> Any:
+    """Make `conn` take forwarded channels for a -R (host:port or path) before it is requested.
+
+    Returns the undo to call when the request fails (a no-op when asyncssh's own listener took
+    over). Does nothing on an asyncssh that is not VERIFIED, or for port 0 (no port known yet).
+    """
+    if not verified() or (path is None and port == 0):
+        return lambda: None
+    from portfwd.ssh.lean.forwards import expect  # reaches into asyncssh: only when verified
+
+    return expect(conn, factory, host, port, path, window, packet)
+
+
+def ssh_config(paths: list[str], host: str) -> dict[str, Any] | None:
+    """What ssh_config `paths` set for `host` among sshconfig.NAMES; None on an asyncssh that is
+    not VERIFIED (nothing read). Raises OSError, or ValueError naming the file and line."""
+    if not verified():
+        return None
+    from portfwd.ssh.lean.sshconfig import read  # reaches into asyncssh: only when verified
+
+    return read(paths, host)
 
 
 async def probe(conn: Any, within: float) -> bool | None:

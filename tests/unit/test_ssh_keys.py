@@ -1,0 +1,122 @@
+"""ssh/keys.py: key files read once, checked as OpenSSH checks them, passphrases asked at most 3 times."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from portfwd.ssh.keys import KeyFileError, KeyLoginError, load
+
+PASSPHRASE = "s3cret"
+
+
+def write_key(path: Path, passphrase: str | None = None, mode: int = 0o600) -> asyncssh.SSHKey:
+    """A key file; with a passphrase in PKCS#8 (PBES2), which asyncssh decrypts without bcrypt."""
+    key = asyncssh.generate_private_key("ecdsa-sha2-nistp256" if passphrase else "ssh-ed25519")
+    exported = key.export_private_key("pkcs8-pem", passphrase) if passphrase else key.export_private_key()
+    path.write_bytes(exported)
+    path.chmod(mode)
+    path.with_name(path.name + ".pub").write_bytes(key.export_public_key())
+    return key
+
+
+def test_a_plain_key_loads_without_asking(tmp_path: Path) -> None:
+    key = write_key(tmp_path / "id")
+    asked: list[str] = []
+    pairs = load((str(tmp_path / "id"),), field="-i", ask=asked.append)  # type: ignore[arg-type]
+    assert [pair.public_data for pair in pairs] == [key.public_data]
+    assert asked == []
+
+
+def test_a_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(KeyFileError) as caught:
+        load((str(tmp_path / "nope"),), field="-i")
+    assert caught.value.line() == f"-i: {tmp_path / 'nope'}: no such key file; give an existing private key"
+    assert caught.value.exit_code == 2
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644])
+def test_a_key_group_or_others_can_read_is_refused(tmp_path: Path, mode: int) -> None:
+    write_key(tmp_path / "id", mode=mode)
+    with pytest.raises(KeyFileError) as caught:
+        load((str(tmp_path / "id"),), field="tunnel[0].identity")
+    assert caught.value.line() == (
+        f"tunnel[0].identity: UNPROTECTED PRIVATE KEY FILE {tmp_path / 'id'}: permissions {mode:04o} are too "
+        f"open (a private key must not be readable by group or others); chmod 600 {tmp_path / 'id'}"
+    )
+
+
+def test_not_a_key(tmp_path: Path) -> None:
+    (tmp_path / "id").write_text("hello\n")
+    (tmp_path / "id").chmod(0o600)
+    with pytest.raises(KeyFileError) as caught:
+        load((str(tmp_path / "id"),), field="-i")
+    assert caught.value.line().startswith(f"-i: {tmp_path / 'id'}: not a private key (")
+
+
+def test_a_passphrase_is_asked_until_right_up_to_three_times(tmp_path: Path) -> None:
+    key = write_key(tmp_path / "id", PASSPHRASE)
+    answers = iter(["wrong", PASSPHRASE])
+    prompts: list[str] = []
+
+    def ask(prompt: str) -> str:
+        prompts.append(prompt)
+        return next(answers)
+
+    pairs = load((str(tmp_path / "id"),), field="-i", agent=False, ask=ask)
+    assert [pair.public_data for pair in pairs] == [key.public_data]
+    assert prompts == [f"Enter passphrase for key '{tmp_path / 'id'}': "] * 2
+    with pytest.raises(KeyLoginError) as caught:
+        load((str(tmp_path / "id"),), field="-i", agent=False, ask=lambda prompt: "wrong")
+    assert caught.value.line() == f"-i: {tmp_path / 'id'}: wrong passphrase (3 tries)"
+    assert caught.value.exit_code == 1
+
+
+def test_a_locked_key_in_batch_mode_or_with_nobody_to_ask(tmp_path: Path) -> None:
+    write_key(tmp_path / "id", PASSPHRASE)
+    path = tmp_path / "id"
+    hint = f"add it to the agent first (ssh-add {path}) or run portfwd ssh on a terminal"
+    with pytest.raises(KeyLoginError) as batch:
+        load((str(path),), field="-i", agent=False, batch=True, ask=lambda prompt: PASSPHRASE)
+    assert (
+        batch.value.line()
+        == f"-i: {path}: the key needs a passphrase and BatchMode=yes forbids asking; {hint}"
+    )
+    with pytest.raises(KeyLoginError) as nobody:
+        load((str(path),), field="-i", agent=False, ask=lambda prompt: None)
+    assert (
+        nobody.value.line()
+        == f"-i: {path}: the key needs a passphrase and there is no terminal to ask on; {hint}"
+    )
+
+
+def test_unattended_a_locked_key_is_left_to_the_agent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_key(tmp_path / "locked", PASSPHRASE)
+    plain = write_key(tmp_path / "plain")
+    monkeypatch.setenv("SSH_AUTH_SOCK", str(tmp_path / "agent.sock"))
+    pairs = load((str(tmp_path / "locked"), str(tmp_path / "plain")), field="identity")
+    assert [pair.public_data for pair in pairs] == [plain.public_data]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bcrypt") is not None, reason="bcrypt is installed here")
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen (openssh-client)")
+def test_an_openssh_format_locked_key_without_bcrypt_is_named_before_asking(tmp_path: Path) -> None:
+    path = tmp_path / "id"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", PASSPHRASE, "-f", str(path)], check=True, timeout=30
+    )
+    asked: list[str] = []
+    with pytest.raises(KeyLoginError) as caught:
+        load((str(path),), field="-i", agent=False, ask=lambda prompt: asked.append(prompt) or "x")
+    assert caught.value.line() == (
+        f"-i: {path}: a passphrase-protected key in OpenSSH format needs Python's bcrypt module, which is "
+        f"not installed; install it (pip install bcrypt), or add the key to the agent first (ssh-add {path})"
+    )
+    assert asked == []

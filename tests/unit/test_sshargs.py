@@ -1,0 +1,84 @@
+"""cli/sshargs.py: ssh_config fills in what `portfwd ssh`'s command line leaves out, as in ssh."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from portfwd import planner
+from portfwd.cli.sshargs import batch_mode, read_ssh_config, tunnel_from_args, with_flags
+from portfwd.errors import ConfigError
+from portfwd.specs import TunnelSpec
+
+
+def lab(tmp_path: Path, *lines: str) -> Path:
+    path = tmp_path / "ssh_config"
+    path.write_text("\n".join(["Host lab", "  HostName 10.0.0.1", *(f"  {line}" for line in lines), ""]))
+    return path
+
+
+def tunnel(config: Path, *options: str, local: tuple[str, ...] = ()) -> TunnelSpec:
+    found = read_ssh_config("lab", str(config))
+    args = ("lab", local, (), (), None, (), None, options, str(config), False, None)
+    return planner.plan(tunnel_from_args(*args, found=found)).tunnels[0]
+
+
+def test_forwards_join_and_options_fill_in(tmp_path: Path) -> None:
+    known = tmp_path / "kh"
+    config = lab(
+        tmp_path,
+        "LocalForward 8080 db:5432",
+        "LocalForward 127.0.0.1:8081 db:5433",
+        "RemoteForward 9000 localhost:22",
+        "DynamicForward 1080",
+        "ServerAliveInterval 5",
+        "ServerAliveCountMax 2",
+        "ExitOnForwardFailure yes",
+        f"UserKnownHostsFile {known}",
+        "StrictHostKeyChecking accept-new",
+        "BatchMode yes",
+        "Host *",
+        "  ServerAliveInterval 99",
+    )
+    spec = tunnel(config, "ServerAliveCountMax=7", local=("7000:web:80",))
+    assert [str(item) for item in spec.forwards] == [
+        "-L 127.0.0.1:7000 -> web:80",
+        "-L 127.0.0.1:8080 -> db:5432",
+        "-L 127.0.0.1:8081 -> db:5433",
+        "-R localhost:9000 -> localhost:22",
+        "-D 127.0.0.1:1080 -> socks",
+    ]
+    assert spec.keepalive_interval == 5  # the first value wins
+    assert spec.keepalive_count == 7  # the command line comes first
+    assert spec.exit_on_forward_failure is True
+    assert spec.known_hosts == (str(known),)
+    assert spec.strict_host_key_checking == "accept-new"
+    assert read_ssh_config("lab", str(config))["BatchMode"] is True
+    assert batch_mode(("BatchMode=no",)) is False
+    assert batch_mode(()) is None
+
+
+def test_another_host_gets_nothing_and_a_bad_line_is_named(tmp_path: Path) -> None:
+    config = lab(tmp_path, "LocalForward 8080 db:5432")
+    assert read_ssh_config("elsewhere", str(config)) == {}
+    bad = lab(tmp_path, "ServerAliveInterval soon")
+    with pytest.raises(ConfigError) as caught:
+        read_ssh_config("lab", str(bad))
+    assert caught.value.line().startswith(f"ssh_config: {bad} line 3: ")
+    spoiled = lab(tmp_path, "LocalForward 8080", "StrictHostKeyChecking no")
+    with pytest.raises(ConfigError) as problems:
+        tunnel(spoiled)
+    assert problems.value.problems == [
+        f"{spoiled}: LocalForward 8080: '8080' has no target; write -L [bind:]port:host:hostport, "
+        "e.g. 127.0.0.1:5432:db.internal:5432",
+        f"{spoiled}: StrictHostKeyChecking=no: portfwd never skips host-key checks; use yes or accept-new",
+    ]
+
+
+def test_g_listens_everywhere_and_4_narrows_the_family(tmp_path: Path) -> None:
+    spec = tunnel(lab(tmp_path), local=("8080:web:80", "127.0.0.1:8081:web:80"))
+    flagged = with_flags(spec, gateway_ports=True, family=socket.AF_INET)
+    assert [item.bind for item in flagged.local] == ["", "127.0.0.1"]
+    assert flagged.family == socket.AF_INET
