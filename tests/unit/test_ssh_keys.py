@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import asyncssh
 import pytest
 
 from portfwd.ssh.keys import KeyFileError, KeyLoginError, load
+from tests.conftest import need_binary
 
 PASSPHRASE = "s3cret"
 
@@ -105,12 +105,30 @@ def test_unattended_a_locked_key_is_left_to_the_agent(
     assert [pair.public_data for pair in pairs] == [plain.public_data]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bcrypt") is not None, reason="bcrypt is installed here")
-@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen (openssh-client)")
-def test_an_openssh_format_locked_key_without_bcrypt_is_named_before_asking(tmp_path: Path) -> None:
-    path = tmp_path / "id"
+def _openssh_format_locked_key(path: Path) -> None:
+    """ssh-keygen's default: the OpenSSH private key format, its passphrase through bcrypt's KDF."""
+    need_binary("ssh-keygen", "openssh-client")
     subprocess.run(
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", PASSPHRASE, "-f", str(path)], check=True, timeout=30
+    )
+
+
+def test_an_openssh_format_locked_key_unlocks_with_its_passphrase(tmp_path: Path) -> None:
+    path = tmp_path / "id"
+    _openssh_format_locked_key(path)
+    pairs = load((str(path),), field="-i", agent=False, ask=lambda prompt: PASSPHRASE)
+    public = asyncssh.read_public_key(str(path) + ".pub")
+    assert [pair.public_data for pair in pairs] == [public.public_data]
+
+
+def test_an_openssh_format_locked_key_without_bcrypt_is_named_before_asking(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "id"
+    _openssh_format_locked_key(path)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *rest: None if name == "bcrypt" else find_spec(name, *rest)
     )
     asked: list[str] = []
     with pytest.raises(KeyLoginError) as caught:

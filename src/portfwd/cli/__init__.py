@@ -31,7 +31,7 @@ COMMANDS = {
     "reload": "portfwd.cli.commands:reload",
     "run": "portfwd.cli.commands:run",
     "server": "portfwd.cli.commands:server",
-    "ssh": "portfwd.cli.commands:ssh",
+    "ssh": "portfwd.cli.ssh:ssh",
     "status": "portfwd.cli.commands:status",
 }
 

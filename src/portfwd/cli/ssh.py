@@ -1,0 +1,207 @@
+"""`portfwd ssh`: OpenSSH's client command line, run by portfwd's engine (or `-W`, stdio).
+
+Apart from commands.py because it is the biggest command and the one people compare with `ssh`:
+its flags, the `-v` levels, `-W` and `-f`. The arguments become a plan in sshargs.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from portfwd import instances
+from portfwd.cli import logging_options
+from portfwd.cli.console import setup_logging
+from portfwd.errors import RuntimeFailure
+
+if TYPE_CHECKING:
+    pass
+
+from portfwd.cli.options import control_option, fast_path_option
+
+
+@click.command(context_settings={"ignore_unknown_options": False})
+@click.argument("destination", metavar="[user@]host[:port]")
+@click.option(
+    "-L", "local", multiple=True, metavar="SPEC", help="[bind:]port:host:hostport (or socket paths)."
+)
+@click.option(
+    "-R", "remote", multiple=True, metavar="SPEC", help="[bind:]port:host:hostport, or [bind:]port for SOCKS."
+)
+@click.option("-D", "dynamic", multiple=True, metavar="SPEC", help="[bind:]port: a SOCKS 4/4a/5 server.")
+@click.option("-p", "port", type=int, metavar="PORT", help="SSH server port.")
+@click.option("-l", "login", metavar="USER", help="User to log in as (as user@host).")
+@click.option("-i", "identity", multiple=True, metavar="KEY", help="Private key file (repeatable).")
+@click.option("-J", "jump", metavar="JUMP", help="Jump host(s): [user@]host[:port][,...].")
+@click.option("-o", "options", multiple=True, metavar="Key=Value", help="OpenSSH option (see below).")
+@click.option("-F", "ssh_config", metavar="FILE", help="ssh_config file instead of ~/.ssh/config.")
+@click.option("-C", "compression", is_flag=True, help="Compress (Compression=yes).")
+@click.option("-N", "no_command", is_flag=True, help="Accepted for ssh compatibility: never runs a command.")
+@click.option("-g", "gateway_ports", is_flag=True, help="-L/-D without an address listen on every address.")
+@click.option("-4", "family", flag_value="4", help="IPv4 only (the connection and the listeners).")
+@click.option("-6", "family", flag_value="6", help="IPv6 only.")
+@click.option("-f", "background", is_flag=True, help="Go to the background once the forwards are up.")
+@click.option("-E", "log_file", metavar="FILE", help="Append the log to FILE instead of stderr.")
+@click.option("-W", "stdio", metavar="HOST:PORT", help="Join stdin/stdout to HOST:PORT (a ProxyCommand).")
+@click.option(
+    "--name",
+    metavar="NAME",
+    help="Name this instance (default: ssh-PID) and its tunnel (default: the destination).",
+)
+@control_option
+@fast_path_option
+@logging_options
+def ssh(
+    destination: str,
+    local: tuple[str, ...],
+    remote: tuple[str, ...],
+    dynamic: tuple[str, ...],
+    port: int | None,
+    login: str | None,
+    identity: tuple[str, ...],
+    jump: str | None,
+    options: tuple[str, ...],
+    ssh_config: str | None,
+    compression: bool,
+    no_command: bool,
+    gateway_ports: bool,
+    family: str | None,
+    background: bool,
+    log_file: str | None,
+    stdio: str | None,
+    name: str | None,
+    control_socket: str | None,
+    no_fast_path: bool,
+    verbose: int,
+    quiet: bool,
+    log_format: str,
+) -> None:
+    """OpenSSH-style tunnels that reconnect by themselves: portfwd ssh [user@]host -L/-R/-D SPEC.
+
+    -o understands ServerAliveInterval, ServerAliveCountMax, ExitOnForwardFailure,
+    StrictHostKeyChecking (yes, accept-new), UserKnownHostsFile, ConnectTimeout, Compression,
+    Ciphers, KexAlgorithms, MACs, HostKeyAlgorithms (each narrows portfwd's safe set), Port, User,
+    IdentityFile, IdentitiesOnly, ProxyJump and BatchMode; ssh_config's LocalForward,
+    RemoteForward, DynamicForward and those options apply when the command line leaves them out.
+    -v shows the SSH conversation (-vv, -vvv: more of it, as ssh).
+    """
+    # -W is a ProxyCommand: its stderr is the user's terminal, so only problems unless -v.
+    setup_logging(verbose, quiet or (stdio is not None and not verbose), log_format, log_file)
+    if verbose:
+        _ssh_verbosity(verbose)
+    target = _stdio_target(stdio) if stdio is not None else None
+    instance = instances.identify("ssh", name=name, control=control_socket)
+    from portfwd import planner
+    from portfwd.cli import sshargs
+
+    found = sshargs.read_ssh_config(destination, ssh_config)
+    config = sshargs.tunnel_from_args(
+        destination,
+        local,
+        remote,
+        dynamic,
+        port,
+        identity,
+        jump,
+        options,
+        ssh_config,
+        compression,
+        name,
+        login=login,
+        found=found,
+        stdio=target is not None,
+    )
+    plan = planner.plan(config)
+    batch = sshargs.batch_mode(options)
+    batch = bool(found.get("BatchMode")) if batch is None else batch
+    wanted = sshargs.FAMILIES.get(family or "", 0)
+    plan = replace(
+        plan,
+        tunnels=tuple(
+            sshargs.with_keys(
+                sshargs.with_flags(tunnel, gateway_ports=gateway_ports, family=wanted), batch=batch
+            )
+            for tunnel in plan.tunnels
+        ),
+    )
+    if no_fast_path:
+        plan = replace(plan, ssh_fast_path=False)
+    if target is not None:
+        from portfwd.ssh import stdio as stdio_relay
+
+        stdio_relay.run(sshargs.stdio_spec(plan.tunnels[0]), *target, fast_path=plan.ssh_fast_path)
+        return
+    if background:
+        _background(instance.socket, plan.tunnels[0].connect_timeout, plan.tunnels[0].label)
+    from portfwd import runtime
+
+    runtime.run(plan, identity=instance, exit_on_auth=True)
+
+
+def _ssh_verbosity(verbose: int) -> None:
+    """ssh's -v levels for the SSH conversation: -v asyncssh's narration (connect, auth,
+    channels), -vv and -vvv its debug levels 1 and 2 (ssh's debug1..3 in spirit)."""
+    import asyncssh
+
+    logging.getLogger("asyncssh").setLevel(logging.INFO if verbose == 1 else logging.DEBUG)
+    if verbose > 1:
+        asyncssh.set_debug_level(min(verbose - 1, 3))
+
+
+def _stdio_target(text: str) -> tuple[str, int]:
+    """-W host:port (IPv6 in brackets). Raises UsageError."""
+    from portfwd.errors import UsageError
+
+    host, colon, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UsageError(
+            f"{text!r} is not host:port", field="-W", hint="e.g. -W db.internal:5432 or -W %h:%p"
+        )
+    return host, int(port)
+
+
+def _background(control: Path, within: float, label: str) -> None:
+    """-f: fork; the child runs on (in a session of its own, stdin from /dev/null), the parent
+    exits 0 once the child's control socket says the tunnel is up with every forward listening.
+
+    The parent waits at most `within` (ConnectTimeout) plus a little for the start; if the
+    child exits first, the parent exits with its code (the child has printed why). Raises
+    RuntimeFailure (exit 1) when the tunnel is not up in time: the child keeps trying.
+    """
+    from portfwd import control as control_client
+
+    pid = os.fork()
+    if pid == 0:  # the child: detach from the terminal and run
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        return
+    deadline = time.monotonic() + within + 5
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            os._exit(os.waitstatus_to_exitcode(status))
+        try:
+            answer = control_client.request(control, "status", timeout=2)
+        except RuntimeFailure:
+            answer = {}
+        tunnels = answer.get("status", {}).get("tunnels", []) if answer.get("ok") else []
+        if (
+            tunnels
+            and tunnels[0].get("state") == "up"
+            and all(item.get("state") == "listening" for item in tunnels[0].get("forwards", []))
+        ):
+            os._exit(0)
+        time.sleep(0.05)  # polling another process's socket; bounded by the deadline
+    raise RuntimeFailure(
+        f"{label}: not up within {within:g}s; it keeps trying in the background (pid {pid})",
+        hint=f"see portfwd status --control {control}",
+    )
