@@ -25,7 +25,7 @@ from typing import Any
 import asyncssh
 
 from portfwd.errors import BindError, PortfwdError, RuntimeFailure
-from portfwd.relay.forwarder import describe_peer
+from portfwd.relay.forwarder import describe_peer, format_peer
 from portfwd.relay.listener import TcpListener, bind_ip, bind_unix
 from portfwd.relay.upstream import stream_options
 from portfwd.specs import TunnelSpec
@@ -280,7 +280,9 @@ class Tunnel:
         self._connected_once = True
         self.stats.enter("up")
         self._up.set()
-        log.info("%s: connected to %s (%s)", self.label, self.stats.server, conn.get_extra_info("peername"))
+        peer = conn.get_extra_info("peername")
+        where = format_peer(peer) if isinstance(peer, tuple) and len(peer) >= 2 else "through the jump host"
+        log.info("%s: connected to %s (%s)", self.label, self.stats.server, where)
         requests = asyncio.get_running_loop().create_task(self.forwarded.request(conn))
         try:
             await conn.wait_closed()
@@ -288,7 +290,12 @@ class Tunnel:
             requests.cancel()
             (outcome,) = await asyncio.gather(requests, return_exceptions=True)
             if isinstance(outcome, Exception):
-                log.error("%s: asking for the -R forwards failed: %r", self.label, outcome, exc_info=outcome)
+                log.error(
+                    "%s: asking for the -R forwards failed: %s",
+                    self.label,
+                    ssh_error(outcome).message,
+                    exc_info=outcome,
+                )
         self._up.clear()
         for forward in self.forwards:
             forward.remote = None

@@ -132,9 +132,9 @@ class RemoteForwards:
             port = listener.get_port()
             where = f"{bind or '*'}:{port}"
             if spec.port == 0:
-                # The words OpenSSH prints, so scripts that grep ssh's output find ours; at warning
-                # level so that -q still shows it, as ssh shows it without -v.
-                log.warning("Allocated port %d for remote forward to %s", port, spec.target_text)
+                # The words OpenSSH prints, so scripts that grep ssh's output find ours; at INFO,
+                # as ssh logs it: shown by default, hidden by -q.
+                log.info("Allocated port %d for remote forward to %s", port, spec.target_text)
         forward.remote = listener
         forward.stats.listen = where
         forward.stats.state = "listening"
