@@ -86,6 +86,16 @@ async def through_server(keys: Keys, **fields: Any) -> AsyncIterator[Runtime]:
         yield runtime
 
 
+def _not_the_servers(keys: Keys) -> int:
+    """A free port for the forward's entry, never the server's own (the module's server port is
+    free between tests, so the kernel may hand it out again)."""
+    for _ in range(20):
+        port = free_port()
+        if port != keys.port:
+            return port
+    raise AssertionError("no free port other than the server's")
+
+
 class _ThroughServer(RelayConformance):
     keys: Keys
 
@@ -97,7 +107,7 @@ class _ThroughServer(RelayConformance):
 class TestLocalThroughPortfwdServer(_ThroughServer):
     @contextlib.asynccontextmanager
     async def forward(self, target: Address) -> AsyncIterator[Address]:
-        entry = ("127.0.0.1", free_port())
+        entry = ("127.0.0.1", _not_the_servers(self.keys))
         where = target if isinstance(target, str) else text(target)
         async with through_server(self.keys, local=[f"127.0.0.1:{entry[1]}:{where}"]):
             yield entry
@@ -110,7 +120,7 @@ class TestLocalToUnixThroughPortfwdServer(TestLocalThroughPortfwdServer):
 class TestRemoteThroughPortfwdServer(_ThroughServer):
     @contextlib.asynccontextmanager
     async def forward(self, target: Address) -> AsyncIterator[Address]:
-        entry = ("127.0.0.1", free_port())
+        entry = ("127.0.0.1", _not_the_servers(self.keys))
         async with through_server(self.keys, remote=[f"127.0.0.1:{entry[1]}:{text(target)}"]):
             yield entry
 
@@ -136,7 +146,7 @@ class TestDynamicThroughPortfwdServer(_ThroughServer):
     @contextlib.asynccontextmanager
     async def forward(self, target: Address) -> AsyncIterator[Address]:
         self.target = target
-        entry = ("127.0.0.1", free_port())
+        entry = ("127.0.0.1", _not_the_servers(self.keys))
         async with through_server(self.keys, dynamic=[f"127.0.0.1:{entry[1]}"]):
             yield entry
 
