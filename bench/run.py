@@ -61,6 +61,17 @@ def wait_tcp(port: int, timeout: float = 10.0) -> None:
             time.sleep(0.02)
 
 
+def wait_listening(port: int, timeout: float = 10.0) -> None:
+    """Wait for a TCP listener on `port` without connecting to it (`ss -l`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout
+        if out.strip():
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"no TCP listener on {port}")
+
+
 def wait_udp(port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -263,7 +274,10 @@ def start_forwarders(
 
     for forwarder in forwarders:
         for name in names:
-            wait_tcp(forwarder.ports[name])
+            if name == "iperf":  # iperf3 serves one client at a time and would take a probe for one
+                wait_listening(forwarder.ports[name])
+            else:
+                wait_tcp(forwarder.ports[name])
         if "udp" in forwarder.ports and forwarder.name != "direct":
             wait_udp(forwarder.ports["udp"])
     return forwarders
@@ -294,6 +308,10 @@ def iperf_tcp(forwarder: Forwarder, streams: int, seconds: float) -> tuple[float
     )
     cpu = cpu_seconds(forwarder.pids) - before
     result = json.loads(out.stdout)
+    if "sum_received" not in result.get("end", {}):
+        raise SystemExit(
+            f"bench: iperf3 through {forwarder.name} failed: {result.get('error', out.stderr.strip())}"
+        )
     received = result["end"]["sum_received"]
     gbits = received["bytes"] * 8 / 1e9
     return received["bits_per_second"] / 1e9, (cpu / gbits if gbits else float("nan"))
