@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from portfwd.errors import RuntimeFailure
+from portfwd.logevents import event
 from portfwd.relay import libc
 
 log = logging.getLogger(__name__)
@@ -149,5 +150,8 @@ def drop_privileges(
         gid,
         "; no capabilities can come back" if bounded else "; WARNING: capability bounding set kept",
         "; no_new_privs set" if sealed else "; WARNING: no_new_privs not set",
+        extra=event(
+            "privileges.dropped", user=user, uid=entry.pw_uid, gid=gid, bounded=bounded, no_new_privs=sealed
+        ),
     )
     return janitor

@@ -23,6 +23,7 @@ from typing import Any
 from portfwd import __version__
 from portfwd.errors import ConfigError, PortfwdError, RuntimeFailure
 from portfwd.instances import Identity
+from portfwd.logevents import event
 from portfwd.notify import Notifier
 from portfwd.privileges import Janitor, drop_privileges
 from portfwd.relay.udp import UdpForwarder
@@ -217,6 +218,15 @@ class Runtime:
             len(self._tunnels.running()),
             "" if self._rules.splice else ", splice unavailable (protocol relay everywhere)",
             f", {len(self.failures)} failed" if self.failures else "",
+            extra=event(
+                "ready",
+                version=__version__,
+                rules=self._rules.running,
+                sockets=self._rules.sockets,
+                tunnels=len(self._tunnels.running()),
+                failed=len(self.failures),
+                splice=self._rules.splice,
+            ),
         )
         self._notify.ready(self._ready_status())
 
@@ -252,7 +262,11 @@ class Runtime:
             new = self.loader()
         except ConfigError as exc:
             for line in exc.problems:
-                log.error("reload refused, old config keeps running: %s", line)
+                log.error(
+                    "reload refused, old config keeps running: %s",
+                    line,
+                    extra=event("reload.refused", reason=line),
+                )
             return {"ok": False, "errors": exc.problems}
         parts = self._reloadable(new)
         retired = [await service.retire(part) for service, part in parts]
@@ -264,13 +278,22 @@ class Runtime:
         for key, section in _RESTART_ONLY.items():
             if getattr(new, key) != getattr(old, key):
                 log.warning("reload: %s changes take effect at the next start", section)
+        added = rules.tried - len(failures)  # as ever: new rules less every failure, tunnels' too
         log.info(
             "reloaded %s: %d kept, %d removed, %d added, %d failed",
             self.config_path,
             rules.kept,
             len(removed),
-            rules.tried - len(failures),  # as ever: new rules less every failure, tunnels' too
+            added,
             len(failures),
+            extra=event(
+                "reload",
+                config=str(self.config_path or ""),
+                kept=rules.kept,
+                removed=len(removed),
+                added=added,
+                failed=len(failures),
+            ),
         )
         return _answer(rules, removed, failures)
 
@@ -281,7 +304,9 @@ class Runtime:
         does: the Unix default, and what ends `ssh` when the terminal it ran in closes.
         """
         if self.loader is None:
-            log.warning("SIGHUP: no config file to reload; stopping")
+            log.warning(
+                "SIGHUP: no config file to reload; stopping", extra=event("stopping", reason="SIGHUP")
+            )
             self.request_stop()
             return
         if not self._entered or self._closed:
@@ -304,7 +329,7 @@ class Runtime:
             return
         if self._stop.is_set():
             self._stopping = True  # second signal: skip the drain
-            log.warning("second signal: closing all sessions now")
+            log.warning("second signal: closing all sessions now", extra=event("drain.skipped"))
             if self._drained is not None:
                 self._drained.set()
         self._stop.set()
@@ -318,7 +343,12 @@ class Runtime:
         """Wait for live sessions to end, up to drain_timeout (a second signal ends the wait)."""
         if not self.state.sessions or self._stopping:
             return
-        log.info("draining %d session(s) for up to %gs", len(self.state.sessions), self.plan.drain_timeout)
+        log.info(
+            "draining %d session(s) for up to %gs",
+            len(self.state.sessions),
+            self.plan.drain_timeout,
+            extra=event("drain", sessions=len(self.state.sessions), timeout_s=self.plan.drain_timeout),
+        )
         drained = asyncio.Event()
         self._drained = drained
         self.state.on_empty = drained.set
@@ -396,9 +426,9 @@ def run(
         try:
             await runtime.wait()
         finally:
-            log.info("stopping")
+            log.info("stopping", extra=event("stopping"))
             await runtime.stop()
-            log.info("stopped")
+            log.info("stopped", extra=event("stopped"))
         if runtime.fatal_error is not None:
             raise RuntimeFailure(runtime.fatal_error.line())
 

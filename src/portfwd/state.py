@@ -281,6 +281,15 @@ class State:
         self.listeners.sort(key=lambda item: order.get(item.rule, last))
         self.listening.sort(key=lambda item: order.get(item.owner, last) if item.kind == "rule" else last)
 
+    def remove_listening_socket(self, owner: str, address: str, kind: str) -> None:
+        """Forget one listening socket of `owner` (a server client's -R port that closed while
+        its others stay)."""
+        self.listening = [
+            item
+            for item in self.listening
+            if item.owner != owner or item.kind != kind or item.address != address
+        ]
+
     def remove_listening(self, owners: Iterable[str], kind: str = "rule") -> None:
         """Forget the listening sockets of `owners` of `kind` (closed: removed by reload, or
         shutting down)."""
@@ -537,10 +546,15 @@ def address_text(address: Any) -> str:
 
 def upstream_text(relay: Closable | None) -> str:
     """The local address of a live relay's upstream socket, read now (status is asked), so the
-    relay pays nothing per session for it; "" for a relay that has no public `upstream`
-    descriptor (only the splice relay has one) or has closed."""
+    relay pays nothing per session for it: the splice relay's `upstream` descriptor, or what
+    another relay's `upstream_sockname()` says (the protocol relay's socket, an SSH bridge's
+    socket or SSH connection); "" for a relay that has closed."""
     fd = getattr(relay, "upstream", None)
-    if type(fd) is not int or getattr(relay, "closed", True) is not False:
+    if type(fd) is not int:
+        sockname = getattr(relay, "upstream_sockname", None)
+        address = sockname() if callable(sockname) else None
+        return address_text(address) if address else ""
+    if getattr(relay, "closed", True) is not False:
         return ""
     borrowed = socket.socket(fileno=fd)  # one event loop: the relay cannot close it meanwhile
     try:

@@ -216,7 +216,11 @@ OPTION_KEYS = {
     "identitiesonly": "agent",
     "proxyjump": "jump",
     "batchmode": None,  # read by the CLI (cli/sshargs.py): whether a key's passphrase may be asked
+    "gatewayports": None,  # read by the CLI as -g is (cli/sshargs.py `listen_flags`)
+    "addressfamily": None,  # read by the CLI as -4/-6 are
 }
+#: AddressFamily's words, as the CLI's -4/-6 spell them ("" for any).
+FAMILY_WORDS = {"any": "", "inet": "4", "inet6": "6"}
 _YES = {"yes": True, "true": True, "no": False, "false": False}
 
 
@@ -250,11 +254,16 @@ def parse_option(text: str, into: dict[str, object]) -> None:
     if lower not in OPTION_KEYS:
         known = "ServerAliveInterval, ServerAliveCountMax, ExitOnForwardFailure, StrictHostKeyChecking, "
         known += "UserKnownHostsFile, ConnectTimeout, Compression, Ciphers, KexAlgorithms, MACs, "
-        known += "HostKeyAlgorithms, Port, User, IdentityFile, IdentitiesOnly, ProxyJump, BatchMode"
+        known += "HostKeyAlgorithms, Port, User, IdentityFile, IdentitiesOnly, ProxyJump, BatchMode, "
+        known += "GatewayPorts, AddressFamily"
         raise ConfigError(f"-o {name}: not an option portfwd ssh supports; it supports {known}")
     key = OPTION_KEYS[lower]
-    if lower == "batchmode":
-        _yes_no(name, value)  # checked here; used by the front end (it asks before any connect)
+    if lower in ("batchmode", "gatewayports"):
+        _yes_no(name, value)  # checked here; used by the front end (cli/sshargs.py)
+        return
+    if lower == "addressfamily":
+        if value.lower() not in FAMILY_WORDS:
+            raise ConfigError(f"-o {name}={value}: must be any, inet or inet6")
         return
     if lower in ("serveraliveinterval", "connecttimeout"):
         seconds = _whole(name, value, 0 if lower == "serveraliveinterval" else 1)

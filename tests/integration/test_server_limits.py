@@ -121,7 +121,7 @@ def test_auth_tries_per_connection_and_failures_per_address(tmp_path: Path) -> N
         log = server.log()
     finally:
         server.stop()
-    assert log.count("failed authentication attempts for 'alice' (max_auth_tries); disconnected") == 2
+    assert log.count("failed authentication attempts for alice (max_auth_tries); disconnected") == 2
     assert "refused: too many failed logins from this address" in log
 
 

@@ -325,13 +325,60 @@ def test_second_signal_closes_sessions_at_once(tmp_path: Path) -> None:
         sink.close()
 
 
-def test_json_logs_are_one_object_per_line() -> None:
+def _session_logs(log_format: str, sink: Sink) -> list[str]:
+    """The log lines of one `portfwd forward` run: ready, one session through it, stop."""
     port = free_port()
+    payload = os.urandom(64 * 1024)
     with started(
-        portfwd_argv("forward", "--log-format", "json", f"127.0.0.1:{port}:127.0.0.1:{free_port()}")
+        portfwd_argv("forward", "--log-format", log_format, f"127.0.0.1:{port}:127.0.0.1:{sink.port}")
     ) as proc:
-        line = proc.wait_for(READY)
-    record = json.loads(line)
-    assert record["level"] == "info"
-    assert record["logger"] == "portfwd.runtime"
-    assert record["msg"].startswith("portfwd 0.1.0 ready: 1 rule(s)")
+        proc.wait_for(READY if log_format == "text" else '"event": "ready"')
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(payload)
+            client.shutdown(socket.SHUT_WR)
+            answer = b""
+            while chunk := client.recv(4096):
+                answer += chunk
+        assert answer.decode() == hashlib.sha256(payload).hexdigest()
+        proc.wait_for("closed (")
+        assert proc.stop() == 0
+        return [line for line in proc.output().splitlines() if line.strip()]
+
+
+def test_json_logs_carry_each_event_and_its_fields() -> None:
+    """--log-format json: one object a line, the event named, the session's story in fields
+    (no sentence to parse), and the same lines as the text format, in the same order."""
+    sink = Sink().start()
+    try:
+        lines = _session_logs("json", sink)
+        text = _session_logs("text", sink)
+    finally:
+        sink.listener.close()
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert [record["event"] for record in records] == [
+        "control.listening",
+        "rule.listening",
+        "ready",
+        "session.open",
+        "session.closed",
+        "stopping",
+        "stopped",
+    ]
+    by_event = {record["event"]: record for record in records}
+    closed = by_event["session.closed"]
+    rule = by_event["rule.listening"]["rule"]
+    assert closed["rule"] == rule == by_event["session.open"]["rule"]
+    assert closed["client"].startswith("127.0.0.1:")
+    assert closed["target"] == f"127.0.0.1:{sink.port}"
+    assert closed["reason"] == "client closed"  # its half-close came first
+    assert (closed["bytes_up"], closed["bytes_down"]) == (64 * 1024, 64)
+    assert isinstance(closed["duration_s"], float)
+    assert closed["duration_s"] >= 0
+    assert closed["path"] in ("splice", "protocol")
+    assert by_event["ready"]["rules"] == 1
+    assert {record["level"] for record in records} == {"info"}
+    # The text format writes the same events: one line each, the same words as `msg`.
+    assert len(text) == len(records)
+    for line, record in zip(text, records, strict=True):
+        words = line.split(" ", 3)[3]  # after "date time LEVEL"
+        assert words.split(":")[0] == record["msg"].split(":")[0], (line, record["msg"])

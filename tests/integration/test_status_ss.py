@@ -175,12 +175,16 @@ def test_recently_closed_sessions_tell_the_story_the_log_tells(tmp_path: Path) -
     assert by_rule["down"]["reason"] == "upstream: connection refused"
 
 
-def test_rates_move_while_bytes_flow_and_the_upstream_socket_is_the_kernels(tmp_path: Path) -> None:
+@pytest.mark.parametrize("relay", ["splice", "protocol"])
+def test_rates_move_while_bytes_flow_and_the_upstream_socket_is_the_kernels(
+    tmp_path: Path, relay: str
+) -> None:
     sink = Sink(pace=0.01).start()  # about 6 MiB/s at most: 16 MiB takes >= 2.5 s, samples fit
     port, control, config = free_port(), tmp_path / "ctl.sock", tmp_path / "portfwd.toml"
     config.write_text(
         f'[control]\nsocket = "{control}"\n'
         f'[[forward]]\nname = "bulk"\nlisten = "127.0.0.1:{port}"\nconnect = "127.0.0.1:{sink.port}"\n'
+        f'relay = "{relay}"\n'
     )
     data = os.urandom(16 * MiB)
     answer: list[bytes] = []
@@ -213,11 +217,9 @@ def test_rates_move_while_bytes_flow_and_the_upstream_socket_is_the_kernels(tmp_
     assert re.search(r"\d KiB/s|\d MiB/s", table), table
     [closed] = final["closed"]
     assert closed["bytes_up"] == 16 * MiB
-    if session["path"] == "splice":  # the relay that tells its upstream socket
-        assert ("ESTAB", session["upstream_local"], f"127.0.0.1:{sink.port}") in links
-        assert session["upstream_local"] in table
-    else:
-        assert session["upstream_local"] == ""
+    assert session["path"] == relay
+    assert ("ESTAB", session["upstream_local"], f"127.0.0.1:{sink.port}") in links
+    assert session["upstream_local"] in table
 
 
 def test_piped_status_and_check_print_whole_values_in_config_order(tmp_path: Path) -> None:
@@ -304,3 +306,50 @@ def test_a_tunnel_forwards_closed_session_is_kept_with_its_forward(tmp_path: Pat
     assert (row["client"], row["target"], row["path"]) == (mine, f"127.0.0.1:{sink.port}", "ssh")
     assert (row["bytes_up"], row["bytes_down"], row["reason"]) == (777, 0, "idle timeout")
     assert logged == ["idle timeout"]
+
+
+def test_the_servers_listeners_and_upstream_sockets_are_what_ss_shows(tmp_path: Path) -> None:
+    """`portfwd server`: its SSH listener and each client's -R port are listening rows; a -L
+    session's upstream socket is the one the kernel lists, as on a rule's protocol path."""
+    from tests.integration.test_server import Server, wait_port
+
+    server = Server(tmp_path).start()
+    sink = Sink().start()
+    local, remote = free_port(), free_port()
+    try:
+        argv = server.ssh(
+            "-L",
+            f"127.0.0.1:{local}:127.0.0.1:{sink.port}",
+            "-R",
+            f"127.0.0.1:{remote}:127.0.0.1:{sink.port}",
+        )
+        with started(argv):
+            wait_port(local)
+            assert server.proc is not None
+            server.proc.wait_for(f"listening on 127.0.0.1:{remote} for the client")
+            with socket.create_connection(("127.0.0.1", local), timeout=10) as held:
+                held.sendall(b"x" * 1000)  # the sink reads until EOF: the session stays open
+                deadline = time.monotonic() + 15
+                snapshot = status(server.config)
+                while not any(row["bytes_up"] >= 1000 for row in snapshot["sessions"]):
+                    assert time.monotonic() < deadline, snapshot["sessions"]
+                    time.sleep(0.05)  # polling a condition, bounded by the deadline
+                    snapshot = status(server.config)
+                listening, links = ss(server.proc.pid, "ltn"), ss(server.proc.pid, "tn")
+            after = status(server.config)
+    finally:
+        sink.close()
+        server.stop()
+    rows = {item["address"]: item for item in snapshot["listening"] if item["protocol"] == "tcp"}
+    assert sorted(rows) == sorted(address for _, address, _ in listening)
+    assert (rows[f"127.0.0.1:{server.port}"]["kind"], rows[f"127.0.0.1:{server.port}"]["owner"]) == (
+        "server",
+        "server",
+    )
+    assert rows[f"127.0.0.1:{remote}"]["kind"] == "server"
+    assert rows[f"127.0.0.1:{remote}"]["owner"].startswith("server alice@127.0.0.1:")
+    assert rows[f"127.0.0.1:{remote}"]["path"] == "-R"
+    [session] = [row for row in snapshot["sessions"] if row["bytes_up"] >= 1000]
+    assert session["path"] == "ssh-server"
+    assert ("ESTAB", session["upstream_local"], f"127.0.0.1:{sink.port}") in links
+    assert f"127.0.0.1:{remote}" in {item["address"] for item in after["listening"]}, "still held"

@@ -218,7 +218,8 @@ def test_bad_arguments_exit_2_with_every_problem() -> None:
         "portfwd: -o StrictHostKeyChecking=no: portfwd never skips host-key checks; use yes or accept-new",
         "portfwd: -o Bogus: not an option portfwd ssh supports; it supports ServerAliveInterval, ServerAliveCountMax, "
         "ExitOnForwardFailure, StrictHostKeyChecking, UserKnownHostsFile, ConnectTimeout, Compression, Ciphers, "
-        "KexAlgorithms, MACs, HostKeyAlgorithms, Port, User, IdentityFile, IdentitiesOnly, ProxyJump, BatchMode",
+        "KexAlgorithms, MACs, HostKeyAlgorithms, Port, User, IdentityFile, IdentitiesOnly, ProxyJump, BatchMode, "
+        "GatewayPorts, AddressFamily",
         "portfwd: -o Ciphers: unknown cipher 'rot13'; use one or more of: chacha20-poly1305@openssh.com, "
         "aes256-gcm@openssh.com, aes128-gcm@openssh.com, aes256-ctr, aes192-ctr, aes128-ctr",
     ]

@@ -43,7 +43,7 @@ async def test_an_unexpected_error_closes_the_client_and_the_session_once(
     assert state.sessions == {}
     assert (stats.connections_total, stats.connections_active) == (1, 0)
     assert [record.getMessage() for record in caplog.records] == [
-        "t: session ended by an unexpected error: RuntimeError('a bug')"
+        "t: session ended by an unexpected error: RuntimeError: a bug"
     ]
     peer.close()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from portfwd import planner
-from portfwd.cli.sshargs import batch_mode, read_ssh_config, tunnel_from_args, with_flags
+from portfwd.cli.sshargs import batch_mode, listen_flags, read_ssh_config, tunnel_from_args, with_flags
 from portfwd.errors import ConfigError
 from portfwd.specs import TunnelSpec
 
@@ -82,3 +82,23 @@ def test_g_listens_everywhere_and_4_narrows_the_family(tmp_path: Path) -> None:
     flagged = with_flags(spec, gateway_ports=True, family=socket.AF_INET)
     assert [item.bind for item in flagged.local] == ["", "127.0.0.1"]
     assert flagged.family == socket.AF_INET
+
+
+def test_gateway_ports_and_address_family_come_from_o_or_ssh_config_as_g_and_4_do(tmp_path: Path) -> None:
+    config = lab(tmp_path, "GatewayPorts yes", "AddressFamily inet6")
+    found = read_ssh_config("lab", str(config))
+    assert listen_flags((), found, False, None) == (True, "6")
+    # the command line comes first: flags, then -o, then ssh_config
+    assert listen_flags(("GatewayPorts=no", "AddressFamily=inet"), found, False, None) == (False, "4")
+    assert listen_flags(("AddressFamily any",), found, True, None) == (True, None)
+    assert listen_flags(("AddressFamily=inet6",), {}, False, "4") == (False, "4")
+    assert listen_flags((), {}, False, None) == (False, None)
+    tunnel(config, "GatewayPorts=yes", "AddressFamily=inet", local=("1:h:1",))  # accepted
+    with pytest.raises(ConfigError) as caught:
+        tunnel(lab(tmp_path), "AddressFamily=ipx", local=("1:h:1",))
+    assert caught.value.problems == ["-o AddressFamily=ipx: must be any, inet or inet6"]
+    with pytest.raises(ConfigError) as bad:
+        tunnel(lab(tmp_path, "AddressFamily inet7"), local=("1:h:1",))
+    assert bad.value.problems == [
+        f"{tmp_path / 'ssh_config'}: AddressFamily=inet7: must be any, inet or inet6"
+    ]

@@ -16,6 +16,7 @@ import warnings
 from typing import Any
 
 from portfwd.errors import ConfigError, PortfwdError, UsageError
+from portfwd.logevents import RESERVED, record_event
 from portfwd.printable import printable
 
 #: What a dependency may warn about without a user seeing it: deprecations (cryptography's
@@ -118,19 +119,26 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per log line, for `--log-format json` (json.dumps escapes what must be)."""
+    """One JSON object per log line, for `--log-format json`: `ts`, `level`, `logger`, `event`,
+    the event's fields (logevents.py), `msg`, and `exc` when an exception was logged. json.dumps
+    escapes whatever came from the network."""
 
     def format(self, record: logging.LogRecord) -> str:
         import json  # not at the top: one-shot commands start without it
 
-        return json.dumps(
-            {
-                "ts": record.created,
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "msg": record.getMessage(),
-            }
-        )
+        name, fields = record_event(record)
+        line: dict[str, Any] = {
+            "ts": record.created,
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": name,
+        }
+        for key, value in fields.items():
+            line[key if key not in RESERVED else f"field_{key}"] = value
+        line["msg"] = record.getMessage()
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
 
 
 def setup_logging(verbose: int, quiet: bool, log_format: str, log_file: str | None = None) -> None:

@@ -87,7 +87,8 @@ def ssh(
     -o understands ServerAliveInterval, ServerAliveCountMax, ExitOnForwardFailure,
     StrictHostKeyChecking (yes, accept-new), UserKnownHostsFile, ConnectTimeout, Compression,
     Ciphers, KexAlgorithms, MACs, HostKeyAlgorithms (each narrows portfwd's safe set), Port, User,
-    IdentityFile, IdentitiesOnly, ProxyJump and BatchMode; ssh_config's LocalForward,
+    IdentityFile, IdentitiesOnly, ProxyJump, BatchMode, GatewayPorts (as -g) and AddressFamily
+    (any, inet, inet6: as -4/-6); ssh_config's LocalForward,
     RemoteForward, DynamicForward and those options apply when the command line leaves them out.
     -v shows the SSH conversation (-vv, -vvv: more of it, as ssh).
     """
@@ -120,6 +121,7 @@ def ssh(
     plan = planner.plan(config)
     batch = sshargs.batch_mode(options)
     batch = bool(found.get("BatchMode")) if batch is None else batch
+    gateway_ports, family = sshargs.listen_flags(options, found, gateway_ports, family)
     wanted = sshargs.FAMILIES.get(family or "", 0)
     plan = replace(
         plan,

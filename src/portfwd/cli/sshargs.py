@@ -128,6 +128,29 @@ def batch_mode(options: tuple[str, ...]) -> bool | None:
     return None
 
 
+def listen_flags(
+    options: tuple[str, ...], found: dict[str, Any], gateway_ports: bool, family: str | None
+) -> tuple[bool, str | None]:
+    """-g and -4/-6, or else -o GatewayPorts / AddressFamily, or else ssh_config's (ssh's order:
+    the command line first, then the first value the config gives). Values were checked by
+    `tunnelspec.parse_option` already."""
+    said: dict[str, str] = {}
+    for option in options:
+        name, sep, value = option.strip().partition("=")
+        if not sep:
+            name, _, value = option.strip().partition(" ")
+        said.setdefault(name.strip().lower(), value.strip().lower())
+    if not gateway_ports:
+        if "gatewayports" in said:
+            gateway_ports = said["gatewayports"] in ("yes", "true")
+        else:
+            gateway_ports = bool(found.get("GatewayPorts"))
+    if family is None:
+        word = said.get("addressfamily", str(found.get("AddressFamily", "any")).lower())
+        family = tunnelspec.FAMILY_WORDS.get(word) or None
+    return gateway_ports, family
+
+
 def with_keys(tunnel: TunnelSpec, *, batch: bool) -> TunnelSpec:
     """The tunnel with its -i keys read now, before anything runs: a passphrase is asked for
     once, on the terminal (as ssh asks), unless the agent holds the key.
@@ -196,8 +219,14 @@ def _apply_ssh_config(found: dict[str, Any], table: dict[str, Any], source: str,
                     problems.append(f"{source}: {name} {line}: {exc.line()}")
             continue
         key = tunnelspec.OPTION_KEYS.get(name.lower())
-        if key is None or key in table:
-            continue  # BatchMode (the front end reads it), or set on the command line
+        if key is None:  # BatchMode, GatewayPorts, AddressFamily: the front end reads them; checked here
+            try:
+                tunnelspec.parse_option(f"{name}={_text(value)}", {})
+            except ConfigError as exc:
+                problems.append(f"{source}: {exc.line().removeprefix('-o ')}")
+            continue
+        if key in table:
+            continue  # set on the command line
         if name == "StrictHostKeyChecking" and str(value).lower() == "ask":
             continue  # nobody to ask: the same as yes for portfwd
         if name == "IdentityFile":  # as ssh: a file ssh_config names but that is missing is skipped

@@ -14,6 +14,7 @@ import os
 
 from portfwd.kernel import conntrack, nft
 from portfwd.kernel.triggers import LastWins
+from portfwd.logevents import event
 from portfwd.specs import GatewaySpec
 from portfwd.state import State
 from portfwd.status import GatewayRuleRow, GatewaySessionRow, TriggerRow
@@ -40,7 +41,7 @@ class GatewayService:
         """Plan and apply the ruleset, then watch that it stays loaded. Raises nft.GatewayError."""
         gateway = self.config
         for problem in nft.forwarding_problems(gateway.enable_forwarding):
-            log.warning("gateway: %s", problem)
+            log.warning("gateway: %s", problem, extra=event("gateway.problem", reason=problem))
         found = await asyncio.to_thread(nft.interfaces, gateway)
         problems = nft.check(gateway, found)
         if problems:
@@ -56,6 +57,7 @@ class GatewayService:
             "gateway: table inet portfwd applied: %d forward rule(s), %d trigger(s)",
             len(gateway.forward),
             len(gateway.trigger),
+            extra=event("gateway.applied", forwards=len(gateway.forward), triggers=len(gateway.trigger)),
         )
         await self._read()
         self._check = asyncio.get_running_loop().create_task(self._watch())
@@ -71,16 +73,22 @@ class GatewayService:
                 if self.ruleset is None:
                     return
                 if not present:
-                    log.warning("gateway: table inet portfwd was removed behind our back; applying it again")
+                    log.warning(
+                        "gateway: table inet portfwd was removed behind our back; applying it again",
+                        extra=event("gateway.drift", reason="removed"),
+                    )
                 elif await asyncio.to_thread(nft.fingerprint) != self._fingerprint:
-                    log.warning("gateway: table inet portfwd was changed behind our back; applying it again")
+                    log.warning(
+                        "gateway: table inet portfwd was changed behind our back; applying it again",
+                        extra=event("gateway.drift", reason="changed"),
+                    )
                 else:
                     continue
                 await asyncio.to_thread(nft.apply, self.ruleset)
                 self._fingerprint = await asyncio.to_thread(nft.fingerprint)
-                log.info("gateway: table inet portfwd applied again")
+                log.info("gateway: table inet portfwd applied again", extra=event("gateway.reapplied"))
             except nft.GatewayError as exc:
-                log.error("gateway: %s", exc.line())
+                log.error("gateway: %s", exc.line(), extra=event("gateway.failed", reason=exc.message))
 
     async def _read(self) -> bool:
         """Refresh the gateway counters and trigger holders in the state; False if the table is gone."""
@@ -132,9 +140,9 @@ class GatewayService:
         self.ruleset = None
         try:
             await asyncio.to_thread(nft.remove)
-            log.info("gateway: table inet portfwd removed")
+            log.info("gateway: table inet portfwd removed", extra=event("gateway.removed"))
             if self._restore_timestamps:
                 conntrack.timestamps(on=False)
                 self._restore_timestamps = False
         except nft.GatewayError as exc:
-            log.error("gateway: %s", exc.line())
+            log.error("gateway: %s", exc.line(), extra=event("gateway.failed", reason=exc.message))

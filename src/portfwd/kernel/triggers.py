@@ -15,6 +15,7 @@ import logging
 import shutil
 
 from portfwd.kernel import nft
+from portfwd.logevents import event
 from portfwd.specs import GatewaySpec, GatewayTriggerSpec
 
 log = logging.getLogger(__name__)
@@ -71,10 +72,10 @@ class LastWins:
         proto, ports = trigger.trigger
         name = trigger.name or f"gateway.trigger[{index}]"
         while line := await proc.stdout.readline():
-            event = parse_event(line.decode(errors="replace"))
-            if event is None or event[0] != proto or event[2] not in ports.ports():
+            seen = parse_event(line.decode(errors="replace"))
+            if seen is None or seen[0] != proto or seen[2] not in ports.ports():
                 continue
-            host = event[1]
+            host = seen[1]
             try:
                 if not any(ipaddress.IPv4Address(host) in net for net in self.lan):
                     continue
@@ -84,11 +85,19 @@ class LastWins:
             try:
                 await asyncio.to_thread(nft.hand_over, index, host)
             except nft.GatewayError as exc:
-                log.error("%s: %s", name, exc.line())
+                log.error(
+                    "%s: %s", name, exc.line(), extra=event("trigger.failed", rule=name, reason=exc.message)
+                )
                 continue
             self.holders[index] = host
             if previous != host:
-                log.info("%s: %s takes the ports%s", name, host, f" from {previous}" if previous else "")
+                log.info(
+                    "%s: %s takes the ports%s",
+                    name,
+                    host,
+                    f" from {previous}" if previous else "",
+                    extra=event("trigger.handover", rule=name, host=host, previous=previous),
+                )
 
     async def stop(self) -> None:
         for task in self._tasks:

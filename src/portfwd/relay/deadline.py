@@ -21,10 +21,11 @@ T = TypeVar("T")
 class Deadlines:
     """Cancels the tasks whose deadline has passed, checked every `tick` seconds while any wait."""
 
-    __slots__ = ("_expired", "_tick", "_timer", "_waits")
+    __slots__ = ("_expired", "_loop", "_tick", "_timer", "_waits")
 
     def __init__(self, tick: float = 0.5) -> None:
         self._tick = tick
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the first wait
         self._waits: dict[asyncio.Task[Any], float] = {}
         self._expired: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -43,10 +44,14 @@ class Deadlines:
 
     def enter(self, seconds: float) -> asyncio.Task[Any]:
         """Start a deadline for the current task; pair with `leave` in a `finally`."""
-        task = asyncio.current_task()
+        loop = self._loop
+        if loop is None:
+            # Asked once: on Python 3.11 every get_running_loop() is a getpid() system call (its
+            # fork check), a cost per connection (bench/RESULTS.md, D17).
+            loop = self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         if task is None:
             raise RuntimeError("Deadlines.enter() needs a running task")
-        loop = task.get_loop()
         self._waits[task] = loop.time() + seconds
         if self._timer is None:
             self._timer = loop.call_later(self._tick, self._sweep, loop)

@@ -24,6 +24,7 @@ from portfwd.acl import AccessPolicy, Route, client_ip
 from portfwd.addr import Endpoint, HostPorts, PortRange, UnixPath, target_port
 from portfwd.errors import UpstreamError
 from portfwd.relay.poller import Poller
+from portfwd.relay.sessionlog import log_closed, log_denied, log_failed, log_opened
 from portfwd.relay.splice import PipePool, SpliceRelay
 from portfwd.relay.tcp import ProtocolRelay
 from portfwd.relay.upstream import Addresses, Connect, literal_addresses, resolve
@@ -42,20 +43,6 @@ def format_peer(peer: tuple[Any, ...]) -> str:
     if host.startswith("::ffff:") and "." in host:
         host = host[7:]
     return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
-
-
-def log_closed(label: str, session: Session, reason: str, logger: logging.Logger = log) -> None:
-    """The one line a session ends with: who, where, why, bytes each way, how long."""
-    logger.info(
-        "%s: %s -> %s closed (%s): %d B up, %d B down, %.3fs",
-        label,
-        session.client,
-        session.target,
-        reason,
-        session.bytes_up,
-        session.bytes_down,
-        time.monotonic() - session.began,
-    )
 
 
 def describe_peer(client: socket.socket | int, peer: Any) -> str:
@@ -155,6 +142,9 @@ class TcpForwarder:
         self._targets: dict[Target, tuple[str, Addresses | None]] = {}
         self._pending: set[_Pending] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: The loop, asked for once (on Python 3.11 each get_running_loop() is a getpid() system
+        #: call: bench/RESULTS.md, D17).
+        self._loop: asyncio.AbstractEventLoop | None = None
         #: Set by the runtime to the listener's pause(): running out of descriptors while
         #: connecting upstream is the same exhaustion as failing to accept.
         self.exhausted: Callable[[str], None] | None = None
@@ -182,7 +172,7 @@ class TcpForwarder:
             address = client_ip(peer[0]) if isinstance(peer, tuple) else None
             if not self.policy.permits(address):
                 self.stats.denied_total += 1
-                log.info("%s: %s denied by allow/deny; closed", self.label, describe_peer(client, peer))
+                log_denied(self.label, describe_peer(client, peer), "closed")
                 os.close(client)
                 return
             chosen = self.policy.target_for(address, self.rule.connect)
@@ -235,13 +225,7 @@ class TcpForwarder:
             self.stats.count_error(error.reason)
             if error.reason == "resources" and self.exhausted is not None:
                 self.exhausted(error.message)
-            log.info(
-                "%s: %s -> %s failed: %s; client closed",
-                self.label,
-                pending.client_text,
-                pending.target_text,
-                error.message,
-            )
+            log_failed(self.label, pending.client_text, pending.target_text, error.message)
             self.state.connect_failed(
                 self.stats, pending.client_text, pending.target_text, self.path, f"upstream: {error.message}"
             )
@@ -259,7 +243,10 @@ class TcpForwarder:
                 relay = ProtocolRelay(session, self)
                 session.relay = relay
                 wrapped = socket.socket(fileno=client)
-                task = asyncio.get_running_loop().create_task(relay.start(wrapped, upstream))
+                loop = self._loop
+                if loop is None:
+                    loop = self._loop = asyncio.get_running_loop()
+                task = loop.create_task(relay.start(wrapped, upstream, loop))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         except Exception:  # per-session boundary: log, count, keep serving others
@@ -276,7 +263,7 @@ class TcpForwarder:
             upstream.close()
             self.state.close_session(session, "internal error")
             return
-        log.info("%s: %s -> %s open (%s)", self.label, session.client, session.target, self.path)
+        log_opened(self.label, session)
 
     def relay_closed(self, session: Session, reason: str) -> None:
         """Called once by a relay when it has ended: log the session and fold its counters."""

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from portfwd.errors import BindError
+from portfwd.logevents import event
 from portfwd.relay import libc
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,13 @@ class _Accepting(Generic[Client]):
                     break
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR):
                     continue  # that client went away before we accepted it
-                log.warning("%s: accept failed: %s", self._label, exc.strerror or exc)
+                why = exc.strerror or str(exc)
+                log.warning(
+                    "%s: accept failed: %s",
+                    self._label,
+                    why,
+                    extra=event("accept.failed", rule=self._label, reason=why),
+                )
                 break
         if batch:
             self._serve(batch)
@@ -230,6 +237,7 @@ class _Accepting(Generic[Client]):
             self._label,
             why,
             ACCEPT_RETRY_DELAY,
+            extra=event("accept.paused", rule=self._label, reason=why, delay_s=ACCEPT_RETRY_DELAY),
         )
         self._loop.remove_reader(self.listener.fileno())
         self._paused = self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume)

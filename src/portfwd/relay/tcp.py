@@ -96,9 +96,18 @@ class ProtocolRelay:
         self._client.peer = self._upstream
         self._upstream.peer = self._client
 
-    async def start(self, client: socket.socket, upstream: socket.socket) -> None:
-        """Wrap both sockets in transports; relaying starts when both exist."""
-        loop = asyncio.get_running_loop()
+    def upstream_sockname(self) -> object:
+        """The local address of the upstream socket, read when status asks (None once closed)."""
+        transport = self._upstream.transport
+        if transport is None or self._finished:
+            return None
+        return transport.get_extra_info("sockname")
+
+    async def start(
+        self, client: socket.socket, upstream: socket.socket, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """Wrap both sockets in transports (on `loop`, the running one); relaying starts when
+        both exist."""
         try:
             await loop.connect_accepted_socket(lambda: self._upstream, upstream)
         except BaseException:

@@ -25,9 +25,11 @@ from typing import Any
 
 from portfwd.acl import client_ip
 from portfwd.errors import UpstreamError
+from portfwd.logevents import event
 from portfwd.relay import libc
-from portfwd.relay.forwarder import compile_policy, format_peer, format_target, log_closed, resolve_target
+from portfwd.relay.forwarder import compile_policy, format_peer, format_target, resolve_target
 from portfwd.relay.mmsg import NAME_SIZE, Batch
+from portfwd.relay.sessionlog import log_closed, log_denied, log_opened
 from portfwd.relay.upstream import resolve
 from portfwd.specs import RuleSpec
 from portfwd.state import RuleStats, Session, State
@@ -279,7 +281,7 @@ class UdpForwarder:
                 self.stats.denied_total += datagrams
                 if client_text not in self._denied_logged:
                     self._denied_logged.add(client_text)
-                    log.info("%s: %s denied by allow/deny; datagrams dropped", self.label, client_text)
+                    log_denied(self.label, client_text, "datagrams dropped")
                 return None
             chosen = self.policy.target_for(address, self.rule.connect)
             if chosen is not self.rule.connect:
@@ -292,6 +294,7 @@ class UdpForwarder:
                     "%s: %d UDP flows (udp_max_flows) in use; new clients dropped until some go idle",
                     self.label,
                     len(self.flows),
+                    extra=event("udp.flows_full", rule=self.label, flows=len(self.flows)),
                 )
             return None
         assert not isinstance(target, str)
@@ -299,7 +302,7 @@ class UdpForwarder:
         flow = _Flow(self, peer, key, session)
         self.flows[key] = flow
         self.stats.udp_flows_active += 1
-        log.info("%s: %s -> %s open (udp)", self.label, client_text, session.target)
+        log_opened(self.label, session)
         task = self.loop.create_task(self._connect(flow, target))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

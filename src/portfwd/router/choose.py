@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from portfwd.errors import RouterError
+from portfwd.logevents import event
 from portfwd.proto import natpmp, pcp
 from portfwd.router.base import METHODS, Exchange, Method, Route, UdpMethod
 from portfwd.router.natpmp import NatPmp
@@ -74,10 +75,20 @@ async def attempt_with(
         await candidate.close()
         if method != "auto" or exc.reason in ("refused", "conflict", "timeout"):
             raise
-        log.info("router mapping: %s did not work (%s); trying the next method", name, exc.message)
+        log.info(
+            "router mapping: %s did not work (%s); trying the next method",
+            name,
+            exc.message,
+            extra=event("map.method_failed", method=name, reason=exc.message),
+        )
         return f"{name}: {exc.message}"
     if method == "auto":
-        log.info("router mapping: using %s at %s", name, candidate.where)
+        log.info(
+            "router mapping: using %s at %s",
+            name,
+            candidate.where,
+            extra=event("map.method", method=name, router=str(candidate.where)),
+        )
     return candidate, result
 
 

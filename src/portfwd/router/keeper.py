@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from portfwd.errors import RouterError
+from portfwd.logevents import event
 from portfwd.proto import natpmp, pcp
 from portfwd.router import ledger
 from portfwd.router.base import Granted, MapRequest, Method, Route, default_route, route_via
@@ -149,15 +150,26 @@ class Keeper:
                     log.warning(
                         "%s: the router lost mapping %s (restarted?); made it again at %s",
                         wanted.name, wanted.request.label, renewed.public,
+                        extra=event("map.recreated", map=wanted.name, external=renewed.public),
                     )  # fmt: skip
                 if renewed.external_host != granted.external_host:
                     log.warning(
                         "%s: the router's external address changed from %s to %s",
                         wanted.name, granted.external_host, renewed.external_host,
+                        extra=event(
+                            "map.address_changed", map=wanted.name,
+                            previous=granted.external_host, external=renewed.external_host,
+                        ),
                     )  # fmt: skip
             except RouterError as exc:
                 self._update(run, state="retrying", last_error=exc.line())
-                log.error("%s: %s; retrying in %g s", wanted.name, exc.line(), backoff)
+                log.error(
+                    "%s: %s; retrying in %g s",
+                    wanted.name,
+                    exc.line(),
+                    backoff,
+                    extra=event("map.retry", map=wanted.name, reason=exc.message, delay_s=backoff),
+                )
                 run.remap = True
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
@@ -180,6 +192,10 @@ class Keeper:
             "%s: %s published at %s via %s (lease %s)",
             wanted.name, wanted.request.label, granted.public, granted.method,
             f"{granted.lifetime} s" if granted.lifetime else "permanent, removed on exit",
+            extra=event(
+                "map.added", map=wanted.name, external=granted.public, method=granted.method,
+                lease_s=granted.lifetime or None,
+            ),
         )  # fmt: skip
 
     def _granted(self, run: _Run, granted: Granted) -> None:
@@ -235,6 +251,7 @@ class Keeper:
                     "%s: the router at %s announced a restart or a new address; checking",
                     run.wanted.name,
                     source,
+                    extra=event("map.announcement", map=run.wanted.name, router=source),
                 )
                 run.poke.set()
 
@@ -258,7 +275,12 @@ class Keeper:
         try:
             if granted is not None:
                 await asyncio.wait_for(method.remove(run.wanted.request, granted), REMOVE_TIMEOUT)
-                log.info("%s: mapping %s removed from the router", run.wanted.name, granted.public)
+                log.info(
+                    "%s: mapping %s removed from the router",
+                    run.wanted.name,
+                    granted.public,
+                    extra=event("map.removed", map=run.wanted.name, external=granted.public),
+                )
                 self._update(run, state="removed", external="")
                 if granted.method != "upnp":
                     try:
@@ -274,6 +296,7 @@ class Keeper:
                 run.wanted.name,
                 granted.public if granted else run.wanted.request.label,
                 text,
+                extra=event("map.remove_failed", map=run.wanted.name, reason=text),
             )
         finally:
             await method.close()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from portfwd.control import ControlServer, Reloader
 from portfwd.errors import BindError, ConfigError, PortfwdError, RuntimeFailure
+from portfwd.logevents import event
 from portfwd.services.base import Owned, Service
 from portfwd.specs import ControlSpec
 from portfwd.state import State
@@ -42,7 +43,11 @@ class Control(Service):
             raise RuntimeFailure(exc.line()) from exc
         self._server = server
         self.state.control = str(self.path)
-        log.info("control: %s (portfwd status reads it)", self.path)
+        log.info(
+            "control: %s (portfwd status reads it)",
+            self.path,
+            extra=event("control.listening", path=str(self.path)),
+        )
         return []
 
     def owned(self) -> Owned:

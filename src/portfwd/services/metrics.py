@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from portfwd.errors import BindError, PortfwdError
+from portfwd.logevents import event
 from portfwd.metrics import MetricsServer
 from portfwd.services.base import Change, Reloadable
 from portfwd.specs import Address
@@ -37,10 +38,10 @@ class Metrics(Reloadable[Address | None]):
         try:
             await server.start()
         except BindError as exc:
-            log.error("%s", exc.line())
+            log.error("%s", exc.line(), extra=event("metrics.failed", reason=exc.message))
             return [exc]
         self._server = server
-        log.info("metrics: serving %s", server.url)
+        log.info("metrics: serving %s", server.url, extra=event("metrics.listening", url=server.url))
         return []
 
     async def retire(self, part: Address | None) -> Change:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from portfwd.addr import UnixPath
 from portfwd.errors import BindError, PortfwdError
+from portfwd.logevents import event
 from portfwd.relay.describe import relay_path
 from portfwd.relay.forwarder import RelayPath, TcpForwarder
 from portfwd.relay.listener import DescriptorListener, bind_ip, bind_unix
@@ -104,7 +105,11 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
             self.state.listeners = [item for item in self.state.listeners if item.rule != rule.label]
             self.state.remove_listening([rule.label])
             self.state.rule(rule.label).running = False
-            log.info("%s: removed by reload; stopped listening, live sessions drain", rule.label)
+            log.info(
+                "%s: removed by reload; stopped listening, live sessions drain",
+                rule.label,
+                extra=event("rule.removed", rule=rule.label),
+            )
         return Change(removed=tuple(rule.label for rule in removed))
 
     async def apply(self, part: tuple[RuleSpec, ...]) -> Change:
@@ -152,7 +157,7 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
                 self._runs[rule] = self._start_rule(rule)
             except BindError as exc:
                 failures.append(exc)
-                log.error("%s", exc.line())
+                log.error("%s", exc.line(), extra=event("rule.failed", rule=rule.label, reason=exc.message))
         return failures
 
     def _path_for(self, rule: RuleSpec) -> RelayPath:
@@ -220,4 +225,19 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         self.state.listeners.append(Listener(rule.label, listen, protocol, relay))
         self.state.add_listening(rule.label, path, [accepting.listener for accepting, _ in run.tcp])
         self.state.add_listening(rule.label, "udp", [udp.listener for udp in run.udp])
-        log.info("%s: listening on %s/%s -> %s (%s)", rule.label, listen, protocol, rule.connect, relay)
+        log.info(
+            "%s: listening on %s/%s -> %s (%s)",
+            rule.label,
+            listen,
+            protocol,
+            rule.connect,
+            relay,
+            extra=event(
+                "rule.listening",
+                rule=rule.label,
+                listen=listen,
+                protocol=protocol,
+                target=str(rule.connect),
+                path=relay,
+            ),
+        )

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 
 from portfwd.errors import PortfwdError
+from portfwd.logevents import event
 from portfwd.services.base import Change, Owned, Reloadable
 from portfwd.specs import TunnelSpec
 from portfwd.ssh.client import Tunnel
@@ -107,7 +108,11 @@ class Tunnels(Reloadable[tuple[TunnelSpec, ...]]):
             self.state.remove_listening(listener_names(tunnel), "tunnel")
             await tunnel.stop()
             self.state.tunnels.remove(tunnel.stats)
-            log.info("%s: tunnel removed by reload", tunnel.label)
+            log.info(
+                "%s: tunnel removed by reload",
+                tunnel.label,
+                extra=event("tunnel.removed", tunnel=tunnel.label),
+            )
         return Change(removed=tuple(spec.label for spec in gone))
 
     async def apply(self, part: tuple[TunnelSpec, ...]) -> Change:

@@ -104,6 +104,18 @@ class Bridge:
         """True once `closed` has been called: both sides are done."""
         return self._ended
 
+    def upstream_sockname(self) -> object:
+        """The local address of the upstream side, read when status asks: the socket's for a
+        channel that is the client (-R on a client, -L/-D on the server), else the SSH
+        connection's the channel runs in. None once that side is gone."""
+        if self._ended:
+            return None
+        if self.channel_is_client:
+            side: typing.Any = self.transport
+        else:
+            side = self.chan
+        return None if side is None else side.get_extra_info("sockname")
+
     # factories for asyncssh and asyncio
     def channel_session(self) -> asyncssh.SSHTCPSession[bytes]:
         """The SSHTCPSession to hand asyncssh (create_connection, create_server factories)."""

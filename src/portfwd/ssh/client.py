@@ -25,8 +25,10 @@ from typing import Any
 import asyncssh
 
 from portfwd.errors import BindError, PortfwdError, RuntimeFailure
+from portfwd.logevents import event
 from portfwd.relay.forwarder import describe_peer, format_peer
 from portfwd.relay.listener import TcpListener, bind_ip, bind_unix
+from portfwd.relay.sessionlog import log_failed, log_opened
 from portfwd.relay.upstream import stream_options
 from portfwd.specs import TunnelSpec
 from portfwd.ssh import connection
@@ -148,7 +150,14 @@ class Tunnel:
                 forward.stats.error = exc.message
                 failures.append(exc)
                 if not self.config.exit_on_forward_failure:
-                    log.error("%s: %s", self.label, exc.line())
+                    log.error(
+                        "%s: %s",
+                        self.label,
+                        exc.line(),
+                        extra=event(
+                            "forward.failed", tunnel=self.label, forward=str(forward.spec), reason=exc.message
+                        ),
+                    )
                 else:
                     self.fatal(
                         RuntimeFailure(f"{self.label}: {forward.spec}: {exc.message} (ExitOnForwardFailure)")
@@ -183,6 +192,13 @@ class Tunnel:
             forward.stats.spec.split()[0],
             forward.stats.listen,
             spec.target_text,
+            extra=event(
+                "forward.listening",
+                tunnel=self.label,
+                forward=forward.stats.spec,
+                listen=forward.stats.listen,
+                target=spec.target_text,
+            ),
         )
 
     def stop_accepting(self) -> None:
@@ -227,7 +243,14 @@ class Tunnel:
                 if self.exit_on_auth:
                     self.fatal(exc)
                 else:
-                    log.error("%s: %s; this tunnel stays down until reload", self.label, exc.line())
+                    log.error(
+                        "%s: %s; this tunnel stays down until reload",
+                        self.label,
+                        exc.line(),
+                        extra=event(
+                            "tunnel.failed", tunnel=self.label, server=self.stats.server, reason=exc.message
+                        ),
+                    )
                 return
             except (OSError, asyncssh.Error, PortfwdError, asyncssh.KeyImportError) as exc:
                 # TimeoutError is an OSError; KeyImportError (a ValueError) is a key from ssh_config
@@ -254,7 +277,13 @@ class Tunnel:
             if self._stopping:
                 return
             reason = self._lost_reason or "connection lost"
-            log.warning("%s: link to %s lost (%s)", self.label, self.stats.server, reason)
+            log.warning(
+                "%s: link to %s lost (%s)",
+                self.label,
+                self.stats.server,
+                reason,
+                extra=event("tunnel.lost", tunnel=self.label, server=self.stats.server, reason=reason),
+            )
             self.sessions.close_all("tunnel down")
             await self._disconnect()
             await self._backoff(0, f"link lost: {reason}")
@@ -269,6 +298,7 @@ class Tunnel:
             "%s: %s; this tunnel stays down until reload (retry_first_connect = true retries it)",
             self.label,
             f"{text}; {hint}" if hint else text,
+            extra=event("tunnel.failed", tunnel=self.label, server=self.stats.server, reason=text),
         )
 
     async def _serve_link(self, conn: asyncssh.SSHClientConnection) -> None:
@@ -282,7 +312,13 @@ class Tunnel:
         self._up.set()
         peer = conn.get_extra_info("peername")
         where = format_peer(peer) if isinstance(peer, tuple) and len(peer) >= 2 else "through the jump host"
-        log.info("%s: connected to %s (%s)", self.label, self.stats.server, where)
+        log.info(
+            "%s: connected to %s (%s)",
+            self.label,
+            self.stats.server,
+            where,
+            extra=event("tunnel.connected", tunnel=self.label, server=self.stats.server, address=where),
+        )
         requests = asyncio.get_running_loop().create_task(self.forwarded.request(conn))
         try:
             await conn.wait_closed()
@@ -290,11 +326,13 @@ class Tunnel:
             requests.cancel()
             (outcome,) = await asyncio.gather(requests, return_exceptions=True)
             if isinstance(outcome, Exception):
+                message = ssh_error(outcome).message
                 log.error(
                     "%s: asking for the -R forwards failed: %s",
                     self.label,
-                    ssh_error(outcome).message,
+                    message,
                     exc_info=outcome,
+                    extra=event("forward.failed", tunnel=self.label, forward="-R", reason=message),
                 )
         self._up.clear()
         for forward in self.forwards:
@@ -305,7 +343,15 @@ class Tunnel:
     async def _backoff(self, attempt: int, error: str) -> None:
         delay = connection.backoff(self.config, attempt)
         self.stats.enter("backoff", error)
-        log.warning("%s: %s; reconnecting in %.1fs", self.label, error, delay)
+        log.warning(
+            "%s: %s; reconnecting in %.1fs",
+            self.label,
+            error,
+            delay,
+            extra=event(
+                "tunnel.retry", tunnel=self.label, server=self.stats.server, reason=error, delay_s=delay
+            ),
+        )
         await asyncio.sleep(delay)
 
     async def link(self) -> asyncssh.SSHClientConnection | None:
@@ -376,13 +422,7 @@ class Tunnel:
         counter = "refused" if error.peer else "timeout" if error.reason == Reason.TIMEOUT else "down"
         if not self._stopping:
             forward.stats.stats.count_error(counter)
-        log.info(
-            "%s: %s -> %s failed: %s; client closed",
-            self.label,
-            bridge.session.client,
-            bridge.session.target,
-            error.message,
-        )
+        log_failed(self.label, bridge.session.client, bridge.session.target, error.message, log)
         client.close()
         bridge.close(error.message)
 
@@ -396,4 +436,4 @@ class Tunnel:
     async def attach(self, bridge: Bridge, sock: socket.socket) -> None:
         """Give a connected socket to the bridge, and log the session open."""
         if await self.sessions.attach(bridge, sock):
-            log.info("%s: %s -> %s open (ssh)", self.label, bridge.session.client, bridge.session.target)
+            log_opened(self.label, bridge.session, log)

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from portfwd.errors import RuntimeFailure, UpstreamError
+from portfwd.logevents import event
+from portfwd.relay.sessionlog import log_failed
 from portfwd.relay.upstream import Connect, literal_addresses, resolve
 from portfwd.ssh.connection import backoff
 from portfwd.ssh.errors import SshError, channel_refusal, ssh_error
@@ -87,7 +89,15 @@ class RemoteForwards:
                     forward.stats.state = "refused"
                     forward.stats.error = text
                     if not self.config.exit_on_forward_failure:
-                        log.error("%s: server refused %s: %s; asking again", self.label, forward.spec, text)
+                        log.error(
+                            "%s: server refused %s: %s; asking again",
+                            self.label,
+                            forward.spec,
+                            text,
+                            extra=event(
+                                "forward.failed", tunnel=self.label, forward=str(forward.spec), reason=text
+                            ),
+                        )
                     else:
                         self.tunnel.fatal(
                             RuntimeFailure(
@@ -134,12 +144,29 @@ class RemoteForwards:
             if spec.port == 0:
                 # The words OpenSSH prints, so scripts that grep ssh's output find ours; at INFO,
                 # as ssh logs it: shown by default, hidden by -q.
-                log.info("Allocated port %d for remote forward to %s", port, spec.target_text)
+                log.info(
+                    "Allocated port %d for remote forward to %s",
+                    port,
+                    spec.target_text,
+                    extra=event("forward.allocated", tunnel=self.label, port=port, target=spec.target_text),
+                )
         forward.remote = listener
         forward.stats.listen = where
         forward.stats.state = "listening"
         forward.stats.error = ""
-        log.info("%s: -R listening on %s (server side) -> %s", self.label, where, spec.target_text)
+        log.info(
+            "%s: -R listening on %s (server side) -> %s",
+            self.label,
+            where,
+            spec.target_text,
+            extra=event(
+                "forward.listening",
+                tunnel=self.label,
+                forward=str(forward.spec),
+                listen=where,
+                target=spec.target_text,
+            ),
+        )
 
     def _session(self, forward: Forward, client: str) -> Any:
         """A channel for a -R listener: connect the local target first, then accept the channel."""
@@ -158,7 +185,7 @@ class RemoteForwards:
             sock = await self.connect_local(target)
         except SshError as error:
             forward.stats.stats.count_error(error.reason)
-            log.info("%s: %s -> %s failed: %s", self.label, client, forward.spec.target_text, error.message)
+            log_failed(self.label, client, forward.spec.target_text, error.message, log)
             raise channel_refusal(error) from None
         bridge = self.tunnel.bridge(forward, client, forward.spec.target_text)
         await self.tunnel.attach(bridge, sock)

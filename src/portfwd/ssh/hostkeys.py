@@ -16,6 +16,7 @@ import asyncssh
 
 from portfwd import sshalgorithms
 from portfwd.errors import RuntimeFailure
+from portfwd.logevents import event
 
 log = logging.getLogger(__name__)
 
@@ -116,5 +117,11 @@ class HostKeyCheck:
         except OSError as exc:
             self.problem = HostKeyError(f"cannot record the host key of {name} in {target}: {exc.strerror}")
             return False
-        log.warning("recorded new host key for %s in %s: %s", name, target, offered)
+        log.warning(
+            "recorded new host key for %s in %s: %s",
+            name,
+            target,
+            offered,
+            extra=event("hostkey.recorded", host=name, file=str(target), key=str(offered)),
+        )
         return True

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from portfwd.errors import BindError
+from portfwd.logevents import event
 from portfwd.relay.forwarder import format_peer
 from portfwd.relay.listener import TcpListener, bind_ip, bind_unix
 from portfwd.specs import ServerSpec
@@ -27,6 +28,7 @@ from portfwd.ssh.bridge import Bridge
 from portfwd.ssh.errors import SshError, ssh_error
 from portfwd.ssh.lean import probe
 from portfwd.ssh.sessions import PACKET, WINDOW
+from portfwd.state import bound_text
 
 if TYPE_CHECKING:
     from portfwd.ssh.server import TunnelServer
@@ -93,6 +95,9 @@ class RemoteListener(asyncssh.SSHListener):
             self.key = f"unix:{address.path}"
         self.listener = TcpListener(sock, self._accept, f"server {owner.user_name}")
         self.listener.start()
+        #: Its row among the listening sockets status shows, until it closes.
+        self.row = (f"server {owner.label}", bound_text(sock))
+        server.state.add_listening(self.row[0], "-R", [sock], "server")
 
     def get_port(self) -> int:
         return self.port
@@ -136,11 +141,19 @@ class RemoteListener(asyncssh.SSHListener):
             await self.server.sessions.deadlines.within(HAND_BACK_TIMEOUT, channel)
         except (asyncssh.Error, OSError, SshError) as exc:  # TimeoutError is an OSError
             owner.stats.stats.count_error("refused")
+            why = ssh_error(exc).message
             log.info(
                 "server: %s -> %s: the client did not take it: %s",
                 source,
                 owner.label,
-                ssh_error(exc).message,
+                why,
+                extra=event(
+                    "session.failed",
+                    rule=owner.stats.stats.name,
+                    client=source,
+                    target=owner.label,
+                    reason=why,
+                ),
             )
             client.close()
             bridge.close("refused")
@@ -148,6 +161,7 @@ class RemoteListener(asyncssh.SSHListener):
         await self.server.sessions.attach(bridge, client, side="socket")
 
     def close(self) -> None:
+        self.server.state.remove_listening_socket(*self.row, "server")
         self.listener.close()
         self.server.remotes.released(self)
 
@@ -185,13 +199,27 @@ class Remotes:
         try:
             sock = address.open(f"server {owner.label} -R", self.config.tcp_keepalive)
         except BindError as exc:
-            log.warning("server: %s: %s", owner.label, exc.line())
+            log.warning(
+                "server: %s: %s",
+                owner.label,
+                exc.line(),
+                extra=event(
+                    "server.forward_failed", user=owner.user_name, client=owner.source, reason=exc.message
+                ),
+            )
             return False
         listener = RemoteListener(self.server, owner, sock, address)
         self.held[listener.key] = listener
         owner.listeners.append(listener)
         owner.stats.forwards.append(f"-R {listener.key}")
-        log.info("server: %s: listening on %s for the client", owner.label, listener.key)
+        log.info(
+            "server: %s: listening on %s for the client",
+            owner.label,
+            listener.key,
+            extra=event(
+                "server.forward_listening", user=owner.user_name, client=owner.source, listen=listener.key
+            ),
+        )
         return listener
 
     async def _may_take(self, owner: ServerConnection, holder: ServerConnection, what: str) -> bool:

@@ -12,7 +12,6 @@ ports and sockets ssh/remote.py; this module owns the listener and what they sha
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
@@ -22,6 +21,7 @@ import asyncssh
 
 from portfwd import sshalgorithms
 from portfwd.errors import BindError, RuntimeFailure, UpstreamError
+from portfwd.logevents import event
 from portfwd.relay.listener import keepalive
 from portfwd.relay.upstream import describe_error
 from portfwd.specs import ServerSpec
@@ -64,7 +64,12 @@ def load_host_key(path: str) -> asyncssh.SSHKey:
             field="server.host_key",
             hint="pick a writable path",
         ) from exc
-    log.warning("server: created host key %s (%s)", key_path, key.get_fingerprint())
+    log.warning(
+        "server: created host key %s (%s)",
+        key_path,
+        key.get_fingerprint(),
+        extra=event("server.hostkey_created", file=str(key_path), key=key.get_fingerprint()),
+    )
     return key
 
 
@@ -114,16 +119,19 @@ class TunnelServer:
                 field="server.listen",
                 hint="pick another port",
             ) from exc
+        self.state.add_listening("server", "ssh", self._acceptor.sockets, "server")
         log.info(
             "server: listening on %s for %d user(s); host key %s",
             listen,
             len(self.users),
             self.fingerprint,
+            extra=event("server.listening", listen=str(listen), users=len(self.users), key=self.fingerprint),
         )
 
     async def stop_accepting(self) -> None:
         """Stop taking new SSH connections (shutdown begins; live sessions may drain)."""
         if self._acceptor is not None:
+            self.state.remove_listening(["server"], "server")
             self._acceptor.close()
             await self._acceptor.wait_closed()
             self._acceptor = None
@@ -168,7 +176,15 @@ class TunnelServer:
         if refusal is None:
             return False
         owner.stats.stats.count_error("limit")
-        log.warning("server: %s: connection to %s refused: %s", owner.label, what, refusal)
+        log.warning(
+            "server: %s: connection to %s refused: %s",
+            owner.label,
+            what,
+            refusal,
+            extra=event(
+                "server.channel_refused", user=owner.user_name, client=owner.source, what=what, reason=refusal
+            ),
+        )
         client.close()
         return True
 
@@ -187,7 +203,7 @@ class TunnelServer:
     async def _connect_upstream(
         self, owner: ServerConnection, client: str, text: str, target: tuple[str, int] | str, bridge: Bridge
     ) -> asyncssh.SSHTCPSession[bytes]:
-        loop = asyncio.get_running_loop()
+        loop = self.sessions.loop
         deadlines = self.sessions.deadlines
         error: UpstreamError | None = None
         try:
@@ -216,7 +232,19 @@ class TunnelServer:
         if error is not None:
             refusal = ssh_error(error)
             owner.stats.stats.count_error(refusal.reason)
-            log.info("server: %s -> %s failed: %s", client, text, refusal.message)
+            log.info(
+                "server: %s -> %s failed: %s",
+                client,
+                text,
+                refusal.message,
+                extra=event(
+                    "session.failed",
+                    rule=owner.stats.stats.name,
+                    client=client,
+                    target=text,
+                    reason=refusal.message,
+                ),
+            )
             bridge.close(refusal.message)
             raise channel_refusal(refusal, refusal.message.capitalize())
         return bridge.channel_session()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from portfwd import sshalgorithms
+from portfwd.logevents import event
 from portfwd.relay.forwarder import format_peer
 from portfwd.specs import ServerUserSpec
 from portfwd.ssh.errors import Reason, SshError, channel_refusal, ssh_error
@@ -74,7 +75,11 @@ class ServerConnection(asyncssh.SSHServer):
         self.source = format_peer(peer) if isinstance(peer, tuple) else "?"
         self.source_ip = str(peer[0]) if isinstance(peer, tuple) else ""
         if self.server.penalized(self.source_ip):
-            log.warning("server: %s refused: too many failed logins from this address", self.source)
+            log.warning(
+                "server: %s refused: too many failed logins from this address",
+                self.source,
+                extra=event("server.refused", client=self.source, reason="too many failed logins"),
+            )
             asyncio.get_running_loop().call_soon(conn.close)
             return
         if not self.server.startups.admit():
@@ -82,6 +87,7 @@ class ServerConnection(asyncssh.SSHServer):
                 "server: %s dropped before authentication: %d connections wait to log in (max_startups)",
                 self.source,
                 self.server.startups.pending,
+                extra=event("server.refused", client=self.source, reason="max_startups"),
             )
             asyncio.get_running_loop().call_soon(conn.abort)
             return
@@ -99,7 +105,11 @@ class ServerConnection(asyncssh.SSHServer):
         if not self.authenticated:
             # asyncssh's login timer starts a moment before connection_made: allow for it
             if asyncio.get_running_loop().time() - self.began >= self.server.config.login_grace_time - 0.25:
-                log.warning("server: %s did not log in within login_grace_time; closed", self.source)
+                log.warning(
+                    "server: %s did not log in within login_grace_time; closed",
+                    self.source,
+                    extra=event("server.refused", client=self.source, reason="login_grace_time"),
+                )
             if self.user_name:
                 # A connection that never logged in costs its address each failed attempt (at
                 # least one); keys tried before a login that succeeds cost nothing (an agent
@@ -112,29 +122,47 @@ class ServerConnection(asyncssh.SSHServer):
             listener.close()
         with contextlib.suppress(ValueError):
             self.server.state.server_sessions.remove(self.stats)
-        log.info("server: %s logged out (%s)", self.label, ssh_error(exc).message if exc else "closed")
+        why = ssh_error(exc).message if exc else "closed"
+        log.info(
+            "server: %s logged out (%s)",
+            self.label,
+            why,
+            extra=event("server.logout", user=self.user_name, client=self.source, reason=why),
+        )
 
     def _kex_failed(self, exc: Exception) -> None:
-        # The reason and the version string may be the peer's own text: repr keeps them on one line.
+        # The reason and the version string may be the peer's own text: the formatters escape it.
         error = ssh_error(exc)
         version = self.conn.get_extra_info("client_version")
-        peer = f"{self.source} ({repr(version) if version else 'no version line'})"
+        peer = f"{self.source} ({f'version {version}' if version else 'no version line'})"
+        fields = event(
+            "server.kex_failed", client=self.source, version=str(version or ""), reason=error.message
+        )
         if error.reason == Reason.LOST:  # it hung up, or never asked to log in: a probe, a scan
-            log.debug("server: %s: closed before logging in: %r", peer, error.message)
+            log.debug("server: %s: closed before logging in: %s", peer, error.message, extra=fields)
         else:
-            log.info("server: %s: key exchange failed: %r", peer, error.message)
+            log.info("server: %s: key exchange failed: %s", peer, error.message, extra=fields)
 
     def begin_auth(self, username: str) -> bool:
         self.user_name = username
         self.user = self.server.users.get(username)
         if self.user is None:
-            log.warning("server: %s: unknown user %r; refused", self.source, username)
+            log.warning(
+                "server: %s: unknown user %s; refused",
+                self.source,
+                username,
+                extra=event("server.auth_failed", user=username, client=self.source, reason="unknown user"),
+            )
             return True
         try:
             self.keys = asyncssh.read_authorized_keys(os.path.expanduser(self.user.authorized_keys))
         except (OSError, ValueError, asyncssh.KeyImportError) as exc:
+            why = f"cannot read {self.user.authorized_keys}: {ssh_error(exc).message}"
             log.error(
-                "server: user %s: cannot read %s: %s; refused", username, self.user.authorized_keys, exc
+                "server: user %s: %s; refused",
+                username,
+                why,
+                extra=event("server.auth_failed", user=username, client=self.source, reason=why),
             )
         return True
 
@@ -148,10 +176,11 @@ class ServerConnection(asyncssh.SSHServer):
         self.auth_failures += 1
         if self.auth_failures >= self.server.config.max_auth_tries:
             log.warning(
-                "server: %s: %d failed authentication attempts for %r (max_auth_tries); disconnected",
+                "server: %s: %d failed authentication attempts for %s (max_auth_tries); disconnected",
                 self.source,
                 self.auth_failures,
                 username,
+                extra=event("server.auth_failed", user=username, client=self.source, reason="max_auth_tries"),
             )
             asyncio.get_running_loop().call_soon(
                 self.conn.disconnect,
@@ -167,7 +196,10 @@ class ServerConnection(asyncssh.SSHServer):
         address = ipaddress.ip_address(self.source_ip) if self.source_ip else None
         if user.source and (address is None or not any(address in net for net in user.source)):
             log.warning(
-                "server: %s: user %s is not allowed from this address (from = ...)", self.source, username
+                "server: %s: user %s is not allowed from this address (from = ...)",
+                self.source,
+                username,
+                extra=event("server.auth_failed", user=username, client=self.source, reason="from"),
             )
             return False
         options = keys.validate(key, self.source_ip, self.source_ip)
@@ -184,7 +216,12 @@ class ServerConnection(asyncssh.SSHServer):
         self.stats.stats.idle_timeout = self.server.config.idle_timeout or 0.0
         self.stats.stats.name = f"server {self.label}"
         self.server.state.server_sessions.append(self.stats)
-        log.info("server: %s logged in with key %s", self.label, self.fingerprint)
+        log.info(
+            "server: %s logged in with key %s",
+            self.label,
+            self.fingerprint,
+            extra=event("server.login", user=self.user_name, client=self.source, key=self.fingerprint),
+        )
 
     def session_requested(self) -> bool:
         log.info("server: %s asked for a shell or command; refused (use ssh -N)", self.label)
@@ -195,12 +232,35 @@ class ServerConnection(asyncssh.SSHServer):
         """Raise the channel-open refusal when this connection or user is at its channel cap."""
         refusal = self.server.channels.refusal(id(self), self.user_name)
         if refusal is not None:
-            log.warning("server: %s: %s refused: %s", self.label, what, refusal)
+            log.warning(
+                "server: %s: %s refused: %s",
+                self.label,
+                what,
+                refusal,
+                extra=event(
+                    "server.channel_refused",
+                    user=self.user_name,
+                    client=self.source,
+                    what=what,
+                    reason=refusal,
+                ),
+            )
             self.stats.stats.count_error("limit")
             raise channel_refusal(SshError(f"{what}: {refusal}", reason=Reason.SHORTAGE))
 
+    def _denied(self, what: str, why: str) -> None:
+        log.warning(
+            "server: %s: %s denied: %s",
+            self.label,
+            what,
+            why,
+            extra=event(
+                "server.channel_denied", user=self.user_name, client=self.source, what=what, reason=why
+            ),
+        )
+
     def _deny_open(self, what: str, why: str) -> None:
-        log.warning("server: %s: %s denied: %s", self.label, what, why)
+        self._denied(what, why)
         self.stats.stats.count_error("denied")
         raise channel_refusal(SshError(f"{what}: {why}", reason=Reason.PROHIBITED))
 
@@ -241,7 +301,7 @@ class ServerConnection(asyncssh.SSHServer):
         what = f"listen on {listen_host or '*'}:{listen_port}"
 
         def deny(why: str) -> bool:
-            log.warning("server: %s: %s denied: %s", self.label, what, why)
+            self._denied(what, why)
             self.stats.stats.count_error("denied")
             return False
 
@@ -275,6 +335,6 @@ class ServerConnection(asyncssh.SSHServer):
             reason = 'not in permit_listen (a Unix socket needs its own "unix:/path" entry)'
         else:
             return self.server.remotes.listen(self, RemoteAddress(path=listen_path))
-        log.warning("server: %s: %s denied: %s", self.label, what, reason)
+        self._denied(what, reason)
         self.stats.stats.count_error("denied")
         return False

@@ -15,8 +15,9 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from portfwd.logevents import event
 from portfwd.relay.deadline import Deadlines
-from portfwd.relay.forwarder import log_closed
+from portfwd.relay.sessionlog import log_closed
 from portfwd.ssh.bridge import Bridge
 from portfwd.ssh.errors import ssh_error
 from portfwd.state import RuleStats, State
@@ -67,10 +68,21 @@ class Sessions:
         self.log = logger
         self.released = released
         self.deadlines = Deadlines()  # channel opens, upstream connects, hand-backs: one timer
+        self._loop: asyncio.AbstractEventLoop | None = None  # see `loop`
         self._tasks: dict[asyncio.Task[None], _Scope] = {}  # every session task, with what it owns
         self._owners: dict[Bridge, Any] = {}  # every live bridge, and whom it was made for
 
     # ------------------------------------------------------------------ tasks
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, asked for once: on Python 3.11 each `get_running_loop()` (and each
+        `current_task()` without a loop) is a getpid() system call, and a session asked for it
+        several times (bench/RESULTS.md, D17)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     def spawn(
         self,
         coro: Coroutine[Any, Any, None],
@@ -80,7 +92,7 @@ class Sessions:
     ) -> None:
         """Serve one session in a task of its own; `client` and `bridge` are closed if it fails."""
         scope = _Scope(client, bridge)
-        task = asyncio.get_running_loop().create_task(self._guard(coro, scope))
+        task = self.loop.create_task(self._guard(coro, scope))
         self._tasks[task] = scope  # before the task first runs (on a later turn of the loop)
         task.add_done_callback(self._finished)
 
@@ -89,7 +101,7 @@ class Sessions:
 
     def _scope(self) -> _Scope | None:
         """The scope of the session task running now, if it is one of ours."""
-        task = asyncio.current_task()
+        task = asyncio.current_task(self.loop)
         return self._tasks.get(task) if task is not None else None
 
     async def _guard(self, coro: Coroutine[Any, Any, None], scope: _Scope) -> None:
@@ -103,7 +115,14 @@ class Sessions:
         except Exception as exc:  # the per-session boundary (STYLE.md): log once, keep serving
             why = f"error: {ssh_error(exc).message}"
             self.log.error(
-                "%s: session ended by an unexpected error: %r", self.label or "server", exc, exc_info=exc
+                "%s: session ended by an unexpected error: %s: %s",
+                self.label or "server",
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
+                extra=event(
+                    "session.error", rule=self.label or "server", reason=f"{type(exc).__name__}: {exc}"
+                ),
             )
         finally:
             if scope.client is not None:
@@ -153,7 +172,7 @@ class Sessions:
         if scope is not None and scope.client is sock:
             scope.client = None  # the transport owns it now: closing it twice could hit a reused fd
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(bridge.socket_protocol, sock)
+            await self.loop.connect_accepted_socket(bridge.socket_protocol, sock)
         except OSError as exc:
             sock.close()
             bridge.close(f"{side}: {ssh_error(exc).message}")

@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
+from portfwd.logevents import event
 from portfwd.proto.socks import SocksAuthError, SocksError, SocksServer
 from portfwd.relay.forwarder import describe_peer
+from portfwd.relay.sessionlog import log_failed
 from portfwd.ssh.bridge import Bridge
 from portfwd.ssh.errors import SshError, socks_reply, ssh_error
 from portfwd.ssh.limits import Failures
@@ -64,7 +66,12 @@ class SocksFront:
         # parallel guesses is small, and the lockout after SOCKS_AUTH_LIMIT stops the next one.
         if self._handshakes[source] >= SOCKS_AUTH_PARALLEL:
             forward.stats.stats.count_error("socks")
-            log.warning("%s: %s: refused: too many SOCKS handshakes at once from there", self.label, text)
+            log.warning(
+                "%s: %s: refused: too many SOCKS handshakes at once from there",
+                self.label,
+                text,
+                extra=event("socks.refused", tunnel=self.label, client=text, reason="too many handshakes"),
+            )
             client.close()
             return
         self._handshakes[source] += 1
@@ -87,7 +94,12 @@ class SocksFront:
         if not self._failures.blocked(source):
             return False
         forward.stats.stats.count_error("socks")
-        log.warning("%s: %s: refused: too many wrong SOCKS5 passwords from this address", self.label, text)
+        log.warning(
+            "%s: %s: refused: too many wrong SOCKS5 passwords from this address",
+            self.label,
+            text,
+            extra=event("socks.refused", tunnel=self.label, client=text, reason="too many wrong passwords"),
+        )
         return True
 
     async def _handshake(
@@ -117,7 +129,13 @@ class SocksFront:
                         await loop.sock_sendall(client, out)
         except SocksError as exc:
             forward.stats.stats.count_error("socks")
-            log.info("%s: %s: bad SOCKS request: %s", self.label, text, exc.message)
+            log.info(
+                "%s: %s: bad SOCKS request: %s",
+                self.label,
+                text,
+                exc.message,
+                extra=event("socks.bad_request", tunnel=self.label, client=text, reason=exc.message),
+            )
             if isinstance(exc, SocksAuthError):
                 self._failures.note(source)
                 await asyncio.sleep(SOCKS_AUTH_DELAY)  # this client's task only; others are served
@@ -127,7 +145,14 @@ class SocksFront:
             client.close()
             return
         except (TimeoutError, OSError) as exc:
-            log.info("%s: %s: SOCKS handshake failed: %s", self.label, text, ssh_error(exc).message)
+            why = ssh_error(exc).message
+            log.info(
+                "%s: %s: SOCKS handshake failed: %s",
+                self.label,
+                text,
+                why,
+                extra=event("socks.failed", tunnel=self.label, client=text, reason=why),
+            )
             client.close()
             return
         handshaken()
@@ -175,6 +200,9 @@ class SocksFront:
                     self.label,
                     client,
                     SOCKS_HANDSHAKE_TIMEOUT,
+                    extra=event(
+                        "socks.failed", tunnel=self.label, client=client, reason="no request in time"
+                    ),
                 )
                 refuse(b"")
 
@@ -199,7 +227,13 @@ class SocksFront:
             except SocksError as exc:
                 done = True
                 deadline.cancel()
-                log.info("%s: %s: bad SOCKS request: %s", self.label, client, exc.message)
+                log.info(
+                    "%s: %s: bad SOCKS request: %s",
+                    self.label,
+                    client,
+                    exc.message,
+                    extra=event("socks.bad_request", tunnel=self.label, client=client, reason=exc.message),
+                )
                 forward.stats.stats.count_error("socks")
                 answer = codec.outgoing() + exc.reply
                 if isinstance(exc, SocksAuthError):
@@ -231,13 +265,7 @@ class SocksFront:
             sock = await tunnel.forwarded.connect_local((host, port))
         except SshError as error:
             forward.stats.stats.count_error(error.reason)
-            log.info(
-                "%s: %s -> %s failed: %s",
-                self.label,
-                bridge.session.client,
-                bridge.session.target,
-                error.message,
-            )
+            log_failed(self.label, bridge.session.client, bridge.session.target, error.message, log)
             if bridge.chan is not None:
                 bridge.chan.write(codec.refuse(socks_reply(error)))
                 bridge.chan.close()

@@ -147,9 +147,11 @@ def fix(conn: Any) -> bool:
     """
     if not verified():
         return False
+    from portfwd.ssh.lean.kex import finish_kexinit_first
     from portfwd.ssh.lean.kex import fix as judge_guesses  # reaches into asyncssh: only when verified
 
-    return judge_guesses(conn)
+    judged = judge_guesses(conn)
+    return finish_kexinit_first(conn) and judged
 
 
 def changed() -> list[str]:

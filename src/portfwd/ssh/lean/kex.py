@@ -25,10 +25,18 @@ handler's task has finished, so the guessed packet is always judged after the fl
 and its own receive path does the ignoring (`_recv_packet`, "ignored first kex"). Nothing
 else changes, on this connection or any other. It must be installed before the peer's KEXINIT
 arrives: a server in `connection_made`, a client in its `SSHClient.connection_made`.
+
+`finish_kexinit_first(conn)` mends a second ordering: asyncssh handles KEXINIT in a task, but an
+end of stream at once. A peer that refuses the negotiation sends its KEXINIT and hangs up (sshd
+with no cipher in common); both often arrive in one read, and the connection was reported
+"Connection lost" before the KEXINIT task could say "No matching encryption algorithm found".
+Until the key exchange completes, a clean end of stream now waits (at most `HOLD` seconds) for
+the packet tasks already running, so the peer's last word is the one reported.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
@@ -116,4 +124,38 @@ def fix(conn: Any) -> bool:
     ):
         return False
     conn._packet_handlers = {**handlers, MSG_KEXINIT: _JUDGED}
+    return True
+
+
+#: The longest a clean end of stream waits for a KEXINIT task (it needs no network round trip).
+HOLD = 2.0
+
+
+def finish_kexinit_first(conn: Any) -> bool:
+    """Report a peer's hang-up during the key exchange only after the packets it sent before it
+    were handled (see the module docstring). False, leaving `conn` as it is, on another asyncssh."""
+    original = getattr(conn, "connection_lost", None)
+    tasks = getattr(conn, "_tasks", None)
+    if not callable(original) or not isinstance(tasks, set) or not hasattr(conn, "_kex_complete"):
+        return False
+
+    def connection_lost(exc: Exception | None = None) -> None:
+        # Every task still in the set: one that has just failed is done, but its done callbacks
+        # (asyncssh's `_reap_task`, which reports its error and takes it out) have yet to run.
+        pending = list(tasks)
+        if exc is not None or conn._kex_complete or not pending:
+            original(exc)
+            return
+        done = False
+
+        def finish(*_: object) -> None:
+            nonlocal done
+            if not done:
+                done = True
+                original(None)  # a no-op when the task already closed it with its own error
+
+        asyncio.gather(*pending, return_exceptions=True).add_done_callback(finish)
+        asyncio.get_running_loop().call_later(HOLD, finish)
+
+    conn.connection_lost = connection_lost
     return True

@@ -30,6 +30,8 @@ NAMES = (
     "Compression",
     "IdentityFile",
     "IdentitiesOnly",
+    "GatewayPorts",
+    "AddressFamily",
 )
 
 
@@ -51,6 +53,8 @@ class _ForwardingConfig(SSHClientConfig):
                 ("ExitOnForwardFailure", SSHConfig._set_bool),
                 ("StrictHostKeyChecking", SSHConfig._set_string),
                 ("BatchMode", SSHConfig._set_bool),
+                ("GatewayPorts", SSHConfig._set_bool),
+                ("AddressFamily", SSHConfig._set_string),
             )
         },
     }

@@ -1,0 +1,87 @@
+"""The lines a session is logged with, by every relay path (splice, protocol, UDP, SSH).
+
+Each is an event (logevents.py) with the same fields in both log formats: `session.open`,
+`session.closed` (rule, client, target, path, reason, bytes_up, bytes_down, duration_s),
+`session.denied` and `session.failed`. Opening and closing are on the hot path: nothing is
+built unless INFO is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from portfwd.logevents import event
+from portfwd.state import Session
+
+log = logging.getLogger("portfwd.relay.forwarder")  # the logger these lines always came from
+
+
+def log_closed(label: str, session: Session, reason: str, logger: logging.Logger = log) -> None:
+    """The one line a session ends with: who, where, why, bytes each way, how long."""
+    if not logger.isEnabledFor(logging.INFO):  # a hot path: no fields built for nothing
+        return
+    duration = time.monotonic() - session.began
+    logger.info(
+        "%s: %s -> %s closed (%s): %d B up, %d B down, %.3fs",
+        label,
+        session.client,
+        session.target,
+        reason,
+        session.bytes_up,
+        session.bytes_down,
+        duration,
+        extra=event(
+            "session.closed",
+            rule=session.rule.name,
+            client=session.client,
+            target=session.target,
+            path=session.path,
+            reason=reason,
+            bytes_up=session.bytes_up,
+            bytes_down=session.bytes_down,
+            duration_s=round(duration, 3),
+        ),
+    )
+
+
+def log_opened(label: str, session: Session, logger: logging.Logger = log) -> None:
+    """The line a session starts with (`session.open`)."""
+    if logger.isEnabledFor(logging.INFO):
+        logger.info(
+            "%s: %s -> %s open (%s)",
+            label,
+            session.client,
+            session.target,
+            session.path,
+            extra=event(
+                "session.open",
+                rule=session.rule.name,
+                client=session.client,
+                target=session.target,
+                path=session.path,
+            ),
+        )
+
+
+def log_denied(label: str, client: str, what: str, logger: logging.Logger = log) -> None:
+    """A client the rule's allow/deny refused (`session.denied`)."""
+    logger.info(
+        "%s: %s denied by allow/deny; %s",
+        label,
+        client,
+        what,
+        extra=event("session.denied", rule=label, client=client, reason="allow/deny"),
+    )
+
+
+def log_failed(label: str, client: str, target: str, reason: str, logger: logging.Logger = log) -> None:
+    """A client whose upstream (or channel) never opened (`session.failed`)."""
+    logger.info(
+        "%s: %s -> %s failed: %s; client closed",
+        label,
+        client,
+        target,
+        reason,
+        extra=event("session.failed", rule=label, client=client, target=target, reason=reason),
+    )

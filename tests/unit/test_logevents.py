@@ -1,0 +1,89 @@
+"""Log events (logevents.py) through both formatters (cli/console.py): every line one JSON object
+with its event and fields, or one escaped text line; whatever a peer sent cannot forge a line."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from portfwd.cli.console import JsonFormatter, TextFormatter
+from portfwd.logevents import RESERVED, event
+
+values = st.one_of(st.text(), st.integers(), st.floats(allow_nan=False), st.booleans(), st.none())
+
+
+def _record(msg: str, args: tuple[object, ...], extra: dict[str, object] | None) -> logging.LogRecord:
+    logger = logging.getLogger("portfwd.test")
+    return logger.makeRecord(logger.name, logging.INFO, __file__, 1, msg, args, None, extra=extra)
+
+
+def test_an_event_and_its_fields_become_keys_beside_the_sentence() -> None:
+    record = _record(
+        "%s: %s -> %s closed (%s)",
+        ("web", "1.2.3.4:5", "10.0.0.1:80", "idle"),
+        event("session.closed", rule="web", client="1.2.3.4:5", bytes_up=3, duration_s=0.25, reason="idle"),
+    )
+    line = JsonFormatter().format(record)
+    parsed = json.loads(line)
+    assert parsed["event"] == "session.closed"
+    assert (parsed["rule"], parsed["client"], parsed["bytes_up"], parsed["duration_s"]) == (
+        "web",
+        "1.2.3.4:5",
+        3,
+        0.25,
+    )
+    assert parsed["msg"] == "web: 1.2.3.4:5 -> 10.0.0.1:80 closed (idle)"
+    assert parsed["level"] == "info"
+    assert parsed["logger"] == "portfwd.test"
+    assert list(parsed)[:4] == ["ts", "level", "logger", "event"]
+
+
+def test_a_line_without_an_event_is_named_log() -> None:
+    parsed = json.loads(JsonFormatter().format(_record("stopping", (), None)))
+    assert parsed["event"] == "log"
+    assert parsed["msg"] == "stopping"
+
+
+def test_a_field_cannot_overwrite_the_formatters_own_keys() -> None:
+    parsed = json.loads(JsonFormatter().format(_record("x", (), event("e", msg="forged", level="error"))))
+    assert (parsed["msg"], parsed["level"]) == ("x", "info")
+    assert (parsed["field_msg"], parsed["field_level"]) == ("forged", "error")
+
+
+@given(
+    name=st.text(min_size=1),
+    fields=st.dictionaries(st.text(min_size=1).filter(lambda key: key not in RESERVED), values, max_size=6),
+    text=st.text(),
+)
+def test_any_peer_text_stays_one_line_in_both_formats(
+    name: str, fields: dict[str, object], text: str
+) -> None:
+    record = _record("client said %s", (text,), event(name, **fields))  # type: ignore[arg-type]
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    assert "\r" not in line
+    parsed = json.loads(line)
+    assert parsed["event"] == name
+    assert parsed["msg"] == f"client said {text}"
+    assert {key: parsed[key] for key in fields} == fields
+    shown = TextFormatter("%(levelname)s %(message)s").format(record)
+    assert shown.isprintable(), "control characters from a peer are escaped in the text line"
+
+
+def test_every_event_the_code_logs_is_in_the_readme_table() -> None:
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    logged = set()
+    for path in (root / "src/portfwd").rglob("*.py"):
+        logged |= set(re.findall(r'event\(\s*"([a-z_.]+)"', path.read_text()))
+    logged |= {"session.open", "session.closed", "session.failed", "session.denied"}  # relay/sessionlog.py
+    readme = (root / "README.md").read_text()
+    table = readme[readme.index("### Logs") : readme.index("## SSH tunnels")]
+    documented = set(re.findall(r"`([a-z_]+\.[a-z_.]+|ready|reload|drain|stopping|stopped)`", table))
+    assert logged - documented == set(), "events missing from README's Logs table"
+    assert documented - logged == set(), "README's Logs table names events the code never logs"
