@@ -348,6 +348,24 @@ def test_first_connect_failures_end_it_with_one_line(tmp_path: Path) -> None:
     ]
 
 
+def test_retry_first_connect_keeps_trying_what_would_end_it(tmp_path: Path) -> None:
+    """--retry-first-connect (autossh's AUTOSSH_GATETIME=0): a first connect that fails for good
+    is retried with backoff instead of ending portfwd ssh."""
+    server = Sshd(tmp_path).start()
+    try:
+        argv = portfwd_argv(
+            "ssh", "--retry-first-connect", *server.ssh_args()[:-1], "root@nosuch.invalid",
+            "-L", f"{free_port()}:127.0.0.1:9",
+        )  # fmt: skip
+        with started(argv, ready="-L listening on") as proc:
+            first = proc.wait_for("reconnecting in")
+            proc.wait_for("reconnecting in", start=proc.mark())
+            assert proc.stop() == 0
+    finally:
+        server.kill()
+    assert "cannot resolve nosuch.invalid: Name or service not known; reconnecting in" in first
+
+
 def _kexinit_then_hang_up(listener: socket.socket) -> None:
     """A server that answers the version line with its own, a KEXINIT naming one cipher nobody
     has, and its end of stream, in one write (then reads until the client goes: no RST)."""

@@ -50,6 +50,12 @@ from portfwd.cli.options import control_option, fast_path_option
 @click.option("-E", "log_file", metavar="FILE", help="Append the log to FILE instead of stderr.")
 @click.option("-W", "stdio", metavar="HOST:PORT", help="Join stdin/stdout to HOST:PORT (a ProxyCommand).")
 @click.option(
+    "--retry-first-connect",
+    "retry_first",
+    is_flag=True,
+    help="Retry even when the first connect fails for good (autossh's AUTOSSH_GATETIME=0).",
+)
+@click.option(
     "--name",
     metavar="NAME",
     help="Name this instance (default: ssh-PID) and its tunnel (default: the destination).",
@@ -75,6 +81,7 @@ def ssh(
     background: bool,
     log_file: str | None,
     stdio: str | None,
+    retry_first: bool,
     name: str | None,
     control_socket: str | None,
     no_fast_path: bool,
@@ -127,7 +134,10 @@ def ssh(
         plan,
         tunnels=tuple(
             sshargs.with_keys(
-                sshargs.with_flags(tunnel, gateway_ports=gateway_ports, family=wanted), batch=batch
+                sshargs.with_flags(
+                    tunnel, gateway_ports=gateway_ports, family=wanted, retry_first=retry_first
+                ),
+                batch=batch,
             )
             for tunnel in plan.tunnels
         ),

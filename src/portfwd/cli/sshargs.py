@@ -240,9 +240,12 @@ def _apply_ssh_config(found: dict[str, Any], table: dict[str, Any], source: str,
             problems.append(f"{source}: {exc.line().removeprefix('-o ')}")
 
 
-def with_flags(tunnel: TunnelSpec, *, gateway_ports: bool, family: int) -> TunnelSpec:
-    """-g (-L/-D without a bind address listen on every address) and -4/-6 (one address family
-    for the SSH connection and the local listeners)."""
+def with_flags(
+    tunnel: TunnelSpec, *, gateway_ports: bool, family: int, retry_first: bool = False
+) -> TunnelSpec:
+    """-g (-L/-D without a bind address listen on every address), -4/-6 (one address family
+    for the SSH connection and the local listeners) and --retry-first-connect (a first connect
+    that fails for good is retried, as a [[tunnel]]'s `retry_first_connect = true`)."""
     forwards = {
         kind: tuple(
             replace(item, bind="") if gateway_ports and item.bind is None and item.path is None else item
@@ -250,7 +253,13 @@ def with_flags(tunnel: TunnelSpec, *, gateway_ports: bool, family: int) -> Tunne
         )
         for kind, items in (("local", tunnel.local), ("dynamic", tunnel.dynamic))
     }
-    return replace(tunnel, local=forwards["local"], dynamic=forwards["dynamic"], family=family)
+    return replace(
+        tunnel,
+        local=forwards["local"],
+        dynamic=forwards["dynamic"],
+        family=family,
+        retry_first_connect=tunnel.retry_first_connect or retry_first,
+    )
 
 
 FAMILIES = {"4": socket.AF_INET, "6": socket.AF_INET6}
