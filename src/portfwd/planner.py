@@ -85,6 +85,7 @@ def rule_spec(index: int, rule: ForwardConfig) -> RuleSpec:
         backlog=rule.backlog,
         tcp_keepalive=rule.tcp_keepalive,
         idle_timeout=rule.idle_timeout,
+        proxy_protocol={"v1": 1, "v2": 2}.get(rule.proxy_protocol or "", 0),
         where=f"forward[{index}]" + (f" ({rule.name})" if rule.name else ""),
     )
 

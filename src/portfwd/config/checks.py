@@ -43,6 +43,11 @@ def _check_rules(config: Config) -> list[str]:
                     "connect",
                 )
             )
+        if rule.proxy_protocol is not None and not rule.protocol.has_tcp:
+            problems.append(
+                f"{field}.proxy_protocol: a PROXY header goes on TCP connections; this rule is "
+                f"{rule.protocol.value} only (remove proxy_protocol, or forward tcp)"
+            )
         if isinstance(rule.listen, UnixPath) and (rule.allow or rule.deny or rule.route):
             problems.append(
                 f"{field}.allow: allow, deny and route need an IP listener; "

@@ -72,6 +72,7 @@ class ForwardConfig(_Model):
     map: StrictBool = False
     tcp_keepalive: StrictBool = True  # on both sides of every TCP session (relay/listener.KEEPALIVE)
     idle_timeout: Duration | None = None  # close a TCP session that moved no byte for this long
+    proxy_protocol: Literal["v1", "v2"] | None = None  # a PROXY header to the target first (TCP)
 
     @property
     def label(self) -> str:

@@ -32,6 +32,8 @@ def describe(rules: tuple[RuleSpec, ...]) -> list[tuple[str, str, str, str, str,
         for route in rule.route:
             access.append(f"{', '.join(map(str, route.source))} -> {route.connect}")
         relay: str = relay_path(rule, splice) if rule.protocol.has_tcp else "udp"
+        if rule.proxy_protocol:
+            relay += f", PROXY v{rule.proxy_protocol} header"
         rows.append(
             (
                 rule.label,

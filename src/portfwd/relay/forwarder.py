@@ -23,6 +23,7 @@ from typing import Any, Literal
 from portfwd.acl import AccessPolicy, Route, client_ip
 from portfwd.addr import Endpoint, HostPorts, PortRange, UnixPath, target_port
 from portfwd.errors import UpstreamError
+from portfwd.proto.proxy import header
 from portfwd.relay.poller import Poller
 from portfwd.relay.sessionlog import log_closed, log_denied, log_failed, log_opened
 from portfwd.relay.splice import PipePool, SpliceRelay
@@ -43,6 +44,30 @@ def format_peer(peer: tuple[Any, ...]) -> str:
     if host.startswith("::ffff:") and "." in host:
         host = host[7:]
     return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+
+
+def proxy_header(version: int, client: int, peer: Any) -> bytes:
+    """The PROXY header (v1 or v2) for a client descriptor: its address, and the address it
+    reached (the accepted socket's own, one getsockname; a Unix client: no addresses)."""
+    if not isinstance(peer, tuple):
+        return header(version, None, None)
+    borrowed = socket.socket(fileno=client)
+    try:
+        local = borrowed.getsockname()
+    except OSError:
+        return header(version, None, None)
+    finally:
+        borrowed.detach()  # the descriptor stays the caller's
+    return header(version, (str(peer[0]), int(peer[1])), (str(local[0]), int(local[1])))
+
+
+def send_header(upstream: socket.socket, data: bytes) -> bool:
+    """Send the PROXY header on a just-connected upstream. Its send buffer is empty, so the
+    whole header goes in one call; False (the session is given up) if the kernel took less."""
+    try:
+        return upstream.send(data) == len(data)
+    except OSError:
+        return False
 
 
 def describe_peer(client: socket.socket | int, peer: Any) -> str:
@@ -93,7 +118,7 @@ def format_target(target: Target) -> str:
 class _Pending:
     """A client waiting for its upstream connection."""
 
-    __slots__ = ("began", "client", "client_text", "connect", "forwarder", "target_text", "task")
+    __slots__ = ("began", "client", "client_text", "connect", "forwarder", "header", "target_text", "task")
 
     def __init__(self, forwarder: TcpForwarder, client: int, client_text: str, target_text: str) -> None:
         self.forwarder = forwarder
@@ -103,6 +128,7 @@ class _Pending:
         self.connect: Connect | None = None
         self.task: asyncio.Task[None] | None = None
         self.began = time.monotonic()
+        self.header = b""  #: the PROXY header the upstream is sent first (proxy_protocol), if any
 
     def done(self, upstream: socket.socket | None, error: UpstreamError | None) -> None:
         self.forwarder.connected(self, upstream, error)
@@ -183,6 +209,8 @@ class TcpForwarder:
             known = self._targets[target] = (format_target(target), literal_addresses(target))
         text, addresses = known
         pending = _Pending(self, client, describe_peer(client, peer), text)
+        if self.rule.proxy_protocol:
+            pending.header = proxy_header(self.rule.proxy_protocol, client, peer)
         self._pending.add(pending)
         if addresses is not None:
             pending.connect = Connect(
@@ -229,6 +257,17 @@ class TcpForwarder:
             self.state.connect_failed(
                 self.stats, pending.client_text, pending.target_text, self.path, f"upstream: {error.message}"
             )
+            os.close(client)
+            return
+        if pending.header and not send_header(upstream, pending.header):
+            self.stats.count_error("proxy_protocol")
+            log_failed(
+                self.label,
+                pending.client_text,
+                pending.target_text,
+                "upstream: the PROXY header did not go out",
+            )
+            upstream.close()
             os.close(client)
             return
         self.stats.observe_connect(time.monotonic() - pending.began)
