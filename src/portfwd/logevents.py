@@ -34,7 +34,7 @@ RESERVED = frozenset({"ts", "level", "logger", "event", "msg", "exc"})
 JsonValue = str | int | float | bool | None
 
 
-def event(name: str, **fields: JsonValue) -> dict[str, Any]:
+def event(name: str, /, **fields: JsonValue) -> dict[str, Any]:
     """The `extra=` of a log call: the event's name and its fields."""
     return {EVENT: name, FIELDS: fields}
 
