@@ -34,7 +34,7 @@ def address(environ: Mapping[str, str]) -> str | None:
         return "\0" + where[1:]
     if where.startswith("/"):
         return where
-    log.debug("%s=%r is not a Unix socket path; not notifying", ENVIRONMENT, where)
+    log.debug("%s=%s is not a Unix socket path; not notifying", ENVIRONMENT, where)
     return None
 
 

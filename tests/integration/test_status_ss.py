@@ -337,6 +337,13 @@ def test_the_servers_listeners_and_upstream_sockets_are_what_ss_shows(tmp_path: 
                     snapshot = status(server.config)
                 listening, links = ss(server.proc.pid, "ltn"), ss(server.proc.pid, "tn")
             after = status(server.config)
+        # the client is gone: its -R port closes, and its row with it
+        deadline = time.monotonic() + 15
+        gone = status(server.config)
+        while f"127.0.0.1:{remote}" in {item["address"] for item in gone["listening"]}:
+            assert time.monotonic() < deadline, gone["listening"]
+            time.sleep(0.05)  # polling a condition, bounded by the deadline
+            gone = status(server.config)
     finally:
         sink.close()
         server.stop()
@@ -353,3 +360,4 @@ def test_the_servers_listeners_and_upstream_sockets_are_what_ss_shows(tmp_path: 
     assert session["path"] == "ssh-server"
     assert ("ESTAB", session["upstream_local"], f"127.0.0.1:{sink.port}") in links
     assert f"127.0.0.1:{remote}" in {item["address"] for item in after["listening"]}, "still held"
+    assert [item["kind"] for item in gone["listening"] if item["protocol"] == "tcp"] == ["server"]

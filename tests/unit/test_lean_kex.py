@@ -190,3 +190,72 @@ async def test_asyncssh_alone_still_takes_the_wrong_guess(kind: str, ed25519: as
         f"asyncssh {lean.installed_asyncssh()} now ends this way: {ended!r}; if it ignores a wrong "
         "guess itself, portfwd/ssh/lean/kex.py may be dropped"
     )
+
+
+# ------------------------------------------------ finish_kexinit_first: the peer's last word first
+class _Conn:
+    """The attributes finish_kexinit_first reads, and a record of asyncssh's connection_lost."""
+
+    def __init__(self, *, rekey: bool = False) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._kex_complete = False
+        self._recv_encryption = object() if rekey else None
+        self.lost: list[Exception | None] = []
+
+    def connection_lost(self, exc: Exception | None = None) -> None:
+        self.lost.append(exc)
+
+
+async def test_a_hang_up_waits_for_the_packet_task_already_running() -> None:
+    from portfwd.ssh.lean.kex import finish_kexinit_first
+
+    conn = _Conn()
+    assert finish_kexinit_first(conn)
+    release = asyncio.Event()
+    task = asyncio.get_running_loop().create_task(release.wait())  # type: ignore[arg-type]
+    conn._tasks.add(task)  # type: ignore[arg-type]
+    conn.connection_lost(None)  # eof_received
+    conn.connection_lost(None)  # the transport's own call right after
+    await asyncio.sleep(0)
+    assert conn.lost == [], "held while the KEXINIT task runs"
+    release.set()
+    await task
+    conn._tasks.discard(task)  # type: ignore[arg-type]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert conn.lost == [None], "then reported once"
+
+
+async def test_a_rekey_or_an_error_is_not_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    from portfwd.ssh.lean import kex
+
+    never = asyncio.get_running_loop().create_future()
+    rekey = _Conn(rekey=True)
+    assert kex.finish_kexinit_first(rekey)
+    rekey._tasks.add(never)  # type: ignore[arg-type]
+    rekey.connection_lost(None)
+    assert rekey.lost == [None], "after the first key exchange a hang-up is a lost link, at once"
+    failed = _Conn()
+    kex.finish_kexinit_first(failed)
+    failed._tasks.add(never)  # type: ignore[arg-type]
+    error = OSError("reset")
+    failed.connection_lost(error)
+    assert failed.lost == [error]
+    # a task that never ends holds the hang-up HOLD seconds at most
+    monkeypatch.setattr(kex, "HOLD", 0.05)
+    stuck = _Conn()
+    reported = asyncio.Event()
+    record = stuck.connection_lost
+
+    def noted(exc: Exception | None = None) -> None:
+        record(exc)
+        reported.set()
+
+    stuck.connection_lost = noted  # type: ignore[method-assign]
+    kex.finish_kexinit_first(stuck)
+    stuck._tasks.add(never)  # type: ignore[arg-type]
+    stuck.connection_lost(None)
+    async with asyncio.timeout(5):
+        await reported.wait()
+    assert stuck.lost == [None]
+    never.cancel()

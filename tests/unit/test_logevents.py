@@ -73,17 +73,35 @@ def test_any_peer_text_stays_one_line_in_both_formats(
     assert shown.isprintable(), "control characters from a peer are escaped in the text line"
 
 
-def test_every_event_the_code_logs_is_in_the_readme_table() -> None:
+def test_every_event_the_code_logs_is_in_the_readme_table_with_its_fields() -> None:
+    import ast
     import re
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    logged = set()
+    logged: dict[str, set[str]] = {}
     for path in (root / "src/portfwd").rglob("*.py"):
-        logged |= set(re.findall(r'event\(\s*"([a-z_.]+)"', path.read_text()))
-    logged |= {"session.open", "session.closed", "session.failed", "session.denied"}  # relay/sessionlog.py
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "event"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+            ):
+                fields = {keyword.arg for keyword in node.keywords if keyword.arg is not None}
+                logged.setdefault(str(node.args[0].value), set()).update(fields)
     readme = (root / "README.md").read_text()
     table = readme[readme.index("### Logs") : readme.index("## SSH tunnels")]
-    documented = set(re.findall(r"`([a-z_]+\.[a-z_.]+|ready|reload|drain|stopping|stopped)`", table))
-    assert logged - documented == set(), "events missing from README's Logs table"
-    assert documented - logged == set(), "README's Logs table names events the code never logs"
+    documented: dict[str, set[str]] = {}
+    for row in table.splitlines():
+        cells = row.split("|")
+        if len(cells) == 4 and "`" in cells[1]:
+            for name in re.findall(r"`([^`]+)`", cells[1]):
+                documented[name] = set(re.findall(r"`([^`]+)`", cells[2]))
+    assert set(logged) - set(documented) == set(), "events missing from README's Logs table"
+    assert set(documented) - set(logged) == set(), "README's Logs table names events the code never logs"
+    missing = {
+        name: fields - documented[name] for name, fields in logged.items() if fields - documented[name]
+    }
+    assert missing == {}, "fields missing from README's Logs table"

@@ -19,7 +19,9 @@ T = TypeVar("T")
 
 
 class Deadlines:
-    """Cancels the tasks whose deadline has passed, checked every `tick` seconds while any wait."""
+    """Cancels the tasks whose deadline has passed, checked every `tick` seconds while any wait.
+
+    Bound to the event loop of its first wait (one per process, in portfwd)."""
 
     __slots__ = ("_expired", "_loop", "_tick", "_timer", "_waits")
 

@@ -66,6 +66,8 @@ def log_opened(label: str, session: Session, logger: logging.Logger = log) -> No
 
 def log_denied(label: str, client: str, what: str, logger: logging.Logger = log) -> None:
     """A client the rule's allow/deny refused (`session.denied`)."""
+    if not logger.isEnabledFor(logging.INFO):  # a scanner's every connection: nothing built
+        return
     logger.info(
         "%s: %s denied by allow/deny; %s",
         label,
@@ -75,13 +77,24 @@ def log_denied(label: str, client: str, what: str, logger: logging.Logger = log)
     )
 
 
-def log_failed(label: str, client: str, target: str, reason: str, logger: logging.Logger = log) -> None:
-    """A client whose upstream (or channel) never opened (`session.failed`)."""
+def log_failed(
+    label: str,
+    client: str,
+    target: str,
+    reason: str,
+    logger: logging.Logger = log,
+    *,
+    rule: str | None = None,
+) -> None:
+    """A client whose upstream (or channel) never opened (`session.failed`). `rule` is the
+    name its sessions are counted under (a tunnel forward's, not the tunnel's `label`)."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
     logger.info(
         "%s: %s -> %s failed: %s; client closed",
         label,
         client,
         target,
         reason,
-        extra=event("session.failed", rule=label, client=client, target=target, reason=reason),
+        extra=event("session.failed", rule=rule or label, client=client, target=target, reason=reason),
     )

@@ -99,7 +99,7 @@ class ProtocolRelay:
     def upstream_sockname(self) -> object:
         """The local address of the upstream socket, read when status asks (None once closed)."""
         transport = self._upstream.transport
-        if transport is None or self._finished:
+        if transport is None or self._finished or self._upstream.lost:
             return None
         return transport.get_extra_info("sockname")
 

@@ -5,8 +5,9 @@ that arrives then waits up to `connect_timeout` for the link and is served or cl
 refused. The connection task loops: connect, verify the host key, ask for the remote forwards
 (-R), wait until the link dies (keepalive finds a dead peer), back off with jitter, again.
 A first connect that fails for good (errors.py's `permanent`: unknown host name, keys refused,
-no algorithm in common, host key) is not retried, as with ssh, unless `retry_first_connect`:
-`portfwd ssh` exits 1, a [[tunnel]] stays failed; only a link that once worked is retried.
+no algorithm in common) is not retried, as with ssh, unless `retry_first_connect`:
+`portfwd ssh` exits 1, a [[tunnel]] stays failed; only a link that once worked is retried. A
+host key that does not verify is never retried.
 
 The connection is ssh/connection.py, the SOCKS front ssh/socks.py, the -R side ssh/forwarded.py,
 and every session lives in the layer the server shares (ssh/sessions.py).
@@ -422,7 +423,8 @@ class Tunnel:
         counter = "refused" if error.peer else "timeout" if error.reason == Reason.TIMEOUT else "down"
         if not self._stopping:
             forward.stats.stats.count_error(counter)
-        log_failed(self.label, bridge.session.client, bridge.session.target, error.message, log)
+        session = bridge.session
+        log_failed(self.label, session.client, session.target, error.message, log, rule=session.rule.name)
         client.close()
         bridge.close(error.message)
 

@@ -185,7 +185,14 @@ class RemoteForwards:
             sock = await self.connect_local(target)
         except SshError as error:
             forward.stats.stats.count_error(error.reason)
-            log_failed(self.label, client, forward.spec.target_text, error.message, log)
+            log_failed(
+                self.label,
+                client,
+                forward.spec.target_text,
+                error.message,
+                log,
+                rule=forward.stats.stats.name,
+            )
             raise channel_refusal(error) from None
         bridge = self.tunnel.bridge(forward, client, forward.spec.target_text)
         await self.tunnel.attach(bridge, sock)

@@ -77,7 +77,8 @@ class Sessions:
     def loop(self) -> asyncio.AbstractEventLoop:
         """The running loop, asked for once: on Python 3.11 each `get_running_loop()` (and each
         `current_task()` without a loop) is a getpid() system call, and a session asked for it
-        several times (bench/RESULTS.md, D17)."""
+        several times (bench/RESULTS.md, D17). So a Sessions is bound to the loop it first ran
+        on (one per process, in portfwd)."""
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()

@@ -265,7 +265,8 @@ class SocksFront:
             sock = await tunnel.forwarded.connect_local((host, port))
         except SshError as error:
             forward.stats.stats.count_error(error.reason)
-            log_failed(self.label, bridge.session.client, bridge.session.target, error.message, log)
+            session = bridge.session
+            log_failed(self.label, session.client, session.target, error.message, log, rule=session.rule.name)
             if bridge.chan is not None:
                 bridge.chan.write(codec.refuse(socks_reply(error)))
                 bridge.chan.close()

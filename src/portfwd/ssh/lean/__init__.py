@@ -69,6 +69,14 @@ MIRRORED = {
     # which does the ignoring, and process_packet, which finds the per-connection handler table)
     "asyncssh.connection:SSHConnection._process_kexinit": "439bdf2fc55e6737",
     "asyncssh.connection:SSHConnection._send_kexinit": "275ddc818b59f44b",
+    # kex.py finish_kexinit_first: an end of stream closes at once, a failed packet task reports
+    # its error in its first done callback (registered when the task is made), closing twice is
+    # a no-op once the transport is gone
+    "asyncssh.connection:SSHConnection.connection_lost": "ea050d93536d711a",
+    "asyncssh.connection:SSHConnection.eof_received": "49d7a5b4cee006fd",
+    "asyncssh.connection:SSHConnection._reap_task": "d6d88bdf86f70401",
+    "asyncssh.connection:SSHConnection._force_close": "264b4367525f4f86",
+    "asyncssh.connection:SSHConnection.create_task": "a9bff2bae35cd56f",
     # probe.py: one keepalive round trip through asyncssh's ordered global-request waiters
     "asyncssh.connection:SSHConnection._make_global_request": "5f4b41f0c38aeb65",
     "asyncssh.connection:SSHConnection._report_global_response": "590a13bfd2ed513f",
@@ -142,7 +150,7 @@ def fix(conn: Any) -> bool:
     """Install the interop fixes on one asyncssh connection, before its key exchange begins.
 
     Applied whenever asyncssh is VERIFIED, whatever the fast-path switch says (see the module
-    docstring); False when nothing was installed (another asyncssh, or not a connection of
+    docstring); False unless both were installed (another asyncssh, or not a connection of
     the kind checked). Raises nothing.
     """
     if not verified():

@@ -132,30 +132,43 @@ HOLD = 2.0
 
 
 def finish_kexinit_first(conn: Any) -> bool:
-    """Report a peer's hang-up during the key exchange only after the packets it sent before it
-    were handled (see the module docstring). False, leaving `conn` as it is, on another asyncssh."""
+    """Report a peer's hang-up during the first key exchange only after the packets it sent
+    before it were handled (see the module docstring). Rekeys are left alone: by then the link
+    worked, and a hang-up is a lost link. False, leaving `conn` as it is, on another asyncssh."""
     original = getattr(conn, "connection_lost", None)
     tasks = getattr(conn, "_tasks", None)
-    if not callable(original) or not isinstance(tasks, set) or not hasattr(conn, "_kex_complete"):
+    if (
+        not callable(original)
+        or not isinstance(tasks, set)
+        or not hasattr(conn, "_kex_complete")
+        or not hasattr(conn, "_recv_encryption")
+    ):
         return False
+    held = False
 
     def connection_lost(exc: Exception | None = None) -> None:
+        nonlocal held
+        if held:  # the transport's own call after eof_received: the first one is waiting
+            return
         # Every task still in the set: one that has just failed is done, but its done callbacks
         # (asyncssh's `_reap_task`, which reports its error and takes it out) have yet to run.
         pending = list(tasks)
-        if exc is not None or conn._kex_complete or not pending:
+        first = not conn._kex_complete and conn._recv_encryption is None
+        if exc is not None or not first or not pending:
             original(exc)
             return
-        done = False
+        held = True
+        loop = asyncio.get_running_loop()
 
         def finish(*_: object) -> None:
-            nonlocal done
-            if not done:
-                done = True
-                original(None)  # a no-op when the task already closed it with its own error
+            nonlocal held
+            if held:
+                held = False
+                timer.cancel()
+                original(None)  # a no-op when a task already closed it with its own error
 
+        timer = loop.call_later(HOLD, finish)
         asyncio.gather(*pending, return_exceptions=True).add_done_callback(finish)
-        asyncio.get_running_loop().call_later(HOLD, finish)
 
     conn.connection_lost = connection_lost
     return True
