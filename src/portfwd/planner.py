@@ -86,6 +86,8 @@ def rule_spec(index: int, rule: ForwardConfig) -> RuleSpec:
         tcp_keepalive=rule.tcp_keepalive,
         idle_timeout=rule.idle_timeout,
         proxy_protocol={"v1": 1, "v2": 2}.get(rule.proxy_protocol or "", 0),
+        accept_proxy=rule.accept_proxy_protocol,
+        trusted_proxies=rule.trusted_proxies,
         where=f"forward[{index}]" + (f" ({rule.name})" if rule.name else ""),
     )
 

@@ -63,6 +63,8 @@ class RuleSpec:
     tcp_keepalive: bool = True  #: on both sides of every TCP session (relay/listener.KEEPALIVE)
     idle_timeout: float | None = None  #: close a TCP session that moved no byte for this long
     proxy_protocol: int = 0  #: 1 or 2: send the client's address first, as a PROXY header (TCP)
+    accept_proxy: bool = False  #: read a PROXY header from each client first (TCP)...
+    trusted_proxies: tuple[Network, ...] = ()  #: ...which only these may send
     #: Where the rule was written, for errors (`forward[2] (web)`); not part of its identity, so
     #: a rule that only moved in the file is kept by a reload.
     where: str = field(default="forward", compare=False)

@@ -9,6 +9,7 @@ portfwd's (which connects from 127.0.0.1).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -36,6 +37,15 @@ def _listening(port: int, peer: Proc) -> None:
         assert peer.popen.poll() is None, peer.output()
         assert time.monotonic() < deadline, peer.output()
         time.sleep(0.02)  # polling the kernel's table, bounded by the deadline
+
+
+def _closed_on(sock: socket.socket) -> bool:
+    """The peer closed the connection: an end of stream, or a reset (it closed with our bytes
+    unread, which is how a refusal before reading looks)."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
 
 
 def _forward(tmp_path: Path, version: str, backend: int, relay: str = "auto") -> tuple[Path, int]:
@@ -147,3 +157,67 @@ def test_proxy_protocol_on_a_udp_only_rule_is_a_config_error(tmp_path: Path) -> 
         "portfwd: forward[0].proxy_protocol: a PROXY header goes on TCP connections; this rule is udp only "
         "(remove proxy_protocol, or forward tcp)"
     ]
+
+
+@pytest.mark.parametrize("send", ["send-proxy", "send-proxy-v2"])
+def test_behind_haproxy_the_real_client_is_the_client(tmp_path: Path, send: str) -> None:
+    """accept_proxy_protocol: haproxy in front says who the client is; allow/deny and the logs
+    go by that address; a sender outside trusted_proxies, or a bad header, is refused."""
+    haproxy = need_binary("haproxy", "haproxy")
+    sink = Sink().start()
+    front, port = free_port(), free_port()
+    control = tmp_path / "ctl.sock"
+    config = tmp_path / "behind.toml"
+    config.write_text(
+        f'[control]\nsocket = "{control}"\n'
+        f'[[forward]]\nname = "behind"\nlisten = "127.0.0.1:{port}"\nconnect = "127.0.0.1:{sink.port}"\n'
+        'accept_proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]\nallow = ["127.0.0.2/32"]\n'
+    )
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(
+        "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n"
+        f"frontend front\n  bind 127.0.0.1:{front}\n  default_backend portfwd\n"
+        f"backend portfwd\n  server portfwd 127.0.0.1:{port} {send}\n"
+    )
+    payload = os.urandom(128 * 1024)
+    with started(portfwd_argv("run", "-c", str(config)), ready=READY) as proc:
+        peer = Proc([haproxy, "-db", "-f", str(cfg)])
+        try:
+            _listening(front, peer)
+            client_port, answer = _from_client_address(front, payload)  # from 127.0.0.2: allowed
+            opened = proc.wait_for(" open (")
+            with socket.socket() as other:  # from 127.0.0.3: the header says so, allow says no
+                other.bind(("127.0.0.3", 0))
+                other.settimeout(10)
+                other.connect(("127.0.0.1", front))
+                other.sendall(b"x")
+                assert _closed_on(other), "closed without reaching the target"
+            denied = proc.wait_for("denied by allow/deny")
+            # a direct sender not in trusted_proxies, even with a good header
+            with socket.socket() as direct:
+                direct.bind(("127.0.0.2", 0))
+                direct.settimeout(10)
+                direct.connect(("127.0.0.1", port))
+                direct.sendall(b"PROXY TCP4 127.0.0.2 127.0.0.1 1 2\r\nx")
+                assert _closed_on(direct)
+            untrusted = proc.wait_for("denied by trusted_proxies")
+            # a trusted sender with no header
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as bad:
+                bad.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                assert _closed_on(bad)
+            garbled = proc.wait_for("bad PROXY header")
+            snapshot = json.loads(run_portfwd("status", "--json", "--control", str(control)).stdout)
+        finally:
+            peer.stop()
+            peer.close()
+            sink.close()
+    assert answer == hashlib.sha256(payload).hexdigest().encode(), "the client's bytes crossed whole"
+    assert f"behind: 127.0.0.2:{client_port} -> 127.0.0.1:{sink.port} open (" in opened
+    assert "behind: 127.0.0.3:" in denied
+    assert "behind: 127.0.0.2:" in untrusted
+    assert "no PROXY header (the sender must speak the PROXY protocol, v1 or v2)" in garbled
+    [closed] = [row for row in snapshot["closed"] if row["bytes_up"]]
+    assert closed["client"] == f"127.0.0.2:{client_port}"
+    [rule] = snapshot["rules"]
+    assert rule["errors"] == {"proxy_untrusted": 1, "proxy_header": 1}
+    assert rule["denied_total"] == 1

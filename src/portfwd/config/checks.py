@@ -48,6 +48,20 @@ def _check_rules(config: Config) -> list[str]:
                 f"{field}.proxy_protocol: a PROXY header goes on TCP connections; this rule is "
                 f"{rule.protocol.value} only (remove proxy_protocol, or forward tcp)"
             )
+        if rule.accept_proxy_protocol and not rule.trusted_proxies:
+            problems.append(
+                f"{field}.trusted_proxies: accept_proxy_protocol believes only the proxies listed "
+                'here; name them, e.g. trusted_proxies = ["10.0.0.5/32"]'
+            )
+        if rule.accept_proxy_protocol and (isinstance(rule.listen, UnixPath) or not rule.protocol.has_tcp):
+            problems.append(
+                f"{field}.accept_proxy_protocol: needs a TCP listener on an IP address "
+                "(a PROXY header comes on TCP, from a proxy known by its address)"
+            )
+        if rule.trusted_proxies and not rule.accept_proxy_protocol:
+            problems.append(
+                f"{field}.trusted_proxies: only read with accept_proxy_protocol = true; add it or remove this"
+            )
         if isinstance(rule.listen, UnixPath) and (rule.allow or rule.deny or rule.route):
             problems.append(
                 f"{field}.allow: allow, deny and route need an IP listener; "

@@ -73,6 +73,8 @@ class ForwardConfig(_Model):
     tcp_keepalive: StrictBool = True  # on both sides of every TCP session (relay/listener.KEEPALIVE)
     idle_timeout: Duration | None = None  # close a TCP session that moved no byte for this long
     proxy_protocol: Literal["v1", "v2"] | None = None  # a PROXY header to the target first (TCP)
+    accept_proxy_protocol: StrictBool = False  # each client starts with a PROXY header (TCP)...
+    trusted_proxies: Networks = ()  # ...sent only by these (anyone else is refused)
 
     @property
     def label(self) -> str:

@@ -31,6 +31,8 @@ def describe(rules: tuple[RuleSpec, ...]) -> list[tuple[str, str, str, str, str,
             access.append("deny " + ", ".join(map(str, rule.deny)))
         for route in rule.route:
             access.append(f"{', '.join(map(str, route.source))} -> {route.connect}")
+        if rule.accept_proxy:
+            access.insert(0, "PROXY header from " + ", ".join(map(str, rule.trusted_proxies)))
         relay: str = relay_path(rule, splice) if rule.protocol.has_tcp else "udp"
         if rule.proxy_protocol:
             relay += f", PROXY v{rule.proxy_protocol} header"

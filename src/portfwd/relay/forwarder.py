@@ -23,8 +23,9 @@ from typing import Any, Literal
 from portfwd.acl import AccessPolicy, Route, client_ip
 from portfwd.addr import Endpoint, HostPorts, PortRange, UnixPath, target_port
 from portfwd.errors import UpstreamError
-from portfwd.proto.proxy import header
+from portfwd.proto.proxy import ProxyError, header
 from portfwd.relay.poller import Poller
+from portfwd.relay.proxyin import read_header
 from portfwd.relay.sessionlog import log_closed, log_denied, log_failed, log_opened
 from portfwd.relay.splice import PipePool, SpliceRelay
 from portfwd.relay.tcp import ProtocolRelay
@@ -187,8 +188,53 @@ class TcpForwarder:
         held: list[Connect] = []
         try:
             for client, peer in clients:
-                self._admit(client, peer, held)
+                if self.rule.accept_proxy:
+                    self._from_proxy(client, peer)
+                else:
+                    self._admit(client, peer, held)
         finally:  # the connects begun go on whatever happened to a later client
+            for connect in held:
+                connect.confirm()
+
+    def _from_proxy(self, client: int, peer: Any) -> None:
+        """A client behind a load balancer (`accept_proxy_protocol`): only from trusted_proxies;
+        its PROXY header is read (in a task of its own), then it is admitted as the client the
+        header names, for allow/deny, routes, logs and status alike."""
+        address = client_ip(peer[0]) if isinstance(peer, tuple) else None
+        if address is None or not any(address in network for network in self.rule.trusted_proxies):
+            self.stats.count_error("proxy_untrusted")
+            log_denied(self.label, describe_peer(client, peer), "closed", by="trusted_proxies")
+            os.close(client)
+            return
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        task = loop.create_task(self._after_header(loop, client, peer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _after_header(self, loop: asyncio.AbstractEventLoop, client: int, peer: Any) -> None:
+        try:
+            async with asyncio.timeout(self.rule.connect_timeout):
+                found = await read_header(loop, client)
+        except (ProxyError, OSError) as exc:  # TimeoutError is an OSError
+            why = (
+                f"no PROXY header within {self.rule.connect_timeout:g}s"
+                if isinstance(exc, TimeoutError)
+                else f"bad PROXY header: {exc}"
+            )
+            self.stats.count_error("proxy_header")
+            log_failed(self.label, describe_peer(client, peer), "-", why)
+            os.close(client)
+            return
+        except asyncio.CancelledError:
+            os.close(client)
+            raise
+        real = peer if found.source is None else found.source  # LOCAL/UNKNOWN: the proxy itself
+        held: list[Connect] = []
+        try:
+            self._admit(client, real, held)
+        finally:
             for connect in held:
                 connect.confirm()
 

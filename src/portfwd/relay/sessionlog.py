@@ -64,16 +64,20 @@ def log_opened(label: str, session: Session, logger: logging.Logger = log) -> No
         )
 
 
-def log_denied(label: str, client: str, what: str, logger: logging.Logger = log) -> None:
-    """A client the rule's allow/deny refused (`session.denied`)."""
+def log_denied(
+    label: str, client: str, what: str, logger: logging.Logger = log, *, by: str = "allow/deny"
+) -> None:
+    """A client the rule refused (`session.denied`): by its allow/deny, or as a sender of PROXY
+    headers it does not trust (`by`)."""
     if not logger.isEnabledFor(logging.INFO):  # a scanner's every connection: nothing built
         return
     logger.info(
-        "%s: %s denied by allow/deny; %s",
+        "%s: %s denied by %s; %s",
         label,
         client,
+        by,
         what,
-        extra=event("session.denied", rule=label, client=client, reason="allow/deny"),
+        extra=event("session.denied", rule=label, client=client, reason=by),
     )
 
 
