@@ -88,6 +88,9 @@ def rule_spec(index: int, rule: ForwardConfig) -> RuleSpec:
         proxy_protocol={"v1": 1, "v2": 2}.get(rule.proxy_protocol or "", 0),
         accept_proxy=rule.accept_proxy_protocol,
         trusted_proxies=rule.trusted_proxies,
+        max_connections=rule.max_connections or 0,
+        max_connections_per_source=rule.max_connections_per_source or 0,
+        rate=rule.rate,
         where=f"forward[{index}]" + (f" ({rule.name})" if rule.name else ""),
     )
 

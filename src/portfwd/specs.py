@@ -65,6 +65,9 @@ class RuleSpec:
     proxy_protocol: int = 0  #: 1 or 2: send the client's address first, as a PROXY header (TCP)
     accept_proxy: bool = False  #: read a PROXY header from each client first (TCP)...
     trusted_proxies: tuple[Network, ...] = ()  #: ...which only these may send
+    max_connections: int = 0  #: at once, for the whole rule (TCP); 0: no limit
+    max_connections_per_source: int = 0  #: at once, from one client address; 0: no limit
+    rate: tuple[int, float] | None = None  #: new connections per client address: (count, seconds)
     #: Where the rule was written, for errors (`forward[2] (web)`); not part of its identity, so
     #: a rule that only moved in the file is kept by a reload.
     where: str = field(default="forward", compare=False)

@@ -88,7 +88,7 @@ BAD = [
         '[[forward]]\nlisten = "8080"\nconnect = "h:1"\nbogus = 1\n',
         "forward[0].bogus: unknown key; remove it or use one of: name, listen, connect, protocol, allow, "
         "deny, route, udp_idle_timeout, udp_max_flows, connect_timeout, relay, dual_stack, backlog, map, tcp_keepalive, idle_timeout, proxy_protocol, "
-        "accept_proxy_protocol, trusted_proxies",
+        "accept_proxy_protocol, trusted_proxies, max_connections, max_connections_per_source, rate",
     ),
     ('[[forward]]\nlisten = "8080"\n', "forward[0].connect: required key is missing; add it"),
     (
@@ -305,7 +305,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "forward[0].connect: missing port; write host:port",
         "forward[0].bogus: unknown key; remove it or use one of: name, listen, connect, protocol, allow, "
         "deny, route, udp_idle_timeout, udp_max_flows, connect_timeout, relay, dual_stack, backlog, map, tcp_keepalive, idle_timeout, proxy_protocol, "
-        "accept_proxy_protocol, trusted_proxies",
+        "accept_proxy_protocol, trusted_proxies, max_connections, max_connections_per_source, rate",
     ]
 
 

@@ -58,6 +58,12 @@ def _check_rules(config: Config) -> list[str]:
                 f"{field}.accept_proxy_protocol: needs a TCP listener on an IP address "
                 "(a PROXY header comes on TCP, from a proxy known by its address)"
             )
+        limited = rule.max_connections or rule.max_connections_per_source or rule.rate
+        if limited and not rule.protocol.has_tcp:
+            problems.append(
+                f"{field}.max_connections: max_connections, max_connections_per_source and rate "
+                "count TCP connections; for UDP use udp_max_flows"
+            )
         if rule.trusted_proxies and not rule.accept_proxy_protocol:
             problems.append(
                 f"{field}.trusted_proxies: only read with accept_proxy_protocol = true; add it or remove this"

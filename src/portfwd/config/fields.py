@@ -227,6 +227,22 @@ def _ipv4(value: Any) -> str:
         raise _fail(f"{value!r} is not an IPv4 address; write the router's LAN address") from None
 
 
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _rate(value: Any) -> tuple[int, float]:
+    """`"20/s"`, `"300/m"`, `"1000/h"` or `"5/10s"`: (connections, per seconds)."""
+    match = (
+        re.fullmatch(r"([1-9][0-9]{0,8})/([1-9][0-9]{0,5})?([smh])", value)
+        if isinstance(value, str)
+        else None
+    )
+    if match is None:
+        raise _fail(f'{value!r} is not a rate; write connections per time, e.g. "20/s", "300/m" or "5/10s"')
+    count, number, unit = match.groups()
+    return int(count), _RATE_UNITS[unit] * (int(number) if number else 1)
+
+
 def _url(value: Any) -> str:
     if not isinstance(value, str) or not re.match(r"^https?://[^/\s]+/\S*$", value):
         raise _fail(
@@ -260,5 +276,6 @@ ProtoPorts = Annotated[tuple[str, PortRange], PlainValidator(_proto_ports)]
 ProtoPortsList = Annotated[tuple[tuple[str, PortRange], ...], PlainValidator(_proto_ports_list)]
 ExternalPort = Annotated[int, PlainValidator(_external_port)]
 Url = Annotated[str, PlainValidator(_url)]
+Rate = Annotated[tuple[int, float], PlainValidator(_rate)]
 IPv4 = Annotated[str, PlainValidator(_ipv4)]
 MapMethod = Literal["auto", "pcp", "natpmp", "upnp"]

@@ -31,6 +31,7 @@ from portfwd.config.fields import (
     Permits,
     ProtoPorts,
     ProtoPortsList,
+    Rate,
     RemoteForwards,
     SecondsOrOff,
     Startups,
@@ -75,6 +76,13 @@ class ForwardConfig(_Model):
     proxy_protocol: Literal["v1", "v2"] | None = None  # a PROXY header to the target first (TCP)
     accept_proxy_protocol: StrictBool = False  # each client starts with a PROXY header (TCP)...
     trusted_proxies: Networks = ()  # ...sent only by these (anyone else is refused)
+    max_connections: int | None = Field(default=None, ge=1, le=10_000_000)  # at once, the rule's (TCP)
+    max_connections_per_source: int | None = Field(
+        default=None, ge=1, le=10_000_000
+    )  # at once, per client address
+    rate: Rate | None = (
+        None  # new connections per client address, e.g. "20/s" (a burst of 20, then 20 a second)
+    )
 
     @property
     def label(self) -> str:

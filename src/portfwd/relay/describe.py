@@ -31,6 +31,12 @@ def describe(rules: tuple[RuleSpec, ...]) -> list[tuple[str, str, str, str, str,
             access.append("deny " + ", ".join(map(str, rule.deny)))
         for route in rule.route:
             access.append(f"{', '.join(map(str, route.source))} -> {route.connect}")
+        if rule.max_connections:
+            access.append(f"at most {rule.max_connections} at once")
+        if rule.max_connections_per_source:
+            access.append(f"at most {rule.max_connections_per_source} at once per address")
+        if rule.rate:
+            access.append(f"at most {rule.rate[0]} new per {rule.rate[1]:g}s per address")
         if rule.accept_proxy:
             access.insert(0, "PROXY header from " + ", ".join(map(str, rule.trusted_proxies)))
         relay: str = relay_path(rule, splice) if rule.protocol.has_tcp else "udp"

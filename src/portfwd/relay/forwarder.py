@@ -24,9 +24,10 @@ from portfwd.acl import AccessPolicy, Route, client_ip
 from portfwd.addr import Endpoint, HostPorts, PortRange, UnixPath, target_port
 from portfwd.errors import UpstreamError
 from portfwd.proto.proxy import ProxyError, header
+from portfwd.relay.limits import Limits
 from portfwd.relay.poller import Poller
 from portfwd.relay.proxyin import read_header
-from portfwd.relay.sessionlog import log_closed, log_denied, log_failed, log_opened
+from portfwd.relay.sessionlog import log_closed, log_denied, log_failed, log_opened, log_refused
 from portfwd.relay.splice import PipePool, SpliceRelay
 from portfwd.relay.tcp import ProtocolRelay
 from portfwd.relay.upstream import Addresses, Connect, literal_addresses, resolve
@@ -119,7 +120,17 @@ def format_target(target: Target) -> str:
 class _Pending:
     """A client waiting for its upstream connection."""
 
-    __slots__ = ("began", "client", "client_text", "connect", "forwarder", "header", "target_text", "task")
+    __slots__ = (
+        "began",
+        "client",
+        "client_text",
+        "connect",
+        "forwarder",
+        "header",
+        "source",
+        "target_text",
+        "task",
+    )
 
     def __init__(self, forwarder: TcpForwarder, client: int, client_text: str, target_text: str) -> None:
         self.forwarder = forwarder
@@ -130,6 +141,7 @@ class _Pending:
         self.task: asyncio.Task[None] | None = None
         self.began = time.monotonic()
         self.header = b""  #: the PROXY header the upstream is sent first (proxy_protocol), if any
+        self.source: str | None = None  #: the client address its rule's Limits counted it under
 
     def done(self, upstream: socket.socket | None, error: UpstreamError | None) -> None:
         self.forwarder.connected(self, upstream, error)
@@ -153,8 +165,12 @@ class TcpForwarder:
         path: RelayPath,
         pipes: PipePool,
         poller: Poller,
+        limits: Limits | None = None,
     ) -> None:
         self.rule = rule
+        #: The rule's connection limits, shared by its ports (None: it has none, and pays nothing).
+        self.limits = limits
+        self._limited: dict[int, str | None] = {}  # session id -> its source, while it lives
         self.port = port
         self.state = state
         self.path = path
@@ -254,7 +270,18 @@ class TcpForwarder:
         if known is None:
             known = self._targets[target] = (format_target(target), literal_addresses(target))
         text, addresses = known
+        source: str | None = None
+        if self.limits is not None:
+            address = client_ip(peer[0]) if isinstance(peer, tuple) else None
+            source = None if address is None else str(address)
+            refused = self.limits.admit(source)
+            if refused is not None:
+                self.stats.count_error(refused)
+                log_refused(self.label, describe_peer(client, peer), refused, self._limit_of(refused))
+                os.close(client)
+                return
         pending = _Pending(self, client, describe_peer(client, peer), text)
+        pending.source = source
         if self.rule.proxy_protocol:
             pending.header = proxy_header(self.rule.proxy_protocol, client, peer)
         self._pending.add(pending)
@@ -269,6 +296,19 @@ class TcpForwarder:
         else:
             assert not isinstance(target, str)
             pending.task = asyncio.get_running_loop().create_task(self._resolve(pending, target))
+
+    def _limit_of(self, refused: str) -> str:
+        rule = self.rule
+        if refused == "max_connections":
+            return f"max_connections = {rule.max_connections}"
+        if refused == "max_connections_per_source":
+            return f"max_connections_per_source = {rule.max_connections_per_source}"
+        count, seconds = rule.rate or (0, 0.0)
+        return f"rate = {count} per {seconds:g}s"
+
+    def _release(self, pending: _Pending) -> None:
+        if self.limits is not None:
+            self.limits.done(pending.source)
 
     async def _resolve(self, pending: _Pending, target: tuple[str, int]) -> None:
         """Resolve a host name for one client, then connect on the callback path."""
@@ -300,6 +340,7 @@ class TcpForwarder:
             if error.reason == "resources" and self.exhausted is not None:
                 self.exhausted(error.message)
             log_failed(self.label, pending.client_text, pending.target_text, error.message)
+            self._release(pending)
             self.state.connect_failed(
                 self.stats, pending.client_text, pending.target_text, self.path, f"upstream: {error.message}"
             )
@@ -313,11 +354,14 @@ class TcpForwarder:
                 pending.target_text,
                 "upstream: the PROXY header did not go out",
             )
+            self._release(pending)
             upstream.close()
             os.close(client)
             return
         self.stats.observe_connect(time.monotonic() - pending.began)
         session = self.state.open_session(self.stats, pending.client_text, pending.target_text, self.path)
+        if self.limits is not None:
+            self._limited[session.id] = pending.source
         wrapped: socket.socket | None = None
         try:
             if self.path == "splice":
@@ -346,12 +390,16 @@ class TcpForwarder:
                 with contextlib.suppress(OSError):
                     os.close(client)
             upstream.close()
+            if self.limits is not None and session.id in self._limited:
+                self.limits.done(self._limited.pop(session.id))
             self.state.close_session(session, "internal error")
             return
         log_opened(self.label, session)
 
     def relay_closed(self, session: Session, reason: str) -> None:
         """Called once by a relay when it has ended: log the session and fold its counters."""
+        if self.limits is not None and session.id in self._limited:
+            self.limits.done(self._limited.pop(session.id))
         log_closed(self.label, session, reason)
         session.relay = None
         self.state.close_session(session, reason)

@@ -81,6 +81,18 @@ def log_denied(
     )
 
 
+def log_refused(label: str, client: str, limit: str, text: str, logger: logging.Logger = log) -> None:
+    """A client over one of its rule's limits (`session.refused`): a WARNING, so a flood of
+    them is summarised by the log's flood filter instead of written line by line."""
+    logger.warning(
+        "%s: %s refused: %s reached; closed",
+        label,
+        client,
+        text,
+        extra=event("session.refused", rule=label, client=client, reason=limit),
+    )
+
+
 def log_failed(
     label: str,
     client: str,

@@ -18,6 +18,7 @@ from portfwd.errors import BindError, PortfwdError
 from portfwd.logevents import event
 from portfwd.relay.describe import relay_path
 from portfwd.relay.forwarder import RelayPath, TcpForwarder
+from portfwd.relay.limits import Limits
 from portfwd.relay.listener import DescriptorListener, bind_ip, bind_unix
 from portfwd.relay.mmsg import Batch
 from portfwd.relay.poller import Poller
@@ -178,11 +179,16 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         what = rule.where
         run = _RuleRun([], [])
         path = self._path_for(rule)
+        limits = (
+            Limits(rule.max_connections, rule.max_connections_per_source, rule.rate)
+            if rule.max_connections or rule.max_connections_per_source or rule.rate
+            else None
+        )
         try:
             listen = rule.listen
             if isinstance(listen, UnixPath):
                 listener = bind_unix(what, listen.path, backlog=rule.backlog)
-                forwarder = TcpForwarder(rule, None, self.state, path, self._pipes, self._poller)
+                forwarder = TcpForwarder(rule, None, self.state, path, self._pipes, self._poller, limits)
                 run.tcp.append((_accepting(listener, forwarder), forwarder))
             else:
                 for port in listen.ports.ports():
@@ -196,7 +202,9 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
                             dual_stack=rule.dual_stack,
                             tcp_keepalive=rule.tcp_keepalive,
                         )
-                        forwarder = TcpForwarder(rule, port, self.state, path, self._pipes, self._poller)
+                        forwarder = TcpForwarder(
+                            rule, port, self.state, path, self._pipes, self._poller, limits
+                        )
                         run.tcp.append((_accepting(listener, forwarder), forwarder))
                     if rule.protocol.has_udp:
                         udp_socket = bind_ip(

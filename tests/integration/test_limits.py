@@ -1,0 +1,118 @@
+"""Connection limits on a [[forward]]: the N+1st is closed at once, per source, and by rate.
+
+portfwd runs as users run it; the target is a sink that holds each connection open until the
+client half-closes, so "at once" means what it says. Clients come from 127.0.0.2-5 so that
+per-source limits see different sources.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.peers import free_port
+from tests.integration.processes import READY, portfwd_argv, run_portfwd, started
+from tests.integration.test_status import Sink
+
+pytestmark = pytest.mark.integration
+
+
+def _connect(port: int, source: str) -> socket.socket:
+    client = socket.socket()
+    client.bind((source, 0))
+    client.settimeout(10)
+    client.connect(("127.0.0.1", port))
+    return client
+
+
+def _served(client: socket.socket, sent: bytes = b"") -> bool:
+    """Send a little more after `sent`, half-close, and see whether the sink's sha256 of it all
+    comes back (True) or the connection was closed on us (False)."""
+    data = os.urandom(1000)
+    try:
+        client.sendall(data)
+        client.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := client.recv(100):
+            answer += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        return False
+    return answer == hashlib.sha256(sent + data).hexdigest().encode()
+
+
+def _refused(client: socket.socket) -> bool:
+    """Closed by portfwd without anything sent: an end of stream (or a reset) at once."""
+    try:
+        return client.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+@contextlib.contextmanager
+def _rule(tmp_path: Path, sink: Sink, settings: str) -> Iterator[tuple[int, Path]]:
+    port, control = free_port(), tmp_path / "ctl.sock"
+    config = tmp_path / "limits.toml"
+    config.write_text(
+        f'[control]\nsocket = "{control}"\n'
+        f'[[forward]]\nname = "lim"\nlisten = "127.0.0.1:{port}"\nconnect = "127.0.0.1:{sink.port}"\n{settings}'
+    )
+    with started(portfwd_argv("run", "-c", str(config)), ready=READY):
+        yield port, control
+
+
+def _errors(control: Path) -> dict[str, int]:
+    snapshot = json.loads(run_portfwd("status", "--json", "--control", str(control)).stdout)
+    return snapshot["rules"][0]["errors"]  # type: ignore[no-any-return]
+
+
+def test_max_connections_refuses_the_next_then_has_room_again(tmp_path: Path) -> None:
+    sink = Sink().start()
+    try:
+        with _rule(tmp_path, sink, "max_connections = 2\n") as (port, control):
+            first, second = _connect(port, "127.0.0.2"), _connect(port, "127.0.0.3")
+            first.sendall(b"held")  # both reach the sink, which waits for the rest
+            second.sendall(b"held")
+            with _connect(port, "127.0.0.4") as third:
+                assert _refused(third), "the third at once is closed before any upstream connect"
+            assert _served(first, b"held")  # the two admitted are served whole
+            first.close()
+            with _connect(port, "127.0.0.4") as again:
+                assert _served(again), "a finished session made room"
+            assert _served(second, b"held")
+            second.close()
+            errors = _errors(control)
+    finally:
+        sink.close()
+    assert errors == {"max_connections": 1}
+
+
+def test_per_source_and_rate_limits_count_each_client_address_apart(tmp_path: Path) -> None:
+    sink = Sink().start()
+    try:
+        settings = 'max_connections_per_source = 1\nrate = "3/10s"\n'
+        with _rule(tmp_path, sink, settings) as (port, control):
+            held = _connect(port, "127.0.0.2")
+            held.sendall(b"held")
+            with _connect(port, "127.0.0.2") as twin:
+                assert _refused(twin), "a second at once from the same address"
+            with _connect(port, "127.0.0.3") as other:
+                assert _served(other), "another address is not affected"
+            assert _served(held, b"held")
+            held.close()
+            # rate: a burst of 3 from one address, then refused until the bucket refills
+            outcomes = []
+            for _ in range(5):
+                with _connect(port, "127.0.0.5") as client:
+                    outcomes.append(_served(client))
+            errors = _errors(control)
+    finally:
+        sink.close()
+    assert outcomes == [True, True, True, False, False]
+    assert errors == {"max_connections_per_source": 1, "rate": 2}
