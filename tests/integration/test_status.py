@@ -382,3 +382,39 @@ def test_json_logs_carry_each_event_and_its_fields() -> None:
     for line, record in zip(text, records, strict=True):
         words = line.split(" ", 3)[3]  # after "date time LEVEL"
         assert words.split(":")[0] == record["msg"].split(":")[0], (line, record["msg"])
+
+
+def test_a_log_nobody_reads_never_stops_the_relay(tmp_path: Path) -> None:
+    """stderr is a pipe this test does not read while 1000 sessions go through (two log lines
+    each: far more than the pipe holds). Every session is served at once; once the pipe is read,
+    every line is there (cli/logwriter.py writes them from a thread of its own)."""
+    sink = Sink().start()
+    port, control = free_port(), tmp_path / "ctl.sock"
+    proc = subprocess.Popen(
+        portfwd_argv("forward", "--control", str(control), f"127.0.0.1:{port}:127.0.0.1:{sink.port}"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    sessions = 1000
+    try:
+        deadline = time.monotonic() + 15
+        while run_portfwd("status", "--control", str(control)).returncode != 0:
+            assert proc.poll() is None, "portfwd exited"
+            assert time.monotonic() < deadline, "portfwd did not start"
+            time.sleep(0.05)  # polling the control socket, bounded by the deadline
+        for index in range(sessions):
+            answer: list[bytes] = []
+            send_all(port, b"%d" % index, answer)  # each bounded by the socket's timeout
+            assert answer == [hashlib.sha256(b"%d" % index).hexdigest().encode()], index
+        os.kill(proc.pid, signal.SIGTERM)
+        _, log = proc.communicate(timeout=30)  # read at last: the writer catches up, then exits
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        sink.close()
+    assert proc.returncode == 0
+    lines = log.decode().splitlines()
+    assert sum(" closed (" in line for line in lines) == sessions, "no line lost"
+    assert sum(" open (" in line for line in lines) == sessions

@@ -138,6 +138,8 @@ class JsonFormatter(logging.Formatter):
         line["msg"] = record.getMessage()
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # formatted already, where it was logged (cli/logwriter.py)
+            line["exc"] = record.exc_text
         return json.dumps(line, default=str)
 
 
@@ -157,11 +159,14 @@ def setup_logging(verbose: int, quiet: bool, log_format: str, log_file: str | No
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    from portfwd.cli import logwriter  # not at the top: `map add` starts without its thread
+
+    front = logwriter.install(handler)  # written by a thread: a stalled stderr never stops the loop
     flood = Flood()
-    flood.handler = handler
-    handler.addFilter(flood)
+    flood.handler = front
+    front.addFilter(flood)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [front]
     root.setLevel(level)
     logging.getLogger("portfwd").setLevel(logging.DEBUG if verbose and not quiet else logging.NOTSET)
     # asyncssh narrates every channel at INFO; portfwd logs what matters itself.
@@ -174,6 +179,9 @@ def report(exc: BaseException) -> int:
     ConfigError prints every problem found; any other PortfwdError its one line; anything else
     is a bug, still shown as one line unless PORTFWD_DEBUG is set.
     """
+    writer = sys.modules.get("portfwd.cli.logwriter")
+    if writer is not None:
+        writer.flush()  # the log lines before it come first
     if isinstance(exc, ConfigError):
         for line in exc.problems:
             print(f"portfwd: {printable(line)}", file=sys.stderr)
