@@ -115,5 +115,6 @@ def test_portfwd_server_upstreams_have_keepalive(tmp_path: Path) -> None:
         client.wait(10)
         server.stop()
         sink.close()
-    assert len(towards) == 1
-    assert "timer:(keepalive," in towards[0], towards
+    # the held session's upstream (and, for a moment, the readiness probe's, still closing)
+    assert towards
+    assert all("timer:(keepalive," in line for line in towards), towards

@@ -112,6 +112,9 @@ def _leave(code: int) -> NoReturn:
     """Exit without the interpreter's teardown, which with click loaded takes a good part of a
     `map add`'s time. Only for `map`: it leaves no thread, child, file or event loop open.
     """
+    writer = sys.modules.get("portfwd.cli.logwriter")
+    if writer is not None:
+        writer.flush()  # the log lines its thread has yet to write
     try:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -70,8 +70,12 @@ class _Writer(logging.handlers.QueueListener):
         super().__init__(lines, target, respect_handler_level=False)
         self.front = front
         self.lines = lines
+        self.target = target
 
     def handle(self, record: logging.LogRecord) -> None:
+        stream = getattr(self.target, "stream", None)
+        if stream is not None and getattr(stream, "closed", False):
+            return  # its stream is gone (a test's captured stderr): nowhere to write
         super().handle(record)
         front = self.front
         if front.dropped and self.lines.empty():
