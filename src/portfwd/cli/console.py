@@ -138,7 +138,7 @@ class JsonFormatter(logging.Formatter):
         line["msg"] = record.getMessage()
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        elif record.exc_text:  # formatted already, where it was logged (cli/logwriter.py)
+        elif record.exc_text:  # formatted already (a record formatted once before)
             line["exc"] = record.exc_text
         return json.dumps(line, default=str)
 
@@ -160,6 +160,14 @@ def setup_logging(verbose: int, quiet: bool, log_format: str, log_file: str | No
     else:
         handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     from portfwd.cli import logwriter  # not at the top: `map add` starts without its thread
+
+    # What no line of ours shows, and each record would otherwise pay for: the caller's file
+    # and line (a walk up the stack), the thread, the process id (a getpid() system call) and
+    # the multiprocessing name (bench/RESULTS.md, D18).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
 
     front = logwriter.install(handler)  # written by a thread: a stalled stderr never stops the loop
     flood = Flood()
