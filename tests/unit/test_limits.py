@@ -51,7 +51,13 @@ def test_a_scan_from_many_addresses_does_not_grow_the_table_without_bound(monkey
         now[0] += 1.0  # each source's bucket is full again by the next one
         assert limits.admit(f"10.0.{index // 256}.{index % 256}") is None
         limits.done(f"10.0.{index // 256}.{index % 256}")
-    assert len(limits._buckets) <= 51
+    assert len(limits._buckets) <= 50
+    # buckets that stay empty for an hour ("1/h") cannot grow it either: the oldest go first
+    slow = Limits(rate=(1, 3600.0), clock=lambda: now[0])
+    for index in range(1000):
+        assert slow.admit(f"10.1.{index // 256}.{index % 256}") is None
+    assert len(slow._buckets) == 50
+    assert slow.admit("10.1.3.231") == "rate", "the newest are remembered"
 
 
 @given(steps=st.lists(st.tuples(st.booleans(), st.integers(0, 3)), max_size=200))

@@ -58,6 +58,9 @@ class BatchedHandler(logging.Handler):
         except Exception:  # noqa: BLE001 - logging's own rule: a bad record is reported, not raised
             self.handleError(record)
             return
+        if self._thread is None:  # after stop() (exit handlers, teardown): written where logged
+            self._write([text])
+            return
         if len(self.pending) >= LINES:
             self.dropped += 1
             return
@@ -112,14 +115,16 @@ class BatchedHandler(logging.Handler):
             )  # fmt: skip
             with contextlib.suppress(Exception):
                 lines.append(self.target.format(note))
-        if not lines:
-            return
+        if lines:
+            self._write(lines)
+        self.written += taken
+
+    def _write(self, lines: list[str]) -> None:
         stream: IO[str] | None = getattr(self.target, "stream", None)
         if stream is not None and not getattr(stream, "closed", False):
             with contextlib.suppress(OSError, ValueError):  # a reader that went away: nothing to do
                 stream.write(self.target.terminator.join(lines) + self.target.terminator)
                 stream.flush()
-        self.written += taken
 
 
 _current: BatchedHandler | None = None
@@ -150,6 +155,13 @@ def _at_exit() -> None:
 
 
 def _in_child() -> None:
-    if _current is not None:
-        _current._thread = None  # the thread did not come along
-        _current.start()
+    """After fork: the parent's writer writes what was pending (a child writing it too would
+    double it); the child starts clean, with a writer and an Event of its own."""
+    writer = _current
+    if writer is not None:
+        writer.pending.clear()
+        writer.written = writer.logged
+        writer.dropped = 0
+        writer._wake = threading.Event()
+        writer._thread = None  # the thread did not come along
+        writer.start()

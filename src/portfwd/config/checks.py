@@ -58,11 +58,25 @@ def _check_rules(config: Config) -> list[str]:
                 f"{field}.accept_proxy_protocol: needs a TCP listener on an IP address "
                 "(a PROXY header comes on TCP, from a proxy known by its address)"
             )
-        limited = rule.max_connections or rule.max_connections_per_source or rule.rate
-        if limited and not rule.protocol.has_tcp:
+        limits = [
+            name
+            for name, value in (
+                ("max_connections", rule.max_connections),
+                ("max_connections_per_source", rule.max_connections_per_source),
+                ("rate", rule.rate),
+            )
+            if value
+        ]
+        if limits and not rule.protocol.has_tcp:
             problems.append(
-                f"{field}.max_connections: max_connections, max_connections_per_source and rate "
+                f"{field}.{limits[0]}: max_connections, max_connections_per_source and rate "
                 "count TCP connections; for UDP use udp_max_flows"
+            )
+        per_source = [name for name in limits if name != "max_connections"]
+        if per_source and isinstance(rule.listen, UnixPath):
+            problems.append(
+                f"{field}.{per_source[0]}: a Unix socket's clients have no address to count by; "
+                "use max_connections"
             )
         if rule.trusted_proxies and not rule.accept_proxy_protocol:
             problems.append(

@@ -7,9 +7,10 @@ and costs a rule without limits nothing (it has no `Limits` at all).
 
 The rate is a token bucket per source address: `count` connections at once, refilled at
 `count / seconds` a second, like haproxy's `sc_conn_rate` checks and nftables' `limit rate`
-meters. The table of sources is bounded: past `MAX_SOURCES` it forgets the sources whose
-buckets are full again (they would be refused nothing), so a scan from many addresses cannot
-grow it without bound.
+meters. The table of sources is bounded: it is kept in order of last use, and past
+`MAX_SOURCES` the source used longest ago is forgotten (an O(1) step), so a scan from many
+addresses cannot grow it or slow it down; a forgotten source starts again with a full bucket
+(the limit loosens for it, as an LRU meter's does).
 """
 
 from __future__ import annotations
@@ -66,19 +67,11 @@ class Limits:
     def _take(self, source: str, count: int, seconds: float) -> bool:
         now = self._clock()
         per_second = count / seconds
-        tokens, when = self._buckets.get(source, (float(count), now))
+        buckets = self._buckets
+        tokens, when = buckets.pop(source, (float(count), now))  # re-inserted: last used goes last
         tokens = min(float(count), tokens + (now - when) * per_second)
-        if tokens < 1.0 - 1e-9:  # (a whole token, less float rounding)
-            self._buckets[source] = (tokens, now)
-            return False
-        self._buckets[source] = (tokens - 1.0, now)
-        if len(self._buckets) > MAX_SOURCES:
-            self._forget_full(now, count, per_second)
-        return True
-
-    def _forget_full(self, now: float, count: int, per_second: float) -> None:
-        self._buckets = {
-            source: (tokens, when)
-            for source, (tokens, when) in self._buckets.items()
-            if tokens + (now - when) * per_second < count
-        }
+        taken = tokens >= 1.0 - 1e-9  # a whole token, less float rounding
+        buckets[source] = (tokens - 1.0 if taken else tokens, now)
+        if len(buckets) > MAX_SOURCES:
+            del buckets[next(iter(buckets))]  # the source used longest ago
+        return taken

@@ -113,6 +113,9 @@ class ProtocolRelay:
         except BaseException:
             upstream.close()
             client.close()
+            if not self._finished:  # no transport will report the end: report it here, once
+                self._finished = True
+                self._owner.relay_closed(self.session, "internal error")
             raise
         try:
             await loop.connect_accepted_socket(lambda: self._client, client)
