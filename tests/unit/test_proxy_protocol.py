@@ -127,3 +127,25 @@ def test_v2_skips_the_tlvs_after_the_addresses_and_reads_local_as_no_address() -
     )
     assert reader.rest == b"hi"
     assert Reader().feed(SIGNATURE_V2 + b"\x20\x00\x00\x00") == Header(2, None, None)
+
+
+@given(
+    version=st.sampled_from([1, 2]),
+    client=st.ip_addresses(v=4),
+    server=st.ip_addresses(v=4),
+    p1=ports,
+    p2=ports,
+)
+def test_the_ipv4_fast_path_writes_what_the_general_one_does(
+    version: int, client: ipaddress.IPv4Address, server: ipaddress.IPv4Address, p1: int, p2: int
+) -> None:
+    from portfwd.proto import proxy
+
+    written = header(version, (str(client), p1), (str(server), p2))
+    if version == 1:
+        assert written == f"PROXY TCP4 {client} {server} {p1} {p2}\r\n".encode()
+    else:
+        body = client.packed + server.packed + p1.to_bytes(2, "big") + p2.to_bytes(2, "big")
+        assert written == SIGNATURE_V2 + b"\x21\x11\x00\x0c" + body
+    assert proxy._ipv4("1.02.3.4") is None, "not as the kernel writes it: the general path decides"
+    assert proxy._ipv4("1.2.3.256") is None
