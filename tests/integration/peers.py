@@ -22,11 +22,16 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(kind: socket.SocketKind = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
     """A port the kernel just handed out and took back, free for both TCP and UDP.
 
     `kind` picks which protocol asks first; the other must be free on the same number too, so
-    a tcp+udp rule can bind it. Bounded retries.
+    a tcp+udp rule can bind it. A port is never handed out twice in one test process: the
+    kernel may give the same free port to two `bind(0)`s in a row, and a test asking for two
+    ports means two different ones. Bounded retries.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
@@ -34,10 +39,13 @@ def free_port(kind: socket.SocketKind = socket.SOCK_STREAM, host: str = "127.0.0
         with socket.socket(family, kind) as probe, socket.socket(family, other) as twin:
             probe.bind((host, 0))
             port = int(probe.getsockname()[1])
+            if port in _handed_out:
+                continue
             try:
                 twin.bind((host, port))
             except OSError:
                 continue
+            _handed_out.add(port)
             return port
     raise AssertionError("no port free for both TCP and UDP after 50 tries")
 
