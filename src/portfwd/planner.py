@@ -17,15 +17,18 @@ from portfwd.config import (
     Config,
     ForwardConfig,
     GatewayConfig,
+    RouteConfig,
     ServerConfig,
     TunnelConfig,
 )
 from portfwd.specs import (
     Address,
+    BackendSpec,
     ControlSpec,
     GatewayForwardSpec,
     GatewaySpec,
     GatewayTriggerSpec,
+    HealthSpec,
     MapSpec,
     Plan,
     RouteSpec,
@@ -66,17 +69,57 @@ def _address(listen: object) -> Address:
     return Address(listen.host, listen.ports.first)
 
 
+def _backends(rule: ForwardConfig) -> tuple[BackendSpec, ...]:
+    """Several targets as backends; one plain target as none (the rule's `connect`)."""
+    targets = rule.targets
+    if len(targets) == 1 and rule.health is None and targets[0].name is None:
+        return ()
+    return tuple(
+        BackendSpec(
+            connect=backend.connect,
+            name=backend.name if backend.name is not None else str(backend.connect),
+            weight=backend.weight,
+            backup=backend.backup,
+        )
+        for backend in targets
+    )
+
+
+def _health(rule: ForwardConfig) -> HealthSpec:
+    health = rule.health
+    if health is None:
+        return HealthSpec()
+    return HealthSpec(
+        interval=health.interval if health.check == "tcp" else 0.0,
+        timeout=health.timeout,
+        rise=health.rise,
+        fall=health.fall,
+        send=health.send or b"",
+        expect=health.expect or b"",
+        passive_fall=health.passive_fall,
+        passive_down=health.passive_down,
+    )
+
+
+def _route(rule: ForwardConfig, route: RouteConfig) -> RouteSpec:
+    if route.connect is not None:
+        return RouteSpec(route.source, route.connect)
+    # config's checks proved the name is a backend's
+    index = next(i for i, backend in enumerate(rule.backend) if backend.name == route.backend)
+    return RouteSpec(route.source, rule.backend[index].connect, backend=index)
+
+
 def rule_spec(index: int, rule: ForwardConfig) -> RuleSpec:
     """One `[[forward]]` as the relay layer's spec."""
     return RuleSpec(
         label=rule.label,
         name=rule.name,
         listen=rule.listen,
-        connect=rule.connect,
+        connect=rule.targets[0].connect,
         protocol=rule.protocol,
         allow=rule.allow,
         deny=rule.deny,
-        route=tuple(RouteSpec(route.source, route.connect) for route in rule.route),
+        route=tuple(_route(rule, route) for route in rule.route),
         udp_idle_timeout=rule.udp_idle_timeout,
         udp_max_flows=rule.udp_max_flows,
         connect_timeout=rule.connect_timeout,
@@ -91,6 +134,12 @@ def rule_spec(index: int, rule: ForwardConfig) -> RuleSpec:
         max_connections=rule.max_connections or 0,
         max_connections_per_source=rule.max_connections_per_source or 0,
         rate=rule.rate,
+        backends=_backends(rule),
+        balance=rule.balance,
+        health=_health(rule),
+        bandwidth=rule.bandwidth or 0.0,
+        bandwidth_per_connection=rule.bandwidth_per_connection or 0.0,
+        transparent=rule.transparent,
         where=f"forward[{index}]" + (f" ({rule.name})" if rule.name else ""),
     )
 

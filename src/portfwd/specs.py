@@ -34,12 +34,41 @@ class Address:
         return f"{format_host(self.host)}:{self.port}"
 
 
+Balance = Literal["round-robin", "least-connections", "source-hash", "first"]
+
+
 @dataclass(frozen=True, slots=True)
 class RouteSpec:
-    """Clients from `source` go to `connect` instead of the rule's target."""
+    """Clients from `source` go to `connect` instead of the rule's target, or, with `backend`
+    (an index into the rule's backends), to that backend while it is up."""
 
     source: tuple[Network, ...]
     connect: Endpoint
+    backend: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSpec:
+    """One of a rule's targets."""
+
+    connect: Endpoint
+    name: str  #: as given, else the target as written
+    weight: int = 1
+    backup: bool = False  #: only while no other backend is up
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSpec:
+    """How a rule's backends are checked: actively (`interval` > 0) and passively."""
+
+    interval: float = 0.0  #: seconds between active checks; 0: none
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+    send: bytes = b""
+    expect: bytes = b""
+    passive_fall: int = 3  #: failed connects in a row that take a backend down; 0: never
+    passive_down: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +78,7 @@ class RuleSpec:
     label: str  #: its name, or its listen side (with /udp) when it has none
     name: str | None
     listen: Endpoint
-    connect: Endpoint
+    connect: Endpoint  #: the first backend's target (the only one, for most rules)
     protocol: Transport = Transport.TCP
     allow: tuple[Network, ...] = ()
     deny: tuple[Network, ...] = ()
@@ -68,6 +97,13 @@ class RuleSpec:
     max_connections: int = 0  #: at once, for the whole rule (TCP); 0: no limit
     max_connections_per_source: int = 0  #: at once, from one client address; 0: no limit
     rate: tuple[int, float] | None = None  #: new connections per client address: (count, seconds)
+    #: Several targets, balanced (empty: `connect` is the one target, on the fast path).
+    backends: tuple[BackendSpec, ...] = ()
+    balance: Balance = "round-robin"
+    health: HealthSpec = HealthSpec()
+    bandwidth: float = 0.0  #: bytes a second, each way, for the whole rule; 0: no limit
+    bandwidth_per_connection: float = 0.0  #: bytes a second, each way, for each connection
+    transparent: bool = False  #: upstream connections leave from the client's address
     #: Where the rule was written, for errors (`forward[2] (web)`); not part of its identity, so
     #: a rule that only moved in the file is kept by a reload.
     where: str = field(default="forward", compare=False)

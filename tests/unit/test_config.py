@@ -86,9 +86,10 @@ BAD = [
     ),
     (
         '[[forward]]\nlisten = "8080"\nconnect = "h:1"\nbogus = 1\n',
-        "forward[0].bogus: unknown key; remove it or use one of: name, listen, connect, protocol, allow, "
+        "forward[0].bogus: unknown key; remove it or use one of: name, listen, connect, backend, balance, health, protocol, allow, "
         "deny, route, udp_idle_timeout, udp_max_flows, connect_timeout, relay, dual_stack, backlog, map, tcp_keepalive, idle_timeout, proxy_protocol, "
-        "accept_proxy_protocol, trusted_proxies, max_connections, max_connections_per_source, rate",
+        "accept_proxy_protocol, trusted_proxies, max_connections, max_connections_per_source, rate, "
+        "bandwidth, bandwidth_per_connection, transparent",
     ),
     ('[[forward]]\nlisten = "8080"\n', "forward[0].connect: required key is missing; add it"),
     (
@@ -303,15 +304,15 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     assert found == [
         "forward[0].listen: port 70000 is out of range (1-65535)",
         "forward[0].connect: missing port; write host:port",
-        "forward[0].bogus: unknown key; remove it or use one of: name, listen, connect, protocol, allow, "
+        "forward[0].bogus: unknown key; remove it or use one of: name, listen, connect, backend, balance, health, protocol, allow, "
         "deny, route, udp_idle_timeout, udp_max_flows, connect_timeout, relay, dual_stack, backlog, map, tcp_keepalive, idle_timeout, proxy_protocol, "
-        "accept_proxy_protocol, trusted_proxies, max_connections, max_connections_per_source, rate",
+        "accept_proxy_protocol, trusted_proxies, max_connections, max_connections_per_source, rate, "
+        "bandwidth, bandwidth_per_connection, transparent",
     ]
 
 
 def test_typo_gets_a_suggestion(tmp_path: Path) -> None:
     assert problems(tmp_path, '[[forward]]\nlisten = "8080"\nconect = "h:1"\n') == [
-        "forward[0].connect: required key is missing; add it",
         "forward[0].conect: unknown key; did you mean connect?",
     ]
 
@@ -353,5 +354,5 @@ def test_unix_and_ipv6_rules(tmp_path: Path) -> None:
         '[[forward]]\nlisten = "[::]:81"\nconnect = "unix:/run/app.sock"\ndual_stack = true\n',
     )
     assert loaded.forward[0].listen == UnixPath("/tmp/in.sock")
-    assert loaded.forward[1].connect == UnixPath("/run/app.sock")
+    assert loaded.forward[1].connect[0] == UnixPath("/run/app.sock")
     assert loaded.forward[1].dual_stack

@@ -51,7 +51,7 @@ def test_product_examples(text: str, parts: tuple[str, str, str], listen: str, c
     assert split(text) == parts
     rule = rules_from_specs([text]).forward[0]
     assert str(rule.listen) == listen
-    assert str(rule.connect) == connect
+    assert str(rule.connect[0]) == connect
     assert rule.protocol.value == parts[2]
 
 

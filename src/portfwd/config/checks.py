@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from portfwd.addr import Endpoint, HostPorts, Transport, UnixPath
 from portfwd.config.messages import problem
-from portfwd.config.models import Config, MapConfig
+from portfwd.config.models import Config, ForwardConfig, MapConfig
 from portfwd.errors import ConfigError
 
 #: Sections PRODUCT.md describes whose engines are not in this version yet.
@@ -32,17 +32,7 @@ def _check_rules(config: Config) -> list[str]:
                     "pick another name"
                 )
             seen_names[rule.name] = index
-        problems.extend(_check_sides(field, rule.listen, rule.connect, rule.protocol, "connect"))
-        for route_index, route in enumerate(rule.route):
-            problems.extend(
-                _check_sides(
-                    f"{field}.route[{route_index}]",
-                    rule.listen,
-                    route.connect,
-                    rule.protocol,
-                    "connect",
-                )
-            )
+        problems.extend(_check_backends(field, rule))
         if rule.proxy_protocol is not None and not rule.protocol.has_tcp:
             problems.append(
                 f"{field}.proxy_protocol: a PROXY header goes on TCP connections; this rule is "
@@ -236,6 +226,88 @@ def _clash(bound: list[tuple[int, str, str, int]], proto: str, host: str, port: 
         ):
             return index
     return None
+
+
+def _check_backends(field: str, rule: ForwardConfig) -> list[str]:
+    """The rule's targets: `connect` or `[[forward.backend]]` (one of them), their names, the
+    routes that name them, and the health check's fit to the protocol."""
+    if rule.connect and rule.backend:
+        return [f"{field}.backend: give connect or [[forward.backend]] tables, not both"]
+    if not rule.connect and not rule.backend:
+        return [f"{field}.connect: required key is missing; add it"]
+    problems: list[str] = []
+    for index, backend in enumerate(rule.targets):
+        key = (
+            f"backend[{index}].connect"
+            if rule.backend
+            else ("connect" if len(rule.connect) == 1 else f"connect[{index}]")
+        )
+        problems.extend(_check_sides(field, rule.listen, backend.connect, rule.protocol, key))
+    names: dict[str, int] = {}
+    for index, backend in enumerate(rule.backend):
+        if backend.name is not None:
+            if backend.name in names:
+                problems.append(
+                    f"{field}.backend[{index}].name: {backend.name!r} is already "
+                    f"backend[{names[backend.name]}]'s; give each backend its own name"
+                )
+            names[backend.name] = index
+    if rule.backend and all(backend.backup for backend in rule.backend):
+        problems.append(f"{field}.backend: every backend is a backup; make at least one backup = false")
+    for index, route in enumerate(rule.route):
+        where = f"{field}.route[{index}]"
+        if route.connect is None and route.backend is None:
+            problems.append(
+                f"{where}.connect: required key is missing; add it"
+            )
+        elif route.connect is not None and route.backend is not None:
+            problems.append(f"{where}.backend: give connect or backend, not both")
+        elif route.connect is not None:
+            problems.extend(_check_sides(where, rule.listen, route.connect, rule.protocol, "connect"))
+        elif route.backend not in names:
+            known = ", ".join(repr(name) for name in names) or "none has a name"
+            problems.append(
+                f"{where}.backend: no backend is named {route.backend!r} ({known}); "
+                "name one in [[forward.backend]]"
+            )
+    health = rule.health
+    if health is not None and health.check == "tcp":
+        if health.timeout > health.interval:
+            problems.append(
+                f"{field}.health.timeout: {health.timeout:g}s is longer than interval "
+                f"({health.interval:g}s); a check must end before the next begins"
+            )
+        if not rule.protocol.has_tcp and (health.send is None or health.expect is None):
+            problems.append(
+                f"{field}.health.send: a UDP rule's check sends a datagram and waits for an answer; "
+                'give send and expect, or check = "none"'
+            )
+    tcp_only = [
+        name
+        for name, value in (
+            ("bandwidth", rule.bandwidth),
+            ("bandwidth_per_connection", rule.bandwidth_per_connection),
+            ("transparent", rule.transparent),
+        )
+        if value
+    ]
+    if tcp_only and not rule.protocol.has_tcp:
+        problems.append(
+            f"{field}.{tcp_only[0]}: TCP only in this version; this rule is {rule.protocol.value}"
+        )
+    if (rule.bandwidth or rule.bandwidth_per_connection) and rule.relay == "splice":
+        problems.append(
+            f'{field}.relay: "splice" moves bytes in the kernel, past any bandwidth limit; '
+            'remove relay = "splice" (a limited rule uses the protocol relay)'
+        )
+    if rule.transparent and (
+        isinstance(rule.listen, UnixPath) or any(isinstance(b.connect, UnixPath) for b in rule.targets)
+    ):
+        problems.append(
+            f"{field}.transparent: needs IP on both sides (the upstream connection leaves from "
+            "the client's address); remove it or use IP addresses"
+        )
+    return problems
 
 
 def _check_sides(field: str, listen: Endpoint, connect: Endpoint, protocol: Transport, key: str) -> list[str]:

@@ -251,7 +251,61 @@ def _url(value: Any) -> str:
     return value
 
 
+_BANDWIDTH_UNITS = {
+    "bit": 1 / 8,
+    "kbit": 1e3 / 8,
+    "mbit": 1e6 / 8,
+    "gbit": 1e9 / 8,
+    "b": 1.0,
+    "kb": 1e3,
+    "mb": 1e6,
+    "gb": 1e9,
+    "kib": 1024.0,
+    "mib": 1024.0**2,
+    "gib": 1024.0**3,
+}
+
+
+def _bandwidth(value: Any) -> float:
+    """`"10Mbit"`, `"512kbit"`, `"2MB"` or `"1MiB"` (a second, each way): bytes a second."""
+    match = (
+        re.fullmatch(r"([0-9]{1,9}(?:\.[0-9]{1,6})?) ?([a-zA-Z]+)(?:/s)?", value.strip())
+        if isinstance(value, str)
+        else None
+    )
+    unit = _BANDWIDTH_UNITS.get(match.group(2).lower()) if match else None
+    rate = float(match.group(1)) * unit if match and unit else 0.0
+    if not 1000.0 <= rate <= 1e12:
+        raise _fail(
+            f"{value!r} is not a bandwidth from 8kbit to 8000Gbit; write bits or bytes a second, "
+            'e.g. "10Mbit", "512kbit", "2MB" or "1MiB"'
+        )
+    return rate
+
+
+def _targets(value: Any) -> tuple[Endpoint, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not 1 <= len(items) <= 64:
+        raise _fail('must be a target or a list of 1 to 64 targets; write "10.0.0.5:80" or ["a:80", "b:80"]')
+    try:
+        return tuple(parse_target(item) for item in items)
+    except ConfigError as exc:
+        raise _fail(exc.line()) from exc
+
+
+def _probe(value: Any) -> bytes:
+    if not isinstance(value, str) or not 1 <= len(value) <= 4096:
+        raise _fail(r'must be text of 1 to 4096 characters, e.g. "PING\r\n"')
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise _fail("must be bytes written as text: characters up to \\u00ff only") from None
+
+
 ListenEndpoint = Annotated[Endpoint, PlainValidator(_translating(parse_listen))]
+Targets = Annotated[tuple[Endpoint, ...], PlainValidator(_targets)]
+Bandwidth = Annotated[float, PlainValidator(_bandwidth)]
+Probe = Annotated[bytes, PlainValidator(_probe)]
 TargetEndpoint = Annotated[Endpoint, PlainValidator(_translating(parse_target))]
 Name = Annotated[str, PlainValidator(_name)]
 Duration = Annotated[float, PlainValidator(_translating(parse_duration))]

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from portfwd.addr import Transport, parse_listen
 from portfwd.config.fields import (
+    Bandwidth,
     Ciphers,
     Destination,
     Duration,
@@ -29,6 +30,7 @@ from portfwd.config.fields import (
     Networks,
     Paths,
     Permits,
+    Probe,
     ProtoPorts,
     ProtoPortsList,
     Rate,
@@ -37,6 +39,7 @@ from portfwd.config.fields import (
     Startups,
     Strictness,
     TargetEndpoint,
+    Targets,
     Url,
     WanPorts,
 )
@@ -48,10 +51,36 @@ class _Model(BaseModel):
 
 
 class RouteConfig(_Model):
-    """`[[forward.route]]`: clients from `source` go to `connect` instead of the rule's target."""
+    """`[[forward.route]]`: clients from `source` go to `connect` (or to the rule's `backend`
+    of that name) instead of the rule's balancing."""
 
     source: Networks
+    connect: TargetEndpoint | None = None
+    backend: Name | None = None
+
+
+class BackendConfig(_Model):
+    """`[[forward.backend]]`: one of a rule's targets, with its share and role."""
+
     connect: TargetEndpoint
+    name: Name | None = None
+    weight: int = Field(default=1, ge=1, le=256)
+    backup: StrictBool = False  # used only while no other backend is up
+
+
+class HealthConfig(_Model):
+    """`[forward.health]`: active checks of each backend (haproxy's `check inter rise fall`),
+    and the passive check every rule with several backends has."""
+
+    check: Literal["tcp", "none"] = "tcp"  # "tcp": connect (then send/expect, if given)
+    interval: Duration = 2.0
+    timeout: Duration = 1.0
+    rise: int = Field(default=2, ge=1, le=100)  # passed checks in a row that bring a backend up
+    fall: int = Field(default=3, ge=1, le=100)  # failed checks in a row that take it down
+    send: Probe | None = None
+    expect: Probe | None = None  # the answer must contain this (within 64 KiB)
+    passive_fall: int = Field(default=3, ge=0, le=1000)  # failed connects in a row: down; 0: off
+    passive_down: Duration = 10.0  # ...for this long (or until an active check passes)
 
 
 class ForwardConfig(_Model):
@@ -59,7 +88,10 @@ class ForwardConfig(_Model):
 
     name: Name | None = None
     listen: ListenEndpoint
-    connect: TargetEndpoint
+    connect: Targets = ()  # one target, or several (balanced); or [[forward.backend]] tables
+    backend: tuple[BackendConfig, ...] = ()
+    balance: Literal["round-robin", "least-connections", "source-hash", "first"] = "round-robin"
+    health: HealthConfig | None = None
     protocol: Transport = Transport.TCP
     allow: Networks = ()
     deny: Networks = ()
@@ -83,6 +115,19 @@ class ForwardConfig(_Model):
     rate: Rate | None = (
         None  # new connections per client address, e.g. "20/s" (a burst of 20, then 20 a second)
     )
+    bandwidth: Bandwidth | None = None  # the rule's whole traffic, each way, e.g. "100Mbit"
+    bandwidth_per_connection: Bandwidth | None = None  # each connection's, each way
+    transparent: StrictBool = False  # upstream connections leave from the client's own address
+
+    @property
+    def targets(self) -> tuple[BackendConfig, ...]:
+        """Every backend: the `connect` list's (weight 1) or the `[[forward.backend]]` tables."""
+        if self.backend:
+            return self.backend
+        return tuple(  # already validated: built without a second pass
+            BackendConfig.model_construct(connect=target, name=None, weight=1, backup=False)
+            for target in self.connect
+        )
 
     @property
     def label(self) -> str:
