@@ -257,9 +257,7 @@ def _check_backends(field: str, rule: ForwardConfig) -> list[str]:
     for index, route in enumerate(rule.route):
         where = f"{field}.route[{index}]"
         if route.connect is None and route.backend is None:
-            problems.append(
-                f"{where}.connect: required key is missing; add it"
-            )
+            problems.append(f"{where}.connect: required key is missing; add it")
         elif route.connect is not None and route.backend is not None:
             problems.append(f"{where}.backend: give connect or backend, not both")
         elif route.connect is not None:

@@ -15,7 +15,10 @@ COLUMNS = ("rule", "listen", "connect", "protocol", "access", "relay")
 
 
 def relay_path(rule: RuleSpec, splice_ok: bool) -> RelayPath:
-    """The TCP relay a rule gets: splice when possible and not refused, else the Protocol pair."""
+    """The TCP relay a rule gets: splice when possible and not refused, else the Protocol pair
+    (also for a bandwidth limit: splice moves bytes in the kernel, past any pacing)."""
+    if rule.bandwidth or rule.bandwidth_per_connection:
+        return "protocol"
     return "splice" if splice_ok and rule.relay != "protocol" else "protocol"
 
 

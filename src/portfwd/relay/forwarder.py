@@ -24,6 +24,7 @@ from portfwd.acl import AccessPolicy, Route, client_ip
 from portfwd.addr import Endpoint, HostPorts, PortRange, UnixPath, target_port
 from portfwd.errors import UpstreamError
 from portfwd.proto.proxy import ProxyError, header
+from portfwd.relay.bandwidth import Shaper
 from portfwd.relay.limits import Limits
 from portfwd.relay.poller import Poller
 from portfwd.relay.proxyin import read_header
@@ -166,8 +167,11 @@ class TcpForwarder:
         pipes: PipePool,
         poller: Poller,
         limits: Limits | None = None,
+        shaper: Shaper | None = None,
     ) -> None:
         self.rule = rule
+        #: The rule's bandwidth limits, shared by its ports (None: none; the protocol relay paces).
+        self.shaper = shaper
         #: The rule's connection limits, shared by its ports (None: it has none, and pays nothing).
         self.limits = limits
         self._limited: dict[int, str | None] = {}  # session id -> its source, while it lives

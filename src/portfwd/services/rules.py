@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from portfwd.addr import UnixPath
 from portfwd.errors import BindError, PortfwdError
 from portfwd.logevents import event
+from portfwd.relay.bandwidth import Shaper
 from portfwd.relay.describe import relay_path
 from portfwd.relay.forwarder import RelayPath, TcpForwarder
 from portfwd.relay.limits import Limits
@@ -184,11 +185,18 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
             if rule.max_connections or rule.max_connections_per_source or rule.rate
             else None
         )
+        shaper = (
+            Shaper(rule.bandwidth, rule.bandwidth_per_connection)
+            if rule.bandwidth or rule.bandwidth_per_connection
+            else None
+        )
         try:
             listen = rule.listen
             if isinstance(listen, UnixPath):
                 listener = bind_unix(what, listen.path, backlog=rule.backlog)
-                forwarder = TcpForwarder(rule, None, self.state, path, self._pipes, self._poller, limits)
+                forwarder = TcpForwarder(
+                    rule, None, self.state, path, self._pipes, self._poller, limits, shaper
+                )
                 run.tcp.append((_accepting(listener, forwarder), forwarder))
             else:
                 for port in listen.ports.ports():
@@ -203,7 +211,7 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
                             tcp_keepalive=rule.tcp_keepalive,
                         )
                         forwarder = TcpForwarder(
-                            rule, port, self.state, path, self._pipes, self._poller, limits
+                            rule, port, self.state, path, self._pipes, self._poller, limits, shaper
                         )
                         run.tcp.append((_accepting(listener, forwarder), forwarder))
                     if rule.protocol.has_udp:
