@@ -373,7 +373,7 @@ class TcpForwarder:
                 session.relay = splice
                 splice.start()
             else:
-                relay = ProtocolRelay(session, self)
+                relay = ProtocolRelay(session, self, self.shaper)
                 session.relay = relay
                 wrapped = socket.socket(fileno=client)
                 loop = self._loop

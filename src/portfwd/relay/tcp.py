@@ -12,6 +12,7 @@ import asyncio
 import socket
 import typing
 
+from portfwd.relay.bandwidth import Shaper
 from portfwd.state import Session, SessionOwner
 
 
@@ -86,7 +87,7 @@ class ProtocolRelay:
 
     __slots__ = ("_client", "_finished", "_owner", "_reason", "_upstream", "session")
 
-    def __init__(self, session: Session, owner: SessionOwner) -> None:
+    def __init__(self, session: Session, owner: SessionOwner, shaper: Shaper | None = None) -> None:
         self.session = session
         self._owner = owner
         self._reason: str | None = None

@@ -106,6 +106,7 @@ class Connect:
         held: list[Connect] | None = None,
         *,
         tcp_keepalive: bool = True,
+        source: str | None = None,
     ) -> None:
         self._keepalive = tcp_keepalive
         self._loop: asyncio.AbstractEventLoop | None = None  # looked up only to wait (a getpid() each time)
