@@ -41,6 +41,7 @@ class Route:
 
     sources: tuple[Network, ...]
     target: Endpoint
+    backend: int | None = None  #: the rule's backend of this index, while it is up
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,14 @@ class AccessPolicy:
         if _contains(self.deny, address):
             return False
         return not self.allow or _contains(self.allow, address)
+
+    def route_for(self, address: IPAddress | None) -> Route | None:
+        """The first route matching this client, if any."""
+        if address is not None:
+            for route in self.routes:
+                if _contains(route.sources, address):
+                    return route
+        return None
 
     def target_for(self, address: IPAddress | None, default: Endpoint) -> Endpoint:
         """The target for this client: the first matching route's, else `default`."""

@@ -73,6 +73,41 @@ class StateCollector(Collector):
                 buckets.append((bound, cumulative))
             connect.add_metric([rule.name], buckets, sum_value=rule.connect_seconds_sum)
         yield from (total, active, data, errors, flows, connect)
+        yield from StateCollector._backends(rules)
+
+    @staticmethod
+    def _backends(rules: list[RuleRow]) -> Iterator[Metric]:
+        labels = ["rule", "backend"]
+        up = GaugeMetricFamily("portfwd_backend_up", "1 while the backend is up (its health)", labels=labels)
+        active = GaugeMetricFamily(
+            "portfwd_backend_sessions_active", "Live sessions per backend", labels=labels
+        )
+        total = CounterMetricFamily(
+            "portfwd_backend_sessions", "Sessions given to each backend", labels=labels
+        )
+        data = CounterMetricFamily(
+            "portfwd_backend_bytes",
+            "Bytes relayed per backend; up is client to target",
+            labels=[*labels, "direction"],
+        )
+        failures = CounterMetricFamily(
+            "portfwd_backend_connect_failures", "Upstream connects to the backend that failed", labels=labels
+        )
+        checked = GaugeMetricFamily(
+            "portfwd_backend_last_check_timestamp_seconds", "When the last active check ended", labels=labels
+        )
+        for rule in rules:
+            for backend in rule.backends:
+                names = [rule.name, backend.name]
+                up.add_metric(names, 1 if backend.state == "up" else 0)
+                active.add_metric(names, backend.sessions_active)
+                total.add_metric(names, backend.sessions_total)
+                data.add_metric([*names, "up"], backend.bytes_up)
+                data.add_metric([*names, "down"], backend.bytes_down)
+                failures.add_metric(names, backend.failures)
+                if backend.last_check:
+                    checked.add_metric(names, backend.last_check)
+        yield from (up, active, total, data, failures, checked)
 
     @staticmethod
     def _tunnels(tunnels: list[TunnelRow]) -> Iterator[Metric]:

@@ -74,14 +74,13 @@ def _backends(rule: ForwardConfig) -> tuple[BackendSpec, ...]:
     targets = rule.targets
     if len(targets) == 1 and rule.health is None and targets[0].name is None:
         return ()
+    names = [backend.name or str(backend.connect) for backend in targets]
+    for index, name in enumerate(names):  # two unnamed backends of one target: told apart
+        if name in names[:index]:
+            names[index] = f"{name}#{index + 1}"
     return tuple(
-        BackendSpec(
-            connect=backend.connect,
-            name=backend.name if backend.name is not None else str(backend.connect),
-            weight=backend.weight,
-            backup=backend.backup,
-        )
-        for backend in targets
+        BackendSpec(connect=backend.connect, name=name, weight=backend.weight, backup=backend.backup)
+        for backend, name in zip(targets, names, strict=True)
     )
 
 

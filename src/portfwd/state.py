@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from portfwd.status import (
+    BackendRow,
     ClosedRow,
     ForwardRow,
     GatewayRuleRow,
@@ -49,6 +50,27 @@ _monotonic = time.monotonic  # closing reads the clock once per session: no attr
 
 
 @dataclass(slots=True)
+class BackendStats:
+    """One backend of a rule: whether it is up, and its counters (the balancer writes `up`,
+    the sessions it opens and closes count here too)."""
+
+    name: str
+    target: str
+    weight: int = 1
+    backup: bool = False
+    up: bool = True
+    since: float = field(default_factory=time.time)  # wall-clock of the last change of `up`
+    why: str = ""  # what took it down
+    active: int = 0
+    total: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    failures: int = 0  # upstream connects that failed
+    last_check: float = 0.0  # wall-clock of the last active check; 0: none yet
+    last_check_result: str = ""
+
+
+@dataclass(slots=True)
 class RuleStats:
     """Counters for one rule, summed over its listeners and sessions (live and closed)."""
 
@@ -73,6 +95,8 @@ class RuleStats:
     sampled_down: int = 0
     rate_up: float = 0.0
     rate_down: float = 0.0
+    balance: str = ""  # a rule with backends: how it balances them...
+    backends: list[BackendStats] = field(default_factory=list)  # ...and their stats
 
     def count_error(self, reason: str, times: int = 1) -> None:
         """Add `times` to the error counter for `reason` (refused, timeout, unreachable...)."""
@@ -119,6 +143,7 @@ class Session:
     moved: int = 0
     active: float = 0.0
     sampled_up: int = 0
+    backend: BackendStats | None = None  #: the backend it reached, on a rule with several
 
 
 @dataclass(slots=True)
@@ -227,6 +252,11 @@ class State:
         rule.connections_active -= 1
         rule.bytes_up += session.bytes_up
         rule.bytes_down += session.bytes_down
+        backend = session.backend
+        if backend is not None:
+            backend.active -= 1
+            backend.bytes_up += session.bytes_up
+            backend.bytes_down += session.bytes_down
         session.relay = None  # kept among the recently closed: without its relay
         closed = rule.closed
         if closed is None:
@@ -382,9 +412,40 @@ class State:
                 connect_seconds_sum=rule.connect_seconds_sum,
                 rate_up=rule.rate_up,
                 rate_down=rule.rate_down,
+                balance=rule.balance,
+                backends=self._backend_rows(rule) if rule.backends else (),
             )
             for rule in list(self.rules.values())
         ]
+
+    def _backend_rows(self, rule: RuleStats) -> tuple[BackendRow, ...]:
+        live: dict[int, tuple[int, int]] = {}
+        for session in self.sessions.values():
+            if session.rule is rule and session.backend is not None:
+                up, down = live.get(id(session.backend), (0, 0))
+                live[id(session.backend)] = (up + session.bytes_up, down + session.bytes_down)
+        rows = []
+        for backend in rule.backends:
+            up, down = live.get(id(backend), (0, 0))
+            rows.append(
+                BackendRow(
+                    name=backend.name,
+                    target=backend.target,
+                    weight=backend.weight,
+                    backup=backend.backup,
+                    state="up" if backend.up else "down",
+                    since=backend.since,
+                    why=backend.why,
+                    sessions_active=backend.active,
+                    sessions_total=backend.total,
+                    bytes_up=backend.bytes_up + up,
+                    bytes_down=backend.bytes_down + down,
+                    failures=backend.failures,
+                    last_check=backend.last_check,
+                    last_check_result=backend.last_check_result,
+                )
+            )
+        return tuple(rows)
 
     def session_rows(self) -> list[SessionRow]:
         """Live sessions: wall-clock start, age and idle seconds, bytes so far."""

@@ -34,6 +34,32 @@ class StatusError(RuntimeFailure):
 
 
 @dataclass(frozen=True, slots=True)
+class BackendRow:
+    """One backend of a rule with several (or with health checks): its health and counters.
+
+    `state` is `up` or `down`; `since` (wall-clock) when it last changed, `why` what took it
+    down. `last_check` is the wall-clock time of the last active check (0: none yet) and
+    `last_check_result` its outcome (`ok in 1.2 ms`, `refused`, `timeout`, `no "OK" in the answer`).
+    Bytes include live sessions.
+    """
+
+    name: str
+    target: str
+    weight: int
+    backup: bool
+    state: str
+    since: float
+    why: str
+    sessions_active: int
+    sessions_total: int
+    bytes_up: int
+    bytes_down: int
+    failures: int
+    last_check: float
+    last_check_result: str
+
+
+@dataclass(frozen=True, slots=True)
 class RuleRow:
     """One rule: what it forwards and its counters, bytes including live sessions."""
 
@@ -56,6 +82,9 @@ class RuleRow:
     #: Bytes per second each way over the last sample interval (about a second).
     rate_up: float = 0.0
     rate_down: float = 0.0
+    #: The balancing method and the backends, for a rule with several (else empty).
+    balance: str = ""
+    backends: tuple[BackendRow, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -209,6 +209,27 @@ def _rules(status: Snapshot) -> Table:
             _rate(rule.rate_down),
             ", ".join(f"{key} {value}" for key, value in sorted(errors.items())) or "-",
         )
+        for backend in rule.backends:
+            notes = [f"{backend.failures} failed connects"] if backend.failures else []
+            if backend.why:
+                notes.append(backend.why)
+            if backend.last_check:
+                ago = _age(max(0.0, time.time() - backend.last_check))
+                notes.append(f"check {ago} ago: {backend.last_check_result}")
+            table.add_row(
+                f"  {backend.name}",
+                backend.state + (" (backup)" if backend.backup else ""),
+                backend.target,
+                "",
+                f"weight {backend.weight}",
+                str(backend.sessions_active),
+                str(backend.sessions_total),
+                _bytes(backend.bytes_up),
+                _bytes(backend.bytes_down),
+                "",
+                "",
+                "; ".join(notes) or "-",
+            )
     return table
 
 

@@ -22,6 +22,19 @@ def relay_path(rule: RuleSpec, splice_ok: bool) -> RelayPath:
     return "splice" if splice_ok and rule.relay != "protocol" else "protocol"
 
 
+def targets_text(rule: RuleSpec) -> str:
+    """Where a rule goes: its target, or its backends and how they are balanced."""
+    if not rule.backends:
+        return str(rule.connect)
+    names = ", ".join(
+        str(backend.connect)
+        + (f" weight {backend.weight}" if backend.weight != 1 else "")
+        + (" backup" if backend.backup else "")
+        for backend in rule.backends
+    )
+    return f"{names} ({rule.balance})" if len(rule.backends) > 1 else names
+
+
 def describe(rules: tuple[RuleSpec, ...]) -> list[tuple[str, str, str, str, str, str]]:
     """Rows for `portfwd check`: name, listen, connect, protocol, access, relay."""
     rows: list[tuple[str, str, str, str, str, str]] = []
@@ -33,26 +46,49 @@ def describe(rules: tuple[RuleSpec, ...]) -> list[tuple[str, str, str, str, str,
         if rule.deny:
             access.append("deny " + ", ".join(map(str, rule.deny)))
         for route in rule.route:
-            access.append(f"{', '.join(map(str, route.source))} -> {route.connect}")
+            to = (
+                str(route.connect)
+                if route.backend is None
+                else f"backend {rule.backends[route.backend].name}"
+            )
+            access.append(f"{', '.join(map(str, route.source))} -> {to}")
         if rule.max_connections:
             access.append(f"at most {rule.max_connections} at once")
         if rule.max_connections_per_source:
             access.append(f"at most {rule.max_connections_per_source} at once per address")
         if rule.rate:
             access.append(f"at most {rule.rate[0]} new per {rule.rate[1]:g}s per address")
+        if rule.bandwidth:
+            access.append(f"{_bits(rule.bandwidth)} each way for the rule")
+        if rule.bandwidth_per_connection:
+            access.append(f"{_bits(rule.bandwidth_per_connection)} each way per connection")
         if rule.accept_proxy:
             access.insert(0, "PROXY header from " + ", ".join(map(str, rule.trusted_proxies)))
         relay: str = relay_path(rule, splice) if rule.protocol.has_tcp else "udp"
         if rule.proxy_protocol:
             relay += f", PROXY v{rule.proxy_protocol} header"
+        if rule.transparent:
+            relay += ", from the client's address"
+        if rule.health.interval:
+            health = rule.health
+            relay += f", checked every {health.interval:g}s (rise {health.rise}, fall {health.fall})"
         rows.append(
             (
                 rule.label,
                 str(rule.listen),
-                str(rule.connect),
+                targets_text(rule),
                 rule.protocol.value,
                 "; ".join(access) or "everyone",
                 relay,
             )
         )
     return rows
+
+
+def _bits(rate: float) -> str:
+    """Bytes a second as bits a second, as they were most likely written (`10Mbit`)."""
+    bits = rate * 8
+    for unit, size in (("Gbit", 1e9), ("Mbit", 1e6), ("kbit", 1e3)):
+        if bits >= size:
+            return f"{bits / size:g}{unit}"
+    return f"{bits:g}bit"

@@ -24,6 +24,7 @@ from portfwd.acl import AccessPolicy, Route, client_ip
 from portfwd.addr import Endpoint, HostPorts, PortRange, UnixPath, target_port
 from portfwd.errors import UpstreamError
 from portfwd.proto.proxy import ProxyError, header
+from portfwd.relay.balance import Backend, Pool
 from portfwd.relay.bandwidth import Shaper
 from portfwd.relay.limits import Limits
 from portfwd.relay.poller import Poller
@@ -97,7 +98,7 @@ def compile_policy(rule: RuleSpec) -> AccessPolicy:
     return AccessPolicy(
         allow=rule.allow,
         deny=rule.deny,
-        routes=tuple(Route(route.source, route.connect) for route in rule.route),
+        routes=tuple(Route(route.source, route.connect, route.backend) for route in rule.route),
     )
 
 
@@ -122,15 +123,19 @@ class _Pending:
     """A client waiting for its upstream connection."""
 
     __slots__ = (
+        "backend",
         "began",
         "client",
         "client_text",
         "connect",
         "forwarder",
         "header",
+        "origin",
+        "preferred",
         "source",
         "target_text",
         "task",
+        "tried",
     )
 
     def __init__(self, forwarder: TcpForwarder, client: int, client_text: str, target_text: str) -> None:
@@ -143,6 +148,10 @@ class _Pending:
         self.began = time.monotonic()
         self.header = b""  #: the PROXY header the upstream is sent first (proxy_protocol), if any
         self.source: str | None = None  #: the client address its rule's Limits counted it under
+        self.origin: str | None = None  #: the client's IP, the upstream's source (transparent)
+        self.backend: Backend | None = None  #: the backend being tried (a rule with several)
+        self.tried: tuple[Backend, ...] = ()  #: the backends that failed it before
+        self.preferred: int | None = None  #: its route's backend
 
     def done(self, upstream: socket.socket | None, error: UpstreamError | None) -> None:
         self.forwarder.connected(self, upstream, error)
@@ -168,6 +177,7 @@ class TcpForwarder:
         poller: Poller,
         limits: Limits | None = None,
         shaper: Shaper | None = None,
+        pool: Pool | None = None,
     ) -> None:
         self.rule = rule
         #: The rule's bandwidth limits, shared by its ports (None: none; the protocol relay paces).
@@ -187,6 +197,15 @@ class TcpForwarder:
         self._default = resolve_target(rule.listen, rule.connect, port)
         #: Per target: its log text and, for IP literals and Unix paths, its addresses (computed once).
         self._targets: dict[Target, tuple[str, Addresses | None]] = {}
+        #: The rule's backends (None: one target, `_default`), and each one's target from this port.
+        self.pool = pool
+        self._backend_targets: list[Target] = (
+            [resolve_target(rule.listen, backend.spec.connect, port) for backend in pool.backends]
+            if pool is not None
+            else []
+        )
+        self._hash = pool is not None and pool.balance == "source-hash"
+        self._transparent = rule.transparent
         self._pending: set[_Pending] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         #: The loop, asked for once (on Python 3.11 each get_running_loop() is a getpid() system
@@ -260,6 +279,8 @@ class TcpForwarder:
 
     def _admit(self, client: int, peer: Any, held: list[Connect]) -> None:
         target = self._default
+        preferred: int | None = None
+        routed = False
         if not self._open:
             address = client_ip(peer[0]) if isinstance(peer, tuple) else None
             if not self.policy.permits(address):
@@ -267,39 +288,61 @@ class TcpForwarder:
                 log_denied(self.label, describe_peer(client, peer), "closed")
                 os.close(client)
                 return
-            chosen = self.policy.target_for(address, self.rule.connect)
-            if chosen is not self.rule.connect:
-                target = resolve_target(self.rule.listen, chosen, self.port)
-        known = self._targets.get(target)
-        if known is None:
-            known = self._targets[target] = (format_target(target), literal_addresses(target))
-        text, addresses = known
+            route = self.policy.route_for(address)
+            if route is not None:
+                if route.backend is None:
+                    target = resolve_target(self.rule.listen, route.target, self.port)
+                    routed = True
+                else:
+                    preferred = route.backend
         source: str | None = None
-        if self.limits is not None:
+        if self.limits is not None or self._hash:
             address = client_ip(peer[0]) if isinstance(peer, tuple) else None
             source = None if address is None else str(address)
+        if self.limits is not None:
             refused = self.limits.admit(source)
             if refused is not None:
                 self.stats.count_error(refused)
                 log_refused(self.label, describe_peer(client, peer), refused, self._limit_of(refused))
                 os.close(client)
                 return
-        pending = _Pending(self, client, describe_peer(client, peer), text)
+        pending = _Pending(self, client, describe_peer(client, peer), "")
         pending.source = source
+        if self._transparent and isinstance(peer, tuple):
+            pending.origin = str(peer[0])
         if self.rule.proxy_protocol:
             pending.header = proxy_header(self.rule.proxy_protocol, client, peer)
         self._pending.add(pending)
+        pool = self.pool
+        if pool is not None and not routed:
+            pending.preferred = preferred
+            backend = pool.pick(source, pending.began, (), preferred)
+            assert backend is not None  # a pool has a backend; none was tried yet
+            pending.backend = backend
+            target = self._backend_targets[backend.index]
+        self._connect(pending, target, held, self.rule.connect_timeout)
+
+    def _connect(self, pending: _Pending, target: Target, held: list[Connect] | None, timeout: float) -> None:
+        """Begin the upstream connect of `pending` to `target` (through the resolver for a name)."""
+        known = self._targets.get(target)
+        if known is None:
+            known = self._targets[target] = (format_target(target), literal_addresses(target))
+        pending.target_text, addresses = known
         if addresses is not None:
-            pending.connect = Connect(
+            attempt = pending.tried
+            connect = Connect(
                 addresses,
-                self.rule.connect_timeout,
+                timeout,
                 pending.done,
                 held,
                 tcp_keepalive=self.rule.tcp_keepalive,
+                source=pending.origin,
             )
+            if pending.tried is attempt:  # else it failed at once and the next backend's began
+                pending.connect = connect
         else:
             assert not isinstance(target, str)
-            pending.task = asyncio.get_running_loop().create_task(self._resolve(pending, target))
+            pending.task = asyncio.get_running_loop().create_task(self._resolve(pending, target, timeout))
 
     def _limit_of(self, refused: str) -> str:
         rule = self.rule
@@ -314,28 +357,39 @@ class TcpForwarder:
         if self.limits is not None:
             self.limits.done(pending.source)
 
-    async def _resolve(self, pending: _Pending, target: tuple[str, int]) -> None:
+    async def _resolve(self, pending: _Pending, target: tuple[str, int], seconds: float) -> None:
         """Resolve a host name for one client, then connect on the callback path."""
+        began = time.monotonic()
         try:
-            async with asyncio.timeout(self.rule.connect_timeout):
+            async with asyncio.timeout(seconds):
                 addresses = await resolve(target[0], target[1], socket.SOCK_STREAM)
         except UpstreamError as exc:
+            pending.task = None
             self.connected(pending, None, exc)
             return
         except TimeoutError:
+            pending.task = None
             error = UpstreamError(f"no answer within {self.rule.connect_timeout:g}s", reason="timeout")
             self.connected(pending, None, error)
             return
         pending.task = None
         if pending in self._pending:
             pending.connect = Connect(
-                addresses, self.rule.connect_timeout, pending.done, tcp_keepalive=self.rule.tcp_keepalive
+                addresses,
+                max(0.001, seconds - (time.monotonic() - began)),
+                pending.done,
+                tcp_keepalive=self.rule.tcp_keepalive,
+                source=pending.origin,
             )
 
     def connected(
         self, pending: _Pending, upstream: socket.socket | None, error: UpstreamError | None
     ) -> None:
-        """The upstream connect finished: start the relay, or close the client with a reason."""
+        """The upstream connect finished: start the relay, or close the client with a reason
+        (on a rule with several backends, first try the next one while time is left)."""
+        backend = pending.backend
+        if backend is not None and self._failover(pending, backend, upstream, error):
+            return
         self._pending.discard(pending)
         client = pending.client
         if upstream is None:
@@ -364,6 +418,10 @@ class TcpForwarder:
             return
         self.stats.observe_connect(time.monotonic() - pending.began)
         session = self.state.open_session(self.stats, pending.client_text, pending.target_text, self.path)
+        if backend is not None:
+            stats = session.backend = backend.stats
+            stats.active += 1
+            stats.total += 1
         if self.limits is not None:
             self._limited[session.id] = pending.source
         wrapped: socket.socket | None = None
@@ -399,6 +457,39 @@ class TcpForwarder:
             self.state.close_session(session, "internal error")
             return
         log_opened(self.label, session)
+
+    def _failover(
+        self, pending: _Pending, backend: Backend, upstream: socket.socket | None, error: UpstreamError | None
+    ) -> bool:
+        """Tell the pool how the connect to `backend` went; after a failure, begin a connect to
+        the next backend if there is one and time left (True: the client waits on)."""
+        pool = self.pool
+        assert pool is not None
+        if upstream is not None:
+            pool.connected(backend)
+            return False
+        assert error is not None
+        now = time.monotonic()
+        pool.failed(backend, now, error.message)
+        left = self.rule.connect_timeout - (now - pending.began)
+        if left <= 0 or pending not in self._pending or error.reason == "resources":
+            return False
+        pending.tried += (backend,)
+        following = pool.pick(pending.source, now, pending.tried, pending.preferred)
+        if following is None:
+            return False
+        log.debug(
+            "%s: %s -> %s: %s; trying %s",
+            self.label,
+            pending.client_text,
+            pending.target_text,
+            error.message,
+            following.spec.name,
+        )
+        pending.backend = following
+        pending.connect = None
+        self._connect(pending, self._backend_targets[following.index], None, left)
+        return True
 
     def relay_closed(self, session: Session, reason: str) -> None:
         """Called once by a relay when it has ended: log the session and fold its counters."""

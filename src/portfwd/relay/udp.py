@@ -21,12 +21,14 @@ import ctypes
 import logging
 import math
 import socket
+import time
 from typing import Any
 
 from portfwd.acl import client_ip
 from portfwd.errors import UpstreamError
 from portfwd.logevents import event
 from portfwd.relay import libc
+from portfwd.relay.balance import Pool
 from portfwd.relay.forwarder import compile_policy, format_peer, format_target, resolve_target
 from portfwd.relay.mmsg import NAME_SIZE, Batch
 from portfwd.relay.sessionlog import log_closed, log_denied, log_opened
@@ -149,8 +151,11 @@ class UdpForwarder:
         listener: socket.socket,
         state: State,
         batch: Batch | None = None,
+        pool: Pool | None = None,
     ) -> None:
         self.rule = rule
+        #: The rule's backends (None: one target); a flow stays with the backend it was given.
+        self.pool = pool
         self.port = port
         self.listener = listener
         self.listener_fd = listener.fileno()
@@ -275,6 +280,8 @@ class UdpForwarder:
         """A flow for a new client, or None (counted per datagram) when it is denied or over the cap."""
         client_text = format_peer(peer)
         target = self._default
+        preferred: int | None = None
+        routed = False
         if not self.policy.is_open:
             address = client_ip(peer[0])
             if not self.policy.permits(address):
@@ -283,9 +290,13 @@ class UdpForwarder:
                     self._denied_logged.add(client_text)
                     log_denied(self.label, client_text, "datagrams dropped")
                 return None
-            chosen = self.policy.target_for(address, self.rule.connect)
-            if chosen is not self.rule.connect:
-                target = resolve_target(self.rule.listen, chosen, self.port)
+            route = self.policy.route_for(address)
+            if route is not None:
+                if route.backend is None:
+                    target = resolve_target(self.rule.listen, route.target, self.port)
+                    routed = True
+                else:
+                    preferred = route.backend
         if len(self.flows) >= self.rule.udp_max_flows:
             self.stats.count_error("udp_flow_limit", datagrams)
             if not self._full_logged:
@@ -297,8 +308,18 @@ class UdpForwarder:
                     extra=event("udp.flows_full", rule=self.label, flows=len(self.flows)),
                 )
             return None
+        backend = None
+        if self.pool is not None and not routed:
+            source = str(client_ip(peer[0])) if self.pool.balance == "source-hash" else None
+            backend = self.pool.pick(source, time.monotonic(), (), preferred)
+            assert backend is not None  # a pool has a backend; none was tried yet
+            target = resolve_target(self.rule.listen, backend.spec.connect, self.port)
         assert not isinstance(target, str)
         session = self.state.open_session(self.stats, client_text, format_target(target), "udp")
+        if backend is not None:
+            stats = session.backend = backend.stats
+            stats.active += 1
+            stats.total += 1
         flow = _Flow(self, peer, key, session)
         self.flows[key] = flow
         self.stats.udp_flows_active += 1

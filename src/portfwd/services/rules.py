@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from portfwd.addr import UnixPath
 from portfwd.errors import BindError, PortfwdError
 from portfwd.logevents import event
+from portfwd.relay.balance import Backend, Pool
 from portfwd.relay.bandwidth import Shaper
-from portfwd.relay.describe import relay_path
+from portfwd.relay.describe import relay_path, targets_text
 from portfwd.relay.forwarder import RelayPath, TcpForwarder
+from portfwd.relay.health import Checker
 from portfwd.relay.limits import Limits
 from portfwd.relay.listener import DescriptorListener, bind_ip, bind_unix
 from portfwd.relay.mmsg import Batch
@@ -27,7 +29,7 @@ from portfwd.relay.splice import PipePool, splice_available
 from portfwd.relay.udp import UdpForwarder
 from portfwd.services.base import Change, Owned, Reloadable
 from portfwd.specs import RuleSpec
-from portfwd.state import Listener, State
+from portfwd.state import BackendStats, Listener, State
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +40,13 @@ class _RuleRun:
 
     tcp: list[tuple[DescriptorListener, TcpForwarder]]
     udp: list[UdpForwarder]
+    checker: Checker | None = None
 
     def close_listeners(self) -> None:
-        """Stop listening; a UDP forwarder also ends its flows (they have no listener of their own)."""
+        """Stop listening (and checking backends); a UDP forwarder also ends its flows (they
+        have no listener of their own)."""
+        if self.checker is not None:
+            self.checker.stop()
         for listener, _ in self.tcp:
             listener.close()
         for udp in self.udp:
@@ -190,12 +196,13 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
             if rule.bandwidth or rule.bandwidth_per_connection
             else None
         )
+        pool = self._pool(rule)
         try:
             listen = rule.listen
             if isinstance(listen, UnixPath):
                 listener = bind_unix(what, listen.path, backlog=rule.backlog)
                 forwarder = TcpForwarder(
-                    rule, None, self.state, path, self._pipes, self._poller, limits, shaper
+                    rule, None, self.state, path, self._pipes, self._poller, limits, shaper, pool
                 )
                 run.tcp.append((_accepting(listener, forwarder), forwarder))
             else:
@@ -211,7 +218,7 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
                             tcp_keepalive=rule.tcp_keepalive,
                         )
                         forwarder = TcpForwarder(
-                            rule, port, self.state, path, self._pipes, self._poller, limits, shaper
+                            rule, port, self.state, path, self._pipes, self._poller, limits, shaper, pool
                         )
                         run.tcp.append((_accepting(listener, forwarder), forwarder))
                     if rule.protocol.has_udp:
@@ -219,7 +226,7 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
                             what, listen.host, port, socket.SOCK_DGRAM, backlog=0, dual_stack=rule.dual_stack
                         )
                         batch = self._udp_batch() if rule.relay != "protocol" else None
-                        run.udp.append(UdpForwarder(rule, port, udp_socket, self.state, batch))
+                        run.udp.append(UdpForwarder(rule, port, udp_socket, self.state, batch, pool))
         except BindError:
             run.close_listeners()
             raise
@@ -227,15 +234,52 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
             accepting.start()
         for udp in run.udp:
             udp.start()
+        if pool is not None and rule.health.interval:
+            run.checker = Checker(pool, rule.listen, datagram=not rule.protocol.has_tcp)
+            run.checker.start()
         self._announce(rule, path, run)
         return run
+
+    def _pool(self, rule: RuleSpec) -> Pool | None:
+        """The rule's backends as a pool (None: it has one target), their stats on its RuleStats."""
+        if not rule.backends:
+            return None
+        stats = self.state.rule(rule.label)
+        stats.balance = rule.balance
+        stats.backends = [
+            BackendStats(backend.name, str(backend.connect), backend.weight, backend.backup)
+            for backend in rule.backends
+        ]
+        label = rule.label
+
+        def changed(backend: Backend, up: bool, why: str) -> None:
+            name = backend.spec.name
+            if up:
+                log.info(
+                    "%s: backend %s is up (%s)",
+                    label,
+                    name,
+                    why,
+                    extra=event("backend.up", rule=label, backend=name, reason=why),
+                )
+            else:
+                log.warning(
+                    "%s: backend %s is down: %s",
+                    label,
+                    name,
+                    why,
+                    extra=event("backend.down", rule=label, backend=name, reason=why),
+                )
+
+        return Pool(rule.backends, rule.balance, rule.health, stats.backends, changed)
 
     def _announce(self, rule: RuleSpec, path: str, run: _RuleRun) -> None:
         relay = path if rule.protocol.has_tcp else "udp"
         listen = str(rule.listen)
         protocol = "tcp" if isinstance(rule.listen, UnixPath) else rule.protocol.value
         stats = self.state.rule(rule.label)
-        stats.listen, stats.connect, stats.protocol, stats.relay = listen, str(rule.connect), protocol, relay
+        target = targets_text(rule)
+        stats.listen, stats.connect, stats.protocol, stats.relay = listen, target, protocol, relay
         stats.running = True
         stats.idle_timeout = rule.idle_timeout or 0.0
         self.state.listeners.append(Listener(rule.label, listen, protocol, relay))
@@ -246,14 +290,14 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
             rule.label,
             listen,
             protocol,
-            rule.connect,
+            target,
             relay,
             extra=event(
                 "rule.listening",
                 rule=rule.label,
                 listen=listen,
                 protocol=protocol,
-                target=str(rule.connect),
+                target=target,
                 path=relay,
             ),
         )
