@@ -356,3 +356,109 @@ def test_unix_and_ipv6_rules(tmp_path: Path) -> None:
     assert loaded.forward[0].listen == UnixPath("/tmp/in.sock")
     assert loaded.forward[1].connect[0] == UnixPath("/run/app.sock")
     assert loaded.forward[1].dual_stack
+
+
+_POOL = '[[forward]]\nlisten = "8080"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        (
+            _POOL + 'connect = "a:1"\n[[forward.backend]]\nconnect = "b:1"\n',
+            "forward[0].backend: give connect or [[forward.backend]] tables, not both",
+        ),
+        (
+            _POOL + "connect = []\n",
+            'forward[0].connect: must be a target or a list of 1 to 64 targets; write "10.0.0.5:80" or ["a:80", "b:80"]',
+        ),
+        (_POOL + 'connect = ["a:1", "b"]\n', "forward[0].connect: missing port; write host:port"),
+        (
+            '[[forward]]\nlisten = "8000-8001"\nconnect = ["a:1", "b:1-3"]\n',
+            "forward[0].connect[1]: port range 1-3 has 3 ports but listen 8000-8001 has 2; "
+            "use ranges of equal length or one target port",
+        ),
+        (
+            _POOL
+            + '[[forward.backend]]\nconnect = "a:1"\nname = "x"\n[[forward.backend]]\nconnect = "b:1"\nname = "x"\n',
+            "forward[0].backend[1].name: 'x' is already backend[0]'s; give each backend its own name",
+        ),
+        (
+            _POOL + '[[forward.backend]]\nconnect = "a:1"\nbackup = true\n',
+            "forward[0].backend: every backend is a backup; make at least one backup = false",
+        ),
+        (
+            _POOL + '[[forward.backend]]\nconnect = "a:1"\nweight = 0\n',
+            "forward[0].backend[0].weight: must be greater than or equal to 1",
+        ),
+        (
+            _POOL + 'connect = ["a:1", "b:1"]\nbalance = "random"\n',
+            "forward[0].balance: must be 'round-robin', 'least-connections', 'source-hash' or 'first'",
+        ),
+        (
+            _POOL
+            + '[[forward.backend]]\nconnect = "a:1"\nname = "eu"\n[[forward.route]]\nsource = "10.0.0.0/8"\nbackend = "us"\n',
+            "forward[0].route[0].backend: no backend is named 'us' ('eu'); name one in [[forward.backend]]",
+        ),
+        (
+            _POOL
+            + 'connect = "a:1"\n[[forward.route]]\nsource = "10.0.0.0/8"\nconnect = "b:1"\nbackend = "x"\n',
+            "forward[0].route[0].backend: give connect or backend, not both",
+        ),
+        (
+            _POOL + 'connect = "a:1"\n[forward.health]\ninterval = "1s"\ntimeout = "2s"\n',
+            "forward[0].health.timeout: 2s is longer than interval (1s); a check must end before the next begins",
+        ),
+        (
+            _POOL + 'connect = "a:1"\nprotocol = "udp"\n[forward.health]\n',
+            "forward[0].health.send: a UDP rule's check sends a datagram and waits for an answer; "
+            'give send and expect, or check = "none"',
+        ),
+        (
+            _POOL + 'connect = "a:1"\nbandwidth = "10 furlongs"\n',
+            "forward[0].bandwidth: '10 furlongs' is not a bandwidth from 8kbit to 8000Gbit; write bits or "
+            'bytes a second, e.g. "10Mbit", "512kbit", "2MB" or "1MiB"',
+        ),
+        (
+            _POOL + 'connect = "a:1"\nbandwidth = "10Mbit"\nrelay = "splice"\n',
+            'forward[0].relay: "splice" moves bytes in the kernel, past any bandwidth limit; remove '
+            'relay = "splice" (a limited rule uses the protocol relay)',
+        ),
+        (
+            _POOL + 'connect = "a:1"\nprotocol = "udp"\nbandwidth_per_connection = "1Mbit"\n',
+            "forward[0].bandwidth_per_connection: TCP only in this version; this rule is udp",
+        ),
+        (
+            _POOL + 'connect = "unix:/run/app.sock"\ntransparent = true\n',
+            "forward[0].transparent: needs IP on both sides (the upstream connection leaves from the "
+            "client's address); remove it or use IP addresses",
+        ),
+    ],
+)
+def test_backend_bandwidth_and_transparent_problems(tmp_path: Path, text: str, line: str) -> None:
+    assert problems(tmp_path, text) == [line]
+
+
+def test_backends_plan_with_names_weights_and_routes(tmp_path: Path) -> None:
+    from portfwd import planner
+
+    loaded = load_text(
+        tmp_path,
+        _POOL
+        + 'balance = "source-hash"\nbandwidth = "8Mbit"\n'
+        + '[[forward.backend]]\nconnect = "a:1"\nname = "eu"\nweight = 3\n'
+        + '[[forward.backend]]\nconnect = "a:1"\nbackup = true\n'
+        + '[[forward.backend]]\nconnect = "a:1"\n'
+        + '[[forward.route]]\nsource = "10.0.0.0/8"\nbackend = "eu"\n'
+        + '[forward.health]\nsend = "PING\\r\\n"\nexpect = "+PONG"\n',
+    )
+    rule = planner.plan(loaded).rules[0]
+    assert [(b.name, b.weight, b.backup) for b in rule.backends] == [
+        ("eu", 3, False),
+        ("a:1", 1, True),
+        ("a:1#3", 1, False),
+    ]
+    assert rule.route[0].backend == 0 and rule.balance == "source-hash"
+    assert rule.health.send == b"PING\r\n" and rule.health.interval == 2.0 and rule.bandwidth == 1e6
+    single = planner.plan(load_text(tmp_path, _POOL + 'connect = "a:1"\n')).rules[0]
+    assert single.backends == () and single.health.interval == 0.0  # one target: the fast path
