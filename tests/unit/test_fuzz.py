@@ -52,6 +52,7 @@ toml_scalars = st.one_of(
     st.floats(allow_nan=False),
     spec_text,
     st.text(max_size=10),
+    st.from_regex(r"[0-9]{1,4}(\.[0-9])? ?[kKmMgG]?(bit|i?B)(/s)?", fullmatch=True),
 )
 keys = st.sampled_from(
     [
@@ -69,6 +70,17 @@ keys = st.sampled_from(
         "dual_stack",
         "backlog",
         "source",
+        "backend",
+        "balance",
+        "health",
+        "weight",
+        "backup",
+        "interval",
+        "send",
+        "expect",
+        "bandwidth",
+        "bandwidth_per_connection",
+        "transparent",
         "bogus",
     ]
 )
