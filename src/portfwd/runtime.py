@@ -95,7 +95,7 @@ class Runtime:
         if plan.control.enabled and identity is not None:
             reloader = self.reload if loader is not None else None
             self._control = Control(plan.control, identity.socket, state, reloader)
-        self._rules = RuleSet(plan.rules, state)
+        self._rules = RuleSet(plan.rules, state, user=plan.user)
         self._tunnels = Tunnels(
             plan.tunnels, state, self._fatal, exit_on_auth=exit_on_auth, fast_path=self.fast_path
         )

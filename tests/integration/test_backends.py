@@ -104,7 +104,8 @@ async def test_round_robin_spreads_evenly_and_by_weight() -> None:
         ]
         async with running(_rule(port, backend=tables)):
             spread = await _spread(port, 200)
-            assert 45 <= spread[backends.ports[0]] <= 55 and 145 <= spread[backends.ports[1]] <= 155, spread
+            assert 45 <= spread[backends.ports[0]] <= 55, spread
+            assert 145 <= spread[backends.ports[1]] <= 155, spread
 
 
 async def test_least_connections_sends_new_clients_to_the_least_busy() -> None:
@@ -204,7 +205,8 @@ async def test_a_killed_backend_costs_no_request_and_checks_take_it_down_and_up(
         await backends.stop(victim)
         stopped = asyncio.get_running_loop().time()
         spread = await _spread(port, 60)  # every request answered, none by the victim
-        assert victim not in spread and sum(spread.values()) == 60
+        assert victim not in spread
+        assert sum(spread.values()) == 60
         await wait_until(lambda: _backend_rows(runtime)[1].state == "down", 3, "victim down")
         # fall x interval, plus one interval of phase and the timeout, plus scheduling slack
         assert asyncio.get_running_loop().time() - stopped < 2 * 0.2 + 0.2 + 0.1 + 0.5
@@ -215,7 +217,8 @@ async def test_a_killed_backend_costs_no_request_and_checks_take_it_down_and_up(
         assert victim in await _spread(port, 30)
     downs = [r for r in caplog.records if record_event(r)[0] == "backend.down"]
     ups = [r for r in caplog.records if record_event(r)[0] == "backend.up"]
-    assert len(downs) == 1 and len(ups) == 1, [r.getMessage() for r in caplog.records]
+    assert len(downs) == 1, [r.getMessage() for r in caplog.records]
+    assert len(ups) == 1, [r.getMessage() for r in caplog.records]
     assert f"backend 127.0.0.1:{victim} is down" in downs[0].getMessage()
 
 
@@ -230,7 +233,8 @@ async def test_passive_health_takes_a_dead_backend_out() -> None:
         await backends.stop(dead)
         assert await _spread(port, 20) == Counter({alive: 20})  # retried each time: no client error
         row = _backend_rows(runtime)[1]
-        assert row.state == "down" and row.failures == 2, row  # down after two: not tried since
+        assert row.state == "down", row
+        assert row.failures == 2, row  # down after two: not tried since
         assert "2 connects failed in a row" in row.why
         assert runtime.state.status().rules[0].errors == {}
 
@@ -257,7 +261,8 @@ async def test_a_check_can_send_and_expect() -> None:
         async with running(_rule(port, connect=targets, health=health)) as runtime:
             await wait_until(lambda: _backend_rows(runtime)[1].state == "down", 3, "bad down")
             rows = _backend_rows(runtime)
-            assert rows[0].state == "up" and rows[0].last_check_result.startswith("ok in ")
+            assert rows[0].state == "up"
+            assert rows[0].last_check_result.startswith("ok in ")
             assert rows[1].last_check_result == 'no "+PONG" in the answer'
     finally:
         for server in servers:

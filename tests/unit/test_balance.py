@@ -93,7 +93,8 @@ def test_every_backend_is_tried_once_then_none(weights: list[int], balance: Bala
     tried: tuple[Backend, ...] = ()
     for _ in weights:
         backend = pool.pick("10.1.2.3", 0.0, tried)
-        assert backend is not None and backend not in tried
+        assert backend is not None
+        assert backend not in tried
         tried += (backend,)
     assert pool.pick("10.1.2.3", 0.0, tried) is None
     usable = [backend for backend in pool.backends if backend.checked_up]
@@ -111,14 +112,17 @@ def test_passive_health_takes_a_backend_down_for_a_while_and_one_success_brings_
     pool, changes = _pool([1, 1], "first", health=HealthSpec(passive_fall=2, passive_down=10.0))
     first = pool.backends[0]
     pool.failed(first, 100.0, "connection refused")
-    assert first.stats.up and pool.pick(None, 100.0) is first
+    assert first.stats.up
+    assert pool.pick(None, 100.0) is first
     pool.failed(first, 100.5, "connection refused")
-    assert not first.stats.up and first.stats.failures == 2
+    assert not first.stats.up
+    assert first.stats.failures == 2
     assert "2 connects failed in a row (last: connection refused)" in first.stats.why
     assert pool.pick(None, 105.0) is pool.backends[1]
     assert pool.pick(None, 110.6) is first  # the window is over: tried again
     pool.connected(first)
-    assert first.stats.up and [up for _, up, _ in changes] == [False, True]
+    assert first.stats.up
+    assert [up for _, up, _ in changes] == [False, True]
 
 
 def test_active_checks_count_rise_and_fall_in_a_row() -> None:
@@ -128,15 +132,18 @@ def test_active_checks_count_rise_and_fall_in_a_row() -> None:
         pool.checked(backend, ok, "x")
     assert backend.stats.up
     pool.checked(backend, False, "timeout after 1s")
-    assert not backend.stats.up and backend.stats.why == "3 checks failed (last: timeout after 1s)"
+    assert not backend.stats.up
+    assert backend.stats.why == "3 checks failed (last: timeout after 1s)"
     pool.checked(backend, True, "ok")
     assert not backend.stats.up
     pool.checked(backend, True, "ok in 0.3 ms")
-    assert backend.stats.up and backend.stats.last_check_result == "ok in 0.3 ms"
+    assert backend.stats.up
+    assert backend.stats.last_check_result == "ok in 0.3 ms"
     assert [up for _, up, _ in changes] == [False, True]
 
 
 def test_one_backend_is_never_taken_down_passively() -> None:
     pool, changes = _pool([1], health=HealthSpec(passive_fall=1))
     pool.failed(pool.backends[0], 0.0, "refused")
-    assert pool.backends[0].stats.up and not changes
+    assert pool.backends[0].stats.up
+    assert not changes

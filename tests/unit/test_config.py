@@ -458,7 +458,11 @@ def test_backends_plan_with_names_weights_and_routes(tmp_path: Path) -> None:
         ("a:1", 1, True),
         ("a:1#3", 1, False),
     ]
-    assert rule.route[0].backend == 0 and rule.balance == "source-hash"
-    assert rule.health.send == b"PING\r\n" and rule.health.interval == 2.0 and rule.bandwidth == 1e6
+    assert rule.route[0].backend == 0
+    assert rule.balance == "source-hash"
+    assert rule.health.send == b"PING\r\n"
+    assert rule.health.interval == 2.0
+    assert rule.bandwidth == 1e6
     single = planner.plan(load_text(tmp_path, _POOL + 'connect = "a:1"\n')).rules[0]
-    assert single.backends == () and single.health.interval == 0.0  # one target: the fast path
+    assert single.backends == ()
+    assert single.health.interval == 0.0  # one target: the fast path

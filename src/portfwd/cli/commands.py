@@ -101,6 +101,11 @@ def check(config_file: str | None) -> None:
     if plan.rules or not (plan.tunnels or plan.server or plan.maps):
         title = f"{path}: {len(plan.rules)} forward rule(s)"
         console.print(_table(title, relay.COLUMNS, relay.describe(plan.rules)))
+    if any(rule.transparent for rule in plan.rules):
+        from portfwd.relay.transparent import problems as transparent_problems
+
+        for problem in transparent_problems(plan.rules, user=plan.user):  # warnings: the config is valid
+            print(f"portfwd: warning: {problem}", file=sys.stderr)
     if plan.gateway is not None:
         found, problems = kernel.problems(plan.gateway)
         if problems:

@@ -2,7 +2,8 @@
 
 Host names are resolved for every new client (a DNS change takes effect at once); IP literals
 skip the resolver. Every failure becomes an UpstreamError with a short `reason` label that the
-metrics count and the log line shows.
+metrics count and the log line shows. A transparent rule's connections leave from the client's
+own address (IP_TRANSPARENT; the routing it needs is checked by relay/transparent.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ _REASONS = {
 
 
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+# Linux values; Python 3.11's socket module has no IPV6_TRANSPARENT.
+_IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+_IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)
+_IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
 def _literal(host: str, port: int) -> Addresses | None:
@@ -46,9 +51,66 @@ def describe_error(exc: OSError) -> UpstreamError:
     """An OSError from connecting as an UpstreamError: words for people, a reason for counters."""
     if isinstance(exc, socket.gaierror):
         return UpstreamError(f"cannot resolve: {exc.strerror}", reason="resolve")
-    reason = _REASONS.get(exc.errno or 0, "error")
+    return UpstreamError(_words(exc), reason=_REASONS.get(exc.errno or 0, "error"))
+
+
+def client_source(addresses: Addresses, source: str) -> tuple[Addresses, str, UpstreamError | None]:
+    """The targets a transparent connect may try from client address `source`, and the address
+    to bind: an IPv4-mapped IPv6 client ("::ffff:10.1.0.2", from a dual-stack listener) leaves
+    as IPv4. A connection cannot leave from an address of the other family, so targets of that
+    family are dropped; when none is left, the error says why (reason "transparent").
+    """
+    if ":" not in source:
+        family, bind = socket.AF_INET, source
+    elif source[:7].lower() == "::ffff:" and "." in source:
+        family, bind = socket.AF_INET, source[7:]
+    else:
+        family, bind = socket.AF_INET6, source
+    usable = [address for address in addresses if address[0] == family]
+    if usable or not addresses:
+        return usable, bind, None
+    client, target = ("IPv4", "IPv6") if family == socket.AF_INET else ("IPv6", "IPv4")
+    error = UpstreamError(
+        f"transparent: the client {source} is {client} but the target is {target}; a connection "
+        f"cannot leave from an {client} address for an {target} one",
+        reason="transparent",
+    )
+    return usable, bind, error
+
+
+def bind_to_client(upstream: socket.socket, family: int, source: str) -> None:
+    """Make `upstream` leave from the client's address `source` (port chosen at connect time).
+
+    Raises UpstreamError(reason="transparent"): no privilege (EPERM), or the bind failed.
+    """
+    try:
+        if family == socket.AF_INET6:
+            upstream.setsockopt(socket.IPPROTO_IPV6, _IPV6_TRANSPARENT, 1)
+        else:
+            upstream.setsockopt(socket.SOL_IP, _IP_TRANSPARENT, 1)
+    except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.EACCES):
+            raise UpstreamError(
+                "transparent: leaving from the client's address needs root or CAP_NET_ADMIN "
+                "(IP_TRANSPARENT: operation not permitted)",
+                reason="transparent",
+            ) from exc
+        raise UpstreamError(f"transparent: IP_TRANSPARENT: {_words(exc)}", reason="transparent") from exc
+    try:
+        # Without this, bind() would pick the port from the client address alone, so at most
+        # ~28000 connections per client address to all targets together; at connect() the
+        # kernel picks one per (client, target) pair.
+        upstream.setsockopt(socket.SOL_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+        upstream.bind((source, 0))
+    except OSError as exc:
+        raise UpstreamError(
+            f"transparent: cannot bind the client's address {source}: {_words(exc)}", reason="transparent"
+        ) from exc
+
+
+def _words(exc: OSError) -> str:
     words = exc.strerror or str(exc) or type(exc).__name__
-    return UpstreamError(words[:1].lower() + words[1:], reason=reason)
+    return words[:1].lower() + words[1:]
 
 
 def stream_options(conn: socket.socket, family: int) -> None:
@@ -91,11 +153,14 @@ class Connect:
     With `held` (a list), a first connect() still in progress is not asked again at once: the
     Connect adds itself to `held`, and its owner calls `confirm()` once every client of the
     burst has begun its connect (see TcpForwarder.serve).
+
+    With `source` (a client's IP address as text), every upstream socket leaves from that
+    address (transparent mode, see `bind_to_client`); only targets of its family are tried.
     """
 
     __slots__ = (
-        "_addresses", "_done", "_family", "_held", "_index", "_keepalive", "_last", "_loop", "_pending",
-        "_sockaddr", "_timeout", "_timer", "_waiting",
+        "_addresses", "_bind", "_done", "_family", "_held", "_index", "_keepalive", "_last", "_loop",
+        "_pending", "_sockaddr", "_timeout", "_timer", "_waiting",
     )  # fmt: skip
 
     def __init__(
@@ -121,6 +186,12 @@ class Connect:
         self._family = 0
         self._timeout = timeout
         self._timer: asyncio.TimerHandle | None = None  # armed at the first wait (a loop timer costs)
+        self._bind: str | None = None  # transparent: the client's address, of the targets' family
+        if source is not None:
+            self._addresses, self._bind, refused = client_source(addresses, source)
+            if refused is not None:
+                self._finish(None, refused)
+                return
         self._next()
 
     def _next(self) -> None:
@@ -143,6 +214,13 @@ class Connect:
                     upstream.close()
                     self._last = exc
                     continue
+            if self._bind is not None:
+                try:
+                    bind_to_client(upstream, family, self._bind)
+                except UpstreamError as exc:  # the same for every target: no use trying the next
+                    upstream.close()
+                    self._finish(None, exc)
+                    return
             code = upstream.connect_ex(sockaddr)
             if code == errno.EINPROGRESS:
                 held, self._held = self._held, None

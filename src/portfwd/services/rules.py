@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from portfwd.addr import UnixPath
 from portfwd.errors import BindError, PortfwdError
 from portfwd.logevents import event
+from portfwd.relay import transparent
 from portfwd.relay.balance import Backend, Pool
 from portfwd.relay.bandwidth import Shaper
 from portfwd.relay.describe import relay_path, targets_text
@@ -65,9 +66,10 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
 
     name = "rules"
 
-    def __init__(self, rules: tuple[RuleSpec, ...], state: State) -> None:
+    def __init__(self, rules: tuple[RuleSpec, ...], state: State, *, user: str | None = None) -> None:
         self.rules = rules
         self.state = state
+        self.user = user  #: the user privileges drop to (a transparent rule's check asks)
         #: Whether splice(2) works here; decided at start, before the first rule binds.
         self.splice = False
         self._runs: dict[RuleSpec, _RuleRun] = {}
@@ -102,7 +104,18 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> list[PortfwdError]:
         self.splice = splice_available()
-        return self._start_rules(list(self.rules))
+        failures = self._start_rules(list(self.rules))
+        await self._check_transparent(list(self.rules))
+        return failures
+
+    async def _check_transparent(self, rules: list[RuleSpec]) -> None:
+        """Warn, once per start or reload, about what transparent rules lack on this host (the
+        capability, the policy routing); `portfwd check` says the same."""
+        wanted = [rule for rule in rules if rule.transparent and rule in self._runs]
+        if not wanted:
+            return
+        for line in await asyncio.to_thread(transparent.problems, wanted, user=self.user):
+            log.warning("%s", line, extra=event("rule.problem", reason=line))
 
     async def retire(self, part: tuple[RuleSpec, ...]) -> Change:
         removed = [rule for rule in self._runs if rule not in part]
@@ -127,6 +140,7 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         added = [rule for rule in dict.fromkeys(part) if rule not in self._runs]
         self.rules = part
         failures = self._start_rules(added)
+        await self._check_transparent(added)
         self.state.order_rules(rule.label for rule in part)  # status shows the config's order
         return Change(
             kept=kept,
