@@ -146,16 +146,16 @@ def test_nginx_proxy_protocol_listener_logs_the_real_client(tmp_path: Path, vers
     assert logged == [f'127.0.0.2:{client_port} 127.0.0.1 "GET /seen HTTP/1.0" 200'], logged
 
 
-def test_proxy_protocol_on_a_udp_only_rule_is_a_config_error(tmp_path: Path) -> None:
+def test_proxy_protocol_v1_on_a_udp_rule_is_a_config_error(tmp_path: Path) -> None:
     config = tmp_path / "udp.toml"
     config.write_text(
-        '[[forward]]\nlisten = "127.0.0.1:5353"\nconnect = "127.0.0.1:53"\nprotocol = "udp"\nproxy_protocol = "v2"\n'
+        '[[forward]]\nlisten = "127.0.0.1:5353"\nconnect = "127.0.0.1:53"\nprotocol = "udp"\nproxy_protocol = "v1"\n'
     )
     result = run_portfwd("check", "-c", str(config))
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        "portfwd: forward[0].proxy_protocol: a PROXY header goes on TCP connections; this rule is udp only "
-        "(remove proxy_protocol, or forward tcp)"
+        'portfwd: forward[0].proxy_protocol: "v1" names TCP connections only; use "v2" (each UDP '
+        "datagram then begins with the header, as go-mmproxy reads it)"
     ]
 
 

@@ -429,6 +429,11 @@ _POOL = '[[forward]]\nlisten = "8080"\n'
             "forward[0].bandwidth_per_connection: TCP only in this version; this rule is udp",
         ),
         (
+            _POOL + 'connect = "a:1"\nprotocol = "tcp+udp"\nproxy_protocol = "v1"\n',
+            'forward[0].proxy_protocol: "v1" names TCP connections only; use "v2" (each UDP datagram '
+            "then begins with the header, as go-mmproxy reads it)",
+        ),
+        (
             _POOL + 'connect = "unix:/run/app.sock"\ntransparent = true\n',
             "forward[0].transparent: needs IP on both sides (the upstream connection leaves from the "
             "client's address); remove it or use IP addresses",

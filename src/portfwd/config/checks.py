@@ -33,10 +33,10 @@ def _check_rules(config: Config) -> list[str]:
                 )
             seen_names[rule.name] = index
         problems.extend(_check_backends(field, rule))
-        if rule.proxy_protocol is not None and not rule.protocol.has_tcp:
+        if rule.proxy_protocol == "v1" and rule.protocol.has_udp:
             problems.append(
-                f"{field}.proxy_protocol: a PROXY header goes on TCP connections; this rule is "
-                f"{rule.protocol.value} only (remove proxy_protocol, or forward tcp)"
+                f'{field}.proxy_protocol: "v1" names TCP connections only; use "v2" (each UDP '
+                "datagram then begins with the header, as go-mmproxy reads it)"
             )
         if rule.accept_proxy_protocol and not rule.trusted_proxies:
             problems.append(

@@ -27,6 +27,7 @@ from typing import Any
 from portfwd.acl import client_ip
 from portfwd.errors import UpstreamError
 from portfwd.logevents import event
+from portfwd.proto.proxy import header
 from portfwd.relay import libc
 from portfwd.relay.balance import Pool
 from portfwd.relay.forwarder import compile_policy, format_peer, format_target, resolve_target
@@ -50,7 +51,8 @@ class _Flow:
     """One client's association: its upstream socket and activity clock."""
 
     __slots__ = (
-        "client", "forwarder", "key", "name", "pending", "seen", "session", "upstream", "upstream_fd",
+        "client", "forwarder", "header", "key", "name", "pending", "seen", "session", "upstream",
+        "upstream_fd",
     )  # fmt: skip
 
     def __init__(self, forwarder: UdpForwarder, client: Any, key: Any, session: Session) -> None:
@@ -64,6 +66,7 @@ class _Flow:
         self.upstream_fd = -1
         self.pending: list[bytes] | None = []
         self.seen = forwarder.tick
+        self.header = b""  #: a PROXY v2 header each datagram upstream begins with (proxy_protocol)
 
     def attach(self, upstream: socket.socket) -> None:
         self.upstream = upstream
@@ -81,7 +84,7 @@ class _Flow:
                 self.pending.append(datagram)
             return
         try:
-            self.upstream.send(datagram)
+            self.upstream.send(self.header + datagram)
         except OSError as exc:
             self.forwarder.send_failed(exc)
             return
@@ -156,6 +159,11 @@ class UdpForwarder:
         self.rule = rule
         #: The rule's backends (None: one target); a flow stays with the backend it was given.
         self.pool = pool
+        #: proxy_protocol = "v2": each flow's datagrams carry its PROXY header (no batched path).
+        self._proxied = rule.proxy_protocol == 2
+        if self._proxied:
+            batch = None
+        self._own = listener.getsockname()[:2]  # the address a PROXY header names as reached
         self.port = port
         self.listener = listener
         self.listener_fd = listener.fileno()
@@ -188,6 +196,8 @@ class UdpForwarder:
     def start(self) -> None:
         """Begin reading datagrams and sweeping idle flows."""
         on_datagram = self._on_datagram if self.batch is None else self._on_datagrams
+        if self._proxied:
+            on_datagram = self._on_datagram_headed
         self.loop.add_reader(self.listener_fd, on_datagram)
         self._sweeper = self.loop.call_later(self._sweep_interval, self._sweep)
 
@@ -219,6 +229,27 @@ class UdpForwarder:
                 self.send_failed(exc)
                 continue
             flow.session.bytes_up += len(datagram)
+
+    def _on_datagram_headed(self) -> None:
+        # proxy_protocol = "v2": every datagram upstream begins with the flow's PROXY header (as
+        # go-mmproxy reads them: a UDP receiver has no connection to carry it once).
+        flows = self.flows
+        receive = self.listener.recvfrom
+        tick = self.tick
+        for _ in range(BATCH):
+            try:
+                datagram, peer = receive(MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            except OSError:
+                continue
+            flow = flows.get(peer)
+            if flow is None:
+                flow = self._new_flow(peer, peer)
+                if flow is None:
+                    continue
+            flow.seen = tick
+            flow.send(datagram)
 
     def _on_datagrams(self) -> None:
         # The batched hot path: one recvmmsg, then one sendmmsg per run of datagrams from one client.
@@ -316,11 +347,13 @@ class UdpForwarder:
             target = resolve_target(self.rule.listen, backend.spec.connect, self.port)
         assert not isinstance(target, str)
         session = self.state.open_session(self.stats, client_text, format_target(target), "udp")
+        flow_header = header(2, (peer[0], peer[1]), self._own, datagram=True) if self._proxied else b""
         if backend is not None:
             stats = session.backend = backend.stats
             stats.active += 1
             stats.total += 1
         flow = _Flow(self, peer, key, session)
+        flow.header = flow_header
         self.flows[key] = flow
         self.stats.udp_flows_active += 1
         log_opened(self.label, session)
