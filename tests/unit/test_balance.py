@@ -74,6 +74,7 @@ def test_source_hash_is_stable_and_moves_only_the_clients_of_a_lost_backend(
     assert before == {source: pool.pick(source, 0.0) for source in sources}
     lost = pool.backends[0]
     lost.checked_up = False
+    pool.refresh()
     for source, backend in before.items():
         after = pool.pick(source, 0.0)
         assert after is not lost
@@ -90,6 +91,7 @@ def test_every_backend_is_tried_once_then_none(weights: list[int], balance: Bala
     pool, _ = _pool(weights, balance)
     for backend, healthy in zip(pool.backends, up, strict=False):
         backend.checked_up = healthy
+    pool.refresh()
     tried: tuple[Backend, ...] = ()
     for _ in weights:
         backend = pool.pick("10.1.2.3", 0.0, tried)
@@ -105,6 +107,7 @@ def test_backups_serve_only_while_no_other_backend_is_up() -> None:
     pool, _ = _pool([1, 1, 1], backups=(2,))
     assert set(_names(pool, 10)) == {"b0", "b1"}
     pool.backends[0].checked_up = pool.backends[1].checked_up = False
+    pool.refresh()
     assert set(_names(pool, 4)) == {"b2"}
 
 

@@ -88,6 +88,8 @@ class Pool:
         self.health = health
         self.changed = changed
         self._turn = 0  # where least-connections' tie-break starts
+        #: No backend is down or was down passively (kept by `_note`): picks skip the filtering.
+        self._healthy = True
 
     # ------------------------------------------------------------------ choosing
     def pick(
@@ -103,6 +105,8 @@ class Pool:
             backend = self.backends[preferred]
             if backend not in tried and backend.usable(now):
                 return backend
+        if self._healthy and not tried:  # the common case: no list to build
+            return self._choose(self.primaries, source)
         for group in (self.primaries, self.backups):
             usable = [backend for backend in group if backend.usable(now) and backend not in tried]
             if usable:
@@ -145,6 +149,7 @@ class Pool:
             backend.failed_in_row = 0
             if backend.passive_until:
                 backend.passive_until = 0.0
+                self.refresh()
                 if backend.checked_up:
                     self._set(backend, True, "a connect worked")
 
@@ -155,6 +160,7 @@ class Pool:
         fall = self.health.passive_fall
         if fall and backend.failed_in_row >= fall and len(self.backends) > 1:
             backend.passive_until = now + self.health.passive_down
+            self._healthy = False
             if backend.stats.up:
                 self._set(
                     backend,
@@ -174,18 +180,26 @@ class Pool:
             if backend.checked_up and backend.passive_until:  # passively down: a pass ends it
                 backend.passive_until = 0.0
                 backend.failed_in_row = 0
+                self.refresh()
                 self._set(backend, True, "a check passed")
             elif not backend.checked_up and backend.checks_passed >= self.health.rise:
                 backend.checked_up = True
                 backend.passive_until = 0.0
                 backend.failed_in_row = 0
+                self.refresh()
                 self._set(backend, True, f"{backend.checks_passed} checks passed")
         else:
             backend.checks_passed = 0
             backend.checks_failed += 1
             if backend.checked_up and backend.checks_failed >= self.health.fall:
                 backend.checked_up = False
+                self._healthy = False
                 self._set(backend, False, f"{backend.checks_failed} checks failed (last: {result})")
+
+    def refresh(self) -> None:
+        """Re-read whether every backend is healthy (after a change of `checked_up` or
+        `passive_until`; the pool makes its own, a test may make one by hand)."""
+        self._healthy = all(item.checked_up and not item.passive_until for item in self.backends)
 
     def _set(self, backend: Backend, up: bool, why: str) -> None:
         stats = backend.stats
