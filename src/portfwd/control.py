@@ -112,6 +112,7 @@ class ControlServer:
             elif command == "status":
                 # No sample here: rates are per sampler interval, and many `status --watch`
                 # would make them per request; status reads idle time without one.
+                await self.state.refresh()  # the workers' parts, with `workers`
                 answer = {"ok": True, "status": self.state.status().to_json()}
             elif command == "reload":
                 if self.reloader is None:

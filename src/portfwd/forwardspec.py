@@ -7,7 +7,8 @@ so that both are validated by one set of rules.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from portfwd import config
 from portfwd.addr import UNIX_PREFIX, split_colons
@@ -55,13 +56,36 @@ def split(spec: str) -> tuple[str, str, str]:
     return listen, connect, protocol
 
 
-def rules_from_specs(
-    specs: Sequence[str], allow: Sequence[str] = (), deny: Sequence[str] = ()
-) -> config.Config:
-    """Build a validated Config from CLI specs (`portfwd forward SPEC... --allow --deny`).
+#: `portfwd forward` flags that set a [[forward]] key of every spec (the key: its flag's name).
+RULE_FLAGS = (
+    "proxy_protocol",
+    "accept_proxy_protocol",
+    "trusted_proxies",
+    "max_connections",
+    "max_connections_per_source",
+    "rate",
+    "bandwidth",
+    "bandwidth_per_connection",
+    "transparent",
+)
 
-    Raises ConfigError with one line per bad spec, naming the spec by position.
+
+def rules_from_specs(
+    specs: Sequence[str],
+    allow: Sequence[str] = (),
+    deny: Sequence[str] = (),
+    options: Mapping[str, Any] | None = None,
+    workers: str | None = None,
+) -> config.Config:
+    """Build a validated Config from CLI specs (`portfwd forward SPEC... --allow --deny`), each
+    rule with the `options` given as flags (keys of RULE_FLAGS), and `workers` (top level).
+
+    Raises ConfigError with one line per bad spec, naming the spec by position (or the flag).
     """
+    extra = {key: value for key, value in (options or {}).items() if value is not None and value is not False}
+    extra = {
+        key: list(value) if isinstance(value, tuple) else value for key, value in extra.items() if value != ()
+    }
     problems: list[str] = []
     rules = []
     origin: list[int] = []  # rules[i] came from specs[origin[i]]
@@ -79,6 +103,7 @@ def rules_from_specs(
                 "protocol": protocol,
                 "allow": list(allow),
                 "deny": list(deny),
+                **extra,
             }
         )
     if not specs:
@@ -87,7 +112,10 @@ def rules_from_specs(
     if problems and not rules:  # every spec is reported above; there is nothing left to validate
         raise ConfigError(problems[0], problems=problems)
     try:
-        result = config.validate({"forward": rules})
+        top: dict[str, Any] = {"forward": rules}
+        if workers is not None:
+            top["workers"] = workers if workers == "auto" else _number(workers)
+        result = config.validate(top)
     except ConfigError as exc:
         for line in exc.problems:
             named = _name_specs(line, specs, origin)
@@ -98,8 +126,15 @@ def rules_from_specs(
     return result
 
 
+def _number(text: str) -> int | str:
+    """`--workers 4` as the number config expects (anything else stays text, for its error)."""
+    return int(text) if text.isdigit() else text
+
+
 def _name_specs(line: str, specs: Sequence[str], origin: Sequence[int]) -> str:
     """Rewrite `forward[i].x: ...` as `spec i+1 (text): ...` so CLI users see their own words."""
+    if line.startswith("workers: "):
+        return "--" + line
     if not line.startswith("forward["):
         return line
     index_text, _, rest = line[len("forward[") :].partition("]")
@@ -113,6 +148,7 @@ def _name_specs(line: str, specs: Sequence[str], origin: Sequence[int]) -> str:
         "connect": "target",
         "allow": "--allow",
         "deny": "--deny",
+        **{flag: "--" + flag.replace("_", "-") for flag in RULE_FLAGS},
     }.get(key.split("[", 1)[0], key)
     if where.startswith("--"):
         return f"{where}: {message}"

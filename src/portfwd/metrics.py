@@ -241,6 +241,7 @@ class MetricsServer:
             if method not in ("GET", "HEAD"):
                 status, body, kind = "405 Method Not Allowed", b"only GET\n", "text/plain"
             elif path in ("/metrics", "/"):
+                await self.state.refresh()  # the workers' counters, with `workers`
                 status, body, kind = "200 OK", generate_latest(self.registry), CONTENT_TYPE_LATEST
             else:
                 status, body, kind = "404 Not Found", b"try /metrics\n", "text/plain"

@@ -8,6 +8,8 @@ split into user, host and port, a forward with `map = true` becomes a `MapSpec`.
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -54,7 +56,15 @@ def plan(config: Config) -> Plan:
         group=config.group,
         drain_timeout=config.drain_timeout,
         ssh_fast_path=config.ssh_fast_path,
+        workers=workers(config.workers),
     )
+
+
+def workers(wanted: int | str) -> int:
+    """`workers = "auto"`: one per core on Linux (SO_REUSEPORT spreads clients there), else one."""
+    if isinstance(wanted, int):
+        return wanted
+    return max(1, min(64, os.cpu_count() or 1)) if sys.platform == "linux" else 1
 
 
 def load(path: Path) -> Plan:

@@ -37,6 +37,7 @@ from portfwd.services.rules import RuleSet
 from portfwd.services.sampler import Sampler
 from portfwd.services.server import Server
 from portfwd.services.tunnels import Tunnels, log_fast_path
+from portfwd.services.workers import Workers
 from portfwd.specs import Plan
 from portfwd.ssh.client import Tunnel
 from portfwd.state import State
@@ -52,6 +53,7 @@ _RESTART_ONLY = {
     "gateway": "gateway",
     "maps": "map",
     "ssh_fast_path": "ssh_fast_path",
+    "workers": "workers",
 }
 
 
@@ -95,7 +97,8 @@ class Runtime:
         if plan.control.enabled and identity is not None:
             reloader = self.reload if loader is not None else None
             self._control = Control(plan.control, identity.socket, state, reloader)
-        self._rules = RuleSet(plan.rules, state, user=plan.user)
+        self._rules = RuleSet(plan.rules, state, user=plan.user, workers=plan.workers)
+        self._workers = Workers(self._rules, state, plan.workers, plan.drain_timeout)
         self._tunnels = Tunnels(
             plan.tunnels, state, self._fatal, exit_on_auth=exit_on_auth, fast_path=self.fast_path
         )
@@ -120,6 +123,7 @@ class Runtime:
         ordered = [
             self._control,
             self._rules,
+            self._workers,
             self._tunnels,
             self._gateway,
             self._maps,
@@ -136,6 +140,7 @@ class Runtime:
             self._server,
             self._gateway,
             self._maps,
+            self._workers,
             self._rules,
             self._metrics,
             self._control,
@@ -144,7 +149,12 @@ class Runtime:
 
     def _reloadable(self, plan: Plan) -> list[tuple[Reloadable[Any], Any]]:
         """The services a reload changes, each with its part of `plan`."""
-        return [(self._rules, plan.rules), (self._tunnels, plan.tunnels), (self._metrics, plan.metrics)]
+        return [
+            (self._rules, plan.rules),
+            (self._workers, plan.rules),
+            (self._tunnels, plan.tunnels),
+            (self._metrics, plan.metrics),
+        ]
 
     @property
     def tunnels(self) -> list[Tunnel]:
@@ -205,6 +215,7 @@ class Runtime:
             files = [path for part in owned for path in part.files]
             dirs = [path for part in owned for path in part.dirs]
             self._janitor = drop_privileges(self.plan.user, self.plan.group, files, dirs)
+        await self._workers.launch()  # after the drop: workers run as the user this became
         # Everything allocated so far (imports, config, listeners) lives as long as the process:
         # keep it out of the cyclic GC's full scans, which per-connection garbage triggers
         # (bench/RESULTS.md, design measurement D8).

@@ -271,6 +271,7 @@ class Plan:
     group: str | None = None
     drain_timeout: float = 10.0
     ssh_fast_path: bool = True
+    workers: int = 1  #: processes relaying the rules that can be shared (services/workers.py)
 
     @property
     def empty(self) -> bool:

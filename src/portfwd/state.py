@@ -17,10 +17,11 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from portfwd import merge
 from portfwd.status import (
     BackendRow,
     ClosedRow,
@@ -35,6 +36,7 @@ from portfwd.status import (
     Snapshot,
     TriggerRow,
     TunnelRow,
+    WorkerRow,
 )
 from portfwd.status import Listener as Listener  # re-exported: the runtime adds listeners here
 
@@ -197,7 +199,7 @@ class ServerSessionStats:
 class State:
     """Everything the runtime knows about its rules, listeners and sessions."""
 
-    def __init__(self) -> None:
+    def __init__(self, first_id: int = 1) -> None:
         self.rules: dict[str, RuleStats] = {}
         self.listeners: list[Listener] = []
         self.listening: list[ListeningSocket] = []  # every socket of the listeners, and the others
@@ -216,13 +218,24 @@ class State:
         self.instance = ""  # the instance's name (instances.py)
         self.kind = ""  # run, forward, ssh or server
         self.control = ""  # the control socket it serves
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(first_id)  # a worker's start apart: ids stay unique merged
+        self.pid = os.getpid()
+        #: With `workers`: each worker's last snapshot (refreshed before status is read) and
+        #: the workers themselves; `refresher` asks them (services/workers.py).
+        self.peers: list[Snapshot] = []
+        self.workers: list[WorkerRow] = []
+        self.refresher: Callable[[], Awaitable[None]] | None = None
         self._sampled = self._started_monotonic  # when `sample()` last ran
         self._server_closed: deque[Closed] = deque(maxlen=RECENT_CLOSED)  # all server clients'
         self._rates: dict[int, tuple[float, float]] = {}  # session id -> bytes/s up, down (if moving)
         self._closing: dict[int, str] = {}  # session id -> why the state asked its relay to close
         #: Called when the last live session closes (the runtime's drain waits on it).
         self.on_empty: Callable[[], None] | None = None
+
+    async def refresh(self) -> None:
+        """Bring the workers' snapshots up to date (status and /metrics call this first)."""
+        if self.refresher is not None:
+            await self.refresher()
 
     def rule(self, name: str) -> RuleStats:
         """The stats of a rule, created on first use."""
@@ -393,7 +406,7 @@ class State:
     def rule_rows(self) -> list[RuleRow]:
         """Rules with their counters; bytes include live sessions, so they grow mid-transfer."""
         totals = self.rule_bytes()
-        return [
+        own = [
             RuleRow(
                 name=rule.name,
                 listen=rule.listen,
@@ -417,6 +430,9 @@ class State:
             )
             for rule in list(self.rules.values())
         ]
+        if self.peers:
+            return merge.rules(own, [peer.rules for peer in self.peers])
+        return own
 
     def _backend_rows(self, rule: RuleStats) -> tuple[BackendRow, ...]:
         live: dict[int, tuple[int, int]] = {}
@@ -451,7 +467,7 @@ class State:
         """Live sessions: wall-clock start, age and idle seconds, bytes so far."""
         now = time.monotonic()
         wall_offset = self.started - self._started_monotonic
-        return [
+        rows = [
             SessionRow(
                 id=session.id,
                 rule=session.rule.name,
@@ -469,10 +485,14 @@ class State:
                 rate_up=rates[0],
                 rate_down=rates[1],
                 upstream_local=upstream_text(session.relay),
+                pid=self.pid,
             )
             for session in self.sessions.values()
             for rates in (self._rates.get(session.id, (0.0, 0.0)),)
         ]
+        for peer in self.peers:
+            rows.extend(peer.sessions)
+        return rows
 
     def closed_rows(self) -> list[ClosedRow]:
         """The recently closed sessions: per rule (config order), tunnel forward, then the
@@ -481,7 +501,7 @@ class State:
         kept = [stats.closed for stats in self._every_stats() if stats.closed]
         kept = [closed for closed in kept if closed is not self._server_closed]
         kept.append(self._server_closed)
-        return [
+        rows = [
             ClosedRow(
                 rule=session.rule.name,
                 client=session.client,
@@ -497,6 +517,10 @@ class State:
             for closed in kept
             for session, reason, ended in reversed(closed)
         ]
+        if self.peers:
+            rows.extend(row for peer in self.peers for row in peer.closed)
+            return merge.closed(rows, list(self.rules), RECENT_CLOSED)
+        return rows
 
     def tunnel_rows(self) -> list[TunnelRow]:
         """Tunnels with their forwards, byte totals including live sessions."""
@@ -585,6 +609,7 @@ class State:
             server_auth_failures=self.server_auth_failures,
             listening=tuple(self.listening),
             closed=tuple(self.closed_rows()),
+            workers=tuple(self.workers),
         )
 
     def snapshot(self) -> dict[str, Any]:

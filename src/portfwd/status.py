@@ -135,6 +135,8 @@ class SessionRow:
     #: The local address of portfwd's upstream socket (`127.0.0.1:41000`), "" where the relay
     #: does not tell it (only the splice relay does, so far).
     upstream_local: str = ""
+    #: The process relaying it (a worker's pid with `workers`; 0 in snapshots that predate it).
+    pid: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +263,19 @@ class MappingRow:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerRow:
+    """One worker process (`workers = N`): its number, pid, since when (wall-clock), how often
+    it was started again after it died, and how the last one ended (`killed by SIGKILL`)."""
+
+    index: int
+    pid: int
+    state: str
+    started: float
+    restarts: int
+    last_exit: str
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Everything one instance runs, at one moment: the header, then one tuple per part."""
 
@@ -284,6 +299,8 @@ class Snapshot:
     listening: tuple[ListeningSocket, ...] = ()
     #: Recently closed sessions: per rule (in config order), tunnel forward and server, newest first.
     closed: tuple[ClosedRow, ...] = ()
+    #: The worker processes beside this one (`workers = N`; empty with one process).
+    workers: tuple[WorkerRow, ...] = ()
     schema: int = field(default=SCHEMA)
 
     def to_json(self) -> dict[str, Any]:

@@ -163,7 +163,8 @@ async def peer(mode: str, where: Address, payload: bytes = b"") -> AsyncIterator
 @contextlib.asynccontextmanager
 async def running(data: dict[str, Any]) -> AsyncIterator[Runtime]:
     """Run a portfwd Runtime in this event loop for the body of the `async with`."""
-    data = {"drain_timeout": "1s", "control": {"enabled": False}, **data}
+    # One process: these tests read the runtime's own state (test_workers.py runs several).
+    data = {"drain_timeout": "1s", "control": {"enabled": False}, "workers": 1, **data}
     runtime = Runtime(planner.plan(config.validate(data)))
     await runtime.start()
     try:

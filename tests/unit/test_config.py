@@ -149,7 +149,7 @@ BAD = [
     ),
     (
         'colour = "blue"\n',
-        "colour: unknown key; remove it or use one of: user, group, drain_timeout, ssh_fast_path, forward, tunnel, server, gateway, map, metrics, control",
+        "colour: unknown key; remove it or use one of: user, group, drain_timeout, ssh_fast_path, workers, forward, tunnel, server, gateway, map, metrics, control",
     ),
     ('[gateway]\nwan = "eth0"\n', "gateway.lan: required key is missing; add it"),
     (
@@ -313,6 +313,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
 
 def test_typo_gets_a_suggestion(tmp_path: Path) -> None:
     assert problems(tmp_path, '[[forward]]\nlisten = "8080"\nconect = "h:1"\n') == [
+        "forward[0].connect: required key is missing; add it",
         "forward[0].conect: unknown key; did you mean connect?",
     ]
 

@@ -129,6 +129,22 @@ def check(config_file: str | None) -> None:
 @click.argument("specs", nargs=-1, required=True, metavar="SPEC...")
 @click.option("--allow", multiple=True, metavar="CIDR", help="Admit only these sources (repeatable).")
 @click.option("--deny", multiple=True, metavar="CIDR", help="Refuse these sources (repeatable).")
+@click.option(
+    "--proxy-protocol",
+    type=click.Choice(["v1", "v2"]),
+    help="Send the client's address first (PROXY header).",
+)
+@click.option("--accept-proxy-protocol", is_flag=True, help="Read a PROXY header from each client first...")
+@click.option(
+    "--trusted-proxy", "trusted_proxies", multiple=True, metavar="CIDR", help="...sent only by these."
+)
+@click.option("--max-connections", type=int, metavar="N", help="At most N sessions at once (TCP).")
+@click.option("--max-connections-per-source", type=int, metavar="N", help="At most N at once per client.")
+@click.option("--rate", metavar="RATE", help='New connections per client address, e.g. "20/s".')
+@click.option("--bandwidth", metavar="RATE", help='The rule\'s traffic, each way, e.g. "10Mbit".')
+@click.option("--bandwidth-per-connection", metavar="RATE", help="Each connection's, each way.")
+@click.option("--transparent", is_flag=True, help="Connect from the client's own address (IP_TRANSPARENT).")
+@click.option("--workers", metavar="N|auto", help="Relay in N processes (default: auto, one per core).")
 @strict_option
 @name_option
 @control_option
@@ -137,19 +153,21 @@ def forward(
     specs: tuple[str, ...],
     allow: tuple[str, ...],
     deny: tuple[str, ...],
+    workers: str | None,
     strict: bool,
     name: str | None,
     control_socket: str | None,
     verbose: int,
     quiet: bool,
     log_format: str,
+    **rule_options: Any,
 ) -> None:
     """Quick forwards, no config file: SPEC is [bind:]port:host:hostport[/udp|/tcp+udp]."""
     setup_logging(verbose, quiet, log_format)
     identity = instances.identify("forward", name=name, control=control_socket)
     from portfwd import forwardspec, planner
 
-    plan = planner.plan(forwardspec.rules_from_specs(specs, allow, deny))
+    plan = planner.plan(forwardspec.rules_from_specs(specs, allow, deny, rule_options, workers))
     from portfwd import runtime
 
     runtime.run(plan, strict=strict, identity=identity)

@@ -7,6 +7,7 @@ formats logs and failures identically. Only the standard library's small modules
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -147,6 +148,10 @@ def setup_logging(verbose: int, quiet: bool, log_format: str, log_file: str | No
     """-q: warnings only; -v: portfwd's debug lines; -vv: every library's too. `log_file` (ssh's
     -E): append there instead of stderr. Raises UsageError when it cannot be opened."""
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    # Worker processes (`workers = N`) log the same way: they read this from their environment.
+    os.environ["PORTFWD_LOG_SETUP"] = json.dumps(
+        {"verbose": verbose, "quiet": quiet, "format": log_format, "file": log_file}
+    )
     handler: logging.Handler
     if log_file is None:
         handler = logging.StreamHandler(sys.stderr)

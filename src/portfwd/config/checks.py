@@ -343,6 +343,7 @@ def validate(data: dict[str, Any], source: str = "config") -> Config:
         config = Config.model_validate(data)
     except ValidationError as exc:
         problems.extend(problem(error) for error in exc.errors(include_url=False))
+        _missing_targets(data, problems)
     if config is not None:
         problems.extend(_check_rules(config))
     if config is not None and not problems and not _declares_anything(config):
@@ -355,6 +356,41 @@ def validate(data: dict[str, Any], source: str = "config") -> Config:
         raise ConfigError(problems[0], problems=problems)
     assert config is not None  # for mypy: no problems means validation succeeded
     return config
+
+
+def _missing_targets(data: dict[str, Any], problems: list[str]) -> None:
+    """A rule (or route) with neither `connect` nor `backend` is told so even when other fields
+    failed first (the cross checks that say it otherwise run only on a valid config); the line
+    goes where pydantic would put a missing field's: after the rule's field problems, before
+    its unknown keys."""
+    rules = data.get("forward")
+    if not isinstance(rules, list):
+        return
+    for index, rule in enumerate(rules):
+        if not isinstance(rule, dict):
+            continue
+        missing = []
+        if "connect" not in rule and "backend" not in rule:
+            missing.append(f"forward[{index}].connect: required key is missing; add it")
+        routes = rule.get("route")
+        for number, route in enumerate(routes if isinstance(routes, list) else []):
+            if isinstance(route, dict) and "connect" not in route and "backend" not in route:
+                missing.append(f"forward[{index}].route[{number}].connect: required key is missing; add it")
+        if not missing:
+            continue
+        mine = [at for at, line in enumerate(problems) if line.startswith(f"forward[{index}].")]
+        unknown = [at for at in mine if ": unknown key;" in problems[at]]  # pydantic puts these last
+        later = [at for at, line in enumerate(problems) if _rule_index(line) > index]
+        at = unknown[0] if unknown else mine[-1] + 1 if mine else (later[0] if later else len(problems))
+        problems[at:at] = missing
+
+
+def _rule_index(line: str) -> int:
+    """The rule a problem line names (`forward[3].x: ...` is 3), or -1."""
+    if not line.startswith("forward["):
+        return -1
+    number = line[len("forward[") :].split("]", 1)[0]
+    return int(number) if number.isdigit() else -1
 
 
 def _declares_anything(config: Config) -> bool:

@@ -302,7 +302,14 @@ def _probe(value: Any) -> bytes:
         raise _fail("must be bytes written as text: characters up to \\u00ff only") from None
 
 
+def _workers(value: Any) -> int | str:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 64):
+        return value  # type: ignore[no-any-return]
+    raise _fail(f'{value!r} is not a number of processes; write "auto" (one per core) or 1 to 64')
+
+
 ListenEndpoint = Annotated[Endpoint, PlainValidator(_translating(parse_listen))]
+Workers = Annotated[int | str, PlainValidator(_workers)]
 Targets = Annotated[tuple[Endpoint, ...], PlainValidator(_targets)]
 Bandwidth = Annotated[float, PlainValidator(_bandwidth)]
 Probe = Annotated[bytes, PlainValidator(_probe)]

@@ -42,6 +42,7 @@ from portfwd.config.fields import (
     Targets,
     Url,
     WanPorts,
+    Workers,
 )
 from portfwd.tunnelspec import StartupsSpec, TunnelForward
 
@@ -306,6 +307,8 @@ class Config(_Model):
     group: str | None = Field(default=None, min_length=1)
     drain_timeout: Duration = 10.0
     ssh_fast_path: StrictBool = True
+    # Processes that relay the [[forward]] rules (SO_REUSEPORT listeners); "auto": one per core.
+    workers: Workers = "auto"
     forward: tuple[ForwardConfig, ...] = ()
     tunnel: tuple[TunnelConfig, ...] = ()
     server: ServerConfig | None = None

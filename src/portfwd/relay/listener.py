@@ -103,8 +103,13 @@ def bind_ip(
     backlog: int,
     dual_stack: bool,
     tcp_keepalive: bool = True,
+    reuseport: bool = False,
 ) -> socket.socket:
     """Open a non-blocking TCP (listening) or UDP socket on host:port.
+
+    With `reuseport`, the socket joins a SO_REUSEPORT group: the workers' copies of a listener
+    (`workers = N`) bind the same address, and the kernel spreads new clients over them
+    (`bind_group` makes such a group safely).
 
     `host == ""` binds every address: one IPv6 socket that also takes IPv4 where the kernel has
     IPv6, else 0.0.0.0. An explicit `::` stays IPv6-only unless `dual_stack`. With
@@ -128,6 +133,8 @@ def bind_ip(
         if family == socket.AF_INET6:
             v6only = 0 if (host == "" or dual_stack) else 1
             listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+        if reuseport:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         listener.bind((address, port))
         if kind == socket.SOCK_STREAM:
             listener.listen(backlog)
@@ -136,6 +143,47 @@ def bind_ip(
         listener.close()
         raise _bind_error(what, where, exc, port) from exc
     return listener
+
+
+def bind_group(
+    what: str,
+    host: str,
+    port: int,
+    kind: socket.SocketKind,
+    count: int,
+    *,
+    backlog: int,
+    dual_stack: bool,
+    tcp_keepalive: bool = True,
+) -> list[socket.socket]:
+    """`count` sockets on one address in a SO_REUSEPORT group (one per worker process).
+
+    A plain socket is bound first and closed: if the address is held by anyone (another
+    portfwd with workers included, whose group would otherwise take ours in), that bind fails
+    and the rule is refused as a single socket would be. Raises BindError; nothing stays open.
+    """
+    probe = bind_ip(what, host, port, kind, backlog=backlog, dual_stack=dual_stack, tcp_keepalive=False)
+    probe.close()
+    group: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            group.append(
+                bind_ip(
+                    what,
+                    host,
+                    port,
+                    kind,
+                    backlog=backlog,
+                    dual_stack=dual_stack,
+                    tcp_keepalive=tcp_keepalive,
+                    reuseport=True,
+                )
+            )
+    except BindError:
+        for sock in group:
+            sock.close()
+        raise
+    return group
 
 
 def bind_unix(what: str, path: str, *, backlog: int) -> socket.socket:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from portfwd.addr import UnixPath
+from portfwd.addr import HostPorts, UnixPath
 from portfwd.errors import BindError, PortfwdError
 from portfwd.logevents import event
 from portfwd.relay import transparent
@@ -23,7 +24,7 @@ from portfwd.relay.describe import relay_path, targets_text
 from portfwd.relay.forwarder import RelayPath, TcpForwarder
 from portfwd.relay.health import Checker
 from portfwd.relay.limits import Limits
-from portfwd.relay.listener import DescriptorListener, bind_ip, bind_unix
+from portfwd.relay.listener import DescriptorListener, bind_group, bind_ip, bind_unix
 from portfwd.relay.mmsg import Batch
 from portfwd.relay.poller import Poller
 from portfwd.relay.splice import PipePool, splice_available
@@ -42,12 +43,19 @@ class _RuleRun:
     tcp: list[tuple[DescriptorListener, TcpForwarder]]
     udp: list[UdpForwarder]
     checker: Checker | None = None
+    #: With workers: each worker's copies of the listeners (bind order), held open here so a
+    #: worker that dies loses none of the clients queued on them.
+    siblings: list[list[socket.socket]] | None = None
 
     def close_listeners(self) -> None:
         """Stop listening (and checking backends); a UDP forwarder also ends its flows (they
         have no listener of their own)."""
         if self.checker is not None:
             self.checker.stop()
+        for copies in self.siblings or ():
+            for sock in copies:
+                sock.close()
+        self.siblings = None
         for listener, _ in self.tcp:
             listener.close()
         for udp in self.udp:
@@ -61,15 +69,44 @@ def _accepting(listener: socket.socket, forwarder: TcpForwarder) -> DescriptorLi
     return accepting
 
 
+def shareable(rule: RuleSpec) -> bool:
+    """Whether every worker may relay a rule: an IP listener, and nothing counted across its
+    connections that must stay one count (connection limits, a rule-wide bandwidth). Other
+    rules are relayed by the main process alone."""
+    return not isinstance(rule.listen, UnixPath) and not (
+        rule.max_connections or rule.max_connections_per_source or rule.rate or rule.bandwidth
+    )
+
+
+#: A worker's sockets for a rule, handed over by the main process (bind order), or None.
+Given = Callable[[RuleSpec], list[socket.socket] | None]
+
+
 class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
-    """Runs the [[forward]] rules; a rule that cannot bind is reported and skipped."""
+    """Runs the [[forward]] rules; a rule that cannot bind is reported and skipped.
+
+    With `workers` > 1 (the main process), each shareable rule's listeners are bound as
+    SO_REUSEPORT groups, one socket per process: this process serves the first, and keeps the
+    others for the workers (`siblings`). In a worker, `given` hands over those sockets instead
+    of binding, and the lines the main process logs already are not repeated.
+    """
 
     name = "rules"
 
-    def __init__(self, rules: tuple[RuleSpec, ...], state: State, *, user: str | None = None) -> None:
+    def __init__(
+        self,
+        rules: tuple[RuleSpec, ...],
+        state: State,
+        *,
+        user: str | None = None,
+        workers: int = 1,
+        given: Given | None = None,
+    ) -> None:
         self.rules = rules
         self.state = state
         self.user = user  #: the user privileges drop to (a transparent rule's check asks)
+        self.workers = workers
+        self.given = given
         #: Whether splice(2) works here; decided at start, before the first rule binds.
         self.splice = False
         self._runs: dict[RuleSpec, _RuleRun] = {}
@@ -97,6 +134,13 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
     def udp_forwarders(self) -> list[UdpForwarder]:
         """The running rules' UDP forwarders (tests look at how they move datagrams)."""
         return [udp for run in self._runs.values() for udp in run.udp]
+
+    def shared(self, worker: int) -> list[tuple[RuleSpec, list[socket.socket]]]:
+        """What worker `worker` (1 to workers - 1) relays: each shareable rule with its copies
+        of the rule's listeners, in config order."""
+        return [
+            (rule, run.siblings[worker - 1]) for rule, run in self._runs.items() if run.siblings is not None
+        ]
 
     def owned(self) -> Owned:
         return Owned(files=[rule.listen.path for rule in self._runs if isinstance(rule.listen, UnixPath)])
@@ -126,11 +170,12 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
             self.state.listeners = [item for item in self.state.listeners if item.rule != rule.label]
             self.state.remove_listening([rule.label])
             self.state.rule(rule.label).running = False
-            log.info(
-                "%s: removed by reload; stopped listening, live sessions drain",
-                rule.label,
-                extra=event("rule.removed", rule=rule.label),
-            )
+            if self.given is None:  # a worker's main process says it
+                log.info(
+                    "%s: removed by reload; stopped listening, live sessions drain",
+                    rule.label,
+                    extra=event("rule.removed", rule=rule.label),
+                )
         return Change(removed=tuple(rule.label for rule in removed))
 
     async def apply(self, part: tuple[RuleSpec, ...]) -> Change:
@@ -211,6 +256,27 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
             else None
         )
         pool = self._pool(rule)
+        handed = self.given(rule) if self.given is not None else None
+        copies = self.workers - 1 if self.given is None and self.workers > 1 and shareable(rule) else 0
+        groups: list[list[socket.socket]] = []
+
+        def bind(port: int, kind: socket.SocketKind) -> socket.socket:
+            if handed is not None:
+                return handed.pop(0)
+            assert isinstance(listen, HostPorts)
+            stream = kind == socket.SOCK_STREAM
+            backlog, keep = (rule.backlog, rule.tcp_keepalive) if stream else (0, False)
+            if copies:
+                group = bind_group(
+                    what, listen.host, port, kind, copies + 1, backlog=backlog, dual_stack=rule.dual_stack,
+                    tcp_keepalive=keep,
+                )  # fmt: skip
+                groups.append(group[1:])
+                return group[0]
+            return bind_ip(
+                what, listen.host, port, kind, backlog=backlog, dual_stack=rule.dual_stack, tcp_keepalive=keep
+            )
+
         try:
             listen = rule.listen
             if isinstance(listen, UnixPath):
@@ -222,28 +288,21 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
             else:
                 for port in listen.ports.ports():
                     if rule.protocol.has_tcp:
-                        listener = bind_ip(
-                            what,
-                            listen.host,
-                            port,
-                            socket.SOCK_STREAM,
-                            backlog=rule.backlog,
-                            dual_stack=rule.dual_stack,
-                            tcp_keepalive=rule.tcp_keepalive,
-                        )
+                        listener = bind(port, socket.SOCK_STREAM)
                         forwarder = TcpForwarder(
                             rule, port, self.state, path, self._pipes, self._poller, limits, shaper, pool
                         )
                         run.tcp.append((_accepting(listener, forwarder), forwarder))
                     if rule.protocol.has_udp:
-                        udp_socket = bind_ip(
-                            what, listen.host, port, socket.SOCK_DGRAM, backlog=0, dual_stack=rule.dual_stack
-                        )
+                        udp_socket = bind(port, socket.SOCK_DGRAM)
                         batch = self._udp_batch() if rule.relay != "protocol" else None
                         run.udp.append(UdpForwarder(rule, port, udp_socket, self.state, batch, pool))
         except BindError:
+            run.siblings = [[sock for group in groups for sock in group]]
             run.close_listeners()
             raise
+        if copies:  # per worker: its socket of each group, in bind order
+            run.siblings = [[group[index] for group in groups] for index in range(copies)]
         for accepting, _ in run.tcp:
             accepting.start()
         for udp in run.udp:
@@ -299,6 +358,15 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         self.state.listeners.append(Listener(rule.label, listen, protocol, relay))
         self.state.add_listening(rule.label, path, [accepting.listener for accepting, _ in run.tcp])
         self.state.add_listening(rule.label, "udp", [udp.listener for udp in run.udp])
+        for copies in run.siblings or ():  # the workers' copies: this process holds them too
+            self.state.add_listening(
+                rule.label, path, [sock for sock in copies if sock.type == socket.SOCK_STREAM]
+            )
+            self.state.add_listening(
+                rule.label, "udp", [sock for sock in copies if sock.type == socket.SOCK_DGRAM]
+            )
+        if self.given is not None:
+            return  # a worker: the main process said it
         log.info(
             "%s: listening on %s/%s -> %s (%s)",
             rule.label,

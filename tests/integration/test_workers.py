@@ -1,0 +1,174 @@
+"""`workers = N`: the rules relayed by several processes that are one instance.
+
+portfwd runs as users run it (`portfwd run -c`), with `workers = 2`. The target is a sink that
+holds each connection until the client half-closes and answers with the sha256 of what came,
+so live sessions can be counted and every byte checked. Which process relays a session is its
+`pid` in `status --json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.peers import free_port
+from tests.integration.processes import READY, Proc, portfwd_argv, run_portfwd, started
+from tests.integration.test_status import Sink
+
+pytestmark = pytest.mark.integration
+
+
+def _status(control: Path) -> dict[str, Any]:
+    result = run_portfwd("status", "--json", "--control", str(control))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def _hold(port: int, count: int) -> list[tuple[socket.socket, bytes]]:
+    held = []
+    for _ in range(count):
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        data = os.urandom(500)
+        client.sendall(data)
+        held.append((client, data))
+    return held
+
+
+def _finish(held: list[tuple[socket.socket, bytes]]) -> None:
+    """Half-close each held client; the sink's sha256 of what it sent must come back."""
+    for client, data in held:
+        client.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := client.recv(100):
+            answer += chunk
+        client.close()
+        assert answer == hashlib.sha256(data).hexdigest().encode(), client
+
+
+def _wait(condition: Any, seconds: float, what: str) -> Any:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"not within {seconds}s: {what}")
+
+
+@contextlib.contextmanager
+def _instance(tmp_path: Path, sink: Sink, rules: str = "") -> Iterator[tuple[int, Path, Proc, Path, int]]:
+    port, control = free_port(), tmp_path / "ctl.sock"
+    config = tmp_path / "workers.toml"
+    metrics = free_port()
+    config.write_text(
+        f'workers = 2\n[control]\nsocket = "{control}"\n[metrics]\nlisten = "127.0.0.1:{metrics}"\n'
+        f'[[forward]]\nname = "web"\nlisten = "127.0.0.1:{port}"\nconnect = "127.0.0.1:{sink.port}"\n{rules}'
+    )
+    with started(portfwd_argv("run", "-c", str(config)), ready=READY) as proc:
+        _wait(lambda: _status(control)["workers"], 10, "the worker runs")
+        yield port, control, proc, config, metrics
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    server = Sink().start()
+    server.listener.listen(512)  # 40 clients at once: the sink's accept queue of 16 would overflow
+    yield server
+    server.close()
+
+
+def test_clients_are_spread_over_the_workers_and_status_counts_them_all(tmp_path: Path, sink: Sink) -> None:
+    with _instance(tmp_path, sink) as (port, control, proc, _, metrics_port):
+        held = _hold(port, 40)
+        status = _wait(lambda: (s := _status(control)) and len(s["sessions"]) == 40 and s, 10, "40 sessions")
+        pids = {session["pid"] for session in status["sessions"]}
+        worker = status["workers"][0]["pid"]
+        assert pids == {proc.pid, worker}  # both processes relay
+        assert status["rules"][0]["connections_active"] == 40
+        assert len({session["id"] for session in status["sessions"]}) == 40
+        # ss lists the group: two listening sockets on the port, held by the main process
+        ss = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True)
+        assert len(ss.stdout.splitlines()) == 2
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            metrics = response.read().decode()
+        assert 'portfwd_connections_active{rule="web"} 40.0' in metrics
+        _finish(held)
+        status = _wait(lambda: (s := _status(control)) and not s["sessions"] and s, 10, "all closed")
+        assert status["rules"][0]["connections_total"] == 40
+        assert len([row for row in status["closed"] if row["rule"] == "web"]) == 20  # the newest 20
+    assert proc.popen.returncode == 0
+    assert "Traceback" not in "\n".join(proc.lines)
+
+
+def test_a_killed_worker_is_started_again_and_nothing_else_stops(tmp_path: Path, sink: Sink) -> None:
+    with _instance(tmp_path, sink) as (port, control, proc, _, _):
+        before = _status(control)["workers"][0]
+        held = _hold(port, 10)  # some of them in the main process: they must live on
+        _wait(lambda: len(_status(control)["sessions"]) == 10, 10, "10 sessions")
+        mine = [s for s in _status(control)["sessions"] if s["pid"] == proc.pid]
+        os.kill(before["pid"], signal.SIGKILL)
+        proc.wait_for(f"worker 1 (pid {before['pid']}) killed by SIGKILL")
+        proc.wait_for("worker 1 started again")
+        after = _wait(
+            lambda: (
+                (w := _status(control)["workers"][0])
+                and w["state"] == "running"
+                and w["pid"] != before["pid"]
+                and w
+            ),
+            10,
+            "a new worker",
+        )
+        assert after["restarts"] == 1
+        assert after["last_exit"] == "killed by SIGKILL"
+        # The main process's sessions were not touched; new clients are served by both again.
+        survivors = [
+            (client, data)
+            for client, data in held
+            if client.getsockname()[1] in {int(s["client"].rsplit(":", 1)[1]) for s in mine}
+        ]
+        _finish(survivors)
+        more = _hold(port, 30)
+        status = _wait(
+            lambda: (s := _status(control)) and len(s["sessions"]) == 30 and s, 10, "30 new sessions"
+        )
+        assert {session["pid"] for session in status["sessions"]} == {proc.pid, after["pid"]}
+        _finish(more)
+        for client, _ in held:
+            client.close()
+
+
+def test_reload_hands_new_rules_to_the_workers_and_counted_rules_stay_in_one_process(
+    tmp_path: Path, sink: Sink
+) -> None:
+    with _instance(tmp_path, sink) as (_, control, proc, config, _):
+        other, limited = free_port(), free_port()
+        config.write_text(
+            config.read_text()
+            + f'[[forward]]\nname = "api"\nlisten = "127.0.0.1:{other}"\nconnect = "127.0.0.1:{sink.port}"\n'
+            + f'[[forward]]\nname = "lim"\nlisten = "127.0.0.1:{limited}"\nconnect = "127.0.0.1:{sink.port}"\n'
+            + "max_connections = 100\n"
+        )
+        reload = run_portfwd("reload", "--control", str(control))
+        assert reload.returncode == 0, reload.stderr
+        held = _hold(other, 30) + _hold(limited, 20)
+        status = _wait(lambda: (s := _status(control)) and len(s["sessions"]) == 50 and s, 10, "50 sessions")
+        worker = status["workers"][0]["pid"]
+        by_rule: dict[str, set[int]] = {}
+        for session in status["sessions"]:
+            by_rule.setdefault(session["rule"], set()).add(session["pid"])
+        assert by_rule == {"api": {proc.pid, worker}, "lim": {proc.pid}}
+        _finish(held)
