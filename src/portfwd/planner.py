@@ -64,7 +64,9 @@ def workers(wanted: int | str) -> int:
     """`workers = "auto"`: one per core on Linux (SO_REUSEPORT spreads clients there), else one."""
     if isinstance(wanted, int):
         return wanted
-    return max(1, min(64, os.cpu_count() or 1)) if sys.platform == "linux" else 1
+    if sys.platform != "linux":
+        return 1
+    return max(1, min(64, len(os.sched_getaffinity(0))))  # the cores it may use, not the host's
 
 
 def load(path: Path) -> Plan:

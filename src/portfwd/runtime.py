@@ -341,6 +341,7 @@ class Runtime:
         if self._stop.is_set():
             self._stopping = True  # second signal: skip the drain
             log.warning("second signal: closing all sessions now", extra=event("drain.skipped"))
+            self._workers.abort()
             if self._drained is not None:
                 self._drained.set()
         self._stop.set()
@@ -351,15 +352,21 @@ class Runtime:
         await self._stop.wait()
 
     async def _drain(self) -> None:
-        """Wait for live sessions to end, up to drain_timeout (a second signal ends the wait)."""
-        if not self.state.sessions or self._stopping:
+        """Wait for live sessions to end, up to drain_timeout (a second signal ends the wait).
+        The workers drain theirs meanwhile (the line counts them too); stop waits for them."""
+        if self._stopping:
+            return
+        total = len(self.state.sessions) + (await self._workers.sessions() if self._workers.running else 0)
+        if not total:
             return
         log.info(
             "draining %d session(s) for up to %gs",
-            len(self.state.sessions),
+            total,
             self.plan.drain_timeout,
-            extra=event("drain", sessions=len(self.state.sessions), timeout_s=self.plan.drain_timeout),
+            extra=event("drain", sessions=total, timeout_s=self.plan.drain_timeout),
         )
+        if not self.state.sessions:
+            return
         drained = asyncio.Event()
         self._drained = drained
         self.state.on_empty = drained.set

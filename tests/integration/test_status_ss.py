@@ -36,22 +36,23 @@ def status(config: Path) -> dict:  # type: ignore[type-arg]
     return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 
-def ss(pid: int, flags: str) -> set[tuple[str, str, str]]:
-    """(state, local address, peer address) of every socket `ss -H{flags}p` shows for `pid`."""
+def ss(pid: int, flags: str) -> list[tuple[str, str, str]]:
+    """(state, local address, peer address) of every socket `ss -H{flags}p` shows for `pid`,
+    one row a socket (with workers, a listener's group has one socket a process)."""
     ss_binary = need_binary("ss", "iproute2")
     listing = subprocess.run(
         [ss_binary, f"-H{flags}p"], capture_output=True, text=True, timeout=10, check=True
     ).stdout
-    found = set()
+    found = []
     for line in listing.splitlines():
         if f"pid={pid}," not in line:
             continue
         fields = line.split()
         if "x" in flags:  # [u_str] LISTEN 0 128 PATH INODE * 0 users:...
             state = "LISTEN" if "LISTEN" in fields else fields[0]
-            found.add((state, next(item for item in fields if item.startswith("/")), ""))
+            found.append((state, next(item for item in fields if item.startswith("/")), ""))
         else:  # LISTEN/UNCONN/ESTAB 0 128 LOCAL PEER users:...
-            found.add((fields[0], fields[3], fields[4]))
+            found.append((fields[0], fields[3], fields[4]))
     return found
 
 
@@ -193,7 +194,7 @@ def test_rates_move_while_bytes_flow_and_the_upstream_socket_is_the_kernels(
             sender = threading.Thread(target=send_all, args=(port, data, answer))
             sender.start()
             rates: list[tuple[float, float, int]] = []
-            table, links, session = "", set(), {}
+            table, links, session = "", [], {}
             deadline = time.monotonic() + 30
             while sender.is_alive() and time.monotonic() < deadline:
                 snapshot = status(config)

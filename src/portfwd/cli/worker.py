@@ -1,15 +1,19 @@
 """A worker process (`workers = N`): relays the rules the main process hands it, on its sockets.
 
 Started by the main process (services/workers.py) as `python -m portfwd.cli.worker ORDERS
-ANSWERS INDEX`, after the main process dropped its privileges. It binds nothing: every
+ANSWERS INDEX VERSION DRAIN`, after the main process dropped its privileges. A worker of
+another version than its main process (portfwd upgraded underneath a running instance) exits
+at once with WRONG_VERSION: it would not read the main process's orders right. It binds nothing: every
 listening socket comes over the ORDERS link (workerwire.py). It logs like the main process (the
 settings come in PORTFWD_LOG_SETUP) to the same stderr, and answers status questions with a
 snapshot of its own, which the main process folds into the instance's.
 
 Signals: SIGINT and SIGHUP are the main process's to act on (a terminal's Ctrl-C reaches the
-whole process group); SIGTERM (systemd stops the whole unit) stops accepting and drains, as the
-main process does. When the main process goes away, the worker stops too (PR_SET_PDEATHSIG and
-the end of the link), so no worker outlives its instance.
+whole process group); SIGTERM (systemd stops the whole unit) stops accepting and drains for
+the instance's `drain_timeout`, as the main process does; a `stop` order with no drain (the
+second signal to the main process) closes what is left at once. When the main process goes
+away, the worker stops too (PR_SET_PDEATHSIG and the end of the link), so no worker outlives
+its instance.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class Worker:
         self.rules = RuleSet((), self.state, given=self._given)
         self.writer: asyncio.StreamWriter | None = None
         self.done = asyncio.Event()
+        self.aborted = asyncio.Event()
         self.drain = 0.0
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
@@ -92,6 +97,11 @@ class Worker:
             self.queue.put_nowait(order)
 
     def stop(self, drain: float) -> None:
+        """Stop accepting and drain for `drain` seconds; a second stop with none ends the drain."""
+        if self.done.is_set():
+            if drain <= 0:
+                self.aborted.set()
+            return
         self.drain = drain
         self.done.set()
 
@@ -121,14 +131,14 @@ class Worker:
                 self.stop(float(order.get("drain", 0.0)))
 
 
-async def serve(orders_fd: int, answers_fd: int, index: int) -> None:
+async def serve(orders_fd: int, answers_fd: int, index: int, drain: float) -> None:
     orders = socket.socket(fileno=orders_fd)
     orders.setblocking(False)
     answers = socket.socket(fileno=answers_fd)
     worker = Worker(orders, answers, index)
     loop = asyncio.get_running_loop()
     _, worker.writer = await asyncio.open_unix_connection(sock=answers)
-    loop.add_signal_handler(signal.SIGTERM, worker.stop, -1.0)
+    loop.add_signal_handler(signal.SIGTERM, worker.stop, drain)
     async with asyncio.TaskGroup() as tasks:
         await worker.rules.start()
         sampler = Sampler(worker.state, tasks)
@@ -136,17 +146,13 @@ async def serve(orders_fd: int, answers_fd: int, index: int) -> None:
         loop.add_reader(orders.fileno(), worker.on_orders)
         following = tasks.create_task(worker.follow())
         await worker.done.wait()
-        loop.remove_reader(orders.fileno())
         await worker.rules.stop_accepting()
-        drain = worker.drain
-        if drain < 0:  # SIGTERM: the drain the main process was configured with is not known here
-            drain = 10.0
-        if worker.state.sessions and drain > 0:
-            drained = asyncio.Event()
-            worker.state.on_empty = drained.set
+        if worker.state.sessions and worker.drain > 0 and not worker.aborted.is_set():
+            worker.state.on_empty = worker.aborted.set  # drained: the same end as an abort
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(drain):
-                    await drained.wait()
+                async with asyncio.timeout(worker.drain):
+                    await worker.aborted.wait()
+        loop.remove_reader(orders.fileno())
         following.cancel()
         await sampler.stop()
         await worker.rules.stop()
@@ -158,7 +164,19 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    orders_fd, answers_fd, index = (int(item) for item in argv)
+    from portfwd import __version__
+    from portfwd.services.workers import WRONG_VERSION
+
+    orders_text, answers_text, index_text, version, drain_text = argv
+    if version != __version__:
+        print(f"portfwd worker: this is portfwd {__version__}, the instance runs {version}", file=sys.stderr)
+        return WRONG_VERSION
+    orders_fd, answers_fd, index, drain = (
+        int(orders_text),
+        int(answers_text),
+        int(index_text),
+        float(drain_text),
+    )
     from portfwd.cli.console import setup_logging
 
     settings = json.loads(os.environ.get("PORTFWD_LOG_SETUP", "{}") or "{}")
@@ -171,7 +189,7 @@ def main(argv: list[str]) -> int:
     try:
         import uvloop
 
-        uvloop.run(serve(orders_fd, answers_fd, index))
+        uvloop.run(serve(orders_fd, answers_fd, index, drain))
     except Exception:  # the worker's boundary: say why, and let the main process start another
         log.exception("worker %d failed", index)
         return 1

@@ -101,6 +101,14 @@ def header(
     return SIGNATURE_V2 + bytes((_PROXY, family)) + struct.pack("!H", len(body)) + body
 
 
+def local_header(version: int) -> bytes:
+    """The header of a connection the proxy makes for itself (a health check): v2 LOCAL, v1
+    UNKNOWN; the receiver keeps the connection's own addresses."""
+    if version == 1:
+        return b"PROXY UNKNOWN\r\n"
+    return SIGNATURE_V2 + bytes((_LOCAL, _UNSPEC)) + b"\x00\x00"
+
+
 class Reader:
     """Reads one PROXY header (v1 or v2) from the start of a connection's bytes.
 

@@ -39,6 +39,9 @@ from portfwd.state import RuleStats, Session, State
 log = logging.getLogger(__name__)
 
 RelayPath = Literal["splice", "protocol"]
+#: Connect failures that say nothing of the backend's health (this host's descriptors, a
+#: transparent client of the other address family): never a passive health failure.
+_NOT_THE_BACKENDS = frozenset({"resources", "transparent"})
 Target = tuple[str, int] | str
 
 
@@ -205,6 +208,10 @@ class TcpForwarder:
             else []
         )
         self._hash = pool is not None and pool.balance == "source-hash"
+        #: Each backend's share of connect_timeout: up to three are tried within it (haproxy's
+        #: per-attempt `timeout connect` with `retries`), so a host that drops SYNs does not
+        #: take all the time the next one needs.
+        self._attempt = rule.connect_timeout / min(3, len(pool.backends)) if pool is not None else 0.0
         self._transparent = rule.transparent
         self._pending: set[_Pending] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -319,7 +326,10 @@ class TcpForwarder:
             backend = pool.pick(source, pending.began, (), preferred)
             assert backend is not None  # a pool has a backend; none was tried yet
             pending.backend = backend
+            backend.stats.active += 1  # a connect under way counts (least-connections)
             target = self._backend_targets[backend.index]
+            self._connect(pending, target, held, self._attempt)
+            return
         self._connect(pending, target, held, self.rule.connect_timeout)
 
     def _connect(self, pending: _Pending, target: Target, held: list[Connect] | None, timeout: float) -> None:
@@ -374,13 +384,16 @@ class TcpForwarder:
             return
         pending.task = None
         if pending in self._pending:
-            pending.connect = Connect(
+            attempt = pending.tried
+            connect = Connect(
                 addresses,
                 max(0.001, seconds - (time.monotonic() - began)),
                 pending.done,
                 tcp_keepalive=self.rule.tcp_keepalive,
                 source=pending.origin,
             )
+            if pending.tried is attempt:  # else it failed at once and the next backend's began
+                pending.connect = connect
 
     def connected(
         self, pending: _Pending, upstream: socket.socket | None, error: UpstreamError | None
@@ -413,14 +426,15 @@ class TcpForwarder:
                 "upstream: the PROXY header did not go out",
             )
             self._release(pending)
+            if backend is not None:
+                backend.stats.active -= 1
             upstream.close()
             os.close(client)
             return
         self.stats.observe_connect(time.monotonic() - pending.began)
         session = self.state.open_session(self.stats, pending.client_text, pending.target_text, self.path)
         if backend is not None:
-            stats = session.backend = backend.stats
-            stats.active += 1
+            stats = session.backend = backend.stats  # `active` was counted at the pick
             stats.total += 1
         if self.limits is not None:
             self._limited[session.id] = pending.source
@@ -469,10 +483,14 @@ class TcpForwarder:
             pool.connected(backend)
             return False
         assert error is not None
-        now = time.monotonic()
-        pool.failed(backend, now, error.message)
+        backend.stats.active -= 1  # counted at the pick (least-connections sees connects under way)
+        if error.reason not in _NOT_THE_BACKENDS:
+            now = time.monotonic()
+            pool.failed(backend, now, error.message)
+        else:
+            now = time.monotonic()
         left = self.rule.connect_timeout - (now - pending.began)
-        if left <= 0 or pending not in self._pending or error.reason == "resources":
+        if left <= 0 or pending not in self._pending or error.reason in _NOT_THE_BACKENDS:
             return False
         pending.tried += (backend,)
         following = pool.pick(pending.source, now, pending.tried, pending.preferred)
@@ -487,8 +505,9 @@ class TcpForwarder:
             following.spec.name,
         )
         pending.backend = following
+        following.stats.active += 1
         pending.connect = None
-        self._connect(pending, self._backend_targets[following.index], None, left)
+        self._connect(pending, self._backend_targets[following.index], None, min(left, self._attempt))
         return True
 
     def relay_closed(self, session: Session, reason: str) -> None:

@@ -16,6 +16,7 @@ import time
 
 from portfwd.addr import Endpoint, HostPorts
 from portfwd.errors import UpstreamError
+from portfwd.proto.proxy import local_header
 from portfwd.relay.balance import Backend, Pool
 from portfwd.relay.forwarder import Target, resolve_target
 from portfwd.relay.upstream import describe_error, resolve
@@ -27,9 +28,12 @@ EXPECT_LIMIT = 64 * 1024
 class Checker:
     """Probes every backend of one pool until stopped."""
 
-    def __init__(self, pool: Pool, listen: Endpoint, datagram: bool) -> None:
+    def __init__(self, pool: Pool, listen: Endpoint, datagram: bool, proxy_protocol: int = 0) -> None:
         self.pool = pool
         self.datagram = datagram
+        #: With proxy_protocol, each TCP check begins with a LOCAL header (v2) or UNKNOWN (v1),
+        #: as the PROXY protocol has them for a proxy's own connections (haproxy's check-send-proxy).
+        self.local_header = local_header(proxy_protocol) if proxy_protocol and not datagram else b""
         first = listen.ports.first if isinstance(listen, HostPorts) else None
         #: What each backend's check reaches: its target for the rule's first listening port.
         self.targets: list[Target] = [
@@ -54,7 +58,10 @@ class Checker:
         await asyncio.sleep(delay)
         while True:
             began = time.monotonic()
-            ok, result = await self.probe(backend)
+            try:
+                ok, result = await self.probe(backend)
+            except Exception as exc:  # noqa: BLE001 - a check's boundary: it fails, checking goes on
+                ok, result = False, f"check failed: {type(exc).__name__}"
             self.pool.checked(backend, ok, result)
             await asyncio.sleep(max(0.0, health.interval - (time.monotonic() - began)))
 
@@ -87,6 +94,8 @@ class Checker:
             family, sockaddr = (await resolve(target[0], target[1], socket.SOCK_STREAM))[0]
             reader, writer = await asyncio.open_connection(sockaddr[0], sockaddr[1], family=family)
         try:
+            if self.local_header:  # the backend wants a PROXY header first: a health check's
+                writer.write(self.local_header)
             if health.send:
                 writer.write(health.send)
                 await writer.drain()

@@ -163,7 +163,10 @@ class UdpForwarder:
         self._proxied = rule.proxy_protocol == 2
         if self._proxied:
             batch = None
-        self._own = listener.getsockname()[:2]  # the address a PROXY header names as reached
+        own = listener.getsockname()[:2]  # the address a PROXY header names as reached...
+        #: ...the wildcard (no IP_PKTINFO here) as the unspecified address of the client's family
+        self._own = own
+        self._wildcard = own[0] in ("0.0.0.0", "::")
         self.port = port
         self.listener = listener
         self.listener_fd = listener.fileno()
@@ -347,7 +350,13 @@ class UdpForwarder:
             target = resolve_target(self.rule.listen, backend.spec.connect, self.port)
         assert not isinstance(target, str)
         session = self.state.open_session(self.stats, client_text, format_target(target), "udp")
-        flow_header = header(2, (peer[0], peer[1]), self._own, datagram=True) if self._proxied else b""
+        flow_header = b""
+        if self._proxied:
+            own = self._own
+            if self._wildcard:
+                v4 = "." in peer[0]  # an IPv4 client, plain or IPv4-mapped
+                own = ("0.0.0.0" if v4 else "::", own[1])
+            flow_header = header(2, (peer[0], peer[1]), own, datagram=True)
         if backend is not None:
             stats = session.backend = backend.stats
             stats.active += 1

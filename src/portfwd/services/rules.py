@@ -12,7 +12,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from portfwd.addr import HostPorts, UnixPath
 from portfwd.errors import BindError, PortfwdError
@@ -46,10 +46,22 @@ class _RuleRun:
     #: With workers: each worker's copies of the listeners (bind order), held open here so a
     #: worker that dies loses none of the clients queued on them.
     siblings: list[list[socket.socket]] | None = None
+    #: Per worker that is down: this process serving its copies meanwhile.
+    adopted: dict[int, list[DescriptorListener | UdpForwarder]] = field(default_factory=dict)
+
+    def release(self, worker: int) -> None:
+        """Stop serving worker `worker`'s copies (it serves them again); they stay open."""
+        for item in self.adopted.pop(worker, []):
+            if isinstance(item, UdpForwarder):
+                item.close("worker back")
+            else:
+                item.close()
 
     def close_listeners(self) -> None:
         """Stop listening (and checking backends); a UDP forwarder also ends its flows (they
         have no listener of their own)."""
+        for worker in list(self.adopted):
+            self.release(worker)
         if self.checker is not None:
             self.checker.stop()
         for copies in self.siblings or ():
@@ -135,6 +147,36 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         """The running rules' UDP forwarders (tests look at how they move datagrams)."""
         return [udp for run in self._runs.values() for udp in run.udp]
 
+    def adopt(self, worker: int) -> None:
+        """Serve worker `worker`'s copies of every shared listener here, while it is down: the
+        kernel keeps giving that copy its share of new clients, who must not wait for it. The
+        copies are served through duplicates, so releasing them leaves the originals open."""
+        for rule, run in self._runs.items():
+            if run.siblings is None or worker in run.adopted:
+                continue
+            serving: list[DescriptorListener | UdpForwarder] = []
+            streams = iter(run.tcp)
+            datagrams = iter(run.udp)
+            for sock in run.siblings[worker - 1]:
+                copy = sock.dup()
+                copy.setblocking(False)
+                if sock.type == socket.SOCK_STREAM:
+                    _, forwarder = next(streams)
+                    accepting = DescriptorListener(copy, forwarder.serve, forwarder.label)
+                    accepting.start()
+                    serving.append(accepting)
+                else:
+                    mine = next(datagrams)
+                    udp = UdpForwarder(rule, mine.port, copy, self.state, mine.batch, mine.pool)
+                    udp.start()
+                    serving.append(udp)
+            run.adopted[worker] = serving
+
+    def release(self, worker: int) -> None:
+        """Worker `worker` serves its copies again."""
+        for run in self._runs.values():
+            run.release(worker)
+
     def shared(self, worker: int) -> list[tuple[RuleSpec, list[socket.socket]]]:
         """What worker `worker` (1 to workers - 1) relays: each shareable rule with its copies
         of the rule's listeners, in config order."""
@@ -156,7 +198,7 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         """Warn, once per start or reload, about what transparent rules lack on this host (the
         capability, the policy routing); `portfwd check` says the same."""
         wanted = [rule for rule in rules if rule.transparent and rule in self._runs]
-        if not wanted:
+        if not wanted or self.given is not None:  # a worker: the main process said it
             return
         for line in await asyncio.to_thread(transparent.problems, wanted, user=self.user):
             log.warning("%s", line, extra=event("rule.problem", reason=line))
@@ -308,7 +350,9 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         for udp in run.udp:
             udp.start()
         if pool is not None and rule.health.interval:
-            run.checker = Checker(pool, rule.listen, datagram=not rule.protocol.has_tcp)
+            run.checker = Checker(
+                pool, rule.listen, datagram=not rule.protocol.has_tcp, proxy_protocol=rule.proxy_protocol
+            )
             run.checker.start()
         self._announce(rule, path, run)
         return run
@@ -324,9 +368,12 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
             for backend in rule.backends
         ]
         label = rule.label
+        quiet = self.given is not None
 
         def changed(backend: Backend, up: bool, why: str) -> None:
             name = backend.spec.name
+            if quiet:  # a worker: the main process checks the same backends and says it
+                return
             if up:
                 log.info(
                     "%s: backend %s is up (%s)",

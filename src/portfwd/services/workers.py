@@ -10,8 +10,11 @@ portfwd.cli.worker`, links in workerwire.py). The kernel spreads new clients ove
   Reload is the main process's too: it tells each worker which rules it now relays, handing
   over the sockets of new ones; a worker keeps its live sessions of kept rules.
 - A worker that dies is logged and started again (with a growing pause if it dies at once
-  again); the main process still holds its sockets, so the clients queued on them wait for
-  the new worker instead of being lost. Nothing else stops.
+  again). Until the new one has its rules, the main process serves the dead one's sockets
+  itself (`RuleSet.adopt`): the kernel keeps giving them their share of new clients, and
+  nobody is left waiting. A worker that cannot start (its interpreter out of reach of the
+  user privileges dropped to, a different portfwd installed since) is not retried in a loop
+  forever: its share stays with the main process, and one line says why.
 - Shutdown: each worker stops accepting and drains for `drain_timeout`, as the main process
   does, and is waited for; one that will not end is killed.
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
@@ -30,6 +34,7 @@ import sys
 import time
 from typing import Any
 
+from portfwd import __version__, merge
 from portfwd.errors import PortfwdError
 from portfwd.logevents import event
 from portfwd.services.base import Change, Reloadable
@@ -43,9 +48,13 @@ log = logging.getLogger(__name__)
 
 #: How long a status question waits for a worker's answer.
 ANSWER_TIMEOUT = 2.0
+#: How long a worker may take to start and take its rules.
+HAND_OVER_TIMEOUT = 15.0
 #: Restart pauses of a worker that keeps dying at once: 0.1 s doubling to 10 s; a worker that
 #: ran for RESTART_RESET seconds starts the count again.
 RESTART_MIN, RESTART_MAX, RESTART_RESET = 0.1, 10.0, 30.0
+#: The exit code of a worker that is not the main process's version (cli/worker.py).
+WRONG_VERSION = 3
 
 
 class _Worker:
@@ -58,23 +67,25 @@ class _Worker:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.has: dict[RuleSpec, int] = {}  # the rules it was handed, with their ids
+        self.ready = False  # it took its rules (else the main process serves its sockets)
         self.started = 0.0
         self.restarts = 0
         self.last_exit = ""
         self.pause = RESTART_MIN
         self.answers: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.listen_task: asyncio.Task[None] | None = None
+        self.last: Snapshot | None = None  # its last answer, for a status it is late for
 
     @property
     def pid(self) -> int:
         return self.process.pid if self.process is not None else 0
 
     def row(self) -> WorkerRow:
-        running = self.process is not None and self.process.returncode is None
+        running = self.process is not None and self.process.returncode is None and self.ready
         return WorkerRow(
             index=self.index,
             pid=self.pid,
-            state="running" if running else "restarting",
+            state="running" if running else "down",
             started=self.started,
             restarts=self.restarts,
             last_exit=self.last_exit,
@@ -96,10 +107,16 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
         self._question = 0
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._departed: list[Snapshot] = []  # what workers that ended had counted
 
     @property
     def active(self) -> bool:
         return False  # the rules are what runs; workers only share them
+
+    @property
+    def running(self) -> bool:
+        """Whether any worker was started."""
+        return bool(self._workers)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> list[PortfwdError]:
@@ -107,15 +124,32 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
 
     async def launch(self) -> None:
         """Start the workers, if any rule can be shared (called once everything is bound and
-        privileges are dropped: the workers run as the user the main process became)."""
-        if self.count <= 1 or not self.rules.shared(1):
+        privileges are dropped: the workers run as the user the main process became). Until a
+        worker has its rules, this process serves its sockets."""
+        if self.count <= 1 or not self.rules.shared(1) or self._workers:
             return
         self.state.refresher = self.refresh
-        for index in range(1, self.count):
-            worker = _Worker(index)
-            self._workers.append(worker)
-            await self._spawn(worker)
+        self._workers = [_Worker(index) for index in range(1, self.count)]
+        for worker in self._workers:
+            self.rules.adopt(worker.index)
+        await asyncio.gather(*(self._start(worker) for worker in self._workers))
         self._rows()
+
+    async def _start(self, worker: _Worker) -> bool:
+        """Start `worker` and hand it its rules; False (logged) when it could not be started."""
+        try:
+            await self._spawn(worker)
+        except OSError as exc:
+            worker.last_exit = f"cannot start: {(exc.strerror or str(exc)).lower()}"
+            log.error(
+                "worker %d %s (%s); this process serves its share",
+                worker.index,
+                worker.last_exit,
+                sys.executable,
+                extra=event("worker.failed", worker=worker.index, reason=worker.last_exit),
+            )
+            return False
+        return True
 
     async def _spawn(self, worker: _Worker) -> None:
         (orders, orders_child), (answers, answers_child) = pairs()
@@ -128,14 +162,21 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
                 str(fds[0]),
                 str(fds[1]),
                 str(worker.index),
+                __version__,
+                repr(self.drain_timeout),
                 pass_fds=fds,
                 stdin=asyncio.subprocess.DEVNULL,
             )
+        except BaseException:
+            orders.close()
+            answers.close()
+            raise
         finally:
             orders_child.close()
             answers_child.close()
         worker.started = time.time()
-        orders.settimeout(5.0)  # orders are small and the worker reads them at once
+        worker.ready = False
+        orders.setblocking(False)  # a worker that stops reading is not waited for (see _order)
         worker.orders = orders
         worker.reader, worker.writer = await asyncio.open_unix_connection(sock=answers)
         worker.has = {}
@@ -143,40 +184,75 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
         watch = asyncio.get_running_loop().create_task(self._watch(worker, worker.process))
         self._tasks.add(watch)
         watch.add_done_callback(self._tasks.discard)
+        if self._stopping:
+            self._order(worker, {"op": "stop", "drain": 0.0})
+            return
         await self._hand_over(worker)
 
+    def _order(self, worker: _Worker, order: dict[str, Any], fds: list[int] | None = None) -> bool:
+        """Send an order; a worker whose link is full (it stopped reading) is killed, to be
+        started again: False then."""
+        if worker.orders is None:
+            return False
+        try:
+            send_order(worker.orders, order, fds)
+        except OSError as exc:
+            log.warning("worker %d does not take orders (%s); stopping it", worker.index, exc)
+            self._kill(worker)
+            return False
+        return True
+
+    def _kill(self, worker: _Worker) -> None:
+        if worker.process is not None and worker.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.kill()
+
     async def _hand_over(self, worker: _Worker) -> None:
-        """Tell `worker` which rules it relays now, handing over the sockets of those it has not."""
-        shared = self.rules.shared(worker.index)
+        """Tell `worker` which rules it relays now, handing over the sockets of those it has
+        not; once it has them, this process stops serving its sockets for it."""
         if worker.orders is None:
             return
+        shared = self.rules.shared(worker.index)
+        for rule, copies in shared:
+            if rule in worker.has:
+                continue
+            ident = self._ids.setdefault(rule, len(self._ids) + 1)
+            if not self._order(
+                worker, {"op": "add", "id": ident, "rule": rule}, [s.fileno() for s in copies]
+            ):
+                return
+            worker.has[rule] = ident
+        wanted = {rule for rule, _ in shared}
+        worker.has = {rule: ident for rule, ident in worker.has.items() if rule in wanted}
         try:
-            for rule, copies in shared:
-                if rule in worker.has:
-                    continue
-                ident = self._ids.setdefault(rule, len(self._ids) + 1)
-                send_order(
-                    worker.orders, {"op": "add", "id": ident, "rule": rule}, [s.fileno() for s in copies]
-                )
-                worker.has[rule] = ident
-            wanted = {rule for rule, _ in shared}
-            worker.has = {rule: ident for rule, ident in worker.has.items() if rule in wanted}
-            await self._ask(worker, {"op": "apply", "ids": list(worker.has.values())}, 10.0)
-        except (OSError, TimeoutError, EOFError, asyncio.IncompleteReadError) as exc:
-            log.warning("worker %d: could not hand over its rules: %s", worker.index, exc)
+            answer = await self._ask(
+                worker, {"op": "apply", "ids": list(worker.has.values())}, HAND_OVER_TIMEOUT
+            )
+        except (TimeoutError, EOFError, OSError) as exc:
+            log.warning(
+                "worker %d did not take its rules (%s); stopping it", worker.index, exc or "no answer"
+            )
+            self._kill(worker)
+            return
+        for line in answer.get("failures", []):
+            log.error("worker %d: %s", worker.index, line)
+        if not worker.ready:
+            worker.ready = True
+            self.rules.release(worker.index)
+        self._rows()
 
     async def _ask(self, worker: _Worker, order: dict[str, Any], seconds: float) -> dict[str, Any]:
-        assert worker.orders is not None
         self._question += 1
-        order = {**order, "id": self._question}
+        ident = self._question
         answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        worker.answers[self._question] = answer
+        worker.answers[ident] = answer
         try:
-            send_order(worker.orders, order)
+            if not self._order(worker, {**order, "id": ident}):
+                raise EOFError("the worker is gone")
             async with asyncio.timeout(seconds):
                 return await answer
         finally:
-            worker.answers.pop(order["id"], None)
+            worker.answers.pop(ident, None)
 
     async def _listen(self, worker: _Worker) -> None:
         """Route the worker's answers to the questions waiting for them, until it goes."""
@@ -189,13 +265,28 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
                     waiting.set_result(answer)
 
     async def _watch(self, worker: _Worker, process: asyncio.subprocess.Process) -> None:
-        """Wait for the worker to end; unless shutting down, log it and start another."""
+        """Wait for the worker to end; unless shutting down, serve its share here, log it, and
+        start another (not one of another version: that would fail the same way)."""
         code = await process.wait()
         self._close_links(worker)
         if self._stopping:
             return
-        worker.last_exit = _exit_text(code)
+        self.rules.adopt(worker.index)
+        worker.ready = False
+        self._depart(worker)
         ran = time.time() - worker.started
+        if code == WRONG_VERSION:
+            worker.last_exit = "not started again: the portfwd installed is not the one running"
+            log.error(
+                "worker %d (pid %d) %s; restart portfwd to run the new one on every core",
+                worker.index,
+                process.pid,
+                worker.last_exit,
+                extra=event("worker.failed", worker=worker.index, reason=worker.last_exit),
+            )
+            self._rows()
+            return
+        worker.last_exit = _exit_text(code)
         worker.pause = RESTART_MIN if ran > RESTART_RESET else min(RESTART_MAX, worker.pause * 2)
         log.warning(
             "worker %d (pid %d) %s after %.1fs; starting it again in %gs",
@@ -213,18 +304,46 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
             ),
         )
         self._rows()
-        await asyncio.sleep(worker.pause)
-        if self._stopping:
+        while not self._stopping:
+            await asyncio.sleep(worker.pause)
+            if self._stopping:
+                return
+            worker.restarts += 1
+            if await self._start(worker):
+                log.info(
+                    "worker %d started again (pid %d)",
+                    worker.index,
+                    worker.pid,
+                    extra=event("worker.started", worker=worker.index, pid=worker.pid),
+                )
+                self._rows()
+                return
+            worker.pause = min(RESTART_MAX, worker.pause * 2)
+
+    def _depart(self, worker: _Worker) -> None:
+        """Keep what a worker that ended had counted (its totals; nothing live), so the
+        instance's counters never go back."""
+        last, worker.last = worker.last, None
+        if last is None:
             return
-        worker.restarts += 1
-        await self._spawn(worker)
-        log.info(
-            "worker %d started again (pid %d)",
-            worker.index,
-            worker.pid,
-            extra=event("worker.started", worker=worker.index, pid=worker.pid),
+        rules = tuple(
+            dataclasses.replace(
+                row,
+                connections_active=0,
+                udp_flows_active=0,
+                rate_up=0.0,
+                rate_down=0.0,
+                backends=tuple(dataclasses.replace(b, sessions_active=0) for b in row.backends),
+            )
+            for row in last.rules
         )
-        self._rows()
+        self._departed.append(dataclasses.replace(last, rules=rules, sessions=(), workers=()))
+        if len(self._departed) > 1:  # folded into one: a crash loop must not grow this
+            merged = merge.rules(self._departed[0].rules, [item.rules for item in self._departed[1:]])
+            closed = [row for item in self._departed for row in item.closed]
+            self._departed = [
+                dataclasses.replace(self._departed[0], rules=tuple(merged), closed=tuple(closed[-200:]))
+            ]
 
     def _close_links(self, worker: _Worker) -> None:
         if worker.listen_task is not None:
@@ -244,25 +363,24 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
     # ------------------------------------------------------------------ one instance
     async def refresh(self) -> None:
         """Ask every running worker for its snapshot (at once, each for up to ANSWER_TIMEOUT);
-        a worker that does not answer is left out of this picture."""
+        a worker late to answer is shown as it last answered."""
         self._rows()
-        live = [worker for worker in self._workers if worker.orders is not None]
+        live = [worker for worker in self._workers if worker.orders is not None and worker.ready]
         answers = await asyncio.gather(
             *(self._ask(worker, {"op": "status"}, ANSWER_TIMEOUT) for worker in live), return_exceptions=True
         )
-        peers = []
-        for answer in answers:
+        for worker, answer in zip(live, answers, strict=True):
             if isinstance(answer, dict):
                 with contextlib.suppress(StatusError):
-                    peers.append(Snapshot.from_json(answer.get("status")))
-        self.state.peers = peers
+                    worker.last = Snapshot.from_json(answer.get("status"))
+        peers = [worker.last for worker in live if worker.last is not None]
+        self.state.peers = [*peers, *self._departed]
 
     # ------------------------------------------------------------------ reload
     async def retire(self, part: tuple[RuleSpec, ...]) -> Change:
         """The rule set retired what the new plan dropped: the workers let go of it too, before
         anything binds its ports again."""
-        for worker in self._workers:
-            await self._hand_over(worker)
+        await asyncio.gather(*(self._hand_over(worker) for worker in self._workers if worker.ready))
         return Change()
 
     async def apply(self, part: tuple[RuleSpec, ...]) -> Change:
@@ -270,7 +388,9 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
             await self.launch()  # the first shareable rule came with this reload
             return Change()
         for worker in self._workers:
-            await self._hand_over(worker)
+            if not worker.ready:
+                self.rules.adopt(worker.index)  # new rules too, while it is down
+        await asyncio.gather(*(self._hand_over(worker) for worker in self._workers if worker.ready))
         return Change()
 
     # ------------------------------------------------------------------ stop
@@ -278,9 +398,12 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
         """Every worker stops accepting and drains its sessions (each on its own clock)."""
         self._stopping = True
         for worker in self._workers:
-            if worker.orders is not None:
-                with contextlib.suppress(OSError):
-                    send_order(worker.orders, {"op": "stop", "drain": self.drain_timeout})
+            self._order(worker, {"op": "stop", "drain": self.drain_timeout})
+
+    def abort(self) -> None:
+        """A second signal: the workers close their sessions now, as the main process does."""
+        for worker in self._workers:
+            self._order(worker, {"op": "stop", "drain": 0.0})
 
     async def stop(self) -> None:
         """Wait for the workers to end (each drains for drain_timeout since stop_accepting, then
@@ -302,6 +425,11 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
             self._close_links(worker)
         self.state.refresher = None
         self.state.peers = []
+
+    async def sessions(self) -> int:
+        """Live sessions in the workers (for the drain's line)."""
+        await self.refresh()
+        return sum(len(peer.sessions) for peer in self.state.peers)
 
 
 def _exit_text(code: int) -> str:
