@@ -201,7 +201,7 @@ def test_rates_move_while_bytes_flow_and_the_upstream_socket_is_the_kernels(
                 if snapshot["sessions"] and snapshot["sessions"][0]["rate_up"] > 0:
                     session, rule = snapshot["sessions"][0], snapshot["rules"][0]
                     rates.append((session["rate_up"], rule["rate_up"], session["bytes_up"]))
-                    links = ss(proc.pid, "tn")
+                    links = ss(session["pid"] or proc.pid, "tn")  # the process relaying it (workers)
                     table = run_portfwd("status", "-c", str(config)).stdout
                     break
                 time.sleep(0.1)  # polling for a condition, bounded by the deadline
