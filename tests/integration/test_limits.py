@@ -116,3 +116,73 @@ def test_per_source_and_rate_limits_count_each_client_address_apart(tmp_path: Pa
         sink.close()
     assert outcomes == [True, True, True, False, False]
     assert errors == {"max_connections_per_source": 1, "rate": 2}
+
+
+async def test_udp_flows_are_limited_like_connections() -> None:
+    """UDP: a flow is a connection to the limits; a refused one's datagrams are dropped and
+    counted, and the flow limit has room again once a flow goes idle."""
+    import asyncio
+
+    from tests.integration.peers import running, wait_until
+
+    loop = asyncio.get_running_loop()
+    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind(("127.0.0.1", 0))
+    echo.setblocking(False)
+
+    def answer() -> None:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                data, peer = echo.recvfrom(100)
+                echo.sendto(data, peer)
+
+    loop.add_reader(echo.fileno(), answer)
+    port = free_port(socket.SOCK_DGRAM)
+    rule = {
+        "listen": f"127.0.0.1:{port}",
+        "connect": f"127.0.0.1:{echo.getsockname()[1]}",
+        "protocol": "udp",
+        "max_connections": 2,
+        "rate": "2/m",
+        "udp_idle_timeout": "300ms",
+    }
+
+    async def ask(client: socket.socket) -> bytes | None:
+        await loop.sock_sendall(client, b"ping")
+        try:
+            async with asyncio.timeout(0.3):
+                return await loop.sock_recv(client, 100)
+        except TimeoutError:
+            return None
+
+    def client(source: str) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((source, 0))
+        sock.setblocking(False)
+        sock.connect(("127.0.0.1", port))
+        return sock
+
+    try:
+        async with running({"forward": [rule]}) as runtime:
+            first, second, third = client("127.0.0.2"), client("127.0.0.3"), client("127.0.0.4")
+            assert await ask(first) == b"ping"
+            assert await ask(second) == b"ping"
+            assert await ask(third) is None  # a third flow at once: over max_connections
+            stats = runtime.state.rules[rule_name(rule)]
+            assert stats.errors["max_connections"] >= 1
+            await wait_until(lambda: stats.udp_flows_active == 0, 3, "the flows go idle")
+            assert await ask(third) == b"ping"  # room again
+            await wait_until(lambda: stats.udp_flows_active == 0, 3, "idle again")
+            again = [client("127.0.0.2") for _ in range(2)]  # 127.0.0.2's second and third flows
+            assert await ask(again[0]) == b"ping"
+            assert await ask(again[1]) is None  # over 2 a minute from one address
+            assert stats.errors["rate"] >= 1
+            for sock in (first, second, third, *again):
+                sock.close()
+    finally:
+        loop.remove_reader(echo.fileno())
+        echo.close()
+
+
+def rule_name(rule: dict[str, object]) -> str:
+    return f"{rule['listen']}/udp"

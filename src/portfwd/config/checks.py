@@ -57,11 +57,6 @@ def _check_rules(config: Config) -> list[str]:
             )
             if value
         ]
-        if limits and not rule.protocol.has_tcp:
-            problems.append(
-                f"{field}.{limits[0]}: max_connections, max_connections_per_source and rate "
-                "count TCP connections; for UDP use udp_max_flows"
-            )
         per_source = [name for name in limits if name != "max_connections"]
         if per_source and isinstance(rule.listen, UnixPath):
             problems.append(

@@ -122,6 +122,16 @@ def format_target(target: Target) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def limit_text(rule: RuleSpec, refused: str) -> str:
+    """The limit that refused a client, as the config sets it (for the log line)."""
+    if refused == "max_connections":
+        return f"max_connections = {rule.max_connections}"
+    if refused == "max_connections_per_source":
+        return f"max_connections_per_source = {rule.max_connections_per_source}"
+    count, seconds = rule.rate or (0, 0.0)
+    return f"rate = {count} per {seconds:g}s"
+
+
 class _Pending:
     """A client waiting for its upstream connection."""
 
@@ -355,13 +365,7 @@ class TcpForwarder:
             pending.task = asyncio.get_running_loop().create_task(self._resolve(pending, target, timeout))
 
     def _limit_of(self, refused: str) -> str:
-        rule = self.rule
-        if refused == "max_connections":
-            return f"max_connections = {rule.max_connections}"
-        if refused == "max_connections_per_source":
-            return f"max_connections_per_source = {rule.max_connections_per_source}"
-        count, seconds = rule.rate or (0, 0.0)
-        return f"rate = {count} per {seconds:g}s"
+        return limit_text(self.rule, refused)
 
     def _release(self, pending: _Pending) -> None:
         if self.limits is not None:

@@ -30,9 +30,10 @@ from portfwd.logevents import event
 from portfwd.proto.proxy import header
 from portfwd.relay import libc
 from portfwd.relay.balance import Pool
-from portfwd.relay.forwarder import compile_policy, format_peer, format_target, resolve_target
+from portfwd.relay.forwarder import compile_policy, format_peer, format_target, limit_text, resolve_target
+from portfwd.relay.limits import Limits
 from portfwd.relay.mmsg import NAME_SIZE, Batch
-from portfwd.relay.sessionlog import log_closed, log_denied, log_opened
+from portfwd.relay.sessionlog import log_closed, log_denied, log_opened, log_refused
 from portfwd.relay.upstream import resolve
 from portfwd.specs import RuleSpec
 from portfwd.state import RuleStats, Session, State
@@ -51,8 +52,8 @@ class _Flow:
     """One client's association: its upstream socket and activity clock."""
 
     __slots__ = (
-        "client", "forwarder", "header", "key", "name", "pending", "seen", "session", "upstream",
-        "upstream_fd",
+        "client", "forwarder", "header", "key", "name", "pending", "seen", "session", "source",
+        "upstream", "upstream_fd",
     )  # fmt: skip
 
     def __init__(self, forwarder: UdpForwarder, client: Any, key: Any, session: Session) -> None:
@@ -67,6 +68,7 @@ class _Flow:
         self.pending: list[bytes] | None = []
         self.seen = forwarder.tick
         self.header = b""  #: a PROXY v2 header each datagram upstream begins with (proxy_protocol)
+        self.source: str | None = None  #: the client address its rule's Limits counted it under
 
     def attach(self, upstream: socket.socket) -> None:
         self.upstream = upstream
@@ -155,8 +157,11 @@ class UdpForwarder:
         state: State,
         batch: Batch | None = None,
         pool: Pool | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.rule = rule
+        #: The rule's connection limits, counting flows (shared with its TCP side, if any).
+        self.limits = limits
         #: The rule's backends (None: one target); a flow stays with the backend it was given.
         self.pool = pool
         #: proxy_protocol = "v2": each flow's datagrams carry its PROXY header (no batched path).
@@ -331,7 +336,19 @@ class UdpForwarder:
                     routed = True
                 else:
                     preferred = route.backend
+        source: str | None = None
+        if self.limits is not None:
+            source = str(client_ip(peer[0]))
+            refused = self.limits.admit(source)
+            if refused is not None:
+                self.stats.count_error(refused, datagrams)
+                if client_text not in self._denied_logged:  # once per client, not per datagram
+                    self._denied_logged.add(client_text)
+                    log_refused(self.label, client_text, refused, limit_text(self.rule, refused))
+                return None
         if len(self.flows) >= self.rule.udp_max_flows:
+            if self.limits is not None:
+                self.limits.done(source)
             self.stats.count_error("udp_flow_limit", datagrams)
             if not self._full_logged:
                 self._full_logged = True
@@ -363,6 +380,7 @@ class UdpForwarder:
             stats.total += 1
         flow = _Flow(self, peer, key, session)
         flow.header = flow_header
+        flow.source = source
         self.flows[key] = flow
         self.stats.udp_flows_active += 1
         log_opened(self.label, session)
@@ -404,6 +422,8 @@ class UdpForwarder:
         if self.flows.pop(flow.key, None) is None:
             return
         flow.close()
+        if self.limits is not None:
+            self.limits.done(flow.source)
         self.stats.udp_flows_active -= 1
         log_closed(self.label, flow.session, reason)
         self.state.close_session(flow.session, reason)

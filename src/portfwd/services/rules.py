@@ -338,7 +338,7 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
                     if rule.protocol.has_udp:
                         udp_socket = bind(port, socket.SOCK_DGRAM)
                         batch = self._udp_batch() if rule.relay != "protocol" else None
-                        run.udp.append(UdpForwarder(rule, port, udp_socket, self.state, batch, pool))
+                        run.udp.append(UdpForwarder(rule, port, udp_socket, self.state, batch, pool, limits))
         except BindError:
             run.siblings = [[sock for group in groups for sock in group]]
             run.close_listeners()
