@@ -41,12 +41,22 @@ TICK = os.sysconf("SC_CLK_TCK")
 LOCAL = "127.0.0.1"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        tcp.bind((LOCAL, 0))
-        port = tcp.getsockname()[1]
-        udp.bind((LOCAL, port))  # free for both, since iperf3 -u needs TCP and UDP on one port
-        return int(port)
+    """A port free for TCP and UDP, never one this run handed out before (the kernel may give
+    the same free port to two binds in a row)."""
+    for _ in range(100):
+        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            tcp.bind((LOCAL, 0))
+            port = int(tcp.getsockname()[1])
+            if port in _HANDED_OUT:
+                continue
+            udp.bind((LOCAL, port))  # free for both, since iperf3 -u needs TCP and UDP on one port
+            _HANDED_OUT.add(port)
+            return port
+    raise SystemExit("bench: no free port after 100 tries")
 
 
 def wait_tcp(port: int, timeout: float = 10.0) -> None:

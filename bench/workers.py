@@ -25,7 +25,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--seconds", type=int, default=4)
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     forwarders: list[base.Forwarder] = []
@@ -49,7 +49,7 @@ def main() -> int:
             ports = {name: base.free_port() for name in upstream}
             haproxy = tmp / "haproxy.cfg"
             haproxy.write_text(
-                f"global\n  maxconn 8000\n  nbthread {cores}\ndefaults\n  mode tcp\n  option splice-auto\n"
+                f"global\n  maxconn 4000\n  nbthread {cores}\ndefaults\n  mode tcp\n  option splice-auto\n"
                 "  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n"
                 + "".join(
                     f"frontend f_{name}\n  bind {base.LOCAL}:{ports[name]}\n  default_backend b_{name}\n"
@@ -63,8 +63,8 @@ def main() -> int:
                 )
             )
             for forwarder in forwarders:
-                for port in forwarder.ports.values():
-                    base.wait_tcp(port)
+                base.wait_tcp(forwarder.ports["http"])
+                base.wait_listening(forwarder.ports["iperf"])  # a probe of iperf3's port would be its client
             conn = base.rounds(forwarders, args.rounds, lambda f: base.wrk_conn_rate(f, args.seconds))
             bulk = base.rounds(forwarders, args.rounds, lambda f: base.iperf_tcp(f, 4, args.seconds))
         finally:
