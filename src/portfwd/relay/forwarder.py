@@ -68,9 +68,27 @@ def proxy_header(version: int, client: int, peer: Any) -> bytes:
     return header(version, (str(peer[0]), int(peer[1])), (str(local[0]), int(local[1])))
 
 
+#: The most of a client's first bytes that go in one send with the PROXY header.
+FIRST_BYTES = 4096
+
+
+def first_bytes(client: int) -> bytes:
+    """What the client sent while its upstream connected (up to FIRST_BYTES; b"" if nothing
+    yet), to go in one segment with the PROXY header: a client that speaks first (HTTP, TLS)
+    has usually sent its request by then, and a header of its own would cost a send and a TCP
+    segment more (bench/RESULTS.md, D20). A backend that speaks first gets the header alone,
+    at once: nothing waits for the client. An end of stream read here is read again by the
+    relay (it stays); a reset read here ends the session as a close."""
+    try:
+        return os.read(client, FIRST_BYTES)
+    except OSError:  # BlockingIOError: nothing yet
+        return b""
+
+
 def send_header(upstream: socket.socket, data: bytes) -> bool:
-    """Send the PROXY header on a just-connected upstream. Its send buffer is empty, so the
-    whole header goes in one call; False (the session is given up) if the kernel took less."""
+    """Send the PROXY header (and the client's first bytes) on a just-connected upstream. Its
+    send buffer is empty and far larger than this, so it goes in one call; False (the session
+    is given up) if the kernel took less."""
     try:
         return upstream.send(data) == len(data)
     except OSError:
@@ -421,7 +439,10 @@ class TcpForwarder:
             )
             os.close(client)
             return
-        if pending.header and not send_header(upstream, pending.header):
+        first = b""
+        if pending.header:
+            first = first_bytes(client)
+        if pending.header and not send_header(upstream, pending.header + first):
             self.stats.count_error("proxy_protocol")
             log_failed(
                 self.label,
@@ -437,6 +458,7 @@ class TcpForwarder:
             return
         self.stats.observe_connect(time.monotonic() - pending.began)
         session = self.state.open_session(self.stats, pending.client_text, pending.target_text, self.path)
+        session.bytes_up = len(first)  # what went with the PROXY header
         if backend is not None:
             stats = session.backend = backend.stats  # `active` was counted at the pick
             stats.total += 1
