@@ -172,3 +172,31 @@ def test_reload_hands_new_rules_to_the_workers_and_counted_rules_stay_in_one_pro
             by_rule.setdefault(session["rule"], set()).add(session["pid"])
         assert by_rule == {"api": {proc.pid, worker}, "lim": {proc.pid}}
         _finish(held)
+
+
+def test_workers_follow_the_main_process_health_checks(tmp_path: Path, sink: Sink) -> None:
+    """Only the main process checks the backends; a worker takes its verdicts, so no process
+    tries a backend the checks hold down (passive checks are off: a failed try would count)."""
+    dead = free_port()
+    pool = (
+        f'[[forward]]\nname = "pool"\nlisten = "127.0.0.1:{{port}}"\n'
+        f'connect = ["127.0.0.1:{sink.port}", "127.0.0.1:{dead}"]\n'
+        '[forward.health]\ninterval = "0.2s"\ntimeout = "0.1s"\nfall = 1\nrise = 1\npassive_fall = 0\n'
+    )
+    port = free_port()
+    with _instance(tmp_path, sink, pool.replace("{port}", str(port))) as (_, control, proc, _, _):
+
+        def backends() -> list[dict[str, Any]]:
+            rules = {rule["name"]: rule for rule in _status(control)["rules"]}
+            return rules["pool"]["backends"]  # type: ignore[no-any-return]
+
+        _wait(lambda: backends()[1]["state"] == "down", 10, "the dead backend is down")
+        before = backends()[1]["failures"]
+        held = _hold(port, 30)
+        status = _wait(lambda: (s := _status(control)) and len(s["sessions"]) == 30 and s, 10, "30 sessions")
+        assert {session["pid"] for session in status["sessions"]} == {proc.pid, status["workers"][0]["pid"]}
+        assert backends()[1]["failures"] == before  # nobody tried it
+        assert backends()[0]["sessions_active"] == 30
+        _finish(held)
+    checks = [line for line in proc.lines if "backend 127.0.0.1:" in line and " is down" in line]
+    assert len(checks) == 1, checks  # said once, by the main process

@@ -130,6 +130,10 @@ class Worker:
                 await self.answer(
                     {"id": order["id"], "failures": [failure.line() for failure in change.failures]}
                 )
+            elif op == "health":
+                rule = self.known.get(order["rule"])
+                if rule is not None:
+                    self.rules.impose(rule, int(order["backend"]), bool(order["up"]))
             elif op == "status":
                 await self.answer({"id": order["id"], "status": self.state.status().to_json()})
             elif op == "stop":

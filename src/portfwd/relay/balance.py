@@ -201,6 +201,16 @@ class Pool:
         `passive_until`; the pool makes its own, a test may make one by hand)."""
         self._healthy = all(item.checked_up and not item.passive_until for item in self.backends)
 
+    def impose(self, index: int, up: bool) -> None:
+        """Take another process's active-check verdict on backend `index` (a worker follows the
+        main process's checks instead of making its own)."""
+        backend = self.backends[index]
+        if backend.checked_up == up:
+            return
+        backend.checked_up = up
+        self.refresh()
+        self._set(backend, up, "checked by the main process")
+
     def _set(self, backend: Backend, up: bool, why: str) -> None:
         stats = backend.stats
         if stats.up == up:

@@ -123,10 +123,8 @@ class _PacedSide(_Side):
             twin._unblock(_NO_PEER)
 
     def data_received(self, data: bytes) -> None:
-        if self.upward:
-            self.relay.session.bytes_up += len(data)
-        else:
-            self.relay.session.bytes_down += len(data)
+        # Bytes count when they are written on (`_count`): a slow limit holds a read for
+        # longer than idle_timeout, and a session whose bytes still move is not idle.
         held = self.held
         # More while bytes are held only comes from a read already under way when reading paused.
         self.held = bytes(held) + data if held else data
@@ -201,6 +199,7 @@ class _PacedSide(_Side):
                 self.due = size
                 self.timer = loop.call_later(delay, self._reserved_due)
                 return held
+            self._count(size)
             if size == len(held):
                 transport.write(held)
                 return b""
@@ -212,6 +211,12 @@ class _PacedSide(_Side):
                 return held
         return held
 
+    def _count(self, size: int) -> None:
+        if self.upward:
+            self.relay.session.bytes_up += size
+        else:
+            self.relay.session.bytes_down += size
+
     def _reserved_due(self) -> None:
         """The timer: the reserved slice may go; then on to the next."""
         self.timer = None
@@ -222,6 +227,7 @@ class _PacedSide(_Side):
             return
         held, size = self.held, self.due
         self.due = 0
+        self._count(size)
         if size == len(held):
             transport.write(held)
             self.held = b""

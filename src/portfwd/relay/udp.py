@@ -428,6 +428,12 @@ class UdpForwarder:
         log_closed(self.label, flow.session, reason)
         self.state.close_session(flow.session, reason)
 
+    def close_flows_to(self, backend: object, reason: str) -> None:
+        """End the flows pinned to a backend that went down: their next datagram starts a flow
+        to a backend that is up (a steady client would otherwise never leave it)."""
+        for flow in [flow for flow in self.flows.values() if flow.session.backend is backend]:
+            self._close_flow(flow, reason)
+
     def close(self, reason: str = "shutdown") -> None:
         """Stop reading, close every flow and the listening socket."""
         if self._sweeper is not None:

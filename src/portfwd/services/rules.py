@@ -43,6 +43,7 @@ class _RuleRun:
     tcp: list[tuple[DescriptorListener, TcpForwarder]]
     udp: list[UdpForwarder]
     checker: Checker | None = None
+    pool: Pool | None = None
     #: With workers: each worker's copies of the listeners (bind order), held open here so a
     #: worker that dies loses none of the clients queued on them.
     siblings: list[list[socket.socket]] | None = None
@@ -119,6 +120,8 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         self.user = user  #: the user privileges drop to (a transparent rule's check asks)
         self.workers = workers
         self.given = given
+        #: Told of each backend's active-check verdict as it changes (the workers follow it).
+        self.health_changed: Callable[[RuleSpec, int, bool], None] | None = None
         #: Whether splice(2) works here; decided at start, before the first rule binds.
         self.splice = False
         self._runs: dict[RuleSpec, _RuleRun] = {}
@@ -176,6 +179,20 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         """Worker `worker` serves its copies again."""
         for run in self._runs.values():
             run.release(worker)
+
+    def verdicts(self, rule: RuleSpec) -> list[tuple[int, bool]]:
+        """A rule's backends that its active checks hold down: (index, False) each."""
+        run = self._runs.get(rule)
+        pool = run.pool if run is not None else None
+        return [
+            (backend.index, False) for backend in (pool.backends if pool else ()) if not backend.checked_up
+        ]
+
+    def impose(self, rule: RuleSpec, index: int, up: bool) -> None:
+        """A worker: take the main process's verdict on a backend of `rule`."""
+        run = self._runs.get(rule)
+        if run is not None and run.pool is not None and index < len(run.pool.backends):
+            run.pool.impose(index, up)
 
     def shared(self, worker: int) -> list[tuple[RuleSpec, list[socket.socket]]]:
         """What worker `worker` (1 to workers - 1) relays: each shareable rule with its copies
@@ -343,13 +360,14 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
             run.siblings = [[sock for group in groups for sock in group]]
             run.close_listeners()
             raise
+        run.pool = pool
         if copies:  # per worker: its socket of each group, in bind order
             run.siblings = [[group[index] for group in groups] for index in range(copies)]
         for accepting, _ in run.tcp:
             accepting.start()
         for udp in run.udp:
             udp.start()
-        if pool is not None and rule.health.interval:
+        if pool is not None and rule.health.interval and self.given is None:  # workers are told
             run.checker = Checker(
                 pool, rule.listen, datagram=not rule.protocol.has_tcp, proxy_protocol=rule.proxy_protocol
             )
@@ -372,8 +390,14 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
 
         def changed(backend: Backend, up: bool, why: str) -> None:
             name = backend.spec.name
+            run = self._runs.get(rule)
+            if not up and run is not None:
+                for udp in run.udp:
+                    udp.close_flows_to(backend.stats, "backend down")
             if quiet:  # a worker: the main process checks the same backends and says it
                 return
+            if self.health_changed is not None:
+                self.health_changed(rule, backend.index, backend.checked_up)
             if up:
                 log.info(
                     "%s: backend %s is up (%s)",

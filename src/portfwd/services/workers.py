@@ -108,6 +108,7 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._departed: list[Snapshot] = []  # what workers that ended had counted
+        rules.health_changed = self._health  # the workers follow the main process's checks
 
     @property
     def active(self) -> bool:
@@ -202,6 +203,13 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
             return False
         return True
 
+    def _health(self, rule: RuleSpec, index: int, up: bool) -> None:
+        """A backend's active checks changed their verdict: every worker follows it."""
+        for worker in self._workers:
+            ident = worker.has.get(rule)
+            if ident is not None and worker.ready:
+                self._order(worker, {"op": "health", "rule": ident, "backend": index, "up": up})
+
     def _kill(self, worker: _Worker) -> None:
         if worker.process is not None and worker.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -236,6 +244,9 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
             return
         for line in answer.get("failures", []):
             log.error("worker %d: %s", worker.index, line)
+        for rule, ident in worker.has.items():  # the backends the checks hold down, as of now
+            for index, up in self.rules.verdicts(rule):
+                self._order(worker, {"op": "health", "rule": ident, "backend": index, "up": up})
         if not worker.ready:
             worker.ready = True
             self.rules.release(worker.index)
