@@ -186,3 +186,53 @@ async def test_udp_flows_are_limited_like_connections() -> None:
 
 def rule_name(rule: dict[str, object]) -> str:
     return f"{rule['listen']}/udp"
+
+
+async def test_udp_per_source_limit_frees_its_count_on_a_balanced_rule() -> None:
+    """A flow's end gives its address's count back, on a rule with several backends too (the
+    balancer's own use of the address must not replace the one the limits counted)."""
+    import asyncio
+
+    from tests.integration.peers import running, wait_until
+
+    loop = asyncio.get_running_loop()
+    echoes = []
+    for _ in range(2):
+        echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        echo.bind(("127.0.0.1", 0))
+        echo.setblocking(False)
+
+        def answer(sock: socket.socket = echo) -> None:
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    data, peer = sock.recvfrom(100)
+                    sock.sendto(data, peer)
+
+        loop.add_reader(echo.fileno(), answer)
+        echoes.append(echo)
+    port = free_port(socket.SOCK_DGRAM)
+    rule = {
+        "listen": f"127.0.0.1:{port}",
+        "connect": [f"127.0.0.1:{echo.getsockname()[1]}" for echo in echoes],
+        "protocol": "udp",
+        "max_connections_per_source": 1,
+        "udp_idle_timeout": "200ms",
+    }
+    try:
+        async with running({"forward": [rule]}) as runtime:
+            stats = runtime.state.rules[rule_name(rule)]
+            for round_ in range(3):  # one flow at a time from one address, three times over
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.bind(("127.0.0.2", 0))
+                sock.setblocking(False)
+                sock.connect(("127.0.0.1", port))
+                await loop.sock_sendall(sock, b"ping")
+                async with asyncio.timeout(3):
+                    assert await loop.sock_recv(sock, 100) == b"ping", round_
+                sock.close()
+                await wait_until(lambda: stats.udp_flows_active == 0, 3, "the flow goes idle")
+            assert "max_connections_per_source" not in stats.errors
+    finally:
+        for echo in echoes:
+            loop.remove_reader(echo.fileno())
+            echo.close()

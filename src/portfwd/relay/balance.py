@@ -87,6 +87,9 @@ class Pool:
         self.balance = balance
         self.health = health
         self.changed = changed
+        #: Told each time the active checks' verdict on a backend flips (the workers follow it),
+        #: whatever passive health says meanwhile.
+        self.verdict: Callable[[Backend, bool], None] | None = None
         self._turn = 0  # where least-connections' tie-break starts
         #: No backend is down or was down passively (kept by `_note`): picks skip the filtering.
         self._healthy = True
@@ -187,6 +190,8 @@ class Pool:
                 backend.passive_until = 0.0
                 backend.failed_in_row = 0
                 self.refresh()
+                if self.verdict is not None:
+                    self.verdict(backend, True)
                 self._set(backend, True, f"{backend.checks_passed} checks passed")
         else:
             backend.checks_passed = 0
@@ -194,6 +199,8 @@ class Pool:
             if backend.checked_up and backend.checks_failed >= self.health.fall:
                 backend.checked_up = False
                 self._healthy = False
+                if self.verdict is not None:
+                    self.verdict(backend, False)
                 self._set(backend, False, f"{backend.checks_failed} checks failed (last: {result})")
 
     def refresh(self) -> None:
@@ -209,7 +216,8 @@ class Pool:
             return
         backend.checked_up = up
         self.refresh()
-        self._set(backend, up, "checked by the main process")
+        # passively down here too: it stays down (as `pick` treats it) until its window ends
+        self._set(backend, up and not backend.passive_until, "checked by the main process")
 
     def _set(self, backend: Backend, up: bool, why: str) -> None:
         stats = backend.stats

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
-from portfwd.acl import AccessPolicy, Route, client_ip
+from portfwd.acl import AccessPolicy, IPAddress, Route, client_ip
 from portfwd.addr import Endpoint, HostPorts, PortRange, UnixPath, target_port
 from portfwd.errors import UpstreamError
 from portfwd.proto.proxy import ProxyError, header
@@ -130,6 +130,19 @@ def resolve_target(listen: Endpoint, target: Endpoint, port: int | None) -> Targ
     listen_ports = listen.ports if isinstance(listen, HostPorts) else PortRange(1, 1)
     chosen = target_port(listen_ports, target.ports, port if port is not None else listen_ports.first)
     return (target.host, chosen)
+
+
+def route_target(
+    policy: AccessPolicy, address: IPAddress | None, rule: RuleSpec, port: int | None
+) -> tuple[Target | None, int | None]:
+    """Where a client's route sends it: (its target, None), or (None, the backend it prefers
+    while that backend is up), or (None, None) with no route: the rule's own choice."""
+    route = policy.route_for(address)
+    if route is None:
+        return None, None
+    if route.backend is not None:
+        return None, route.backend
+    return resolve_target(rule.listen, route.target, port), None
 
 
 def format_target(target: Target) -> str:
@@ -323,13 +336,9 @@ class TcpForwarder:
                 log_denied(self.label, describe_peer(client, peer), "closed")
                 os.close(client)
                 return
-            route = self.policy.route_for(address)
-            if route is not None:
-                if route.backend is None:
-                    target = resolve_target(self.rule.listen, route.target, self.port)
-                    routed = True
-                else:
-                    preferred = route.backend
+            chosen, preferred = route_target(self.policy, address, self.rule, self.port)
+            if chosen is not None:
+                target, routed = chosen, True
         source: str | None = None
         if self.limits is not None or self._hash:
             address = client_ip(peer[0]) if isinstance(peer, tuple) else None
@@ -533,7 +542,10 @@ class TcpForwarder:
         pending.backend = following
         following.stats.active += 1
         pending.connect = None
-        self._connect(pending, self._backend_targets[following.index], None, min(left, self._attempt))
+        last = len(pending.tried) + 1 >= min(3, len(pool.backends))  # no share kept for a next one
+        self._connect(
+            pending, self._backend_targets[following.index], None, left if last else min(left, self._attempt)
+        )
         return True
 
     def relay_closed(self, session: Session, reason: str) -> None:
@@ -548,6 +560,9 @@ class TcpForwarder:
         """Abandon clients still waiting for their upstream (shutdown)."""
         for pending in list(self._pending):
             pending.cancel()
+            self._release(pending)
+            if pending.backend is not None:
+                pending.backend.stats.active -= 1
         self._pending.clear()
         for task in list(self._tasks):
             task.cancel()

@@ -27,10 +27,17 @@ from typing import Any
 from portfwd.acl import client_ip
 from portfwd.errors import UpstreamError
 from portfwd.logevents import event
-from portfwd.proto.proxy import header
+from portfwd.proto.proxy import ProxyError, header
 from portfwd.relay import libc
 from portfwd.relay.balance import Pool
-from portfwd.relay.forwarder import compile_policy, format_peer, format_target, limit_text, resolve_target
+from portfwd.relay.forwarder import (
+    compile_policy,
+    format_peer,
+    format_target,
+    limit_text,
+    resolve_target,
+    route_target,
+)
 from portfwd.relay.limits import Limits
 from portfwd.relay.mmsg import NAME_SIZE, Batch
 from portfwd.relay.sessionlog import log_closed, log_denied, log_opened, log_refused
@@ -329,13 +336,10 @@ class UdpForwarder:
                     self._denied_logged.add(client_text)
                     log_denied(self.label, client_text, "datagrams dropped")
                 return None
-            route = self.policy.route_for(address)
-            if route is not None:
-                if route.backend is None:
-                    target = resolve_target(self.rule.listen, route.target, self.port)
-                    routed = True
-                else:
-                    preferred = route.backend
+            chosen, preferred = route_target(self.policy, address, self.rule, self.port)
+            if chosen is not None:
+                assert not isinstance(chosen, str)  # config: UDP reaches IP targets only
+                target, routed = chosen, True
         source: str | None = None
         if self.limits is not None:
             source = str(client_ip(peer[0]))
@@ -361,19 +365,24 @@ class UdpForwarder:
             return None
         backend = None
         if self.pool is not None and not routed:
-            source = str(client_ip(peer[0])) if self.pool.balance == "source-hash" else None
-            backend = self.pool.pick(source, time.monotonic(), (), preferred)
+            hashed = str(client_ip(peer[0])) if self.pool.balance == "source-hash" else None
+            backend = self.pool.pick(hashed, time.monotonic(), (), preferred)
             assert backend is not None  # a pool has a backend; none was tried yet
             target = resolve_target(self.rule.listen, backend.spec.connect, self.port)
         assert not isinstance(target, str)
-        session = self.state.open_session(self.stats, client_text, format_target(target), "udp")
         flow_header = b""
         if self._proxied:
             own = self._own
             if self._wildcard:
                 v4 = "." in peer[0]  # an IPv4 client, plain or IPv4-mapped
                 own = ("0.0.0.0" if v4 else "::", own[1])
-            flow_header = header(2, (peer[0], peer[1]), own, datagram=True)
+            try:
+                flow_header = header(2, (peer[0], peer[1]), own, datagram=True)
+            except ProxyError:  # not an IP address: cannot happen for a UDP peer; never a leak
+                if self.limits is not None:
+                    self.limits.done(source)
+                return None
+        session = self.state.open_session(self.stats, client_text, format_target(target), "udp")
         if backend is not None:
             stats = session.backend = backend.stats
             stats.active += 1

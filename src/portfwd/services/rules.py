@@ -150,35 +150,40 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         """The running rules' UDP forwarders (tests look at how they move datagrams)."""
         return [udp for run in self._runs.values() for udp in run.udp]
 
-    def adopt(self, worker: int) -> None:
+    def adopt(self, worker: int, skip: set[RuleSpec] | None = None) -> None:
         """Serve worker `worker`'s copies of every shared listener here, while it is down: the
         kernel keeps giving that copy its share of new clients, who must not wait for it. The
         copies are served through duplicates, so releasing them leaves the originals open."""
         for rule, run in self._runs.items():
-            if run.siblings is None or worker in run.adopted:
+            if run.siblings is None or worker in run.adopted or (skip and rule in skip):
                 continue
-            serving: list[DescriptorListener | UdpForwarder] = []
+            serving: list[DescriptorListener | UdpForwarder] = run.adopted.setdefault(worker, [])
             streams = iter(run.tcp)
             datagrams = iter(run.udp)
             for sock in run.siblings[worker - 1]:
-                copy = sock.dup()
-                copy.setblocking(False)
-                if sock.type == socket.SOCK_STREAM:
-                    _, forwarder = next(streams)
-                    accepting = DescriptorListener(copy, forwarder.serve, forwarder.label)
-                    accepting.start()
-                    serving.append(accepting)
-                else:
-                    mine = next(datagrams)
-                    udp = UdpForwarder(rule, mine.port, copy, self.state, mine.batch, mine.pool)
-                    udp.start()
-                    serving.append(udp)
-            run.adopted[worker] = serving
+                copy = sock.dup()  # (EMFILE: raised to the caller; what started is recorded)
+                try:
+                    copy.setblocking(False)
+                    if sock.type == socket.SOCK_STREAM:
+                        _, forwarder = next(streams)
+                        accepting = DescriptorListener(copy, forwarder.serve, forwarder.label)
+                        serving.append(accepting)
+                        accepting.start()
+                    else:
+                        mine = next(datagrams)
+                        udp = UdpForwarder(rule, mine.port, copy, self.state, mine.batch, mine.pool)
+                        serving.append(udp)
+                        udp.start()
+                except BaseException:
+                    if not serving or getattr(serving[-1], "listener", None) is not copy:
+                        copy.close()
+                    raise
 
-    def release(self, worker: int) -> None:
-        """Worker `worker` serves its copies again."""
-        for run in self._runs.values():
-            run.release(worker)
+    def release(self, worker: int, rules: set[RuleSpec]) -> None:
+        """Worker `worker` serves its copies of `rules` again (the rules it was handed)."""
+        for rule, run in self._runs.items():
+            if rule in rules:
+                run.release(worker)
 
     def verdicts(self, rule: RuleSpec) -> list[tuple[int, bool]]:
         """A rule's backends that its active checks hold down: (index, False) each."""
@@ -392,12 +397,12 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
             name = backend.spec.name
             run = self._runs.get(rule)
             if not up and run is not None:
-                for udp in run.udp:
-                    udp.close_flows_to(backend.stats, "backend down")
+                adopted = [item for items in run.adopted.values() for item in items]
+                for udp in [*run.udp, *adopted]:
+                    if isinstance(udp, UdpForwarder):
+                        udp.close_flows_to(backend.stats, "backend down")
             if quiet:  # a worker: the main process checks the same backends and says it
                 return
-            if self.health_changed is not None:
-                self.health_changed(rule, backend.index, backend.checked_up)
             if up:
                 log.info(
                     "%s: backend %s is up (%s)",
@@ -415,7 +420,15 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
                     extra=event("backend.down", rule=label, backend=name, reason=why),
                 )
 
-        return Pool(rule.backends, rule.balance, rule.health, stats.backends, changed)
+        pool = Pool(rule.backends, rule.balance, rule.health, stats.backends, changed)
+        if not quiet:
+
+            def verdict(backend: Backend, up: bool) -> None:
+                if self.health_changed is not None:
+                    self.health_changed(rule, backend.index, up)
+
+            pool.verdict = verdict
+        return pool
 
     def _announce(self, rule: RuleSpec, path: str, run: _RuleRun) -> None:
         relay = path if rule.protocol.has_tcp else "udp"

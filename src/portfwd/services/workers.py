@@ -75,6 +75,7 @@ class _Worker:
         self.answers: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.listen_task: asyncio.Task[None] | None = None
         self.last: Snapshot | None = None  # its last answer, for a status it is late for
+        self.lock = asyncio.Lock()  # one hand-over at a time (a reload during a restart's)
 
     @property
     def pid(self) -> int:
@@ -132,7 +133,7 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
         self.state.refresher = self.refresh
         self._workers = [_Worker(index) for index in range(1, self.count)]
         for worker in self._workers:
-            self.rules.adopt(worker.index)
+            self._adopt(worker)
         await asyncio.gather(*(self._start(worker) for worker in self._workers))
         self._rows()
 
@@ -203,6 +204,14 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
             return False
         return True
 
+    def _adopt(self, worker: _Worker) -> None:
+        """Serve the worker's copies here while it does not; a failure (out of descriptors) is
+        logged: the copies it could not take wait for the worker."""
+        try:  # the rules a worker that is up relays stay its own
+            self.rules.adopt(worker.index, set(worker.has) if worker.ready else None)
+        except OSError as exc:
+            log.error("worker %d is down and its sockets cannot be served here: %s", worker.index, exc)
+
     def _health(self, rule: RuleSpec, index: int, up: bool) -> None:
         """A backend's active checks changed their verdict: every worker follows it."""
         for worker in self._workers:
@@ -217,40 +226,46 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
 
     async def _hand_over(self, worker: _Worker) -> None:
         """Tell `worker` which rules it relays now, handing over the sockets of those it has
-        not; once it has them, this process stops serving its sockets for it."""
+        not; this process stops serving its copies of each rule the worker took. One at a
+        time; a reload while the worker took its rules is caught up with at once."""
+        async with worker.lock:
+            for _ in range(3):  # the rules may change while the worker answers (a reload)
+                applied = await self._hand_over_once(worker)
+                if applied is None or applied == {rule for rule, _ in self.rules.shared(worker.index)}:
+                    return
+
+    async def _hand_over_once(self, worker: _Worker) -> set[RuleSpec] | None:
+        """One round of `_hand_over`: the rules the worker now relays (None: it failed)."""
         if worker.orders is None:
-            return
+            return None
         shared = self.rules.shared(worker.index)
         for rule, copies in shared:
             if rule in worker.has:
                 continue
             ident = self._ids.setdefault(rule, len(self._ids) + 1)
-            if not self._order(
-                worker, {"op": "add", "id": ident, "rule": rule}, [s.fileno() for s in copies]
-            ):
-                return
+            fds = [sock.fileno() for sock in copies]
+            if not self._order(worker, {"op": "add", "id": ident, "rule": rule}, fds):
+                return None
             worker.has[rule] = ident
         wanted = {rule for rule, _ in shared}
         worker.has = {rule: ident for rule, ident in worker.has.items() if rule in wanted}
         try:
-            answer = await self._ask(
-                worker, {"op": "apply", "ids": list(worker.has.values())}, HAND_OVER_TIMEOUT
-            )
+            order = {"op": "apply", "ids": list(worker.has.values())}
+            answer = await self._ask(worker, order, HAND_OVER_TIMEOUT)
         except (TimeoutError, EOFError, OSError) as exc:
-            log.warning(
-                "worker %d did not take its rules (%s); stopping it", worker.index, exc or "no answer"
-            )
+            why = exc or "no answer"
+            log.warning("worker %d did not take its rules (%s); stopping it", worker.index, why)
             self._kill(worker)
-            return
+            return None
         for line in answer.get("failures", []):
             log.error("worker %d: %s", worker.index, line)
         for rule, ident in worker.has.items():  # the backends the checks hold down, as of now
             for index, up in self.rules.verdicts(rule):
                 self._order(worker, {"op": "health", "rule": ident, "backend": index, "up": up})
-        if not worker.ready:
-            worker.ready = True
-            self.rules.release(worker.index)
+        worker.ready = True
+        self.rules.release(worker.index, set(worker.has))
         self._rows()
+        return set(worker.has)
 
     async def _ask(self, worker: _Worker, order: dict[str, Any], seconds: float) -> dict[str, Any]:
         self._question += 1
@@ -282,7 +297,7 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
         self._close_links(worker)
         if self._stopping:
             return
-        self.rules.adopt(worker.index)
+        self._adopt(worker)
         worker.ready = False
         self._depart(worker)
         ran = time.time() - worker.started
@@ -391,7 +406,7 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
     async def retire(self, part: tuple[RuleSpec, ...]) -> Change:
         """The rule set retired what the new plan dropped: the workers let go of it too, before
         anything binds its ports again."""
-        await asyncio.gather(*(self._hand_over(worker) for worker in self._workers if worker.ready))
+        await asyncio.gather(*(self._hand_over(worker) for worker in self._workers if worker.orders))
         return Change()
 
     async def apply(self, part: tuple[RuleSpec, ...]) -> Change:
@@ -399,9 +414,8 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
             await self.launch()  # the first shareable rule came with this reload
             return Change()
         for worker in self._workers:
-            if not worker.ready:
-                self.rules.adopt(worker.index)  # new rules too, while it is down
-        await asyncio.gather(*(self._hand_over(worker) for worker in self._workers if worker.ready))
+            self._adopt(worker)  # new rules: served here until the worker has them
+        await asyncio.gather(*(self._hand_over(worker) for worker in self._workers if worker.orders))
         return Change()
 
     # ------------------------------------------------------------------ stop
