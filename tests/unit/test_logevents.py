@@ -105,3 +105,48 @@ def test_every_event_the_code_logs_is_in_the_readme_table_with_its_fields() -> N
         name: fields - documented[name] for name, fields in logged.items() if fields - documented[name]
     }
     assert missing == {}, "fields missing from README's Logs table"
+
+
+def test_session_lines_made_without_a_record_read_as_the_formatters_write_them() -> None:
+    """The direct path for session lines (cli/console.py `_Direct`) writes what the text and
+    JSON formatters write for the same event; only the clock reading differs."""
+    import json as jsonlib
+    import logging
+
+    from portfwd.cli.console import JsonFormatter, TextFormatter, _Direct
+    from portfwd.logevents import event
+
+    class Sink:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def put(self, text: str) -> None:
+            self.lines.append(text)
+
+    fields = {
+        "rule": "web",
+        "client": "1.2.3.4:5",
+        "target": "10.0.0.5:80",
+        "path": "splice",
+        "reason": "x\x1b",
+    }
+    message = "web: 1.2.3.4:5 -> 10.0.0.5:80 closed (x\x1b): 1 B up"
+    record = logging.LogRecord("portfwd.relay.forwarder", logging.INFO, __file__, 1, "%s", (message,), None)
+    for key, value in event("session.closed", **fields).items():
+        setattr(record, key, value)
+    for json_format, formatter in (
+        (False, TextFormatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")),
+        (True, JsonFormatter()),
+    ):
+        sink = Sink()
+        direct = _Direct(sink, json_format)  # type: ignore[arg-type]
+        direct._root = type("Root", (), {"handlers": [sink]})()
+        assert direct("portfwd.relay.forwarder", "session.closed", fields, message)
+        made, expected = sink.lines[0], formatter.format(record)
+        if json_format:
+            ours, theirs = jsonlib.loads(made), jsonlib.loads(expected)
+            ours.pop("ts"), theirs.pop("ts")
+            assert list(ours.items()) == list(theirs.items())
+        else:
+            assert made.split(" ", 2)[2] == expected.split(" ", 2)[2]  # after the date and time
+            assert "\\x1b" in made

@@ -14,11 +14,15 @@ import sys
 import threading
 import time
 import warnings
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from portfwd.errors import ConfigError, PortfwdError, UsageError
 from portfwd.logevents import RESERVED, record_event
 from portfwd.printable import printable
+
+if TYPE_CHECKING:
+    from portfwd.cli.logwriter import BatchedHandler
 
 #: What a dependency may warn about without a user seeing it: deprecations (cryptography's
 #: CryptographyDeprecationWarning is a UserWarning) are for their authors and for ours, who meet
@@ -144,6 +148,39 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class _Direct:
+    """A session's open and closed lines straight to the batched handler, formatted as the text
+    or JSON formatter would format their records (same text, same fields, same order), with no
+    LogRecord: those two lines are on every connection's path (bench/RESULTS.md, D22)."""
+
+    def __init__(self, front: BatchedHandler, json_format: bool) -> None:
+        self.front = front
+        self.json = json_format
+        self._second = -1
+        self._prefix = ""
+        self._root = logging.getLogger()
+
+    def __call__(self, name: str, event_name: str, fields: dict[str, Any], message: str) -> bool:
+        handlers: Sequence[object] = self._root.handlers
+        front = self.front
+        if len(handlers) != 1 or handlers[0] is not front:  # someone else listens too (tests)
+            return False
+        now = time.time()
+        if self.json:
+            line: dict[str, Any] = {"ts": now, "level": "info", "logger": name, "event": event_name}
+            for key, value in fields.items():
+                line[key if key not in RESERVED else f"field_{key}"] = value
+            line["msg"] = message
+            front.put(json.dumps(line, default=str))
+            return True
+        second = int(now)
+        if second != self._second:  # the date and time as the text formatter writes them
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + " INFO "
+        front.put(printable(self._prefix + message))
+        return True
+
+
 def setup_logging(verbose: int, quiet: bool, log_format: str, log_file: str | None = None) -> None:
     """-q: warnings only; -v: portfwd's debug lines; -vv: every library's too. `log_file` (ssh's
     -E): append there instead of stderr. Raises UsageError when it cannot be opened."""
@@ -175,6 +212,9 @@ def setup_logging(verbose: int, quiet: bool, log_format: str, log_file: str | No
     logging.logMultiprocessing = False
 
     front = logwriter.install(handler)  # written by a thread: a stalled stderr never stops the loop
+    from portfwd.relay import sessionlog
+
+    sessionlog.direct = _Direct(front, log_format == "json")  # this handler is the only one
     flood = Flood()
     flood.handler = front
     front.addFilter(flood)

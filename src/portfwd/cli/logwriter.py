@@ -58,6 +58,10 @@ class BatchedHandler(logging.Handler):
         except Exception:  # noqa: BLE001 - logging's own rule: a bad record is reported, not raised
             self.handleError(record)
             return
+        self.put(text)
+
+    def put(self, text: str) -> None:
+        """Queue one formatted line (emit's, or a session line made without a record)."""
         if self._thread is None:  # after stop() (exit handlers, teardown): written where logged
             self._write([text])
             return
@@ -130,7 +134,7 @@ class BatchedHandler(logging.Handler):
 _current: BatchedHandler | None = None
 
 
-def install(target: logging.StreamHandler[Any]) -> logging.Handler:
+def install(target: logging.StreamHandler[Any]) -> BatchedHandler:
     """Start the writer for `target` and return the handler the root logger gets instead."""
     global _current
     if _current is not None:
