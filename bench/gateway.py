@@ -29,7 +29,7 @@ from tests.integration.topology import GW_WAN, LAN_HOST, Lab, lab  # noqa: E402
 
 import run as base  # noqa: E402  (bench/run.py: the wrk command and its report)
 from portfwd import config  # noqa: E402
-from portfwd.kernel import nft  # noqa: E402
+from portfwd.kernel import gwplan, nft  # noqa: E402
 
 MARKER = "\n## Gateway (issue #7)"
 
@@ -44,8 +44,8 @@ def gateway(ports: int) -> config.GatewayConfig:
 
 def apply_in_gw(net: Lab, ports: int) -> float:
     """Apply the plan for `ports` forwards inside gw; return the seconds `nft -f` took."""
-    interfaces = nft.Interfaces((GW_WAN,), (nft.Network("192.168.77.0/24"),))
-    document = nft.document(nft.plan(gateway(ports), interfaces))
+    interfaces = gwplan.Interfaces((GW_WAN,), (gwplan.Network("192.168.77.0/24"),))
+    document = nft.document(gwplan.plan(gateway(ports), interfaces))
     began = time.perf_counter()
     result = net.run(net.gw, "nft", "-f", "-", data=document.encode())
     took = time.perf_counter() - began

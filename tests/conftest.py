@@ -18,12 +18,14 @@ def pytest_configure(config: pytest.Config) -> None:
     """Keep the suite off the machine's default paths, whatever else runs on it.
 
     Every portfwd the tests start (in this process or as a child) puts its control socket in a
-    private runtime directory, and sees a private HOME: no test reads or writes /run/portfwd,
-    $XDG_RUNTIME_DIR/portfwd or the user's ~/.ssh, so the suite passes beside another portfwd.
+    private runtime directory, keeps its state in a private state directory and sees a private
+    HOME: no test reads or writes /run/portfwd, /var/lib/portfwd, $XDG_RUNTIME_DIR/portfwd or the
+    user's ~/.ssh, so the suite passes beside another portfwd.
     """
     root = tempfile.mkdtemp(prefix="portfwd-tests-")
     _HERMETIC.append(root)
     os.environ["PORTFWD_RUNTIME_DIR"] = os.path.join(root, "run")
+    os.environ["PORTFWD_STATE_DIR"] = os.path.join(root, "state")
     os.environ["HOME"] = os.path.join(root, "home")
     os.makedirs(os.environ["HOME"], mode=0o700)
     os.environ.pop("PORTFWD_CONFIG", None)

@@ -235,6 +235,13 @@ def gateway_spec(gateway: GatewayConfig) -> GatewaySpec:
         hairpin=gateway.hairpin,
         allow_external_target=gateway.allow_external_target,
         enable_forwarding=gateway.enable_forwarding,
+        ipv6_firewall=(
+            gateway.ipv6_firewall
+            if gateway.ipv6_firewall is not None
+            else gateway.enable_forwarding or any(":" in rule.to.host for rule in gateway.forward)
+        ),
+        open_other_tables=gateway.open_other_tables,
+        flowtable=gateway.flowtable,
         forward=tuple(
             GatewayForwardSpec(rule.label, rule.name, rule.port, rule.to, rule.protocol, rule.allow)
             for rule in gateway.forward

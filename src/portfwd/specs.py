@@ -198,14 +198,20 @@ class ServerSpec:
 
 @dataclass(frozen=True, slots=True)
 class GatewayForwardSpec:
-    """A WAN port (or range) DNATed by the kernel to a LAN host's IPv4 address."""
+    """A WAN port (or range) DNATed by the kernel to a LAN host's IPv4 address, or, for an IPv6
+    host, a pinhole: the same port(s) let through the IPv6 firewall, untranslated."""
 
     label: str
     name: str | None
     port: PortRange
-    to: HostPorts  #: host is an IPv4 literal (validated; the kernel resolves no names)
+    to: HostPorts  #: host is an IP literal (validated; the kernel resolves no names)
     protocol: Transport = Transport.TCP
     allow: tuple[Network, ...] = ()
+
+    @property
+    def pinhole(self) -> bool:
+        """An IPv6 target: opened in the firewall, not translated."""
+        return ":" in self.to.host
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +235,9 @@ class GatewaySpec:
     hairpin: bool = True
     allow_external_target: bool = False
     enable_forwarding: bool = False
+    ipv6_firewall: bool = False  #: drop inbound IPv6 to the LAN but replies and pinholes
+    open_other_tables: bool = False  #: insert accepts into other tables' forward chains that drop
+    flowtable: bool = False  #: offload established flows to an nftables flowtable
     forward: tuple[GatewayForwardSpec, ...] = ()
     trigger: tuple[GatewayTriggerSpec, ...] = ()
 

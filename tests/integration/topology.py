@@ -3,7 +3,9 @@
 lan 192.168.77.10/24 (lan0) -- gwlan0 192.168.77.1/24 [gw, ip_forward=1] gwwan0 203.0.113.1/24 -- wan0 203.0.113.20/24 wan
 
 wan has no route back to the LAN, as with a real ISP: wan reaches lan only through DNAT, lan
-reaches wan only through masquerade. Peers are socat processes started in a namespace and
+reaches wan only through masquerade. With `lab(ipv6=True)` every link also has IPv6 (LAN
+2001:db8:77::/64, WAN 2001:db8:113::/64) and, as with a real IPv6 ISP, the WAN host does have a
+route to the LAN prefix: only the gateway's firewall stands between them. Peers are socat processes started in a namespace and
 stopped by PID.
 """
 
@@ -21,6 +23,12 @@ from tests.integration.netns import wait_listening_in
 from tests.integration.processes import Proc
 
 LAN_HOST, GW_LAN, GW_WAN, WAN_HOST = "192.168.77.10", "192.168.77.1", "203.0.113.1", "203.0.113.20"
+LAN_HOST6, GW_LAN6, GW_WAN6, WAN_HOST6 = (
+    "2001:db8:77::10",
+    "2001:db8:77::1",
+    "2001:db8:113::1",
+    "2001:db8:113::20",
+)
 
 
 def _ip(*args: str) -> None:
@@ -61,7 +69,7 @@ class Lab:
 
 
 @contextlib.contextmanager
-def lab() -> Iterator[Lab]:
+def lab(ipv6: bool = False) -> Iterator[Lab]:
     need_root()
     for tool, package in (("ip", "iproute2"), ("nft", "nftables"), ("socat", "socat")):
         need(shutil.which(tool) is not None, f"needs {tool} (apt-get install {package})")
@@ -74,7 +82,15 @@ def lab() -> Iterator[Lab]:
             created.append(ns)
             _ip("-n", ns, "link", "set", "lo", "up")
             subprocess.run(
-                ["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    "sysctl",
+                    "-qw",
+                    f"net.ipv6.conf.all.disable_ipv6={int(not ipv6)}",
+                ],
                 capture_output=True,
                 timeout=10,
             )
@@ -113,8 +129,24 @@ def lab() -> Iterator[Lab]:
             (names.wan, "wan0", f"{WAN_HOST}/24"),
         ):
             _ip("-n", ns, "addr", "add", address, "dev", dev)
+            if ipv6:  # no duplicate address detection: link-local addresses usable at once
+                subprocess.run(
+                    ["ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv6.conf.{dev}.accept_dad=0"],
+                    check=True,
+                    timeout=10,
+                )
             _ip("-n", ns, "link", "set", dev, "up")
         _ip("-n", names.lan, "route", "add", "default", "via", GW_LAN)
+        if ipv6:
+            for ns, dev, address in (
+                (names.lan, "lan0", f"{LAN_HOST6}/64"),
+                (names.gw, "gwlan0", f"{GW_LAN6}/64"),
+                (names.gw, "gwwan0", f"{GW_WAN6}/64"),
+                (names.wan, "wan0", f"{WAN_HOST6}/64"),
+            ):
+                _ip("-n", ns, "-6", "addr", "add", address, "dev", dev, "nodad")
+            _ip("-n", names.lan, "-6", "route", "add", "default", "via", GW_LAN6)
+            _ip("-n", names.wan, "-6", "route", "add", "2001:db8:77::/64", "via", GW_WAN6)
         subprocess.run(
             ["ip", "netns", "exec", names.gw, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
             check=True,

@@ -162,7 +162,19 @@ BAD = [
     ),
     (
         '[gateway]\nwan = "eth0"\nlan = "eth1"\n[[gateway.forward]]\nport = 80\nto = "web.lan:80"\n',
-        "gateway.forward[0].to: 'web.lan' must be an IPv4 address (the kernel does not resolve names)",
+        "gateway.forward[0].to: 'web.lan' is not an IP address: the kernel forwards to addresses, not names; "
+        "write the LAN host's IPv4 address, or its IPv6 address for a pinhole",
+    ),
+    (
+        '[gateway]\nwan = "eth0"\nlan = "eth1"\n[[gateway.forward]]\nport = 8443\nto = "[2001:db8:77::10]:443"\n',
+        "gateway.forward[0].to: [2001:db8:77::10]:443 is IPv6, which the gateway opens rather than translates, "
+        'so its port(s) must be the WAN port(s); write to = "[2001:db8:77::10]:8443"',
+    ),
+    (
+        '[gateway]\nwan = "eth0"\nlan = "eth1"\n[[gateway.forward]]\nport = 443\nto = "[2001:db8:77::10]:443"\n'
+        'allow = ["198.51.100.0/24"]\n',
+        "gateway.forward[0].allow: 198.51.100.0/24 is IPv4 but the target 2001:db8:77::10 is IPv6; "
+        "list networks of the target's family",
     ),
     (
         '[gateway]\nwan = "eth0"\nlan = "eth1"\n[[gateway.forward]]\nport = "80-81"\nto = "10.0.0.1:80"\n'

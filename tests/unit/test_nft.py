@@ -6,16 +6,8 @@ import ipaddress
 from pathlib import Path
 
 from portfwd import config, planner
-from portfwd.kernel.nft import (
-    Interfaces,
-    check,
-    counters,
-    document,
-    explain,
-    forwarding_problems,
-    plan,
-    trigger_holders,
-)
+from portfwd.kernel.gwplan import Interfaces, check, plan
+from portfwd.kernel.nft import counters, document, explain, forwarding_problems, trigger_holders
 
 GATEWAY = planner.plan(
     config.validate(
@@ -39,6 +31,7 @@ def test_plan_text() -> None:
     assert GATEWAY is not None
     assert plan(GATEWAY, LAN) == (
         "table inet portfwd {\n"
+        "  set wan_addresses { type ipv4_addr; elements = { 203.0.113.1 }; }\n"
         '  map dnat_2_tcp { type inet_service : ipv4_addr . inet_service; elements = { 2222 comment "gateway.forward[2]" : 192.168.1.12 . 22 } }\n'
         "  set allow_2 { type ipv4_addr; flags interval; elements = { 198.51.100.0/24, 203.0.113.7/32 } }\n"
         "  map dnat_tcp { type inet_service : ipv4_addr . inet_service; elements = { "
@@ -47,16 +40,21 @@ def test_plan_text() -> None:
         '  map dnat_udp { type inet_service : ipv4_addr . inet_service; elements = { 8080 comment "gateway.forward[0]" : 192.168.1.10 . 80 } }\n'
         "  chain prerouting {\n"
         "    type nat hook prerouting priority dstnat; policy accept;\n"
-        '    iifname "eth0" ip saddr @allow_2 counter dnat ip to tcp dport map @dnat_2_tcp comment "gateway.forward[2]"\n'
-        '    iifname "eth0" counter dnat ip to tcp dport map @dnat_tcp comment "gateway.forward tcp"\n'
-        '    iifname "eth0" counter dnat ip to udp dport map @dnat_udp comment "gateway.forward udp"\n'
-        '    iifname "eth1" ip daddr { 203.0.113.1 } counter dnat ip to tcp dport map @dnat_tcp comment "hairpin"\n'
-        '    iifname "eth1" ip daddr { 203.0.113.1 } counter dnat ip to udp dport map @dnat_udp comment "hairpin"\n'
+        '    iifname "eth0" fib daddr . iif type local ip saddr @allow_2 counter dnat ip to tcp dport map @dnat_2_tcp comment "gateway.forward[2]"\n'
+        '    iifname "eth0" fib daddr . iif type local counter dnat ip to tcp dport map @dnat_tcp comment "gateway.forward tcp"\n'
+        '    iifname "eth0" fib daddr . iif type local counter dnat ip to udp dport map @dnat_udp comment "gateway.forward udp"\n'
+        '    iifname "eth1" fib daddr type local fib daddr . iif type != local counter dnat ip to tcp dport map @dnat_tcp comment "hairpin"\n'
+        '    iifname "eth1" fib daddr type local fib daddr . iif type != local counter dnat ip to udp dport map @dnat_udp comment "hairpin"\n'
+        "  }\n"
+        "  chain output {\n"
+        "    type nat hook output priority -100; policy accept;\n"
+        '    ip daddr @wan_addresses counter dnat ip to tcp dport map @dnat_tcp comment "router tcp"\n'
+        '    ip daddr @wan_addresses counter dnat ip to udp dport map @dnat_udp comment "router udp"\n'
         "  }\n"
         "  chain postrouting {\n"
         "    type nat hook postrouting priority srcnat; policy accept;\n"
-        '    oifname "eth0" ip saddr { 192.168.1.0/24 } counter masquerade comment "masquerade"\n'
-        '    oifname "eth1" ip saddr { 192.168.1.0/24 } ct status dnat counter masquerade comment "hairpin"\n'
+        '    iifname "eth1" oifname "eth0" meta nfproto ipv4 counter masquerade comment "masquerade"\n'
+        '    iifname "eth1" oifname "eth1" ct status dnat meta nfproto ipv4 counter masquerade comment "hairpin"\n'
         "  }\n"
         "  chain forward {\n"
         "    type filter hook forward priority filter; policy accept;\n"
@@ -80,7 +78,7 @@ def test_a_thousand_ports_are_one_rule_per_protocol() -> None:
     ).gateway
     assert many is not None
     text = plan(many, LAN)
-    assert text.count("dnat ip to tcp dport map @dnat_tcp") == 2  # WAN side, and hairpin
+    assert text.count("dnat ip to tcp dport map @dnat_tcp") == 3  # WAN side, hairpin, the router's own
     assert '10999 comment "gateway.forward[0]" : 192.168.1.10 . 20999' in text
 
 
@@ -125,8 +123,13 @@ def test_trigger_plan() -> None:
         ' update @trig_host_0 { meta mark : ip saddr } counter comment "gateway.trigger[0]"'
     ) in text
     assert (
-        'iifname "eth0" meta l4proto . th dport @trig_open_0 meta mark set 0x70f00'
+        'iifname "eth0" fib daddr . iif type local meta l4proto . th dport @trig_open_0 meta mark set 0x70f00'
         ' counter dnat ip to meta mark map @trig_host_0 comment "gateway.trigger[0]"'
+    ) in text
+    assert (  # the opened ports through the public address, from the LAN
+        'iifname "eth1" fib daddr type local fib daddr . iif type != local meta l4proto . th dport'
+        " @trig_open_0 meta mark set 0x70f00 counter dnat ip to meta mark map @trig_host_0"
+        ' comment "hairpin gateway.trigger[0]"'
     ) in text
 
 

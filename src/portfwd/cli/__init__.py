@@ -26,7 +26,7 @@ from portfwd.cli.console import quiet_dependencies, report
 COMMANDS = {
     "check": "portfwd.cli.commands:check",
     "forward": "portfwd.cli.commands:forward",
-    "gateway": "portfwd.cli.commands:gateway",
+    "gateway": "portfwd.cli.gateway:gateway",
     "map": "portfwd.cli.maps:map_group",
     "reload": "portfwd.cli.commands:reload",
     "run": "portfwd.cli.commands:run",

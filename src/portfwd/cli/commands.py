@@ -112,6 +112,8 @@ def check(config_file: str | None) -> None:
             raise ConfigError(problems[0], problems=problems)
         assert found is not None  # no problems: the interfaces were read
         console.print(kernel.summary(plan.gateway, found))
+        for note in kernel.notes(plan.gateway, found):
+            print(f"portfwd: warning: {note}", file=sys.stderr)
     if plan.server is not None:
         console.print(server_line(plan.server))
     if plan.tunnels:
@@ -208,35 +210,6 @@ def server(
     from portfwd import planner, runtime
 
     runtime.run(plan, identity=identity, loader=lambda: planner.load(path))
-
-
-@click.command()
-@click.argument("action", type=click.Choice(["plan", "apply", "remove"]))
-@config_option
-def gateway(action: str, config_file: str | None) -> None:
-    """nftables gateway forwarding from [gateway]: plan (print and check), apply, or remove."""
-    from portfwd.kernel import nft
-    from portfwd.kernel.describe import plan_notes
-
-    if action == "remove":
-        print("removed table inet portfwd" if nft.remove() else "table inet portfwd was not loaded")
-        return
-    path, plan = _load(config_file)
-    if plan.gateway is None:
-        raise ConfigError(
-            f"{path}: no [gateway] section", hint="add [gateway] with wan, lan and [[gateway.forward]]"
-        )
-    ruleset = nft.prepare(plan.gateway)
-    if action == "plan":
-        print(ruleset, end="")
-        nft.apply(ruleset, check_only=True)
-        for line in plan_notes(nft.diff(ruleset), nft.forwarding_problems(enable=False)):
-            print(line)
-        return
-    for problem in nft.forwarding_problems(plan.gateway.enable_forwarding):
-        print(f"portfwd: warning: {problem}", file=sys.stderr)
-    nft.apply(ruleset)
-    print(f"applied table inet portfwd: {len(plan.gateway.forward)} forward rule(s)")
 
 
 _target_options = (

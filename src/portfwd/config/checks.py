@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from portfwd.addr import Endpoint, HostPorts, Transport, UnixPath
 from portfwd.config.messages import problem
-from portfwd.config.models import Config, ForwardConfig, MapConfig
+from portfwd.config.models import Config, ForwardConfig, GatewayForwardConfig, MapConfig
 from portfwd.errors import ConfigError
 
 #: Sections PRODUCT.md describes whose engines are not in this version yet.
@@ -190,6 +190,7 @@ def _check_gateway(config: Config) -> list[str]:
                 f"{field}.to: port range {rule.to.ports} has {len(rule.to.ports)} ports but port {rule.port} "
                 f"has {len(rule.port)}; use ranges of equal length or one target port"
             )
+        problems.extend(_check_gateway_families(field, rule))
         clash = None
         for proto in ("tcp", "udp"):
             if (proto == "tcp" and not rule.protocol.has_tcp) or (
@@ -206,6 +207,26 @@ def _check_gateway(config: Config) -> list[str]:
                 claimed[(proto, port)] = index
         if clash:
             problems.append(clash)
+    return problems
+
+
+def _check_gateway_families(field: str, rule: GatewayForwardConfig) -> list[str]:
+    """An IPv6 target is a pinhole (no translation): its ports are the WAN ports; allow lists
+    name networks of the target's family."""
+    problems = []
+    v6 = ":" in rule.to.host
+    if v6 and (rule.to.ports.first, rule.to.ports.last) != (rule.port.first, rule.port.last):
+        problems.append(
+            f"{field}.to: {rule.to} is IPv6, which the gateway opens rather than translates, so its "
+            f'port(s) must be the WAN port(s); write to = "[{rule.to.host}]:{rule.port}"'
+        )
+    for network in rule.allow:
+        if (network.version == 6) != v6:
+            problems.append(
+                f"{field}.allow: {network} is IPv{network.version} but the target {rule.to.host} is "
+                f"IPv{6 if v6 else 4}; list networks of the target's family"
+            )
+            break
     return problems
 
 

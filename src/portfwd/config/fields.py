@@ -187,9 +187,12 @@ def _lan_target(value: Any) -> HostPorts:
     if not isinstance(target, HostPorts):
         raise _fail("the kernel forwards to an address, not a Unix socket; write host:port")
     try:
-        address = ipaddress.IPv4Address(target.host)
+        address = ipaddress.ip_address(target.host)
     except ValueError:
-        raise _fail(f"{target.host!r} must be an IPv4 address (the kernel does not resolve names)") from None
+        raise _fail(
+            f"{target.host!r} is not an IP address: the kernel forwards to addresses, not names; "
+            "write the LAN host's IPv4 address, or its IPv6 address for a pinhole"
+        ) from None
     return HostPorts(str(address), target.ports)
 
 

@@ -261,6 +261,11 @@ class GatewayConfig(_Model):
     hairpin: StrictBool = True
     allow_external_target: StrictBool = False
     enable_forwarding: StrictBool = False
+    # Inbound IPv6 to the LAN dropped but for replies and pinholes; None: on with
+    # enable_forwarding or an IPv6 forward.
+    ipv6_firewall: StrictBool | None = None
+    open_other_tables: StrictBool = False  # insert portfwd's accepts into forward chains that drop
+    flowtable: StrictBool = False  # offload established flows (where the kernel has flowtables)
     forward: tuple[GatewayForwardConfig, ...] = ()
     trigger: tuple[GatewayTriggerConfig, ...] = ()
 

@@ -4,11 +4,18 @@
 client and the public port it asked for) and its reply tuple (the LAN host that answers).
 Each flow is attributed to the `[[gateway.forward]]` rule, or the trigger, whose WAN port it
 hit. Ages need `net.netfilter.nf_conntrack_timestamp = 1`, which `portfwd run` turns on while
-its gateway is applied (and restores on exit).
+its gateway is applied, and restores on exit to the value it found: that value is written to the
+state directory first, so a crash and a restart do not take portfwd's own "1" for the original.
+
+When the gateway goes (`remove`, or exit), the flows it translated are deleted from the table
+(`forget`): with the rules gone, a flow still tracked would keep its NAT binding and stay
+ESTABLISHED, carrying packets the box no longer means to translate.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
@@ -19,6 +26,10 @@ from typing import Any
 from portfwd.specs import GatewaySpec
 
 TIMESTAMP = Path("/proc/sys/net/netfilter/nf_conntrack_timestamp")
+#: The timestamp setting found before portfwd turned it on, in the state directory.
+SAVED_TIMESTAMP = "conntrack-timestamp"
+#: `conntrack -D` calls made at most by one `forget` (one per port in use, one per LAN network).
+MAX_DELETES = 1000
 #: Rows kept per refresh; a busy router can track far more flows than a status table shows.
 MAX_SESSIONS = 500
 
@@ -44,18 +55,84 @@ def timestamps(on: bool | None = None) -> bool | None:
         return None
 
 
+def stamp(directory: str) -> bool | None:
+    """Turn stamping on, first writing the value found to `directory` (unless a file from a run
+    that did not end cleanly is there: then the live value is portfwd's own).
+
+    Returns True when it was off (portfwd turned it on), False when already on, None when the
+    kernel has no such switch or it cannot be set.
+    """
+    saved = Path(directory, SAVED_TIMESTAMP)
+    before = timestamps()
+    if before is None:
+        return None
+    if before:
+        return saved.exists()  # on: by an earlier portfwd that did not end cleanly, or by the admin
+    try:
+        if not saved.exists():
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            saved.write_text("0\n")
+        TIMESTAMP.write_text("1\n")
+    except OSError:
+        return None
+    return True
+
+
+def unstamp(directory: str) -> None:
+    """Put back the stamping setting `stamp` saved in `directory`, and forget it."""
+    saved = Path(directory, SAVED_TIMESTAMP)
+    try:
+        value = saved.read_text().strip()
+    except OSError:
+        return
+    if value in ("0", "1"):
+        timestamps(on=value == "1")
+    saved.unlink(missing_ok=True)
+
+
+def forget(claims: list[Claim], lan_networks: tuple[ipaddress.IPv4Network, ...]) -> int:
+    """Delete the flows the gateway translated; returns how many conntrack said it deleted.
+
+    DNATed flows to a claimed port (forwards, triggers, hairpin, the router's own), one
+    `conntrack -D` per port in use; masqueraded flows from the LAN's networks, one per network.
+    """
+    binary = shutil.which("conntrack")
+    if binary is None:
+        return 0
+    listing = _run([binary, "-L", "--dst-nat", "-o", "xml"])
+    ports = sorted({(row["proto"], int(row["public_port"])) for row in parse(listing, claims)})
+    calls = [[binary, "-D", "--dst-nat", "-p", proto, "--orig-port-dst", str(port)] for proto, port in ports]
+    calls += [[binary, "-D", "--src-nat", "-s", str(network)] for network in lan_networks]
+    deleted = 0
+    for call in calls[:MAX_DELETES]:
+        deleted += _deleted(_run(call, stderr=True))
+    return deleted
+
+
+def _run(argv: list[str], stderr: bool = False) -> str:
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return result.stderr if stderr else result.stdout
+
+
+def _deleted(stderr: str) -> int:
+    """The count in conntrack's "N flow entries have been deleted." line (0 when absent)."""
+    for line in stderr.splitlines():
+        words = line.split()
+        if "deleted." in words and "flow" in words:
+            index = words.index("flow")
+            return _int(words[index - 1]) if index else 0
+    return 0
+
+
 def sessions(claims: list[Claim]) -> list[dict[str, Any]]:
     """The DNATed flows now, one dict per flow (rule, proto, client, target, state, age)."""
     binary = shutil.which("conntrack")
     if binary is None:
         return []
-    try:
-        result = subprocess.run(
-            [binary, "-L", "--dst-nat", "-o", "xml"], capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return parse(result.stdout, claims)
+    return parse(_run([binary, "-L", "--dst-nat", "-o", "xml"]), claims)
 
 
 def parse(text: str, claims: list[Claim]) -> list[dict[str, Any]]:

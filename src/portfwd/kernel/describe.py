@@ -6,24 +6,29 @@ kernel layer that applies the ruleset is the one that says what is wrong with it
 
 from __future__ import annotations
 
-from portfwd.kernel import nft
+from portfwd.kernel import gwplan, nft
 from portfwd.specs import GatewaySpec
 
 
-def problems(spec: GatewaySpec) -> tuple[nft.Interfaces | None, list[str]]:
+def problems(spec: GatewaySpec) -> tuple[gwplan.Interfaces | None, list[str]]:
     """The interfaces found on this machine (None: one is missing) and every problem, one line each."""
     try:
         found = nft.interfaces(spec)
     except nft.GatewayError as exc:
         return None, [exc.line()]
-    return found, nft.check(spec, found)
+    return found, gwplan.check(spec, found)
 
 
-def summary(spec: GatewaySpec, found: nft.Interfaces) -> str:
+def notes(spec: GatewaySpec, found: gwplan.Interfaces) -> list[str]:
+    """Warnings: what the ruleset leaves out on this machine, and what other tables would stop."""
+    return gwplan.notes(spec, found)
+
+
+def summary(spec: GatewaySpec, found: gwplan.Interfaces) -> str:
     """The gateway in one line: WAN and LAN with their addresses, and how many rules."""
     return (
         f"gateway: {spec.wan} ({', '.join(found.wan_addresses) or 'no address'}) -> "
-        f"{spec.lan} ({', '.join(map(str, found.lan_networks))}): "
+        f"{spec.lan} ({', '.join(map(str, (*found.lan_networks, *found.lan_networks6)))}): "
         f"{len(spec.forward)} forward(s), {len(spec.trigger)} trigger(s); "
         "portfwd gateway plan prints the ruleset"
     )

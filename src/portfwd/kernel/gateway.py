@@ -1,8 +1,13 @@
 """`[gateway]` while portfwd runs: apply the nftables plan, keep it loaded, show it, remove it.
 
-The pieces are nft.py (plan, apply, read, remove), conntrack.py (NAT sessions, timestamps) and
-triggers.py ("last trigger wins"); this is the one object that runs them for the runtime, with
-the small lifecycle every running part has: `start()` (raises GatewayError), `stop()`.
+The pieces are gwplan.py (the plan), nft.py (apply, read, remove), conntrack.py (NAT sessions,
+timestamps, clearing flows) and triggers.py ("last trigger wins"); this is the one object that
+runs them for the runtime, with the small lifecycle every running part has: `start()` (raises
+GatewayError), `stop()`.
+
+It follows the box as it changes: `ip monitor address` wakes it when an address comes or goes
+(and it looks every GATEWAY_CHECK seconds anyway), and it then refreshes the one thing in the
+table that holds addresses (the router's own access set) and says what moved.
 """
 
 from __future__ import annotations
@@ -12,17 +17,20 @@ import contextlib
 import logging
 import os
 
-from portfwd.kernel import conntrack, nft
+from portfwd.kernel import conntrack, gwfirewall, gwplan, nft
 from portfwd.kernel.triggers import LastWins
 from portfwd.logevents import event
 from portfwd.specs import GatewaySpec
 from portfwd.state import State
+from portfwd.statedir import state_dir
 from portfwd.status import GatewayRuleRow, GatewaySessionRow, TriggerRow
 
 log = logging.getLogger(__name__)
 
 #: How often `portfwd run` checks that its nftables table is still loaded (seconds).
 GATEWAY_CHECK = float(os.environ.get("PORTFWD_GATEWAY_CHECK", "10"))
+#: How long after the kernel reports an address change the interfaces are read (seconds).
+SETTLE = 0.2
 
 
 class GatewayService:
@@ -32,10 +40,14 @@ class GatewayService:
         self.config = config
         self.state = state
         self.ruleset: str | None = None  # the ruleset applied, while portfwd's table is ours
+        self._found: gwplan.Interfaces | None = None
         self._fingerprint: str | None = None
         self._check: asyncio.Task[None] | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
         self._last_wins: LastWins | None = None
         self._restore_timestamps = False
+        self._reported: list[str] = []  # what other tables drop, as last logged
 
     async def start(self) -> None:
         """Plan and apply the ruleset, then watch that it stays loaded. Raises nft.GatewayError."""
@@ -43,14 +55,16 @@ class GatewayService:
         for problem in nft.forwarding_problems(gateway.enable_forwarding):
             log.warning("gateway: %s", problem, extra=event("gateway.problem", reason=problem))
         found = await asyncio.to_thread(nft.interfaces, gateway)
-        problems = nft.check(gateway, found)
+        problems = gwplan.check(gateway, found)
         if problems:
             raise nft.GatewayError(problems[0])
-        ruleset = nft.plan(gateway, found)
+        for note in gwplan.notes(gateway, found):
+            log.warning("gateway: %s", note, extra=event("gateway.problem", reason=note))
+        ruleset = gwplan.plan(gateway, found)
         await asyncio.to_thread(nft.apply, ruleset)
-        self.ruleset = ruleset
+        self.ruleset, self._found = ruleset, found
         self._fingerprint = await asyncio.to_thread(nft.fingerprint)
-        if conntrack.timestamps(on=True) is False:
+        if conntrack.stamp(state_dir()):
             self._restore_timestamps = True
             log.info("gateway: turned on net.netfilter.nf_conntrack_timestamp (NAT session ages in status)")
         log.info(
@@ -60,15 +74,43 @@ class GatewayService:
             extra=event("gateway.applied", forwards=len(gateway.forward), triggers=len(gateway.trigger)),
         )
         await self._read()
-        self._check = asyncio.get_running_loop().create_task(self._watch())
+        await self._other_tables()
+        loop = asyncio.get_running_loop()
+        self._monitor = loop.create_task(self._listen())
+        self._check = loop.create_task(self._watch())
         self._last_wins = LastWins(gateway, found.lan_networks)
         await self._last_wins.start()
 
+    async def _listen(self) -> None:
+        """Wake the watch loop whenever the kernel reports an address added or removed."""
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "ip", "-o", "monitor", "address",
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+        except OSError:
+            return  # no ip: the periodic check still follows the addresses
+        try:
+            assert proc.stdout is not None
+            while await proc.stdout.readline():
+                self._wake.set()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+
     async def _watch(self) -> None:
-        """Every GATEWAY_CHECK seconds: if someone deleted or changed portfwd's table, load it again."""
+        """Follow address changes; every GATEWAY_CHECK seconds, load portfwd's table again if
+        someone deleted or changed it."""
         while self.ruleset is not None:
-            await asyncio.sleep(GATEWAY_CHECK)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), GATEWAY_CHECK)
+                await asyncio.sleep(SETTLE)  # a renumbering is a delete and an add: see both at once
+            self._wake.clear()
             try:
+                await self._follow()
+                await self._other_tables()
                 present = await self._read()
                 if self.ruleset is None:
                     return
@@ -84,11 +126,71 @@ class GatewayService:
                     )
                 else:
                     continue
+                assert self._found is not None
+                self.ruleset = gwplan.plan(self.config, self._found)
                 await asyncio.to_thread(nft.apply, self.ruleset)
                 self._fingerprint = await asyncio.to_thread(nft.fingerprint)
                 log.info("gateway: table inet portfwd applied again", extra=event("gateway.reapplied"))
             except nft.GatewayError as exc:
                 log.error("gateway: %s", exc.line(), extra=event("gateway.failed", reason=exc.message))
+
+    async def _follow(self) -> None:
+        """Read the interfaces again; keep the WAN address set current and say what moved."""
+        before = self._found
+        found = await asyncio.to_thread(nft.interfaces, self.config)
+        if before is None or found == before:
+            return
+        self._found = found
+        if found.wan_addresses != before.wan_addresses:
+            now, was = ", ".join(found.wan_addresses) or "none", ", ".join(before.wan_addresses) or "none"
+            log.info(
+                "gateway: %s addresses now %s (were %s)",
+                self.config.wan,
+                now,
+                was,
+                extra=event("gateway.addresses", host=now, previous=was),
+            )
+            if await asyncio.to_thread(nft.live) is not None:
+                await asyncio.to_thread(nft.set_wan_addresses, found.wan_addresses)
+                self._fingerprint = await asyncio.to_thread(nft.fingerprint)
+        if (found.lan_networks, found.lan_networks6) != (before.lan_networks, before.lan_networks6):
+            now = ", ".join(map(str, (*found.lan_networks, *found.lan_networks6))) or "none"
+            was = ", ".join(map(str, (*before.lan_networks, *before.lan_networks6))) or "none"
+            log.info(
+                "gateway: %s networks now %s (were %s)",
+                self.config.lan,
+                now,
+                was,
+                extra=event("gateway.addresses", host=now, previous=was),
+            )
+            for problem in gwplan.check(self.config, found):
+                log.warning("gateway: %s", problem, extra=event("gateway.problem", reason=problem))
+
+    async def _other_tables(self) -> None:
+        """Say (once per change) what other tables' forward chains drop; with the opt-in, open them."""
+        listing = await asyncio.to_thread(nft.ruleset)
+        found = gwfirewall.findings(self.config, listing)
+        if found and self.config.open_other_tables:
+            try:
+                for opened in await asyncio.to_thread(gwfirewall.open_, found):
+                    log.info("gateway: opened %s", opened, extra=event("gateway.opened", rule=opened))
+            except nft.GatewayError as exc:
+                log.error("gateway: %s", exc.line(), extra=event("gateway.failed", reason=exc.message))
+            found = gwfirewall.findings(self.config, await asyncio.to_thread(nft.ruleset))
+        lines = [gwfirewall.line(item) for item in found]
+        if lines == self._reported:
+            return
+        for item, text in zip(found, lines, strict=True):
+            level = logging.ERROR if item.certain else logging.WARNING
+            log.log(
+                level, "gateway: %s", text, extra=event("gateway.blocked", rule=item.probe.what, reason=text)
+            )
+        if not lines:
+            log.info(
+                "gateway: the other tables' forward chains let the forwards through now",
+                extra=event("gateway.unblocked"),
+            )
+        self._reported = lines
 
     async def _read(self) -> bool:
         """Refresh the gateway counters and trigger holders in the state; False if the table is gone."""
@@ -126,12 +228,14 @@ class GatewayService:
         return True
 
     async def stop(self) -> None:
-        """Stop watching, stop the trigger daemon, delete the table (errors logged, not raised)."""
-        if self._check is not None:
-            self._check.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._check
-            self._check = None
+        """Stop watching, stop the trigger daemon, delete the table and the flows it translated
+        (errors logged, not raised)."""
+        for task in (self._check, self._monitor):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._check = self._monitor = None
         if self._last_wins is not None:
             await self._last_wins.stop()
             self._last_wins = None
@@ -139,10 +243,21 @@ class GatewayService:
             return
         self.ruleset = None
         try:
+            if self.config.open_other_tables:
+                closed = await asyncio.to_thread(gwfirewall.close)
+                if closed:
+                    log.info("gateway: removed the %d accept(s) it added to other tables", closed)
             await asyncio.to_thread(nft.remove)
-            log.info("gateway: table inet portfwd removed", extra=event("gateway.removed"))
-            if self._restore_timestamps:
-                conntrack.timestamps(on=False)
-                self._restore_timestamps = False
+            networks = self._found.lan_networks if self._found is not None else ()
+            cleared = await asyncio.to_thread(conntrack.forget, conntrack.claims(self.config), networks)
+            log.info(
+                "gateway: table inet portfwd removed, %d translated flow(s) cleared",
+                cleared,
+                extra=event("gateway.removed", flows=cleared),
+            )
         except nft.GatewayError as exc:
             log.error("gateway: %s", exc.line(), extra=event("gateway.failed", reason=exc.message))
+        finally:
+            if self._restore_timestamps:
+                conntrack.unstamp(state_dir())
+                self._restore_timestamps = False

@@ -1,9 +1,6 @@
-"""The gateway config as one nftables ruleset in portfwd's own table, and the nft calls around it.
+"""The nft and ip calls around the gateway's table: apply, read, compare, remove.
 
-`plan()` is pure: config + the interfaces' addresses in, nft text out. Forwards
-become map lookups (`dnat ip to tcp dport map @dnat_tcp`), so the per-packet cost
-does not grow with the number of forwarded ports. Rules with a source allow list get their own
-map behind an `ip saddr @allow_N` match. `apply()` replaces the whole table in one nft
+The plan itself is pure and lives in gwplan.py. `apply()` replaces the whole table in one nft
 transaction (add, delete, add again, then the contents): either all of it takes effect or none,
 and nothing outside table `inet portfwd` is touched.
 """
@@ -16,77 +13,24 @@ import json
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
 from typing import Any
 
 from portfwd.errors import RuntimeFailure
-from portfwd.specs import GatewayForwardSpec, GatewaySpec
-
-TABLE = "portfwd"
-FAMILY = "inet"
-Network = ipaddress.IPv4Network
+from portfwd.kernel.gwplan import (
+    FAMILY,
+    TABLE,
+    Interfaces,
+    check,
+    notes,
+    plan,
+    trigger_mark,
+    wan_addresses_batch,
+)
+from portfwd.specs import GatewaySpec
 
 
 class GatewayError(RuntimeFailure):
     """The gateway plan cannot be built or applied; the message names the rule or interface."""
-
-
-@dataclass(frozen=True, slots=True)
-class Interfaces:
-    """What the plan needs to know about the box: the WAN addresses and the LAN networks."""
-
-    wan_addresses: tuple[str, ...]
-    lan_networks: tuple[Network, ...]
-
-
-def _elements(rule: GatewayForwardSpec, index: int) -> list[str]:
-    """`wan_port : lan_address . lan_port`, one per port (a range keeps its offset).
-
-    Each element carries its rule's name as a comment, so `nft list` shows where it came from
-    and an nft error on one element can be traced back to the config rule (`explain`).
-    """
-    out = []
-    for offset, port in enumerate(rule.port.ports()):
-        target = rule.to.ports.first if len(rule.to.ports) == 1 else rule.to.ports.first + offset
-        out.append(f'{port} comment "gateway.forward[{index}]" : {rule.to.host} . {target}')
-    return out
-
-
-def _protocols(rule: GatewayForwardSpec) -> list[str]:
-    return [proto for proto, on in (("tcp", rule.protocol.has_tcp), ("udp", rule.protocol.has_udp)) if on]
-
-
-def _map(name: str, elements: list[str]) -> str:
-    return (
-        f"  map {name} {{ type inet_service : ipv4_addr . inet_service; "
-        f"elements = {{ {', '.join(elements)} }} }}"
-    )
-
-
-def check(config: GatewaySpec, interfaces: Interfaces) -> list[str]:
-    """Problems the plan cannot express, one line each (targets outside the LAN, no LAN address)."""
-    problems = []
-    if not interfaces.lan_networks:
-        problems.append(f"gateway.lan: interface {config.lan} has no IPv4 address; give it one first")
-    for index, rule in enumerate(config.forward):
-        address = ipaddress.IPv4Address(rule.to.host)
-        if not config.allow_external_target and not any(address in net for net in interfaces.lan_networks):
-            nets = ", ".join(map(str, interfaces.lan_networks)) or "none"
-            problems.append(
-                f"gateway.forward[{index}].to: {rule.to.host} is not on the LAN ({config.lan}: {nets}); "
-                "set allow_external_target = true if that is intended"
-            )
-    return problems
-
-
-def _ports(proto_ports: tuple[str, Any]) -> str:
-    proto, ports = proto_ports
-    return f"{proto} . {ports.first}" if len(ports) == 1 else f"{proto} . {ports.first}-{ports.last}"
-
-
-def trigger_mark(index: int) -> str:
-    """The packet mark (and map key) of trigger `index`: portfwd's marks are 0x70f00 + index."""
-    return f"0x{0x70F00 + index:x}"
 
 
 def hand_over(index: int, host: str) -> None:
@@ -100,107 +44,6 @@ def hand_over(index: int, host: str) -> None:
     result = _nft("-f", "-", payload=batch)
     if result.returncode != 0:
         raise GatewayError(f"cannot hand trigger {index} to {host}: {_one_line(result.stderr)}")
-
-
-def _triggers(config: GatewaySpec, lines: list[str], wan: str, lan: str) -> tuple[list[str], list[str]]:
-    """Port triggering in the kernel (TESTBED §5a): per trigger, a dynamic map mark -> LAN host.
-
-    An outbound packet to the trigger port writes its source into the map; inbound packets to
-    the opened ports are DNATed to whatever the map holds, and refresh it. The element expires
-    after idle_timeout without traffic, which closes the ports. The first host keeps the ports
-    while it stays active (nft's `update` cannot replace a value).
-    """
-    nat: list[str] = []
-    forward: list[str] = []
-    for index, trigger in enumerate(config.trigger):
-        mark = trigger_mark(index)
-        host, out, opened = f"trig_host_{index}", f"trig_out_{index}", f"trig_open_{index}"
-        timeout = max(1, round(trigger.idle_timeout))
-        interval = "type inet_proto . inet_service; flags interval"
-        lines.append(f"  map {host} {{ type mark : ipv4_addr; flags dynamic,timeout; timeout {timeout}s; }}")
-        lines.append(f"  set {out} {{ {interval}; elements = {{ {_ports(trigger.trigger)} }} }}")
-        elements = ", ".join(_ports(item) for item in trigger.open)
-        lines.append(f"  set {opened} {{ {interval}; elements = {{ {elements} }} }}")
-        comment = f'comment "gateway.trigger[{index}]"'
-        if trigger.mode == "kernel":  # last-wins: portfwd's conntrack watcher writes the holder
-            forward.append(
-                f"iifname {lan} oifname {wan} meta l4proto . th dport @{out} meta mark set {mark}"
-                f" update @{host} {{ meta mark : ip saddr }} counter {comment}"
-            )
-        forward.append(
-            f"iifname {wan} oifname {lan} ct status dnat meta l4proto . th dport @{opened}"
-            f" meta mark set {mark} update @{host} {{ meta mark : ip daddr }} counter {comment}"
-        )
-        nat.append(
-            f"iifname {wan} meta l4proto . th dport @{opened} meta mark set {mark}"
-            f" counter dnat ip to meta mark map @{host} {comment}"
-        )
-    return nat, forward
-
-
-def plan(config: GatewaySpec, interfaces: Interfaces) -> str:
-    """The ruleset for table inet portfwd, as nft text.
-
-    Text, not JSON: nft 1.0.6's JSON parser rejects the concatenated map type
-    (`ipv4_addr . inet_service`) that its own JSON listing prints, and that map is what keeps
-    the per-packet cost flat.
-    """
-    wan, lan = f'"{config.wan}"', f'"{config.lan}"'
-    lines = [f"table {FAMILY} {TABLE} {{"]
-    prerouting: list[str] = []
-    hairpin: list[str] = []
-    shared: dict[str, list[str]] = {"tcp": [], "udp": []}
-    for index, rule in enumerate(config.forward):
-        for proto in _protocols(rule):
-            if not rule.allow:
-                shared[proto].extend(_elements(rule, index))
-                continue
-            name, allow = f"dnat_{index}_{proto}", f"allow_{index}"
-            lines.append(_map(name, _elements(rule, index)))
-            if f"  set {allow} " not in "\n".join(lines):
-                nets = ", ".join(str(net) for net in rule.allow)
-                lines.append(f"  set {allow} {{ type ipv4_addr; flags interval; elements = {{ {nets} }} }}")
-            prerouting.append(
-                f"iifname {wan} ip saddr @{allow} counter dnat ip to {proto} dport map @{name}"
-                f' comment "gateway.forward[{index}]"'
-            )
-    wan_addresses = ", ".join(interfaces.wan_addresses)
-    for proto, elements in shared.items():
-        if not elements:
-            continue
-        lines.append(_map(f"dnat_{proto}", elements))
-        comment = f'comment "gateway.forward {proto}"'
-        prerouting.append(f"iifname {wan} counter dnat ip to {proto} dport map @dnat_{proto} {comment}")
-        if config.hairpin and wan_addresses:
-            hairpin.append(
-                f"iifname {lan} ip daddr {{ {wan_addresses} }} counter"
-                f' dnat ip to {proto} dport map @dnat_{proto} comment "hairpin"'
-            )
-    lan_nets = ", ".join(str(net) for net in interfaces.lan_networks)
-    postrouting: list[str] = []
-    if config.masquerade and lan_nets:
-        postrouting.append(f'oifname {wan} ip saddr {{ {lan_nets} }} counter masquerade comment "masquerade"')
-    if hairpin and lan_nets:
-        postrouting.append(
-            f'oifname {lan} ip saddr {{ {lan_nets} }} ct status dnat counter masquerade comment "hairpin"'
-        )
-    triggered, trigger_forward = _triggers(config, lines, wan, lan)
-    chains = [
-        ("prerouting", "type nat hook prerouting priority dstnat", [*prerouting, *triggered, *hairpin]),
-        ("postrouting", "type nat hook postrouting priority srcnat", postrouting),
-        (
-            "forward",
-            "type filter hook forward priority filter",
-            [*trigger_forward, 'ct status dnat counter accept comment "dnat"'],
-        ),
-    ]
-    for name, hook, rules in chains:
-        lines.append(f"  chain {name} {{")
-        lines.append(f"    {hook}; policy accept;")
-        lines.extend(f"    {rule}" for rule in rules)
-        lines.append("  }")
-    lines.append("}")
-    return "\n".join(lines) + "\n"
 
 
 def document(ruleset: str) -> str:
@@ -234,7 +77,7 @@ def _one_line(stderr: str) -> str:
 _NFT_ERROR = re.compile(r"^/dev/stdin:(\d+):(\d+)-(\d+): Error: (.+)$", re.MULTILINE)
 _COMMENT = re.compile(r'comment "([^"]+)"')
 _NAMED = (
-    (re.compile(r"\ballow_(\d+)\b"), "gateway.forward[{}].allow"),
+    (re.compile(r"\ballow6?_(\d+)\b"), "gateway.forward[{}].allow"),
     (re.compile(r"\bdnat_(\d+)_"), "gateway.forward[{}]"),
     (re.compile(r"\btrig_open_(\d+)\b"), "gateway.trigger[{}].open"),
     (re.compile(r"\btrig_out_(\d+)\b"), "gateway.trigger[{}].trigger"),
@@ -359,36 +202,101 @@ def _reads_one(path: str) -> bool:
         return False
 
 
+def _addresses(name: str, field: str) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
+    """The addresses of interface `name` (IPv6 ones of global scope only), by `ip -j addr`."""
+    try:
+        result = subprocess.run(
+            ["ip", "-j", "addr", "show", "dev", name], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise GatewayError(f"cannot run ip: {exc}", hint="apt-get install iproute2") from exc
+    if result.returncode != 0:
+        raise GatewayError(f"no interface {name!r} on this machine", field=field, hint="see ip link")
+    out: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = []
+    for link in json.loads(result.stdout or "[]"):
+        for info in link.get("addr_info", []):
+            if info.get("family") == "inet6" and info.get("scope") != "global":
+                continue
+            if info.get("family") in ("inet", "inet6"):
+                out.append(ipaddress.ip_interface(f"{info['local']}/{info['prefixlen']}"))
+    return out
+
+
+_FLOWTABLES: list[bool] = []
+
+
+def flowtables_supported() -> bool:
+    """Whether this kernel has nftables flowtables: one is made in a throwaway network namespace."""
+    if not _FLOWTABLES:
+        unshare, binary = shutil.which("unshare"), shutil.which("nft")
+        probe = "table inet probe {\n flowtable f { hook ingress priority filter; devices = { lo }; }\n}\n"
+        ok = False
+        if unshare is not None and binary is not None:
+            try:
+                ok = (
+                    subprocess.run(
+                        [unshare, "--net", binary, "-f", "-"],
+                        input=probe,
+                        capture_output=True,
+                        text=True,
+                        timeout=30,
+                    ).returncode
+                    == 0
+                )
+            except (OSError, subprocess.TimeoutExpired):
+                ok = False
+        _FLOWTABLES.append(ok)
+    return _FLOWTABLES[0]
+
+
 def interfaces(config: GatewaySpec) -> Interfaces:
     """Read the WAN addresses and LAN networks with `ip -j addr`. Raises GatewayError for a missing one."""
-
-    def addresses(name: str, field: str) -> list[ipaddress.IPv4Interface]:
-        try:
-            result = subprocess.run(
-                ["ip", "-j", "-4", "addr", "show", "dev", name], capture_output=True, text=True, timeout=10
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise GatewayError(f"cannot run ip: {exc}", hint="apt-get install iproute2") from exc
-        if result.returncode != 0:
-            raise GatewayError(f"no interface {name!r} on this machine", field=field, hint="see ip link")
-        out = []
-        for link in json.loads(result.stdout or "[]"):
-            for info in link.get("addr_info", []):
-                out.append(ipaddress.IPv4Interface(f"{info['local']}/{info['prefixlen']}"))
-        return out
-
-    wan = addresses(config.wan, "gateway.wan")
-    lan = addresses(config.lan, "gateway.lan")
-    return Interfaces(tuple(str(item.ip) for item in wan), tuple(item.network for item in lan))
+    wan = _addresses(config.wan, "gateway.wan")
+    lan = _addresses(config.lan, "gateway.lan")
+    return Interfaces(
+        tuple(str(item.ip) for item in wan if item.version == 4),
+        tuple(item.network for item in lan if isinstance(item, ipaddress.IPv4Interface)),
+        tuple(item.network for item in lan if isinstance(item, ipaddress.IPv6Interface)),
+        flowtables=config.flowtable and flowtables_supported(),
+    )
 
 
-def prepare(config: GatewaySpec) -> str:
-    """Read the interfaces, check the plan against them, and return the ruleset. Raises GatewayError."""
+def prepare(config: GatewaySpec) -> tuple[str, list[str]]:
+    """Read the interfaces, check the plan against them, and return the ruleset and its notes.
+
+    Raises GatewayError for the first problem.
+    """
     found = interfaces(config)
     problems = check(config, found)
     if problems:
         raise GatewayError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-    return plan(config, found)
+    return plan(config, found), notes(config, found)
+
+
+def set_wan_addresses(addresses: tuple[str, ...]) -> None:
+    """Make the live table's `wan_addresses` set hold `addresses` (one transaction). Raises GatewayError."""
+    result = _nft("-f", "-", payload=wan_addresses_batch(addresses))
+    if result.returncode != 0:
+        raise GatewayError(f"cannot update the WAN addresses: {_one_line(result.stderr)}")
+
+
+def batch(text: str, doing: str) -> None:
+    """Run an nft batch (one transaction). Raises GatewayError saying what it was `doing`."""
+    result = _nft("-f", "-", payload=text)
+    if result.returncode != 0:
+        raise GatewayError(f"cannot {doing}: {_one_line(result.stderr)}")
+
+
+def ruleset() -> dict[str, Any]:
+    """The whole ruleset as nft lists it (JSON), to see what other tables do; empty when unreadable."""
+    result = _nft("-j", "list", "ruleset")
+    if result.returncode != 0:
+        return {}
+    try:
+        data = json.loads(result.stdout or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def counters(listing: dict[str, Any]) -> list[dict[str, Any]]:

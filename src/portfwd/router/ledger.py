@@ -16,24 +16,12 @@ from typing import NamedTuple
 
 from portfwd.errors import RouterError
 from portfwd.router.base import Granted
+from portfwd.statedir import state_dir
 
 #: The file's name in the state directory.
 NAME = "mappings"
 #: Lines kept at most: a bound on the file, whatever happens to it.
 MAX_LINES = 1024
-
-
-def state_dir() -> str:
-    """Where portfwd keeps small state: $PORTFWD_STATE_DIR, /var/lib/portfwd as root, else XDG.
-
-    Plain `os.path`: pathlib would add a millisecond to every `portfwd map add`.
-    """
-    if env := os.environ.get("PORTFWD_STATE_DIR"):
-        return env
-    if os.geteuid() == 0:
-        return "/var/lib/portfwd"
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "portfwd")
 
 
 class Held(NamedTuple):

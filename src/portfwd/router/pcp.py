@@ -25,7 +25,7 @@ from portfwd.router.base import (
     own_host_only,
     port_taken,
 )
-from portfwd.router.ledger import state_dir
+from portfwd.statedir import state_dir
 
 
 def nonce_key() -> bytes:

@@ -1,0 +1,824 @@
+"""Whether another nftables table's forward hook drops what portfwd's gateway forwards, and the fix.
+
+An `accept` in table inet portfwd ends only portfwd's own chain: every other base chain on the
+forward hook still sees the packet, and a `drop` there (a policy drop, usually) is final. This
+module reads `nft -j list ruleset` and, for each packet the gateway needs (a `Probe`), says which
+chains would drop it, what rule to add there, and writes the nft batches that add and remove
+those rules. It is pure: JSON in, text out; the caller runs nft.
+
+It is hand-written because nothing else evaluates an nftables ruleset against a packet: the
+kernel does it only for real packets, nft and libnftables parse and print but never evaluate,
+and python3-nftables is a binding to those.
+
+Theory of operation. Every match is tri-state: True, False or Unknown (None) when the rule looks
+at something the probe does not fix (the client's address, a mark, a rate limit) or at an
+expression this module does not understand. A chain is walked once per probe, and the walk
+keeps the set of outcomes that some assignment of the Unknown matches could produce: "some path
+accepts", "some path drops (and why)", "some path falls off the end / returns". An Unknown rule
+adds its verdict as a possibility and lets the walk go on; a True rule ends the walk. The "main
+path" is the one where no Unknown rule matched: its drop reason is the one reported when it
+drops. A packet is blocked when some path drops; certainly blocked when no path accepts.
+Regular chains reached by `jump`/`goto` are walked the same way (memoised, depth 16, no loops).
+
+Tables managed by iptables-nft (docker's FORWARD policy drop is the common case) get iptables
+commands from `fix()`, and `opening()` inserts only native rules iptables-nft can still parse:
+a `ct status dnat` rule there makes `iptables-save` refuse the whole table ("incompatible").
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+COMMENT_PREFIX = "portfwd gateway: "
+MAX_DEPTH = 16
+COMMENT_MAX = 128  # nft refuses longer rule comments
+
+Tri = bool | None  # None: Unknown
+
+PROTOCOLS = {
+    "icmp": 1, "igmp": 2, "tcp": 6, "udp": 17, "dccp": 33, "gre": 47, "esp": 50, "ah": 51,
+    "icmpv6": 58, "ipv6-icmp": 58, "comp": 108, "sctp": 132, "udplite": 136,
+}  # fmt: skip
+PORTED = {"tcp", "udp", "sctp", "dccp", "udplite"}
+NFPROTO = {"ipv4": 2, "ipv6": 10}
+IPTABLES_TABLES = {"filter", "mangle", "raw", "security", "nat"}
+IPTABLES_CHAINS = {"INPUT", "FORWARD", "OUTPUT", "PREROUTING", "POSTROUTING"}
+# Statements with side effects only: they neither stop a rule from matching nor end the chain.
+IGNORED = {
+    "counter", "log", "mangle", "set", "map", "ct helper", "ct timeout", "ct expectation",
+    "notrack", "dup", "secmark", "last", "flow",
+}  # fmt: skip
+XT_HARMLESS_TARGETS = {"LOG", "NFLOG", "MARK", "CONNMARK", "TCPMSS", "CT", "NOTRACK", "CLASSIFY", "TRACE"}
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """A packet portfwd's gateway needs the forward hook to accept (the first one: ct state new)."""
+
+    what: str  # who needs it, for messages: "gateway.forward[0]", "masquerade", "hairpin"
+    family: Literal["ip", "ip6"]
+    iif: str
+    oif: str
+    l4proto: Literal["tcp", "udp"] | None  # None: any (masquerade)
+    daddr: str | None  # the destination after DNAT, None: unknown/any
+    dport: tuple[int, int] | None  # destination port range after DNAT, None: any
+    dnat: bool  # ct status has dnat
+
+
+@dataclass(frozen=True, slots=True)
+class Blocked:
+    """Another table's forward base chain that drops `probe` (surely, or unless an Unknown rule matches)."""
+
+    probe: Probe
+    family: str
+    table: str
+    chain: str
+    certain: bool
+    because: str  # "policy drop", or 'rule 7: iifname "eth0" drop'
+    iptables: bool = False  # the table is managed by iptables-nft: fix it with iptables
+
+
+# --------------------------------------------------------------------------- tri-state logic
+
+
+def _and(left: Tri, right: Tri) -> Tri:
+    if left is False or right is False:
+        return False
+    if left is None or right is None:
+        return None
+    return True
+
+
+def _or(values: Iterable[Tri]) -> Tri:
+    result: Tri = False
+    for value in values:
+        if value is True:
+            return True
+        if value is None:
+            result = None
+    return result
+
+
+def _not(value: Tri) -> Tri:
+    return None if value is None else not value
+
+
+# --------------------------------------------------------------------------- the ruleset
+
+
+@dataclass(slots=True)
+class _Table:
+    family: str
+    name: str
+    base: list[tuple[str, str]] = field(default_factory=list)  # (chain, policy)
+    rules: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    sets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    has_xt: bool = False
+
+    @property
+    def iptables(self) -> bool:
+        """Managed by iptables-nft: it uses xt expressions or looks like iptables' own tables."""
+        if self.family not in ("ip", "ip6"):
+            return False
+        builtin = self.name in IPTABLES_TABLES and all(chain in IPTABLES_CHAINS for chain, _ in self.base)
+        return self.has_xt or (builtin and bool(self.base))
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _tables(listing: Any) -> dict[tuple[str, str], _Table]:
+    items = listing.get("nftables") if isinstance(listing, dict) else None
+    tables: dict[tuple[str, str], _Table] = {}
+    if not isinstance(items, list):
+        return tables
+    for item in items:
+        if not isinstance(item, dict) or len(item) != 1:
+            continue
+        kind, body = next(iter(item.items()))
+        if not isinstance(body, dict):
+            continue
+        family, table = _text(body.get("family")), _text(body.get("table"))
+        if kind == "table":
+            table = _text(body.get("name"))
+        if family is None or table is None:
+            continue
+        entry = tables.setdefault((family, table), _Table(family, table))
+        name = _text(body.get("name"))
+        if kind == "chain" and name is not None:
+            entry.rules.setdefault(name, [])
+            if body.get("hook") == "forward" and "type" in body:
+                entry.base.append((name, _text(body.get("policy")) or "accept"))
+        elif kind in ("set", "map") and name is not None:
+            entry.sets[name] = body
+        elif kind == "rule":
+            chain = _text(body.get("chain"))
+            if chain is not None:
+                entry.rules.setdefault(chain, []).append(body)
+                expr = body.get("expr")
+                if isinstance(expr, list) and any(isinstance(s, dict) and "xt" in s for s in expr):
+                    entry.has_xt = True
+    return tables
+
+
+def _applies(table_family: str, probe_family: str) -> bool:
+    return table_family == "inet" or table_family == probe_family
+
+
+# --------------------------------------------------------------------------- values
+
+
+Interval = tuple[int, int, int]  # (space, low, high): space tells IPv4 from IPv6 from plain numbers
+
+
+def _address(value: Any) -> Interval | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        if "/" in value:
+            net = ipaddress.ip_network(value, strict=False)
+            return (net.version, int(net.network_address), int(net.broadcast_address))
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        return None
+    return (addr.version, int(addr), int(addr))
+
+
+def _number(value: Any, names: dict[str, int] | None = None) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        if value.isdigit():
+            return int(value)
+        if names is not None:
+            return names.get(value)
+    return None
+
+
+def _interval(element: Any, domain: str) -> Interval | None:
+    """An element (scalar, range, prefix, elem wrapper) as an interval of the domain; None: not understood."""
+    if isinstance(element, dict) and isinstance(element.get("elem"), dict):
+        element = element["elem"].get("val")
+    if isinstance(element, dict) and len(element) == 1:
+        kind, body = next(iter(element.items()))
+        if kind == "range" and isinstance(body, list) and len(body) == 2:
+            low, high = _interval(body[0], domain), _interval(body[1], domain)
+            if low is None or high is None or low[0] != high[0]:
+                return None
+            return (low[0], low[1], high[2])
+        if kind == "prefix" and isinstance(body, dict) and domain == "addr":
+            return _address(f"{body.get('addr')}/{body.get('len')}")
+        return None
+    if domain == "addr":
+        return _address(element)
+    names = PROTOCOLS if domain == "proto" else NFPROTO if domain == "nfproto" else None
+    number = _number(element, names)
+    return None if number is None else (0, number, number)
+
+
+def _covers(probe: Interval, elements: Sequence[Interval | None]) -> Tri:
+    """True when the elements cover all of `probe`, False when none touches it, else Unknown."""
+    space, low, high = probe
+    spans = sorted((max(a, low), min(b, high)) for s, a, b in (e for e in elements if e) if s == space)
+    spans = [(a, b) for a, b in spans if a <= b]
+    if not spans:
+        return None if any(e is None for e in elements) else False
+    cursor = low
+    for a, b in spans:
+        if a > cursor:
+            break
+        cursor = max(cursor, b + 1)
+    return True if cursor > high else None
+
+
+def _iface(name: str, pattern: Any) -> Tri:
+    if isinstance(pattern, dict) and isinstance(pattern.get("elem"), dict):
+        pattern = pattern["elem"].get("val")
+    if not isinstance(pattern, str):
+        return None
+    if pattern.endswith("\\*"):
+        return name == pattern[:-2] + "*"
+    if pattern.endswith("*"):
+        return name.startswith(pattern[:-1])
+    return name == pattern
+
+
+CT_STATE = {"new": True, "established": False, "related": False, "invalid": False, "untracked": False}
+CT_STATUS_ABSENT = ("snat", "confirmed", "seen-reply", "assured", "expected", "dying")
+
+
+@dataclass(slots=True)
+class _Context:
+    probe: Probe
+    table: _Table
+
+    def elements(self, right: Any) -> list[Any] | None:
+        """The elements a right-hand side stands for; None: a set whose contents cannot be trusted."""
+        if isinstance(right, str) and right.startswith("@"):
+            named = self.table.sets.get(right[1:])
+            if named is None:
+                return None
+            flags = named.get("flags")
+            if isinstance(flags, list) and ("dynamic" in flags or "timeout" in flags):
+                return None
+            found = named.get("elem", [])
+            return list(found) if isinstance(found, list) else None
+        if isinstance(right, dict) and "set" in right:
+            found = right["set"]
+            return list(found) if isinstance(found, list) else [found]
+        return [right]
+
+    # ---------------------------------------------------------------- left-hand sides
+
+    def bits(self, key: str) -> tuple[dict[str, Tri], bool]:
+        """The probe's ct state/status bits by name, and whether that list is the whole word."""
+        if key == "state":
+            return dict(CT_STATE), True
+        status: dict[str, Tri] = dict.fromkeys(CT_STATUS_ABSENT, False)
+        status["dnat"] = self.probe.dnat
+        return status, False
+
+    def dependency(self, protocol: str) -> Tri | str:
+        """Whether the probe has header `protocol`, and the value domain of its fields ("" if none)."""
+        probe = self.probe
+        if protocol in ("ip", "ip6"):
+            return probe.family == protocol
+        if protocol == "th":
+            return None if probe.l4proto is None else probe.l4proto in PORTED
+        if protocol in PROTOCOLS:
+            if (protocol == "icmp" and probe.family == "ip6") or (
+                protocol == "icmpv6" and probe.family == "ip"
+            ):
+                return False
+            return None if probe.l4proto is None else probe.l4proto == protocol
+        return "unknown"
+
+    def match(self, body: Any) -> Tri:
+        if not isinstance(body, dict):
+            return None
+        op = body.get("op", "==")
+        left, right = body.get("left"), body.get("right")
+        if not isinstance(left, dict) or len(left) != 1 or not isinstance(op, str):
+            return None
+        kind, spec = next(iter(left.items()))
+        if not isinstance(spec, dict) and kind != "&":
+            return None
+        probe = self.probe
+        if kind == "&":
+            return self.masked(spec, op, right)
+        if kind == "ct" and "dir" not in spec and spec.get("key") in ("state", "status"):
+            return self.flags(str(spec["key"]), op, right)
+        if kind == "meta":
+            key = spec.get("key")
+            if key in ("iifname", "oifname", "iif", "oif"):
+                name = probe.iif if key in ("iifname", "iif") else probe.oif
+                return self.compare(op, right, lambda element: _iface(name, element))
+            if key == "l4proto":
+                if probe.l4proto is None:
+                    return None
+                return self.numeric(op, right, (0, PROTOCOLS[probe.l4proto]), "proto")
+            if key == "nfproto":
+                return self.numeric(
+                    op, right, (0, NFPROTO["ipv4" if probe.family == "ip" else "ipv6"]), "nfproto"
+                )
+            return None
+        if kind == "payload":
+            protocol, name = spec.get("protocol"), spec.get("field")
+            if not isinstance(protocol, str) or not isinstance(name, str):
+                return None
+            present = self.dependency(protocol)
+            if isinstance(present, str):
+                return None
+            if present is False:
+                return False
+            return _and(present, self.field(protocol, name, op, right))
+        return None
+
+    def field(self, protocol: str, name: str, op: str, right: Any) -> Tri:
+        probe = self.probe
+        if protocol in ("ip", "ip6") and name == "daddr":
+            found = None if probe.daddr is None else _address(probe.daddr)
+            return None if found is None else self.numeric(op, right, (found[0], found[1]), "addr", found[2])
+        if (protocol, name) in (("ip", "protocol"), ("ip6", "nexthdr")):
+            if probe.l4proto is None:
+                return None
+            return self.numeric(op, right, (0, PROTOCOLS[probe.l4proto]), "proto")
+        if protocol in PORTED | {"th"} and name == "dport" and probe.dport is not None:
+            first, last = probe.dport
+            return self.numeric(op, right, (0, first), "port", last)
+        return None  # saddr (the client is anyone), sport, flags, ...
+
+    # ---------------------------------------------------------------- comparisons
+
+    def compare(self, op: str, right: Any, member: Any) -> Tri:
+        elements = self.elements(right)
+        if elements is None:
+            return None
+        found = _or(member(element) for element in elements)
+        if op in ("==", "in"):
+            return found
+        if op == "!=":
+            return _not(found)
+        return None
+
+    def numeric(
+        self, op: str, right: Any, start: tuple[int, int], domain: str, end: int | None = None
+    ) -> Tri:
+        space, low = start
+        probe: Interval = (space, low, low if end is None else end)
+        if op in ("<", ">", "<=", ">="):
+            bound = _interval(right, domain)
+            if bound is None:
+                return None
+            edge = bound[1]
+            ceiling = 2**128
+            span = {"<": (0, edge - 1), "<=": (0, edge), ">": (edge + 1, ceiling), ">=": (edge, ceiling)}[op]
+            return _covers(probe, [(bound[0], *span)])
+        elements = self.elements(right)
+        if elements is None:
+            return None
+        found = _covers(probe, [_interval(element, domain) for element in elements])
+        if op in ("==", "in"):
+            return found
+        if op == "!=":
+            return _not(found)
+        return None
+
+    def flags(self, key: str, op: str, right: Any) -> Tri:
+        bits, complete = self.bits(key)
+        if op == "in" or (op == "==" and isinstance(right, list)):
+            names = right if isinstance(right, list) else [right]
+            if op == "==":
+                return self.exact(bits, complete, names)
+            return _or(bits.get(name) if isinstance(name, str) else None for name in names)
+        if op not in ("==", "!="):
+            return None
+        elements = self.elements(right)
+        if elements is None:
+            return None
+        found = _or(
+            self.exact(bits, complete, element if isinstance(element, list) else [element])
+            for element in elements
+        )
+        return found if op == "==" else _not(found)
+
+    @staticmethod
+    def exact(bits: dict[str, Tri], complete: bool, names: list[Any]) -> Tri:
+        """Whether the ct word is exactly the bits `names`."""
+        if not all(isinstance(name, str) for name in names):
+            return None
+        result: Tri = True if complete else None
+        for name in names:
+            result = _and(result, bits.get(name))
+        for name, value in bits.items():
+            if name not in names:
+                result = _and(result, _not(value))
+        return result
+
+    def masked(self, spec: Any, op: str, right: Any) -> Tri:
+        """`ct status & dnat == dnat`: the bits under the mask equal `right`'s."""
+        if not isinstance(spec, list) or len(spec) != 2 or op not in ("==", "!="):
+            return None
+        ct, mask = spec
+        if not isinstance(ct, dict) or not isinstance(ct.get("ct"), dict):
+            return None
+        key = ct["ct"].get("key")
+        if key not in ("state", "status") or "dir" in ct["ct"]:
+            return None
+        bits, _ = self.bits(str(key))
+        masks = mask if isinstance(mask, list) else [mask]
+        wanted = right if isinstance(right, list) else [] if right == 0 else [right]
+        result: Tri = True
+        for name in masks:
+            if not isinstance(name, str):
+                return None
+            bit = bits.get(name)
+            result = _and(result, bit if name in wanted else _not(bit))
+        return result if op == "==" else _not(result)
+
+
+# --------------------------------------------------------------------------- rules and chains
+
+
+Verdict = tuple[str, str]  # ("accept"|"drop"|"queue"|"return"|"continue"|"jump"|"goto", target)
+VERDICTS = {"accept", "drop", "reject", "queue", "return", "continue", "jump", "goto"}
+
+
+def _verdict(kind: str, body: Any) -> Verdict | None:
+    if kind not in VERDICTS:
+        return None
+    if kind in ("jump", "goto"):
+        target = body.get("target") if isinstance(body, dict) else None
+        return (kind, target) if isinstance(target, str) else None
+    return ("drop" if kind == "reject" else kind, "")
+
+
+def _statement(statement: Any) -> tuple[str, Any] | None:
+    if isinstance(statement, dict) and len(statement) == 1:
+        kind, body = next(iter(statement.items()))
+        if isinstance(kind, str):
+            return kind, body
+    return None
+
+
+def _rule(context: _Context, rule: dict[str, Any]) -> list[tuple[Tri, Verdict]]:
+    """The rule as alternatives (condition, verdict); a verdict map gives one per element."""
+    expr = rule.get("expr")
+    if not isinstance(expr, list):
+        return []
+    condition: Tri = True
+    for statement in expr:
+        parsed = _statement(statement)
+        if parsed is None:
+            condition = _and(condition, None)
+            continue
+        kind, body = parsed
+        if kind == "match":
+            condition = _and(condition, context.match(body))
+        elif kind in VERDICTS:
+            verdict = _verdict(kind, body)
+            return [(condition if verdict else _and(condition, None), verdict or ("queue", ""))]
+        elif kind == "vmap":
+            return [(_and(condition, when), verdict) for when, verdict in _vmap(context, body)]
+        elif kind == "xt" and isinstance(body, dict) and body.get("type") == "target":
+            if body.get("name") in ("REJECT", "DROP"):
+                return [(condition, ("drop", ""))]
+            if body.get("name") not in XT_HARMLESS_TARGETS:
+                condition = _and(condition, None)
+        elif kind not in IGNORED:
+            condition = _and(condition, None)  # limit, quota, xt match, ct count, ...
+        if condition is False:
+            return []
+    return []
+
+
+def _vmap(context: _Context, body: Any) -> list[tuple[Tri, Verdict]]:
+    if not isinstance(body, dict):
+        return [(None, ("queue", ""))]
+    key, data = body.get("key"), body.get("data")
+    pairs = context.elements(data) if isinstance(data, (str, dict)) else None
+    if pairs is None:
+        return [(None, ("queue", ""))]  # a verdict map we cannot read: any verdict is possible
+    out: list[tuple[Tri, Verdict]] = []
+    for pair in pairs:
+        if not isinstance(pair, list) or len(pair) != 2 or _statement(pair[1]) is None:
+            out.append((None, ("queue", "")))
+            continue
+        kind, verdict_body = _statement(pair[1]) or ("", None)
+        verdict = _verdict(kind, verdict_body) or ("queue", "")
+        out.append((context.match({"op": "==", "left": key, "right": pair[0]}), verdict))
+    return out
+
+
+@dataclass(slots=True)
+class _Outcome:
+    accept: bool = False  # some path accepts
+    drops: list[str] = field(default_factory=list)  # why some paths drop, in order
+    fall: bool = False  # some path returns to the caller
+    main: str | None = None  # the main path: "accept", "fall", or the reason it is dropped
+    settled: bool = False
+
+    def settle(self, main: str) -> None:
+        if not self.settled:
+            self.main, self.settled = main, True
+
+
+def _unknown(reason: str) -> _Outcome:
+    return _Outcome(accept=True, drops=[reason], fall=True, main="fall", settled=True)
+
+
+@dataclass(slots=True)
+class _Walker:
+    context: _Context
+    base: str
+    memo: dict[str, _Outcome] = field(default_factory=dict)
+
+    def walk(self, chain: str, depth: int, stack: tuple[str, ...]) -> _Outcome | None:
+        if chain in self.memo:
+            return self.memo[chain]
+        rules = self.context.table.rules.get(chain)
+        if rules is None or depth > MAX_DEPTH or chain in stack:
+            return None
+        out = _Outcome()
+        for rule in rules:
+            for condition, verdict in _rule(self.context, rule):
+                if condition is not False and self.take(out, condition, verdict, rule, chain, depth, stack):
+                    self.memo[chain] = out
+                    return out
+        out.fall = True
+        out.settle("fall")
+        self.memo[chain] = out
+        return out
+
+    def take(
+        self,
+        out: _Outcome,
+        condition: Tri,
+        verdict: Verdict,
+        rule: dict[str, Any],
+        chain: str,
+        depth: int,
+        stack: tuple[str, ...],
+    ) -> bool:
+        """Add one rule's possible outcome; True when no path goes on past it."""
+        kind, target = verdict
+        definite = condition is True
+        reason = _reason(rule, chain, self.base)
+        if kind == "accept":
+            out.accept = True
+            if definite:
+                out.settle("accept")
+        elif kind in ("drop", "queue"):
+            out.drops.append(reason)
+            out.accept = out.accept or kind == "queue"
+            if definite:
+                out.settle(reason)
+        elif kind == "return":
+            out.fall = True
+            if definite:
+                out.settle("fall")
+        elif kind in ("jump", "goto"):
+            sub = self.walk(target, depth + 1, (*stack, chain)) or _unknown(f"{reason} (not followed)")
+            out.accept = out.accept or sub.accept
+            out.drops.extend(sub.drops)
+            out.fall = out.fall or (kind == "goto" and sub.fall)
+            if definite and (sub.main != "fall" or kind == "goto"):
+                out.settle(sub.main or "fall")
+            return definite and (kind == "goto" or not sub.fall)
+        else:
+            return False
+        return definite
+
+    def verdict(self, policy: str) -> tuple[bool, str] | None:
+        """(certain, because) when the base chain may drop the probe, else None."""
+        out = self.walk(self.base, 0, ()) or _unknown("the chain could not be read")
+        if out.fall:
+            if policy == "drop":
+                out.drops.append("policy drop")
+            else:
+                out.accept = True
+        if not out.drops:
+            return None
+        main = out.main if out.main not in (None, "accept", "fall") else None
+        if out.main == "fall" and policy == "drop":
+            main = "policy drop"
+        return (not out.accept, main or out.drops[0])
+
+
+def _reason(rule: dict[str, Any], chain: str, base: str) -> str:
+    where = "" if chain == base else f" in chain {chain}"
+    return f"rule {rule.get('handle', '?')}{where}: {render(rule)}"
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, dict) and len(value) == 1:
+        kind, body = next(iter(value.items()))
+        if kind == "set" and isinstance(body, list):
+            return "{ " + ", ".join(_value(item) for item in body) + " }"
+        if kind == "range" and isinstance(body, list):
+            return "-".join(_value(item) for item in body)
+        if kind == "prefix" and isinstance(body, dict):
+            return f"{body.get('addr')}/{body.get('len')}"
+        if kind == "meta" and isinstance(body, dict):
+            return f"meta {body.get('key')}"
+        if kind == "ct" and isinstance(body, dict):
+            return f"ct {body.get('key')}"
+        if kind == "payload" and isinstance(body, dict):
+            return f"{body.get('protocol')} {body.get('field')}"
+        if kind == "&" and isinstance(body, list):
+            return " & ".join(_value(item) for item in body)
+        return str(kind)
+    if isinstance(value, list):
+        return ",".join(_value(item) for item in value)
+    return str(value)
+
+
+def render(rule: dict[str, Any], limit: int = 80) -> str:
+    """A short nft-like rendering of a listed rule, for messages (`iifname "eth0" drop`)."""
+    parts: list[str] = []
+    expr = rule.get("expr")
+    for statement in expr if isinstance(expr, list) else []:
+        parsed = _statement(statement)
+        if parsed is None:
+            continue
+        kind, body = parsed
+        if kind == "match" and isinstance(body, dict):
+            left = body.get("left")
+            key = left.get("meta", {}).get("key") if isinstance(left, dict) else None
+            name = str(key) if key in ("iifname", "oifname", "iif", "oif") else _value(left)
+            right = body.get("right")
+            shown = (
+                f'"{right}"'
+                if key in ("iifname", "oifname", "iif", "oif") and isinstance(right, str)
+                else _value(right)
+            )
+            op = body.get("op")
+            parts.append(f"{name} {shown}" if op in ("==", "in", None) else f"{name} {op} {shown}")
+        elif kind in ("jump", "goto") and isinstance(body, dict):
+            parts.append(f"{kind} {body.get('target')}")
+        elif kind == "xt" and isinstance(body, dict):
+            parts.append(f"xt {body.get('type')} {body.get('name')}")
+        elif kind != "counter":
+            parts.append(kind)
+    text = " ".join(parts)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------- the public verbs
+
+
+def blocked(
+    listing: dict[str, Any], probes: Sequence[Probe], own: tuple[str, str] = ("inet", "portfwd")
+) -> list[Blocked]:
+    """Every (probe, other table's forward base chain) where that chain may drop the probe.
+
+    `listing` is `nft -j list ruleset` parsed. Never raises on odd JSON: what it cannot read
+    counts as Unknown, which at worst turns a finding into certain=False.
+    """
+    found: list[Blocked] = []
+    tables = _tables(listing)
+    for probe in probes:
+        for (family, name), table in tables.items():
+            if (family, name) == own or not _applies(family, probe.family):
+                continue
+            for chain, policy in table.base:
+                context = _Context(probe, table)
+                result = _Walker(context, chain).verdict(policy)
+                if result is not None:
+                    certain, because = result
+                    found.append(Blocked(probe, family, name, chain, certain, because, table.iptables))
+    return found
+
+
+def _ports(probe: Probe) -> str:
+    if probe.dport is None:
+        return ""
+    first, last = probe.dport
+    return str(first) if first == last else f"{first}-{last}"
+
+
+def _rule_text(item: Blocked) -> str | None:
+    """The accept rule for `item` as nft text, or None when none can be written for its table."""
+    probe = item.probe
+    ports = _ports(probe)
+    proto = ""
+    if probe.l4proto is not None:
+        proto = f"{probe.l4proto} dport {ports} " if ports else f"meta l4proto {probe.l4proto} "
+    daddr = f"{probe.family} daddr {probe.daddr} " if probe.daddr is not None else ""
+    ifaces = f'iifname "{probe.iif}" oifname "{probe.oif}" '
+    if probe.dnat:
+        if not item.iptables:
+            return "ct status dnat accept"
+        if not daddr or not proto:
+            return None  # iptables-nft cannot parse `ct status`; nothing narrower is known
+        return f"{ifaces}{daddr}{proto}accept"
+    if daddr:
+        return f"{daddr}{proto}accept"
+    return f"{ifaces}{proto}accept"
+
+
+def _shell(word: str) -> str:
+    safe = all(ch.isalnum() or ch in " ._:/,-=@+" for ch in word)
+    return word if safe else "'" + word.replace("'", "'\"'\"'") + "'"
+
+
+def _iptables(item: Blocked) -> str:
+    probe = item.probe
+    binary = "iptables" if item.family == "ip" else "ip6tables"
+    parts = [binary, "-I", _shell(item.chain)]
+    if probe.dnat:  # one rule for every forward, as `ct status dnat accept` is
+        return " ".join([*parts, "-m", "conntrack", "--ctstate", "DNAT", "-j", "ACCEPT"])
+    if probe.daddr is None:
+        parts += ["-i", _shell(probe.iif), "-o", _shell(probe.oif)]
+    else:
+        parts += ["-d", probe.daddr]
+    if probe.l4proto is not None:
+        parts += ["-p", probe.l4proto]
+        if probe.dport is not None:
+            parts += ["--dport", _ports(probe).replace("-", ":")]
+    return " ".join([*parts, "-j", "ACCEPT"])
+
+
+def fix(item: Blocked) -> str:
+    """The command a user runs to let `item.probe` through `item`'s chain (an accept at the top).
+
+    `nft insert rule inet filter forward ct status dnat accept` for DNAT; for a table managed
+    by iptables-nft, the iptables command, so that iptables can still list the table.
+    """
+    rule = _rule_text(item)
+    if item.iptables or rule is None:
+        return _iptables(item)
+    return f"nft insert rule {item.family} {_shell(item.table)} {_shell(item.chain)} {_shell(rule)}"
+
+
+def _comment(what: Sequence[str]) -> str:
+    text = COMMENT_PREFIX + what[0] + (f" and {len(what) - 1} more" if len(what) > 1 else "")
+    text = text.replace('"', "'")
+    return text if len(text) <= COMMENT_MAX else text[: COMMENT_MAX - 3] + "..."
+
+
+def opening(items: Sequence[Blocked]) -> str:
+    """An nft batch (`nft -f -`) inserting one accept rule per distinct fix, commented for `opened()`.
+
+    Items whose table is managed by iptables-nft and that no iptables-readable rule can
+    describe appear as a `#` comment line naming the iptables command to run.
+    """
+    wanted: dict[tuple[str, str, str, str], list[str]] = {}
+    skipped: list[str] = []
+    for item in items:
+        rule = _rule_text(item)
+        if rule is None:
+            line = f"# {item.family} {item.table} {item.chain} is iptables-nft's: run {_iptables(item)}"
+            if line not in skipped:
+                skipped.append(line)
+            continue
+        whats = wanted.setdefault((item.family, item.table, item.chain, rule), [])
+        if item.probe.what not in whats:
+            whats.append(item.probe.what)
+    lines = [
+        f'insert rule {family} {table} {chain} {rule} comment "{_comment(whats)}"'
+        for (family, table, chain, rule), whats in wanted.items()
+    ]
+    return "".join(line + "\n" for line in [*skipped, *lines])
+
+
+def opened(
+    listing: dict[str, Any], own: tuple[str, str] = ("inet", "portfwd")
+) -> list[tuple[str, str, str, int]]:
+    """(family, table, chain, handle) of the rules `opening()` inserted outside `own` (by comment)."""
+    found: list[tuple[str, str, str, int]] = []
+    items = listing.get("nftables") if isinstance(listing, dict) else None
+    for item in items if isinstance(items, list) else []:
+        rule = item.get("rule") if isinstance(item, dict) else None
+        if not isinstance(rule, dict):
+            continue
+        comment, handle = rule.get("comment"), rule.get("handle")
+        family, table, chain = rule.get("family"), rule.get("table"), rule.get("chain")
+        if not (isinstance(comment, str) and comment.startswith(COMMENT_PREFIX)):
+            continue
+        if isinstance(handle, bool) or not isinstance(handle, int):
+            continue
+        if (
+            isinstance(family, str)
+            and isinstance(table, str)
+            and isinstance(chain, str)
+            and (family, table) != own
+        ):
+            found.append((family, table, chain, handle))
+    return found
+
+
+def closing(rules: Iterable[tuple[str, str, str, int]]) -> str:
+    """An nft batch deleting `rules` (from `opened()`) by handle."""
+    return "".join(
+        f"delete rule {family} {table} {chain} handle {handle}\n" for family, table, chain, handle in rules
+    )

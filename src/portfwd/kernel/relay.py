@@ -1,0 +1,568 @@
+"""`relay = "kernel"`: a `[[forward]]` rule compiled into nftables NAT instead of relayed in userspace.
+
+Why: once the first packet of a flow is translated, conntrack carries every later packet inside
+the kernel, with no copy to userspace, no socket pair and no context switch per read; no
+userspace relay (not even splice) is faster. `plan()` is pure (rules in, nft text out) and
+`apply()` replaces the instance's own table in one nft transaction, as `nft.py` does for the
+gateway. One table per portfwd instance (`table inet <table>`), so `remove()` is one
+`delete table`.
+
+What each rule becomes, per protocol and per address family it can carry:
+
+- listen on the wildcard: packets to any address of this host (`fib daddr type local`);
+  a specific address: `ip daddr X` / `ip6 daddr X`.
+- a local target (a loopback address or `localhost`): `redirect` in prerouting (clients on
+  other hosts) and in the nat output chain (clients on this host). A target that is the
+  listen address itself is DNATed to that address instead, which keeps the address exact.
+- a remote target: `dnat` in prerouting and output, plus `masquerade` in postrouting for exactly
+  these flows (conntrack says: DNATed, originally to our listen port, now answered by our target
+  from our target port), so the target needs no route back to the client and no other DNAT on
+  the box is masqueraded.
+- a port range keeps its offset through a map from listen port to target port.
+- deny, then allow (named interval sets, both families) drop the first packet; then per-source
+  routes (named sets, first match wins), then the rule's own target, as in `acl.AccessPolicy`.
+- counters: the NAT rules count new flows (`connections()`); two filter chains (`count_in` on
+  prerouting, `count_out` on output) count every packet of those flows, both ways, IP headers
+  included (`counters()`). Every rule's comment is the portfwd rule's label (`comment()`).
+
+Caveats, all seen on this kernel (6.18, nft 1.0.6):
+
+- Redirect semantics (as iptables REDIRECT): a packet from another host is redirected to the
+  primary address of the interface it came in on, a local one to 127.0.0.1 / ::1. The server
+  must listen on the wildcard address (or on both of those), not on the loopback address alone.
+- There is no listening socket: nothing shows in `ss -l`, a port conflict with a real listener
+  is not detected (the NAT wins), and nothing refuses a client when the target is down (the
+  target's own RST or ICMP reaches the client).
+- Forwarding to another host needs net.ipv4.ip_forward=1 (net.ipv6.conf.all.forwarding=1 for
+  IPv6): see `needs_forwarding()`. A forward-hook filter of another table (a `policy drop`
+  firewall) still applies to these flows.
+- Clients on this host that connect to a loopback address cannot reach a remote target: a packet
+  from 127.0.0.1 may not leave the box (route_localnet), so the output chain leaves loopback
+  destinations alone for remote targets; local clients use one of the host's other addresses.
+- Masquerade makes the target see this host's address, not the client's (the kernel relay is
+  not transparent). UDP and TCP idle times are conntrack's (nf_conntrack_udp_timeout*, ...).
+- nft 1.0.6 refuses `priority dstnat` on a nat output chain (`priority -100` is used), and
+  crashes listing a concatenation of `ct ... proto-dst` keys, so flows are matched by ranges.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from portfwd.addr import HostPorts, PortRange, UnixPath
+from portfwd.errors import RuntimeFailure
+from portfwd.specs import HealthSpec, Network, RuleSpec
+
+FAMILY = "inet"
+#: Limit of an nft comment, in bytes.
+COMMENT_MAX = 128
+LOCALHOST = ("localhost", "localhost.")
+_TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+_DEFAULTS = RuleSpec(label="", name=None, listen=HostPorts("", PortRange(1, 1)), connect=UnixPath("/"))
+
+Version = Literal[4, 6]
+
+
+class KernelRelayError(RuntimeFailure):
+    """A kernel relay plan cannot be built, loaded or removed; the message names the rule."""
+
+
+# --------------------------------------------------------------------------- what fits
+
+
+def _version(host: str) -> Version | None:
+    """4 or 6 for an IP literal, None for anything else (a name, the wildcard)."""
+    try:
+        return 4 if ipaddress.ip_address(host).version == 4 else 6
+    except ValueError:
+        return None
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in LOCALHOST:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _target_problem(target: object, key: str) -> str | None:
+    if isinstance(target, UnixPath):
+        return f"{key}: a Unix socket target needs userspace"
+    assert isinstance(target, HostPorts)
+    if "%" in target.host:
+        return f"{key}: a scoped IPv6 address (%zone) needs userspace"
+    if _version(target.host) is None and target.host.lower() not in LOCALHOST:
+        return (
+            f"{key}: host name {target.host!r} needs userspace (the kernel resolves no names); "
+            "write an IP address"
+        )
+    return None
+
+
+def _features(rule: RuleSpec, where: str) -> str | None:
+    """The first userspace-only feature the rule uses (non-default value), as a line."""
+    checks: tuple[tuple[bool, str], ...] = (
+        (rule.proxy_protocol != 0, "proxy_protocol needs userspace"),
+        (rule.accept_proxy or bool(rule.trusted_proxies), "accept_proxy needs userspace"),
+        (bool(rule.backends), "several backends need userspace (for now)"),
+        (rule.health != HealthSpec(), "health checks need userspace (for now)"),
+        (rule.balance != _DEFAULTS.balance, "balance needs userspace (for now)"),
+        (rule.max_connections != 0, "max_connections needs userspace"),
+        (rule.max_connections_per_source != 0, "max_connections_per_source needs userspace"),
+        (rule.rate is not None, "rate needs userspace"),
+        (rule.bandwidth != 0, "bandwidth needs userspace"),
+        (rule.bandwidth_per_connection != 0, "bandwidth_per_connection needs userspace"),
+        (rule.idle_timeout is not None, "idle_timeout needs userspace (the kernel keeps conntrack's)"),
+        (
+            rule.udp_idle_timeout != _DEFAULTS.udp_idle_timeout,
+            "udp_idle_timeout needs userspace (the kernel keeps conntrack's UDP timeouts)",
+        ),
+        (rule.udp_max_flows != _DEFAULTS.udp_max_flows, "udp_max_flows needs userspace"),
+        (rule.transparent, "transparent needs userspace (the kernel relay masquerades)"),
+        (rule.dual_stack, "dual_stack needs userspace"),
+    )
+    for used, why in checks:
+        if used:
+            return f"{where}: {why}"
+    return None
+
+
+def unsuitable(rule: RuleSpec) -> str | None:
+    """Why `rule` cannot be a kernel relay (one line naming the key, for `portfwd check`), or None.
+
+    Refused: Unix sockets on either side, a host name as a target (a route's too), a scoped IPv6
+    address, listen and target of different families (no NAT64), a loopback listen with a remote
+    target (needs route_localnet), routes to a backend, and every userspace-only setting with a
+    value other than its default. Settings that have no meaning without a socket in the middle
+    (`connect_timeout`, `backlog`, `tcp_keepalive`, `relay`) are ignored: the client and the
+    target talk end to end, with their own timeouts and keepalives.
+    """
+    where = rule.where
+    if isinstance(rule.listen, UnixPath):
+        return f"{where}.listen: a Unix socket listener needs userspace"
+    if "%" in rule.listen.host:
+        return f"{where}.listen: a scoped IPv6 address (%zone) needs userspace"
+    if not rule.listen.is_any and _version(rule.listen.host) is None:
+        return f"{where}.listen: host name {rule.listen.host!r} needs userspace; write an IP address or *"
+    if (problem := _features(rule, where)) is not None:
+        return problem
+    targets: list[tuple[str, object]] = [(f"{where}.connect", rule.connect)]
+    for index, route in enumerate(rule.route):
+        key = f"{where}.route[{index}]"
+        if route.backend is not None:
+            return f"{key}.backend: routes to a backend need userspace (for now)"
+        targets.append((f"{key}.connect", route.connect))
+    listen = rule.listen
+    for key, target in targets:
+        if (problem := _target_problem(target, key)) is not None:
+            return problem
+        assert isinstance(target, HostPorts)
+        if len(target.ports) not in (1, len(listen.ports)):
+            return f"{key}: a port range must be as long as the listen range ({listen.ports})"
+        if not listen.is_any and _is_loopback(listen.host) and not _is_local(listen, target):
+            return (
+                f"{key}: a loopback-only listen with a remote target needs userspace "
+                "(the kernel would need net.ipv4.conf.*.route_localnet=1)"
+            )
+        if not listen.is_any and not _carries(target, _version(listen.host) or 0):
+            return f"{key}: the listen address and the target are of different IP versions (no NAT64)"
+    for index, route in enumerate(rule.route):
+        assert isinstance(route.connect, HostPorts)
+        for net in route.source:
+            if not _carries(route.connect, net.version):
+                return (
+                    f"{where}.route[{index}].source: {net} is IPv{net.version} but the route's target "
+                    f"{route.connect} is not (no NAT64)"
+                )
+    return None
+
+
+def needs_forwarding(rules: Sequence[RuleSpec]) -> bool:
+    """True when a rule has a remote target: flows from other hosts are then routed through
+    this host, which needs net.ipv4.ip_forward=1 (net.ipv6.conf.all.forwarding=1 for IPv6)."""
+    for rule in rules:
+        if not isinstance(rule.listen, HostPorts):
+            continue
+        for target in (rule.connect, *(route.connect for route in rule.route)):
+            if isinstance(target, HostPorts) and not _is_local(rule.listen, target):
+                return True
+    return False
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def _is_local(listen: HostPorts, target: HostPorts) -> bool:
+    """True when the target is on this host: a loopback address, or the listen address itself."""
+    return _is_loopback(target.host) or (not listen.is_any and target.host == listen.host)
+
+
+def _carries(target: HostPorts, version: int) -> bool:
+    """True when `target` can take flows of this IP version (`localhost` takes both)."""
+    return target.host.lower() in LOCALHOST or _version(target.host) == version
+
+
+def comment(rule: RuleSpec) -> str:
+    """The nft comment of a rule's nft rules: its label, made safe for nft (no quotes, <= 128 bytes)."""
+    text = "".join(char if char.isprintable() and char not in '"\\' else "_" for char in rule.label)
+    return text.encode()[:COMMENT_MAX].decode(errors="ignore") or "forward"
+
+
+def _ports(ports: PortRange) -> str:
+    return str(ports.first) if len(ports) == 1 else f"{ports.first}-{ports.last}"
+
+
+def _elements(networks: Iterable[Network], version: int) -> list[str]:
+    """The networks of one IP version, merged: nft refuses overlapping intervals in a set."""
+    if version == 4:
+        v4 = [net for net in networks if isinstance(net, ipaddress.IPv4Network)]
+        return [str(net) for net in ipaddress.collapse_addresses(v4)]
+    v6 = [net for net in networks if isinstance(net, ipaddress.IPv6Network)]
+    return [str(net) for net in ipaddress.collapse_addresses(v6)]
+
+
+@dataclass(frozen=True, slots=True)
+class _Flow:
+    """One target of one rule (its own, or a route's), for one protocol and IP version."""
+
+    index: int
+    key: str  #: "" for the rule's own target, "_rN" for route N (names its port map)
+    listen: HostPorts
+    target: HostPorts
+    proto: str
+    version: Version
+
+    @property
+    def ip(self) -> str:
+        return "ip" if self.version == 4 else "ip6"
+
+    @property
+    def nfproto(self) -> str:
+        return "ipv4" if self.version == 4 else "ipv6"
+
+    @property
+    def local(self) -> bool:
+        return _is_local(self.listen, self.target)
+
+    @property
+    def redirect(self) -> bool:
+        """Loopback targets are redirected; a target equal to the listen address is DNATed to it."""
+        return _is_loopback(self.target.host)
+
+    @property
+    def port_map(self) -> str | None:
+        """The listen->target port map's name, when the target is a range (offset kept)."""
+        return f"ports_{self.index}{self.key}" if len(self.target.ports) > 1 else None
+
+    def nat(self) -> str:
+        """The NAT statement: redirect or DNAT, to one port or through the port map."""
+        if self.port_map is not None:
+            port = f" : {self.proto} dport map @{self.port_map}"
+        else:
+            port = f":{self.target.ports.first}"
+        if self.redirect:
+            return f"redirect to{port}" if self.port_map is not None else f"redirect to {port}"
+        host = self.target.host if self.version == 4 else f"[{self.target.host}]"
+        return f"dnat {self.ip} to {host}{port}"
+
+    def conntrack(self) -> str:
+        """Matches every packet of these flows, both ways, by their conntrack entry.
+
+        DNATed, originally to our listen port (and address), answered from our target port (and
+        address, unless redirected: then the kernel picked the address).
+        """
+        parts = [f"meta nfproto {self.nfproto} meta l4proto {self.proto} ct status dnat"]
+        if not self.listen.is_any:
+            parts.append(f"ct original {self.ip} daddr {self.listen.host}")
+        parts.append(f"ct original proto-dst {_ports(self.listen.ports)}")
+        if not self.redirect:
+            parts.append(f"ct reply {self.ip} saddr {self.target.host}")
+        parts.append(f"ct reply proto-src {_ports(self.target.ports)}")
+        return " ".join(parts)
+
+
+@dataclass
+class _Chains:
+    declarations: list[str]
+    prerouting: list[str]
+    output: list[str]
+    postrouting: list[str]
+    count_in: list[str]
+    count_out: list[str]
+
+
+def _rule_versions(rule: RuleSpec, listen: HostPorts) -> list[Version]:
+    """The IP versions a rule carries: its listen address's, or (wildcard) its targets'."""
+    if not listen.is_any:
+        version = _version(listen.host)
+        assert version is not None
+        return [version]
+    targets = [
+        target for target in (rule.connect, *(r.connect for r in rule.route)) if isinstance(target, HostPorts)
+    ]
+    versions: tuple[Version, ...] = (4, 6)
+    return [each for each in versions if any(_carries(target, each) for target in targets)]
+
+
+def _set(chains: _Chains, name: str, version: int, elements: list[str]) -> None:
+    kind = "ipv4_addr" if version == 4 else "ipv6_addr"
+    body = f" elements = {{ {', '.join(elements)} }};" if elements else ""
+    chains.declarations.append(f"  set {name} {{ type {kind}; flags interval;{body} }}")
+
+
+def _compile(index: int, rule: RuleSpec, chains: _Chains) -> None:
+    listen = rule.listen
+    assert isinstance(listen, HostPorts)
+    label = comment(rule)
+    tag = f'comment "{label}"'
+    protos = [proto for proto, on in (("tcp", rule.protocol.has_tcp), ("udp", rule.protocol.has_udp)) if on]
+    targets: list[tuple[str, HostPorts, str | None]] = []  # (key, target, source set prefix)
+    for number, route in enumerate(rule.route):
+        assert isinstance(route.connect, HostPorts)
+        targets.append((f"_r{number}", route.connect, f"route_{index}_{number}"))
+    assert isinstance(rule.connect, HostPorts)
+    targets.append(("", rule.connect, None))
+    for key, target, _ in targets:
+        if len(target.ports) > 1:
+            pairs = ", ".join(
+                f"{port} : {target.ports.first + offset}" for offset, port in enumerate(listen.ports.ports())
+            )
+            chains.declarations.append(
+                f"  map ports_{index}{key} {{ type inet_service : inet_service; elements = {{ {pairs} }}; }}"
+            )
+    loopback_listen = not listen.is_any and _is_loopback(listen.host)
+    for version in _rule_versions(rule, listen):
+        ip = "ip" if version == 4 else "ip6"
+        nfproto = "ipv4" if version == 4 else "ipv6"
+        prefix = (
+            f"meta nfproto {nfproto} fib daddr type local" if listen.is_any else f"{ip} daddr {listen.host}"
+        )
+        # Sets once per version; rules per protocol below.
+        guards: list[str] = []
+        deny = _elements(rule.deny, version)
+        if deny:
+            _set(chains, f"deny_{index}_{version}", version, deny)
+            guards.append(f"{ip} saddr @deny_{index}_{version}")
+        if rule.allow:
+            allow = _elements(rule.allow, version)
+            _set(chains, f"allow_{index}_{version}", version, allow)
+            guards.append(f"{ip} saddr != @allow_{index}_{version}")
+        routed: list[tuple[str, HostPorts, str]] = []
+        for key, target, source_set in targets:
+            if not _carries(target, version):
+                continue
+            if source_set is None:
+                routed.append((key, target, ""))
+                continue
+            route = rule.route[int(key[2:])]
+            sources = _elements(route.source, version)
+            if not sources:
+                continue
+            _set(chains, f"{source_set}_{version}", version, sources)
+            routed.append((key, target, f"{ip} saddr @{source_set}_{version} "))
+        for proto in protos:
+            match = f"{prefix} {proto} dport {_ports(listen.ports)}"
+            for guard in guards:
+                line = f"{match} {guard} counter drop {tag}"
+                if not loopback_listen:
+                    chains.prerouting.append(line)
+                chains.output.append(line)
+            for key, target, source in routed:
+                flow = _Flow(index, key, listen, target, proto, version)
+                line = f"{match} {source}counter {flow.nat()} {tag}"
+                if not loopback_listen:
+                    chains.prerouting.append(line)
+                if listen.is_any and not flow.local:
+                    loopbacks = "127.0.0.0/8" if version == 4 else "::1"
+                    chains.output.append(
+                        f"{prefix} {ip} daddr != {loopbacks} {proto} dport {_ports(listen.ports)} "
+                        f"{source}counter {flow.nat()} {tag}"
+                    )
+                else:
+                    chains.output.append(line)
+                tracked = flow.conntrack()
+                if not flow.local:
+                    masquerade = f"{tracked} counter masquerade {tag}"
+                    if masquerade not in chains.postrouting:
+                        chains.postrouting.append(masquerade)
+                counted_in = f'iif != "lo" {tracked} counter {tag}'
+                if counted_in not in chains.count_in:
+                    chains.count_in.append(counted_in)
+                    chains.count_out.append(f"{tracked} counter {tag}")
+
+
+def plan(rules: Sequence[RuleSpec], table: str) -> str:
+    """The ruleset of `table inet <table>` for these rules, as nft text.
+
+    Raises KernelRelayError for a bad table name or a rule `unsuitable()` refuses.
+    """
+    _check_table(table)
+    chains = _Chains([], [], [], [], [], [])
+    for index, rule in enumerate(rules):
+        if (problem := unsuitable(rule)) is not None:
+            raise KernelRelayError(problem)
+        _compile(index, rule, chains)
+    lines = [f"table {FAMILY} {table} {{", *chains.declarations]
+    hooks = (
+        ("prerouting", "type nat hook prerouting priority dstnat", chains.prerouting),
+        # nft 1.0.6 refuses `priority dstnat` on a nat output chain: its number, -100.
+        ("output", "type nat hook output priority -100", chains.output),
+        ("postrouting", "type nat hook postrouting priority srcnat", chains.postrouting),
+        # After NAT, so a flow's first packet is already marked DNATed; loopback packets were
+        # counted on output and are not counted again when they come back in on lo.
+        ("count_in", "type filter hook prerouting priority filter", chains.count_in),
+        ("count_out", "type filter hook output priority filter", chains.count_out),
+    )
+    for name, hook, body in hooks:
+        lines.append(f"  chain {name} {{")
+        lines.append(f"    {hook}; policy accept;")
+        lines.extend(f"    {line}" for line in body)
+        lines.append("  }")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _check_table(table: str) -> None:
+    if not _TABLE_NAME.match(table):
+        raise KernelRelayError(
+            f"table name {table!r} is not an nft identifier", hint="use letters, digits and _ (at most 64)"
+        )
+
+
+def document(ruleset: str, table: str) -> str:
+    """Replace `table inet <table>` with `ruleset` in one nft transaction (one file = one batch)."""
+    _check_table(table)
+    return f"table {FAMILY} {table} {{}}\ndelete table {FAMILY} {table}\n{ruleset}"
+
+
+# --------------------------------------------------------------------------- reading counters
+
+
+def _comment_counters(listing: dict[str, Any], chains: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    totals: dict[str, tuple[int, int]] = {}
+    for item in listing.get("nftables", []):
+        rule = item.get("rule") if isinstance(item, dict) else None
+        if not isinstance(rule, dict) or rule.get("chain") not in chains or not rule.get("comment"):
+            continue
+        for expr in rule.get("expr", []):
+            counter = expr.get("counter") if isinstance(expr, dict) else None
+            if isinstance(counter, dict):
+                packets, octets = totals.get(str(rule["comment"]), (0, 0))
+                totals[str(rule["comment"])] = (
+                    packets + int(counter.get("packets", 0)),
+                    octets + int(counter.get("bytes", 0)),
+                )
+    return totals
+
+
+def counters(listing: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """(packets, bytes) per rule comment (`comment(rule)`, the label), both ways, every packet.
+
+    `listing` is `nft -j list table inet <table>` parsed; bytes are IP bytes, headers included.
+    """
+    return _comment_counters(listing, ("count_in", "count_out"))
+
+
+def connections(listing: dict[str, Any]) -> dict[str, int]:
+    """New flows translated per rule comment: the NAT rules see only each flow's first packet."""
+    return {
+        label: packets for label, (packets, _) in _comment_counters(listing, ("prerouting", "output")).items()
+    }
+
+
+# --------------------------------------------------------------------------- nft calls
+
+
+def _nft(*args: str, payload: str | None = None) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("nft")
+    if binary is None:
+        raise KernelRelayError("nft is not installed", hint="apt-get install nftables")
+    try:
+        return subprocess.run([binary, *args], input=payload, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise KernelRelayError(f"nft could not run: {exc}") from exc
+
+
+def _one_line(stderr: str) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    return next((line for line in lines if "Error" in line), lines[0] if lines else "unknown error")
+
+
+_NFT_ERROR = re.compile(r"^/dev/stdin:(\d+):(\d+)-(\d+): Error: (.+)$", re.MULTILINE)
+_COMMENT = re.compile(r'comment "([^"]*)"')
+_DECLARED = re.compile(r"^\s*(?:set|map) (\w+) \{")
+
+
+def explain(text: str, stderr: str) -> tuple[str, str] | None:
+    """(rule label, what nft said) for nft's first error in the document `text`, if traceable.
+
+    A rule line carries its label as a comment; a set or map line is traced to the first rule
+    line that uses it.
+    """
+    found = _NFT_ERROR.search(stderr)
+    if found is None:
+        return None
+    number, first, last, message = int(found[1]), int(found[2]), int(found[3]), found[4].strip()
+    lines = text.splitlines()
+    if not 1 <= number <= len(lines):
+        return None
+    line = lines[number - 1]
+    culprit = line[first - 1 : last].strip()
+    what = f"{message} ({culprit})" if culprit and len(culprit) < 80 else message
+    if named := _COMMENT.search(line):
+        return named[1], what
+    if declared := _DECLARED.match(line):
+        for other in lines:
+            if f"@{declared[1]} " in other and (named := _COMMENT.search(other)):
+                return named[1], what
+    return None
+
+
+def apply(ruleset: str, table: str, *, check_only: bool = False) -> None:
+    """Load `ruleset` as `table inet <table>` atomically, replacing what was there (or only check).
+
+    Raises KernelRelayError naming the rule nft refused (or nft's first error line); then
+    nothing changed.
+    """
+    text = document(ruleset, table)
+    result = _nft(*(["-c", "-f", "-"] if check_only else ["-f", "-"]), payload=text)
+    if result.returncode == 0:
+        return
+    explained = explain(text, result.stderr)
+    if explained is not None:
+        label, what = explained
+        raise KernelRelayError(f"{label}: nft refused it: {what}; nothing changed")
+    raise KernelRelayError(f"nft refused table {FAMILY} {table}; nothing changed: {_one_line(result.stderr)}")
+
+
+def listing(table: str) -> dict[str, Any] | None:
+    """`nft -j list table inet <table>` parsed (what `counters()` reads), or None when absent."""
+    _check_table(table)
+    result = _nft("-j", "list", "table", FAMILY, table)
+    if result.returncode != 0:
+        return None
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+def remove(table: str) -> bool:
+    """Delete `table inet <table>` (only it). Returns False when it was not there.
+
+    Raises KernelRelayError when nft fails otherwise.
+    """
+    _check_table(table)
+    result = _nft("delete", "table", FAMILY, table)
+    if result.returncode == 0:
+        return True
+    if "No such file or directory" in result.stderr:
+        return False
+    raise KernelRelayError(f"nft could not delete table {FAMILY} {table}: {_one_line(result.stderr)}")
