@@ -67,6 +67,7 @@ RULE_FLAGS = (
     "bandwidth",
     "bandwidth_per_connection",
     "transparent",
+    "relay",
 )
 
 

@@ -23,6 +23,7 @@ from portfwd.config import (
     ServerConfig,
     TunnelConfig,
 )
+from portfwd.errors import ConfigError
 from portfwd.specs import (
     Address,
     BackendSpec,
@@ -43,9 +44,23 @@ from portfwd.tunnelspec import parse_destination
 
 
 def plan(config: Config) -> Plan:
-    """The specs of everything `config` asks for, in config order."""
+    """The specs of everything `config` asks for, in config order.
+
+    Raises ConfigError for a `relay = "kernel"` rule the kernel cannot relay (the kernel layer
+    says why), as for any other rule the config cannot have.
+    """
+    rules = tuple(rule_spec(index, rule) for index, rule in enumerate(config.forward))
+    kernel = [rule for rule in rules if rule.relay == "kernel"]
+    if kernel:
+        from portfwd.kernel.relay import unsuitable
+
+        problems = [
+            f'{why}; remove relay = "kernel" or that setting' for rule in kernel if (why := unsuitable(rule))
+        ]
+        if problems:
+            raise ConfigError(problems[0], problems=problems)
     return Plan(
-        rules=tuple(rule_spec(index, rule) for index, rule in enumerate(config.forward)),
+        rules=rules,
         tunnels=tuple(tunnel_spec(tunnel) for tunnel in config.tunnel),
         server=server_spec(config.server) if config.server is not None else None,
         gateway=gateway_spec(config.gateway) if config.gateway is not None else None,

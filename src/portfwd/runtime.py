@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +32,7 @@ from portfwd.services.base import Change, Reloadable, Service
 from portfwd.services.control import Control
 from portfwd.services.descriptors import raise_fd_limit
 from portfwd.services.gateway import Gateway
+from portfwd.services.kernelrules import KernelRules, table_name
 from portfwd.services.maps import Maps
 from portfwd.services.metrics import Metrics
 from portfwd.services.rules import RuleSet
@@ -38,7 +40,7 @@ from portfwd.services.sampler import Sampler
 from portfwd.services.server import Server
 from portfwd.services.tunnels import Tunnels, log_fast_path
 from portfwd.services.workers import Workers
-from portfwd.specs import Plan
+from portfwd.specs import Plan, RuleSpec
 from portfwd.ssh.client import Tunnel
 from portfwd.state import State
 
@@ -97,7 +99,12 @@ class Runtime:
         if plan.control.enabled and identity is not None:
             reloader = self.reload if loader is not None else None
             self._control = Control(plan.control, identity.socket, state, reloader)
-        self._rules = RuleSet(plan.rules, state, user=plan.user, workers=plan.workers)
+        self._rules = RuleSet(_userspace(plan.rules), state, user=plan.user, workers=plan.workers)
+        self._kernel = KernelRules(
+            _kernel(plan.rules),
+            state,
+            table_name(identity.name if identity is not None else str(os.getpid())),
+        )
         self._workers = Workers(self._rules, state, plan.workers, plan.drain_timeout)
         self._tunnels = Tunnels(
             plan.tunnels, state, self._fatal, exit_on_auth=exit_on_auth, fast_path=self.fast_path
@@ -123,6 +130,7 @@ class Runtime:
         ordered = [
             self._control,
             self._rules,
+            self._kernel,
             self._workers,
             self._tunnels,
             self._gateway,
@@ -142,6 +150,7 @@ class Runtime:
             self._maps,
             self._workers,
             self._rules,
+            self._kernel,
             self._metrics,
             self._control,
         ]
@@ -150,8 +159,9 @@ class Runtime:
     def _reloadable(self, plan: Plan) -> list[tuple[Reloadable[Any], Any]]:
         """The services a reload changes, each with its part of `plan`."""
         return [
-            (self._rules, plan.rules),
-            (self._workers, plan.rules),
+            (self._rules, _userspace(plan.rules)),
+            (self._kernel, _kernel(plan.rules)),
+            (self._workers, _userspace(plan.rules)),
             (self._tunnels, plan.tunnels),
             (self._metrics, plan.metrics),
         ]
@@ -224,7 +234,7 @@ class Runtime:
         log.info(
             "portfwd %s ready: %d rule(s), %d listening socket(s), %d tunnel(s)%s%s",
             __version__,
-            self._rules.running,
+            self._rules.running + self._kernel.running,
             self._rules.sockets,
             len(self._tunnels.running()),
             "" if self._rules.splice else ", splice unavailable (protocol relay everywhere)",
@@ -232,7 +242,7 @@ class Runtime:
             extra=event(
                 "ready",
                 version=__version__,
-                rules=self._rules.running,
+                rules=self._rules.running + self._kernel.running,
                 sockets=self._rules.sockets,
                 tunnels=len(self._tunnels.running()),
                 failed=len(self.failures),
@@ -244,7 +254,8 @@ class Runtime:
     def _ready_status(self) -> str:
         """The STATUS= line sent with READY=1: what is running now."""
         return (
-            f"{self._rules.running} rule(s), {self._rules.sockets} listening socket(s), "
+            f"{self._rules.running + self._kernel.running} rule(s), "
+            f"{self._rules.sockets} listening socket(s), "
             f"{len(self._tunnels.running())} tunnel(s)"
         )
 
@@ -283,8 +294,13 @@ class Runtime:
         retired = [await service.retire(part) for service, part in parts]
         old, self.plan = self.plan, new
         applied = [await service.apply(part) for service, part in parts]
-        rules = applied[0]
-        removed = retired[0].removed
+        user, kernel = applied[0], applied[1]  # the rules portfwd relays, and the kernel's
+        rules = Change(
+            kept=user.kept + kernel.kept,
+            added=user.added + kernel.added,
+            tried=user.tried + kernel.tried,
+        )
+        removed = retired[0].removed + retired[1].removed + kernel.removed
         failures = [failure for change in applied for failure in change.failures]
         for key, section in _RESTART_ONLY.items():
             if getattr(new, key) != getattr(old, key):
@@ -402,6 +418,16 @@ class Runtime:
         if self._entered:
             self._entered = False
             await self._tasks.__aexit__(None, None, None)
+
+
+def _kernel(rules: tuple[RuleSpec, ...]) -> tuple[RuleSpec, ...]:
+    """The rules the kernel relays (`relay = "kernel"`)."""
+    return tuple(rule for rule in rules if rule.relay == "kernel")
+
+
+def _userspace(rules: tuple[RuleSpec, ...]) -> tuple[RuleSpec, ...]:
+    """The rules portfwd relays itself."""
+    return tuple(rule for rule in rules if rule.relay != "kernel")
 
 
 def _answer(rules: Change, removed: tuple[str, ...], failures: list[PortfwdError]) -> dict[str, Any]:

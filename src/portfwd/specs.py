@@ -17,7 +17,7 @@ from portfwd.addr import Endpoint, HostPorts, PortRange, Transport, format_host
 from portfwd.tunnelspec import StartupsSpec, TunnelForward
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-RelayChoice = Literal["auto", "splice", "protocol"]
+RelayChoice = Literal["auto", "kernel", "splice", "protocol"]
 #: `[server] max_startups` when not given: refuse 30 % of new connections from 10 unauthenticated
 #: on, all at 60 (sshd's 10:30:100, with a lower cap, as each costs portfwd more).
 MAX_STARTUPS = StartupsSpec(10, 30, 60)

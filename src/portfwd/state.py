@@ -211,6 +211,7 @@ class State:
         self.gateway_rules: list[GatewayRuleRow] = []
         self.triggers: list[TriggerRow] = []
         self.gateway_sessions: list[GatewaySessionRow] = []
+        self.kernel_sessions: list[GatewaySessionRow] = []  # the kernel relays' flows, from conntrack
         self.mappings: list[MappingRow] = []
         self.started = time.time()
         self._started_monotonic = time.monotonic()
@@ -607,6 +608,7 @@ class State:
             gateway_sessions=tuple(self.gateway_sessions),
             mappings=tuple(self.mappings),
             server_auth_failures=self.server_auth_failures,
+            kernel_sessions=tuple(self.kernel_sessions),
             listening=tuple(self.listening),
             closed=tuple(self.closed_rows()),
             workers=tuple(self.workers),

@@ -295,6 +295,9 @@ class Snapshot:
     gateway_sessions: tuple[GatewaySessionRow, ...] = ()
     mappings: tuple[MappingRow, ...] = ()
     server_auth_failures: int = 0
+    #: Live flows of the kernel relays (`relay = "kernel"`), from conntrack; `public_port` is
+    #: the rule's listen port the client asked for.
+    kernel_sessions: tuple[GatewaySessionRow, ...] = ()
     #: Every listening socket, one row each (`listeners` has one row per rule).
     listening: tuple[ListeningSocket, ...] = ()
     #: Recently closed sessions: per rule (in config order), tunnel forward and server, newest first.

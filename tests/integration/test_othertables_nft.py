@@ -1,4 +1,4 @@
-"""portfwd.kernel.othertables against real nft: find the drop, open it, close it, user rules untouched.
+"""portfwd.kernel.othertables and openings against real nft: find the drop, open it, close it, user rules untouched.
 
 Every nft call runs inside a throwaway network namespace (`ip netns exec`); the host's ruleset is
 never read or changed.
@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from portfwd.kernel.othertables import Probe, blocked, closing, fix, opened, opening
+from portfwd.kernel.openings import closing, fix, opened, opening
+from portfwd.kernel.othertables import Probe, blocked
 from tests.conftest import need, need_root
 from tests.integration.topology import GW_WAN, LAN_HOST, lab
 

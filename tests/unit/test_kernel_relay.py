@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 
 from portfwd.addr import HostPorts, PortRange, Transport, UnixPath
 from portfwd.kernel.relay import (
+    Counts,
     KernelRelayError,
     comment,
-    connections,
-    counters,
+    counts,
     document,
     explain,
     needs_forwarding,
@@ -110,11 +110,15 @@ def test_dnat_and_masquerade_for_a_remote_target() -> None:
         "meta nfproto ipv4 meta l4proto tcp ct status dnat ct original proto-dst 5000"
         ' ct reply ip saddr 10.60.0.2 ct reply proto-src 9000 counter masquerade comment "db"'
     ]
-    assert body(text, "count_in") == [
-        'iif != "lo" meta nfproto ipv4 meta l4proto tcp ct status dnat ct original proto-dst 5000'
-        ' ct reply ip saddr 10.60.0.2 ct reply proto-src 9000 counter comment "db"'
+    tracked = (
+        "meta nfproto ipv4 meta l4proto tcp ct status dnat ct original proto-dst 5000"
+        " ct reply ip saddr 10.60.0.2 ct reply proto-src 9000"
+    )
+    assert body(text, "count_in") == [  # every packet, each way apart
+        f'iif != "lo" ct direction original {tracked} counter comment "db (up)"',
+        f'iif != "lo" ct direction reply {tracked} counter comment "db (down)"',
     ]
-    assert len(body(text, "count_out")) == 1
+    assert len(body(text, "count_out")) == 2
     assert needs_forwarding([spec])
 
 
@@ -159,8 +163,8 @@ def test_allow_deny_and_routes_in_order() -> None:
     assert "  set route_0_1_6 { type ipv6_addr; flags interval; elements = { 2001:db8:1::/48 }; }" in text
     v4 = [line for line in body(text, "prerouting") if "ipv4" in line]
     assert [line.split(" counter ")[1] for line in v4] == [
-        'drop comment "r"',
-        'drop comment "r"',
+        'drop comment "r (denied)"',
+        'drop comment "r (denied)"',
         'dnat ip to 10.60.0.3:80 comment "r"',
         'dnat ip to 10.60.0.2:80 comment "r"',
     ]
@@ -279,18 +283,22 @@ def _listing(*rules: tuple[str, str, int, int]) -> dict[str, Any]:
     return {"nftables": items}
 
 
-def test_counters_sum_both_ways_and_connections_count_first_packets() -> None:
+def test_counts_take_flows_from_the_nat_rules_and_bytes_each_way_from_the_count_chains() -> None:
     listing = _listing(
-        ("count_in", "web", 10, 1000),
-        ("count_out", "web", 8, 900),
-        ("count_in", "db", 1, 60),
+        ("count_in", "web (up)", 10, 1000),
+        ("count_out", "web (up)", 1, 100),
+        ("count_in", "web (down)", 8, 900),
+        ("count_in", "db (up)", 1, 60),
         ("prerouting", "web", 2, 120),
         ("output", "web", 1, 60),
+        ("prerouting", "web (denied)", 4, 240),
         ("postrouting", "db", 1, 60),
     )
-    assert counters(listing) == {"web": (18, 1900), "db": (1, 60)}
-    assert connections(listing) == {"web": 3}
-    assert counters({}) == {}
+    assert counts(listing) == {
+        "web": Counts(connections=3, denied=4, bytes_up=1100, bytes_down=900),
+        "db": Counts(bytes_up=60),
+    }
+    assert counts({}) == {}
 
 
 def test_nft_errors_name_the_rule() -> None:

@@ -1,4 +1,4 @@
-"""portfwd.kernel.othertables: which other tables' forward chains drop the gateway's packets, and the fix.
+"""portfwd.kernel.othertables and openings: which other tables' forward chains drop the gateway's packets, and the fix.
 
 Every listing here is real: loaded with `nft -f` in a throwaway network namespace (nft 1.0.6) and
 captured with `nft -j list ruleset`; the ruleset loaded is in the comment above it.
@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portfwd.kernel.othertables import Blocked, Probe, blocked, closing, fix, opened, opening, render
+from portfwd.kernel.openings import closing, fix, opened, opening, render
+from portfwd.kernel.othertables import Blocked, Probe, blocked
 
 LISTINGS = {
     # table inet filter {

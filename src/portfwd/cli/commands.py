@@ -146,6 +146,11 @@ def check(config_file: str | None) -> None:
 @click.option("--bandwidth", metavar="RATE", help='The rule\'s traffic, each way, e.g. "10Mbit".')
 @click.option("--bandwidth-per-connection", metavar="RATE", help="Each connection's, each way.")
 @click.option("--transparent", is_flag=True, help="Connect from the client's own address (IP_TRANSPARENT).")
+@click.option(
+    "--relay",
+    type=click.Choice(["auto", "kernel", "splice", "protocol"]),
+    help="Who relays: the kernel (nftables NAT, root), splice or the protocol path (default: auto).",
+)
 @click.option("--workers", metavar="N|auto", help="Relay in N processes (default: auto, one per core).")
 @strict_option
 @name_option

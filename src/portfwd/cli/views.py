@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from portfwd.printable import printable_values
-from portfwd.status import Snapshot, TunnelRow
+from portfwd.status import GatewaySessionRow, Snapshot, TunnelRow
 
 if TYPE_CHECKING:
     from rich.console import Console, Group, RenderableType
@@ -87,20 +87,13 @@ def status_view(status: Snapshot) -> Group:
     if status.mappings:
         parts.append(_mappings(status))
     if status.gateway_sessions:
-        nat = Table(title="gateway NAT sessions (conntrack)", title_justify="left", box=box.SIMPLE_HEAD)
-        for column in ("rule", "proto", "client", "public port", "LAN target", "state", "age"):
-            nat.add_column(column)
-        for flow in status.gateway_sessions:
-            nat.add_row(
-                flow.rule,
-                flow.proto,
-                flow.client,
-                str(flow.public_port),
-                flow.target,
-                flow.state or "-",
-                "-" if flow.age is None else _age(flow.age),
+        parts.append(
+            _nat_flows(
+                "gateway NAT sessions (conntrack)", ("public port", "LAN target"), status.gateway_sessions
             )
-        parts.append(nat)
+        )
+    if status.kernel_sessions:
+        parts.append(_nat_flows("kernel relay flows (conntrack)", ("port", "target"), status.kernel_sessions))
     if status.triggers:
         triggers = Table(title="port triggers", title_justify="left", box=box.SIMPLE_HEAD)
         for column in ("trigger", "opens", "held by", "time left"):
@@ -428,3 +421,24 @@ def instances_view(snapshots: list[Snapshot]) -> Table:
             snapshot.control or "-",
         )
     return table
+
+
+def _nat_flows(title: str, names: tuple[str, str], flows: tuple[GatewaySessionRow, ...]) -> Table:
+    """Flows the kernel translates, as conntrack lists them (the gateway's or the kernel relays')."""
+    from rich import box
+    from rich.table import Table
+
+    nat = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    for column in ("rule", "proto", "client", *names, "state", "age"):
+        nat.add_column(column)
+    for flow in flows:
+        nat.add_row(
+            flow.rule,
+            flow.proto,
+            flow.client,
+            str(flow.public_port),
+            flow.target,
+            flow.state or "-",
+            "-" if flow.age is None else _age(flow.age),
+        )
+    return nat

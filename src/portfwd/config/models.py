@@ -100,7 +100,7 @@ class ForwardConfig(_Model):
     udp_idle_timeout: Duration = 60.0
     udp_max_flows: int = Field(default=1024, ge=1, le=1_000_000)
     connect_timeout: Duration = 10.0
-    relay: Literal["auto", "splice", "protocol"] = "auto"
+    relay: Literal["auto", "kernel", "splice", "protocol"] = "auto"
     dual_stack: StrictBool = False
     backlog: int = Field(default=1024, ge=1, le=65535)
     map: StrictBool = False

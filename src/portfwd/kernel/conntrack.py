@@ -19,11 +19,13 @@ import os
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from portfwd.specs import GatewaySpec
+from portfwd.addr import HostPorts
+from portfwd.specs import GatewaySpec, RuleSpec
 
 TIMESTAMP = Path("/proc/sys/net/netfilter/nf_conntrack_timestamp")
 #: The timestamp setting found before portfwd turned it on, in the state directory.
@@ -191,6 +193,18 @@ def claims(gateway: GatewaySpec) -> list[Claim]:
     for index, trigger in enumerate(gateway.trigger):
         name = trigger.name or f"gateway.trigger[{index}]"
         out += [Claim(name, proto, ports.first, ports.last) for proto, ports in trigger.open]
+    return out
+
+
+def rule_claims(rules: Iterable[RuleSpec]) -> list[Claim]:
+    """Which kernel relay owns which listen ports (a flow's original destination port)."""
+    out: list[Claim] = []
+    for rule in rules:
+        if not isinstance(rule.listen, HostPorts):
+            continue
+        for proto, on in (("tcp", rule.protocol.has_tcp), ("udp", rule.protocol.has_udp)):
+            if on:
+                out.append(Claim(rule.label, proto, rule.listen.ports.first, rule.listen.ports.last))
     return out
 
 

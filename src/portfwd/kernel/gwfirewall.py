@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from portfwd.kernel import nft, othertables
+from portfwd.kernel import nft, openings, othertables
 from portfwd.kernel.gwplan import protocols
 from portfwd.kernel.othertables import Blocked, Probe
 from portfwd.specs import GatewaySpec
@@ -59,13 +59,13 @@ def line(item: Blocked) -> str:
     verb = "drops" if item.certain else "may drop"
     return (
         f"{item.probe.what}: {where} {verb} it ({item.because}), and an accept in portfwd's table cannot "
-        f"override that; run: {othertables.fix(item)} (or set gateway.open_other_tables = true)"
+        f"override that; run: {openings.fix(item)} (or set gateway.open_other_tables = true)"
     )
 
 
 def open_(items: list[Blocked]) -> list[str]:
     """Insert the accepts `items` need; returns what was opened, one line each. Raises GatewayError."""
-    text = othertables.opening(items)
+    text = openings.opening(items)
     rules = [row for row in text.splitlines() if row and not row.startswith("#")]
     if rules:
         nft.batch(text, "open the other tables' forward chains")
@@ -76,7 +76,7 @@ def open_(items: list[Blocked]) -> list[str]:
 
 def close() -> int:
     """Remove the accepts portfwd inserted into other tables; returns how many. Raises GatewayError."""
-    found = othertables.opened(nft.ruleset())
+    found = openings.opened(nft.ruleset())
     if found:
-        nft.batch(othertables.closing(found), "remove the accepts portfwd added to other tables")
+        nft.batch(openings.closing(found), "remove the accepts portfwd added to other tables")
     return len(found)

@@ -64,6 +64,8 @@ FAMILY = "inet"
 #: Limit of an nft comment, in bytes.
 COMMENT_MAX = 128
 LOCALHOST = ("localhost", "localhost.")
+#: Suffixes of the comments on a rule's guard (deny/allow) and per-direction count rules.
+DENIED, UP, DOWN = " (denied)", " (up)", " (down)"
 _TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 _DEFAULTS = RuleSpec(label="", name=None, listen=HostPorts("", PortRange(1, 1)), connect=UnixPath("/"))
 
@@ -214,7 +216,8 @@ def _carries(target: HostPorts, version: int) -> bool:
 def comment(rule: RuleSpec) -> str:
     """The nft comment of a rule's nft rules: its label, made safe for nft (no quotes, <= 128 bytes)."""
     text = "".join(char if char.isprintable() and char not in '"\\' else "_" for char in rule.label)
-    return text.encode()[:COMMENT_MAX].decode(errors="ignore") or "forward"
+    room = COMMENT_MAX - max(len(DENIED), len(UP), len(DOWN))  # the suffixes go after it
+    return text.encode()[:room].decode(errors="ignore") or "forward"
 
 
 def _ports(ports: PortRange) -> str:
@@ -372,7 +375,7 @@ def _compile(index: int, rule: RuleSpec, chains: _Chains) -> None:
         for proto in protos:
             match = f"{prefix} {proto} dport {_ports(listen.ports)}"
             for guard in guards:
-                line = f"{match} {guard} counter drop {tag}"
+                line = f'{match} {guard} counter drop comment "{label}{DENIED}"'
                 if not loopback_listen:
                     chains.prerouting.append(line)
                 chains.output.append(line)
@@ -394,10 +397,11 @@ def _compile(index: int, rule: RuleSpec, chains: _Chains) -> None:
                     masquerade = f"{tracked} counter masquerade {tag}"
                     if masquerade not in chains.postrouting:
                         chains.postrouting.append(masquerade)
-                counted_in = f'iif != "lo" {tracked} counter {tag}'
-                if counted_in not in chains.count_in:
-                    chains.count_in.append(counted_in)
-                    chains.count_out.append(f"{tracked} counter {tag}")
+                for direction, suffix in (("original", UP), ("reply", DOWN)):
+                    counted = f'ct direction {direction} {tracked} counter comment "{label}{suffix}"'
+                    if f'iif != "lo" {counted}' not in chains.count_in:
+                        chains.count_in.append(f'iif != "lo" {counted}')
+                        chains.count_out.append(counted)
 
 
 def plan(rules: Sequence[RuleSpec], table: str) -> str:
@@ -464,22 +468,31 @@ def _comment_counters(listing: dict[str, Any], chains: tuple[str, ...]) -> dict[
     return totals
 
 
-def counters(listing: dict[str, Any]) -> dict[str, tuple[int, int]]:
-    """(packets, bytes) per rule comment (`comment(rule)`, the label), both ways, every packet.
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """What the kernel counted for one rule: new flows, refused first packets, bytes each way."""
 
-    `listing` is `nft -j list table inet <table>` parsed; bytes are IP bytes, headers included.
+    connections: int = 0
+    denied: int = 0
+    bytes_up: int = 0  #: client to target, IP bytes (headers included)
+    bytes_down: int = 0
+
+
+def counts(listing: dict[str, Any]) -> dict[str, Counts]:
+    """The counters of every rule, by label (`comment(rule)`), from `nft -j list table inet <table>`.
+
+    The NAT rules see each flow's first packet only (connections); the guard rules the first
+    packets they drop (denied: a client retrying its SYN counts again); the count chains every
+    packet, each direction apart (bytes).
     """
-    return _comment_counters(listing, ("count_in", "count_out"))
-
-
-def connections(listing: dict[str, Any]) -> dict[str, int]:
-    """New flows translated per rule comment: the NAT rules see only each flow's first packet."""
-    return {
-        label: packets for label, (packets, _) in _comment_counters(listing, ("prerouting", "output")).items()
-    }
-
-
-# --------------------------------------------------------------------------- nft calls
+    found: dict[str, dict[str, int]] = {}
+    for chains, field in ((("prerouting", "output"), 0), (("count_in", "count_out"), 1)):
+        for key, pair in _comment_counters(listing, chains).items():
+            suffix = next((each for each in (DENIED, UP, DOWN) if key.endswith(each)), "")
+            name = {"": "connections", DENIED: "denied", UP: "bytes_up", DOWN: "bytes_down"}[suffix]
+            values = found.setdefault(key.removesuffix(suffix) if suffix else key, {})
+            values[name] = values.get(name, 0) + pair[field if suffix in (UP, DOWN) else 0]
+    return {label: Counts(**values) for label, values in found.items()}
 
 
 def _nft(*args: str, payload: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -519,12 +532,19 @@ def explain(text: str, stderr: str) -> tuple[str, str] | None:
     culprit = line[first - 1 : last].strip()
     what = f"{message} ({culprit})" if culprit and len(culprit) < 80 else message
     if named := _COMMENT.search(line):
-        return named[1], what
+        return _label(named[1]), what
     if declared := _DECLARED.match(line):
         for other in lines:
             if f"@{declared[1]} " in other and (named := _COMMENT.search(other)):
-                return named[1], what
+                return _label(named[1]), what
     return None
+
+
+def _label(comment_text: str) -> str:
+    """The rule's label in a comment, without the guard or direction suffix."""
+    for suffix in (DENIED, UP, DOWN):
+        comment_text = comment_text.removesuffix(suffix)
+    return comment_text
 
 
 def apply(ruleset: str, table: str, *, check_only: bool = False) -> None:

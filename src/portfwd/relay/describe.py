@@ -65,6 +65,8 @@ def describe(rules: tuple[RuleSpec, ...]) -> list[tuple[str, str, str, str, str,
         if rule.accept_proxy:
             access.insert(0, "PROXY header from " + ", ".join(map(str, rule.trusted_proxies)))
         relay: str = relay_path(rule, splice) if rule.protocol.has_tcp else "udp"
+        if rule.relay == "kernel":
+            relay = "kernel (nftables NAT)"
         if rule.proxy_protocol:
             relay += f", PROXY v{rule.proxy_protocol} header"
         if rule.transparent:

@@ -1,0 +1,266 @@
+"""The `[[forward]]` rules with `relay = "kernel"`, as a service: one nftables table per instance.
+
+kernel/relay.py compiles the rules; this applies the table at start, re-plans it on reload (one
+transaction: the kept rules' flows never notice), keeps the rules' counters and live flows in
+the state every REFRESH seconds (status and /metrics read them as any rule's), and at stop
+deletes the table and the flows it translated.
+
+Each rule's listen ports are held by a bound socket that never listens (as kube-proxy holds its
+node ports): a port another program uses is refused at start with the userspace rule's words,
+and no program can take the port later and be silently shadowed by the NAT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+
+from portfwd.addr import HostPorts
+from portfwd.errors import PortfwdError, RuntimeFailure
+from portfwd.kernel import conntrack, nft
+from portfwd.kernel import relay as kernel
+from portfwd.logevents import event
+from portfwd.services.base import Change, Reloadable
+from portfwd.specs import RuleSpec
+from portfwd.state import State
+from portfwd.status import GatewaySessionRow, Listener
+
+log = logging.getLogger(__name__)
+
+#: Seconds between reads of the kernel's counters and flows.
+REFRESH = float(os.environ.get("PORTFWD_KERNEL_REFRESH", "2"))
+#: conntrack states of a TCP flow that has ended (listed until its timer runs out; not active).
+ENDED = ("TIME_WAIT", "CLOSE")
+#: Ports held per rule at most (a range longer than this is held by its first ports only).
+MAX_HELD = 1024
+
+
+def table_name(instance: str) -> str:
+    """The instance's own nft table: `portfwd_` and 10 hex digits of its name."""
+    return "portfwd_" + hashlib.blake2s(instance.encode(), digest_size=5).hexdigest()
+
+
+def _hold(rule: RuleSpec) -> list[socket.socket]:
+    """Bind (never listen on) the rule's ports. Raises RuntimeFailure naming a port in use."""
+    listen = rule.listen
+    assert isinstance(listen, HostPorts)
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    host = listen.host if not listen.is_any else ("::" if family == socket.AF_INET6 else "0.0.0.0")
+    kinds = [
+        kind
+        for kind, on in (
+            (socket.SOCK_STREAM, rule.protocol.has_tcp),
+            (socket.SOCK_DGRAM, rule.protocol.has_udp),
+        )
+        if on
+    ]
+    held: list[socket.socket] = []
+    try:
+        for port in list(listen.ports.ports())[:MAX_HELD]:
+            for kind in kinds:
+                sock = socket.socket(family, kind)
+                held.append(sock)
+                sock.bind((host, port))
+    except OSError as exc:
+        for sock in held:
+            sock.close()
+        proto = "tcp" if kind == socket.SOCK_STREAM else "udp"
+        raise RuntimeFailure(
+            f"{rule.label}: cannot hold {listen.host or '*'}:{port}/{proto} for the kernel relay: "
+            f"{exc.strerror or exc}",
+            hint="another program uses the port; stop it or choose another",
+        ) from None
+    return held
+
+
+class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
+    """The kernel relays of one instance: its table, the ports it holds, the counters it reads."""
+
+    name = "kernel relays"
+
+    def __init__(self, rules: tuple[RuleSpec, ...], state: State, table: str) -> None:
+        self.wanted = rules
+        self.state = state
+        self.table = table
+        self.rules: dict[RuleSpec, list[socket.socket]] = {}  # the running rules and their held ports
+        self._loaded = False  # the table is ours and in the kernel
+        self._refresh: asyncio.Task[None] | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.rules)
+
+    @property
+    def running(self) -> int:
+        return len(self.rules)
+
+    async def start(self) -> list[PortfwdError]:
+        return list((await self.apply(self.wanted)).failures)
+
+    async def retire(self, part: tuple[RuleSpec, ...]) -> Change:
+        gone = [rule for rule in self.rules if rule not in part]
+        if not gone:
+            return Change()
+        for rule in gone:
+            for sock in self.rules.pop(rule):
+                sock.close()
+            self.state.rule(rule.label).running = False
+            self.state.listeners = [item for item in self.state.listeners if item.rule != rule.label]
+            log.info(
+                "%s: removed by reload; the kernel no longer forwards it",
+                rule.label,
+                extra=event("rule.removed", rule=rule.label),
+            )
+        failures = await self._load()
+        await asyncio.to_thread(conntrack.forget, conntrack.rule_claims(gone), ())
+        return Change(removed=tuple(rule.label for rule in gone), failures=tuple(failures))
+
+    async def apply(self, part: tuple[RuleSpec, ...]) -> Change:
+        retired = await self.retire(part)
+        kept = len(self.rules)
+        added = [rule for rule in dict.fromkeys(part) if rule not in self.rules]
+        failures: list[PortfwdError] = list(retired.failures)
+        for rule in added:
+            try:
+                why = kernel.unsuitable(rule)
+                if why is not None:
+                    raise RuntimeFailure(f'{why}; it cannot have relay = "kernel"')
+                self.rules[rule] = _hold(rule)
+            except RuntimeFailure as exc:
+                log.error("%s", exc.line(), extra=event("rule.failed", rule=rule.label, reason=exc.message))
+                failures.append(exc)
+        problems = await self._load()
+        if problems:  # the old table stays in force: only this reload's rules did not start
+            for rule in added:
+                for sock in self.rules.pop(rule, []):
+                    sock.close()
+            failures.extend(problems)
+        started = [rule for rule in added if rule in self.rules]
+        for rule in started:
+            self._register(rule)
+        if started and kernel.needs_forwarding(started):
+            for problem in nft.forwarding_problems(enable=False):
+                log.warning("kernel relay: %s", problem, extra=event("rule.problem", reason=problem))
+        self.state.order_rules(rule.label for rule in part)
+        if self.rules and self._refresh is None:
+            self._refresh = asyncio.get_running_loop().create_task(self._keep_reading())
+        return Change(
+            kept=kept,
+            removed=retired.removed,
+            added=tuple(rule.label for rule in started),
+            tried=len(added),
+            failures=tuple(failures),
+        )
+
+    async def _load(self) -> list[PortfwdError]:
+        """Make the kernel's table hold exactly the running rules (one transaction)."""
+        try:
+            if not self.rules:
+                if self._loaded:
+                    await asyncio.to_thread(kernel.remove, self.table)
+                    self._loaded = False
+                return []
+            text = kernel.plan(list(self.rules), self.table)
+            await asyncio.to_thread(kernel.apply, text, self.table)
+        except kernel.KernelRelayError as exc:
+            error: PortfwdError = exc
+            if "Operation not permitted" in exc.message:
+                error = RuntimeFailure(
+                    f"the kernel relay cannot load its nftables table: {exc.message}",
+                    hint='it needs root or CAP_NET_ADMIN; use relay = "splice" otherwise',
+                )
+            log.error("%s", error.line(), extra=event("rule.failed", rule=self.table, reason=error.message))
+            return [error]
+        self._loaded = True
+        return []
+
+    def _register(self, rule: RuleSpec) -> None:
+        listen, target = str(rule.listen), str(rule.connect)
+        protocol = rule.protocol.value
+        stats = self.state.rule(rule.label)
+        stats.listen, stats.connect, stats.protocol, stats.relay = listen, target, protocol, "kernel"
+        stats.running = True
+        self.state.listeners.append(Listener(rule.label, listen, protocol, "kernel"))
+        log.info(
+            "%s: forwarding %s/%s -> %s in the kernel (nftables table inet %s)",
+            rule.label,
+            listen,
+            protocol,
+            target,
+            self.table,
+            extra=event(
+                "rule.listening",
+                rule=rule.label,
+                listen=listen,
+                protocol=protocol,
+                target=target,
+                path="kernel",
+            ),
+        )
+
+    async def _keep_reading(self) -> None:
+        """Every REFRESH seconds: the rules' counters and live flows, into the state."""
+        while True:
+            with contextlib.suppress(kernel.KernelRelayError, OSError):
+                await self._read()
+            await asyncio.sleep(REFRESH)
+
+    async def _read(self) -> None:
+        listing = await asyncio.to_thread(kernel.listing, self.table)
+        counted = kernel.counts(listing or {})
+        rules = list(self.rules)
+        flows = await asyncio.to_thread(conntrack.sessions, conntrack.rule_claims(rules))
+        live: dict[str, int] = {}
+        for flow in flows:
+            if flow["state"] not in ENDED:
+                live[flow["rule"]] = live.get(flow["rule"], 0) + 1
+        for rule in rules:
+            found = counted.get(kernel.comment(rule), kernel.Counts())
+            stats = self.state.rule(rule.label)
+            stats.connections_total = found.connections
+            stats.denied_total = found.denied
+            stats.bytes_up, stats.bytes_down = found.bytes_up, found.bytes_down
+            stats.connections_active = live.get(rule.label, 0)
+        self.state.kernel_sessions = [
+            GatewaySessionRow(
+                row["rule"],
+                row["proto"],
+                row["client"],
+                row["public_port"],
+                row["target"],
+                row["state"],
+                row["age"],
+            )
+            for row in flows
+        ]
+
+    async def stop(self) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresh
+            self._refresh = None
+        rules = list(self.rules)
+        for held in self.rules.values():
+            for sock in held:
+                sock.close()
+        self.rules.clear()
+        if not self._loaded:
+            return
+        self._loaded = False
+        try:
+            await asyncio.to_thread(kernel.remove, self.table)
+        except kernel.KernelRelayError as exc:
+            log.error("%s", exc.line(), extra=event("rule.failed", rule=self.table, reason=exc.message))
+            return
+        cleared = await asyncio.to_thread(conntrack.forget, conntrack.rule_claims(rules), ())
+        log.info(
+            "kernel relays: table inet %s removed, %d flow(s) cleared",
+            self.table,
+            cleared,
+            extra=event("rule.removed", rule=self.table, reason=f"{cleared} flow(s) cleared"),
+        )
