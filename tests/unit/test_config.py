@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from portfwd import config
+from portfwd import config, planner
 from portfwd.addr import HostPorts, PortRange, Transport, UnixPath
 from portfwd.errors import ConfigError
 
@@ -484,3 +484,19 @@ def test_backends_plan_with_names_weights_and_routes(tmp_path: Path) -> None:
     single = planner.plan(load_text(tmp_path, _POOL + 'connect = "a:1"\n')).rules[0]
     assert single.backends == ()
     assert single.health.interval == 0.0  # one target: the fast path
+
+
+def test_a_rule_the_kernel_cannot_relay_is_refused_naming_the_setting(tmp_path: Path) -> None:
+    path = tmp_path / "kernel.toml"
+    path.write_text(
+        '[[forward]]\nlisten = "127.0.0.1:8001"\nconnect = "127.0.0.1:9001"\nrelay = "kernel"\n'
+        'proxy_protocol = "v2"\n'
+        '[[forward]]\nlisten = "127.0.0.1:8002"\nconnect = "web.example:80"\nrelay = "kernel"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        planner.load(path)
+    assert info.value.problems == [
+        'forward[0]: proxy_protocol needs userspace; remove relay = "kernel" or that setting',
+        "forward[1].connect: host name 'web.example' needs userspace (the kernel resolves no names); "
+        'write an IP address; remove relay = "kernel" or that setting',
+    ]

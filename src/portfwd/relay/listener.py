@@ -42,7 +42,7 @@ _WHY = {
 }
 
 
-def _bind_error(what: str, where: str, exc: OSError, port: int | None) -> BindError:
+def bind_error(what: str, where: str, exc: OSError, port: int | None) -> BindError:
     words = _WHY.get(exc.errno or 0, (exc.strerror or str(exc)).lower())
     hint = None
     if exc.errno == errno.EACCES and port is not None and port < 1024:
@@ -141,7 +141,7 @@ def bind_ip(
         listener.setblocking(False)
     except OSError as exc:
         listener.close()
-        raise _bind_error(what, where, exc, port) from exc
+        raise bind_error(what, where, exc, port) from exc
     return listener
 
 
@@ -220,7 +220,7 @@ def bind_unix(what: str, path: str, *, backlog: int) -> socket.socket:
         listener.setblocking(False)
     except OSError as exc:
         listener.close()
-        raise _bind_error(what, where, exc, None) from exc
+        raise bind_error(what, where, exc, None) from exc
     return listener
 
 

@@ -24,6 +24,7 @@ from portfwd.errors import PortfwdError, RuntimeFailure
 from portfwd.kernel import conntrack, nft
 from portfwd.kernel import relay as kernel
 from portfwd.logevents import event
+from portfwd.relay.listener import bind_error
 from portfwd.services.base import Change, Reloadable
 from portfwd.specs import RuleSpec
 from portfwd.state import State
@@ -45,7 +46,8 @@ def table_name(instance: str) -> str:
 
 
 def _hold(rule: RuleSpec) -> list[socket.socket]:
-    """Bind (never listen on) the rule's ports. Raises RuntimeFailure naming a port in use."""
+    """Bind (never listen on) the rule's ports. Raises RuntimeFailure naming a port in use, in
+    the words a userspace rule would use."""
     listen = rule.listen
     assert isinstance(listen, HostPorts)
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
@@ -69,10 +71,9 @@ def _hold(rule: RuleSpec) -> list[socket.socket]:
         for sock in held:
             sock.close()
         proto = "tcp" if kind == socket.SOCK_STREAM else "udp"
+        error = bind_error(f"{rule.where}.listen", f"{listen.host or '*'}:{port}/{proto}", exc, port)
         raise RuntimeFailure(
-            f"{rule.label}: cannot hold {listen.host or '*'}:{port}/{proto} for the kernel relay: "
-            f"{exc.strerror or exc}",
-            hint="another program uses the port; stop it or choose another",
+            f"{rule.label}: {error.message} (held for the kernel relay)", hint=error.hint
         ) from None
     return held
 

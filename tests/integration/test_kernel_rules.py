@@ -1,0 +1,171 @@
+"""`relay = "kernel"` through the real CLI (#23): `portfwd run` and `portfwd forward --relay kernel`
+in a throwaway network namespace, with socat peers; what crossed is checked by sha256, the
+kernel's table and flows with nft and conntrack, the counters with `status --json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import need_binary
+from tests.integration.netns import namespace, wait_listening_in
+from tests.integration.processes import READY, REPO, Proc
+
+pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.netns]
+
+
+def in_ns(ns: str, *argv: str, data: bytes = b"", timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, *argv], input=data, capture_output=True, timeout=timeout
+    )
+
+
+def portfwd_in(ns: str, *args: str, env: dict[str, str] | None = None) -> Proc:
+    argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "portfwd", *args]
+    return Proc(argv, env={**os.environ, "PORTFWD_KERNEL_REFRESH": "0.2", **(env or {})}, cwd=REPO)
+
+
+def serve(ns: str, port: int, command: str, procs: list[Proc], udp: bool = False) -> None:
+    listen = f"UDP4-RECVFROM:{port},fork" if udp else f"TCP4-LISTEN:{port},fork,reuseaddr"
+    procs.append(Proc(["ip", "netns", "exec", ns, "socat", listen, f"SYSTEM:{command}"]))
+    if not udp:
+        wait_listening_in(ns, port)
+        return
+    deadline = time.monotonic() + 10
+    while not in_ns(ns, "ss", "-Hlun", f"sport = :{port}").stdout.strip():
+        assert time.monotonic() < deadline, f"no UDP listener on {port}"
+        time.sleep(0.02)
+
+
+def status(ns: str, control: Path) -> dict[str, object]:
+    answer = in_ns(ns, sys.executable, "-m", "portfwd", "status", "--json", "--control", str(control))
+    assert answer.returncode == 0, answer.stderr
+    loaded: dict[str, object] = json.loads(answer.stdout)
+    return loaded
+
+
+def tables(ns: str) -> str:
+    return in_ns(ns, "nft", "list", "tables").stdout.decode()
+
+
+def test_a_kernel_rule_carries_counts_reloads_and_cleans_up(tmp_path: Path) -> None:
+    need_binary("conntrack", "conntrack")
+    control = tmp_path / "ctl.sock"
+    config = tmp_path / "kernel.toml"
+    base = f'[control]\nsocket = "{control}"\n'
+    config.write_text(
+        base + '[[forward]]\nname = "web"\nlisten = "127.0.0.1:8001"\nconnect = "127.0.0.1:9001"\n'
+        'protocol = "tcp+udp"\nrelay = "kernel"\n'
+    )
+    data = os.urandom(1 << 20)
+    digest = hashlib.sha256(data).hexdigest()
+    procs: list[Proc] = []
+    with namespace("kr") as ns:
+        try:
+            serve(ns, 9001, "sha256sum", procs)
+            serve(ns, 9001, "cat", procs, udp=True)
+            serve(ns, 9002, "echo two", procs)
+            proc = portfwd_in(ns, "run", "-c", str(config))
+            procs.append(proc)
+            proc.wait_for(READY)
+            assert "web: forwarding 127.0.0.1:8001/tcp+udp -> 127.0.0.1:9001 in the kernel" in proc.output()
+            assert "table inet portfwd_" in tables(ns)
+            sent = in_ns(ns, "socat", "-t", "5", "-T", "10", "-", "TCP4:127.0.0.1:8001", data=data)
+            assert sent.stdout.decode() == f"{digest}  -\n"
+            udp = in_ns(ns, "socat", "-T", "3", "-", "UDP4:127.0.0.1:8001", data=b"datagram\n")
+            assert udp.stdout == b"datagram\n"
+            # The port is held: nobody can take it and be shadowed by the NAT.
+            taken = in_ns(
+                ns, sys.executable, "-c", "import socket; socket.socket().bind(('127.0.0.1', 8001))"
+            )
+            assert b"Address already in use" in taken.stderr
+            deadline = time.monotonic() + 10
+            while True:  # the counters are read every 0.2 s here
+                (rule,) = status(ns, control)["rules"]  # type: ignore[misc]
+                if rule["bytes_up"] >= len(data) and rule["connections_total"] >= 2:
+                    break
+                assert time.monotonic() < deadline, rule
+                time.sleep(0.05)
+            assert rule["relay"] == "kernel"
+            assert rule["bytes_down"] > 0
+            flows = status(ns, control)["kernel_sessions"]
+            assert {(flow["rule"], flow["proto"], flow["public_port"]) for flow in flows} >= {  # type: ignore[union-attr]
+                ("web", "tcp", 8001),
+                ("web", "udp", 8001),
+            }
+            config.write_text(
+                base + '[[forward]]\nname = "two"\nlisten = "127.0.0.1:8002"\nconnect = "127.0.0.1:9002"\n'
+                'relay = "kernel"\n'
+            )
+            mark = proc.mark()
+            reloaded = in_ns(ns, sys.executable, "-m", "portfwd", "reload", "--control", str(control))
+            assert reloaded.returncode == 0, reloaded.stderr
+            proc.wait_for("reloaded", start=mark)
+            assert in_ns(ns, "socat", "-T", "3", "-", "TCP4:127.0.0.1:8002").stdout == b"two\n"
+            gone = in_ns(ns, "socat", "-T", "3", "-", "TCP4:127.0.0.1:8001", data=b"x")
+            assert gone.stdout == b"", "the removed rule no longer forwards"
+            assert proc.stop(signal.SIGTERM) == 0
+            assert "kernel relays: table inet portfwd_" in proc.output()
+            assert "portfwd_" not in tables(ns), "nothing left behind"
+            left = in_ns(ns, "conntrack", "-L", "--dst-nat").stdout.decode()
+            assert [line for line in left.splitlines() if "dport=8001" in line or "dport=8002" in line] == []
+        finally:
+            for each in procs:
+                each.stop()
+                each.close()
+
+
+def test_a_held_port_is_refused_with_the_userspace_words(tmp_path: Path) -> None:
+    procs: list[Proc] = []
+    with namespace("kr") as ns:
+        try:
+            serve(ns, 8001, "echo squatter", procs)
+            proc = portfwd_in(
+                ns,
+                "forward",
+                "--relay",
+                "kernel",
+                "--control",
+                str(tmp_path / "c.sock"),
+                "8001:127.0.0.1:9001",
+            )
+            procs.append(proc)
+            assert proc.popen.wait(timeout=30) == 1
+            assert (
+                "portfwd: nothing could start: *:8001: cannot listen on *:8001/tcp: address already in use "
+                "(held for the kernel relay); another program (or rule) listens there; pick another port or stop it"
+            ) in proc.output()
+            assert "portfwd_" not in tables(ns)
+        finally:
+            for each in procs:
+                each.stop()
+                each.close()
+
+
+def test_portfwd_forward_relay_kernel_redirects_low_ports(tmp_path: Path) -> None:
+    procs: list[Proc] = []
+    with namespace("kr") as ns:
+        try:
+            in_ns(ns, "ip", "addr", "add", "10.77.0.1/24", "dev", "lo")
+            serve(ns, 8080, "echo unprivileged", procs)
+            proc = portfwd_in(
+                ns, "forward", "--relay", "kernel", "--control", str(tmp_path / "c.sock"), "80:127.0.0.1:8080"
+            )
+            procs.append(proc)
+            proc.wait_for(READY)
+            for host in ("127.0.0.1", "10.77.0.1"):
+                assert in_ns(ns, "socat", "-T", "3", "-", f"TCP4:{host}:80").stdout == b"unprivileged\n", host
+            assert proc.stop(signal.SIGTERM) == 0
+        finally:
+            for each in procs:
+                each.stop()
+                each.close()
