@@ -29,6 +29,7 @@ from portfwd.specs import (
     BackendSpec,
     ControlSpec,
     GatewayForwardSpec,
+    GatewayHASpec,
     GatewaySpec,
     GatewayTriggerSpec,
     HealthSpec,
@@ -257,6 +258,18 @@ def gateway_spec(gateway: GatewayConfig) -> GatewaySpec:
         ),
         open_other_tables=gateway.open_other_tables,
         flowtable=gateway.flowtable,
+        ha=(
+            GatewayHASpec(
+                gateway.ha.peer,
+                gateway.ha.virtual_addresses,
+                gateway.ha.sync_interface,
+                gateway.ha.priority,
+                gateway.ha.router_id,
+                gateway.ha.advert_interval,
+            )
+            if gateway.ha is not None
+            else None
+        ),
         forward=tuple(
             GatewayForwardSpec(rule.label, rule.name, rule.port, rule.to, rule.protocol, rule.allow)
             for rule in gateway.forward

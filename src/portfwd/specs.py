@@ -226,6 +226,19 @@ class GatewayTriggerSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewayHASpec:
+    """Two routers: keepalived moves the virtual addresses to the master (VRRP over the sync
+    link), conntrackd keeps both routers' NAT state (so flows survive a failover)."""
+
+    peer: str  #: the other router's IPv4 address on the sync link
+    virtual_addresses: tuple[ipaddress.IPv4Interface, ...]  #: on the WAN or LAN, by their network
+    sync_interface: str
+    priority: int = 100
+    router_id: int = 51
+    advert_interval: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class GatewaySpec:
     """nftables DNAT, masquerade and hairpin on a Linux router."""
 
@@ -238,6 +251,7 @@ class GatewaySpec:
     ipv6_firewall: bool = False  #: drop inbound IPv6 to the LAN but replies and pinholes
     open_other_tables: bool = False  #: insert accepts into other tables' forward chains that drop
     flowtable: bool = False  #: offload established flows to an nftables flowtable
+    ha: GatewayHASpec | None = None
     forward: tuple[GatewayForwardSpec, ...] = ()
     trigger: tuple[GatewayTriggerSpec, ...] = ()
 

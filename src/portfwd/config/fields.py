@@ -230,6 +230,30 @@ def _ipv4(value: Any) -> str:
         raise _fail(f"{value!r} is not an IPv4 address; write the router's LAN address") from None
 
 
+def _peer(value: Any) -> str:
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise _fail(
+            f"{value!r} is not an IPv4 address; write the other router's address on the sync link"
+        ) from None
+
+
+def _virtual_addresses(value: Any) -> tuple[ipaddress.IPv4Interface, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise _fail('must be a list of address/prefix; write ["203.0.113.1/24", "192.168.1.1/24"]')
+    out = []
+    for item in items:
+        if not isinstance(item, str) or "/" not in item:
+            raise _fail(f"{item!r} is not address/prefix; write it as 203.0.113.1/24")
+        try:
+            out.append(ipaddress.IPv4Interface(item))
+        except ValueError:
+            raise _fail(f"{item!r} is not an IPv4 address/prefix; write it as 203.0.113.1/24") from None
+    return tuple(out)
+
+
 _RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -342,4 +366,6 @@ ExternalPort = Annotated[int, PlainValidator(_external_port)]
 Url = Annotated[str, PlainValidator(_url)]
 Rate = Annotated[tuple[int, float], PlainValidator(_rate)]
 IPv4 = Annotated[str, PlainValidator(_ipv4)]
+Peer = Annotated[str, PlainValidator(_peer)]
+VirtualAddresses = Annotated[tuple[ipaddress.IPv4Interface, ...], PlainValidator(_virtual_addresses)]
 MapMethod = Literal["auto", "pcp", "natpmp", "upnp"]

@@ -29,6 +29,7 @@ from portfwd.config.fields import (
     Name,
     Networks,
     Paths,
+    Peer,
     Permits,
     Probe,
     ProtoPorts,
@@ -41,6 +42,7 @@ from portfwd.config.fields import (
     TargetEndpoint,
     Targets,
     Url,
+    VirtualAddresses,
     WanPorts,
     Workers,
 )
@@ -252,6 +254,18 @@ class GatewayTriggerConfig(_Model):
     mode: Literal["kernel", "last-wins"] = "kernel"
 
 
+class GatewayHAConfig(_Model):
+    """`[gateway.ha]`: two routers, keepalived (VRRP) moving the virtual addresses, conntrackd
+    keeping the NAT state of both."""
+
+    peer: Peer
+    virtual_addresses: VirtualAddresses
+    sync_interface: Interface
+    priority: int = Field(default=100, ge=1, le=254)  # the higher one is the master while both are up
+    router_id: int = Field(default=51, ge=1, le=255)  # VRRP's virtual router id, the same on both
+    advert_interval: Duration = 1.0  # seconds between VRRP adverts; a backup takes over after ~3
+
+
 class GatewayConfig(_Model):
     """`[gateway]`: nftables DNAT, masquerade and hairpin on a Linux router."""
 
@@ -266,6 +280,7 @@ class GatewayConfig(_Model):
     ipv6_firewall: StrictBool | None = None
     open_other_tables: StrictBool = False  # insert portfwd's accepts into forward chains that drop
     flowtable: StrictBool = False  # offload established flows (where the kernel has flowtables)
+    ha: GatewayHAConfig | None = None
     forward: tuple[GatewayForwardConfig, ...] = ()
     trigger: tuple[GatewayTriggerConfig, ...] = ()
 
