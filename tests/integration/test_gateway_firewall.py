@@ -46,8 +46,8 @@ def finding(what: str, fix: str) -> str:
 
 #: One per forward and protocol (forward[0] is tcp+udp: two probes, worded alike), then masquerade.
 FINDINGS = [
-    finding("gateway.forward[0]", FIX_DNAT),
-    finding("gateway.forward[0]", FIX_DNAT),
+    finding("gateway.forward[0] (tcp)", FIX_DNAT),
+    finding("gateway.forward[0] (udp)", FIX_DNAT),
     finding("gateway.forward[1]", FIX_DNAT),
     finding("masquerade", FIX_MASQUERADE),
 ]
@@ -267,7 +267,7 @@ def test_an_iptables_table_gets_only_rules_iptables_can_read(tmp_path: Path) -> 
             assert "ct status" not in user_table(net, "ip", "filter"), "iptables could not list the table"
             assert applied.stderr.decode() == (
                 "portfwd: error: gateway.trigger[0]: table ip filter chain FORWARD drops it (policy drop), and an "
-                f"accept in portfwd's table cannot override that; run: {IPTABLES_TRIGGER_FIX}{OPT_IN}\n"
+                f"accept in portfwd's table cannot override that; run: {IPTABLES_TRIGGER_FIX}\n"
             )
             assert_forwards_pass(net)
         finally:
@@ -277,11 +277,6 @@ def test_an_iptables_table_gets_only_rules_iptables_can_read(tmp_path: Path) -> 
         assert "portfwd" not in tables(net)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gwfirewall.open_() returns the fixes it could not make with the ones it made, and the CLI "
-    "prints them as `opened: ... is iptables-nft's: run iptables ...` (the service logs `gateway: opened`)",
-)
 def test_a_fix_portfwd_cannot_make_is_not_reported_as_opened(tmp_path: Path) -> None:
     config = tmp_path / "gateway.toml"
     config.write_text(

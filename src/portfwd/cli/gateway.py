@@ -69,6 +69,7 @@ def gateway(action: str, config_file: str | None) -> None:
             print(f"opened: {opened}")
         found = gwfirewall.findings(spec, nft.ruleset())
     for item in found:
-        print(f"portfwd: {'error' if item.certain else 'warning'}: {gwfirewall.line(item)}", file=sys.stderr)
+        text = gwfirewall.line(item, spec.open_other_tables)
+        print(f"portfwd: {'error' if item.certain else 'warning'}: {text}", file=sys.stderr)
     if any(item.certain for item in found):
         sys.exit(1)  # applied, but it cannot carry anything: not a success

@@ -177,7 +177,7 @@ class GatewayService:
             except nft.GatewayError as exc:
                 log.error("gateway: %s", exc.line(), extra=event("gateway.failed", reason=exc.message))
             found = gwfirewall.findings(self.config, await asyncio.to_thread(nft.ruleset))
-        lines = [gwfirewall.line(item) for item in found]
+        lines = [gwfirewall.line(item, self.config.open_other_tables) for item in found]
         if lines == self._reported:
             return
         for item, text in zip(found, lines, strict=True):
@@ -246,7 +246,11 @@ class GatewayService:
             if self.config.open_other_tables:
                 closed = await asyncio.to_thread(gwfirewall.close)
                 if closed:
-                    log.info("gateway: removed the %d accept(s) it added to other tables", closed)
+                    log.info(
+                        "gateway: removed the %d accept(s) it added to other tables",
+                        closed,
+                        extra=event("gateway.closed", flows=closed),
+                    )
             await asyncio.to_thread(nft.remove)
             networks = self._found.lan_networks if self._found is not None else ()
             cleared = await asyncio.to_thread(conntrack.forget, conntrack.claims(self.config), networks)

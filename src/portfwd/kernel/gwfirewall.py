@@ -29,13 +29,23 @@ def probes(config: GatewaySpec) -> list[Probe]:
     out: list[Probe] = []
     for index, rule in enumerate(config.forward):
         what = f"gateway.forward[{index}]"
+        several = len(protocols(rule)) > 1  # say which protocol when a rule has two
         first = rule.port.first if rule.pinhole else rule.to.ports.first
         span = len(rule.port) if rule.pinhole or len(rule.to.ports) > 1 else 1
         family: Literal["ip", "ip6"] = "ip6" if rule.pinhole else "ip"
         for proto in protocols(rule):
             dport = (first, first + span - 1)
             out.append(
-                Probe(what, family, wan, lan, _proto(proto), rule.to.host, dport, dnat=not rule.pinhole)
+                Probe(
+                    f"{what} ({proto})" if several else what,
+                    family,
+                    wan,
+                    lan,
+                    _proto(proto),
+                    rule.to.host,
+                    dport,
+                    dnat=not rule.pinhole,
+                )
             )
     for index, trigger in enumerate(config.trigger):
         for proto, opened in trigger.open:
@@ -53,25 +63,27 @@ def findings(config: GatewaySpec, listing: dict[str, Any]) -> list[Blocked]:
     return othertables.blocked(listing, probes(config))
 
 
-def line(item: Blocked) -> str:
-    """One finding for people: who, where, why, and the command that fixes it."""
+def line(item: Blocked, opening: bool = False) -> str:
+    """One finding for people: who, where, why, and the command that fixes it (and, unless
+    portfwd is `opening` them already, the setting that lets portfwd do it)."""
     where = f"table {item.family} {item.table} chain {item.chain}"
     verb = "drops" if item.certain else "may drop"
     return (
         f"{item.probe.what}: {where} {verb} it ({item.because}), and an accept in portfwd's table cannot "
-        f"override that; run: {openings.fix(item)} (or set gateway.open_other_tables = true)"
+        f"override that; run: {openings.fix(item)}"
+        + ("" if opening else " (or set gateway.open_other_tables = true)")
     )
 
 
 def open_(items: list[Blocked]) -> list[str]:
-    """Insert the accepts `items` need; returns what was opened, one line each. Raises GatewayError."""
+    """Insert the accepts `items` need; returns what was opened, one line each (a fix portfwd
+    cannot make, in a table iptables-nft manages, is left to the re-check to report). Raises
+    GatewayError."""
     text = openings.opening(items)
     rules = [row for row in text.splitlines() if row and not row.startswith("#")]
     if rules:
         nft.batch(text, "open the other tables' forward chains")
-    return [row.split(" comment ", 1)[0].removeprefix("insert rule ") for row in rules] + [
-        row.removeprefix("# ") for row in text.splitlines() if row.startswith("#")
-    ]
+    return [row.split(" comment ", 1)[0].removeprefix("insert rule ") for row in rules]
 
 
 def close() -> int:
