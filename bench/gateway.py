@@ -28,18 +28,19 @@ from tests.integration.processes import Proc  # noqa: E402
 from tests.integration.topology import GW_WAN, LAN_HOST, Lab, lab  # noqa: E402
 
 import run as base  # noqa: E402  (bench/run.py: the wrk command and its report)
-from portfwd import config  # noqa: E402
+from portfwd import config, planner  # noqa: E402
 from portfwd.kernel import gwplan, nft  # noqa: E402
+from portfwd.specs import GatewaySpec  # noqa: E402
 
 MARKER = "\n## Gateway (issue #7)"
 
 
-def gateway(ports: int) -> config.GatewayConfig:
+def gateway(ports: int) -> GatewaySpec:
     forwards = [{"port": 8080, "to": f"{LAN_HOST}:8000"}, {"port": 5201, "to": f"{LAN_HOST}:5201"}]
     forwards += [{"port": 20000 + i, "to": f"{LAN_HOST}:{30000 + i}"} for i in range(ports - 2)]
     loaded = config.validate({"gateway": {"wan": "gwwan0", "lan": "gwlan0", "forward": forwards}}).gateway
     assert loaded is not None
-    return loaded
+    return planner.gateway_spec(loaded)  # the kernel layer takes the frozen spec, not the model
 
 
 def apply_in_gw(net: Lab, ports: int) -> float:
@@ -87,10 +88,12 @@ def main() -> int:
             Proc(["ip", "netns", "exec", net.lan, "haproxy", "-f", str(origin), "-db"]),
         ]
         relay_config = Path(tmp) / "relay.toml"
+        # relay = "splice": as root in gw with forwarding on, "auto" would give these rules to
+        # the kernel, and "portfwd relay" would measure a second DNAT instead of userspace
         relay_config.write_text(
             "[control]\nenabled = false\n"
-            f'[[forward]]\nlisten = "{GW_WAN}:15201"\nconnect = "{LAN_HOST}:5201"\n'
-            f'[[forward]]\nlisten = "{GW_WAN}:18080"\nconnect = "{LAN_HOST}:8002"\n'
+            f'[[forward]]\nlisten = "{GW_WAN}:15201"\nconnect = "{LAN_HOST}:5201"\nrelay = "splice"\n'
+            f'[[forward]]\nlisten = "{GW_WAN}:18080"\nconnect = "{LAN_HOST}:8002"\nrelay = "splice"\n'
         )
         peers.append(
             Proc(

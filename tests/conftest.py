@@ -26,6 +26,8 @@ def pytest_configure(config: pytest.Config) -> None:
     _HERMETIC.append(root)
     os.environ["PORTFWD_RUNTIME_DIR"] = os.path.join(root, "run")
     os.environ["PORTFWD_STATE_DIR"] = os.path.join(root, "state")
+    # relay = "auto" stays in userspace: only the kernel relay's own tests load nftables here.
+    os.environ["PORTFWD_AUTO_KERNEL"] = "0"
     os.environ["HOME"] = os.path.join(root, "home")
     os.makedirs(os.environ["HOME"], mode=0o700)
     os.environ.pop("PORTFWD_CONFIG", None)

@@ -24,6 +24,7 @@ from typing import Any
 from portfwd import __version__
 from portfwd.errors import ConfigError, PortfwdError, RuntimeFailure
 from portfwd.instances import Identity
+from portfwd.kernel import auto
 from portfwd.logevents import event
 from portfwd.notify import Notifier
 from portfwd.privileges import Janitor, drop_privileges
@@ -99,9 +100,10 @@ class Runtime:
         if plan.control.enabled and identity is not None:
             reloader = self.reload if loader is not None else None
             self._control = Control(plan.control, identity.socket, state, reloader)
-        self._rules = RuleSet(_userspace(plan.rules), state, user=plan.user, workers=plan.workers)
+        kernel, userspace = _split(plan)
+        self._rules = RuleSet(userspace, state, user=plan.user, workers=plan.workers)
         self._kernel = KernelRules(
-            _kernel(plan.rules),
+            kernel,
             state,
             table_name(identity.name if identity is not None else str(os.getpid())),
         )
@@ -158,10 +160,11 @@ class Runtime:
 
     def _reloadable(self, plan: Plan) -> list[tuple[Reloadable[Any], Any]]:
         """The services a reload changes, each with its part of `plan`."""
+        kernel, userspace = _split(plan)
         return [
-            (self._rules, _userspace(plan.rules)),
-            (self._kernel, _kernel(plan.rules)),
-            (self._workers, _userspace(plan.rules)),
+            (self._rules, userspace),
+            (self._kernel, kernel),
+            (self._workers, userspace),
             (self._tunnels, plan.tunnels),
             (self._metrics, plan.metrics),
         ]
@@ -420,14 +423,10 @@ class Runtime:
             await self._tasks.__aexit__(None, None, None)
 
 
-def _kernel(rules: tuple[RuleSpec, ...]) -> tuple[RuleSpec, ...]:
-    """The rules the kernel relays (`relay = "kernel"`)."""
-    return tuple(rule for rule in rules if rule.relay == "kernel")
-
-
-def _userspace(rules: tuple[RuleSpec, ...]) -> tuple[RuleSpec, ...]:
-    """The rules portfwd relays itself."""
-    return tuple(rule for rule in rules if rule.relay != "kernel")
+def _split(plan: Plan) -> tuple[tuple[RuleSpec, ...], tuple[RuleSpec, ...]]:
+    """The rules the kernel relays (`relay = "kernel"`, and `auto` where it can), and the rest."""
+    kernel = auto.kernel_rules(plan.rules, plan.user)
+    return kernel, tuple(rule for rule in plan.rules if rule not in kernel)
 
 
 def _answer(rules: Change, removed: tuple[str, ...], failures: list[PortfwdError]) -> dict[str, Any]:

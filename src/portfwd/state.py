@@ -212,6 +212,7 @@ class State:
         self.triggers: list[TriggerRow] = []
         self.gateway_sessions: list[GatewaySessionRow] = []
         self.kernel_sessions: list[GatewaySessionRow] = []  # the kernel relays' flows, from conntrack
+        self.gateway_role = ""  # with [gateway.ha]: master, backup, fault or starting
         self.mappings: list[MappingRow] = []
         self.started = time.time()
         self._started_monotonic = time.monotonic()
@@ -609,6 +610,7 @@ class State:
             mappings=tuple(self.mappings),
             server_auth_failures=self.server_auth_failures,
             kernel_sessions=tuple(self.kernel_sessions),
+            gateway_role=self.gateway_role,
             listening=tuple(self.listening),
             closed=tuple(self.closed_rows()),
             workers=tuple(self.workers),

@@ -298,6 +298,8 @@ class Snapshot:
     #: Live flows of the kernel relays (`relay = "kernel"`), from conntrack; `public_port` is
     #: the rule's listen port the client asked for.
     kernel_sessions: tuple[GatewaySessionRow, ...] = ()
+    #: With `[gateway.ha]`: this router's VRRP role (master, backup, fault, starting); "" without.
+    gateway_role: str = ""
     #: Every listening socket, one row each (`listeners` has one row per rule).
     listening: tuple[ListeningSocket, ...] = ()
     #: Recently closed sessions: per rule (in config order), tunnel forward and server, newest first.

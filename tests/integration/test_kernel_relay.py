@@ -82,8 +82,11 @@ class Net:
 
     def serve(self, ns: str, port: int, command: str = ECHO, udp: bool = False) -> Proc:
         """A socat peer on `port` in `ns` running `command` per client (SOCAT_PEERADDR set)."""
-        listen = f"UDP4-LISTEN:{port},fork,reuseaddr" if udp else f"TCP4-LISTEN:{port},fork,reuseaddr"
-        proc = Proc(["ip", "netns", "exec", ns, "socat", listen, f"SYSTEM:{command}"])
+        listen = f"UDP4-RECVFROM:{port},fork" if udp else f"TCP4-LISTEN:{port},fork,reuseaddr"
+        # UDP: one child per datagram (RECVFROM), ending 2 s after its last packet, so no child
+        # outlives the test (UDP4-LISTEN's forked listener did).
+        timeout = ["-T", "2"] if udp else []
+        proc = Proc(["ip", "netns", "exec", ns, "socat", *timeout, listen, f"SYSTEM:{command}"])
         self.procs.append(proc)
         if udp:
             deadline = time.monotonic() + 10

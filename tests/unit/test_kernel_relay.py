@@ -163,8 +163,8 @@ def test_allow_deny_and_routes_in_order() -> None:
     assert "  set route_0_1_6 { type ipv6_addr; flags interval; elements = { 2001:db8:1::/48 }; }" in text
     v4 = [line for line in body(text, "prerouting") if "ipv4" in line]
     assert [line.split(" counter ")[1] for line in v4] == [
-        'drop comment "r (denied)"',
-        'drop comment "r (denied)"',
+        'reject with tcp reset comment "r (denied)"',
+        'reject with tcp reset comment "r (denied)"',
         'dnat ip to 10.60.0.3:80 comment "r"',
         'dnat ip to 10.60.0.2:80 comment "r"',
     ]
@@ -180,7 +180,7 @@ def test_an_allow_list_without_a_family_drops_that_family() -> None:
     spec = rule(hp("", 80), hp("localhost", 8080), allow=(net("10.0.0.0/8"),))
     text = plan([spec], TABLE)
     assert "  set allow_0_6 { type ipv6_addr; flags interval; }" in text
-    assert "ip6 saddr != @allow_0_6 counter drop" in text
+    assert "ip6 saddr != @allow_0_6 counter reject with tcp reset" in text
 
 
 def test_comments_are_safe_for_nft() -> None:

@@ -100,7 +100,31 @@ def check(config_file: str | None) -> None:
     console = plain_console()  # piped (`check | cat`): every value whole
     if plan.rules or not (plan.tunnels or plan.server or plan.maps):
         title = f"{path}: {len(plan.rules)} forward rule(s)"
-        console.print(_table(title, relay.COLUMNS, relay.describe(plan.rules)))
+        rows = relay.describe(plan.rules)
+        machine_note = ""
+        if any(rule.relay == "auto" for rule in plan.rules):
+            from portfwd.kernel import auto
+
+            machine = auto.box()
+            if not machine.allowed:
+                pass  # the operator's own switch (PORTFWD_AUTO_KERNEL=0): nothing to explain
+            elif not machine.capable:  # nothing to say per rule
+                machine_note = (
+                    f'relay = "auto": {auto.why_not(plan.rules[0], machine, None)}; no rule takes it here'
+                )
+            else:
+                for index, rule in enumerate(plan.rules):
+                    if rule.relay == "auto":
+                        why = auto.why_not(rule, machine, plan.user)
+                        rows[index] = (
+                            *rows[index][:5],
+                            "kernel (nftables NAT; auto)"
+                            if why is None
+                            else f"{rows[index][5]} (not kernel: {why})",
+                        )
+        console.print(_table(title, relay.COLUMNS, rows))
+        if machine_note:
+            console.print(machine_note)
     if any(rule.transparent for rule in plan.rules):
         from portfwd.relay.transparent import problems as transparent_problems
 

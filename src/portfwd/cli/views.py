@@ -78,7 +78,10 @@ def status_view(status: Snapshot) -> Group:
     if status.tunnels:
         parts.append(tunnel_view(status.tunnels))
     if status.gateway_rules:
-        gateway = Table(title="gateway (table inet portfwd)", title_justify="left", box=box.SIMPLE_HEAD)
+        title = "gateway (table inet portfwd)" + (
+            f", HA role {status.gateway_role}" if status.gateway_role else ""
+        )
+        gateway = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
         for column in ("chain", "rule", "packets", "bytes"):
             gateway.add_column(column)
         for row in status.gateway_rules:

@@ -17,7 +17,9 @@ import contextlib
 import logging
 import os
 
+from portfwd.instances import runtime_dir
 from portfwd.kernel import conntrack, gwfirewall, gwplan, nft
+from portfwd.kernel.hasupervisor import HASupervisor
 from portfwd.kernel.triggers import LastWins
 from portfwd.logevents import event
 from portfwd.specs import GatewaySpec
@@ -48,6 +50,7 @@ class GatewayService:
         self._last_wins: LastWins | None = None
         self._restore_timestamps = False
         self._reported: list[str] = []  # what other tables drop, as last logged
+        self._ha: HASupervisor | None = None  # keepalived + conntrackd, with [gateway.ha]
 
     async def start(self) -> None:
         """Plan and apply the ruleset, then watch that it stays loaded. Raises nft.GatewayError."""
@@ -75,6 +78,15 @@ class GatewayService:
         )
         await self._read()
         await self._other_tables()
+        if gateway.ha is not None:
+            self._ha = HASupervisor(gateway, runtime_dir() / "gateway-ha")
+            await self._ha.start()
+            log.info(
+                "gateway: high availability with %s over %s (keepalived, conntrackd)",
+                gateway.ha.peer,
+                gateway.ha.sync_interface,
+                extra=event("gateway.role", host=gateway.ha.peer, reason="starting"),
+            )
         loop = asyncio.get_running_loop()
         self._monitor = loop.create_task(self._listen())
         self._check = loop.create_task(self._watch())
@@ -109,6 +121,7 @@ class GatewayService:
                 await asyncio.sleep(SETTLE)  # a renumbering is a delete and an add: see both at once
             self._wake.clear()
             try:
+                self._role()
                 await self._follow()
                 await self._other_tables()
                 present = await self._read()
@@ -133,6 +146,20 @@ class GatewayService:
                 log.info("gateway: table inet portfwd applied again", extra=event("gateway.reapplied"))
             except nft.GatewayError as exc:
                 log.error("gateway: %s", exc.line(), extra=event("gateway.failed", reason=exc.message))
+
+    def _role(self) -> None:
+        """Say when keepalived made this router master, backup or faulty."""
+        if self._ha is None:
+            return
+        role, before = self._ha.role(), self.state.gateway_role
+        if role != before:
+            self.state.gateway_role = role
+            log.info(
+                "gateway: this router is now %s (was %s)",
+                role,
+                before or "starting",
+                extra=event("gateway.role", host=role, previous=before or "starting"),
+            )
 
     async def _follow(self) -> None:
         """Read the interfaces again; keep the WAN address set current and say what moved."""
@@ -236,6 +263,9 @@ class GatewayService:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._check = self._monitor = None
+        if self._ha is not None:  # first: the addresses move to the other router, the state stays
+            await self._ha.stop()
+            self._ha = None
         if self._last_wins is not None:
             await self._last_wins.stop()
             self._last_wins = None

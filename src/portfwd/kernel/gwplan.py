@@ -12,7 +12,9 @@ the network is renumbered under them:
 - hairpin matches LAN packets to any address of this host that is not on the LAN side
   (`fib daddr type local` and `fib daddr . iif type != local`);
 - masquerade matches by interface (LAN in, WAN out), not by the LAN prefix.
-Only the router's own access to its forwards (a nat output chain, where there is no input
+With `[gateway.ha]`, LAN traffic leaves with the virtual WAN address (snat, not masquerade),
+and invalid flows are dropped rather than forwarded bare or answered (kernel/ha.py for the
+rest). Only the router's own access to its forwards (a nat output chain, where there is no input
 interface to ask) needs the WAN addresses: they are a named set, `wan_addresses`, which
 `portfwd run` keeps current (kernel/gateway.py).
 
@@ -247,17 +249,21 @@ def plan(config: GatewaySpec, interfaces: Interfaces) -> str:
                 f' dnat ip to {proto} dport map @dnat_{proto} comment "hairpin"'
             )
     postrouting: list[str] = []
+    wan_vip, lan_vip = _virtual(config, interfaces)
     if config.masquerade:
+        out = f"snat ip to {wan_vip}" if wan_vip else "masquerade"
         postrouting.append(
-            f'iifname {lan} oifname {wan} meta nfproto ipv4 counter masquerade comment "masquerade"'
+            f'iifname {lan} oifname {wan} meta nfproto ipv4 counter {out} comment "masquerade"'
         )
     if config.hairpin and (hairpin or config.trigger):
+        out = f"snat ip to {lan_vip}" if lan_vip else "masquerade"
         postrouting.append(
-            f"iifname {lan} oifname {lan} ct status dnat meta nfproto ipv4 counter masquerade"
-            ' comment "hairpin"'
+            f'iifname {lan} oifname {lan} ct status dnat meta nfproto ipv4 counter {out} comment "hairpin"'
         )
     triggered, trigger_forward = _triggers(config, lines, wan, lan, hairpin_match)
     forward = [*trigger_forward]
+    if config.ha is not None:  # a flow the other router's state has not reached yet: not forwarded bare
+        forward.insert(0, 'ct state invalid counter drop comment "ha"')
     if config.flowtable and interfaces.flowtables:
         lines.append(
             f"  flowtable {FLOWTABLE} {{ hook ingress priority filter; devices = {{ {wan}, {lan} }}; }}"
@@ -274,6 +280,14 @@ def plan(config: GatewaySpec, interfaces: Interfaces) -> str:
         ("postrouting", "type nat hook postrouting priority srcnat", postrouting),
         ("forward", "type filter hook forward priority filter", forward),
     ]
+    if config.ha is not None:  # nor answered by this router itself with a reset
+        chains.append(
+            (
+                "input",
+                "type filter hook input priority filter",
+                ['ct state invalid counter drop comment "ha"'],
+            )
+        )
     for name, hook, rules in chains:
         lines.append(f"  chain {name} {{")
         lines.append(f"    {hook}; policy accept;")
@@ -281,6 +295,24 @@ def plan(config: GatewaySpec, interfaces: Interfaces) -> str:
         lines.append("  }")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _virtual(config: GatewaySpec, interfaces: Interfaces) -> tuple[str, str]:
+    """With `[gateway.ha]`: the virtual WAN and LAN addresses (a LAN one is in a LAN network).
+
+    Flows leave from the virtual address, not from masquerade's pick (the router's own, primary
+    address): the other router can then carry them on after a failover, and masquerade's
+    clearing of flows when an address goes does not bite.
+    """
+    if config.ha is None:
+        return "", ""
+    wan = lan = ""
+    for vip in config.ha.virtual_addresses:
+        if any(vip.ip in net for net in interfaces.lan_networks):
+            lan = lan or str(vip.ip)
+        else:
+            wan = wan or str(vip.ip)
+    return wan, lan
 
 
 def wan_addresses_batch(addresses: tuple[str, ...]) -> str:

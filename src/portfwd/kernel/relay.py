@@ -19,11 +19,13 @@ What each rule becomes, per protocol and per address family it can carry:
   from our target port), so the target needs no route back to the client and no other DNAT on
   the box is masqueraded.
 - a port range keeps its offset through a map from listen port to target port.
-- deny, then allow (named interval sets, both families) drop the first packet; then per-source
-  routes (named sets, first match wins), then the rule's own target, as in `acl.AccessPolicy`.
-- counters: the NAT rules count new flows (`connections()`); two filter chains (`count_in` on
+- deny, then allow (named interval sets, both families) refuse the first packet (a TCP reset,
+  as a userspace rule closes a refused client at once; UDP is dropped, as in userspace); then
+  per-source routes (named sets, first match wins), then the rule's own target, as in
+  `acl.AccessPolicy`.
+- counters: the NAT rules count new flows (`counts()`); two filter chains (`count_in` on
   prerouting, `count_out` on output) count every packet of those flows, both ways, IP headers
-  included (`counters()`). Every rule's comment is the portfwd rule's label (`comment()`).
+  included (`counts()`). Every rule's comment is the portfwd rule's label (`comment()`).
 
 Caveats, all seen on this kernel (6.18, nft 1.0.6):
 
@@ -374,8 +376,9 @@ def _compile(index: int, rule: RuleSpec, chains: _Chains) -> None:
             routed.append((key, target, f"{ip} saddr @{source_set}_{version} "))
         for proto in protos:
             match = f"{prefix} {proto} dport {_ports(listen.ports)}"
+            refuse = "reject with tcp reset" if proto == "tcp" else "drop"  # as userspace refuses
             for guard in guards:
-                line = f'{match} {guard} counter drop comment "{label}{DENIED}"'
+                line = f'{match} {guard} counter {refuse} comment "{label}{DENIED}"'
                 if not loopback_listen:
                     chains.prerouting.append(line)
                 chains.output.append(line)
@@ -565,7 +568,7 @@ def apply(ruleset: str, table: str, *, check_only: bool = False) -> None:
 
 
 def listing(table: str) -> dict[str, Any] | None:
-    """`nft -j list table inet <table>` parsed (what `counters()` reads), or None when absent."""
+    """`nft -j list table inet <table>` parsed (what `counts()` reads), or None when absent."""
     _check_table(table)
     result = _nft("-j", "list", "table", FAMILY, table)
     if result.returncode != 0:
