@@ -169,3 +169,82 @@ def test_portfwd_forward_relay_kernel_redirects_low_ports(tmp_path: Path) -> Non
             for each in procs:
                 each.stop()
                 each.close()
+
+
+def test_auto_takes_the_kernel_when_nothing_is_lost_and_says_why_not(tmp_path: Path) -> None:
+    """With the suite's switch off (PORTFWD_AUTO_KERNEL=1), `relay = "auto"` as root: a plain
+    rule goes to the kernel, IPv6 too, and /metrics shows it; a Unix target stays in userspace;
+    a filtering table keeps every rule in userspace, and `check` says why."""
+    procs: list[Proc] = []
+    control = tmp_path / "ctl.sock"
+    config = tmp_path / "auto.toml"
+    config.write_text(
+        f'[control]\nsocket = "{control}"\n[metrics]\nlisten = "127.0.0.1:9930"\n'
+        '[[forward]]\nname = "plain"\nlisten = "127.0.0.1:8001"\nconnect = "127.0.0.1:9001"\n'
+        '[[forward]]\nname = "six"\nlisten = "[::1]:8003"\nconnect = "[::1]:9003"\n'
+        f'[[forward]]\nname = "unix"\nlisten = "127.0.0.1:8002"\nconnect = "unix:{tmp_path / "app.sock"}"\n'
+    )
+    switch = {"PORTFWD_AUTO_KERNEL": "1"}
+    with namespace("kr") as ns:
+        try:
+            serve(ns, 9001, "echo kernel", procs)
+            procs.append(
+                Proc(
+                    ["ip", "netns", "exec", ns, "socat", "TCP6-LISTEN:9003,fork,reuseaddr", "SYSTEM:echo six"]
+                )
+            )
+            wait_listening_in(ns, 9003)
+            checked = in_ns(
+                ns,
+                "env",
+                "PORTFWD_AUTO_KERNEL=1",
+                sys.executable,
+                "-m",
+                "portfwd",
+                "check",
+                "-c",
+                str(config),
+            )
+            assert checked.returncode == 0, checked.stderr
+            text = checked.stdout.decode()
+            assert "kernel (nftables NAT; auto)" in text
+            assert "splice (not kernel: a Unix socket target needs userspace)" in text
+            proc = portfwd_in(ns, "run", "-c", str(config), env=switch)
+            procs.append(proc)
+            proc.wait_for(READY)
+            assert "plain: forwarding 127.0.0.1:8001/tcp -> 127.0.0.1:9001 in the kernel" in proc.output()
+            assert "six: forwarding [::1]:8003/tcp -> [::1]:9003 in the kernel" in proc.output()
+            assert in_ns(ns, "socat", "-T", "3", "-", "TCP4:127.0.0.1:8001").stdout == b"kernel\n"
+            assert in_ns(ns, "socat", "-T", "3", "-", "TCP6:[::1]:8003").stdout == b"six\n"
+            deadline = time.monotonic() + 10
+            while True:  # the kernel's counters reach /metrics as any rule's
+                scraped = in_ns(ns, "curl", "-s", "http://127.0.0.1:9930/metrics").stdout.decode()
+                if 'portfwd_connections_total{rule="plain"} 1.0' in scraped:
+                    break
+                assert time.monotonic() < deadline, scraped[-2000:]
+                time.sleep(0.05)
+            relays = {row["name"]: row["relay"] for row in status(ns, control)["rules"]}  # type: ignore[union-attr]
+            assert relays == {"plain": "kernel", "six": "kernel", "unix": "splice"}
+            assert proc.stop(signal.SIGTERM) == 0
+            # A filtering table: auto stays in userspace, and check says why.
+            firewall = 'table inet filter {\n chain input {\n  type filter hook input priority 0; policy drop;\n  iifname "lo" accept\n }\n}\n'
+            assert in_ns(ns, "nft", "-f", "-", data=firewall.encode()).returncode == 0
+            checked = in_ns(
+                ns,
+                "env",
+                "PORTFWD_AUTO_KERNEL=1",
+                sys.executable,
+                "-m",
+                "portfwd",
+                "check",
+                "-c",
+                str(config),
+            )
+            assert (
+                "splice (not kernel: table inet filter chain input filters traffic, and the kernel relay would "
+                "change what it sees)"
+            ) in checked.stdout.decode()
+        finally:
+            for each in procs:
+                each.stop()
+                each.close()
