@@ -500,3 +500,46 @@ def test_a_rule_the_kernel_cannot_relay_is_refused_naming_the_setting(tmp_path: 
         "forward[1].connect: host name 'web.example' needs userspace (the kernel resolves no names); "
         'write an IP address; remove relay = "kernel" or that setting',
     ]
+
+
+def test_product_s_gateway_example_loads(tmp_path: Path) -> None:
+    """PRODUCT.md's `[gateway]` flowtable and `[gateway.ha]` keys, and relay = "kernel", as written."""
+    path = tmp_path / "ha.toml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            [gateway]
+            wan = "eth0"
+            lan = "eth1"
+            flowtable = true                   # offload established flows
+            [gateway.ha]                       # two routers, keepalived (VRRP) + conntrackd (state sync)
+            peer = "10.9.9.2"                  # the other router, on the sync link
+            virtual_addresses = ["203.0.113.1/24", "192.168.1.1/24"]
+            sync_interface = "eth2"
+
+            [[forward]]
+            listen = "0.0.0.0:443"
+            connect = "10.0.0.5:443"
+            relay = "kernel"
+            """
+        )
+    )
+    plan = planner.load(path)
+    assert plan.gateway is not None
+    assert plan.gateway.ha is not None
+    assert plan.gateway.flowtable
+    assert [str(vip) for vip in plan.gateway.ha.virtual_addresses] == ["203.0.113.1/24", "192.168.1.1/24"]
+    assert plan.rules[0].relay == "kernel"
+
+
+def test_gateway_ha_bad_input_names_the_field_and_the_fix(tmp_path: Path) -> None:
+    base = '[gateway]\nwan = "eth0"\nlan = "eth1"\n[gateway.ha]\nsync_interface = "eth2"\n'
+    assert problems(tmp_path, base + 'peer = "router2"\nvirtual_addresses = ["203.0.113.1/24"]\n') == [
+        "gateway.ha.peer: 'router2' is not an IPv4 address; write the other router's address on the sync link"
+    ]
+    assert problems(tmp_path, base + 'peer = "10.9.9.2"\nvirtual_addresses = ["203.0.113.1"]\n') == [
+        "gateway.ha.virtual_addresses: '203.0.113.1' is not address/prefix; write it as 203.0.113.1/24"
+    ]
+    assert problems(tmp_path, base + 'peer = "10.9.9.2"\nvirtual_addresses = []\n') == [
+        'gateway.ha.virtual_addresses: must be a list of address/prefix; write ["203.0.113.1/24", "192.168.1.1/24"]'
+    ]

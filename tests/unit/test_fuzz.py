@@ -10,7 +10,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portfwd import config
+from portfwd import config, planner
 from portfwd.addr import parse_listen, parse_target
 from portfwd.errors import ConfigError
 from portfwd.forwardspec import rules_from_specs, split
@@ -81,6 +81,20 @@ keys = st.sampled_from(
         "bandwidth",
         "bandwidth_per_connection",
         "transparent",
+        "wan",
+        "lan",
+        "ha",
+        "peer",
+        "virtual_addresses",
+        "sync_interface",
+        "priority",
+        "advert_interval",
+        "ipv6_firewall",
+        "open_other_tables",
+        "flowtable",
+        "port",
+        "to",
+        "forward",
         "bogus",
     ]
 )
@@ -93,13 +107,15 @@ values: Any = st.recursive(
 
 @given(
     st.dictionaries(
-        st.sampled_from(["forward", "metrics", "control", "user", "tunnel", "x"]), values, max_size=3
+        st.sampled_from(["forward", "metrics", "control", "user", "tunnel", "gateway", "x"]),
+        values,
+        max_size=3,
     )
 )
 @settings(max_examples=300, deadline=None)
 def test_config_validation_only_raises_config_errors(data: dict[str, Any]) -> None:
     try:
-        config.validate(data)
+        planner.plan(config.validate(data))  # the planner refuses what the kernel relay cannot do
     except ConfigError as exc:
         assert exc.problems
         assert all("\n" not in line for line in exc.problems)
