@@ -100,7 +100,8 @@ class Runtime:
         if plan.control.enabled and identity is not None:
             reloader = self.reload if loader is not None else None
             self._control = Control(plan.control, identity.socket, state, reloader)
-        kernel, userspace = _split(plan)
+        self._decided: dict[RuleSpec, bool] = {}  # each rule's side: the kernel's, or portfwd's
+        kernel, userspace = _split(plan, self._decided)
         self._rules = RuleSet(userspace, state, user=plan.user, workers=plan.workers)
         self._kernel = KernelRules(
             kernel,
@@ -160,7 +161,7 @@ class Runtime:
 
     def _reloadable(self, plan: Plan) -> list[tuple[Reloadable[Any], Any]]:
         """The services a reload changes, each with its part of `plan`."""
-        kernel, userspace = _split(plan)
+        kernel, userspace = _split(plan, self._decided)
         return [
             (self._rules, userspace),
             (self._kernel, kernel),
@@ -414,7 +415,10 @@ class Runtime:
             await service.stop_accepting()
         await self._drain()
         for service in self._stop_order():
-            await service.stop()
+            try:
+                await service.stop()
+            except Exception:  # one part's failure must not leave the others running
+                log.exception("stopping %s failed; stopping the rest", service.name)
         if self._janitor is not None:  # last: everything that made a file has let go of it
             self._janitor.finish()
             self._janitor = None
@@ -423,10 +427,18 @@ class Runtime:
             await self._tasks.__aexit__(None, None, None)
 
 
-def _split(plan: Plan) -> tuple[tuple[RuleSpec, ...], tuple[RuleSpec, ...]]:
-    """The rules the kernel relays (`relay = "kernel"`, and `auto` where it can), and the rest."""
-    kernel = auto.kernel_rules(plan.rules, plan.user)
-    return kernel, tuple(rule for rule in plan.rules if rule not in kernel)
+def _split(plan: Plan, decided: dict[RuleSpec, bool]) -> tuple[tuple[RuleSpec, ...], tuple[RuleSpec, ...]]:
+    """The rules the kernel relays (`relay = "kernel"`, and `auto` where it can), and the rest.
+
+    `decided` remembers each rule's side: a rule a reload keeps stays where it runs, whatever
+    changed on the machine meanwhile (moving it would cut its flows).
+    """
+    new = tuple(rule for rule in plan.rules if rule not in decided)
+    chosen = set(auto.kernel_rules(new, plan.user)) if new else set()
+    for rule in new:
+        decided[rule] = rule in chosen
+    kernel = tuple(rule for rule in plan.rules if decided[rule])
+    return kernel, tuple(rule for rule in plan.rules if not decided[rule])
 
 
 def _answer(rules: Change, removed: tuple[str, ...], failures: list[PortfwdError]) -> dict[str, Any]:

@@ -321,3 +321,5 @@ def test_forwarding_switches_warned_or_enabled(tmp_path: Path) -> None:
             assert net.run(net.gw, "sysctl", "-n", key).stdout == b"1\n"
         assert tcp_from(net, net.wan, GW_WAN, 8080, b"x").startswith(f"peer={WAN_HOST}")
         assert portfwd(net, "gateway", "remove").returncode == 0
+        for key in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"):  # nothing left behind
+            assert net.run(net.gw, "sysctl", "-n", key).stdout == b"0\n", key

@@ -184,14 +184,23 @@ def test_removal_clears_translated_flows_and_a_crash_keeps_the_timestamp_setting
             assert conntrack_lines(net, "-p", "udp", "--dport", "8080", "--dst-nat")
             assert conntrack_lines(net, "-p", "udp", "--dport", "9000", "--src-nat")
 
+        # A DNAT of someone else's on the same box: its flow is not the gateway's to clear.
+        other = "table ip other {\n chain pre {\n  type nat hook prerouting priority -110;\n  udp dport 7070 dnat to 192.168.77.10:80\n }\n}\n"
+        assert net.run(net.gw, "nft", "-f", "-", data=other.encode()).returncode == 0
+        theirs = net.run(net.wan, "socat", "-T", "2", "-", f"UDP4:{GW_WAN}:7070", data=b"theirs\n")
+        assert theirs.stdout == b"theirs\n"
+
         # One-shot apply and remove.
         assert portfwd(net, "gateway", "apply", "-c", str(config)).returncode == 0
         flows()
         removed = portfwd(net, "gateway", "remove", "-c", str(config))
         assert removed.returncode == 0, removed.stderr
         assert removed.stdout.decode().startswith("removed table inet portfwd; cleared ")
-        assert conntrack_lines(net, "--dst-nat") == [], "no DNATed flow left"
+        left = conntrack_lines(net, "--dst-nat")
+        assert [line for line in left if "dport=7070" not in line] == [], "no DNATed flow of the gateway left"
+        assert any("dport=7070" in line for line in left), "the other table's flow is untouched"
         assert conntrack_lines(net, "--src-nat") == [], "no masqueraded flow left"
+        net.run(net.gw, "nft", "delete", "table", "ip", "other")
 
         # `run` with the timestamp setting off; killed, started again, then stopped cleanly.
         net.run(net.gw, "sysctl", "-qw", "net.netfilter.nf_conntrack_timestamp=0")
@@ -216,5 +225,33 @@ def test_removal_clears_translated_flows_and_a_crash_keeps_the_timestamp_setting
         assert net.run(net.gw, *stamp).stdout == b"0\n", "the value before the crash, restored"
         assert not (state / "conntrack-timestamp").exists()
         assert "portfwd" not in tables(net)
-        assert conntrack_lines(net, "--dst-nat") == []
+        assert [line for line in conntrack_lines(net, "--dst-nat") if "dport=7070" not in line] == []
         assert conntrack_lines(net, "--src-nat") == []
+
+
+def test_a_flowtable_is_used_where_the_kernel_has_them_and_one_line_where_not(tmp_path: Path) -> None:
+    from portfwd.kernel.nft import flowtables_supported
+
+    config = tmp_path / "gateway.toml"
+    config.write_text(BASE + f'flowtable = true\n[[gateway.forward]]\nport = 8080\nto = "{LAN_HOST}:80"\n')
+    supported = flowtables_supported()  # this machine's kernel has none; another's may
+    line = (
+        ""
+        if supported
+        else "portfwd: warning: gateway.flowtable: this kernel has no nftables flowtables "
+        "(CONFIG_NF_FLOW_TABLE); established flows take the normal forward path\n"
+    )
+    with lab() as net:
+        net.serve(net.lan, 80, REPLY)
+        checked = portfwd(net, "check", "-c", str(config))
+        assert (checked.returncode, checked.stderr.decode()) == (0, line)
+        applied = portfwd(net, "gateway", "apply", "-c", str(config))
+        try:
+            assert (applied.returncode, applied.stderr.decode()) == (0, line)
+            assert (
+                "flow add @fastpath"
+                in net.run(net.gw, "nft", "list", "table", "inet", "portfwd").stdout.decode()
+            ) == supported
+            assert tcp_from(net, net.wan, GW_WAN, 8080, b"x").startswith(f"peer={WAN_HOST}")
+        finally:
+            assert portfwd(net, "gateway", "remove").returncode == 0

@@ -17,10 +17,22 @@ CLAIMS = [Claim("web", "udp", 8080, 8080), Claim("gateway.forward[1]", "tcp", 80
 def test_flows_become_rows_per_rule() -> None:
     assert parse(LISTING, CLAIMS) == [
         {"rule": "web", "proto": "udp", "client": "203.0.113.20:38719", "public_port": 8080,
-         "target": "192.168.77.10:80", "state": "UNREPLIED", "age": 1},
+         "target": "192.168.77.10:80", "state": "UNREPLIED", "age": 1,
+         "original": ("udp", "203.0.113.20", "203.0.113.1", 38719, 8080)},
         {"rule": "gateway.forward[1]", "proto": "tcp", "client": "203.0.113.20:49478", "public_port": 8001,
-         "target": "192.168.77.10:9001", "state": "ESTABLISHED", "age": 7},
+         "target": "192.168.77.10:9001", "state": "ESTABLISHED", "age": 7,
+         "original": ("tcp", "203.0.113.20", "203.0.113.1", 49478, 8001)},
     ]  # fmt: skip
+
+
+def test_a_claim_with_a_target_owns_only_the_flows_that_target_answers() -> None:
+    """Another DNAT on the same port (docker's, another instance's) is not a rule's flow: it is
+    neither shown as one nor cleared with it."""
+    mine = [Claim("web", "udp", 8080, 8080, "192.168.77.10", 80, 80)]
+    assert [row["rule"] for row in parse(LISTING, mine)] == ["web"]
+    assert parse(LISTING, [Claim("web", "udp", 8080, 8080, "192.168.77.99", 80, 80)]) == []
+    assert parse(LISTING, [Claim("web", "udp", 8080, 8080, "192.168.77.10", 81, 81)]) == []
+    assert Claim("six", "tcp", 443, 443, "2001:db8::10").owns("tcp", 443, "2001:0db8::0010", 443)
 
 
 def test_other_dnat_flows_and_bad_xml_are_left_out() -> None:

@@ -67,8 +67,9 @@ def test_a_flowtable_where_the_kernel_has_them_and_one_line_where_it_does_not() 
     with_them = plan(spec, Interfaces(("203.0.113.1",), V4, flowtables=True))
     assert '  flowtable fastpath { hook ingress priority filter; devices = { "eth0", "eth1" }; }' in with_them
     assert (
-        'meta l4proto { tcp, udp } ct state established flow add @fastpath comment "flowtable"' in with_them
-    )
+        "meta l4proto { tcp, udp } ct state established meta mark & 0xfff00 != 0x70f00"
+        ' flow add @fastpath comment "flowtable"'
+    ) in with_them, "trigger flows stay where their rules see every packet"
     assert notes(spec, Interfaces(("203.0.113.1",), V4, flowtables=True)) == []
     without = Interfaces(("203.0.113.1",), V4, flowtables=False)
     assert "flowtable" not in plan(spec, without)
@@ -92,22 +93,29 @@ BOX = auto.Box(capable=True, filtering=None, forwarding=frozenset({4}))
 
 
 def test_auto_takes_the_kernel_only_when_nothing_is_lost() -> None:
-    assert auto.why_not(rule(), BOX, None) is None
+    assert auto.why_not(rule("127.0.0.1"), BOX, None) is None, "loopback to loopback: redirected exactly"
     assert auto.why_not(rule(connect="10.0.0.5"), BOX, None) is None, "forwarding is on"
-    assert auto.why_not(rule(), auto.Box(False, None, frozenset()), None) == (
+    assert auto.why_not(rule(), BOX, None) == (
+        "the kernel reaches a loopback target on the address a client came in to, so a server bound "
+        "to the loopback address alone would not see clients from other hosts"
+    )
+    assert auto.why_not(rule("127.0.0.1"), auto.Box(False, None, frozenset()), None) == (
         "the kernel relay needs root or CAP_NET_ADMIN, and nft"
     )
-    assert auto.why_not(rule(), BOX, "nobody") == (
+    assert auto.why_not(rule("127.0.0.1"), auto.Box(True, None, frozenset(), allowed=False), None) == (
+        'PORTFWD_AUTO_KERNEL=0 keeps relay = "auto" in userspace'
+    )
+    assert auto.why_not(rule("127.0.0.1"), BOX, "nobody") == (
         "user = drops the capability the kernel relay needs to remove its table at exit"
     )
-    assert auto.why_not(rule(proxy_protocol=2), BOX, None) == "proxy_protocol needs userspace"
+    assert auto.why_not(rule("127.0.0.1", proxy_protocol=2), BOX, None) == "proxy_protocol needs userspace"
     unix = RuleSpec(
         label="r", name=None, listen=HostPorts("", PortRange(80, 80)), connect=UnixPath("/run/app.sock")
     )
     assert auto.why_not(unix, BOX, None) == "a Unix socket target needs userspace"
-    assert auto.why_not(rule(), auto.Box(True, "table inet filter chain input", frozenset({4})), None) == (
-        "table inet filter chain input filters traffic, and the kernel relay would change what it sees"
-    )
+    assert auto.why_not(
+        rule("127.0.0.1"), auto.Box(True, "table inet filter chain input", frozenset({4})), None
+    ) == ("table inet filter chain input filters traffic, and the kernel relay would change what it sees")
     assert auto.why_not(rule(connect="10.0.0.5"), auto.Box(True, None, frozenset()), None) == (
         "a remote target is routed by the kernel, and net.ipv4.ip_forward is off"
     )

@@ -89,6 +89,7 @@ def _check_rules(config: Config) -> list[str]:
                     bound.append((index, proto, rule.listen.host, port))
     problems.extend(_check_tunnels(config))
     problems.extend(_check_gateway(config))
+    problems.extend(_check_root_until_exit(config))
     problems.extend(_check_maps(config))
     if config.server is not None:
         server = config.server
@@ -173,6 +174,25 @@ def _check_tunnels(config: Config) -> list[str]:
                 f"{field}.reconnect_max: must be at least reconnect_min ({tunnel.reconnect_min:g}s)"
             )
     return problems
+
+
+def _check_root_until_exit(config: Config) -> list[str]:
+    """`user =` drops every capability after binding; the kernel's tables need CAP_NET_ADMIN
+    until exit (to be removed), so they cannot go with it."""
+    if config.user is None:
+        return []
+    needs = [
+        f'forward[{index}].relay = "kernel"'
+        for index, rule in enumerate(config.forward)
+        if rule.relay == "kernel"
+    ]
+    if config.gateway is not None:
+        needs.append("[gateway]")
+    return [
+        f"user: {what} needs CAP_NET_ADMIN until exit to remove its nftables table, and user = drops it; "
+        "remove user = (run as root, or with CAP_NET_ADMIN)"
+        for what in needs[:1]
+    ]
 
 
 def _check_gateway(config: Config) -> list[str]:

@@ -16,6 +16,7 @@ it when nothing is lost by it. It is not taken, and `portfwd check` says why, wh
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import sys
@@ -89,6 +90,15 @@ def box() -> Box:
     return Box(capable, found, forwarding, allowed)
 
 
+def _loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _reads_one(path: str) -> bool:
     try:
         with open(path, encoding="ascii") as handle:
@@ -107,6 +117,17 @@ def why_not(rule: RuleSpec, found: Box, user: str | None) -> str | None:
         return "user = drops the capability the kernel relay needs to remove its table at exit"
     if (problem := kernel.unsuitable(rule)) is not None:
         return problem.split(": ", 1)[-1]
+    listen, target = rule.listen, rule.connect
+    if (
+        isinstance(listen, HostPorts)
+        and isinstance(target, HostPorts)
+        and _loopback(target.host)
+        and not (not listen.is_any and _loopback(listen.host))
+    ):
+        return (
+            "the kernel reaches a loopback target on the address a client came in to, so a server "
+            "bound to the loopback address alone would not see clients from other hosts"
+        )
     if found.filtering is not None:
         return f"{found.filtering} filters traffic, and the kernel relay would change what it sees"
     if kernel.needs_forwarding([rule]):

@@ -38,12 +38,32 @@ MAX_SESSIONS = 500
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """Which rule owns a WAN port: `name` for flows to `proto` ports `first`..`last`."""
+    """Which rule owns a flow: `name` for flows to `proto` ports `first`..`last` that are
+    answered by `target` (any address when "": a redirect, a trigger's holder) from a port in
+    `target_first`..`target_last` (any when 0)."""
 
     name: str
     proto: str
     first: int
     last: int
+    target: str = ""
+    target_first: int = 0
+    target_last: int = 0
+
+    def owns(self, proto: str, dport: int, source: str, sport: int) -> bool:
+        """Whether a flow to `dport` answered from `source`:`sport` is this rule's."""
+        if self.proto != proto or not self.first <= dport <= self.last:
+            return False
+        if self.target and _canonical(source) != _canonical(self.target):
+            return False
+        return not self.target_first or self.target_first <= sport <= self.target_last
+
+
+def _canonical(address: str) -> str:
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return address
 
 
 def timestamps(on: bool | None = None) -> bool | None:
@@ -92,23 +112,56 @@ def unstamp(directory: str) -> None:
     saved.unlink(missing_ok=True)
 
 
-def forget(claims: list[Claim], lan_networks: tuple[ipaddress.IPv4Network, ...]) -> int:
-    """Delete the flows the gateway translated; returns how many conntrack said it deleted.
+def forget(
+    claims: list[Claim],
+    lan_networks: tuple[ipaddress.IPv4Network, ...] = (),
+    masqueraded_to: tuple[str, ...] = (),
+) -> int:
+    """Delete the flows portfwd translated, each by its exact original tuple; returns how many.
 
-    DNATed flows to a claimed port (forwards, triggers, hairpin, the router's own), one
-    `conntrack -D` per port in use; masqueraded flows from the LAN's networks, one per network.
+    DNATed flows its rules own (the claims: port, and the target that answers); with
+    `lan_networks`, masqueraded flows from those networks that leave with one of the addresses
+    `masqueraded_to` (the WAN's, or the virtual one). Nothing else on the box is touched: not
+    docker's flows, not another instance's, not a VPN's masquerade. At most MAX_DELETES.
     """
     binary = shutil.which("conntrack")
     if binary is None:
         return 0
-    listing = _run([binary, "-L", "--dst-nat", "-o", "xml"])
-    ports = sorted({(row["proto"], int(row["public_port"])) for row in parse(listing, claims)})
-    calls = [[binary, "-D", "--dst-nat", "-p", proto, "--orig-port-dst", str(port)] for proto, port in ports]
-    calls += [[binary, "-D", "--src-nat", "-s", str(network)] for network in lan_networks]
+    tuples = [row["original"] for row in parse(_run([binary, "-L", "--dst-nat", "-o", "xml"]), claims)]
+    if lan_networks and masqueraded_to:
+        nets = [ipaddress.ip_network(net) for net in lan_networks]
+        via = {_canonical(address) for address in masqueraded_to}
+        for flow in _flows(_run([binary, "-L", "--src-nat", "-o", "xml"])):
+            src, reply_dst = flow["original"][1], flow["reply_dst"]
+            if _canonical(reply_dst) in via and any(_within(src, net) for net in nets):
+                tuples.append(flow["original"])
     deleted = 0
-    for call in calls[:MAX_DELETES]:
+    for proto, src, dst, sport, dport in tuples[:MAX_DELETES]:
+        family = ["-f", "ipv6"] if ":" in src else []
+        call = [
+            binary,
+            "-D",
+            *family,
+            "-p",
+            proto,
+            "-s",
+            src,
+            "-d",
+            dst,
+            "--sport",
+            str(sport),
+            "--dport",
+            str(dport),
+        ]
         deleted += _deleted(_run(call, stderr=True))
     return deleted
+
+
+def _within(address: str, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    try:
+        return ipaddress.ip_address(address) in network
+    except ValueError:
+        return False
 
 
 def _run(argv: list[str], stderr: bool = False) -> str:
@@ -137,13 +190,13 @@ def sessions(claims: list[Claim]) -> list[dict[str, Any]]:
     return parse(_run([binary, "-L", "--dst-nat", "-o", "xml"]), claims)
 
 
-def parse(text: str, claims: list[Claim]) -> list[dict[str, Any]]:
-    """conntrack's XML listing to rows; flows that match no claim are left out."""
+def _flows(text: str) -> list[dict[str, Any]]:
+    """conntrack's XML listing, one dict per flow: the original tuple and the reply's ends."""
     try:
         root = ET.fromstring(text) if text.strip() else None
     except ET.ParseError:
         return []
-    rows: list[dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
     for flow in root.iter("flow") if root is not None else ():
         metas = {meta.get("direction"): meta for meta in flow.findall("meta")}
         original, reply, independent = metas.get("original"), metas.get("reply"), metas.get("independent")
@@ -151,23 +204,54 @@ def parse(text: str, claims: list[Claim]) -> list[dict[str, Any]]:
             continue
         proto = original.find("layer4")
         proto_name = proto.get("protoname", "") if proto is not None else ""
-        dport = _int(original.findtext("layer4/dport"))
-        owner = _owner(claims, proto_name, dport)
-        if owner is None:
-            continue
         state = independent.findtext("state") if independent is not None else None
         if state is None and independent is not None:
             state = "UNREPLIED" if independent.find("unreplied") is not None else "ASSURED"
         age = independent.findtext("deltatime") if independent is not None else None
+        src, dst = original.findtext("layer3/src") or "", original.findtext("layer3/dst") or ""
+        sport, dport = _int(original.findtext("layer4/sport")), _int(original.findtext("layer4/dport"))
+        out.append(
+            {
+                "original": (proto_name, src, dst, sport, dport),
+                "reply_src": reply.findtext("layer3/src") or "",
+                "reply_sport": _int(reply.findtext("layer4/sport")),
+                "reply_dst": reply.findtext("layer3/dst") or "",
+                "state": state or "",
+                "age": _int(age) if age is not None else None,
+            }
+        )
+    return out
+
+
+def _endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse(text: str, claims: list[Claim]) -> list[dict[str, Any]]:
+    """conntrack's XML listing to rows; flows that match no claim are left out."""
+    rows: list[dict[str, Any]] = []
+    for flow in _flows(text):
+        proto, src, _, sport, dport = flow["original"]
+        owner = next(
+            (
+                claim.name
+                for claim in claims
+                if claim.owns(proto, dport, flow["reply_src"], flow["reply_sport"])
+            ),
+            None,
+        )
+        if owner is None:
+            continue
         rows.append(
             {
                 "rule": owner,
-                "proto": proto_name,
-                "client": f"{original.findtext('layer3/src')}:{original.findtext('layer4/sport')}",
+                "proto": proto,
+                "client": _endpoint(src, sport),
                 "public_port": dport,
-                "target": f"{reply.findtext('layer3/src')}:{reply.findtext('layer4/sport')}",
-                "state": state or "",
-                "age": _int(age) if age is not None else None,
+                "target": _endpoint(flow["reply_src"], flow["reply_sport"]),
+                "state": flow["state"],
+                "age": flow["age"],
+                "original": flow["original"],
             }
         )
         if len(rows) >= MAX_SESSIONS:
@@ -175,21 +259,22 @@ def parse(text: str, claims: list[Claim]) -> list[dict[str, Any]]:
     return rows
 
 
-def _owner(claims: list[Claim], proto: str, dport: int) -> str | None:
-    for claim in claims:
-        if claim.proto == proto and claim.first <= dport <= claim.last:
-            return claim.name
-    return None
-
-
 def claims(gateway: GatewaySpec) -> list[Claim]:
-    """Which rule owns which WAN ports: each forward (by its name or index), each trigger's opened ports."""
+    """Which rule owns which flows: each forward (by its name or index) by its WAN ports and
+    LAN target, each trigger by its opened ports. IPv6 pinholes translate nothing: no claim."""
     out: list[Claim] = []
     for index, rule in enumerate(gateway.forward):
+        if rule.pinhole:
+            continue
         name = rule.name or f"gateway.forward[{index}]"
+        last = rule.to.ports.first + len(rule.port) - 1 if len(rule.to.ports) > 1 else rule.to.ports.first
         for proto, on in (("tcp", rule.protocol.has_tcp), ("udp", rule.protocol.has_udp)):
             if on:
-                out.append(Claim(name, proto, rule.port.first, rule.port.last))
+                out.append(
+                    Claim(
+                        name, proto, rule.port.first, rule.port.last, rule.to.host, rule.to.ports.first, last
+                    )
+                )
     for index, trigger in enumerate(gateway.trigger):
         name = trigger.name or f"gateway.trigger[{index}]"
         out += [Claim(name, proto, ports.first, ports.last) for proto, ports in trigger.open]
@@ -197,15 +282,42 @@ def claims(gateway: GatewaySpec) -> list[Claim]:
 
 
 def rule_claims(rules: Iterable[RuleSpec]) -> list[Claim]:
-    """Which kernel relay owns which listen ports (a flow's original destination port)."""
+    """Which kernel relay owns which flows: its listen ports, answered by its target (any local
+    address for a loopback target, which the kernel redirects) from the target's ports; a
+    route's target too."""
     out: list[Claim] = []
     for rule in rules:
-        if not isinstance(rule.listen, HostPorts):
+        listen = rule.listen
+        if not isinstance(listen, HostPorts):
             continue
-        for proto, on in (("tcp", rule.protocol.has_tcp), ("udp", rule.protocol.has_udp)):
-            if on:
-                out.append(Claim(rule.label, proto, rule.listen.ports.first, rule.listen.ports.last))
+        for target in (rule.connect, *(route.connect for route in rule.route)):
+            if not isinstance(target, HostPorts):
+                continue
+            host = "" if _loopback(target.host) else target.host
+            last = target.ports.first + len(listen.ports) - 1 if len(target.ports) > 1 else target.ports.first
+            for proto, on in (("tcp", rule.protocol.has_tcp), ("udp", rule.protocol.has_udp)):
+                if on:
+                    out.append(
+                        Claim(
+                            rule.label,
+                            proto,
+                            listen.ports.first,
+                            listen.ports.last,
+                            host,
+                            target.ports.first,
+                            last,
+                        )
+                    )
     return out
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _int(text: str | None) -> int:

@@ -6,7 +6,7 @@ kernel layer that applies the ruleset is the one that says what is wrong with it
 
 from __future__ import annotations
 
-from portfwd.kernel import gwplan, nft
+from portfwd.kernel import gwfirewall, gwplan, nft
 from portfwd.specs import GatewaySpec
 
 
@@ -20,8 +20,12 @@ def problems(spec: GatewaySpec) -> tuple[gwplan.Interfaces | None, list[str]]:
 
 
 def notes(spec: GatewaySpec, found: gwplan.Interfaces) -> list[str]:
-    """Warnings: what the ruleset leaves out on this machine, and what other tables would stop."""
-    return gwplan.notes(spec, found)
+    """Warnings: what the ruleset leaves out on this machine, and what other tables would stop
+    (read only where nft can list the ruleset, as root)."""
+    blocked = [
+        gwfirewall.line(item, spec.open_other_tables) for item in gwfirewall.findings(spec, nft.ruleset())
+    ]
+    return [*gwplan.notes(spec, found), *blocked]
 
 
 def summary(spec: GatewaySpec, found: gwplan.Interfaces) -> str:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Awaitable
 
 from portfwd.instances import runtime_dir
 from portfwd.kernel import conntrack, gwfirewall, gwplan, nft
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 GATEWAY_CHECK = float(os.environ.get("PORTFWD_GATEWAY_CHECK", "10"))
 #: How long after the kernel reports an address change the interfaces are read (seconds).
 SETTLE = 0.2
+
+
+def _saved_forwarding() -> str:
+    return os.path.join(state_dir(), nft.SAVED_FORWARDING)
 
 
 class GatewayService:
@@ -55,12 +60,13 @@ class GatewayService:
     async def start(self) -> None:
         """Plan and apply the ruleset, then watch that it stays loaded. Raises nft.GatewayError."""
         gateway = self.config
-        for problem in nft.forwarding_problems(gateway.enable_forwarding):
+        for problem in nft.forwarding_problems(gateway.enable_forwarding, saved=_saved_forwarding()):
             log.warning("gateway: %s", problem, extra=event("gateway.problem", reason=problem))
         found = await asyncio.to_thread(nft.interfaces, gateway)
         problems = gwplan.check(gateway, found)
         if problems:
-            raise nft.GatewayError(problems[0])
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise nft.GatewayError(problems[0] + more)
         for note in gwplan.notes(gateway, found):
             log.warning("gateway: %s", note, extra=event("gateway.problem", reason=note))
         ruleset = gwplan.plan(gateway, found)
@@ -255,43 +261,56 @@ class GatewayService:
         return True
 
     async def stop(self) -> None:
-        """Stop watching, stop the trigger daemon, delete the table and the flows it translated
-        (errors logged, not raised)."""
-        for task in (self._check, self._monitor):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        """Stop watching, stop the HA engines and the trigger daemon, delete the table and the
+        flows it translated. Each step is tried on its own: a failing one is logged and the
+        rest still happen (the table above all)."""
+        tasks = [task for task in (self._check, self._monitor) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # a crashed watcher must not stop this
         self._check = self._monitor = None
         if self._ha is not None:  # first: the addresses move to the other router, the state stays
-            await self._ha.stop()
+            await self._step("stop keepalived and conntrackd", self._ha.stop())
             self._ha = None
         if self._last_wins is not None:
-            await self._last_wins.stop()
+            await self._step("stop the trigger watcher", self._last_wins.stop())
             self._last_wins = None
-        if self.ruleset is None:
-            return
-        self.ruleset = None
-        try:
+        if self.ruleset is not None:
+            self.ruleset = None
             if self.config.open_other_tables:
-                closed = await asyncio.to_thread(gwfirewall.close)
-                if closed:
-                    log.info(
-                        "gateway: removed the %d accept(s) it added to other tables",
-                        closed,
-                        extra=event("gateway.closed", flows=closed),
-                    )
-            await asyncio.to_thread(nft.remove)
-            networks = self._found.lan_networks if self._found is not None else ()
-            cleared = await asyncio.to_thread(conntrack.forget, conntrack.claims(self.config), networks)
+                await self._step("remove the accepts it added to other tables", self._close_openings())
+            await self._step("remove table inet portfwd", self._remove())
+        if self._restore_timestamps:
+            conntrack.unstamp(state_dir())
+            self._restore_timestamps = False
+        for path in nft.restore_forwarding(_saved_forwarding()):
+            log.info("gateway: turned off %s again (portfwd had turned it on)", path)
+
+    @staticmethod
+    async def _step(doing: str, step: Awaitable[None]) -> None:
+        try:
+            await step
+        except Exception as exc:  # noqa: BLE001 - every step of a stop is tried
+            reason = exc.line() if isinstance(exc, nft.GatewayError) else f"cannot {doing}: {exc}"
+            log.error("gateway: %s", reason, extra=event("gateway.failed", reason=reason))
+
+    async def _close_openings(self) -> None:
+        closed = await asyncio.to_thread(gwfirewall.close)
+        if closed:
             log.info(
-                "gateway: table inet portfwd removed, %d translated flow(s) cleared",
-                cleared,
-                extra=event("gateway.removed", flows=cleared),
+                "gateway: removed the %d accept(s) it added to other tables",
+                closed,
+                extra=event("gateway.closed", flows=closed),
             )
-        except nft.GatewayError as exc:
-            log.error("gateway: %s", exc.line(), extra=event("gateway.failed", reason=exc.message))
-        finally:
-            if self._restore_timestamps:
-                conntrack.unstamp(state_dir())
-                self._restore_timestamps = False
+
+    async def _remove(self) -> None:
+        await asyncio.to_thread(nft.remove)
+        found = self._found
+        networks = found.lan_networks if found is not None and self.config.masquerade else ()
+        via = (*(found.wan_addresses if found is not None else ()), *gwplan.virtual_wan(self.config, found))
+        cleared = await asyncio.to_thread(conntrack.forget, conntrack.claims(self.config), networks, via)
+        log.info(
+            "gateway: table inet portfwd removed, %d translated flow(s) cleared",
+            cleared,
+            extra=event("gateway.removed", flows=cleared),
+        )

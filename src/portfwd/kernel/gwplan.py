@@ -268,8 +268,10 @@ def plan(config: GatewaySpec, interfaces: Interfaces) -> str:
         lines.append(
             f"  flowtable {FLOWTABLE} {{ hook ingress priority filter; devices = {{ {wan}, {lan} }}; }}"
         )
+        # Not the flows of port triggers: their rules must see every packet to keep the holder.
         forward.append(
-            f'meta l4proto {{ tcp, udp }} ct state established flow add @{FLOWTABLE} comment "flowtable"'
+            f"meta l4proto {{ tcp, udp }} ct state established meta mark & 0xfff00 != 0x70f00"
+            f' flow add @{FLOWTABLE} comment "flowtable"'
         )
     forward.append('ct status dnat counter accept comment "dnat"')
     if config.ipv6_firewall:
@@ -313,6 +315,12 @@ def _virtual(config: GatewaySpec, interfaces: Interfaces) -> tuple[str, str]:
         else:
             wan = wan or str(vip.ip)
     return wan, lan
+
+
+def virtual_wan(config: GatewaySpec, interfaces: Interfaces | None) -> tuple[str, ...]:
+    """The virtual WAN address LAN traffic leaves with under `[gateway.ha]` (none without)."""
+    wan, _ = _virtual(config, interfaces or Interfaces((), ()))
+    return (wan,) if wan else ()
 
 
 def wan_addresses_batch(addresses: tuple[str, ...]) -> str:

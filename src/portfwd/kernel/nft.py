@@ -7,9 +7,11 @@ and nothing outside table `inet portfwd` is touched.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import ipaddress
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -133,10 +135,18 @@ def apply(ruleset: str, *, check_only: bool = False) -> None:
         raise GatewayError(f"nft refused the ruleset; nothing changed: {_one_line(result.stderr)}")
 
 
+def _absent(result: subprocess.CompletedProcess[str]) -> bool:
+    """Whether a failed `nft list table` means the table is not there (None) or something else
+    (no permission: raised, so that nobody reads "not loaded" for "cannot look")."""
+    if "No such file or directory" in result.stderr:
+        return True
+    raise GatewayError(f"cannot read table {FAMILY} {TABLE}: {_one_line(result.stderr)}", hint="run as root")
+
+
 def live() -> dict[str, Any] | None:
     """portfwd's table as nft lists it now (JSON), or None when it is not there."""
     result = _nft("-j", "list", "table", FAMILY, TABLE)
-    if result.returncode != 0:
+    if result.returncode != 0 and _absent(result):
         return None
     data: dict[str, Any] = json.loads(result.stdout)
     return data
@@ -159,16 +169,22 @@ FORWARDING = (
 IPV6_DISABLED = "/proc/sys/net/ipv6/conf/all/disable_ipv6"
 
 
+#: The forwarding switches portfwd turned on, in the state directory: put back at exit.
+SAVED_FORWARDING = "forwarding-switched-on"
+
+
 def forwarding_problems(
     enable: bool,
     switches: tuple[tuple[str, str, str], ...] = FORWARDING,
     ipv6_disabled: str = IPV6_DISABLED,
+    saved: str | None = None,
 ) -> list[str]:
     """What to do about the kernel not routing IPv4 (and IPv6); with `enable`, switch them on.
 
-    portfwd's DNAT rules are IPv4, so IPv6 forwarding off is only worth a line: IPv6 hosts
-    behind the gateway are not reached, which a user expecting them should know. A box with
-    IPv6 switched off altogether gets no IPv6 line.
+    A switch portfwd turns on is written down in the file `saved` (the state directory's
+    SAVED_FORWARDING), so that `restore_forwarding` turns it off again when the gateway goes:
+    the IPv6 firewall goes with portfwd's table, and forwarding left on without it would open
+    the LAN. A box with IPv6 switched off altogether gets no IPv6 line.
     """
     problems = []
     for family, path, key in switches:
@@ -179,6 +195,10 @@ def forwarding_problems(
                 if handle.read().strip() == "1":
                     continue
             if enable:
+                if saved is not None:
+                    os.makedirs(os.path.dirname(saved), mode=0o700, exist_ok=True)
+                    with open(saved, "a", encoding="ascii") as record:
+                        record.write(path + "\n")
                 with open(path, "w", encoding="ascii") as handle:
                     handle.write("1\n")
                 continue
@@ -192,6 +212,27 @@ def forwarding_problems(
             continue
         problems.append(f"{family} forwarding is off: run sysctl -w {key}=1, or set enable_forwarding = true")
     return problems
+
+
+def restore_forwarding(saved: str) -> list[str]:
+    """Turn off the forwarding switches `forwarding_problems` turned on (recorded in `saved`),
+    and forget them; returns the sysctl paths it turned off."""
+    try:
+        with open(saved, encoding="ascii") as record:
+            paths = [line.strip() for line in record if line.strip() in {path for _, path, _ in FORWARDING}]
+    except OSError:
+        return []
+    done = []
+    for path in dict.fromkeys(paths):
+        try:
+            with open(path, "w", encoding="ascii") as handle:
+                handle.write("0\n")
+            done.append(path)
+        except OSError:
+            continue
+    with contextlib.suppress(OSError):
+        os.unlink(saved)
+    return done
 
 
 def _reads_one(path: str) -> bool:
@@ -339,7 +380,7 @@ def fingerprint() -> str | None:
     to notice drift. None when the table is not loaded.
     """
     result = _nft("-s", "list", "table", FAMILY, TABLE)
-    if result.returncode != 0:
+    if result.returncode != 0 and _absent(result):
         return None
     return _without_live_elements(result.stdout)
 
@@ -362,7 +403,7 @@ def _without_live_elements(listing: str) -> str:
     return "\n".join(kept)
 
 
-def diff(ruleset: str) -> list[str] | None:
+def diff(ruleset: str, devices: tuple[str, ...] = ()) -> list[str] | None:
     """Unified diff from the live table to `ruleset`, both as nft lists them; None if not loaded.
 
     The plan is loaded into a throwaway network namespace (`unshare --net`) and listed there,
@@ -375,10 +416,18 @@ def diff(ruleset: str) -> list[str] | None:
     binary = shutil.which("nft")
     if unshare is None or binary is None:
         raise GatewayError("cannot diff: needs unshare (util-linux) and nft")
-    script = f"{binary} -f - && {binary} -s list table {FAMILY} {TABLE}"
+    # The interfaces the plan names exist there too, as dummies: a flowtable needs its devices.
+    script = (
+        'for dev in "$@"; do ip link add "$dev" type dummy 2>/dev/null; done; '
+        f"{binary} -f - && {binary} -s list table {FAMILY} {TABLE}"
+    )
     try:
         result = subprocess.run(
-            [unshare, "--net", "sh", "-c", script], input=ruleset, capture_output=True, text=True, timeout=30
+            [unshare, "--net", "sh", "-c", script, "sh", *devices],
+            input=ruleset,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise GatewayError(f"cannot diff: {exc}") from exc

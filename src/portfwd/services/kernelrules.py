@@ -90,6 +90,8 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
         self.rules: dict[RuleSpec, list[socket.socket]] = {}  # the running rules and their held ports
         self._loaded = False  # the table is ours and in the kernel
         self._refresh: asyncio.Task[None] | None = None
+        #: What the tables replaced by reloads counted, per label: added to the live counters.
+        self._base: dict[str, kernel.Counts] = {}
 
     @property
     def active(self) -> bool:
@@ -100,14 +102,23 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
         return len(self.rules)
 
     async def start(self) -> list[PortfwdError]:
+        if self.wanted:  # a table of the same instance left by a crash would shadow the rules
+            with contextlib.suppress(kernel.KernelRelayError, OSError):
+                await asyncio.to_thread(kernel.remove, self.table)
         return list((await self.apply(self.wanted)).failures)
 
     async def retire(self, part: tuple[RuleSpec, ...]) -> Change:
         gone = [rule for rule in self.rules if rule not in part]
         if not gone:
             return Change()
+        running = self.rules
+        self.rules = {rule: held for rule, held in running.items() if rule not in gone}
+        failures = await self._load()
+        if failures:  # the old table stays in force: so do its ports and its rules
+            self.rules = running
+            return Change(failures=tuple(failures))
         for rule in gone:
-            for sock in self.rules.pop(rule):
+            for sock in running[rule]:
                 sock.close()
             self.state.rule(rule.label).running = False
             self.state.listeners = [item for item in self.state.listeners if item.rule != rule.label]
@@ -116,9 +127,8 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
                 rule.label,
                 extra=event("rule.removed", rule=rule.label),
             )
-        failures = await self._load()
-        await asyncio.to_thread(conntrack.forget, conntrack.rule_claims(gone), ())
-        return Change(removed=tuple(rule.label for rule in gone), failures=tuple(failures))
+        await asyncio.to_thread(conntrack.forget, conntrack.rule_claims(gone))
+        return Change(removed=tuple(rule.label for rule in gone))
 
     async def apply(self, part: tuple[RuleSpec, ...]) -> Change:
         retired = await self.retire(part)
@@ -134,12 +144,13 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
             except RuntimeFailure as exc:
                 log.error("%s", exc.line(), extra=event("rule.failed", rule=rule.label, reason=exc.message))
                 failures.append(exc)
-        problems = await self._load()
+        held_now = [rule for rule in added if rule in self.rules]
+        problems = await self._load() if held_now or not self._loaded else []
         if problems:  # the old table stays in force: only this reload's rules did not start
-            for rule in added:
+            for rule in held_now:
                 for sock in self.rules.pop(rule, []):
                     sock.close()
-            failures.extend(problems)
+            failures.extend([problems[0]] * max(1, len(held_now)))  # one per rule that did not start
         started = [rule for rule in added if rule in self.rules]
         for rule in started:
             self._register(rule)
@@ -166,7 +177,16 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
                     self._loaded = False
                 return []
             text = kernel.plan(list(self.rules), self.table)
+            before = await asyncio.to_thread(kernel.listing, self.table) if self._loaded else None
             await asyncio.to_thread(kernel.apply, text, self.table)
+            for label, counted in kernel.counts(before or {}).items():  # the new table counts from 0
+                base = self._base.get(label, kernel.Counts())
+                self._base[label] = kernel.Counts(
+                    base.connections + counted.connections,
+                    base.denied + counted.denied,
+                    base.bytes_up + counted.bytes_up,
+                    base.bytes_down + counted.bytes_down,
+                )
         except kernel.KernelRelayError as exc:
             error: PortfwdError = exc
             if "Operation not permitted" in exc.message:
@@ -205,10 +225,12 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
 
     async def _keep_reading(self) -> None:
         """Every REFRESH seconds: the rules' counters and live flows, into the state."""
-        while True:
+        while self.rules:
             with contextlib.suppress(kernel.KernelRelayError, OSError):
                 await self._read()
             await asyncio.sleep(REFRESH)
+        self.state.kernel_sessions = []
+        self._refresh = None
 
     async def _read(self) -> None:
         listing = await asyncio.to_thread(kernel.listing, self.table)
@@ -220,11 +242,13 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
             if flow["state"] not in ENDED:
                 live[flow["rule"]] = live.get(flow["rule"], 0) + 1
         for rule in rules:
-            found = counted.get(kernel.comment(rule), kernel.Counts())
+            label = kernel.comment(rule)
+            found, base = counted.get(label, kernel.Counts()), self._base.get(label, kernel.Counts())
             stats = self.state.rule(rule.label)
-            stats.connections_total = found.connections
-            stats.denied_total = found.denied
-            stats.bytes_up, stats.bytes_down = found.bytes_up, found.bytes_down
+            stats.connections_total = base.connections + found.connections
+            stats.denied_total = base.denied + found.denied
+            stats.bytes_up = base.bytes_up + found.bytes_up
+            stats.bytes_down = base.bytes_down + found.bytes_down
             stats.connections_active = live.get(rule.label, 0)
         self.state.kernel_sessions = [
             GatewaySessionRow(
@@ -242,8 +266,7 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
     async def stop(self) -> None:
         if self._refresh is not None:
             self._refresh.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresh
+            await asyncio.gather(self._refresh, return_exceptions=True)
             self._refresh = None
         rules = list(self.rules)
         for held in self.rules.values():
@@ -255,10 +278,11 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
         self._loaded = False
         try:
             await asyncio.to_thread(kernel.remove, self.table)
-        except kernel.KernelRelayError as exc:
-            log.error("%s", exc.line(), extra=event("rule.failed", rule=self.table, reason=exc.message))
+        except (kernel.KernelRelayError, OSError) as exc:
+            reason = exc.line() if isinstance(exc, kernel.KernelRelayError) else str(exc)
+            log.error("kernel relays: %s", reason, extra=event("rule.failed", rule=self.table, reason=reason))
             return
-        cleared = await asyncio.to_thread(conntrack.forget, conntrack.rule_claims(rules), ())
+        cleared = await asyncio.to_thread(conntrack.forget, conntrack.rule_claims(rules))
         log.info(
             "kernel relays: table inet %s removed, %d flow(s) cleared",
             self.table,
