@@ -12,8 +12,10 @@ portfwd splice) listen throughout: a socket costs other paths nothing.
 Measures: bulk (iperf3 -J, 1 and 4 streams, Gbit/s wan -> lan), conn/s (wrk, one connection per
 HTTP request, `Connection: close`) and the whole box's CPU for each (all processes and softirq,
 so it counts the client and the servers too, and any other load on the machine). The kernel
-relay is also measured with 10 and 1,000 `[[forward]]` rules, the measured rules last in the
-chain (the worst case: a first packet meets every other rule before its own).
+relay is also measured with 10 and 1,000 `[[forward]]` rules, the measured rules last (the
+flatness check: every packet's work must not grow with the rules); listening on 0.0.0.0
+(every IPv4 address); and as its table alone, loaded with nft and no portfwd process (the
+ruleset's own cost beside the hand-written one, without portfwd reading its counters and flows).
 
 Usage: .venv/bin/python bench/kernelrelay.py [--rounds N] [--seconds S] [--listen HOST] [--write]
 Needs: iperf3, wrk, haproxy, nft, conntrack (apt-get install iperf3 wrk haproxy nftables conntrack).
@@ -46,6 +48,9 @@ sys.path.insert(0, str(REPO / "src"))
 from tests.integration.topology import GW_WAN, LAN_HOST, Lab, lab  # noqa: E402
 
 import run as base  # noqa: E402  (bench/run.py: the wrk command, its report, NaN-safe median)
+from portfwd.addr import parse_listen  # noqa: E402
+from portfwd.kernel import relay  # noqa: E402
+from portfwd.specs import RuleSpec  # noqa: E402
 
 MARKER = "\n## Kernel relay (issue #23)"
 PORTFWD = REPO / ".venv/bin/portfwd"
@@ -55,10 +60,11 @@ IPERF = 5201  # the one iperf3 server in lan; every path reaches it
 LAN_NET = "192.168.77.0/24"
 #: Origin ports in lan, one per path: the TIME_WAIT sockets one path's tens of thousands of
 #: connections leave on the origin must not slow the next path down.
-ORIGIN_PORTS = range(8000, 8010)
+ORIGIN_PORTS = range(8000, 8012)
 HAND_TABLE = "kr_hand"
 KERNEL_RULES = (10, 1000)  # the flatness check
 BULK1, BULK4, CONN = "bulk 1 stream", "bulk 4 streams", "conn/s"
+ANY4 = "kernel relay, listen 0.0.0.0"
 
 
 # ----------------------------------------------------------------------------- processes
@@ -186,15 +192,20 @@ class Route:
     leave: Callable[[], None] = lambda: None
 
 
-def kernel_config(tmp: Path, rules: int, origin: int, listen: str) -> Path:
+def at(host: str, port: int) -> str:
+    """`host:port` as a listen value: IPv6 in brackets, `*` as it is."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def kernel_config(tmp: Path, tag: str, rules: int, origin: int, listen: str) -> Path:
     """portfwd with `rules` kernel-relay forwards: rules - 2 others (listen 20000+i -> lan
     30000+i) first, then the measured HTTP and iperf3 forwards, so theirs are the last rules."""
-    path = tmp / f"kernel-{rules}.toml"
-    lines = ["drain_timeout = 1", "[control]", f'socket = "{tmp}/kernel-{rules}.sock"']
-    forwards = [(f"{listen}:{20000 + i}", f"{LAN_HOST}:{30000 + i}") for i in range(max(rules - 2, 0))]
-    forwards += [(f"{listen}:8080", f"{LAN_HOST}:{origin}"), (f"{listen}:{IPERF}", f"{LAN_HOST}:{IPERF}")]
-    for listen, connect in forwards:
-        lines += ["[[forward]]", f'listen = "{listen}"', f'connect = "{connect}"', 'relay = "kernel"']
+    path = tmp / f"{tag}.toml"
+    lines = ["drain_timeout = 1", "[control]", f'socket = "{tmp}/{tag}.sock"']
+    forwards = [(at(listen, 20000 + i), f"{LAN_HOST}:{30000 + i}") for i in range(max(rules - 2, 0))]
+    forwards += [(at(listen, 8080), f"{LAN_HOST}:{origin}"), (at(listen, IPERF), f"{LAN_HOST}:{IPERF}")]
+    for where, connect in forwards:
+        lines += ["[[forward]]", f'listen = "{where}"', f'connect = "{connect}"', 'relay = "kernel"']
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -203,13 +214,14 @@ def kernel_route(
     net: Lab, tmp: Path, name: str, rules: int, origin: int, measures: tuple[str, ...], listen: str
 ) -> Route:
     """A portfwd kernel relay started before this path's measurements and stopped after them."""
-    config = kernel_config(tmp, rules, origin, listen)
+    tag = "kernel-" + "".join(char if char.isalnum() else "-" for char in name)
+    config = kernel_config(tmp, tag, rules, origin, listen)
     running: list[Daemon] = []
 
     def enter() -> None:
         daemon = Daemon(
             ["ip", "netns", "exec", net.gw, str(PORTFWD), "run", "-q", "-c", str(config)],
-            tmp / f"kernel-{rules}.log",
+            tmp / f"{tag}.log",
         )
         running.append(daemon)
         net.procs.append(daemon)  # type: ignore[arg-type]  (stopped by the lab too if we fail)
@@ -226,6 +238,35 @@ def kernel_route(
         flush_conntrack(net)
 
     return Route(name, GW_WAN, 8080, IPERF, measures, enter, leave)
+
+
+def table_route(net: Lab, origin: int, listen: str) -> Route:
+    """The kernel relay's table for the same two forwards, loaded with nft (no portfwd process)."""
+    table = "kr_table"
+    rules = [
+        RuleSpec(
+            label=f"forward[{index}]",
+            name=None,
+            listen=parse_listen(at(listen, port)),
+            connect=parse_listen(f"{LAN_HOST}:{target}"),
+            where=f"forward[{index}]",
+        )
+        for index, (port, target) in enumerate(((8086, origin), (5286, IPERF)))
+    ]
+    document = relay.document(relay.plan(rules, table), table)
+
+    def enter() -> None:
+        result = net.run(net.gw, "nft", "-f", "-", data=document.encode())
+        if result.returncode != 0:
+            raise SystemExit(f"bench: nft refused the kernel relay's table: {result.stderr.decode()}")
+
+    def leave() -> None:
+        net.run(net.gw, "nft", "delete", "table", "inet", table)
+        flush_conntrack(net)
+
+    return Route(
+        "kernel relay table, no portfwd process", GW_WAN, 8086, 5286, (BULK1, BULK4, CONN), enter, leave
+    )
 
 
 def hand_route(net: Lab, origin: int) -> Route:
@@ -360,8 +401,8 @@ def main() -> int:
         "--listen",
         default=GW_WAN,
         help=f"the kernel rules' listen host: {GW_WAN} (default, gw's WAN address: the hand-written"
-        " table's match) or * (the wildcard: every local address, `fib daddr type local`); not"
-        " 0.0.0.0, which the kernel relay takes literally (`ip daddr 0.0.0.0`: nothing arrives)",
+        " table's match), * (every local address, `fib daddr type local`), 0.0.0.0 (every IPv4 one)"
+        ' or :: (every IPv6 one; nothing reaches it here). A "0.0.0.0" row is measured whatever it is',
     )
     parser.add_argument("--write", action="store_true", help="write the section into bench/RESULTS.md")
     args = parser.parse_args()
@@ -386,6 +427,7 @@ def main() -> int:
         routes = [
             Route("direct routing", LAN_HOST, next(origins), IPERF, every),
             kernel_route(net, tmp, "kernel relay", 2, next(origins), every, args.listen),
+            table_route(net, next(origins), args.listen),
             hand_route(net, next(origins)),
             start_haproxy(net, tmp, next(origins)),
             start_splice(net, tmp, "1", 8084, 5284, next(origins)),
@@ -397,6 +439,7 @@ def main() -> int:
             )
             for rules in KERNEL_RULES
         ]
+        routes.append(kernel_route(net, tmp, ANY4, 2, next(origins), (BULK1, CONN), "0.0.0.0"))
         for number in range(args.rounds):
             print(f"bench: round {number + 1} of {args.rounds}", file=sys.stderr, flush=True)
             order = routes[:]
@@ -459,6 +502,7 @@ def render(
             f"| {fmt(value(name, BULK1, 1), 3)} | {fmt(value(name, CONN, 1), 1)} |"
         )
     kernel, direct, hand = "kernel relay", "direct routing", "hand-written nft"
+    table = "kernel relay table, no portfwd process"
     haproxy = f"haproxy nbthread={CORES}"
     few, many = (f"kernel relay, {rules:,} rules" for rules in KERNEL_RULES)
     checks = [
@@ -466,6 +510,16 @@ def render(
         ("kernel / direct, bulk 4 streams", ratio(value(kernel, BULK4), value(direct, BULK4)), "≥ 0.95"),
         ("kernel / direct, conn/s", ratio(value(kernel, CONN), value(direct, CONN)), "(context)"),
         ("kernel / hand-written nft, conn/s", ratio(value(kernel, CONN), value(hand, CONN)), "≥ 0.95"),
+        (
+            "kernel table alone (no portfwd process) / hand-written nft, conn/s",
+            ratio(value(table, CONN), value(hand, CONN)),
+            "(context)",
+        ),
+        (
+            "kernel, listen 0.0.0.0 / listen " + args.listen + ", conn/s",
+            ratio(value(ANY4, CONN), value(kernel, CONN)),
+            "(context)",
+        ),
         (
             "kernel / hand-written nft, bulk 1 stream",
             ratio(value(kernel, BULK1), value(hand, BULK1)),

@@ -68,15 +68,16 @@ table inet portfwd {{
 
 #: Runs HASupervisor inside a gateway namespace, as `portfwd run` will; prints its role changes.
 DRIVER = """
-import asyncio, contextlib, ipaddress, json, signal, sys, time
+import asyncio, contextlib, ipaddress, json, logging, signal, sys, time
 from portfwd.kernel.hasupervisor import HASupervisor
 from portfwd.specs import GatewayHASpec, GatewaySpec
+logging.basicConfig(level=logging.INFO, format="log %(message)s", stream=sys.stdout)
 args = json.loads(sys.argv[1])
 vips = tuple(ipaddress.IPv4Interface(v) for v in args["vips"])
 ha = GatewayHASpec(args["peer"], vips, "sync", priority=args["priority"], advert_interval=args["advert"])
 spec = GatewaySpec(wan="wan", lan="lan", ha=ha)
 async def main():
-    sup = HASupervisor(spec, args["dir"])
+    sup = HASupervisor(spec, args["dir"], die_with_parent=args.get("die_with_parent", True))
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     try:
@@ -95,15 +96,18 @@ async def main():
     def on_hup():
         tasks.add(asyncio.ensure_future(reload()))
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_hup)
-    last = None
+    last = dead = None
     while not stop.is_set():
+        if (now := sup.alive()) != dead:
+            print(f"alive {now}", flush=True)
+            dead = now
         if (role := sup.role()) != last:
             print(f"role {role} {time.monotonic():.3f}", flush=True)
             last = role
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.02)
-    await sup.stop()
-    print("ha stopped", flush=True)
+    problems = await sup.stop()
+    print(f"ha stopped {problems or ''}", flush=True)
 asyncio.run(main())
 """
 
@@ -266,7 +270,7 @@ def load_ruleset(lab: HALab, gw: str) -> None:
     assert done.returncode == 0, done.stderr
 
 
-def start_ha(lab: HALab, gw: str) -> Proc:
+def start_ha(lab: HALab, gw: str, die_with_parent: bool = True) -> Proc:
     other = "gw2" if gw == "gw1" else "gw1"
     args = {
         "peer": SYNC[other],
@@ -274,6 +278,7 @@ def start_ha(lab: HALab, gw: str) -> Proc:
         "priority": PRIORITY[gw],
         "advert": ADVERT,
         "dir": str(lab.tmp / gw),
+        "die_with_parent": die_with_parent,
     }
     proc = lab.start(gw, sys.executable, "-c", DRIVER, json.dumps(args))
     proc.wait_for("ha ready", timeout=20)

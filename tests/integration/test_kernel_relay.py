@@ -114,7 +114,8 @@ class Net:
         assert result.returncode == 0, result.stderr.decode()
 
     def listing(self) -> dict[str, object]:
-        result = self.run(self.host, "nft", "-j", "list", "table", "inet", TABLE)
+        """What relay.listing() reads: the table's counters."""
+        result = self.run(self.host, "nft", "-j", "list", "counters", "table", "inet", TABLE)
         assert result.returncode == 0, result.stderr.decode()
         data: dict[str, object] = json.loads(result.stdout)
         return data
@@ -220,6 +221,58 @@ def test_dnat_and_masquerade_to_another_host(net: Net) -> None:
     assert db.bytes_up > 2 * MIB
     assert db.bytes_down > 2 * MIB
     assert db.connections >= 3
+
+
+def test_0_0_0_0_forwards_from_every_ipv4_address(net: Net) -> None:
+    """`listen = "0.0.0.0:P"` is every IPv4 address of the host, as in userspace (it once became
+    `ip daddr 0.0.0.0`, which no packet has): the client's side, the server's side, the host itself."""
+    server = net.serve(net.server, 9000)
+    net.serve(net.host, 8080, command="echo local; cat")
+    net.load(
+        [
+            rule("any4", "0.0.0.0", 5000, SERVER, 9000, protocol=Transport.TCP_UDP),
+            rule("here", "0.0.0.0", 5001, "127.0.0.1", 8080),
+        ]
+    )
+    net.serve(net.server, 9000, udp=True)
+    _ip("-n", net.client, "route", "add", f"{HOST_S}/32", "via", HOST_C)  # the host's other address
+    data = os.urandom(MIB)
+
+    for address in (HOST_C, HOST_S):
+        assert sha(net.tcp(net.client, address, 5000, data)) == sha(data), address
+    server.wait_for(f"peer={HOST_S}.")  # masqueraded
+    assert net.udp(net.client, HOST_S, 5000, data[:65536]) == sha(data[:65536])
+    assert sha(net.tcp(net.host, HOST_C, 5000, data[:4096])) == sha(data[:4096])  # the output chain
+    assert net.tcp(net.client, HOST_S, 5001, b"x\n") == b"local\nx\n"
+    assert net.tcp(net.host, "127.0.0.1", 5001, b"y\n") == b"local\ny\n"
+
+    counted = relay.counts(net.listing())
+    assert counted["any4"].connections >= 4
+    assert counted["any4"].bytes_up > 2 * MIB
+    assert counted["any4"].bytes_down > 2 * MIB
+    assert counted["here"].connections == 2
+    assert counted["here"].bytes_down > 0
+
+
+def test_rules_sharing_a_port_each_take_their_own_address(net: Net) -> None:
+    """Two listen addresses on one port (the dispatch map jumps to both rules in order), and a
+    third rule on every address for the rest; each one's counters see only its own flows."""
+    for port, word in ((9000, "a"), (9001, "b"), (9002, "any")):
+        net.serve(net.server, port, command=f"echo {word}; cat")
+    _ip("-n", net.client, "route", "add", f"{HOST_S}/32", "via", HOST_C)
+    net.load(
+        [
+            rule("a", HOST_C, 5000, SERVER, 9000),
+            rule("b", HOST_S, 5000, SERVER, 9001),
+            rule("any", "", 4999, SERVER, 9002, last=5001),
+        ]
+    )
+    assert net.tcp(net.client, HOST_C, 5000, b"x\n") == b"a\nx\n"
+    assert net.tcp(net.client, HOST_S, 5000, b"x\n") == b"b\nx\n"
+    assert net.tcp(net.client, HOST_C, 5001, b"x\n") == b"any\nx\n"
+    counted = relay.counts(net.listing())
+    assert [counted[name].connections for name in ("a", "b", "any")] == [1, 1, 1]
+    assert all(counted[name].bytes_down > 0 for name in ("a", "b", "any"))
 
 
 def test_a_port_range_keeps_its_offset(net: Net) -> None:

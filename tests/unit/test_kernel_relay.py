@@ -7,6 +7,7 @@ throwaway network namespace, never in the machine's own.
 from __future__ import annotations
 
 import ipaddress
+import re
 import shutil
 import subprocess
 import uuid
@@ -49,12 +50,49 @@ def rule(listen: HostPorts | UnixPath, connect: HostPorts | UnixPath, **extra: A
     return RuleSpec(label=extra.pop("label", "r"), name=None, listen=listen, connect=connect, **extra)
 
 
+BASE_CHAINS = ("prerouting", "output", "postrouting", "count_in", "count_out")
+
+
 def body(text: str, chain: str) -> list[str]:
-    """The rule lines of one chain of a plan."""
+    """The rule lines of one chain of a plan (without a base chain's hook line)."""
     lines = text.splitlines()
     start = lines.index(f"  chain {chain} {{")
     end = lines.index("  }", start)
-    return [line.strip() for line in lines[start + 2 : end]]
+    return [line.strip() for line in lines[start + (2 if chain in BASE_CHAINS else 1) : end]]
+
+
+def chains(text: str) -> dict[str, list[str]]:
+    """Every chain of a plan, by name."""
+    found = re.findall(r"^  chain (\w+) \{$", text, re.MULTILINE)
+    return {name: body(text, name) for name in found}
+
+
+def vmap(text: str, name: str) -> dict[tuple[int, int], str] | None:
+    """A dispatch map's elements, (first port, last port) -> the chain it jumps to; None if absent."""
+    found = re.search(
+        rf"^  map {name} \{{ type inet_service : verdict;(?: flags interval;)? elements = \{{ (.*) \}}; \}}$",
+        text,
+        re.MULTILINE,
+    )
+    if found is None:
+        return None
+    elements: dict[tuple[int, int], str] = {}
+    for element in found[1].split(", "):
+        ports, jump = element.split(" : jump ")
+        first, _, last = ports.partition("-")
+        elements[int(first), int(last or first)] = jump
+    return elements
+
+
+def dispatched(text: str, name: str, port: int) -> list[str]:
+    """The rules' own chains a packet to `port` goes through, in order, by the map `name`."""
+    for (first, last), chain in (vmap(text, name) or {}).items():
+        if first <= port <= last:
+            jumps = body(text, chain)
+            if jumps and all(line.startswith("jump ") for line in jumps):
+                return [line.removeprefix("jump ") for line in jumps]
+            return [chain]
+    return []
 
 
 # --------------------------------------------------------------------------- shapes
@@ -63,10 +101,14 @@ def body(text: str, chain: str) -> list[str]:
 def test_redirect_to_a_local_port() -> None:
     text = plan([rule(hp("", 80), hp("127.0.0.1", 8080), label="web", protocol=Transport.TCP_UDP)], TABLE)
     assert text.startswith(f"table inet {TABLE} {{\n")
-    pre = 'meta nfproto ipv4 fib daddr type local tcp dport 80 counter redirect to :8080 comment "web"'
-    assert pre in body(text, "prerouting")
-    assert pre in body(text, "output")
-    assert any("udp dport 80 counter redirect to :8080" in line for line in body(text, "prerouting"))
+    pre = 'meta nfproto ipv4 fib daddr type local tcp dport 80 counter name flows_0 redirect to :8080 comment "web"'
+    assert pre in body(text, "rule_0")
+    assert any("udp dport 80 counter name flows_0 redirect to :8080" in line for line in body(text, "rule_0"))
+    # One dispatch by protocol and port per hook; the same chain serves local clients here.
+    assert body(text, "prerouting") == ["tcp dport vmap @pre_tcp", "udp dport vmap @pre_udp"]
+    assert body(text, "output") == ["tcp dport vmap @out_tcp", "udp dport vmap @out_udp"]
+    for name in ("pre_tcp", "pre_udp", "out_tcp", "out_udp"):
+        assert vmap(text, name) == {(80, 80): "rule_0"}
     assert "type nat hook output priority -100; policy accept;" in text
     assert body(text, "postrouting") == []  # nothing leaves the host: no masquerade
     assert not needs_forwarding([rule(hp("", 80), hp("127.0.0.1", 8080))])
@@ -75,20 +117,28 @@ def test_redirect_to_a_local_port() -> None:
 
 def test_localhost_redirects_both_families() -> None:
     text = plan([rule(hp("", 80), hp("localhost", 8080))], TABLE)
-    assert "meta nfproto ipv4 fib daddr type local tcp dport 80 counter redirect to :8080" in text
-    assert "meta nfproto ipv6 fib daddr type local tcp dport 80 counter redirect to :8080" in text
+    assert (
+        "meta nfproto ipv4 fib daddr type local tcp dport 80 counter name flows_0 redirect to :8080" in text
+    )
+    assert (
+        "meta nfproto ipv6 fib daddr type local tcp dport 80 counter name flows_0 redirect to :8080" in text
+    )
 
 
 def test_loopback_listen_redirects_only_local_clients() -> None:
     text = plan([rule(hp("127.0.0.1", 80), hp("127.0.0.1", 8080))], TABLE)
     assert body(text, "prerouting") == []
-    assert body(text, "output") == ['ip daddr 127.0.0.1 tcp dport 80 counter redirect to :8080 comment "r"']
+    assert vmap(text, "pre_tcp") is None
+    assert vmap(text, "out_tcp") == {(80, 80): "rule_0"}
+    assert body(text, "rule_0") == [
+        'ip daddr 127.0.0.1 tcp dport 80 counter name flows_0 redirect to :8080 comment "r"'
+    ]
 
 
 def test_the_listen_address_itself_is_dnated_to_exactly() -> None:
     text = plan([rule(hp("10.0.0.1", 80), hp("10.0.0.1", 8080))], TABLE)
-    assert body(text, "prerouting") == [
-        'ip daddr 10.0.0.1 tcp dport 80 counter dnat ip to 10.0.0.1:8080 comment "r"'
+    assert body(text, "rule_0") == [
+        'ip daddr 10.0.0.1 tcp dport 80 counter name flows_0 dnat ip to 10.0.0.1:8080 comment "r"'
     ]
     assert body(text, "postrouting") == []
     assert not needs_forwarding([rule(hp("10.0.0.1", 80), hp("10.0.0.1", 8080))])
@@ -97,35 +147,48 @@ def test_the_listen_address_itself_is_dnated_to_exactly() -> None:
 def test_dnat_and_masquerade_for_a_remote_target() -> None:
     spec = rule(hp("", 5000), hp("10.60.0.2", 9000), label="db")
     text = plan([spec], TABLE)
-    assert body(text, "prerouting") == [
-        'meta nfproto ipv4 fib daddr type local tcp dport 5000 counter dnat ip to 10.60.0.2:9000 comment "db"'
+    assert body(text, "rule_0") == [
+        'meta nfproto ipv4 fib daddr type local tcp dport 5000 counter name flows_0 dnat ip to 10.60.0.2:9000 comment "db"'
     ]
     # A local client may not send from 127.0.0.1 to another host: loopback is left alone.
-    assert body(text, "output") == [
+    assert body(text, "rule_0_out") == [
         "meta nfproto ipv4 fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 5000 counter"
-        ' dnat ip to 10.60.0.2:9000 comment "db"'
+        ' name flows_0 dnat ip to 10.60.0.2:9000 comment "db"'
     ]
-    # Only these flows: DNATed from our port, answered by our target.
+    assert vmap(text, "pre_tcp") == {(5000, 5000): "rule_0"}
+    assert vmap(text, "out_tcp") == {(5000, 5000): "rule_0_out"}
+    # Only these flows: DNATed from our port (the map's key), answered by our target.
     assert body(text, "postrouting") == [
-        "meta nfproto ipv4 meta l4proto tcp ct status dnat ct original proto-dst 5000"
-        ' ct reply ip saddr 10.60.0.2 ct reply proto-src 9000 counter masquerade comment "db"'
+        "meta l4proto tcp ct status dnat ct original proto-dst vmap @masq_tcp"
     ]
-    tracked = (
-        "meta nfproto ipv4 meta l4proto tcp ct status dnat ct original proto-dst 5000"
-        " ct reply ip saddr 10.60.0.2 ct reply proto-src 9000"
-    )
-    assert body(text, "count_in") == [  # every packet, each way apart
-        f'iif != "lo" ct direction original {tracked} counter comment "db (up)"',
-        f'iif != "lo" ct direction reply {tracked} counter comment "db (down)"',
+    assert vmap(text, "masq_tcp") == {(5000, 5000): "masq_0"}
+    assert body(text, "masq_0") == [
+        "meta nfproto ipv4 meta l4proto tcp ct reply ip saddr 10.60.0.2 ct reply proto-src 9000"
+        ' counter masquerade comment "db"'
     ]
-    assert len(body(text, "count_out")) == 2
+    tracked = "meta nfproto ipv4 meta l4proto tcp ct reply ip saddr 10.60.0.2 ct reply proto-src 9000"
+    # Every packet, each way apart: looked up by the flow's original port, one map for both hooks.
+    assert body(text, "count_in") == [
+        'meta l4proto tcp iif != "lo" ct status dnat ct original proto-dst vmap @count_tcp'
+    ]
+    assert body(text, "count_out") == [
+        "meta l4proto tcp ct status dnat ct original proto-dst vmap @count_tcp"
+    ]
+    assert vmap(text, "count_tcp") == {(5000, 5000): "count_0"}
+    assert body(text, "count_0") == [
+        f'ct direction original {tracked} counter name up_0 comment "db (up)"',
+        f'ct direction reply {tracked} counter name down_0 comment "db (down)"',
+    ]
     assert needs_forwarding([spec])
 
 
 def test_a_specific_listen_address_and_ipv6() -> None:
     text = plan([rule(hp("2001:db8::1", 53), hp("2001:db8::5", 5353), protocol=Transport.UDP)], TABLE)
-    assert 'ip6 daddr 2001:db8::1 udp dport 53 counter dnat ip6 to [2001:db8::5]:5353 comment "r"' in text
-    assert "ct original ip6 daddr 2001:db8::1 ct original proto-dst 53 ct reply ip6 saddr 2001:db8::5" in text
+    assert (
+        'ip6 daddr 2001:db8::1 udp dport 53 counter name flows_0 dnat ip6 to [2001:db8::5]:5353 comment "r"'
+        in text
+    )
+    assert "ct original ip6 daddr 2001:db8::1 ct reply ip6 saddr 2001:db8::5 ct reply proto-src 5353" in text
 
 
 def test_a_port_range_keeps_its_offset() -> None:
@@ -134,13 +197,17 @@ def test_a_port_range_keeps_its_offset() -> None:
         "  map ports_0 { type inet_service : inet_service; elements = { 7000 : 9000, 7001 : 9001, 7002 : 9002 }; }"
         in text
     )
-    assert "tcp dport 7000-7002 counter dnat ip to 10.60.0.2 : tcp dport map @ports_0" in text
-    assert "ct original proto-dst 7000-7002 ct reply ip saddr 10.60.0.2 ct reply proto-src 9000-9002" in text
+    assert "tcp dport 7000-7002 counter name flows_0 dnat ip to 10.60.0.2 : tcp dport map @ports_0" in text
+    assert (
+        "meta l4proto tcp ct reply ip saddr 10.60.0.2 ct reply proto-src 9000-9002 counter masquerade" in text
+    )
+    assert vmap(text, "masq_tcp") == {(7000, 7002): "masq_0"}
+    assert "flags interval;" in text
     redirect = plan([rule(hp("", 7000, 7001), hp("127.0.0.1", 9000, 9001))], TABLE)
     assert "redirect to : tcp dport map @ports_0" in redirect
     single = plan([rule(hp("", 7000, 7001), hp("10.60.0.2", 9000))], TABLE)
     assert "map ports_" not in single
-    assert "tcp dport 7000-7001 counter dnat ip to 10.60.0.2:9000" in single
+    assert "tcp dport 7000-7001 counter name flows_0 dnat ip to 10.60.0.2:9000" in single
 
 
 def test_allow_deny_and_routes_in_order() -> None:
@@ -161,26 +228,144 @@ def test_allow_deny_and_routes_in_order() -> None:
     assert "  set deny_0_4 { type ipv4_addr; flags interval; elements = { 10.5.0.0/16 }; }" in text
     assert "  set route_0_0_4 { type ipv4_addr; flags interval; elements = { 10.6.0.0/16 }; }" in text
     assert "  set route_0_1_6 { type ipv6_addr; flags interval; elements = { 2001:db8:1::/48 }; }" in text
-    v4 = [line for line in body(text, "prerouting") if "ipv4" in line]
+    v4 = [line for line in body(text, "rule_0") if "ipv4" in line]
     assert [line.split(" counter ")[1] for line in v4] == [
-        'reject with tcp reset comment "r (denied)"',
-        'reject with tcp reset comment "r (denied)"',
-        'dnat ip to 10.60.0.3:80 comment "r"',
-        'dnat ip to 10.60.0.2:80 comment "r"',
+        'name denied_0 reject with tcp reset comment "r (denied)"',
+        'name denied_0 reject with tcp reset comment "r (denied)"',
+        'name flows_0 dnat ip to 10.60.0.3:80 comment "r"',
+        'name flows_0 dnat ip to 10.60.0.2:80 comment "r"',
     ]
     assert "ip saddr @deny_0_4" in v4[0]
     assert "ip saddr != @allow_0_4" in v4[1]
     assert "ip saddr @route_0_0_4" in v4[2]
-    v6 = [line for line in body(text, "prerouting") if "ipv6" in line]
-    assert "ip6 saddr @route_0_1_6 counter dnat ip6 to [2001:db8::9]:8080" in v6[-1]
-    assert len(body(text, "postrouting")) == 3
+    v6 = [line for line in body(text, "rule_0") if "ipv6" in line]
+    assert "ip6 saddr @route_0_1_6 counter name flows_0 dnat ip6 to [2001:db8::9]:8080" in v6[-1]
+    assert len(body(text, "masq_0")) == 3
 
 
 def test_an_allow_list_without_a_family_drops_that_family() -> None:
     spec = rule(hp("", 80), hp("localhost", 8080), allow=(net("10.0.0.0/8"),))
     text = plan([spec], TABLE)
     assert "  set allow_0_6 { type ipv6_addr; flags interval; }" in text
-    assert "ip6 saddr != @allow_0_6 counter reject with tcp reset" in text
+    assert "ip6 saddr != @allow_0_6 counter name denied_0 reject with tcp reset" in text
+
+
+def test_0_0_0_0_listens_on_every_ipv4_address_and_double_colon_on_every_ipv6_one() -> None:
+    """As the userspace relay binds them: not `ip daddr 0.0.0.0`, which no packet has."""
+    text = plan([rule(hp("0.0.0.0", 8080), hp("10.60.0.2", 80), label="any4")], TABLE)
+    assert body(text, "rule_0") == [
+        'meta nfproto ipv4 fib daddr type local tcp dport 8080 counter name flows_0 dnat ip to 10.60.0.2:80 comment "any4"'
+    ]
+    assert body(text, "rule_0_out") == [
+        "meta nfproto ipv4 fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 8080 counter"
+        ' name flows_0 dnat ip to 10.60.0.2:80 comment "any4"'
+    ]
+    assert "daddr 0.0.0.0" not in text
+    assert "ct original ip daddr" not in text  # every address: the flows are matched by port
+    assert "meta l4proto tcp ct reply ip saddr 10.60.0.2 ct reply proto-src 80" in body(text, "masq_0")[0]
+    assert vmap(text, "masq_tcp") == {(8080, 8080): "masq_0"}
+    assert "ipv6" not in text
+
+    text = plan([rule(hp("0.0.0.0", 8080), hp("localhost", 80), label="any4")], TABLE)
+    assert body(text, "rule_0") == [
+        'meta nfproto ipv4 fib daddr type local tcp dport 8080 counter name flows_0 redirect to :80 comment "any4"'
+    ]
+    text = plan([rule(hp("::", 8080), hp("localhost", 80), label="any6", protocol=Transport.UDP)], TABLE)
+    assert body(text, "rule_0") == [
+        'meta nfproto ipv6 fib daddr type local udp dport 8080 counter name flows_0 redirect to :80 comment "any6"'
+    ]
+    assert "ipv4" not in text
+    assert "daddr ::" not in text
+    text = plan([rule(hp("::", 53), hp("2001:db8::5", 5353))], TABLE)
+    assert (
+        "meta nfproto ipv6 fib daddr type local ip6 daddr != ::1 tcp dport 53" in body(text, "rule_0_out")[0]
+    )
+    assert needs_forwarding([rule(hp("::", 53), hp("2001:db8::5", 5353))])
+    # A target of 0.0.0.0 / :: is this host (as a connect() there is): redirected, never DNATed to it.
+    text = plan([rule(hp("0.0.0.0", 80), hp("0.0.0.0", 8080))], TABLE)
+    assert body(text, "rule_0") == [
+        'meta nfproto ipv4 fib daddr type local tcp dport 80 counter name flows_0 redirect to :8080 comment "r"'
+    ]
+    assert vmap(text, "masq_tcp") is None
+    assert not needs_forwarding([rule(hp("0.0.0.0", 80), hp("0.0.0.0", 8080))])
+    assert "different IP versions" in (unsuitable(rule(hp("0.0.0.0", 80), hp("::1", 8080))) or "")
+    assert "different IP versions" in (unsuitable(rule(hp("::", 80), hp("10.0.0.5", 80))) or "")
+
+
+def test_rules_sharing_ports_are_tried_in_order_and_each_does_its_exact_match() -> None:
+    specs = [
+        rule(hp("10.0.0.1", 80, 89), hp("10.60.0.2", 80), label="a", where="forward[0]"),
+        rule(hp("", 85), hp("127.0.0.1", 8080), label="b", where="forward[1]"),
+        rule(hp("10.0.0.2", 80), hp("10.60.0.3", 80), label="c", where="forward[2]"),
+    ]
+    text = plan(specs, TABLE)
+    assert vmap(text, "pre_tcp") == {
+        (80, 80): "pre_tcp_80",
+        (81, 84): "rule_0",
+        (85, 85): "pre_tcp_85",
+        (86, 89): "rule_0",
+    }
+    assert "flags interval;" in text
+    assert body(text, "pre_tcp_80") == ["jump rule_0", "jump rule_2"]
+    assert body(text, "pre_tcp_85") == ["jump rule_0", "jump rule_1"]
+    assert body(text, "rule_2") == [
+        'ip daddr 10.0.0.2 tcp dport 80 counter name flows_2 dnat ip to 10.60.0.3:80 comment "c"'
+    ]
+    assert dispatched(text, "out_tcp", 85) == ["rule_0", "rule_1"]
+    assert dispatched(text, "count_tcp", 80) == ["count_0", "count_2"]
+    assert dispatched(text, "masq_tcp", 85) == ["masq_0"]  # b is redirected: nothing to masquerade
+    assert dispatched(text, "pre_tcp", 90) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["", "10.0.0.1", "10.0.0.2"]), st.integers(80, 90), st.integers(0, 4)),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_every_port_dispatches_to_the_rules_that_cover_it_in_order(
+    shapes: list[tuple[str, int, int]],
+) -> None:
+    specs = [
+        rule(hp(host, first, first + extra), hp("10.60.0.2", 9000), where=f"forward[{index}]")
+        for index, (host, first, extra) in enumerate(shapes)
+    ]
+    text = plan(specs, TABLE)
+    for port in range(78, 97):
+        covering = [index for index, (_, first, extra) in enumerate(shapes) if first <= port <= first + extra]
+        assert dispatched(text, "pre_tcp", port) == [f"rule_{index}" for index in covering]
+        assert dispatched(text, "count_tcp", port) == [f"count_{index}" for index in covering]
+        assert dispatched(text, "masq_tcp", port) == [f"masq_{index}" for index in covering]
+
+
+def test_the_work_per_packet_does_not_grow_with_the_rules() -> None:
+    """Base chains of one lookup per protocol, whatever the number of rules; each rule's own
+    chains as long with 1,000 rules as with one."""
+    many = [
+        rule(
+            hp("", 20000 + i),
+            hp("10.60.0.2", 30000 + i),
+            label=f"r{i}",
+            where=f"forward[{i}]",
+            protocol=Transport.TCP_UDP,
+        )
+        for i in range(1000)
+    ]
+    one, text = plan(many[:1], TABLE), plan(many, TABLE)
+    for name in BASE_CHAINS:
+        assert body(text, name) == body(one, name)
+        assert len(body(text, name)) == 2  # tcp, udp
+    assert len(vmap(text, "pre_tcp") or {}) == 1000
+    assert "flags interval;" not in text  # single ports: hash maps
+    few, all_chains = chains(one), chains(text)
+    assert len(all_chains) == 5 + 1000 * len(set(few) - set(BASE_CHAINS))
+    assert all(
+        len(all_chains[name.replace("_0", "_999")]) == len(lines)
+        for name, lines in few.items()
+        if "_0" in name
+    )
 
 
 def test_comments_are_safe_for_nft() -> None:
@@ -273,32 +458,47 @@ def test_suitable_rules_and_ignored_socket_settings() -> None:
 # --------------------------------------------------------------------------- counters, errors
 
 
-def _listing(*rules: tuple[str, str, int, int]) -> dict[str, Any]:
+def _listing(*counters: tuple[str, str, int, int]) -> dict[str, Any]:
+    """`nft -j list counters table ...`: (name, comment, packets, bytes) per counter object."""
     items: list[dict[str, Any]] = [{"metainfo": {"json_schema_version": 1}}]
-    for chain, label, packets, octets in rules:
-        expr = [{"match": {}}, {"counter": {"packets": packets, "bytes": octets}}]
+    for name, label, packets, octets in counters:
         items.append(
-            {"rule": {"family": "inet", "table": TABLE, "chain": chain, "comment": label, "expr": expr}}
+            {
+                "counter": {
+                    **{"family": "inet", "name": name, "table": TABLE, "handle": 1, "comment": label},
+                    **{"packets": packets, "bytes": octets},
+                }
+            }
         )
     return {"nftables": items}
 
 
-def test_counts_take_flows_from_the_nat_rules_and_bytes_each_way_from_the_count_chains() -> None:
+def test_counts_take_flows_and_refusals_in_packets_and_each_way_in_bytes() -> None:
     listing = _listing(
-        ("count_in", "web (up)", 10, 1000),
-        ("count_out", "web (up)", 1, 100),
-        ("count_in", "web (down)", 8, 900),
-        ("count_in", "db (up)", 1, 60),
-        ("prerouting", "web", 2, 120),
-        ("output", "web", 1, 60),
-        ("prerouting", "web (denied)", 4, 240),
-        ("postrouting", "db", 1, 60),
+        ("up_0", "web (up)", 11, 1100),
+        ("down_0", "web (down)", 8, 900),
+        ("flows_0", "web", 3, 180),
+        ("denied_0", "web (denied)", 4, 240),
+        ("up_1", "db (up)", 1, 60),
+        ("flows_1", "db", 0, 0),
+    )
+    # A rule's expressions (what a whole-table listing also holds) are not counter objects.
+    listing["nftables"].append(
+        {"rule": {"chain": "rule_0", "comment": "web", "expr": [{"counter": "flows_0"}]}}
     )
     assert counts(listing) == {
         "web": Counts(connections=3, denied=4, bytes_up=1100, bytes_down=900),
         "db": Counts(bytes_up=60),
     }
     assert counts({}) == {}
+
+
+def test_every_rule_has_its_four_counters() -> None:
+    text = plan([rule(hp("", 80), REMOTE, label="web"), rule(hp("", 81), REMOTE, label="db")], TABLE)
+    assert '  counter flows_1 { comment "db"; }' in text
+    for name, suffix in (("flows", ""), ("denied", " (denied)"), ("up", " (up)"), ("down", " (down)")):
+        assert f'  counter {name}_0 {{ comment "web{suffix}"; }}' in text
+    assert all("counter name up_0 " in line for line in body(text, "count_0")[:1])
 
 
 def test_nft_errors_name_the_rule() -> None:
@@ -403,7 +603,7 @@ def rules(draw: st.DrawFn) -> RuleSpec:
     listen_host = draw(
         st.sampled_from(["", "10.0.0.1", "127.0.0.1"] if version == 4 else ["", "2001:db8::1", "::1"])
     )
-    first = draw(st.integers(1, 65000))
+    first = draw(st.one_of(st.integers(1, 65000), st.integers(80, 84)))  # often shared with another rule
     length = draw(st.integers(1, 4))
     hosts = V4_HOSTS if version == 4 else V6_HOSTS
     if listen_host in ("127.0.0.1", "::1"):

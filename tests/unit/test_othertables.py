@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portfwd.kernel.openings import closing, fix, opened, opening, render
-from portfwd.kernel.othertables import Blocked, Probe, blocked
+from portfwd.kernel.openings import closing, fix, openable, opened, opening, render
+from portfwd.kernel.othertables import Blocked, Probe, RuleAt, blocked
 
 LISTINGS = {
     # table inet filter {
@@ -466,6 +466,19 @@ PINHOLE = Probe(
     "gateway.forward[2] (IPv6 pinhole)", "ip6", "wan", "lan", "tcp", "2001:db8:1::5", (443, 443), False
 )
 ALL = (FORWARD, RANGE, MASQUERADE, HAIRPIN, PINHOLE)
+# the replies: LAN host -> WAN client (DNAT), WAN -> LAN (masquerade), LAN -> WAN (pinhole)
+FORWARD_REPLY = Probe(
+    "gateway.forward[0] (replies)", "ip", "lan", "wan", "tcp", None, None, True, "established",
+    "192.168.77.10", (8080, 8080),
+)  # fmt: skip
+MASQUERADE_REPLY = Probe(
+    "masquerade (replies)", "ip", "wan", "lan", None, None, None, False, "established", snat=True
+)
+PINHOLE_REPLY = Probe(
+    "gateway.forward[2] (replies)", "ip6", "lan", "wan", "tcp", None, None, False, "established",
+    "2001:db8:1::5", (443, 443),
+)  # fmt: skip
+REPLIES = (FORWARD_REPLY, MASQUERADE_REPLY, PINHOLE_REPLY)
 
 
 def where(found: list[Blocked]) -> list[tuple[str, str, str, str, bool, str]]:
@@ -578,15 +591,15 @@ def test_iptables_nft_docker_forward_chain() -> None:
     ]
     assert all(b.iptables for b in found)
     assert [fix(b) for b in found] == [
-        "iptables -I FORWARD -m conntrack --ctstate DNAT -j ACCEPT",
-        "iptables -I FORWARD -i lan -o wan -j ACCEPT",
-        "iptables -I FORWARD -m conntrack --ctstate DNAT -j ACCEPT",
+        "iptables -A FORWARD -m conntrack --ctstate DNAT -j ACCEPT",
+        "iptables -A FORWARD -i lan -o wan -j ACCEPT",
+        "iptables -A FORWARD -m conntrack --ctstate DNAT -j ACCEPT",
     ]
-    # what portfwd inserts itself must stay readable by iptables-nft: no `ct status` there
+    # what portfwd adds itself must stay readable by iptables-nft: no `ct status` there; and only
+    # the certain drops are opened (masquerade may be accepted by the xt conntrack match already)
     assert opening(found) == (
-        'insert rule ip filter FORWARD iifname "wan" oifname "lan" ip daddr 192.168.77.10 udp dport 9000-9001 accept comment "portfwd gateway: gateway.forward[1]"\n'
-        'insert rule ip filter FORWARD iifname "lan" oifname "wan" accept comment "portfwd gateway: masquerade"\n'
-        'insert rule ip filter FORWARD iifname "lan" oifname "lan" ip daddr 192.168.77.10 tcp dport 80 accept comment "portfwd gateway: hairpin"\n'
+        'add rule ip filter FORWARD iifname "wan" oifname "lan" ip daddr 192.168.77.10 udp dport 9000-9001 accept comment "portfwd gateway: gateway.forward[1]"\n'
+        'add rule ip filter FORWARD iifname "lan" oifname "lan" ip daddr 192.168.77.10 tcp dport 80 accept comment "portfwd gateway: hairpin"\n'
     )
 
 
@@ -757,26 +770,69 @@ def test_deep_chains_stop_at_sixteen() -> None:
 
 
 def item(probe: Probe, family: str = "inet", table: str = "filter", chain: str = "forward") -> Blocked:
-    return Blocked(probe, family, table, chain, True, "policy drop")
+    return Blocked(probe, family, table, chain, True, "policy drop", policy=True)
 
 
-def test_fix_commands() -> None:
-    assert fix(item(FORWARD)) == "nft insert rule inet filter forward ct status dnat accept"
-    assert (
-        fix(item(MASQUERADE)) == 'nft insert rule inet filter forward \'iifname "lan" oifname "wan" accept\''
-    )
+def test_fix_commands_append_for_a_policy_drop() -> None:
+    assert fix(item(FORWARD)) == "nft add rule inet filter forward ct status dnat accept"
+    assert fix(item(MASQUERADE)) == 'nft add rule inet filter forward \'iifname "lan" oifname "wan" accept\''
     assert (
         fix(item(PINHOLE, "ip6", "filter6"))
-        == "nft insert rule ip6 filter6 forward ip6 daddr 2001:db8:1::5 tcp dport 443 accept"
+        == "nft add rule ip6 filter6 forward ip6 daddr 2001:db8:1::5 tcp dport 443 accept"
     )
     ranged = dataclass_replace(PINHOLE, dport=(8000, 8010), l4proto="udp")
     assert (
         fix(item(ranged))
-        == "nft insert rule inet filter forward ip6 daddr 2001:db8:1::5 udp dport 8000-8010 accept"
+        == "nft add rule inet filter forward ip6 daddr 2001:db8:1::5 udp dport 8000-8010 accept"
     )
-    assert fix(Blocked(ranged, "ip6", "filter", "FORWARD", True, "policy drop", iptables=True)) == (
-        "ip6tables -I FORWARD -d 2001:db8:1::5 -p udp --dport 8000:8010 -j ACCEPT"
+    assert fix(Blocked(ranged, "ip6", "filter", "FORWARD", True, "policy drop", True, True)) == (
+        "ip6tables -A FORWARD -d 2001:db8:1::5 -p udp --dport 8000:8010 -j ACCEPT"
     )
+    for reply in (FORWARD_REPLY, MASQUERADE_REPLY, PINHOLE_REPLY):
+        assert fix(item(reply)) == "nft add rule inet filter forward ct state established,related accept"
+    assert fix(Blocked(MASQUERADE_REPLY, "ip", "filter", "FORWARD", True, "policy drop", True, True)) == (
+        "iptables -A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
+    )
+
+
+def test_fix_commands_insert_before_a_drop_rule() -> None:
+    rule = Blocked(
+        FORWARD,
+        "inet",
+        "filter",
+        "forward",
+        False,
+        "rule 3: ip saddr @blocklist drop",
+        at=RuleAt("forward", 3, 2),
+    )
+    assert fix(rule) == "nft insert rule inet filter forward position 3 ct status dnat accept"
+    deep = Blocked(
+        MASQUERADE,
+        "inet",
+        "filter",
+        "forward",
+        True,
+        "rule 5 in chain lan_out: drop",
+        at=RuleAt("lan_out", 5, 1),
+    )
+    assert (
+        fix(deep) == 'nft insert rule inet filter lan_out position 5 \'iifname "lan" oifname "wan" accept\''
+    )
+    docker = Blocked(
+        FORWARD_REPLY,
+        "ip",
+        "filter",
+        "FORWARD",
+        True,
+        "rule 14 in chain X: drop",
+        True,
+        at=RuleAt("X", 14, 3),
+    )
+    assert fix(docker) == "iptables -I X 3 -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
+    unknown = Blocked(FORWARD, "inet", "filter", "forward", False, "the chain could not be read")
+    assert fix(unknown) == "nft insert rule inet filter forward ct status dnat accept"
+    assert not any(map(openable, (rule, deep, docker, unknown)))
+    assert opening([rule, deep, docker, unknown]) == ""
 
 
 def test_opening_merges_duplicates_and_comments_each_rule() -> None:
@@ -788,19 +844,29 @@ def test_opening_merges_duplicates_and_comments_each_rule() -> None:
         item(FORWARD, "ip", "filter", "FWD"),
     ]
     assert opening(items) == (
-        'insert rule inet filter forward ct status dnat accept comment "portfwd gateway: gateway.forward[0] and 1 more"\n'
-        'insert rule inet filter forward iifname "lan" oifname "wan" accept comment "portfwd gateway: masquerade"\n'
-        'insert rule ip filter FWD ct status dnat accept comment "portfwd gateway: gateway.forward[0]"\n'
+        'add rule inet filter forward ct status dnat accept comment "portfwd gateway: gateway.forward[0] and 1 more"\n'
+        'add rule inet filter forward iifname "lan" oifname "wan" accept comment "portfwd gateway: masquerade"\n'
+        'add rule ip filter FWD ct status dnat accept comment "portfwd gateway: gateway.forward[0]"\n'
     )
     assert opening([]) == ""
 
 
 def test_opening_cannot_narrow_an_unknown_dnat_for_iptables() -> None:
     vague = dataclass_replace(FORWARD, daddr=None)
-    text = opening([Blocked(vague, "ip", "filter", "FORWARD", True, "policy drop", iptables=True)])
+    text = opening([Blocked(vague, "ip", "filter", "FORWARD", True, "policy drop", True, True)])
     assert (
         text
-        == "# ip filter FORWARD is iptables-nft's: run iptables -I FORWARD -m conntrack --ctstate DNAT -j ACCEPT\n"
+        == "# ip filter FORWARD is iptables-nft's: run iptables -A FORWARD -m conntrack --ctstate DNAT -j ACCEPT\n"
+    )
+    # nor a reply to a masqueraded flow (no `ct state` for iptables-nft); a forward's reply is
+    # let through by its source, the LAN host and port
+    replies = [
+        Blocked(probe, "ip", "filter", "FORWARD", True, "policy drop", True, True)
+        for probe in (MASQUERADE_REPLY, FORWARD_REPLY)
+    ]
+    assert opening(replies) == (
+        "# ip filter FORWARD is iptables-nft's: run iptables -A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n"
+        'add rule ip filter FORWARD iifname "lan" oifname "wan" ip saddr 192.168.77.10 tcp sport 8080 accept comment "portfwd gateway: gateway.forward[0] (replies)"\n'
     )
 
 
@@ -921,5 +987,6 @@ def test_blocked_never_raises_on_real_shaped_json(doc: dict[str, Any]) -> None:
     found = blocked(doc, ALL)
     for entry in found:
         assert entry.because
-        assert fix(entry).startswith(("nft insert rule inet filter ", "iptables", "ip6tables"))
+        assert fix(entry).startswith(("nft insert rule inet filter ", "nft add rule inet filter "))
+        assert openable(entry) == (entry.certain and entry.policy and entry.at is None)
     assert opening(found).count("\n") <= len(found)

@@ -4,9 +4,11 @@ portfwd makes there when `open_other_tables = true`.
 An accept in table inet portfwd cannot override a drop in another table's forward chain (the
 usual `inet filter` with `policy drop`, or docker's iptables FORWARD policy): the gateway would
 say "applied" and carry nothing. `findings()` evaluates the live ruleset (othertables.py) for
-each packet the gateway forwards; the CLI and the service report each finding in one line with
-the command that fixes it, or, with the opt-in, insert those accepts (commented, so that
-`close()` removes exactly them when the gateway goes).
+each packet the gateway forwards, both ways: the first packet of each flow and the replies in
+it; the CLI and the service report each finding in one line with the command that fixes it, or,
+with the opt-in, append those accepts where a chain's policy drops them (commented, so that
+`close()` removes exactly them when the gateway goes). A drop rule someone wrote is reported and
+never opened.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ def _proto(name: str) -> Literal["tcp", "udp"]:
 
 
 def probes(config: GatewaySpec) -> list[Probe]:
-    """The first packet of each kind of flow the gateway forwards (after its DNAT)."""
+    """The packets of each kind of flow the gateway forwards (after its DNAT): the first one, and
+    a reply (each forward's `(replies)` probe, one per protocol, worded alike)."""
     wan, lan = config.wan, config.lan
     out: list[Probe] = []
     for index, rule in enumerate(config.forward):
@@ -33,8 +36,9 @@ def probes(config: GatewaySpec) -> list[Probe]:
         first = rule.port.first if rule.pinhole else rule.to.ports.first
         span = len(rule.port) if rule.pinhole or len(rule.to.ports) > 1 else 1
         family: Literal["ip", "ip6"] = "ip6" if rule.pinhole else "ip"
+        ports = (first, first + span - 1)
+        replies: list[Probe] = []
         for proto in protocols(rule):
-            dport = (first, first + span - 1)
             out.append(
                 Probe(
                     f"{what} ({proto})" if several else what,
@@ -43,47 +47,87 @@ def probes(config: GatewaySpec) -> list[Probe]:
                     lan,
                     _proto(proto),
                     rule.to.host,
-                    dport,
+                    ports,
                     dnat=not rule.pinhole,
                 )
             )
+            replies.append(  # the LAN host answering the WAN client
+                Probe(
+                    f"{what} (replies)",
+                    family,
+                    lan,
+                    wan,
+                    _proto(proto),
+                    None,
+                    None,
+                    dnat=not rule.pinhole,
+                    state="established",
+                    saddr=rule.to.host,
+                    sport=ports,
+                )
+            )
+        out.extend(replies)
     for index, trigger in enumerate(config.trigger):
+        replies = []
         for proto, opened in trigger.open:
             dport = (opened.first, opened.last)
             out.append(
                 Probe(f"gateway.trigger[{index}]", "ip", wan, lan, _proto(proto), None, dport, dnat=True)
             )
+            replies.append(
+                Probe(
+                    f"gateway.trigger[{index}] (replies)",
+                    "ip",
+                    lan,
+                    wan,
+                    _proto(proto),
+                    None,
+                    None,
+                    dnat=True,
+                    state="established",
+                    sport=dport,
+                )
+            )
+        out.extend(replies)
     if config.masquerade:
         out.append(Probe("masquerade", "ip", lan, wan, None, None, None, dnat=False))
+        out.append(
+            Probe("masquerade (replies)", "ip", wan, lan, None, None, None, False, "established", snat=True)
+        )
     return out
 
 
 def findings(config: GatewaySpec, listing: dict[str, Any]) -> list[Blocked]:
-    """Where another table's forward chain drops (or may drop) what the gateway forwards."""
-    return othertables.blocked(listing, probes(config))
+    """Where another table's forward chain drops (or may drop) what the gateway forwards, one per
+    distinct `line()` (a forward's tcp and udp replies usually read alike), in probe order."""
+    found: dict[str, Blocked] = {}
+    for item in othertables.blocked(listing, probes(config)):
+        found.setdefault(line(item), item)
+    return list(found.values())
 
 
 def line(item: Blocked, opening: bool = False) -> str:
     """One finding for people: who, where, why, and the command that fixes it (and, unless
-    portfwd is `opening` them already, the setting that lets portfwd do it)."""
+    portfwd is `opening` them already, the setting that lets portfwd do it, where it would:
+    a certain policy drop)."""
     where = f"table {item.family} {item.table} chain {item.chain}"
     verb = "drops" if item.certain else "may drop"
     return (
         f"{item.probe.what}: {where} {verb} it ({item.because}), and an accept in portfwd's table cannot "
         f"override that; run: {openings.fix(item)}"
-        + ("" if opening else " (or set gateway.open_other_tables = true)")
+        + ("" if opening or not openings.openable(item) else " (or set gateway.open_other_tables = true)")
     )
 
 
 def open_(items: list[Blocked]) -> list[str]:
-    """Insert the accepts `items` need; returns what was opened, one line each (a fix portfwd
-    cannot make, in a table iptables-nft manages, is left to the re-check to report). Raises
-    GatewayError."""
+    """Append the accepts `items` need where a chain's policy certainly drops them; returns what
+    was opened, one line each. Drop rules, uncertain drops and a fix portfwd cannot make (in a
+    table iptables-nft manages) are left to the re-check to report. Raises GatewayError."""
     text = openings.opening(items)
     rules = [row for row in text.splitlines() if row and not row.startswith("#")]
     if rules:
         nft.batch(text, "open the other tables' forward chains")
-    return [row.split(" comment ", 1)[0].removeprefix("insert rule ") for row in rules]
+    return [row.split(" comment ", 1)[0].removeprefix("add rule ") for row in rules]
 
 
 def close() -> int:

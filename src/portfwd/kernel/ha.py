@@ -53,7 +53,8 @@ class HAPaths:
     """Every file the HA engines read or write, all in one directory owned by this portfwd.
 
     Nothing goes to /run, /var/lock or /etc, so two routers (or two tests) on one machine do
-    not collide, and removing the directory removes everything.
+    not collide, and removing the directory removes everything. The pid files also let a new
+    supervisor find engines a killed portfwd left running (kernel/hasupervisor.py).
     """
 
     directory: Path
@@ -62,6 +63,7 @@ class HAPaths:
     vrrp_pid: Path
     checkers_pid: Path
     conntrackd_conf: Path
+    conntrackd_pid: Path
     conntrackd_socket: Path
     conntrackd_lock: Path
     conntrackd_log: Path
@@ -69,6 +71,7 @@ class HAPaths:
     notify_lock: Path
     notify_log: Path
     state_file: Path
+    supervisor_lock: Path
 
     @classmethod
     def under(cls, directory: str | Path) -> HAPaths:
@@ -83,6 +86,8 @@ class HAPaths:
             vrrp_pid=base / "vrrp.pid",
             checkers_pid=base / "checkers.pid",
             conntrackd_conf=base / "conntrackd.conf",
+            # conntrackd writes no pid file: the supervisor records the one it started
+            conntrackd_pid=base / "conntrackd.pid",
             conntrackd_socket=base / "conntrackd.ctl",
             conntrackd_lock=base / "conntrackd.lock",
             conntrackd_log=base / "conntrackd.log",
@@ -90,6 +95,8 @@ class HAPaths:
             notify_lock=base / "notify.lock",
             notify_log=base / "notify.log",
             state_file=base / "state",
+            # held (flock) by the supervisor using the directory, so a second one cannot take over
+            supervisor_lock=base / "supervisor.lock",
         )
 
 

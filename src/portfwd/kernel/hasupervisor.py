@@ -2,42 +2,112 @@
 
 They are the routers' own engines for VRRP and for NAT state sync; portfwd writes their
 configuration (kernel/ha.py), starts them, tells keepalived to reload, reads the role the notify
-script records and stops them by PID. Everything they write lives in one directory of ours.
+script records, notices when one dies and stops them by PID. Everything they write lives in one
+directory of ours, which must be private (0700, ours, not a symlink).
+
+The children die with portfwd (PR_SET_PDEATHSIG). Should some outlive it anyway (an older
+portfwd, a SIGKILL between fork and prctl), the next start finds them through the pid files
+left in the directory, checks /proc/PID/cmdline is that engine with that config, stops them and
+removes the virtual addresses they held, before it starts its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
+import fcntl
 import ipaddress
+import itertools
 import json
 import logging
 import os
+import select
 import shutil
 import signal
+import stat
+import subprocess
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from portfwd.kernel import ha
 from portfwd.kernel.nft import GatewayError
+from portfwd.relay import libc
 from portfwd.specs import GatewaySpec
 
 log = logging.getLogger(__name__)
 
-#: How long each engine gets to come up, and to go after SIGTERM.
+#: How long each engine gets to come up, and to go after SIGTERM (then after SIGKILL).
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 POLL = 0.05
 #: A short command (ip, conntrackd -s, keepalived --config-test).
 COMMAND_TIMEOUT = 10.0
+PR_SET_PDEATHSIG = 1
+
+Match = Callable[[list[str]], bool]
+
+
+def _one_line(text: str, lines: int = 2) -> str:
+    """The last non-empty lines of some output, joined into one line for an error message."""
+    kept = [line.strip() for line in text.splitlines() if line.strip()]
+    return " / ".join(kept[-lines:])
 
 
 def _tail(path: Path, lines: int = 1) -> str:
     """The last non-empty lines of a log, for an error message."""
-    with contextlib.suppress(OSError):
-        text = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-        return " / ".join(text[-lines:])
-    return ""
+    try:
+        return _one_line(path.read_text(errors="replace"), lines)
+    except OSError:
+        return ""
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+def _die_with_parent() -> Callable[[], None]:
+    """A preexec_fn that has the child get SIGTERM when portfwd dies, however it dies.
+
+    prctl is looked up before the fork; the child only calls it. A portfwd that died between
+    the fork and the prctl would never send the signal, so the child checks it still has its
+    parent and gives up otherwise.
+    """
+    prctl = libc.function(
+        "prctl", (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+    )
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+def _cmdline(pid: int) -> list[str] | None:
+    """The argv of `pid` from /proc (empty for a zombie), or None when it cannot be read."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [os.fsdecode(arg) for arg in raw.split(b"\0")[:-1]]
+
+
+def _exited(pidfd: int) -> bool:
+    """Whether the process behind a pidfd has ended (a pidfd turns readable then)."""
+    return bool(select.select([pidfd], [], [], 0)[0])
 
 
 async def _run(*argv: str) -> tuple[int, str]:
@@ -50,11 +120,12 @@ async def _run(*argv: str) -> tuple[int, str]:
             stderr=asyncio.subprocess.STDOUT,
         )
     except OSError as exc:
-        raise GatewayError(f"gateway.ha: cannot run {argv[0]}: {exc.strerror}") from exc
+        raise GatewayError(f"gateway.ha: cannot run {argv[0]}: {_reason(exc)}") from exc
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), COMMAND_TIMEOUT)
     except TimeoutError as exc:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
         await proc.wait()
         raise GatewayError(
             f"gateway.ha: {' '.join(argv[:3])} did not finish in {COMMAND_TIMEOUT:g}s"
@@ -64,18 +135,21 @@ async def _run(*argv: str) -> tuple[int, str]:
 
 async def host_addresses(gateway: GatewaySpec) -> ha.HAHost:
     """This router's addresses on the sync, WAN and LAN links (not the virtual ones), from
-    `ip -j -4 addr`. Raises GatewayError when the sync link has none."""
+    `ip -j -4 addr`. Raises GatewayError when ip fails or the sync link has none."""
     assert gateway.ha is not None
     code, out = await _run("ip", "-j", "-4", "addr", "show")
     if code != 0:
-        raise GatewayError(f"gateway.ha: ip addr failed: {out.strip()}")
+        raise GatewayError(f"gateway.ha: ip addr failed: {_one_line(out, 3) or f'exit code {code}'}")
     virtual = {vip.ip for vip in gateway.ha.virtual_addresses}
     found: dict[str, list[ipaddress.IPv4Interface]] = {}
-    for link in json.loads(out or "[]"):
-        for info in link.get("addr_info", []):
-            addr = ipaddress.IPv4Interface(f"{info['local']}/{info['prefixlen']}")
-            if addr.ip not in virtual:
-                found.setdefault(link["ifname"], []).append(addr)
+    try:
+        for link in json.loads(out or "[]"):
+            for info in link.get("addr_info", []):
+                addr = ipaddress.IPv4Interface(f"{info['local']}/{info['prefixlen']}")
+                if addr.ip not in virtual:
+                    found.setdefault(link["ifname"], []).append(addr)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise GatewayError(f"gateway.ha: cannot read the output of ip -j addr: {exc}") from exc
     sync = found.get(gateway.ha.sync_interface, [])
     if not sync:
         raise GatewayError(
@@ -88,12 +162,16 @@ async def host_addresses(gateway: GatewaySpec) -> ha.HAHost:
 class HASupervisor:
     """keepalived and conntrackd for one gateway, with their files under `directory`.
 
-    `start()` writes the configs, has keepalived check its own, starts conntrackd, then
-    keepalived, and returns when both are up. `role()` is what the notify script last recorded.
-    `stop()` ends both by PID and removes what they leave (virtual addresses, files).
+    `start()` checks the directory, stops what a killed portfwd left there, writes the configs,
+    has keepalived check its own, starts conntrackd, then keepalived, and returns when both are
+    up. `alive()` says when one has died; `role()` is what the notify script last recorded
+    ("fault" once an engine died). `stop()` ends both by PID and removes what they leave
+    (virtual addresses, files); it never raises, and returns the problems it met.
+
+    `die_with_parent=False` only serves tests that need engines outliving their portfwd.
     """
 
-    def __init__(self, gateway: GatewaySpec, directory: str | Path) -> None:
+    def __init__(self, gateway: GatewaySpec, directory: str | Path, *, die_with_parent: bool = True) -> None:
         if gateway.ha is None:
             raise GatewayError("gateway.ha: not configured")
         self.gateway = gateway
@@ -101,10 +179,14 @@ class HASupervisor:
         self.keepalived_log = self.paths.directory / "keepalived.log"
         # conntrackd in the foreground also prints its log lines: keep them apart from LogFile
         self.conntrackd_console = self.paths.directory / "conntrackd.console"
+        #: What stop() (and a take-over at start) could not do, one line each; also logged.
+        self.problems: list[str] = []
+        self._die_with_parent = die_with_parent
         self._keepalived: asyncio.subprocess.Process | None = None
         self._conntrackd: asyncio.subprocess.Process | None = None
         self._placed: tuple[tuple[ipaddress.IPv4Interface, str], ...] = ()
         self._conntrackd_text = ""
+        self._lock: int | None = None
 
     @staticmethod
     def _binary(name: str) -> str:
@@ -112,6 +194,100 @@ class HASupervisor:
             if path and os.access(path, os.X_OK):
                 return path
         raise GatewayError(f"gateway.ha: {name} is not installed (apt-get install {name})")
+
+    def _problem(self, line: str) -> None:
+        self.problems.append(line)
+        log.warning("%s", line)
+
+    # -- the directory and its files -------------------------------------------------------
+
+    def _prepare_directory(self) -> None:
+        """Create the directory 0700, or accept an existing one only if it is a directory (not a
+        symlink) of this user's that nobody else can enter. Raises GatewayError."""
+        directory = self.paths.directory
+        try:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                directory.mkdir(mode=0o700)
+                created = True
+            except FileExistsError:
+                created = False
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR) and directory.parent.is_dir():
+                what = "a symbolic link" if directory.is_symlink() else "not a directory"
+                raise GatewayError(
+                    f"gateway.ha: {directory} is {what}; remove it (portfwd creates the directory)"
+                ) from exc
+            raise GatewayError(
+                f"gateway.ha: cannot create {exc.filename or directory}: {_reason(exc)}"
+            ) from exc
+        try:
+            if created:
+                os.fchmod(fd, 0o700)  # mkdir's mode went through the umask
+            info = os.fstat(fd)
+        except OSError as exc:
+            raise GatewayError(f"gateway.ha: cannot set up {directory}: {_reason(exc)}") from exc
+        finally:
+            os.close(fd)
+        if info.st_uid != os.geteuid():
+            raise GatewayError(
+                f"gateway.ha: {directory} belongs to uid {info.st_uid}, not to this portfwd"
+                f" (uid {os.geteuid()}); remove it (portfwd creates the directory)"
+            )
+        if info.st_mode & 0o077:
+            raise GatewayError(
+                f"gateway.ha: {directory} is open to others (mode {stat.S_IMODE(info.st_mode):o});"
+                f" chmod 700 {directory}"
+            )
+
+    def _take_lock(self) -> None:
+        """Hold the directory's lock for as long as we use it. Raises GatewayError when another
+        running supervisor holds it (its engines are not orphans: leave them be)."""
+        path = self.paths.supervisor_lock
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise GatewayError(f"gateway.ha: cannot open {path}: {_reason(exc)}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise GatewayError(
+                    f"gateway.ha: {self.paths.directory} is in use by another running portfwd;"
+                    " stop it first, or give this one its own runtime directory"
+                ) from exc
+            raise GatewayError(f"gateway.ha: cannot lock {path}: {_reason(exc)}") from exc
+        self._lock = fd
+
+    @staticmethod
+    def _stage(path: Path, text: str, mode: int) -> Path:
+        """Write `path`.new afresh with `mode` (never through a symlink planted there)."""
+        staged = path.with_name(path.name + ".new")
+        try:
+            staged.unlink(missing_ok=True)
+            fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+            with open(fd, "w", encoding="utf-8") as out:
+                os.fchmod(fd, mode)  # the umask may have taken bits from `mode`
+                out.write(text)
+        except OSError as exc:
+            raise GatewayError(f"gateway.ha: cannot write {staged}: {_reason(exc)}") from exc
+        return staged
+
+    def _replace(self, path: Path, text: str, mode: int) -> None:
+        staged = self._stage(path, text, mode)
+        try:
+            staged.replace(path)
+        except OSError as exc:
+            raise GatewayError(f"gateway.ha: cannot write {path}: {_reason(exc)}") from exc
+
+    @staticmethod
+    def _unlink(path: Path) -> None:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise GatewayError(f"gateway.ha: cannot remove {path}: {_reason(exc)}") from exc
 
     async def _write(self) -> None:
         """Write the three files. keepalived checks its new config before it replaces the old,
@@ -126,30 +302,132 @@ class HASupervisor:
         candidate = self._stage(paths.keepalived_conf, keepalived_text, 0o600)
         code, out = await _run(self._binary("keepalived"), "--config-test", "-f", str(candidate))
         if code != 0:
-            candidate.unlink(missing_ok=True)
-            lines = [line.strip() for line in out.splitlines() if line.strip()]
-            raise GatewayError(f"gateway.ha: keepalived refused its config: {' / '.join(lines[-2:])}")
-        candidate.replace(paths.keepalived_conf)
+            with contextlib.suppress(OSError):
+                candidate.unlink(missing_ok=True)
+            raise GatewayError(f"gateway.ha: keepalived refused its config: {_one_line(out)}")
+        try:
+            candidate.replace(paths.keepalived_conf)
+        except OSError as exc:
+            raise GatewayError(f"gateway.ha: cannot write {paths.keepalived_conf}: {_reason(exc)}") from exc
         self._replace(paths.conntrackd_conf, conntrackd_text, 0o600)
         self._placed, self._conntrackd_text = placed, conntrackd_text
 
-    @staticmethod
-    def _stage(path: Path, text: str, mode: int) -> Path:
-        staged = path.with_name(path.name + ".new")
-        staged.write_text(text)
-        staged.chmod(mode)
-        return staged
+    # -- leftovers of a portfwd that did not stop ------------------------------------------
 
-    def _replace(self, path: Path, text: str, mode: int) -> None:
-        self._stage(path, text, mode).replace(path)
+    def _is_keepalived(self, argv: list[str]) -> bool:
+        conf = str(self.paths.keepalived_conf)
+        return (
+            bool(argv)
+            and os.path.basename(argv[0]) == "keepalived"
+            and any(
+                flag in ("--use-file", "-f") and value == conf for flag, value in itertools.pairwise(argv)
+            )
+        )
+
+    def _is_conntrackd(self, argv: list[str]) -> bool:
+        # the daemon exactly as _start_conntrackd runs it, not a client command (-s, -c...)
+        return (
+            bool(argv)
+            and os.path.basename(argv[0]) == "conntrackd"
+            and argv[1:] == ["-C", str(self.paths.conntrackd_conf)]
+        )
+
+    async def _stop_leftover(self, pid: int, name: str, ours: Match) -> bool:
+        """Stop `pid` if it still runs and its cmdline is our `name` (`ours`); True if it was.
+        Anything else is left alone. Raises GatewayError when it cannot be stopped."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return False
+        except OSError as exc:
+            raise GatewayError(
+                f"gateway.ha: cannot look at pid {pid} ({name}) left in {self.paths.directory}:"
+                f" {_reason(exc)}; stop it yourself and remove its pid file"
+            ) from exc
+        try:
+            # opened first: the pidfd names this process even if the pid is reused meanwhile
+            argv = _cmdline(pid)
+            if _exited(pidfd):
+                return False
+            if argv is None or not ours(argv):
+                log.info("gateway.ha: pid %d (from a %s pid file) is not ours; left alone", pid, name)
+                return False
+            log.warning(
+                "gateway.ha: %s (pid %d) was left running by a portfwd that did not stop; stopping it",
+                name,
+                pid,
+            )
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    signal.pidfd_send_signal(pidfd, sig)
+                except ProcessLookupError:
+                    return True
+                except OSError as exc:
+                    raise GatewayError(
+                        f"gateway.ha: cannot stop the {name} (pid {pid}) a previous portfwd left"
+                        f" running: {_reason(exc)}; stop it yourself"
+                    ) from exc
+                deadline = time.monotonic() + STOP_TIMEOUT
+                while time.monotonic() < deadline:
+                    if _exited(pidfd):
+                        return True
+                    await asyncio.sleep(POLL)
+            raise GatewayError(
+                f"gateway.ha: the {name} (pid {pid}) a previous portfwd left running did not exit"
+                " after SIGKILL"
+            )
+        finally:
+            os.close(pidfd)
+
+    async def _take_over(self) -> None:
+        """Stop the engines a killed portfwd left running here, and the virtual addresses a
+        killed keepalived left on the links. Raises GatewayError."""
+        paths = self.paths
+        leftovers = (
+            (paths.keepalived_pid, "keepalived", self._is_keepalived),
+            (paths.vrrp_pid, "keepalived", self._is_keepalived),  # its VRRP child holds the addresses
+            (paths.checkers_pid, "keepalived", self._is_keepalived),
+            (paths.conntrackd_pid, "conntrackd", self._is_conntrackd),
+        )
+        unclean = False
+        for pid_file, name, ours in leftovers:
+            pid = self._pid(pid_file)
+            if pid is None:
+                continue
+            unclean |= name == "keepalived"
+            await self._stop_leftover(pid, name, ours)
+            self._unlink(pid_file)
+        if unclean:
+            ha_spec = self.gateway.ha
+            assert ha_spec is not None
+            links = (self.gateway.wan, self.gateway.lan)
+            await self._remove_addresses((vip, dev) for vip in ha_spec.virtual_addresses for dev in links)
+        for stale in (paths.state_file, paths.conntrackd_lock, paths.conntrackd_socket):
+            self._unlink(stale)  # ours, from a run that did not stop cleanly
+
+    async def _remove_addresses(self, placed: Iterable[tuple[ipaddress.IPv4Interface, str]]) -> None:
+        """Delete the virtual addresses still on their links; failures become problems."""
+        for vip, dev in placed:
+            try:
+                code, out = await _run("ip", "-o", "-4", "addr", "show", "dev", dev, "to", f"{vip.ip}/32")
+                if code != 0 or not out.strip():
+                    continue
+                code, out = await _run("ip", "addr", "del", str(vip), "dev", dev)
+                if code != 0:
+                    self._problem(f"gateway.ha: cannot remove {vip} from {dev}: {_one_line(out)}")
+                else:
+                    log.info("gateway.ha: removed virtual address %s from %s", vip, dev)
+            except GatewayError as exc:
+                self._problem(exc.line())
+
+    # -- running ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start conntrackd, then keepalived, and wait until both are up. Raises GatewayError."""
-        paths = self.paths
-        paths.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for stale in (paths.state_file, paths.conntrackd_lock, paths.conntrackd_socket):
-            stale.unlink(missing_ok=True)  # ours, from a run that did not stop cleanly
+        self._prepare_directory()
+        self._take_lock()
         try:
+            await self._take_over()
             await self._write()
             await self._start_conntrackd()
             await self._start_keepalived()
@@ -158,13 +436,25 @@ class HASupervisor:
             raise
 
     async def _spawn(self, argv: list[str], logfile: Path) -> asyncio.subprocess.Process:
-        with logfile.open("ab") as out:
-            try:
-                return await asyncio.create_subprocess_exec(
-                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out
-                )
-            except OSError as exc:
-                raise GatewayError(f"gateway.ha: cannot start {argv[0]}: {exc.strerror}") from exc
+        try:
+            out = os.open(
+                logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
+        except OSError as exc:
+            raise GatewayError(f"gateway.ha: cannot open {logfile}: {_reason(exc)}") from exc
+        try:
+            return await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                preexec_fn=_die_with_parent() if self._die_with_parent else None,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            reason = _reason(exc) if isinstance(exc, OSError) else str(exc)
+            raise GatewayError(f"gateway.ha: cannot start {argv[0]}: {reason}") from exc
+        finally:
+            os.close(out)
 
     async def _start_conntrackd(self) -> None:
         paths = self.paths
@@ -172,11 +462,12 @@ class HASupervisor:
         # no -d: it stays in the foreground, our child
         proc = await self._spawn([conntrackd, "-C", str(paths.conntrackd_conf)], self.conntrackd_console)
         self._conntrackd = proc
+        self._replace(paths.conntrackd_pid, f"{proc.pid}\n", 0o600)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if proc.returncode is not None:
                 raise GatewayError(
-                    f"gateway.ha: conntrackd exited ({proc.returncode}):"
+                    f"gateway.ha: conntrackd {_exit_text(proc.returncode)}:"
                     f" {_tail(self.conntrackd_console) or _tail(paths.conntrackd_log) or 'no message'}"
                 )
             if paths.conntrackd_socket.exists():
@@ -189,9 +480,9 @@ class HASupervisor:
             f"gateway.ha: conntrackd did not answer on {paths.conntrackd_socket} in {START_TIMEOUT:g}s"
         )
 
-    async def _start_keepalived(self) -> None:
+    def _keepalived_argv(self) -> list[str]:
         paths = self.paths
-        argv = [
+        return [
             self._binary("keepalived"),
             "--dont-fork",
             "--log-console",
@@ -207,13 +498,16 @@ class HASupervisor:
             "--checkers_pid",
             str(paths.checkers_pid),
         ]
-        proc = await self._spawn(argv, self.keepalived_log)
+
+    async def _start_keepalived(self) -> None:
+        paths = self.paths
+        proc = await self._spawn(self._keepalived_argv(), self.keepalived_log)
         self._keepalived = proc
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if proc.returncode is not None:
                 raise GatewayError(
-                    f"gateway.ha: keepalived exited ({proc.returncode}):"
+                    f"gateway.ha: keepalived {_exit_text(proc.returncode)}:"
                     f" {_tail(self.keepalived_log) or 'no message'}"
                 )
             # the VRRP child writes its pid file once its instance runs; the first notify follows
@@ -228,54 +522,95 @@ class HASupervisor:
         reload, so it is restarted when its config changed. Raises GatewayError."""
         before = self._conntrackd_text
         await self._write()
-        if self._keepalived is not None and self._keepalived.returncode is None:
-            self._keepalived.send_signal(signal.SIGHUP)
+        keepalived = self._keepalived
+        if keepalived is not None and keepalived.returncode is None:
+            try:
+                keepalived.send_signal(signal.SIGHUP)
+            except ProcessLookupError:
+                pass  # it just died: alive() says so
+            except OSError as exc:
+                raise GatewayError(
+                    f"gateway.ha: cannot tell keepalived (pid {keepalived.pid}) to reload: {_reason(exc)}"
+                ) from exc
         if self._conntrackd_text != before:
-            await self._end(self._conntrackd, "conntrackd")
-            self.paths.conntrackd_lock.unlink(missing_ok=True)
+            conntrackd, self._conntrackd = self._conntrackd, None  # a restart, not a death
+            known = len(self.problems)
+            await self._end(conntrackd, "conntrackd")
+            if len(self.problems) > known:
+                self._conntrackd = conntrackd
+                raise GatewayError(self.problems[-1])
+            self._unlink(self.paths.conntrackd_lock)
             await self._start_conntrackd()
 
+    def alive(self) -> str | None:
+        """None while keepalived and conntrackd both run (and before start or after stop);
+        else one line naming the one that died, how, and its last log line."""
+        for proc, name, logfile in (
+            (self._keepalived, "keepalived", self.keepalived_log),
+            (self._conntrackd, "conntrackd", self.conntrackd_console),
+        ):
+            if proc is not None and proc.returncode is not None:
+                last = _tail(logfile) or (_tail(self.paths.conntrackd_log) if name == "conntrackd" else "")
+                line = f"gateway.ha: {name} (pid {proc.pid}) {_exit_text(proc.returncode)}"
+                return f"{line}: {last}" if last else line
+        return None
+
     def role(self) -> str:
-        """ "master", "backup", "fault" or "starting" (no state recorded yet)."""
+        """ "master", "backup", "fault" (also once keepalived or conntrackd has died: see
+        alive()) or "starting" (no state recorded yet)."""
+        if self.alive() is not None:
+            return "fault"
         try:
             return ha.parse_role(self.paths.state_file.read_text())
         except OSError:
             return "starting"
 
-    @staticmethod
-    async def _end(proc: asyncio.subprocess.Process | None, name: str) -> None:
-        """SIGTERM our child by PID, wait up to STOP_TIMEOUT, then SIGKILL."""
+    async def _end(self, proc: asyncio.subprocess.Process | None, name: str) -> None:
+        """SIGTERM our child by PID, wait up to STOP_TIMEOUT, then SIGKILL. Never raises: what
+        it cannot do (a signal refused after a privilege drop) becomes a problem."""
         if proc is None or proc.returncode is not None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
-        except TimeoutError:
-            log.warning("gateway.ha: %s (pid %d) ignored SIGTERM; killing it", name, proc.pid)
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if sig == signal.SIGKILL:
+                log.warning("gateway.ha: %s (pid %d) ignored SIGTERM; killing it", name, proc.pid)
+            try:
+                proc.send_signal(sig)
+            except ProcessLookupError:
+                pass  # exiting already: wait for it below
+            except OSError as exc:
+                self._problem(f"gateway.ha: cannot stop {name} (pid {proc.pid}): {_reason(exc)}")
+                return
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
+                return
+            except TimeoutError:
+                continue
+        self._problem(f"gateway.ha: {name} (pid {proc.pid}) did not exit after SIGKILL")
 
-    async def stop(self) -> None:
-        """Stop keepalived, then conntrackd; remove the virtual addresses and our files."""
+    async def stop(self) -> list[str]:
+        """Stop keepalived, then conntrackd; remove the virtual addresses and our files.
+
+        Never raises: returns (and logs) what it could not do, one line each. Does nothing if
+        start() did not get the directory (another portfwd's, or never started)."""
+        self.problems = []
+        if self._lock is None:
+            return []
         vrrp_child = self._pid(self.paths.vrrp_pid)
         await self._end(self._keepalived, "keepalived")
-        if (
-            vrrp_child is not None
-            and self._keepalived is not None
-            and self._keepalived.returncode == -signal.SIGKILL
-        ):
-            # killed parents leave their VRRP child holding the addresses; it is ours too
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(vrrp_child, signal.SIGKILL)
+        if vrrp_child is not None and (self._keepalived is None or self._keepalived.returncode is not None):
+            # a killed keepalived leaves its VRRP child holding the addresses; it is ours too
+            try:
+                await self._stop_leftover(vrrp_child, "keepalived", self._is_keepalived)
+            except GatewayError as exc:
+                self._problem(exc.line())
         await self._end(self._conntrackd, "conntrackd")
         self._keepalived = self._conntrackd = None
-        for vip, dev in self._placed:
-            code, out = await _run("ip", "-o", "-4", "addr", "show", "dev", dev, "to", f"{vip.ip}/32")
-            if code == 0 and out.strip():
-                await _run("ip", "addr", "del", str(vip), "dev", dev)
+        await self._remove_addresses(self._placed)
+        self._placed = ()
         self._remove_files()
+        os.close(self._lock)
+        self._lock = None
+        return list(self.problems)
 
     def _remove_files(self) -> None:
         """Our files only (never the whole directory: the caller named it), then the directory
@@ -284,13 +619,17 @@ class HASupervisor:
         paths += [self.keepalived_log, self.conntrackd_console]
         for path in paths:
             for leftover in (path, path.with_name(path.name + ".new"), path.with_name(path.name + ".tmp")):
-                leftover.unlink(missing_ok=True)
+                try:
+                    leftover.unlink(missing_ok=True)
+                except OSError as exc:
+                    self._problem(f"gateway.ha: cannot remove {leftover}: {_reason(exc)}")
         with contextlib.suppress(OSError):
             self.paths.directory.rmdir()
 
     @staticmethod
     def _pid(path: Path) -> int | None:
         try:
-            return int(path.read_text().strip())
+            pid = int(path.read_text().strip())
         except (OSError, ValueError):
             return None
+        return pid if pid > 0 else None

@@ -6,9 +6,16 @@ writes what a person runs (`fix()`) or what portfwd loads with the opt-in (`open
 and removes exactly those rules again by their comment (`opened()`, `closing()`). All pure: text
 out, the caller runs nft.
 
+Whose decision a drop is decides what is written. A chain's policy drop is a default: `fix()`
+appends the accept (`nft add rule`), after every rule the admin wrote, and `opening()` does the
+same, for certain findings only. A drop rule is the admin's own (a blocklist, say): `fix()` names
+the accept that would go before it (`nft insert rule ... position HANDLE`, which inserts before
+that handle) for a person to judge, and `opening()` never writes it.
+
 Tables managed by iptables-nft (docker's FORWARD policy drop is the common case) get iptables
-commands from `fix()`, and `opening()` inserts only native rules iptables-nft can still parse:
-a `ct status dnat` rule there makes `iptables-save` refuse the whole table ("incompatible").
+commands from `fix()`, and `opening()` adds only native rules iptables-nft 1.8.9 can still parse:
+a `ct status dnat` or `ct state` rule there makes `iptables-save` refuse the whole table
+("incompatible"), so a reply is let through by its source address and port instead.
 """
 
 from __future__ import annotations
@@ -101,12 +108,21 @@ def _ports(probe: Probe) -> str:
 def _rule_text(item: Blocked) -> str | None:
     """The accept rule for `item` as nft text, or None when none can be written for its table."""
     probe = item.probe
+    ifaces = f'iifname "{probe.iif}" oifname "{probe.oif}" '
+    if probe.state == "established":
+        if not item.iptables:
+            return "ct state established,related accept"
+        if probe.l4proto is None or probe.sport is None:
+            return None  # iptables-nft cannot parse `ct state`; nothing narrower is known
+        first, last = probe.sport
+        ports = str(first) if first == last else f"{first}-{last}"
+        saddr = f"{probe.family} saddr {probe.saddr} " if probe.saddr is not None else ""
+        return f"{ifaces}{saddr}{probe.l4proto} sport {ports} accept"
     ports = _ports(probe)
     proto = ""
     if probe.l4proto is not None:
         proto = f"{probe.l4proto} dport {ports} " if ports else f"meta l4proto {probe.l4proto} "
     daddr = f"{probe.family} daddr {probe.daddr} " if probe.daddr is not None else ""
-    ifaces = f'iifname "{probe.iif}" oifname "{probe.oif}" '
     if probe.dnat:
         if not item.iptables:
             return "ct status dnat accept"
@@ -126,7 +142,12 @@ def _shell(word: str) -> str:
 def _iptables(item: Blocked) -> str:
     probe = item.probe
     binary = "iptables" if item.family == "ip" else "ip6tables"
-    parts = [binary, "-I", _shell(item.chain)]
+    if item.at is not None:  # before the rule that drops it (iptables counts rules from 1)
+        parts = [binary, "-I", _shell(item.at.chain), str(item.at.number)]
+    else:
+        parts = [binary, "-A" if item.policy else "-I", _shell(item.chain)]
+    if probe.state == "established":
+        return " ".join([*parts, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"])
     if probe.dnat:  # one rule for every forward, as `ct status dnat accept` is
         return " ".join([*parts, "-m", "conntrack", "--ctstate", "DNAT", "-j", "ACCEPT"])
     if probe.daddr is None:
@@ -141,15 +162,29 @@ def _iptables(item: Blocked) -> str:
 
 
 def fix(item: Blocked) -> str:
-    """The command a user runs to let `item.probe` through `item`'s chain (an accept at the top).
+    """The command a user runs to let `item.probe` through `item`'s chain, in one line.
 
-    `nft insert rule inet filter forward ct status dnat accept` for DNAT; for a table managed
-    by iptables-nft, the iptables command, so that iptables can still list the table.
+    A policy drop gets the accept appended (`nft add rule inet filter forward ct status dnat
+    accept`), so every rule already in the chain still runs first; a drop rule (or a `return`
+    that hands the packet to the policy early) gets it inserted just before that rule
+    (`nft insert rule inet filter forward position 7 ...`). For a table managed by iptables-nft,
+    the iptables command (`-A`, or `-I CHAIN NUMBER`), so that iptables can still list the table.
     """
     rule = _rule_text(item)
     if item.iptables or rule is None:
         return _iptables(item)
-    return f"nft insert rule {item.family} {_shell(item.table)} {_shell(item.chain)} {_shell(rule)}"
+    head = f"{item.family} {_shell(item.table)}"
+    if item.at is not None:
+        position = "" if item.at.handle is None else f" position {item.at.handle}"
+        return f"nft insert rule {head} {_shell(item.at.chain)}{position} {_shell(rule)}"
+    verb = "add" if item.policy else "insert"
+    return f"nft {verb} rule {head} {_shell(item.chain)} {_shell(rule)}"
+
+
+def openable(item: Blocked) -> bool:
+    """Whether `opening()` writes the accept for `item`: a certain drop by the chain's policy, past
+    every rule of the chain, with a rule its table can hold. Everything else is left to people."""
+    return item.appendable and _rule_text(item) is not None
 
 
 def _comment(what: Sequence[str]) -> str:
@@ -159,14 +194,18 @@ def _comment(what: Sequence[str]) -> str:
 
 
 def opening(items: Sequence[Blocked]) -> str:
-    """An nft batch (`nft -f -`) inserting one accept rule per distinct fix, commented for `opened()`.
+    """An nft batch (`nft -f -`) appending one accept rule per distinct fix, commented for `opened()`.
 
-    Items whose table is managed by iptables-nft and that no iptables-readable rule can
+    Only certain drops by a chain's policy are opened, at the chain's end (`add rule`): a drop
+    rule, a policy reached early, or a drop that is only possible is someone's decision, and is
+    left out. Policy drops in a table managed by iptables-nft that no iptables-readable rule can
     describe appear as a `#` comment line naming the iptables command to run.
     """
     wanted: dict[tuple[str, str, str, str], list[str]] = {}
     skipped: list[str] = []
     for item in items:
+        if not item.appendable:
+            continue
         rule = _rule_text(item)
         if rule is None:
             line = f"# {item.family} {item.table} {item.chain} is iptables-nft's: run {_iptables(item)}"
@@ -177,7 +216,7 @@ def opening(items: Sequence[Blocked]) -> str:
         if item.probe.what not in whats:
             whats.append(item.probe.what)
     lines = [
-        f'insert rule {family} {table} {chain} {rule} comment "{_comment(whats)}"'
+        f'add rule {family} {table} {chain} {rule} comment "{_comment(whats)}"'
         for (family, table, chain, rule), whats in wanted.items()
     ]
     return "".join(line + "\n" for line in [*skipped, *lines])

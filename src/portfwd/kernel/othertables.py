@@ -2,9 +2,11 @@
 
 An `accept` in table inet portfwd ends only portfwd's own chain: every other base chain on the
 forward hook still sees the packet, and a `drop` there (a policy drop, usually) is final. This
-module reads `nft -j list ruleset` and, for each packet the gateway needs (a `Probe`), says which
-chains would drop it and why (`Blocked`); openings.py turns those findings into the rules and
-commands that let the packets through. It is pure: JSON in, findings out.
+module reads `nft -j list ruleset` and, for each packet the gateway needs (a `Probe`: the first
+packet of a flow, or a reply in one), says which chains would drop it, why, and where (`Blocked`:
+the chain's policy, or the rule that drops it); openings.py turns those findings into the commands
+that let the packets through and the accepts portfwd appends itself. It is pure: JSON in, findings
+out.
 
 It is hand-written because nothing else evaluates an nftables ruleset against a packet: the
 kernel does it only for real packets, nft and libnftables parse and print but never evaluate,
@@ -19,6 +21,15 @@ adds its verdict as a possibility and lets the walk go on; a True rule ends the 
 path" is the one where no Unknown rule matched: its drop reason is the one reported when it
 drops. A packet is blocked when some path drops; certainly blocked when no path accepts.
 Regular chains reached by `jump`/`goto` are walked the same way (memoised, depth 16, no loops).
+A drop is placed: a rule (its chain, handle and position: an accept must go before it), or the
+base chain's policy, reached either past the chain's last rule (an accept appended to the chain
+is seen, after every rule the admin wrote) or early, by a `return` or a `goto` into a chain that
+falls through (then the accept must go before that rule).
+
+Conntrack as the probe sees it: a new probe is the first packet of its flow (ct state new,
+direction original, status only dnat when the gateway translated it); an established probe is a
+reply in a confirmed flow (ct state established, direction reply, status confirmed and seen-reply,
+dnat/snat as the probe says, assured Unknown: it depends on how far the flow has got).
 
 A table is marked as iptables-nft's (`Blocked.iptables`: xt expressions, or iptables' own table
 and chain names) so that its fix can be written for iptables, which must still list the table.
@@ -55,7 +66,8 @@ XT_HARMLESS_TARGETS = {"LOG", "NFLOG", "MARK", "CONNMARK", "TCPMSS", "CT", "NOTR
 
 @dataclass(frozen=True, slots=True)
 class Probe:
-    """A packet portfwd's gateway needs the forward hook to accept (the first one: ct state new)."""
+    """A packet portfwd's gateway needs the forward hook to accept: the first one of a flow
+    (`state="new"`), or a reply in one (`state="established"`)."""
 
     what: str  # who needs it, for messages: "gateway.forward[0]", "masquerade", "hairpin"
     family: Literal["ip", "ip6"]
@@ -65,6 +77,20 @@ class Probe:
     daddr: str | None  # the destination after DNAT, None: unknown/any
     dport: tuple[int, int] | None  # destination port range after DNAT, None: any
     dnat: bool  # ct status has dnat
+    state: Literal["new", "established"] = "new"  # established: a reply (ct direction reply)
+    saddr: str | None = None  # the source, None: unknown/any (a client is anyone)
+    sport: tuple[int, int] | None = None  # source port range, None: any
+    snat: bool = False  # ct status has snat (a reply to a masqueraded flow)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleAt:
+    """Where a rule is: its chain, its handle (None if the listing had none) and its 1-based
+    position in that chain (what iptables calls the rule number)."""
+
+    chain: str
+    handle: int | None
+    number: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +104,14 @@ class Blocked:
     certain: bool
     because: str  # "policy drop", or 'rule 7: iifname "eth0" drop'
     iptables: bool = False  # the table is managed by iptables-nft: fix it with iptables
+    policy: bool = False  # the drop is the chain's policy, not a rule someone wrote
+    at: RuleAt | None = None  # the rule an accept must come before; None: the chain's end (or unknown)
+
+    @property
+    def appendable(self) -> bool:
+        """Certainly dropped by the policy after every rule of the chain: an appended accept fixes it
+        and leaves every rule the admin wrote in front of it."""
+        return self.certain and self.policy and self.at is None
 
 
 # --------------------------------------------------------------------------- tri-state logic
@@ -248,8 +282,8 @@ def _iface(name: str, pattern: Any) -> Tri:
     return name == pattern
 
 
-CT_STATE = {"new": True, "established": False, "related": False, "invalid": False, "untracked": False}
-CT_STATUS_ABSENT = ("snat", "confirmed", "seen-reply", "assured", "expected", "dying")
+CT_STATES = ("new", "established", "related", "invalid", "untracked")
+CT_STATUS_ABSENT = ("confirmed", "seen-reply", "assured", "expected", "dying")
 
 
 @dataclass(slots=True)
@@ -277,10 +311,16 @@ class _Context:
 
     def bits(self, key: str) -> tuple[dict[str, Tri], bool]:
         """The probe's ct state/status bits by name, and whether that list is the whole word."""
+        probe = self.probe
         if key == "state":
-            return dict(CT_STATE), True
+            return {state: state == probe.state for state in CT_STATES}, True
         status: dict[str, Tri] = dict.fromkeys(CT_STATUS_ABSENT, False)
-        status["dnat"] = self.probe.dnat
+        status["dnat"] = probe.dnat
+        status["snat"] = probe.snat
+        if probe.state == "established":
+            # a reply: the flow was confirmed when its first packet left, and conntrack marks
+            # seen-reply before the forward hook; assured depends on the protocol's progress
+            status.update({"confirmed": True, "seen-reply": True, "assured": None})
         return status, False
 
     def dependency(self, protocol: str) -> Tri | str:
@@ -313,6 +353,10 @@ class _Context:
             return self.masked(spec, op, right)
         if kind == "ct" and "dir" not in spec and spec.get("key") in ("state", "status"):
             return self.flags(str(spec["key"]), op, right)
+        if kind == "ct" and "dir" not in spec and spec.get("key") == "direction":
+            direction = "original" if probe.state == "new" else "reply"
+            found = self.compare("==", right, lambda element: element == direction)
+            return found if op in ("==", "in") else _not(found) if op == "!=" else None
         if kind == "meta":
             key = spec.get("key")
             if key in ("iifname", "oifname", "iif", "oif"):
@@ -341,17 +385,19 @@ class _Context:
 
     def field(self, protocol: str, name: str, op: str, right: Any) -> Tri:
         probe = self.probe
-        if protocol in ("ip", "ip6") and name == "daddr":
-            found = None if probe.daddr is None else _address(probe.daddr)
+        if protocol in ("ip", "ip6") and name in ("daddr", "saddr"):
+            address = probe.daddr if name == "daddr" else probe.saddr
+            found = None if address is None else _address(address)
             return None if found is None else self.numeric(op, right, (found[0], found[1]), "addr", found[2])
         if (protocol, name) in (("ip", "protocol"), ("ip6", "nexthdr")):
             if probe.l4proto is None:
                 return None
             return self.numeric(op, right, (0, PROTOCOLS[probe.l4proto]), "proto")
-        if protocol in PORTED | {"th"} and name == "dport" and probe.dport is not None:
-            first, last = probe.dport
+        ports = probe.dport if name == "dport" else probe.sport if name == "sport" else None
+        if protocol in PORTED | {"th"} and ports is not None:
+            first, last = ports
             return self.numeric(op, right, (0, first), "port", last)
-        return None  # saddr (the client is anyone), sport, flags, ...
+        return None  # an address or port the probe leaves open (a client is anyone), flags, ...
 
     # ---------------------------------------------------------------- comparisons
 
@@ -515,20 +561,33 @@ def _vmap(context: _Context, body: Any) -> list[tuple[Tri, Verdict]]:
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class _Why:
+    """Why a path drops, for people, and where: the rule (None: the base chain's policy)."""
+
+    text: str
+    at: RuleAt | None = None
+    policy: bool = False
+
+
+LEFT = "return"  # the main path left the chain early: a `return`, or a `goto` that fell through
+
+
 @dataclass(slots=True)
 class _Outcome:
     accept: bool = False  # some path accepts
-    drops: list[str] = field(default_factory=list)  # why some paths drop, in order
+    drops: list[_Why] = field(default_factory=list)  # why some paths drop, in order
     fall: bool = False  # some path returns to the caller
-    main: str | None = None  # the main path: "accept", "fall", or the reason it is dropped
+    main: str | _Why | None = None  # the main path: "accept", "fall" (past the last rule), LEFT, or a drop
+    left: RuleAt | None = None  # with main LEFT: the rule of this chain where it left
     settled: bool = False
 
-    def settle(self, main: str) -> None:
+    def settle(self, main: str | _Why, left: RuleAt | None = None) -> None:
         if not self.settled:
-            self.main, self.settled = main, True
+            self.main, self.left, self.settled = main, left, True
 
 
-def _unknown(reason: str) -> _Outcome:
+def _unknown(reason: _Why) -> _Outcome:
     return _Outcome(accept=True, drops=[reason], fall=True, main="fall", settled=True)
 
 
@@ -545,9 +604,12 @@ class _Walker:
         if rules is None or depth > MAX_DEPTH or chain in stack:
             return None
         out = _Outcome()
-        for rule in rules:
+        for number, rule in enumerate(rules, 1):
             for condition, verdict in _rule(self.context, rule):
-                if condition is not False and self.take(out, condition, verdict, rule, chain, depth, stack):
+                if condition is False:
+                    continue
+                at = RuleAt(chain, _handle(rule), number)
+                if self.take(out, condition, verdict, rule, at, depth, stack):
                     self.memo[chain] = out
                     return out
         out.fall = True
@@ -561,14 +623,14 @@ class _Walker:
         condition: Tri,
         verdict: Verdict,
         rule: dict[str, Any],
-        chain: str,
+        at: RuleAt,
         depth: int,
         stack: tuple[str, ...],
     ) -> bool:
         """Add one rule's possible outcome; True when no path goes on past it."""
         kind, target = verdict
         definite = condition is True
-        reason = _reason(rule, chain, self.base)
+        reason = _Why(_reason(rule, at.chain, self.base), at)
         if kind == "accept":
             out.accept = True
             if definite:
@@ -581,33 +643,43 @@ class _Walker:
         elif kind == "return":
             out.fall = True
             if definite:
-                out.settle("fall")
+                out.settle(LEFT, at)
         elif kind in ("jump", "goto"):
-            sub = self.walk(target, depth + 1, (*stack, chain)) or _unknown(f"{reason} (not followed)")
+            sub = self.walk(target, depth + 1, (*stack, at.chain)) or _unknown(
+                _Why(f"{reason.text} (not followed)", at)
+            )
             out.accept = out.accept or sub.accept
             out.drops.extend(sub.drops)
             out.fall = out.fall or (kind == "goto" and sub.fall)
-            if definite and (sub.main != "fall" or kind == "goto"):
+            through = sub.main in ("fall", LEFT)  # the sub-chain hands the packet back
+            if definite and kind == "goto" and through:
+                out.settle(LEFT, at)
+            elif definite and not through:
                 out.settle(sub.main or "fall")
             return definite and (kind == "goto" or not sub.fall)
         else:
             return False
         return definite
 
-    def verdict(self, policy: str) -> tuple[bool, str] | None:
-        """(certain, because) when the base chain may drop the probe, else None."""
-        out = self.walk(self.base, 0, ()) or _unknown("the chain could not be read")
+    def verdict(self, policy: str) -> tuple[bool, _Why] | None:
+        """(certain, why) when the base chain may drop the probe, else None."""
+        out = self.walk(self.base, 0, ()) or _unknown(_Why("the chain could not be read"))
         if out.fall:
             if policy == "drop":
-                out.drops.append("policy drop")
+                out.drops.append(_Why("policy drop", policy=True))
             else:
                 out.accept = True
         if not out.drops:
             return None
-        main = out.main if out.main not in (None, "accept", "fall") else None
-        if out.main == "fall" and policy == "drop":
-            main = "policy drop"
+        main = out.main if isinstance(out.main, _Why) else None
+        if out.main in ("fall", LEFT) and policy == "drop":
+            main = _Why("policy drop", out.left if out.main == LEFT else None, policy=True)
         return (not out.accept, main or out.drops[0])
+
+
+def _handle(rule: dict[str, Any]) -> int | None:
+    handle = rule.get("handle")
+    return handle if isinstance(handle, int) and not isinstance(handle, bool) else None
 
 
 def _reason(rule: dict[str, Any], chain: str, base: str) -> str:
@@ -636,6 +708,10 @@ def blocked(
                 context = _Context(probe, table)
                 result = _Walker(context, chain).verdict(policy)
                 if result is not None:
-                    certain, because = result
-                    found.append(Blocked(probe, family, name, chain, certain, because, table.iptables))
+                    certain, why = result
+                    found.append(
+                        Blocked(
+                            probe, family, name, chain, certain, why.text, table.iptables, why.policy, why.at
+                        )
+                    )
     return found

@@ -9,23 +9,35 @@ gateway. One table per portfwd instance (`table inet <table>`), so `remove()` is
 
 What each rule becomes, per protocol and per address family it can carry:
 
-- listen on the wildcard: packets to any address of this host (`fib daddr type local`);
-  a specific address: `ip daddr X` / `ip6 daddr X`.
-- a local target (a loopback address or `localhost`): `redirect` in prerouting (clients on
-  other hosts) and in the nat output chain (clients on this host). A target that is the
-  listen address itself is DNATed to that address instead, which keeps the address exact.
-- a remote target: `dnat` in prerouting and output, plus `masquerade` in postrouting for exactly
-  these flows (conntrack says: DNATed, originally to our listen port, now answered by our target
-  from our target port), so the target needs no route back to the client and no other DNAT on
-  the box is masqueraded.
+- listen on `*`: packets to any address of this host (`meta nfproto ipvN fib daddr type local`),
+  both families; on 0.0.0.0 / `::` the same for IPv4 / IPv6 only, as the userspace relay binds
+  them; a specific address: `ip daddr X` / `ip6 daddr X`.
+- a local target (a loopback address, `localhost`, 0.0.0.0 / ::): `redirect` in prerouting
+  (clients on other hosts) and in the nat output chain (clients on this host). A target that is
+  the listen address itself is DNATed to that address instead, which keeps the address exact.
+- a remote target: `dnat`, plus `masquerade` in postrouting for exactly these flows (conntrack
+  says: DNATed, originally to our listen port and address, now answered by our target from our
+  target port), so the target needs no route back to the client and no other DNAT on the box
+  is masqueraded.
 - a port range keeps its offset through a map from listen port to target port.
 - deny, then allow (named interval sets, both families) refuse the first packet (a TCP reset,
   as a userspace rule closes a refused client at once; UDP is dropped, as in userspace); then
   per-source routes (named sets, first match wins), then the rule's own target, as in
   `acl.AccessPolicy`.
-- counters: the NAT rules count new flows (`counts()`); two filter chains (`count_in` on
-  prerouting, `count_out` on output) count every packet of those flows, both ways, IP headers
-  included (`counts()`). Every rule's comment is the portfwd rule's label (`comment()`).
+- counters: four named counters per rule, their comments its label (`comment()`) plus a
+  suffix: new flows, refused first packets, bytes up and bytes down, IP headers included
+  (`counts()` reads them from `listing()`, which lists only the counters).
+
+Theory of operation: every packet does the same work whatever the number of rules. Each hook's
+base chain holds one lookup per protocol in a verdict map (`_LOOKUPS`): nat prerouting and
+output by destination port (`tcp dport vmap @pre_tcp`), postrouting (masquerade) and the two
+count chains (filter prerouting and output, after NAT; `iif != "lo"` on prerouting, as a
+loopback packet was counted on output) by the flow's original destination port (`ct status
+dnat ct original proto-dst vmap @count_tcp`). The map jumps to the rule's own chain (`rule_N`,
+`rule_N_out` when local clients need another match, `masq_N`, `count_N`), which does the exact
+match, as the rule's lines did in one long chain before. Map intervals may not overlap, so a
+port several rules share (different listen addresses) jumps to a chain that jumps to each of
+their chains in rule order (first match wins, as before; `_segments()`).
 
 Caveats, all seen on this kernel (6.18, nft 1.0.6):
 
@@ -43,19 +55,21 @@ Caveats, all seen on this kernel (6.18, nft 1.0.6):
   destinations alone for remote targets; local clients use one of the host's other addresses.
 - Masquerade makes the target see this host's address, not the client's (the kernel relay is
   not transparent). UDP and TCP idle times are conntrack's (nf_conntrack_udp_timeout*, ...).
-- nft 1.0.6 refuses `priority dstnat` on a nat output chain (`priority -100` is used), and
-  crashes listing a concatenation of `ct ... proto-dst` keys, so flows are matched by ranges.
+- nft 1.0.6 refuses `priority dstnat` on a nat output chain (`priority -100` is used), takes
+  `typeof ct original proto-dst` as "invalid" and refuses it in a concatenation (variable size),
+  so the maps are `type inet_service : verdict`, one per protocol.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import re
 import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from portfwd.addr import HostPorts, PortRange, UnixPath
@@ -205,9 +219,28 @@ def needs_forwarding(rules: Sequence[RuleSpec]) -> bool:
 # --------------------------------------------------------------------------- the plan
 
 
+def _is_unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def _is_wildcard(listen: HostPorts) -> bool:
+    """True when a rule listens on every local address, as the userspace relay binds them: `*`
+    (both IP versions), `0.0.0.0` (every IPv4 one) or `::` (every IPv6 one)."""
+    return listen.is_any or _is_unspecified(listen.host)
+
+
+def _is_here(host: str) -> bool:
+    """True for a target on this host whatever the listen address: loopback, `localhost`, or
+    0.0.0.0 / :: (a connect() there reaches this host)."""
+    return _is_loopback(host) or _is_unspecified(host)
+
+
 def _is_local(listen: HostPorts, target: HostPorts) -> bool:
     """True when the target is on this host: a loopback address, or the listen address itself."""
-    return _is_loopback(target.host) or (not listen.is_any and target.host == listen.host)
+    return _is_here(target.host) or (not _is_wildcard(listen) and target.host == listen.host)
 
 
 def _carries(target: HostPorts, version: int) -> bool:
@@ -260,8 +293,8 @@ class _Flow:
 
     @property
     def redirect(self) -> bool:
-        """Loopback targets are redirected; a target equal to the listen address is DNATed to it."""
-        return _is_loopback(self.target.host)
+        """Targets on this host are redirected; a target equal to the listen address is DNATed to it."""
+        return _is_here(self.target.host)
 
     @property
     def port_map(self) -> str | None:
@@ -280,15 +313,15 @@ class _Flow:
         return f"dnat {self.ip} to {host}{port}"
 
     def conntrack(self) -> str:
-        """Matches every packet of these flows, both ways, by their conntrack entry.
+        """Matches every packet of these flows, both ways, by their conntrack entry, once the
+        dispatch map has matched the rest (`_LOOKUPS`: DNATed, to one of our listen ports).
 
-        DNATed, originally to our listen port (and address), answered from our target port (and
+        Originally to our listen address (unless any), answered from our target port (and
         address, unless redirected: then the kernel picked the address).
         """
-        parts = [f"meta nfproto {self.nfproto} meta l4proto {self.proto} ct status dnat"]
-        if not self.listen.is_any:
+        parts = [f"meta nfproto {self.nfproto} meta l4proto {self.proto}"]
+        if not _is_wildcard(self.listen):
             parts.append(f"ct original {self.ip} daddr {self.listen.host}")
-        parts.append(f"ct original proto-dst {_ports(self.listen.ports)}")
         if not self.redirect:
             parts.append(f"ct reply {self.ip} saddr {self.target.host}")
         parts.append(f"ct reply proto-src {_ports(self.target.ports)}")
@@ -296,17 +329,19 @@ class _Flow:
 
 
 @dataclass
-class _Chains:
-    declarations: list[str]
-    prerouting: list[str]
-    output: list[str]
-    postrouting: list[str]
-    count_in: list[str]
-    count_out: list[str]
+class _Compiled:
+    """One rule in nft: its sets and maps, and the bodies of its own chains (a line per nft rule)."""
+
+    protos: list[str]
+    declarations: list[str] = field(default_factory=list)
+    prerouting: list[str] = field(default_factory=list)  #: first packets from other hosts
+    output: list[str] = field(default_factory=list)  #: first packets from this host
+    masquerade: list[str] = field(default_factory=list)  #: first packets of its flows to other hosts
+    count: list[str] = field(default_factory=list)  #: every packet of its flows, each way
 
 
 def _rule_versions(rule: RuleSpec, listen: HostPorts) -> list[Version]:
-    """The IP versions a rule carries: its listen address's, or (wildcard) its targets'."""
+    """The IP versions a rule carries: its listen address's, or (`*`) its targets'."""
     if not listen.is_any:
         version = _version(listen.host)
         assert version is not None
@@ -318,18 +353,19 @@ def _rule_versions(rule: RuleSpec, listen: HostPorts) -> list[Version]:
     return [each for each in versions if any(_carries(target, each) for target in targets)]
 
 
-def _set(chains: _Chains, name: str, version: int, elements: list[str]) -> None:
+def _set(compiled: _Compiled, name: str, version: int, elements: list[str]) -> None:
     kind = "ipv4_addr" if version == 4 else "ipv6_addr"
     body = f" elements = {{ {', '.join(elements)} }};" if elements else ""
-    chains.declarations.append(f"  set {name} {{ type {kind}; flags interval;{body} }}")
+    compiled.declarations.append(f"  set {name} {{ type {kind}; flags interval;{body} }}")
 
 
-def _compile(index: int, rule: RuleSpec, chains: _Chains) -> None:
+def _compile(index: int, rule: RuleSpec) -> _Compiled:
     listen = rule.listen
     assert isinstance(listen, HostPorts)
     label = comment(rule)
     tag = f'comment "{label}"'
     protos = [proto for proto, on in (("tcp", rule.protocol.has_tcp), ("udp", rule.protocol.has_udp)) if on]
+    compiled = _Compiled(protos)
     targets: list[tuple[str, HostPorts, str | None]] = []  # (key, target, source set prefix)
     for number, route in enumerate(rule.route):
         assert isinstance(route.connect, HostPorts)
@@ -341,25 +377,27 @@ def _compile(index: int, rule: RuleSpec, chains: _Chains) -> None:
             pairs = ", ".join(
                 f"{port} : {target.ports.first + offset}" for offset, port in enumerate(listen.ports.ports())
             )
-            chains.declarations.append(
+            compiled.declarations.append(
                 f"  map ports_{index}{key} {{ type inet_service : inet_service; elements = {{ {pairs} }}; }}"
             )
-    loopback_listen = not listen.is_any and _is_loopback(listen.host)
+    # What `counts()` reads: named counters, listed without the rest of the table.
+    for kind, suffix in (("flows", ""), ("denied", DENIED), ("up", UP), ("down", DOWN)):
+        compiled.declarations.append(f'  counter {kind}_{index} {{ comment "{label}{suffix}"; }}')
+    wildcard = _is_wildcard(listen)
+    loopback_listen = not wildcard and _is_loopback(listen.host)
     for version in _rule_versions(rule, listen):
         ip = "ip" if version == 4 else "ip6"
         nfproto = "ipv4" if version == 4 else "ipv6"
-        prefix = (
-            f"meta nfproto {nfproto} fib daddr type local" if listen.is_any else f"{ip} daddr {listen.host}"
-        )
+        prefix = f"meta nfproto {nfproto} fib daddr type local" if wildcard else f"{ip} daddr {listen.host}"
         # Sets once per version; rules per protocol below.
         guards: list[str] = []
         deny = _elements(rule.deny, version)
         if deny:
-            _set(chains, f"deny_{index}_{version}", version, deny)
+            _set(compiled, f"deny_{index}_{version}", version, deny)
             guards.append(f"{ip} saddr @deny_{index}_{version}")
         if rule.allow:
             allow = _elements(rule.allow, version)
-            _set(chains, f"allow_{index}_{version}", version, allow)
+            _set(compiled, f"allow_{index}_{version}", version, allow)
             guards.append(f"{ip} saddr != @allow_{index}_{version}")
         routed: list[tuple[str, HostPorts, str]] = []
         for key, target, source_set in targets:
@@ -372,39 +410,97 @@ def _compile(index: int, rule: RuleSpec, chains: _Chains) -> None:
             sources = _elements(route.source, version)
             if not sources:
                 continue
-            _set(chains, f"{source_set}_{version}", version, sources)
+            _set(compiled, f"{source_set}_{version}", version, sources)
             routed.append((key, target, f"{ip} saddr @{source_set}_{version} "))
         for proto in protos:
             match = f"{prefix} {proto} dport {_ports(listen.ports)}"
             refuse = "reject with tcp reset" if proto == "tcp" else "drop"  # as userspace refuses
             for guard in guards:
-                line = f'{match} {guard} counter {refuse} comment "{label}{DENIED}"'
+                line = f'{match} {guard} counter name denied_{index} {refuse} comment "{label}{DENIED}"'
                 if not loopback_listen:
-                    chains.prerouting.append(line)
-                chains.output.append(line)
+                    compiled.prerouting.append(line)
+                compiled.output.append(line)
             for key, target, source in routed:
                 flow = _Flow(index, key, listen, target, proto, version)
-                line = f"{match} {source}counter {flow.nat()} {tag}"
+                line = f"{match} {source}counter name flows_{index} {flow.nat()} {tag}"
                 if not loopback_listen:
-                    chains.prerouting.append(line)
-                if listen.is_any and not flow.local:
+                    compiled.prerouting.append(line)
+                if wildcard and not flow.local:
                     loopbacks = "127.0.0.0/8" if version == 4 else "::1"
-                    chains.output.append(
+                    compiled.output.append(
                         f"{prefix} {ip} daddr != {loopbacks} {proto} dport {_ports(listen.ports)} "
-                        f"{source}counter {flow.nat()} {tag}"
+                        f"{source}counter name flows_{index} {flow.nat()} {tag}"
                     )
                 else:
-                    chains.output.append(line)
+                    compiled.output.append(line)
                 tracked = flow.conntrack()
                 if not flow.local:
-                    masquerade = f"{tracked} counter masquerade {tag}"
-                    if masquerade not in chains.postrouting:
-                        chains.postrouting.append(masquerade)
-                for direction, suffix in (("original", UP), ("reply", DOWN)):
-                    counted = f'ct direction {direction} {tracked} counter comment "{label}{suffix}"'
-                    if f'iif != "lo" {counted}' not in chains.count_in:
-                        chains.count_in.append(f'iif != "lo" {counted}')
-                        chains.count_out.append(counted)
+                    compiled.masquerade.append(f"{tracked} counter masquerade {tag}")
+                for direction, kind, suffix in (("original", "up", UP), ("reply", "down", DOWN)):
+                    counter = f'counter name {kind}_{index} comment "{label}{suffix}"'
+                    compiled.count.append(f"ct direction {direction} {tracked} {counter}")
+    return compiled
+
+
+# --------------------------------------------------------------------------- O(1) dispatch
+
+#: The dispatch maps, by what they are keyed on, and the base-chain line that looks each up:
+#: nat chains by the packet's destination port, the others by the flow's original one (the
+#: listen port: conntrack keeps it after the DNAT).
+_LOOKUPS = {
+    "pre": "{proto} dport vmap @pre_{proto}",
+    "out": "{proto} dport vmap @out_{proto}",
+    "masq": "meta l4proto {proto} ct status dnat ct original proto-dst vmap @masq_{proto}",
+    "count_in": 'meta l4proto {proto} iif != "lo" ct status dnat ct original proto-dst vmap @count_{proto}',
+    "count_out": "meta l4proto {proto} ct status dnat ct original proto-dst vmap @count_{proto}",
+}
+
+
+def _segments(entries: Sequence[tuple[PortRange, str]]) -> list[tuple[PortRange, tuple[str, ...]]]:
+    """Disjoint port intervals, each with the chains (in rule order) of the rules whose ports
+    cover it; neighbours with the same chains merged. The intervals of a map may not overlap,
+    but rules of different listen addresses may share ports."""
+    starts: dict[int, list[int]] = {}
+    ends: dict[int, list[int]] = {}
+    for order, (ports, _) in enumerate(entries):
+        starts.setdefault(ports.first, []).append(order)
+        ends.setdefault(ports.last + 1, []).append(order)
+    bounds = sorted(starts.keys() | ends.keys())
+    active: set[int] = set()
+    found: list[tuple[PortRange, tuple[str, ...]]] = []
+    for here, after in itertools.pairwise(bounds):
+        active.difference_update(ends.get(here, ()))
+        active.update(starts.get(here, ()))
+        if not active:
+            continue
+        chains = tuple(entries[order][1] for order in sorted(active))
+        if found and found[-1][0].last == here - 1 and found[-1][1] == chains:
+            found[-1] = (PortRange(found[-1][0].first, after - 1), chains)
+        else:
+            found.append((PortRange(here, after - 1), chains))
+    return found
+
+
+def _dispatch(
+    kind: str, proto: str, entries: Sequence[tuple[PortRange, str]], declarations: list[str]
+) -> list[tuple[str, list[str]]]:
+    """Declare the map `<kind>_<proto>` (port -> jump to the rule's chain); return the chains
+    it needs for ports that several rules share (they jump to each rule's chain in turn)."""
+    shared: list[tuple[str, list[str]]] = []
+    elements: list[str] = []
+    segments = _segments(entries)
+    for ports, chains in segments:
+        target = chains[0]
+        if len(chains) > 1:
+            target = f"{kind}_{proto}_{ports.first}"
+            shared.append((target, [f"jump {chain}" for chain in chains]))
+        elements.append(f"{_ports(ports)} : jump {target}")
+    interval = " flags interval;" if any(len(ports) > 1 for ports, _ in segments) else ""
+    listed = ", ".join(elements)
+    declarations.append(
+        f"  map {kind}_{proto} {{ type inet_service : verdict;{interval} elements = {{ {listed} }}; }}"
+    )
+    return shared
 
 
 def plan(rules: Sequence[RuleSpec], table: str) -> str:
@@ -413,27 +509,51 @@ def plan(rules: Sequence[RuleSpec], table: str) -> str:
     Raises KernelRelayError for a bad table name or a rule `unsuitable()` refuses.
     """
     _check_table(table)
-    chains = _Chains([], [], [], [], [], [])
+    declarations: list[str] = []
+    chains: list[tuple[str, list[str]]] = []  # the rules' own chains, then the shared ports' ones
+    entries: dict[tuple[str, str], list[tuple[PortRange, str]]] = {}  # (kind, proto) -> in rule order
     for index, rule in enumerate(rules):
         if (problem := unsuitable(rule)) is not None:
             raise KernelRelayError(problem)
-        _compile(index, rule, chains)
-    lines = [f"table {FAMILY} {table} {{", *chains.declarations]
-    hooks = (
-        ("prerouting", "type nat hook prerouting priority dstnat", chains.prerouting),
+        compiled = _compile(index, rule)
+        declarations.extend(compiled.declarations)
+        name = f"rule_{index}"
+        names: dict[str, str] = {}
+        if compiled.prerouting:
+            chains.append((name, compiled.prerouting))
+            names["pre"] = name
+        if compiled.output:
+            if compiled.output != compiled.prerouting:
+                names["out"] = f"{name}_out" if compiled.prerouting else name
+                chains.append((names["out"], compiled.output))
+            else:
+                names["out"] = name
+        for kind, body in (("masq", compiled.masquerade), ("count", compiled.count)):
+            if body:  # (a route to the rule's own target tracks the same flows: once is enough)
+                names[kind] = f"{kind}_{index}"
+                chains.append((names[kind], list(dict.fromkeys(body))))
+        assert isinstance(rule.listen, HostPorts)
+        for proto in compiled.protos:
+            for kind, chain in names.items():
+                entries.setdefault((kind, proto), []).append((rule.listen.ports, chain))
+    hooks: dict[str, list[str]] = {name: [] for name in _LOOKUPS}
+    for (kind, proto), found in sorted(entries.items(), key=lambda item: (item[0][0], item[0][1] != "tcp")):
+        chains.extend(_dispatch(kind, proto, found, declarations))
+        for hook in (kind,) if kind != "count" else ("count_in", "count_out"):
+            hooks[hook].append(_LOOKUPS[hook].format(proto=proto))
+    lines = [f"table {FAMILY} {table} {{", *declarations]
+    bases = (
+        ("prerouting", "type nat hook prerouting priority dstnat", hooks["pre"]),
         # nft 1.0.6 refuses `priority dstnat` on a nat output chain: its number, -100.
-        ("output", "type nat hook output priority -100", chains.output),
-        ("postrouting", "type nat hook postrouting priority srcnat", chains.postrouting),
+        ("output", "type nat hook output priority -100", hooks["out"]),
+        ("postrouting", "type nat hook postrouting priority srcnat", hooks["masq"]),
         # After NAT, so a flow's first packet is already marked DNATed; loopback packets were
         # counted on output and are not counted again when they come back in on lo.
-        ("count_in", "type filter hook prerouting priority filter", chains.count_in),
-        ("count_out", "type filter hook output priority filter", chains.count_out),
+        ("count_in", "type filter hook prerouting priority filter", hooks["count_in"]),
+        ("count_out", "type filter hook output priority filter", hooks["count_out"]),
     )
-    for name, hook, body in hooks:
-        lines.append(f"  chain {name} {{")
-        lines.append(f"    {hook}; policy accept;")
-        lines.extend(f"    {line}" for line in body)
-        lines.append("  }")
+    for name, body in [(name, [f"{hook}; policy accept;", *body]) for name, hook, body in bases] + chains:
+        lines += [f"  chain {name} {{", *(f"    {line}" for line in body), "  }"]
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -454,23 +574,6 @@ def document(ruleset: str, table: str) -> str:
 # --------------------------------------------------------------------------- reading counters
 
 
-def _comment_counters(listing: dict[str, Any], chains: tuple[str, ...]) -> dict[str, tuple[int, int]]:
-    totals: dict[str, tuple[int, int]] = {}
-    for item in listing.get("nftables", []):
-        rule = item.get("rule") if isinstance(item, dict) else None
-        if not isinstance(rule, dict) or rule.get("chain") not in chains or not rule.get("comment"):
-            continue
-        for expr in rule.get("expr", []):
-            counter = expr.get("counter") if isinstance(expr, dict) else None
-            if isinstance(counter, dict):
-                packets, octets = totals.get(str(rule["comment"]), (0, 0))
-                totals[str(rule["comment"])] = (
-                    packets + int(counter.get("packets", 0)),
-                    octets + int(counter.get("bytes", 0)),
-                )
-    return totals
-
-
 @dataclass(frozen=True, slots=True)
 class Counts:
     """What the kernel counted for one rule: new flows, refused first packets, bytes each way."""
@@ -482,19 +585,25 @@ class Counts:
 
 
 def counts(listing: dict[str, Any]) -> dict[str, Counts]:
-    """The counters of every rule, by label (`comment(rule)`), from `nft -j list table inet <table>`.
+    """The counters of every rule, by label (`comment(rule)`), from `listing()` (or from
+    `nft -j list table inet <table>`, which holds the same counter objects).
 
-    The NAT rules see each flow's first packet only (connections); the guard rules the first
-    packets they drop (denied: a client retrying its SYN counts again); the count chains every
-    packet, each direction apart (bytes).
+    A rule's NAT rules count into its `flows_N` counter (each flow's first packet only), its
+    guard rules into `denied_N` (the first packets they refuse: a client retrying its SYN counts
+    again), its count chain into `up_N` and `down_N` (every packet, each way apart; bytes). Each
+    counter's comment is the rule's label with the suffix of what it counts.
     """
     found: dict[str, dict[str, int]] = {}
-    for chains, field in ((("prerouting", "output"), 0), (("count_in", "count_out"), 1)):
-        for key, pair in _comment_counters(listing, chains).items():
-            suffix = next((each for each in (DENIED, UP, DOWN) if key.endswith(each)), "")
-            name = {"": "connections", DENIED: "denied", UP: "bytes_up", DOWN: "bytes_down"}[suffix]
-            values = found.setdefault(key.removesuffix(suffix) if suffix else key, {})
-            values[name] = values.get(name, 0) + pair[field if suffix in (UP, DOWN) else 0]
+    for item in listing.get("nftables", []):
+        counter = item.get("counter") if isinstance(item, dict) else None
+        if not isinstance(counter, dict) or not counter.get("comment"):
+            continue
+        text = str(counter["comment"])
+        suffix = next((each for each in (DENIED, UP, DOWN) if text.endswith(each)), "")
+        name = {"": "connections", DENIED: "denied", UP: "bytes_up", DOWN: "bytes_down"}[suffix]
+        value = int(counter.get("bytes" if suffix in (UP, DOWN) else "packets", 0))
+        values = found.setdefault(text.removesuffix(suffix) if suffix else text, {})
+        values[name] = values.get(name, 0) + value
     return {label: Counts(**values) for label, values in found.items()}
 
 
@@ -568,9 +677,11 @@ def apply(ruleset: str, table: str, *, check_only: bool = False) -> None:
 
 
 def listing(table: str) -> dict[str, Any] | None:
-    """`nft -j list table inet <table>` parsed (what `counts()` reads), or None when absent."""
+    """The table's counters, `nft -j list counters table inet <table>` parsed (what `counts()`
+    reads), or None when absent. Only the counters: their cost does not grow with the maps and
+    chains, and a refresh reads them every few seconds."""
     _check_table(table)
-    result = _nft("-j", "list", "table", FAMILY, table)
+    result = _nft("-j", "list", "counters", "table", FAMILY, table)
     if result.returncode != 0:
         return None
     data: dict[str, Any] = json.loads(result.stdout)
