@@ -96,6 +96,16 @@ class UnixPath:
 Endpoint = HostPorts | UnixPath
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine's loopback: 127.0.0.0/8, ::1 or localhost."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def format_host(host: str) -> str:
     """Print a host for `host:port`: `*` for any, IPv6 in brackets."""
     if host == "":

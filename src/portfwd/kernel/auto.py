@@ -16,14 +16,13 @@ it when nothing is lost by it. It is not taken, and `portfwd check` says why, wh
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import shutil
 import sys
 from dataclasses import dataclass
 from typing import Any
 
-from portfwd.addr import HostPorts
+from portfwd.addr import HostPorts, is_loopback
 from portfwd.kernel import nft
 from portfwd.kernel import relay as kernel
 from portfwd.specs import RuleSpec
@@ -85,26 +84,9 @@ def box() -> Box:
     forwarding = frozenset(
         version
         for version, path in ((4, nft.FORWARDING[0][1]), (6, nft.FORWARDING[1][1]))
-        if _reads_one(path)
+        if nft.reads_one(path)
     )
     return Box(capable, found, forwarding, allowed)
-
-
-def _loopback(host: str) -> bool:
-    if host.lower() in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _reads_one(path: str) -> bool:
-    try:
-        with open(path, encoding="ascii") as handle:
-            return handle.read().strip() == "1"
-    except OSError:
-        return False
 
 
 def why_not(rule: RuleSpec, found: Box, user: str | None) -> str | None:
@@ -121,8 +103,8 @@ def why_not(rule: RuleSpec, found: Box, user: str | None) -> str | None:
     if (
         isinstance(listen, HostPorts)
         and isinstance(target, HostPorts)
-        and _loopback(target.host)
-        and not (not listen.is_any and _loopback(listen.host))
+        and is_loopback(target.host)
+        and not (not listen.is_any and is_loopback(listen.host))
     ):
         return (
             "the kernel reaches a loopback target on the address a client came in to, so a server "

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from portfwd.addr import HostPorts
+from portfwd.addr import HostPorts, is_loopback
 from portfwd.specs import GatewaySpec, RuleSpec
+from portfwd.status import GatewaySessionRow
 
 TIMESTAMP = Path("/proc/sys/net/netfilter/nf_conntrack_timestamp")
 #: The timestamp setting found before portfwd turned it on, in the state directory.
@@ -182,6 +183,22 @@ def _deleted(stderr: str) -> int:
     return 0
 
 
+def session_rows(flows: list[dict[str, Any]]) -> list[GatewaySessionRow]:
+    """`sessions()`'s flows as the status rows the gateway and the kernel relays show."""
+    return [
+        GatewaySessionRow(
+            row["rule"],
+            row["proto"],
+            row["client"],
+            row["public_port"],
+            row["target"],
+            row["state"],
+            row["age"],
+        )
+        for row in flows
+    ]
+
+
 def sessions(claims: list[Claim]) -> list[dict[str, Any]]:
     """The DNATed flows now, one dict per flow (rule, proto, client, target, state, age)."""
     binary = shutil.which("conntrack")
@@ -293,7 +310,7 @@ def rule_claims(rules: Iterable[RuleSpec]) -> list[Claim]:
         for target in (rule.connect, *(route.connect for route in rule.route)):
             if not isinstance(target, HostPorts):
                 continue
-            host = "" if _loopback(target.host) else target.host
+            host = "" if is_loopback(target.host) else target.host
             last = target.ports.first + len(listen.ports) - 1 if len(target.ports) > 1 else target.ports.first
             for proto, on in (("tcp", rule.protocol.has_tcp), ("udp", rule.protocol.has_udp)):
                 if on:
@@ -309,15 +326,6 @@ def rule_claims(rules: Iterable[RuleSpec]) -> list[Claim]:
                         )
                     )
     return out
-
-
-def _loopback(host: str) -> bool:
-    if host.lower() in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _int(text: str | None) -> int:

@@ -26,7 +26,7 @@ from portfwd.logevents import event
 from portfwd.specs import GatewaySpec
 from portfwd.state import State
 from portfwd.statedir import state_dir
-from portfwd.status import GatewayRuleRow, GatewaySessionRow, TriggerRow
+from portfwd.status import GatewayRuleRow, TriggerRow
 
 log = logging.getLogger(__name__)
 
@@ -246,18 +246,7 @@ class GatewayService:
             for index, trigger in enumerate(gateway.trigger)
         ]
         flows = await asyncio.to_thread(conntrack.sessions, conntrack.claims(gateway))
-        self.state.gateway_sessions = [
-            GatewaySessionRow(
-                row["rule"],
-                row["proto"],
-                row["client"],
-                row["public_port"],
-                row["target"],
-                row["state"],
-                row["age"],
-            )
-            for row in flows
-        ]
+        self.state.gateway_sessions = conntrack.session_rows(flows)
         return True
 
     async def stop(self) -> None:
@@ -287,7 +276,7 @@ class GatewayService:
             log.info("gateway: turned off %s again (portfwd had turned it on)", path)
 
     @staticmethod
-    async def _step(doing: str, step: Awaitable[None]) -> None:
+    async def _step(doing: str, step: Awaitable[object]) -> None:
         try:
             await step
         except Exception as exc:  # noqa: BLE001 - every step of a stop is tried

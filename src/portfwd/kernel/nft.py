@@ -188,7 +188,7 @@ def forwarding_problems(
     """
     problems = []
     for family, path, key in switches:
-        if family == "IPv6" and _reads_one(ipv6_disabled):
+        if family == "IPv6" and reads_one(ipv6_disabled):
             continue
         try:
             with open(path, encoding="ascii") as handle:
@@ -235,7 +235,8 @@ def restore_forwarding(saved: str) -> list[str]:
     return done
 
 
-def _reads_one(path: str) -> bool:
+def reads_one(path: str) -> bool:
+    """Whether a /proc/sys switch reads 1 (False when it cannot be read)."""
     try:
         with open(path, encoding="ascii") as handle:
             return handle.read().strip() == "1"

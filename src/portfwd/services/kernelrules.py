@@ -28,7 +28,7 @@ from portfwd.relay.listener import bind_error
 from portfwd.services.base import Change, Reloadable
 from portfwd.specs import RuleSpec
 from portfwd.state import State
-from portfwd.status import GatewaySessionRow, Listener
+from portfwd.status import Listener
 
 log = logging.getLogger(__name__)
 
@@ -250,18 +250,7 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
             stats.bytes_up = base.bytes_up + found.bytes_up
             stats.bytes_down = base.bytes_down + found.bytes_down
             stats.connections_active = live.get(rule.label, 0)
-        self.state.kernel_sessions = [
-            GatewaySessionRow(
-                row["rule"],
-                row["proto"],
-                row["client"],
-                row["public_port"],
-                row["target"],
-                row["state"],
-                row["age"],
-            )
-            for row in flows
-        ]
+        self.state.kernel_sessions = conntrack.session_rows(flows)
 
     async def stop(self) -> None:
         if self._refresh is not None:
