@@ -107,7 +107,7 @@ async def main():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.02)
     problems = await sup.stop()
-    print(f"ha stopped {problems or ''}", flush=True)
+    print("ha stopped" + (f" with problems: {problems}" if problems else ""), flush=True)
 asyncio.run(main())
 """
 
@@ -382,7 +382,7 @@ def test_transfer_survives_failover_with_conntrackd_state(inbound: bool) -> None
 
         for gw in ("gw1", "gw2"):
             ha[gw].stop()
-            assert "ha stopped" in ha[gw].output()
+            assert ha[gw].wait_for("ha stopped") == "ha stopped", "stop() met problems"
             assert not (lab.tmp / gw).exists(), "HASupervisor.stop() left files behind"
         assert not lab.has_address("gw2", "wan", WAN_VIP), "a virtual address outlived keepalived"
         for gw in ("gw1", "gw2"):
@@ -392,6 +392,96 @@ def test_transfer_survives_failover_with_conntrackd_state(inbound: bool) -> None
 def _pids_in(ns: str) -> list[int]:
     out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=False)
     return [int(pid) for pid in re.findall(r"\d+", out.stdout)]
+
+
+def _engines(ns: str) -> list[tuple[int, str]]:
+    """(pid, name) of the keepalived and conntrackd processes running in `ns`, by cmdline."""
+    found = []
+    for pid in _pids_in(ns):
+        with contextlib.suppress(OSError):
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+            if (name := os.path.basename(os.fsdecode(argv0))) in ("keepalived", "conntrackd"):
+                found.append((pid, name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie that nobody reaped yet has ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _stopped_cleanly(lab: HALab, proc: Proc) -> None:
+    proc.stop()
+    assert proc.wait_for("ha stopped") == "ha stopped", "stop() met problems"
+    assert _pids_in(lab.ns["gw1"]) == [], "processes left in gw1"
+    assert not lab.has_address("gw1", "wan", WAN_VIP), "a virtual address outlived keepalived"
+    assert not lab.has_address("gw1", "lan", LAN_VIP), "a virtual address outlived keepalived"
+    assert not (lab.tmp / "gw1").exists(), "HASupervisor.stop() left files behind"
+
+
+def test_engines_die_with_a_killed_portfwd() -> None:
+    """PR_SET_PDEATHSIG: SIGKILL the process that runs the supervisor; keepalived and conntrackd
+    go too (keepalived giving its addresses up), and the next start finds a clean directory."""
+    with ha_lab() as lab:
+        first = start_ha(lab, "gw1")
+        first.wait_for("role master", timeout=15)
+        engines = _engines(lab.ns["gw1"])
+        assert {name for _, name in engines} == {"keepalived", "conntrackd"}
+        first.stop(signal.SIGKILL)
+        wait_until(lambda: not any(_running(pid) for pid, _ in engines), "the engines exiting with portfwd")
+        wait_until(lambda: not lab.has_address("gw1", "wan", WAN_VIP), "the virtual address going")
+        second = start_ha(lab, "gw1")
+        second.wait_for("role master", timeout=15)
+        _stopped_cleanly(lab, second)
+
+
+@pytest.mark.parametrize("left", ["running", "killed"])
+def test_start_takes_over_what_a_killed_portfwd_left(left: str) -> None:
+    """Engines that outlived their portfwd (started without PR_SET_PDEATHSIG, as an older portfwd
+    did) still hold the virtual addresses and port 3780: the next start stops them (found by
+    their pid files and cmdline), or, when they were killed, removes the addresses they left."""
+    with ha_lab() as lab:
+        first = start_ha(lab, "gw1", die_with_parent=False)
+        first.wait_for("role master", timeout=15)
+        orphans = _engines(lab.ns["gw1"])
+        assert {name for _, name in orphans} == {"keepalived", "conntrackd"}
+        first.stop(signal.SIGKILL)
+        assert all(_running(pid) for pid, _ in orphans), "the engines did not outlive their portfwd"
+        assert lab.has_address("gw1", "wan", WAN_VIP)
+        if left == "killed":
+            # the VRRP child first, so no keepalived is left to give the addresses up
+            for pid, _ in sorted(orphans, reverse=True):
+                os.kill(pid, signal.SIGKILL)  # ours: found by cmdline in our namespace
+            wait_until(lambda: not any(_running(pid) for pid, _ in orphans), "the engines killed")
+            assert lab.has_address("gw1", "wan", WAN_VIP), "nothing left for the next start to remove"
+        second = start_ha(lab, "gw1")
+        second.wait_for("role master", timeout=15)
+        assert not any(_running(pid) for pid, _ in orphans), "the old engines still run"
+        engines = _engines(lab.ns["gw1"])
+        assert {name for _, name in engines} == {"keepalived", "conntrackd"}
+        assert not {pid for pid, _ in engines} & {pid for pid, _ in orphans}
+        if left == "running":
+            second.wait_for("was left running by a portfwd that did not stop; stopping it")
+        else:
+            second.wait_for(f"removed virtual address {WAN_VIP}/24 from wan")
+        _stopped_cleanly(lab, second)
+
+
+def test_a_dead_engine_is_reported_and_makes_the_role_fault() -> None:
+    with ha_lab() as lab:
+        proc = start_ha(lab, "gw1")
+        proc.wait_for("role master", timeout=15)
+        mark = proc.mark()
+        [pid] = [pid for pid, name in _engines(lab.ns["gw1"]) if name == "conntrackd"]
+        os.kill(pid, signal.SIGKILL)  # ours: found by cmdline in our namespace
+        line = proc.wait_for("alive gateway.ha: conntrackd", timeout=10, start=mark)
+        assert line.startswith(f"alive gateway.ha: conntrackd (pid {pid}) was killed by SIGKILL")
+        proc.wait_for("role fault", timeout=10, start=mark)
+        _stopped_cleanly(lab, proc)
 
 
 def test_start_failure_names_the_cause_and_leaves_nothing() -> None:

@@ -1,16 +1,26 @@
-"""kernel/ha.py: keepalived's and conntrackd's configs and the notify script, as text."""
+"""kernel/ha.py: keepalived's and conntrackd's configs and the notify script, as text; and the
+parts of kernel/hasupervisor.py that need no namespace (files, leftovers, dead children)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import errno
 import ipaddress
+import os
+import select
 import shutil
+import signal
+import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from portfwd.kernel import ha
+from portfwd.kernel import ha, hasupervisor
+from portfwd.kernel.hasupervisor import HASupervisor
 from portfwd.kernel.nft import GatewayError
 from portfwd.specs import GatewayHASpec, GatewaySpec
 
@@ -179,3 +189,236 @@ def test_keepalived_accepts_its_config(tmp_path: Path) -> None:
         [unshare, "-rn", "sh", "-c", script], capture_output=True, text=True, timeout=30, check=False
     )
     assert done.returncode != 0, "keepalived --config-test accepted an unknown keyword"
+
+
+# -- kernel/hasupervisor.py: the parts that need no namespace ----------------------------------
+
+
+def supervisor(tmp_path: Path, name: str = "ha") -> HASupervisor:
+    return HASupervisor(GATEWAY, tmp_path / name)
+
+
+class RefusingProcess:
+    """A child we may no longer signal (portfwd dropped its privileges after starting it)."""
+
+    pid, returncode = 4242, None
+
+    def send_signal(self, sig: int) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+
+async def test_alive_names_the_engine_that_died_and_role_turns_fault(tmp_path: Path) -> None:
+    sup = supervisor(tmp_path)
+    sup._prepare_directory()
+    sup.paths.state_file.write_text("master\n")
+    keepalived = await asyncio.create_subprocess_exec("sleep", "30")
+    conntrackd = await asyncio.create_subprocess_exec("sh", "-c", "exit 3")
+    sup._keepalived, sup._conntrackd = keepalived, conntrackd
+    try:
+        await conntrackd.wait()
+        assert sup.alive() == f"gateway.ha: conntrackd (pid {conntrackd.pid}) exited with code 3"
+        assert sup.role() == "fault"
+        keepalived.kill()
+        await keepalived.wait()
+        assert sup.alive() == f"gateway.ha: keepalived (pid {keepalived.pid}) was killed by SIGKILL"
+        sup.conntrackd_console.write_text("starting\nERROR: no sync link\n")
+        sup._keepalived = None
+        assert sup.alive() == (
+            f"gateway.ha: conntrackd (pid {conntrackd.pid}) exited with code 3: ERROR: no sync link"
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            keepalived.kill()
+        await keepalived.wait()
+    sup._keepalived = sup._conntrackd = None
+    assert sup.alive() is None
+    assert sup.role() == "master"
+
+
+async def test_alive_while_both_run(tmp_path: Path) -> None:
+    sup = supervisor(tmp_path)
+    procs = [await asyncio.create_subprocess_exec("sleep", "30") for _ in range(2)]
+    sup._keepalived, sup._conntrackd = procs
+    try:
+        assert sup.alive() is None
+        assert sup.role() == "starting"
+    finally:
+        for proc in procs:
+            proc.kill()
+            await proc.wait()
+
+
+def test_children_die_with_portfwd(tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG through _spawn's preexec_fn: SIGKILL the Python process that started a
+    child; the child gets SIGTERM."""
+    script = f"""
+import time, uvloop
+from portfwd.kernel.hasupervisor import HASupervisor
+from tests.unit.test_ha import GATEWAY
+async def main():
+    sup = HASupervisor(GATEWAY, {str(tmp_path / "ha")!r})
+    sup._prepare_directory()
+    proc = await sup._spawn(["sleep", "60"], sup.keepalived_log)
+    print(proc.pid, flush=True)
+    time.sleep(60)
+uvloop.run(main())  # portfwd's loop: its own preexec_fn support
+"""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2]
+    )
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        pidfd = os.pidfd_open(child)
+    finally:
+        parent.kill()
+        parent.wait(10)
+        if parent.stdout is not None:
+            parent.stdout.close()
+    try:
+        # a pidfd turns readable when its process ends
+        assert select.select([pidfd], [], [], 10)[0], "the child outlived the process that started it"
+    finally:
+        os.close(pidfd)
+
+
+def fake_conntrackd(tmp_path: Path, conf: Path) -> list[str]:
+    """argv for a process whose cmdline is `.../conntrackd -C conf`: sh (-C is its noclobber
+    option) runs `conf` as a script that says it runs, then waits on a pipe nobody writes."""
+    conf.parent.mkdir(mode=0o700, exist_ok=True)
+    conf.write_text("echo ready\nread line\n")
+    argv0 = str(tmp_path / "bin" / "conntrackd")
+    # execv sets argv[0] as given (asyncio on uvloop does not honour executable=)
+    return [sys.executable, "-c", "import os, sys; os.execv('/bin/sh', sys.argv[1:])", argv0, "-C", str(conf)]
+
+
+async def test_start_stops_only_its_own_leftovers(tmp_path: Path) -> None:
+    sup = supervisor(tmp_path)
+    sup._prepare_directory()
+    stranger = await asyncio.create_subprocess_exec("sleep", "30")
+    pipe = asyncio.subprocess.PIPE
+    argv = fake_conntrackd(tmp_path, tmp_path / "other" / "conntrackd.conf")
+    elsewhere = await asyncio.create_subprocess_exec(*argv, stdin=pipe, stdout=pipe)
+    argv = fake_conntrackd(tmp_path, sup.paths.conntrackd_conf)
+    leftover = await asyncio.create_subprocess_exec(*argv, stdin=pipe, stdout=pipe)
+    for proc in (elsewhere, leftover):  # exec'd: the cmdline is the fake conntrackd's
+        assert proc.stdout is not None
+        assert await asyncio.wait_for(proc.stdout.readline(), 10) == b"ready\n"
+    try:
+        for pid in (stranger.pid, elsewhere.pid, 999_999_999, leftover.pid):
+            sup.paths.conntrackd_pid.write_text(f"{pid}\n")
+            await sup._take_over()
+            assert not sup.paths.conntrackd_pid.exists()
+        assert await asyncio.wait_for(leftover.wait(), 5) == -signal.SIGTERM
+        assert stranger.returncode is None, "signalled a process that is not conntrackd"
+        assert elsewhere.returncode is None, "signalled the conntrackd of another directory"
+    finally:
+        for proc in (stranger, elsewhere, leftover):
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+
+
+async def test_a_second_supervisor_leaves_a_running_one_alone(tmp_path: Path) -> None:
+    first, second = supervisor(tmp_path), supervisor(tmp_path)
+    first._prepare_directory()
+    first._take_lock()
+    first.paths.conntrackd_pid.write_text("1\n")
+    with pytest.raises(GatewayError, match=r"ha is in use by another running portfwd; stop it first"):
+        await second.start()
+    assert await second.stop() == []
+    assert first.paths.conntrackd_pid.exists(), "the failed start removed the running one's files"
+    assert await first.stop() == []
+    assert not first.paths.directory.exists()
+
+
+def test_directory_is_created_private(tmp_path: Path) -> None:
+    sup = supervisor(tmp_path, "run/gateway-ha")
+    old = os.umask(0o377)
+    try:
+        sup._prepare_directory()
+    finally:
+        os.umask(old)
+    info = os.lstat(sup.paths.directory)
+    assert stat.S_ISDIR(info.st_mode)
+    assert stat.S_IMODE(info.st_mode) == 0o700
+
+
+def test_unsafe_directories_are_refused(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(target)
+    with pytest.raises(GatewayError, match=r"link is a symbolic link; remove it"):
+        supervisor(tmp_path, "link")._prepare_directory()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(GatewayError, match=r"file is not a directory; remove it"):
+        supervisor(tmp_path, "file")._prepare_directory()
+    (tmp_path / "open").mkdir()
+    (tmp_path / "open").chmod(0o755)
+    with pytest.raises(GatewayError, match=r"open is open to others \(mode 755\); chmod 700 .*open$"):
+        supervisor(tmp_path, "open")._prepare_directory()
+    with pytest.raises(GatewayError, match=r"gateway.ha: cannot create .*/file: File exists$"):
+        supervisor(tmp_path, "file/ha")._prepare_directory()
+    if os.geteuid() == 0:
+        (tmp_path / "theirs").mkdir(mode=0o700)
+        os.chown(tmp_path / "theirs", 65534, 65534)
+        with pytest.raises(GatewayError, match=r"theirs belongs to uid 65534, not to this portfwd"):
+            supervisor(tmp_path, "theirs")._prepare_directory()
+
+
+def test_staged_files_do_not_follow_a_planted_symlink(tmp_path: Path) -> None:
+    sup = supervisor(tmp_path)
+    sup._prepare_directory()
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    (sup.paths.directory / "keepalived.conf.new").symlink_to(victim)
+    old = os.umask(0o777)
+    try:
+        sup._replace(sup.paths.keepalived_conf, "global_defs {}\n", 0o600)
+    finally:
+        os.umask(old)
+    assert victim.read_text() == "untouched\n"
+    info = os.lstat(sup.paths.keepalived_conf)
+    assert stat.S_ISREG(info.st_mode)
+    assert stat.S_IMODE(info.st_mode) == 0o600
+    assert sup.paths.keepalived_conf.read_text() == "global_defs {}\n"
+
+
+async def test_os_errors_become_one_line_gateway_errors(tmp_path: Path) -> None:
+    sup = supervisor(tmp_path)
+    sup._prepare_directory()
+    (sup.paths.directory / "keepalived.log").symlink_to(tmp_path / "victim")
+    with pytest.raises(GatewayError, match=r"^gateway.ha: cannot open .*/keepalived.log: .*symbolic links"):
+        await sup._spawn(["sleep", "1"], sup.keepalived_log)
+    with pytest.raises(
+        GatewayError, match=r"^gateway.ha: cannot start /nonexistent/keepalived: No such file"
+    ):
+        await sup._spawn(["/nonexistent/keepalived"], sup.conntrackd_console)
+    sup.paths.directory.chmod(0o500)
+    try:
+        if os.geteuid() != 0:  # root writes anyway
+            with pytest.raises(GatewayError, match=r"^gateway.ha: cannot write .*: Permission denied$"):
+                sup._replace(sup.paths.conntrackd_conf, "x", 0o600)
+    finally:
+        sup.paths.directory.chmod(0o700)
+
+
+async def test_stop_never_raises_and_says_what_it_could_not_do(tmp_path: Path) -> None:
+    sup = supervisor(tmp_path)
+    sup._prepare_directory()
+    sup._take_lock()
+    sup._keepalived = RefusingProcess()  # type: ignore[assignment]
+    problems = await sup.stop()
+    assert problems == ["gateway.ha: cannot stop keepalived (pid 4242): Operation not permitted"]
+    assert not sup.paths.directory.exists()
+    assert await sup.stop() == []
+
+
+async def test_ip_failure_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def failing_ip(*argv: str) -> tuple[int, str]:
+        return 1, "Error: first problem.\nError: second problem.\n"
+
+    monkeypatch.setattr(hasupervisor, "_run", failing_ip)
+    with pytest.raises(GatewayError) as caught:
+        await hasupervisor.host_addresses(GATEWAY)
+    assert str(caught.value) == "gateway.ha: ip addr failed: Error: first problem. / Error: second problem."

@@ -56,6 +56,7 @@ class GatewayService:
         self._restore_timestamps = False
         self._reported: list[str] = []  # what other tables drop, as last logged
         self._ha: HASupervisor | None = None  # keepalived + conntrackd, with [gateway.ha]
+        self._ha_problem: str | None = None  # the last death of one of them, as logged
 
     async def start(self) -> None:
         """Plan and apply the ruleset, then watch that it stays loaded. Raises nft.GatewayError."""
@@ -157,6 +158,10 @@ class GatewayService:
         """Say when keepalived made this router master, backup or faulty."""
         if self._ha is None:
             return
+        problem = self._ha.alive()
+        if problem is not None and problem != self._ha_problem:  # once per death
+            log.error("gateway: %s", problem, extra=event("gateway.failed", reason=problem))
+        self._ha_problem = problem
         role, before = self._ha.role(), self.state.gateway_role
         if role != before:
             self.state.gateway_role = role

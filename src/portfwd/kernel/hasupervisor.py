@@ -483,21 +483,10 @@ class HASupervisor:
     def _keepalived_argv(self) -> list[str]:
         paths = self.paths
         return [
-            self._binary("keepalived"),
-            "--dont-fork",
-            "--log-console",
-            "--log-detail",
-            "--no-syslog",
-            "--vrrp",
-            "--use-file",
-            str(paths.keepalived_conf),
-            "--pid",
-            str(paths.keepalived_pid),
-            "--vrrp_pid",
-            str(paths.vrrp_pid),
-            "--checkers_pid",
-            str(paths.checkers_pid),
-        ]
+            self._binary("keepalived"), "--dont-fork", "--log-console", "--log-detail", "--no-syslog",
+            "--vrrp", "--use-file", str(paths.keepalived_conf), "--pid", str(paths.keepalived_pid),
+            "--vrrp_pid", str(paths.vrrp_pid), "--checkers_pid", str(paths.checkers_pid),
+        ]  # fmt: skip
 
     async def _start_keepalived(self) -> None:
         paths = self.paths
