@@ -32,8 +32,8 @@ USER_TABLE = """table inet filter {
   }
 }
 """
-FIX_DNAT = "nft insert rule inet filter forward ct status dnat accept"
-FIX_MASQUERADE = 'nft insert rule inet filter forward \'iifname "gwlan0" oifname "gwwan0" accept\''
+FIX_DNAT = "nft add rule inet filter forward ct status dnat accept"
+FIX_MASQUERADE = 'nft add rule inet filter forward \'iifname "gwlan0" oifname "gwwan0" accept\''
 OPT_IN = " (or set gateway.open_other_tables = true)"
 
 
@@ -74,6 +74,14 @@ def user_table(net: Lab, family: str = "inet", name: str = "filter") -> str:
     listed = net.run(net.gw, "nft", "-a", "list", "table", family, name)
     assert listed.returncode == 0, listed.stderr
     return listed.stdout.decode()
+
+
+def user_rules(net: Lab, family: str = "inet", name: str = "filter", chain: str = "forward") -> list[str]:
+    """The chain's rules in order, without handles."""
+    listed = net.run(net.gw, "nft", "list", "chain", family, name, chain)
+    assert listed.returncode == 0, listed.stderr
+    lines = [line.strip() for line in listed.stdout.decode().splitlines()]
+    return [line for line in lines if line and not line.startswith(("table", "chain", "type", "}"))]
 
 
 def same_handles(listing: str) -> str:
@@ -242,7 +250,7 @@ IPTABLES_TABLE = """table ip filter {
 }
 """
 TRIGGER = '[[gateway.trigger]]\ntrigger = "tcp/6667"\nopen = ["tcp/7000-7010"]\n'
-IPTABLES_TRIGGER_FIX = "iptables -I FORWARD -m conntrack --ctstate DNAT -j ACCEPT"
+IPTABLES_TRIGGER_FIX = "iptables -A FORWARD -m conntrack --ctstate DNAT -j ACCEPT"
 
 
 def test_an_iptables_table_gets_only_rules_iptables_can_read(tmp_path: Path) -> None:
@@ -293,3 +301,188 @@ def test_a_fix_portfwd_cannot_make_is_not_reported_as_opened(tmp_path: Path) -> 
             )
         finally:
             assert portfwd(net, "gateway", "remove", "-c", str(config)).returncode == 0
+
+
+#: A blocklist in front of the policy drop: the admin's own decision about some WAN clients.
+BLOCKED_CLIENT = "203.0.113.21"
+BLOCKLIST_TABLE = f"""table inet filter {{
+  set blocklist {{ type ipv4_addr; elements = {{ {BLOCKED_CLIENT} }} }}
+  chain forward {{
+    type filter hook forward priority 0; policy drop;
+    ct state established,related accept
+    ip saddr @blocklist drop
+  }}
+}}
+"""
+BLOCKLIST_RULE = "ip saddr @blocklist drop"
+
+
+def blocklist_warning(what: str, handle: int, fix: str) -> str:
+    return (
+        f"portfwd: warning: {what}: table inet filter chain forward may drop it (rule {handle}: "
+        f"{BLOCKLIST_RULE}), and an accept in portfwd's table cannot override that; run: {fix}\n"
+    )
+
+
+def test_a_policy_drop_is_opened_at_the_end_and_the_blocklist_still_applies(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    write_config(config, extra="open_other_tables = true\n")
+    with lab() as net:
+        serve_peers(net)
+        added = net.run(net.wan, "ip", "addr", "add", f"{BLOCKED_CLIENT}/24", "dev", "wan0")
+        assert added.returncode == 0, added.stderr
+        load_user_table(net, BLOCKLIST_TABLE)
+        handle = int(re.findall(r"@blocklist drop # handle (\d+)", user_table(net))[0])
+        try:
+            applied = portfwd(net, "gateway", "apply", "-c", str(config))
+            assert applied.returncode == 0, "what is left may drop: warnings"
+            assert applied.stdout.decode().splitlines() == [
+                "applied table inet portfwd: 2 forward rule(s)",
+                *(f"opened: {line}" for line in OPENED),
+            ]
+            assert user_rules(net) == [
+                "ct state established,related accept",
+                BLOCKLIST_RULE,
+                'ct status dnat accept comment "portfwd gateway: gateway.forward[0] (tcp) and 2 more"',
+                'iifname "gwlan0" oifname "gwwan0" accept comment "portfwd gateway: masquerade"',
+            ], "appended: the user's rules run first"
+            insert = f"nft insert rule inet filter forward position {handle}"
+            assert applied.stderr.decode() == "".join(
+                blocklist_warning(what, handle, f"{insert} {fix}")
+                for what, fix in (
+                    ("gateway.forward[0] (tcp)", "ct status dnat accept"),
+                    ("gateway.forward[0] (udp)", "ct status dnat accept"),
+                    ("gateway.forward[1]", "ct status dnat accept"),
+                    ("masquerade", '\'iifname "gwlan0" oifname "gwwan0" accept\''),
+                )
+            ), "the admin's drop rule is reported, not opened"
+            assert_forwards_pass(net)  # from 203.0.113.20: not on the list
+            blocked = net.run(
+                net.wan, "socat", "-t", "5", "-T", "10", "-",
+                f"TCP4:{GW_WAN}:8080,connect-timeout=2,bind={BLOCKED_CLIENT}", data=b"x",
+            )  # fmt: skip
+            assert blocked.stdout == b"", "the blocklisted WAN client is still dropped"
+            assert_forwards_pass(net)  # and the others still pass after it tried
+        finally:
+            removed = portfwd(net, "gateway", "remove", "-c", str(config))
+        assert removed.returncode == 0, removed.stderr
+        assert user_rules(net) == ["ct state established,related accept", BLOCKLIST_RULE]
+
+
+def test_a_blocklist_under_policy_accept_is_reported_and_never_opened(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    write_config(config, extra="open_other_tables = true\n")
+    table = BLOCKLIST_TABLE.replace("policy drop;", "policy accept;").replace(
+        "    ct state established,related accept\n", ""
+    )
+    with lab() as net:
+        serve_peers(net)
+        load_user_table(net, table)
+        before = user_table(net)
+        handle = int(re.findall(r"@blocklist drop # handle (\d+)", before)[0])
+        try:
+            applied = portfwd(net, "gateway", "apply", "-c", str(config))
+            assert applied.returncode == 0
+            assert applied.stdout.decode() == "applied table inet portfwd: 2 forward rule(s)\n", (
+                "nothing opened"
+            )
+            insert = f"nft insert rule inet filter forward position {handle}"
+            assert applied.stderr.decode() == "".join(
+                blocklist_warning(what, handle, f"{insert} {fix}")
+                for what, fix in (
+                    ("gateway.forward[0] (tcp)", "ct status dnat accept"),
+                    ("gateway.forward[0] (udp)", "ct status dnat accept"),
+                    ("gateway.forward[1]", "ct status dnat accept"),
+                    ("masquerade", '\'iifname "gwlan0" oifname "gwwan0" accept\''),
+                    ("masquerade (replies)", "ct state established,related accept"),
+                )
+            )  # a forward's replies come from the LAN host, never on a list of WAN clients
+            assert user_table(net) == before
+            assert_forwards_pass(net)
+        finally:
+            assert portfwd(net, "gateway", "remove", "-c", str(config)).returncode == 0
+        assert user_table(net) == before
+
+
+#: A policy drop with no accept for replies at all: the first packets alone are not enough.
+NO_REPLIES_TABLE = USER_TABLE.replace("    ct state established,related accept\n", "")
+
+
+def test_a_policy_drop_without_an_established_accept_is_opened_both_ways(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    write_config(config)
+    with lab() as net:
+        serve_peers(net)
+        load_user_table(net, NO_REPLIES_TABLE)
+        try:
+            plan = portfwd(net, "gateway", "plan", "-c", str(config))
+            warnings = [line for line in plan.stdout.decode().splitlines() if line.startswith("# warning: ")]
+            replies = "nft add rule inet filter forward ct state established,related accept"
+            assert warnings == [
+                f"# warning: {line}"
+                for line in (
+                    finding("gateway.forward[0] (tcp)", FIX_DNAT),
+                    finding("gateway.forward[0] (udp)", FIX_DNAT),
+                    finding("gateway.forward[0] (replies)", replies),  # tcp and udp: one line
+                    finding("gateway.forward[1]", FIX_DNAT),
+                    finding("gateway.forward[1] (replies)", replies),
+                    finding("masquerade", FIX_MASQUERADE),
+                    finding("masquerade (replies)", replies),
+                )
+            ]
+            write_config(config, extra="open_other_tables = true\n")
+            applied = portfwd(net, "gateway", "apply", "-c", str(config))
+            assert (applied.returncode, applied.stderr) == (0, b"")
+            assert applied.stdout.decode().splitlines() == [
+                "applied table inet portfwd: 2 forward rule(s)",
+                f"opened: {OPENED[0]}",
+                "opened: inet filter forward ct state established,related accept",
+                f"opened: {OPENED[1]}",
+            ]
+            assert_forwards_pass(net)  # sha256 of 256 KiB back through the forward: the replies pass
+        finally:
+            assert portfwd(net, "gateway", "remove", "-c", str(config)).returncode == 0
+        assert user_rules(net) == []
+
+
+#: docker's FORWARD (`iptables -P FORWARD DROP`) before any established accept is in it.
+DOCKER_TABLE = IPTABLES_TABLE.replace("    ct state established,related accept\n", "")
+
+
+def test_a_docker_like_chain_without_an_established_accept_is_fully_opened(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    write_config(config, extra="open_other_tables = true\nmasquerade = false\n")
+    with lab() as net:
+        serve_peers(net)
+        load_user_table(net, DOCKER_TABLE)
+        before = user_table(net, "ip", "filter")
+        try:
+            applied = portfwd(net, "gateway", "apply", "-c", str(config))
+            assert (applied.returncode, applied.stderr) == (0, b""), "fully opened"
+            assert applied.stdout.decode().splitlines() == [
+                "applied table inet portfwd: 2 forward rule(s)",
+                *(
+                    f"opened: ip filter FORWARD {rule} accept"
+                    for rule in (
+                        'iifname "gwwan0" oifname "gwlan0" ip daddr 192.168.77.10 tcp dport 80',
+                        'iifname "gwwan0" oifname "gwlan0" ip daddr 192.168.77.10 udp dport 80',
+                        # replies by their source, not `ct state`: iptables-nft must still read the table
+                        'iifname "gwlan0" oifname "gwwan0" ip saddr 192.168.77.10 tcp sport 80',
+                        'iifname "gwlan0" oifname "gwwan0" ip saddr 192.168.77.10 udp sport 80',
+                        'iifname "gwwan0" oifname "gwlan0" ip daddr 192.168.77.10 tcp dport 9000-9001',
+                        'iifname "gwlan0" oifname "gwwan0" ip saddr 192.168.77.10 tcp sport 9000-9001',
+                    )
+                ),
+            ]
+            assert "ct " not in user_table(net, "ip", "filter")
+            data = os.urandom(256 * 1024)
+            assert tcp_from(net, net.wan, GW_WAN, 8080, data).splitlines() == [
+                f"peer={WAN_HOST}",
+                f"{hashlib.sha256(data).hexdigest()}  -",
+            ]
+            udp = net.run(net.wan, "socat", "-T", "3", "-", f"UDP4:{GW_WAN}:8080", data=b"datagram\n")
+            assert udp.stdout == b"datagram\n"
+            assert tcp_from(net, net.wan, GW_WAN, 8001, b"") == "port=9001\n"
+        finally:
+            assert portfwd(net, "gateway", "remove", "-c", str(config)).returncode == 0
+        assert user_table(net, "ip", "filter") == before

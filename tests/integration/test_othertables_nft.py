@@ -101,7 +101,7 @@ def test_find_open_and_close_in_a_real_ruleset() -> None:
             ("masquerade", "ip", "legacy", "FORWARD", True, "policy drop"),
             ("gateway.forward[2] (IPv6 pinhole)", "inet", "filter", "forward", True, "policy drop"),
         ]  # uncertain in inet filter for IPv4: `ip saddr @trusted accept` may let some clients in
-        assert fix(found[0]) == "nft insert rule inet filter forward ct status dnat accept"
+        assert fix(found[0]) == "nft add rule inet filter forward ct status dnat accept"
 
         # each suggested command works as printed (minus the shell's quoting) and clears its finding
         with netns() as scratch:
@@ -109,16 +109,33 @@ def test_find_open_and_close_in_a_real_ruleset() -> None:
             for item in found:
                 command = fix(item).removeprefix("nft ").replace("'", "")
                 nft(scratch, command)
-            assert blocked(ruleset(scratch), PROBES) == []
+            left = blocked(ruleset(scratch), PROBES)
+            # appended, so the user's rules still come first: `ip daddr 192.0.2.0/24 drop` in
+            # lan_out still applies to what the LAN sends out
+            assert [(b.probe.what, b.chain, b.certain, b.because) for b in left] == [
+                ("masquerade", "forward", False, "rule 4 in chain lan_out: ip daddr 192.0.2.0/24 drop")
+            ]
+            assert fix(left[0]) == (
+                'nft insert rule inet filter lan_out position 4 \'iifname "lan" oifname "wan" accept\''
+            )
 
         batch = opening(found)
-        assert batch.count("insert rule") == 5  # the two DNAT probes share one rule per chain
+        # only the certain policy drops, appended; the two DNAT probes share one rule per chain
+        assert batch.count("add rule") == 3
+        assert "insert" not in batch
         nft(ns, "-f", "-", batch=batch)
         during = ruleset(ns)
-        assert blocked(during, PROBES) == []
+        assert [(b.probe.what, b.table, b.certain) for b in blocked(during, PROBES)] == [
+            ("gateway.forward[0]", "filter", False),
+            ("gateway.forward[1]", "filter", False),
+            ("masquerade", "filter", False),
+        ], "the uncertain ones are the user's to decide"
         inserted = opened(during)
-        assert len(inserted) == 5
+        assert len(inserted) == 3
         assert {(family, table) for family, table, _, _ in inserted} == {("inet", "filter"), ("ip", "legacy")}
+        listed = nft(ns, "-a", "list", "chain", "ip", "legacy", "FORWARD").splitlines()
+        assert "counter" in listed[3], "the user's rule first"
+        assert "portfwd gateway" in listed[-3], "portfwd's after it"
 
         nft(ns, "-f", "-", batch=closing(inserted))
         assert ruleset(ns) == before

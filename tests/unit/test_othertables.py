@@ -7,14 +7,18 @@ captured with `nft -j list ruleset`; the ruleset loaded is in the comment above 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from portfwd import planner
+from portfwd.kernel import gwfirewall
 from portfwd.kernel.openings import closing, fix, openable, opened, opening, render
 from portfwd.kernel.othertables import Blocked, Probe, RuleAt, blocked
+from portfwd.specs import GatewaySpec
 
 LISTINGS = {
     # table inet filter {
@@ -191,6 +195,32 @@ LISTINGS = {
     {"rule": {"family": "ip", "table": "filter", "chain": "DOCKER-ISOLATION-STAGE-2", "handle": 14, "expr": [{"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "docker0"}}, {"counter": {"packets": 0, "bytes": 0}}, {"drop": null}]}},
     {"rule": {"family": "ip", "table": "filter", "chain": "DOCKER-ISOLATION-STAGE-2", "handle": 15, "expr": [{"counter": {"packets": 0, "bytes": 0}}, {"return": null}]}}
 ]}""",
+    # table inet filter {
+    #   set blocklist { type ipv4_addr; elements = { 203.0.113.21 } }
+    #   chain forward {
+    #     type filter hook forward priority filter; policy accept;
+    #     ip saddr @blocklist drop
+    #   }
+    # }
+    "blocklist": """{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}, {"table": {"family": "inet", "name": "filter", "handle": 1}}, {"set": {"family": "inet", "name": "blocklist", "table": "filter", "type": "ipv4_addr", "handle": 2, "elem": ["203.0.113.21"]}}, {"chain": {"family": "inet", "table": "filter", "name": "forward", "handle": 1, "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}}, {"rule": {"family": "inet", "table": "filter", "chain": "forward", "handle": 3, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "@blocklist"}}, {"drop": null}]}}]}""",
+    # table inet filter {
+    #   set blocklist { type ipv4_addr; elements = { 203.0.113.21 } }
+    #   chain forward {
+    #     type filter hook forward priority filter; policy drop;
+    #     ct state established,related accept
+    #     ip saddr @blocklist drop
+    #   }
+    # }
+    "blocklistdrop": """{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}, {"table": {"family": "inet", "name": "filter", "handle": 2}}, {"set": {"family": "inet", "name": "blocklist", "table": "filter", "type": "ipv4_addr", "handle": 2, "elem": ["203.0.113.21"]}}, {"chain": {"family": "inet", "table": "filter", "name": "forward", "handle": 1, "type": "filter", "hook": "forward", "prio": 0, "policy": "drop"}}, {"rule": {"family": "inet", "table": "filter", "chain": "forward", "handle": 3, "expr": [{"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}}, {"accept": null}]}}, {"rule": {"family": "inet", "table": "filter", "chain": "forward", "handle": 4, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "@blocklist"}}, {"drop": null}]}}]}""",
+    # table inet filter {
+    #   chain forward {
+    #     type filter hook forward priority filter; policy drop;
+    #     ct direction reply ip saddr 192.168.77.10 tcp sport 8080 accept
+    #     iifname "wan" return
+    #     ct state established accept
+    #   }
+    # }
+    "return": """{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}, {"table": {"family": "inet", "name": "filter", "handle": 3}}, {"chain": {"family": "inet", "table": "filter", "name": "forward", "handle": 1, "type": "filter", "hook": "forward", "prio": 0, "policy": "drop"}}, {"rule": {"family": "inet", "table": "filter", "chain": "forward", "handle": 2, "expr": [{"match": {"op": "==", "left": {"ct": {"key": "direction"}}, "right": "reply"}}, {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "192.168.77.10"}}, {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "sport"}}, "right": 8080}}, {"accept": null}]}}, {"rule": {"family": "inet", "table": "filter", "chain": "forward", "handle": 3, "expr": [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "wan"}}, {"return": null}]}}, {"rule": {"family": "inet", "table": "filter", "chain": "forward", "handle": 4, "expr": [{"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "established"}}, {"accept": null}]}}]}""",
 }
 # handle: expr, from `nft -j list ruleset` (nft 1.0.6) of the rule in the comment
 KITCHEN_SINK = {
@@ -990,3 +1020,214 @@ def test_blocked_never_raises_on_real_shaped_json(doc: dict[str, Any]) -> None:
         assert fix(entry).startswith(("nft insert rule inet filter ", "nft add rule inet filter "))
         assert openable(entry) == (entry.certain and entry.policy and entry.at is None)
     assert opening(found).count("\n") <= len(found)
+
+
+# --------------------------------------------------------------------------- whose drop it is, and replies
+
+
+def test_a_blocklist_drop_rule_is_reported_and_never_opened() -> None:
+    found = blocked(listing("blocklist"), [FORWARD, MASQUERADE, PINHOLE])
+    assert where(found) == [
+        ("gateway.forward[0]", "inet", "filter", "forward", False, "rule 3: ip saddr @blocklist drop"),
+        ("masquerade", "inet", "filter", "forward", False, "rule 3: ip saddr @blocklist drop"),
+    ]  # the client is anyone: some are on the list; an IPv6 packet has no ip header
+    assert [(b.policy, b.at) for b in found] == [(False, RuleAt("forward", 3, 1))] * 2
+    assert fix(found[0]) == "nft insert rule inet filter forward position 3 ct status dnat accept"
+    assert opening(found) == "", "the admin's drop rule is theirs: portfwd never opens it"
+    # certain or not: a rule that surely drops is reported with its handle, and not opened either
+    sure = [dataclass_replace_blocked(b, certain=True) for b in found]
+    assert opening(sure) == ""
+
+
+def dataclass_replace_blocked(found: Blocked, **changes: Any) -> Blocked:
+    fields = {name: getattr(found, name) for name in Blocked.__dataclass_fields__}
+    return Blocked(**{**fields, **changes})
+
+
+def test_a_policy_drop_after_a_blocklist_is_appended_to_and_the_blocklist_stays_first() -> None:
+    found = blocked(listing("blocklistdrop"), [FORWARD, MASQUERADE, FORWARD_REPLY, MASQUERADE_REPLY])
+    assert where(found) == [
+        ("gateway.forward[0]", "inet", "filter", "forward", True, "policy drop"),
+        ("masquerade", "inet", "filter", "forward", True, "policy drop"),
+    ]  # the replies pass the established accept
+    assert all(b.appendable and b.at is None for b in found)
+    assert [fix(b) for b in found] == [
+        "nft add rule inet filter forward ct status dnat accept",
+        'nft add rule inet filter forward \'iifname "lan" oifname "wan" accept\'',
+    ]
+    assert opening(found) == (
+        'add rule inet filter forward ct status dnat accept comment "portfwd gateway: gateway.forward[0]"\n'
+        'add rule inet filter forward iifname "lan" oifname "wan" accept comment "portfwd gateway: masquerade"\n'
+    )
+    # with those appended (as `nft -j list` shows them), the blocklist still comes first: what is
+    # left is the admin's rule, reported as "may drop" and not opened again
+    after = listing("blocklistdrop")
+    after["nftables"] += [
+        {"rule": {"family": "inet", "table": "filter", "chain": "forward", "handle": 5, "comment": "portfwd gateway: gateway.forward[0]", "expr": [{"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}}, {"accept": None}]}},
+        {"rule": {"family": "inet", "table": "filter", "chain": "forward", "handle": 6, "comment": "portfwd gateway: masquerade", "expr": [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "lan"}}, {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "wan"}}, {"accept": None}]}},
+    ]  # fmt: skip
+    again = blocked(after, [FORWARD, MASQUERADE])
+    assert where(again) == [
+        ("gateway.forward[0]", "inet", "filter", "forward", False, "rule 4: ip saddr @blocklist drop"),
+        ("masquerade", "inet", "filter", "forward", False, "rule 4: ip saddr @blocklist drop"),
+    ]
+    assert opening(again) == ""
+
+
+def test_replies_need_an_established_accept() -> None:
+    found = blocked(listing("ifaces"), REPLIES)  # ct state vmap { established : accept, ... }
+    assert found == []
+    found = blocked(listing("namedset"), REPLIES)  # no established accept
+    assert where(found) == [
+        # `ip daddr @servers tcp dport 80 accept`: the WAN client the reply goes to might be a server
+        ("gateway.forward[0] (replies)", "inet", "filter", "forward", False, "policy drop"),
+        ("masquerade (replies)", "inet", "filter", "forward", False, "policy drop"),  # to a LAN server
+        ("gateway.forward[2] (replies)", "inet", "filter", "forward", True, "policy drop"),  # IPv6
+    ]
+    assert opening(found) == (
+        'add rule inet filter forward ct state established,related accept comment "portfwd gateway: '
+        'gateway.forward[2] (replies)"\n'
+    )  # the certain ones only
+    assert [b.certain for b in blocked(one_rule([], "drop"), REPLIES)] == [True] * 3
+
+
+def test_docker_like_forward_without_an_established_accept_blocks_the_replies() -> None:
+    docker = listing("iptables")
+    found = blocked(docker, [FORWARD_REPLY, MASQUERADE_REPLY])
+    # rule 17 (-d 192.168.77.10 -p tcp --dport 8080 -j ACCEPT) might take a reply going to that address
+    assert [b.certain for b in found] == [False, False]
+    docker["nftables"] = [i for i in docker["nftables"] if i.get("rule", {}).get("handle") != 17]
+    found = blocked(docker, [FORWARD_REPLY, MASQUERADE_REPLY])
+    # rule 8 (-o docker0 -m conntrack ... -j ACCEPT) is for docker0 only; rule 18 is a LOG
+    assert where(found) == [
+        ("gateway.forward[0] (replies)", "ip", "filter", "FORWARD", True, "policy drop"),
+        ("masquerade (replies)", "ip", "filter", "FORWARD", True, "policy drop"),
+    ]
+    assert [fix(b) for b in found] == [
+        "iptables -A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
+    ] * 2
+    assert opening(found) == (  # no `ct state` where iptables-nft must read it: the forward's by its source
+        "# ip filter FORWARD is iptables-nft's: run iptables -A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n"
+        'add rule ip filter FORWARD iifname "lan" oifname "wan" ip saddr 192.168.77.10 tcp sport 8080 accept comment "portfwd gateway: gateway.forward[0] (replies)"\n'
+    )
+
+
+def test_a_return_hands_the_packet_to_the_policy_before_the_rest_of_the_chain() -> None:
+    found = blocked(listing("return"), [FORWARD, MASQUERADE_REPLY, FORWARD_REPLY])
+    # FORWARD comes in on wan: `iifname "wan" return` sends it to the policy at rule 3, so an
+    # accept appended after rule 4 would never be seen; the masquerade reply too (also from wan)
+    assert [(b.probe.what, b.certain, b.because, b.at, b.appendable) for b in found] == [
+        ("gateway.forward[0]", True, "policy drop", RuleAt("forward", 3, 2), False),
+        # a reply from anyone on the LAN: rule 2 may take it (from 192.168.77.10 port 8080)
+        ("masquerade (replies)", False, "policy drop", RuleAt("forward", 3, 2), False),
+    ]  # the forward's reply: ct direction reply, from 192.168.77.10 port 8080: accepted by rule 2
+    assert fix(found[0]) == "nft insert rule inet filter forward position 3 ct status dnat accept"
+    assert opening(found) == ""
+
+
+STATE_KEY = {"ct": {"key": "state"}}
+STATUS_KEY = {"ct": {"key": "status"}}
+SADDR = {"payload": {"protocol": "ip", "field": "saddr"}}
+SPORT = {"payload": {"protocol": "tcp", "field": "sport"}}
+
+
+@pytest.mark.parametrize(
+    ("match", "probe", "expected"),
+    [
+        ({"op": "in", "left": STATE_KEY, "right": ["established", "related"]}, "reply", "pass"),
+        ({"op": "in", "left": STATE_KEY, "right": "new"}, "reply", "drop"),
+        ({"op": "==", "left": STATE_KEY, "right": "established"}, "reply", "pass"),
+        ({"op": "in", "left": STATUS_KEY, "right": "seen-reply"}, "reply", "pass"),
+        ({"op": "in", "left": STATUS_KEY, "right": "seen-reply"}, "new", "drop"),
+        ({"op": "in", "left": STATUS_KEY, "right": "confirmed"}, "reply", "pass"),
+        ({"op": "in", "left": STATUS_KEY, "right": "assured"}, "reply", "maybe"),  # depends on the flow
+        ({"op": "in", "left": STATUS_KEY, "right": "snat"}, "masq", "pass"),
+        ({"op": "in", "left": STATUS_KEY, "right": "snat"}, "reply", "drop"),
+        ({"op": "in", "left": STATUS_KEY, "right": "dnat"}, "reply", "pass"),
+        ({"op": "==", "left": {"ct": {"key": "direction"}}, "right": "reply"}, "reply", "pass"),
+        ({"op": "==", "left": {"ct": {"key": "direction"}}, "right": "original"}, "reply", "drop"),
+        ({"op": "==", "left": {"ct": {"key": "direction"}}, "right": "original"}, "new", "pass"),
+        ({"op": "!=", "left": {"ct": {"key": "direction"}}, "right": "reply"}, "new", "pass"),
+        ({"op": "==", "left": {"ct": {"key": "state", "dir": "reply"}}, "right": "new"}, "new", "maybe"),
+        ({"op": "==", "left": SADDR, "right": "192.168.77.10"}, "reply", "pass"),
+        ({"op": "==", "left": SADDR, "right": "192.168.77.11"}, "reply", "drop"),
+        ({"op": "==", "left": SADDR, "right": "192.168.77.10"}, "new", "maybe"),  # a WAN client: anyone
+        ({"op": "==", "left": SPORT, "right": {"range": [8000, 8099]}}, "reply", "pass"),
+        ({"op": "==", "left": SPORT, "right": 80}, "reply", "drop"),
+        ({"op": "==", "left": SPORT, "right": 80}, "new", "maybe"),
+    ],
+)
+def test_conntrack_of_a_reply(match: dict[str, Any], probe: str, expected: str) -> None:
+    chosen = {"reply": FORWARD_REPLY, "masq": MASQUERADE_REPLY, "new": FORWARD}[probe]
+    assert outcome([{"match": match}, {"accept": None}], chosen) == expected
+
+
+def gateway_spec(tmp_path: Path, body: str) -> GatewaySpec:
+    path = tmp_path / "portfwd.toml"
+    path.write_text('[gateway]\nwan = "wan"\nlan = "lan"\n' + body)
+    spec = planner.load(path).gateway
+    assert spec is not None
+    return spec
+
+
+def test_gateway_findings_probe_both_ways_and_merge_identical_lines(tmp_path: Path) -> None:
+    spec = gateway_spec(
+        tmp_path,
+        '[[gateway.forward]]\nport = 8080\nto = "192.168.77.10:80"\nprotocol = "tcp+udp"\n'
+        '[[gateway.forward]]\nport = "8000-8001"\nto = "192.168.77.10:9000-9001"\n',
+    )
+    assert [(p.what, p.iif, p.state, p.l4proto, p.saddr, p.sport, p.dnat, p.snat) for p in gwfirewall.probes(spec)] == [
+        ("gateway.forward[0] (tcp)", "wan", "new", "tcp", None, None, True, False),
+        ("gateway.forward[0] (udp)", "wan", "new", "udp", None, None, True, False),
+        ("gateway.forward[0] (replies)", "lan", "established", "tcp", "192.168.77.10", (80, 80), True, False),
+        ("gateway.forward[0] (replies)", "lan", "established", "udp", "192.168.77.10", (80, 80), True, False),
+        ("gateway.forward[1]", "wan", "new", "tcp", None, None, True, False),
+        ("gateway.forward[1] (replies)", "lan", "established", "tcp", "192.168.77.10", (9000, 9001), True, False),
+        ("masquerade", "lan", "new", None, None, None, False, False),
+        ("masquerade (replies)", "wan", "established", None, None, None, False, True),
+    ]  # fmt: skip
+    tail = "and an accept in portfwd's table cannot override that; run: "
+    opt_in = " (or set gateway.open_other_tables = true)"
+    lines = [gwfirewall.line(b) for b in gwfirewall.findings(spec, one_rule([], "drop"))]
+    assert lines == [
+        f"gateway.forward[0] (tcp): table inet filter chain forward drops it (policy drop), {tail}nft add rule inet filter forward ct status dnat accept{opt_in}",
+        f"gateway.forward[0] (udp): table inet filter chain forward drops it (policy drop), {tail}nft add rule inet filter forward ct status dnat accept{opt_in}",
+        f"gateway.forward[0] (replies): table inet filter chain forward drops it (policy drop), {tail}nft add rule inet filter forward ct state established,related accept{opt_in}",
+        f"gateway.forward[1]: table inet filter chain forward drops it (policy drop), {tail}nft add rule inet filter forward ct status dnat accept{opt_in}",
+        f"gateway.forward[1] (replies): table inet filter chain forward drops it (policy drop), {tail}nft add rule inet filter forward ct state established,related accept{opt_in}",
+        f"masquerade: table inet filter chain forward drops it (policy drop), {tail}nft add rule inet filter forward 'iifname \"lan\" oifname \"wan\" accept'{opt_in}",
+        f"masquerade (replies): table inet filter chain forward drops it (policy drop), {tail}nft add rule inet filter forward ct state established,related accept{opt_in}",
+    ]  # fmt: skip
+    # a drop rule the admin wrote: reported with the rule and its handle, never with the opt-in
+    lines = [gwfirewall.line(b) for b in gwfirewall.findings(spec, listing("blocklist"))]
+    assert lines[0] == (
+        "gateway.forward[0] (tcp): table inet filter chain forward may drop it (rule 3: ip saddr @blocklist drop), "
+        f"{tail}nft insert rule inet filter forward position 3 ct status dnat accept"
+    )
+    assert all(opt_in not in text for text in lines)
+
+
+def test_merged_findings_still_open_apart(tmp_path: Path) -> None:
+    spec = gateway_spec(
+        tmp_path,
+        'masquerade = false\n[[gateway.forward]]\nport = 8080\nto = "192.168.77.10:80"\nprotocol = "tcp+udp"\n',
+    )
+    docker = {"nftables": [
+        {"table": {"family": "ip", "name": "filter", "handle": 1}},
+        {"chain": {"family": "ip", "table": "filter", "name": "FORWARD", "handle": 1, "type": "filter", "hook": "forward", "prio": 0, "policy": "drop"}},
+    ]}  # fmt: skip
+    found = gwfirewall.findings(spec, docker)
+    assert [(b.probe.what, [a.probe.l4proto for a in b.alike]) for b in found] == [
+        ("gateway.forward[0] (tcp)", []),
+        ("gateway.forward[0] (udp)", []),
+        ("gateway.forward[0] (replies)", ["udp"]),  # one line: the same iptables command for both
+    ]
+    assert gwfirewall.line(found[2], True).endswith(
+        "run: iptables -A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
+    )
+    assert [row.split(" comment ")[0] for row in opening(found).splitlines()] == [
+        'add rule ip filter FORWARD iifname "wan" oifname "lan" ip daddr 192.168.77.10 tcp dport 80 accept',
+        'add rule ip filter FORWARD iifname "wan" oifname "lan" ip daddr 192.168.77.10 udp dport 80 accept',
+        'add rule ip filter FORWARD iifname "lan" oifname "wan" ip saddr 192.168.77.10 tcp sport 80 accept',
+        'add rule ip filter FORWARD iifname "lan" oifname "wan" ip saddr 192.168.77.10 udp sport 80 accept',
+    ]

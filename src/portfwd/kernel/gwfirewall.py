@@ -13,6 +13,7 @@ never opened.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal
 
 from portfwd.kernel import nft, openings, othertables
@@ -99,10 +100,14 @@ def probes(config: GatewaySpec) -> list[Probe]:
 
 def findings(config: GatewaySpec, listing: dict[str, Any]) -> list[Blocked]:
     """Where another table's forward chain drops (or may drop) what the gateway forwards, one per
-    distinct `line()` (a forward's tcp and udp replies usually read alike), in probe order."""
+    distinct `line()` in probe order (a forward's tcp and udp replies usually read alike); the
+    findings merged away ride along in `alike`, since their openings may still differ."""
     found: dict[str, Blocked] = {}
     for item in othertables.blocked(listing, probes(config)):
-        found.setdefault(line(item), item)
+        text = line(item)
+        first = found.setdefault(text, item)
+        if first is not item:
+            found[text] = replace(first, alike=(*first.alike, item))
     return list(found.values())
 
 

@@ -203,7 +203,7 @@ def opening(items: Sequence[Blocked]) -> str:
     """
     wanted: dict[tuple[str, str, str, str], list[str]] = {}
     skipped: list[str] = []
-    for item in items:
+    for item in (one for merged in items for one in (merged, *merged.alike)):
         if not item.appendable:
             continue
         rule = _rule_text(item)

@@ -106,6 +106,7 @@ class Blocked:
     iptables: bool = False  # the table is managed by iptables-nft: fix it with iptables
     policy: bool = False  # the drop is the chain's policy, not a rule someone wrote
     at: RuleAt | None = None  # the rule an accept must come before; None: the chain's end (or unknown)
+    alike: tuple[Blocked, ...] = ()  # findings merged into this one: they read the same, open apart
 
     @property
     def appendable(self) -> bool:
