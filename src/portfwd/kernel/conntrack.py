@@ -50,10 +50,13 @@ class Claim:
     target: str = ""
     target_first: int = 0
     target_last: int = 0
+    listen: str = ""  #: the address the client asked for ("": any of this host's)
 
-    def owns(self, proto: str, dport: int, source: str, sport: int) -> bool:
-        """Whether a flow to `dport` answered from `source`:`sport` is this rule's."""
+    def owns(self, proto: str, dport: int, source: str, sport: int, destination: str = "") -> bool:
+        """Whether a flow to `destination`:`dport` answered from `source`:`sport` is this rule's."""
         if self.proto != proto or not self.first <= dport <= self.last:
+            return False
+        if self.listen and destination and _canonical(destination) != _canonical(self.listen):
             return False
         if self.target and _canonical(source) != _canonical(self.target):
             return False
@@ -248,12 +251,12 @@ def parse(text: str, claims: list[Claim]) -> list[dict[str, Any]]:
     """conntrack's XML listing to rows; flows that match no claim are left out."""
     rows: list[dict[str, Any]] = []
     for flow in _flows(text):
-        proto, src, _, sport, dport = flow["original"]
+        proto, src, dst, sport, dport = flow["original"]
         owner = next(
             (
                 claim.name
                 for claim in claims
-                if claim.owns(proto, dport, flow["reply_src"], flow["reply_sport"])
+                if claim.owns(proto, dport, flow["reply_src"], flow["reply_sport"], dst)
             ),
             None,
         )
@@ -311,6 +314,7 @@ def rule_claims(rules: Iterable[RuleSpec]) -> list[Claim]:
             if not isinstance(target, HostPorts):
                 continue
             host = "" if is_loopback(target.host) else target.host
+            asked = "" if listen.host in ("", "0.0.0.0", "::") else listen.host
             last = target.ports.first + len(listen.ports) - 1 if len(target.ports) > 1 else target.ports.first
             for proto, on in (("tcp", rule.protocol.has_tcp), ("udp", rule.protocol.has_udp)):
                 if on:
@@ -323,6 +327,7 @@ def rule_claims(rules: Iterable[RuleSpec]) -> list[Claim]:
                             host,
                             target.ports.first,
                             last,
+                            asked,
                         )
                     )
     return out

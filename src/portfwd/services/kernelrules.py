@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -45,13 +46,18 @@ def table_name(instance: str) -> str:
     return "portfwd_" + hashlib.blake2s(instance.encode(), digest_size=5).hexdigest()
 
 
-def _hold(rule: RuleSpec) -> list[socket.socket]:
+def _hold(rule: RuleSpec, dual: bool = True) -> list[socket.socket]:
     """Bind (never listen on) the rule's ports. Raises RuntimeFailure naming a port in use, in
-    the words a userspace rule would use."""
+    the words a userspace rule would use.
+
+    As the userspace relay binds: `*` is one dual-stack socket (IPv4 alone where the machine
+    has no IPv6), `::` IPv6 only, `0.0.0.0` IPv4 only.
+    """
     listen = rule.listen
     assert isinstance(listen, HostPorts)
-    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-    host = listen.host if not listen.is_any else ("::" if family == socket.AF_INET6 else "0.0.0.0")
+    wildcard = listen.host == ""
+    family = socket.AF_INET6 if ":" in listen.host or (wildcard and dual) else socket.AF_INET
+    host = listen.host or ("::" if family == socket.AF_INET6 else "0.0.0.0")
     kinds = [
         kind
         for kind, on in (
@@ -66,10 +72,14 @@ def _hold(rule: RuleSpec) -> list[socket.socket]:
             for kind in kinds:
                 sock = socket.socket(family, kind)
                 held.append(sock)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if wildcard else 1)
                 sock.bind((host, port))
     except OSError as exc:
         for sock in held:
             sock.close()
+        if wildcard and dual and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+            return _hold(rule, dual=False)  # no IPv6 here: the IPv4 wildcard
         proto = "tcp" if kind == socket.SOCK_STREAM else "udp"
         error = bind_error(f"{rule.where}.listen", f"{listen.host or '*'}:{port}/{proto}", exc, port)
         raise RuntimeFailure(
