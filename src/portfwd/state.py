@@ -223,10 +223,13 @@ class State:
         self._ids = itertools.count(first_id)  # a worker's start apart: ids stay unique merged
         self.pid = os.getpid()
         #: With `workers`: each worker's last snapshot (refreshed before status is read) and
-        #: the workers themselves; `refresher` asks them (services/workers.py).
+        #: the workers themselves; `refresher` asks them (services/workers.py). `readers` are
+        #: the other parts that read what they show only when someone looks (the kernel relays'
+        #: live flows: a conntrack dump is not free).
         self.peers: list[Snapshot] = []
         self.workers: list[WorkerRow] = []
         self.refresher: Callable[[], Awaitable[None]] | None = None
+        self.readers: list[Callable[[], Awaitable[None]]] = []
         self._sampled = self._started_monotonic  # when `sample()` last ran
         self._server_closed: deque[Closed] = deque(maxlen=RECENT_CLOSED)  # all server clients'
         self._rates: dict[int, tuple[float, float]] = {}  # session id -> bytes/s up, down (if moving)
@@ -238,6 +241,8 @@ class State:
         """Bring the workers' snapshots up to date (status and /metrics call this first)."""
         if self.refresher is not None:
             await self.refresher()
+        for reader in self.readers:
+            await reader()
 
     def rule(self, name: str) -> RuleStats:
         """The stats of a rule, created on first use."""

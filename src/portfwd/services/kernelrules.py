@@ -170,6 +170,8 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
         self.state.order_rules(rule.label for rule in part)
         if self.rules and self._refresh is None:
             self._refresh = asyncio.get_running_loop().create_task(self._keep_reading())
+        if self.rules and self._read_flows not in self.state.readers:
+            self.state.readers.append(self._read_flows)
         return Change(
             kept=kept,
             removed=retired.removed,
@@ -234,24 +236,20 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
         )
 
     async def _keep_reading(self) -> None:
-        """Every REFRESH seconds: the rules' counters and live flows, into the state."""
+        """Every REFRESH seconds: the rules' counters (cheap: nft lists its named counters), so
+        rates are sampled. The live flows are read only when status or /metrics asks
+        (`State.readers`): a conntrack dump of a busy box is not free (D23)."""
         while self.rules:
             with contextlib.suppress(kernel.KernelRelayError, OSError):
-                await self._read()
+                await self._read_counters()
             await asyncio.sleep(REFRESH)
         self.state.kernel_sessions = []
         self._refresh = None
 
-    async def _read(self) -> None:
+    async def _read_counters(self) -> None:
         listing = await asyncio.to_thread(kernel.listing, self.table)
         counted = kernel.counts(listing or {})
-        rules = list(self.rules)
-        flows = await asyncio.to_thread(conntrack.sessions, conntrack.rule_claims(rules))
-        live: dict[str, int] = {}
-        for flow in flows:
-            if flow["state"] not in ENDED:
-                live[flow["rule"]] = live.get(flow["rule"], 0) + 1
-        for rule in rules:
+        for rule in self.rules:
             label = kernel.comment(rule)
             found, base = counted.get(label, kernel.Counts()), self._base.get(label, kernel.Counts())
             stats = self.state.rule(rule.label)
@@ -259,10 +257,26 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
             stats.denied_total = base.denied + found.denied
             stats.bytes_up = base.bytes_up + found.bytes_up
             stats.bytes_down = base.bytes_down + found.bytes_down
-            stats.connections_active = live.get(rule.label, 0)
+
+    async def _read_flows(self) -> None:
+        """The live flows and counters, now: what status and /metrics show."""
+        if not self.rules:
+            return
+        with contextlib.suppress(kernel.KernelRelayError, OSError):
+            await self._read_counters()
+        rules = list(self.rules)
+        flows = await asyncio.to_thread(conntrack.sessions, conntrack.rule_claims(rules))
+        live: dict[str, int] = {}
+        for flow in flows:
+            if flow["state"] not in ENDED:
+                live[flow["rule"]] = live.get(flow["rule"], 0) + 1
+        for rule in rules:
+            self.state.rule(rule.label).connections_active = live.get(rule.label, 0)
         self.state.kernel_sessions = conntrack.session_rows(flows)
 
     async def stop(self) -> None:
+        if self._read_flows in self.state.readers:
+            self.state.readers.remove(self._read_flows)
         if self._refresh is not None:
             self._refresh.cancel()
             await asyncio.gather(self._refresh, return_exceptions=True)
