@@ -248,3 +248,38 @@ def test_auto_takes_the_kernel_when_nothing_is_lost_and_says_why_not(tmp_path: P
             for each in procs:
                 each.stop()
                 each.close()
+
+
+def test_a_changed_rule_moves_in_one_transaction_and_keeps_its_counts(tmp_path: Path) -> None:
+    """A reload that changes a kernel rule's target: the port stays held throughout (nothing can
+    take it), the new target answers, and the rule's totals carry on from the old table's."""
+    procs: list[Proc] = []
+    control = tmp_path / "ctl.sock"
+    config = tmp_path / "kernel.toml"
+    rule = '[[forward]]\nname = "web"\nlisten = "127.0.0.1:8003"\nconnect = "127.0.0.1:{port}"\nrelay = "kernel"\n'
+    config.write_text(f'[control]\nsocket = "{control}"\n' + rule.format(port=9001))
+    with namespace("kr") as ns:
+        try:
+            serve(ns, 9001, "echo one", procs)
+            serve(ns, 9002, "echo two", procs)
+            proc = portfwd_in(ns, "run", "-c", str(config))
+            procs.append(proc)
+            proc.wait_for(READY)
+            for _ in range(3):
+                assert in_ns(ns, "socat", "-T", "3", "-", "TCP4:127.0.0.1:8003").stdout == b"one\n"
+            (before,) = status(ns, control)["rules"]  # type: ignore[misc]
+            assert before["connections_total"] == 3
+            config.write_text(f'[control]\nsocket = "{control}"\n' + rule.format(port=9002))
+            mark = proc.mark()
+            reloaded = in_ns(ns, sys.executable, "-m", "portfwd", "reload", "--control", str(control))
+            assert reloaded.returncode == 0, reloaded.stderr
+            proc.wait_for("reloaded", start=mark)
+            assert "cannot listen" not in proc.output(), "the port was never let go"
+            assert in_ns(ns, "socat", "-T", "3", "-", "TCP4:127.0.0.1:8003").stdout == b"two\n"
+            (after,) = status(ns, control)["rules"]  # type: ignore[misc]
+            assert after["connections_total"] == 4, "the old table's count carried over"
+            assert proc.stop(signal.SIGTERM) == 0
+        finally:
+            for each in procs:
+                each.stop()
+                each.close()

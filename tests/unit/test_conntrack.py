@@ -18,10 +18,10 @@ def test_flows_become_rows_per_rule() -> None:
     assert parse(LISTING, CLAIMS) == [
         {"rule": "web", "proto": "udp", "client": "203.0.113.20:38719", "public_port": 8080,
          "target": "192.168.77.10:80", "state": "UNREPLIED", "age": 1,
-         "original": ("udp", "203.0.113.20", "203.0.113.1", 38719, 8080)},
+         "original": ("udp", "203.0.113.20", "203.0.113.1", 38719, 8080), "reply": ("192.168.77.10", 80)},
         {"rule": "gateway.forward[1]", "proto": "tcp", "client": "203.0.113.20:49478", "public_port": 8001,
          "target": "192.168.77.10:9001", "state": "ESTABLISHED", "age": 7,
-         "original": ("tcp", "203.0.113.20", "203.0.113.1", 49478, 8001)},
+         "original": ("tcp", "203.0.113.20", "203.0.113.1", 49478, 8001), "reply": ("192.168.77.10", 9001)},
     ]  # fmt: skip
 
 

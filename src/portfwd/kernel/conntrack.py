@@ -31,7 +31,7 @@ from portfwd.status import GatewaySessionRow
 TIMESTAMP = Path("/proc/sys/net/netfilter/nf_conntrack_timestamp")
 #: The timestamp setting found before portfwd turned it on, in the state directory.
 SAVED_TIMESTAMP = "conntrack-timestamp"
-#: `conntrack -D` calls made at most by one `forget` (one per port in use, one per LAN network).
+#: `conntrack -D` calls made at most by one `forget` (one per port and target in use).
 MAX_DELETES = 1000
 #: Rows kept per refresh; a busy router can track far more flows than a status table shows.
 MAX_SESSIONS = 500
@@ -121,43 +121,32 @@ def forget(
     lan_networks: tuple[ipaddress.IPv4Network, ...] = (),
     masqueraded_to: tuple[str, ...] = (),
 ) -> int:
-    """Delete the flows portfwd translated, each by its exact original tuple; returns how many.
+    """Delete the flows portfwd translated; returns how many conntrack deleted.
 
-    DNATed flows its rules own (the claims: port, and the target that answers); with
-    `lan_networks`, masqueraded flows from those networks that leave with one of the addresses
-    `masqueraded_to` (the WAN's, or the virtual one). Nothing else on the box is touched: not
-    docker's flows, not another instance's, not a VPN's masquerade. At most MAX_DELETES.
+    DNATed flows its rules own (the claims: the port asked for, the target that answers), one
+    `conntrack -D` per (port, target) in use, filtered by both, so all of them go however many
+    there are; with `lan_networks`, masqueraded flows from those networks that left with one of
+    the addresses `masqueraded_to` (the WAN's, or the virtual one), one call per pair. Nothing
+    else on the box is touched: not docker's flows, not another instance's, not a VPN's
+    masquerade.
     """
     binary = shutil.which("conntrack")
     if binary is None:
         return 0
-    tuples = [row["original"] for row in parse(_run([binary, "-L", "--dst-nat", "-o", "xml"]), claims)]
+    calls: dict[tuple[str, ...], None] = {}
+    for row in parse(_run([binary, "-L", "--dst-nat", "-o", "xml"]), claims, limit=None):
+        proto, _, dst, _, dport = row["original"]
+        source, sport = row["reply"]
+        family = ("-f", "ipv6") if ":" in dst else ()
+        calls[(*family, "--dst-nat", "-p", proto, "--orig-dst", dst, "--orig-port-dst", str(dport),
+               "--reply-src", source, "--reply-port-src", str(sport))] = None  # fmt: skip
     if lan_networks and masqueraded_to:
-        nets = [ipaddress.ip_network(net) for net in lan_networks]
-        via = {_canonical(address) for address in masqueraded_to}
-        for flow in _flows(_run([binary, "-L", "--src-nat", "-o", "xml"])):
-            src, reply_dst = flow["original"][1], flow["reply_dst"]
-            if _canonical(reply_dst) in via and any(_within(src, net) for net in nets):
-                tuples.append(flow["original"])
+        for network in lan_networks:
+            for address in masqueraded_to:
+                calls[("--src-nat", "-s", str(network), "--reply-dst", address)] = None
     deleted = 0
-    for proto, src, dst, sport, dport in tuples[:MAX_DELETES]:
-        family = ["-f", "ipv6"] if ":" in src else []
-        call = [
-            binary,
-            "-D",
-            *family,
-            "-p",
-            proto,
-            "-s",
-            src,
-            "-d",
-            dst,
-            "--sport",
-            str(sport),
-            "--dport",
-            str(dport),
-        ]
-        deleted += _deleted(_run(call, stderr=True))
+    for args in list(calls)[:MAX_DELETES]:
+        deleted += _deleted(_run([binary, "-D", *args], stderr=True))
     return deleted
 
 
@@ -247,8 +236,9 @@ def _endpoint(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def parse(text: str, claims: list[Claim]) -> list[dict[str, Any]]:
-    """conntrack's XML listing to rows; flows that match no claim are left out."""
+def parse(text: str, claims: list[Claim], limit: int | None = MAX_SESSIONS) -> list[dict[str, Any]]:
+    """conntrack's XML listing to rows; flows that match no claim are left out. At most `limit`
+    rows (a status table's worth; None: all, to clear them)."""
     rows: list[dict[str, Any]] = []
     for flow in _flows(text):
         proto, src, dst, sport, dport = flow["original"]
@@ -272,9 +262,10 @@ def parse(text: str, claims: list[Claim]) -> list[dict[str, Any]]:
                 "state": flow["state"],
                 "age": flow["age"],
                 "original": flow["original"],
+                "reply": (flow["reply_src"], flow["reply_sport"]),
             }
         )
-        if len(rows) >= MAX_SESSIONS:
+        if limit is not None and len(rows) >= limit:
             break
     return rows
 
@@ -313,7 +304,8 @@ def rule_claims(rules: Iterable[RuleSpec]) -> list[Claim]:
         for target in (rule.connect, *(route.connect for route in rule.route)):
             if not isinstance(target, HostPorts):
                 continue
-            host = "" if is_loopback(target.host) else target.host
+            here = is_loopback(target.host) or target.host in ("0.0.0.0", "::")  # redirected
+            host = "" if here else target.host
             asked = "" if listen.host in ("", "0.0.0.0", "::") else listen.host
             last = target.ports.first + len(listen.ports) - 1 if len(target.ports) > 1 else target.ports.first
             for proto, on in (("tcp", rule.protocol.has_tcp), ("udp", rule.protocol.has_udp)):

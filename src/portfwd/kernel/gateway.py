@@ -153,6 +153,9 @@ class GatewayService:
                 log.info("gateway: table inet portfwd applied again", extra=event("gateway.reapplied"))
             except nft.GatewayError as exc:
                 log.error("gateway: %s", exc.line(), extra=event("gateway.failed", reason=exc.message))
+            except Exception as exc:  # noqa: BLE001 - the watch goes on: drift, addresses, HA role
+                reason = f"the gateway's watch failed once: {exc}"
+                log.error("gateway: %s", reason, extra=event("gateway.failed", reason=reason))
 
     def _role(self) -> None:
         """Say when keepalived made this router master, backup or faulty."""

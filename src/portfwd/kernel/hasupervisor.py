@@ -259,6 +259,15 @@ class HASupervisor:
                     " stop it first, or give this one its own runtime directory"
                 ) from exc
             raise GatewayError(f"gateway.ha: cannot lock {path}: {_reason(exc)}") from exc
+        try:  # the file we locked may have been unlinked by a supervisor stopping meanwhile
+            same = os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino
+        except OSError:
+            same = False
+        if not same:
+            os.close(fd)
+            raise GatewayError(
+                f"gateway.ha: {self.paths.directory} changed hands while this portfwd started; start it again"
+            )
         self._lock = fd
 
     @staticmethod

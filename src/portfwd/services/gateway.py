@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from portfwd.errors import PortfwdError
+from portfwd.errors import PortfwdError, RuntimeFailure
 from portfwd.kernel import nft
 from portfwd.kernel.gateway import GatewayService
 from portfwd.services.base import Service
@@ -36,6 +36,11 @@ class Gateway(Service):
             await gateway.stop()  # a half-applied table is removed
             log.error("gateway: %s", exc.line())
             return [exc]
+        except Exception as exc:  # noqa: BLE001 - anything else: still nothing of it left behind
+            await gateway.stop()
+            error = RuntimeFailure(f"gateway: could not start: {exc}")
+            log.error("%s", error.line())
+            return [error]
         self._gateway = gateway
         return []
 

@@ -88,6 +88,11 @@ def _hold(rule: RuleSpec, dual: bool = True) -> list[socket.socket]:
     return held
 
 
+def _holding(rule: RuleSpec) -> tuple[str, str]:
+    """What a rule's held sockets stand for: a changed rule with the same listen side keeps them."""
+    return str(rule.listen), rule.protocol.value
+
+
 class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
     """The kernel relays of one instance: its table, the ports it holds, the counters it reads."""
 
@@ -102,6 +107,8 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
         self._refresh: asyncio.Task[None] | None = None
         #: What the tables replaced by reloads counted, per label: added to the live counters.
         self._base: dict[str, kernel.Counts] = {}
+        self._counting = asyncio.Lock()  # a table replaced and its counters carried over, or read
+        self._going: list[RuleSpec] = []
 
     @property
     def active(self) -> bool:
@@ -118,50 +125,58 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
         return list((await self.apply(self.wanted)).failures)
 
     async def retire(self, part: tuple[RuleSpec, ...]) -> Change:
-        gone = [rule for rule in self.rules if rule not in part]
-        if not gone:
-            return Change()
-        running = self.rules
-        self.rules = {rule: held for rule, held in running.items() if rule not in gone}
-        failures = await self._load()
-        if failures:  # the old table stays in force: so do its ports and its rules
-            self.rules = running
-            return Change(failures=tuple(failures))
-        for rule in gone:
-            for sock in running[rule]:
-                sock.close()
-            self.state.rule(rule.label).running = False
-            self.state.listeners = [item for item in self.state.listeners if item.rule != rule.label]
-            log.info(
-                "%s: removed by reload; the kernel no longer forwards it",
-                rule.label,
-                extra=event("rule.removed", rule=rule.label),
-            )
-        await asyncio.to_thread(conntrack.forget, conntrack.rule_claims(gone))
-        return Change(removed=tuple(rule.label for rule in gone))
+        """Only note what goes: `apply` replaces the table in one transaction, so a rule a
+        reload changes is never unforwarded, nor its ports unheld, in between."""
+        self._going = [rule for rule in self.rules if rule not in part]
+        return Change(removed=tuple(rule.label for rule in self._going))
 
     async def apply(self, part: tuple[RuleSpec, ...]) -> Change:
-        retired = await self.retire(part)
-        kept = len(self.rules)
+        going = [rule for rule in self.rules if rule not in part]
+        self._going = []
+        before = dict(self.rules)
+        kept = len(self.rules) - len(going)
         added = [rule for rule in dict.fromkeys(part) if rule not in self.rules]
-        failures: list[PortfwdError] = list(retired.failures)
+        failures: list[PortfwdError] = []
+        spare = {_holding(rule): self.rules[rule] for rule in going}  # a changed rule keeps its ports
+        wanted = {rule: held for rule, held in self.rules.items() if rule not in going}
         for rule in added:
             try:
                 why = kernel.unsuitable(rule)
                 if why is not None:
                     raise RuntimeFailure(f'{why}; it cannot have relay = "kernel"')
-                self.rules[rule] = _hold(rule)
+                wanted[rule] = spare.pop(_holding(rule), []) or _hold(rule)
             except RuntimeFailure as exc:
                 log.error("%s", exc.line(), extra=event("rule.failed", rule=rule.label, reason=exc.message))
                 failures.append(exc)
-        held_now = [rule for rule in added if rule in self.rules]
-        problems = await self._load() if held_now or not self._loaded else []
-        if problems:  # the old table stays in force: only this reload's rules did not start
-            for rule in held_now:
-                for sock in self.rules.pop(rule, []):
+        self.rules = wanted
+        problems = await self._load() if going or len(wanted) > kept or not self._loaded else []
+        if problems:  # the old table stays in force, with its rules and their ports
+            reused = {id(sock) for held in before.values() for sock in held}
+            for rule, held in wanted.items():
+                if rule not in before:
+                    for sock in held:
+                        if id(sock) not in reused:
+                            sock.close()
+            self.rules = before
+            new = [rule for rule in added if rule in wanted]
+            failures.extend([problems[0]] * max(1, len(new)))  # one per rule that did not start
+            return Change(kept=len(before), tried=len(added), failures=tuple(failures))
+        in_use = {id(sock) for held in wanted.values() for sock in held}
+        for rule in going:
+            for sock in before[rule]:
+                if id(sock) not in in_use:
                     sock.close()
-            failures.extend([problems[0]] * max(1, len(held_now)))  # one per rule that did not start
-        started = [rule for rule in added if rule in self.rules]
+            if rule.label not in {kept_rule.label for kept_rule in wanted}:
+                self.state.rule(rule.label).running = False
+                self.state.listeners = [item for item in self.state.listeners if item.rule != rule.label]
+            log.info(
+                "%s: removed by reload; the kernel no longer forwards it",
+                rule.label,
+                extra=event("rule.removed", rule=rule.label),
+            )
+        if going:
+            await asyncio.to_thread(conntrack.forget, conntrack.rule_claims(going))
+        started = [rule for rule in added if rule in wanted]
         for rule in started:
             self._register(rule)
         if started and kernel.needs_forwarding(started):
@@ -174,24 +189,39 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
             self.state.readers.append(self._read_flows)
         return Change(
             kept=kept,
-            removed=retired.removed,
+            removed=tuple(rule.label for rule in going),
             added=tuple(rule.label for rule in started),
             tried=len(added),
             failures=tuple(failures),
         )
 
     async def _load(self) -> list[PortfwdError]:
-        """Make the kernel's table hold exactly the running rules (one transaction)."""
-        try:
-            if not self.rules:
-                if self._loaded:
-                    await asyncio.to_thread(kernel.remove, self.table)
-                    self._loaded = False
-                return []
-            text = kernel.plan(list(self.rules), self.table)
-            before = await asyncio.to_thread(kernel.listing, self.table) if self._loaded else None
-            await asyncio.to_thread(kernel.apply, text, self.table)
-            for label, counted in kernel.counts(before or {}).items():  # the new table counts from 0
+        """Make the kernel's table hold exactly the running rules (one transaction). The
+        counters of the table it replaces are carried over (the new one counts from 0); the
+        2 s reader waits meanwhile, so a total never goes back."""
+        async with self._counting:
+            try:
+                before = await asyncio.to_thread(kernel.listing, self.table) if self._loaded else None
+                if not self.rules:
+                    if self._loaded:
+                        await asyncio.to_thread(kernel.remove, self.table)
+                        self._loaded = False
+                else:
+                    text = kernel.plan(list(self.rules), self.table)
+                    await asyncio.to_thread(kernel.apply, text, self.table)
+                    self._loaded = True
+            except kernel.KernelRelayError as exc:
+                error: PortfwdError = exc
+                if "Operation not permitted" in exc.message:
+                    error = RuntimeFailure(
+                        f"the kernel relay cannot load its nftables table: {exc.message}",
+                        hint='it needs root or CAP_NET_ADMIN; use relay = "splice" otherwise',
+                    )
+                log.error(
+                    "%s", error.line(), extra=event("rule.failed", rule=self.table, reason=error.message)
+                )
+                return [error]
+            for label, counted in kernel.counts(before or {}).items():
                 base = self._base.get(label, kernel.Counts())
                 self._base[label] = kernel.Counts(
                     base.connections + counted.connections,
@@ -199,17 +229,7 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
                     base.bytes_up + counted.bytes_up,
                     base.bytes_down + counted.bytes_down,
                 )
-        except kernel.KernelRelayError as exc:
-            error: PortfwdError = exc
-            if "Operation not permitted" in exc.message:
-                error = RuntimeFailure(
-                    f"the kernel relay cannot load its nftables table: {exc.message}",
-                    hint='it needs root or CAP_NET_ADMIN; use relay = "splice" otherwise',
-                )
-            log.error("%s", error.line(), extra=event("rule.failed", rule=self.table, reason=error.message))
-            return [error]
-        self._loaded = True
-        return []
+            return []
 
     def _register(self, rule: RuleSpec) -> None:
         listen, target = str(rule.listen), str(rule.connect)
@@ -240,14 +260,17 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
         rates are sampled. The live flows are read only when status or /metrics asks
         (`State.readers`): a conntrack dump of a busy box is not free (D23)."""
         while self.rules:
-            with contextlib.suppress(kernel.KernelRelayError, OSError):
+            try:
                 await self._read_counters()
+            except Exception as exc:  # noqa: BLE001 - the counters must keep being read
+                log.warning("kernel relays: cannot read the counters: %s", exc)
             await asyncio.sleep(REFRESH)
         self.state.kernel_sessions = []
         self._refresh = None
 
     async def _read_counters(self) -> None:
-        listing = await asyncio.to_thread(kernel.listing, self.table)
+        async with self._counting:
+            listing = await asyncio.to_thread(kernel.listing, self.table) if self._loaded else None
         counted = kernel.counts(listing or {})
         for rule in self.rules:
             label = kernel.comment(rule)
