@@ -41,11 +41,11 @@ def hand_over(index: int, host: str) -> None:
     name = f"trig_host_{index}"
     # nft 1.0.6 has no "replace element" (and no "destroy"): delete the holder if there is one,
     # then add. Between the two, an inbound packet is simply not forwarded.
-    _nft("delete", "element", FAMILY, TABLE, name, f"{{ {mark} }}")
+    run("delete", "element", FAMILY, TABLE, name, f"{{ {mark} }}")
     batch = f"add element {FAMILY} {TABLE} {name} {{ {mark} : {host} }}\n"
-    result = _nft("-f", "-", payload=batch)
+    result = run("-f", "-", payload=batch)
     if result.returncode != 0:
-        raise GatewayError(f"cannot hand trigger {index} to {host}: {_one_line(result.stderr)}")
+        raise GatewayError(f"cannot hand trigger {index} to {host}: {one_line(result.stderr)}")
 
 
 def document(ruleset: str) -> str:
@@ -56,17 +56,22 @@ def document(ruleset: str) -> str:
 # --------------------------------------------------------------------------- nft calls
 
 
-def _nft(*args: str, payload: str | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, payload: str | None = None, error: type[RuntimeFailure] = GatewayError
+) -> subprocess.CompletedProcess[str]:
+    """`nft ARGS` (the gateway's and the kernel relays' one way to call it). Raises `error`
+    when nft is missing or cannot run; its own refusals are in the result."""
     binary = shutil.which("nft")
     if binary is None:
-        raise GatewayError("nft is not installed", hint="apt-get install nftables")
+        raise error("nft is not installed", hint="apt-get install nftables")
     try:
         return subprocess.run([binary, *args], input=payload, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise GatewayError(f"nft could not run: {exc}") from exc
+        raise error(f"nft could not run: {exc}") from exc
 
 
-def _one_line(stderr: str) -> str:
+def one_line(stderr: str) -> str:
+    """nft's first error line (quotes made plain), for a one-line message."""
     lines = [
         line.strip()
         for line in stderr.replace("\u2018", "'").replace("\u2019", "'").splitlines()
@@ -126,13 +131,13 @@ def apply(ruleset: str, *, check_only: bool = False) -> None:
     """
     args = ["-c", "-f", "-"] if check_only else ["-f", "-"]
     text = document(ruleset)
-    result = _nft(*args, payload=text)
+    result = run(*args, payload=text)
     if result.returncode != 0:
         explained = explain(text, result.stderr)
         if explained is not None:
             rule, what = explained
             raise GatewayError(f"{rule}: nft refused it: {what}; nothing changed, the previous ruleset stays")
-        raise GatewayError(f"nft refused the ruleset; nothing changed: {_one_line(result.stderr)}")
+        raise GatewayError(f"nft refused the ruleset; nothing changed: {one_line(result.stderr)}")
 
 
 def _absent(result: subprocess.CompletedProcess[str]) -> bool:
@@ -140,12 +145,12 @@ def _absent(result: subprocess.CompletedProcess[str]) -> bool:
     (no permission: raised, so that nobody reads "not loaded" for "cannot look")."""
     if "No such file or directory" in result.stderr:
         return True
-    raise GatewayError(f"cannot read table {FAMILY} {TABLE}: {_one_line(result.stderr)}", hint="run as root")
+    raise GatewayError(f"cannot read table {FAMILY} {TABLE}: {one_line(result.stderr)}", hint="run as root")
 
 
 def live() -> dict[str, Any] | None:
     """portfwd's table as nft lists it now (JSON), or None when it is not there."""
-    result = _nft("-j", "list", "table", FAMILY, TABLE)
+    result = run("-j", "list", "table", FAMILY, TABLE)
     if result.returncode != 0 and _absent(result):
         return None
     data: dict[str, Any] = json.loads(result.stdout)
@@ -156,9 +161,9 @@ def remove() -> bool:
     """Delete table inet portfwd (only it). Returns False when it was not there."""
     if live() is None:
         return False
-    result = _nft("delete", "table", FAMILY, TABLE)
+    result = run("delete", "table", FAMILY, TABLE)
     if result.returncode != 0:
-        raise GatewayError(f"nft could not delete table {FAMILY} {TABLE}: {_one_line(result.stderr)}")
+        raise GatewayError(f"nft could not delete table {FAMILY} {TABLE}: {one_line(result.stderr)}")
     return True
 
 
@@ -317,21 +322,21 @@ def prepare(config: GatewaySpec) -> tuple[str, list[str]]:
 
 def set_wan_addresses(addresses: tuple[str, ...]) -> None:
     """Make the live table's `wan_addresses` set hold `addresses` (one transaction). Raises GatewayError."""
-    result = _nft("-f", "-", payload=wan_addresses_batch(addresses))
+    result = run("-f", "-", payload=wan_addresses_batch(addresses))
     if result.returncode != 0:
-        raise GatewayError(f"cannot update the WAN addresses: {_one_line(result.stderr)}")
+        raise GatewayError(f"cannot update the WAN addresses: {one_line(result.stderr)}")
 
 
 def batch(text: str, doing: str) -> None:
     """Run an nft batch (one transaction). Raises GatewayError saying what it was `doing`."""
-    result = _nft("-f", "-", payload=text)
+    result = run("-f", "-", payload=text)
     if result.returncode != 0:
-        raise GatewayError(f"cannot {doing}: {_one_line(result.stderr)}")
+        raise GatewayError(f"cannot {doing}: {one_line(result.stderr)}")
 
 
 def ruleset() -> dict[str, Any]:
     """The whole ruleset as nft lists it (JSON), to see what other tables do; empty when unreadable."""
-    result = _nft("-j", "list", "ruleset")
+    result = run("-j", "list", "ruleset")
     if result.returncode != 0:
         return {}
     try:
@@ -380,7 +385,7 @@ def fingerprint() -> str | None:
     Two calls return the same text unless someone changed the table: what `portfwd run` compares
     to notice drift. None when the table is not loaded.
     """
-    result = _nft("-s", "list", "table", FAMILY, TABLE)
+    result = run("-s", "list", "table", FAMILY, TABLE)
     if result.returncode != 0 and _absent(result):
         return None
     return _without_live_elements(result.stdout)
@@ -433,7 +438,7 @@ def diff(ruleset: str, devices: tuple[str, ...] = ()) -> list[str] | None:
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise GatewayError(f"cannot diff: {exc}") from exc
     if result.returncode != 0:
-        raise GatewayError(f"cannot diff against the live table: {_one_line(result.stderr)}")
+        raise GatewayError(f"cannot diff against the live table: {one_line(result.stderr)}")
     planned = _without_live_elements(result.stdout)
     return list(
         difflib.unified_diff(

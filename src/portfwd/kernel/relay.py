@@ -66,7 +66,6 @@ import ipaddress
 import itertools
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +73,7 @@ from typing import Any, Literal
 
 from portfwd.addr import HostPorts, PortRange, UnixPath
 from portfwd.errors import RuntimeFailure
+from portfwd.kernel import nft
 from portfwd.specs import HealthSpec, Network, RuleSpec
 
 FAMILY = "inet"
@@ -608,18 +608,7 @@ def counts(listing: dict[str, Any]) -> dict[str, Counts]:
 
 
 def _nft(*args: str, payload: str | None = None) -> subprocess.CompletedProcess[str]:
-    binary = shutil.which("nft")
-    if binary is None:
-        raise KernelRelayError("nft is not installed", hint="apt-get install nftables")
-    try:
-        return subprocess.run([binary, *args], input=payload, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise KernelRelayError(f"nft could not run: {exc}") from exc
-
-
-def _one_line(stderr: str) -> str:
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    return next((line for line in lines if "Error" in line), lines[0] if lines else "unknown error")
+    return nft.run(*args, payload=payload, error=KernelRelayError)
 
 
 _NFT_ERROR = re.compile(r"^/dev/stdin:(\d+):(\d+)-(\d+): Error: (.+)$", re.MULTILINE)
@@ -673,7 +662,9 @@ def apply(ruleset: str, table: str, *, check_only: bool = False) -> None:
     if explained is not None:
         label, what = explained
         raise KernelRelayError(f"{label}: nft refused it: {what}; nothing changed")
-    raise KernelRelayError(f"nft refused table {FAMILY} {table}; nothing changed: {_one_line(result.stderr)}")
+    raise KernelRelayError(
+        f"nft refused table {FAMILY} {table}; nothing changed: {nft.one_line(result.stderr)}"
+    )
 
 
 def listing(table: str) -> dict[str, Any] | None:
@@ -699,4 +690,4 @@ def remove(table: str) -> bool:
         return True
     if "No such file or directory" in result.stderr:
         return False
-    raise KernelRelayError(f"nft could not delete table {FAMILY} {table}: {_one_line(result.stderr)}")
+    raise KernelRelayError(f"nft could not delete table {FAMILY} {table}: {nft.one_line(result.stderr)}")
