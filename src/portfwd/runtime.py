@@ -304,7 +304,7 @@ class Runtime:
             added=user.added + kernel.added,
             tried=user.tried + kernel.tried,
         )
-        removed = retired[0].removed + retired[1].removed + kernel.removed
+        removed = retired[0].removed + kernel.removed  # the kernel's: what its one transaction took out
         failures = [failure for change in applied for failure in change.failures]
         for key, section in _RESTART_ONLY.items():
             if getattr(new, key) != getattr(old, key):

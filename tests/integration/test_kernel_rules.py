@@ -109,7 +109,8 @@ def test_a_kernel_rule_carries_counts_reloads_and_cleans_up(tmp_path: Path) -> N
             mark = proc.mark()
             reloaded = in_ns(ns, sys.executable, "-m", "portfwd", "reload", "--control", str(control))
             assert reloaded.returncode == 0, reloaded.stderr
-            proc.wait_for("reloaded", start=mark)
+            assert "reloaded " in proc.wait_for("reloaded", start=mark)
+            assert ": 0 kept, 1 removed, 1 added, 0 failed" in proc.wait_for("reloaded", start=mark)
             assert in_ns(ns, "socat", "-T", "3", "-", "TCP4:127.0.0.1:8002").stdout == b"two\n"
             gone = in_ns(ns, "socat", "-T", "3", "-", "TCP4:127.0.0.1:8001", data=b"x")
             assert gone.stdout == b"", "the removed rule no longer forwards"
