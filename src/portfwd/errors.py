@@ -60,6 +60,15 @@ class RuntimeFailure(PortfwdError):
     """Something failed while running (exit 1): a bind, a privilege drop, a missing peer."""
 
 
+class ActionError(RuntimeFailure):
+    """An operator's action (web API) that cannot be done: `missing` (no such rule, session or
+    backend) or `conflict` (it exists, but the action does not apply to it)."""
+
+    def __init__(self, message: str, *, kind: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.kind = kind
+
+
 class BindError(RuntimeFailure):
     """A listener could not be opened; names the rule and the errno in words."""
 

@@ -16,12 +16,14 @@ from typing import Literal
 from portfwd import config as config_module
 from portfwd.addr import HostPorts
 from portfwd.config import (
+    MIN_TOKEN,
     Config,
     ForwardConfig,
     GatewayConfig,
     RouteConfig,
     ServerConfig,
     TunnelConfig,
+    WebConfig,
 )
 from portfwd.errors import ConfigError
 from portfwd.specs import (
@@ -40,6 +42,7 @@ from portfwd.specs import (
     ServerSpec,
     ServerUserSpec,
     TunnelSpec,
+    WebSpec,
 )
 from portfwd.tunnelspec import parse_destination
 
@@ -60,13 +63,18 @@ def plan(config: Config) -> Plan:
         ]
         if problems:
             raise ConfigError(problems[0], problems=problems)
+    metrics = _address(config.metrics.listen) if config.metrics is not None else None
+    web = web_spec(config.web, metrics) if config.web is not None else None
+    if web is not None and web.metrics:
+        metrics = None  # one listener: the web server serves /metrics too
     return Plan(
         rules=rules,
         tunnels=tuple(tunnel_spec(tunnel) for tunnel in config.tunnel),
         server=server_spec(config.server) if config.server is not None else None,
         gateway=gateway_spec(config.gateway) if config.gateway is not None else None,
         maps=tuple(map_specs(config)),
-        metrics=_address(config.metrics.listen) if config.metrics is not None else None,
+        metrics=metrics,
+        web=web,
         control=ControlSpec(config.control.enabled, config.control.socket, config.control.group),
         user=config.user,
         group=config.group,
@@ -74,6 +82,40 @@ def plan(config: Config) -> Plan:
         ssh_fast_path=config.ssh_fast_path,
         workers=workers(config.workers),
     )
+
+
+def web_spec(web: WebConfig, metrics: Address | None) -> WebSpec:
+    """`[web]` as the engine runs it: the token read from `token_file` now (a reload reads it
+    again). Raises ConfigError naming web.token_file when it cannot be read, is empty, too
+    short, or readable by other users (a token anyone on the host can read guards nothing)."""
+    token = web.token.strip() if web.token is not None else None
+    if web.token_file is not None:
+        token = _token_file(Path(web.token_file).expanduser())
+    listen = _address(web.listen)
+    return WebSpec(listen=listen, token=token, auth=web.auth, metrics=listen == metrics)
+
+
+def _token_file(path: Path) -> str:
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"web.token_file: cannot read {path}: {(exc.strerror or str(exc)).lower()}",
+            hint="create it with `openssl rand -hex 16 > FILE; chmod 600 FILE`",
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"web.token_file: {path} is not text; put the token in it as one line") from exc
+    if mode & 0o077:
+        raise ConfigError(
+            f"web.token_file: {path} is readable by other users (mode {mode & 0o777:04o}); chmod 600 it"
+        )
+    if len(text) < MIN_TOKEN or any(char.isspace() for char in text):
+        raise ConfigError(
+            f"web.token_file: {path} must hold one token of at least {MIN_TOKEN} characters and no spaces; "
+            "write one with `openssl rand -hex 16`"
+        )
+    return text
 
 
 def workers(wanted: int | str) -> int:

@@ -36,10 +36,12 @@ from portfwd.services.gateway import Gateway
 from portfwd.services.kernelrules import KernelRules, table_name
 from portfwd.services.maps import Maps
 from portfwd.services.metrics import Metrics
+from portfwd.services.operator import Operator
 from portfwd.services.rules import RuleSet
 from portfwd.services.sampler import Sampler
 from portfwd.services.server import Server
 from portfwd.services.tunnels import Tunnels, log_fast_path
+from portfwd.services.web import Web
 from portfwd.services.workers import Workers
 from portfwd.specs import Plan, RuleSpec
 from portfwd.ssh.client import Tunnel
@@ -118,6 +120,10 @@ class Runtime:
             Server(plan.server, state, fast_path=self.fast_path) if plan.server is not None else None
         )
         self._metrics = Metrics(plan.metrics, state)
+        operator = Operator(
+            state, self._rules, self._workers, self._kernel, self.reload if loader is not None else None
+        )
+        self._web = Web(plan.web, state, operator)
         self._sampler = Sampler(state, self._tasks)
         self._janitor: Janitor | None = None  # removes root-made files after a privilege drop
         self._stop: asyncio.Event | None = None
@@ -140,6 +146,7 @@ class Runtime:
             self._maps,
             self._server,
             self._metrics,
+            self._web,
             self._sampler,
         ]
         return [service for service in ordered if service is not None]
@@ -155,6 +162,7 @@ class Runtime:
             self._rules,
             self._kernel,
             self._metrics,
+            self._web,
             self._control,
         ]
         return [service for service in ordered if service is not None]
@@ -168,6 +176,7 @@ class Runtime:
             (self._workers, userspace),
             (self._tunnels, plan.tunnels),
             (self._metrics, plan.metrics),
+            (self._web, plan.web),
         ]
 
     @property

@@ -280,6 +280,21 @@ class MapSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSpec:
+    """`[web]`: the dashboard and HTTP API at `listen`.
+
+    `token` (None: no token, so every action is refused) is what a request's
+    `Authorization: Bearer` must carry for actions, and for reads too with `auth == "all"`.
+    `metrics`: /metrics is served here as well (`[metrics]` names the same listener).
+    """
+
+    listen: Address
+    token: str | None = field(default=None, repr=False)
+    auth: Literal["actions", "all"] = "actions"
+    metrics: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     """Everything one instance runs; `runtime.Runtime` starts it and applies a new one on reload."""
 
@@ -289,6 +304,7 @@ class Plan:
     gateway: GatewaySpec | None = None
     maps: tuple[MapSpec, ...] = ()
     metrics: Address | None = None
+    web: WebSpec | None = None
     control: ControlSpec = ControlSpec()
     user: str | None = None  #: drop root to this user once everything is bound
     group: str | None = None
@@ -299,4 +315,6 @@ class Plan:
     @property
     def empty(self) -> bool:
         """True when there is nothing to run (a config of only [control], say)."""
-        return not (self.rules or self.tunnels or self.server or self.gateway or self.maps or self.metrics)
+        return not (
+            self.rules or self.tunnels or self.server or self.gateway or self.maps or self.metrics or self.web
+        )

@@ -99,6 +99,7 @@ class RuleStats:
     rate_down: float = 0.0
     balance: str = ""  # a rule with backends: how it balances them...
     backends: list[BackendStats] = field(default_factory=list)  # ...and their stats
+    mode: str = ""  # "" (accepting), "paused" or "draining": set through the web API
 
     def count_error(self, reason: str, times: int = 1) -> None:
         """Add `times` to the error counter for `reason` (refused, timeout, unreachable...)."""
@@ -383,6 +384,16 @@ class State:
                 self._closing.setdefault(session.id, "idle timeout")
                 session.relay.close("idle timeout")
 
+    def end(self, ident: int, reason: str) -> bool:
+        """Close live session `ident` (an operator asked), its close line and the recently
+        closed list saying `reason`. False when no such session lives here."""
+        session = self.sessions.get(ident)
+        if session is None or session.relay is None:
+            return False
+        self._closing.setdefault(ident, reason)
+        session.relay.close(reason)
+        return True
+
     def _every_stats(self) -> Iterator[RuleStats]:
         """Every counter set: the rules (config order), tunnel forwards, server clients."""
         yield from list(self.rules.values())
@@ -434,6 +445,7 @@ class State:
                 rate_down=rule.rate_down,
                 balance=rule.balance,
                 backends=self._backend_rows(rule) if rule.backends else (),
+                mode=rule.mode,
             )
             for rule in list(self.rules.values())
         ]

@@ -85,6 +85,9 @@ class RuleRow:
     #: The balancing method and the backends, for a rule with several (else empty).
     balance: str = ""
     backends: tuple[BackendRow, ...] = ()
+    #: "" while it accepts; "paused" (new clients wait in the backlog) or "draining" (new
+    #: clients refused, live sessions go on), as set through the web API.
+    mode: str = ""
 
 
 @dataclass(frozen=True, slots=True)

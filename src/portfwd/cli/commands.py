@@ -24,7 +24,7 @@ from portfwd import instances
 from portfwd.cli import logging_options
 from portfwd.cli.console import setup_logging
 from portfwd.cli.options import config_option, control_option, fast_path_option, name_option, strict_option
-from portfwd.errors import ConfigError, RuntimeFailure
+from portfwd.errors import ConfigError, RuntimeFailure, UsageError
 
 if TYPE_CHECKING:
     from rich.console import Group
@@ -266,12 +266,24 @@ _target_options = (
     metavar="[SECONDS]",
     help="Refresh every SECONDS (default 1) until Ctrl-C.",
 )
+@click.option(
+    "--url",
+    metavar="URL",
+    help="Read the instance whose [web] listens at URL (http://HOST:PORT) instead of a local one.",
+)
+@click.option(
+    "--token-file",
+    metavar="FILE",
+    help='With --url: the [web] token, for an instance that asks for it to read (auth = "all").',
+)
 def status(
     config_file: str | None,
     name: str | None,
     control_socket: str | None,
     as_json: bool,
     watch: float | None,
+    url: str | None,
+    token_file: str | None,
 ) -> None:
     """Show a running instance: rules, listening sockets, live and recently closed sessions,
     with bytes, rates and ages.
@@ -283,11 +295,18 @@ def status(
     from rich.live import Live
     from rich.text import Text
 
-    from portfwd.cli import find, views
+    from portfwd.cli import find, remote, views
 
-    where = find.target(config_file, name, control_socket, validate=False)
+    if url is None and token_file is not None:
+        raise UsageError("--token-file goes with --url", hint="add --url http://HOST:PORT")
+    if url is not None and (config_file or name or control_socket):
+        raise UsageError("--url reads a remote instance; leave out -c, --name and --control")
+    token = remote.read_token(token_file) if token_file is not None else None
+    where = find.target(config_file, name, control_socket, validate=False) if url is None else None
 
     def fetch() -> dict[str, Any]:
+        if url is not None:
+            return remote.fetch_status(url, token)
         assert where is not None
         answer = find.ask(where, "status")
         if not answer.get("ok"):
@@ -303,7 +322,7 @@ def status(
 
     def view() -> Group | Table:
         # Snapshots quote peers (SOCKS names, users, router replies): escaped, and no rich markup.
-        if where is not None:
+        if where is not None or url is not None:
             return views.status_view(views.printable_snapshot(fetch()))
         snapshots = [views.printable_snapshot(snapshot) for snapshot in every()]
         if len(snapshots) == 1:
@@ -314,7 +333,7 @@ def status(
     if as_json:
 
         def picture() -> Any:
-            return fetch() if where is not None else {"instances": every()}
+            return fetch() if where is not None or url is not None else {"instances": every()}
 
         if watch is None:
             print(json.dumps(picture(), indent=2, sort_keys=True))

@@ -192,7 +192,7 @@ def _rules(status: Snapshot) -> Table:
         if rule.denied_total:
             errors["denied"] = rule.denied_total
         table.add_row(
-            rule.name + ("" if rule.running else " (removed)"),
+            rule.name + ("" if rule.running else " (removed)") + (f" ({rule.mode})" if rule.mode else ""),
             rule.listen,
             rule.connect,
             rule.protocol,

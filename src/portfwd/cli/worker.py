@@ -136,6 +136,11 @@ class Worker:
                     self.rules.impose(rule, int(order["backend"]), bool(order["up"]))
             elif op == "status":
                 await self.answer({"id": order["id"], "status": self.state.status().to_json()})
+            elif op == "mode":
+                self.rules.set_mode(str(order["name"]), str(order["mode"]), strict=False)
+            elif op == "close":
+                closed = self.state.end(int(order["session"]), str(order["reason"]))
+                await self.answer({"id": order["id"], "closed": closed})
             elif op == "stop":
                 self.stop(float(order.get("drain", 0.0)))
 

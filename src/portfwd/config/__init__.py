@@ -6,7 +6,7 @@ portfwd's words), `checks` (`validate`: per field, then across fields) and `file
 `load`). `planner` turns a `Config` into the specs the engine runs.
 """
 
-from portfwd.config.checks import published, validate
+from portfwd.config.checks import MIN_TOKEN, published, validate
 from portfwd.config.fields import (
     Ciphers,
     Duration,
@@ -37,10 +37,12 @@ from portfwd.config.models import (
     ServerConfig,
     ServerUserConfig,
     TunnelConfig,
+    WebConfig,
 )
 
 __all__ = [
     "MAX_CONFIG_BYTES",
+    "MIN_TOKEN",
     "Ciphers",
     "Config",
     "ControlConfig",
@@ -66,6 +68,7 @@ __all__ = [
     "ServerUserConfig",
     "TargetEndpoint",
     "TunnelConfig",
+    "WebConfig",
     "control_socket",
     "find",
     "load",

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from portfwd.addr import Endpoint, HostPorts, Transport, UnixPath
+from portfwd.addr import Endpoint, HostPorts, Transport, UnixPath, is_loopback
 from portfwd.config.messages import problem
 from portfwd.config.models import Config, ForwardConfig, GatewayForwardConfig, MapConfig
 from portfwd.errors import ConfigError
@@ -108,6 +108,39 @@ def _check_rules(config: Config) -> list[str]:
         listen = config.metrics.listen
         if not isinstance(listen, HostPorts) or len(listen.ports) != 1:
             problems.append('metrics.listen: must be one host:port; write "127.0.0.1:9930"')
+    if config.web is not None:
+        problems.extend(_check_web(config))
+    return problems
+
+
+#: The shortest bearer token `[web]` takes: 128 bits of hex (`openssl rand -hex 16`).
+MIN_TOKEN = 32
+
+
+def _check_web(config: Config) -> list[str]:
+    """`[web]`: one host:port, one token source, a token that is not guessable, and a token
+    wherever someone other than this machine's users can reach the API."""
+    web = config.web
+    assert web is not None
+    problems = []
+    listen = web.listen
+    if not isinstance(listen, HostPorts) or len(listen.ports) != 1:
+        return ['web.listen: must be one host:port; write "127.0.0.1:9931"']
+    if web.token is not None and web.token_file is not None:
+        problems.append("web.token: give token or token_file, not both")
+    if web.token is not None and len(web.token.strip()) < MIN_TOKEN:
+        problems.append(
+            f"web.token: too short ({len(web.token.strip())} characters); use at least {MIN_TOKEN}, "
+            "e.g. the output of `openssl rand -hex 16`"
+        )
+    if web.auth == "all" and web.token is None and web.token_file is None:
+        problems.append('web.auth: "all" needs a token to ask for; set web.token_file (or token)')
+    elif web.token is None and web.token_file is None and not is_loopback(listen.host):
+        where = f"{listen.host or '*'}:{listen.ports.first}"
+        problems.append(
+            f"web.listen: {where} is reachable from other hosts and [web] has no token; "
+            'set web.token_file (or token), or listen on "127.0.0.1:9931"'
+        )
     return problems
 
 
@@ -431,5 +464,11 @@ def _rule_index(line: str) -> int:
 
 def _declares_anything(config: Config) -> bool:
     return bool(
-        config.forward or config.tunnel or config.server or config.gateway or config.map or config.metrics
+        config.forward
+        or config.tunnel
+        or config.server
+        or config.gateway
+        or config.map
+        or config.metrics
+        or config.web
     )

@@ -312,6 +312,15 @@ class MetricsConfig(_Model):
     listen: ListenEndpoint = Field(default_factory=lambda: parse_listen("127.0.0.1:9930"))
 
 
+class WebConfig(_Model):
+    """`[web]`: the dashboard and the HTTP API (loopback unless told; a token for actions)."""
+
+    listen: ListenEndpoint = Field(default_factory=lambda: parse_listen("127.0.0.1:9931"))
+    token: str | None = Field(default=None, min_length=1)
+    token_file: str | None = Field(default=None, min_length=1)
+    auth: Literal["actions", "all"] = "actions"
+
+
 class ControlConfig(_Model):
     """`[control]`: the local control socket `portfwd status` reads."""
 
@@ -335,4 +344,5 @@ class Config(_Model):
     gateway: GatewayConfig | None = None
     map: tuple[MapConfig, ...] = ()
     metrics: MetricsConfig | None = None
+    web: WebConfig | None = None
     control: ControlConfig = ControlConfig()

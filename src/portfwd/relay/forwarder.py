@@ -45,6 +45,10 @@ _NOT_THE_BACKENDS = frozenset({"resources", "transparent"})
 Target = tuple[str, int] | str
 
 
+#: SO_LINGER on, 0 seconds: close() sends a reset, not a FIN.
+_RESET = struct.pack("ii", 1, 0)
+
+
 def format_peer(peer: tuple[Any, ...]) -> str:
     """`1.2.3.4:5678` or `[::1]:5678`; an IPv4 client of a dual-stack socket shows as IPv4."""
     host: str = peer[0]
@@ -262,6 +266,8 @@ class TcpForwarder:
         #: Set by the runtime to the listener's pause(): running out of descriptors while
         #: connecting upstream is the same exhaustion as failing to accept.
         self.exhausted: Callable[[str], None] | None = None
+        #: A draining rule: new clients are reset at once (counted `draining`); live sessions go on.
+        self.refusing = False
 
     def serve(self, clients: list[tuple[int, Any]]) -> None:
         """Admit or refuse the clients of one accept burst (non-blocking descriptors from
@@ -272,6 +278,9 @@ class TcpForwarder:
         sleeping target costs a cross-CPU wakeup each time; connects that follow each other
         closely find it awake (bench/RESULTS.md, design measurement D2).
         """
+        if self.refusing:
+            self._refuse(clients)
+            return
         held: list[Connect] = []
         try:
             for client, peer in clients:
@@ -282,6 +291,16 @@ class TcpForwarder:
         finally:  # the connects begun go on whatever happened to a later client
             for connect in held:
                 connect.confirm()
+
+    def _refuse(self, clients: list[tuple[int, Any]]) -> None:
+        """A draining rule's new clients: reset (SO_LINGER 0), so each learns at once that this
+        listener takes nobody now and a client or balancer in front tries elsewhere."""
+        for client, _ in clients:
+            refused = socket.socket(fileno=client)
+            with contextlib.suppress(OSError):
+                refused.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            refused.close()
+            self.stats.count_error("draining")
 
     def _from_proxy(self, client: int, peer: Any) -> None:
         """A client behind a load balancer (`accept_proxy_protocol`): only from trusted_proxies;

@@ -236,10 +236,28 @@ class _Accepting(Generic[Client]):
         self._loop = asyncio.get_running_loop()
         self._paused: asyncio.TimerHandle | None = None
         self._closed = False
+        self._held = False
 
     def start(self) -> None:
         """Begin accepting."""
-        self._loop.add_reader(self.listener.fileno(), self._on_accept)
+        if not self._held:
+            self._loop.add_reader(self.listener.fileno(), self._on_accept)
+
+    def hold(self) -> None:
+        """Stop accepting until `release`: new clients wait in the kernel's backlog (a paused
+        rule, as haproxy's `disable frontend`); the socket stays bound."""
+        if self._held or self._closed:
+            return
+        self._held = True
+        self._loop.remove_reader(self.listener.fileno())
+
+    def release(self) -> None:
+        """Accept again after `hold` (unless paused for exhaustion: that resumes on its own)."""
+        if not self._held:
+            return
+        self._held = False
+        if self._paused is None and not self._closed:
+            self._loop.add_reader(self.listener.fileno(), self._on_accept)
 
     def _accept(self) -> tuple[Client, Any]:
         """One client and its address. Raises OSError (BlockingIOError when none is waiting)."""
@@ -292,7 +310,7 @@ class _Accepting(Generic[Client]):
 
     def _resume(self) -> None:
         self._paused = None
-        if not self._closed:
+        if not self._closed and not self._held:
             self._loop.add_reader(self.listener.fileno(), self._on_accept)
 
     def close(self) -> None:

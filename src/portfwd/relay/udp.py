@@ -22,6 +22,7 @@ import logging
 import math
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from portfwd.acl import client_ip
@@ -202,6 +203,11 @@ class UdpForwarder:
         self._idle_ticks = max(1, math.ceil(rule.udp_idle_timeout / interval))
         self.tick = 0
         self._sweeper: asyncio.TimerHandle | None = None
+        #: A draining rule: datagrams that would start a flow are dropped (counted `draining`);
+        #: live flows go on.
+        self.refusing = False
+        self._held = False
+        self._reading: Callable[[], None] | None = None
 
     @property
     def label(self) -> str:
@@ -213,8 +219,25 @@ class UdpForwarder:
         on_datagram = self._on_datagram if self.batch is None else self._on_datagrams
         if self._proxied:
             on_datagram = self._on_datagram_headed
-        self.loop.add_reader(self.listener_fd, on_datagram)
+        self._reading = on_datagram
+        if not self._held:
+            self.loop.add_reader(self.listener_fd, on_datagram)
         self._sweeper = self.loop.call_later(self._sweep_interval, self._sweep)
+
+    def hold(self) -> None:
+        """Stop reading the socket until `release` (a paused rule): datagrams wait in its
+        receive buffer as far as it holds them; replies to live flows still go back."""
+        if not self._held:
+            self._held = True
+            with contextlib.suppress(OSError, ValueError):
+                self.loop.remove_reader(self.listener_fd)
+
+    def release(self) -> None:
+        """Read again after `hold`."""
+        if self._held:
+            self._held = False
+            if self._reading is not None and self.listener.fileno() >= 0:
+                self.loop.add_reader(self.listener_fd, self._reading)
 
     def _on_datagram(self) -> None:
         # The hot path: one recvfrom and one send per datagram, nothing else allocated.
@@ -324,6 +347,9 @@ class UdpForwarder:
 
     def _new_flow(self, peer: Any, key: Any, datagrams: int = 1) -> _Flow | None:
         """A flow for a new client, or None (counted per datagram) when it is denied or over the cap."""
+        if self.refusing:
+            self.stats.count_error("draining", datagrams)
+            return None
         client_text = format_peer(peer)
         target = self._default
         preferred: int | None = None

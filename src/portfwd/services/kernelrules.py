@@ -110,6 +110,10 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
         self._counting = asyncio.Lock()  # a table replaced and its counters carried over, or read
         self._going: list[RuleSpec] = []
 
+    def knows(self, name: str) -> bool:
+        """Whether a kernel relay of that name runs."""
+        return any(rule.label == name for rule in self.rules)
+
     @property
     def active(self) -> bool:
         return bool(self.rules)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from portfwd.addr import HostPorts, UnixPath
-from portfwd.errors import BindError, PortfwdError
+from portfwd.errors import ActionError, BindError, PortfwdError
 from portfwd.logevents import event
 from portfwd.relay import transparent
 from portfwd.relay.balance import Backend, Pool
@@ -82,6 +83,27 @@ def _accepting(listener: socket.socket, forwarder: TcpForwarder) -> DescriptorLi
     return accepting
 
 
+def _impose(run: _RuleRun, mode: str) -> None:
+    """Make every listener of `run` (and the copies it serves for a worker that is down) follow
+    `mode`: "paused" holds accepts, "draining" refuses new clients, "" takes them."""
+    adopted = [item for items in run.adopted.values() for item in items]
+    listeners = [accepting for accepting, _ in run.tcp]
+    listeners += [item for item in adopted if isinstance(item, DescriptorListener)]
+    for accepting in listeners:
+        if mode == "paused":
+            accepting.hold()
+        else:
+            accepting.release()
+    for _, forwarder in run.tcp:
+        forwarder.refusing = mode == "draining"
+    for udp in [*run.udp, *(item for item in adopted if isinstance(item, UdpForwarder))]:
+        udp.refusing = mode == "draining"
+        if mode == "paused":
+            udp.hold()
+        else:
+            udp.release()
+
+
 def shareable(rule: RuleSpec) -> bool:
     """Whether every worker may relay a rule: an IP listener, and nothing counted across its
     connections that must stay one count (connection limits, a rule-wide bandwidth). Other
@@ -130,6 +152,8 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         self._poller = Poller()  # the splice relays' sockets
         self._batch: Batch | None = None  # the UDP forwarders' recvmmsg/sendmmsg slots
         self._batch_tried = False
+        #: Rules paused or draining (by name, so a reload that changes a rule keeps its mode).
+        self.modes: dict[str, str] = {}
 
     # ------------------------------------------------------------------ what runs
     @property
@@ -178,6 +202,7 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
                     if not serving or getattr(serving[-1], "listener", None) is not copy:
                         copy.close()
                     raise
+            _impose(run, self.modes.get(rule.label, ""))
 
     def release(self, worker: int, rules: set[RuleSpec]) -> None:
         """Worker `worker` serves its copies of `rules` again (the rules it was handed)."""
@@ -208,6 +233,55 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
 
     def owned(self) -> Owned:
         return Owned(files=[rule.listen.path for rule in self._runs if isinstance(rule.listen, UnixPath)])
+
+    # ------------------------------------------------------------------ operator actions
+    def set_mode(self, name: str, mode: str, *, strict: bool = True) -> None:
+        """Pause (`paused`: new clients wait in the backlog), drain (`draining`: new clients are
+        refused, live sessions go on) or resume (`""`) rule `name`, in this process; a rule of
+        that name started later (a reload, a worker handed it) starts in that mode.
+
+        Raises ActionError when `strict` and no rule of that name runs here.
+        """
+        runs = [run for rule, run in self._runs.items() if rule.label == name]
+        if not runs and strict:
+            raise ActionError(f"no running rule named {name!r}", kind="missing")
+        if mode:
+            self.modes[name] = mode
+        else:
+            self.modes.pop(name, None)
+        for run in runs:
+            _impose(run, mode)
+        self.state.rule(name).mode = mode
+
+    def knows(self, name: str) -> bool:
+        """Whether a rule of that name runs here."""
+        return any(rule.label == name for rule in self._runs)
+
+    async def check_backend(self, name: str, backend: str) -> tuple[bool, str]:
+        """Check backend `backend` of rule `name` now, as its active checks do (the result counts
+        toward rise and fall); without active checks a pass ends a passive down, a failure is
+        only noted. Returns (passed, what happened). Raises ActionError (no such rule or
+        backend)."""
+        found = [(rule, run) for rule, run in self._runs.items() if rule.label == name]
+        if not found:
+            raise ActionError(f"no running rule named {name!r}", kind="missing")
+        rule, run = found[0]
+        pool = run.pool
+        if pool is None:
+            raise ActionError(f"rule {name!r} has one target and no backends to check", kind="conflict")
+        chosen = [item for item in pool.backends if item.spec.name == backend]
+        if not chosen:
+            names = ", ".join(item.spec.name for item in pool.backends)
+            raise ActionError(f"rule {name!r} has no backend {backend!r} (it has {names})", kind="missing")
+        checker = run.checker or Checker(
+            pool, rule.listen, datagram=not rule.protocol.has_tcp, proxy_protocol=rule.proxy_protocol
+        )
+        ok, result = await checker.probe(chosen[0])
+        if run.checker is not None or ok:
+            pool.checked(chosen[0], ok, result)
+        else:  # no active checks to bring it back: a failure is shown, never held against it
+            chosen[0].stats.last_check, chosen[0].stats.last_check_result = time.time(), result
+        return ok, result
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> list[PortfwdError]:
@@ -372,6 +446,7 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
             accepting.start()
         for udp in run.udp:
             udp.start()
+        _impose(run, self.modes.get(rule.label, ""))  # before the loop runs: nobody slips in
         if pool is not None and rule.health.interval and self.given is None:  # workers are told
             run.checker = Checker(
                 pool, rule.listen, datagram=not rule.protocol.has_tcp, proxy_protocol=rule.proxy_protocol
@@ -438,6 +513,7 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         target = targets_text(rule)
         stats.listen, stats.connect, stats.protocol, stats.relay = listen, target, protocol, relay
         stats.running = True
+        stats.mode = self.modes.get(rule.label, "")
         stats.idle_timeout = rule.idle_timeout or 0.0
         self.state.listeners.append(Listener(rule.label, listen, protocol, relay))
         self.state.add_listening(rule.label, path, [accepting.listener for accepting, _ in run.tcp])

@@ -249,6 +249,8 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
             worker.has[rule] = ident
         wanted = {rule for rule, _ in shared}
         worker.has = {rule: ident for rule, ident in worker.has.items() if rule in wanted}
+        for name, mode in self.rules.modes.items():  # before its rules start: none slips through
+            self._order(worker, {"op": "mode", "name": name, "mode": mode})
         try:
             order = {"op": "apply", "ids": list(worker.has.values())}
             answer = await self._ask(worker, order, HAND_OVER_TIMEOUT)
@@ -401,6 +403,25 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
                     worker.last = Snapshot.from_json(answer.get("status"))
         peers = [worker.last for worker in live if worker.last is not None]
         self.state.peers = [*peers, *self._departed]
+
+    # ------------------------------------------------------------------ operator actions
+    def set_mode(self, name: str, mode: str) -> None:
+        """Every worker follows rule `name`'s mode (RuleSet.set_mode), now and for the rules it
+        is handed later."""
+        for worker in self._workers:
+            self._order(worker, {"op": "mode", "name": name, "mode": mode})
+
+    async def end_session(self, ident: int, reason: str) -> bool:
+        """Close session `ident` in whichever worker relays it; False when none does."""
+        live = [worker for worker in self._workers if worker.orders is not None and worker.ready]
+        answers = await asyncio.gather(
+            *(
+                self._ask(worker, {"op": "close", "session": ident, "reason": reason}, ANSWER_TIMEOUT)
+                for worker in live
+            ),
+            return_exceptions=True,
+        )
+        return any(isinstance(answer, dict) and answer.get("closed") is True for answer in answers)
 
     # ------------------------------------------------------------------ reload
     async def retire(self, part: tuple[RuleSpec, ...]) -> Change:

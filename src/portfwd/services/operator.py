@@ -1,0 +1,61 @@
+"""What an operator asks through the web API, carried out over the running services.
+
+The one service-level module that knows several services (the rules, their workers, the
+kernel relays): an action on a rule must reach every process that relays it, and say plainly
+when the rule is not one the action applies to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from portfwd.errors import ActionError
+from portfwd.services.kernelrules import KernelRules
+from portfwd.services.rules import RuleSet
+from portfwd.services.workers import Workers
+from portfwd.state import State
+
+
+class Operator:
+    """The instance's side of the web API's actions (web/actions.py's `Actions`)."""
+
+    def __init__(
+        self,
+        state: State,
+        rules: RuleSet,
+        workers: Workers,
+        kernel: KernelRules,
+        reloader: Callable[[], Awaitable[dict[str, Any]]] | None,
+    ) -> None:
+        self.state = state
+        self.rules = rules
+        self.workers = workers
+        self.kernel = kernel
+        self.reloader = reloader
+
+    async def reload(self) -> dict[str, Any]:
+        if self.reloader is None:
+            raise ActionError("this instance runs without a config file; nothing to reload", kind="conflict")
+        return await self.reloader()
+
+    async def set_mode(self, rule: str, mode: str) -> None:
+        if self.kernel.knows(rule):
+            raise ActionError(
+                f"rule {rule!r} is relayed by the kernel (relay = kernel): pause and drain are for "
+                "userspace relays",
+                kind="conflict",
+                hint='set relay = "splice" on it to manage it here',
+            )
+        self.rules.set_mode(rule, mode)
+        self.workers.set_mode(rule, mode)
+
+    async def end_session(self, ident: int, reason: str) -> None:
+        if self.state.end(ident, reason) or await self.workers.end_session(ident, reason):
+            return
+        raise ActionError(f"no live session {ident}", kind="missing", hint="it may have closed already")
+
+    async def check_backend(self, rule: str, backend: str) -> tuple[bool, str]:
+        if self.kernel.knows(rule):
+            raise ActionError(f"rule {rule!r} is relayed by the kernel and has no backends", kind="conflict")
+        return await self.rules.check_backend(rule, backend)
