@@ -1,0 +1,93 @@
+"""The [web] guard's decisions (token, Origin, Host) and the OpenAPI document, without a server."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from hypothesis import given
+from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
+
+from portfwd.status import RuleRow, Snapshot
+from portfwd.web import guard
+from portfwd.web.feed import event
+from portfwd.web.openapi import document
+
+TOKEN = "a" * 32
+
+
+def test_the_token_is_needed_only_where_asked_and_compared_whole() -> None:
+    assert guard.authorize(TOKEN, None, needed=False) is None
+    assert guard.authorize(TOKEN, TOKEN, needed=True) is None
+    assert guard.authorize(TOKEN, None, needed=True) == guard.Refusal(
+        401, "this needs the [web] token: send Authorization: Bearer TOKEN"
+    )
+    refused = guard.authorize(TOKEN, TOKEN[:-1], needed=True)
+    assert refused is not None
+    assert refused.status == 401
+    off = guard.authorize(None, TOKEN, needed=True)
+    assert off is not None
+    assert off.status == 403
+    assert "no [web] token" in off.message
+
+
+def test_bearer_reads_only_the_bearer_scheme() -> None:
+    assert guard.bearer(f"Bearer {TOKEN}") == TOKEN
+    assert guard.bearer(f"bearer   {TOKEN} ") == TOKEN
+    assert guard.bearer(f"Basic {TOKEN}") is None
+    assert guard.bearer("Bearer ") is None
+    assert guard.bearer(None) is None
+
+
+def test_origin_must_be_this_server() -> None:
+    assert guard.same_origin(None, None, "127.0.0.1:9931", None) is None
+    assert guard.same_origin("http://127.0.0.1:9931", "same-origin", "127.0.0.1:9931", None) is None
+    assert guard.same_origin("http://localhost", None, "localhost:80", None) is None
+    assert guard.same_origin("https://dash.example", None, "127.0.0.1:9931", "dash.example:443") is None
+    for origin in ("http://evil.example", "null", "http://127.0.0.1:9932", "file://", "%"):
+        refused = guard.same_origin(origin, None, "127.0.0.1:9931", None)
+        assert refused is not None, origin
+        assert refused.status == 403
+    refused = guard.same_origin(None, "cross-site", "127.0.0.1:9931", None)
+    assert refused is not None
+    assert refused.message.startswith("cross-site request refused")
+
+
+def test_a_loopback_listener_takes_addresses_and_localhost_only() -> None:
+    for host in ("127.0.0.1:9931", "localhost:9931", "[::1]:9931", "LOCALHOST", "10.0.0.1"):
+        assert guard.local_host(host) is None, host
+    for host in ("rebind.example:9931", "127.0.0.1.nip.io", "[evil]:1", ""):
+        refused = guard.local_host(host)
+        assert refused is not None, host
+        assert "DNS rebinding" in refused.message
+    assert guard.local_host(None) == guard.Refusal(403, "no Host header; send one")
+
+
+@given(st.text(max_size=200), st.one_of(st.none(), st.text(max_size=30)), st.text(max_size=100))
+def test_the_guard_never_raises_and_answers_in_one_line(origin: str, site: str | None, host: str) -> None:
+    for refusal in (
+        guard.same_origin(origin, site, host, None),
+        guard.local_host(host),
+        guard.authorize(TOKEN, guard.bearer(origin), needed=True),
+    ):
+        if refusal is not None:
+            assert "\n" not in refusal.message
+            assert refusal.status in (401, 403)
+
+
+def test_the_openapi_document_describes_the_status_it_serves() -> None:
+    served = document()
+    schemas = served["components"]["schemas"]
+    for name in ("Snapshot", "RuleRow", "BackendRow", "SessionRow", "ClosedRow", "TunnelRow", "MappingRow"):
+        Draft202012Validator.check_schema(schemas[name])
+    assert schemas["RuleRow"]["properties"]["mode"] == {"type": "string"}
+    snapshot = Snapshot(pid=1, started=0.0, config=None, instance="x", kind="run", control="")
+    row = RuleRow("r", "l", "c", "tcp", "splice", True, 1, 0, 2, 3, 0, {"refused": 1}, 0, mode="paused")
+    data = dataclasses.replace(snapshot, rules=(row,)).to_json()
+    Draft202012Validator(
+        {"$ref": "#/components/schemas/Snapshot", "components": served["components"]}
+    ).validate(data)
+
+
+def test_an_event_is_one_data_line() -> None:
+    assert event("status", {"a": "line\nbreak"}) == b'event: status\ndata: {"a":"line\\nbreak"}\n\n'
