@@ -10,7 +10,7 @@ from jsonschema import Draft202012Validator
 
 from portfwd.status import RuleRow, Snapshot
 from portfwd.web import guard
-from portfwd.web.feed import event
+from portfwd.web.feed import sse
 from portfwd.web.openapi import document
 
 TOKEN = "a" * 32
@@ -90,4 +90,4 @@ def test_the_openapi_document_describes_the_status_it_serves() -> None:
 
 
 def test_an_event_is_one_data_line() -> None:
-    assert event("status", {"a": "line\nbreak"}) == b'event: status\ndata: {"a":"line\\nbreak"}\n\n'
+    assert sse("status", {"a": "line\nbreak"}) == b'event: status\ndata: {"a":"line\\nbreak"}\n\n'

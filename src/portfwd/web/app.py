@@ -26,7 +26,7 @@ from portfwd.specs import WebSpec
 from portfwd.state import State
 from portfwd.web import guard
 from portfwd.web.actions import MODES, Actions
-from portfwd.web.feed import Feed, event
+from portfwd.web.feed import Feed, sse
 from portfwd.web.openapi import document
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ class WebApp:
                 }
             )
             await response.prepare(request)
-            await response.write(event("history", self.feed.history()))
+            await response.write(sse("history", self.feed.history()))
             await response.write(await self.feed.status_event())
             while True:
                 data = await queue.get()

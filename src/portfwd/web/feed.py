@@ -77,7 +77,7 @@ class Feed:
     async def status_event(self) -> bytes:
         """A status event made now (for a watcher that just came, or a single read)."""
         await self.state.refresh()
-        return event("status", self.state.status().to_json())
+        return sse("status", self.state.status().to_json())
 
     async def _run(self) -> None:
         while True:
@@ -92,7 +92,7 @@ class Feed:
             await state.refresh()
             snapshot = state.status()
             rules, tunnels = snapshot.rules, snapshot.tunnels
-            self.latest = event("status", snapshot.to_json())
+            self.latest = sse("status", snapshot.to_json())
             for queue in list(self._watchers):
                 _offer(queue, self.latest)
         else:
@@ -118,7 +118,7 @@ class Feed:
         points.append((round(point[0], 3), round(point[1], 1), round(point[2], 1)))
 
 
-def event(name: str, data: object) -> bytes:
+def sse(name: str, data: object) -> bytes:
     """One server-sent event: `event: NAME`, one `data:` line of compact JSON, a blank line."""
     return (
         b"event: " + name.encode() + b"\ndata: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
