@@ -203,6 +203,17 @@ def test_wheel_carries_the_license_and_every_module(built: Built) -> None:
     # Every module of the package (a subpackage without __init__.py would be dropped silently).
     modules = {p.relative_to(built.source / "src").as_posix() for p in (built.source / "src").rglob("*.py")}
     assert {n for n in names if n.endswith(".py")} == modules
+    # The dashboard's page: portfwd serves it from the installed package.
+    assets = {
+        p.relative_to(built.source / "src").as_posix()
+        for p in (built.source / "src/portfwd/web/assets").iterdir()
+    }
+    assert assets == {
+        "portfwd/web/assets/index.html",
+        "portfwd/web/assets/app.js",
+        "portfwd/web/assets/app.css",
+    }
+    assert assets <= names
     assert not any(n.startswith(("tests/", "build/")) or ".egg-info/" in n for n in names)
 
 

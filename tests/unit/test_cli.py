@@ -116,7 +116,7 @@ def test_nothing_to_run_and_check_agree(tmp_path: Path, capsys: pytest.CaptureFi
     config.write_text("[control]\nenabled = false\n")
     line = (
         "portfwd: nothing to run: the config has no [[forward]], [[tunnel]], [server], [gateway], "
-        "[[map]] or [metrics]; add one"
+        "[[map]], [metrics] or [web]; add one"
     )
     for command in ("run", "check"):
         code, out, err = run([command, "-c", str(config)], capsys)

@@ -149,7 +149,7 @@ BAD = [
     ),
     (
         'colour = "blue"\n',
-        "colour: unknown key; remove it or use one of: user, group, drain_timeout, ssh_fast_path, workers, forward, tunnel, server, gateway, map, metrics, control",
+        "colour: unknown key; remove it or use one of: user, group, drain_timeout, ssh_fast_path, workers, forward, tunnel, server, gateway, map, metrics, web, control",
     ),
     ('[gateway]\nwan = "eth0"\n', "gateway.lan: required key is missing; add it"),
     (
@@ -275,7 +275,7 @@ BAD = [
     ),
     (
         "[control]\nenabled = false\n",
-        "nothing to run: the config has no [[forward]], [[tunnel]], [server], [gateway], [[map]] or [metrics]; add one",
+        "nothing to run: the config has no [[forward]], [[tunnel]], [server], [gateway], [[map]], [metrics] or [web]; add one",
     ),
 ]
 

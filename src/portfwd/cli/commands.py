@@ -146,6 +146,12 @@ def check(config_file: str | None) -> None:
         console.print(line)
     if plan.metrics is not None:
         console.print(f"metrics: http://{plan.metrics}/metrics")
+    if plan.web is not None:
+        web = plan.web
+        actions = "actions need the token" if web.token else "no token: read only"
+        reads = "; reads need it too" if web.auth == "all" else ""
+        shared = " (and /metrics)" if web.metrics else ""
+        console.print(f"web: http://{web.listen}/{shared}, {actions}{reads}")
     if plan.user is not None:
         console.print(f"after binding, runs as user {plan.user}")
     console.print("config OK")

@@ -419,7 +419,7 @@ def validate(data: dict[str, Any], source: str = "config") -> Config:
         # `run` would start nothing and exit: `check` must not call that OK.
         problems.append(
             "nothing to run: the config has no [[forward]], [[tunnel]], [server], [gateway], "
-            "[[map]] or [metrics]; add one"
+            "[[map]], [metrics] or [web]; add one"
         )
     if problems:
         raise ConfigError(problems[0], problems=problems)
