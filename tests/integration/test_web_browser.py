@@ -227,6 +227,10 @@ def test_a_transfer_grows_on_the_page_and_then_shows_as_closed(dashboard: Dashbo
         first = wait(driver, "bytes counted", lambda d: sent(d) > 0 and sent(d))
         wait(driver, "bytes growing", lambda d: sent(d) > first + 100_000, seconds=20)
         driver.save_screenshot(str(ARTIFACTS / "dashboard-transfer.png"))
+        height = int(driver.execute_script("return document.documentElement.scrollHeight"))
+        driver.set_window_size(1280, min(height + 140, 4000))  # the whole page, for the README
+        driver.save_screenshot(str(ARTIFACTS / "dashboard-full.png"))
+        driver.set_window_size(1280, 1000)
     finally:
         stop.touch()
         proc.wait_for("done", timeout=15)
