@@ -209,6 +209,8 @@ class WebApp:
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """The live stream: the history, the status now, then a status each tick."""
+        if request.method == "HEAD":
+            return web.Response(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
         queue = self.feed.watch()
         if queue is None:
             return error(503, "too many dashboards watching this instance; close one and retry")
