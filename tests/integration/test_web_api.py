@@ -98,6 +98,32 @@ def test_every_read_matches_the_served_schema(instance: WebInstance) -> None:
         assert path.startswith("/api/v1/")
 
 
+def test_every_action_and_error_answer_matches_the_served_schema(instance: WebInstance) -> None:
+    document = instance.call("GET", "/api/v1/openapi.json").json
+    done, failed = validator(document, "Done"), validator(document, "Error")
+    paths = document["paths"]
+    assert set(paths["/api/v1/rules/{rule}/{verb}"]["post"]["responses"]) >= {"200", "401", "404", "409"}
+    for path in (
+        "/api/v1/rules/echo/resume",
+        "/api/v1/rules/pool/backends/x/check",
+        "/api/v1/sessions/5/close",
+    ):
+        for token in (None, TOKEN):
+            answer = instance.call("POST", path, token=token)
+            (done if answer.status == 200 else failed).validate(answer.json)
+            assert (
+                str(answer.status)
+                in paths[
+                    {
+                        "/api/v1/rules/echo/resume": "/api/v1/rules/{rule}/{verb}",
+                        "/api/v1/rules/pool/backends/x/check": "/api/v1/rules/{rule}/backends/{backend}/check",
+                        "/api/v1/sessions/5/close": "/api/v1/sessions/{session}/close",
+                    }[path]
+                ]["post"]["responses"]
+            ), (path, answer.status)
+    failed.validate(instance.call("GET", "/nowhere").json)
+
+
 def test_actions_need_the_token_and_other_sites_are_refused(instance: WebInstance) -> None:
     answer = instance.call("POST", "/api/v1/rules/echo/pause")
     assert "send Authorization: Bearer" in one_line_error(answer, 401)

@@ -200,6 +200,7 @@ def test_the_page_shows_rules_a_tunnel_and_a_mapping(dashboard: Dashboard) -> No
         ".filter(e => !e.name.includes('/api/v1/events')).map(e => [e.name, e.transferSize || e.encodedBodySize]);"
     )
     assert sum(size for _, size in sizes) < 100 * 1024, sizes
+    assert all(name.startswith(dashboard.url) for name, _ in sizes), "nothing from another host (no CDN)"
     assert browser_errors(driver) == []
     driver.save_screenshot(str(ARTIFACTS / "dashboard.png"))
 
