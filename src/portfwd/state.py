@@ -238,12 +238,14 @@ class State:
         #: Called when the last live session closes (the runtime's drain waits on it).
         self.on_empty: Callable[[], None] | None = None
 
-    async def refresh(self) -> None:
-        """Bring the workers' snapshots up to date (status and /metrics call this first)."""
+    async def refresh(self, *, readers: bool = True) -> None:
+        """Bring the workers' snapshots up to date (status and /metrics call this first), and,
+        with `readers`, what the other parts read only when asked (a conntrack dump)."""
         if self.refresher is not None:
             await self.refresher()
-        for reader in self.readers:
-            await reader()
+        if readers:
+            for reader in self.readers:
+                await reader()
 
     def rule(self, name: str) -> RuleStats:
         """The stats of a rule, created on first use."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
@@ -91,3 +93,43 @@ def test_the_openapi_document_describes_the_status_it_serves() -> None:
 
 def test_an_event_is_one_data_line() -> None:
     assert sse("status", {"a": "line\nbreak"}) == b'event: status\ndata: {"a":"line\\nbreak"}\n\n'
+
+
+def test_a_status_event_carries_at_most_max_rows_per_list() -> None:
+    from portfwd.web.feed import MAX_ROWS, bounded
+
+    sessions = [{"id": index, "bytes_up": index, "bytes_down": 0} for index in range(MAX_ROWS + 500)]
+    flows = [{"state": "TIME_WAIT" if index % 2 else "ESTABLISHED"} for index in range(MAX_ROWS + 2)]
+    status = bounded({"sessions": sessions, "kernel_sessions": flows, "gateway_sessions": []})
+    assert len(status["sessions"]) == MAX_ROWS
+    assert status["sessions"][0]["id"] == MAX_ROWS + 499, "the largest first"
+    assert status["omitted"] == {"sessions": 500, "kernel_sessions": 2}
+    assert [flow["state"] for flow in status["kernel_sessions"][: (MAX_ROWS + 2) // 2]] == ["ESTABLISHED"] * (
+        (MAX_ROWS + 2) // 2
+    )
+    assert "omitted" not in bounded({"sessions": sessions[:3]})
+
+
+async def test_the_kernel_flows_are_read_at_a_pace_their_cost_allows(monkeypatch: pytest.MonkeyPatch) -> None:
+    from portfwd.state import State
+    from portfwd.web import feed as feed_module
+
+    clock = [100.0]
+    monkeypatch.setattr(feed_module.time, "monotonic", lambda: clock[0])
+    state = State()
+    reads: list[float] = []
+
+    async def reader() -> None:
+        reads.append(clock[0])
+        clock[0] += 0.5  # a dump of a busy conntrack table
+
+    state.readers.append(reader)
+    feed = feed_module.Feed(state)
+    feed.watch()
+    for _ in range(40):
+        await feed.tick()
+        clock[0] += 1.0
+    assert reads[0] == 100.0
+    gaps = [later - earlier for earlier, later in itertools.pairwise(reads)]
+    assert gaps
+    assert min(gaps) >= 0.5 * feed_module.READ_COST, "a 0.5 s dump at most every 25 s"

@@ -24,6 +24,15 @@ KEEP = 300
 BACKLOG = 4
 #: Watchers at once (each holds a connection open).
 MAX_WATCHERS = 32
+#: The kernel's flow list (a conntrack dump: its cost grows with the table, closed flows
+#: included) is read at most every READ_EVERY seconds while someone watches, and never more
+#: often than READ_COST times what the last read took: a busy box's dump of 0.5 s then costs
+#: at most 2 % of a core, not half of one.
+READ_EVERY = 5.0
+READ_COST = 50.0
+#: Rows of each session list a status event carries (the largest by bytes, live flows first);
+#: how many were left out is in the event's `omitted`.
+MAX_ROWS = 1000
 
 Point = tuple[float, float, float]  # wall-clock, bytes/s up, bytes/s down
 
@@ -38,6 +47,7 @@ class Feed:
         self._watchers: set[asyncio.Queue[bytes]] = set()
         self._task: asyncio.Task[None] | None = None
         self.latest: bytes = b""  # the last status event sent (a new watcher starts with it)
+        self._next_read = 0.0  # monotonic: when the kernel's flows may be read again
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="portfwd web feed")
@@ -75,9 +85,16 @@ class Feed:
         }
 
     async def status_event(self) -> bytes:
-        """A status event made now (for a watcher that just came, or a single read)."""
-        await self.state.refresh()
-        return sse("status", self.state.status().to_json())
+        """A status event made now (for a watcher that just came)."""
+        await self._refresh()
+        return sse("status", bounded(self.state.status().to_json()))
+
+    async def _refresh(self) -> None:
+        began = time.monotonic()
+        readers = began >= self._next_read
+        await self.state.refresh(readers=readers)
+        if readers:
+            self._next_read = began + max(READ_EVERY, (time.monotonic() - began) * READ_COST)
 
     async def _run(self) -> None:
         while True:
@@ -89,10 +106,10 @@ class Feed:
         state = self.state
         now = time.time()
         if self._watchers:
-            await state.refresh()
+            await self._refresh()
             snapshot = state.status()
             rules, tunnels = snapshot.rules, snapshot.tunnels
-            self.latest = sse("status", snapshot.to_json())
+            self.latest = sse("status", bounded(snapshot.to_json()))
             for queue in list(self._watchers):
                 _offer(queue, self.latest)
         else:
@@ -116,6 +133,28 @@ class Feed:
         if points is None:
             points = self.series[key] = deque(maxlen=KEEP)
         points.append((round(point[0], 3), round(point[1], 1), round(point[2], 1)))
+
+
+def bounded(status: dict[str, Any]) -> dict[str, Any]:
+    """A status snapshot with at most MAX_ROWS rows per session list, and `omitted` saying how
+    many each lost: a page redrawn every second cannot use ten thousand rows, and the stream
+    must not cost the relays more because the box is busy."""
+    omitted = {}
+    for key in ("sessions", "kernel_sessions", "gateway_sessions"):
+        rows = status.get(key) or []
+        if len(rows) > MAX_ROWS:
+            rows.sort(key=_interest)
+            omitted[key] = len(rows) - MAX_ROWS
+            status[key] = rows[:MAX_ROWS]
+    if omitted:
+        status["omitted"] = omitted
+    return status
+
+
+def _interest(row: dict[str, Any]) -> tuple[bool, int]:
+    """Live flows before closed ones, then the largest first."""
+    ended = row.get("state") in ("TIME_WAIT", "CLOSE")
+    return ended, -(int(row.get("bytes_up", 0)) + int(row.get("bytes_down", 0)))
 
 
 def sse(name: str, data: object) -> bytes:

@@ -160,7 +160,8 @@ def document() -> dict[str, Any]:
             },
             "/api/v1/events": {
                 "get": {
-                    "summary": "Live: a `history` event, then a `status` event (a Snapshot) every second",
+                    "summary": "Live: a `history` event, then a `status` event (a Snapshot) every second; "
+                    "each session list there holds at most 1000 rows, `omitted` says how many more",
                     "responses": {
                         "200": {
                             "description": "text/event-stream",

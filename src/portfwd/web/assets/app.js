@@ -567,7 +567,10 @@
     const count = st.filter
       ? (shown.length + flows.length) + ' of ' + total + ' match'
       : all.length + (all.length === 1 ? ' session' : ' sessions') + (flowsAll.length ? ', ' + flowsAll.length + ' kernel/gateway flows' : '');
-    setText($('sessions-count'), count);
+    const omitted = s.omitted && typeof s.omitted === 'object' ? s.omitted : {};
+    const more = ['sessions', 'kernel_sessions', 'gateway_sessions']
+      .reduce((n, key) => n + (Number(omitted[key]) > 0 ? Number(omitted[key]) : 0), 0);
+    setText($('sessions-count'), count + (more ? ' (' + more + ' more not shown: the largest are listed)' : ''));
   }
 
   function renderClosed(s) {
