@@ -92,7 +92,8 @@ def web_spec(web: WebConfig, metrics: Address | None) -> WebSpec:
     if web.token_file is not None:
         token = _token_file(Path(web.token_file).expanduser())
     listen = _address(web.listen)
-    return WebSpec(listen=listen, token=token, auth=web.auth, metrics=listen == metrics)
+    hosts = frozenset(name.lower().rstrip(".") for name in web.hosts)
+    return WebSpec(listen=listen, token=token, auth=web.auth, metrics=listen == metrics, hosts=hosts)
 
 
 def _token_file(path: Path) -> str:

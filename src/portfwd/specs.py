@@ -292,6 +292,8 @@ class WebSpec:
     token: str | None = field(default=None, repr=False)
     auth: Literal["actions", "all"] = "actions"
     metrics: bool = False
+    #: DNS names a request's Host may give (besides addresses and localhost), lower case.
+    hosts: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

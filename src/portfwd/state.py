@@ -230,6 +230,9 @@ class State:
         self.peers: list[Snapshot] = []
         self.workers: list[WorkerRow] = []
         self.refresher: Callable[[], Awaitable[None]] | None = None
+        #: With `workers`: each rule's byte rates in the workers, summed (much less than their
+        #: snapshots: what the dashboard's history needs every second).
+        self.rate_reader: Callable[[], Awaitable[dict[str, tuple[float, float]]]] | None = None
         self.readers: list[Callable[[], Awaitable[None]]] = []
         self._sampled = self._started_monotonic  # when `sample()` last ran
         self._server_closed: deque[Closed] = deque(maxlen=RECENT_CLOSED)  # all server clients'

@@ -3,11 +3,13 @@ Host guards, errors, and every action doing what it says, seen by real clients."
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import socket
 import stat
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from tests.integration.peers import free_port
-from tests.integration.processes import run_portfwd
+from tests.integration.processes import run_portfwd, wait_listening
 from tests.integration.webpeer import TOKEN, WebInstance, echo_client, web_instance
 
 pytestmark = pytest.mark.integration
@@ -74,6 +76,12 @@ def events(instance: WebInstance, count: int, token: str | None = None) -> list[
     return got
 
 
+def refused_by(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.settimeout(5)
+        client.recv(10)
+
+
 def test_every_read_matches_the_served_schema(instance: WebInstance) -> None:
     document = instance.call("GET", "/api/v1/openapi.json").json
     assert document["openapi"].startswith("3.1")
@@ -81,7 +89,7 @@ def test_every_read_matches_the_served_schema(instance: WebInstance) -> None:
     status = instance.call("GET", "/api/v1/status")
     assert status.status == 200  # auth = "actions": reads are open
     validator(document, "Snapshot").validate(status.json)
-    assert [rule["name"] for rule in status.json["rules"]] == ["echo", "pool"]
+    assert [rule["name"] for rule in status.json["rules"]] == ["echo", "pool", "dgram"]
     validator(document, "Info").validate(instance.call("GET", "/api/v1/info").json)
     validator(document, "History").validate(instance.call("GET", "/api/v1/history").json)
     stream = events(instance, 3)
@@ -142,6 +150,10 @@ def test_actions_need_the_token_and_other_sites_are_refused(instance: WebInstanc
     assert "DNS rebinding" in one_line_error(
         instance.call("GET", "/api/v1/status", headers={"Host": f"rebind.example:{instance.port}"}), 403
     )
+    linked = instance.call("GET", "/", headers={"Sec-Fetch-Site": "cross-site"})
+    assert linked.status == 200, "a link from another site opens the page (framing it is refused)"
+    assert linked.headers["x-frame-options"] == "DENY"
+    assert one_line_error(instance.call("GET", "/api/v1/info", headers={"Sec-Fetch-Site": "cross-site"}), 403)
     own = {"Origin": f"http://127.0.0.1:{instance.port}", "Sec-Fetch-Site": "same-origin"}
     answer = instance.call("POST", "/api/v1/rules/echo/resume", token=TOKEN, headers=own)
     assert answer.status == 200
@@ -169,6 +181,10 @@ def test_unknown_paths_methods_and_bad_bodies_get_one_line(instance: WebInstance
     assert one_line_error(instance.call("POST", "/api/v1/sessions/abc/close", token=TOKEN), 400).startswith(
         "session id 'abc' is not a session number"
     )
+    for digits in ("%C2%B2", "%D9%A1"):  # "²" and an Arabic-Indic 1: digits to Python, not ids
+        assert "is not a session number" in one_line_error(
+            instance.call("POST", f"/api/v1/sessions/{digits}/close", token=TOKEN), 400
+        )
     assert "no live session 999999" in one_line_error(
         instance.call("POST", "/api/v1/sessions/999999/close", token=TOKEN), 404
     )
@@ -178,11 +194,30 @@ def test_unknown_paths_methods_and_bad_bodies_get_one_line(instance: WebInstance
     assert "too large" in one_line_error(instance.call("POST", close, token=TOKEN, body=b" " * 20000), 413)
 
 
+def test_a_request_http_cannot_parse_gets_one_line_and_nothing_logged(instance: WebInstance) -> None:
+    secret = "0" * 31 + "x"
+    with socket.create_connection(("127.0.0.1", instance.port), timeout=10) as raw:
+        raw.sendall(
+            f"GET /api/v1/info HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {secret}\r\r\n\r\n".encode()
+        )
+        answer = b""
+        while chunk := raw.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith((b"HTTP/1.0 400 ", b"HTTP/1.1 400 ")), answer[:200]
+    assert b"content-security-policy: default-src 'none'" in head.lower()
+    assert b"server: portfwd" in head.lower()
+    assert json.loads(body) == {"error": "the request is not HTTP this server can read"}
+    instance.call("GET", "/api/v1/info")
+    assert not [line for line in instance.proc.lines if secret in line or "Traceback" in line]
+
+
 def test_close_a_live_session_from_either_process(instance: WebInstance) -> None:
-    clients = [echo_client(instance.rules["echo"]) for _ in range(6)]
+    # 12: the kernel spreads them over both processes by a hash; all in one would be 1 in 2,048
+    clients = [echo_client(instance.rules["echo"]) for _ in range(12)]
     try:
         status = instance.wait(
-            lambda s: len([x for x in s["sessions"] if x["rule"] == "echo"]) == 6, "6 sessions"
+            lambda s: len([x for x in s["sessions"] if x["rule"] == "echo"]) == 12, "12 sessions"
         )
         sessions = [row for row in status["sessions"] if row["rule"] == "echo"]
         assert len({row["pid"] for row in sessions}) == 2, "both processes relay some (workers = 2)"
@@ -198,10 +233,27 @@ def test_close_a_live_session_from_either_process(instance: WebInstance) -> None
             assert client.recv(10) == b"", "the client sees its session end"
         status = instance.wait(lambda s: not [x for x in s["sessions"] if x["rule"] == "echo"], "no sessions")
         reasons = [row["reason"] for row in status["closed"] if row["rule"] == "echo"]
-        assert reasons.count("maintenance") == 6
+        assert reasons.count("maintenance") == 12
     finally:
         for client in clients:
             client.close()
+
+
+def test_close_a_udp_flow(instance: WebInstance) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(5)
+        client.sendto(b"ping", ("127.0.0.1", instance.rules["dgram"]))
+        assert client.recv(10) == b"ping"
+        mine = f"127.0.0.1:{client.getsockname()[1]}"
+        status = instance.wait(lambda s: any(x["client"] == mine for x in s["sessions"]), "the flow")
+        (flow,) = [row for row in status["sessions"] if row["client"] == mine]
+        assert flow["path"] == "udp"
+        answer = instance.call("DELETE", f"/api/v1/sessions/{flow['id']}", token=TOKEN)
+        assert answer.status == 200, answer
+        status = instance.wait(lambda s: not any(x["client"] == mine for x in s["sessions"]), "flow closed")
+        assert [row["reason"] for row in status["closed"] if row["client"] == mine] == ["closed by API"]
+        client.sendto(b"again", ("127.0.0.1", instance.rules["dgram"]))  # a new flow begins
+        assert client.recv(10) == b"again"
 
 
 def test_pause_holds_new_clients_drain_refuses_them_and_live_sessions_go_on(instance: WebInstance) -> None:
@@ -227,10 +279,8 @@ def test_pause_holds_new_clients_drain_refuses_them_and_live_sessions_go_on(inst
         before = instance.rule("echo")["errors"].get("draining", 0)
         assert instance.call("POST", "/api/v1/rules/echo/drain", token=TOKEN).json["mode"] == "draining"
         for _ in range(6):  # each process refuses (SO_REUSEPORT spreads them)
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as refused:
-                refused.settimeout(5)
-                with pytest.raises(ConnectionResetError):
-                    refused.recv(10)
+            with pytest.raises(ConnectionResetError):  # at connect, or at the first read
+                refused_by(port)
         live.sendall(b"drain")
         assert live.recv(10) == b"drain", "a draining rule's live sessions go on"
         row = instance.wait(
@@ -295,6 +345,37 @@ def test_reload_through_the_api(tmp_path: Path) -> None:
         echo_client(added).close()
         running.config.write_text(text.replace("[web]", "[[forward]]\nname = 3\n[web]"))
         assert "forward[1].name" in one_line_error(running.call("POST", "/api/v1/reload", token=TOKEN), 409)
+
+
+def test_a_reload_through_the_api_may_change_web_itself(tmp_path: Path) -> None:
+    """The request that asks for the reload is served by the [web] the reload replaces: the
+    reload goes on, and the new [web] serves; a listener shared with [metrics] splits."""
+    shared = '[metrics]\nlisten = "127.0.0.1:PORT"\n'
+    with web_instance(tmp_path, rules=("echo",), extra=shared) as running:
+        assert running.call("GET", "/metrics").status == 200
+        mark = running.proc.mark()
+        metrics = free_port()
+        text = running.config.read_text()
+        running.config.write_text(
+            text.replace(
+                f'[metrics]\nlisten = "127.0.0.1:{running.port}"',
+                f'[metrics]\nlisten = "127.0.0.1:{metrics}"',
+            )
+            + 'hosts = ["dash.example"]\n'
+        )
+        with contextlib.suppress(ConnectionError, http.client.HTTPException):
+            running.call("POST", "/api/v1/reload", token=TOKEN)  # its answer may be cut off
+        running.proc.wait_for(" reload", start=mark, timeout=15)
+        wait_listening(metrics)
+        wait_listening(running.port)
+        assert (
+            running.call("GET", "/api/v1/info", headers={"Host": f"dash.example:{running.port}"}).status
+            == 200
+        )
+        assert running.call("GET", "/metrics").status == 404, "[metrics] moved to its own listener"
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as scraped:
+            assert b"portfwd_connections_total" in scraped.read()
+        assert not [line for line in running.proc.lines[mark:] if "already in use" in line]
 
 
 def test_status_url_reads_a_remote_instance(tmp_path: Path) -> None:

@@ -87,27 +87,41 @@ class WebInstance:
 
 @contextlib.contextmanager
 def echo_server() -> Iterator[int]:
-    """socat echoing every connection, on a loopback port; stopped by PID."""
+    """socat echoing every TCP connection and every UDP datagram, on one loopback port number;
+    stopped by PID."""
     socat = need_binary("socat", "socat")
     port = free_port()
-    process = subprocess.Popen(
-        [socat, f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork", "EXEC:cat"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    processes = [
+        subprocess.Popen(
+            [socat, f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork", "EXEC:cat"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            [socat, f"UDP4-RECVFROM:{port},bind=127.0.0.1,fork", "EXEC:cat"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+    ]
     try:
         wait_listening(port)
         yield port
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(10)
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+            process.wait(10)
 
 
 def config_text(port: int, echo: int, rules: dict[str, int], extra: str = "", web: str = "") -> str:
     parts = ["workers = 2", 'drain_timeout = "1s"']
     dead = free_port()
     for name, listen in rules.items():
-        if name == "pool":
+        if name == "dgram":
+            parts.append(
+                f'[[forward]]\nname = "dgram"\nlisten = "127.0.0.1:{listen}"\nconnect = "127.0.0.1:{echo}"\n'
+                'protocol = "udp"\n'
+            )
+        elif name == "pool":
             parts.append(
                 f'[[forward]]\nname = "pool"\nlisten = "127.0.0.1:{listen}"\n'
                 f'connect = ["127.0.0.1:{echo}", "127.0.0.1:{dead}"]\nbalance = "first"\n'
@@ -123,12 +137,14 @@ def config_text(port: int, echo: int, rules: dict[str, int], extra: str = "", we
 
 @contextlib.contextmanager
 def web_instance(
-    tmp_path: Path, *, rules: tuple[str, ...] = ("echo", "pool"), extra: str = "", web: str = ""
+    tmp_path: Path, *, rules: tuple[str, ...] = ("echo", "pool", "dgram"), extra: str = "", web: str = ""
 ) -> Iterator[WebInstance]:
     """`portfwd run` with [web] (and the given rules to a socat echo), stopped by PID."""
     with echo_server() as echo:
         port = free_port()
-        listen = {name: free_port() for name in rules}
+        listen = {
+            name: free_port(socket.SOCK_DGRAM if name == "dgram" else socket.SOCK_STREAM) for name in rules
+        }
         path = tmp_path / "portfwd.toml"
         path.write_text(
             config_text(port, echo, listen, extra.replace("PORT", str(port)), web.replace("PORT", str(port)))

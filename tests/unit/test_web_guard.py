@@ -55,21 +55,36 @@ def test_origin_must_be_this_server() -> None:
     assert refused.message.startswith("cross-site request refused")
 
 
-def test_a_loopback_listener_takes_addresses_and_localhost_only() -> None:
-    for host in ("127.0.0.1:9931", "localhost:9931", "[::1]:9931", "LOCALHOST", "10.0.0.1"):
-        assert guard.local_host(host) is None, host
-    for host in ("rebind.example:9931", "127.0.0.1.nip.io", "[evil]:1", ""):
-        refused = guard.local_host(host)
+def test_the_host_must_be_an_address_localhost_or_a_listed_name() -> None:
+    names = frozenset({"dash.example"})
+    for host in (
+        "127.0.0.1:9931",
+        "localhost:9931",
+        "[::1]:9931",
+        "LOCALHOST",
+        "10.0.0.1",
+        "dash.example:443",
+    ):
+        assert guard.known_host(host, names) is None, host
+    for host in ("rebind.example:9931", "127.0.0.1.nip.io", "[evil]:1", "", "dash.example.evil"):
+        refused = guard.known_host(host, names)
         assert refused is not None, host
         assert "DNS rebinding" in refused.message
-    assert guard.local_host(None) == guard.Refusal(403, "no Host header; send one")
+    assert guard.known_host(None, names) == guard.Refusal(403, "no Host header; send one")
+
+
+def test_behind_an_https_proxy_a_host_without_port_is_the_origin_s() -> None:
+    assert guard.same_origin("https://dash.example", "same-origin", "dash.example", None) is None
+    assert guard.same_origin("https://dash.example", None, "127.0.0.1:9931", "dash.example") is None
+    assert guard.same_origin("https://dash.example:8443", None, "dash.example", None) is not None
+    assert guard.same_origin("http://dash.example:99999", None, "dash.example:99999", None) is not None
 
 
 @given(st.text(max_size=200), st.one_of(st.none(), st.text(max_size=30)), st.text(max_size=100))
 def test_the_guard_never_raises_and_answers_in_one_line(origin: str, site: str | None, host: str) -> None:
     for refusal in (
         guard.same_origin(origin, site, host, None),
-        guard.local_host(host),
+        guard.known_host(host, frozenset()),
         guard.authorize(TOKEN, guard.bearer(origin), needed=True),
     ):
         if refusal is not None:

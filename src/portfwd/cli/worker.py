@@ -136,6 +136,9 @@ class Worker:
                     self.rules.impose(rule, int(order["backend"]), bool(order["up"]))
             elif op == "status":
                 await self.answer({"id": order["id"], "status": self.state.status().to_json()})
+            elif op == "rates":
+                rates = {name: (rule.rate_up, rule.rate_down) for name, rule in self.state.rules.items()}
+                await self.answer({"id": order["id"], "rules": rates})
             elif op == "mode":
                 self.rules.set_mode(str(order["name"]), str(order["mode"]), strict=False)
             elif op == "close":

@@ -113,6 +113,20 @@ def _strings(value: Any) -> tuple[str, ...]:
     return tuple(items)
 
 
+def _host_names(value: Any) -> tuple[str, ...]:
+    """DNS names (`[web] hosts`): letters, digits, dots and hyphens, lower-cased."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(item, str) for item in items):
+        raise _fail('must be a list of DNS names; write ["portfwd.example.net"]')
+    for item in items:
+        label = item.rstrip(".")
+        if not 1 <= len(label) <= 253 or not all(
+            char.isascii() and (char.isalnum() or char in ".-") for char in label
+        ):
+            raise _fail(f"{item[:80]!r} is not a DNS name; use letters, digits, dots and hyphens")
+    return tuple(item.lower().rstrip(".") for item in items)
+
+
 def _seconds_or_off(value: Any) -> float:
     if value in (0, "0", "off", "no"):
         return 0.0
@@ -346,6 +360,7 @@ Duration = Annotated[float, PlainValidator(_translating(parse_duration))]
 SecondsOrOff = Annotated[float, PlainValidator(_seconds_or_off)]
 Networks = Annotated[tuple[Network, ...], PlainValidator(_networks)]
 Paths = Annotated[tuple[str, ...], PlainValidator(_strings)]
+HostNames = Annotated[tuple[str, ...], PlainValidator(_host_names)]
 Destination = Annotated[str, PlainValidator(_destination)]
 Strictness = Annotated[str, PlainValidator(_strictness)]
 LocalForwards = Annotated[tuple[TunnelForward, ...], PlainValidator(_forwards("local"))]

@@ -18,6 +18,7 @@ from portfwd.config.fields import (
     DynamicForwards,
     ExternalPort,
     HostKeyAlgorithms,
+    HostNames,
     Interface,
     IPv4,
     Kex,
@@ -319,6 +320,8 @@ class WebConfig(_Model):
     token: str | None = Field(default=None, min_length=1)
     token_file: str | None = Field(default=None, min_length=1)
     auth: Literal["actions", "all"] = "actions"
+    # DNS names the dashboard is reached by (the Host header), besides addresses and localhost.
+    hosts: HostNames = ()
 
 
 class ControlConfig(_Model):

@@ -145,7 +145,12 @@ class _Flow:
             if count < BATCH:
                 return
 
-    def close(self) -> None:
+    def close(self, reason: str) -> None:
+        """End the flow (the state asks: an operator closed it): as its idle timeout would."""
+        self.forwarder._close_flow(self, reason)
+
+    def shut(self) -> None:
+        """Release the upstream socket (the forwarder forgets the flow itself)."""
         if self.upstream is not None:
             self.forwarder.loop.remove_reader(self.upstream_fd)
             self.upstream.close()
@@ -414,6 +419,7 @@ class UdpForwarder:
             stats.active += 1
             stats.total += 1
         flow = _Flow(self, peer, key, session)
+        session.relay = flow  # what the state ends it through
         flow.header = flow_header
         flow.source = source
         self.flows[key] = flow
@@ -456,7 +462,7 @@ class UdpForwarder:
     def _close_flow(self, flow: _Flow, reason: str) -> None:
         if self.flows.pop(flow.key, None) is None:
             return
-        flow.close()
+        flow.shut()
         if self.limits is not None:
             self.limits.done(flow.source)
         self.stats.udp_flows_active -= 1

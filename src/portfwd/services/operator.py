@@ -7,6 +7,7 @@ when the rule is not one the action applies to.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -33,11 +34,17 @@ class Operator:
         self.workers = workers
         self.kernel = kernel
         self.reloader = reloader
+        self._reloads: set[asyncio.Future[dict[str, Any]]] = set()
 
     async def reload(self) -> dict[str, Any]:
+        """Reload in a task of its own: a reload that changes [web] replaces the server whose
+        request asked for it, cancelling that request; the reload itself must go on."""
         if self.reloader is None:
             raise ActionError("this instance runs without a config file; nothing to reload", kind="conflict")
-        return await self.reloader()
+        task = asyncio.ensure_future(self.reloader())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+        return await asyncio.shield(task)
 
     async def set_mode(self, rule: str, mode: str) -> None:
         if self.kernel.knows(rule):

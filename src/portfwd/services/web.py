@@ -53,7 +53,10 @@ class Web(Reloadable[WebSpec | None]):
         return []
 
     async def retire(self, part: WebSpec | None) -> Change:
-        """Nothing: a changed [web] is replaced by `apply`."""
+        """A [web] that changes stops here, before any part binds again: its port may be the
+        one [metrics] takes back (a shared listener split), and `apply` starts the new one."""
+        if part != self.spec and self._server is not None:
+            await self.stop()
         return Change()
 
     async def apply(self, part: WebSpec | None) -> Change:

@@ -131,6 +131,7 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
         if self.count <= 1 or not self.rules.shared(1) or self._workers:
             return
         self.state.refresher = self.refresh
+        self.state.rate_reader = self.rates
         self._workers = [_Worker(index) for index in range(1, self.count)]
         for worker in self._workers:
             self._adopt(worker)
@@ -389,6 +390,20 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
         self.state.workers = [worker.row() for worker in self._workers]
 
     # ------------------------------------------------------------------ one instance
+    async def rates(self) -> dict[str, tuple[float, float]]:
+        """Each rule's byte rates (up, down) summed over the running workers."""
+        live = [worker for worker in self._workers if worker.orders is not None and worker.ready]
+        answers = await asyncio.gather(
+            *(self._ask(worker, {"op": "rates"}, ANSWER_TIMEOUT) for worker in live), return_exceptions=True
+        )
+        summed: dict[str, tuple[float, float]] = {}
+        for answer in answers:
+            rules = answer.get("rules") if isinstance(answer, dict) else None
+            for name, pair in (rules if isinstance(rules, dict) else {}).items():
+                up, down = summed.get(name, (0.0, 0.0))
+                summed[name] = (up + float(pair[0]), down + float(pair[1]))
+        return summed
+
     async def refresh(self) -> None:
         """Ask every running worker for its snapshot (at once, each for up to ANSWER_TIMEOUT);
         a worker late to answer is shown as it last answered."""
@@ -470,6 +485,7 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
         for worker in self._workers:
             self._close_links(worker)
         self.state.refresher = None
+        self.state.rate_reader = None
         self.state.peers = []
 
     async def sessions(self) -> int:

@@ -8,6 +8,7 @@ carries a strict Content-Security-Policy and friends (`SECURITY_HEADERS`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -18,8 +19,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from portfwd import __version__
-from portfwd.addr import is_loopback
 from portfwd.errors import ActionError
+from portfwd.logevents import event
 from portfwd.metrics import StateCollector
 from portfwd.printable import printable
 from portfwd.specs import WebSpec
@@ -35,6 +36,11 @@ log = logging.getLogger(__name__)
 MAX_BODY = 16 * 1024
 #: The longest `reason` a session close may give.
 MAX_REASON = 200
+#: Live streams one client address may hold; seconds a stream may wait for its reader; seconds
+#: a stream lasts before it ends (and the page opens another).
+STREAMS_PER_CLIENT = 8
+WRITE_TIMEOUT = 10.0
+STREAM_LIFETIME = 3600.0
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -81,8 +87,8 @@ class WebApp:
         self.state = state
         self.actions = actions
         self.feed = feed
-        self._loopback = is_loopback(spec.listen.host)
         self._assets: dict[str, bytes] = {}
+        self._streams: dict[str, int] = {}  # live streams per client address
         self._openapi: bytes | None = None
         self.registry: CollectorRegistry | None = None
         if spec.metrics:
@@ -139,8 +145,10 @@ class WebApp:
 
     def _refusal(self, request: web.Request) -> guard.Refusal | None:
         headers = request.headers
-        if self._loopback and (refusal := guard.local_host(headers.get("Host"))) is not None:
+        if (refusal := guard.known_host(headers.get("Host"), self.spec.hosts)) is not None:
             return refusal
+        if request.method in ("GET", "HEAD") and (request.path == "/" or request.path.startswith("/assets/")):
+            return None  # the page itself: a link from another site may open it (it cannot frame it)
         refusal = guard.same_origin(
             headers.get("Origin"),
             headers.get("Sec-Fetch-Site"),
@@ -189,8 +197,7 @@ class WebApp:
         )
 
     async def status(self, request: web.Request) -> web.Response:
-        await self.state.refresh()
-        return _json(self.state.status().to_json())
+        return _json(await self.feed.current())
 
     async def history(self, request: web.Request) -> web.Response:
         return _json(self.feed.history())
@@ -211,9 +218,13 @@ class WebApp:
         """The live stream: the history, the status now, then a status each tick."""
         if request.method == "HEAD":
             return web.Response(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
+        peer = str(request.remote or "")
+        if self._streams.get(peer, 0) >= STREAMS_PER_CLIENT:
+            return error(503, f"this client has {STREAMS_PER_CLIENT} dashboards open already; close one")
         queue = self.feed.watch()
         if queue is None:
             return error(503, "too many dashboards watching this instance; close one and retry")
+        self._streams[peer] = self._streams.get(peer, 0) + 1
         try:
             response = web.StreamResponse(
                 headers={
@@ -223,17 +234,25 @@ class WebApp:
                 }
             )
             await response.prepare(request)
-            await response.write(sse("history", self.feed.history()))
-            await response.write(await self.feed.status_event())
-            while True:
-                data = await queue.get()
-                if not data:
-                    break
-                await response.write(data)
-        except (ConnectionError, RuntimeError):
-            pass  # the watcher went away (aiohttp raises either, depending on when)
+            # A watcher that stops reading is dropped (its slot is not held forever), and every
+            # stream ends after STREAM_LIFETIME: the page reconnects at once, with the token then.
+            async with asyncio.timeout(STREAM_LIFETIME):
+                async with asyncio.timeout(WRITE_TIMEOUT):
+                    await response.write(sse("history", self.feed.history()))
+                    await response.write(await self.feed.status_event())
+                while True:
+                    data = await queue.get()
+                    if not data:
+                        break
+                    async with asyncio.timeout(WRITE_TIMEOUT):
+                        await response.write(data)
+        except (ConnectionError, RuntimeError, TimeoutError):
+            pass  # the watcher went away, stopped reading, or its time is up
         finally:
             self.feed.leave(queue)
+            left = self._streams.pop(peer, 1) - 1
+            if left:
+                self._streams[peer] = left
         return response
 
     # ------------------------------------------------------------------ actions
@@ -242,8 +261,22 @@ class WebApp:
             raise ActionError("this instance takes no actions", kind="conflict")
         return self.actions
 
+    def _done(self, request: web.Request, action: str, **fields: str | int) -> None:
+        """One line per action carried out, and the next status read is made anew."""
+        self.feed.invalidate()
+        client = printable(str(request.remote or "?"))
+        said = " ".join(f"{key}={printable(str(value))[:100]}" for key, value in fields.items())
+        log.info(
+            "web: %s %s (from %s)",
+            action,
+            said,
+            client,
+            extra=event("web.action", action=action, client=client, **fields),
+        )
+
     async def reload(self, request: web.Request) -> web.Response:
         await _body(request, set())
+        self._done(request, "reload")
         answer = await self._acting().reload()
         if not answer.get("ok"):
             errors = [str(line) for line in answer.get("errors", [])] or ["reload failed"]
@@ -254,18 +287,20 @@ class WebApp:
         await _body(request, set())
         rule, verb = request.match_info["rule"], request.match_info["verb"]
         await self._acting().set_mode(rule, MODES[verb])
+        self._done(request, verb, rule=rule)
         return _json({"ok": True, "rule": rule, "mode": MODES[verb] or "running"})
 
     async def check_backend(self, request: web.Request) -> web.Response:
         await _body(request, set())
         rule, backend = request.match_info["rule"], request.match_info["backend"]
         ok, result = await self._acting().check_backend(rule, backend)
+        self._done(request, "check", rule=rule, backend=backend, result=result)
         return _json({"ok": True, "rule": rule, "backend": backend, "passed": ok, "result": result})
 
     async def close_session(self, request: web.Request) -> web.Response:
         body = await _body(request, {"reason"})
         text = request.match_info["session"]
-        if not text.isdigit() or len(text) > 18:
+        if not (text.isascii() and text.isdigit()) or len(text) > 18:
             raise BadRequest(
                 f"session id {printable(text[:40])!r} is not a session number; see /api/v1/status"
             )
@@ -274,6 +309,7 @@ class WebApp:
             raise BadRequest(f"body.reason: must be a non-empty string of at most {MAX_REASON} characters")
         reason = printable(reason.strip())
         await self._acting().end_session(int(text), reason)
+        self._done(request, "close", session=int(text), reason=reason)
         return _json({"ok": True, "session": int(text), "reason": reason})
 
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections import deque
 from typing import Any
 
 from portfwd.state import State
+
+log = logging.getLogger(__name__)
 
 #: Seconds between ticks, and how many ticks of rates are kept (five minutes).
 INTERVAL = 1.0
@@ -30,6 +33,8 @@ MAX_WATCHERS = 32
 #: at most 2 % of a core, not half of one.
 READ_EVERY = 5.0
 READ_COST = 50.0
+#: Seconds a status snapshot is served again before a new one is made.
+CACHE = 0.9
 #: Rows of each session list a status event carries (the largest by bytes, live flows first);
 #: how many were left out is in the event's `omitted`.
 MAX_ROWS = 1000
@@ -48,6 +53,9 @@ class Feed:
         self._task: asyncio.Task[None] | None = None
         self.latest: bytes = b""  # the last status event sent (a new watcher starts with it)
         self._next_read = 0.0  # monotonic: when the kernel's flows may be read again
+        self._building = asyncio.Lock()
+        self._cached: dict[str, Any] | None = None
+        self._cached_at = 0.0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="portfwd web feed")
@@ -85,9 +93,21 @@ class Feed:
         }
 
     async def status_event(self) -> bytes:
-        """A status event made now (for a watcher that just came)."""
-        await self._refresh()
-        return sse("status", bounded(self.state.status().to_json()))
+        """A status event for a watcher that just came (at most CACHE old)."""
+        return sse("status", bounded(await self.current()))
+
+    async def current(self) -> dict[str, Any]:
+        """The status snapshot as JSON, made at most CACHE seconds ago: however many clients
+        ask at once, the instance builds one snapshot a second for all of them. Do not change it."""
+        async with self._building:
+            if self._cached is None or time.monotonic() - self._cached_at >= CACHE:
+                await self._refresh()
+                self._cached, self._cached_at = self.state.status().to_json(), time.monotonic()
+            return self._cached
+
+    def invalidate(self) -> None:
+        """An action changed the state: the next read makes a new snapshot."""
+        self._cached = None
 
     async def _refresh(self) -> None:
         began = time.monotonic()
@@ -99,34 +119,52 @@ class Feed:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            await self.tick()
+            try:
+                await self.tick()
+            except Exception:  # the feed's boundary: a bad tick is logged, the next one comes
+                log.exception("web: the dashboard's update failed")
 
     async def tick(self) -> None:
         """One tick: the rates into the history and, with watchers, a snapshot to each."""
-        state = self.state
         now = time.time()
         if self._watchers:
-            await self._refresh()
-            snapshot = state.status()
-            rules, tunnels = snapshot.rules, snapshot.tunnels
-            self.latest = sse("status", bounded(snapshot.to_json()))
+            snapshot = await self.current()
+            self.latest = sse("status", bounded(snapshot))
             for queue in list(self._watchers):
                 _offer(queue, self.latest)
-        else:
-            if state.refresher is not None:
-                await state.refresher()  # the workers' rates; not the kernel's flow list
-            rules, tunnels = tuple(state.rule_rows()), tuple(state.tunnel_rows())
-        seen = set()
-        for rule in rules:
-            seen.add(key := f"rule:{rule.name}")
-            self._add(key, (now, rule.rate_up, rule.rate_down))
-        for tunnel in tunnels:
-            seen.add(key := f"tunnel:{tunnel.name}")
-            up = sum(forward.rate_up for forward in tunnel.forwards)
-            down = sum(forward.rate_down for forward in tunnel.forwards)
-            self._add(key, (now, up, down))
+            rules = {row["name"]: (row["rate_up"], row["rate_down"]) for row in snapshot["rules"]}
+            tunnels = {
+                row["name"]: (
+                    sum(forward["rate_up"] for forward in row["forwards"]),
+                    sum(forward["rate_down"] for forward in row["forwards"]),
+                )
+                for row in snapshot["tunnels"]
+            }
+        else:  # the sampler's rates, and the workers' (not their snapshots): next to nothing
+            rules, tunnels = await self._rates()
+        for name, (up, down) in rules.items():
+            self._add(f"rule:{name}", (now, up, down))
+        for name, (up, down) in tunnels.items():
+            self._add(f"tunnel:{name}", (now, up, down))
+        seen = {f"rule:{name}" for name in rules} | {f"tunnel:{name}" for name in tunnels}
         for key in [key for key in self.series if key not in seen]:
             del self.series[key]  # removed by a reload
+
+    async def _rates(self) -> tuple[dict[str, tuple[float, float]], dict[str, tuple[float, float]]]:
+        state = self.state
+        rules = {name: (rule.rate_up, rule.rate_down) for name, rule in state.rules.items() if rule.running}
+        if state.rate_reader is not None:
+            for name, (up, down) in (await state.rate_reader()).items():
+                mine = rules.get(name, (0.0, 0.0))
+                rules[name] = (mine[0] + up, mine[1] + down)
+        tunnels = {
+            tunnel.name: (
+                sum(forward.stats.rate_up for forward in tunnel.forwards),
+                sum(forward.stats.rate_down for forward in tunnel.forwards),
+            )
+            for tunnel in state.tunnels
+        }
+        return rules, tunnels
 
     def _add(self, key: str, point: Point) -> None:
         points = self.series.get(key)
@@ -139,13 +177,13 @@ def bounded(status: dict[str, Any]) -> dict[str, Any]:
     """A status snapshot with at most MAX_ROWS rows per session list, and `omitted` saying how
     many each lost: a page redrawn every second cannot use ten thousand rows, and the stream
     must not cost the relays more because the box is busy."""
+    status = dict(status)  # a copy: the cached snapshot stays whole
     omitted = {}
     for key in ("sessions", "kernel_sessions", "gateway_sessions"):
         rows = status.get(key) or []
         if len(rows) > MAX_ROWS:
-            rows.sort(key=_interest)
             omitted[key] = len(rows) - MAX_ROWS
-            status[key] = rows[:MAX_ROWS]
+            status[key] = sorted(rows, key=_interest)[:MAX_ROWS]
     if omitted:
         status["omitted"] = omitted
     return status

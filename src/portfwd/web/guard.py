@@ -3,9 +3,9 @@
 Why these three. Actions need `Authorization: Bearer TOKEN` (never a cookie, so a page on
 another site cannot borrow the user's browser to send one). A request a browser marks as
 coming from another site (`Sec-Fetch-Site`, else an `Origin` that is not this server) is
-refused outright, reads included. And on a loopback listener, whose reads may be open, the
-`Host` must name this machine by address or as `localhost`: a page on a DNS name that an
-attacker re-points at 127.0.0.1 (DNS rebinding) gets nothing.
+refused outright, reads included. And the `Host` must name this server by address, as
+`localhost` or as a name listed in `[web] hosts`: a page on a DNS name that an attacker
+re-points at this server's address (DNS rebinding) gets nothing, not even the open reads.
 """
 
 from __future__ import annotations
@@ -70,24 +70,28 @@ def same_origin(
     origin = origin.strip()
     try:
         parts = urlsplit(origin)
+        netloc, scheme = parts.netloc.lower(), parts.scheme
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one
     except ValueError:
-        parts = None
-    netloc = parts.netloc.lower() if parts is not None and parts.scheme in ("http", "https") else ""
-    allowed = {_default_port(value.strip().lower()) for value in (host, forwarded) if value}
-    if netloc and _default_port(netloc, parts.scheme if parts else "http") in allowed:
-        return None
+        netloc, scheme = "", ""
+    if scheme in ("http", "https") and netloc:
+        wanted = _with_port(netloc, scheme)
+        # A Host without a port means the scheme's own (nginx's `$host` behind HTTPS: 443).
+        if any(_with_port(value.strip().lower(), scheme) == wanted for value in (host, forwarded) if value):
+            return None
     return Refusal(FORBIDDEN, f"request from origin {printable(origin[:100])!r} refused: not this server")
 
 
-def _default_port(netloc: str, scheme: str = "http") -> str:
+def _with_port(netloc: str, scheme: str) -> str:
     """host:port with the scheme's port spelled out, so `h` and `h:80` compare equal."""
     if netloc.endswith("]") or ":" not in netloc:
         return f"{netloc}:{443 if scheme == 'https' else 80}"
     return netloc
 
 
-def local_host(host: str | None) -> Refusal | None:
-    """On a loopback listener: the Host header must be an IP address or `localhost`."""
+def known_host(host: str | None, names: frozenset[str]) -> Refusal | None:
+    """The Host header must be an IP address, `localhost`, or one of `names` ([web] hosts): a
+    page on a DNS name an attacker re-points at this server (DNS rebinding) gets nothing."""
     if host is None:
         return Refusal(FORBIDDEN, "no Host header; send one")
     name = host.strip().lower()
@@ -95,14 +99,15 @@ def local_host(host: str | None) -> Refusal | None:
         name = name[1:].partition("]")[0]
     elif name.count(":") == 1:
         name = name.partition(":")[0]
-    if name in ("localhost", "localhost."):
+    name = name.rstrip(".")
+    if name == "localhost" or name in names:
         return None
     try:
         ipaddress.ip_address(name)
     except ValueError:
         return Refusal(
             FORBIDDEN,
-            f"Host {printable(host[:100])!r} refused on a loopback listener (DNS rebinding guard): "
-            "use http://127.0.0.1:PORT or http://localhost:PORT",
+            f"Host {printable(host[:100])!r} refused (DNS rebinding guard): use the server's address or "
+            "localhost, or list the name in [web] hosts",
         )
     return None

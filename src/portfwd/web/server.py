@@ -15,21 +15,48 @@ import socket
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from portfwd.errors import BindError
 from portfwd.relay.listener import TcpListener
 from portfwd.specs import WebSpec
 from portfwd.state import State
 from portfwd.web.actions import Actions
-from portfwd.web.app import WebApp
+from portfwd.web.app import SECURITY_HEADERS, WebApp
 from portfwd.web.feed import Feed
 
 log = logging.getLogger(__name__)
 
 #: Connections at once (dashboards, API clients, scrapes).
 MAX_CLIENTS = 64
-#: Seconds an idle keep-alive connection stays open.
+#: Seconds an idle keep-alive connection stays open (and a request may take to arrive whole).
 KEEPALIVE = 15.0
+#: aiohttp's own lines (a request it cannot parse, with a traceback quoting its headers, a
+#: bearer token among them) go nowhere: what portfwd says about a request, it says itself.
+_QUIET = logging.getLogger("portfwd.web.http")
+_QUIET.propagate = False
+_QUIET.addHandler(logging.NullHandler())
+
+
+class _Handler(RequestHandler):
+    """aiohttp's protocol, answering a request it cannot parse as every error is answered:
+    one JSON line, with the security headers (its own answer is text, and names aiohttp)."""
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("an answer was sent already")
+        line = "the request is not HTTP this server can read" if status < 500 else "internal error"
+        response = web.json_response(
+            {"error": line}, status=status, headers={**SECURITY_HEADERS, "Server": "portfwd"}
+        )
+        response.force_close()
+        return response
 
 
 class WebServer:
@@ -43,6 +70,7 @@ class WebServer:
         self._runner: web.AppRunner | None = None
         self._accepting: TcpListener | None = None
         self._clients: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         host, port = self.spec.listen.host or "0.0.0.0", self.spec.listen.port
@@ -56,15 +84,10 @@ class WebServer:
                 hint="pick another port in [web] listen",
             ) from exc
         listener.setblocking(False)
-        runner = web.AppRunner(
-            self.app.build(),
-            access_log=None,  # nothing from the network is logged unescaped; requests are not logged
-            keepalive_timeout=KEEPALIVE,
-            shutdown_timeout=1.0,
-            handler_cancellation=True,
-        )
+        runner = web.AppRunner(self.app.build(), shutdown_timeout=1.0, handler_cancellation=True)
         await runner.setup()
         self._runner = runner
+        self._loop = asyncio.get_running_loop()
         self._accepting = TcpListener(listener, self._accept, "web")
         self._accepting.start()
         self.feed.start()
@@ -77,9 +100,19 @@ class WebServer:
             return
         client.setblocking(False)
         loop = asyncio.get_running_loop()
-        task = loop.create_task(loop.connect_accepted_socket(server, client))
+        task = loop.create_task(loop.connect_accepted_socket(lambda: self._protocol(server), client))
         self._clients.add(task)  # until aiohttp's server lists the connection
         task.add_done_callback(self._connected)
+
+    def _protocol(self, server: web.Server) -> RequestHandler:
+        assert self._loop is not None
+        return _Handler(
+            server,
+            loop=self._loop,
+            keepalive_timeout=KEEPALIVE,
+            access_log=None,  # type: ignore[arg-type]  # aiohttp takes None: no access log
+            logger=_QUIET,
+        )
 
     def _connected(self, task: asyncio.Task[Any]) -> None:
         self._clients.discard(task)
