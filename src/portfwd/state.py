@@ -12,6 +12,7 @@ the control socket, `/metrics` and `portfwd status` read; this module keeps the 
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 import os
 import socket
@@ -229,7 +230,10 @@ class State:
         #: live flows: a conntrack dump is not free).
         self.peers: list[Snapshot] = []
         self.workers: list[WorkerRow] = []
-        self.refresher: Callable[[], Awaitable[None]] | None = None
+        self.refresher: Callable[[int | None], Awaitable[None]] | None = None
+        #: Live sessions the last `session_rows(limit)` left out (the workers' included).
+        self.sessions_omitted = 0
+        self.peers_omitted = 0  # what the workers left out of their last snapshots
         #: With `workers`: each rule's byte rates in the workers, summed (much less than their
         #: snapshots: what the dashboard's history needs every second).
         self.rate_reader: Callable[[], Awaitable[dict[str, tuple[float, float]]]] | None = None
@@ -241,11 +245,12 @@ class State:
         #: Called when the last live session closes (the runtime's drain waits on it).
         self.on_empty: Callable[[], None] | None = None
 
-    async def refresh(self, *, readers: bool = True) -> None:
-        """Bring the workers' snapshots up to date (status and /metrics call this first), and,
-        with `readers`, what the other parts read only when asked (a conntrack dump)."""
+    async def refresh(self, *, readers: bool = True, limit: int | None = None) -> None:
+        """Bring the workers' snapshots up to date (status and /metrics call this first), with
+        at most `limit` sessions each, and, with `readers`, what the other parts read only when
+        asked (a conntrack dump)."""
         if self.refresher is not None:
-            await self.refresher()
+            await self.refresher(limit)
         if readers:
             for reader in self.readers:
                 await reader()
@@ -487,9 +492,16 @@ class State:
             )
         return tuple(rows)
 
-    def session_rows(self) -> list[SessionRow]:
-        """Live sessions: wall-clock start, age and idle seconds, bytes so far."""
+    def session_rows(self, limit: int | None = None) -> list[SessionRow]:
+        """Live sessions: wall-clock start, age and idle seconds, bytes so far; with `limit`, the
+        `limit` that moved most bytes (a page cannot use ten thousand rows a second, and each
+        row costs a system call), and how many were left out in `sessions_omitted`."""
         now = time.monotonic()
+        sessions: Iterable[Session] = self.sessions.values()
+        omitted = self.peers_omitted if limit is not None else 0
+        if limit is not None and len(self.sessions) > limit:
+            sessions = heapq.nlargest(limit, sessions, key=_moved)
+            omitted += len(self.sessions) - limit
         wall_offset = self.started - self._started_monotonic
         rows = [
             SessionRow(
@@ -511,11 +523,15 @@ class State:
                 upstream_local=upstream_text(session.relay),
                 pid=self.pid,
             )
-            for session in self.sessions.values()
+            for session in sessions
             for rates in (self._rates.get(session.id, (0.0, 0.0)),)
         ]
         for peer in self.peers:
             rows.extend(peer.sessions)
+        if limit is not None and len(rows) > limit:
+            omitted += len(rows) - limit
+            rows = heapq.nlargest(limit, rows, key=lambda row: row.bytes_up + row.bytes_down)
+        self.sessions_omitted = omitted
         return rows
 
     def closed_rows(self) -> list[ClosedRow]:
@@ -612,8 +628,9 @@ class State:
             )
         return rows
 
-    def status(self) -> Snapshot:
-        """The typed picture of everything, for the control socket, `/metrics` and tests."""
+    def status(self, limit: int | None = None) -> Snapshot:
+        """The typed picture of everything, for the control socket, `/metrics` and tests (with
+        at most `limit` live sessions: `session_rows`)."""
         return Snapshot(
             pid=os.getpid(),
             started=self.started,
@@ -623,7 +640,7 @@ class State:
             control=self.control,
             rules=tuple(self.rule_rows()),
             listeners=tuple(self.listeners),
-            sessions=tuple(self.session_rows()),
+            sessions=tuple(self.session_rows(limit)),
             tunnels=tuple(self.tunnel_rows()),
             server_sessions=tuple(self.server_rows()),
             gateway_rules=tuple(self.gateway_rules),
@@ -641,6 +658,10 @@ class State:
     def snapshot(self) -> dict[str, Any]:
         """`status()` in its JSON form: what the control socket sends and `status --json` prints."""
         return self.status().to_json()
+
+
+def _moved(session: Session) -> int:
+    return session.bytes_up + session.bytes_down
 
 
 def address_text(address: Any) -> str:

@@ -148,3 +148,17 @@ async def test_the_kernel_flows_are_read_at_a_pace_their_cost_allows(monkeypatch
     gaps = [later - earlier for earlier, later in itertools.pairwise(reads)]
     assert gaps
     assert min(gaps) >= 0.5 * feed_module.READ_COST, "a 0.5 s dump at most every 25 s"
+
+
+def test_a_limited_snapshot_keeps_the_sessions_that_moved_most() -> None:
+    from portfwd.state import State
+
+    state = State()
+    rule = state.rule("r")
+    for moved in (5, 50, 1, 500, 20):
+        session = state.open_session(rule, f"c{moved}", "t", "splice")
+        session.bytes_up = moved
+    assert [row.client for row in state.status(limit=2).sessions] == ["c500", "c50"]
+    assert state.sessions_omitted == 3
+    assert len(state.status().sessions) == 5
+    assert state.sessions_omitted == 0

@@ -135,7 +135,10 @@ class Worker:
                 if rule is not None:
                     self.rules.impose(rule, int(order["backend"]), bool(order["up"]))
             elif op == "status":
-                await self.answer({"id": order["id"], "status": self.state.status().to_json()})
+                limit = order.get("limit")
+                status = self.state.status(limit if type(limit) is int else None).to_json()
+                omitted = self.state.sessions_omitted if type(limit) is int else 0
+                await self.answer({"id": order["id"], "status": status, "omitted": omitted})
             elif op == "rates":
                 rates = {name: (rule.rate_up, rule.rate_down) for name, rule in self.state.rules.items()}
                 await self.answer({"id": order["id"], "rules": rates})

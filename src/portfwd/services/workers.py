@@ -404,20 +404,26 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
                 summed[name] = (up + float(pair[0]), down + float(pair[1]))
         return summed
 
-    async def refresh(self) -> None:
-        """Ask every running worker for its snapshot (at once, each for up to ANSWER_TIMEOUT);
-        a worker late to answer is shown as it last answered."""
+    async def refresh(self, limit: int | None = None) -> None:
+        """Ask every running worker for its snapshot (at once, each for up to ANSWER_TIMEOUT),
+        with at most `limit` live sessions each; a worker late to answer is shown as it last
+        answered."""
         self._rows()
         live = [worker for worker in self._workers if worker.orders is not None and worker.ready]
+        order: dict[str, Any] = {"op": "status"} if limit is None else {"op": "status", "limit": limit}
         answers = await asyncio.gather(
-            *(self._ask(worker, {"op": "status"}, ANSWER_TIMEOUT) for worker in live), return_exceptions=True
+            *(self._ask(worker, order, ANSWER_TIMEOUT) for worker in live), return_exceptions=True
         )
+        omitted = 0
         for worker, answer in zip(live, answers, strict=True):
             if isinstance(answer, dict):
                 with contextlib.suppress(StatusError):
                     worker.last = Snapshot.from_json(answer.get("status"))
+                left_out = answer.get("omitted", 0)
+                omitted += left_out if type(left_out) is int else 0
         peers = [worker.last for worker in live if worker.last is not None]
         self.state.peers = [*peers, *self._departed]
+        self.state.peers_omitted = omitted
 
     # ------------------------------------------------------------------ operator actions
     def set_mode(self, name: str, mode: str) -> None:

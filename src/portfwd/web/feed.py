@@ -54,8 +54,7 @@ class Feed:
         self.latest: bytes = b""  # the last status event sent (a new watcher starts with it)
         self._next_read = 0.0  # monotonic: when the kernel's flows may be read again
         self._building = asyncio.Lock()
-        self._cached: dict[str, Any] | None = None
-        self._cached_at = 0.0
+        self._made: dict[int | None, tuple[float, dict[str, Any]]] = {}  # limit -> (when, status)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="portfwd web feed")
@@ -94,25 +93,30 @@ class Feed:
 
     async def status_event(self) -> bytes:
         """A status event for a watcher that just came (at most CACHE old)."""
-        return sse("status", bounded(await self.current()))
+        return sse("status", bounded(await self.current(MAX_ROWS)))
 
-    async def current(self) -> dict[str, Any]:
-        """The status snapshot as JSON, made at most CACHE seconds ago: however many clients
-        ask at once, the instance builds one snapshot a second for all of them. Do not change it."""
+    async def current(self, limit: int | None = None) -> dict[str, Any]:
+        """The status snapshot as JSON (with at most `limit` live sessions: the stream's), made
+        at most CACHE seconds ago: however many clients ask at once, the instance builds one
+        snapshot a second for them. Do not change what it returns."""
         async with self._building:
-            if self._cached is None or time.monotonic() - self._cached_at >= CACHE:
-                await self._refresh()
-                self._cached, self._cached_at = self.state.status().to_json(), time.monotonic()
-            return self._cached
+            made = self._made.get(limit)
+            if made is None or time.monotonic() - made[0] >= CACHE:
+                await self._refresh(limit)
+                status = self.state.status(limit).to_json()
+                if limit is not None and self.state.sessions_omitted:
+                    status["omitted"] = {"sessions": self.state.sessions_omitted}
+                made = self._made[limit] = (time.monotonic(), status)
+            return made[1]
 
     def invalidate(self) -> None:
         """An action changed the state: the next read makes a new snapshot."""
-        self._cached = None
+        self._made.clear()
 
-    async def _refresh(self) -> None:
+    async def _refresh(self, limit: int | None) -> None:
         began = time.monotonic()
         readers = began >= self._next_read
-        await self.state.refresh(readers=readers)
+        await self.state.refresh(readers=readers, limit=limit)
         if readers:
             self._next_read = began + max(READ_EVERY, (time.monotonic() - began) * READ_COST)
 
@@ -128,7 +132,7 @@ class Feed:
         """One tick: the rates into the history and, with watchers, a snapshot to each."""
         now = time.time()
         if self._watchers:
-            snapshot = await self.current()
+            snapshot = await self.current(MAX_ROWS)
             self.latest = sse("status", bounded(snapshot))
             for queue in list(self._watchers):
                 _offer(queue, self.latest)
@@ -175,14 +179,15 @@ class Feed:
 
 def bounded(status: dict[str, Any]) -> dict[str, Any]:
     """A status snapshot with at most MAX_ROWS rows per session list, and `omitted` saying how
-    many each lost: a page redrawn every second cannot use ten thousand rows, and the stream
-    must not cost the relays more because the box is busy."""
+    many each lost (the live sessions are trimmed as the snapshot is made; the kernel's and the
+    gateway's flows here): a page redrawn every second cannot use ten thousand rows, and the
+    stream must not cost the relays more because the box is busy."""
     status = dict(status)  # a copy: the cached snapshot stays whole
-    omitted = {}
+    omitted = dict(status.get("omitted") or {})
     for key in ("sessions", "kernel_sessions", "gateway_sessions"):
         rows = status.get(key) or []
         if len(rows) > MAX_ROWS:
-            omitted[key] = len(rows) - MAX_ROWS
+            omitted[key] = omitted.get(key, 0) + len(rows) - MAX_ROWS
             status[key] = sorted(rows, key=_interest)[:MAX_ROWS]
     if omitted:
         status["omitted"] = omitted
