@@ -37,7 +37,7 @@ READ_COST = 50.0
 CACHE = 0.9
 #: Rows of each session list a status event carries (the largest by bytes, live flows first);
 #: how many were left out is in the event's `omitted`.
-MAX_ROWS = 1000
+MAX_ROWS = 500
 
 Point = tuple[float, float, float]  # wall-clock, bytes/s up, bytes/s down
 

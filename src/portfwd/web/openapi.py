@@ -161,7 +161,7 @@ def document() -> dict[str, Any]:
             "/api/v1/events": {
                 "get": {
                     "summary": "Live: a `history` event, then a `status` event (a Snapshot) every second; "
-                    "each session list there holds at most 1000 rows, `omitted` says how many more",
+                    "each session list there holds at most 500 rows, `omitted` says how many more",
                     "responses": {
                         "200": {
                             "description": "text/event-stream",
