@@ -144,6 +144,8 @@ class Worker:
                 await self.answer({"id": order["id"], "rules": rates})
             elif op == "mode":
                 self.rules.set_mode(str(order["name"]), str(order["mode"]), strict=False)
+                if "id" in order:  # the API waits for every worker to follow
+                    await self.answer({"id": order["id"]})
             elif op == "close":
                 closed = self.state.end(int(order["session"]), str(order["reason"]))
                 await self.answer({"id": order["id"], "closed": closed})

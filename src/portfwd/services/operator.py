@@ -55,7 +55,7 @@ class Operator:
                 hint='set relay = "splice" on it to manage it here',
             )
         self.rules.set_mode(rule, mode)
-        self.workers.set_mode(rule, mode)
+        await self.workers.set_mode(rule, mode)
 
     async def end_session(self, ident: int, reason: str) -> None:
         if self.state.end(ident, reason) or await self.workers.end_session(ident, reason):

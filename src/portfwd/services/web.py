@@ -43,7 +43,7 @@ class Web(Reloadable[WebSpec | None]):
             log.error("%s", exc.line(), extra=event("web.failed", reason=exc.message))
             return [exc]
         self._server = server
-        actions = "actions with the token" if self.spec.token else "no actions (no token)"
+        actions = "actions with the token" if self.spec.token else "read only: no token"
         log.info(
             "web: dashboard and API on %s (%s)",
             server.url,

@@ -426,11 +426,18 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
         self.state.peers_omitted = omitted
 
     # ------------------------------------------------------------------ operator actions
-    def set_mode(self, name: str, mode: str) -> None:
+    async def set_mode(self, name: str, mode: str) -> None:
         """Every worker follows rule `name`'s mode (RuleSet.set_mode), now and for the rules it
-        is handed later."""
+        is handed later; returns once each running worker has (a client that connects after
+        the API answered meets the new mode in every process)."""
+        order = {"op": "mode", "name": name, "mode": mode}
+        live = [worker for worker in self._workers if worker.orders is not None and worker.ready]
         for worker in self._workers:
-            self._order(worker, {"op": "mode", "name": name, "mode": mode})
+            if worker not in live:
+                self._order(worker, order)  # starting: it takes it before its rules
+        await asyncio.gather(
+            *(self._ask(worker, order, ANSWER_TIMEOUT) for worker in live), return_exceptions=True
+        )
 
     async def end_session(self, ident: int, reason: str) -> bool:
         """Close session `ident` in whichever worker relays it; False when none does."""
