@@ -41,6 +41,7 @@ def main() -> int:
                     f"workers = {workers}\n[control]\nenabled = false\n"
                     + "".join(
                         f'[[forward]]\nlisten = "{base.LOCAL}:{ports[name]}"\nconnect = "{base.LOCAL}:{port}"\n'
+                        'relay = "splice"\n'  # as root "auto" would give these rules to the kernel
                         for name, port in upstream.items()
                     )
                 )

@@ -109,44 +109,63 @@ def test_every_event_the_code_logs_is_in_the_readme_table_with_its_fields() -> N
 
 def test_session_lines_made_without_a_record_read_as_the_formatters_write_them() -> None:
     """The direct path for session lines (cli/console.py `_Direct`) writes what the text and
-    JSON formatters write for the same event; only the clock reading differs."""
+    JSON formatters write for the records the same calls make through logging; only the clock
+    reading differs. A peer's control character is escaped on both paths."""
     import json as jsonlib
-    import logging
 
-    from portfwd.cli.console import JsonFormatter, TextFormatter, _Direct
-    from portfwd.logevents import event
+    from portfwd.cli.console import _Direct
+    from portfwd.relay import sessionlog
+    from portfwd.state import State
 
-    class Sink:
+    class Sink(logging.Handler):
         def __init__(self) -> None:
+            super().__init__()
             self.lines: list[str] = []
+            self.records: list[logging.LogRecord] = []
 
         def put(self, text: str) -> None:
             self.lines.append(text)
 
-    fields = {
-        "rule": "web",
-        "client": "1.2.3.4:5",
-        "target": "10.0.0.5:80",
-        "path": "splice",
-        "reason": "x\x1b",
-    }
-    message = "web: 1.2.3.4:5 -> 10.0.0.5:80 closed (x\x1b): 1 B up"
-    record = logging.LogRecord("portfwd.relay.forwarder", logging.INFO, __file__, 1, "%s", (message,), None)
-    for key, value in event("session.closed", **fields).items():
-        setattr(record, key, value)
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    state = State()
+    session = state.open_session(state.rule("web"), "1.2.3.4:5", "10.0.0.5:80", "splice")
+    session.bytes_up, session.bytes_down = 1, 22
+    logger = logging.getLogger("portfwd.test.sessionlines")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
     for json_format, formatter in (
         (False, TextFormatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")),
         (True, JsonFormatter()),
     ):
         sink = Sink()
-        direct = _Direct(sink, json_format)  # type: ignore[arg-type]
-        direct._root = type("Root", (), {"handlers": [sink]})()
-        assert direct("portfwd.relay.forwarder", "session.closed", fields, message)
-        made, expected = sink.lines[0], formatter.format(record)
-        if json_format:
-            ours, theirs = jsonlib.loads(made), jsonlib.loads(expected)
-            ours.pop("ts"), theirs.pop("ts")
-            assert list(ours.items()) == list(theirs.items())
-        else:
-            assert made.split(" ", 2)[2] == expected.split(" ", 2)[2]  # after the date and time
-            assert "\\x1b" in made
+        logger.handlers[:] = [sink]
+        saved = sessionlog.direct
+        try:
+            sessionlog.direct = None  # through logging: records
+            sessionlog.log_opened("web", session, logger)
+            sessionlog.log_closed("web", session, "x\x1b", logger)
+            direct = _Direct(sink, json_format)  # type: ignore[arg-type]
+            direct._root = logger  # type: ignore[assignment]  # its only handler is the sink
+            sessionlog.direct = direct
+            sessionlog.log_opened("web", session, logger)
+            sessionlog.log_closed("web", session, "x\x1b", logger)
+        finally:
+            sessionlog.direct = saved
+            logger.handlers.clear()
+        assert len(sink.records) == 2
+        assert len(sink.lines) == 2
+        for made, record in zip(sink.lines, sink.records, strict=True):
+            expected = formatter.format(record)
+            if json_format:
+                ours, theirs = jsonlib.loads(made), jsonlib.loads(expected)
+                ours.pop("ts"), theirs.pop("ts")
+                ours.pop("duration_s", None), theirs.pop("duration_s", None)
+                ours["msg"] = ours["msg"].rsplit(",", 1)[0]  # the duration, read twice
+                theirs["msg"] = theirs["msg"].rsplit(",", 1)[0]
+                assert list(ours.items()) == list(theirs.items())
+            else:
+                ours_text, theirs_text = made.split(" ", 2)[2], expected.split(" ", 2)[2]
+                assert ours_text.rsplit(",", 1)[0] == theirs_text.rsplit(",", 1)[0]
+        assert "\\x1b" in sink.lines[1] or "\\u001b" in sink.lines[1]

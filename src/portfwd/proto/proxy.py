@@ -15,6 +15,7 @@ asyncio servers; the format is two small, fixed layouts.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -25,6 +26,10 @@ V1_MAX = 107
 #: v2's command and address-family bytes.
 _PROXY, _LOCAL = 0x21, 0x20
 _TCP4, _UDP4, _TCP6, _UDP6, _UNSPEC = 0x11, 0x12, 0x21, 0x22, 0x00
+#: The start of every v2 header of an IPv4 TCP or UDP client (12 bytes of addresses follow).
+_V2_TCP4 = SIGNATURE_V2 + bytes((_PROXY, _TCP4)) + b"\x00\x0c"
+_V2_UDP4 = SIGNATURE_V2 + bytes((_PROXY, _UDP4)) + b"\x00\x0c"
+_PORTS = struct.Struct("!HH")
 #: The largest v2 address block portfwd accepts (the addresses plus TLVs it skips).
 V2_MAX_LENGTH = 4096
 
@@ -47,15 +52,12 @@ class Header:
 
 
 def _ipv4(host: str) -> bytes | None:
-    """A dotted-quad IPv4 address packed (as the kernel writes it: no leading zeros), else None.
-    About 5 µs a header faster than an ipaddress object, which a relayed connection pays."""
-    parts = host.split(".")
-    if len(parts) != 4:
-        return None
+    """A dotted-quad IPv4 address packed, else None. inet_pton takes what the kernel writes
+    (four decimal parts, no leading zeros) in about 0.1 µs; an ipaddress object takes 5 µs,
+    which a relayed connection pays (bench/RESULTS.md, D19, D24)."""
     try:
-        numbers = [int(part) for part in parts if part.isdigit() and (part == "0" or part[0] != "0")]
-        return bytes(numbers) if len(numbers) == 4 else None
-    except ValueError:  # a part over 255
+        return socket.inet_pton(socket.AF_INET, host)
+    except (OSError, ValueError):  # not IPv4 (or not text inet_pton can read)
         return None
 
 
@@ -80,8 +82,8 @@ def header(
         if version == 1:
             shown = f"{_plain(source[0])} {_plain(destination[0])} {source[1]} {destination[1]}"
             return f"PROXY TCP4 {shown}\r\n".encode()
-        body = client_v4 + server_v4 + struct.pack("!HH", source[1], destination[1])
-        return SIGNATURE_V2 + bytes((_PROXY, _UDP4 if datagram else _TCP4)) + b"\x00\x0c" + body
+        ports = _PORTS.pack(source[1], destination[1])
+        return (_V2_UDP4 if datagram else _V2_TCP4) + client_v4 + server_v4 + ports
     try:
         client = ipaddress.ip_address(_plain(source[0]))
         server = ipaddress.ip_address(_plain(destination[0]))

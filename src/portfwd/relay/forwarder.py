@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -57,11 +58,14 @@ def format_peer(peer: tuple[Any, ...]) -> str:
     return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
 
 
-def proxy_header(version: int, client: int, peer: Any) -> bytes:
+def proxy_header(version: int, client: int, peer: Any, local: tuple[str, int] | None = None) -> bytes:
     """The PROXY header (v1 or v2) for a client descriptor: its address, and the address it
-    reached (the accepted socket's own, one getsockname; a Unix client: no addresses)."""
+    reached: `local` when the listener's own address says it (one IP, one port), else the
+    accepted socket's own (a getsockname); a Unix client: no addresses."""
     if not isinstance(peer, tuple):
         return header(version, None, None)
+    if local is not None:
+        return header(version, (str(peer[0]), int(peer[1])), local)
     borrowed = socket.socket(fileno=client)
     try:
         local = borrowed.getsockname()
@@ -147,6 +151,21 @@ def route_target(
     if route.backend is not None:
         return None, route.backend
     return resolve_target(rule.listen, route.target, port), None
+
+
+def listening_address(listen: Endpoint, port: int | None) -> tuple[str, int] | None:
+    """The address every client of this listening port reaches, when the listen address alone
+    says it: one IP literal (not the wildcard, not a name, no scope). Then a PROXY header needs
+    no getsockname() a client (bench/RESULTS.md, D24); None: ask the socket."""
+    if not isinstance(listen, HostPorts) or listen.is_any or "%" in listen.host:
+        return None
+    try:
+        address = ipaddress.ip_address(listen.host)
+    except ValueError:  # a host name: it may stand for several addresses
+        return None
+    if address.is_unspecified:
+        return None
+    return (str(address), port if port is not None else listen.ports.first)
 
 
 def format_target(target: Target) -> str:
@@ -258,6 +277,8 @@ class TcpForwarder:
         #: take all the time the next one needs.
         self._attempt = rule.connect_timeout / min(3, len(pool.backends)) if pool is not None else 0.0
         self._transparent = rule.transparent
+        #: The address the PROXY header names as the one clients reached, when known without asking.
+        self._local = listening_address(rule.listen, port) if rule.proxy_protocol else None
         self._pending: set[_Pending] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         #: The loop, asked for once (on Python 3.11 each get_running_loop() is a getpid() system
@@ -374,7 +395,7 @@ class TcpForwarder:
         if self._transparent and isinstance(peer, tuple):
             pending.origin = str(peer[0])
         if self.rule.proxy_protocol:
-            pending.header = proxy_header(self.rule.proxy_protocol, client, peer)
+            pending.header = proxy_header(self.rule.proxy_protocol, client, peer, self._local)
         self._pending.add(pending)
         pool = self.pool
         if pool is not None and not routed:

@@ -10,20 +10,48 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from typing import Protocol
 
 from portfwd.logevents import JsonValue, event
 from portfwd.state import Session
 
 log = logging.getLogger("portfwd.relay.forwarder")  # the logger these lines always came from
 
-#: Set by the front end (cli/console.py) while its batched handler is the only one: writes a
-#: session's open and closed lines, the two of every connection, as that handler's formatter
-#: would, without a LogRecord (about 9 µs each through logging; bench/RESULTS.md, D22).
-#: Called as direct(logger name, event, fields, message): False when it did not write the line
-#: (another handler listens too), which then goes through logging. None: through logging.
-Direct = Callable[[str, str, dict[str, JsonValue], str], bool]
-direct: Direct | None = None
+
+class Lines(Protocol):
+    """Writes a session's open and closed lines as the front end's only handler would format
+    their records, without a LogRecord (about 9 µs each through logging; bench/RESULTS.md,
+    D22, D24). Each returns False when it did not write the line (another handler listens
+    too), which then goes through logging."""
+
+    def opened(self, logger: str, label: str, session: Session) -> bool: ...
+
+    def closed(self, logger: str, label: str, session: Session, reason: str, duration: float) -> bool: ...
+
+
+#: Set by the front end (cli/console.py) while its batched handler is the only one; None:
+#: every line through logging.
+direct: Lines | None = None
+
+
+#: The fields of `session.open` and `session.closed` (logevents.py), in the order they are logged.
+OPEN_FIELDS = ("rule", "client", "target", "path")
+CLOSED_FIELDS = (*OPEN_FIELDS, "reason", "bytes_up", "bytes_down", "duration_s")
+
+
+def closed_fields(session: Session, reason: str, duration: float) -> dict[str, JsonValue]:
+    """`session.closed`'s fields."""
+    values = (session.rule.name, session.client, session.target, session.path, reason)
+    return dict(
+        zip(CLOSED_FIELDS, (*values, session.bytes_up, session.bytes_down, round(duration, 3)), strict=True)
+    )
+
+
+def opened_fields(session: Session) -> dict[str, JsonValue]:
+    """`session.open`'s fields."""
+    return dict(
+        zip(OPEN_FIELDS, (session.rule.name, session.client, session.target, session.path), strict=True)
+    )
 
 
 def log_closed(label: str, session: Session, reason: str, logger: logging.Logger = log) -> None:
@@ -31,22 +59,8 @@ def log_closed(label: str, session: Session, reason: str, logger: logging.Logger
     if not logger.isEnabledFor(logging.INFO):  # a hot path: no fields built for nothing
         return
     duration = time.monotonic() - session.began
-    if direct is not None and direct(
-        logger.name,
-        "session.closed",
-        {
-            "rule": session.rule.name,
-            "client": session.client,
-            "target": session.target,
-            "path": session.path,
-            "reason": reason,
-            "bytes_up": session.bytes_up,
-            "bytes_down": session.bytes_down,
-            "duration_s": round(duration, 3),
-        },
-        f"{label}: {session.client} -> {session.target} closed ({reason}): "
-        f"{session.bytes_up:d} B up, {session.bytes_down:d} B down, {duration:.3f}s",
-    ):
+    lines = direct
+    if lines is not None and lines.closed(logger.name, label, session, reason, duration):
         return
     logger.info(
         "%s: %s -> %s closed (%s): %d B up, %d B down, %.3fs",
@@ -57,17 +71,7 @@ def log_closed(label: str, session: Session, reason: str, logger: logging.Logger
         session.bytes_up,
         session.bytes_down,
         duration,
-        extra=event(
-            "session.closed",
-            rule=session.rule.name,
-            client=session.client,
-            target=session.target,
-            path=session.path,
-            reason=reason,
-            bytes_up=session.bytes_up,
-            bytes_down=session.bytes_down,
-            duration_s=round(duration, 3),
-        ),
+        extra=event("session.closed", **closed_fields(session, reason, duration)),
     )
 
 
@@ -75,12 +79,8 @@ def log_opened(label: str, session: Session, logger: logging.Logger = log) -> No
     """The line a session starts with (`session.open`)."""
     if not logger.isEnabledFor(logging.INFO):
         return
-    if direct is not None and direct(
-        logger.name,
-        "session.open",
-        {"rule": session.rule.name, "client": session.client, "target": session.target, "path": session.path},
-        f"{label}: {session.client} -> {session.target} open ({session.path})",
-    ):
+    lines = direct
+    if lines is not None and lines.opened(logger.name, label, session):
         return
     logger.info(
         "%s: %s -> %s open (%s)",
@@ -88,13 +88,7 @@ def log_opened(label: str, session: Session, logger: logging.Logger = log) -> No
         session.client,
         session.target,
         session.path,
-        extra=event(
-            "session.open",
-            rule=session.rule.name,
-            client=session.client,
-            target=session.target,
-            path=session.path,
-        ),
+        extra=event("session.open", **opened_fields(session)),
     )
 
 
