@@ -187,7 +187,7 @@ class _Direct:
             fields = (session.rule.name, session.client, session.target, session.path, reason, up, down)
             message = (
                 f"{label}: {session.client} -> {session.target} closed ({reason}): "
-                f"{up:d} B up, {down:d} B down, {duration:.3f}s"
+                f"{up} B up, {down} B down, {duration:.3f}s"
             )
             self._json(logger, "session.closed", (*fields, round(duration, 3)), message)
             return True
@@ -196,7 +196,7 @@ class _Direct:
             self._stamp(now)
         line = (
             f"{self._prefix}{label}: {session.client} -> {session.target} closed ({reason}): "
-            f"{up:d} B up, {down:d} B down, {duration:.3f}s"
+            f"{up} B up, {down} B down, {duration:.3f}s"
         )
         self.front.put(line if line.isprintable() else printable(line))
         return True
