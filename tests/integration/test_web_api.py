@@ -20,7 +20,7 @@ from jsonschema import Draft202012Validator
 
 from tests.integration.peers import free_port
 from tests.integration.processes import run_portfwd, wait_listening
-from tests.integration.webpeer import TOKEN, WebInstance, echo_client, web_instance
+from tests.integration.webpeer import TOKEN, WebInstance, echo_client, echo_server, web_instance
 
 pytestmark = pytest.mark.integration
 
@@ -488,3 +488,72 @@ def test_fuzzed_requests_never_break_the_server(
     if answer.status >= 400 and method != "HEAD":
         one_line_error(answer, answer.status)
     assert instance.call("GET", "/api/v1/info").status == 200
+
+
+class _CountingEcho:
+    """An echo server on loopback that counts the connections it accepted; stopped by close()."""
+
+    def __init__(self, port: int) -> None:
+        import threading
+
+        self.accepted = 0
+        self._listener = socket.create_server(("127.0.0.1", port))
+        self._listener.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            self.accepted += 1
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    while data := conn.recv(65536):
+                        conn.sendall(data)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._listener.close()
+
+
+def test_a_check_that_passes_brings_a_passively_down_backend_back_in_every_worker(tmp_path: Path) -> None:
+    """Both processes of `workers = 2` take a refusing backend down passively (for 300 s); once
+    it listens again, a check from the API that passes brings it back in the workers too: every
+    client after it, whichever process accepts it, reaches that backend."""
+    revived = free_port()
+    extra = (
+        '[[forward]]\nname = "lazy"\nlisten = "127.0.0.1:LAZY"\n'
+        f'connect = ["127.0.0.1:{revived}", "127.0.0.1:ECHO"]\nbalance = "first"\n'
+        '[forward.health]\ncheck = "none"\npassive_fall = 1\npassive_down = "300s"\n'
+    )
+    lazy = free_port()
+    with contextlib.ExitStack() as stack:
+        echo = stack.enter_context(echo_server())
+        instance = stack.enter_context(
+            web_instance(
+                tmp_path, rules=("echo",), extra=extra.replace("LAZY", str(lazy)).replace("ECHO", str(echo))
+            )
+        )
+        wait_listening(lazy)
+        for _ in range(24):  # spread over both processes by the kernel (SO_REUSEPORT)
+            echo_client(lazy).close()
+        row = instance.rule("lazy")
+        first = row["backends"][0]
+        # a refused connect or more in each process (a burst's connects begin together), then down
+        assert first["failures"] >= 2, row
+        assert first["state"] == "down", row
+        counting = _CountingEcho(revived)
+        stack.callback(counting.close)
+        answer = instance.call("POST", f"/api/v1/rules/lazy/backends/{first['name']}/check", token=TOKEN)
+        assert answer.status == 200, answer
+        assert answer.json["passed"] is True
+        checked = counting.accepted  # the check's own connect
+        for _ in range(24):
+            echo_client(lazy).close()
+        assert counting.accepted - checked == 24

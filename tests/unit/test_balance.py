@@ -150,3 +150,33 @@ def test_one_backend_is_never_taken_down_passively() -> None:
     pool.failed(pool.backends[0], 0.0, "refused")
     assert pool.backends[0].stats.up
     assert not changes
+
+
+def test_a_pass_in_the_main_process_ends_a_passive_down_in_a_worker_too() -> None:
+    """The main process tells the workers when a check passes that ends its own passive down;
+    a worker taking that verdict (`impose`) ends its own, which its own connects had set; a
+    verdict of down is kept until an up comes."""
+    health = HealthSpec(interval=1.0, passive_fall=1, passive_down=60.0)
+    main, _ = _pool([1, 1], health=health)
+    told: list[tuple[int, bool]] = []
+    main.verdict = lambda backend, up: told.append((backend.index, up))
+    worker, changes = _pool([1, 1], health=health)
+    for pool in (main, worker):
+        pool.failed(pool.backends[0], 100.0, "connection refused")
+        assert not pool.backends[0].stats.up
+    main.checked(main.backends[0], True, "ok")
+    assert main.backends[0].stats.up
+    assert told == [(0, True)]
+    for index, up in told:
+        worker.impose(index, up)
+    assert worker.backends[0].stats.up
+    assert worker.pick(None, 101.0) is worker.backends[0]  # the window no longer holds it
+    assert [(backend.index, up, why) for backend, up, why in changes][-1] == (
+        0,
+        True,
+        "checked by the main process",
+    )
+    worker.impose(1, False)
+    worker.impose(1, False)
+    assert not worker.backends[1].stats.up
+    assert [up for backend, up, _ in changes if backend.index == 1] == [False]

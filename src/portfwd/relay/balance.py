@@ -87,8 +87,8 @@ class Pool:
         self.balance = balance
         self.health = health
         self.changed = changed
-        #: Told each time the active checks' verdict on a backend flips (the workers follow it),
-        #: whatever passive health says meanwhile.
+        #: Told each time the active checks' verdict on a backend flips, and when a pass ends a
+        #: passive down (the workers follow both: `impose`).
         self.verdict: Callable[[Backend, bool], None] | None = None
         self._turn = 0  # where least-connections' tie-break starts
         #: No backend is down or was down passively (kept by `_note`): picks skip the filtering.
@@ -184,6 +184,8 @@ class Pool:
                 backend.passive_until = 0.0
                 backend.failed_in_row = 0
                 self.refresh()
+                if self.verdict is not None:  # in the workers too (`impose`)
+                    self.verdict(backend, True)
                 self._set(backend, True, "a check passed")
             elif not backend.checked_up and backend.checks_passed >= self.health.rise:
                 backend.checked_up = True
@@ -209,15 +211,25 @@ class Pool:
         self._healthy = all(item.checked_up and not item.passive_until for item in self.backends)
 
     def impose(self, index: int, up: bool) -> None:
-        """Take another process's active-check verdict on backend `index` (a worker follows the
-        main process's checks instead of making its own)."""
+        """Take the main process's verdict on backend `index` (a worker follows the main
+        process's checks instead of making its own). Up: a check passed there, which ends a
+        passive down here too, as it does there (`checked`), whatever this process's own
+        connects had seen."""
         backend = self.backends[index]
-        if backend.checked_up == up:
+        if up:
+            changed = not backend.checked_up or bool(backend.passive_until)
+            backend.checked_up = True
+            backend.passive_until = 0.0
+            backend.failed_in_row = 0
+            if changed:
+                self.refresh()
+                self._set(backend, True, "checked by the main process")
             return
-        backend.checked_up = up
+        if not backend.checked_up:
+            return
+        backend.checked_up = False
         self.refresh()
-        # passively down here too: it stays down (as `pick` treats it) until its window ends
-        self._set(backend, up and not backend.passive_until, "checked by the main process")
+        self._set(backend, False, "checked by the main process")
 
     def _set(self, backend: Backend, up: bool, why: str) -> None:
         stats = backend.stats

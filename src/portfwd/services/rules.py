@@ -259,9 +259,9 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
 
     async def check_backend(self, name: str, backend: str) -> tuple[bool, str]:
         """Check backend `backend` of rule `name` now, as its active checks do (the result counts
-        toward rise and fall); without active checks a pass ends a passive down, a failure is
-        only noted. Returns (passed, what happened). Raises ActionError (no such rule or
-        backend)."""
+        toward rise and fall); a pass ends a passive down, in every worker too; without active
+        checks a failure is only noted. Returns (passed, what happened). Raises ActionError (no
+        such rule or backend)."""
         found = [(rule, run) for rule, run in self._runs.items() if rule.label == name]
         if not found:
             raise ActionError(f"no running rule named {name!r}", kind="missing")
@@ -279,6 +279,8 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         ok, result = await checker.probe(chosen[0])
         if run.checker is not None or ok:
             pool.checked(chosen[0], ok, result)
+        if ok and pool.verdict is not None:  # a pass ends a passive down in every worker too
+            pool.verdict(chosen[0], True)
         else:  # no active checks to bring it back: a failure is shown, never held against it
             chosen[0].stats.last_check, chosen[0].stats.last_check_result = time.time(), result
         return ok, result
