@@ -274,6 +274,10 @@ BAD = [
         "forward[0].name: 'web\\nERROR forged' has control or invisible characters; use printable text",
     ),
     (
+        '[[forward]]\nname = ".."\nlisten = "1"\nconnect = "h:1"\n',
+        "forward[0].name: '..' is not a usable name (web addresses cannot carry it); choose another",
+    ),
+    (
         "[control]\nenabled = false\n",
         "nothing to run: the config has no [[forward]], [[tunnel]], [server], [gateway], [[map]], [metrics] or [web]; add one",
     ),

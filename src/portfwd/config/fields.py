@@ -80,13 +80,16 @@ def _networks(value: Any) -> tuple[Network, ...]:
 
 
 def _name(value: Any) -> str:
-    """A rule, tunnel or map name: printable text of 1-64 characters (it is logged and shown)."""
+    """A rule, tunnel or map name: printable text of 1-64 characters (it is logged and shown),
+    not `.` or `..` (the web API's paths carry it)."""
     if not isinstance(value, str):
         raise _fail("must be text in quotes")
     if not 1 <= len(value) <= 64:
         raise _fail("must have 1 to 64 characters")
     if not value.isprintable():
         raise _fail(f"{value!r} has control or invisible characters; use printable text")
+    if value in (".", ".."):  # a URL path segment a browser drops: the dashboard could not name it
+        raise _fail(f"{value!r} is not a usable name (web addresses cannot carry it); choose another")
     return value
 
 
