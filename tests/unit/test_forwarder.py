@@ -1,4 +1,4 @@
-"""relay/forwarder.py's client descriptions and PROXY headers, on real sockets."""
+"""relay/forwarder.py's client descriptions and relay/proxyout.py's PROXY headers, on real sockets."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_a_proxy_header_names_the_address_the_client_reached() -> None:
     and both ways make the same header."""
     from portfwd.addr import parse_listen
     from portfwd.proto.proxy import Reader
-    from portfwd.relay.forwarder import listening_address, proxy_header
+    from portfwd.relay.proxyout import listening_address, proxy_header
 
     assert listening_address(parse_listen("127.0.0.1:8080"), None) == ("127.0.0.1", 8080)
     assert listening_address(parse_listen("127.0.0.1:8000-8009"), 8003) == ("127.0.0.1", 8003)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import socket
@@ -24,12 +23,13 @@ from typing import Any, Literal
 from portfwd.acl import AccessPolicy, IPAddress, Route, client_ip
 from portfwd.addr import Endpoint, HostPorts, PortRange, UnixPath, target_port
 from portfwd.errors import UpstreamError
-from portfwd.proto.proxy import ProxyError, header
+from portfwd.proto.proxy import ProxyError
 from portfwd.relay.balance import Backend, Pool
 from portfwd.relay.bandwidth import Shaper
 from portfwd.relay.limits import Limits
 from portfwd.relay.poller import Poller
 from portfwd.relay.proxyin import read_header
+from portfwd.relay.proxyout import first_bytes, listening_address, proxy_header, send_header
 from portfwd.relay.sessionlog import log_closed, log_denied, log_failed, log_opened, log_refused
 from portfwd.relay.splice import PipePool, SpliceRelay
 from portfwd.relay.tcp import ProtocolRelay
@@ -56,51 +56,6 @@ def format_peer(peer: tuple[Any, ...]) -> str:
     if host.startswith("::ffff:") and "." in host:
         host = host[7:]
     return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
-
-
-def proxy_header(version: int, client: int, peer: Any, local: tuple[str, int] | None = None) -> bytes:
-    """The PROXY header (v1 or v2) for a client descriptor: its address, and the address it
-    reached: `local` when the listener's own address says it (one IP, one port), else the
-    accepted socket's own (a getsockname); a Unix client: no addresses."""
-    if not isinstance(peer, tuple):
-        return header(version, None, None)
-    if local is not None:
-        return header(version, (str(peer[0]), int(peer[1])), local)
-    borrowed = socket.socket(fileno=client)
-    try:
-        local = borrowed.getsockname()
-    except OSError:
-        return header(version, None, None)
-    finally:
-        borrowed.detach()  # the descriptor stays the caller's
-    return header(version, (str(peer[0]), int(peer[1])), (str(local[0]), int(local[1])))
-
-
-#: The most of a client's first bytes that go in one send with the PROXY header.
-FIRST_BYTES = 4096
-
-
-def first_bytes(client: int) -> bytes:
-    """What the client sent while its upstream connected (up to FIRST_BYTES; b"" if nothing
-    yet), to go in one segment with the PROXY header: a client that speaks first (HTTP, TLS)
-    has usually sent its request by then, and a header of its own would cost a send and a TCP
-    segment more (bench/RESULTS.md, D20). A backend that speaks first gets the header alone,
-    at once: nothing waits for the client. An end of stream read here is read again by the
-    relay (it stays); a reset read here ends the session as a close."""
-    try:
-        return os.read(client, FIRST_BYTES)
-    except OSError:  # BlockingIOError: nothing yet
-        return b""
-
-
-def send_header(upstream: socket.socket, data: bytes) -> bool:
-    """Send the PROXY header (and the client's first bytes) on a just-connected upstream. Its
-    send buffer is empty and far larger than this, so it goes in one call; False (the session
-    is given up) if the kernel took less."""
-    try:
-        return upstream.send(data) == len(data)
-    except OSError:
-        return False
 
 
 def describe_peer(client: socket.socket | int, peer: Any) -> str:
@@ -151,21 +106,6 @@ def route_target(
     if route.backend is not None:
         return None, route.backend
     return resolve_target(rule.listen, route.target, port), None
-
-
-def listening_address(listen: Endpoint, port: int | None) -> tuple[str, int] | None:
-    """The address every client of this listening port reaches, when the listen address alone
-    says it: one IP literal (not the wildcard, not a name, no scope). Then a PROXY header needs
-    no getsockname() a client (bench/RESULTS.md, D24); None: ask the socket."""
-    if not isinstance(listen, HostPorts) or listen.is_any or "%" in listen.host:
-        return None
-    try:
-        address = ipaddress.ip_address(listen.host)
-    except ValueError:  # a host name: it may stand for several addresses
-        return None
-    if address.is_unspecified:
-        return None
-    return (str(address), port if port is not None else listen.ports.first)
 
 
 def format_target(target: Target) -> str:
