@@ -2,7 +2,8 @@
 
 One instance runs in the lab's LAN namespace with two rules, an SSH tunnel (to a stock sshd in
 the same namespace) and a router mapping (miniupnpd on the lab's gateway, NAT-PMP); the browser
-reaches its loopback [web] through a socat bridge. Screenshots go to tests/artifacts/.
+reaches its loopback [web] through a socat bridge. Another runs as the lab's router ([gateway]
+in the gw namespace) for the page's gateway section. Screenshots go to tests/artifacts/.
 """
 
 from __future__ import annotations
@@ -310,3 +311,100 @@ def test_a_phone_and_a_keyboard(dashboard: Dashboard) -> None:
         )
     finally:
         driver.set_window_size(1280, 1000)
+
+
+def test_the_gateway_section_shows_rules_with_kernel_counters_and_triggers(
+    tmp_path: Path,
+) -> None:
+    """portfwd as the lab's router ([gateway] in the gw namespace, with [web]): the page shows
+    the gateway's rules with the kernel's counters, which grow as a WAN client's bytes are
+    DNATed to a LAN server, and its port trigger; nothing in the console."""
+    need(os.path.exists(CHROMIUM), "needs Debian's chromium (apt-get install chromium)")
+    need(os.path.exists(CHROMEDRIVER), "needs chromedriver (apt-get install chromium-driver)")
+    socat = need_binary("socat", "socat")
+    from tests.integration.processes import wait_listening
+    from tests.integration.topology import GW_WAN, LAN_HOST
+
+    with lab() as net, contextlib.ExitStack() as stack:
+        net.serve(net.lan, 80, "cat")
+        web = free_port()
+        config = tmp_path / "portfwd.toml"
+        config.write_text(
+            '[gateway]\nwan = "gwwan0"\nlan = "gwlan0"\n'
+            f'[[gateway.forward]]\nport = 8080\nto = "{LAN_HOST}:80"\n'
+            '[[gateway.trigger]]\ntrigger = "tcp/6667"\nopen = ["tcp/7000-7010"]\n'
+            f'[web]\nlisten = "127.0.0.1:{web}"\ntoken = "{TOKEN}"\n'
+            f'[control]\nsocket = "{tmp_path}/ctl.sock"\n'
+        )
+        env = {**os.environ, "PORTFWD_STATE_DIR": str(tmp_path / "state")}
+        portfwd = Proc(
+            ["ip", "netns", "exec", net.gw, sys.executable, "-m", "portfwd", "run", "-c", str(config)],
+            env=env,
+            cwd=REPO,
+        )
+        stack.callback(portfwd.close)
+        stack.callback(portfwd.stop)
+        portfwd.wait_for(" ready: ", timeout=30)
+        bridge = free_port()
+        relay = Proc([socat, f"TCP-LISTEN:{bridge},bind=127.0.0.1,reuseaddr,fork",
+                      f"EXEC:ip netns exec {net.gw} socat STDIO TCP\\:127.0.0.1\\:{web}"])  # fmt: skip
+        stack.callback(relay.close)
+        stack.callback(relay.stop)
+        wait_listening(bridge)
+        driver = _driver()
+        stack.callback(driver.quit)
+        driver.get(f"http://127.0.0.1:{bridge}/")
+        wait(driver, "the gateway section", lambda d: d.find_element("id", "gateway").is_displayed())
+        trigger = wait(driver, "the trigger row", lambda d: cell(d, 'tr[data-trigger="gateway.trigger[0]"]'))
+        assert "tcp/7000-7010" in trigger.text
+        assert trigger.find_element("css selector", "td.host").text == "-", "nobody holds it yet"
+        wait(
+            driver,
+            "the forwards' rule",
+            lambda d: gateway_row(d, "prerouting", "gateway.forward tcp") is not None,
+        )
+        payload = os.urandom(64 * 1024)
+        answer = net.run(
+            net.wan,
+            "socat",
+            "-t",
+            "5",
+            "-T",
+            "10",
+            "-",
+            f"TCP4:{GW_WAN}:8080,connect-timeout=2",
+            data=payload,
+        )
+        assert answer.stdout == payload, "the bytes crossed the gateway whole"
+
+        def counted(d: Any) -> bool:
+            first = gateway_row(d, "prerouting", "gateway.forward tcp")  # a flow's first packet
+            every = gateway_row(d, "forward", "dnat")  # every packet of DNATed flows, both ways
+            return (
+                first is not None
+                and every is not None
+                and int(first.find_element("css selector", "td.packets").text) >= 1
+                and int(every.find_element("css selector", "td.bytes").get_attribute("data-value"))
+                > len(payload)
+            )
+
+        wait(driver, "the kernel's counters on the page", counted, seconds=20)
+        flow = wait(
+            driver,
+            "the DNATed flow among the sessions",
+            lambda d: next((row for row in d.find_elements("css selector", "#flows-body tr")
+                            if row.text.startswith("gateway gateway.forward[0] tcp 203.0.113.20:")), None),
+        )  # fmt: skip
+        assert f"8080 {LAN_HOST}:80" in flow.text
+        assert browser_errors(driver) == []
+        driver.save_screenshot(str(ARTIFACTS / "dashboard-gateway.png"))
+    assert "Traceback" not in "\n".join(portfwd.lines)
+
+
+def gateway_row(driver: Any, chain: str, rule: str) -> Any:
+    """The gateway rules' row of `chain` and `rule` (its comment), or None."""
+    for row in driver.find_elements("css selector", "#gateway-rules-body tr"):
+        cells = row.find_elements("css selector", "td")
+        if len(cells) == 4 and cells[0].text == chain and cells[1].text == rule:
+            return row
+    return None
