@@ -149,3 +149,10 @@ def test_the_ipv4_fast_path_writes_what_the_general_one_does(
         assert written == SIGNATURE_V2 + b"\x21\x11\x00\x0c" + body
     assert proxy._ipv4("1.02.3.4") is None, "not as the kernel writes it: the general path decides"
     assert proxy._ipv4("1.2.3.256") is None
+
+
+def test_only_ascii_dotted_quads_are_packed_as_ipv4() -> None:
+    """Digits of other scripts are digits to Python's int(), not to the kernel."""
+    assert header(2, ("10.0.0.1", 1), ("10.0.0.2", 2)).endswith(bytes([10, 0, 0, 1, 10, 0, 0, 2, 0, 1, 0, 2]))
+    with pytest.raises(ProxyError, match="not an IP address"):
+        header(2, ("\u0661.2.3.4", 1), ("1.2.3.4", 2))
