@@ -47,7 +47,7 @@ def per_connection_accounting_us() -> float:
     """Time what accounting adds per connection, alone: register, histogram, close (µs)."""
     import timeit
 
-    setup = "from portfwd.state import Session, State; import itertools, time; s = State(); r = s.rule('x')"
+    setup = "from portfwd.counters import Session; from portfwd.state import State; import itertools, time; s = State(); r = s.rule('x')"
     counted = "x = s.open_session(r, '127.0.0.1:5000', '10.0.0.5:80', 'splice'); r.observe_connect(3e-4); s.close_session(x)"
     bare = "ids = itertools.count(); Session(next(ids), r, 'a', 'b', 'c', time.monotonic())"
     runs = 200_000

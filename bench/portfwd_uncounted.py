@@ -12,7 +12,7 @@ import textwrap
 import time
 from typing import Any
 
-from portfwd import state
+from portfwd import counters, state
 from portfwd.relay import splice, tcp, udp
 from portfwd.services import sampler
 
@@ -51,17 +51,17 @@ def _patch() -> None:
     ids = iter(range(1, 1 << 62))
 
     def open_session(
-        self: state.State, rule: state.RuleStats, client: str, target: str, path: str
-    ) -> state.Session:
+        self: state.State, rule: counters.RuleStats, client: str, target: str, path: str
+    ) -> counters.Session:
         now = time.monotonic()
-        return state.Session(next(ids), rule, client, target, path, now)
+        return counters.Session(next(ids), rule, client, target, path, now)
 
-    def close_session(self: state.State, session: state.Session, reason: str = "") -> None:
+    def close_session(self: state.State, session: counters.Session, reason: str = "") -> None:
         return None
 
     state.State.open_session = open_session  # type: ignore[method-assign]
     state.State.close_session = close_session  # type: ignore[method-assign]
-    state.RuleStats.observe_connect = lambda self, seconds: None  # type: ignore[method-assign]
+    counters.RuleStats.observe_connect = lambda self, seconds: None  # type: ignore[method-assign]
     sampler.Sampler.sample = lambda self: None  # type: ignore[method-assign]
 
 

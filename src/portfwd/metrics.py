@@ -15,9 +15,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from portfwd.counters import CONNECT_BUCKETS
 from portfwd.errors import BindError
 from portfwd.relay.listener import StreamListener
-from portfwd.state import CONNECT_BUCKETS, State
+from portfwd.state import State
 from portfwd.status import GatewayRuleRow, MappingRow, RuleRow, ServerSessionRow, TriggerRow, TunnelRow
 
 REQUEST_TIMEOUT = 10.0

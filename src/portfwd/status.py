@@ -76,7 +76,7 @@ class RuleRow:
     denied_total: int
     errors: dict[str, int]
     udp_flows_active: int
-    #: Upstream connect times per bucket (state.CONNECT_BUCKETS, then +Inf); not cumulative.
+    #: Upstream connect times per bucket (counters.CONNECT_BUCKETS, then +Inf); not cumulative.
     connect_buckets: tuple[int, ...] = ()
     connect_seconds_sum: float = 0.0
     #: Bytes per second each way over the last sample interval (about a second).

@@ -8,9 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from portfwd.addr import HostPorts, PortRange
+from portfwd.counters import BackendStats
 from portfwd.relay.balance import Backend, Pool
 from portfwd.specs import BackendSpec, Balance, HealthSpec
-from portfwd.state import BackendStats
 
 
 def _pool(

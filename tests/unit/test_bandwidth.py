@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from portfwd.counters import RuleStats, Session
 from portfwd.relay.bandwidth import MIN_BURST, Meter, Shaper, TokenBucket, burst_for
 from portfwd.relay.tcp import ProtocolRelay, _Side
-from portfwd.state import RuleStats, Session
 
 #: Float slack: the arithmetic is exact to far better than a byte.
 EPSILON = 1e-6

@@ -8,9 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from portfwd.counters import Session
 from portfwd.relay.poller import Poller
 from portfwd.relay.splice import PipePool, SpliceRelay, splice_available
-from portfwd.state import Session, State
+from portfwd.state import State
 
 pytestmark = pytest.mark.skipif(not splice_available(), reason="splice(2) is Linux-only")
 

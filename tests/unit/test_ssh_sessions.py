@@ -10,8 +10,9 @@ import socket
 
 import pytest
 
+from portfwd.counters import RuleStats
 from portfwd.ssh.sessions import Sessions
-from portfwd.state import RuleStats, State
+from portfwd.state import State
 
 
 def _pair() -> tuple[socket.socket, socket.socket]:

@@ -10,16 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from portfwd.state import (
+from portfwd.counters import (
     CONNECT_BUCKETS,
-    RECENT_CLOSED,
     RuleStats,
     ServerSessionStats,
     Session,
-    State,
     TunnelForwardStats,
     TunnelStats,
 )
+from portfwd.state import RECENT_CLOSED, State
 from portfwd.status import SCHEMA
 
 

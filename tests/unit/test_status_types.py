@@ -14,8 +14,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from rich.console import Console
 
 from portfwd.cli import views
+from portfwd.counters import ServerSessionStats, TunnelForwardStats, TunnelStats
 from portfwd.metrics import StateCollector
-from portfwd.state import Listener, ServerSessionStats, State, TunnelForwardStats, TunnelStats
+from portfwd.state import Listener, State
 from portfwd.status import (
     SCHEMA,
     GatewayRuleRow,

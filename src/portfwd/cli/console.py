@@ -23,7 +23,7 @@ from portfwd.printable import printable
 
 if TYPE_CHECKING:
     from portfwd.cli.logwriter import BatchedHandler
-    from portfwd.state import Session
+    from portfwd.counters import Session
 
 #: What a dependency may warn about without a user seeing it: deprecations (cryptography's
 #: CryptographyDeprecationWarning is a UserWarning) are for their authors and for ours, who meet

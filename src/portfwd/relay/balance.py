@@ -29,8 +29,8 @@ import math
 import time
 from collections.abc import Callable
 
+from portfwd.counters import BackendStats
 from portfwd.specs import BackendSpec, Balance, HealthSpec
-from portfwd.state import BackendStats
 
 #: Called with (backend, up, why) when a backend goes down or comes back up.
 Changed = Callable[["Backend", bool, str], None]

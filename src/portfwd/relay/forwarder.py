@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from portfwd.acl import AccessPolicy, IPAddress, Route, client_ip
 from portfwd.addr import Endpoint, HostPorts, PortRange, UnixPath, target_port
+from portfwd.counters import RuleStats, Session
 from portfwd.errors import UpstreamError
 from portfwd.proto.proxy import ProxyError
 from portfwd.relay.balance import Backend, Pool
@@ -35,7 +36,7 @@ from portfwd.relay.splice import PipePool, SpliceRelay
 from portfwd.relay.tcp import ProtocolRelay
 from portfwd.relay.upstream import Addresses, Connect, literal_addresses, resolve
 from portfwd.specs import RuleSpec
-from portfwd.state import RuleStats, Session, State
+from portfwd.state import State
 
 log = logging.getLogger(__name__)
 

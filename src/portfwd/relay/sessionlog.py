@@ -12,8 +12,8 @@ import logging
 import time
 from typing import Protocol
 
+from portfwd.counters import Session
 from portfwd.logevents import JsonValue, event
-from portfwd.state import Session
 
 log = logging.getLogger("portfwd.relay.forwarder")  # the logger these lines always came from
 

@@ -30,9 +30,9 @@ import os
 import socket
 from collections.abc import Callable
 
+from portfwd.counters import Session, SessionOwner
 from portfwd.relay import libc
 from portfwd.relay.poller import IN, OUT, RDHUP, READABLE, WRITABLE, Poller
-from portfwd.state import Session, SessionOwner
 
 F_SETPIPE_SZ = 1031
 #: 1 MiB (the default fs.pipe-max-size) costs less CPU per Gbit than smaller pipes (bench/RESULTS.md,

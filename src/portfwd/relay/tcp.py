@@ -17,8 +17,8 @@ import asyncio
 import socket
 import typing
 
+from portfwd.counters import Session, SessionOwner
 from portfwd.relay.bandwidth import Meter, Shaper
-from portfwd.state import Session, SessionOwner
 
 
 class _Side(asyncio.Protocol):

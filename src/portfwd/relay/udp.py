@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from portfwd.acl import client_ip
+from portfwd.counters import RuleStats, Session
 from portfwd.errors import UpstreamError
 from portfwd.logevents import event
 from portfwd.proto.proxy import ProxyError, header
@@ -44,7 +45,7 @@ from portfwd.relay.mmsg import NAME_SIZE, Batch
 from portfwd.relay.sessionlog import log_closed, log_denied, log_opened, log_refused
 from portfwd.relay.upstream import resolve
 from portfwd.specs import RuleSpec
-from portfwd.state import RuleStats, Session, State
+from portfwd.state import State
 
 log = logging.getLogger(__name__)
 

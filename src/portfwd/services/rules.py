@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from portfwd.addr import HostPorts, UnixPath
+from portfwd.counters import BackendStats
 from portfwd.errors import ActionError, BindError, PortfwdError
 from portfwd.logevents import event
 from portfwd.relay import transparent
@@ -32,7 +33,7 @@ from portfwd.relay.splice import PipePool, splice_available
 from portfwd.relay.udp import UdpForwarder
 from portfwd.services.base import Change, Owned, Reloadable
 from portfwd.specs import RuleSpec
-from portfwd.state import BackendStats, Listener, State
+from portfwd.state import Listener, State
 
 log = logging.getLogger(__name__)
 

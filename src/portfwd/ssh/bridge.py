@@ -16,7 +16,7 @@ from collections.abc import Callable
 import asyncssh
 from asyncssh.channel import SSHChannel
 
-from portfwd.state import Session
+from portfwd.counters import Session
 
 Closed = Callable[["Bridge", str], None]
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import asyncssh
 
+from portfwd.counters import RuleStats, TunnelForwardStats, TunnelStats
 from portfwd.errors import BindError, PortfwdError, RuntimeFailure
 from portfwd.logevents import event
 from portfwd.relay.forwarder import describe_peer, format_peer
@@ -39,7 +40,7 @@ from portfwd.ssh.forwarded import RemoteForwards
 from portfwd.ssh.hostkeys import HostKeyError
 from portfwd.ssh.sessions import PACKET, WINDOW, Sessions
 from portfwd.ssh.socks import SocksFront
-from portfwd.state import RuleStats, State, TunnelForwardStats, TunnelStats
+from portfwd.state import State
 from portfwd.tunnelspec import TunnelForward
 
 __all__ = ["Fatal", "Forward", "Tunnel"]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from portfwd import sshalgorithms
+from portfwd.counters import ServerSessionStats
 from portfwd.logevents import event
 from portfwd.relay.forwarder import format_peer
 from portfwd.specs import ServerUserSpec
@@ -33,7 +34,6 @@ from portfwd.ssh.policy import (
     plain_path,
 )
 from portfwd.ssh.remote import RemoteAddress, RemoteListener
-from portfwd.state import ServerSessionStats
 
 if TYPE_CHECKING:
     from portfwd.ssh.server import TunnelServer

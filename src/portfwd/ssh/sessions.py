@@ -15,12 +15,13 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from portfwd.counters import RuleStats
 from portfwd.logevents import event
 from portfwd.relay.deadline import Deadlines
 from portfwd.relay.sessionlog import log_closed
 from portfwd.ssh.bridge import Bridge
 from portfwd.ssh.errors import ssh_error
-from portfwd.state import RuleStats, State
+from portfwd.state import State
 
 log = logging.getLogger(__name__)
 
