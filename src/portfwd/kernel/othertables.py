@@ -37,25 +37,17 @@ and chain names) so that its fix can be written for iptables, which must still l
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from portfwd.kernel import nftjson
+from portfwd.kernel.nftjson import NFPROTO, PROTOCOLS, Interval, Tri
 from portfwd.kernel.openings import render
 
 MAX_DEPTH = 16
 
-Tri = bool | None  # None: Unknown
-
-PROTOCOLS = {
-    "icmp": 1, "igmp": 2, "tcp": 6, "udp": 17, "dccp": 33, "gre": 47, "esp": 50, "ah": 51,
-    "icmpv6": 58, "ipv6-icmp": 58, "comp": 108, "sctp": 132, "udplite": 136,
-}  # fmt: skip
 PORTED = {"tcp", "udp", "sctp", "dccp", "udplite"}
-NFPROTO = {"ipv4": 2, "ipv6": 10}
-IPTABLES_TABLES = {"filter", "mangle", "raw", "security", "nat"}
-IPTABLES_CHAINS = {"INPUT", "FORWARD", "OUTPUT", "PREROUTING", "POSTROUTING"}
 # Statements with side effects only: they neither stop a rule from matching nor end the chain.
 IGNORED = {
     "counter", "log", "mangle", "set", "map", "ct helper", "ct timeout", "ct expectation",
@@ -115,174 +107,6 @@ class Blocked:
         return self.certain and self.policy and self.at is None
 
 
-# --------------------------------------------------------------------------- tri-state logic
-
-
-def _and(left: Tri, right: Tri) -> Tri:
-    if left is False or right is False:
-        return False
-    if left is None or right is None:
-        return None
-    return True
-
-
-def _or(values: Iterable[Tri]) -> Tri:
-    result: Tri = False
-    for value in values:
-        if value is True:
-            return True
-        if value is None:
-            result = None
-    return result
-
-
-def _not(value: Tri) -> Tri:
-    return None if value is None else not value
-
-
-# --------------------------------------------------------------------------- the ruleset
-
-
-@dataclass(slots=True)
-class _Table:
-    family: str
-    name: str
-    base: list[tuple[str, str]] = field(default_factory=list)  # (chain, policy)
-    rules: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    sets: dict[str, dict[str, Any]] = field(default_factory=dict)
-    has_xt: bool = False
-
-    @property
-    def iptables(self) -> bool:
-        """Managed by iptables-nft: it uses xt expressions or looks like iptables' own tables."""
-        if self.family not in ("ip", "ip6"):
-            return False
-        builtin = self.name in IPTABLES_TABLES and all(chain in IPTABLES_CHAINS for chain, _ in self.base)
-        return self.has_xt or (builtin and bool(self.base))
-
-
-def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
-
-
-def _tables(listing: Any) -> dict[tuple[str, str], _Table]:
-    items = listing.get("nftables") if isinstance(listing, dict) else None
-    tables: dict[tuple[str, str], _Table] = {}
-    if not isinstance(items, list):
-        return tables
-    for item in items:
-        if not isinstance(item, dict) or len(item) != 1:
-            continue
-        kind, body = next(iter(item.items()))
-        if not isinstance(body, dict):
-            continue
-        family, table = _text(body.get("family")), _text(body.get("table"))
-        if kind == "table":
-            table = _text(body.get("name"))
-        if family is None or table is None:
-            continue
-        entry = tables.setdefault((family, table), _Table(family, table))
-        name = _text(body.get("name"))
-        if kind == "chain" and name is not None:
-            entry.rules.setdefault(name, [])
-            if body.get("hook") == "forward" and "type" in body:
-                entry.base.append((name, _text(body.get("policy")) or "accept"))
-        elif kind in ("set", "map") and name is not None:
-            entry.sets[name] = body
-        elif kind == "rule":
-            chain = _text(body.get("chain"))
-            if chain is not None:
-                entry.rules.setdefault(chain, []).append(body)
-                expr = body.get("expr")
-                if isinstance(expr, list) and any(isinstance(s, dict) and "xt" in s for s in expr):
-                    entry.has_xt = True
-    return tables
-
-
-def _applies(table_family: str, probe_family: str) -> bool:
-    return table_family == "inet" or table_family == probe_family
-
-
-# --------------------------------------------------------------------------- values
-
-
-Interval = tuple[int, int, int]  # (space, low, high): space tells IPv4 from IPv6 from plain numbers
-
-
-def _address(value: Any) -> Interval | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        if "/" in value:
-            net = ipaddress.ip_network(value, strict=False)
-            return (net.version, int(net.network_address), int(net.broadcast_address))
-        addr = ipaddress.ip_address(value)
-    except ValueError:
-        return None
-    return (addr.version, int(addr), int(addr))
-
-
-def _number(value: Any, names: dict[str, int] | None = None) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        if value.isdigit():
-            return int(value)
-        if names is not None:
-            return names.get(value)
-    return None
-
-
-def _interval(element: Any, domain: str) -> Interval | None:
-    """An element (scalar, range, prefix, elem wrapper) as an interval of the domain; None: not understood."""
-    if isinstance(element, dict) and isinstance(element.get("elem"), dict):
-        element = element["elem"].get("val")
-    if isinstance(element, dict) and len(element) == 1:
-        kind, body = next(iter(element.items()))
-        if kind == "range" and isinstance(body, list) and len(body) == 2:
-            low, high = _interval(body[0], domain), _interval(body[1], domain)
-            if low is None or high is None or low[0] != high[0]:
-                return None
-            return (low[0], low[1], high[2])
-        if kind == "prefix" and isinstance(body, dict) and domain == "addr":
-            return _address(f"{body.get('addr')}/{body.get('len')}")
-        return None
-    if domain == "addr":
-        return _address(element)
-    names = PROTOCOLS if domain == "proto" else NFPROTO if domain == "nfproto" else None
-    number = _number(element, names)
-    return None if number is None else (0, number, number)
-
-
-def _covers(probe: Interval, elements: Sequence[Interval | None]) -> Tri:
-    """True when the elements cover all of `probe`, False when none touches it, else Unknown."""
-    space, low, high = probe
-    spans = sorted((max(a, low), min(b, high)) for s, a, b in (e for e in elements if e) if s == space)
-    spans = [(a, b) for a, b in spans if a <= b]
-    if not spans:
-        return None if any(e is None for e in elements) else False
-    cursor = low
-    for a, b in spans:
-        if a > cursor:
-            break
-        cursor = max(cursor, b + 1)
-    return True if cursor > high else None
-
-
-def _iface(name: str, pattern: Any) -> Tri:
-    if isinstance(pattern, dict) and isinstance(pattern.get("elem"), dict):
-        pattern = pattern["elem"].get("val")
-    if not isinstance(pattern, str):
-        return None
-    if pattern.endswith("\\*"):
-        return name == pattern[:-2] + "*"
-    if pattern.endswith("*"):
-        return name.startswith(pattern[:-1])
-    return name == pattern
-
-
 CT_STATES = ("new", "established", "related", "invalid", "untracked")
 CT_STATUS_ABSENT = ("confirmed", "seen-reply", "assured", "expected", "dying")
 
@@ -290,7 +114,7 @@ CT_STATUS_ABSENT = ("confirmed", "seen-reply", "assured", "expected", "dying")
 @dataclass(slots=True)
 class _Context:
     probe: Probe
-    table: _Table
+    table: nftjson.Table
 
     def elements(self, right: Any) -> list[Any] | None:
         """The elements a right-hand side stands for; None: a set whose contents cannot be trusted."""
@@ -357,12 +181,12 @@ class _Context:
         if kind == "ct" and "dir" not in spec and spec.get("key") == "direction":
             direction = "original" if probe.state == "new" else "reply"
             found = self.compare("==", right, lambda element: element == direction)
-            return found if op in ("==", "in") else _not(found) if op == "!=" else None
+            return found if op in ("==", "in") else nftjson.tri_not(found) if op == "!=" else None
         if kind == "meta":
             key = spec.get("key")
             if key in ("iifname", "oifname", "iif", "oif"):
                 name = probe.iif if key in ("iifname", "iif") else probe.oif
-                return self.compare(op, right, lambda element: _iface(name, element))
+                return self.compare(op, right, lambda element: nftjson.iface(name, element))
             if key == "l4proto":
                 if probe.l4proto is None:
                     return None
@@ -381,14 +205,14 @@ class _Context:
                 return None
             if present is False:
                 return False
-            return _and(present, self.field(protocol, name, op, right))
+            return nftjson.tri_and(present, self.field(protocol, name, op, right))
         return None
 
     def field(self, protocol: str, name: str, op: str, right: Any) -> Tri:
         probe = self.probe
         if protocol in ("ip", "ip6") and name in ("daddr", "saddr"):
             address = probe.daddr if name == "daddr" else probe.saddr
-            found = None if address is None else _address(address)
+            found = None if address is None else nftjson.address(address)
             return None if found is None else self.numeric(op, right, (found[0], found[1]), "addr", found[2])
         if (protocol, name) in (("ip", "protocol"), ("ip6", "nexthdr")):
             if probe.l4proto is None:
@@ -406,11 +230,11 @@ class _Context:
         elements = self.elements(right)
         if elements is None:
             return None
-        found = _or(member(element) for element in elements)
+        found = nftjson.tri_or(member(element) for element in elements)
         if op in ("==", "in"):
             return found
         if op == "!=":
-            return _not(found)
+            return nftjson.tri_not(found)
         return None
 
     def numeric(
@@ -419,21 +243,21 @@ class _Context:
         space, low = start
         probe: Interval = (space, low, low if end is None else end)
         if op in ("<", ">", "<=", ">="):
-            bound = _interval(right, domain)
+            bound = nftjson.interval(right, domain)
             if bound is None:
                 return None
             edge = bound[1]
             ceiling = 2**128
             span = {"<": (0, edge - 1), "<=": (0, edge), ">": (edge + 1, ceiling), ">=": (edge, ceiling)}[op]
-            return _covers(probe, [(bound[0], *span)])
+            return nftjson.covers(probe, [(bound[0], *span)])
         elements = self.elements(right)
         if elements is None:
             return None
-        found = _covers(probe, [_interval(element, domain) for element in elements])
+        found = nftjson.covers(probe, [nftjson.interval(element, domain) for element in elements])
         if op in ("==", "in"):
             return found
         if op == "!=":
-            return _not(found)
+            return nftjson.tri_not(found)
         return None
 
     def flags(self, key: str, op: str, right: Any) -> Tri:
@@ -442,17 +266,17 @@ class _Context:
             names = right if isinstance(right, list) else [right]
             if op == "==":
                 return self.exact(bits, complete, names)
-            return _or(bits.get(name) if isinstance(name, str) else None for name in names)
+            return nftjson.tri_or(bits.get(name) if isinstance(name, str) else None for name in names)
         if op not in ("==", "!="):
             return None
         elements = self.elements(right)
         if elements is None:
             return None
-        found = _or(
+        found = nftjson.tri_or(
             self.exact(bits, complete, element if isinstance(element, list) else [element])
             for element in elements
         )
-        return found if op == "==" else _not(found)
+        return found if op == "==" else nftjson.tri_not(found)
 
     @staticmethod
     def exact(bits: dict[str, Tri], complete: bool, names: list[Any]) -> Tri:
@@ -461,10 +285,10 @@ class _Context:
             return None
         result: Tri = True if complete else None
         for name in names:
-            result = _and(result, bits.get(name))
+            result = nftjson.tri_and(result, bits.get(name))
         for name, value in bits.items():
             if name not in names:
-                result = _and(result, _not(value))
+                result = nftjson.tri_and(result, nftjson.tri_not(value))
         return result
 
     def masked(self, spec: Any, op: str, right: Any) -> Tri:
@@ -485,8 +309,8 @@ class _Context:
             if not isinstance(name, str):
                 return None
             bit = bits.get(name)
-            result = _and(result, bit if name in wanted else _not(bit))
-        return result if op == "==" else _not(result)
+            result = nftjson.tri_and(result, bit if name in wanted else nftjson.tri_not(bit))
+        return result if op == "==" else nftjson.tri_not(result)
 
 
 # --------------------------------------------------------------------------- rules and chains
@@ -522,23 +346,23 @@ def _rule(context: _Context, rule: dict[str, Any]) -> list[tuple[Tri, Verdict]]:
     for statement in expr:
         parsed = _statement(statement)
         if parsed is None:
-            condition = _and(condition, None)
+            condition = nftjson.tri_and(condition, None)
             continue
         kind, body = parsed
         if kind == "match":
-            condition = _and(condition, context.match(body))
+            condition = nftjson.tri_and(condition, context.match(body))
         elif kind in VERDICTS:
             verdict = _verdict(kind, body)
-            return [(condition if verdict else _and(condition, None), verdict or ("queue", ""))]
+            return [(condition if verdict else nftjson.tri_and(condition, None), verdict or ("queue", ""))]
         elif kind == "vmap":
-            return [(_and(condition, when), verdict) for when, verdict in _vmap(context, body)]
+            return [(nftjson.tri_and(condition, when), verdict) for when, verdict in _vmap(context, body)]
         elif kind == "xt" and isinstance(body, dict) and body.get("type") == "target":
             if body.get("name") in ("REJECT", "DROP"):
                 return [(condition, ("drop", ""))]
             if body.get("name") not in XT_HARMLESS_TARGETS:
-                condition = _and(condition, None)
+                condition = nftjson.tri_and(condition, None)
         elif kind not in IGNORED:
-            condition = _and(condition, None)  # limit, quota, xt match, ct count, ...
+            condition = nftjson.tri_and(condition, None)  # limit, quota, xt match, ct count, ...
         if condition is False:
             return []
     return []
@@ -700,10 +524,10 @@ def blocked(
     counts as Unknown, which at worst turns a finding into certain=False.
     """
     found: list[Blocked] = []
-    tables = _tables(listing)
+    tables = nftjson.read_tables(listing)
     for probe in probes:
         for (family, name), table in tables.items():
-            if (family, name) == own or not _applies(family, probe.family):
+            if (family, name) == own or not nftjson.applies(family, probe.family):
                 continue
             for chain, policy in table.base:
                 context = _Context(probe, table)
