@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from portfwd.addr import HostPorts, PortRange, Transport
-from portfwd.kernel import relay
+from portfwd.kernel import relay, relaytable
 from portfwd.specs import RouteSpec, RuleSpec
 from tests.conftest import need_binary, need_root
 from tests.integration.netns import wait_listening_in
@@ -108,13 +108,13 @@ class Net:
         return result.stdout.decode().strip() or result.stderr.decode().strip().splitlines()[-1]
 
     def load(self, rules: list[RuleSpec]) -> None:
-        """Apply the plan with relay.apply() run inside the host namespace (never here)."""
-        script = f"import sys; from portfwd.kernel import relay; relay.apply(sys.stdin.read(), {TABLE!r})"
+        """Apply the plan with relaytable.apply() run inside the host namespace (never here)."""
+        script = f"import sys; from portfwd.kernel import relaytable; relaytable.apply(sys.stdin.read(), {TABLE!r})"
         result = self.run(self.host, sys.executable, "-c", script, data=relay.plan(rules, TABLE).encode())
         assert result.returncode == 0, result.stderr.decode()
 
     def listing(self) -> dict[str, object]:
-        """What relay.listing() reads: the table's counters."""
+        """What relaytable.listing() reads: the table's counters."""
         result = self.run(self.host, "nft", "-j", "list", "counters", "table", "inet", TABLE)
         assert result.returncode == 0, result.stderr.decode()
         data: dict[str, object] = json.loads(result.stdout)
@@ -197,7 +197,7 @@ def test_redirect_to_a_local_port(net: Net) -> None:
     assert sha(net.tcp(net.host, "127.0.0.1", 80, data)) == sha(data)
     server.wait_for("peer=127.0.0.1.", start=mark)
     assert sha(net.tcp(net.host, HOST_C, 80, data)) == sha(data)
-    web = relay.counts(net.listing())["web"]
+    web = relaytable.counts(net.listing())["web"]
     assert web.connections >= 4
     assert web.bytes_up > 3 * len(data)
     assert web.bytes_down > 3 * len(data)
@@ -217,7 +217,7 @@ def test_dnat_and_masquerade_to_another_host(net: Net) -> None:
     assert sha(net.tcp(net.host, HOST_C, 5000, data[:4096])) == sha(data[:4096])
 
     listing = net.listing()
-    db = relay.counts(listing)["db"]
+    db = relaytable.counts(listing)["db"]
     assert db.bytes_up > 2 * MIB
     assert db.bytes_down > 2 * MIB
     assert db.connections >= 3
@@ -246,7 +246,7 @@ def test_0_0_0_0_forwards_from_every_ipv4_address(net: Net) -> None:
     assert net.tcp(net.client, HOST_S, 5001, b"x\n") == b"local\nx\n"
     assert net.tcp(net.host, "127.0.0.1", 5001, b"y\n") == b"local\ny\n"
 
-    counted = relay.counts(net.listing())
+    counted = relaytable.counts(net.listing())
     assert counted["any4"].connections >= 4
     assert counted["any4"].bytes_up > 2 * MIB
     assert counted["any4"].bytes_down > 2 * MIB
@@ -270,7 +270,7 @@ def test_rules_sharing_a_port_each_take_their_own_address(net: Net) -> None:
     assert net.tcp(net.client, HOST_C, 5000, b"x\n") == b"a\nx\n"
     assert net.tcp(net.client, HOST_S, 5000, b"x\n") == b"b\nx\n"
     assert net.tcp(net.client, HOST_C, 5001, b"x\n") == b"any\nx\n"
-    counted = relay.counts(net.listing())
+    counted = relaytable.counts(net.listing())
     assert [counted[name].connections for name in ("a", "b", "any")] == [1, 1, 1]
     assert all(counted[name].bytes_down > 0 for name in ("a", "b", "any"))
 
@@ -305,7 +305,7 @@ def test_allow_deny_and_routes(net: Net) -> None:
 
 def test_remove_leaves_no_table(net: Net) -> None:
     net.load([rule("db", "", 5000, SERVER, 9000)])
-    script = f"from portfwd.kernel import relay; print(relay.remove({TABLE!r}), relay.remove({TABLE!r}))"
+    script = f"from portfwd.kernel import relaytable; print(relaytable.remove({TABLE!r}), relaytable.remove({TABLE!r}))"
     result = net.run(net.host, sys.executable, "-c", script)
     assert result.stdout.decode().split() == ["True", "False"], result.stderr.decode()
     assert net.run(net.host, "nft", "list", "tables").stdout.strip() == b""
@@ -317,8 +317,8 @@ def test_a_refused_plan_names_the_rule_and_changes_nothing(net: Net) -> None:
         "counter masquerade", "counter bogus"
     )
     script = (
-        "import sys; from portfwd.kernel import relay\n"
-        f"try:\n relay.apply(sys.stdin.read(), {TABLE!r})\nexcept relay.KernelRelayError as err:\n print(err)"
+        "import sys; from portfwd.kernel import relaytable\n"
+        f"try:\n relaytable.apply(sys.stdin.read(), {TABLE!r})\nexcept relaytable.KernelRelayError as err:\n print(err)"
     )
     result = net.run(net.host, sys.executable, "-c", script, data=broken.encode())
     assert result.stdout.decode().startswith("db: nft refused it: "), result

@@ -21,16 +21,14 @@ from hypothesis import strategies as st
 
 from portfwd.addr import HostPorts, PortRange, Transport, UnixPath
 from portfwd.kernel.relay import (
-    Counts,
     KernelRelayError,
     comment,
-    counts,
     document,
-    explain,
     needs_forwarding,
     plan,
     unsuitable,
 )
+from portfwd.kernel.relaytable import Counts, counts, explain
 from portfwd.specs import BackendSpec, HealthSpec, RouteSpec, RuleSpec
 from tests.conftest import need, need_root
 

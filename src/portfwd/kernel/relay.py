@@ -2,10 +2,10 @@
 
 Why: once the first packet of a flow is translated, conntrack carries every later packet inside
 the kernel, with no copy to userspace, no socket pair and no context switch per read; no
-userspace relay (not even splice) is faster. `plan()` is pure (rules in, nft text out) and
-`apply()` replaces the instance's own table in one nft transaction, as `nft.py` does for the
-gateway. One table per portfwd instance (`table inet <table>`), so `remove()` is one
-`delete table`.
+userspace relay (not even splice) is faster. This module is pure (rules in, nft text out);
+relaytable.py's `apply()` replaces the instance's own table in one nft transaction, as `nft.py`
+does for the gateway. One table per portfwd instance (`table inet <table>`), so its `remove()`
+is one `delete table`.
 
 What each rule becomes, per protocol and per address family it can carry:
 
@@ -26,7 +26,7 @@ What each rule becomes, per protocol and per address family it can carry:
   `acl.AccessPolicy`.
 - counters: four named counters per rule, their comments its label (`comment()`) plus a
   suffix: new flows, refused first packets, bytes up and bytes down, IP headers included
-  (`counts()` reads them from `listing()`, which lists only the counters).
+  (relaytable.py's `counts()` reads them from `listing()`, which lists only the counters).
 
 Theory of operation: every packet does the same work whatever the number of rules. Each hook's
 base chain holds one lookup per protocol in a verdict map (`_LOOKUPS`): nat prerouting and
@@ -64,16 +64,13 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-import json
 import re
-import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from portfwd.addr import HostPorts, PortRange, UnixPath
 from portfwd.errors import RuntimeFailure
-from portfwd.kernel import nft
 from portfwd.specs import HealthSpec, Network, RuleSpec
 
 FAMILY = "inet"
@@ -380,7 +377,7 @@ def _compile(index: int, rule: RuleSpec) -> _Compiled:
             compiled.declarations.append(
                 f"  map ports_{index}{key} {{ type inet_service : inet_service; elements = {{ {pairs} }}; }}"
             )
-    # What `counts()` reads: named counters, listed without the rest of the table.
+    # What relaytable.counts() reads: named counters, listed without the rest of the table.
     for kind, suffix in (("flows", ""), ("denied", DENIED), ("up", UP), ("down", DOWN)):
         compiled.declarations.append(f'  counter {kind}_{index} {{ comment "{label}{suffix}"; }}')
     wildcard = _is_wildcard(listen)
@@ -508,7 +505,7 @@ def plan(rules: Sequence[RuleSpec], table: str) -> str:
 
     Raises KernelRelayError for a bad table name or a rule `unsuitable()` refuses.
     """
-    _check_table(table)
+    check_table(table)
     declarations: list[str] = []
     chains: list[tuple[str, list[str]]] = []  # the rules' own chains, then the shared ports' ones
     entries: dict[tuple[str, str], list[tuple[PortRange, str]]] = {}  # (kind, proto) -> in rule order
@@ -558,7 +555,8 @@ def plan(rules: Sequence[RuleSpec], table: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _check_table(table: str) -> None:
+def check_table(table: str) -> None:
+    """Raise KernelRelayError unless `table` is an nft identifier portfwd may name."""
     if not _TABLE_NAME.match(table):
         raise KernelRelayError(
             f"table name {table!r} is not an nft identifier", hint="use letters, digits and _ (at most 64)"
@@ -567,127 +565,5 @@ def _check_table(table: str) -> None:
 
 def document(ruleset: str, table: str) -> str:
     """Replace `table inet <table>` with `ruleset` in one nft transaction (one file = one batch)."""
-    _check_table(table)
+    check_table(table)
     return f"table {FAMILY} {table} {{}}\ndelete table {FAMILY} {table}\n{ruleset}"
-
-
-# --------------------------------------------------------------------------- reading counters
-
-
-@dataclass(frozen=True, slots=True)
-class Counts:
-    """What the kernel counted for one rule: new flows, refused first packets, bytes each way."""
-
-    connections: int = 0
-    denied: int = 0
-    bytes_up: int = 0  #: client to target, IP bytes (headers included)
-    bytes_down: int = 0
-
-
-def counts(listing: dict[str, Any]) -> dict[str, Counts]:
-    """The counters of every rule, by label (`comment(rule)`), from `listing()` (or from
-    `nft -j list table inet <table>`, which holds the same counter objects).
-
-    A rule's NAT rules count into its `flows_N` counter (each flow's first packet only), its
-    guard rules into `denied_N` (the first packets they refuse: a client retrying its SYN counts
-    again), its count chain into `up_N` and `down_N` (every packet, each way apart; bytes). Each
-    counter's comment is the rule's label with the suffix of what it counts.
-    """
-    found: dict[str, dict[str, int]] = {}
-    for item in listing.get("nftables", []):
-        counter = item.get("counter") if isinstance(item, dict) else None
-        if not isinstance(counter, dict) or not counter.get("comment"):
-            continue
-        text = str(counter["comment"])
-        suffix = next((each for each in (DENIED, UP, DOWN) if text.endswith(each)), "")
-        name = {"": "connections", DENIED: "denied", UP: "bytes_up", DOWN: "bytes_down"}[suffix]
-        value = int(counter.get("bytes" if suffix in (UP, DOWN) else "packets", 0))
-        values = found.setdefault(text.removesuffix(suffix) if suffix else text, {})
-        values[name] = values.get(name, 0) + value
-    return {label: Counts(**values) for label, values in found.items()}
-
-
-def _nft(*args: str, payload: str | None = None) -> subprocess.CompletedProcess[str]:
-    return nft.run(*args, payload=payload, error=KernelRelayError)
-
-
-_NFT_ERROR = re.compile(r"^/dev/stdin:(\d+):(\d+)-(\d+): Error: (.+)$", re.MULTILINE)
-_COMMENT = re.compile(r'comment "([^"]*)"')
-_DECLARED = re.compile(r"^\s*(?:set|map) (\w+) \{")
-
-
-def explain(text: str, stderr: str) -> tuple[str, str] | None:
-    """(rule label, what nft said) for nft's first error in the document `text`, if traceable.
-
-    A rule line carries its label as a comment; a set or map line is traced to the first rule
-    line that uses it.
-    """
-    found = _NFT_ERROR.search(stderr)
-    if found is None:
-        return None
-    number, first, last, message = int(found[1]), int(found[2]), int(found[3]), found[4].strip()
-    lines = text.splitlines()
-    if not 1 <= number <= len(lines):
-        return None
-    line = lines[number - 1]
-    culprit = line[first - 1 : last].strip()
-    what = f"{message} ({culprit})" if culprit and len(culprit) < 80 else message
-    if named := _COMMENT.search(line):
-        return _label(named[1]), what
-    if declared := _DECLARED.match(line):
-        for other in lines:
-            if f"@{declared[1]} " in other and (named := _COMMENT.search(other)):
-                return _label(named[1]), what
-    return None
-
-
-def _label(comment_text: str) -> str:
-    """The rule's label in a comment, without the guard or direction suffix."""
-    for suffix in (DENIED, UP, DOWN):
-        comment_text = comment_text.removesuffix(suffix)
-    return comment_text
-
-
-def apply(ruleset: str, table: str, *, check_only: bool = False) -> None:
-    """Load `ruleset` as `table inet <table>` atomically, replacing what was there (or only check).
-
-    Raises KernelRelayError naming the rule nft refused (or nft's first error line); then
-    nothing changed.
-    """
-    text = document(ruleset, table)
-    result = _nft(*(["-c", "-f", "-"] if check_only else ["-f", "-"]), payload=text)
-    if result.returncode == 0:
-        return
-    explained = explain(text, result.stderr)
-    if explained is not None:
-        label, what = explained
-        raise KernelRelayError(f"{label}: nft refused it: {what}; nothing changed")
-    raise KernelRelayError(
-        f"nft refused table {FAMILY} {table}; nothing changed: {nft.one_line(result.stderr)}"
-    )
-
-
-def listing(table: str) -> dict[str, Any] | None:
-    """The table's counters, `nft -j list counters table inet <table>` parsed (what `counts()`
-    reads), or None when absent. Only the counters: their cost does not grow with the maps and
-    chains, and a refresh reads them every few seconds."""
-    _check_table(table)
-    result = _nft("-j", "list", "counters", "table", FAMILY, table)
-    if result.returncode != 0:
-        return None
-    data: dict[str, Any] = json.loads(result.stdout)
-    return data
-
-
-def remove(table: str) -> bool:
-    """Delete `table inet <table>` (only it). Returns False when it was not there.
-
-    Raises KernelRelayError when nft fails otherwise.
-    """
-    _check_table(table)
-    result = _nft("delete", "table", FAMILY, table)
-    if result.returncode == 0:
-        return True
-    if "No such file or directory" in result.stderr:
-        return False
-    raise KernelRelayError(f"nft could not delete table {FAMILY} {table}: {nft.one_line(result.stderr)}")

@@ -1,9 +1,9 @@
 """The `[[forward]]` rules with `relay = "kernel"`, as a service: one nftables table per instance.
 
-kernel/relay.py compiles the rules; this applies the table at start, re-plans it on reload (one
-transaction: the kept rules' flows never notice), keeps the rules' counters and live flows in
-the state every REFRESH seconds (status and /metrics read them as any rule's), and at stop
-deletes the table and the flows it translated.
+kernel/relay.py compiles the rules and kernel/relaytable.py loads them; this applies the table
+at start, re-plans it on reload (one transaction: the kept rules' flows never notice), keeps
+the rules' counters and live flows in the state every REFRESH seconds (status and /metrics
+read them as any rule's), and at stop deletes the table and the flows it translated.
 
 Each rule's listen ports are held by a bound socket that never listens (as kube-proxy holds its
 node ports): a port another program uses is refused at start with the userspace rule's words,
@@ -22,7 +22,7 @@ import socket
 
 from portfwd.addr import HostPorts
 from portfwd.errors import PortfwdError, RuntimeFailure
-from portfwd.kernel import conntrack, nft
+from portfwd.kernel import conntrack, nft, relaytable
 from portfwd.kernel import relay as kernel
 from portfwd.logevents import event
 from portfwd.relay.listener import bind_error
@@ -106,7 +106,7 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
         self._loaded = False  # the table is ours and in the kernel
         self._refresh: asyncio.Task[None] | None = None
         #: What the tables replaced by reloads counted, per label: added to the live counters.
-        self._base: dict[str, kernel.Counts] = {}
+        self._base: dict[str, relaytable.Counts] = {}
         self._counting = asyncio.Lock()  # a table replaced and its counters carried over, or read
         self._going: list[RuleSpec] = []
 
@@ -125,7 +125,7 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
     async def start(self) -> list[PortfwdError]:
         if self.wanted:  # a table of the same instance left by a crash would shadow the rules
             with contextlib.suppress(kernel.KernelRelayError, OSError):
-                await asyncio.to_thread(kernel.remove, self.table)
+                await asyncio.to_thread(relaytable.remove, self.table)
         return list((await self.apply(self.wanted)).failures)
 
     async def retire(self, part: tuple[RuleSpec, ...]) -> Change:
@@ -205,14 +205,14 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
         2 s reader waits meanwhile, so a total never goes back."""
         async with self._counting:
             try:
-                before = await asyncio.to_thread(kernel.listing, self.table) if self._loaded else None
+                before = await asyncio.to_thread(relaytable.listing, self.table) if self._loaded else None
                 if not self.rules:
                     if self._loaded:
-                        await asyncio.to_thread(kernel.remove, self.table)
+                        await asyncio.to_thread(relaytable.remove, self.table)
                         self._loaded = False
                 else:
                     text = kernel.plan(list(self.rules), self.table)
-                    await asyncio.to_thread(kernel.apply, text, self.table)
+                    await asyncio.to_thread(relaytable.apply, text, self.table)
                     self._loaded = True
             except kernel.KernelRelayError as exc:
                 error: PortfwdError = exc
@@ -225,9 +225,9 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
                     "%s", error.line(), extra=event("rule.failed", rule=self.table, reason=error.message)
                 )
                 return [error]
-            for label, counted in kernel.counts(before or {}).items():
-                base = self._base.get(label, kernel.Counts())
-                self._base[label] = kernel.Counts(
+            for label, counted in relaytable.counts(before or {}).items():
+                base = self._base.get(label, relaytable.Counts())
+                self._base[label] = relaytable.Counts(
                     base.connections + counted.connections,
                     base.denied + counted.denied,
                     base.bytes_up + counted.bytes_up,
@@ -274,11 +274,11 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
 
     async def _read_counters(self) -> None:
         async with self._counting:
-            listing = await asyncio.to_thread(kernel.listing, self.table) if self._loaded else None
-        counted = kernel.counts(listing or {})
+            listing = await asyncio.to_thread(relaytable.listing, self.table) if self._loaded else None
+        counted = relaytable.counts(listing or {})
         for rule in self.rules:
             label = kernel.comment(rule)
-            found, base = counted.get(label, kernel.Counts()), self._base.get(label, kernel.Counts())
+            found, base = counted.get(label, relaytable.Counts()), self._base.get(label, relaytable.Counts())
             stats = self.state.rule(rule.label)
             stats.connections_total = base.connections + found.connections
             stats.denied_total = base.denied + found.denied
@@ -317,7 +317,7 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
             return
         self._loaded = False
         try:
-            await asyncio.to_thread(kernel.remove, self.table)
+            await asyncio.to_thread(relaytable.remove, self.table)
         except (kernel.KernelRelayError, OSError) as exc:
             reason = exc.line() if isinstance(exc, kernel.KernelRelayError) else str(exc)
             log.error("kernel relays: %s", reason, extra=event("rule.failed", rule=self.table, reason=reason))
