@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from portfwd.kernel import ha, hasupervisor
+from portfwd.kernel import children, ha, hasupervisor
 from portfwd.kernel.hasupervisor import HASupervisor
 from portfwd.kernel.nft import GatewayError
 from portfwd.specs import GatewayHASpec, GatewaySpec
@@ -418,7 +418,7 @@ async def test_ip_failure_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     async def failing_ip(*argv: str) -> tuple[int, str]:
         return 1, "Error: first problem.\nError: second problem.\n"
 
-    monkeypatch.setattr(hasupervisor, "_run", failing_ip)
+    monkeypatch.setattr(children, "run_short", failing_ip)
     with pytest.raises(GatewayError) as caught:
         await hasupervisor.host_addresses(GATEWAY)
     assert str(caught.value) == "gateway.ha: ip addr failed: Error: first problem. / Error: second problem."

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import fcntl
 import ipaddress
@@ -23,7 +22,6 @@ import itertools
 import json
 import logging
 import os
-import select
 import shutil
 import signal
 import stat
@@ -32,9 +30,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from portfwd.kernel import ha
+from portfwd.kernel import children, ha
 from portfwd.kernel.nft import GatewayError
-from portfwd.relay import libc
 from portfwd.specs import GatewaySpec
 
 log = logging.getLogger(__name__)
@@ -43,103 +40,17 @@ log = logging.getLogger(__name__)
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 POLL = 0.05
-#: A short command (ip, conntrackd -s, keepalived --config-test).
-COMMAND_TIMEOUT = 10.0
-PR_SET_PDEATHSIG = 1
 
 Match = Callable[[list[str]], bool]
-
-
-def _one_line(text: str, lines: int = 2) -> str:
-    """The last non-empty lines of some output, joined into one line for an error message."""
-    kept = [line.strip() for line in text.splitlines() if line.strip()]
-    return " / ".join(kept[-lines:])
-
-
-def _tail(path: Path, lines: int = 1) -> str:
-    """The last non-empty lines of a log, for an error message."""
-    try:
-        return _one_line(path.read_text(errors="replace"), lines)
-    except OSError:
-        return ""
-
-
-def _reason(exc: OSError) -> str:
-    return exc.strerror or str(exc)
-
-
-def _exit_text(code: int) -> str:
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"was killed by {signal.Signals(-code).name}"
-    return f"exited with code {code}"
-
-
-def _die_with_parent() -> Callable[[], None]:
-    """A preexec_fn that has the child get SIGTERM when portfwd dies, however it dies.
-
-    prctl is looked up before the fork; the child only calls it. A portfwd that died between
-    the fork and the prctl would never send the signal, so the child checks it still has its
-    parent and gives up otherwise.
-    """
-    prctl = libc.function(
-        "prctl", (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
-    )
-    parent = os.getpid()
-
-    def preexec() -> None:
-        if prctl is not None:
-            prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return preexec
-
-
-def _cmdline(pid: int) -> list[str] | None:
-    """The argv of `pid` from /proc (empty for a zombie), or None when it cannot be read."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    return [os.fsdecode(arg) for arg in raw.split(b"\0")[:-1]]
-
-
-def _exited(pidfd: int) -> bool:
-    """Whether the process behind a pidfd has ended (a pidfd turns readable then)."""
-    return bool(select.select([pidfd], [], [], 0)[0])
-
-
-async def _run(*argv: str) -> tuple[int, str]:
-    """Run a short command; (exit code, stdout+stderr). Raises GatewayError if it cannot run."""
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-    except OSError as exc:
-        raise GatewayError(f"gateway.ha: cannot run {argv[0]}: {_reason(exc)}") from exc
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), COMMAND_TIMEOUT)
-    except TimeoutError as exc:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise GatewayError(
-            f"gateway.ha: {' '.join(argv[:3])} did not finish in {COMMAND_TIMEOUT:g}s"
-        ) from exc
-    return int(proc.returncode or 0), out.decode(errors="replace")
 
 
 async def host_addresses(gateway: GatewaySpec) -> ha.HAHost:
     """This router's addresses on the sync, WAN and LAN links (not the virtual ones), from
     `ip -j -4 addr`. Raises GatewayError when ip fails or the sync link has none."""
     assert gateway.ha is not None
-    code, out = await _run("ip", "-j", "-4", "addr", "show")
+    code, out = await children.run_short("ip", "-j", "-4", "addr", "show")
     if code != 0:
-        raise GatewayError(f"gateway.ha: ip addr failed: {_one_line(out, 3) or f'exit code {code}'}")
+        raise GatewayError(f"gateway.ha: ip addr failed: {children.one_line(out, 3) or f'exit code {code}'}")
     virtual = {vip.ip for vip in gateway.ha.virtual_addresses}
     found: dict[str, list[ipaddress.IPv4Interface]] = {}
     try:
@@ -220,14 +131,14 @@ class HASupervisor:
                     f"gateway.ha: {directory} is {what}; remove it (portfwd creates the directory)"
                 ) from exc
             raise GatewayError(
-                f"gateway.ha: cannot create {exc.filename or directory}: {_reason(exc)}"
+                f"gateway.ha: cannot create {exc.filename or directory}: {children.reason(exc)}"
             ) from exc
         try:
             if created:
                 os.fchmod(fd, 0o700)  # mkdir's mode went through the umask
             info = os.fstat(fd)
         except OSError as exc:
-            raise GatewayError(f"gateway.ha: cannot set up {directory}: {_reason(exc)}") from exc
+            raise GatewayError(f"gateway.ha: cannot set up {directory}: {children.reason(exc)}") from exc
         finally:
             os.close(fd)
         if info.st_uid != os.geteuid():
@@ -248,7 +159,7 @@ class HASupervisor:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise GatewayError(f"gateway.ha: cannot open {path}: {_reason(exc)}") from exc
+            raise GatewayError(f"gateway.ha: cannot open {path}: {children.reason(exc)}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -258,7 +169,7 @@ class HASupervisor:
                     f"gateway.ha: {self.paths.directory} is in use by another running portfwd;"
                     " stop it first, or give this one its own runtime directory"
                 ) from exc
-            raise GatewayError(f"gateway.ha: cannot lock {path}: {_reason(exc)}") from exc
+            raise GatewayError(f"gateway.ha: cannot lock {path}: {children.reason(exc)}") from exc
         try:  # the file we locked may have been unlinked by a supervisor stopping meanwhile
             same = os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino
         except OSError:
@@ -281,7 +192,7 @@ class HASupervisor:
                 os.fchmod(fd, mode)  # the umask may have taken bits from `mode`
                 out.write(text)
         except OSError as exc:
-            raise GatewayError(f"gateway.ha: cannot write {staged}: {_reason(exc)}") from exc
+            raise GatewayError(f"gateway.ha: cannot write {staged}: {children.reason(exc)}") from exc
         return staged
 
     def _replace(self, path: Path, text: str, mode: int) -> None:
@@ -289,14 +200,14 @@ class HASupervisor:
         try:
             staged.replace(path)
         except OSError as exc:
-            raise GatewayError(f"gateway.ha: cannot write {path}: {_reason(exc)}") from exc
+            raise GatewayError(f"gateway.ha: cannot write {path}: {children.reason(exc)}") from exc
 
     @staticmethod
     def _unlink(path: Path) -> None:
         try:
             path.unlink(missing_ok=True)
         except OSError as exc:
-            raise GatewayError(f"gateway.ha: cannot remove {path}: {_reason(exc)}") from exc
+            raise GatewayError(f"gateway.ha: cannot remove {path}: {children.reason(exc)}") from exc
 
     async def _write(self) -> None:
         """Write the three files. keepalived checks its new config before it replaces the old,
@@ -309,15 +220,19 @@ class HASupervisor:
         # the script depends only on the paths: the same text the running keepalived calls
         self._replace(paths.notify_script, ha.notify_script(paths, self._binary("conntrackd")), 0o700)
         candidate = self._stage(paths.keepalived_conf, keepalived_text, 0o600)
-        code, out = await _run(self._binary("keepalived"), "--config-test", "-f", str(candidate))
+        code, out = await children.run_short(
+            self._binary("keepalived"), "--config-test", "-f", str(candidate)
+        )
         if code != 0:
             with contextlib.suppress(OSError):
                 candidate.unlink(missing_ok=True)
-            raise GatewayError(f"gateway.ha: keepalived refused its config: {_one_line(out)}")
+            raise GatewayError(f"gateway.ha: keepalived refused its config: {children.one_line(out)}")
         try:
             candidate.replace(paths.keepalived_conf)
         except OSError as exc:
-            raise GatewayError(f"gateway.ha: cannot write {paths.keepalived_conf}: {_reason(exc)}") from exc
+            raise GatewayError(
+                f"gateway.ha: cannot write {paths.keepalived_conf}: {children.reason(exc)}"
+            ) from exc
         self._replace(paths.conntrackd_conf, conntrackd_text, 0o600)
         self._placed, self._conntrackd_text = placed, conntrackd_text
 
@@ -351,12 +266,12 @@ class HASupervisor:
         except OSError as exc:
             raise GatewayError(
                 f"gateway.ha: cannot look at pid {pid} ({name}) left in {self.paths.directory}:"
-                f" {_reason(exc)}; stop it yourself and remove its pid file"
+                f" {children.reason(exc)}; stop it yourself and remove its pid file"
             ) from exc
         try:
             # opened first: the pidfd names this process even if the pid is reused meanwhile
-            argv = _cmdline(pid)
-            if _exited(pidfd):
+            argv = children.cmdline(pid)
+            if children.exited(pidfd):
                 return False
             if argv is None or not ours(argv):
                 log.info("gateway.ha: pid %d (from a %s pid file) is not ours; left alone", pid, name)
@@ -374,11 +289,11 @@ class HASupervisor:
                 except OSError as exc:
                     raise GatewayError(
                         f"gateway.ha: cannot stop the {name} (pid {pid}) a previous portfwd left"
-                        f" running: {_reason(exc)}; stop it yourself"
+                        f" running: {children.reason(exc)}; stop it yourself"
                     ) from exc
                 deadline = time.monotonic() + STOP_TIMEOUT
                 while time.monotonic() < deadline:
-                    if _exited(pidfd):
+                    if children.exited(pidfd):
                         return True
                     await asyncio.sleep(POLL)
             raise GatewayError(
@@ -418,12 +333,14 @@ class HASupervisor:
         """Delete the virtual addresses still on their links; failures become problems."""
         for vip, dev in placed:
             try:
-                code, out = await _run("ip", "-o", "-4", "addr", "show", "dev", dev, "to", f"{vip.ip}/32")
+                code, out = await children.run_short(
+                    "ip", "-o", "-4", "addr", "show", "dev", dev, "to", f"{vip.ip}/32"
+                )
                 if code != 0 or not out.strip():
                     continue
-                code, out = await _run("ip", "addr", "del", str(vip), "dev", dev)
+                code, out = await children.run_short("ip", "addr", "del", str(vip), "dev", dev)
                 if code != 0:
-                    self._problem(f"gateway.ha: cannot remove {vip} from {dev}: {_one_line(out)}")
+                    self._problem(f"gateway.ha: cannot remove {vip} from {dev}: {children.one_line(out)}")
                 else:
                     log.info("gateway.ha: removed virtual address %s from %s", vip, dev)
             except GatewayError as exc:
@@ -450,17 +367,17 @@ class HASupervisor:
                 logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
             )
         except OSError as exc:
-            raise GatewayError(f"gateway.ha: cannot open {logfile}: {_reason(exc)}") from exc
+            raise GatewayError(f"gateway.ha: cannot open {logfile}: {children.reason(exc)}") from exc
         try:
             return await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
-                preexec_fn=_die_with_parent() if self._die_with_parent else None,
+                preexec_fn=children.die_with_parent() if self._die_with_parent else None,
             )
         except (OSError, subprocess.SubprocessError) as exc:
-            reason = _reason(exc) if isinstance(exc, OSError) else str(exc)
+            reason = children.reason(exc) if isinstance(exc, OSError) else str(exc)
             raise GatewayError(f"gateway.ha: cannot start {argv[0]}: {reason}") from exc
         finally:
             os.close(out)
@@ -475,12 +392,14 @@ class HASupervisor:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if proc.returncode is not None:
+                said = children.tail(self.conntrackd_console) or children.tail(paths.conntrackd_log)
                 raise GatewayError(
-                    f"gateway.ha: conntrackd {_exit_text(proc.returncode)}:"
-                    f" {_tail(self.conntrackd_console) or _tail(paths.conntrackd_log) or 'no message'}"
+                    f"gateway.ha: conntrackd {children.exit_text(proc.returncode)}: {said or 'no message'}"
                 )
             if paths.conntrackd_socket.exists():
-                code, _ = await _run(conntrackd, "-C", str(paths.conntrackd_conf), "-s", "runtime")
+                code, _ = await children.run_short(
+                    conntrackd, "-C", str(paths.conntrackd_conf), "-s", "runtime"
+                )
                 if code == 0:
                     log.info("gateway.ha: conntrackd up (pid %d)", proc.pid)
                     return
@@ -505,8 +424,8 @@ class HASupervisor:
         while time.monotonic() < deadline:
             if proc.returncode is not None:
                 raise GatewayError(
-                    f"gateway.ha: keepalived {_exit_text(proc.returncode)}:"
-                    f" {_tail(self.keepalived_log) or 'no message'}"
+                    f"gateway.ha: keepalived {children.exit_text(proc.returncode)}:"
+                    f" {children.tail(self.keepalived_log) or 'no message'}"
                 )
             # the VRRP child writes its pid file once its instance runs; the first notify follows
             if paths.vrrp_pid.exists() and paths.state_file.exists():
@@ -527,8 +446,9 @@ class HASupervisor:
             except ProcessLookupError:
                 pass  # it just died: alive() says so
             except OSError as exc:
+                why = children.reason(exc)
                 raise GatewayError(
-                    f"gateway.ha: cannot tell keepalived (pid {keepalived.pid}) to reload: {_reason(exc)}"
+                    f"gateway.ha: cannot tell keepalived (pid {keepalived.pid}) to reload: {why}"
                 ) from exc
         if self._conntrackd_text != before:
             conntrackd, self._conntrackd = self._conntrackd, None  # a restart, not a death
@@ -548,8 +468,10 @@ class HASupervisor:
             (self._conntrackd, "conntrackd", self.conntrackd_console),
         ):
             if proc is not None and proc.returncode is not None:
-                last = _tail(logfile) or (_tail(self.paths.conntrackd_log) if name == "conntrackd" else "")
-                line = f"gateway.ha: {name} (pid {proc.pid}) {_exit_text(proc.returncode)}"
+                last = children.tail(logfile) or (
+                    children.tail(self.paths.conntrackd_log) if name == "conntrackd" else ""
+                )
+                line = f"gateway.ha: {name} (pid {proc.pid}) {children.exit_text(proc.returncode)}"
                 return f"{line}: {last}" if last else line
         return None
 
@@ -576,7 +498,7 @@ class HASupervisor:
             except ProcessLookupError:
                 pass  # exiting already: wait for it below
             except OSError as exc:
-                self._problem(f"gateway.ha: cannot stop {name} (pid {proc.pid}): {_reason(exc)}")
+                self._problem(f"gateway.ha: cannot stop {name} (pid {proc.pid}): {children.reason(exc)}")
                 return
             try:
                 await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
@@ -620,7 +542,7 @@ class HASupervisor:
                 try:
                     leftover.unlink(missing_ok=True)
                 except OSError as exc:
-                    self._problem(f"gateway.ha: cannot remove {leftover}: {_reason(exc)}")
+                    self._problem(f"gateway.ha: cannot remove {leftover}: {children.reason(exc)}")
         with contextlib.suppress(OSError):
             self.paths.directory.rmdir()
 
