@@ -132,28 +132,37 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
             f'[web]\nlisten = "127.0.0.1:{web}"\ntoken = "{TOKEN}"\n'
             f'[control]\nsocket = "{tmp}/ctl.sock"\n'
         )
-        env = {**os.environ, "PORTFWD_STATE_DIR": str(tmp / "state")}
-        portfwd = Proc(
-            ["ip", "netns", "exec", net.lan, sys.executable, "-m", "portfwd", "run", "-c", str(config)],
-            env=env,
-            cwd=REPO,
-        )
-        stack.callback(portfwd.close)
-        stack.callback(portfwd.stop)
-        portfwd.wait_for(" ready: ", timeout=30)
+        portfwd, url = serve_page(stack, net.lan, config, tmp, web, socat)
         portfwd.wait_for("published at", timeout=30)
-        bridge = free_port()
-        relay = Proc([socat, f"TCP-LISTEN:{bridge},bind=127.0.0.1,reuseaddr,fork",
-                      f"EXEC:ip netns exec {net.lan} socat STDIO TCP\\:127.0.0.1\\:{web}"])  # fmt: skip
-        stack.callback(relay.close)
-        stack.callback(relay.stop)
-        from tests.integration.processes import wait_listening
-
-        wait_listening(bridge)
         driver = _driver()
         stack.callback(driver.quit)
-        yield Dashboard(net, f"http://127.0.0.1:{bridge}/", rules, tmp, driver)
+        yield Dashboard(net, url, rules, tmp, driver)
         assert "Traceback" not in "\n".join(portfwd.lines)
+
+
+def serve_page(
+    stack: contextlib.ExitStack, ns: str, config: Path, tmp: Path, web: int, socat: str
+) -> tuple[Proc, str]:
+    """`portfwd run -c config` in namespace `ns` until `stack` closes, and a socat bridge from
+    this host's loopback to its [web] on port `web` there: (the portfwd, the page's URL)."""
+    from tests.integration.processes import wait_listening
+
+    env = {**os.environ, "PORTFWD_STATE_DIR": str(tmp / "state")}
+    portfwd = Proc(
+        ["ip", "netns", "exec", ns, sys.executable, "-m", "portfwd", "run", "-c", str(config)],
+        env=env,
+        cwd=REPO,
+    )
+    stack.callback(portfwd.close)
+    stack.callback(portfwd.stop)
+    portfwd.wait_for(" ready: ", timeout=30)
+    bridge = free_port()
+    relay = Proc([socat, f"TCP-LISTEN:{bridge},bind=127.0.0.1,reuseaddr,fork",
+                  f"EXEC:ip netns exec {ns} socat STDIO TCP\\:127.0.0.1\\:{web}"])  # fmt: skip
+    stack.callback(relay.close)
+    stack.callback(relay.stop)
+    wait_listening(bridge)
+    return portfwd, f"http://127.0.0.1:{bridge}/"
 
 
 def wait(driver: Any, what: str, condition: Any, seconds: float = 15.0) -> Any:
@@ -322,7 +331,6 @@ def test_the_gateway_section_shows_rules_with_kernel_counters_and_triggers(
     need(os.path.exists(CHROMIUM), "needs Debian's chromium (apt-get install chromium)")
     need(os.path.exists(CHROMEDRIVER), "needs chromedriver (apt-get install chromium-driver)")
     socat = need_binary("socat", "socat")
-    from tests.integration.processes import wait_listening
     from tests.integration.topology import GW_WAN, LAN_HOST
 
     with lab() as net, contextlib.ExitStack() as stack:
@@ -336,24 +344,10 @@ def test_the_gateway_section_shows_rules_with_kernel_counters_and_triggers(
             f'[web]\nlisten = "127.0.0.1:{web}"\ntoken = "{TOKEN}"\n'
             f'[control]\nsocket = "{tmp_path}/ctl.sock"\n'
         )
-        env = {**os.environ, "PORTFWD_STATE_DIR": str(tmp_path / "state")}
-        portfwd = Proc(
-            ["ip", "netns", "exec", net.gw, sys.executable, "-m", "portfwd", "run", "-c", str(config)],
-            env=env,
-            cwd=REPO,
-        )
-        stack.callback(portfwd.close)
-        stack.callback(portfwd.stop)
-        portfwd.wait_for(" ready: ", timeout=30)
-        bridge = free_port()
-        relay = Proc([socat, f"TCP-LISTEN:{bridge},bind=127.0.0.1,reuseaddr,fork",
-                      f"EXEC:ip netns exec {net.gw} socat STDIO TCP\\:127.0.0.1\\:{web}"])  # fmt: skip
-        stack.callback(relay.close)
-        stack.callback(relay.stop)
-        wait_listening(bridge)
+        portfwd, url = serve_page(stack, net.gw, config, tmp_path, web, socat)
         driver = _driver()
         stack.callback(driver.quit)
-        driver.get(f"http://127.0.0.1:{bridge}/")
+        driver.get(url)
         wait(driver, "the gateway section", lambda d: d.find_element("id", "gateway").is_displayed())
         trigger = wait(driver, "the trigger row", lambda d: cell(d, 'tr[data-trigger="gateway.trigger[0]"]'))
         assert "tcp/7000-7010" in trigger.text

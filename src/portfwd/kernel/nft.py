@@ -92,12 +92,13 @@ _NAMED = (
 )
 
 
-def explain(text: str, stderr: str) -> tuple[str, str] | None:
-    """(config rule, what nft said) for nft's first error in the document `text`, if traceable.
+def error_at(text: str, stderr: str) -> tuple[str, int, int, str, str] | None:
+    """nft's first error in the document `text` it read from stdin: (the document's line, the
+    first and last column nft points at, its message, the text under those columns); None when
+    stderr names no line of the document.
 
-    nft reports `/dev/stdin:LINE:FIRST-LAST: Error: ...`; the line and columns point into the
-    document. The rule is the comment of the map element under the columns, else the rule
-    line's own comment, else the set or map name (`allow_2` is gateway.forward[2].allow).
+    nft reports `/dev/stdin:LINE:FIRST-LAST: Error: ...`; the gateway's and the kernel relays'
+    explainers each trace the line to the config rule it came from.
     """
     found = _NFT_ERROR.search(stderr)
     if found is None:
@@ -107,7 +108,19 @@ def explain(text: str, stderr: str) -> tuple[str, str] | None:
     if not 1 <= number <= len(lines):
         return None
     line = lines[number - 1]
-    culprit = line[first - 1 : last].strip()
+    return line, first, last, message, line[first - 1 : last].strip()
+
+
+def explain(text: str, stderr: str) -> tuple[str, str] | None:
+    """(config rule, what nft said) for nft's first error in the document `text`, if traceable.
+
+    The rule is the comment of the map element under the columns, else the rule line's own
+    comment, else the set or map name (`allow_2` is gateway.forward[2].allow).
+    """
+    error = error_at(text, stderr)
+    if error is None:
+        return None
+    line, first, last, message, culprit = error
     what = f"{message} ({culprit})" if culprit else message
     start, end = line.rfind("{ ", 0, first), line.find(" }", last)
     if start != -1 and end != -1:

@@ -56,7 +56,6 @@ def _nft(*args: str, payload: str | None = None) -> subprocess.CompletedProcess[
     return nft.run(*args, payload=payload, error=KernelRelayError)
 
 
-_NFT_ERROR = re.compile(r"^/dev/stdin:(\d+):(\d+)-(\d+): Error: (.+)$", re.MULTILINE)
 _COMMENT = re.compile(r'comment "([^"]*)"')
 _DECLARED = re.compile(r"^\s*(?:set|map) (\w+) \{")
 
@@ -67,15 +66,11 @@ def explain(text: str, stderr: str) -> tuple[str, str] | None:
     A rule line carries its label as a comment; a set or map line is traced to the first rule
     line that uses it.
     """
-    found = _NFT_ERROR.search(stderr)
-    if found is None:
+    error = nft.error_at(text, stderr)
+    if error is None:
         return None
-    number, first, last, message = int(found[1]), int(found[2]), int(found[3]), found[4].strip()
+    line, _, _, message, culprit = error
     lines = text.splitlines()
-    if not 1 <= number <= len(lines):
-        return None
-    line = lines[number - 1]
-    culprit = line[first - 1 : last].strip()
     what = f"{message} ({culprit})" if culprit and len(culprit) < 80 else message
     if named := _COMMENT.search(line):
         return _label(named[1]), what
