@@ -172,7 +172,7 @@ class _Direct:
             self._json(logger, "session.open", fields, message)
             return True
         now = time.time()
-        if now >= self._until:
+        if not self._until - 1 <= now < self._until:  # another second (or the clock was set back)
             self._stamp(now)
         line = f"{self._prefix}{label}: {session.client} -> {session.target} open ({session.path})"
         self.front.put(line if line.isprintable() else printable(line))
@@ -192,7 +192,7 @@ class _Direct:
             self._json(logger, "session.closed", (*fields, round(duration, 3)), message)
             return True
         now = time.time()
-        if now >= self._until:
+        if not self._until - 1 <= now < self._until:  # another second (or the clock was set back)
             self._stamp(now)
         line = (
             f"{self._prefix}{label}: {session.client} -> {session.target} closed ({reason}): "
