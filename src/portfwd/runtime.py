@@ -109,6 +109,7 @@ class Runtime:
             kernel,
             state,
             table_name(identity.name if identity is not None else str(os.getpid())),
+            self._rules.modes,
         )
         self._workers = Workers(self._rules, state, plan.workers, plan.drain_timeout)
         self._tunnels = Tunnels(

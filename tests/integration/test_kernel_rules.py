@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -281,6 +282,115 @@ def test_a_changed_rule_moves_in_one_transaction_and_keeps_its_counts(tmp_path: 
             assert after["connections_total"] == 4, "the old table's count carried over"
             assert proc.stop(signal.SIGTERM) == 0
         finally:
+            for each in procs:
+                each.stop()
+                each.close()
+
+
+def api(ns: str, verb: str, token: str) -> dict[str, object]:
+    """POST /api/v1/rules/web/<verb> with curl inside the namespace: the JSON answer."""
+    answer = in_ns(
+        ns, "curl", "-s", "-S", "--max-time", "10", "-X", "POST", "-H", f"Authorization: Bearer {token}",
+        f"http://127.0.0.1:9931/api/v1/rules/web/{verb}",
+    )  # fmt: skip
+    assert answer.returncode == 0, answer.stderr
+    loaded: dict[str, object] = json.loads(answer.stdout)
+    return loaded
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_pause_holds_new_flows_drain_refuses_them_and_live_flows_go_on(tmp_path: Path) -> None:
+    """The web API's pause and drain on a kernel relay: paused, a new client's SYN is dropped
+    until the resume (it waits, then gets through); draining, it is reset and counted as
+    `draining`; a flow that was live before either goes on; the mode survives a reload."""
+    control = tmp_path / "ctl.sock"
+    token = "k" * 40
+    token_file = tmp_path / "web.token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    config = tmp_path / "kernel.toml"
+    config.write_text(
+        f'[control]\nsocket = "{control}"\n[web]\nlisten = "127.0.0.1:9931"\ntoken_file = "{token_file}"\n'
+        '[[forward]]\nname = "web"\nlisten = "127.0.0.1:8004"\nconnect = "127.0.0.1:9004"\nrelay = "kernel"\n'
+    )
+    procs: list[Proc] = []
+    with namespace("kr") as ns:
+        live = waiting = None
+        try:
+            serve(ns, 9004, "cat", procs)
+            proc = portfwd_in(ns, "run", "-c", str(config))
+            procs.append(proc)
+            proc.wait_for(READY)
+            pipe = subprocess.PIPE
+            live = subprocess.Popen(
+                ["ip", "netns", "exec", ns, "socat", "-", "TCP4:127.0.0.1:8004"], stdin=pipe, stdout=pipe
+            )
+            assert live.stdin is not None
+            assert live.stdout is not None
+            live.stdin.write(b"before\n")
+            live.stdin.flush()
+            assert live.stdout.readline() == b"before\n"
+
+            assert api(ns, "pause", token)["mode"] == "paused"
+            assert 'drop comment "web (paused)"' in in_ns(ns, "nft", "list", "ruleset").stdout.decode()
+            waiting = subprocess.Popen(
+                ["ip", "netns", "exec", ns, "socat", "-T", "20", "-", "TCP4:127.0.0.1:8004,connect-timeout=20"],
+                stdin=pipe, stdout=pipe,
+            )  # fmt: skip
+            wait_until(  # its SYN is dropped: it stays in SYN-SENT, retrying
+                "the paused rule's new client waits",
+                lambda: b"SYN-SENT" in in_ns(ns, "ss", "-Htan", "dport = :8004").stdout,
+            )
+            live.stdin.write(b"paused\n")
+            live.stdin.flush()
+            assert live.stdout.readline() == b"paused\n", "a paused rule's live flow goes on"
+            assert api(ns, "resume", token)["mode"] == "running"
+            sent, _ = waiting.communicate(b"held\n", timeout=30)  # its next SYN gets through
+            assert sent == b"held\n"
+
+            assert api(ns, "drain", token)["mode"] == "draining"
+            for _ in range(3):
+                refused = in_ns(ns, "socat", "-T", "5", "-", "TCP4:127.0.0.1:8004", data=b"x")
+                assert b"Connection refused" in refused.stderr, refused.stderr
+            live.stdin.write(b"draining\n")
+            live.stdin.flush()
+            assert live.stdout.readline() == b"draining\n", "a draining rule's live flow goes on"
+            wait_until(
+                "the refusals counted as draining",
+                lambda: status(ns, control)["rules"][0]["errors"].get("draining") == 3,  # type: ignore[index]
+            )
+            shown = in_ns(ns, sys.executable, "-m", "portfwd", "status", "--control", str(control))
+            assert "web (draining)" in shown.stdout.decode()
+
+            config.write_text(
+                config.read_text().replace('connect = "127.0.0.1:9004"', 'connect = "127.0.0.1:9005"')
+            )
+            mark = proc.mark()
+            reloaded = in_ns(ns, sys.executable, "-m", "portfwd", "reload", "--control", str(control))
+            assert reloaded.returncode == 0, reloaded.stderr
+            proc.wait_for("reloaded", start=mark)
+            (rule,) = status(ns, control)["rules"]  # type: ignore[misc]
+            assert rule["mode"] == "draining", "the mode survives a reload, by name"
+            assert rule["errors"]["draining"] == 3, "and its count carries over"
+            refused = in_ns(ns, "socat", "-T", "5", "-", "TCP4:127.0.0.1:8004", data=b"x")
+            assert b"Connection refused" in refused.stderr
+
+            assert api(ns, "resume", token)["mode"] == "running"
+            serve(ns, 9005, "echo five", procs)
+            assert in_ns(ns, "socat", "-T", "5", "-", "TCP4:127.0.0.1:8004").stdout == b"five\n"
+            assert proc.stop(signal.SIGTERM) == 0
+            assert "portfwd_" not in tables(ns), "nothing left behind"
+        finally:
+            for client in (live, waiting):
+                if client is not None:
+                    client.kill()
+                    client.communicate()
             for each in procs:
                 each.stop()
                 each.close()

@@ -499,6 +499,41 @@ def test_every_rule_has_its_four_counters() -> None:
     assert all("counter name up_0 " in line for line in body(text, "count_0")[:1])
 
 
+def test_a_paused_or_draining_rule_holds_or_refuses_first_packets_before_anything_else() -> None:
+    rules = [
+        rule(hp("", 80), REMOTE, label="web", protocol=Transport.TCP_UDP, deny=(net("10.5.0.0/16"),)),
+        rule(hp("127.0.0.1", 81), hp("127.0.0.1", 8081), label="db"),
+    ]
+    plain = plan(rules, TABLE)
+    assert plan(rules, TABLE, {"web": "", "other": "paused"}) == plain
+    paused = plan(rules, TABLE, {"web": "paused"})
+    for chain in ("rule_0", "rule_0_out"):
+        lines = body(paused, chain)
+        assert lines[0] == 'meta nfproto ipv4 fib daddr type local tcp dport 80 drop comment "web (paused)"'
+        assert any(line.endswith('udp dport 80 drop comment "web (paused)"') for line in lines)
+        assert lines.index(next(line for line in lines if "(denied)" in line)) > 0, "held before the guards"
+    assert "draining" not in paused
+    draining = plan(rules, TABLE, {"db": "draining", "web": "draining"})
+    assert '  counter draining_1 { comment "db (draining)"; }' in draining
+    assert body(draining, "rule_1")[0] == (
+        'ip daddr 127.0.0.1 tcp dport 81 counter name draining_1 reject with tcp reset comment "db (draining)"'
+    ), "a loopback listen: only the output chain"
+    assert 'udp dport 80 counter name draining_0 drop comment "web (draining)"' in draining
+    # The rest of the table is unchanged: live flows keep being masqueraded and counted.
+    for chain in ("masq_0", "count_0"):
+        assert body(draining, chain) == body(plain, chain)
+    listing = _listing(("flows_0", "web", 3, 180), ("draining_0", "web (draining)", 2, 120))
+    assert counts(listing) == {"web": Counts(connections=3, draining=2)}
+    stderr = "/dev/stdin:{}:1-3: Error: syntax error\n"
+    text = document(draining, TABLE)
+    number = next(
+        i
+        for i, line in enumerate(text.splitlines(), 1)
+        if 'reject with tcp reset comment "db (draining)"' in line
+    )
+    assert explain(text, stderr.format(number)) == ("db", "syntax error")
+
+
 def test_nft_errors_name_the_rule() -> None:
     text = document(plan([rule(hp("", 80), REMOTE, label="web", allow=(net("10.0.0.0/8"),))], TABLE), TABLE)
     lines = text.splitlines()
@@ -568,6 +603,9 @@ def test_every_shape_is_accepted_by_nft_together(netns: str) -> None:
         replace(spec, label=f"rule {index}", where=f"forward[{index}]") for index, spec in enumerate(SHAPES)
     ]
     result = nft_check(netns, plan(labelled, TABLE))
+    assert result.returncode == 0, result.stderr
+    modes = {spec.label: ("paused", "draining")[index % 2] for index, spec in enumerate(labelled)}
+    result = nft_check(netns, plan(labelled, TABLE, modes))
     assert result.returncode == 0, result.stderr
 
 

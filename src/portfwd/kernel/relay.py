@@ -26,7 +26,13 @@ What each rule becomes, per protocol and per address family it can carry:
   `acl.AccessPolicy`.
 - counters: four named counters per rule, their comments its label (`comment()`) plus a
   suffix: new flows, refused first packets, bytes up and bytes down, IP headers included
-  (relaytable.py's `counts()` reads them from `listing()`, which lists only the counters).
+  (relaytable.py's `counts()` reads them from `listing()`, which lists only the counters); a
+  fifth while the rule drains.
+- an operator's mode (the web API's pause and drain), first in the rule's NAT chains, which see
+  only a flow's first packet, so live flows never notice: paused, a new flow's first packet is
+  dropped (a TCP client retries its SYN, 1 s, 3 s, 7 s later, and gets through after the
+  resume: it waited, as in a userspace rule's backlog); draining, it is refused as a denied
+  client is (TCP reset, UDP dropped) and counted as `draining`.
 
 Theory of operation: every packet does the same work whatever the number of rules. Each hook's
 base chain holds one lookup per protocol in a verdict map (`_LOOKUPS`): nat prerouting and
@@ -65,7 +71,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -78,7 +84,9 @@ FAMILY = "inet"
 COMMENT_MAX = 128
 LOCALHOST = ("localhost", "localhost.")
 #: Suffixes of the comments on a rule's guard (deny/allow) and per-direction count rules.
-DENIED, UP, DOWN = " (denied)", " (up)", " (down)"
+DENIED, UP, DOWN, DRAINING, PAUSED = " (denied)", " (up)", " (down)", " (draining)", " (paused)"
+#: The operator's modes (web/actions.py's MODES) a plan can hold for a rule.
+PAUSED_MODE, DRAINING_MODE = "paused", "draining"
 _TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 _DEFAULTS = RuleSpec(label="", name=None, listen=HostPorts("", PortRange(1, 1)), connect=UnixPath("/"))
 
@@ -248,7 +256,7 @@ def _carries(target: HostPorts, version: int) -> bool:
 def comment(rule: RuleSpec) -> str:
     """The nft comment of a rule's nft rules: its label, made safe for nft (no quotes, <= 128 bytes)."""
     text = "".join(char if char.isprintable() and char not in '"\\' else "_" for char in rule.label)
-    room = COMMENT_MAX - max(len(DENIED), len(UP), len(DOWN))  # the suffixes go after it
+    room = COMMENT_MAX - max(map(len, (DENIED, UP, DOWN, DRAINING, PAUSED)))  # the suffixes go after it
     return text.encode()[:room].decode(errors="ignore") or "forward"
 
 
@@ -356,7 +364,7 @@ def _set(compiled: _Compiled, name: str, version: int, elements: list[str]) -> N
     compiled.declarations.append(f"  set {name} {{ type {kind}; flags interval;{body} }}")
 
 
-def _compile(index: int, rule: RuleSpec) -> _Compiled:
+def _compile(index: int, rule: RuleSpec, mode: str = "") -> _Compiled:
     listen = rule.listen
     assert isinstance(listen, HostPorts)
     label = comment(rule)
@@ -380,6 +388,8 @@ def _compile(index: int, rule: RuleSpec) -> _Compiled:
     # What relaytable.counts() reads: named counters, listed without the rest of the table.
     for kind, suffix in (("flows", ""), ("denied", DENIED), ("up", UP), ("down", DOWN)):
         compiled.declarations.append(f'  counter {kind}_{index} {{ comment "{label}{suffix}"; }}')
+    if mode == DRAINING_MODE:
+        compiled.declarations.append(f'  counter draining_{index} {{ comment "{label}{DRAINING}"; }}')
     wildcard = _is_wildcard(listen)
     loopback_listen = not wildcard and _is_loopback(listen.host)
     for version in _rule_versions(rule, listen):
@@ -412,6 +422,14 @@ def _compile(index: int, rule: RuleSpec) -> _Compiled:
         for proto in protos:
             match = f"{prefix} {proto} dport {_ports(listen.ports)}"
             refuse = "reject with tcp reset" if proto == "tcp" else "drop"  # as userspace refuses
+            if mode in (PAUSED_MODE, DRAINING_MODE):
+                if mode == PAUSED_MODE:
+                    line = f'{match} drop comment "{label}{PAUSED}"'
+                else:
+                    line = f'{match} counter name draining_{index} {refuse} comment "{label}{DRAINING}"'
+                if not loopback_listen:
+                    compiled.prerouting.append(line)
+                compiled.output.append(line)
             for guard in guards:
                 line = f'{match} {guard} counter name denied_{index} {refuse} comment "{label}{DENIED}"'
                 if not loopback_listen:
@@ -500,8 +518,9 @@ def _dispatch(
     return shared
 
 
-def plan(rules: Sequence[RuleSpec], table: str) -> str:
-    """The ruleset of `table inet <table>` for these rules, as nft text.
+def plan(rules: Sequence[RuleSpec], table: str, modes: Mapping[str, str] | None = None) -> str:
+    """The ruleset of `table inet <table>` for these rules, as nft text; `modes`: the operator's
+    mode of a rule by label ("paused", "draining"; absent or "" takes clients).
 
     Raises KernelRelayError for a bad table name or a rule `unsuitable()` refuses.
     """
@@ -512,7 +531,7 @@ def plan(rules: Sequence[RuleSpec], table: str) -> str:
     for index, rule in enumerate(rules):
         if (problem := unsuitable(rule)) is not None:
             raise KernelRelayError(problem)
-        compiled = _compile(index, rule)
+        compiled = _compile(index, rule, (modes or {}).get(rule.label, ""))
         declarations.extend(compiled.declarations)
         name = f"rule_{index}"
         names: dict[str, str] = {}

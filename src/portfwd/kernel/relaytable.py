@@ -14,7 +14,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from portfwd.kernel import nft
-from portfwd.kernel.relay import DENIED, DOWN, FAMILY, UP, KernelRelayError, check_table, document
+from portfwd.kernel.relay import (
+    DENIED,
+    DOWN,
+    DRAINING,
+    FAMILY,
+    PAUSED,
+    UP,
+    KernelRelayError,
+    check_table,
+    document,
+)
 
 # --------------------------------------------------------------------------- reading counters
 
@@ -27,6 +37,11 @@ class Counts:
     denied: int = 0
     bytes_up: int = 0  #: client to target, IP bytes (headers included)
     bytes_down: int = 0
+    draining: int = 0  #: first packets refused while an operator drained the rule
+
+
+#: A counter's comment suffix, and the field of Counts it fills.
+_COUNTED = {"": "connections", DENIED: "denied", UP: "bytes_up", DOWN: "bytes_down", DRAINING: "draining"}
 
 
 def counts(listing: dict[str, Any]) -> dict[str, Counts]:
@@ -35,7 +50,8 @@ def counts(listing: dict[str, Any]) -> dict[str, Counts]:
 
     A rule's NAT rules count into its `flows_N` counter (each flow's first packet only), its
     guard rules into `denied_N` (the first packets they refuse: a client retrying its SYN counts
-    again), its count chain into `up_N` and `down_N` (every packet, each way apart; bytes). Each
+    again), its count chain into `up_N` and `down_N` (every packet, each way apart; bytes), a
+    draining rule's refusals into `draining_N` (first packets, as `denied_N`). Each
     counter's comment is the rule's label with the suffix of what it counts.
     """
     found: dict[str, dict[str, int]] = {}
@@ -44,8 +60,8 @@ def counts(listing: dict[str, Any]) -> dict[str, Counts]:
         if not isinstance(counter, dict) or not counter.get("comment"):
             continue
         text = str(counter["comment"])
-        suffix = next((each for each in (DENIED, UP, DOWN) if text.endswith(each)), "")
-        name = {"": "connections", DENIED: "denied", UP: "bytes_up", DOWN: "bytes_down"}[suffix]
+        suffix = next((each for each in _COUNTED if each and text.endswith(each)), "")
+        name = _COUNTED[suffix]
         value = int(counter.get("bytes" if suffix in (UP, DOWN) else "packets", 0))
         values = found.setdefault(text.removesuffix(suffix) if suffix else text, {})
         values[name] = values.get(name, 0) + value
@@ -83,7 +99,7 @@ def explain(text: str, stderr: str) -> tuple[str, str] | None:
 
 def _label(comment_text: str) -> str:
     """The rule's label in a comment, without the guard or direction suffix."""
-    for suffix in (DENIED, UP, DOWN):
+    for suffix in (DENIED, UP, DOWN, DRAINING, PAUSED):
         comment_text = comment_text.removesuffix(suffix)
     return comment_text
 

@@ -21,7 +21,7 @@ import os
 import socket
 
 from portfwd.addr import HostPorts
-from portfwd.errors import PortfwdError, RuntimeFailure
+from portfwd.errors import ActionError, PortfwdError, RuntimeFailure
 from portfwd.kernel import conntrack, nft, relaytable
 from portfwd.kernel import relay as kernel
 from portfwd.logevents import event
@@ -98,7 +98,9 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
 
     name = "kernel relays"
 
-    def __init__(self, rules: tuple[RuleSpec, ...], state: State, table: str) -> None:
+    def __init__(
+        self, rules: tuple[RuleSpec, ...], state: State, table: str, modes: dict[str, str] | None = None
+    ) -> None:
         self.wanted = rules
         self.state = state
         self.table = table
@@ -109,10 +111,28 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
         self._base: dict[str, relaytable.Counts] = {}
         self._counting = asyncio.Lock()  # a table replaced and its counters carried over, or read
         self._going: list[RuleSpec] = []
+        #: The operator's mode of a rule, by name (the RuleSet's own dict: a rule keeps its mode
+        #: through a reload, whichever side relays it then).
+        self.modes: dict[str, str] = modes if modes is not None else {}
 
     def knows(self, name: str) -> bool:
         """Whether a kernel relay of that name runs."""
         return any(rule.label == name for rule in self.rules)
+
+    async def set_mode(self, name: str, mode: str) -> None:
+        """Pause (`paused`), drain (`draining`) or resume (`""`) kernel relay `name`: the table
+        is planned again with the mode in the rule's NAT chains (relay.py), in one transaction;
+        live flows are not touched. Raises ActionError when no such rule runs or nft refuses."""
+        if not self.knows(name):
+            raise ActionError(f"no running rule named {name!r}", kind="missing")
+        if mode:
+            self.modes[name] = mode
+        else:
+            self.modes.pop(name, None)
+        problems = await self._load()
+        if problems:
+            raise ActionError(problems[0].message, kind="conflict", hint=problems[0].hint)
+        self.state.rule(name).mode = mode
 
     @property
     def active(self) -> bool:
@@ -211,7 +231,7 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
                         await asyncio.to_thread(relaytable.remove, self.table)
                         self._loaded = False
                 else:
-                    text = kernel.plan(list(self.rules), self.table)
+                    text = kernel.plan(list(self.rules), self.table, self.modes)
                     await asyncio.to_thread(relaytable.apply, text, self.table)
                     self._loaded = True
             except kernel.KernelRelayError as exc:
@@ -232,6 +252,7 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
                     base.denied + counted.denied,
                     base.bytes_up + counted.bytes_up,
                     base.bytes_down + counted.bytes_down,
+                    base.draining + counted.draining,
                 )
             return []
 
@@ -241,6 +262,7 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
         stats = self.state.rule(rule.label)
         stats.listen, stats.connect, stats.protocol, stats.relay = listen, target, protocol, "kernel"
         stats.running = True
+        stats.mode = self.modes.get(rule.label, "")
         self.state.listeners.append(Listener(rule.label, listen, protocol, "kernel"))
         log.info(
             "%s: forwarding %s/%s -> %s in the kernel (nftables table inet %s)",
@@ -284,6 +306,8 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
             stats.denied_total = base.denied + found.denied
             stats.bytes_up = base.bytes_up + found.bytes_up
             stats.bytes_down = base.bytes_down + found.bytes_down
+            if base.draining or found.draining:
+                stats.errors["draining"] = base.draining + found.draining
 
     async def _read_flows(self) -> None:
         """The live flows and counters, now: what status and /metrics show."""

@@ -47,13 +47,9 @@ class Operator:
         return await asyncio.shield(task)
 
     async def set_mode(self, rule: str, mode: str) -> None:
-        if self.kernel.knows(rule):
-            raise ActionError(
-                f"rule {rule!r} is relayed by the kernel (relay = kernel): pause and drain are for "
-                "userspace relays",
-                kind="conflict",
-                hint='set relay = "splice" on it to manage it here',
-            )
+        if self.kernel.knows(rule):  # the NAT chains hold the mode; no process of ours accepts
+            await self.kernel.set_mode(rule, mode)
+            return
         self.rules.set_mode(rule, mode)
         await self.workers.set_mode(rule, mode)
 

@@ -59,7 +59,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         401: "No token, or the wrong one",
         403: "Refused: another site's request, a Host that is not this server, or actions are off",
         404: "No such rule, session or backend",
-        409: "The action does not apply (a kernel rule, a reload that failed)",
+        409: "The action does not apply (a rule without backends, a reload that failed)",
         503: "Too many dashboards watching",
     }
     return {str(status): _answer(words[status], _ERROR) for status in statuses}
