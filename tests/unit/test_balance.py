@@ -176,7 +176,18 @@ def test_a_pass_in_the_main_process_ends_a_passive_down_in_a_worker_too() -> Non
         True,
         "checked by the main process",
     )
+    # A worker's own connects took a backend down that the main process sees up: its next
+    # pass ends the worker's passive down too (told on every pass of an up backend).
+    told.clear()
+    worker.failed(worker.backends[1], 200.0, "connection refused")
+    assert not worker.backends[1].stats.up
+    assert main.backends[1].stats.up
+    main.checked(main.backends[1], True, "ok")
+    assert told == [(1, True)]
+    worker.impose(1, True)
+    assert worker.backends[1].stats.up
+    seen = len(changes)
     worker.impose(1, False)
     worker.impose(1, False)
     assert not worker.backends[1].stats.up
-    assert [up for backend, up, _ in changes if backend.index == 1] == [False]
+    assert [up for backend, up, _ in changes[seen:]] == [False]

@@ -87,8 +87,8 @@ class Pool:
         self.balance = balance
         self.health = health
         self.changed = changed
-        #: Told each time the active checks' verdict on a backend flips, and when a pass ends a
-        #: passive down (the workers follow both: `impose`).
+        #: Told each time the active checks' verdict on a backend flips, and of every pass of an
+        #: up backend (it ends a passive down: here, and in each worker, which follows: `impose`).
         self.verdict: Callable[[Backend, bool], None] | None = None
         self._turn = 0  # where least-connections' tie-break starts
         #: No backend is down or was down passively (kept by `_note`): picks skip the filtering.
@@ -195,6 +195,10 @@ class Pool:
                 if self.verdict is not None:
                     self.verdict(backend, True)
                 self._set(backend, True, f"{backend.checks_passed} checks passed")
+            elif backend.checked_up and self.verdict is not None:
+                # Up here already; a worker's own connects may have taken it down passively,
+                # which this process cannot see: the pass ends that there too (`impose`).
+                self.verdict(backend, True)
         else:
             backend.checks_passed = 0
             backend.checks_failed += 1
