@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from portfwd.relay.latekeepalive import PERIOD
 from tests.conftest import need_binary
 from tests.integration.peers import free_port, open_client, peer, running, wait_until
 from tests.integration.processes import wait_listening
@@ -35,13 +36,21 @@ async def timers(port: int) -> list[str]:
     return result.stdout.splitlines()
 
 
-@pytest.mark.parametrize("keep", [True, False])
-async def test_both_sides_of_a_forward_have_keepalive(keep: bool) -> None:
+@pytest.mark.parametrize(("keep", "relay"), [(True, "splice"), (True, "protocol"), (False, "splice")])
+async def test_both_sides_of_a_forward_have_keepalive(keep: bool, relay: str) -> None:
+    """The client's side has it from the start (inherited from the listener); the upstream side
+    once the session outlives a second or two (relay/latekeepalive.py: short sessions skip the
+    four system calls)."""
     port = free_port()
     async with peer("echo", ("127.0.0.1", 0)) as upstream:
         assert not isinstance(upstream.address, str)
         target = upstream.address[1]
-        rule = {"listen": f"127.0.0.1:{port}", "connect": f"127.0.0.1:{target}", "tcp_keepalive": keep}
+        rule = {
+            "listen": f"127.0.0.1:{port}",
+            "connect": f"127.0.0.1:{target}",
+            "tcp_keepalive": keep,
+            "relay": relay,
+        }
         async with running({"forward": [rule]}) as runtime:
             reader, writer = await open_client(("127.0.0.1", port))
             writer.write(b"ping")
@@ -50,9 +59,18 @@ async def test_both_sides_of_a_forward_have_keepalive(keep: bool) -> None:
             ours_client = [
                 line for line in await timers(port) if f"127.0.0.1:{port} " in line.split()[2] + " "
             ]
-            ours_upstream = [
-                line for line in await timers(target) if f"127.0.0.1:{target}" in line.split()[3]
-            ]
+            ours_upstream: list[str] = []
+            deadline = time.monotonic() + 4 * PERIOD  # bounded: armed within two passes
+            while True:
+                ours_upstream = [
+                    line for line in await timers(target) if f"127.0.0.1:{target}" in line.split()[3]
+                ]
+                armed = any("timer:(keepalive," in line for line in ours_upstream)
+                if armed or not keep or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+            writer.write(b"pong")  # the session still relays after its socket was changed
+            assert await reader.readexactly(4) == b"pong"
             writer.close()
     assert len(ours_client) == 1
     assert len(ours_upstream) == 1

@@ -8,6 +8,8 @@ import socket
 import pytest
 
 from portfwd.errors import UpstreamError
+from portfwd.relay import latekeepalive
+from portfwd.relay.listener import KEEPALIVE
 from portfwd.relay.upstream import Connect
 
 Outcome = list[tuple[socket.socket | None, UpstreamError | None]]
@@ -121,3 +123,32 @@ async def test_a_held_connect_goes_on_at_confirm() -> None:
         assert cancelled._waiting is None, "its socket was closed"
     finally:
         listener.close()
+
+
+async def test_late_keepalive_arms_the_sessions_still_open_and_skips_the_ended(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two passes: a session added now is armed at the second one if it is still open; an ended
+    one (-1) is skipped, whatever socket took its number since; the timer stops when idle."""
+    monkeypatch.setattr(latekeepalive, "PERIOD", 0.01)
+    late = latekeepalive.LateKeepalive()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        lasting = socket.create_connection(server.getsockname())
+        ended = socket.create_connection(server.getsockname())
+        with lasting, ended:
+            late.add(lasting.fileno)
+            late.add(lambda: -1)  # a relay that ended meanwhile
+            for _ in range(200):  # bounded: two passes of 10 ms
+                if lasting.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE):
+                    break
+                await asyncio.sleep(0.005)
+            assert lasting.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert lasting.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE[0]
+            assert lasting.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == KEEPALIVE[2]
+            assert ended.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+            assert lasting.fileno() >= 0, "the descriptor stays its owner's"
+            for _ in range(200):
+                if late._timer is None:
+                    break
+                await asyncio.sleep(0.005)
+            assert late._timer is None, "no timer while nothing waits"

@@ -27,6 +27,7 @@ from portfwd.errors import UpstreamError
 from portfwd.proto.proxy import ProxyError
 from portfwd.relay.balance import Backend, Pool
 from portfwd.relay.bandwidth import Shaper
+from portfwd.relay.latekeepalive import LateKeepalive
 from portfwd.relay.limits import Limits
 from portfwd.relay.poller import Poller
 from portfwd.relay.proxyin import read_header
@@ -218,6 +219,8 @@ class TcpForwarder:
         #: take all the time the next one needs.
         self._attempt = rule.connect_timeout / min(3, len(pool.backends)) if pool is not None else 0.0
         self._transparent = rule.transparent
+        #: Upstream keepalive, for the sessions that outlive a second (relay/latekeepalive.py).
+        self._late = LateKeepalive() if rule.tcp_keepalive else None
         #: The address the PROXY header names as the one clients reached, when known without asking.
         self._local = listening_address(rule.listen, port) if rule.proxy_protocol else None
         self._pending: set[_Pending] = set()
@@ -363,7 +366,7 @@ class TcpForwarder:
                 timeout,
                 pending.done,
                 held,
-                tcp_keepalive=self.rule.tcp_keepalive,
+                tcp_keepalive=False,  # turned on later, for sessions that last (`_late`)
                 source=pending.origin,
             )
             if pending.tried is attempt:  # else it failed at once and the next backend's began
@@ -401,7 +404,7 @@ class TcpForwarder:
                 addresses,
                 max(0.001, seconds - (time.monotonic() - began)),
                 pending.done,
-                tcp_keepalive=self.rule.tcp_keepalive,
+                tcp_keepalive=False,  # turned on later, for sessions that last (`_late`)
                 source=pending.origin,
             )
             if pending.tried is attempt:  # else it failed at once and the next backend's began
@@ -460,6 +463,8 @@ class TcpForwarder:
                 splice = SpliceRelay(client, upstream.detach(), session, self, self.pipes, self.poller)
                 session.relay = splice
                 splice.start()
+                if self._late is not None:
+                    self._late.add(splice.live_upstream)
             else:
                 relay = ProtocolRelay(session, self, self.shaper)
                 session.relay = relay
@@ -470,6 +475,8 @@ class TcpForwarder:
                 task = loop.create_task(relay.start(wrapped, upstream, loop))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+                if self._late is not None:
+                    self._late.add(upstream.fileno)  # -1 once its transport closed it
         except Exception:  # per-session boundary: log, count, keep serving others
             self.stats.count_error("internal")
             log.exception("%s: %s -> %s: relay failed to start", self.label, session.client, session.target)
