@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -547,3 +549,22 @@ def test_gateway_ha_bad_input_names_the_field_and_the_fix(tmp_path: Path) -> Non
     assert problems(tmp_path, base + 'peer = "10.9.9.2"\nvirtual_addresses = []\n') == [
         'gateway.ha.virtual_addresses: must be a list of address/prefix; write ["203.0.113.1/24", "192.168.1.1/24"]'
     ]
+
+
+def test_every_toml_example_of_the_readme_is_a_valid_config() -> None:
+    """The README is the user's copy of PRODUCT.md: each of its TOML blocks, as written, passes
+    the config's own validation (what `portfwd check` reads before asking the machine about
+    interfaces and files). A block of top-level keys alone is a fragment: its one problem may be
+    that it declares nothing to run."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    assert len(blocks) >= 8
+    refused: list[tuple[int, list[str]]] = []
+    for index, block in enumerate(blocks):
+        try:
+            config.validate(tomllib.loads(block), f"README.md toml block {index}")
+        except ConfigError as exc:
+            fragment = not any(line.startswith("[") for line in block.splitlines())
+            if not (fragment and exc.problems[0].startswith("nothing to run")):
+                refused.append((index, exc.problems))
+    assert refused == []
