@@ -49,6 +49,9 @@ from portfwd.state import State
 
 log = logging.getLogger(__name__)
 
+#: Seconds between conntrack reads while the kernel relays' flows drain at shutdown.
+KERNEL_DRAIN_POLL = 0.5
+
 #: Plan parts a reload does not apply (attribute: the config section it names in the warning).
 _RESTART_ONLY = {
     "user": "user",
@@ -383,10 +386,13 @@ class Runtime:
 
     async def _drain(self) -> None:
         """Wait for live sessions to end, up to drain_timeout (a second signal ends the wait).
-        The workers drain theirs meanwhile (the line counts them too); stop waits for them."""
+        The workers drain theirs meanwhile (the line counts them too); stop waits for them. The
+        kernel relays' flows are asked of conntrack every KERNEL_DRAIN_POLL seconds."""
         if self._stopping:
             return
-        total = len(self.state.sessions) + (await self._workers.sessions() if self._workers.running else 0)
+        kernel = await self._kernel.live() if self._kernel.active else 0
+        total = len(self.state.sessions) + kernel
+        total += await self._workers.sessions() if self._workers.running else 0
         if not total:
             return
         log.info(
@@ -395,14 +401,18 @@ class Runtime:
             self.plan.drain_timeout,
             extra=event("drain", sessions=total, timeout_s=self.plan.drain_timeout),
         )
-        if not self.state.sessions:
+        if not self.state.sessions and not kernel:
             return
         drained = asyncio.Event()
         self._drained = drained
         self.state.on_empty = drained.set
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.plan.drain_timeout):
-                await drained.wait()
+                if self.state.sessions:
+                    await drained.wait()
+                while kernel and not self._stopping:
+                    await asyncio.sleep(KERNEL_DRAIN_POLL)  # conntrack has no event for this
+                    kernel = await self._kernel.live()
         self.state.on_empty = None
 
     async def stop(self) -> None:

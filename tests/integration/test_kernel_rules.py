@@ -394,3 +394,59 @@ def test_pause_holds_new_flows_drain_refuses_them_and_live_flows_go_on(tmp_path:
             for each in procs:
                 each.stop()
                 each.close()
+
+
+def test_sigterm_drains_the_kernel_flows_and_refuses_new_ones(tmp_path: Path) -> None:
+    """At SIGTERM a kernel relay drains as a userspace rule does: new clients are refused at
+    once, a live flow goes on, and portfwd exits as soon as the last one ends (well before
+    drain_timeout), leaving no table behind."""
+    config = tmp_path / "kernel.toml"
+    config.write_text(
+        'drain_timeout = "60s"\n[control]\nenabled = false\n'
+        '[[forward]]\nname = "web"\nlisten = "127.0.0.1:8006"\nconnect = "127.0.0.1:9006"\nrelay = "kernel"\n'
+    )
+    procs: list[Proc] = []
+    with namespace("kr") as ns:
+        live = None
+        try:
+            serve(ns, 9006, "cat", procs)
+            proc = portfwd_in(ns, "run", "-c", str(config))
+            procs.append(proc)
+            proc.wait_for(READY)
+            pipe = subprocess.PIPE
+            live = subprocess.Popen(
+                ["ip", "netns", "exec", ns, "socat", "-", "TCP4:127.0.0.1:8006"], stdin=pipe, stdout=pipe
+            )
+            assert live.stdin is not None
+            assert live.stdout is not None
+            live.stdin.write(b"before\n")
+            live.stdin.flush()
+            assert live.stdout.readline() == b"before\n"
+            mark = proc.mark()
+            proc.popen.send_signal(signal.SIGTERM)
+            assert "draining 1 session(s) for up to 60s" in proc.wait_for("draining", start=mark)
+            wait_until(
+                "the table drains",
+                lambda: "draining" in in_ns(ns, "nft", "list", "ruleset").stdout.decode(),
+            )
+            refused = in_ns(ns, "socat", "-T", "5", "-", "TCP4:127.0.0.1:8006", data=b"x")
+            assert b"Connection refused" in refused.stderr, refused.stderr
+            live.stdin.write(b"during\n")
+            live.stdin.flush()
+            assert live.stdout.readline() == b"during\n", "a live flow goes on while it drains"
+            assert proc.popen.poll() is None, "portfwd waits for it"
+            began = time.monotonic()
+            live.stdin.close()  # the client ends its flow: the drain is over
+            assert live.wait(10) == 0
+            live.stdout.close()
+            live = None
+            assert proc.popen.wait(30) == 0
+            assert time.monotonic() - began < 30, "it did not wait for drain_timeout"
+            assert "portfwd_" not in tables(ns), "nothing left behind"
+        finally:
+            if live is not None:
+                live.kill()
+                live.communicate()
+            for each in procs:
+                each.stop()
+                each.close()

@@ -114,6 +114,7 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
         #: The operator's mode of a rule, by name (the RuleSet's own dict: a rule keeps its mode
         #: through a reload, whichever side relays it then).
         self.modes: dict[str, str] = modes if modes is not None else {}
+        self._exiting = False  # shutdown began: every rule drains (`stop_accepting`)
 
     def knows(self, name: str) -> bool:
         """Whether a kernel relay of that name runs."""
@@ -133,6 +134,23 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
         if problems:
             raise ActionError(problems[0].message, kind="conflict", hint=problems[0].hint)
         self.state.rule(name).mode = mode
+
+    async def stop_accepting(self) -> None:
+        """Shutdown begins: every rule drains, as the web API's drain does (new flows refused,
+        live ones go on) until `stop` removes the table and the flows left."""
+        if not self.rules or not self._loaded:
+            return
+        self._exiting = True
+        await self._load()  # a refusal is logged; the table in force stays until stop
+
+    async def live(self) -> int:
+        """The kernel relays' TCP flows conntrack still has open (TIME_WAIT and CLOSE are over),
+        what a shutdown drains. UDP flows are not waited for: they end with the table, as a
+        userspace rule's end with its socket."""
+        if not self.rules:
+            return 0
+        flows = await asyncio.to_thread(conntrack.sessions, conntrack.rule_claims(list(self.rules)))
+        return sum(1 for flow in flows if flow["proto"] == "tcp" and flow["state"] not in ENDED)
 
     @property
     def active(self) -> bool:
@@ -231,7 +249,8 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
                         await asyncio.to_thread(relaytable.remove, self.table)
                         self._loaded = False
                 else:
-                    text = kernel.plan(list(self.rules), self.table, self.modes)
+                    modes = {rule.label: "draining" for rule in self.rules} if self._exiting else self.modes
+                    text = kernel.plan(list(self.rules), self.table, modes)
                     await asyncio.to_thread(relaytable.apply, text, self.table)
                     self._loaded = True
             except kernel.KernelRelayError as exc:
