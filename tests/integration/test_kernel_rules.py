@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -298,6 +299,17 @@ def api(ns: str, verb: str, token: str) -> dict[str, object]:
     return loaded
 
 
+def echoed(client: subprocess.Popen[bytes], line: bytes) -> bytes:
+    """Write `line` to a socat client and read the line that comes back (within 10 s)."""
+    assert client.stdin is not None
+    assert client.stdout is not None
+    client.stdin.write(line)
+    client.stdin.flush()
+    ready, _, _ = select.select([client.stdout], [], [], 10)
+    assert ready, f"no answer to {line!r} within 10 s"
+    return client.stdout.readline()
+
+
 def wait_until(what: str, check: Callable[[], bool], timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -333,9 +345,7 @@ def test_pause_holds_new_flows_drain_refuses_them_and_live_flows_go_on(tmp_path:
             )
             assert live.stdin is not None
             assert live.stdout is not None
-            live.stdin.write(b"before\n")
-            live.stdin.flush()
-            assert live.stdout.readline() == b"before\n"
+            assert echoed(live, b"before\n") == b"before\n"
 
             assert api(ns, "pause", token)["mode"] == "paused"
             assert 'drop comment "web (paused)"' in in_ns(ns, "nft", "list", "ruleset").stdout.decode()
@@ -347,9 +357,7 @@ def test_pause_holds_new_flows_drain_refuses_them_and_live_flows_go_on(tmp_path:
                 "the paused rule's new client waits",
                 lambda: b"SYN-SENT" in in_ns(ns, "ss", "-Htan", "dport = :8004").stdout,
             )
-            live.stdin.write(b"paused\n")
-            live.stdin.flush()
-            assert live.stdout.readline() == b"paused\n", "a paused rule's live flow goes on"
+            assert echoed(live, b"paused\n") == b"paused\n", "a paused rule's live flow goes on"
             assert api(ns, "resume", token)["mode"] == "running"
             sent, _ = waiting.communicate(b"held\n", timeout=30)  # its next SYN gets through
             assert sent == b"held\n"
@@ -358,9 +366,7 @@ def test_pause_holds_new_flows_drain_refuses_them_and_live_flows_go_on(tmp_path:
             for _ in range(3):
                 refused = in_ns(ns, "socat", "-T", "5", "-", "TCP4:127.0.0.1:8004", data=b"x")
                 assert b"Connection refused" in refused.stderr, refused.stderr
-            live.stdin.write(b"draining\n")
-            live.stdin.flush()
-            assert live.stdout.readline() == b"draining\n", "a draining rule's live flow goes on"
+            assert echoed(live, b"draining\n") == b"draining\n", "a draining rule's live flow goes on"
             wait_until(
                 "the refusals counted as draining",
                 lambda: status(ns, control)["rules"][0]["errors"].get("draining") == 3,  # type: ignore[index]
@@ -419,9 +425,7 @@ def test_sigterm_drains_the_kernel_flows_and_refuses_new_ones(tmp_path: Path) ->
             )
             assert live.stdin is not None
             assert live.stdout is not None
-            live.stdin.write(b"before\n")
-            live.stdin.flush()
-            assert live.stdout.readline() == b"before\n"
+            assert echoed(live, b"before\n") == b"before\n"
             mark = proc.mark()
             proc.popen.send_signal(signal.SIGTERM)
             assert "draining 1 session(s) for up to 60s" in proc.wait_for("draining", start=mark)
@@ -431,9 +435,7 @@ def test_sigterm_drains_the_kernel_flows_and_refuses_new_ones(tmp_path: Path) ->
             )
             refused = in_ns(ns, "socat", "-T", "5", "-", "TCP4:127.0.0.1:8006", data=b"x")
             assert b"Connection refused" in refused.stderr, refused.stderr
-            live.stdin.write(b"during\n")
-            live.stdin.flush()
-            assert live.stdout.readline() == b"during\n", "a live flow goes on while it drains"
+            assert echoed(live, b"during\n") == b"during\n", "a live flow goes on while it drains"
             assert proc.popen.poll() is None, "portfwd waits for it"
             began = time.monotonic()
             live.stdin.close()  # the client ends its flow: the drain is over

@@ -7,8 +7,12 @@ import contextlib
 import http.client
 import json
 import os
+import random
 import socket
 import stat
+import struct
+import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -494,9 +498,8 @@ class _CountingEcho:
     """An echo server on loopback that counts the connections it accepted; stopped by close()."""
 
     def __init__(self, port: int) -> None:
-        import threading
-
         self.accepted = 0
+        self.echoed = 0  # connections that sent something (a client; a TCP check sends nothing)
         self._listener = socket.create_server(("127.0.0.1", port))
         self._listener.settimeout(0.2)
         self._stop = threading.Event()
@@ -510,11 +513,17 @@ class _CountingEcho:
             except TimeoutError:
                 continue
             self.accepted += 1
-            with conn:
-                conn.settimeout(5)
-                with contextlib.suppress(OSError):
-                    while data := conn.recv(65536):
-                        conn.sendall(data)
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            with contextlib.suppress(OSError):
+                data = conn.recv(65536)
+                self.echoed += bool(data)
+                while data:
+                    conn.sendall(data)
+                    data = conn.recv(65536)
 
     def close(self) -> None:
         self._stop.set()
@@ -553,7 +562,96 @@ def test_a_check_that_passes_brings_a_passively_down_backend_back_in_every_worke
         answer = instance.call("POST", f"/api/v1/rules/lazy/backends/{first['name']}/check", token=TOKEN)
         assert answer.status == 200, answer
         assert answer.json["passed"] is True
-        checked = counting.accepted  # the check's own connect
+        checked = counting.echoed  # (the check's own connect sends nothing)
         for _ in range(24):
             echo_client(lazy).close()
-        assert counting.accepted - checked == 24
+        assert counting.echoed - checked == 24
+
+
+def _from_port(port: int, source: int) -> socket.socket:
+    """A client of `port` from local port `source` (the kernel's SO_REUSEPORT choice of process
+    follows the 4-tuple), that has had one echo back."""
+    client = socket.socket()
+    try:
+        client.settimeout(5)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        client.bind(("127.0.0.1", source))
+        client.connect(("127.0.0.1", port))
+        client.sendall(b"ping")
+        assert client.recv(10) == b"ping"
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def _reset(client: socket.socket) -> None:
+    """Close with a reset: no TIME_WAIT, so the same source port may connect again at once."""
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+
+
+def test_an_active_check_that_passes_ends_a_passive_down_a_worker_reported(tmp_path: Path) -> None:
+    """A worker's connects take a refusing backend down passively (for 300 s) while the main
+    process, which took none of those clients, sees it up (its own checks fail too, but far
+    from `fall`). The worker reports its passive down; once the backend listens again, the next
+    passing check reaches the worker, and its clients reach that backend again."""
+    revived = free_port()
+    extra = (
+        '[[forward]]\nname = "lazy"\nlisten = "127.0.0.1:LAZY"\n'
+        f'connect = ["127.0.0.1:{revived}", "127.0.0.1:ECHO"]\nbalance = "first"\n'
+        '[forward.health]\ninterval = "0.2s"\ntimeout = "0.2s"\nfall = 100\nrise = 1\n'
+        'passive_fall = 1\npassive_down = "300s"\n'
+    )
+    lazy = free_port()
+    with contextlib.ExitStack() as stack:
+        echo = stack.enter_context(echo_server())
+        instance = stack.enter_context(
+            web_instance(
+                tmp_path, rules=("echo",), extra=extra.replace("LAZY", str(lazy)).replace("ECHO", str(echo))
+            )
+        )
+        wait_listening(lazy)
+        status = instance.wait(  # from now on each process serves its own share of the group
+            lambda s: bool(s["workers"]) and all(row["state"] == "running" for row in s["workers"]),
+            "the workers run",
+        )
+        workers = {row["pid"] for row in status["workers"]}
+        healthy = _CountingEcho(revived)
+        sources: list[int] = []  # which local ports land in a worker? (below the ephemeral range)
+        clients: list[socket.socket] = []
+        start = random.randrange(20000, 31000)
+        for source in range(start, start + 200):  # bounded: 16 that are free
+            with contextlib.suppress(OSError):
+                clients.append(_from_port(lazy, source))
+                sources.append(source)
+            if len(sources) == 16:
+                break
+        names = {f"127.0.0.1:{source}" for source in sources}
+        status = instance.wait(  # the page's snapshot is made once a second
+            lambda s: names <= {row["client"] for row in s["sessions"]}, "the probes show"
+        )
+        for client in clients:
+            _reset(client)
+        found = {row["client"]: row["pid"] for row in status["sessions"] if row["client"] in names}
+        worker_ports = [source for source in sources if found[f"127.0.0.1:{source}"] in workers][:4]
+        assert worker_ports, "no client landed in a worker"
+        healthy.close()
+        _reset(_from_port(lazy, worker_ports[0]))  # refused by the backend: down in that worker
+        first = instance.rule("lazy")["backends"][0]
+        assert first["failures"] == 1, first
+        assert first["state"] == "up", "the main process took none of those clients"
+        counting = _CountingEcho(revived)
+        stack.callback(counting.close)
+        instance.wait(
+            lambda s: s["rules"][-1]["backends"][0]["last_check_result"].startswith("ok"), "a check passed"
+        )
+        before = counting.echoed
+        deadline = time.monotonic() + 5
+        while counting.echoed == before and time.monotonic() < deadline:  # bounded: until it follows
+            _reset(_from_port(lazy, worker_ports[0]))
+        assert counting.echoed > before, "the worker still holds it down passively"
+        before = counting.echoed
+        for source in worker_ports:
+            _reset(_from_port(lazy, source))
+        assert counting.echoed - before == len(worker_ports)

@@ -176,16 +176,29 @@ def test_a_pass_in_the_main_process_ends_a_passive_down_in_a_worker_too() -> Non
         True,
         "checked by the main process",
     )
-    # A worker's own connects took a backend down that the main process sees up: its next
-    # pass ends the worker's passive down too (told on every pass of an up backend).
+    # A worker's own connects took a backend down that the main process sees up: the worker
+    # reports it (once), and the main process's next pass ends it there too. A pass with no
+    # report says nothing: the workers are not told of every check.
     told.clear()
+    reports: list[int] = []
+    worker.passive = lambda backend: reports.append(backend.index)
+    main.checked(main.backends[1], True, "ok")
+    assert told == []
     worker.failed(worker.backends[1], 200.0, "connection refused")
+    worker.failed(worker.backends[1], 200.5, "connection refused")
     assert not worker.backends[1].stats.up
+    assert reports == [1]
+    for index in reports:
+        main.reported(index)
     assert main.backends[1].stats.up
     main.checked(main.backends[1], True, "ok")
-    assert told == [(1, True)]
+    main.checked(main.backends[1], True, "ok")
+    assert told == [(1, True)], "once per report"
     worker.impose(1, True)
     assert worker.backends[1].stats.up
+    worker.backends[0].failed_in_row = 1  # a failed connect, not yet a passive down...
+    worker.impose(0, True)
+    assert worker.backends[0].failed_in_row == 1, "...which a verdict on an up backend leaves alone"
     seen = len(changes)
     worker.impose(1, False)
     worker.impose(1, False)

@@ -268,6 +268,7 @@ def test_check_shows_every_section_from_its_plan(
     ]
     assert [line for line in lines if line[:1] not in "┏┃┡│└"] == [
         f"{config}: 2 forward rule(s)",
+        'relay = "auto": PORTFWD_AUTO_KERNEL=0 keeps relay = "auto" in userspace; no rule takes it here',
         "server: ssh on 0.0.0.0:2222, host key /var/lib/portfwd/host_ed25519, gateway_ports off; "
         "users: alice (open db.internal:5432; listen nothing)",
         "1 SSH tunnel(s)",

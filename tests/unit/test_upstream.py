@@ -125,28 +125,46 @@ async def test_a_held_connect_goes_on_at_confirm() -> None:
         listener.close()
 
 
+async def _armed(sock: socket.socket) -> bool:
+    for _ in range(200):  # bounded: two passes of 10 ms, generously
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE):
+            return True
+        await asyncio.sleep(0.005)
+    return False
+
+
 async def test_late_keepalive_arms_the_sessions_still_open_and_skips_the_ended(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Two passes: a session added now is armed at the second one if it is still open; an ended
-    one (-1) is skipped, whatever socket took its number since; the timer stops when idle."""
+    """Two passes: a session added now is armed at the second one if it is still open. An
+    ended one (-1) is skipped, even when another socket took its descriptor number since; a
+    number that is closed by then (a bug elsewhere) costs nothing and stops nothing. The timer
+    stops when nothing waits."""
     monkeypatch.setattr(latekeepalive, "PERIOD", 0.01)
     late = latekeepalive.LateKeepalive()
     with socket.create_server(("127.0.0.1", 0)) as server:
-        lasting = socket.create_connection(server.getsockname())
         ended = socket.create_connection(server.getsockname())
-        with lasting, ended:
+        number = ended.fileno()
+        ended.close()
+        reused = socket.create_connection(server.getsockname())  # the lowest free number: the same
+        closed = socket.create_connection(server.getsockname())
+        lasting = socket.create_connection(server.getsockname())
+        with lasting, reused:
+            assert reused.fileno() == number
+            late.add(lambda: -1)  # the relay of `ended` says it is over
+            late.add(lambda: 1_000_000)  # a descriptor number nobody has (EBADF)
             late.add(lasting.fileno)
-            late.add(lambda: -1)  # a relay that ended meanwhile
-            for _ in range(200):  # bounded: two passes of 10 ms
-                if lasting.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE):
-                    break
-                await asyncio.sleep(0.005)
-            assert lasting.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert await _armed(lasting)
             assert lasting.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE[0]
+            assert lasting.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == KEEPALIVE[1]
             assert lasting.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == KEEPALIVE[2]
-            assert ended.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+            assert reused.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
             assert lasting.fileno() >= 0, "the descriptor stays its owner's"
+            late.add(closed.fileno)
+            closed.close()  # before its pass: fileno() says -1 then
+            late.add(reused.fileno)  # after a bad entry, the passes go on
+            assert await _armed(reused)
+            assert closed.fileno() == -1
             for _ in range(200):
                 if late._timer is None:
                     break

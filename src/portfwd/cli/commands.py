@@ -106,9 +106,7 @@ def check(config_file: str | None) -> None:
             from portfwd.kernel import auto
 
             machine = auto.box()
-            if not machine.allowed:
-                pass  # the operator's own switch (PORTFWD_AUTO_KERNEL=0): nothing to explain
-            elif not machine.capable:  # nothing to say per rule
+            if not machine.allowed or not machine.capable:  # the same for every rule: said once
                 machine_note = (
                     f'relay = "auto": {auto.why_not(plan.rules[0], machine, None)}; no rule takes it here'
                 )

@@ -63,11 +63,19 @@ class Worker:
         self.handed: dict[RuleSpec, list[socket.socket]] = {}
         self.loose: list[int] = []  # descriptors of `fds` orders, for the order that follows
         self.rules = RuleSet((), self.state, given=self._given)
+        self.rules.passive_down = self._passive_down
         self.writer: asyncio.StreamWriter | None = None
         self.done = asyncio.Event()
         self.aborted = asyncio.Event()
         self.drain = 0.0
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    def _passive_down(self, rule: RuleSpec, backend: int) -> None:
+        """Tell the main process (unasked) that this process's connects took a backend down:
+        its next passing check is then sent here too, and ends it (`impose`)."""
+        ident = next((ident for ident, known in self.known.items() if known == rule), None)
+        if ident is not None and self.writer is not None:
+            self.writer.write(frame({"event": "passive", "rule": ident, "backend": backend}))
 
     def _given(self, rule: RuleSpec) -> list[socket.socket] | None:
         return list(self.handed.pop(rule, []))
@@ -146,6 +154,8 @@ class Worker:
                 self.rules.set_mode(str(order["name"]), str(order["mode"]), strict=False)
                 if "id" in order:  # the API waits for every worker to follow
                     await self.answer({"id": order["id"]})
+            elif op == "sync":  # the orders before this one are carried out
+                await self.answer({"id": order["id"]})
             elif op == "close":
                 closed = self.state.end(int(order["session"]), str(order["reason"]))
                 await self.answer({"id": order["id"], "closed": closed})

@@ -31,8 +31,9 @@ What each rule becomes, per protocol and per address family it can carry:
 - an operator's mode (the web API's pause and drain), first in the rule's NAT chains, which see
   only a flow's first packet, so live flows never notice: paused, a new flow's first packet is
   dropped (a TCP client retries its SYN, 1 s, 3 s, 7 s later, and gets through after the
-  resume: it waited, as in a userspace rule's backlog); draining, it is refused as a denied
-  client is (TCP reset, UDP dropped) and counted as `draining`.
+  resume: it waited, as in a userspace rule's backlog, though Linux gives up after about two
+  minutes of retries); draining, it is refused as a denied client is (TCP reset, UDP dropped)
+  and counted as `draining`. A local UDP sender sees the drop as EPERM from sendto().
 
 Theory of operation: every packet does the same work whatever the number of rules. Each hook's
 base chain holds one lookup per protocol in a verdict map (`_LOOKUPS`): nat prerouting and
@@ -419,33 +420,37 @@ def _compile(index: int, rule: RuleSpec, mode: str = "") -> _Compiled:
                 continue
             _set(compiled, f"{source_set}_{version}", version, sources)
             routed.append((key, target, f"{ip} saddr @{source_set}_{version} "))
+        # Local clients of a wildcard rule whose every target here is remote never reach a
+        # loopback destination (a packet from 127.0.0.1 may not leave the box): the NAT lines
+        # leave those alone, and so do the mode and guard lines, which refuse only what the
+        # rule would otherwise relay.
+        loopbacks = "127.0.0.0/8" if version == 4 else "::1"
+        remote_only = wildcard and not any(
+            _Flow(index, key, listen, target, "tcp", version).local for key, target, _ in routed
+        )
         for proto in protos:
             match = f"{prefix} {proto} dport {_ports(listen.ports)}"
+            local = f"{prefix} {ip} daddr != {loopbacks} {proto} dport {_ports(listen.ports)}"
             refuse = "reject with tcp reset" if proto == "tcp" else "drop"  # as userspace refuses
-            if mode in (PAUSED_MODE, DRAINING_MODE):
-                if mode == PAUSED_MODE:
-                    line = f'{match} drop comment "{label}{PAUSED}"'
-                else:
-                    line = f'{match} counter name draining_{index} {refuse} comment "{label}{DRAINING}"'
+            held: list[str] = []
+            if mode == PAUSED_MODE:
+                held.append(f'drop comment "{label}{PAUSED}"')
+            elif mode == DRAINING_MODE:
+                held.append(f'counter name draining_{index} {refuse} comment "{label}{DRAINING}"')
+            held += [
+                f'{guard} counter name denied_{index} {refuse} comment "{label}{DENIED}"' for guard in guards
+            ]
+            for action in held:
                 if not loopback_listen:
-                    compiled.prerouting.append(line)
-                compiled.output.append(line)
-            for guard in guards:
-                line = f'{match} {guard} counter name denied_{index} {refuse} comment "{label}{DENIED}"'
-                if not loopback_listen:
-                    compiled.prerouting.append(line)
-                compiled.output.append(line)
+                    compiled.prerouting.append(f"{match} {action}")
+                compiled.output.append(f"{local if remote_only else match} {action}")
             for key, target, source in routed:
                 flow = _Flow(index, key, listen, target, proto, version)
                 line = f"{match} {source}counter name flows_{index} {flow.nat()} {tag}"
                 if not loopback_listen:
                     compiled.prerouting.append(line)
                 if wildcard and not flow.local:
-                    loopbacks = "127.0.0.0/8" if version == 4 else "::1"
-                    compiled.output.append(
-                        f"{prefix} {ip} daddr != {loopbacks} {proto} dport {_ports(listen.ports)} "
-                        f"{source}counter name flows_{index} {flow.nat()} {tag}"
-                    )
+                    compiled.output.append(f"{local} {source}counter name flows_{index} {flow.nat()} {tag}")
                 else:
                     compiled.output.append(line)
                 tracked = flow.conntrack()

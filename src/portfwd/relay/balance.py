@@ -44,6 +44,7 @@ class Backend:
         "checks_failed",
         "checks_passed",
         "current",
+        "elsewhere",
         "failed_in_row",
         "index",
         "key",
@@ -63,6 +64,8 @@ class Backend:
         self.checked_up = True  # the active checks' verdict
         self.checks_passed = 0  # in a row
         self.checks_failed = 0
+        #: A worker said its own connects took it down passively (the main process's pool).
+        self.elsewhere = False
 
     def usable(self, now: float) -> bool:
         return self.checked_up and self.passive_until <= now
@@ -87,9 +90,12 @@ class Pool:
         self.balance = balance
         self.health = health
         self.changed = changed
-        #: Told each time the active checks' verdict on a backend flips, and of every pass of an
-        #: up backend (it ends a passive down: here, and in each worker, which follows: `impose`).
+        #: Told each time the active checks' verdict on a backend flips, and when a pass ends a
+        #: passive down, here or in a worker that reported one (the workers follow: `impose`).
         self.verdict: Callable[[Backend, bool], None] | None = None
+        #: A worker's pool: told when its own connects take a backend down passively (the main
+        #: process marks it `elsewhere`, so that its next pass reaches the workers).
+        self.passive: Callable[[Backend], None] | None = None
         self._turn = 0  # where least-connections' tie-break starts
         #: No backend is down or was down passively (kept by `_note`): picks skip the filtering.
         self._healthy = True
@@ -171,6 +177,8 @@ class Pool:
                     f"{backend.failed_in_row} connects failed in a row (last: {why}); "
                     f"retried after {self.health.passive_down:g}s",
                 )
+                if self.passive is not None:
+                    self.passive(backend)
 
     def checked(self, backend: Backend, ok: bool, result: str) -> None:
         """An active check ended: `rise` passes in a row bring a backend up, `fall` failures
@@ -183,6 +191,7 @@ class Pool:
             if backend.checked_up and backend.passive_until:  # passively down: a pass ends it
                 backend.passive_until = 0.0
                 backend.failed_in_row = 0
+                backend.elsewhere = False
                 self.refresh()
                 if self.verdict is not None:  # in the workers too (`impose`)
                     self.verdict(backend, True)
@@ -195,10 +204,10 @@ class Pool:
                 if self.verdict is not None:
                     self.verdict(backend, True)
                 self._set(backend, True, f"{backend.checks_passed} checks passed")
-            elif backend.checked_up and self.verdict is not None:
-                # Up here already; a worker's own connects may have taken it down passively,
-                # which this process cannot see: the pass ends that there too (`impose`).
-                self.verdict(backend, True)
+            elif backend.checked_up and backend.elsewhere:  # a worker's passive down: ends there
+                backend.elsewhere = False
+                if self.verdict is not None:
+                    self.verdict(backend, True)
         else:
             backend.checks_passed = 0
             backend.checks_failed += 1
@@ -214,6 +223,10 @@ class Pool:
         `passive_until`; the pool makes its own, a test may make one by hand)."""
         self._healthy = all(item.checked_up and not item.passive_until for item in self.backends)
 
+    def reported(self, index: int) -> None:
+        """A worker's connects took backend `index` down passively there (`passive`)."""
+        self.backends[index].elsewhere = True
+
     def impose(self, index: int, up: bool) -> None:
         """Take the main process's verdict on backend `index` (a worker follows the main
         process's checks instead of making its own). Up: a check passed there, which ends a
@@ -223,9 +236,9 @@ class Pool:
         if up:
             changed = not backend.checked_up or bool(backend.passive_until)
             backend.checked_up = True
-            backend.passive_until = 0.0
-            backend.failed_in_row = 0
             if changed:
+                backend.passive_until = 0.0
+                backend.failed_in_row = 0
                 self.refresh()
                 self._set(backend, True, "checked by the main process")
             return

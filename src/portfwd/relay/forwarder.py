@@ -219,8 +219,17 @@ class TcpForwarder:
         #: take all the time the next one needs.
         self._attempt = rule.connect_timeout / min(3, len(pool.backends)) if pool is not None else 0.0
         self._transparent = rule.transparent
-        #: Upstream keepalive, for the sessions that outlive a second (relay/latekeepalive.py).
-        self._late = LateKeepalive() if rule.tcp_keepalive else None
+        #: Upstream keepalive, for the sessions that outlive a second (relay/latekeepalive.py);
+        #: none when every target is a Unix socket.
+        tcp_targets = any(
+            not isinstance(target, UnixPath)
+            for target in (
+                rule.connect,
+                *(b.connect for b in rule.backends),
+                *(r.connect for r in rule.route),
+            )
+        )
+        self._late = LateKeepalive() if rule.tcp_keepalive and tcp_targets else None
         #: The address the PROXY header names as the one clients reached, when known without asking.
         self._local = listening_address(rule.listen, port) if rule.proxy_protocol else None
         self._pending: set[_Pending] = set()

@@ -48,17 +48,24 @@ class LateKeepalive:
 
     def _pass(self) -> None:
         due, self._aging, self._young = self._aging, self._young, []
-        for descriptor in due:
-            fd = descriptor()
-            if fd < 0:
-                continue
-            borrowed = socket.socket(fileno=fd)
-            try:
-                with contextlib.suppress(OSError):  # a peer that reset meanwhile: nothing to keep
-                    keepalive(borrowed)
-            finally:
-                borrowed.detach()  # the descriptor stays the relay's
-        self._timer = None
-        if self._aging:
-            assert self._loop is not None
-            self._timer = self._loop.call_later(PERIOD, self._pass)
+        try:
+            for descriptor in due:
+                fd = descriptor()
+                if fd >= 0:
+                    _arm(fd)
+        finally:  # whatever happened, the next pass is planned (or none is needed)
+            self._timer = None
+            if self._aging:
+                assert self._loop is not None
+                self._timer = self._loop.call_later(PERIOD, self._pass)
+
+
+def _arm(fd: int) -> None:
+    """Keepalive on a relay's TCP socket. The family and type are given, not asked of the
+    socket (two getsockopt calls): setsockopt does not depend on them."""
+    with contextlib.suppress(OSError):  # a peer that reset meanwhile: nothing to keep alive
+        borrowed = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+        try:
+            keepalive(borrowed)
+        finally:
+            borrowed.detach()  # the descriptor stays the relay's

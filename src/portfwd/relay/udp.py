@@ -454,7 +454,7 @@ class UdpForwarder:
         self.tick += 1
         oldest = self.tick - self._idle_ticks
         for flow in [flow for flow in self.flows.values() if flow.seen <= oldest]:
-            self._close_flow(flow, "idle")
+            self._close_flow(flow, "idle timeout")  # the words a TCP session's idle_timeout uses
         self._full_logged = False
         if len(self._denied_logged) > 4096:
             self._denied_logged.clear()

@@ -123,15 +123,27 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
     async def set_mode(self, name: str, mode: str) -> None:
         """Pause (`paused`), drain (`draining`) or resume (`""`) kernel relay `name`: the table
         is planned again with the mode in the rule's NAT chains (relay.py), in one transaction;
-        live flows are not touched. Raises ActionError when no such rule runs or nft refuses."""
+        live flows are not touched. Raises ActionError when no such rule runs, shutdown began,
+        or nft refuses (then the mode is as it was). A request that goes away meanwhile does
+        not cut the change short (the table, the counters carried over and the mode agree)."""
         if not self.knows(name):
             raise ActionError(f"no running rule named {name!r}", kind="missing")
+        if self._exiting:
+            raise ActionError("shutting down: every kernel relay drains", kind="conflict")
+        await asyncio.shield(self._set_mode(name, mode))
+
+    async def _set_mode(self, name: str, mode: str) -> None:
+        before = self.modes.get(name, "")
         if mode:
             self.modes[name] = mode
         else:
             self.modes.pop(name, None)
         problems = await self._load()
         if problems:
+            if before:
+                self.modes[name] = before
+            else:
+                self.modes.pop(name, None)
             raise ActionError(problems[0].message, kind="conflict", hint=problems[0].hint)
         self.state.rule(name).mode = mode
 
@@ -351,14 +363,16 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
             self._refresh.cancel()
             await asyncio.gather(self._refresh, return_exceptions=True)
             self._refresh = None
-        rules = list(self.rules)
-        for held in self.rules.values():
-            for sock in held:
-                sock.close()
-        self.rules.clear()
-        if not self._loaded:
+        self._exiting = True  # no mode change loads a table after this
+        async with self._counting:  # one under way has loaded its table by then
+            rules = list(self.rules)
+            for held in self.rules.values():
+                for sock in held:
+                    sock.close()
+            self.rules.clear()
+            loaded, self._loaded = self._loaded, False
+        if not loaded:
             return
-        self._loaded = False
         try:
             await asyncio.to_thread(relaytable.remove, self.table)
         except (kernel.KernelRelayError, OSError) as exc:

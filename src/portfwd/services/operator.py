@@ -49,8 +49,10 @@ class Operator:
     async def set_mode(self, rule: str, mode: str) -> None:
         if self.kernel.knows(rule):  # the NAT chains hold the mode; no process of ours accepts
             await self.kernel.set_mode(rule, mode)
-            return
-        self.rules.set_mode(rule, mode)
+        else:
+            self.rules.set_mode(rule, mode)
+        # The workers keep every rule's mode by name (a kernel rule's too: a reload may move a
+        # rule of that name to them), so a resume must reach them as the pause did.
         await self.workers.set_mode(rule, mode)
 
     async def end_session(self, ident: int, reason: str) -> None:
@@ -61,4 +63,6 @@ class Operator:
     async def check_backend(self, rule: str, backend: str) -> tuple[bool, str]:
         if self.kernel.knows(rule):
             raise ActionError(f"rule {rule!r} is relayed by the kernel and has no backends", kind="conflict")
-        return await self.rules.check_backend(rule, backend)
+        answer = await self.rules.check_backend(rule, backend)
+        await self.workers.settled()  # a verdict it sent is followed in every worker by now
+        return answer

@@ -145,6 +145,9 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         self.given = given
         #: Told of each backend's active-check verdict as it changes (the workers follow it).
         self.health_changed: Callable[[RuleSpec, int, bool], None] | None = None
+        #: A worker: told when its own connects take a backend down passively (it tells the
+        #: main process, whose next passing check then reaches it: `reported`).
+        self.passive_down: Callable[[RuleSpec, int], None] | None = None
         #: Whether splice(2) works here; decided at start, before the first rule binds.
         self.splice = False
         self._runs: dict[RuleSpec, _RuleRun] = {}
@@ -218,6 +221,12 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         return [
             (backend.index, False) for backend in (pool.backends if pool else ()) if not backend.checked_up
         ]
+
+    def reported(self, rule: RuleSpec, index: int) -> None:
+        """The main process: a worker's connects took backend `index` of `rule` down passively."""
+        run = self._runs.get(rule)
+        if run is not None and run.pool is not None and 0 <= index < len(run.pool.backends):
+            run.pool.reported(index)
 
     def impose(self, rule: RuleSpec, index: int, up: bool) -> None:
         """A worker: take the main process's verdict on a backend of `rule`."""
@@ -506,6 +515,13 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
                     self.health_changed(rule, backend.index, up)
 
             pool.verdict = verdict
+        else:
+
+            def passive(backend: Backend) -> None:
+                if self.passive_down is not None:
+                    self.passive_down(rule, backend.index)
+
+            pool.passive = passive
         return pool
 
     def _announce(self, rule: RuleSpec, path: str, run: _RuleRun) -> None:

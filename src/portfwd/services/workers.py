@@ -289,9 +289,23 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, ValueError):
             while True:
                 answer = await read_answer(worker.reader)
+                if answer.get("event") == "passive":  # its connects took a backend down there
+                    rule = next(
+                        (rule for rule, ident in worker.has.items() if ident == answer.get("rule")), None
+                    )
+                    if rule is not None:
+                        self.rules.reported(rule, int(answer.get("backend", -1)))
+                    continue
                 waiting = worker.answers.get(answer.get("id", 0))
                 if waiting is not None and not waiting.done():
                     waiting.set_result(answer)
+
+    def _passive(self, worker: _Worker, report: dict[str, Any]) -> None:
+        """A worker's connects took a backend down passively: the main process's next passing
+        check of it is sent to the workers (Pool.reported)."""
+        for rule, ident in worker.has.items():
+            if ident == report.get("rule") and type(report.get("backend")) is int:
+                self.rules.reported(rule, report["backend"])
 
     async def _watch(self, worker: _Worker, process: asyncio.subprocess.Process) -> None:
         """Wait for the worker to end; unless shutting down, serve its share here, log it, and
@@ -437,6 +451,15 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
                 self._order(worker, order)  # starting: it takes it before its rules
         await asyncio.gather(
             *(self._ask(worker, order, ANSWER_TIMEOUT) for worker in live), return_exceptions=True
+        )
+
+    async def settled(self) -> None:
+        """Return once every running worker has carried out the orders sent so far (each takes
+        them in order: its answer to this one comes after): a health verdict a check just sent,
+        say, so that the API answers only when every process follows it."""
+        live = [worker for worker in self._workers if worker.orders is not None and worker.ready]
+        await asyncio.gather(
+            *(self._ask(worker, {"op": "sync"}, ANSWER_TIMEOUT) for worker in live), return_exceptions=True
         )
 
     async def end_session(self, ident: int, reason: str) -> bool:
