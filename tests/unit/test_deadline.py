@@ -24,7 +24,7 @@ async def test_a_deadline_fires_late_never_early() -> None:
     never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     assert await wait_with(deadlines, 0.2, never) == "timeout"
     took = time.monotonic() - began
-    assert 0.2 <= took < 0.2 + 0.05 + 0.5  # one tick late at most (plus scheduling slack)
+    assert 0.2 <= took < 0.2 + 0.05 + 2.0  # one tick late at most (plus slack for a loaded machine)
     assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
 
 
