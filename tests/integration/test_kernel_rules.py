@@ -452,3 +452,38 @@ def test_sigterm_drains_the_kernel_flows_and_refuses_new_ones(tmp_path: Path) ->
             for each in procs:
                 each.stop()
                 each.close()
+
+
+def test_a_rule_a_reload_changes_moves_between_the_kernel_and_userspace(tmp_path: Path) -> None:
+    """`relay = "auto"`: a reload that gives a kernel rule a userspace-only setting moves it to
+    userspace (its port and NAT let go first, so the listener binds and sees the clients); the
+    reverse moves it back into the kernel's table."""
+    control = tmp_path / "ctl.sock"
+    config = tmp_path / "auto.toml"
+    rule = '[[forward]]\nname = "web"\nlisten = "127.0.0.1:8007"\nconnect = "127.0.0.1:9007"\n'
+    config.write_text(f'[control]\nsocket = "{control}"\n' + rule)
+    procs: list[Proc] = []
+    with namespace("kr") as ns:
+        try:
+            serve(ns, 9007, "echo seven", procs)
+            proc = portfwd_in(ns, "run", "-c", str(config), env={"PORTFWD_AUTO_KERNEL": "1"})
+            procs.append(proc)
+            proc.wait_for(READY)
+            assert "web: forwarding 127.0.0.1:8007/tcp -> 127.0.0.1:9007 in the kernel" in proc.output()
+            for limited, relay in ((True, "splice"), (False, "kernel")):
+                config.write_text(
+                    f'[control]\nsocket = "{control}"\n' + rule + ("max_connections = 5\n" if limited else "")
+                )
+                mark = proc.mark()
+                reloaded = in_ns(ns, sys.executable, "-m", "portfwd", "reload", "--control", str(control))
+                assert reloaded.returncode == 0, (reloaded.stdout, reloaded.stderr)
+                assert ": 0 kept, 1 removed, 1 added, 0 failed" in proc.wait_for("reloaded", start=mark)
+                (row,) = status(ns, control)["rules"]  # type: ignore[misc]
+                assert (row["relay"], row["running"]) == (relay, True), row
+                assert in_ns(ns, "socat", "-T", "3", "-", "TCP4:127.0.0.1:8007").stdout == b"seven\n"
+                assert ("portfwd_" in tables(ns)) is (relay == "kernel")
+            assert proc.stop(signal.SIGTERM) == 0
+        finally:
+            for each in procs:
+                each.stop()
+                each.close()

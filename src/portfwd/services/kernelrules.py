@@ -111,6 +111,7 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
         self._base: dict[str, relaytable.Counts] = {}
         self._counting = asyncio.Lock()  # a table replaced and its counters carried over, or read
         self._going: list[RuleSpec] = []
+        self._gone: list[str] = []  # labels `retire` took out already (apply reports them)
         #: The operator's mode of a rule, by name (the RuleSet's own dict: a rule keeps its mode
         #: through a reload, whichever side relays it then).
         self.modes: dict[str, str] = modes if modes is not None else {}
@@ -179,13 +180,27 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
         return list((await self.apply(self.wanted)).failures)
 
     async def retire(self, part: tuple[RuleSpec, ...]) -> Change:
-        """Only note what goes: `apply` replaces the table in one transaction, so a rule a
-        reload changes is never unforwarded, nor its ports unheld, in between."""
+        """Note what goes; `apply` replaces the table in one transaction, so a rule a reload
+        changes is never unforwarded, nor its ports unheld, in between. A rule whose listen
+        side no new kernel rule takes (it moves to userspace, or goes) is let go now: its NAT
+        and its held ports would stand in the way of a userspace listener binding them."""
+        going = [rule for rule in self.rules if rule not in part]
+        keeps = {_holding(rule) for rule in part}
+        now = [rule for rule in going if _holding(rule) not in keeps]
+        if now:
+            before = dict(self.rules)
+            self.rules = {rule: held for rule, held in self.rules.items() if rule not in now}
+            if await self._load():  # refused (logged): the old table stays, and so do they
+                self.rules = before
+            else:
+                await self._let_go(now, before)
+                self._gone += [rule.label for rule in now]
         self._going = [rule for rule in self.rules if rule not in part]
-        return Change(removed=tuple(rule.label for rule in self._going))
+        return Change(removed=tuple(rule.label for rule in going))
 
     async def apply(self, part: tuple[RuleSpec, ...]) -> Change:
         going = [rule for rule in self.rules if rule not in part]
+        gone, self._gone = self._gone, []
         self._going = []
         before = dict(self.rules)
         kept = len(self.rules) - len(going)
@@ -214,22 +229,8 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
             self.rules = before
             new = [rule for rule in added if rule in wanted]
             failures.extend([problems[0]] * max(1, len(new)))  # one per rule that did not start
-            return Change(kept=len(before), tried=len(added), failures=tuple(failures))
-        in_use = {id(sock) for held in wanted.values() for sock in held}
-        for rule in going:
-            for sock in before[rule]:
-                if id(sock) not in in_use:
-                    sock.close()
-            if rule.label not in {kept_rule.label for kept_rule in wanted}:
-                self.state.rule(rule.label).running = False
-                self.state.listeners = [item for item in self.state.listeners if item.rule != rule.label]
-            log.info(
-                "%s: removed by reload; the kernel no longer forwards it",
-                rule.label,
-                extra=event("rule.removed", rule=rule.label),
-            )
-        if going:
-            await asyncio.to_thread(conntrack.forget, conntrack.rule_claims(going))
+            return Change(kept=len(before), removed=tuple(gone), tried=len(added), failures=tuple(failures))
+        await self._let_go(going, before)
         started = [rule for rule in added if rule in wanted]
         for rule in started:
             self._register(rule)
@@ -243,11 +244,31 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
             self.state.readers.append(self._read_flows)
         return Change(
             kept=kept,
-            removed=tuple(rule.label for rule in going),
+            removed=(*gone, *(rule.label for rule in going)),
             added=tuple(rule.label for rule in started),
             tried=len(added),
             failures=tuple(failures),
         )
+
+    async def _let_go(self, going: list[RuleSpec], before: dict[RuleSpec, list[socket.socket]]) -> None:
+        """Rules the table no longer has: close their held ports (unless a running rule took
+        them over), take them out of the state, and forget their flows."""
+        if not going:
+            return
+        in_use = {id(sock) for held in self.rules.values() for sock in held}
+        for rule in going:
+            for sock in before[rule]:
+                if id(sock) not in in_use:
+                    sock.close()
+            if rule.label not in {kept_rule.label for kept_rule in self.rules}:
+                self.state.rule(rule.label).running = False
+                self.state.listeners = [item for item in self.state.listeners if item.rule != rule.label]
+            log.info(
+                "%s: removed by reload; the kernel no longer forwards it",
+                rule.label,
+                extra=event("rule.removed", rule=rule.label),
+            )
+        await asyncio.to_thread(conntrack.forget, conntrack.rule_claims(going))
 
     async def _load(self) -> list[PortfwdError]:
         """Make the kernel's table hold exactly the running rules (one transaction). The
