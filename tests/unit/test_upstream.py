@@ -141,7 +141,8 @@ async def test_late_keepalive_arms_the_sessions_still_open_and_skips_the_ended(
     number that is closed by then (a bug elsewhere) costs nothing and stops nothing. The timer
     stops when nothing waits."""
     monkeypatch.setattr(latekeepalive, "PERIOD", 0.01)
-    late = latekeepalive.LateKeepalive()
+    open_sessions = {7}
+    late = latekeepalive.LateKeepalive(open_sessions)
     with socket.create_server(("127.0.0.1", 0)) as server:
         ended = socket.create_connection(server.getsockname())
         number = ended.fileno()
@@ -151,9 +152,10 @@ async def test_late_keepalive_arms_the_sessions_still_open_and_skips_the_ended(
         lasting = socket.create_connection(server.getsockname())
         with lasting, reused:
             assert reused.fileno() == number
-            late.add(lambda: -1)  # the relay of `ended` says it is over
+            late.add((6, number))  # the splice relay of `ended`: its session is over
+            late.add(lambda: -1)  # a protocol relay's socket, closed
             late.add(lambda: 1_000_000)  # a descriptor number nobody has (EBADF)
-            late.add(lasting.fileno)
+            late.add((7, lasting.fileno()))  # a splice relay's, still open
             assert await _armed(lasting)
             assert lasting.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE[0]
             assert lasting.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == KEEPALIVE[1]

@@ -229,7 +229,7 @@ class TcpForwarder:
                 *(r.connect for r in rule.route),
             )
         )
-        self._late = LateKeepalive() if rule.tcp_keepalive and tcp_targets else None
+        self._late = LateKeepalive(state.sessions) if rule.tcp_keepalive and tcp_targets else None
         #: The address the PROXY header names as the one clients reached, when known without asking.
         self._local = listening_address(rule.listen, port) if rule.proxy_protocol else None
         self._pending: set[_Pending] = set()
@@ -473,7 +473,7 @@ class TcpForwarder:
                 session.relay = splice
                 splice.start()
                 if self._late is not None:
-                    self._late.add(splice.live_upstream)
+                    self._late.add((session.id, splice.upstream))
             else:
                 relay = ProtocolRelay(session, self, self.shaper)
                 session.relay = relay

@@ -276,10 +276,6 @@ class SpliceRelay:
         self._client_mask = 0
         self._upstream_mask = 0
 
-    def live_upstream(self) -> int:
-        """The upstream descriptor while the relay runs, -1 once it ended (and closed it)."""
-        return -1 if self.closed else self.upstream
-
     def start(self) -> None:
         """Begin relaying in both directions."""
         self.watch(self.client)
