@@ -310,6 +310,16 @@ def echoed(client: subprocess.Popen[bytes], line: bytes) -> bytes:
     return client.stdout.readline()
 
 
+def live_client(ns: str, port: int) -> subprocess.Popen[bytes]:
+    """A socat client of 127.0.0.1:`port` in `ns` that stays connected; one line echoed already."""
+    pipe = subprocess.PIPE
+    client = subprocess.Popen(
+        ["ip", "netns", "exec", ns, "socat", "-", f"TCP4:127.0.0.1:{port}"], stdin=pipe, stdout=pipe
+    )
+    assert echoed(client, b"before\n") == b"before\n"
+    return client
+
+
 def wait_until(what: str, check: Callable[[], bool], timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -339,19 +349,13 @@ def test_pause_holds_new_flows_drain_refuses_them_and_live_flows_go_on(tmp_path:
             proc = portfwd_in(ns, "run", "-c", str(config))
             procs.append(proc)
             proc.wait_for(READY)
-            pipe = subprocess.PIPE
-            live = subprocess.Popen(
-                ["ip", "netns", "exec", ns, "socat", "-", "TCP4:127.0.0.1:8004"], stdin=pipe, stdout=pipe
-            )
-            assert live.stdin is not None
-            assert live.stdout is not None
-            assert echoed(live, b"before\n") == b"before\n"
+            live = live_client(ns, 8004)
 
             assert api(ns, "pause", token)["mode"] == "paused"
             assert 'drop comment "web (paused)"' in in_ns(ns, "nft", "list", "ruleset").stdout.decode()
             waiting = subprocess.Popen(
                 ["ip", "netns", "exec", ns, "socat", "-T", "20", "-", "TCP4:127.0.0.1:8004,connect-timeout=20"],
-                stdin=pipe, stdout=pipe,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             )  # fmt: skip
             wait_until(  # its SYN is dropped: it stays in SYN-SENT, retrying
                 "the paused rule's new client waits",
@@ -419,13 +423,7 @@ def test_sigterm_drains_the_kernel_flows_and_refuses_new_ones(tmp_path: Path) ->
             proc = portfwd_in(ns, "run", "-c", str(config))
             procs.append(proc)
             proc.wait_for(READY)
-            pipe = subprocess.PIPE
-            live = subprocess.Popen(
-                ["ip", "netns", "exec", ns, "socat", "-", "TCP4:127.0.0.1:8006"], stdin=pipe, stdout=pipe
-            )
-            assert live.stdin is not None
-            assert live.stdout is not None
-            assert echoed(live, b"before\n") == b"before\n"
+            live = live_client(ns, 8006)
             mark = proc.mark()
             proc.popen.send_signal(signal.SIGTERM)
             assert "draining 1 session(s) for up to 60s" in proc.wait_for("draining", start=mark)

@@ -531,25 +531,27 @@ class _CountingEcho:
         self._listener.close()
 
 
+def _lazy(stack: contextlib.ExitStack, tmp_path: Path, lazy: int, revived: int, health: str) -> WebInstance:
+    """An instance whose rule "lazy" (on `lazy`) prefers backend `revived`, then an echo; one
+    refused connect takes a backend down passively for 300 s; `health`: the other check keys."""
+    echo = stack.enter_context(echo_server())
+    extra = (
+        f'[[forward]]\nname = "lazy"\nlisten = "127.0.0.1:{lazy}"\n'
+        f'connect = ["127.0.0.1:{revived}", "127.0.0.1:{echo}"]\nbalance = "first"\n'
+        f'[forward.health]\n{health}passive_fall = 1\npassive_down = "300s"\n'
+    )
+    instance = stack.enter_context(web_instance(tmp_path, rules=("echo",), extra=extra))
+    wait_listening(lazy)
+    return instance
+
+
 def test_a_check_that_passes_brings_a_passively_down_backend_back_in_every_worker(tmp_path: Path) -> None:
     """Both processes of `workers = 2` take a refusing backend down passively (for 300 s); once
     it listens again, a check from the API that passes brings it back in the workers too: every
     client after it, whichever process accepts it, reaches that backend."""
-    revived = free_port()
-    extra = (
-        '[[forward]]\nname = "lazy"\nlisten = "127.0.0.1:LAZY"\n'
-        f'connect = ["127.0.0.1:{revived}", "127.0.0.1:ECHO"]\nbalance = "first"\n'
-        '[forward.health]\ncheck = "none"\npassive_fall = 1\npassive_down = "300s"\n'
-    )
-    lazy = free_port()
+    revived, lazy = free_port(), free_port()
     with contextlib.ExitStack() as stack:
-        echo = stack.enter_context(echo_server())
-        instance = stack.enter_context(
-            web_instance(
-                tmp_path, rules=("echo",), extra=extra.replace("LAZY", str(lazy)).replace("ECHO", str(echo))
-            )
-        )
-        wait_listening(lazy)
+        instance = _lazy(stack, tmp_path, lazy, revived, 'check = "none"\n')
         for _ in range(24):  # spread over both processes by the kernel (SO_REUSEPORT)
             echo_client(lazy).close()
         row = instance.rule("lazy")
@@ -596,22 +598,11 @@ def test_an_active_check_that_passes_ends_a_passive_down_a_worker_reported(tmp_p
     process, which took none of those clients, sees it up (its own checks fail too, but far
     from `fall`). The worker reports its passive down; once the backend listens again, the next
     passing check reaches the worker, and its clients reach that backend again."""
-    revived = free_port()
-    extra = (
-        '[[forward]]\nname = "lazy"\nlisten = "127.0.0.1:LAZY"\n'
-        f'connect = ["127.0.0.1:{revived}", "127.0.0.1:ECHO"]\nbalance = "first"\n'
-        '[forward.health]\ninterval = "0.2s"\ntimeout = "0.2s"\nfall = 100\nrise = 1\n'
-        'passive_fall = 1\npassive_down = "300s"\n'
-    )
-    lazy = free_port()
+    revived, lazy = free_port(), free_port()
     with contextlib.ExitStack() as stack:
-        echo = stack.enter_context(echo_server())
-        instance = stack.enter_context(
-            web_instance(
-                tmp_path, rules=("echo",), extra=extra.replace("LAZY", str(lazy)).replace("ECHO", str(echo))
-            )
+        instance = _lazy(
+            stack, tmp_path, lazy, revived, 'interval = "0.2s"\ntimeout = "0.2s"\nfall = 100\nrise = 1\n'
         )
-        wait_listening(lazy)
         status = instance.wait(  # from now on each process serves its own share of the group
             lambda s: bool(s["workers"]) and all(row["state"] == "running" for row in s["workers"]),
             "the workers run",
