@@ -149,7 +149,6 @@ def remove(
             else:
                 used = make(name, where, blocking.Exchange(deadline), probing=method == "auto", tries=tries)
                 blocking.run(used.remove(request, None))
-                _forget(name, where, request)
             done.append(name)
         except RouterError as exc:
             if exc.reason == "timeout":
@@ -161,7 +160,15 @@ def remove(
         raise errors[0]
     if not done:
         raise RouterError("no mapping method answered", reason="unreachable")
+    # The router keeps one table whichever protocol wrote to it: a mapping one method removed
+    # is gone for the others too, so what portfwd wrote down for any of them is crossed off.
+    for name in LEDGER_METHODS:
+        _forget(name, where, request)
     return done
+
+
+#: The methods whose grants portfwd writes down (the router cannot list them): router/ledger.py.
+LEDGER_METHODS = ("pcp", "natpmp")
 
 
 def _forget(name: str, where: Route, request: MapRequest) -> None:

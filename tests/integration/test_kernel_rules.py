@@ -485,3 +485,26 @@ def test_a_rule_a_reload_changes_moves_between_the_kernel_and_userspace(tmp_path
             for each in procs:
                 each.stop()
                 each.close()
+
+
+def test_check_and_run_say_forwarding_is_off_in_the_kernel_relay_s_words(tmp_path: Path) -> None:
+    """A remote target with IPv4 forwarding off (a new namespace's default): `check` warns
+    before `run` does, both naming the sysctl and not the gateway's `enable_forwarding`."""
+    config = tmp_path / "kernel.toml"
+    config.write_text(
+        "[control]\nenabled = false\n"
+        '[[forward]]\nname = "far"\nlisten = "0.0.0.0:8008"\nconnect = "192.0.2.10:80"\nrelay = "kernel"\n'
+    )
+    expected = "kernel relay: IPv4 forwarding is off: run sysctl -w net.ipv4.ip_forward=1"
+    with namespace("kr") as ns:
+        checked = in_ns(ns, sys.executable, "-m", "portfwd", "check", "-c", str(config))
+        assert checked.returncode == 0, checked.stderr
+        assert f"portfwd: warning: {expected}\n" in checked.stderr.decode()
+        proc = portfwd_in(ns, "run", "-c", str(config))
+        try:
+            proc.wait_for(READY)
+            line = proc.wait_for("forwarding is off")
+            assert line.endswith(expected), line
+        finally:
+            proc.stop()
+            proc.close()

@@ -148,6 +148,32 @@ def test_add_reach_list_remove(net: Lab, home: tuple[Lab, Router], tmp_path: Pat
     assert (listed.returncode, listed.stdout) == (0, "[]\n"), "crossed off portfwd's list too"
 
 
+def test_a_mapping_removed_by_another_method_is_crossed_off(net: Lab, tmp_path: Path) -> None:
+    """miniupnpd keeps one table for PCP, NAT-PMP and UPnP: a PCP mapping that UPnP removes is
+    gone, and `map list` no longer shows what portfwd wrote down of it."""
+    added = portfwd(net, tmp_path, "map", "add", "8000/tcp", "--external", "18040", "--method", "pcp")
+    assert added.returncode == 0, added.stderr
+    (mine,) = json.loads(portfwd(net, tmp_path, "map", "list", "--method", "pcp", "--json").stdout)
+    assert mine["external_port"] == 18040
+    removed = portfwd(
+        net,
+        tmp_path,
+        "map",
+        "remove",
+        "8000/tcp",
+        "--external",
+        "18040",
+        "--method",
+        "upnp",
+        "--upnp-url",
+        URL,
+    )
+    assert (removed.returncode, removed.stdout) == (0, "removed 18040/tcp (asked upnp)\n"), removed.stderr
+    assert router_mappings(net) == []
+    listed = portfwd(net, tmp_path, "map", "list", "--method", "pcp", "--json")
+    assert (listed.returncode, listed.stdout) == (0, "[]\n")
+
+
 def test_any_external_port(net: Lab, tmp_path: Path) -> None:
     added = portfwd(
         net, tmp_path, "map", "add", "8000", "--external", "any", "--method", "upnp", "--upnp-url", URL

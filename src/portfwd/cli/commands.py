@@ -123,6 +123,14 @@ def check(config_file: str | None) -> None:
         console.print(_table(title, relay.COLUMNS, rows))
         if machine_note:
             console.print(machine_note)
+        explicit = [rule for rule in plan.rules if rule.relay == "kernel"]
+        if explicit:
+            from portfwd.kernel import nft
+            from portfwd.kernel.relay import needs_forwarding
+
+            if needs_forwarding(explicit):  # what `run` warns of, said before it runs
+                for problem in nft.forwarding_problems(enable=False, remedy=""):
+                    print(f"portfwd: warning: kernel relay: {problem}", file=sys.stderr)
     if any(rule.transparent for rule in plan.rules):
         from portfwd.relay.transparent import problems as transparent_problems
 

@@ -196,8 +196,10 @@ def forwarding_problems(
     switches: tuple[tuple[str, str, str], ...] = FORWARDING,
     ipv6_disabled: str = IPV6_DISABLED,
     saved: str | None = None,
+    remedy: str = ", or set enable_forwarding = true",
 ) -> list[str]:
     """What to do about the kernel not routing IPv4 (and IPv6); with `enable`, switch them on.
+    `remedy`: what else the line suggests (the gateway's own switch; a kernel relay has none).
 
     A switch portfwd turns on is written down in the file `saved` (the state directory's
     SAVED_FORWARDING), so that `restore_forwarding` turns it off again when the gateway goes:
@@ -228,7 +230,7 @@ def forwarding_problems(
         except OSError as exc:
             problems.append(f"cannot read or set {path}: {exc.strerror}")
             continue
-        problems.append(f"{family} forwarding is off: run sysctl -w {key}=1, or set enable_forwarding = true")
+        problems.append(f"{family} forwarding is off: run sysctl -w {key}=1{remedy}")
     return problems
 
 

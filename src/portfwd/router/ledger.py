@@ -104,7 +104,10 @@ def record(gateway: str, granted: Granted) -> None:
 
 
 def forget(method: str, gateway: str, protocol: str, internal_port: int) -> None:
-    """Cross off the mapping of `internal_port`; RouterError if the file cannot be written."""
+    """Cross off the mapping of `internal_port`; RouterError if the file cannot be written.
+    No file: nothing was written down, and none is made."""
+    if not os.path.exists(_path()):
+        return
     _rewrite(f"forget mapping {internal_port}/{protocol}", (method, gateway, protocol, internal_port))
 
 

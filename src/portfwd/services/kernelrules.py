@@ -235,7 +235,7 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
         for rule in started:
             self._register(rule)
         if started and kernel.needs_forwarding(started):
-            for problem in nft.forwarding_problems(enable=False):
+            for problem in nft.forwarding_problems(enable=False, remedy=""):
                 log.warning("kernel relay: %s", problem, extra=event("rule.problem", reason=problem))
         self.state.order_rules(rule.label for rule in part)
         if self.rules and self._refresh is None:
