@@ -123,6 +123,9 @@ class TunnelSpec:
     known_hosts: tuple[str, ...] = ("~/.ssh/known_hosts",)
     strict_host_key_checking: Literal["yes", "accept-new"] = "yes"
     jump: tuple[str, ...] = ()
+    #: With no `jump`, follow ssh_config's ProxyJump for the host at connect time (a [[tunnel]]);
+    #: False: the front end resolved it already, `-o ProxyJump=none` included (`portfwd ssh`).
+    jump_from_ssh_config: bool = True
     ssh_config: tuple[str, ...] | None = None
     local: tuple[TunnelForward, ...] = ()
     remote: tuple[TunnelForward, ...] = ()

@@ -218,6 +218,7 @@ OPTION_KEYS = {
     "batchmode": None,  # read by the CLI (cli/sshargs.py): whether a key's passphrase may be asked
     "gatewayports": None,  # read by the CLI as -g is (cli/sshargs.py `listen_flags`)
     "addressfamily": None,  # read by the CLI as -4/-6 are
+    "proxycommand": None,  # refused unless `none`: a silent direct connect would skip the bastion
 }
 #: AddressFamily's words, as the CLI's -4/-6 spell them ("" for any).
 FAMILY_WORDS = {"any": "", "inet": "4", "inet6": "6"}
@@ -235,6 +236,21 @@ def _whole(name: str, value: str, low: int) -> int:
     if not value.isdigit() or int(value) < low:
         raise ConfigError(f"-o {name}={value}: must be a whole number of at least {low}")
     return int(value)
+
+
+_TIME = re.compile(r"(\d+)([smhdwSMHDW]?)")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _seconds(name: str, value: str, low: int) -> int:
+    """OpenSSH's time format (sshd_config(5) TIME FORMATS): `90`, `1m`, `1h30m`."""
+    parts = _TIME.findall(value)
+    if not parts or "".join(number + unit for number, unit in parts) != value:
+        raise ConfigError(f"-o {name}={value}: must be a time such as 15, 30s, 1m or 1h30m")
+    seconds = sum(int(number) * _UNITS[unit.lower()] for number, unit in parts)
+    if seconds < low:
+        raise ConfigError(f"-o {name}={value}: must be at least {low} s")
+    return seconds
 
 
 def parse_option(text: str, into: dict[str, object]) -> None:
@@ -255,9 +271,16 @@ def parse_option(text: str, into: dict[str, object]) -> None:
         known = "ServerAliveInterval, ServerAliveCountMax, ExitOnForwardFailure, StrictHostKeyChecking, "
         known += "UserKnownHostsFile, ConnectTimeout, Compression, Ciphers, KexAlgorithms, MACs, "
         known += "HostKeyAlgorithms, Port, User, IdentityFile, IdentitiesOnly, ProxyJump, BatchMode, "
-        known += "GatewayPorts, AddressFamily"
+        known += "GatewayPorts, AddressFamily, ProxyCommand=none"
         raise ConfigError(f"-o {name}: not an option portfwd ssh supports; it supports {known}")
     key = OPTION_KEYS[lower]
+    if lower == "proxycommand":
+        if value.lower() != "none":
+            raise ConfigError(
+                f"-o {name}={value}: portfwd ssh runs no proxy commands; reach the server through a "
+                "jump host with ProxyJump (-J user@host) instead"
+            )
+        return
     if lower in ("batchmode", "gatewayports"):
         _yes_no(name, value)  # checked here; used by the front end (cli/sshargs.py)
         return
@@ -266,7 +289,7 @@ def parse_option(text: str, into: dict[str, object]) -> None:
             raise ConfigError(f"-o {name}={value}: must be any, inet or inet6")
         return
     if lower in ("serveraliveinterval", "connecttimeout"):
-        seconds = _whole(name, value, 0 if lower == "serveraliveinterval" else 1)
+        seconds = _seconds(name, value, 0 if lower == "serveraliveinterval" else 1)
         into[key or name] = seconds
     elif lower in ("serveralivecountmax", "port"):
         into[key or name] = _whole(name, value, 1)

@@ -637,6 +637,12 @@ def test_w_makes_portfwd_a_proxycommand_for_stock_ssh(sshd: Sshd, tmp_path: Path
     closed = detached(portfwd_argv("ssh", *sshd.ssh_args(), "-W", "127.0.0.1:1"))
     assert closed.returncode == 1
     assert closed.stderr.splitlines() == ["portfwd: root@127.0.0.1: -W 127.0.0.1:1: Connection refused"]
+    log = tmp_path / "w.log"  # with -E, the line that ends it is in the file too (as ssh -E puts it)
+    logged = detached(portfwd_argv("ssh", "-E", str(log), *sshd.ssh_args(), "-W", "127.0.0.1:1"))
+    assert logged.returncode == 1
+    assert (
+        log.read_text().splitlines()[-1].endswith(" ERROR root@127.0.0.1: -W 127.0.0.1:1: Connection refused")
+    )
 
 
 def test_f_returns_once_the_forwards_are_up_and_e_logs_to_a_file(

@@ -219,7 +219,7 @@ def test_bad_arguments_exit_2_with_every_problem() -> None:
         "portfwd: -o Bogus: not an option portfwd ssh supports; it supports ServerAliveInterval, ServerAliveCountMax, "
         "ExitOnForwardFailure, StrictHostKeyChecking, UserKnownHostsFile, ConnectTimeout, Compression, Ciphers, "
         "KexAlgorithms, MACs, HostKeyAlgorithms, Port, User, IdentityFile, IdentitiesOnly, ProxyJump, BatchMode, "
-        "GatewayPorts, AddressFamily",
+        "GatewayPorts, AddressFamily, ProxyCommand=none",
         "portfwd: -o Ciphers: unknown cipher 'rot13'; use one or more of: chacha20-poly1305@openssh.com, "
         "aes256-gcm@openssh.com, aes128-gcm@openssh.com, aes256-ctr, aes192-ctr, aes128-ctr",
     ]

@@ -53,7 +53,7 @@ async def test_a_link_that_worked_starts_the_count_of_failures_again(monkeypatch
     monkeypatch.setattr(connection, "backoff", backoff)
     monkeypatch.setattr(client.Tunnel, "_serve_link", serve_link)
     spec = TunnelSpec(label="t", ssh="h", user=None, host="h", port=None, reconnect_attempts=3)
-    tunnel = client.Tunnel(spec, State(), fatal.append)
+    tunnel = client.Tunnel(spec, State(), fatal.append, exit_on_auth=True)  # `portfwd ssh`: it exits
     await tunnel._run()
     assert attempts == [0, 1, 0, 0, 1, 0, 0, 1, 2], "each link lost backs off from 0; failures count anew"
     assert [error.line() for error in fatal] == ["t: gave up after 3 attempts: Connection refused"]
@@ -65,7 +65,7 @@ async def test_a_link_that_worked_starts_the_count_of_failures_again(monkeypatch
     [
         (True, False, ["t: cannot resolve h: Name or service not known"], "failed"),
         (False, False, [], "failed"),
-        (False, True, [], "stopped"),
+        (False, True, [], "failed"),
     ],
 )
 async def test_a_first_connect_that_cannot_succeed_is_not_retried(
@@ -88,11 +88,13 @@ async def test_a_first_connect_that_cannot_succeed_is_not_retried(
     fatal: list[PortfwdError] = []
     tunnel = client.Tunnel(spec, State(), fatal.append, exit_on_auth=exit_on_auth)
     await tunnel._run()
-    if retry:
+    if retry:  # a [[tunnel]] that runs out of attempts stays failed; the instance goes on
         assert len(tries) == 3
-        assert [error.line() for error in fatal] == [
-            "t: gave up after 3 attempts: cannot resolve h: Name or service not known"
-        ]
+        assert fatal == []
+        assert tunnel.stats.state == "failed"
+        assert (
+            tunnel.stats.last_error == "gave up after 3 attempts: cannot resolve h: Name or service not known"
+        )
         return
     assert len(tries) == 1
     assert [error.line() for error in fatal] == fatal_lines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,39 @@ def test_gateway_ports_and_address_family_come_from_o_or_ssh_config_as_g_and_4_d
     assert bad.value.problems == [
         f"{tmp_path / 'ssh_config'}: AddressFamily=inet7: must be any, inet or inet6"
     ]
+
+
+def test_proxy_jump_comes_from_ssh_config_and_a_proxy_command_is_refused(tmp_path: Path) -> None:
+    """ssh reaches such a host through the bastion; portfwd ssh must not connect to it directly."""
+    spec = tunnel(lab(tmp_path, "ProxyJump admin@bastion:2222"), local=("1:h:1",))
+    assert spec.jump == ("admin@bastion:2222",)
+    assert tunnel(lab(tmp_path, "ProxyJump bastion"), "ProxyJump=none", local=("1:h:1",)).jump == ()
+    assert tunnel(lab(tmp_path, "ProxyCommand none"), local=("1:h:1",)).jump == ()
+    with pytest.raises(ConfigError) as caught:
+        tunnel(lab(tmp_path, "ProxyCommand nc %h %p"), local=("1:h:1",))
+    assert caught.value.problems == [
+        f"{tmp_path / 'ssh_config'}: ProxyCommand=nc 10.0.0.1 22: portfwd ssh runs no proxy commands; "
+        "reach the server through a jump host with ProxyJump (-J user@host) instead"
+    ]
+
+
+def test_a_config_tunnel_follows_ssh_config_s_proxy_jump_and_refuses_its_proxy_command(
+    tmp_path: Path,
+) -> None:
+    """A [[tunnel]] hands asyncssh a connector of its own, which would override ssh_config's
+    ProxyJump: the jump hosts are read at connect time instead. `portfwd ssh` read them already."""
+    from portfwd.ssh.connection import _configured_jumps
+
+    base = TunnelSpec(label="lab", ssh="lab", user=None, host="lab", port=None)
+    config = lab(tmp_path, "ProxyJump admin@bastion:2222,second")
+    spec = replace(base, ssh_config=(str(config),))
+    assert _configured_jumps(spec) == ["admin@bastion:2222", "second"]
+    assert _configured_jumps(replace(spec, ssh_config=(str(lab(tmp_path, "ProxyJump none")),))) == []
+    with pytest.raises(ConfigError) as caught:
+        _configured_jumps(replace(spec, ssh_config=(str(lab(tmp_path, "ProxyCommand nc %h %p")),)))
+    assert (
+        caught.value.message == "ssh_config's ProxyCommand 'nc 10.0.0.1 22': portfwd runs no proxy commands"
+    )
+    assert _configured_jumps(replace(spec, ssh_config=(str(tmp_path / "missing"),))) == []
+    cli = tunnel(lab(tmp_path, "ProxyJump bastion"), "ProxyJump=none", local=("1:h:1",))
+    assert with_flags(cli, gateway_ports=False, family=0).jump_from_ssh_config is False

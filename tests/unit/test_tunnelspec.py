@@ -129,14 +129,17 @@ def test_options_map_to_tunnel_keys() -> None:
 @pytest.mark.parametrize(
     ("option", "line"),
     [
-        ("ServerAliveInterval=soon", "-o ServerAliveInterval=soon: must be a whole number of at least 0"),
+        (
+            "ServerAliveInterval=soon",
+            "-o ServerAliveInterval=soon: must be a time such as 15, 30s, 1m or 1h30m",
+        ),
         ("ExitOnForwardFailure=maybe", "-o ExitOnForwardFailure=maybe: must be yes or no"),
         (
             "StrictHostKeyChecking=ask",
             "-o StrictHostKeyChecking=ask: portfwd cannot ask (it runs unattended); use yes or accept-new",
         ),
         ("BatchMode=maybe", "-o BatchMode=maybe: must be yes or no"),
-        ("ConnectTimeout=0", "-o ConnectTimeout=0: must be a whole number of at least 1"),
+        ("ConnectTimeout=0", "-o ConnectTimeout=0: must be at least 1 s"),
         ("=x", "-o '=x': write -o Key=Value, e.g. -o ServerAliveInterval=15"),
     ],
 )
@@ -144,3 +147,13 @@ def test_bad_options(option: str, line: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_option(option, {})
     assert caught.value.line() == line
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [("15", 15), ("30s", 30), ("1m", 60), ("1h30m", 5400), ("2M", 120)]
+)
+def test_times_in_openssh_s_format(value: str, seconds: int) -> None:
+    into: dict[str, object] = {}
+    parse_option(f"ServerAliveInterval={value}", into)
+    parse_option(f"ConnectTimeout {value}", into)
+    assert into == {"keepalive_interval": seconds, "connect_timeout": seconds}

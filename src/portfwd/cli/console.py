@@ -262,6 +262,23 @@ def setup_logging(verbose: int, quiet: bool, log_format: str, log_file: str | No
     logging.getLogger("asyncssh").setLevel(logging.NOTSET if verbose > 1 else logging.WARNING)
 
 
+def _also_in_log_file(lines: list[str]) -> None:
+    """With a log file (`-E FILE`), the line that ends the process goes there too, as ssh -E
+    puts it: after `-f` nobody reads stderr."""
+    setup = os.environ.get("PORTFWD_LOG_SETUP")
+    try:
+        log_file = json.loads(setup).get("file") if setup else None
+    except (ValueError, AttributeError):
+        return
+    if not log_file:
+        return
+    for line in lines:
+        logging.getLogger("portfwd").error("%s", line)
+    writer = sys.modules.get("portfwd.cli.logwriter")
+    if writer is not None:
+        writer.flush()
+
+
 def report(exc: BaseException) -> int:
     """Print `exc` as the line(s) a person sees and return the exit code; never a traceback.
 
@@ -274,9 +291,11 @@ def report(exc: BaseException) -> int:
     if isinstance(exc, ConfigError):
         for line in exc.problems:
             print(f"portfwd: {printable(line)}", file=sys.stderr)
+        _also_in_log_file(exc.problems)
         return exc.exit_code
     if isinstance(exc, PortfwdError):  # may quote a peer (a server's refusal reason, say)
         print(f"portfwd: {printable(exc.line())}", file=sys.stderr)
+        _also_in_log_file([exc.line()])
         return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         return 130

@@ -257,6 +257,7 @@ def with_flags(
         tunnel,
         local=forwards["local"],
         dynamic=forwards["dynamic"],
+        jump_from_ssh_config=False,  # read_ssh_config's ProxyJump is in `jump` already
         family=family,
         retry_first_connect=tunnel.retry_first_connect or retry_first,
     )

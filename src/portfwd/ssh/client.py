@@ -271,7 +271,7 @@ class Tunnel:
                 if error.reason == Reason.AUTH:
                     continue  # a server that refuses keys backs off, but is not counted (as before)
                 if self.config.reconnect_attempts and attempt >= self.config.reconnect_attempts:
-                    self.fatal(RuntimeFailure(f"{self.label}: gave up after {attempt} attempts: {text}"))
+                    self._give_up(f"gave up after {attempt} attempts: {text}", None, retried=True)
                     return
                 continue
             await self._serve_link(conn)
@@ -290,16 +290,20 @@ class Tunnel:
             await self._disconnect()
             await self._backoff(0, f"link lost: {reason}")
 
-    def _give_up(self, text: str, hint: str | None) -> None:
-        """A first connect failed for good: end `portfwd ssh` (exit 1), or leave this [[tunnel]] failed."""
+    def _give_up(self, text: str, hint: str | None, *, retried: bool = False) -> None:
+        """A first connect failed for good, or `reconnect_attempts` ran out (`retried`): end
+        `portfwd ssh` (exit 1), or leave this [[tunnel]] failed; the instance's other tunnels
+        and rules go on."""
         self.stats.enter("failed", text)
         if self.exit_on_auth:
             self.fatal(RuntimeFailure(f"{self.label}: {text}", hint=hint))
             return
+        after = "" if retried else " (retry_first_connect = true retries it)"
         log.error(
-            "%s: %s; this tunnel stays down until reload (retry_first_connect = true retries it)",
+            "%s: %s; this tunnel stays down until reload%s",
             self.label,
             f"{text}; {hint}" if hint else text,
+            after,
             extra=event("tunnel.failed", tunnel=self.label, server=self.stats.server, reason=text),
         )
 

@@ -17,12 +17,13 @@ from typing import Any
 import asyncssh
 
 from portfwd import sshalgorithms
+from portfwd.errors import ConfigError
 from portfwd.specs import TunnelSpec
 from portfwd.ssh import keys
 from portfwd.ssh.cork import CorkedConnector
 from portfwd.ssh.errors import resolve_error, ssh_error
 from portfwd.ssh.hostkeys import HostKeyCheck, HostKeyError
-from portfwd.ssh.lean import fix, tune
+from portfwd.ssh.lean import fix, ssh_config, tune
 from portfwd.tunnelspec import parse_destination
 
 Lost = Callable[[str], None]
@@ -89,6 +90,27 @@ def _options(
     return options
 
 
+def _configured_jumps(config: TunnelSpec) -> list[str]:
+    """The jump hosts ssh_config names for a [[tunnel]]'s server (its ProxyJump), when the
+    tunnel names none itself. asyncssh would follow them, but the connector portfwd hands it
+    overrides them, and a silent direct connect would skip the bastion. A ProxyCommand is
+    refused (a ConfigError naming the fix: never retried), as `portfwd ssh` refuses it."""
+    paths = [os.path.expanduser(item) for item in config.ssh_config or ("~/.ssh/config",)]
+    paths = [path for path in paths if os.path.exists(path)]
+    if not paths:
+        return []
+    _, host, _ = parse_destination(config.host)
+    found = ssh_config(paths, host) or {}
+    command = str(found.get("ProxyCommand", "none"))
+    if command.lower() != "none":
+        raise ConfigError(
+            f"ssh_config's ProxyCommand {command!r}: portfwd runs no proxy commands",
+            hint="reach the server through a jump host: ProxyJump, or jump = [...] in the [[tunnel]]",
+        )
+    jump = str(found.get("ProxyJump", "none"))
+    return [] if jump.lower() == "none" else jump.split(",")
+
+
 async def connect(
     config: TunnelSpec, fast_path: bool, jumps: list[asyncssh.SSHClientConnection], lost: Lost
 ) -> asyncssh.SSHClientConnection:
@@ -99,7 +121,8 @@ async def connect(
     """
     accept_new = config.strict_host_key_checking == "accept-new"
     tunnel: asyncssh.SSHClientConnection | None = None
-    for jump in config.jump:
+    hops = config.jump or (_configured_jumps(config) if config.jump_from_ssh_config else [])
+    for jump in hops:
         user, host, port = parse_destination(jump)
         check = HostKeyCheck(list(config.known_hosts), accept_new, config.host_key_algorithms)
         options = _options(config, check, host, port, user, lost)

@@ -21,7 +21,7 @@ from enum import StrEnum
 
 import asyncssh
 
-from portfwd.errors import PortfwdError, UpstreamError
+from portfwd.errors import ConfigError, PortfwdError, UpstreamError
 from portfwd.proto.socks import Reply
 from portfwd.ssh.hostkeys import HostKeyError
 from portfwd.ssh.keys import KeyFileError, KeyLoginError
@@ -179,7 +179,7 @@ def ssh_error(exc: BaseException) -> SshError:
         return SshError(str(exc), reason=_reason(exc.reason))
     if isinstance(exc, PortfwdError):
         hostkey = isinstance(exc, HostKeyError)
-        permanent = hostkey or isinstance(exc, KeyFileError | KeyLoginError)
+        permanent = hostkey or isinstance(exc, KeyFileError | KeyLoginError | ConfigError)
         return SshError(str(exc), reason=Reason.HOSTKEY if hostkey else Reason.ERROR, permanent=permanent)
     return SshError(str(exc) or type(exc).__name__, reason=Reason.ERROR)
 

@@ -32,6 +32,8 @@ NAMES = (
     "IdentitiesOnly",
     "GatewayPorts",
     "AddressFamily",
+    "ProxyJump",
+    "ProxyCommand",
 )
 
 
