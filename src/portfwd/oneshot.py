@@ -162,8 +162,8 @@ def remove(
         raise RouterError("no mapping method answered", reason="unreachable")
     # The router keeps one table whichever protocol wrote to it: a mapping one method removed
     # is gone for the others too, so what portfwd wrote down for any of them is crossed off.
-    for name in LEDGER_METHODS:
-        _forget(name, where, request)
+    for name in LEDGER_METHODS:  # another method's grant only if it is that very mapping
+        _forget(name, where, request, None if name in done else request.external_port)
     return done
 
 
@@ -171,9 +171,9 @@ def remove(
 LEDGER_METHODS = ("pcp", "natpmp")
 
 
-def _forget(name: str, where: Route, request: MapRequest) -> None:
+def _forget(name: str, where: Route, request: MapRequest, external: int | None = None) -> None:
     try:
-        ledger.forget(name, str(where.gateway), request.protocol, request.internal_port)
+        ledger.forget(name, str(where.gateway), request.protocol, request.internal_port, external)
     except RouterError as exc:
         log.warning("%s; portfwd map list may still show this mapping until its lease ends", exc.line())
 

@@ -238,7 +238,7 @@ def _whole(name: str, value: str, low: int) -> int:
     return int(value)
 
 
-_TIME = re.compile(r"(\d+)([smhdwSMHDW]?)")
+_TIME = re.compile(r"([0-9]{1,9})([smhdwSMHDW]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 

@@ -172,6 +172,28 @@ def test_a_mapping_removed_by_another_method_is_crossed_off(net: Lab, tmp_path: 
     assert router_mappings(net) == []
     listed = portfwd(net, tmp_path, "map", "list", "--method", "pcp", "--json")
     assert (listed.returncode, listed.stdout) == (0, "[]\n")
+    # Another mapping of the same port stays written down: only that very one is crossed off.
+    added = portfwd(net, tmp_path, "map", "add", "8000/tcp", "--external", "18041", "--method", "pcp")
+    assert added.returncode == 0, added.stderr
+    other = portfwd(
+        net,
+        tmp_path,
+        "map",
+        "remove",
+        "8000/tcp",
+        "--external",
+        "18042",
+        "--method",
+        "upnp",
+        "--upnp-url",
+        URL,
+    )
+    assert other.returncode == 0, other.stderr
+    (mine,) = json.loads(portfwd(net, tmp_path, "map", "list", "--method", "pcp", "--json").stdout)
+    assert mine["external_port"] == 18041
+    removed = portfwd(net, tmp_path, "map", "remove", "8000/tcp", "--external", "18041", "--method", "pcp")
+    assert removed.returncode == 0, removed.stderr
+    assert router_mappings(net) == []
 
 
 def test_any_external_port(net: Lab, tmp_path: Path) -> None:

@@ -682,3 +682,32 @@ async def test_reload_swaps_tunnels(sshd: Sshd, tmp_path: Path) -> None:
         await wait_until(lambda: runtime.state.tunnels[0].state == "up", 15, "second tunnel up")
     finally:
         await runtime.stop()
+
+
+async def test_a_failed_tunnel_is_tried_afresh_by_a_reload(sshd: Sshd, tmp_path: Path) -> None:
+    """ "Stays down until reload": a reload of the same config, once known_hosts is mended,
+    starts the failed tunnel again, and it comes up."""
+    from portfwd import planner
+    from tests.integration.sshd import keygen
+
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{sshd.port} {keygen(tmp_path / 'impostor')}\n")
+    path = tmp_path / "portfwd.toml"
+    table = sshd.tunnel(known_hosts=[str(known)], dynamic=[f"127.0.0.1:{free_port()}"])
+    lines = ["[control]", "enabled = false", "[[tunnel]]"]
+    path.write_text(
+        "\n".join([*lines, *(f"{key} = {json.dumps(value)}" for key, value in table.items())]) + "\n"
+    )
+    runtime = Runtime(
+        planner.load(path), identity=instances.identify("run", config=path), loader=lambda: planner.load(path)
+    )
+    await runtime.start()
+    try:
+        await wait_until(lambda: runtime.state.tunnels[0].state == "failed", 15, "tunnel failed")
+        known.write_text(sshd.known_hosts.read_text())
+        answer = await runtime.reload()
+        assert answer["ok"], answer
+        await wait_until(lambda: runtime.state.tunnels[0].state == "up", 15, "tried afresh, and up")
+        assert len(runtime.state.tunnels) == 1
+    finally:
+        await runtime.stop()

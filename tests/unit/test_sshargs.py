@@ -123,19 +123,40 @@ def test_a_config_tunnel_follows_ssh_config_s_proxy_jump_and_refuses_its_proxy_c
     tmp_path: Path,
 ) -> None:
     """A [[tunnel]] hands asyncssh a connector of its own, which would override ssh_config's
-    ProxyJump: the jump hosts are read at connect time instead. `portfwd ssh` read them already."""
-    from portfwd.ssh.connection import _configured_jumps
+    ProxyJump: the jump hosts are read at connect time instead, each hop's own ProxyJump
+    before it, as ssh follows them. `portfwd ssh` read the server's already."""
+    from portfwd.ssh.connection import _hops
 
     base = TunnelSpec(label="lab", ssh="lab", user=None, host="lab", port=None)
-    config = lab(tmp_path, "ProxyJump admin@bastion:2222,second")
-    spec = replace(base, ssh_config=(str(config),))
-    assert _configured_jumps(spec) == ["admin@bastion:2222", "second"]
-    assert _configured_jumps(replace(spec, ssh_config=(str(lab(tmp_path, "ProxyJump none")),))) == []
+
+    def hops(*lines: str, spec: TunnelSpec = base) -> list[str]:
+        return _hops(replace(spec, ssh_config=(str(lab(tmp_path, *lines)),)))
+
+    assert hops("ProxyJump admin@bastion:2222,second") == ["admin@bastion:2222", "second"]
+    assert hops("ProxyJump none") == []
+    assert hops("ProxyCommand=none") == [], "asyncssh keeps the '=': read as OpenSSH reads it"
+    assert hops("ProxyJump b1", "Host b1", "  ProxyJump b2") == ["b2", "b1"], "b1 is reached through b2"
+    with pytest.raises(ConfigError) as loop:
+        hops("ProxyJump b1", "Host b1", "  ProxyJump b2", "Host b2", "  ProxyJump b1")
+    assert loop.value.message == "ssh_config: ProxyJump leads through more than 8 hosts (a loop?)"
     with pytest.raises(ConfigError) as caught:
-        _configured_jumps(replace(spec, ssh_config=(str(lab(tmp_path, "ProxyCommand nc %h %p")),)))
-    assert (
-        caught.value.message == "ssh_config's ProxyCommand 'nc 10.0.0.1 22': portfwd runs no proxy commands"
+        hops("ProxyCommand nc %h %p")
+    assert caught.value.message == (
+        "ssh_config's ProxyCommand 'nc 10.0.0.1 22' for lab: portfwd runs no proxy commands"
     )
-    assert _configured_jumps(replace(spec, ssh_config=(str(tmp_path / "missing"),))) == []
+    with pytest.raises(ConfigError) as bad:
+        hops("ExitOnForwardFailure maybe")
+    assert bad.value.message.startswith("ssh_config: ")
+    six = replace(base, ssh="[2001:db8::1]:22", host="2001:db8::1")
+    assert hops("ServerAliveInterval 5", spec=six) == [], "an IPv6 server is not parsed again"
+    assert _hops(replace(base, ssh_config=(str(tmp_path / "missing"),))) == []
+    assert _hops(replace(base, jump=("j1",), ssh_config=(str(lab(tmp_path, "ProxyJump other")),))) == ["j1"]
     cli = tunnel(lab(tmp_path, "ProxyJump bastion"), "ProxyJump=none", local=("1:h:1",))
     assert with_flags(cli, gateway_ports=False, family=0).jump_from_ssh_config is False
+
+
+def test_proxy_jump_wins_over_a_proxy_command_set_too(tmp_path: Path) -> None:
+    """As asyncssh (and ssh when ProxyJump comes first): `Host *`'s ProxyCommand does not
+    stop a host that has a ProxyJump."""
+    config = lab(tmp_path, "ProxyJump bastion", "Host *", "  ProxyCommand nc %h %p")
+    assert tunnel(config, local=("1:h:1",)).jump == ("bastion",)

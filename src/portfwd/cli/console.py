@@ -257,20 +257,21 @@ def setup_logging(verbose: int, quiet: bool, log_format: str, log_file: str | No
     root = logging.getLogger()
     root.handlers[:] = [front]
     root.setLevel(level)
+    global _LOG_FILE  # the one place that installs the log's handler
+    _LOG_FILE = log_file
     logging.getLogger("portfwd").setLevel(logging.DEBUG if verbose and not quiet else logging.NOTSET)
     # asyncssh narrates every channel at INFO; portfwd logs what matters itself.
     logging.getLogger("asyncssh").setLevel(logging.NOTSET if verbose > 1 else logging.WARNING)
 
 
+#: The file the log goes to (`-E FILE`), once its handler is installed; None: stderr.
+_LOG_FILE: str | None = None
+
+
 def _also_in_log_file(lines: list[str]) -> None:
     """With a log file (`-E FILE`), the line that ends the process goes there too, as ssh -E
     puts it: after `-f` nobody reads stderr."""
-    setup = os.environ.get("PORTFWD_LOG_SETUP")
-    try:
-        log_file = json.loads(setup).get("file") if setup else None
-    except (ValueError, AttributeError):
-        return
-    if not log_file:
+    if _LOG_FILE is None:
         return
     for line in lines:
         logging.getLogger("portfwd").error("%s", line)

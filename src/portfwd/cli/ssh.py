@@ -44,7 +44,7 @@ from portfwd.cli.options import control_option, fast_path_option
 @click.option("-C", "compression", is_flag=True, help="Compress (Compression=yes).")
 @click.option("-N", "no_command", is_flag=True, help="Accepted for ssh compatibility: never runs a command.")
 @click.option("-T", "no_tty", is_flag=True, help="Accepted for ssh compatibility: never asks for a terminal.")
-@click.option("-n", "no_stdin", is_flag=True, help="Accepted for ssh compatibility: reads no input.")
+@click.option("-n", "no_stdin", is_flag=True, help="Accepted for ssh compatibility: ignored.")
 @click.option("-g", "gateway_ports", is_flag=True, help="-L/-D without an address listen on every address.")
 @click.option("-4", "family", flag_value="4", help="IPv4 only (the connection and the listeners).")
 @click.option("-6", "family", flag_value="6", help="IPv6 only.")

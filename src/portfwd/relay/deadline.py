@@ -12,6 +12,7 @@ timeouts counted in seconds.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -54,7 +55,9 @@ class Deadlines:
         task = asyncio.current_task(loop)
         if task is None:
             raise RuntimeError("Deadlines.enter() needs a running task")
-        self._waits[task] = loop.time() + seconds
+        # The clock itself, not loop.time(): uvloop's is the time its loop iteration began, so
+        # a deadline set late in a long iteration would fire early by as much.
+        self._waits[task] = time.monotonic() + seconds
         if self._timer is None:
             self._timer = loop.call_later(self._tick, self._sweep, loop)
         return task
@@ -74,7 +77,7 @@ class Deadlines:
         return True
 
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
-        now = loop.time()
+        now = time.monotonic()
         for task, due in list(self._waits.items()):
             if due <= now:
                 del self._waits[task]

@@ -67,8 +67,11 @@ def _path() -> str:
     return os.path.join(state_dir(), NAME)
 
 
-def _rewrite(change: str, drop: tuple[str, str, str, int], keep: Held | None = None) -> None:
-    """Under the file's lock: drop expired lines and the one `drop` names, then add `keep`."""
+def _rewrite(
+    change: str, drop: tuple[str, str, str, int], keep: Held | None = None, external: int | None = None
+) -> None:
+    """Under the file's lock: drop expired lines and the one `drop` names (with `external`,
+    only if it has that external port), then add `keep`."""
     path = _path()
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
@@ -77,7 +80,12 @@ def _rewrite(change: str, drop: tuple[str, str, str, int], keep: Held | None = N
             fcntl.flock(f, fcntl.LOCK_EX)
             now = time.time()
             rows = [row for line in f.read().splitlines() if (row := _parse(line)) is not None]
-            rows = [row for row in rows if row.expires > now and row.key != drop]
+            rows = [
+                row
+                for row in rows
+                if row.expires > now
+                and not (row.key == drop and (external is None or row.external_port == external))
+            ]
             if keep is not None:
                 rows.append(keep)
             f.seek(0)
@@ -103,12 +111,18 @@ def record(gateway: str, granted: Granted) -> None:
     _rewrite(f"record mapping {granted.public}/{granted.protocol}", held.key, held)
 
 
-def forget(method: str, gateway: str, protocol: str, internal_port: int) -> None:
-    """Cross off the mapping of `internal_port`; RouterError if the file cannot be written.
-    No file: nothing was written down, and none is made."""
+def forget(
+    method: str, gateway: str, protocol: str, internal_port: int, external_port: int | None = None
+) -> None:
+    """Cross off the mapping of `internal_port` (with `external_port`: only the one to it);
+    RouterError if the file cannot be written. No file: nothing was written down, none is made."""
     if not os.path.exists(_path()):
         return
-    _rewrite(f"forget mapping {internal_port}/{protocol}", (method, gateway, protocol, internal_port))
+    _rewrite(
+        f"forget mapping {internal_port}/{protocol}",
+        (method, gateway, protocol, internal_port),
+        external=external_port,
+    )
 
 
 def held(gateway: str) -> list[Held]:

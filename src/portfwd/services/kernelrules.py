@@ -110,7 +110,6 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
         #: What the tables replaced by reloads counted, per label: added to the live counters.
         self._base: dict[str, relaytable.Counts] = {}
         self._counting = asyncio.Lock()  # a table replaced and its counters carried over, or read
-        self._going: list[RuleSpec] = []
         self._gone: list[str] = []  # labels `retire` took out already (apply reports them)
         #: The operator's mode of a rule, by name (the RuleSet's own dict: a rule keeps its mode
         #: through a reload, whichever side relays it then).
@@ -195,13 +194,11 @@ class KernelRules(Reloadable[tuple[RuleSpec, ...]]):
             else:
                 await self._let_go(now, before)
                 self._gone += [rule.label for rule in now]
-        self._going = [rule for rule in self.rules if rule not in part]
         return Change(removed=tuple(rule.label for rule in going))
 
     async def apply(self, part: tuple[RuleSpec, ...]) -> Change:
         going = [rule for rule in self.rules if rule not in part]
         gone, self._gone = self._gone, []
-        self._going = []
         before = dict(self.rules)
         kept = len(self.rules) - len(going)
         added = [rule for rule in dict.fromkeys(part) if rule not in self.rules]

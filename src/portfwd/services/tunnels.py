@@ -102,6 +102,20 @@ class Tunnels(Reloadable[tuple[TunnelSpec, ...]]):
             self.state.add_listening(forward.stats.stats.name, path, sockets, "tunnel")
 
     async def retire(self, part: tuple[TunnelSpec, ...]) -> Change:
+        """Stop the tunnels `part` no longer has; a kept one that failed for good (a host key,
+        a first connect, reconnect_attempts) is stopped too, so that `apply` starts it again:
+        "failed until reload" means a reload tries it afresh."""
+        for spec, tunnel in list(self._running.items()):
+            if spec in part and tunnel.stats.state == "failed":
+                self._running.pop(spec)
+                self.state.remove_listening(listener_names(tunnel), "tunnel")
+                await tunnel.stop()
+                self.state.tunnels.remove(tunnel.stats)
+                log.info(
+                    "%s: failed; started again by reload",
+                    tunnel.label,
+                    extra=event("tunnel.restarted", tunnel=tunnel.label),
+                )
         gone = [spec for spec in self._running if spec not in part]
         for spec in gone:
             tunnel = self._running.pop(spec)

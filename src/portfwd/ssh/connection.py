@@ -81,6 +81,7 @@ def _options(
         options["agent_path"] = None
     if config.ssh_config is not None:
         options["config"] = [os.path.expanduser(item) for item in config.ssh_config]
+    options["proxy_command"] = None  # ssh_config's is refused (`_hops`), never run
     options["compression_algs"] = ["zlib@openssh.com", "zlib", "none"] if config.compression else ["none"]
     # OpenSSH's algorithm sets or stricter (sshalgorithms.py), as narrowed by the config; they
     # override ssh_config's. Host keys: what known_hosts holds for this host first.
@@ -90,25 +91,59 @@ def _options(
     return options
 
 
-def _configured_jumps(config: TunnelSpec) -> list[str]:
-    """The jump hosts ssh_config names for a [[tunnel]]'s server (its ProxyJump), when the
-    tunnel names none itself. asyncssh would follow them, but the connector portfwd hands it
-    overrides them, and a silent direct connect would skip the bastion. A ProxyCommand is
-    refused (a ConfigError naming the fix: never retried), as `portfwd ssh` refuses it."""
-    paths = [os.path.expanduser(item) for item in config.ssh_config or ("~/.ssh/config",)]
-    paths = [path for path in paths if os.path.exists(path)]
-    if not paths:
-        return []
-    _, host, _ = parse_destination(config.host)
-    found = ssh_config(paths, host) or {}
+#: Jump hosts followed through ssh_config at most (a loop of ProxyJump aliases ends here).
+MAX_HOPS = 8
+
+
+def _proxy_jump(paths: list[str], host: str) -> list[str]:
+    """ssh_config's ProxyJump for `host` (its hops), [] for none. Raises ConfigError for a
+    ProxyCommand (portfwd runs none) or a line the config cannot be read past."""
+    try:
+        found = ssh_config(paths, host) or {}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"ssh_config: {exc}") from None
     command = str(found.get("ProxyCommand", "none"))
     if command.lower() != "none":
         raise ConfigError(
-            f"ssh_config's ProxyCommand {command!r}: portfwd runs no proxy commands",
-            hint="reach the server through a jump host: ProxyJump, or jump = [...] in the [[tunnel]]",
+            f"ssh_config's ProxyCommand {command!r} for {host}: portfwd runs no proxy commands",
+            hint="reach it through a jump host: ProxyJump, or jump = [...] in the [[tunnel]]",
         )
     jump = str(found.get("ProxyJump", "none"))
-    return [] if jump.lower() == "none" else jump.split(",")
+    return [] if jump.lower() == "none" else [hop.strip() for hop in jump.split(",") if hop.strip()]
+
+
+def _hops(config: TunnelSpec) -> list[str]:
+    """The jump hosts to the server, in order: the tunnel's own (`jump`), else its ssh_config's
+    ProxyJump (a [[tunnel]]: portfwd's connector overrides asyncssh's, and a silent direct
+    connect would skip the bastion); each hop's own ProxyJump comes before it, as ssh follows
+    them. A ProxyCommand anywhere is refused (a ConfigError: a config error is not retried
+    unless the link once worked or retry_first_connect says so)."""
+    if config.ssh_config is None:
+        paths = [os.path.expanduser("~/.ssh/config")]
+    else:
+        paths = [os.path.expanduser(item) for item in config.ssh_config]
+    paths = [path for path in paths if os.path.exists(path)]
+    if config.jump:
+        first = list(config.jump)
+    elif config.jump_from_ssh_config and paths:
+        first = _proxy_jump(paths, config.host)
+    else:
+        first = []
+    if not paths:
+        return first
+    chain: list[str] = []
+
+    def add(hop: str, depth: int) -> None:
+        if depth >= MAX_HOPS or len(chain) >= MAX_HOPS:
+            raise ConfigError(f"ssh_config: ProxyJump leads through more than {MAX_HOPS} hosts (a loop?)")
+        _, host, _ = parse_destination(hop)
+        for before in _proxy_jump(paths, host):
+            add(before, depth + 1)
+        chain.append(hop)
+
+    for hop in first:
+        add(hop, 0)
+    return chain
 
 
 async def connect(
@@ -121,8 +156,7 @@ async def connect(
     """
     accept_new = config.strict_host_key_checking == "accept-new"
     tunnel: asyncssh.SSHClientConnection | None = None
-    hops = config.jump or (_configured_jumps(config) if config.jump_from_ssh_config else [])
-    for jump in hops:
+    for jump in _hops(config):
         user, host, port = parse_destination(jump)
         check = HostKeyCheck(list(config.known_hosts), accept_new, config.host_key_algorithms)
         options = _options(config, check, host, port, user, lost)

@@ -65,4 +65,11 @@ class _ForwardingConfig(SSHClientConfig):
 def read(paths: Sequence[str], host: str) -> dict[str, Any]:
     """The NAMES set for `host` in the ssh_config `paths`. Raises OSError or ValueError (a bad line)."""
     config = _ForwardingConfig.load(None, list(paths), False, False, False, getpass.getuser(), (), host, ())
-    return {name: config.get(name) for name in NAMES if config.get(name) is not None}
+    found = {name: config.get(name) for name in NAMES if config.get(name) is not None}
+    for name in ("ProxyJump", "ProxyCommand"):  # asyncssh keeps the "=" of `ProxyCommand=none`
+        value = found.get(name)
+        if isinstance(value, str):
+            found[name] = value.lstrip("= \t")
+    if "ProxyJump" in found:  # asyncssh, as portfwd, takes ProxyJump when both are set
+        found.pop("ProxyCommand", None)
+    return found
