@@ -148,6 +148,11 @@ def test_add_reach_list_remove(net: Lab, home: tuple[Lab, Router], tmp_path: Pat
     assert (listed.returncode, listed.stdout) == (0, "[]\n"), "crossed off portfwd's list too"
 
 
+def remove_by_upnp(net: Lab, tmp_path: Path, external: int) -> subprocess.CompletedProcess[str]:
+    return portfwd(net, tmp_path, "map", "remove", "8000/tcp", "--external", str(external), "--method", "upnp",
+                   "--upnp-url", URL)  # fmt: skip
+
+
 def test_a_mapping_removed_by_another_method_is_crossed_off(net: Lab, tmp_path: Path) -> None:
     """miniupnpd keeps one table for PCP, NAT-PMP and UPnP: a PCP mapping that UPnP removes is
     gone, and `map list` no longer shows what portfwd wrote down of it."""
@@ -155,19 +160,7 @@ def test_a_mapping_removed_by_another_method_is_crossed_off(net: Lab, tmp_path: 
     assert added.returncode == 0, added.stderr
     (mine,) = json.loads(portfwd(net, tmp_path, "map", "list", "--method", "pcp", "--json").stdout)
     assert mine["external_port"] == 18040
-    removed = portfwd(
-        net,
-        tmp_path,
-        "map",
-        "remove",
-        "8000/tcp",
-        "--external",
-        "18040",
-        "--method",
-        "upnp",
-        "--upnp-url",
-        URL,
-    )
+    removed = remove_by_upnp(net, tmp_path, 18040)
     assert (removed.returncode, removed.stdout) == (0, "removed 18040/tcp (asked upnp)\n"), removed.stderr
     assert router_mappings(net) == []
     listed = portfwd(net, tmp_path, "map", "list", "--method", "pcp", "--json")
@@ -175,19 +168,7 @@ def test_a_mapping_removed_by_another_method_is_crossed_off(net: Lab, tmp_path: 
     # Another mapping of the same port stays written down: only that very one is crossed off.
     added = portfwd(net, tmp_path, "map", "add", "8000/tcp", "--external", "18041", "--method", "pcp")
     assert added.returncode == 0, added.stderr
-    other = portfwd(
-        net,
-        tmp_path,
-        "map",
-        "remove",
-        "8000/tcp",
-        "--external",
-        "18042",
-        "--method",
-        "upnp",
-        "--upnp-url",
-        URL,
-    )
+    other = remove_by_upnp(net, tmp_path, 18042)
     assert other.returncode == 0, other.stderr
     (mine,) = json.loads(portfwd(net, tmp_path, "map", "list", "--method", "pcp", "--json").stdout)
     assert mine["external_port"] == 18041
