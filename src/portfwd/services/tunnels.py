@@ -107,19 +107,27 @@ class Tunnels(Reloadable[tuple[TunnelSpec, ...]]):
         "failed until reload" means a reload tries it afresh."""
         for spec, tunnel in list(self._running.items()):
             if spec in part and tunnel.stats.state == "failed":
-                await self._stop(spec, "%s: failed; started again by reload", "tunnel.restarted")
+                self._running.pop(spec)
+                self.state.remove_listening(listener_names(tunnel), "tunnel")
+                await tunnel.stop()
+                self.state.tunnels.remove(tunnel.stats)
+                log.info(
+                    "%s: failed; started again by reload",
+                    tunnel.label,
+                    extra=event("tunnel.restarted", tunnel=tunnel.label),
+                )
         gone = [spec for spec in self._running if spec not in part]
         for spec in gone:
-            await self._stop(spec, "%s: tunnel removed by reload", "tunnel.removed")
+            tunnel = self._running.pop(spec)
+            self.state.remove_listening(listener_names(tunnel), "tunnel")
+            await tunnel.stop()
+            self.state.tunnels.remove(tunnel.stats)
+            log.info(
+                "%s: tunnel removed by reload",
+                tunnel.label,
+                extra=event("tunnel.removed", tunnel=tunnel.label),
+            )
         return Change(removed=tuple(spec.label for spec in gone))
-
-    async def _stop(self, spec: TunnelSpec, line: str, name: str) -> None:
-        """Stop a running tunnel and take it out of the state, saying why in one line."""
-        tunnel = self._running.pop(spec)
-        self.state.remove_listening(listener_names(tunnel), "tunnel")
-        await tunnel.stop()
-        self.state.tunnels.remove(tunnel.stats)
-        log.info(line, tunnel.label, extra=event(name, tunnel=tunnel.label))
 
     async def apply(self, part: tuple[TunnelSpec, ...]) -> Change:
         retired = await self.retire(part)
