@@ -416,5 +416,7 @@ def test_a_log_nobody_reads_never_stops_the_relay(tmp_path: Path) -> None:
         sink.close()
     assert proc.returncode == 0
     lines = log.decode().splitlines()
-    assert sum(" closed (" in line for line in lines) == sessions, "no line lost"
-    assert sum(" open (" in line for line in lines) == sessions
+    opened = [line.split(" -> ")[0].rsplit(" ", 1)[-1] for line in lines if " open (" in line]
+    closed = [line.split(" -> ")[0].rsplit(" ", 1)[-1] for line in lines if " closed (" in line]
+    odd = [line for line in lines if line.count(" open (") + line.count(" closed (") != 1]
+    assert (len(opened), len(closed)) == (sessions, sessions), (set(opened) ^ set(closed), odd[-8:])

@@ -24,8 +24,10 @@ import collections
 import contextlib
 import logging
 import os
+import select
 import threading
 import time
+from collections.abc import Iterator
 from typing import IO, Any
 
 #: Lines that may wait for the writer; past this the newest are dropped and counted.
@@ -125,10 +127,52 @@ class BatchedHandler(logging.Handler):
 
     def _write(self, lines: list[str]) -> None:
         stream: IO[str] | None = getattr(self.target, "stream", None)
-        if stream is not None and not getattr(stream, "closed", False):
-            with contextlib.suppress(OSError, ValueError):  # a reader that went away: nothing to do
-                stream.write(self.target.terminator.join(lines) + self.target.terminator)
+        if stream is None or getattr(stream, "closed", False):
+            return
+        text = self.target.terminator.join(lines) + self.target.terminator
+        with contextlib.suppress(OSError, ValueError):  # a reader that went away: nothing to do
+            try:
+                fd = stream.fileno()
+            except (OSError, ValueError):  # no descriptor (a StringIO): its own write is whole
+                stream.write(text)
                 stream.flush()
+                return
+            stream.flush()  # what went through the stream itself (a print) comes first
+            # Never a batch lost to one character the encoding lacks (a file's "strict").
+            data = text.encode(getattr(stream, "encoding", None) or "utf-8", "backslashreplace")
+            write_whole_lines(fd, data)
+
+
+def write_whole_lines(fd: int, data: bytes) -> None:
+    """Write `data` (whole lines) to `fd`, one write(2) per `pieces()` piece: `workers = N`
+    gives N processes one stderr, and a pipe keeps a write in one piece among other processes'
+    writes only up to PIPE_BUF. One buffered write of a batch was cut wherever the pipe had
+    room, and a reader saw half a line of one process run into another's. A file opened for
+    appending (`-E`) takes each write whole anyway."""
+    view = memoryview(data)
+    for start, stop in pieces(data):
+        while start < stop:
+            try:
+                start += os.write(fd, view[start:stop])
+            except BlockingIOError:  # a descriptor someone made non-blocking: wait, as a write would
+                waiter = select.poll()
+                waiter.register(fd, select.POLLOUT)
+                waiter.poll()
+
+
+def pieces(data: bytes, limit: int = select.PIPE_BUF) -> Iterator[tuple[int, int]]:
+    """Cut `data` into (start, stop) spans of whole lines of at most `limit` bytes each; a line
+    longer than `limit` is a span of its own (and the end of `data`, if it is no whole line)."""
+    start, end = 0, len(data)
+    while start < end:
+        stop = end
+        if end - start > limit:
+            cut = data.rfind(b"\n", start, start + limit)
+            if cut < 0:  # one line longer than `limit`: alone
+                cut = data.find(b"\n", start + limit)
+            stop = end if cut < 0 else cut + 1
+        yield start, stop
+        start = stop
 
 
 _current: BatchedHandler | None = None
