@@ -109,6 +109,11 @@ class RuleSpec:
     where: str = field(default="forward", compare=False)
 
 
+#: ssh's UserKnownHostsFile and GlobalKnownHostsFile defaults (ssh_config(5)).
+USER_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
+GLOBAL_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
+
+
 @dataclass(frozen=True, slots=True)
 class TunnelSpec:
     """One SSH connection and the forwards it carries (`[[tunnel]]`, or `portfwd ssh`)."""
@@ -120,7 +125,12 @@ class TunnelSpec:
     port: int | None  #: from `port`, else the destination's, else None (ssh_config or 22)
     identity: tuple[str, ...] = ()
     agent: bool = True
-    known_hosts: tuple[str, ...] = ("~/.ssh/known_hosts",)
+    #: ssh's IdentitiesOnly: of the agent's keys, only the copies of `identity` (or of the
+    #: default key files when it names none) are offered.
+    identities_only: bool = False
+    known_hosts: tuple[str, ...] = USER_KNOWN_HOSTS
+    #: Read too, never written (ssh's GlobalKnownHostsFile): the host keys an admin vouches for.
+    global_known_hosts: tuple[str, ...] = GLOBAL_KNOWN_HOSTS
     strict_host_key_checking: Literal["yes", "accept-new"] = "yes"
     jump: tuple[str, ...] = ()
     #: With no `jump`, follow ssh_config's ProxyJump for the host at connect time (a [[tunnel]]);

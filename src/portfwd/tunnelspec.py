@@ -204,6 +204,7 @@ OPTION_KEYS = {
     "exitonforwardfailure": "exit_on_forward_failure",
     "stricthostkeychecking": "strict_host_key_checking",
     "userknownhostsfile": "known_hosts",
+    "globalknownhostsfile": "global_known_hosts",
     "connecttimeout": "connect_timeout",
     "compression": "compression",
     "ciphers": "ciphers",
@@ -213,7 +214,7 @@ OPTION_KEYS = {
     "port": "port",
     "user": "user",
     "identityfile": "identity",
-    "identitiesonly": "agent",
+    "identitiesonly": "identities_only",
     "proxyjump": "jump",
     "batchmode": None,  # read by the CLI (cli/sshargs.py): whether a key's passphrase may be asked
     "gatewayports": None,  # read by the CLI as -g is (cli/sshargs.py `listen_flags`)
@@ -269,9 +270,9 @@ def parse_option(text: str, into: dict[str, object]) -> None:
     lower = name.lower()
     if lower not in OPTION_KEYS:
         known = "ServerAliveInterval, ServerAliveCountMax, ExitOnForwardFailure, StrictHostKeyChecking, "
-        known += "UserKnownHostsFile, ConnectTimeout, Compression, Ciphers, KexAlgorithms, MACs, "
-        known += "HostKeyAlgorithms, Port, User, IdentityFile, IdentitiesOnly, ProxyJump, BatchMode, "
-        known += "GatewayPorts, AddressFamily, ProxyCommand=none"
+        known += "UserKnownHostsFile, GlobalKnownHostsFile, ConnectTimeout, Compression, Ciphers, "
+        known += "KexAlgorithms, MACs, HostKeyAlgorithms, Port, User, IdentityFile, IdentitiesOnly, "
+        known += "ProxyJump, BatchMode, GatewayPorts, AddressFamily, ProxyCommand=none"
         raise ConfigError(f"-o {name}: not an option portfwd ssh supports; it supports {known}")
     key = OPTION_KEYS[lower]
     if lower == "proxycommand":
@@ -296,7 +297,7 @@ def parse_option(text: str, into: dict[str, object]) -> None:
     elif lower in ("exitonforwardfailure", "compression"):
         into[key or name] = _yes_no(name, value)
     elif lower == "identitiesonly":
-        into["agent"] = not _yes_no(name, value)
+        into["identities_only"] = _yes_no(name, value)
     elif lower == "stricthostkeychecking":
         choice = value.lower()
         if choice in ("no", "off"):
@@ -310,8 +311,9 @@ def parse_option(text: str, into: dict[str, object]) -> None:
         if choice not in ("yes", "accept-new"):
             raise ConfigError(f"-o {name}={value}: must be yes or accept-new")
         into["strict_host_key_checking"] = choice
-    elif lower == "userknownhostsfile":
-        into["known_hosts"] = value.split()
+    elif lower in ("userknownhostsfile", "globalknownhostsfile"):
+        files = value.split()
+        into[key or name] = [] if [item.lower() for item in files] == ["none"] else files
     elif lower in ("ciphers", "kexalgorithms", "macs", "hostkeyalgorithms"):
         into[key or name] = [item for item in value.split(",") if item]  # checked by config
     elif lower == "identityfile":

@@ -257,6 +257,8 @@ def test_a_locked_key_without_a_terminal_or_in_batch_mode_is_one_line(sshd: Sshd
 
 
 def test_a_locked_key_the_agent_holds_needs_no_passphrase(sshd: Sshd, sink: Sink, tmp_path: Path) -> None:
+    """The agent signs for a locked -i key, with IdentitiesOnly=yes too (as ssh: the agent's copy
+    of that key, and only it, is offered; the agent also holds another key sshd accepts)."""
     key = locked_key(sshd, tmp_path / "locked")
     agent_socket = tmp_path / "agent.sock"
     askpass = tmp_path / "askpass"
@@ -269,38 +271,42 @@ def test_a_locked_key_the_agent_holds_needs_no_passphrase(sshd: Sshd, sink: Sink
         while not agent_socket.exists():
             assert time.monotonic() < deadline, agent.output()
             time.sleep(0.02)
-        subprocess.run(
-            ["ssh-add", str(key)],
-            env={**env, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force", "DISPLAY": ":0"},
-            check=True,
-            timeout=30,
-            capture_output=True,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        local = free_port()
-        args = portfwd_argv(  # no IdentitiesOnly=yes: that would turn the agent off
-            "ssh",
-            "-F",
-            "/dev/null",
-            "-i",
-            str(key),
-            "-o",
-            f"UserKnownHostsFile={sshd.known_hosts}",
-            "-p",
-            str(sshd.port),
-            "root@127.0.0.1",
-            "-L",
-            f"{local}:127.0.0.1:{sink.port}",
-        )
-        proc = Proc(args, env=env, cwd=REPO)  # stdin is /dev/null; it has our terminal, if any
-        try:
-            proc.wait_for("connected to")
-            assert through(local)
-        finally:
-            assert proc.stop() == 0
-            proc.close()
-        assert "passphrase" not in proc.output()
+        for added in (sshd.user_key, key):  # the other key first: offered first unless restricted
+            subprocess.run(
+                ["ssh-add", str(added)],
+                env={**env, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force", "DISPLAY": ":0"},
+                check=True,
+                timeout=30,
+                capture_output=True,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        fingerprint = subprocess.run(
+            ["ssh-keygen", "-lf", f"{key}.pub"], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.split()[1]
+        for only in ("no", "yes"):
+            local = free_port()
+            args = portfwd_argv(
+                "ssh", "-F", "/dev/null", "-i", str(key), "-o", f"IdentitiesOnly={only}",
+                "-o", f"UserKnownHostsFile={sshd.known_hosts}", "-p", str(sshd.port), "root@127.0.0.1",
+                "-L", f"{local}:127.0.0.1:{sink.port}",
+            )  # fmt: skip
+            mark = len(sshd.proc.output()) if sshd.proc else 0
+            proc = Proc(args, env=env, cwd=REPO)  # stdin is /dev/null; it has our terminal, if any
+            try:
+                proc.wait_for("connected to")
+                assert through(local)
+            finally:
+                assert proc.stop() == 0
+                proc.close()
+            assert "passphrase" not in proc.output()
+            accepted = [
+                line
+                for line in (sshd.proc.output() if sshd.proc else "")[mark:].splitlines()
+                if "Accepted publickey" in line
+            ]
+            assert len(accepted) == 1, accepted
+            assert (fingerprint in accepted[0]) == (only == "yes"), (only, accepted)
     finally:
         agent.stop()
         agent.close()

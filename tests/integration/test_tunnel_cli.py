@@ -181,6 +181,54 @@ def test_unknown_and_changed_host_keys_are_refused(sshd: Sshd, tmp_path: Path) -
     assert "Accepted publickey" not in (sshd.proc.output() if sshd.proc else ""), "never authenticated"
 
 
+def test_a_host_key_the_admin_keeps_is_trusted_and_never_copied(
+    sshd: Sshd, sink: Sink, tmp_path: Path
+) -> None:
+    """GlobalKnownHostsFile (/etc/ssh/ssh_known_hosts unless told): read as ssh reads it, so a
+    key only the admin's file holds is trusted; accept-new then records nothing in the user's
+    file. A changed key there is refused naming that file and line."""
+    user = tmp_path / "user_known_hosts"
+    user.write_text("")
+    local = free_port()
+    argv = portfwd_argv(
+        "ssh", *_without_known_hosts(sshd), "-o", f"UserKnownHostsFile={user}",
+        "-o", f"GlobalKnownHostsFile=/nonexistent {sshd.known_hosts}",
+        "-o", "StrictHostKeyChecking=accept-new", "-L", f"127.0.0.1:{local}:127.0.0.1:{sink.port}",
+    )  # fmt: skip
+    with started(argv, ready=f"-L listening on 127.0.0.1:{local}") as proc:
+        assert through(local), proc.output()
+        assert proc.stop() == 0
+    assert user.read_text() == "", "a key the admin's file vouches for is not copied"
+    changed = tmp_path / "ssh_known_hosts"
+    changed.write_text(f"[127.0.0.1]:{sshd.port} {keygen(tmp_path / 'impostor')}\n")
+    result = subprocess.run(
+        portfwd_argv(
+            "ssh", "-q", *_without_known_hosts(sshd), "-o", f"UserKnownHostsFile={user}",
+            "-o", f"GlobalKnownHostsFile={changed}", "-L", f"{local}:127.0.0.1:9",
+        ),
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "has CHANGED (server offers ssh-ed25519 SHA256:" in result.stderr
+    assert f"{changed}:1 holds another); refusing to connect" in result.stderr
+    unknown = subprocess.run(
+        portfwd_argv(
+            "ssh", "-q", *_without_known_hosts(sshd), "-o", f"UserKnownHostsFile={user}",
+            "-o", "GlobalKnownHostsFile=none", "-L", f"{local}:127.0.0.1:9",
+        ),
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert unknown.returncode == 1, unknown.stderr
+    assert f"; not in {user}); add it to {user}" in unknown.stderr
+
+
+def _without_known_hosts(sshd: Sshd) -> list[str]:
+    """The server's `portfwd ssh` arguments without its UserKnownHostsFile (a test gives its own)."""
+    args = sshd.ssh_args()
+    at = args.index(f"UserKnownHostsFile={sshd.known_hosts}")
+    return args[: at - 1] + args[at + 1 :]
+
+
 def test_wrong_key_is_refused_with_one_line(sshd: Sshd, tmp_path: Path) -> None:
     keygen(tmp_path / "stranger")
     args = [str(tmp_path / "stranger") if item == str(sshd.user_key) else item for item in sshd.ssh_args()]
@@ -217,9 +265,9 @@ def test_bad_arguments_exit_2_with_every_problem() -> None:
         "portfwd: -D 1:2:3: '1:2:3' is not a -D spec; write -D [bind:]port, e.g. 127.0.0.1:1080",
         "portfwd: -o StrictHostKeyChecking=no: portfwd never skips host-key checks; use yes or accept-new",
         "portfwd: -o Bogus: not an option portfwd ssh supports; it supports ServerAliveInterval, ServerAliveCountMax, "
-        "ExitOnForwardFailure, StrictHostKeyChecking, UserKnownHostsFile, ConnectTimeout, Compression, Ciphers, "
-        "KexAlgorithms, MACs, HostKeyAlgorithms, Port, User, IdentityFile, IdentitiesOnly, ProxyJump, BatchMode, "
-        "GatewayPorts, AddressFamily, ProxyCommand=none",
+        "ExitOnForwardFailure, StrictHostKeyChecking, UserKnownHostsFile, GlobalKnownHostsFile, ConnectTimeout, "
+        "Compression, Ciphers, KexAlgorithms, MACs, HostKeyAlgorithms, Port, User, IdentityFile, IdentitiesOnly, "
+        "ProxyJump, BatchMode, GatewayPorts, AddressFamily, ProxyCommand=none",
         "portfwd: -o Ciphers: unknown cipher 'rot13'; use one or more of: chacha20-poly1305@openssh.com, "
         "aes256-gcm@openssh.com, aes128-gcm@openssh.com, aes256-ctr, aes192-ctr, aes128-ctr",
     ]

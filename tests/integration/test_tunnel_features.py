@@ -127,6 +127,39 @@ async def test_jump_host(sshd: Sshd) -> None:
         assert await echo_through(entry)
 
 
+async def test_ssh_config_proxyjump_is_followed_to_the_server(sshd: Sshd, tmp_path: Path) -> None:
+    """A [[tunnel]] to an ssh_config alias whose ProxyJump names another alias: the first sshd
+    (the bastion) authenticates the tunnel, and the second (the server) is reached through it,
+    each host key checked against its own known_hosts entry, as `ssh target` does."""
+    (tmp_path / "target").mkdir()
+    server = Sshd(tmp_path / "target").start()
+    try:
+        config = tmp_path / "ssh_config"
+        config.write_text(
+            f"Host target\n  HostName 127.0.0.1\n  Port {server.port}\n  User root\n  ProxyJump bastion\n"
+            f"Host bastion\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User root\n"
+        )
+        known = tmp_path / "known_hosts"
+        known.write_text(sshd.known_hosts.read_text() + server.known_hosts.read_text())
+        marks = [len(item.proc.output()) if item.proc else 0 for item in (sshd, server)]
+        fields = {
+            "ssh": "target",
+            "identity": [str(sshd.user_key), str(server.user_key)],
+            "known_hosts": [str(known)],
+            "ssh_config": [str(config)],
+        }
+        async with echo_tunnel(sshd, **fields) as (_, entry):
+            assert await echo_through(entry)
+        logs = [
+            (item.proc.output() if item.proc else "")[mark:]
+            for item, mark in zip((sshd, server), marks, strict=True)
+        ]
+        assert "Accepted publickey for root" in logs[0], "the bastion was logged into"
+        assert "Accepted publickey for root" in logs[1], "and the server through it"
+    finally:
+        server.kill()
+
+
 async def test_compression_and_a_chosen_cipher(sshd: Sshd) -> None:
     fields = {"compression": True, "ciphers": ["chacha20-poly1305@openssh.com"]}
     async with echo_tunnel(sshd, **fields) as (_, entry):

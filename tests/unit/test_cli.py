@@ -261,7 +261,7 @@ def test_check_shows_every_section_from_its_plan(
             "office",
             "alice@bastion.example.org:22 via bob@jump1",
             "-L 127.0.0.1:5432 -> db.internal:5432",
-            "accept-new: ~/.ssh/known_hosts",
+            "accept-new: ~/.ssh/known_hosts, ~/.ssh/known_hosts2",
             "7.5s x 3",
         ],
         ["", "", "-D 127.0.0.1:1080 -> socks", "", ""],

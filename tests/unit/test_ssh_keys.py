@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from portfwd.ssh.keys import KeyFileError, KeyLoginError, load
+from portfwd.ssh.keys import KeyFileError, KeyLoginError, identities, load
 from tests.conftest import need_binary
 
 PASSPHRASE = "s3cret"
@@ -138,3 +138,16 @@ def test_an_openssh_format_locked_key_without_bcrypt_is_named_before_asking(
         f"not installed; install it (pip install bcrypt), or add the key to the agent first (ssh-add {path})"
     )
     assert asked == []
+
+
+def test_identities_only_offers_the_public_halves_it_can_read(tmp_path: Path) -> None:
+    """IdentitiesOnly=yes: each -i key's .pub, else its unencrypted private key; a locked key
+    without a .pub is skipped (as ssh); none readable at all offers no agent key, not every one."""
+    plain = write_key(tmp_path / "plain")
+    (tmp_path / "plain.pub").unlink()
+    locked = write_key(tmp_path / "locked", PASSPHRASE)
+    write_key(tmp_path / "hidden", PASSPHRASE)
+    (tmp_path / "hidden.pub").unlink()
+    found = identities((str(tmp_path / "plain"), str(tmp_path / "locked"), str(tmp_path / "hidden")))
+    assert found == [plain.public_data, locked.public_data]
+    assert identities((str(tmp_path / "hidden"),)) == [b"none"]

@@ -38,6 +38,7 @@ def test_forwards_join_and_options_fill_in(tmp_path: Path) -> None:
         "ServerAliveCountMax 2",
         "ExitOnForwardFailure yes",
         f"UserKnownHostsFile {known}",
+        f"GlobalKnownHostsFile {known}.global",
         "StrictHostKeyChecking accept-new",
         "BatchMode yes",
         "Host *",
@@ -55,6 +56,7 @@ def test_forwards_join_and_options_fill_in(tmp_path: Path) -> None:
     assert spec.keepalive_count == 7  # the command line comes first
     assert spec.exit_on_forward_failure is True
     assert spec.known_hosts == (str(known),)
+    assert spec.global_known_hosts == (f"{known}.global",)
     assert spec.strict_host_key_checking == "accept-new"
     assert read_ssh_config("lab", str(config))["BatchMode"] is True
     assert batch_mode(("BatchMode=no",)) is False

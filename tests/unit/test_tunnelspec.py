@@ -100,6 +100,7 @@ def test_options_map_to_tunnel_keys() -> None:
         "ExitOnForwardFailure=yes",
         "StrictHostKeyChecking=accept-new",
         "UserKnownHostsFile=/a /b",
+        "GlobalKnownHostsFile=none",
         "ConnectTimeout=3",
         "Compression=no",
         "Ciphers=aes128-gcm@openssh.com,chacha20-poly1305@openssh.com",
@@ -117,11 +118,12 @@ def test_options_map_to_tunnel_keys() -> None:
         "exit_on_forward_failure": True,
         "strict_host_key_checking": "accept-new",
         "known_hosts": ["/a", "/b"],
+        "global_known_hosts": [],  # `none`: no file, as in ssh
         "connect_timeout": 3,
         "compression": False,
         "ciphers": ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com"],
         "identity": ["/k1", "/k2"],
-        "agent": False,
+        "identities_only": True,
         "jump": ["a@j1", "j2:2222"],
     }
 

@@ -96,7 +96,8 @@ def ssh(
     """OpenSSH-style tunnels that reconnect by themselves: portfwd ssh [user@]host -L/-R/-D SPEC.
 
     -o understands ServerAliveInterval, ServerAliveCountMax, ExitOnForwardFailure,
-    StrictHostKeyChecking (yes, accept-new), UserKnownHostsFile, ConnectTimeout, Compression,
+    StrictHostKeyChecking (yes, accept-new), UserKnownHostsFile, GlobalKnownHostsFile,
+    ConnectTimeout, Compression,
     Ciphers, KexAlgorithms, MACs, HostKeyAlgorithms (each narrows portfwd's safe set), Port, User,
     IdentityFile, IdentitiesOnly, ProxyJump, BatchMode, GatewayPorts (as -g) and AddressFamily
     (any, inet, inet6: as -4/-6); ssh_config's LocalForward,

@@ -103,6 +103,7 @@ _CLI_KEYS = {
     "macs": "-o MACs",
     "host_key_algorithms": "-o HostKeyAlgorithms",
     "known_hosts": "-o UserKnownHostsFile",
+    "global_known_hosts": "-o GlobalKnownHostsFile",
     "user": "-o User",
 }
 

@@ -47,6 +47,7 @@ from portfwd.config.fields import (
     WanPorts,
     Workers,
 )
+from portfwd.specs import GLOBAL_KNOWN_HOSTS, USER_KNOWN_HOSTS
 from portfwd.tunnelspec import StartupsSpec, TunnelForward
 
 
@@ -151,7 +152,9 @@ class TunnelConfig(_Model):
     user: str | None = Field(default=None, min_length=1)
     identity: Paths = ()
     agent: StrictBool = True
-    known_hosts: Paths = ("~/.ssh/known_hosts",)
+    identities_only: StrictBool = False
+    known_hosts: Paths = USER_KNOWN_HOSTS
+    global_known_hosts: Paths = GLOBAL_KNOWN_HOSTS
     strict_host_key_checking: Strictness = "yes"
     jump: tuple[Destination, ...] = ()
     ssh_config: Paths | None = None

@@ -79,6 +79,8 @@ def _options(
         )
     if not config.agent:
         options["agent_path"] = None
+    elif config.identities_only:  # the agent's copies of these keys only, as ssh offers them
+        options["agent_identities"] = keys.identities(config.identity)
     if config.ssh_config is not None:
         options["config"] = [os.path.expanduser(item) for item in config.ssh_config]
     options["proxy_command"] = None  # ssh_config's is refused (`_hops`), never run
@@ -146,6 +148,13 @@ def _hops(config: TunnelSpec) -> list[str]:
     return chain
 
 
+def _check(config: TunnelSpec) -> HostKeyCheck:
+    """A host-key check for one connection attempt to one hop (each gets its own)."""
+    accept_new = config.strict_host_key_checking == "accept-new"
+    files = list(config.known_hosts)
+    return HostKeyCheck(files, accept_new, config.host_key_algorithms, config.global_known_hosts)
+
+
 async def connect(
     config: TunnelSpec, fast_path: bool, jumps: list[asyncssh.SSHClientConnection], lost: Lost
 ) -> asyncssh.SSHClientConnection:
@@ -154,11 +163,10 @@ async def connect(
     Raises HostKeyError, KeyFileError or KeyLoginError (keys.py), or what asyncssh.connect raises
     (asyncssh.Error, OSError, TimeoutError).
     """
-    accept_new = config.strict_host_key_checking == "accept-new"
     tunnel: asyncssh.SSHClientConnection | None = None
     for jump in _hops(config):
         user, host, port = parse_destination(jump)
-        check = HostKeyCheck(list(config.known_hosts), accept_new, config.host_key_algorithms)
+        check = _check(config)
         options = _options(config, check, host, port, user, lost)
         try:
             tunnel = await asyncssh.connect(host, tunnel=tunnel, **options)
@@ -168,7 +176,7 @@ async def connect(
             raise resolve_error(f"jump host {host}", exc) from exc
         tune(tunnel, fast_path)
         jumps.append(tunnel)
-    check = HostKeyCheck(list(config.known_hosts), accept_new, config.host_key_algorithms)
+    check = _check(config)
     options = _options(config, check, config.host, config.port, config.user, lost)
     try:
         conn = await asyncssh.connect(config.host, tunnel=tunnel or CorkedConnector(), **options)

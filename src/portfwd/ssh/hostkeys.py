@@ -1,8 +1,10 @@
 """Host-key checking against OpenSSH known_hosts files, with answers a person can act on.
 
 asyncssh does the matching (hashed entries, `[host]:port`, patterns, `@cert-authority`,
-`@revoked`); this module adds what it leaves to the caller: StrictHostKeyChecking=accept-new
-(record a first key), and the exact file and line to fix when a key has changed.
+`@revoked`); this module adds what it leaves to the caller: the files ssh reads (the user's
+UserKnownHostsFile, then the GlobalKnownHostsFile an admin keeps, /etc/ssh/ssh_known_hosts),
+StrictHostKeyChecking=accept-new (record a first key in the user's first file), and the exact
+file and line to fix when a key has changed.
 """
 
 from __future__ import annotations
@@ -32,15 +34,22 @@ def _entry_name(host: str, port: int) -> str:
 class HostKeyCheck:
     """Verifies one server's key for one connection attempt; `problem` says why it was refused."""
 
-    def __init__(self, files: list[str], accept_new: bool, chosen: tuple[str, ...] = ()) -> None:
-        self.files = [Path(os.path.expanduser(item)) for item in files]
+    def __init__(
+        self,
+        files: list[str],
+        accept_new: bool,
+        chosen: tuple[str, ...] = (),
+        global_files: tuple[str, ...] = (),
+    ) -> None:
+        self.files = [Path(os.path.expanduser(item)) for item in files]  # the user's: written too
+        self.global_files = [Path(os.path.expanduser(item)) for item in global_files]  # read only
         self.accept_new = accept_new
         self.chosen = chosen  # host_key_algorithms from the config; () is the whole safe set
         self.problem: HostKeyError | None = None
 
     def _lines(self) -> list[tuple[Path, int, str]]:
         lines: list[tuple[Path, int, str]] = []
-        for path in self.files:
+        for path in (*self.files, *self.global_files):
             with contextlib.suppress(OSError):
                 for number, line in enumerate(
                     path.read_text(encoding="utf-8", errors="replace").splitlines(), 1
@@ -64,7 +73,12 @@ class HostKeyCheck:
                 raise HostKeyError(
                     f"{path}:{number}: not a known_hosts line ({exc})", hint="fix or delete that line"
                 ) from exc
-        raise HostKeyError(f"cannot read known_hosts {', '.join(map(str, self.files))}")  # pragma: no cover
+        raise HostKeyError(f"cannot read known_hosts {self._read()}")  # pragma: no cover
+
+    def _read(self) -> str:
+        """The files looked in, for a message: the user's, and the global ones that exist."""
+        files = [*self.files, *(path for path in self.global_files if path.exists())]
+        return ", ".join(map(str, files)) if files else "no known_hosts file (UserKnownHostsFile none)"
 
     def host_key_algorithms(
         self, known: asyncssh.SSHKnownHosts, host: str, port: int | None, config: object
@@ -101,12 +115,12 @@ class HostKeyCheck:
                     f"(ssh-keygen -R '{name}' -f {path})",
                 )
                 return False
-        if not self.accept_new:
-            where = str(self.files[0]) if self.files else "known_hosts"
+        if not self.accept_new or not self.files:
+            where = str(self.files[0]) if self.files else "a UserKnownHostsFile"
             self.problem = HostKeyError(
-                f"host key for {name} is unknown ({offered}; not in {', '.join(map(str, self.files))})",
-                hint=f"add it to {where} (ssh-keyscan -p {port or 22} {host} >> {where}) "
-                "or use -o StrictHostKeyChecking=accept-new",
+                f"host key for {name} is unknown ({offered}; not in {self._read()})",
+                hint=f"add it to {where} (ssh-keyscan -p {port or 22} {host} >> {where})"
+                + (" or use -o StrictHostKeyChecking=accept-new" if not self.accept_new else ""),
             )
             return False
         target = self.files[0]

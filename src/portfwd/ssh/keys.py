@@ -22,7 +22,7 @@ import asyncssh
 
 from portfwd.errors import ConfigError, RuntimeFailure
 
-__all__ = ["Ask", "KeyFileError", "KeyLoginError", "ask_on_terminal", "load"]
+__all__ = ["Ask", "KeyFileError", "KeyLoginError", "ask_on_terminal", "identities", "load"]
 
 #: Asks a person for a key's passphrase (the prompt, then the answer); None: nobody to ask.
 Ask = Callable[[str], str | None]
@@ -121,6 +121,34 @@ def _agent_holds(path: str, agent_path: str) -> bool:
         return asyncio.run(ask())
     except (OSError, ValueError, TimeoutError, asyncssh.Error):
         return False
+
+
+def identities(paths: tuple[str, ...]) -> list[bytes]:
+    """The public halves of the keys in `paths` (each `path`.pub, else the unencrypted private
+    key), or of the default key files when `paths` is empty: what IdentitiesOnly=yes lets the
+    agent offer. A key whose public half cannot be read is skipped, as ssh skips it. An empty
+    list would let asyncssh offer every agent key; a value no agent key has stands in for none."""
+    found: list[bytes] = []
+    for given in paths or _DEFAULT_KEYS:
+        path = os.path.expanduser(given)
+        try:
+            found.append(asyncssh.read_public_key(path + ".pub").public_data)
+            continue
+        except (OSError, ValueError):
+            pass
+        with contextlib.suppress(OSError, ValueError):  # encrypted without a .pub: not offered
+            found.append(asyncssh.read_private_key(path).public_data)
+    return found or [b"none"]
+
+
+#: ssh's default identity files (ssh_config(5) IdentityFile), in its order.
+_DEFAULT_KEYS = (
+    "~/.ssh/id_rsa",
+    "~/.ssh/id_ecdsa",
+    "~/.ssh/id_ecdsa_sk",
+    "~/.ssh/id_ed25519",
+    "~/.ssh/id_ed25519_sk",
+)
 
 
 def _pair(key: asyncssh.SSHKey, path: str) -> list[Any]:

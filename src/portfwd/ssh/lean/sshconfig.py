@@ -26,6 +26,7 @@ NAMES = (
     "ServerAliveInterval",
     "ServerAliveCountMax",
     "UserKnownHostsFile",
+    "GlobalKnownHostsFile",
     "ConnectTimeout",
     "Compression",
     "IdentityFile",
