@@ -313,7 +313,9 @@ def parse_option(text: str, into: dict[str, object]) -> None:
         into["strict_host_key_checking"] = choice
     elif lower in ("userknownhostsfile", "globalknownhostsfile"):
         files = value.split()
-        into[key or name] = [] if [item.lower() for item in files] == ["none"] else files
+        if "none" in (item.lower() for item in files) and len(files) > 1:
+            raise ConfigError(f"-o {name}={value}: none must stand alone (no file at all)")
+        into[key or name] = [] if files[0].lower() == "none" else files
     elif lower in ("ciphers", "kexalgorithms", "macs", "hostkeyalgorithms"):
         into[key or name] = [item for item in value.split(",") if item]  # checked by config
     elif lower == "identityfile":

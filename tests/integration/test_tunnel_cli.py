@@ -210,7 +210,14 @@ def test_a_host_key_the_admin_keeps_is_trusted_and_never_copied(
     )  # fmt: skip
     assert result.returncode == 1, result.stderr
     assert "has CHANGED (server offers ssh-ed25519 SHA256:" in result.stderr
-    assert f"{changed}:1 holds another); refusing to connect" in result.stderr
+    assert (
+        f"{changed}:1 holds another); refusing to connect; if the change is expected, add the new key "
+        in (result.stderr)
+    )
+    assert (
+        f"to {user} (ssh-keyscan -p {sshd.port} 127.0.0.1 >> {user}), or have {changed} fixed"
+        in result.stderr
+    )
     unknown = subprocess.run(
         portfwd_argv(
             "ssh", "-q", *_without_known_hosts(sshd), "-o", f"UserKnownHostsFile={user}",

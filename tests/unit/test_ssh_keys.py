@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import asyncssh
 import pytest
 
-from portfwd.ssh.keys import KeyFileError, KeyLoginError, identities, load
+from portfwd.specs import TunnelSpec
+from portfwd.ssh.connection import _options
+from portfwd.ssh.hostkeys import HostKeyCheck
+from portfwd.ssh.keys import KeyFileError, KeyLoginError, identities, load, public_half
 from tests.conftest import need_binary
 
 PASSPHRASE = "s3cret"
@@ -151,3 +155,59 @@ def test_identities_only_offers_the_public_halves_it_can_read(tmp_path: Path) ->
     found = identities((str(tmp_path / "plain"), str(tmp_path / "locked"), str(tmp_path / "hidden")))
     assert found == [plain.public_data, locked.public_data]
     assert identities((str(tmp_path / "hidden"),)) == [b"none"]
+
+
+def test_an_openssh_format_locked_key_without_its_pub_still_names_its_public_half(tmp_path: Path) -> None:
+    """ssh reads the public key a locked OpenSSH-format file keeps in the clear (no .pub needed);
+    a certificate beside a key is offered too."""
+    need_binary("ssh-keygen", "openssh-client")
+    path = tmp_path / "locked"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", PASSPHRASE, "-f", str(path)], check=True, timeout=30
+    )
+    public = asyncssh.read_public_key(f"{path}.pub").public_data
+    (tmp_path / "locked.pub").unlink()
+    assert public_half(str(path)) == public
+    assert identities((str(path),)) == [public]
+    ca = asyncssh.generate_private_key("ssh-ed25519")
+    cert = ca.generate_user_certificate(
+        asyncssh.public_key.decode_ssh_public_key(public), "locked", principals=["root"]
+    )
+    cert.write_certificate(f"{path}-cert.pub")
+    assert identities((str(path),)) == [public, cert.public_data]
+
+
+def test_keys_left_to_the_agent_never_bring_the_default_key_files_along(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every -i key locked and left to the agent: asyncssh must not fall back to ~/.ssh/id_*
+    (ssh offers no default file once keys are named), and the agent stays on. IdentitiesOnly
+    from ssh_config restricts the agent to the named keys' public halves."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    write_key(home / ".ssh" / "id_ed25519")  # a default key that must not be offered
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("SSH_AUTH_SOCK", str(tmp_path / "agent.sock"))  # an agent is said to be there
+    locked = write_key(tmp_path / "locked", PASSPHRASE)
+    config = tmp_path / "ssh_config"
+    config.write_text("Host lab\n  IdentitiesOnly yes\n")
+    spec = TunnelSpec(
+        label="lab", ssh="lab", user="root", host="lab", port=22,
+        identity=(str(tmp_path / "locked"),), ssh_config=(str(config),),
+    )  # fmt: skip
+    options = _options(spec, HostKeyCheck([], False), "lab", 22, "root", lambda _: None)
+    assert options["agent_identities"] == [locked.public_data]
+    prepared = asyncssh.SSHClientConnectionOptions(
+        host="lab",
+        known_hosts=None,
+        config=[str(config)],
+        client_keys=options["client_keys"],
+        ignore_encrypted=options["ignore_encrypted"],
+        agent_identities=options["agent_identities"],
+    )
+    assert prepared.client_keys == []  # no key file of its own: the agent signs
+    assert prepared.agent_path == str(tmp_path / "agent.sock")
+    elsewhere = _options(
+        replace(spec, host="other"), HostKeyCheck([], False), "other", 22, "root", lambda _: None
+    )
+    assert elsewhere["agent_identities"] is None  # no IdentitiesOnly for that host: every agent key

@@ -63,6 +63,14 @@ def test_forwards_join_and_options_fill_in(tmp_path: Path) -> None:
     assert batch_mode(()) is None
 
 
+def test_known_hosts_none_in_ssh_config_is_no_file(tmp_path: Path) -> None:
+    config = lab(
+        tmp_path, "LocalForward 8080 db:5432", "UserKnownHostsFile none", "GlobalKnownHostsFile none"
+    )
+    spec = tunnel(config)
+    assert (spec.known_hosts, spec.global_known_hosts) == ((), ())
+
+
 def test_another_host_gets_nothing_and_a_bad_line_is_named(tmp_path: Path) -> None:
     config = lab(tmp_path, "LocalForward 8080 db:5432")
     assert read_ssh_config("elsewhere", str(config)) == {}

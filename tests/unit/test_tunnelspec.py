@@ -92,6 +92,17 @@ def test_destinations() -> None:
         assert caught.value.line() == line
 
 
+def test_none_stands_alone_among_known_hosts_files() -> None:
+    table: dict[str, object] = {}
+    parse_option("UserKnownHostsFile=None", table)
+    assert table == {"known_hosts": []}
+    with pytest.raises(ConfigError) as caught:
+        parse_option("GlobalKnownHostsFile=none /etc/ssh/ssh_known_hosts", table)
+    assert caught.value.line() == (
+        "-o GlobalKnownHostsFile=none /etc/ssh/ssh_known_hosts: none must stand alone (no file at all)"
+    )
+
+
 def test_options_map_to_tunnel_keys() -> None:
     table: dict[str, object] = {}
     for option in [

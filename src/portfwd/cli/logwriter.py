@@ -7,7 +7,8 @@ burst of sessions against a full pty froze `portfwd ssh` for ten seconds (seen b
 `/proc/PID/stack`: `n_tty_write`).
 
 So the loop only formats a record (the formatter it always had) and appends the text to a
-deque; a writer thread wakes every `INTERVAL` and writes what gathered in one write(2). Not the
+deque; a writer thread wakes every `INTERVAL` and writes what gathered, in writes of whole lines
+of at most PIPE_BUF bytes (`workers` share one stderr: `write_whole_lines`). Not the
 standard library's QueueHandler/QueueListener: it wakes its thread for every record, and those
 GIL hand-offs cost a relayed connection four times its CPU with two lines a connection
 (`bench/logcost.py`); batching costs less than writing each line where it was logged. The

@@ -200,8 +200,8 @@ def read_ssh_config(destination: str, ssh_config: str | None) -> dict[str, Any]:
 def _text(value: object) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, list | tuple):
-        return " ".join(str(item) for item in value)
+    if isinstance(value, list | tuple):  # asyncssh reads `UserKnownHostsFile none` as []
+        return " ".join(str(item) for item in value) or "none"
     return str(value)
 
 

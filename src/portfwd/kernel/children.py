@@ -6,19 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import select
+import shutil
 import signal
-from collections.abc import Callable
 from pathlib import Path
 
 from portfwd.kernel.nft import GatewayError
-from portfwd.relay import libc
 
 #: A short command (ip, conntrackd -s, keepalived --config-test).
 COMMAND_TIMEOUT = 10.0
-PR_SET_PDEATHSIG = 1
 
 
 def one_line(text: str, lines: int = 2) -> str:
@@ -46,25 +43,18 @@ def exit_text(code: int) -> str:
     return f"exited with code {code}"
 
 
-def die_with_parent() -> Callable[[], None]:
-    """A preexec_fn that has the child get SIGTERM when portfwd dies, however it dies.
-
-    prctl is looked up before the fork; the child only calls it. A portfwd that died between
-    the fork and the prctl would never send the signal, so the child checks it still has its
-    parent and gives up otherwise.
-    """
-    prctl = libc.function(
-        "prctl", (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+def die_with_parent(argv: list[str]) -> list[str]:
+    """`argv` run so that the child gets SIGTERM when portfwd dies, however it dies: through
+    util-linux's `setpriv --pdeathsig TERM`, which sets PR_SET_PDEATHSIG and then executes the
+    engine in its place (same PID, the engine's own command line). Not a `preexec_fn` calling
+    prctl: Python code between fork and exec is unsafe in a process with threads (the log
+    writer is one), and runs every at-fork hook in a child about to be replaced. A portfwd that
+    died between the fork and the prctl leaves its engine behind; the next start takes it over.
+    Without setpriv (util-linux is Essential on Debian) the engine starts as it is."""
+    setpriv = shutil.which("setpriv") or next(
+        (path for path in ("/usr/bin/setpriv", "/bin/setpriv") if os.access(path, os.X_OK)), None
     )
-    parent = os.getpid()
-
-    def preexec() -> None:
-        if prctl is not None:
-            prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return preexec
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else argv
 
 
 def cmdline(pid: int) -> list[str] | None:

@@ -370,11 +370,10 @@ class HASupervisor:
             raise GatewayError(f"gateway.ha: cannot open {logfile}: {children.reason(exc)}") from exc
         try:
             return await asyncio.create_subprocess_exec(
-                *argv,
+                *(children.die_with_parent(argv) if self._die_with_parent else argv),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
-                preexec_fn=children.die_with_parent() if self._die_with_parent else None,
             )
         except (OSError, subprocess.SubprocessError) as exc:
             reason = children.reason(exc) if isinstance(exc, OSError) else str(exc)

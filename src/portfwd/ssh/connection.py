@@ -71,16 +71,29 @@ def _options(
         options["family"] = config.family
     if user is not None:
         options["username"] = user
+    loaded: list[Any] | None = None
     if config.client_keys is not None:  # read (and unlocked) by the front end: ssh/keys.py
-        options["client_keys"] = list(config.client_keys)
+        loaded = list(config.client_keys)
     elif config.identity:
-        options["client_keys"] = list(
-            keys.load(config.identity, field=f"{config.label}: identity", agent=config.agent)
-        )
+        loaded = list(keys.load(config.identity, field=f"{config.label}: identity", agent=config.agent))
+    if loaded:
+        options["client_keys"] = loaded
+    elif loaded is not None:
+        # Every key left to the agent. An empty list would have asyncssh read ~/.ssh/id_* as well,
+        # which ssh never offers once keys are named; the files again, their locked keys skipped,
+        # leave the agent as the only signer.
+        options["client_keys"] = [os.path.expanduser(item) for item in config.identity]
+        options["ignore_encrypted"] = True
     if not config.agent:
         options["agent_path"] = None
-    elif config.identities_only:  # the agent's copies of these keys only, as ssh offers them
-        options["agent_identities"] = keys.identities(config.identity)
+    else:
+        # IdentitiesOnly (the tunnel's, or ssh_config's for this host): the agent's copies of the
+        # named keys only, as ssh offers them (asyncssh would compare its key objects with the
+        # agent's blobs and offer none). Otherwise every agent key, whatever ssh_config says.
+        found = _host_config(_config_paths(config), host)
+        named = config.identity or tuple(found.get("IdentityFile") or ())
+        only = config.identities_only or found.get("IdentitiesOnly") is True
+        options["agent_identities"] = keys.identities(named) if only else None
     if config.ssh_config is not None:
         options["config"] = [os.path.expanduser(item) for item in config.ssh_config]
     options["proxy_command"] = None  # ssh_config's is refused (`_hops`), never run
@@ -97,13 +110,30 @@ def _options(
 MAX_HOPS = 8
 
 
+def _config_paths(config: TunnelSpec) -> list[str]:
+    """The tunnel's ssh_config files that exist (`~/.ssh/config` unless it names its own)."""
+    if config.ssh_config is None:
+        paths = [os.path.expanduser("~/.ssh/config")]
+    else:
+        paths = [os.path.expanduser(item) for item in config.ssh_config]
+    return [path for path in paths if os.path.exists(path)]
+
+
+def _host_config(paths: list[str], host: str) -> dict[str, Any]:
+    """What ssh_config `paths` set for `host` (lean/sshconfig.py's NAMES). Raises ConfigError
+    for a line the config cannot be read past."""
+    if not paths:
+        return {}
+    try:
+        return ssh_config(paths, host) or {}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"ssh_config: {exc}") from None
+
+
 def _proxy_jump(paths: list[str], host: str) -> list[str]:
     """ssh_config's ProxyJump for `host` (its hops), [] for none. Raises ConfigError for a
     ProxyCommand (portfwd runs none) or a line the config cannot be read past."""
-    try:
-        found = ssh_config(paths, host) or {}
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"ssh_config: {exc}") from None
+    found = _host_config(paths, host)
     command = str(found.get("ProxyCommand", "none"))
     if command.lower() != "none":
         raise ConfigError(
@@ -120,11 +150,7 @@ def _hops(config: TunnelSpec) -> list[str]:
     connect would skip the bastion); each hop's own ProxyJump comes before it, as ssh follows
     them. A ProxyCommand anywhere is refused (a ConfigError: a config error is not retried
     unless the link once worked or retry_first_connect says so)."""
-    if config.ssh_config is None:
-        paths = [os.path.expanduser("~/.ssh/config")]
-    else:
-        paths = [os.path.expanduser(item) for item in config.ssh_config]
-    paths = [path for path in paths if os.path.exists(path)]
+    paths = _config_paths(config)
     if config.jump:
         first = list(config.jump)
     elif config.jump_from_ssh_config and paths:

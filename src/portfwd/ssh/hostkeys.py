@@ -60,25 +60,36 @@ class HostKeyCheck:
         return lines
 
     def known_hosts(self) -> asyncssh.SSHKnownHosts:
-        """Every readable file merged; a line asyncssh cannot read is refused naming file:line."""
+        """Every readable file merged. A line asyncssh cannot read in the user's files is refused
+        naming file:line; in a global file (the admin's, which the user cannot fix) it is skipped
+        with a warning, as ssh skips it."""
         lines = self._lines()
         try:
             return asyncssh.import_known_hosts("\n".join(line for _, _, line in lines) + "\n")
         except (ValueError, asyncssh.KeyImportError):
             pass
+        kept: list[str] = []
         for path, number, line in lines:
             try:
                 asyncssh.import_known_hosts(line + "\n")
             except (ValueError, asyncssh.KeyImportError) as exc:
-                raise HostKeyError(
-                    f"{path}:{number}: not a known_hosts line ({exc})", hint="fix or delete that line"
-                ) from exc
-        raise HostKeyError(f"cannot read known_hosts {self._read()}")  # pragma: no cover
+                if path in self.files:
+                    raise HostKeyError(
+                        f"{path}:{number}: not a known_hosts line ({exc})", hint="fix or delete that line"
+                    ) from exc
+                log.warning("%s:%d: not a known_hosts line (%s); skipped", path, number, exc)
+                continue
+            kept.append(line)
+        return asyncssh.import_known_hosts("\n".join(kept) + "\n")
+
+    def _own(self) -> str:
+        """The user's known_hosts file a key goes in (ssh's default when none is given)."""
+        return str(self.files[0]) if self.files else "~/.ssh/known_hosts"
 
     def _read(self) -> str:
         """The files looked in, for a message: the user's, and the global ones that exist."""
         files = [*self.files, *(path for path in self.global_files if path.exists())]
-        return ", ".join(map(str, files)) if files else "no known_hosts file (UserKnownHostsFile none)"
+        return ", ".join(map(str, files)) if files else "any known_hosts file: none is given"
 
     def host_key_algorithms(
         self, known: asyncssh.SSHKnownHosts, host: str, port: int | None, config: object
@@ -108,19 +119,27 @@ class HostKeyCheck:
             except (ValueError, asyncssh.KeyImportError):
                 continue
             if host_keys:
+                if path in self.files:
+                    hint = f"if the change is expected, delete line {number} of {path} "
+                    hint += f"(ssh-keygen -R '{name}' -f {path})"
+                else:  # the admin's file, as ssh says it: the right key goes in the user's own
+                    hint = f"if the change is expected, add the new key to {self._own()} "
+                    hint += f"(ssh-keyscan -p {port or 22} {host} >> {self._own()}), or have {path} fixed"
                 self.problem = HostKeyError(
                     f"host key for {name} has CHANGED (server offers {offered}; "
                     f"{path}:{number} holds another); refusing to connect",
-                    hint=f"if the change is expected, delete line {number} of {path} "
-                    f"(ssh-keygen -R '{name}' -f {path})",
+                    hint=hint,
                 )
                 return False
         if not self.accept_new or not self.files:
-            where = str(self.files[0]) if self.files else "a UserKnownHostsFile"
+            where = self._own()
+            hint = f"add it to {where} (ssh-keyscan -p {port or 22} {host} >> {where})"
+            if not self.files:
+                hint += " and give that file as UserKnownHostsFile"
+            elif not self.accept_new:
+                hint += " or use -o StrictHostKeyChecking=accept-new"
             self.problem = HostKeyError(
-                f"host key for {name} is unknown ({offered}; not in {self._read()})",
-                hint=f"add it to {where} (ssh-keyscan -p {port or 22} {host} >> {where})"
-                + (" or use -o StrictHostKeyChecking=accept-new" if not self.accept_new else ""),
+                f"host key for {name} is unknown ({offered}; not in {self._read()})", hint=hint
             )
             return False
         target = self.files[0]

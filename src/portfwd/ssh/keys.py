@@ -21,8 +21,9 @@ from typing import Any
 import asyncssh
 
 from portfwd.errors import ConfigError, RuntimeFailure
+from portfwd.proto import opensshkey
 
-__all__ = ["Ask", "KeyFileError", "KeyLoginError", "ask_on_terminal", "identities", "load"]
+__all__ = ["Ask", "KeyFileError", "KeyLoginError", "ask_on_terminal", "identities", "load", "public_half"]
 
 #: Asks a person for a key's passphrase (the prompt, then the answer); None: nobody to ask.
 Ask = Callable[[str], str | None]
@@ -99,11 +100,27 @@ def _check_file(path: str, field: str) -> bytes:
         raise KeyFileError(f"{path}: {exc.strerror}", field=field) from exc
 
 
-def _agent_holds(path: str, agent_path: str) -> bool:
-    """Does the ssh-agent at `agent_path` hold the key whose public half is `path`.pub?"""
-    try:
-        public = asyncssh.read_public_key(path + ".pub").public_data
-    except (OSError, ValueError):
+def public_half(path: str, data: bytes | None = None) -> bytes | None:
+    """The public key of the private key file `path` (its bytes `data`, when read already), as
+    ssh finds it: `path`.pub, else the key itself when it is not encrypted, else the public key
+    an OpenSSH-format file keeps in the clear; None when none of them can be read."""
+    with contextlib.suppress(OSError, ValueError):
+        return bytes(asyncssh.read_public_key(path + ".pub").public_data)
+    if data is None:
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read(1 << 20)
+        except OSError:
+            return None
+    with contextlib.suppress(ValueError):  # encrypted (or not a key): the clear part, if any
+        return bytes(asyncssh.import_private_key(data).public_data)
+    return opensshkey.public_blob(data)
+
+
+def _agent_holds(path: str, agent_path: str, data: bytes | None = None) -> bool:
+    """Does the ssh-agent at `agent_path` hold the key in file `path` (`public_half`)?"""
+    public = public_half(path, data)
+    if public is None:
         return False
 
     async def ask() -> bool:
@@ -124,20 +141,19 @@ def _agent_holds(path: str, agent_path: str) -> bool:
 
 
 def identities(paths: tuple[str, ...]) -> list[bytes]:
-    """The public halves of the keys in `paths` (each `path`.pub, else the unencrypted private
-    key), or of the default key files when `paths` is empty: what IdentitiesOnly=yes lets the
-    agent offer. A key whose public half cannot be read is skipped, as ssh skips it. An empty
-    list would let asyncssh offer every agent key; a value no agent key has stands in for none."""
+    """What IdentitiesOnly=yes lets the agent offer: the public halves of the keys in `paths`
+    (`public_half`) and of their `-cert.pub` certificates, or of the default key files when
+    `paths` is empty. A key whose public half cannot be read is skipped, as ssh skips it. An
+    empty list would let asyncssh offer every agent key; a value no agent key has stands in
+    for none."""
     found: list[bytes] = []
     for given in paths or _DEFAULT_KEYS:
         path = os.path.expanduser(given)
-        try:
-            found.append(asyncssh.read_public_key(path + ".pub").public_data)
-            continue
-        except (OSError, ValueError):
-            pass
-        with contextlib.suppress(OSError, ValueError):  # encrypted without a .pub: not offered
-            found.append(asyncssh.read_private_key(path).public_data)
+        public = public_half(path)
+        if public is not None:
+            found.append(public)
+        with contextlib.suppress(OSError, ValueError):
+            found.append(bytes(asyncssh.read_certificate(path + "-cert.pub").public_data))
     return found or [b"none"]
 
 
@@ -188,7 +204,7 @@ def load(
         except asyncssh.KeyImportError as exc:
             if not str(exc).startswith("Passphrase"):
                 raise KeyFileError(f"{path}: not a private key ({exc})", field=field) from exc
-        if agent_path and (ask is None or _agent_holds(path, agent_path)):
+        if agent_path and (ask is None or _agent_holds(path, agent_path, data)):
             continue  # the agent signs with it (or may: nobody to ask here), as with ssh
         if data.lstrip().startswith(OPENSSH_FORMAT) and importlib.util.find_spec("bcrypt") is None:
             # asyncssh decrypts this format (ssh-keygen's default) only with bcrypt's KDF: say so
