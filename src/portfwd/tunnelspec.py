@@ -243,12 +243,19 @@ _TIME = re.compile(r"([0-9]{1,9})([smhdwSMHDW]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-def _seconds(name: str, value: str, low: int) -> int:
-    """OpenSSH's time format (sshd_config(5) TIME FORMATS): `90`, `1m`, `1h30m`."""
+def openssh_seconds(value: str) -> int | None:
+    """OpenSSH's time format (sshd_config(5) TIME FORMATS): `90`, `1m`, `1h30m`; None if not one."""
     parts = _TIME.findall(value)
     if not parts or "".join(number + unit for number, unit in parts) != value:
+        return None
+    return sum(int(number) * _UNITS[unit.lower()] for number, unit in parts)
+
+
+def _seconds(name: str, value: str, low: int) -> int:
+    """OpenSSH's time format (`openssh_seconds`), at least `low`."""
+    seconds = openssh_seconds(value)
+    if seconds is None:
         raise ConfigError(f"-o {name}={value}: must be a time such as 15, 30s, 1m or 1h30m")
-    seconds = sum(int(number) * _UNITS[unit.lower()] for number, unit in parts)
     if seconds < low:
         raise ConfigError(f"-o {name}={value}: must be at least {low} s")
     return seconds

@@ -576,7 +576,8 @@ def test_ssh_config_forwards_and_options_replace_autossh(sshd: Sshd, sink: Sink,
         f"LocalForward {local} 127.0.0.1:{sink.port}",
         f"RemoteForward 127.0.0.1:{remote} 127.0.0.1:{sink.port}",
         f"DynamicForward 127.0.0.1:{dynamic}",
-        "ServerAliveInterval 5",
+        "ServerAliveInterval 1m",  # OpenSSH's time format, read by portfwd and by asyncssh alike
+        "ConnectTimeout 1m30s",
     )
     with started(portfwd_argv("ssh", "-N", "-F", str(config), "lab"), ready="-R listening on") as proc:
         assert through(local)

@@ -249,7 +249,7 @@ async def test_alive_while_both_run(tmp_path: Path) -> None:
 
 
 def test_children_die_with_portfwd(tmp_path: Path) -> None:
-    """PR_SET_PDEATHSIG through _spawn's preexec_fn: SIGKILL the Python process that started a
+    """PR_SET_PDEATHSIG through setpriv (`_spawn`): SIGKILL the Python process that started a
     child; the child gets SIGTERM."""
     script = f"""
 import time, uvloop
@@ -261,7 +261,7 @@ async def main():
     proc = await sup._spawn(["sleep", "60"], sup.keepalived_log)
     print(proc.pid, flush=True)
     time.sleep(60)
-uvloop.run(main())  # portfwd's loop: its own preexec_fn support
+uvloop.run(main())  # portfwd's loop
 """
     parent = subprocess.Popen(
         [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2]

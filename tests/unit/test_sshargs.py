@@ -6,6 +6,7 @@ import socket
 from dataclasses import replace
 from pathlib import Path
 
+import asyncssh
 import pytest
 
 from portfwd import planner
@@ -61,6 +62,22 @@ def test_forwards_join_and_options_fill_in(tmp_path: Path) -> None:
     assert read_ssh_config("lab", str(config))["BatchMode"] is True
     assert batch_mode(("BatchMode=no",)) is False
     assert batch_mode(()) is None
+
+
+def test_times_in_ssh_config_take_openssh_s_format(tmp_path: Path) -> None:
+    """`ServerAliveInterval 1m` as ssh reads it, in portfwd's reading and in asyncssh's own (a
+    connect parses the same file); a word that is no time is named with its file and line."""
+    config = lab(tmp_path, "LocalForward 8080 db:5432", "ServerAliveInterval 1m", "ConnectTimeout 1h30m")
+    spec = tunnel(config)
+    assert (spec.keepalive_interval, spec.connect_timeout) == (60, 5400)
+    options = asyncssh.SSHClientConnectionOptions(host="lab", config=[str(config)], known_hosts=None)
+    assert options.keepalive_interval == 60
+    bad = lab(tmp_path, "ConnectTimeout 1min")
+    with pytest.raises(ConfigError) as caught:
+        read_ssh_config("lab", str(bad))
+    assert caught.value.line() == (
+        f"ssh_config: {bad} line 3: Invalid ConnectTimeout time value: 1min; write e.g. 30, 30s, 1m or 1h30m"
+    )
 
 
 def test_known_hosts_none_in_ssh_config_is_no_file(tmp_path: Path) -> None:

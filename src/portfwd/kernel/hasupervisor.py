@@ -362,6 +362,9 @@ class HASupervisor:
             raise
 
     async def _spawn(self, argv: list[str], logfile: Path) -> asyncio.subprocess.Process:
+        if shutil.which(argv[0]) is None:  # said here: behind setpriv it would be its exit code
+            missing = errno.EACCES if os.access(argv[0], os.F_OK) else errno.ENOENT
+            raise GatewayError(f"gateway.ha: cannot start {argv[0]}: {os.strerror(missing)}")
         try:
             out = os.open(
                 logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600

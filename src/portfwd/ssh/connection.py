@@ -23,7 +23,7 @@ from portfwd.ssh import keys
 from portfwd.ssh.cork import CorkedConnector
 from portfwd.ssh.errors import resolve_error, ssh_error
 from portfwd.ssh.hostkeys import HostKeyCheck, HostKeyError
-from portfwd.ssh.lean import fix, ssh_config, tune
+from portfwd.ssh.lean import accept_time_formats, fix, ssh_config, tune
 from portfwd.tunnelspec import parse_destination
 
 Lost = Callable[[str], None]
@@ -189,6 +189,7 @@ async def connect(
     Raises HostKeyError, KeyFileError or KeyLoginError (keys.py), or what asyncssh.connect raises
     (asyncssh.Error, OSError, TimeoutError).
     """
+    accept_time_formats()  # ssh_config's `ServerAliveInterval 1m`, read as ssh reads it
     tunnel: asyncssh.SSHClientConnection | None = None
     for jump in _hops(config):
         user, host, port = parse_destination(jump)

@@ -205,6 +205,17 @@ def ssh_config(paths: list[str], host: str) -> dict[str, Any] | None:
     return read(paths, host)
 
 
+def accept_time_formats() -> None:
+    """Have asyncssh read ssh_config's ServerAliveInterval and ConnectTimeout in OpenSSH's time
+    format (`1m`), as ssh does, before a connect reads the files; nothing on an asyncssh that
+    is not VERIFIED (such a line is then refused there, naming file and line)."""
+    if not verified():
+        return
+    from portfwd.ssh.lean import sshconfig  # reaches into asyncssh: only when verified
+
+    sshconfig.accept_time_formats()
+
+
 async def probe(conn: Any, within: float) -> bool | None:
     """Does `conn`'s peer answer a keepalive within `within` s? None when it cannot be asked
     (an asyncssh that is not VERIFIED): the caller must then assume the peer is alive."""
