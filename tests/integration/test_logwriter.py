@@ -41,8 +41,16 @@ print("queued", flush=True)
 """
 
 
-def test_two_processes_on_one_unread_pipe_keep_every_line_whole(tmp_path: Path) -> None:
-    read_end, write_end = os.pipe()
+@pytest.mark.parametrize("output", ["pipe", "file"])
+def test_two_processes_on_one_output_keep_every_line_whole(tmp_path: Path, output: str) -> None:
+    """A pipe nobody reads until both writers queued everything (each writes in PIPE_BUF
+    pieces), or a file both append to (each batch in one write)."""
+    if output == "pipe":
+        read_end, write_end = os.pipe()
+    else:
+        log_file = tmp_path / "log"
+        write_end = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        read_end = os.open(log_file, os.O_RDONLY)
     src = Path(__file__).resolve().parents[2] / "src"
     env = {**os.environ, "PYTHONPATH": str(src)}
     writers = [
@@ -60,6 +68,9 @@ def test_two_processes_on_one_unread_pipe_keep_every_line_whole(tmp_path: Path) 
         for writer in writers:
             assert writer.stdout is not None
             assert writer.stdout.readline() == b"queued\n"  # its lines are all in its queue
+        if output == "file":
+            for writer in writers:
+                assert writer.wait(30) == 0
         with os.fdopen(read_end, "rb") as reader:
             read_end = -1
             log = reader.read()  # to EOF: both processes have exited

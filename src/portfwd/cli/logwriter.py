@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import select
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -53,6 +54,7 @@ class BatchedHandler(logging.Handler):
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._file: bool | None = None  # the output is a regular file (`_write` asks once)
 
     # ------------------------------------------------------------------ the logging side
     def emit(self, record: logging.LogRecord) -> None:
@@ -141,17 +143,20 @@ class BatchedHandler(logging.Handler):
             stream.flush()  # what went through the stream itself (a print) comes first
             # Never a batch lost to one character the encoding lacks (a file's "strict").
             data = text.encode(getattr(stream, "encoding", None) or "utf-8", "backslashreplace")
-            write_whole_lines(fd, data)
+            if self._file is None:
+                self._file = stat.S_ISREG(os.fstat(fd).st_mode)
+            write_whole_lines(fd, data, len(data) if self._file else select.PIPE_BUF)
 
 
-def write_whole_lines(fd: int, data: bytes) -> None:
-    """Write `data` (whole lines) to `fd`, one write(2) per `pieces()` piece: `workers = N`
-    gives N processes one stderr, and a pipe keeps a write in one piece among other processes'
-    writes only up to PIPE_BUF. One buffered write of a batch was cut wherever the pipe had
-    room, and a reader saw half a line of one process run into another's. A file opened for
-    appending (`-E`) takes each write whole anyway."""
+def write_whole_lines(fd: int, data: bytes, limit: int = select.PIPE_BUF) -> None:
+    """Write `data` (whole lines) to `fd`, one write(2) per `pieces()` piece of at most `limit`
+    bytes: `workers = N` gives N processes one stderr, and a pipe (or socket) keeps a write in
+    one piece among other processes' writes only up to PIPE_BUF. One buffered write of a batch
+    was cut wherever the pipe had room, and a reader saw half a line of one process run into
+    another's. A regular file (`-E`, a redirect) takes each write whole under its inode's lock:
+    there the caller gives the whole batch as `limit`, one write."""
     view = memoryview(data)
-    for start, stop in pieces(data):
+    for start, stop in pieces(data, limit):
         while start < stop:
             try:
                 start += os.write(fd, view[start:stop])
