@@ -3,8 +3,10 @@
 With `workers = N` the rules are relayed by N processes; `status`, `/metrics` and the control
 socket show one instance. Each worker answers with a snapshot of its own (services/workers.py),
 and these functions fold them into the main process's rows: a rule's counters are summed, its
-backends' too (their health as the main process sees it), live and recently closed sessions are
-listed together (each names its process), newest first per rule.
+backends' too; a backend's health is the main process's (its checks rule every process), or
+down while a worker's own connects hold it down passively (that worker sends it no one, as
+haproxy's one shared server state would say). Live and recently closed sessions are listed
+together (each names its process), newest first per rule.
 """
 
 from __future__ import annotations
@@ -60,8 +62,12 @@ def _add(mine: RuleRow, other: RuleRow) -> RuleRow:
 def _add_backend(mine: BackendRow, other: BackendRow | None) -> BackendRow:
     if other is None:
         return mine
-    changes = {name: getattr(mine, name) + getattr(other, name) for name in _BACKEND_SUMMED}
-    return dataclasses.replace(mine, **changes)
+    changes: dict[str, object] = {
+        name: getattr(mine, name) + getattr(other, name) for name in _BACKEND_SUMMED
+    }
+    if other.state == "down" and mine.state == "up":  # that worker's connects: passive, there only
+        changes.update(state="down", since=other.since, why=f"{other.why} (in a worker)")
+    return dataclasses.replace(mine, **changes)  # type: ignore[arg-type]
 
 
 def closed(rows: Iterable[ClosedRow], order: Sequence[str], keep: int) -> list[ClosedRow]:

@@ -630,8 +630,7 @@ def test_an_active_check_that_passes_ends_a_passive_down_a_worker_reported(tmp_p
         healthy.close()
         _reset(_from_port(lazy, worker_ports[0]))  # refused by the backend: down in that worker
         first = instance.rule("lazy")["backends"][0]
-        assert first["failures"] == 1, first
-        assert first["state"] == "up", "the main process took none of those clients"
+        assert first["failures"] == 1, first  # in the worker (its passive down: tests/unit/test_merge.py)
         counting = _CountingEcho(revived)
         stack.callback(counting.close)
         instance.wait(

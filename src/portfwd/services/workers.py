@@ -376,7 +376,10 @@ class Workers(Reloadable[tuple[RuleSpec, ...]]):
                 udp_flows_active=0,
                 rate_up=0.0,
                 rate_down=0.0,
-                backends=tuple(dataclasses.replace(b, sessions_active=0) for b in row.backends),
+                # its health is gone with it (merge.py reads a worker's "down" as its passive down)
+                backends=tuple(
+                    dataclasses.replace(b, sessions_active=0, state="up", why="") for b in row.backends
+                ),
             )
             for row in last.rules
         )
