@@ -694,6 +694,42 @@ def test_f_returns_once_the_forwards_are_up_and_e_logs_to_a_file(
     assert "stopped" in text
 
 
+def test_f_leaves_a_captured_output_and_goes_on_after_a_forward_that_failed(
+    sshd: Sshd, sink: Sink, tmp_path: Path
+) -> None:
+    """As ssh -f: run with its output captured (`$(...)`, a pipe), portfwd returns once the
+    tunnel is up and its forwards have settled; one that could not listen is said (and retried
+    on) rather than holding the return; the background process keeps no pipe of its caller
+    (stdin, stdout and, once the caller has it all, stderr on /dev/null)."""
+    local, control = free_port(), tmp_path / "bg.sock"
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        taken = busy.getsockname()[1]
+        argv = portfwd_argv(
+            "ssh", "-f", "--control", str(control), *sshd.ssh_args(),
+            "-L", f"{local}:127.0.0.1:{sink.port}", "-L", f"{taken}:127.0.0.1:{sink.port}",
+        )  # fmt: skip
+        began = time.monotonic()
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, cwd=REPO)
+        took = time.monotonic() - began
+    snapshot = json.loads(run_portfwd("status", "--control", str(control), "--json").stdout)
+    pid = int(snapshot["pid"])
+    try:
+        assert result.returncode == 0, result.stderr
+        assert took < 10, "returned as soon as both forwards had settled, not after ConnectTimeout"
+        assert f"cannot listen on 127.0.0.1:{taken}: address already in use" in result.stderr
+        assert [item["state"] for item in snapshot["tunnels"][0]["forwards"]] == ["listening", "failed"]
+        assert through(local)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and os.readlink(f"/proc/{pid}/fd/2") != os.devnull:
+            time.sleep(0.02)  # the background process lets go of the caller's stderr (bounded)
+        assert [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in (0, 1, 2)] == [os.devnull] * 3
+    finally:
+        os.kill(pid, signal.SIGTERM)  # the background portfwd this test started, by its PID
+        deadline = time.monotonic() + 15
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
 def test_g_4_l_and_their_o_options(sshd: Sshd, sink: Sink) -> None:
     every, four = free_port(), free_port()
     args = [item for item in sshd.ssh_args() if item != "root@127.0.0.1"]

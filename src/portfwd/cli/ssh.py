@@ -6,8 +6,10 @@ its flags, the `-v` levels, `-W` and `-f`. The arguments become a plan in ssharg
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -155,10 +157,29 @@ def ssh(
         stdio_relay.run(sshargs.stdio_spec(plan.tunnels[0]), *target, fast_path=plan.ssh_fast_path)
         return
     if background:
-        _background(instance.socket, plan.tunnels[0].connect_timeout, plan.tunnels[0].label)
+        _background(
+            instance.socket, plan.tunnels[0].connect_timeout, plan.tunnels[0].label, keep_stderr=verbose > 0
+        )
     from portfwd import runtime
 
     runtime.run(plan, identity=instance, exit_on_auth=True)
+
+
+def _quiet_when_gone(parent_gone: int, keep_stderr: bool) -> None:
+    """The -f child: once the parent has exited (its end of the pipe closed), stderr goes to
+    /dev/null unless -v kept it (the log file of -E is not stderr and stays)."""
+    with contextlib.suppress(OSError):
+        while os.read(parent_gone, 1):  # the parent never writes: this returns at its exit
+            pass
+    os.close(parent_gone)
+    if keep_stderr:
+        return
+    from portfwd.cli import logwriter
+
+    logwriter.flush()  # what the child logged while the parent waited goes out first
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
 
 
 def _ssh_verbosity(verbose: int) -> None:
@@ -184,9 +205,17 @@ def _stdio_target(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _background(control: Path, within: float, label: str) -> None:
-    """-f: fork; the child runs on (in a session of its own, stdin from /dev/null), the parent
-    exits 0 once the child's control socket says the tunnel is up with every forward listening.
+#: A forward's states once it has settled: listening, or failed (logged) and retried on.
+SETTLED = ("listening", "failed", "refused")
+
+
+def _background(control: Path, within: float, label: str, *, keep_stderr: bool = False) -> None:
+    """-f: fork; the child runs on (in a session of its own, stdin and stdout on /dev/null),
+    the parent exits 0 once the child's control socket says the tunnel is up and every forward
+    has settled (listening, or failed with its line logged, as ssh goes to the background
+    after a forward it could not set up unless ExitOnForwardFailure). When the parent has
+    gone, the child's stderr goes to /dev/null too (as ssh -f's, unless -v), so `$(portfwd ssh
+    -f ...)`, a pipe or a captured run ends and no line lands on a terminal after the prompt.
 
     The parent waits at most `within` (ConnectTimeout) plus a little for the start; if the
     child exits first, the parent exits with its code (the child has printed why). Raises
@@ -194,13 +223,21 @@ def _background(control: Path, within: float, label: str) -> None:
     """
     from portfwd import control as control_client
 
+    parent_gone, parent_here = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: detach from the terminal and run
+        os.close(parent_here)
         os.setsid()
-        devnull = os.open(os.devnull, os.O_RDONLY)
+        devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
         os.close(devnull)
+        watcher = threading.Thread(
+            target=_quiet_when_gone, args=(parent_gone, keep_stderr), name="portfwd -f", daemon=True
+        )
+        watcher.start()
         return
+    os.close(parent_gone)
     deadline = time.monotonic() + within + 5
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -214,8 +251,11 @@ def _background(control: Path, within: float, label: str) -> None:
         if (
             tunnels
             and tunnels[0].get("state") == "up"
-            and all(item.get("state") == "listening" for item in tunnels[0].get("forwards", []))
+            and all(item.get("state") in SETTLED for item in tunnels[0].get("forwards", []))
         ):
+            from portfwd.cli import logwriter
+
+            logwriter.flush()  # the child's lines (a forward that failed) are the parent's too
             os._exit(0)
         time.sleep(0.05)  # polling another process's socket; bounded by the deadline
     raise RuntimeFailure(
