@@ -175,6 +175,10 @@ def parse_destination(value: object) -> tuple[str | None, str, int | None]:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{value!r} is not an SSH destination", hint=shape)
     text = value.strip()
+    if text[:6].lower() == "ssh://":  # ssh's URI form: ssh://[user@]host[:port], nothing after
+        text = text[6:].rstrip("/")
+        if "/" in text:
+            raise ConfigError(f"{value!r}: an ssh:// destination has no path", hint=shape)
     user: str | None = None
     if "@" in text:
         user, _, text = text.rpartition("@")
@@ -221,6 +225,21 @@ OPTION_KEYS = {
     "addressfamily": None,  # read by the CLI as -4/-6 are
     "proxycommand": None,  # refused unless `none`: a silent direct connect would skip the bastion
 }
+#: ssh options that change nothing for a client that only forwards ports (it opens no session,
+#: asks for no terminal, multiplexes nothing, authenticates with keys only, keeps TCP
+#: keepalive on its own sockets): taken and left aside, so the `-o` lines of autossh and
+#: scripts run as written. By lower-case name.
+IGNORED_OPTIONS = frozenset(
+    {
+        "tcpkeepalive", "loglevel", "controlmaster", "controlpath", "controlpersist", "checkhostip",
+        "streamlocalbindunlink", "connectionattempts", "requesttty", "sessiontype", "forwardagent",
+        "forwardx11", "forwardx11trusted", "passwordauthentication", "kbdinteractiveauthentication",
+        "challengeresponseauthentication", "gssapiauthentication", "hashknownhosts", "visualhostkey",
+        "updatehostkeys", "escapechar", "sendenv", "setenv", "permitlocalcommand", "localcommand",
+        "addkeystoagent", "verifyhostkeydns", "preferredauthentications", "numberofpasswordprompts",
+        "clearallforwardings", "nohostauthenticationforlocalhost", "tunnel",
+    }
+)  # fmt: skip
 #: AddressFamily's words, as the CLI's -4/-6 spell them ("" for any).
 FAMILY_WORDS = {"any": "", "inet": "4", "inet6": "6"}
 _YES = {"yes": True, "true": True, "no": False, "false": False}
@@ -275,11 +294,19 @@ def parse_option(text: str, into: dict[str, object]) -> None:
     if not name or not value:
         raise ConfigError(f"-o {text!r}: write -o Key=Value, e.g. -o ServerAliveInterval=15")
     lower = name.lower()
+    if lower in IGNORED_OPTIONS:
+        return  # nothing to do for a forwarding-only client (IGNORED_OPTIONS)
+    if lower == "pubkeyauthentication":
+        if value.lower() in ("yes", "true", "unbound", "host-bound"):
+            return  # the only way portfwd logs in
+        raise ConfigError(f"-o {name}={value}: portfwd logs in with keys only; this leaves it no way in")
     if lower not in OPTION_KEYS:
         known = "ServerAliveInterval, ServerAliveCountMax, ExitOnForwardFailure, StrictHostKeyChecking, "
         known += "UserKnownHostsFile, GlobalKnownHostsFile, ConnectTimeout, Compression, Ciphers, "
         known += "KexAlgorithms, MACs, HostKeyAlgorithms, Port, User, IdentityFile, IdentitiesOnly, "
-        known += "ProxyJump, BatchMode, GatewayPorts, AddressFamily, ProxyCommand=none"
+        known += "ProxyJump, BatchMode, GatewayPorts, AddressFamily, ProxyCommand=none (and takes, changing "
+        known += "nothing, the ones a forwarding-only client has no use for: TCPKeepAlive, LogLevel, "
+        known += "ControlMaster, ...)"
         raise ConfigError(f"-o {name}: not an option portfwd ssh supports; it supports {known}")
     key = OPTION_KEYS[lower]
     if lower == "proxycommand":

@@ -274,7 +274,8 @@ def test_bad_arguments_exit_2_with_every_problem() -> None:
         "portfwd: -o Bogus: not an option portfwd ssh supports; it supports ServerAliveInterval, ServerAliveCountMax, "
         "ExitOnForwardFailure, StrictHostKeyChecking, UserKnownHostsFile, GlobalKnownHostsFile, ConnectTimeout, "
         "Compression, Ciphers, KexAlgorithms, MACs, HostKeyAlgorithms, Port, User, IdentityFile, IdentitiesOnly, "
-        "ProxyJump, BatchMode, GatewayPorts, AddressFamily, ProxyCommand=none",
+        "ProxyJump, BatchMode, GatewayPorts, AddressFamily, ProxyCommand=none (and takes, changing nothing, "
+        "the ones a forwarding-only client has no use for: TCPKeepAlive, LogLevel, ControlMaster, ...)",
         "portfwd: -o Ciphers: unknown cipher 'rot13'; use one or more of: chacha20-poly1305@openssh.com, "
         "aes256-gcm@openssh.com, aes128-gcm@openssh.com, aes256-ctr, aes192-ctr, aes128-ctr",
     ]

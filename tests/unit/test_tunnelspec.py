@@ -92,6 +92,28 @@ def test_destinations() -> None:
         assert caught.value.line() == line
 
 
+def test_options_a_forwarding_client_has_no_use_for_are_taken_and_change_nothing() -> None:
+    table: dict[str, object] = {}
+    for option in ("TCPKeepAlive=yes", "LogLevel ERROR", "ControlMaster=no", "ControlPath=none",
+                   "CheckHostIP=no", "RequestTTY=no", "SessionType=none", "ForwardAgent=no",
+                   "PasswordAuthentication=no", "PubkeyAuthentication=yes", "ConnectionAttempts=3"):  # fmt: skip
+        parse_option(option, table)
+    assert table == {}
+    with pytest.raises(ConfigError) as caught:
+        parse_option("PubkeyAuthentication=no", table)
+    assert caught.value.line() == (
+        "-o PubkeyAuthentication=no: portfwd logs in with keys only; this leaves it no way in"
+    )
+
+
+def test_ssh_uri_destinations() -> None:
+    assert parse_destination("ssh://alice@bastion.example.org:2222") == ("alice", "bastion.example.org", 2222)
+    assert parse_destination("SSH://[2001:db8::1]/") == (None, "2001:db8::1", None)
+    with pytest.raises(ConfigError) as caught:
+        parse_destination("ssh://host/path")
+    assert caught.value.line().startswith("'ssh://host/path': an ssh:// destination has no path")
+
+
 def test_none_stands_alone_among_known_hosts_files() -> None:
     table: dict[str, object] = {}
     parse_option("UserKnownHostsFile=None", table)

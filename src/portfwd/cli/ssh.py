@@ -102,7 +102,8 @@ def ssh(
     ConnectTimeout, Compression,
     Ciphers, KexAlgorithms, MACs, HostKeyAlgorithms (each narrows portfwd's safe set), Port, User,
     IdentityFile, IdentitiesOnly, ProxyJump, BatchMode, GatewayPorts (as -g) and AddressFamily
-    (any, inet, inet6: as -4/-6); ssh_config's LocalForward,
+    (any, inet, inet6: as -4/-6), and takes the ones a forwarding-only client has no use for
+    (TCPKeepAlive, LogLevel, ControlMaster, ...) as doing nothing; ssh_config's LocalForward,
     RemoteForward, DynamicForward and those options apply when the command line leaves them out.
     -v shows the SSH conversation (-vv, -vvv: more of it, as ssh).
     """
