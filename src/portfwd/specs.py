@@ -109,6 +109,9 @@ class RuleSpec:
     where: str = field(default="forward", compare=False)
 
 
+#: The ssh_config files ssh reads when not given one (-F): the user's, then the system's; the
+#: first value of each keyword wins across both.
+SSH_CONFIGS = ("~/.ssh/config", "/etc/ssh/ssh_config")
 #: ssh's UserKnownHostsFile and GlobalKnownHostsFile defaults (ssh_config(5)).
 USER_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
 GLOBAL_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")

@@ -10,9 +10,11 @@ import asyncssh
 import pytest
 
 from portfwd import planner
+from portfwd.cli import sshargs
 from portfwd.cli.sshargs import batch_mode, listen_flags, read_ssh_config, tunnel_from_args, with_flags
 from portfwd.errors import ConfigError
 from portfwd.specs import TunnelSpec
+from portfwd.ssh import connection
 
 
 def lab(tmp_path: Path, *lines: str) -> Path:
@@ -62,6 +64,24 @@ def test_forwards_join_and_options_fill_in(tmp_path: Path) -> None:
     assert read_ssh_config("lab", str(config))["BatchMode"] is True
     assert batch_mode(("BatchMode=no",)) is False
     assert batch_mode(()) is None
+
+
+def test_without_f_the_users_then_the_systems_ssh_config_are_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As ssh: ~/.ssh/config, then /etc/ssh/ssh_config (here a stand-in: tests never touch the
+    machine's), the first value of each keyword winning across both."""
+    user, system = tmp_path / "user_config", tmp_path / "system_config"
+    user.write_text("Host systun\n  ServerAliveInterval 7\n")
+    system.write_text("Host systun\n  ServerAliveInterval 99\n  LocalForward 8080 db:5432\n")
+    monkeypatch.setattr(sshargs, "SSH_CONFIGS", (str(user), str(system)))
+    found = read_ssh_config("systun", None)
+    assert found["ServerAliveInterval"] == 7
+    assert found["LocalForward"] == ["8080 db:5432"]
+    monkeypatch.setattr(connection, "SSH_CONFIGS", (str(tmp_path / "missing"), str(system)))
+    spec = TunnelSpec(label="t", ssh="systun", user=None, host="systun", port=None)
+    assert connection._config_paths(spec) == [str(system)]  # what a connect hands asyncssh too
+    assert connection._config_paths(replace(spec, ssh_config=())) == []  # `ssh_config = []`: none
 
 
 def test_times_in_ssh_config_take_openssh_s_format(tmp_path: Path) -> None:

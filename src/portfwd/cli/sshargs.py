@@ -15,7 +15,7 @@ from typing import Any
 
 from portfwd import config, tunnelspec
 from portfwd.errors import ConfigError
-from portfwd.specs import TunnelSpec
+from portfwd.specs import SSH_CONFIGS, TunnelSpec
 
 
 def tunnel_from_args(
@@ -72,7 +72,7 @@ def tunnel_from_args(
         except ConfigError as exc:
             problems.append(exc.line())
     if found:
-        _apply_ssh_config(found, table, ssh_config or "~/.ssh/config", problems)
+        _apply_ssh_config(found, table, ssh_config or "ssh_config", problems)
     if stdio:
         # -W clears every forward, as ssh's ClearAllForwardings (`stdio_spec` drops this one,
         # which is here only because a [[tunnel]] must carry a forward to validate).
@@ -172,11 +172,15 @@ _FORWARD_KEYWORDS = {"LocalForward": "local", "RemoteForward": "remote", "Dynami
 
 
 def read_ssh_config(destination: str, ssh_config: str | None) -> dict[str, Any]:
-    """What ssh_config (-F FILE, else ~/.ssh/config) sets for the destination's host among the
-    options portfwd ssh takes. Raises ConfigError naming the file and line."""
-    path = os.path.expanduser(ssh_config or "~/.ssh/config")
-    if ssh_config is None and not os.path.exists(path):
-        return {}
+    """What ssh_config (-F FILE, else ~/.ssh/config then /etc/ssh/ssh_config, as ssh reads
+    them) sets for the destination's host among the options portfwd ssh takes. Raises
+    ConfigError naming the file and line."""
+    if ssh_config is None:
+        paths = [path for path in map(os.path.expanduser, SSH_CONFIGS) if os.path.exists(path)]
+        if not paths:
+            return {}
+    else:
+        paths = [os.path.expanduser(ssh_config)]
     try:
         _, host, _ = tunnelspec.parse_destination(destination)
     except ConfigError:
@@ -184,9 +188,9 @@ def read_ssh_config(destination: str, ssh_config: str | None) -> dict[str, Any]:
     from portfwd.ssh import lean
 
     try:
-        found = lean.ssh_config([path], host)
+        found = lean.ssh_config(paths, host)
     except OSError as exc:
-        raise ConfigError(f"-F {path}: {exc.strerror}") from exc
+        raise ConfigError(f"-F {paths[0]}: {exc.strerror}") from exc
     except ValueError as exc:
         raise ConfigError(f"ssh_config: {exc}") from exc
     if found is None:

@@ -18,7 +18,7 @@ import asyncssh
 
 from portfwd import sshalgorithms
 from portfwd.errors import ConfigError
-from portfwd.specs import TunnelSpec
+from portfwd.specs import SSH_CONFIGS, TunnelSpec
 from portfwd.ssh import keys
 from portfwd.ssh.cork import CorkedConnector
 from portfwd.ssh.errors import resolve_error, ssh_error
@@ -94,15 +94,13 @@ def _options(
         named = config.identity or tuple(found.get("IdentityFile") or ())
         only = config.identities_only or found.get("IdentitiesOnly") is True
         options["agent_identities"] = keys.identities(named) if only else None
-    if config.ssh_config is not None:
-        options["config"] = [os.path.expanduser(item) for item in config.ssh_config]
+    options["config"] = _config_paths(config)  # asyncssh alone would read ~/.ssh/config only
     options["proxy_command"] = None  # ssh_config's is refused (`_hops`), never run
     options["compression_algs"] = ["zlib@openssh.com", "zlib", "none"] if config.compression else ["none"]
     # OpenSSH's algorithm sets or stricter (sshalgorithms.py), as narrowed by the config; they
     # override ssh_config's. Host keys: what known_hosts holds for this host first.
     options.update(sshalgorithms.client_options(config.kex, config.ciphers, config.macs))
-    ssh_config = options.get("config", ())  # () is asyncssh's default: ~/.ssh/config
-    options["server_host_key_algs"] = check.host_key_algorithms(known, host, port, ssh_config)
+    options["server_host_key_algs"] = check.host_key_algorithms(known, host, port, options["config"])
     return options
 
 
@@ -111,11 +109,9 @@ MAX_HOPS = 8
 
 
 def _config_paths(config: TunnelSpec) -> list[str]:
-    """The tunnel's ssh_config files that exist (`~/.ssh/config` unless it names its own)."""
-    if config.ssh_config is None:
-        paths = [os.path.expanduser("~/.ssh/config")]
-    else:
-        paths = [os.path.expanduser(item) for item in config.ssh_config]
+    """The tunnel's ssh_config files that exist (ssh's, SSH_CONFIGS, unless it names its own)."""
+    given = SSH_CONFIGS if config.ssh_config is None else config.ssh_config
+    paths = [os.path.expanduser(item) for item in given]
     return [path for path in paths if os.path.exists(path)]
 
 
