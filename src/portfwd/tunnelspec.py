@@ -14,6 +14,7 @@ loopback for -L/-D (OpenSSH's GatewayPorts=no) and the server's default (loopbac
 from __future__ import annotations
 
 import re
+import urllib.parse
 from dataclasses import dataclass
 from typing import Literal
 
@@ -175,11 +176,16 @@ def parse_destination(value: object) -> tuple[str | None, str, int | None]:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{value!r} is not an SSH destination", hint=shape)
     text = value.strip()
-    if text[:6].lower() == "ssh://":  # ssh's URI form: ssh://[user@]host[:port], nothing after
+    user: str | None = None
+    if text[:6].lower() == "ssh://":  # ssh's URI form (RFC 3986 as ssh reads it: parse_uri)
         text = text[6:].rstrip("/")
         if "/" in text:
             raise ConfigError(f"{value!r}: an ssh:// destination has no path", hint=shape)
-    user: str | None = None
+        if "@" in text:  # the user, percent-decoded, without ;parameters (ssh ignores them)
+            user, _, text = text.partition("@")
+            user = urllib.parse.unquote(user.partition(";")[0])
+            if not user or any(char.isspace() for char in user):
+                raise ConfigError(f"{value!r} has an empty or bad user name", hint=shape)
     if "@" in text:
         user, _, text = text.rpartition("@")
         if not user or any(char.isspace() for char in user):
@@ -231,15 +237,19 @@ OPTION_KEYS = {
 #: scripts run as written. By lower-case name.
 IGNORED_OPTIONS = frozenset(
     {
-        "tcpkeepalive", "loglevel", "controlmaster", "controlpath", "controlpersist", "checkhostip",
+        "tcpkeepalive", "loglevel", "controlpath", "controlpersist", "checkhostip",
         "streamlocalbindunlink", "connectionattempts", "requesttty", "sessiontype", "forwardagent",
         "forwardx11", "forwardx11trusted", "passwordauthentication", "kbdinteractiveauthentication",
-        "challengeresponseauthentication", "gssapiauthentication", "hashknownhosts", "visualhostkey",
-        "updatehostkeys", "escapechar", "sendenv", "setenv", "permitlocalcommand", "localcommand",
+        "challengeresponseauthentication", "gssapiauthentication", "visualhostkey",
+        "updatehostkeys", "escapechar", "sendenv", "setenv", "localcommand",
         "addkeystoagent", "verifyhostkeydns", "preferredauthentications", "numberofpasswordprompts",
-        "clearallforwardings", "nohostauthenticationforlocalhost", "tunnel",
+        "nohostauthenticationforlocalhost",
     }
 )  # fmt: skip
+#: Options taken only with the value that asks for nothing (else refused: silently doing without
+#: a mux socket, a tun device, a local command or dropping forwards would surprise), by
+#: lower-case name: the value that is fine.
+ONLY_OFF = {"controlmaster": "no", "tunnel": "no", "permitlocalcommand": "no", "clearallforwardings": "no"}
 #: AddressFamily's words, as the CLI's -4/-6 spell them ("" for any).
 FAMILY_WORDS = {"any": "", "inet": "4", "inet6": "6"}
 _YES = {"yes": True, "true": True, "no": False, "false": False}
@@ -296,6 +306,13 @@ def parse_option(text: str, into: dict[str, object]) -> None:
     lower = name.lower()
     if lower in IGNORED_OPTIONS:
         return  # nothing to do for a forwarding-only client (IGNORED_OPTIONS)
+    if lower in ONLY_OFF:
+        if value.lower() in (ONLY_OFF[lower], "false"):
+            return
+        raise ConfigError(
+            f"-o {name}={value}: portfwd ssh only forwards ports and has no such feature; "
+            f"leave it out or write {name}={ONLY_OFF[lower]}"
+        )
     if lower == "pubkeyauthentication":
         if value.lower() in ("yes", "true", "unbound", "host-bound"):
             return  # the only way portfwd logs in

@@ -723,6 +723,16 @@ def test_f_leaves_a_captured_output_and_goes_on_after_a_forward_that_failed(
         while time.monotonic() < deadline and os.readlink(f"/proc/{pid}/fd/2") != os.devnull:
             time.sleep(0.02)  # the background process lets go of the caller's stderr (bounded)
         assert [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in (0, 1, 2)] == [os.devnull] * 3
+        with socket.create_server(("127.0.0.1", 0)) as busy:  # ExitOnForwardFailure: all or nothing
+            strict = subprocess.run(
+                portfwd_argv(
+                    "ssh", "-q", "-f", "-o", "ExitOnForwardFailure=yes", *sshd.ssh_args(),
+                    "-L", f"{busy.getsockname()[1]}:127.0.0.1:{sink.port}",
+                ),
+                capture_output=True, text=True, timeout=60, check=False, cwd=REPO,
+            )  # fmt: skip
+        assert strict.returncode == 1, strict.stderr
+        assert "address already in use" in strict.stderr
     finally:
         os.kill(pid, signal.SIGTERM)  # the background portfwd this test started, by its PID
         deadline = time.monotonic() + 15

@@ -104,11 +104,20 @@ def test_options_a_forwarding_client_has_no_use_for_are_taken_and_change_nothing
     assert caught.value.line() == (
         "-o PubkeyAuthentication=no: portfwd logs in with keys only; this leaves it no way in"
     )
+    for asked in ("ControlMaster=auto", "ClearAllForwardings=yes", "Tunnel=yes", "PermitLocalCommand=yes"):
+        with pytest.raises(ConfigError) as caught:  # what would silently be missing: refused
+            parse_option(asked, table)
+        name = asked.partition("=")[0]
+        assert caught.value.line() == (
+            f"-o {asked}: portfwd ssh only forwards ports and has no such feature; "
+            f"leave it out or write {name}=no"
+        )
 
 
 def test_ssh_uri_destinations() -> None:
     assert parse_destination("ssh://alice@bastion.example.org:2222") == ("alice", "bastion.example.org", 2222)
     assert parse_destination("SSH://[2001:db8::1]/") == (None, "2001:db8::1", None)
+    assert parse_destination("ssh://al%40corp;fingerprint=SHA256:x@h:2200") == ("al@corp", "h", 2200)
     with pytest.raises(ConfigError) as caught:
         parse_destination("ssh://host/path")
     assert caught.value.line().startswith("'ssh://host/path': an ssh:// destination has no path")

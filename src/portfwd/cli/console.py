@@ -304,9 +304,7 @@ def report(exc: BaseException) -> int:
         import traceback  # only here: it costs a millisecond at every start
 
         traceback.print_exception(exc)
-    print(
-        f"portfwd: internal error: {type(exc).__name__}: {printable(str(exc))} "
-        "(set PORTFWD_DEBUG=1 for details)",
-        file=sys.stderr,
-    )
+    line = f"internal error: {type(exc).__name__}: {printable(str(exc))} (set PORTFWD_DEBUG=1 for details)"
+    print(f"portfwd: {line}", file=sys.stderr)
+    _also_in_log_file([line])  # after -f, nobody reads stderr
     return 1

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
+import signal
 import threading
 import time
 from dataclasses import replace
@@ -42,7 +44,12 @@ from portfwd.cli.options import control_option, fast_path_option
 @click.option("-i", "identity", multiple=True, metavar="KEY", help="Private key file (repeatable).")
 @click.option("-J", "jump", metavar="JUMP", help="Jump host(s): [user@]host[:port][,...].")
 @click.option("-o", "options", multiple=True, metavar="Key=Value", help="OpenSSH option (see below).")
-@click.option("-F", "ssh_config", metavar="FILE", help="ssh_config file instead of ~/.ssh/config.")
+@click.option(
+    "-F",
+    "ssh_config",
+    metavar="FILE",
+    help="ssh_config file instead of ~/.ssh/config and /etc/ssh/ssh_config (none: no file).",
+)
 @click.option("-C", "compression", is_flag=True, help="Compress (Compression=yes).")
 @click.option("-N", "no_command", is_flag=True, help="Accepted for ssh compatibility: never runs a command.")
 @click.option("-T", "no_tty", is_flag=True, help="Accepted for ssh compatibility: never asks for a terminal.")
@@ -158,29 +165,35 @@ def ssh(
         stdio_relay.run(sshargs.stdio_spec(plan.tunnels[0]), *target, fast_path=plan.ssh_fast_path)
         return
     if background:
+        tunnel = plan.tunnels[0]
         _background(
-            instance.socket, plan.tunnels[0].connect_timeout, plan.tunnels[0].label, keep_stderr=verbose > 0
+            instance.socket,
+            tunnel.connect_timeout,
+            tunnel.label,
+            keep_stderr=verbose > 0,
+            all_or_nothing=tunnel.exit_on_forward_failure,
         )
     from portfwd import runtime
 
     runtime.run(plan, identity=instance, exit_on_auth=True)
 
 
-def _quiet_when_gone(parent_gone: int, keep_stderr: bool) -> None:
-    """The -f child: once the parent has exited (its end of the pipe closed), stderr goes to
-    /dev/null unless -v kept it (the log file of -E is not stderr and stays)."""
+def _quiet_when_gone(parent_gone: int, child_here: int, keep_stderr: bool) -> None:
+    """The -f child: once the parent is leaving (its end of the pipe closed, or it died), the
+    lines logged so far are written and stderr goes to /dev/null unless -v kept it (the log
+    file of -E is not stderr and stays); closing `child_here` tells the parent it may exit."""
     with contextlib.suppress(OSError):
-        while os.read(parent_gone, 1):  # the parent never writes: this returns at its exit
+        while os.read(parent_gone, 1):  # the parent never writes: this returns as it leaves
             pass
     os.close(parent_gone)
-    if keep_stderr:
-        return
     from portfwd.cli import logwriter
 
     logwriter.flush()  # what the child logged while the parent waited goes out first
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
+    if not keep_stderr:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    os.close(child_here)
 
 
 def _ssh_verbosity(verbose: int) -> None:
@@ -206,17 +219,27 @@ def _stdio_target(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-#: A forward's states once it has settled: listening, or failed (logged) and retried on.
+#: A forward's states once it has settled: listening, or failed with its line logged (a -L or
+#: -D that cannot listen stays down; a refused -R is asked for again).
 SETTLED = ("listening", "failed", "refused")
+#: How long the parent waits for the child to have written its lines and let go of stderr.
+HANDOVER_WAIT = 2.0
 
 
-def _background(control: Path, within: float, label: str, *, keep_stderr: bool = False) -> None:
+def _background(
+    control: Path, within: float, label: str, *, keep_stderr: bool = False, all_or_nothing: bool = False
+) -> None:
     """-f: fork; the child runs on (in a session of its own, stdin and stdout on /dev/null),
     the parent exits 0 once the child's control socket says the tunnel is up and every forward
     has settled (listening, or failed with its line logged, as ssh goes to the background
-    after a forward it could not set up unless ExitOnForwardFailure). When the parent has
-    gone, the child's stderr goes to /dev/null too (as ssh -f's, unless -v), so `$(portfwd ssh
-    -f ...)`, a pipe or a captured run ends and no line lands on a terminal after the prompt.
+    after a forward it could not set up), or, with ExitOnForwardFailure (`all_or_nothing`),
+    once every forward listens: a failure ends the child, whose exit code the parent returns.
+
+    Then the parent hands over: it closes its end of one pipe, the child writes the lines it
+    has logged, puts /dev/null on its stderr too (as ssh -f's, unless -v keeps it) and closes
+    its end of another, and the parent exits. So every line comes before the prompt, and
+    `$(portfwd ssh -f ...)`, a pipe or a captured run ends. A signal to the parent while it
+    waits (Ctrl-C) ends the child too, as it ends ssh before it goes to the background.
 
     The parent waits at most `within` (ConnectTimeout) plus a little for the start; if the
     child exits first, the parent exits with its code (the child has printed why). Raises
@@ -225,20 +248,35 @@ def _background(control: Path, within: float, label: str, *, keep_stderr: bool =
     from portfwd import control as control_client
 
     parent_gone, parent_here = os.pipe()
+    child_done, child_here = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: detach from the terminal and run
         os.close(parent_here)
+        os.close(child_done)
         os.setsid()
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
         os.close(devnull)
         watcher = threading.Thread(
-            target=_quiet_when_gone, args=(parent_gone, keep_stderr), name="portfwd -f", daemon=True
+            target=_quiet_when_gone,
+            args=(parent_gone, child_here, keep_stderr),
+            name="portfwd -f",
+            daemon=True,
         )
         watcher.start()
         return
     os.close(parent_gone)
+    os.close(child_here)
+
+    def stop_child(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop_child)
+    settled = ("listening",) if all_or_nothing else SETTLED
     deadline = time.monotonic() + within + 5
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -252,11 +290,10 @@ def _background(control: Path, within: float, label: str, *, keep_stderr: bool =
         if (
             tunnels
             and tunnels[0].get("state") == "up"
-            and all(item.get("state") in SETTLED for item in tunnels[0].get("forwards", []))
+            and all(item.get("state") in settled for item in tunnels[0].get("forwards", []))
         ):
-            from portfwd.cli import logwriter
-
-            logwriter.flush()  # the child's lines (a forward that failed) are the parent's too
+            os.close(parent_here)  # the child's turn: its lines out, then stderr let go
+            select.select([child_done], [], [], HANDOVER_WAIT)
             os._exit(0)
         time.sleep(0.05)  # polling another process's socket; bounded by the deadline
     raise RuntimeFailure(

@@ -59,7 +59,7 @@ def tunnel_from_args(
     if jump:
         table["jump"] = jump.split(",")
     if ssh_config:
-        table["ssh_config"] = [ssh_config]
+        table["ssh_config"] = [] if ssh_config == "none" else [ssh_config]  # -F none: no file, as ssh
     if compression:
         table["compression"] = True
     if name:
@@ -179,6 +179,8 @@ def read_ssh_config(destination: str, ssh_config: str | None) -> dict[str, Any]:
         paths = [path for path in map(os.path.expanduser, SSH_CONFIGS) if os.path.exists(path)]
         if not paths:
             return {}
+    elif ssh_config == "none":  # ssh's -F none: no file at all
+        return {}
     else:
         paths = [os.path.expanduser(ssh_config)]
     try:
@@ -190,7 +192,7 @@ def read_ssh_config(destination: str, ssh_config: str | None) -> dict[str, Any]:
     try:
         found = lean.ssh_config(paths, host)
     except OSError as exc:
-        raise ConfigError(f"-F {paths[0]}: {exc.strerror}") from exc
+        raise ConfigError(f"ssh_config {exc.filename or paths[0]}: {exc.strerror}") from exc
     except ValueError as exc:
         raise ConfigError(f"ssh_config: {exc}") from exc
     if found is None:
