@@ -258,7 +258,8 @@ def test_a_locked_key_without_a_terminal_or_in_batch_mode_is_one_line(sshd: Sshd
 
 def test_a_locked_key_the_agent_holds_needs_no_passphrase(sshd: Sshd, sink: Sink, tmp_path: Path) -> None:
     """The agent signs for a locked -i key, with IdentitiesOnly=yes too (as ssh: the agent's copy
-    of that key, and only it, is offered; the agent also holds another key sshd accepts)."""
+    of that key, and only it, is offered; the agent also holds another key sshd accepts); and
+    for a key named by its .pub alone (world-readable, as public keys are)."""
     key = locked_key(sshd, tmp_path / "locked")
     agent_socket = tmp_path / "agent.sock"
     askpass = tmp_path / "askpass"
@@ -284,10 +285,16 @@ def test_a_locked_key_the_agent_holds_needs_no_passphrase(sshd: Sshd, sink: Sink
         fingerprint = subprocess.run(
             ["ssh-keygen", "-lf", f"{key}.pub"], capture_output=True, text=True, check=True, timeout=30
         ).stdout.split()[1]
-        for only in ("no", "yes"):
+        # the key file itself, then (a hardware key's, a password manager's way) only its .pub
+        for named, only in (
+            (key, "no"),
+            (key, "yes"),
+            (Path(f"{key}.pub"), "yes"),
+            (Path(f"{key}.pub"), "no"),
+        ):
             local = free_port()
             args = portfwd_argv(
-                "ssh", "-F", "/dev/null", "-i", str(key), "-o", f"IdentitiesOnly={only}",
+                "ssh", "-F", "/dev/null", "-i", str(named), "-o", f"IdentitiesOnly={only}",
                 "-o", f"UserKnownHostsFile={sshd.known_hosts}", "-p", str(sshd.port), "root@127.0.0.1",
                 "-L", f"{local}:127.0.0.1:{sink.port}",
             )  # fmt: skip
@@ -306,7 +313,9 @@ def test_a_locked_key_the_agent_holds_needs_no_passphrase(sshd: Sshd, sink: Sink
                 if "Accepted publickey" in line
             ]
             assert len(accepted) == 1, accepted
-            assert (fingerprint in accepted[0]) == (only == "yes"), (only, accepted)
+            # the agent's other key first unless restricted, or unless only the .pub is named
+            # (named keys go first, as ssh orders them)
+            assert (fingerprint in accepted[0]) == (only == "yes" or named.suffix == ".pub"), (named, only)
     finally:
         agent.stop()
         agent.close()

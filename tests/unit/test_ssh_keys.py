@@ -211,3 +211,23 @@ def test_keys_left_to_the_agent_never_bring_the_default_key_files_along(
         replace(spec, host="other"), HostKeyCheck([], False), "other", 22, "root", lambda _: None
     )
     assert elsewhere["agent_identities"] is None  # no IdentitiesOnly for that host: every agent key
+
+
+def test_a_public_key_file_is_left_to_the_agent_or_refused_without_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`-i KEY.pub` (a hardware key's or a password manager's agent holds the private half):
+    world-readable as public keys are, never loaded as a private key; with no agent, one line."""
+    key = write_key(tmp_path / "id")
+    public = tmp_path / "id.pub"
+    public.chmod(0o644)
+    monkeypatch.setenv("SSH_AUTH_SOCK", str(tmp_path / "agent.sock"))
+    assert load((str(public),), field="-i") == ()
+    assert identities((str(public),)) == [key.public_data]
+    monkeypatch.delenv("SSH_AUTH_SOCK")
+    with pytest.raises(KeyFileError) as caught:
+        load((str(public),), field="-i")
+    assert caught.value.line() == (
+        f"-i: {public}: a public key, and no ssh-agent to sign with its private half; "
+        "add the key to the agent (SSH_AUTH_SOCK) or give the private key file"
+    )

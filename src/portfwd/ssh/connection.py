@@ -76,14 +76,18 @@ def _options(
         loaded = list(config.client_keys)
     elif config.identity:
         loaded = list(keys.load(config.identity, field=f"{config.label}: identity", agent=config.agent))
+    agent_only = False
     if loaded:
         options["client_keys"] = loaded
     elif loaded is not None:
         # Every key left to the agent. An empty list would have asyncssh read ~/.ssh/id_* as well,
         # which ssh never offers once keys are named; the files again, their locked keys skipped,
-        # leave the agent as the only signer.
-        options["client_keys"] = [os.path.expanduser(item) for item in config.identity]
+        # leave the agent as the only signer. Public key files only: `_signed_by_agent`.
+        files = [os.path.expanduser(item) for item in config.identity]
+        files = [path for path in files if not keys.public_key_file(path)]
+        options["client_keys"] = files
         options["ignore_encrypted"] = True
+        agent_only = not files
     if not config.agent:
         options["agent_path"] = None
     else:
@@ -94,6 +98,8 @@ def _options(
         named = config.identity or tuple(found.get("IdentityFile") or ())
         only = config.identities_only or found.get("IdentitiesOnly") is True
         options["agent_identities"] = keys.identities(named) if only else None
+        if agent_only:  # asyncssh cannot be given no key file: the agent's keys are given instead
+            options["agent_keys_first"] = keys.identities(named)
     options["config"] = _config_paths(config)  # asyncssh alone would read ~/.ssh/config only
     options["proxy_command"] = None  # ssh_config's is refused (`_hops`), never run
     options["compression_algs"] = ["zlib@openssh.com", "zlib", "none"] if config.compression else ["none"]
@@ -170,6 +176,29 @@ def _hops(config: TunnelSpec) -> list[str]:
     return chain
 
 
+async def _connect(host: str, tunnel: Any, options: dict[str, Any]) -> asyncssh.SSHClientConnection:
+    """asyncssh.connect, or, when every named key is a public key file the agent signs for
+    (`agent_keys_first` set by `_options`), with the agent's keys given as the client keys:
+    those named first, the rest after unless IdentitiesOnly, as ssh orders them (asyncssh would
+    read ~/.ssh/id_* for an empty key list). The agent is asked once for this login."""
+    named = options.pop("agent_keys_first", None)
+    if named is None:
+        return await asyncssh.connect(host, tunnel=tunnel, **options)
+    only = options.pop("agent_identities", None) is not None
+    agent = await asyncssh.connect_agent(options.get("agent_path", ()) or os.environ.get("SSH_AUTH_SOCK", ""))
+    try:
+        offered = await agent.get_keys(named if only else None)
+        first = [key for key in offered if key.public_data in named]
+        options["client_keys"] = first + [key for key in offered if key.public_data not in named]
+        options["agent_path"] = None  # its keys are the client keys already
+        options.pop("ignore_encrypted", None)
+        return await asyncssh.connect(host, tunnel=tunnel, **options)
+    finally:
+        agent.close()
+        with contextlib.suppress(Exception):
+            await agent.wait_closed()
+
+
 def _check(config: TunnelSpec) -> HostKeyCheck:
     """A host-key check for one connection attempt to one hop (each gets its own)."""
     accept_new = config.strict_host_key_checking == "accept-new"
@@ -192,7 +221,7 @@ async def connect(
         check = _check(config)
         options = _options(config, check, host, port, user, lost)
         try:
-            tunnel = await asyncssh.connect(host, tunnel=tunnel, **options)
+            tunnel = await _connect(host, tunnel, options)
         except asyncssh.HostKeyNotVerifiable as exc:
             raise check.problem or HostKeyError(f"jump host {host}: {exc.reason}") from exc
         except socket.gaierror as exc:
@@ -202,7 +231,7 @@ async def connect(
     check = _check(config)
     options = _options(config, check, config.host, config.port, config.user, lost)
     try:
-        conn = await asyncssh.connect(config.host, tunnel=tunnel or CorkedConnector(), **options)
+        conn = await _connect(config.host, tunnel or CorkedConnector(), options)
     except asyncssh.HostKeyNotVerifiable as exc:
         raise check.problem or HostKeyError(f"{config.host}: {exc.reason}") from exc
     except socket.gaierror as exc:

@@ -86,7 +86,7 @@ def _check_file(path: str, field: str) -> bytes:
         raise KeyFileError(f"{path}: {exc.strerror}", field=field) from exc
     if not stat.S_ISREG(info.st_mode):
         raise KeyFileError(f"{path}: not a regular file", field=field, hint="give a private key file")
-    if info.st_uid == os.getuid() and info.st_mode & 0o077:
+    if info.st_uid == os.getuid() and info.st_mode & 0o077 and not public_key_file(path):
         raise KeyFileError(
             f"UNPROTECTED PRIVATE KEY FILE {path}: permissions {stat.S_IMODE(info.st_mode):04o} are too open "
             "(a private key must not be readable by group or others)",
@@ -106,6 +106,8 @@ def public_half(path: str, data: bytes | None = None) -> bytes | None:
     an OpenSSH-format file keeps in the clear; None when none of them can be read."""
     with contextlib.suppress(OSError, ValueError):
         return bytes(asyncssh.read_public_key(path + ".pub").public_data)
+    if public_key_file(path):  # the file named is the public key itself
+        return bytes(asyncssh.read_public_key(path).public_data)
     if data is None:
         try:
             with open(path, "rb") as handle:
@@ -115,6 +117,18 @@ def public_half(path: str, data: bytes | None = None) -> bytes | None:
     with contextlib.suppress(ValueError):  # encrypted (or not a key): the clear part, if any
         return bytes(asyncssh.import_private_key(data).public_data)
     return opensshkey.public_blob(data)
+
+
+def public_key_file(path: str) -> bool:
+    """Is `path` a public key (`IdentityFile ~/.ssh/id_ed25519.pub`, whose private half only the
+    agent holds: a hardware key, a password manager's agent)? Such a file may be world-readable."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(1 << 20)
+        asyncssh.import_public_key(data)  # (which takes a private key too: its public half)
+    except (OSError, ValueError):
+        return False
+    return b"PRIVATE KEY" not in data
 
 
 def _agent_holds(path: str, agent_path: str, data: bytes | None = None) -> bool:
@@ -198,6 +212,14 @@ def load(
     for given in paths:
         path = os.path.expanduser(given)
         data = _check_file(path, field)
+        if public_key_file(path):  # the agent holds its private half, or nobody here does
+            if not agent_path:
+                raise KeyFileError(
+                    f"{path}: a public key, and no ssh-agent to sign with its private half",
+                    field=field,
+                    hint="add the key to the agent (SSH_AUTH_SOCK) or give the private key file",
+                )
+            continue
         try:
             pairs.extend(_pair(asyncssh.import_private_key(data), path))
             continue
