@@ -82,7 +82,7 @@ def _options(
     elif loaded is not None:
         # Every key left to the agent. An empty list would have asyncssh read ~/.ssh/id_* as well,
         # which ssh never offers once keys are named; the files again, their locked keys skipped,
-        # leave the agent as the only signer. Public key files only: `_signed_by_agent`.
+        # leave the agent as the only signer. Public key files only: `_connect` asks the agent.
         files = [os.path.expanduser(item) for item in config.identity]
         files = [path for path in files if not keys.public_key_file(path)]
         options["client_keys"] = files
