@@ -16,7 +16,7 @@ if [ ! -x .uv/bin/uv ] || [ "$(cat "$uv_stamp" 2>/dev/null)" != "$uv_want" ]; th
     echo "$uv_want" > "$uv_stamp"
 fi
 stamp=".venv/.portfwd-installed"
-want="$(cat uv.lock pyproject.toml | sha256sum | cut -d' ' -f1)"
+want="$(cat uv.lock pyproject.toml setup.py src/portfwd/relay/_native.c | sha256sum | cut -d' ' -f1)"
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "setting up .venv from uv.lock ..." >&2
     UV_PYTHON_DOWNLOADS=never UV_PROJECT_ENVIRONMENT=.venv \

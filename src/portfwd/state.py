@@ -97,6 +97,9 @@ class State:
         self._server_closed: deque[Closed] = deque(maxlen=RECENT_CLOSED)  # all server clients'
         self._rates: dict[int, tuple[float, float]] = {}  # session id -> bytes/s up, down (if moving)
         self._closing: dict[int, str] = {}  # session id -> why the state asked its relay to close
+        #: Called before live sessions' bytes are read: a relay that counts where Python does not
+        #: look on every chunk (the C engine, relay/native.py) copies its counts in.
+        self.syncers: list[Callable[[], None]] = []
         #: Called when the last live session closes (the runtime's drain waits on it).
         self.on_empty: Callable[[], None] | None = None
 
@@ -216,6 +219,8 @@ class State:
         """Note which sessions moved bytes since the last call and how many per second (idle
         time and rates, off the hot path), the same for every rule, tunnel forward and server
         client, and end the TCP sessions idle longer than their rule's `idle_timeout`."""
+        for sync in self.syncers:
+            sync()
         now = time.monotonic()
         seconds, self._sampled = now - self._sampled, now
         idle: list[Session] = []
@@ -279,6 +284,8 @@ class State:
 
     def live_bytes(self) -> dict[int, tuple[int, int]]:
         """Bytes (up, down) of live sessions, keyed by id() of their RuleStats."""
+        for sync in self.syncers:
+            sync()
         live: dict[int, tuple[int, int]] = {}
         for session in self.sessions.values():
             key = id(session.rule)
@@ -351,6 +358,8 @@ class State:
         """Live sessions: wall-clock start, age and idle seconds, bytes so far; with `limit`, the
         `limit` that moved most bytes (a page cannot use ten thousand rows a second, and each
         row costs a system call), and how many were left out in `sessions_omitted`."""
+        for sync in self.syncers:
+            sync()
         now = time.monotonic()
         sessions: Iterable[Session] = self.sessions.values()
         omitted = self.peers_omitted if limit is not None else 0

@@ -28,6 +28,8 @@ from portfwd.relay.health import Checker
 from portfwd.relay.limits import Limits
 from portfwd.relay.listener import DescriptorListener, bind_group, bind_ip, bind_unix
 from portfwd.relay.mmsg import Batch
+from portfwd.relay.native import NativeForwarder, NativeListener, NativeRelays, native_reason
+from portfwd.relay.native import available as native_available
 from portfwd.relay.poller import Poller
 from portfwd.relay.splice import PipePool, splice_available
 from portfwd.relay.udp import UdpForwarder
@@ -38,11 +40,17 @@ from portfwd.state import Listener, State
 log = logging.getLogger(__name__)
 
 
+#: A TCP listener and what serves its clients: Python's (relay/forwarder.py) or the C engine's
+#: (relay/native.py), which have the same interface.
+Accepting = DescriptorListener | NativeListener
+Forwarder = TcpForwarder | NativeForwarder
+
+
 @dataclass(slots=True)
 class _RuleRun:
     """What one rule has running: its TCP listeners with forwarders, and UDP forwarders."""
 
-    tcp: list[tuple[DescriptorListener, TcpForwarder]]
+    tcp: list[tuple[Accepting, Forwarder]]
     udp: list[UdpForwarder]
     checker: Checker | None = None
     pool: Pool | None = None
@@ -50,7 +58,7 @@ class _RuleRun:
     #: worker that dies loses none of the clients queued on them.
     siblings: list[list[socket.socket]] | None = None
     #: Per worker that is down: this process serving its copies meanwhile.
-    adopted: dict[int, list[DescriptorListener | UdpForwarder]] = field(default_factory=dict)
+    adopted: dict[int, list[Accepting | UdpForwarder]] = field(default_factory=dict)
 
     def release(self, worker: int) -> None:
         """Stop serving worker `worker`'s copies (it serves them again); they stay open."""
@@ -77,8 +85,10 @@ class _RuleRun:
             udp.close("rule removed")
 
 
-def _accepting(listener: socket.socket, forwarder: TcpForwarder) -> DescriptorListener:
+def _accepting(listener: socket.socket, forwarder: Forwarder) -> Accepting:
     """Wire a listening socket to its forwarder, both ways (serve clients; pause on exhaustion)."""
+    if isinstance(forwarder, NativeForwarder):
+        return NativeListener(listener, forwarder)
     accepting = DescriptorListener(listener, forwarder.serve, forwarder.label)
     forwarder.exhausted = accepting.pause
     return accepting
@@ -89,7 +99,7 @@ def _impose(run: _RuleRun, mode: str) -> None:
     `mode`: "paused" holds accepts, "draining" refuses new clients, "" takes them."""
     adopted = [item for items in run.adopted.values() for item in items]
     listeners = [accepting for accepting, _ in run.tcp]
-    listeners += [item for item in adopted if isinstance(item, DescriptorListener)]
+    listeners += [item for item in adopted if not isinstance(item, UdpForwarder)]
     for accepting in listeners:
         if mode == "paused":
             accepting.hold()
@@ -154,6 +164,7 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         self._retired: list[_RuleRun] = []  # removed by a reload; their sessions drain
         self._pipes = PipePool()
         self._poller = Poller()  # the splice relays' sockets
+        self._native = NativeRelays(state)  # the C engine, for the rules it can relay
         self._batch: Batch | None = None  # the UDP forwarders' recvmmsg/sendmmsg slots
         self._batch_tried = False
         #: Rules paused or draining (by name, so a reload that changes a rule keeps its mode).
@@ -185,7 +196,7 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         for rule, run in self._runs.items():
             if run.siblings is None or worker in run.adopted or (skip and rule in skip):
                 continue
-            serving: list[DescriptorListener | UdpForwarder] = run.adopted.setdefault(worker, [])
+            serving: list[Accepting | UdpForwarder] = run.adopted.setdefault(worker, [])
             streams = iter(run.tcp)
             datagrams = iter(run.udp)
             for sock in run.siblings[worker - 1]:
@@ -194,7 +205,11 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
                     copy.setblocking(False)
                     if sock.type == socket.SOCK_STREAM:
                         _, forwarder = next(streams)
-                        accepting = DescriptorListener(copy, forwarder.serve, forwarder.label)
+                        accepting: Accepting = (
+                            NativeListener(copy, forwarder)
+                            if isinstance(forwarder, NativeForwarder)
+                            else DescriptorListener(copy, forwarder.serve, forwarder.label)
+                        )
                         serving.append(accepting)
                         accepting.start()
                     else:
@@ -362,6 +377,7 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         self._retired.clear()
         self._pipes.close()
         self._poller.close()
+        self._native.close()
         if self._batch is not None:
             self._batch.close()
             self._batch = None
@@ -406,6 +422,7 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
             else None
         )
         pool = self._pool(rule)
+        native = path == "splice" and native_available() and native_reason(rule) is None
         handed = self.given(rule) if self.given is not None else None
         copies = self.workers - 1 if self.given is None and self.workers > 1 and shareable(rule) else 0
         groups: list[list[socket.socket]] = []
@@ -427,6 +444,7 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
                 what, listen.host, port, kind, backlog=backlog, dual_stack=rule.dual_stack, tcp_keepalive=keep
             )
 
+        forwarder: Forwarder
         try:
             listen = rule.listen
             if isinstance(listen, UnixPath):
@@ -439,8 +457,12 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
                 for port in listen.ports.ports():
                     if rule.protocol.has_tcp:
                         listener = bind(port, socket.SOCK_STREAM)
-                        forwarder = TcpForwarder(
-                            rule, port, self.state, path, self._pipes, self._poller, limits, shaper, pool
+                        forwarder = (
+                            NativeForwarder(rule, port, self.state, self._native)
+                            if native
+                            else TcpForwarder(
+                                rule, port, self.state, path, self._pipes, self._poller, limits, shaper, pool
+                            )
                         )
                         run.tcp.append((_accepting(listener, forwarder), forwarder))
                     if rule.protocol.has_udp:

@@ -1,0 +1,1036 @@
+/* portfwd.relay._native: the splice path's per-connection work (accept, connect, relay) in C.
+ *
+ * Why C, and by hand: a relayed connection costs the kernel about 33 us of system time on
+ * this bench, and the interpreter another 20-25 us around the same 17 system calls (accept,
+ * two socket objects, a connect, six splices, the close: bench/RESULTS.md, "Workers, measured
+ * why"). haproxy spends 5 us of user time. No maintained library relays two sockets with
+ * splice(2) from one epoll set for Python; asyncio and uvloop give a callback per socket event,
+ * which is where the time goes. So this module does, for the rules that need nothing more, what
+ * relay/listener.py (DescriptorListener), relay/upstream.py (Connect), relay/forwarder.py
+ * (TcpForwarder) and relay/splice.py (SpliceRelay) do in Python, with the same semantics:
+ *
+ *   - accept in bursts (64), pause a listener that runs out of descriptors (told to Python);
+ *   - a draining listener resets its new clients (SO_LINGER 0);
+ *   - connect to one literal address, ask a loopback connect how it went at once, time out;
+ *   - relay with one pipe per direction lent per burst from a pool, 8 splices per wake-up,
+ *     the FIN passed on with the last bytes (EPOLLRDHUP), half-close kept, and the same
+ *     reasons a session ends with ("client closed", "upstream reset", ...);
+ *   - upstream TCP keepalive turned on once a session outlives one to two seconds.
+ *
+ * Everything else (the session's records, status, logs, limits, allow/deny) stays in Python:
+ * `run()` hands back a list of events (a session opened, a connect failed, a listener ran
+ * out of descriptors), and a Link's `close(reason)` (the state asked: idle, shutdown, an
+ * operator) calls the engine's `closed` callback at once. The relay/native.py module docstring
+ * says which rules take this path.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/timerfd.h>
+#include <time.h>
+#include <unistd.h>
+
+/* epoll data: a pointer with its kind in the low bits (every pointer here is 16-aligned). */
+#define TAG_LISTENER 1u
+#define TAG_CLIENT 2u
+#define TAG_UPSTREAM 3u
+#define TAG_TIMER 4u
+#define TAG_MASK 7u
+
+#define ACCEPT_BATCH 64
+#define EVENTS_PER_RUN 256
+#define ROUNDS_PER_WAKEUP 8
+#define POOL_CAPACITY 64
+/* How often the timer looks at connects under way and at sessions due their keepalive. */
+#define TICK_NS 100000000LL
+/* A session's upstream keepalive is turned on once it has lived this long (latekeepalive.py). */
+#define KEEPALIVE_AFTER_NS 1000000000LL
+
+/* Event kinds, as relay/native.py reads them. */
+enum { EV_OPEN = 0, EV_FAILED = 1, EV_EXHAUSTED = 2, EV_REFUSED = 3, EV_ACCEPT_FAILED = 4, EV_CLOSED = 5 };
+/* How a connect failed (EV_FAILED's third field). */
+enum { FAIL_CONNECT = 0, FAIL_SOCKET = 1, FAIL_TIMEOUT = 2 };
+enum { CONNECTING = 0, RELAYING = 1, CLOSED = 2 };
+
+typedef struct {
+    int pipe_r, pipe_w;
+    size_t pending; /* bytes in the pipe */
+    int eof;        /* the source said EOF */
+    int reading;    /* waiting for the source to be readable */
+    int blocked;    /* waiting for the destination to be writable */
+} Direction;
+
+struct Engine;
+
+typedef struct Link {
+    PyObject_HEAD
+    struct Engine *engine; /* strong */
+    PyObject *token;       /* strong: the forwarder that opened it (relay/native.py) */
+    PyObject *session;     /* strong: set by Python once the session is recorded */
+    PyObject *client_text; /* strong */
+    int client, upstream;
+    int state;
+    Direction up, down; /* up: client -> upstream */
+    unsigned client_mask, upstream_mask;
+    int done; /* 0, or the side that finished first: 1 client, 2 upstream */
+    int keepalive;
+    unsigned long long bytes_up, bytes_down;
+    int64_t began_ns;    /* monotonic: when the client was accepted */
+    int64_t deadline_ns; /* connecting: when the connect times out */
+    double timeout;      /* connecting: the timeout, for its message */
+    struct sockaddr_storage target;
+    socklen_t target_len;
+    struct Link *prev, *next; /* the engine's connecting list, or its keepalive queue */
+    int queued;               /* on one of those lists */
+} Link;
+
+typedef struct Listener {
+    int fd;
+    int watched;  /* in the epoll set */
+    int refusing; /* draining: new clients are reset */
+    int keepalive;
+    PyObject *token; /* strong */
+    struct sockaddr_storage target;
+    socklen_t target_len;
+    int family;
+    double timeout;
+    struct Listener *next;
+} Listener;
+
+typedef struct Engine {
+    PyObject_HEAD
+    int epoll;
+    int timer;
+    int timer_armed;
+    size_t pipe_size;
+    int ka_idle, ka_interval, ka_count;
+    int pool[POOL_CAPACITY][2];
+    int pooled;
+    Listener *listeners;
+    Link connecting; /* sentinel of the connecting list (only prev/next used) */
+    Link waiting;    /* sentinel of the keepalive queue, oldest first */
+    PyObject *events;   /* list, or NULL */
+    PyObject *closed;   /* callable(link, reason): a close Python asked for */
+    long live;          /* links not yet closed */
+} Engine;
+
+static PyTypeObject LinkType;
+static PyTypeObject EngineType;
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* ------------------------------------------------------------------ lists */
+static void list_init(Link *sentinel) { sentinel->prev = sentinel->next = sentinel; }
+
+static void list_push(Link *sentinel, Link *link) {
+    link->prev = sentinel->prev;
+    link->next = sentinel;
+    sentinel->prev->next = link;
+    sentinel->prev = link;
+    link->queued = 1;
+}
+
+static void list_drop(Link *link) {
+    if (!link->queued) return;
+    link->prev->next = link->next;
+    link->next->prev = link->prev;
+    link->prev = link->next = NULL;
+    link->queued = 0;
+}
+
+/* ------------------------------------------------------------------ events */
+static int emit(Engine *engine, PyObject *event) {
+    if (event == NULL) return -1;
+    if (engine->events == NULL) {
+        engine->events = PyList_New(0);
+        if (engine->events == NULL) {
+            Py_DECREF(event);
+            return -1;
+        }
+    }
+    int result = PyList_Append(engine->events, event);
+    Py_DECREF(event);
+    return result;
+}
+
+/* ------------------------------------------------------------------ timer */
+static void arm(Engine *engine) {
+    int want = engine->connecting.next != &engine->connecting || engine->waiting.next != &engine->waiting;
+    if (want == engine->timer_armed) return;
+    struct itimerspec spec;
+    memset(&spec, 0, sizeof spec);
+    if (want) {
+        spec.it_value.tv_nsec = TICK_NS;
+        spec.it_interval.tv_nsec = TICK_NS;
+    }
+    timerfd_settime(engine->timer, 0, &spec, NULL);
+    engine->timer_armed = want;
+}
+
+/* ------------------------------------------------------------------ pipes */
+static int pipe_take(Engine *engine, Direction *d) {
+    if (engine->pooled) {
+        engine->pooled--;
+        d->pipe_r = engine->pool[engine->pooled][0];
+        d->pipe_w = engine->pool[engine->pooled][1];
+        return 0;
+    }
+    int ends[2];
+    if (pipe2(ends, O_NONBLOCK | O_CLOEXEC) < 0) return -1;
+    /* Over the per-user pipe quota the default size still works, only slower. */
+    (void)fcntl(ends[1], F_SETPIPE_SZ, (int)engine->pipe_size);
+    d->pipe_r = ends[0];
+    d->pipe_w = ends[1];
+    return 0;
+}
+
+static void pipe_give(Engine *engine, Direction *d) {
+    if (d->pipe_r < 0) return;
+    if (d->pending == 0 && engine->pooled < POOL_CAPACITY) {
+        engine->pool[engine->pooled][0] = d->pipe_r;
+        engine->pool[engine->pooled][1] = d->pipe_w;
+        engine->pooled++;
+    } else {
+        close(d->pipe_r);
+        close(d->pipe_w);
+    }
+    d->pipe_r = d->pipe_w = -1;
+}
+
+/* Lend the (empty) pipe back between bursts: idle sessions hold no pipe. */
+static void release(Engine *engine, Direction *d) {
+    if (d->pipe_r >= 0 && d->pending == 0) pipe_give(engine, d);
+}
+
+/* ------------------------------------------------------------------ links */
+static Link *link_new(Engine *engine, PyObject *token, int client, PyObject *client_text) {
+    Link *link = PyObject_New(Link, &LinkType);
+    if (link == NULL) return NULL;
+    Py_INCREF(engine);
+    link->engine = engine;
+    Py_INCREF(token);
+    link->token = token;
+    link->session = NULL;
+    Py_INCREF(client_text);
+    link->client_text = client_text;
+    link->client = client;
+    link->upstream = -1;
+    link->state = CONNECTING;
+    memset(&link->up, 0, sizeof link->up);
+    memset(&link->down, 0, sizeof link->down);
+    link->up.pipe_r = link->up.pipe_w = link->down.pipe_r = link->down.pipe_w = -1;
+    link->client_mask = link->upstream_mask = 0;
+    link->done = 0;
+    link->keepalive = 0;
+    link->bytes_up = link->bytes_down = 0;
+    link->began_ns = now_ns();
+    link->deadline_ns = 0;
+    link->timeout = 0;
+    link->target_len = 0;
+    link->prev = link->next = NULL;
+    link->queued = 0;
+    engine->live++;
+    return link;
+}
+
+/* Bring the epoll interest in `fd` (a side of `link`) in line with what its two directions
+ * wait for: reading as a source, writing as a blocked destination. */
+static void watch(Link *link, int client_side) {
+    if (link->state == CLOSED) return;
+    Direction *source = client_side ? &link->up : &link->down;
+    Direction *destination = client_side ? &link->down : &link->up;
+    unsigned want = (source->reading ? (EPOLLIN | EPOLLRDHUP) : 0) | (destination->blocked ? EPOLLOUT : 0);
+    unsigned *have = client_side ? &link->client_mask : &link->upstream_mask;
+    if (want == *have) return;
+    int fd = client_side ? link->client : link->upstream;
+    struct epoll_event event;
+    event.events = want;
+    event.data.u64 = (uint64_t)(uintptr_t)link | (client_side ? TAG_CLIENT : TAG_UPSTREAM);
+    if (*have == 0)
+        epoll_ctl(link->engine->epoll, EPOLL_CTL_ADD, fd, &event);
+    else if (want)
+        epoll_ctl(link->engine->epoll, EPOLL_CTL_MOD, fd, &event);
+    else
+        epoll_ctl(link->engine->epoll, EPOLL_CTL_DEL, fd, &event);
+    *have = want;
+}
+
+/* Close both sockets and the pipes; the link says CLOSED from now on. */
+static void shut(Link *link) {
+    Engine *engine = link->engine;
+    link->state = CLOSED;
+    list_drop(link);
+    if (link->client >= 0) close(link->client);
+    if (link->upstream >= 0) close(link->upstream);
+    link->client_mask = link->upstream_mask = 0;
+    pipe_give(engine, &link->up);
+    pipe_give(engine, &link->down);
+    engine->live--;
+}
+
+/* End a relaying link from inside run(): its CLOSED event goes in the list. */
+static void end(Link *link, const char *reason) {
+    if (link->state == CLOSED) return;
+    shut(link);
+    PyObject *text = PyUnicode_FromString(reason);
+    if (text == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    PyObject *event = Py_BuildValue("(iON)", EV_CLOSED, (PyObject *)link, text);
+    if (emit(link->engine, event) < 0) PyErr_Clear();
+    Py_DECREF(link); /* the engine's reference */
+}
+
+static int is_reset(int code) {
+    return code == ECONNRESET || code == EPIPE || code == ECONNABORTED || code == ETIMEDOUT || code == ENOTCONN;
+}
+
+static void fail(Link *link, int code, int client_side) {
+    char reason[200];
+    const char *side = client_side ? "client" : "upstream";
+    if (is_reset(code)) {
+        snprintf(reason, sizeof reason, "%s reset", side);
+    } else {
+        snprintf(reason, sizeof reason, "%s error: %s", side, strerror(code));
+    }
+    end(link, reason);
+}
+
+/* A direction saw EOF and drained: pass the half-close on, end when both are done. */
+static void finish(Link *link, Direction *d) {
+    int upward = d == &link->up;
+    if (link->done) {
+        end(link, link->done == 1 ? "client closed" : "upstream closed");
+        return;
+    }
+    link->done = upward ? 1 : 2;
+    watch(link, upward); /* level-triggered: stop watching the source that ended */
+    shutdown(upward ? link->upstream : link->client, SHUT_WR);
+}
+
+/* Move pipe contents to the destination: 1 done, 0 it would block, -1 failed (link ended). */
+static int flush(Link *link, Direction *d) {
+    int upward = d == &link->up;
+    int dst = upward ? link->upstream : link->client;
+    while (d->pending) {
+        ssize_t moved = splice(d->pipe_r, NULL, dst, NULL, d->pending, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        if (moved < 0) {
+            if (errno == EAGAIN || errno == EINTR) return 0;
+            fail(link, errno, !upward);
+            return -1;
+        }
+        d->pending -= (size_t)moved;
+    }
+    return 1;
+}
+
+static void on_readable(Link *link, Direction *d, int hangup) {
+    Engine *engine = link->engine;
+    int upward = d == &link->up;
+    int src = upward ? link->client : link->upstream;
+    if (d->pipe_w < 0 && pipe_take(engine, d) < 0) {
+        char reason[200];
+        snprintf(reason, sizeof reason, "cannot make a pipe: %s", strerror(errno));
+        for (char *c = reason; *c; c++) *c = (char)((*c >= 'A' && *c <= 'Z') ? *c + 32 : *c);
+        end(link, reason);
+        return;
+    }
+    for (int round = 0; round < ROUNDS_PER_WAKEUP; round++) {
+        ssize_t moved = splice(src, NULL, d->pipe_w, NULL, engine->pipe_size, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        if (moved < 0) {
+            if (errno == EAGAIN || errno == EINTR) break;
+            fail(link, errno, upward);
+            return;
+        }
+        if (moved == 0) {
+            d->eof = 1;
+            d->reading = 0;
+            if (d->pending == 0) {
+                release(engine, d);
+                finish(link, d);
+            } else {
+                watch(link, upward);
+            }
+            return;
+        }
+        d->pending += (size_t)moved;
+        if (upward)
+            link->bytes_up += (unsigned long long)moved;
+        else
+            link->bytes_down += (unsigned long long)moved;
+        int flushed = flush(link, d);
+        if (flushed <= 0) {
+            if (flushed == 0 && link->state != CLOSED) {
+                d->reading = 0;
+                d->blocked = 1;
+                watch(link, upward);
+                watch(link, !upward);
+            }
+            return;
+        }
+        if ((size_t)moved < engine->pipe_size && !hangup) break;
+    }
+    release(engine, d);
+}
+
+static void on_writable(Link *link, Direction *d) {
+    int upward = d == &link->up;
+    if (flush(link, d) <= 0) return;
+    if (link->state == CLOSED) return;
+    d->blocked = 0;
+    watch(link, !upward); /* the destination */
+    release(link->engine, d);
+    if (d->eof) {
+        finish(link, d);
+    } else {
+        d->reading = 1;
+        watch(link, upward);
+    }
+}
+
+static void ready(Link *link, int client_side, unsigned events) {
+    Direction *source = client_side ? &link->up : &link->down;
+    Direction *destination = client_side ? &link->down : &link->up;
+    if ((events & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) && source->reading)
+        on_readable(link, source, events & EPOLLRDHUP);
+    if ((events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && destination->blocked && link->state != CLOSED)
+        on_writable(link, destination);
+}
+
+/* The connect went through: TCP_NODELAY, then relay both ways and tell Python. */
+static void relay(Link *link) {
+    Engine *engine = link->engine;
+    list_drop(link);
+    if (link->target.ss_family != AF_UNIX) {
+        int one = 1;
+        setsockopt(link->upstream, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    }
+    if (link->upstream_mask) { /* it waited for the connect: watched for writing */
+        struct epoll_event event = {0};
+        epoll_ctl(engine->epoll, EPOLL_CTL_DEL, link->upstream, &event);
+        link->upstream_mask = 0;
+    }
+    link->state = RELAYING;
+    link->up.reading = link->down.reading = 1;
+    watch(link, 1);
+    watch(link, 0);
+    if (link->keepalive) list_push(&engine->waiting, link);
+    double seconds = (double)(now_ns() - link->began_ns) / 1e9;
+    PyObject *event = Py_BuildValue("(iOOOd)", EV_OPEN, link->token, (PyObject *)link, link->client_text, seconds);
+    if (emit(engine, event) < 0) PyErr_Clear();
+}
+
+/* The connect failed: the client is closed, Python told why. */
+static void connect_failed(Link *link, int how, int code) {
+    Engine *engine = link->engine;
+    PyObject *event = Py_BuildValue("(iOOiid)", EV_FAILED, link->token, link->client_text, how, code, link->timeout);
+    link->state = CLOSED;
+    list_drop(link);
+    if (link->client >= 0) close(link->client);
+    if (link->upstream >= 0) close(link->upstream);
+    link->client = link->upstream = -1;
+    link->upstream_mask = 0;
+    engine->live--;
+    if (emit(engine, event) < 0) PyErr_Clear();
+    Py_DECREF(link);
+}
+
+/* Act on connect()'s answer. */
+static void connected(Link *link, int code) {
+    if (code == 0 || code == EISCONN) {
+        relay(link);
+    } else if (code == EINPROGRESS || code == EALREADY) {
+        struct epoll_event event;
+        event.events = EPOLLOUT;
+        event.data.u64 = (uint64_t)(uintptr_t)link | TAG_UPSTREAM;
+        epoll_ctl(link->engine->epoll, EPOLL_CTL_ADD, link->upstream, &event);
+        link->upstream_mask = EPOLLOUT;
+    } else {
+        connect_failed(link, FAIL_CONNECT, code);
+    }
+}
+
+static void on_connect_event(Link *link) {
+    int code = 0;
+    socklen_t size = sizeof code;
+    if (getsockopt(link->upstream, SOL_SOCKET, SO_ERROR, &code, &size) < 0) code = errno;
+    if (code) {
+        connect_failed(link, FAIL_CONNECT, code);
+        return;
+    }
+    relay(link);
+}
+
+/* ------------------------------------------------------------------ accepting */
+static PyObject *peer_text(struct sockaddr_storage *peer) {
+    char host[INET6_ADDRSTRLEN + IF_NAMESIZE + 2];
+    if (peer->ss_family == AF_INET) {
+        struct sockaddr_in *in = (struct sockaddr_in *)peer;
+        inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
+        return PyUnicode_FromFormat("%s:%d", host, ntohs(in->sin_port));
+    }
+    if (peer->ss_family == AF_INET6) {
+        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)peer;
+        int port = ntohs(in6->sin6_port);
+        if (IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr)) {
+            inet_ntop(AF_INET, &in6->sin6_addr.s6_addr[12], host, sizeof host);
+            return PyUnicode_FromFormat("%s:%d", host, port);
+        }
+        inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
+        if (in6->sin6_scope_id) {
+            char name[IF_NAMESIZE];
+            size_t used = strlen(host);
+            if (if_indextoname(in6->sin6_scope_id, name) != NULL)
+                snprintf(host + used, sizeof host - used, "%%%s", name);
+            else
+                snprintf(host + used, sizeof host - used, "%%%u", in6->sin6_scope_id);
+        }
+        return PyUnicode_FromFormat("[%s]:%d", host, port);
+    }
+    return PyUnicode_FromString("unknown");
+}
+
+static void unwatch_listener(Engine *engine, Listener *listener) {
+    if (!listener->watched) return;
+    struct epoll_event event = {0};
+    epoll_ctl(engine->epoll, EPOLL_CTL_DEL, listener->fd, &event);
+    listener->watched = 0;
+}
+
+static void refuse(int client) {
+    struct linger reset = {1, 0};
+    setsockopt(client, SOL_SOCKET, SO_LINGER, &reset, sizeof reset);
+    close(client);
+}
+
+static void on_accept(Engine *engine, Listener *listener) {
+    Link *burst[ACCEPT_BATCH];
+    int begun = 0, refused = 0;
+    for (int i = 0; i < ACCEPT_BATCH; i++) {
+        struct sockaddr_storage peer;
+        socklen_t size = sizeof peer;
+        int client = accept4(listener->fd, (struct sockaddr *)&peer, &size, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (client < 0) {
+            int code = errno;
+            if (code == EAGAIN) break;
+            if (code == ECONNABORTED || code == EPROTO || code == EPERM || code == EINTR) continue;
+            if (code == EMFILE || code == ENFILE || code == ENOBUFS || code == ENOMEM) {
+                unwatch_listener(engine, listener);
+                if (emit(engine, Py_BuildValue("(iOi)", EV_EXHAUSTED, listener->token, code)) < 0) PyErr_Clear();
+            } else if (emit(engine, Py_BuildValue("(iOi)", EV_ACCEPT_FAILED, listener->token, code)) < 0) {
+                PyErr_Clear();
+            }
+            break;
+        }
+        if (listener->refusing) {
+            refuse(client);
+            refused++;
+            continue;
+        }
+        PyObject *text = peer_text(&peer);
+        if (text == NULL) {
+            PyErr_Clear();
+            close(client);
+            continue;
+        }
+        Link *link = link_new(engine, listener->token, client, text);
+        Py_DECREF(text);
+        if (link == NULL) {
+            PyErr_Clear();
+            close(client);
+            continue;
+        }
+        link->keepalive = listener->keepalive;
+        link->timeout = listener->timeout;
+        link->deadline_ns = link->began_ns + (int64_t)(listener->timeout * 1e9);
+        memcpy(&link->target, &listener->target, listener->target_len);
+        link->target_len = listener->target_len;
+        int upstream = socket(listener->family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (upstream < 0) {
+            connect_failed(link, FAIL_SOCKET, errno);
+            continue;
+        }
+        link->upstream = upstream;
+        if (connect(upstream, (struct sockaddr *)&link->target, link->target_len) < 0 && errno != EINPROGRESS) {
+            connect_failed(link, FAIL_CONNECT, errno);
+            continue;
+        }
+        list_push(&engine->connecting, link);
+        burst[begun++] = link;
+    }
+    if (refused && emit(engine, Py_BuildValue("(iOi)", EV_REFUSED, listener->token, refused)) < 0) PyErr_Clear();
+    /* Every connect of the burst began before any is asked how it went (forwarder.py, D2). */
+    for (int i = 0; i < begun; i++) {
+        Link *link = burst[i];
+        int code = 0;
+        if (connect(link->upstream, (struct sockaddr *)&link->target, link->target_len) < 0) code = errno;
+        connected(link, code);
+    }
+    arm(engine);
+}
+
+/* ------------------------------------------------------------------ the timer */
+static void keepalive_on(Engine *engine, int fd) {
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &engine->ka_idle, sizeof engine->ka_idle);
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &engine->ka_interval, sizeof engine->ka_interval);
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &engine->ka_count, sizeof engine->ka_count);
+}
+
+static void on_tick(Engine *engine) {
+    uint64_t expirations;
+    if (read(engine->timer, &expirations, sizeof expirations) < 0) { /* EAGAIN: nothing */
+    }
+    int64_t now = now_ns();
+    Link *link = engine->connecting.next;
+    while (link != &engine->connecting) {
+        Link *following = link->next;
+        if (link->deadline_ns <= now) connect_failed(link, FAIL_TIMEOUT, ETIMEDOUT);
+        link = following;
+    }
+    while (engine->waiting.next != &engine->waiting) {
+        link = engine->waiting.next;
+        if (link->began_ns + KEEPALIVE_AFTER_NS > now) break;
+        list_drop(link);
+        keepalive_on(engine, link->upstream);
+    }
+    arm(engine);
+}
+
+/* ------------------------------------------------------------------ Engine methods */
+static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    static char *names[] = {"pipe_size", "keepalive", NULL};
+    Py_ssize_t pipe_size = 1 << 20;
+    int idle = 60, interval = 10, count = 6;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|n(iii)", names, &pipe_size, &idle, &interval, &count))
+        return NULL;
+    if (pipe_size < 4096) {
+        PyErr_SetString(PyExc_ValueError, "pipe_size must be at least 4096");
+        return NULL;
+    }
+    Engine *engine = (Engine *)type->tp_alloc(type, 0);
+    if (engine == NULL) return NULL;
+    engine->epoll = -1;
+    engine->timer = -1;
+    list_init(&engine->connecting);
+    list_init(&engine->waiting);
+    engine->pipe_size = (size_t)pipe_size;
+    engine->ka_idle = idle;
+    engine->ka_interval = interval;
+    engine->ka_count = count;
+    engine->epoll = epoll_create1(EPOLL_CLOEXEC);
+    engine->timer = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (engine->epoll < 0 || engine->timer < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(engine);
+        return NULL;
+    }
+    struct epoll_event event;
+    event.events = EPOLLIN;
+    event.data.u64 = TAG_TIMER;
+    if (epoll_ctl(engine->epoll, EPOLL_CTL_ADD, engine->timer, &event) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(engine);
+        return NULL;
+    }
+    return (PyObject *)engine;
+}
+
+static Listener *find_listener(Engine *engine, int fd) {
+    for (Listener *listener = engine->listeners; listener != NULL; listener = listener->next)
+        if (listener->fd == fd) return listener;
+    return NULL;
+}
+
+static int parse_target(PyObject *target, struct sockaddr_storage *out, socklen_t *size, int *family) {
+    const char *host;
+    int port;
+    unsigned int flowinfo = 0, scope = 0;
+    if (!PyArg_ParseTuple(target, "si|II", &host, &port, &flowinfo, &scope)) return -1;
+    if (port < 0 || port > 65535) {
+        PyErr_SetString(PyExc_ValueError, "port out of range");
+        return -1;
+    }
+    memset(out, 0, sizeof *out);
+    struct sockaddr_in *in = (struct sockaddr_in *)out;
+    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)out;
+    if (inet_pton(AF_INET, host, &in->sin_addr) == 1) {
+        in->sin_family = AF_INET;
+        in->sin_port = htons((uint16_t)port);
+        *size = sizeof *in;
+        *family = AF_INET;
+        return 0;
+    }
+    char bare[INET6_ADDRSTRLEN + IF_NAMESIZE + 2];
+    snprintf(bare, sizeof bare, "%s", host);
+    char *percent = strchr(bare, '%');
+    if (percent != NULL) {
+        *percent = '\0';
+        if (!scope) scope = if_nametoindex(percent + 1);
+    }
+    if (inet_pton(AF_INET6, bare, &in6->sin6_addr) == 1) {
+        in6->sin6_family = AF_INET6;
+        in6->sin6_port = htons((uint16_t)port);
+        in6->sin6_flowinfo = htonl(flowinfo);
+        in6->sin6_scope_id = scope;
+        *size = sizeof *in6;
+        *family = AF_INET6;
+        return 0;
+    }
+    PyErr_Format(PyExc_ValueError, "not an IP address: %s", host);
+    return -1;
+}
+
+static int watch_listener(Engine *engine, Listener *listener) {
+    if (listener->watched) return 0;
+    struct epoll_event event;
+    event.events = EPOLLIN;
+    event.data.u64 = (uint64_t)(uintptr_t)listener | TAG_LISTENER;
+    if (epoll_ctl(engine->epoll, EPOLL_CTL_ADD, listener->fd, &event) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    listener->watched = 1;
+    return 0;
+}
+
+PyDoc_STRVAR(listen_doc, "listen(fd, token, target, timeout, keepalive)\n--\n\n"
+                         "Serve listening socket `fd` (non-blocking): each client is connected to `target`\n"
+                         "((host, port) with an IP literal) within `timeout` seconds and relayed; events\n"
+                         "carry `token`. Watching begins at once (`hold` stops it).");
+
+static PyObject *Engine_listen(Engine *engine, PyObject *args) {
+    int fd, keepalive;
+    PyObject *token, *target;
+    double timeout;
+    if (!PyArg_ParseTuple(args, "iOOdp", &fd, &token, &target, &timeout, &keepalive)) return NULL;
+    if (find_listener(engine, fd) != NULL) {
+        PyErr_Format(PyExc_ValueError, "descriptor %d is served already", fd);
+        return NULL;
+    }
+    Listener *listener = PyMem_Calloc(1, sizeof *listener);
+    if (listener == NULL) return PyErr_NoMemory();
+    if (parse_target(target, &listener->target, &listener->target_len, &listener->family) < 0) {
+        PyMem_Free(listener);
+        return NULL;
+    }
+    listener->fd = fd;
+    listener->timeout = timeout;
+    listener->keepalive = keepalive;
+    Py_INCREF(token);
+    listener->token = token;
+    if (watch_listener(engine, listener) < 0) {
+        Py_DECREF(token);
+        PyMem_Free(listener);
+        return NULL;
+    }
+    listener->next = engine->listeners;
+    engine->listeners = listener;
+    Py_RETURN_NONE;
+}
+
+static Listener *listener_arg(Engine *engine, PyObject *args, int *flag) {
+    int fd;
+    if (flag != NULL ? !PyArg_ParseTuple(args, "ip", &fd, flag) : !PyArg_ParseTuple(args, "i", &fd)) return NULL;
+    Listener *listener = find_listener(engine, fd);
+    if (listener == NULL) PyErr_Format(PyExc_KeyError, "descriptor %d is not served", fd);
+    return listener;
+}
+
+static PyObject *Engine_watch(Engine *engine, PyObject *args) {
+    int on;
+    Listener *listener = listener_arg(engine, args, &on);
+    if (listener == NULL) return NULL;
+    if (on) {
+        if (watch_listener(engine, listener) < 0) return NULL;
+    } else {
+        unwatch_listener(engine, listener);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_refuse(Engine *engine, PyObject *args) {
+    int on;
+    Listener *listener = listener_arg(engine, args, &on);
+    if (listener == NULL) return NULL;
+    listener->refusing = on;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_unlisten(Engine *engine, PyObject *args) {
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd)) return NULL;
+    for (Listener **at = &engine->listeners; *at != NULL; at = &(*at)->next) {
+        Listener *listener = *at;
+        if (listener->fd != fd) continue;
+        unwatch_listener(engine, listener);
+        *at = listener->next;
+        Py_DECREF(listener->token);
+        PyMem_Free(listener);
+        Py_RETURN_NONE;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_abandon(Engine *engine, PyObject *token) {
+    /* Close the clients of `token` still waiting for their upstream (shutdown): no events. */
+    long count = 0;
+    Link *link = engine->connecting.next;
+    while (link != &engine->connecting) {
+        Link *following = link->next;
+        if (link->token == token) {
+            link->state = CLOSED;
+            list_drop(link);
+            close(link->client);
+            if (link->upstream >= 0) close(link->upstream);
+            link->client = link->upstream = -1;
+            engine->live--;
+            Py_DECREF(link);
+            count++;
+        }
+        link = following;
+    }
+    arm(engine);
+    return PyLong_FromLong(count);
+}
+
+PyDoc_STRVAR(run_doc, "run()\n--\n\n"
+                      "Handle what is ready now, without waiting; returns the events since the last call\n"
+                      "(a list of tuples, see relay/native.py) or None.");
+
+static PyObject *Engine_run(Engine *engine, PyObject *Py_UNUSED(ignored)) {
+    struct epoll_event ready_events[EVENTS_PER_RUN];
+    int count = epoll_wait(engine->epoll, ready_events, EVENTS_PER_RUN, 0);
+    if (count < 0 && errno != EINTR) return PyErr_SetFromErrno(PyExc_OSError);
+    /* A link closed by an earlier event of this batch stays allocated until the batch is
+     * done: its CLOSED event holds it. */
+    for (int i = 0; i < count; i++) {
+        uint64_t data = ready_events[i].data.u64;
+        unsigned tag = (unsigned)(data & TAG_MASK);
+        void *pointer = (void *)(uintptr_t)(data & ~(uint64_t)TAG_MASK);
+        unsigned events = ready_events[i].events;
+        if (tag == TAG_LISTENER) {
+            on_accept(engine, (Listener *)pointer);
+        } else if (tag == TAG_TIMER) {
+            on_tick(engine);
+        } else {
+            Link *link = (Link *)pointer;
+            if (link->state == CLOSED) continue;
+            if (link->state == CONNECTING) {
+                if (tag == TAG_UPSTREAM) on_connect_event(link);
+                continue;
+            }
+            ready(link, tag == TAG_CLIENT, events);
+        }
+    }
+    PyObject *events = engine->events;
+    engine->events = NULL;
+    if (events == NULL) Py_RETURN_NONE;
+    return events;
+}
+
+static PyObject *Engine_fileno(Engine *engine, PyObject *Py_UNUSED(ignored)) { return PyLong_FromLong(engine->epoll); }
+
+static PyObject *Engine_close(Engine *engine, PyObject *Py_UNUSED(ignored)) {
+    /* Release what the engine holds (the live links were closed by their sessions first). */
+    while (engine->listeners != NULL) {
+        Listener *listener = engine->listeners;
+        engine->listeners = listener->next;
+        Py_DECREF(listener->token);
+        PyMem_Free(listener);
+    }
+    Link *link = engine->connecting.next;
+    while (link != &engine->connecting) { /* every pending one, whatever its token */
+        Link *following = link->next;
+        link->state = CLOSED;
+        list_drop(link);
+        close(link->client);
+        if (link->upstream >= 0) close(link->upstream);
+        link->client = link->upstream = -1;
+        engine->live--;
+        Py_DECREF(link);
+        link = following;
+    }
+    while (engine->pooled) {
+        engine->pooled--;
+        close(engine->pool[engine->pooled][0]);
+        close(engine->pool[engine->pooled][1]);
+    }
+    if (engine->timer >= 0) close(engine->timer);
+    if (engine->epoll >= 0) close(engine->epoll);
+    engine->timer = engine->epoll = -1;
+    Py_RETURN_NONE;
+}
+
+static void Engine_dealloc(Engine *engine) {
+    PyObject *result = Engine_close(engine, NULL);
+    Py_XDECREF(result);
+    Py_XDECREF(engine->events);
+    Py_XDECREF(engine->closed);
+    Py_TYPE(engine)->tp_free((PyObject *)engine);
+}
+
+static PyObject *Engine_get_closed(Engine *engine, void *Py_UNUSED(closure)) {
+    if (engine->closed == NULL) Py_RETURN_NONE;
+    Py_INCREF(engine->closed);
+    return engine->closed;
+}
+
+static int Engine_set_closed(Engine *engine, PyObject *value, void *Py_UNUSED(closure)) {
+    Py_XINCREF(value);
+    Py_XSETREF(engine->closed, value);
+    return 0;
+}
+
+static PyObject *Engine_get_live(Engine *engine, void *Py_UNUSED(closure)) { return PyLong_FromLong(engine->live); }
+
+static PyObject *Engine_get_pooled(Engine *engine, void *Py_UNUSED(closure)) { return PyLong_FromLong(engine->pooled); }
+
+static PyMethodDef Engine_methods[] = {
+    {"listen", (PyCFunction)Engine_listen, METH_VARARGS, listen_doc},
+    {"watch", (PyCFunction)Engine_watch, METH_VARARGS, "watch(fd, on): accept from `fd` or stop (its clients wait)."},
+    {"refuse", (PyCFunction)Engine_refuse, METH_VARARGS, "refuse(fd, on): reset new clients of `fd` (draining)."},
+    {"unlisten", (PyCFunction)Engine_unlisten, METH_VARARGS, "unlisten(fd): forget `fd` (the caller closes it)."},
+    {"abandon", (PyCFunction)Engine_abandon, METH_O, "abandon(token): close `token`'s clients still connecting."},
+    {"run", (PyCFunction)Engine_run, METH_NOARGS, run_doc},
+    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll descriptor to watch for readiness."},
+    {"close", (PyCFunction)Engine_close, METH_NOARGS, "Close the epoll set, the timer and the pooled pipes."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Engine_getset[] = {
+    {"closed", (getter)Engine_get_closed, (setter)Engine_set_closed, "callable(link, reason) for Link.close", NULL},
+    {"live", (getter)Engine_get_live, NULL, "links connecting or relaying", NULL},
+    {"pooled", (getter)Engine_get_pooled, NULL, "empty pipes kept for reuse", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "portfwd.relay._native.Engine",
+    .tp_basicsize = sizeof(Engine),
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Engine(pipe_size=1048576, keepalive=(60, 10, 6)): accepts, connects and relays.",
+    .tp_methods = Engine_methods,
+    .tp_getset = Engine_getset,
+    .tp_new = Engine_new,
+};
+
+/* ------------------------------------------------------------------ Link */
+static PyObject *Link_close(Link *link, PyObject *reason) {
+    if (!PyUnicode_Check(reason)) {
+        PyErr_SetString(PyExc_TypeError, "reason must be a str");
+        return NULL;
+    }
+    if (link->state != RELAYING) Py_RETURN_NONE;
+    shut(link);
+    Engine *engine = link->engine;
+    PyObject *result = NULL;
+    if (engine->closed != NULL) {
+        result = PyObject_CallFunctionObjArgs(engine->closed, (PyObject *)link, reason, NULL);
+    } else {
+        Py_INCREF(Py_None);
+        result = Py_None;
+    }
+    Py_DECREF(link); /* the engine's reference (the caller holds one) */
+    return result;
+}
+
+static void Link_dealloc(Link *link) {
+    if (link->state != CLOSED) { /* never: the engine holds every open link */
+        if (link->client >= 0) close(link->client);
+        if (link->upstream >= 0) close(link->upstream);
+    }
+    Py_XDECREF(link->session);
+    Py_XDECREF(link->token);
+    Py_XDECREF(link->client_text);
+    Py_XDECREF(link->engine);
+    PyObject_Free(link);
+}
+
+static PyObject *Link_get_up(Link *link, void *Py_UNUSED(c)) { return PyLong_FromUnsignedLongLong(link->bytes_up); }
+static PyObject *Link_get_down(Link *link, void *Py_UNUSED(c)) { return PyLong_FromUnsignedLongLong(link->bytes_down); }
+static PyObject *Link_get_upstream(Link *link, void *Py_UNUSED(c)) { return PyLong_FromLong(link->upstream); }
+static PyObject *Link_get_client(Link *link, void *Py_UNUSED(c)) { return PyLong_FromLong(link->client); }
+static PyObject *Link_get_closed(Link *link, void *Py_UNUSED(c)) { return PyBool_FromLong(link->state != RELAYING); }
+static PyObject *Link_get_token(Link *link, void *Py_UNUSED(c)) {
+    Py_INCREF(link->token);
+    return link->token;
+}
+static PyObject *Link_get_session(Link *link, void *Py_UNUSED(c)) {
+    if (link->session == NULL) Py_RETURN_NONE;
+    Py_INCREF(link->session);
+    return link->session;
+}
+static int Link_set_session(Link *link, PyObject *value, void *Py_UNUSED(c)) {
+    Py_XINCREF(value);
+    Py_XSETREF(link->session, value);
+    return 0;
+}
+
+static PyMethodDef Link_methods[] = {
+    {"close", (PyCFunction)Link_close, METH_O, "close(reason): end the session now; the engine's `closed` is told."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Link_getset[] = {
+    {"up", (getter)Link_get_up, NULL, "bytes client to target", NULL},
+    {"down", (getter)Link_get_down, NULL, "bytes target to client", NULL},
+    {"upstream", (getter)Link_get_upstream, NULL, "the upstream descriptor (-1 once closed)", NULL},
+    {"client", (getter)Link_get_client, NULL, "the client descriptor", NULL},
+    {"closed", (getter)Link_get_closed, NULL, "whether it has ended", NULL},
+    {"token", (getter)Link_get_token, NULL, "what its listener was given", NULL},
+    {"session", (getter)Link_get_session, (setter)Link_set_session, "the session Python recorded", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject LinkType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "portfwd.relay._native.Link",
+    .tp_basicsize = sizeof(Link),
+    .tp_dealloc = (destructor)Link_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One relayed connection (made by the engine).",
+    .tp_methods = Link_methods,
+    .tp_getset = Link_getset,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "portfwd.relay._native", "The splice path's accept, connect and relay, in C.", -1, NULL,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&LinkType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&EngineType);
+    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) return NULL;
+    Py_INCREF(&LinkType);
+    if (PyModule_AddObject(m, "Link", (PyObject *)&LinkType) < 0) return NULL;
+    PyModule_AddIntConstant(m, "OPEN", EV_OPEN);
+    PyModule_AddIntConstant(m, "FAILED", EV_FAILED);
+    PyModule_AddIntConstant(m, "EXHAUSTED", EV_EXHAUSTED);
+    PyModule_AddIntConstant(m, "REFUSED", EV_REFUSED);
+    PyModule_AddIntConstant(m, "ACCEPT_FAILED", EV_ACCEPT_FAILED);
+    PyModule_AddIntConstant(m, "CLOSED", EV_CLOSED);
+    PyModule_AddIntConstant(m, "FAIL_CONNECT", FAIL_CONNECT);
+    PyModule_AddIntConstant(m, "FAIL_SOCKET", FAIL_SOCKET);
+    PyModule_AddIntConstant(m, "FAIL_TIMEOUT", FAIL_TIMEOUT);
+    return m;
+}

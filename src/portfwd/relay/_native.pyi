@@ -1,0 +1,40 @@
+"""Types of the C engine (relay/_native.c); relay/native.py is its one user."""
+
+from collections.abc import Callable
+from typing import Any
+
+OPEN: int
+FAILED: int
+EXHAUSTED: int
+REFUSED: int
+ACCEPT_FAILED: int
+CLOSED: int
+FAIL_CONNECT: int
+FAIL_SOCKET: int
+FAIL_TIMEOUT: int
+
+class Link:
+    up: int
+    down: int
+    upstream: int
+    client: int
+    closed: bool
+    token: Any
+    session: Any
+    def close(self, reason: str, /) -> None: ...
+
+class Engine:
+    closed: Callable[[Link, str], None] | None
+    live: int
+    pooled: int
+    def __init__(self, pipe_size: int = ..., keepalive: tuple[int, int, int] = ...) -> None: ...
+    def listen(
+        self, fd: int, token: Any, target: tuple[Any, ...], timeout: float, keepalive: bool, /
+    ) -> None: ...
+    def watch(self, fd: int, on: bool, /) -> None: ...
+    def refuse(self, fd: int, on: bool, /) -> None: ...
+    def unlisten(self, fd: int, /) -> None: ...
+    def abandon(self, token: Any, /) -> int: ...
+    def run(self) -> list[tuple[Any, ...]] | None: ...
+    def fileno(self) -> int: ...
+    def close(self) -> None: ...

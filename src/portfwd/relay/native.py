@@ -1,0 +1,314 @@
+"""The splice path's per-connection work in C (relay/_native.c), for the rules that need no more.
+
+Why: in Python a relayed connection costs 20-25 µs of interpreter time around the same system
+calls haproxy makes in 5 (bench/RESULTS.md, "Workers, measured why"), which kept conn/s at
+0.64-0.71x haproxy's however the Python was tuned. The C engine accepts, connects and splices
+with the splice relay's semantics; Python keeps the session's record (State), its two log lines
+and everything status, metrics, reload, drain and shutdown do, once per session, from the
+engine's batched events.
+
+A rule takes this path (`native_reason` is None) when it is a TCP rule on the splice path with
+one IP-literal target and nothing that must look at each client in Python: no allow/deny or
+routes, no backends, no connection limits or bandwidth, no PROXY protocol either way, not
+transparent. Every other rule keeps relay/forwarder.py. `PORTFWD_NATIVE=0` in the environment
+keeps every rule in Python (an A/B bench, or a suspected bug in the C).
+
+The module imports where the extension was not built (no compiler): `available()` says False.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from portfwd.addr import HostPorts
+from portfwd.counters import Session
+from portfwd.errors import UpstreamError
+from portfwd.logevents import event
+from portfwd.relay.forwarder import format_target, resolve_target
+from portfwd.relay.listener import ACCEPT_RETRY_DELAY, KEEPALIVE
+from portfwd.relay.sessionlog import log_closed, log_failed, log_opened
+from portfwd.relay.splice import PIPE_SIZE
+from portfwd.relay.upstream import describe_error, literal_addresses
+from portfwd.specs import RuleSpec
+from portfwd.state import State
+
+_native: Any
+try:
+    from portfwd.relay import _native
+except ImportError:  # built without a compiler: the Python relays do it all
+    _native = None
+
+log = logging.getLogger("portfwd.relay.forwarder")  # the logger the Python path's lines come from
+
+
+def available() -> bool:
+    """Whether the C engine was built and is not turned off (`PORTFWD_NATIVE=0`)."""
+    return _native is not None and os.environ.get("PORTFWD_NATIVE", "1") != "0"
+
+
+def native_reason(rule: RuleSpec) -> str | None:
+    """None when `rule` can be relayed by the C engine (on the splice path); else what keeps it
+    in Python (for `-v` and the tests)."""
+    if not isinstance(rule.listen, HostPorts) or not rule.protocol.has_tcp:
+        return "not a TCP listener on an IP address"
+    target = rule.connect
+    if not isinstance(target, HostPorts) or literal_addresses((target.host, target.ports.first)) is None:
+        return "its target is not an IP address"
+    lacks = {
+        "allow/deny or route": bool(rule.allow or rule.deny or rule.route),
+        "backends": bool(rule.backends),
+        "connection limits": bool(rule.max_connections or rule.max_connections_per_source or rule.rate),
+        "bandwidth": bool(rule.bandwidth or rule.bandwidth_per_connection),
+        "PROXY protocol": bool(rule.proxy_protocol or rule.accept_proxy),
+        "transparent": rule.transparent,
+    }
+    for name, present in lacks.items():
+        if present:
+            return f"it has {name}"
+    return None
+
+
+class NativeRelays:
+    """One process's C engine: made at the first rule that takes it, watched by the loop as
+    one reader, its events handed to the forwarders (their listeners are the tokens)."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+        self._engine: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def engine(self) -> Any:
+        """The engine (made on first use)."""
+        if self._engine is None:
+            assert _native is not None
+            self._engine = _native.Engine(PIPE_SIZE, KEEPALIVE)
+            self._engine.closed = self._closed
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self._engine.fileno(), self._run)
+            self.state.syncers.append(self._sync)
+        return self._engine
+
+    def _run(self) -> None:
+        events = self._engine.run()
+        if not events:
+            return
+        for item in events:
+            kind = item[0]
+            try:
+                if kind == 0:  # OPEN: listener, link, client, connect seconds
+                    item[1].forwarder.opened(item[2], item[3], item[4])
+                elif kind == 5:  # CLOSED: link, reason
+                    item[1].token.forwarder.closed(item[1], item[2])
+                elif kind == 1:  # FAILED: listener, client, how, errno, timeout
+                    item[1].forwarder.failed(item[1], item[2], item[3], item[4], item[5])
+                elif kind == 3:  # REFUSED (draining): listener, count
+                    item[1].forwarder.stats.count_error("draining", item[2])
+                else:  # EXHAUSTED or ACCEPT_FAILED: listener, errno
+                    item[1].accept_error(item[2], kind == 2)
+            except Exception:  # per-session boundary: one bad record never stops the others
+                log.exception("native relay: event %r failed", kind)
+
+    def _closed(self, link: Any, reason: str) -> None:
+        """A close Python asked for (idle timeout, shutdown, an operator)."""
+        link.token.forwarder.closed(link, reason)
+
+    def _sync(self) -> None:
+        """Copy the live C sessions' byte counts into their sessions (status, rates, idle)."""
+        for session in self.state.sessions.values():
+            link: Any = session.relay
+            if type(link) is _link_type:
+                session.bytes_up = link.up
+                session.bytes_down = link.down
+
+    def close(self) -> None:
+        """Stop watching and release the engine (its sessions were closed first)."""
+        if self._engine is None:
+            return
+        assert self._loop is not None
+        if not self._loop.is_closed():
+            self._loop.remove_reader(self._engine.fileno())
+        if self._sync in self.state.syncers:
+            self.state.syncers.remove(self._sync)
+        self._engine.close()
+        self._engine = None
+
+
+_link_type: Any = _native.Link if _native is not None else None
+
+
+class NativeForwarder:
+    """One listening port of one rule on the C engine: what TcpForwarder is on the Python path
+    (its listeners are NativeListeners)."""
+
+    def __init__(self, rule: RuleSpec, port: int | None, state: State, relays: NativeRelays) -> None:
+        self.rule = rule
+        self.port = port
+        self.state = state
+        self.relays = relays
+        self.label = rule.label
+        self.path = "splice"
+        self.stats = state.rule(rule.label)
+        target = resolve_target(rule.listen, rule.connect, port)
+        assert isinstance(target, tuple)
+        self.target = target
+        self.target_text = format_target(target)
+        self.listeners: list[NativeListener] = []  # every one it had (pending clients name them)
+        self._refusing = False
+        #: Kept for the interface TcpForwarder has (the engine pauses its own listener).
+        self.exhausted: Callable[[str], None] | None = None
+
+    @property
+    def refusing(self) -> bool:
+        """A draining rule: new clients are reset at once (counted `draining`)."""
+        return self._refusing
+
+    @refusing.setter
+    def refusing(self, value: bool) -> None:
+        self._refusing = value
+        for listener in self.listeners:
+            listener.refuse(value)
+
+    def opened(self, link: Any, client: str, seconds: float) -> None:
+        """The engine connected a client: record and log the session."""
+        self.stats.observe_connect(seconds)
+        session = self.state.open_session(self.stats, client, self.target_text, "splice")
+        session.relay = link
+        link.session = session
+        log_opened(self.label, session)
+
+    def closed(self, link: Any, reason: str) -> None:
+        """A session ended (the engine's reason, or the one Python closed it for)."""
+        session: Session | None = link.session
+        if session is None:
+            return
+        link.session = None
+        session.bytes_up = link.up
+        session.bytes_down = link.down
+        log_closed(self.label, session, reason)
+        session.relay = None
+        self.state.close_session(session, reason)
+
+    def failed(self, listener: NativeListener, client: str, how: int, code: int, timeout: float) -> None:
+        """A client's upstream never connected: count, log and keep it among the recently closed."""
+        assert _native is not None
+        words = os.strerror(code)
+        if how == _native.FAIL_TIMEOUT:
+            error = UpstreamError(f"no answer within {timeout:g}s", reason="timeout")
+        elif how == _native.FAIL_SOCKET:
+            error = UpstreamError(f"cannot open a socket: {words.lower()}", reason="resources")
+        else:
+            error = describe_error(OSError(code, words))
+        self.stats.count_error(error.reason)
+        if error.reason == "resources":
+            listener.pause(error.message)
+        log_failed(self.label, client, self.target_text, error.message)
+        self.state.connect_failed(
+            self.stats, client, self.target_text, self.path, f"upstream: {error.message}"
+        )
+
+    def close_pending(self) -> None:
+        """Abandon clients still waiting for their upstream (shutdown)."""
+        if self.relays._engine is None:
+            return
+        for listener in self.listeners:
+            self.relays.engine.abandon(listener)
+
+
+class NativeListener:
+    """A listening socket served by the C engine: DescriptorListener's interface (start, hold,
+    release, pause, close)."""
+
+    def __init__(self, listener: socket.socket, forwarder: NativeForwarder) -> None:
+        self.listener = listener
+        self.forwarder = forwarder
+        self._fd = listener.fileno()
+        self._loop = asyncio.get_running_loop()
+        self._started = False
+        self._held = False
+        self._closed = False
+        self._paused: asyncio.TimerHandle | None = None
+        forwarder.listeners.append(self)
+
+    def start(self) -> None:
+        """Begin accepting."""
+        if self._started or self._closed:
+            return
+        rule = self.forwarder.rule
+        engine = self.forwarder.relays.engine
+        engine.listen(self._fd, self, self.forwarder.target, rule.connect_timeout, rule.tcp_keepalive)
+        self._started = True
+        if self._held:
+            engine.watch(self._fd, False)
+        if self.forwarder.refusing:
+            engine.refuse(self._fd, True)
+
+    def _watch(self, on: bool) -> None:
+        if self._started and not self._closed:
+            self.forwarder.relays.engine.watch(self._fd, on)
+
+    def refuse(self, on: bool) -> None:
+        """Reset new clients (draining) or take them again."""
+        if self._started and not self._closed:
+            self.forwarder.relays.engine.refuse(self._fd, on)
+
+    def hold(self) -> None:
+        """Stop accepting until `release` (new clients wait in the backlog)."""
+        if self._held or self._closed:
+            return
+        self._held = True
+        self._watch(False)
+
+    def release(self) -> None:
+        """Accept again after `hold` (unless paused for exhaustion: that resumes on its own)."""
+        if not self._held:
+            return
+        self._held = False
+        if self._paused is None:
+            self._watch(True)
+
+    def accept_error(self, code: int, exhausted: bool) -> None:
+        """The engine could not accept: out of descriptors or memory (it stopped watching this
+        listener: resume later), or another error (logged)."""
+        why = os.strerror(code)
+        if exhausted:
+            self.pause(why)
+            return
+        label = self.forwarder.label
+        log.warning("%s: accept failed: %s", label, why, extra=event("accept.failed", rule=label, reason=why))
+
+    def pause(self, why: str) -> None:
+        """Stop accepting for ACCEPT_RETRY_DELAY: the process is out of descriptors or memory."""
+        if self._paused is not None or self._closed:
+            return
+        label = self.forwarder.label
+        log.warning(
+            "%s: cannot accept more clients (%s); pausing accepts for %.1fs",
+            label,
+            why,
+            ACCEPT_RETRY_DELAY,
+            extra=event("accept.paused", rule=label, reason=why, delay_s=ACCEPT_RETRY_DELAY),
+        )
+        self._watch(False)
+        self._paused = self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
+
+    def _resume(self) -> None:
+        self._paused = None
+        if not self._held:
+            self._watch(True)
+
+    def close(self) -> None:
+        """Stop accepting and close the listening socket."""
+        if self._closed:
+            return
+        if self._paused is not None:
+            self._paused.cancel()
+        if self._started:
+            self.forwarder.relays.engine.unlisten(self._fd)
+        self._closed = True
+        self.listener.close()
