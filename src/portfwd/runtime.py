@@ -37,7 +37,7 @@ from portfwd.services.kernelrules import KernelRules, table_name
 from portfwd.services.maps import Maps
 from portfwd.services.metrics import Metrics
 from portfwd.services.operator import Operator
-from portfwd.services.rules import RuleSet
+from portfwd.services.rules import Forwarder, RuleSet
 from portfwd.services.sampler import Sampler
 from portfwd.services.server import Server
 from portfwd.services.tunnels import Tunnels, log_fast_path
@@ -187,6 +187,11 @@ class Runtime:
     def tunnels(self) -> list[Tunnel]:
         """The running tunnels, in start order."""
         return self._tunnels.running()
+
+    @property
+    def tcp_forwarders(self) -> list[Forwarder]:
+        """The running rules' TCP forwarders (Python's or the C engine's)."""
+        return self._rules.tcp_forwarders()
 
     @property
     def udp_forwarders(self) -> list[UdpForwarder]:

@@ -108,13 +108,16 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     shutil.copytree(
         REPO / "src" / "portfwd",
         source / "src" / "portfwd",
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"),
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "*.so"),  # built here
     )
     dist = root / "dist"
     argv = [str(UV), "build", "--wheel", "--no-build-isolation", "--python", sys.executable]
     ok(run([*argv, "--out-dir", str(dist), str(source)], source, uv_env(root / "uv-cache"), timeout=120))
     wheels = sorted(dist.glob("*.whl"))
-    assert [w.name for w in wheels] == [f"portfwd-{__version__}-py3-none-any.whl"]
+    # A platform wheel: relay/_native.c is compiled into it (setup.py).
+    tag = sysconfig.get_config_var("SOABI").split("-")[1]  # cpython-311-x86_64-linux-gnu: 311
+    machine = sysconfig.get_platform().replace("-", "_").replace(".", "_")
+    assert [w.name for w in wheels] == [f"portfwd-{__version__}-cp{tag}-cp{tag}-{machine}.whl"]
     return Built(source, wheels[0])
 
 
@@ -203,6 +206,8 @@ def test_wheel_carries_the_license_and_every_module(built: Built) -> None:
     # Every module of the package (a subpackage without __init__.py would be dropped silently).
     modules = {p.relative_to(built.source / "src").as_posix() for p in (built.source / "src").rglob("*.py")}
     assert {n for n in names if n.endswith(".py")} == modules
+    assert any(n.startswith("portfwd/relay/_native.") and n.endswith(".so") for n in names), names
+    assert "portfwd/relay/_native.pyi" in names
     # The dashboard's page: portfwd serves it from the installed package.
     assets = {
         p.relative_to(built.source / "src").as_posix()
@@ -236,6 +241,15 @@ def test_installed_package_is_imported_from_the_venv(installed: Installed) -> No
     assert Path(path).is_relative_to(installed.venv), path
     assert not Path(path).is_relative_to(REPO / "src"), path
     assert version == __version__
+
+
+def test_installed_package_has_the_c_engine(installed: Installed) -> None:
+    code = "import portfwd.relay._native as n; print(n.__file__); print(n.Engine.__name__)"
+    result = ok(run([str(installed.bin / "python"), "-c", code], installed.cwd, user_env(), timeout=30))
+    path, name = result.stdout.splitlines()
+    assert Path(path).is_relative_to(installed.venv), path
+    assert path.endswith(".so"), path
+    assert name == "Engine"
 
 
 def test_installed_shell_completion(installed: Installed) -> None:

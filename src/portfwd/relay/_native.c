@@ -122,6 +122,7 @@ typedef struct Engine {
     PyObject *events;   /* list, or NULL */
     PyObject *closed;   /* callable(link, reason): a close Python asked for */
     long live;          /* links not yet closed */
+    Link *buried;       /* ended inside run(): released once its batch is done */
 } Engine;
 
 static PyTypeObject LinkType;
@@ -150,6 +151,22 @@ static void list_drop(Link *link) {
     link->next->prev = link->prev;
     link->prev = link->next = NULL;
     link->queued = 0;
+}
+
+/* Drop the engine's reference to a link that ended inside run() once the batch is done: a later
+ * event of the same batch may still name it (epoll handed both of its sockets' events at once). */
+static void bury(Engine *engine, Link *link) {
+    link->next = engine->buried;
+    engine->buried = link;
+}
+
+static void unbury(Engine *engine) {
+    while (engine->buried != NULL) {
+        Link *link = engine->buried;
+        engine->buried = link->next;
+        link->next = NULL;
+        Py_DECREF(link);
+    }
 }
 
 /* ------------------------------------------------------------------ events */
@@ -293,7 +310,7 @@ static void end(Link *link, const char *reason) {
     }
     PyObject *event = Py_BuildValue("(iON)", EV_CLOSED, (PyObject *)link, text);
     if (emit(link->engine, event) < 0) PyErr_Clear();
-    Py_DECREF(link); /* the engine's reference */
+    bury(link->engine, link); /* the engine's reference */
 }
 
 static int is_reset(int code) {
@@ -420,11 +437,7 @@ static void relay(Link *link) {
         int one = 1;
         setsockopt(link->upstream, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     }
-    if (link->upstream_mask) { /* it waited for the connect: watched for writing */
-        struct epoll_event event = {0};
-        epoll_ctl(engine->epoll, EPOLL_CTL_DEL, link->upstream, &event);
-        link->upstream_mask = 0;
-    }
+    /* (An upstream that waited for its connect is watched for writing: watch() modifies that.) */
     link->state = RELAYING;
     link->up.reading = link->down.reading = 1;
     watch(link, 1);
@@ -447,7 +460,7 @@ static void connect_failed(Link *link, int how, int code) {
     link->upstream_mask = 0;
     engine->live--;
     if (emit(engine, event) < 0) PyErr_Clear();
-    Py_DECREF(link);
+    bury(engine, link);
 }
 
 /* Act on connect()'s answer. */
@@ -839,6 +852,7 @@ static PyObject *Engine_run(Engine *engine, PyObject *Py_UNUSED(ignored)) {
             ready(link, tag == TAG_CLIENT, events);
         }
     }
+    unbury(engine);
     PyObject *events = engine->events;
     engine->events = NULL;
     if (events == NULL) Py_RETURN_NONE;

@@ -135,6 +135,7 @@ class NativeRelays:
             self._loop.remove_reader(self._engine.fileno())
         if self._sync in self.state.syncers:
             self.state.syncers.remove(self._sync)
+        self._engine.closed = None  # the engine and this object refer to each other until now
         self._engine.close()
         self._engine = None
 

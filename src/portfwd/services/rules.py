@@ -185,6 +185,11 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         """How many listening sockets the rules have."""
         return sum(len(run.tcp) + len(run.udp) for run in self._runs.values())
 
+    def tcp_forwarders(self) -> list[Forwarder]:
+        """The running rules' TCP forwarders, one per listening port (tests look at which path
+        relays them: Python's or the C engine's)."""
+        return [forwarder for run in self._runs.values() for _, forwarder in run.tcp]
+
     def udp_forwarders(self) -> list[UdpForwarder]:
         """The running rules' UDP forwarders (tests look at how they move datagrams)."""
         return [udp for run in self._runs.values() for udp in run.udp]

@@ -1,0 +1,203 @@
+"""The C engine (relay/_native.c) against real sockets: which rules take it, and that what a
+session shows (bytes, reasons, status rows, the recently closed, drain, an operator's close,
+shutdown, connect failures and time-outs) is what the Python splice path shows.
+
+The byte-level conformance suite (8 MiB each way, half-closes, backpressure, 100 clients) runs
+against it in test_relay_conformance.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from portfwd.relay import native
+from portfwd.relay.forwarder import TcpForwarder
+from portfwd.relay.native import NativeForwarder
+from tests.integration.peers import MiB, free_port, open_client, peer, read_all, running, sha, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def _need_engine() -> None:
+    if not native.available():
+        if os.environ.get("CI") == "true":
+            pytest.fail(
+                "the C engine (portfwd.relay._native) was not built: .ci/run installs gcc and python3-dev"
+            )
+        pytest.skip("the C engine (portfwd.relay._native) was not built here (no C compiler?)")
+
+
+@pytest.fixture(autouse=True)
+def engine() -> None:
+    _need_engine()
+
+
+@contextlib.contextmanager
+def python_path() -> Iterator[None]:
+    """PORTFWD_NATIVE=0 for the body: rules started meanwhile keep to the Python relays."""
+    before = os.environ.get("PORTFWD_NATIVE")
+    os.environ["PORTFWD_NATIVE"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["PORTFWD_NATIVE"]
+        else:
+            os.environ["PORTFWD_NATIVE"] = before
+
+
+def rule_for(port: int, target: int, **extra: object) -> dict[str, object]:
+    return {"listen": f"127.0.0.1:{port}", "connect": f"127.0.0.1:{target}", "relay": "splice", **extra}
+
+
+async def test_a_plain_rule_is_relayed_by_the_engine_with_its_sessions_recorded() -> None:
+    port = free_port()
+    down = os.urandom(3 * MiB)
+    async with peer("exchange", ("127.0.0.1", 0), down) as upstream:
+        assert not isinstance(upstream.address, str)
+        async with running({"forward": [rule_for(port, upstream.address[1])]}) as runtime:
+            kinds = {type(forwarder) for forwarder in runtime.tcp_forwarders}
+            assert kinds == {NativeForwarder}
+            up = os.urandom(2 * MiB + 17)
+            reader, writer = await open_client(("127.0.0.1", port))
+            writer.write(up[:MiB])
+            await writer.drain()
+            # Live: the row shows the bytes the engine moved so far (copied in when read).
+            await wait_until(
+                lambda: any(row.bytes_up >= MiB for row in runtime.state.session_rows()), 5, "live bytes"
+            )
+            (row,) = runtime.state.session_rows()
+            assert (row.path, row.target) == ("splice", f"127.0.0.1:{upstream.address[1]}")
+            assert row.upstream_local.startswith("127.0.0.1:")
+            writer.write(up[MiB:])
+            writer.write_eof()
+            assert sha(await read_all(reader)) == sha(down)
+            writer.close()
+            await wait_until(lambda: not runtime.state.sessions, 5, "session closed")
+            assert upstream.received == [sha(up)]
+            (closed,) = runtime.state.closed_rows()
+            assert (closed.bytes_up, closed.bytes_down) == (len(up), len(down))
+            assert closed.reason in ("client closed", "upstream closed")
+            (stats,) = runtime.state.rules.values()
+            assert (stats.connections_total, stats.connections_active) == (1, 0)
+            assert (stats.bytes_up, stats.bytes_down) == (len(up), len(down))
+            assert sum(stats.connect_buckets) == 1
+
+
+async def test_which_rules_keep_to_python() -> None:
+    port, other = free_port(), free_port()
+    rules = [
+        rule_for(port, 9, allow=["127.0.0.0/8"]),
+        rule_for(other, 9, max_connections=5),
+    ]
+    async with running({"forward": rules}) as runtime:
+        assert {type(forwarder) for forwarder in runtime.tcp_forwarders} == {TcpForwarder}
+    with python_path():
+        async with running({"forward": [rule_for(free_port(), 9)]}) as runtime:
+            assert {type(forwarder) for forwarder in runtime.tcp_forwarders} == {TcpForwarder}
+
+
+async def test_a_refused_connect_is_counted_logged_and_kept(caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()
+    closed_port = free_port()  # nothing listens there
+    async with running({"forward": [rule_for(port, closed_port)]}) as runtime:
+        reader, writer = await open_client(("127.0.0.1", port))
+        with contextlib.suppress(ConnectionError):
+            assert await read_all(reader) == b""
+        writer.close()
+        (stats,) = runtime.state.rules.values()
+        await wait_until(lambda: stats.errors.get("refused") == 1, 5, "counted")
+        (closed,) = runtime.state.closed_rows()
+        assert closed.reason == "upstream: connection refused"
+        assert stats.connections_total == 0
+    assert f"-> 127.0.0.1:{closed_port} failed: connection refused; client closed" in caplog.text
+
+
+async def test_a_connect_that_gets_no_answer_times_out() -> None:
+    """A target whose accept queue is full drops the SYN: no answer, within connect_timeout."""
+    target = socket.socket()
+    target.bind(("127.0.0.1", 0))
+    target.listen(0)  # one connection fills it
+    filler = socket.create_connection(target.getsockname())
+    port = free_port()
+    try:
+        rule = rule_for(port, target.getsockname()[1], connect_timeout="0.5s")
+        async with running({"forward": [rule]}) as runtime:
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            reader, writer = await open_client(("127.0.0.1", port))
+            with contextlib.suppress(ConnectionError):
+                assert await read_all(reader) == b""
+            writer.close()
+            assert 0.4 < loop.time() - began < 3
+            (stats,) = runtime.state.rules.values()
+            assert stats.errors == {"timeout": 1}
+            (closed,) = runtime.state.closed_rows()
+            assert closed.reason == "upstream: no answer within 0.5s"
+    finally:
+        filler.close()
+        target.close()
+
+
+async def test_drain_operator_close_and_shutdown_end_sessions_with_their_reasons(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    port = free_port()
+    async with peer("echo", ("127.0.0.1", 0)) as upstream:
+        assert not isinstance(upstream.address, str)
+        async with running({"forward": [rule_for(port, upstream.address[1], name="web")]}) as runtime:
+            first_reader, first = await open_client(("127.0.0.1", port))
+            second_reader, second = await open_client(("127.0.0.1", port))
+            for writer, reader in ((first, first_reader), (second, second_reader)):
+                writer.write(b"ping")
+                assert await reader.readexactly(4) == b"ping"
+            await wait_until(lambda: len(runtime.state.sessions) == 2, 5, "two sessions")
+            runtime._rules.set_mode("web", "draining")
+
+            async def refused() -> bytes:
+                reader, _ = await open_client(("127.0.0.1", port))
+                return await reader.read()
+
+            with pytest.raises(ConnectionResetError):  # at the connect, or at the first read
+                await refused()
+            (stats,) = runtime.state.rules.values()
+            assert stats.errors == {"draining": 1}
+            first.write(b"still")  # a draining rule's live sessions go on
+            assert await first_reader.readexactly(5) == b"still"
+            ident = min(runtime.state.sessions)
+            assert runtime.state.end(ident, "closed by the operator")
+            assert await first_reader.read() == b""
+            first.close()
+            assert [row.reason for row in runtime.state.closed_rows()] == ["closed by the operator"]
+        assert await second_reader.read() == b""  # shutdown closed it
+        second.close()
+    assert "closed (closed by the operator)" in caplog.text
+    assert "closed (shutdown)" in caplog.text
+
+
+async def test_a_hundred_short_sessions_each_log_open_and_closed(caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()
+    async with peer("echo", ("127.0.0.1", 0)) as upstream:
+        assert not isinstance(upstream.address, str)
+        async with running({"forward": [rule_for(port, upstream.address[1])]}) as runtime:
+
+            async def one(index: int) -> bytes:
+                reader, writer = await open_client(("127.0.0.1", port))
+                writer.write(b"%d" % index)
+                writer.write_eof()
+                data = await read_all(reader)
+                writer.close()
+                return data
+
+            assert await asyncio.gather(*(one(i) for i in range(100))) == [b"%d" % i for i in range(100)]
+            await wait_until(lambda: not runtime.state.sessions, 5, "all closed")
+            (stats,) = runtime.state.rules.values()
+            assert stats.connections_total == 100
+    assert caplog.text.count(" open (splice)") == 100
+    assert caplog.text.count(" closed (") == 100
