@@ -80,6 +80,7 @@ async def test_a_plain_rule_is_relayed_by_the_engine_with_its_sessions_recorded(
             assert sha(await read_all(reader)) == sha(down)
             writer.close()
             await wait_until(lambda: not runtime.state.sessions, 5, "session closed")
+            await wait_until(lambda: bool(upstream.received), 5, "the upstream read to the end")
             assert upstream.received == [sha(up)]
             (closed,) = runtime.state.closed_rows()
             assert (closed.bytes_up, closed.bytes_down) == (len(up), len(down))
