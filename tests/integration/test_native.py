@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import re
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +23,7 @@ from portfwd.relay import native
 from portfwd.relay.forwarder import TcpForwarder
 from portfwd.relay.native import NativeForwarder
 from tests.integration.peers import MiB, free_port, open_client, peer, read_all, running, sha, wait_until
+from tests.integration.processes import portfwd_argv, started
 
 pytestmark = pytest.mark.integration
 
@@ -94,7 +98,7 @@ async def test_a_plain_rule_is_relayed_by_the_engine_with_its_sessions_recorded(
 async def test_which_rules_keep_to_python() -> None:
     port, other = free_port(), free_port()
     rules = [
-        rule_for(port, 9, allow=["127.0.0.0/8"]),
+        rule_for(port, 9, route=[{"source": ["127.0.0.2/32"], "connect": "127.0.0.1:10"}]),
         rule_for(other, 9, max_connections=5),
     ]
     async with running({"forward": rules}) as runtime:
@@ -202,3 +206,105 @@ async def test_a_hundred_short_sessions_each_log_open_and_closed(caplog: pytest.
             assert stats.connections_total == 100
     assert caplog.text.count(" open (splice)") == 100
     assert caplog.text.count(" closed (") == 100
+
+
+async def connect_from(source: str, port: int) -> bytes:
+    """Connect from loopback address `source` and read to the end (b"" when turned away)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    sock.bind((source, 0))
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(b"hello")
+    writer.write_eof()
+    try:
+        return await read_all(reader)
+    except ConnectionError:
+        return b""
+    finally:
+        writer.close()
+
+
+async def test_allow_and_deny_are_the_engine_s(caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()
+    async with peer("echo", ("127.0.0.1", 0)) as upstream:
+        assert not isinstance(upstream.address, str)
+        rule = rule_for(port, upstream.address[1], allow=["127.0.0.0/29"], deny=["127.0.0.2/32"])
+        async with running({"forward": [rule]}) as runtime:
+            assert {type(forwarder) for forwarder in runtime.tcp_forwarders} == {NativeForwarder}
+            assert await connect_from("127.0.0.1", port) == b"hello"
+            assert await connect_from("127.0.0.2", port) == b""  # denied
+            assert await connect_from("127.0.0.9", port) == b""  # not allowed
+            assert await connect_from("127.0.0.7", port) == b"hello"
+            (stats,) = runtime.state.rules.values()
+            await wait_until(lambda: stats.denied_total == 2, 5, "two denied")
+            assert stats.connections_total == 2
+            assert len(upstream.clients) == 2
+    assert "127.0.0.2:" in caplog.text
+    assert caplog.text.count("denied by allow/deny; closed") == 2
+
+
+def _session_lines(log_format: str, native_on: bool, tmp_path: Path) -> list[str]:
+    """The open and closed lines of three sessions through `portfwd run` (a subprocess, its
+    only log handler the front end's: the engine writes them when `native_on`)."""
+    port = free_port()
+    echo = socket.socket()
+    echo.bind(("127.0.0.1", 0))
+    echo.listen(8)
+    config = tmp_path / f"lines-{log_format}-{native_on}.toml"
+    config.write_text(
+        f'workers = 1\n[[forward]]\nname = "wéb"\nlisten = "127.0.0.1:{port}"\n'
+        f'connect = "127.0.0.1:{echo.getsockname()[1]}"\nrelay = "splice"\n[control]\nenabled = false\n'
+    )
+    env = {**os.environ, "PORTFWD_NATIVE": "1" if native_on else "0"}
+    argv = portfwd_argv("run", "-c", str(config), "--log-format", log_format)
+    try:
+        with started(argv, " ready: ", env=env) as proc:  # no probe: it would be a session
+            for _ in range(3):
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+                    served, _ = echo.accept()
+                    with served:
+                        client.sendall(b"abc")
+                        assert served.recv(3) == b"abc"
+                        served.sendall(b"12345")
+                        assert client.recv(5) == b"12345"
+                        served.shutdown(socket.SHUT_WR)
+                        assert client.recv(1) == b""
+                proc.wait_for("closed (", timeout=10, start=proc.mark())
+            proc.stop()
+            return [line for line in proc.output().splitlines() if " open (" in line or " closed (" in line]
+    finally:
+        echo.close()
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_the_engine_writes_the_lines_python_would(log_format: str, tmp_path: Path) -> None:
+    """Same text, fields and order as the Python path's lines (times and addresses aside); a rule name that is not ASCII is written as it is in text, escaped in JSON."""
+    lines = {on: _session_lines(log_format, on, tmp_path) for on in (True, False)}
+    assert len(lines[True]) == len(lines[False]) == 6
+
+    def shape(line: str) -> object:
+        if log_format == "json":
+            record = json.loads(line)
+            assert isinstance(record["ts"], float)
+            record["ts"] = 0.0
+            for key in ("client", "target", "msg"):
+                record[key] = re.sub(r"127\.0\.0\.1:\d+", "A", record[key])
+            if "duration_s" in record:
+                assert isinstance(record["duration_s"], float)
+                record["duration_s"] = 0.0
+                record["msg"] = re.sub(r"[\d.]+s$", "Ds", record["msg"])
+            return list(record.items())
+        line = re.sub(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", "", line)
+        line = re.sub(r"127\.0\.0\.1:\d+", "A", line)
+        return re.sub(r", \d+\.\d{3}s$", ", Ds", line)
+
+    assert [shape(line) for line in lines[True]] == [shape(line) for line in lines[False]]
+    if log_format == "text":
+        assert lines[True][0].split(" INFO ", 1)[1].startswith("wéb: 127.0.0.1:")
+        assert lines[True][1].endswith((": 3 B up, 5 B down, 0.000s", "s"))
+        assert " closed (upstream closed): 3 B up, 5 B down, " in lines[True][1]
+    else:
+        assert json.loads(lines[True][0])["rule"] == "wéb"
+        assert '"rule": "w\\u00e9b"' in lines[True][0]

@@ -201,6 +201,17 @@ class _Direct:
         self.front.put(line if line.isprintable() else printable(line))
         return True
 
+    def engine_lines(self, logger: str) -> int:
+        handlers: Sequence[object] = self._root.handlers
+        if len(handlers) != 1 or handlers[0] is not self.front:
+            return 0
+        if not logging.getLogger(logger).isEnabledFor(logging.INFO):
+            return 0
+        return 2 if self.json else 1
+
+    def put_lines(self, lines: list[str]) -> None:
+        self.front.put_many(lines)
+
     def _stamp(self, now: float) -> None:
         """The date and time as the text formatter writes them, for the second `now` is in."""
         second = int(now)

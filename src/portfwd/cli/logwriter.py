@@ -76,6 +76,18 @@ class BatchedHandler(logging.Handler):
         self.pending.append(text)
         self.logged += 1
 
+    def put_many(self, lines: list[str]) -> None:
+        """Queue formatted lines (the C engine's session lines, relay/native.py), as `put` each."""
+        if self._thread is None:
+            self._write(lines)
+            return
+        room = LINES - len(self.pending)
+        if room < len(lines):
+            self.dropped += len(lines) - max(room, 0)
+            lines = lines[: max(room, 0)]
+        self.pending.extend(lines)
+        self.logged += len(lines)
+
     def flush(self, wait: float = FLUSH_WAIT) -> None:
         """Wait (at most `wait` seconds) until every line logged so far is written."""
         goal = self.logged

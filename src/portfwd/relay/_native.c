@@ -61,6 +61,10 @@ enum { EV_OPEN = 0, EV_FAILED = 1, EV_EXHAUSTED = 2, EV_REFUSED = 3, EV_ACCEPT_F
 /* How a connect failed (EV_FAILED's third field). */
 enum { FAIL_CONNECT = 0, FAIL_SOCKET = 1, FAIL_TIMEOUT = 2 };
 enum { CONNECTING = 0, RELAYING = 1, CLOSED = 2 };
+/* Who writes a session's open and closed lines (run()'s argument). */
+enum { LINES_PYTHON = 0, LINES_TEXT = 1, LINES_JSON = 2 };
+#define EV_LINES 6
+#define EV_DENIED 7
 
 typedef struct {
     int pipe_r, pipe_w;
@@ -78,6 +82,7 @@ typedef struct Link {
     PyObject *token;       /* strong: the forwarder that opened it (relay/native.py) */
     PyObject *session;     /* strong: set by Python once the session is recorded */
     PyObject *client_text; /* strong */
+    PyObject *texts;       /* strong: its listener's (label, label in JSON, target, target in JSON) */
     int client, upstream;
     int state;
     Direction up, down; /* up: client -> upstream */
@@ -86,6 +91,7 @@ typedef struct Link {
     int keepalive;
     unsigned long long bytes_up, bytes_down;
     int64_t began_ns;    /* monotonic: when the client was accepted */
+    int64_t opened_ns;   /* monotonic: when its upstream connected (the session's start) */
     int64_t deadline_ns; /* connecting: when the connect times out */
     double timeout;      /* connecting: the timeout, for its message */
     struct sockaddr_storage target;
@@ -94,12 +100,22 @@ typedef struct Link {
     int queued;               /* on one of those lists */
 } Link;
 
+/* One network of an allow or deny list. */
+typedef struct {
+    int family; /* AF_INET or AF_INET6 */
+    int prefix;
+    unsigned char address[16];
+} Network;
+
 typedef struct Listener {
     int fd;
+    Network *allow, *deny; /* PyMem arrays, or NULL */
+    Py_ssize_t allows, denies;
     int watched;  /* in the epoll set */
     int refusing; /* draining: new clients are reset */
     int keepalive;
     PyObject *token; /* strong */
+    PyObject *texts; /* strong: (label, label in JSON, target, target in JSON) for the log lines */
     struct sockaddr_storage target;
     socklen_t target_len;
     int family;
@@ -123,6 +139,10 @@ typedef struct Engine {
     PyObject *closed;   /* callable(link, reason): a close Python asked for */
     long live;          /* links not yet closed */
     Link *buried;       /* ended inside run(): released once its batch is done */
+    int lines;          /* this run(): 0 Python logs, LINES_TEXT or LINES_JSON: the engine writes */
+    PyObject *written;  /* this run()'s log lines (a list), or NULL */
+    time_t second;      /* the second `stamp` was made for */
+    char stamp[48];     /* "YYYY-mm-dd HH:MM:SS INFO " of that second */
 } Engine;
 
 static PyTypeObject LinkType;
@@ -234,7 +254,7 @@ static void release(Engine *engine, Direction *d) {
 }
 
 /* ------------------------------------------------------------------ links */
-static Link *link_new(Engine *engine, PyObject *token, int client, PyObject *client_text) {
+static Link *link_new(Engine *engine, PyObject *token, PyObject *texts, int client, PyObject *client_text) {
     Link *link = PyObject_New(Link, &LinkType);
     if (link == NULL) return NULL;
     Py_INCREF(engine);
@@ -244,6 +264,8 @@ static Link *link_new(Engine *engine, PyObject *token, int client, PyObject *cli
     link->session = NULL;
     Py_INCREF(client_text);
     link->client_text = client_text;
+    Py_INCREF(texts);
+    link->texts = texts;
     link->client = client;
     link->upstream = -1;
     link->state = CONNECTING;
@@ -255,6 +277,7 @@ static Link *link_new(Engine *engine, PyObject *token, int client, PyObject *cli
     link->keepalive = 0;
     link->bytes_up = link->bytes_down = 0;
     link->began_ns = now_ns();
+    link->opened_ns = link->began_ns;
     link->deadline_ns = 0;
     link->timeout = 0;
     link->target_len = 0;
@@ -299,10 +322,109 @@ static void shut(Link *link) {
     engine->live--;
 }
 
+/* ------------------------------------------------------------------ log lines */
+/* The lines the front end's formatters would write for a session (cli/console.py, _Direct):
+ * text "<date> <time> INFO <rule>: <client> -> <target> open (splice)" and "... closed
+ * (<reason>): <n> B up, <n> B down, <s>s", or the same records as JSON objects. The rule and
+ * target come made printable and JSON-escaped by Python; the client is an address. */
+static const char *stamp(Engine *engine) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    if (ts.tv_sec != engine->second || engine->stamp[0] == '\0') {
+        struct tm local;
+        char date[32];
+        localtime_r(&ts.tv_sec, &local);
+        strftime(date, sizeof date, "%Y-%m-%d %H:%M:%S", &local);
+        snprintf(engine->stamp, sizeof engine->stamp, "%s INFO ", date);
+        engine->second = ts.tv_sec;
+    }
+    return engine->stamp;
+}
+
+/* time.time()'s repr, as json.dumps writes it. */
+static char *wall_repr(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return PyOS_double_to_string((double)ts.tv_sec + ts.tv_nsec / 1e9, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+}
+
+static void write_line(Engine *engine, PyObject *line) {
+    if (line == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    if (engine->written == NULL && (engine->written = PyList_New(0)) == NULL) {
+        PyErr_Clear();
+        Py_DECREF(line);
+        return;
+    }
+    if (PyList_Append(engine->written, line) < 0) PyErr_Clear();
+    Py_DECREF(line);
+}
+
+static void line_opened(Link *link) {
+    Engine *engine = link->engine;
+    PyObject *label = PyTuple_GET_ITEM(link->texts, 0), *label_json = PyTuple_GET_ITEM(link->texts, 1);
+    PyObject *target = PyTuple_GET_ITEM(link->texts, 2), *target_json = PyTuple_GET_ITEM(link->texts, 3);
+    if (engine->lines == LINES_TEXT) {
+        write_line(engine, PyUnicode_FromFormat("%s%U: %U -> %U open (splice)", stamp(engine), label,
+                                                link->client_text, target));
+        return;
+    }
+    char *ts = wall_repr();
+    if (ts == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    write_line(engine, PyUnicode_FromFormat(
+                           "{\"ts\": %s, \"level\": \"info\", \"logger\": \"portfwd.relay.forwarder\", "
+                           "\"event\": \"session.open\", \"rule\": \"%U\", \"client\": \"%U\", "
+                           "\"target\": \"%U\", \"path\": \"splice\", \"msg\": \"%U: %U -> %U open (splice)\"}",
+                           ts, label_json, link->client_text, target_json, label_json, link->client_text,
+                           target_json));
+    PyMem_Free(ts);
+}
+
+static void line_closed(Link *link, const char *reason) {
+    Engine *engine = link->engine;
+    PyObject *label = PyTuple_GET_ITEM(link->texts, 0), *label_json = PyTuple_GET_ITEM(link->texts, 1);
+    PyObject *target = PyTuple_GET_ITEM(link->texts, 2), *target_json = PyTuple_GET_ITEM(link->texts, 3);
+    char duration[64];
+    snprintf(duration, sizeof duration, "%.3f", (double)(now_ns() - link->opened_ns) / 1e9);
+    if (engine->lines == LINES_TEXT) {
+        write_line(engine, PyUnicode_FromFormat("%s%U: %U -> %U closed (%s): %llu B up, %llu B down, %ss",
+                                                stamp(engine), label, link->client_text, target, reason,
+                                                link->bytes_up, link->bytes_down, duration));
+        return;
+    }
+    /* round(duration, 3) as Python writes it: the 3-decimal text read back, then its repr. */
+    char *rounded = PyOS_double_to_string(PyOS_string_to_double(duration, NULL, NULL), 'r', 0,
+                                          Py_DTSF_ADD_DOT_0, NULL);
+    char *ts = wall_repr();
+    if (rounded == NULL || ts == NULL) {
+        PyErr_Clear();
+        PyMem_Free(rounded);
+        PyMem_Free(ts);
+        return;
+    }
+    write_line(engine, PyUnicode_FromFormat(
+                           "{\"ts\": %s, \"level\": \"info\", \"logger\": \"portfwd.relay.forwarder\", "
+                           "\"event\": \"session.closed\", \"rule\": \"%U\", \"client\": \"%U\", "
+                           "\"target\": \"%U\", \"path\": \"splice\", \"reason\": \"%s\", \"bytes_up\": %llu, "
+                           "\"bytes_down\": %llu, \"duration_s\": %s, \"msg\": \"%U: %U -> %U closed (%s): "
+                           "%llu B up, %llu B down, %ss\"}",
+                           ts, label_json, link->client_text, target_json, reason, link->bytes_up,
+                           link->bytes_down, rounded, label_json, link->client_text, target_json, reason,
+                           link->bytes_up, link->bytes_down, duration));
+    PyMem_Free(rounded);
+    PyMem_Free(ts);
+}
+
 /* End a relaying link from inside run(): its CLOSED event goes in the list. */
 static void end(Link *link, const char *reason) {
     if (link->state == CLOSED) return;
     shut(link);
+    if (link->engine->lines) line_closed(link, reason);
     PyObject *text = PyUnicode_FromString(reason);
     if (text == NULL) {
         PyErr_Clear();
@@ -443,9 +565,11 @@ static void relay(Link *link) {
     watch(link, 1);
     watch(link, 0);
     if (link->keepalive) list_push(&engine->waiting, link);
-    double seconds = (double)(now_ns() - link->began_ns) / 1e9;
+    link->opened_ns = now_ns();
+    double seconds = (double)(link->opened_ns - link->began_ns) / 1e9;
     PyObject *event = Py_BuildValue("(iOOOd)", EV_OPEN, link->token, (PyObject *)link, link->client_text, seconds);
     if (emit(engine, event) < 0) PyErr_Clear();
+    if (engine->lines) line_opened(link);
 }
 
 /* The connect failed: the client is closed, Python told why. */
@@ -525,6 +649,43 @@ static void unwatch_listener(Engine *engine, Listener *listener) {
     listener->watched = 0;
 }
 
+static int within(const Network *networks, Py_ssize_t count, int family, const unsigned char *address) {
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const Network *network = &networks[i];
+        if (network->family != family) continue;
+        int whole = network->prefix / 8, rest = network->prefix % 8;
+        if (memcmp(network->address, address, (size_t)whole) != 0) continue;
+        if (rest && ((network->address[whole] ^ address[whole]) & (0xff << (8 - rest)) & 0xff)) continue;
+        return 1;
+    }
+    return 0;
+}
+
+/* Whether a client may connect (acl.py's AccessPolicy.permits): deny wins, an empty allow list
+ * admits everyone; an IPv4 client of a dual-stack listener is judged as IPv4. */
+static int permitted(const Listener *listener, const struct sockaddr_storage *peer) {
+    if (listener->allows == 0 && listener->denies == 0) return 1;
+    int family;
+    const unsigned char *address;
+    if (peer->ss_family == AF_INET) {
+        family = AF_INET;
+        address = (const unsigned char *)&((const struct sockaddr_in *)peer)->sin_addr;
+    } else if (peer->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)peer;
+        if (IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr)) {
+            family = AF_INET;
+            address = &in6->sin6_addr.s6_addr[12];
+        } else {
+            family = AF_INET6;
+            address = in6->sin6_addr.s6_addr;
+        }
+    } else {
+        return 0; /* lists, and an address that is not an IP: refused, as acl.py does */
+    }
+    if (within(listener->deny, listener->denies, family, address)) return 0;
+    return listener->allows == 0 || within(listener->allow, listener->allows, family, address);
+}
+
 static void refuse(int client) {
     struct linger reset = {1, 0};
     setsockopt(client, SOL_SOCKET, SO_LINGER, &reset, sizeof reset);
@@ -561,7 +722,12 @@ static void on_accept(Engine *engine, Listener *listener) {
             close(client);
             continue;
         }
-        Link *link = link_new(engine, listener->token, client, text);
+        if (!permitted(listener, &peer)) {
+            close(client);
+            if (emit(engine, Py_BuildValue("(iON)", EV_DENIED, listener->token, text)) < 0) PyErr_Clear();
+            continue;
+        }
+        Link *link = link_new(engine, listener->token, listener->texts, client, text);
         Py_DECREF(text);
         if (link == NULL) {
             PyErr_Clear();
@@ -710,6 +876,54 @@ static int parse_target(PyObject *target, struct sockaddr_storage *out, socklen_
     return -1;
 }
 
+/* A list of (packed address, prefix length) as Networks in a new PyMem array. */
+static int parse_networks(PyObject *list, Network **out, Py_ssize_t *count) {
+    PyObject *items = PySequence_Fast(list, "allow and deny must be sequences");
+    if (items == NULL) return -1;
+    Py_ssize_t size = PySequence_Fast_GET_SIZE(items);
+    *out = NULL;
+    *count = 0;
+    if (size == 0) {
+        Py_DECREF(items);
+        return 0;
+    }
+    Network *networks = PyMem_Calloc((size_t)size, sizeof *networks);
+    if (networks == NULL) {
+        Py_DECREF(items);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < size; i++) {
+        const char *packed;
+        Py_ssize_t length;
+        int prefix;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(items, i), "y#i", &packed, &length, &prefix)) goto fail;
+        if ((length != 4 && length != 16) || prefix < 0 || prefix > length * 8) {
+            PyErr_SetString(PyExc_ValueError, "a network is (4 or 16 packed bytes, a prefix length that fits)");
+            goto fail;
+        }
+        networks[i].family = length == 4 ? AF_INET : AF_INET6;
+        networks[i].prefix = prefix;
+        memcpy(networks[i].address, packed, (size_t)length);
+    }
+    Py_DECREF(items);
+    *out = networks;
+    *count = size;
+    return 0;
+fail:
+    Py_DECREF(items);
+    PyMem_Free(networks);
+    return -1;
+}
+
+static void free_listener(Listener *listener) {
+    Py_XDECREF(listener->token);
+    Py_XDECREF(listener->texts);
+    PyMem_Free(listener->allow);
+    PyMem_Free(listener->deny);
+    PyMem_Free(listener);
+}
+
 static int watch_listener(Engine *engine, Listener *listener) {
     if (listener->watched) return 0;
     struct epoll_event event;
@@ -723,24 +937,40 @@ static int watch_listener(Engine *engine, Listener *listener) {
     return 0;
 }
 
-PyDoc_STRVAR(listen_doc, "listen(fd, token, target, timeout, keepalive)\n--\n\n"
+PyDoc_STRVAR(listen_doc, "listen(fd, token, target, timeout, keepalive, texts, allow=(), deny=())\n--\n\n"
                          "Serve listening socket `fd` (non-blocking): each client is connected to `target`\n"
                          "((host, port) with an IP literal) within `timeout` seconds and relayed; events\n"
-                         "carry `token`. Watching begins at once (`hold` stops it).");
+                         "carry `token`; `texts` (label, label in JSON, target, target in JSON) go in the log\n"
+                         "lines the engine writes; `allow` and `deny` are (packed address, prefix length)\n"
+                         "pairs (acl.py's rules). Watching begins at once (`watch` stops it).");
 
 static PyObject *Engine_listen(Engine *engine, PyObject *args) {
     int fd, keepalive;
-    PyObject *token, *target;
+    PyObject *token, *target, *texts, *allow = NULL, *deny = NULL;
     double timeout;
-    if (!PyArg_ParseTuple(args, "iOOdp", &fd, &token, &target, &timeout, &keepalive)) return NULL;
+    if (!PyArg_ParseTuple(args, "iOOdpO!|OO", &fd, &token, &target, &timeout, &keepalive, &PyTuple_Type, &texts,
+                          &allow, &deny))
+        return NULL;
+    if (PyTuple_GET_SIZE(texts) != 4) {
+        PyErr_SetString(PyExc_ValueError, "texts must be (label, label in JSON, target, target in JSON)");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < 4; i++) {
+        if (!PyUnicode_Check(PyTuple_GET_ITEM(texts, i))) {
+            PyErr_SetString(PyExc_TypeError, "texts must be strings");
+            return NULL;
+        }
+    }
     if (find_listener(engine, fd) != NULL) {
         PyErr_Format(PyExc_ValueError, "descriptor %d is served already", fd);
         return NULL;
     }
     Listener *listener = PyMem_Calloc(1, sizeof *listener);
     if (listener == NULL) return PyErr_NoMemory();
-    if (parse_target(target, &listener->target, &listener->target_len, &listener->family) < 0) {
-        PyMem_Free(listener);
+    if (parse_target(target, &listener->target, &listener->target_len, &listener->family) < 0 ||
+        (allow != NULL && parse_networks(allow, &listener->allow, &listener->allows) < 0) ||
+        (deny != NULL && parse_networks(deny, &listener->deny, &listener->denies) < 0)) {
+        free_listener(listener);
         return NULL;
     }
     listener->fd = fd;
@@ -748,9 +978,10 @@ static PyObject *Engine_listen(Engine *engine, PyObject *args) {
     listener->keepalive = keepalive;
     Py_INCREF(token);
     listener->token = token;
+    Py_INCREF(texts);
+    listener->texts = texts;
     if (watch_listener(engine, listener) < 0) {
-        Py_DECREF(token);
-        PyMem_Free(listener);
+        free_listener(listener);
         return NULL;
     }
     listener->next = engine->listeners;
@@ -794,8 +1025,7 @@ static PyObject *Engine_unlisten(Engine *engine, PyObject *args) {
         if (listener->fd != fd) continue;
         unwatch_listener(engine, listener);
         *at = listener->next;
-        Py_DECREF(listener->token);
-        PyMem_Free(listener);
+        free_listener(listener);
         Py_RETURN_NONE;
     }
     Py_RETURN_NONE;
@@ -823,12 +1053,25 @@ static PyObject *Engine_abandon(Engine *engine, PyObject *token) {
     return PyLong_FromLong(count);
 }
 
-PyDoc_STRVAR(run_doc, "run()\n--\n\n"
+PyDoc_STRVAR(run_doc, "run(lines=0)\n--\n\n"
                       "Handle what is ready now, without waiting; returns the events since the last call\n"
-                      "(a list of tuples, see relay/native.py) or None.");
+                      "(a list of tuples, see relay/native.py) or None. With `lines` 1 (text) or 2 (JSON)\n"
+                      "the engine writes the sessions' open and closed lines: the last event is\n"
+                      "(LINES, [line, ...]).");
 
-static PyObject *Engine_run(Engine *engine, PyObject *Py_UNUSED(ignored)) {
+static PyObject *Engine_run(Engine *engine, PyObject *const *args, Py_ssize_t nargs) {
     struct epoll_event ready_events[EVENTS_PER_RUN];
+    long lines = nargs > 0 ? PyLong_AsLong(args[0]) : 0;
+    if (lines == -1 && PyErr_Occurred()) return NULL;
+    if (lines < LINES_PYTHON || lines > LINES_JSON) {
+        PyErr_SetString(PyExc_ValueError, "lines must be 0, 1 or 2");
+        return NULL;
+    }
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, "run() takes at most one argument");
+        return NULL;
+    }
+    engine->lines = (int)lines;
     int count = epoll_wait(engine->epoll, ready_events, EVENTS_PER_RUN, 0);
     if (count < 0 && errno != EINTR) return PyErr_SetFromErrno(PyExc_OSError);
     /* A link closed by an earlier event of this batch stays allocated until the batch is
@@ -853,6 +1096,12 @@ static PyObject *Engine_run(Engine *engine, PyObject *Py_UNUSED(ignored)) {
         }
     }
     unbury(engine);
+    engine->lines = LINES_PYTHON; /* a Link.close() from Python between runs: Python logs it */
+    if (engine->written != NULL) {
+        PyObject *written = engine->written;
+        engine->written = NULL;
+        if (emit(engine, Py_BuildValue("(iN)", EV_LINES, written)) < 0) PyErr_Clear();
+    }
     PyObject *events = engine->events;
     engine->events = NULL;
     if (events == NULL) Py_RETURN_NONE;
@@ -866,8 +1115,7 @@ static PyObject *Engine_close(Engine *engine, PyObject *Py_UNUSED(ignored)) {
     while (engine->listeners != NULL) {
         Listener *listener = engine->listeners;
         engine->listeners = listener->next;
-        Py_DECREF(listener->token);
-        PyMem_Free(listener);
+        free_listener(listener);
     }
     Link *link = engine->connecting.next;
     while (link != &engine->connecting) { /* every pending one, whatever its token */
@@ -896,6 +1144,7 @@ static void Engine_dealloc(Engine *engine) {
     PyObject *result = Engine_close(engine, NULL);
     Py_XDECREF(result);
     Py_XDECREF(engine->events);
+    Py_XDECREF(engine->written);
     Py_XDECREF(engine->closed);
     Py_TYPE(engine)->tp_free((PyObject *)engine);
 }
@@ -922,7 +1171,7 @@ static PyMethodDef Engine_methods[] = {
     {"refuse", (PyCFunction)Engine_refuse, METH_VARARGS, "refuse(fd, on): reset new clients of `fd` (draining)."},
     {"unlisten", (PyCFunction)Engine_unlisten, METH_VARARGS, "unlisten(fd): forget `fd` (the caller closes it)."},
     {"abandon", (PyCFunction)Engine_abandon, METH_O, "abandon(token): close `token`'s clients still connecting."},
-    {"run", (PyCFunction)Engine_run, METH_NOARGS, run_doc},
+    {"run", (PyCFunction)(void (*)(void))Engine_run, METH_FASTCALL, run_doc},
     {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll descriptor to watch for readiness."},
     {"close", (PyCFunction)Engine_close, METH_NOARGS, "Close the epoll set, the timer and the pooled pipes."},
     {NULL, NULL, 0, NULL},
@@ -974,6 +1223,7 @@ static void Link_dealloc(Link *link) {
     Py_XDECREF(link->session);
     Py_XDECREF(link->token);
     Py_XDECREF(link->client_text);
+    Py_XDECREF(link->texts);
     Py_XDECREF(link->engine);
     PyObject_Free(link);
 }
@@ -1030,6 +1280,7 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__native(void) {
+    tzset(); /* the log lines' local time, as Python's time.localtime() has it */
     if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&LinkType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
@@ -1043,6 +1294,10 @@ PyMODINIT_FUNC PyInit__native(void) {
     PyModule_AddIntConstant(m, "REFUSED", EV_REFUSED);
     PyModule_AddIntConstant(m, "ACCEPT_FAILED", EV_ACCEPT_FAILED);
     PyModule_AddIntConstant(m, "CLOSED", EV_CLOSED);
+    PyModule_AddIntConstant(m, "LINES", EV_LINES);
+    PyModule_AddIntConstant(m, "DENIED", EV_DENIED);
+    PyModule_AddIntConstant(m, "LINES_TEXT", LINES_TEXT);
+    PyModule_AddIntConstant(m, "LINES_JSON", LINES_JSON);
     PyModule_AddIntConstant(m, "FAIL_CONNECT", FAIL_CONNECT);
     PyModule_AddIntConstant(m, "FAIL_SOCKET", FAIL_SOCKET);
     PyModule_AddIntConstant(m, "FAIL_TIMEOUT", FAIL_TIMEOUT);

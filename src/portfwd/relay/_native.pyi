@@ -9,6 +9,10 @@ EXHAUSTED: int
 REFUSED: int
 ACCEPT_FAILED: int
 CLOSED: int
+LINES: int
+DENIED: int
+LINES_TEXT: int
+LINES_JSON: int
 FAIL_CONNECT: int
 FAIL_SOCKET: int
 FAIL_TIMEOUT: int
@@ -29,12 +33,21 @@ class Engine:
     pooled: int
     def __init__(self, pipe_size: int = ..., keepalive: tuple[int, int, int] = ...) -> None: ...
     def listen(
-        self, fd: int, token: Any, target: tuple[Any, ...], timeout: float, keepalive: bool, /
+        self,
+        fd: int,
+        token: Any,
+        target: tuple[Any, ...],
+        timeout: float,
+        keepalive: bool,
+        texts: tuple[str, str, str, str],
+        allow: tuple[tuple[bytes, int], ...] = (),
+        deny: tuple[tuple[bytes, int], ...] = (),
+        /,
     ) -> None: ...
     def watch(self, fd: int, on: bool, /) -> None: ...
     def refuse(self, fd: int, on: bool, /) -> None: ...
     def unlisten(self, fd: int, /) -> None: ...
     def abandon(self, token: Any, /) -> int: ...
-    def run(self) -> list[tuple[Any, ...]] | None: ...
+    def run(self, lines: int = 0, /) -> list[tuple[Any, ...]] | None: ...
     def fileno(self) -> int: ...
     def close(self) -> None: ...

@@ -7,6 +7,8 @@ is the one that explains it.
 from __future__ import annotations
 
 from portfwd.relay.forwarder import RelayPath
+from portfwd.relay.native import available as native_available
+from portfwd.relay.native import native_reason
 from portfwd.relay.splice import splice_available
 from portfwd.specs import RuleSpec
 
@@ -67,6 +69,8 @@ def describe(rules: tuple[RuleSpec, ...]) -> list[tuple[str, str, str, str, str,
         relay: str = relay_path(rule, splice) if rule.protocol.has_tcp else "udp"
         if rule.relay == "kernel":
             relay = "kernel (nftables NAT)"
+        elif relay == "splice" and native_available() and native_reason(rule) is None:
+            relay = "splice (C engine)"
         if rule.proxy_protocol:
             relay += f", PROXY v{rule.proxy_protocol} header"
         if rule.transparent:

@@ -8,9 +8,10 @@ and everything status, metrics, reload, drain and shutdown do, once per session,
 engine's batched events.
 
 A rule takes this path (`native_reason` is None) when it is a TCP rule on the splice path with
-one IP-literal target and nothing that must look at each client in Python: no allow/deny or
-routes, no backends, no connection limits or bandwidth, no PROXY protocol either way, not
-transparent. Every other rule keeps relay/forwarder.py. `PORTFWD_NATIVE=0` in the environment
+one IP-literal target and nothing that must look at each client in Python: no routes, no
+backends, no connection limits or bandwidth, no PROXY protocol either way, not
+transparent. Its allow/deny lists are the engine's too (a denied client never reaches Python
+but for its line). Every other rule keeps relay/forwarder.py. `PORTFWD_NATIVE=0` in the environment
 keeps every rule in Python (an A/B bench, or a suspected bug in the C).
 
 The module imports where the extension was not built (no compiler): `available()` says False.
@@ -19,19 +20,23 @@ The module imports where the extension was not built (no compiler): `available()
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
 from collections.abc import Callable
 from typing import Any
 
+from portfwd.acl import Network
 from portfwd.addr import HostPorts
 from portfwd.counters import Session
 from portfwd.errors import UpstreamError
 from portfwd.logevents import event
+from portfwd.printable import printable
+from portfwd.relay import sessionlog
 from portfwd.relay.forwarder import format_target, resolve_target
 from portfwd.relay.listener import ACCEPT_RETRY_DELAY, KEEPALIVE
-from portfwd.relay.sessionlog import log_closed, log_failed, log_opened
+from portfwd.relay.sessionlog import log_closed, log_denied, log_failed, log_opened
 from portfwd.relay.splice import PIPE_SIZE
 from portfwd.relay.upstream import describe_error, literal_addresses
 from portfwd.specs import RuleSpec
@@ -60,7 +65,7 @@ def native_reason(rule: RuleSpec) -> str | None:
     if not isinstance(target, HostPorts) or literal_addresses((target.host, target.ports.first)) is None:
         return "its target is not an IP address"
     lacks = {
-        "allow/deny or route": bool(rule.allow or rule.deny or rule.route),
+        "routes": bool(rule.route),
         "backends": bool(rule.backends),
         "connection limits": bool(rule.max_connections or rule.max_connections_per_source or rule.rate),
         "bandwidth": bool(rule.bandwidth or rule.bandwidth_per_connection),
@@ -95,18 +100,26 @@ class NativeRelays:
         return self._engine
 
     def _run(self) -> None:
-        events = self._engine.run()
+        lines = sessionlog.direct
+        mode = lines.engine_lines(log.name) if lines is not None else 0
+        events = self._engine.run(mode)
         if not events:
             return
+        written = mode != 0  # the engine wrote the open and closed lines of this batch
         for item in events:
             kind = item[0]
             try:
                 if kind == 0:  # OPEN: listener, link, client, connect seconds
-                    item[1].forwarder.opened(item[2], item[3], item[4])
+                    item[1].forwarder.opened(item[2], item[3], item[4], written)
                 elif kind == 5:  # CLOSED: link, reason
-                    item[1].token.forwarder.closed(item[1], item[2])
+                    item[1].token.forwarder.closed(item[1], item[2], written)
+                elif kind == 6:  # LINES: the open and closed lines, formatted (last)
+                    if lines is not None:
+                        lines.put_lines(item[1])
                 elif kind == 1:  # FAILED: listener, client, how, errno, timeout
                     item[1].forwarder.failed(item[1], item[2], item[3], item[4], item[5])
+                elif kind == 7:  # DENIED by allow/deny: listener, client
+                    item[1].forwarder.denied(item[2])
                 elif kind == 3:  # REFUSED (draining): listener, count
                     item[1].forwarder.stats.count_error("draining", item[2])
                 else:  # EXHAUSTED or ACCEPT_FAILED: listener, errno
@@ -159,6 +172,13 @@ class NativeForwarder:
         assert isinstance(target, tuple)
         self.target = target
         self.target_text = format_target(target)
+        #: What the engine's log lines name: the rule and target, printable and JSON-escaped.
+        self.texts = (
+            printable(self.label),
+            json.dumps(self.label)[1:-1],
+            printable(self.target_text),
+            json.dumps(self.target_text)[1:-1],
+        )
         self.listeners: list[NativeListener] = []  # every one it had (pending clients name them)
         self._refusing = False
         #: Kept for the interface TcpForwarder has (the engine pauses its own listener).
@@ -175,15 +195,17 @@ class NativeForwarder:
         for listener in self.listeners:
             listener.refuse(value)
 
-    def opened(self, link: Any, client: str, seconds: float) -> None:
-        """The engine connected a client: record and log the session."""
+    def opened(self, link: Any, client: str, seconds: float, written: bool = False) -> None:
+        """The engine connected a client: record and log the session (unless the engine
+        `written` its line)."""
         self.stats.observe_connect(seconds)
         session = self.state.open_session(self.stats, client, self.target_text, "splice")
         session.relay = link
         link.session = session
-        log_opened(self.label, session)
+        if not written:
+            log_opened(self.label, session)
 
-    def closed(self, link: Any, reason: str) -> None:
+    def closed(self, link: Any, reason: str, written: bool = False) -> None:
         """A session ended (the engine's reason, or the one Python closed it for)."""
         session: Session | None = link.session
         if session is None:
@@ -191,9 +213,15 @@ class NativeForwarder:
         link.session = None
         session.bytes_up = link.up
         session.bytes_down = link.down
-        log_closed(self.label, session, reason)
+        if not written:
+            log_closed(self.label, session, reason)
         session.relay = None
         self.state.close_session(session, reason)
+
+    def denied(self, client: str) -> None:
+        """The engine turned a client away by the rule's allow/deny lists."""
+        self.stats.denied_total += 1
+        log_denied(self.label, client, "closed")
 
     def failed(self, listener: NativeListener, client: str, how: int, code: int, timeout: float) -> None:
         """A client's upstream never connected: count, log and keep it among the recently closed."""
@@ -221,6 +249,11 @@ class NativeForwarder:
             self.relays.engine.abandon(listener)
 
 
+def _networks(networks: tuple[Network, ...]) -> tuple[tuple[bytes, int], ...]:
+    """An allow or deny list as the engine takes it: (packed address, prefix length) each."""
+    return tuple((network.network_address.packed, network.prefixlen) for network in networks)
+
+
 class NativeListener:
     """A listening socket served by the C engine: DescriptorListener's interface (start, hold,
     release, pause, close)."""
@@ -242,7 +275,16 @@ class NativeListener:
             return
         rule = self.forwarder.rule
         engine = self.forwarder.relays.engine
-        engine.listen(self._fd, self, self.forwarder.target, rule.connect_timeout, rule.tcp_keepalive)
+        engine.listen(
+            self._fd,
+            self,
+            self.forwarder.target,
+            rule.connect_timeout,
+            rule.tcp_keepalive,
+            self.forwarder.texts,
+            _networks(rule.allow),
+            _networks(rule.deny),
+        )
         self._started = True
         if self._held:
             engine.watch(self._fd, False)

@@ -28,6 +28,15 @@ class Lines(Protocol):
 
     def closed(self, logger: str, label: str, session: Session, reason: str, duration: float) -> bool: ...
 
+    def engine_lines(self, logger: str) -> int:
+        """Whether the C engine may write `logger`'s session lines itself, and how: 0 no (not
+        logged at INFO, or another handler listens), 1 text, 2 JSON (relay/native.py)."""
+        ...
+
+    def put_lines(self, lines: list[str]) -> None:
+        """Queue lines the C engine formatted as this front end would."""
+        ...
+
 
 #: Set by the front end (cli/console.py) while its batched handler is the only one; None:
 #: every line through logging.
