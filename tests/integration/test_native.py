@@ -21,7 +21,7 @@ import pytest
 
 from portfwd.relay import native
 from portfwd.relay.forwarder import TcpForwarder
-from portfwd.relay.native import NativeForwarder
+from portfwd.relay.nativeforward import NativeForwarder
 from tests.integration.peers import MiB, free_port, open_client, peer, read_all, running, sha, wait_until
 from tests.integration.processes import portfwd_argv, started
 
@@ -100,6 +100,7 @@ async def test_which_rules_keep_to_python() -> None:
     rules = [
         rule_for(port, 9, route=[{"source": ["127.0.0.2/32"], "connect": "127.0.0.1:10"}]),
         rule_for(other, 9, max_connections=5),
+        rule_for(free_port(), 9, accept_proxy_protocol=True, trusted_proxies=["127.0.0.1/32"]),
     ]
     async with running({"forward": rules}) as runtime:
         assert {type(forwarder) for forwarder in runtime.tcp_forwarders} == {TcpForwarder}

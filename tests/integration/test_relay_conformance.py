@@ -11,7 +11,7 @@ import pytest
 
 from portfwd.relay import native
 from portfwd.relay.forwarder import TcpForwarder
-from portfwd.relay.native import NativeForwarder
+from portfwd.relay.nativeforward import NativeForwarder
 from portfwd.relay.splice import splice_available
 from tests.conftest import need
 from tests.integration.conformance import RelayConformance

@@ -59,12 +59,17 @@
 /* Event kinds, as relay/native.py reads them. */
 enum { EV_OPEN = 0, EV_FAILED = 1, EV_EXHAUSTED = 2, EV_REFUSED = 3, EV_ACCEPT_FAILED = 4, EV_CLOSED = 5 };
 /* How a connect failed (EV_FAILED's third field). */
-enum { FAIL_CONNECT = 0, FAIL_SOCKET = 1, FAIL_TIMEOUT = 2 };
-enum { CONNECTING = 0, RELAYING = 1, CLOSED = 2 };
+enum { FAIL_CONNECT = 0, FAIL_SOCKET = 1, FAIL_TIMEOUT = 2, FAIL_PROXY = 3 };
+/* WAITING: a connect to one of several backends failed; Python picks the next (Link.connect)
+ * or gives up (Link.fail), with the client kept open meanwhile. */
+enum { CONNECTING = 0, RELAYING = 1, CLOSED = 2, WAITING = 3 };
 /* Who writes a session's open and closed lines (run()'s argument). */
 enum { LINES_PYTHON = 0, LINES_TEXT = 1, LINES_JSON = 2 };
 #define EV_LINES 6
 #define EV_DENIED 7
+#define EV_RETRY 8
+/* The most of a client's first bytes that go in one send with a PROXY header (proxyout.py). */
+#define FIRST_BYTES 4096
 
 typedef struct {
     int pipe_r, pipe_w;
@@ -96,6 +101,11 @@ typedef struct Link {
     double timeout;      /* connecting: the timeout, for its message */
     struct sockaddr_storage target;
     socklen_t target_len;
+    int backend;   /* which of its listener's targets (several: a rule's backends) */
+    int failover;  /* a failed connect is Python's to retry elsewhere (EV_RETRY) */
+    int proxy;     /* 0, or the PROXY protocol version its upstream is sent first */
+    struct sockaddr_storage peer, local; /* for that header: the client, the address it reached */
+    socklen_t local_len;                 /* 0: ask the client's socket */
     struct Link *prev, *next; /* the engine's connecting list, or its keepalive queue */
     int queued;               /* on one of those lists */
 } Link;
@@ -107,18 +117,26 @@ typedef struct {
     unsigned char address[16];
 } Network;
 
+typedef struct {
+    struct sockaddr_storage address;
+    socklen_t length;
+} Target;
+
 typedef struct Listener {
     int fd;
     Network *allow, *deny; /* PyMem arrays, or NULL */
     Py_ssize_t allows, denies;
+    Target *targets;   /* PyMem array: the one target, or the rule's backends in order */
+    Py_ssize_t ntargets;
+    PyObject *picker;  /* strong or NULL: picker(client) -> (backend, seconds) with several */
+    int proxy;
+    struct sockaddr_storage local;
+    socklen_t local_len;
     int watched;  /* in the epoll set */
     int refusing; /* draining: new clients are reset */
     int keepalive;
     PyObject *token; /* strong */
     PyObject *texts; /* strong: (label, label in JSON, target, target in JSON) for the log lines */
-    struct sockaddr_storage target;
-    socklen_t target_len;
-    int family;
     double timeout;
     struct Listener *next;
 } Listener;
@@ -281,6 +299,10 @@ static Link *link_new(Engine *engine, PyObject *token, PyObject *texts, int clie
     link->deadline_ns = 0;
     link->timeout = 0;
     link->target_len = 0;
+    link->backend = 0;
+    link->failover = 0;
+    link->proxy = 0;
+    link->local_len = 0;
     link->prev = link->next = NULL;
     link->queued = 0;
     engine->live++;
@@ -551,6 +573,109 @@ static void ready(Link *link, int client_side, unsigned events) {
         on_writable(link, destination);
 }
 
+static void connect_failed(Link *link, int how, int code);
+
+/* An IPv4 client of a dual-stack socket (::ffff:a.b.c.d) as the IPv4 address it is. */
+static void plain(const struct sockaddr_storage *in, struct sockaddr_storage *out) {
+    memcpy(out, in, sizeof *out);
+    if (in->ss_family != AF_INET6) return;
+    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)in;
+    if (!IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr)) return;
+    struct sockaddr_in *in4 = (struct sockaddr_in *)out;
+    uint16_t port = in6->sin6_port;
+    unsigned char bytes[4];
+    memcpy(bytes, &in6->sin6_addr.s6_addr[12], 4);
+    memset(out, 0, sizeof *out);
+    in4->sin_family = AF_INET;
+    in4->sin_port = port;
+    memcpy(&in4->sin_addr, bytes, 4);
+}
+
+/* An IPv4 address as the IPv4-mapped IPv6 one (a header names one family). */
+static void mapped(struct sockaddr_storage *address) {
+    if (address->ss_family != AF_INET) return;
+    struct sockaddr_in in4;
+    memcpy(&in4, address, sizeof in4);
+    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)address;
+    memset(address, 0, sizeof *address);
+    in6->sin6_family = AF_INET6;
+    in6->sin6_port = in4.sin_port;
+    in6->sin6_addr.s6_addr[10] = in6->sin6_addr.s6_addr[11] = 0xff;
+    memcpy(&in6->sin6_addr.s6_addr[12], &in4.sin_addr, 4);
+}
+
+/* The PROXY header (proto/proxy.py's `header`, v1 or v2) for a client and the address it
+ * reached; returns its length (at most 108 bytes for v1, 52 for v2). */
+static size_t proxy_header(int version, const struct sockaddr_storage *source,
+                           const struct sockaddr_storage *destination, unsigned char *out) {
+    static const unsigned char signature[12] = {'\r', '\n', '\r', '\n', 0, '\r', '\n', 'Q', 'U', 'I', 'T', '\n'};
+    struct sockaddr_storage client, server;
+    plain(source, &client);
+    plain(destination, &server);
+    int known = (client.ss_family == AF_INET || client.ss_family == AF_INET6) &&
+                (server.ss_family == AF_INET || server.ss_family == AF_INET6);
+    if (!known) {
+        if (version == 1) {
+            memcpy(out, "PROXY UNKNOWN\r\n", 15);
+            return 15;
+        }
+        memcpy(out, signature, 12);
+        out[12] = 0x21;
+        out[13] = 0x00;
+        out[14] = out[15] = 0;
+        return 16;
+    }
+    if (client.ss_family != server.ss_family) {
+        mapped(&client);
+        mapped(&server);
+    }
+    int four = client.ss_family == AF_INET;
+    const void *client_address = four ? (const void *)&((struct sockaddr_in *)&client)->sin_addr
+                                      : (const void *)&((struct sockaddr_in6 *)&client)->sin6_addr;
+    const void *server_address = four ? (const void *)&((struct sockaddr_in *)&server)->sin_addr
+                                      : (const void *)&((struct sockaddr_in6 *)&server)->sin6_addr;
+    uint16_t client_port = four ? ((struct sockaddr_in *)&client)->sin_port : ((struct sockaddr_in6 *)&client)->sin6_port;
+    uint16_t server_port = four ? ((struct sockaddr_in *)&server)->sin_port : ((struct sockaddr_in6 *)&server)->sin6_port;
+    if (version == 1) {
+        char from[INET6_ADDRSTRLEN], to[INET6_ADDRSTRLEN];
+        inet_ntop(client.ss_family, client_address, from, sizeof from);
+        inet_ntop(server.ss_family, server_address, to, sizeof to);
+        int length = snprintf((char *)out, 108, "PROXY %s %s %s %u %u\r\n", four ? "TCP4" : "TCP6", from, to,
+                              ntohs(client_port), ntohs(server_port));
+        return length > 0 && length < 108 ? (size_t)length : 0;
+    }
+    size_t size = four ? 4 : 16;
+    memcpy(out, signature, 12);
+    out[12] = 0x21;
+    out[13] = four ? 0x11 : 0x21;
+    out[14] = 0;
+    out[15] = (unsigned char)(2 * size + 4);
+    memcpy(out + 16, client_address, size);
+    memcpy(out + 16 + size, server_address, size);
+    memcpy(out + 16 + 2 * size, &client_port, 2);
+    memcpy(out + 18 + 2 * size, &server_port, 2);
+    return 20 + 2 * size;
+}
+
+/* A PROXY header, with what the client sent while its upstream connected, in one send on the
+ * just-connected upstream (relay/proxyout.py, D20); 0, or -1 when it did not all go out. */
+static int send_proxy(Link *link) {
+    unsigned char buffer[128 + FIRST_BYTES];
+    if (link->local_len == 0) {
+        socklen_t size = sizeof link->local;
+        if (getsockname(link->client, (struct sockaddr *)&link->local, &size) < 0) link->local.ss_family = AF_UNSPEC;
+    }
+    size_t length = proxy_header(link->proxy, &link->peer, &link->local, buffer);
+    if (length == 0) return -1;
+    ssize_t first = recv(link->client, buffer + length, FIRST_BYTES, MSG_DONTWAIT);
+    if (first > 0) {
+        length += (size_t)first;
+        link->bytes_up += (unsigned long long)first;
+    }
+    ssize_t sent = send(link->upstream, buffer, length, MSG_NOSIGNAL | MSG_DONTWAIT);
+    return sent == (ssize_t)length ? 0 : -1;
+}
+
 /* The connect went through: TCP_NODELAY, then relay both ways and tell Python. */
 static void relay(Link *link) {
     Engine *engine = link->engine;
@@ -558,6 +683,10 @@ static void relay(Link *link) {
     if (link->target.ss_family != AF_UNIX) {
         int one = 1;
         setsockopt(link->upstream, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    }
+    if (link->proxy && send_proxy(link) < 0) {
+        connect_failed(link, FAIL_PROXY, errno);
+        return;
     }
     /* (An upstream that waited for its connect is watched for writing: watch() modifies that.) */
     link->state = RELAYING;
@@ -575,7 +704,21 @@ static void relay(Link *link) {
 /* The connect failed: the client is closed, Python told why. */
 static void connect_failed(Link *link, int how, int code) {
     Engine *engine = link->engine;
-    PyObject *event = Py_BuildValue("(iOOiid)", EV_FAILED, link->token, link->client_text, how, code, link->timeout);
+    if (link->failover && (how == FAIL_CONNECT || how == FAIL_TIMEOUT)) {
+        /* Python tells the pool and picks the next backend, or gives up (Link.fail). */
+        list_drop(link);
+        if (link->upstream >= 0) close(link->upstream);
+        link->upstream = -1;
+        link->upstream_mask = 0;
+        link->state = WAITING;
+        double elapsed = (double)(now_ns() - link->began_ns) / 1e9;
+        PyObject *event =
+            Py_BuildValue("(iOOiidd)", EV_RETRY, link->token, (PyObject *)link, how, code, elapsed, link->timeout);
+        if (emit(engine, event) < 0) PyErr_Clear();
+        return;
+    }
+    PyObject *event = Py_BuildValue("(iOOiidi)", EV_FAILED, link->token, link->client_text, how, code, link->timeout,
+                                    link->backend);
     link->state = CLOSED;
     list_drop(link);
     if (link->client >= 0) close(link->client);
@@ -727,7 +870,7 @@ static void on_accept(Engine *engine, Listener *listener) {
             if (emit(engine, Py_BuildValue("(iON)", EV_DENIED, listener->token, text)) < 0) PyErr_Clear();
             continue;
         }
-        Link *link = link_new(engine, listener->token, listener->texts, client, text);
+        Link *link = link_new(engine, listener->token, PyTuple_GET_ITEM(listener->texts, 0), client, text);
         Py_DECREF(text);
         if (link == NULL) {
             PyErr_Clear();
@@ -736,10 +879,38 @@ static void on_accept(Engine *engine, Listener *listener) {
         }
         link->keepalive = listener->keepalive;
         link->timeout = listener->timeout;
-        link->deadline_ns = link->began_ns + (int64_t)(listener->timeout * 1e9);
-        memcpy(&link->target, &listener->target, listener->target_len);
-        link->target_len = listener->target_len;
-        int upstream = socket(listener->family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        double seconds = listener->timeout;
+        if (listener->picker != NULL) { /* several backends: the rule's pool picks (Python) */
+            PyObject *picked = PyObject_CallOneArg(listener->picker, text);
+            int index = -1;
+            if (picked == NULL || !PyArg_ParseTuple(picked, "id", &index, &seconds) || index < 0 ||
+                index >= listener->ntargets) {
+                if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "picker gave no backend");
+                PyErr_WriteUnraisable(listener->picker);
+                Py_XDECREF(picked);
+                link->state = CLOSED;
+                close(client);
+                link->client = -1;
+                engine->live--;
+                bury(engine, link);
+                continue;
+            }
+            Py_DECREF(picked);
+            link->backend = index;
+            link->failover = 1;
+            Py_SETREF(link->texts, Py_NewRef(PyTuple_GET_ITEM(listener->texts, index)));
+        }
+        link->deadline_ns = link->began_ns + (int64_t)(seconds * 1e9);
+        Target *target = &listener->targets[link->backend];
+        memcpy(&link->target, &target->address, target->length);
+        link->target_len = target->length;
+        link->proxy = listener->proxy;
+        if (link->proxy) {
+            memcpy(&link->peer, &peer, sizeof peer);
+            memcpy(&link->local, &listener->local, sizeof listener->local);
+            link->local_len = listener->local_len;
+        }
+        int upstream = socket(link->target.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (upstream < 0) {
             connect_failed(link, FAIL_SOCKET, errno);
             continue;
@@ -837,7 +1008,7 @@ static Listener *find_listener(Engine *engine, int fd) {
     return NULL;
 }
 
-static int parse_target(PyObject *target, struct sockaddr_storage *out, socklen_t *size, int *family) {
+static int parse_target(PyObject *target, struct sockaddr_storage *out, socklen_t *size) {
     const char *host;
     int port;
     unsigned int flowinfo = 0, scope = 0;
@@ -853,7 +1024,6 @@ static int parse_target(PyObject *target, struct sockaddr_storage *out, socklen_
         in->sin_family = AF_INET;
         in->sin_port = htons((uint16_t)port);
         *size = sizeof *in;
-        *family = AF_INET;
         return 0;
     }
     char bare[INET6_ADDRSTRLEN + IF_NAMESIZE + 2];
@@ -869,11 +1039,25 @@ static int parse_target(PyObject *target, struct sockaddr_storage *out, socklen_
         in6->sin6_flowinfo = htonl(flowinfo);
         in6->sin6_scope_id = scope;
         *size = sizeof *in6;
-        *family = AF_INET6;
         return 0;
     }
     PyErr_Format(PyExc_ValueError, "not an IP address: %s", host);
     return -1;
+}
+
+/* One target's texts for the log lines: (label, label in JSON, target, target in JSON). */
+static int check_texts(PyObject *texts) {
+    if (!PyTuple_Check(texts) || PyTuple_GET_SIZE(texts) != 4) {
+        PyErr_SetString(PyExc_ValueError, "texts must be (label, label in JSON, target, target in JSON) a target");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < 4; i++) {
+        if (!PyUnicode_Check(PyTuple_GET_ITEM(texts, i))) {
+            PyErr_SetString(PyExc_TypeError, "texts must be strings");
+            return -1;
+        }
+    }
+    return 0;
 }
 
 /* A list of (packed address, prefix length) as Networks in a new PyMem array. */
@@ -917,6 +1101,8 @@ fail:
 }
 
 static void free_listener(Listener *listener) {
+    Py_XDECREF(listener->picker);
+    PyMem_Free(listener->targets);
     Py_XDECREF(listener->token);
     Py_XDECREF(listener->texts);
     PyMem_Free(listener->allow);
@@ -937,29 +1123,31 @@ static int watch_listener(Engine *engine, Listener *listener) {
     return 0;
 }
 
-PyDoc_STRVAR(listen_doc, "listen(fd, token, target, timeout, keepalive, texts, allow=(), deny=())\n--\n\n"
-                         "Serve listening socket `fd` (non-blocking): each client is connected to `target`\n"
-                         "((host, port) with an IP literal) within `timeout` seconds and relayed; events\n"
-                         "carry `token`; `texts` (label, label in JSON, target, target in JSON) go in the log\n"
-                         "lines the engine writes; `allow` and `deny` are (packed address, prefix length)\n"
-                         "pairs (acl.py's rules). Watching begins at once (`watch` stops it).");
+PyDoc_STRVAR(listen_doc,
+             "listen(fd, token, targets, timeout, keepalive, texts, allow=(), deny=(), picker=None, proxy=0, "
+             "local=None)\n--\n\n"
+             "Serve listening socket `fd` (non-blocking): each client is connected to one of `targets`\n"
+             "((host, port) with an IP literal, each) within `timeout` seconds and relayed; events carry\n"
+             "`token`. `texts` has one (label, label in JSON, target, target in JSON) a target for the log\n"
+             "lines the engine writes. `allow` and `deny` are (packed address, prefix length) pairs\n"
+             "(acl.py's rules). With several targets `picker(client)` gives (index, seconds) for each\n"
+             "client, and a failed connect is an EV_RETRY event. `proxy` 1 or 2 sends a PROXY header first,\n"
+             "naming `local` ((host, port)) as the address reached, or the client socket's own when None.\n"
+             "Watching begins at once (`watch` stops it).");
 
 static PyObject *Engine_listen(Engine *engine, PyObject *args) {
-    int fd, keepalive;
-    PyObject *token, *target, *texts, *allow = NULL, *deny = NULL;
+    int fd, keepalive, proxy = 0;
+    PyObject *token, *targets, *texts, *allow = NULL, *deny = NULL, *picker = Py_None, *local = Py_None;
     double timeout;
-    if (!PyArg_ParseTuple(args, "iOOdpO!|OO", &fd, &token, &target, &timeout, &keepalive, &PyTuple_Type, &texts,
-                          &allow, &deny))
+    if (!PyArg_ParseTuple(args, "iOOdpO!|OOOiO", &fd, &token, &targets, &timeout, &keepalive, &PyTuple_Type,
+                          &texts, &allow, &deny, &picker, &proxy, &local))
         return NULL;
-    if (PyTuple_GET_SIZE(texts) != 4) {
-        PyErr_SetString(PyExc_ValueError, "texts must be (label, label in JSON, target, target in JSON)");
+    if (proxy < 0 || proxy > 2) {
+        PyErr_SetString(PyExc_ValueError, "proxy must be 0, 1 or 2");
         return NULL;
     }
-    for (Py_ssize_t i = 0; i < 4; i++) {
-        if (!PyUnicode_Check(PyTuple_GET_ITEM(texts, i))) {
-            PyErr_SetString(PyExc_TypeError, "texts must be strings");
-            return NULL;
-        }
+    for (Py_ssize_t t = 0; t < PyTuple_GET_SIZE(texts); t++) {
+        if (check_texts(PyTuple_GET_ITEM(texts, t)) < 0) return NULL;
     }
     if (find_listener(engine, fd) != NULL) {
         PyErr_Format(PyExc_ValueError, "descriptor %d is served already", fd);
@@ -967,8 +1155,31 @@ static PyObject *Engine_listen(Engine *engine, PyObject *args) {
     }
     Listener *listener = PyMem_Calloc(1, sizeof *listener);
     if (listener == NULL) return PyErr_NoMemory();
-    if (parse_target(target, &listener->target, &listener->target_len, &listener->family) < 0 ||
-        (allow != NULL && parse_networks(allow, &listener->allow, &listener->allows) < 0) ||
+    PyObject *items = PySequence_Fast(targets, "targets must be a sequence of (host, port)");
+    if (items == NULL) {
+        free_listener(listener);
+        return NULL;
+    }
+    listener->ntargets = PySequence_Fast_GET_SIZE(items);
+    listener->targets = listener->ntargets ? PyMem_Calloc((size_t)listener->ntargets, sizeof(Target)) : NULL;
+    int bad = listener->targets == NULL;
+    if (bad && listener->ntargets) PyErr_NoMemory();
+    if (bad && !listener->ntargets) PyErr_SetString(PyExc_ValueError, "no target");
+    for (Py_ssize_t i = 0; !bad && i < listener->ntargets; i++)
+        bad = parse_target(PySequence_Fast_GET_ITEM(items, i), &listener->targets[i].address,
+                           &listener->targets[i].length) < 0;
+    Py_DECREF(items);
+    if (!bad && PyTuple_GET_SIZE(texts) != listener->ntargets) {
+        PyErr_SetString(PyExc_ValueError, "texts must have one entry a target");
+        bad = 1;
+    }
+    if (!bad && picker != Py_None) {
+        Py_INCREF(picker);
+        listener->picker = picker;
+    }
+    listener->proxy = proxy;
+    if (!bad && local != Py_None) bad = parse_target(local, &listener->local, &listener->local_len) < 0;
+    if (bad || (allow != NULL && parse_networks(allow, &listener->allow, &listener->allows) < 0) ||
         (deny != NULL && parse_networks(deny, &listener->deny, &listener->denies) < 0)) {
         free_listener(listener);
         return NULL;
@@ -1215,6 +1426,53 @@ static PyObject *Link_close(Link *link, PyObject *reason) {
     return result;
 }
 
+static PyObject *Link_connect(Link *link, PyObject *args) {
+    /* Try backend `index` at `target` within `seconds` (after EV_RETRY); 0, or the errno of a
+     * connect that failed at once (the link waits on for another try or Link.fail). */
+    int index;
+    PyObject *target, *texts;
+    double seconds;
+    if (!PyArg_ParseTuple(args, "iOdO", &index, &target, &seconds, &texts)) return NULL;
+    if (link->state != WAITING) {
+        PyErr_SetString(PyExc_ValueError, "the link is not waiting for a backend");
+        return NULL;
+    }
+    if (check_texts(texts) < 0 || parse_target(target, &link->target, &link->target_len) < 0) return NULL;
+    link->backend = index;
+    Py_SETREF(link->texts, Py_NewRef(texts));
+    int upstream = socket(link->target.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (upstream < 0) return PyLong_FromLong(errno);
+    if (connect(upstream, (struct sockaddr *)&link->target, link->target_len) < 0 && errno != EINPROGRESS) {
+        int code = errno;
+        close(upstream);
+        return PyLong_FromLong(code);
+    }
+    Engine *engine = link->engine;
+    link->upstream = upstream;
+    link->state = CONNECTING;
+    link->timeout = seconds;
+    link->deadline_ns = now_ns() + (int64_t)(seconds * 1e9);
+    struct epoll_event event;
+    event.events = EPOLLOUT;
+    event.data.u64 = (uint64_t)(uintptr_t)link | TAG_UPSTREAM;
+    epoll_ctl(engine->epoll, EPOLL_CTL_ADD, upstream, &event);
+    link->upstream_mask = EPOLLOUT;
+    list_push(&engine->connecting, link);
+    arm(engine);
+    return PyLong_FromLong(0);
+}
+
+static PyObject *Link_fail(Link *link, PyObject *Py_UNUSED(ignored)) {
+    /* Give up on a waiting link: its client is closed (Python logs why). */
+    if (link->state != WAITING) Py_RETURN_NONE;
+    link->state = CLOSED;
+    close(link->client);
+    link->client = -1;
+    link->engine->live--;
+    Py_DECREF(link); /* the engine's reference (the caller holds one) */
+    Py_RETURN_NONE;
+}
+
 static void Link_dealloc(Link *link) {
     if (link->state != CLOSED) { /* never: the engine holds every open link */
         if (link->client >= 0) close(link->client);
@@ -1233,6 +1491,11 @@ static PyObject *Link_get_down(Link *link, void *Py_UNUSED(c)) { return PyLong_F
 static PyObject *Link_get_upstream(Link *link, void *Py_UNUSED(c)) { return PyLong_FromLong(link->upstream); }
 static PyObject *Link_get_client(Link *link, void *Py_UNUSED(c)) { return PyLong_FromLong(link->client); }
 static PyObject *Link_get_closed(Link *link, void *Py_UNUSED(c)) { return PyBool_FromLong(link->state != RELAYING); }
+static PyObject *Link_get_backend(Link *link, void *Py_UNUSED(c)) { return PyLong_FromLong(link->backend); }
+static PyObject *Link_get_client_text(Link *link, void *Py_UNUSED(c)) {
+    Py_INCREF(link->client_text);
+    return link->client_text;
+}
 static PyObject *Link_get_token(Link *link, void *Py_UNUSED(c)) {
     Py_INCREF(link->token);
     return link->token;
@@ -1250,6 +1513,8 @@ static int Link_set_session(Link *link, PyObject *value, void *Py_UNUSED(c)) {
 
 static PyMethodDef Link_methods[] = {
     {"close", (PyCFunction)Link_close, METH_O, "close(reason): end the session now; the engine's `closed` is told."},
+    {"connect", (PyCFunction)Link_connect, METH_VARARGS, "connect(index, target, seconds, texts): try another backend."},
+    {"fail", (PyCFunction)Link_fail, METH_NOARGS, "fail(): give up on a waiting link; its client is closed."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1259,6 +1524,8 @@ static PyGetSetDef Link_getset[] = {
     {"upstream", (getter)Link_get_upstream, NULL, "the upstream descriptor (-1 once closed)", NULL},
     {"client", (getter)Link_get_client, NULL, "the client descriptor", NULL},
     {"closed", (getter)Link_get_closed, NULL, "whether it has ended", NULL},
+    {"backend", (getter)Link_get_backend, NULL, "which target of its listener it reached or tries", NULL},
+    {"client_text", (getter)Link_get_client_text, NULL, "the client's address as text", NULL},
     {"token", (getter)Link_get_token, NULL, "what its listener was given", NULL},
     {"session", (getter)Link_get_session, (setter)Link_set_session, "the session Python recorded", NULL},
     {NULL, NULL, NULL, NULL, NULL},
@@ -1296,6 +1563,8 @@ PyMODINIT_FUNC PyInit__native(void) {
     PyModule_AddIntConstant(m, "CLOSED", EV_CLOSED);
     PyModule_AddIntConstant(m, "LINES", EV_LINES);
     PyModule_AddIntConstant(m, "DENIED", EV_DENIED);
+    PyModule_AddIntConstant(m, "RETRY", EV_RETRY);
+    PyModule_AddIntConstant(m, "FAIL_PROXY", FAIL_PROXY);
     PyModule_AddIntConstant(m, "LINES_TEXT", LINES_TEXT);
     PyModule_AddIntConstant(m, "LINES_JSON", LINES_JSON);
     PyModule_AddIntConstant(m, "FAIL_CONNECT", FAIL_CONNECT);

@@ -11,6 +11,8 @@ ACCEPT_FAILED: int
 CLOSED: int
 LINES: int
 DENIED: int
+RETRY: int
+FAIL_PROXY: int
 LINES_TEXT: int
 LINES_JSON: int
 FAIL_CONNECT: int
@@ -25,7 +27,13 @@ class Link:
     closed: bool
     token: Any
     session: Any
+    backend: int
+    client_text: str
     def close(self, reason: str, /) -> None: ...
+    def connect(
+        self, index: int, target: tuple[str, int], seconds: float, texts: tuple[str, str, str, str], /
+    ) -> int: ...
+    def fail(self) -> None: ...
 
 class Engine:
     closed: Callable[[Link, str], None] | None
@@ -36,12 +44,15 @@ class Engine:
         self,
         fd: int,
         token: Any,
-        target: tuple[Any, ...],
+        targets: list[tuple[str, int]],
         timeout: float,
         keepalive: bool,
-        texts: tuple[str, str, str, str],
+        texts: tuple[tuple[str, str, str, str], ...],
         allow: tuple[tuple[bytes, int], ...] = (),
         deny: tuple[tuple[bytes, int], ...] = (),
+        picker: Callable[[str], tuple[int, float]] | None = None,
+        proxy: int = 0,
+        local: tuple[str, int] | None = None,
         /,
     ) -> None: ...
     def watch(self, fd: int, on: bool, /) -> None: ...

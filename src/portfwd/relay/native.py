@@ -7,12 +7,15 @@ with the splice relay's semantics; Python keeps the session's record (State), it
 and everything status, metrics, reload, drain and shutdown do, once per session, from the
 engine's batched events.
 
-A rule takes this path (`native_reason` is None) when it is a TCP rule on the splice path with
-one IP-literal target and nothing that must look at each client in Python: no routes, no
-backends, no connection limits or bandwidth, no PROXY protocol either way, not
-transparent. Its allow/deny lists are the engine's too (a denied client never reaches Python
-but for its line). Every other rule keeps relay/forwarder.py. `PORTFWD_NATIVE=0` in the environment
-keeps every rule in Python (an A/B bench, or a suspected bug in the C).
+A rule takes this path (`native_reason` is None) when it is a TCP rule on the splice path whose
+targets are IP literals and that needs nothing Python must look at on a client's bytes or
+count across clients: no routes, connection limits, bandwidth, PROXY headers read from a load
+balancer, or transparent mode. Its allow/deny lists are the engine's (a denied client reaches
+Python only for its line), and so is the PROXY header it sends; with several backends the
+rule's Pool (balance.py) picks each client's backend and the next one after a failed connect,
+called from the engine (nativeforward.py). Every other rule keeps relay/forwarder.py.
+`PORTFWD_NATIVE=0` in the environment keeps every rule in Python (an A/B bench, or a suspected
+bug in the C).
 
 The module imports where the extension was not built (no compiler): `available()` says False.
 """
@@ -20,27 +23,23 @@ The module imports where the extension was not built (no compiler): `available()
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import socket
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from portfwd.acl import Network
-from portfwd.addr import HostPorts
-from portfwd.counters import Session
-from portfwd.errors import UpstreamError
+from portfwd.addr import Endpoint, HostPorts
 from portfwd.logevents import event
-from portfwd.printable import printable
 from portfwd.relay import sessionlog
-from portfwd.relay.forwarder import format_target, resolve_target
 from portfwd.relay.listener import ACCEPT_RETRY_DELAY, KEEPALIVE
-from portfwd.relay.sessionlog import log_closed, log_denied, log_failed, log_opened
 from portfwd.relay.splice import PIPE_SIZE
-from portfwd.relay.upstream import describe_error, literal_addresses
+from portfwd.relay.upstream import literal_addresses
 from portfwd.specs import RuleSpec
 from portfwd.state import State
+
+if TYPE_CHECKING:
+    from portfwd.relay.nativeforward import NativeForwarder
 
 _native: Any
 try:
@@ -49,6 +48,9 @@ except ImportError:  # built without a compiler: the Python relays do it all
     _native = None
 
 log = logging.getLogger("portfwd.relay.forwarder")  # the logger the Python path's lines come from
+
+#: How a connect failed, in the engine's FAILED and RETRY events.
+FAIL_CONNECT, FAIL_SOCKET, FAIL_TIMEOUT, FAIL_PROXY = 0, 1, 2, 3
 
 
 def available() -> bool:
@@ -61,21 +63,24 @@ def native_reason(rule: RuleSpec) -> str | None:
     in Python (for `-v` and the tests)."""
     if not isinstance(rule.listen, HostPorts) or not rule.protocol.has_tcp:
         return "not a TCP listener on an IP address"
-    target = rule.connect
-    if not isinstance(target, HostPorts) or literal_addresses((target.host, target.ports.first)) is None:
-        return "its target is not an IP address"
+    targets = [backend.connect for backend in rule.backends] or [rule.connect]
+    if not all(map(_literal, targets)):
+        return "a target is not an IP address"
     lacks = {
         "routes": bool(rule.route),
-        "backends": bool(rule.backends),
         "connection limits": bool(rule.max_connections or rule.max_connections_per_source or rule.rate),
         "bandwidth": bool(rule.bandwidth or rule.bandwidth_per_connection),
-        "PROXY protocol": bool(rule.proxy_protocol or rule.accept_proxy),
+        "accept_proxy_protocol": rule.accept_proxy,
         "transparent": rule.transparent,
     }
     for name, present in lacks.items():
         if present:
             return f"it has {name}"
     return None
+
+
+def _literal(target: Endpoint) -> bool:
+    return isinstance(target, HostPorts) and literal_addresses((target.host, target.ports.first)) is not None
 
 
 class NativeRelays:
@@ -86,6 +91,11 @@ class NativeRelays:
         self.state = state
         self._engine: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def started(self) -> bool:
+        """Whether the engine was made (a rule took it)."""
+        return self._engine is not None
 
     @property
     def engine(self) -> Any:
@@ -116,8 +126,10 @@ class NativeRelays:
                 elif kind == 6:  # LINES: the open and closed lines, formatted (last)
                     if lines is not None:
                         lines.put_lines(item[1])
-                elif kind == 1:  # FAILED: listener, client, how, errno, timeout
-                    item[1].forwarder.failed(item[1], item[2], item[3], item[4], item[5])
+                elif kind == 8:  # RETRY (several backends): listener, link, how, errno, elapsed, timeout
+                    item[1].forwarder.retry(item[2], item[3], item[4], item[5], item[6])
+                elif kind == 1:  # FAILED: listener, client, how, errno, timeout, backend
+                    item[1].forwarder.failed(item[1], item[2], item[3], item[4], item[5], item[6])
                 elif kind == 7:  # DENIED by allow/deny: listener, client
                     item[1].forwarder.denied(item[2])
                 elif kind == 3:  # REFUSED (draining): listener, count
@@ -126,6 +138,8 @@ class NativeRelays:
                     item[1].accept_error(item[2], kind == 2)
             except Exception:  # per-session boundary: one bad record never stops the others
                 log.exception("native relay: event %r failed", kind)
+                if kind == 8:  # a link waiting for its next backend must not wait forever
+                    item[2].fail()
 
     def _closed(self, link: Any, reason: str) -> None:
         """A close Python asked for (idle timeout, shutdown, an operator)."""
@@ -156,99 +170,6 @@ class NativeRelays:
 _link_type: Any = _native.Link if _native is not None else None
 
 
-class NativeForwarder:
-    """One listening port of one rule on the C engine: what TcpForwarder is on the Python path
-    (its listeners are NativeListeners)."""
-
-    def __init__(self, rule: RuleSpec, port: int | None, state: State, relays: NativeRelays) -> None:
-        self.rule = rule
-        self.port = port
-        self.state = state
-        self.relays = relays
-        self.label = rule.label
-        self.path = "splice"
-        self.stats = state.rule(rule.label)
-        target = resolve_target(rule.listen, rule.connect, port)
-        assert isinstance(target, tuple)
-        self.target = target
-        self.target_text = format_target(target)
-        #: What the engine's log lines name: the rule and target, printable and JSON-escaped.
-        self.texts = (
-            printable(self.label),
-            json.dumps(self.label)[1:-1],
-            printable(self.target_text),
-            json.dumps(self.target_text)[1:-1],
-        )
-        self.listeners: list[NativeListener] = []  # every one it had (pending clients name them)
-        self._refusing = False
-        #: Kept for the interface TcpForwarder has (the engine pauses its own listener).
-        self.exhausted: Callable[[str], None] | None = None
-
-    @property
-    def refusing(self) -> bool:
-        """A draining rule: new clients are reset at once (counted `draining`)."""
-        return self._refusing
-
-    @refusing.setter
-    def refusing(self, value: bool) -> None:
-        self._refusing = value
-        for listener in self.listeners:
-            listener.refuse(value)
-
-    def opened(self, link: Any, client: str, seconds: float, written: bool = False) -> None:
-        """The engine connected a client: record and log the session (unless the engine
-        `written` its line)."""
-        self.stats.observe_connect(seconds)
-        session = self.state.open_session(self.stats, client, self.target_text, "splice")
-        session.relay = link
-        link.session = session
-        if not written:
-            log_opened(self.label, session)
-
-    def closed(self, link: Any, reason: str, written: bool = False) -> None:
-        """A session ended (the engine's reason, or the one Python closed it for)."""
-        session: Session | None = link.session
-        if session is None:
-            return
-        link.session = None
-        session.bytes_up = link.up
-        session.bytes_down = link.down
-        if not written:
-            log_closed(self.label, session, reason)
-        session.relay = None
-        self.state.close_session(session, reason)
-
-    def denied(self, client: str) -> None:
-        """The engine turned a client away by the rule's allow/deny lists."""
-        self.stats.denied_total += 1
-        log_denied(self.label, client, "closed")
-
-    def failed(self, listener: NativeListener, client: str, how: int, code: int, timeout: float) -> None:
-        """A client's upstream never connected: count, log and keep it among the recently closed."""
-        assert _native is not None
-        words = os.strerror(code)
-        if how == _native.FAIL_TIMEOUT:
-            error = UpstreamError(f"no answer within {timeout:g}s", reason="timeout")
-        elif how == _native.FAIL_SOCKET:
-            error = UpstreamError(f"cannot open a socket: {words.lower()}", reason="resources")
-        else:
-            error = describe_error(OSError(code, words))
-        self.stats.count_error(error.reason)
-        if error.reason == "resources":
-            listener.pause(error.message)
-        log_failed(self.label, client, self.target_text, error.message)
-        self.state.connect_failed(
-            self.stats, client, self.target_text, self.path, f"upstream: {error.message}"
-        )
-
-    def close_pending(self) -> None:
-        """Abandon clients still waiting for their upstream (shutdown)."""
-        if self.relays._engine is None:
-            return
-        for listener in self.listeners:
-            self.relays.engine.abandon(listener)
-
-
 def _networks(networks: tuple[Network, ...]) -> tuple[tuple[bytes, int], ...]:
     """An allow or deny list as the engine takes it: (packed address, prefix length) each."""
     return tuple((network.network_address.packed, network.prefixlen) for network in networks)
@@ -275,15 +196,19 @@ class NativeListener:
             return
         rule = self.forwarder.rule
         engine = self.forwarder.relays.engine
+        forwarder = self.forwarder
         engine.listen(
             self._fd,
             self,
-            self.forwarder.target,
+            forwarder.targets,
             rule.connect_timeout,
             rule.tcp_keepalive,
-            self.forwarder.texts,
+            forwarder.texts,
             _networks(rule.allow),
             _networks(rule.deny),
+            forwarder.pick if forwarder.pool is not None else None,
+            rule.proxy_protocol,
+            forwarder.local,
         )
         self._started = True
         if self._held:

@@ -28,8 +28,9 @@ from portfwd.relay.health import Checker
 from portfwd.relay.limits import Limits
 from portfwd.relay.listener import DescriptorListener, bind_group, bind_ip, bind_unix
 from portfwd.relay.mmsg import Batch
-from portfwd.relay.native import NativeForwarder, NativeListener, NativeRelays, native_reason
+from portfwd.relay.native import NativeListener, NativeRelays, native_reason
 from portfwd.relay.native import available as native_available
+from portfwd.relay.nativeforward import NativeForwarder
 from portfwd.relay.poller import Poller
 from portfwd.relay.splice import PipePool, splice_available
 from portfwd.relay.udp import UdpForwarder
@@ -463,7 +464,7 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
                     if rule.protocol.has_tcp:
                         listener = bind(port, socket.SOCK_STREAM)
                         forwarder = (
-                            NativeForwarder(rule, port, self.state, self._native)
+                            NativeForwarder(rule, port, self.state, self._native, pool)
                             if native
                             else TcpForwarder(
                                 rule, port, self.state, path, self._pipes, self._poller, limits, shaper, pool
