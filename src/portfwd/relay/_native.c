@@ -65,6 +65,7 @@ enum { FAIL_CONNECT = 0, FAIL_SOCKET = 1, FAIL_TIMEOUT = 2, FAIL_PROXY = 3 };
 enum { CONNECTING = 0, RELAYING = 1, CLOSED = 2, WAITING = 3 };
 /* Who writes a session's open and closed lines (run()'s argument). */
 enum { LINES_PYTHON = 0, LINES_TEXT = 1, LINES_JSON = 2 };
+enum { BALANCE_PYTHON = 0, BALANCE_ROUND_ROBIN = 1, BALANCE_FIRST = 2 };
 #define EV_LINES 6
 #define EV_DENIED 7
 #define EV_RETRY 8
@@ -103,6 +104,7 @@ typedef struct Link {
     socklen_t target_len;
     int backend;   /* which of its listener's targets (several: a rule's backends) */
     int failover;  /* a failed connect is Python's to retry elsewhere (EV_RETRY) */
+    int counted;   /* its backend's `active` was counted at the pick (Python's picker) */
     int proxy;     /* 0, or the PROXY protocol version its upstream is sent first */
     struct sockaddr_storage peer, local; /* for that header: the client, the address it reached */
     socklen_t local_len;                 /* 0: ask the client's socket */
@@ -129,6 +131,13 @@ typedef struct Listener {
     Target *targets;   /* PyMem array: the one target, or the rule's backends in order */
     Py_ssize_t ntargets;
     PyObject *picker;  /* strong or NULL: picker(client) -> (backend, seconds) with several */
+    /* While the rule's pool says every backend is healthy (`healthy`, a bytearray its Pool
+     * keeps), round-robin and first pick here as balance.py would, without calling Python. */
+    int balance;       /* BALANCE_PYTHON, BALANCE_ROUND_ROBIN or BALANCE_FIRST */
+    int *weights;      /* PyMem array, one a target: 0 for a backup */
+    long *current;     /* smooth weighted round-robin's running weights */
+    PyObject *healthy; /* strong bytearray, or NULL */
+    double attempt;    /* each backend's share of the connect timeout */
     int proxy;
     struct sockaddr_storage local;
     socklen_t local_len;
@@ -301,6 +310,7 @@ static Link *link_new(Engine *engine, PyObject *token, PyObject *texts, int clie
     link->target_len = 0;
     link->backend = 0;
     link->failover = 0;
+    link->counted = 0;
     link->proxy = 0;
     link->local_len = 0;
     link->prev = link->next = NULL;
@@ -717,8 +727,8 @@ static void connect_failed(Link *link, int how, int code) {
         if (emit(engine, event) < 0) PyErr_Clear();
         return;
     }
-    PyObject *event = Py_BuildValue("(iOOiidi)", EV_FAILED, link->token, link->client_text, how, code, link->timeout,
-                                    link->backend);
+    PyObject *event = Py_BuildValue("(iOOiidii)", EV_FAILED, link->token, link->client_text, how, code,
+                                    link->timeout, link->backend, link->counted);
     link->state = CLOSED;
     list_drop(link);
     if (link->client >= 0) close(link->client);
@@ -829,6 +839,32 @@ static int permitted(const Listener *listener, const struct sockaddr_storage *pe
     return listener->allows == 0 || within(listener->allow, listener->allows, family, address);
 }
 
+/* balance.py's choice among healthy primaries: smooth weighted round-robin (nginx's), or the
+ * first one written. */
+static int pick_here(Listener *listener) {
+    if (listener->balance == BALANCE_FIRST) {
+        for (Py_ssize_t i = 0; i < listener->ntargets; i++)
+            if (listener->weights[i] > 0) return (int)i;
+        return 0;
+    }
+    long total = 0;
+    int best = -1;
+    for (Py_ssize_t i = 0; i < listener->ntargets; i++) {
+        if (listener->weights[i] <= 0) continue;
+        listener->current[i] += listener->weights[i];
+        total += listener->weights[i];
+        if (best < 0 || listener->current[i] > listener->current[best]) best = (int)i;
+    }
+    if (best < 0) return 0;
+    listener->current[best] -= total;
+    return best;
+}
+
+static int healthy(Listener *listener) {
+    return listener->balance != BALANCE_PYTHON && listener->healthy != NULL &&
+           PyByteArray_GET_SIZE(listener->healthy) > 0 && PyByteArray_AS_STRING(listener->healthy)[0] != 0;
+}
+
 static void refuse(int client) {
     struct linger reset = {1, 0};
     setsockopt(client, SOL_SOCKET, SO_LINGER, &reset, sizeof reset);
@@ -880,7 +916,12 @@ static void on_accept(Engine *engine, Listener *listener) {
         link->keepalive = listener->keepalive;
         link->timeout = listener->timeout;
         double seconds = listener->timeout;
-        if (listener->picker != NULL) { /* several backends: the rule's pool picks (Python) */
+        if (listener->picker != NULL && healthy(listener)) { /* several backends, all well */
+            link->backend = pick_here(listener);
+            link->failover = 1;
+            seconds = listener->attempt;
+            Py_SETREF(link->texts, Py_NewRef(PyTuple_GET_ITEM(listener->texts, link->backend)));
+        } else if (listener->picker != NULL) { /* the rule's pool picks (Python) */
             PyObject *picked = PyObject_CallOneArg(listener->picker, text);
             int index = -1;
             if (picked == NULL || !PyArg_ParseTuple(picked, "id", &index, &seconds) || index < 0 ||
@@ -898,6 +939,7 @@ static void on_accept(Engine *engine, Listener *listener) {
             Py_DECREF(picked);
             link->backend = index;
             link->failover = 1;
+            link->counted = 1;
             Py_SETREF(link->texts, Py_NewRef(PyTuple_GET_ITEM(listener->texts, index)));
         }
         link->deadline_ns = link->began_ns + (int64_t)(seconds * 1e9);
@@ -1045,6 +1087,42 @@ static int parse_target(PyObject *target, struct sockaddr_storage *out, socklen_
     return -1;
 }
 
+/* (mode, weights, healthy bytearray, attempt seconds): how the engine may pick by itself. */
+static int parse_balance(Listener *listener, PyObject *balance) {
+    int mode;
+    PyObject *weights, *flag;
+    double attempt;
+    if (!PyArg_ParseTuple(balance, "iOO!d", &mode, &weights, &PyByteArray_Type, &flag, &attempt)) return -1;
+    PyObject *items = PySequence_Fast(weights, "weights must be a sequence");
+    if (items == NULL) return -1;
+    if (PySequence_Fast_GET_SIZE(items) != listener->ntargets || mode < BALANCE_PYTHON || mode > BALANCE_FIRST) {
+        Py_DECREF(items);
+        PyErr_SetString(PyExc_ValueError, "balance: one weight a target, mode 0, 1 or 2");
+        return -1;
+    }
+    listener->weights = PyMem_Calloc((size_t)listener->ntargets, sizeof(int));
+    listener->current = PyMem_Calloc((size_t)listener->ntargets, sizeof(long));
+    if (listener->weights == NULL || listener->current == NULL) {
+        Py_DECREF(items);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < listener->ntargets; i++) {
+        long weight = PyLong_AsLong(PySequence_Fast_GET_ITEM(items, i));
+        if (weight == -1 && PyErr_Occurred()) {
+            Py_DECREF(items);
+            return -1;
+        }
+        listener->weights[i] = weight < 0 ? 0 : (int)(weight > 1000000 ? 1000000 : weight);
+    }
+    Py_DECREF(items);
+    listener->balance = mode;
+    Py_INCREF(flag);
+    listener->healthy = flag;
+    listener->attempt = attempt;
+    return 0;
+}
+
 /* One target's texts for the log lines: (label, label in JSON, target, target in JSON). */
 static int check_texts(PyObject *texts) {
     if (!PyTuple_Check(texts) || PyTuple_GET_SIZE(texts) != 4) {
@@ -1102,6 +1180,9 @@ fail:
 
 static void free_listener(Listener *listener) {
     Py_XDECREF(listener->picker);
+    Py_XDECREF(listener->healthy);
+    PyMem_Free(listener->weights);
+    PyMem_Free(listener->current);
     PyMem_Free(listener->targets);
     Py_XDECREF(listener->token);
     Py_XDECREF(listener->texts);
@@ -1133,14 +1214,16 @@ PyDoc_STRVAR(listen_doc,
              "(acl.py's rules). With several targets `picker(client)` gives (index, seconds) for each\n"
              "client, and a failed connect is an EV_RETRY event. `proxy` 1 or 2 sends a PROXY header first,\n"
              "naming `local` ((host, port)) as the address reached, or the client socket's own when None.\n"
+             "`balance` (mode, weights, healthy, attempt) lets the engine pick by itself while healthy[0].\n"
              "Watching begins at once (`watch` stops it).");
 
 static PyObject *Engine_listen(Engine *engine, PyObject *args) {
     int fd, keepalive, proxy = 0;
     PyObject *token, *targets, *texts, *allow = NULL, *deny = NULL, *picker = Py_None, *local = Py_None;
+    PyObject *balance = Py_None;
     double timeout;
-    if (!PyArg_ParseTuple(args, "iOOdpO!|OOOiO", &fd, &token, &targets, &timeout, &keepalive, &PyTuple_Type,
-                          &texts, &allow, &deny, &picker, &proxy, &local))
+    if (!PyArg_ParseTuple(args, "iOOdpO!|OOOiOO", &fd, &token, &targets, &timeout, &keepalive, &PyTuple_Type,
+                          &texts, &allow, &deny, &picker, &proxy, &local, &balance))
         return NULL;
     if (proxy < 0 || proxy > 2) {
         PyErr_SetString(PyExc_ValueError, "proxy must be 0, 1 or 2");
@@ -1177,6 +1260,7 @@ static PyObject *Engine_listen(Engine *engine, PyObject *args) {
         Py_INCREF(picker);
         listener->picker = picker;
     }
+    if (!bad && balance != Py_None) bad = parse_balance(listener, balance) < 0;
     listener->proxy = proxy;
     if (!bad && local != Py_None) bad = parse_target(local, &listener->local, &listener->local_len) < 0;
     if (bad || (allow != NULL && parse_networks(allow, &listener->allow, &listener->allows) < 0) ||
@@ -1439,6 +1523,7 @@ static PyObject *Link_connect(Link *link, PyObject *args) {
     }
     if (check_texts(texts) < 0 || parse_target(target, &link->target, &link->target_len) < 0) return NULL;
     link->backend = index;
+    link->counted = 1;
     Py_SETREF(link->texts, Py_NewRef(texts));
     int upstream = socket(link->target.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (upstream < 0) return PyLong_FromLong(errno);
@@ -1492,6 +1577,7 @@ static PyObject *Link_get_upstream(Link *link, void *Py_UNUSED(c)) { return PyLo
 static PyObject *Link_get_client(Link *link, void *Py_UNUSED(c)) { return PyLong_FromLong(link->client); }
 static PyObject *Link_get_closed(Link *link, void *Py_UNUSED(c)) { return PyBool_FromLong(link->state != RELAYING); }
 static PyObject *Link_get_backend(Link *link, void *Py_UNUSED(c)) { return PyLong_FromLong(link->backend); }
+static PyObject *Link_get_counted(Link *link, void *Py_UNUSED(c)) { return PyBool_FromLong(link->counted); }
 static PyObject *Link_get_client_text(Link *link, void *Py_UNUSED(c)) {
     Py_INCREF(link->client_text);
     return link->client_text;
@@ -1525,6 +1611,7 @@ static PyGetSetDef Link_getset[] = {
     {"client", (getter)Link_get_client, NULL, "the client descriptor", NULL},
     {"closed", (getter)Link_get_closed, NULL, "whether it has ended", NULL},
     {"backend", (getter)Link_get_backend, NULL, "which target of its listener it reached or tries", NULL},
+    {"counted", (getter)Link_get_counted, NULL, "whether its backend's `active` was counted at the pick", NULL},
     {"client_text", (getter)Link_get_client_text, NULL, "the client's address as text", NULL},
     {"token", (getter)Link_get_token, NULL, "what its listener was given", NULL},
     {"session", (getter)Link_get_session, (setter)Link_set_session, "the session Python recorded", NULL},

@@ -28,6 +28,7 @@ class Link:
     token: Any
     session: Any
     backend: int
+    counted: bool
     client_text: str
     def close(self, reason: str, /) -> None: ...
     def connect(
@@ -53,6 +54,7 @@ class Engine:
         picker: Callable[[str], tuple[int, float]] | None = None,
         proxy: int = 0,
         local: tuple[str, int] | None = None,
+        balance: tuple[int, list[int], bytearray, float] | None = None,
         /,
     ) -> None: ...
     def watch(self, fd: int, on: bool, /) -> None: ...

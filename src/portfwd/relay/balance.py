@@ -97,8 +97,19 @@ class Pool:
         #: process marks it `elsewhere`, so that its next pass reaches the workers).
         self.passive: Callable[[Backend], None] | None = None
         self._turn = 0  # where least-connections' tie-break starts
-        #: No backend is down or was down passively (kept by `_note`): picks skip the filtering.
+        #: `_healthy` as one byte the C engine reads for each client (relay/_native.c): while
+        #: it is 1, round-robin and first are picked there, as `_choose` would.
+        self.flag = bytearray(b"\x01")
         self._healthy = True
+
+    @property
+    def _healthy(self) -> bool:
+        """No backend is down or was down passively: picks skip the filtering."""
+        return bool(self.flag[0])
+
+    @_healthy.setter
+    def _healthy(self, value: bool) -> None:
+        self.flag[0] = 1 if value else 0
 
     # ------------------------------------------------------------------ choosing
     def pick(

@@ -128,8 +128,8 @@ class NativeRelays:
                         lines.put_lines(item[1])
                 elif kind == 8:  # RETRY (several backends): listener, link, how, errno, elapsed, timeout
                     item[1].forwarder.retry(item[2], item[3], item[4], item[5], item[6])
-                elif kind == 1:  # FAILED: listener, client, how, errno, timeout, backend
-                    item[1].forwarder.failed(item[1], item[2], item[3], item[4], item[5], item[6])
+                elif kind == 1:  # FAILED: listener, client, how, errno, timeout, backend, counted
+                    item[1].forwarder.failed(item[1], *item[2:])
                 elif kind == 7:  # DENIED by allow/deny: listener, client
                     item[1].forwarder.denied(item[2])
                 elif kind == 3:  # REFUSED (draining): listener, count
@@ -209,6 +209,7 @@ class NativeListener:
             forwarder.pick if forwarder.pool is not None else None,
             rule.proxy_protocol,
             forwarder.local,
+            forwarder.balance(),
         )
         self._started = True
         if self._held:

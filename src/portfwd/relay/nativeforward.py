@@ -88,6 +88,16 @@ class NativeForwarder:
             listener.refuse(value)
 
     # ------------------------------------------------------------------ backends
+    def balance(self) -> tuple[int, list[int], bytearray, float] | None:
+        """What lets the engine pick by itself while every backend is healthy (round-robin and
+        first, as the pool would): (mode, weights with 0 for a backup, the pool's flag, each
+        backend's share of the connect timeout); None: the pool picks every time."""
+        pool = self.pool
+        if pool is None or pool.balance not in _HERE:
+            return None
+        weights = [0 if backend.spec.backup else backend.spec.weight for backend in pool.backends]
+        return _HERE[pool.balance], weights, pool.flag, self._attempt
+
     def pick(self, client: str) -> tuple[int, float]:
         """The engine asks which backend a new client tries first, and for how long."""
         assert self.pool is not None
@@ -102,7 +112,8 @@ class NativeForwarder:
         pool = self.pool
         assert pool is not None
         backend = pool.backends[link.backend]
-        backend.stats.active -= 1
+        if link.counted:
+            backend.stats.active -= 1
         error = _error(how, code, timeout)
         now = time.monotonic()
         pool.failed(backend, now, error.message)
@@ -149,8 +160,10 @@ class NativeForwarder:
             backend = pool.backends[link.backend]
             pool.connected(backend)
             session = self.state.open_session(self.stats, client, self.target_texts[backend.index], "splice")
-            stats = session.backend = backend.stats  # `active` was counted at the pick
+            stats = session.backend = backend.stats
             stats.total += 1
+            if not link.counted:  # picked by the engine: counted now
+                stats.active += 1
         session.relay = link
         link.session = session
         if not written:
@@ -175,12 +188,18 @@ class NativeForwarder:
         log_denied(self.label, client, "closed")
 
     def failed(
-        self, listener: NativeListener, client: str, how: int, code: int, timeout: float, index: int
+        self,
+        listener: NativeListener,
+        client: str,
+        how: int,
+        code: int,
+        timeout: float,
+        index: int,
+        counted: bool,
     ) -> None:
         """A client's upstream never connected (or its PROXY header did not go out): count, log
         and keep it among the recently closed."""
-        if self.pool is not None:
-            self._tried = {link: tried for link, tried in self._tried.items() if not link.closed}
+        if self.pool is not None and counted:
             self.pool.backends[index].stats.active -= 1
         error = _error(how, code, timeout)
         if error.reason == "resources":
@@ -199,6 +218,10 @@ class NativeForwarder:
             return
         for listener in self.listeners:
             self.relays.engine.abandon(listener)
+
+
+#: The balance methods the engine picks by itself while the pool is healthy, and their codes.
+_HERE = {"round-robin": 1, "first": 2}
 
 
 def _error(how: int, code: int, timeout: float) -> UpstreamError:
