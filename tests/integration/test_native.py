@@ -309,3 +309,100 @@ def test_the_engine_writes_the_lines_python_would(log_format: str, tmp_path: Pat
     else:
         assert json.loads(lines[True][0])["rule"] == "wéb"
         assert '"rule": "w\\u00e9b"' in lines[True][0]
+
+
+async def test_backends_are_balanced_and_failed_over_by_the_engine(caplog: pytest.LogCaptureFixture) -> None:
+    """Round-robin picked in C while the pool is healthy; a refused backend makes the pool
+    pick the next (the client sees no error); with every backend refused, one failed line."""
+    port = free_port()
+    dead = free_port()  # nothing listens there
+    async with peer("echo", ("127.0.0.1", 0)) as first, peer("echo", ("127.0.0.1", 0)) as second:
+        assert not isinstance(first.address, str)
+        assert not isinstance(second.address, str)
+        rule = {
+            "listen": f"127.0.0.1:{port}",
+            "relay": "splice",
+            "balance": "round-robin",
+            "backend": [
+                {"name": "a", "connect": f"127.0.0.1:{first.address[1]}"},
+                {"name": "b", "connect": f"127.0.0.1:{second.address[1]}"},
+                {"name": "c", "connect": f"127.0.0.1:{dead}"},
+            ],
+        }
+        async with running({"forward": [rule]}) as runtime:
+            assert {type(forwarder) for forwarder in runtime.tcp_forwarders} == {NativeForwarder}
+
+            async def one(text: bytes) -> bytes:
+                reader, writer = await open_client(("127.0.0.1", port))
+                writer.write(text)
+                writer.write_eof()
+                data = await read_all(reader)
+                writer.close()
+                return data
+
+            for index in range(9):  # one in three picks "c", refused: failed over at once
+                assert await one(b"%d" % index) == b"%d" % index
+            await wait_until(lambda: not runtime.state.sessions, 5, "all closed")
+            (stats,) = runtime.state.rules.values()
+            assert stats.connections_total == 9
+            assert stats.errors == {}
+            by_name = {backend.name: backend for backend in stats.backends}
+            assert by_name["c"].failures >= 1
+            assert by_name["a"].total + by_name["b"].total == 9
+            assert abs(by_name["a"].total - by_name["b"].total) <= 3
+            assert [backend.active for backend in stats.backends] == [0, 0, 0]
+    assert "failed:" not in caplog.text
+
+
+async def test_every_backend_refused_is_one_failed_line(caplog: pytest.LogCaptureFixture) -> None:
+    port, one, two = free_port(), free_port(), free_port()
+    rule = {
+        "listen": f"127.0.0.1:{port}",
+        "relay": "splice",
+        "backend": [{"connect": f"127.0.0.1:{one}"}, {"connect": f"127.0.0.1:{two}"}],
+    }
+    async with running({"forward": [rule]}) as runtime:
+        reader, writer = await open_client(("127.0.0.1", port))
+        with contextlib.suppress(ConnectionError):
+            assert await read_all(reader) == b""
+        writer.close()
+        (stats,) = runtime.state.rules.values()
+        await wait_until(lambda: stats.errors.get("refused") == 1, 5, "counted once")
+        assert [backend.failures for backend in stats.backends] == [1, 1]
+        assert [backend.active for backend in stats.backends] == [0, 0]
+    assert caplog.text.count("failed: connection refused; client closed") == 1
+
+
+@pytest.mark.parametrize("version", [1, 2])
+async def test_the_proxy_header_the_engine_sends(version: int) -> None:
+    """Byte for byte what proto/proxy.py makes for the same client, then the client's bytes."""
+    from portfwd.proto.proxy import header
+
+    port = free_port()
+    target = socket.socket()
+    target.bind(("127.0.0.1", 0))
+    target.listen(4)
+    target.setblocking(False)
+    loop = asyncio.get_running_loop()
+    rule = rule_for(port, target.getsockname()[1], proxy_protocol=f"v{version}")
+    try:
+        async with running({"forward": [rule]}):
+            _, writer = await open_client(("127.0.0.1", port))
+            writer.write(b"GET / HTTP/1.0\r\n\r\n")
+            await writer.drain()
+            client = writer.get_extra_info("sockname")
+            served, _ = await loop.sock_accept(target)
+            with served:
+                expected = (
+                    header(version, (client[0], client[1]), ("127.0.0.1", port)) + b"GET / HTTP/1.0\r\n\r\n"
+                )
+                got = b""
+                async with asyncio.timeout(5):
+                    while len(got) < len(expected):
+                        chunk = await loop.sock_recv(served, 4096)
+                        assert chunk, got
+                        got += chunk
+                assert got == expected
+            writer.close()
+    finally:
+        target.close()
