@@ -75,6 +75,14 @@ def run(
     runtime.run(plan, strict=strict, identity=identity, loader=lambda: planner.load(path))
 
 
+def _not_kernel(relay_text: str, why: str) -> str:
+    """A userspace relay's text with why `relay = "auto"` did not give the rule to the kernel:
+    `splice (not kernel: ...)`, `splice (C engine; not kernel: ...)`."""
+    if relay_text.endswith(")"):
+        return f"{relay_text[:-1]}; not kernel: {why})"
+    return f"{relay_text} (not kernel: {why})"
+
+
 def _table(title: str, columns: Iterable[str], rows: Iterable[tuple[str, ...]]) -> Table:
     from rich.table import Table
 
@@ -118,7 +126,7 @@ def check(config_file: str | None) -> None:
                             *rows[index][:5],
                             "kernel (nftables NAT; auto)"
                             if why is None
-                            else f"{rows[index][5]} (not kernel: {why})",
+                            else _not_kernel(rows[index][5], why),
                         )
         console.print(_table(title, relay.COLUMNS, rows))
         if machine_note:

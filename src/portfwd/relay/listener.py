@@ -227,7 +227,7 @@ def bind_unix(what: str, path: str, *, backlog: int) -> socket.socket:
 Client = TypeVar("Client")
 
 
-class _Accepting(Generic[Client]):
+class AcceptLoop(Generic[Client]):
     """The accept loop shared by both listeners: batches, the EMFILE pause, closing."""
 
     def __init__(self, listener: socket.socket, label: str) -> None:
@@ -241,7 +241,18 @@ class _Accepting(Generic[Client]):
     def start(self) -> None:
         """Begin accepting."""
         if not self._held:
+            self._watch(True)
+
+    def _watch(self, on: bool) -> None:
+        """Take clients from the listener when it is readable (on), or stop."""
+        if on:
             self._loop.add_reader(self.listener.fileno(), self._on_accept)
+        else:
+            self._loop.remove_reader(self.listener.fileno())
+
+    def _forget(self) -> None:
+        """Stop watching the listener for good (it is about to be closed)."""
+        self._loop.remove_reader(self.listener.fileno())
 
     def hold(self) -> None:
         """Stop accepting until `release`: new clients wait in the kernel's backlog (a paused
@@ -249,7 +260,7 @@ class _Accepting(Generic[Client]):
         if self._held or self._closed:
             return
         self._held = True
-        self._loop.remove_reader(self.listener.fileno())
+        self._watch(False)
 
     def release(self) -> None:
         """Accept again after `hold` (unless paused for exhaustion: that resumes on its own)."""
@@ -257,7 +268,7 @@ class _Accepting(Generic[Client]):
             return
         self._held = False
         if self._paused is None and not self._closed:
-            self._loop.add_reader(self.listener.fileno(), self._on_accept)
+            self._watch(True)
 
     def _accept(self) -> tuple[Client, Any]:
         """One client and its address. Raises OSError (BlockingIOError when none is waiting)."""
@@ -305,13 +316,13 @@ class _Accepting(Generic[Client]):
             ACCEPT_RETRY_DELAY,
             extra=event("accept.paused", rule=self._label, reason=why, delay_s=ACCEPT_RETRY_DELAY),
         )
-        self._loop.remove_reader(self.listener.fileno())
+        self._watch(False)
         self._paused = self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
 
     def _resume(self) -> None:
         self._paused = None
         if not self._closed and not self._held:
-            self._loop.add_reader(self.listener.fileno(), self._on_accept)
+            self._watch(True)
 
     def close(self) -> None:
         """Stop accepting and close the listening socket (and its Unix path)."""
@@ -320,7 +331,7 @@ class _Accepting(Generic[Client]):
         self._closed = True
         if self._paused is not None:
             self._paused.cancel()
-        self._loop.remove_reader(self.listener.fileno())
+        self._forget()
         path = self.listener.getsockname() if self.listener.family == socket.AF_UNIX else None
         self.listener.close()
         if isinstance(path, str) and path:
@@ -328,7 +339,7 @@ class _Accepting(Generic[Client]):
                 os.unlink(path)
 
 
-class TcpListener(_Accepting[socket.socket]):
+class TcpListener(AcceptLoop[socket.socket]):
     """Accepts clients on a listening stream socket and hands each to `serve(client, peer)`."""
 
     def __init__(
@@ -354,7 +365,7 @@ _ACCEPT_FLAGS = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOE
 _ADDRESS_SIZE = 128  # sizeof(struct sockaddr_storage)
 
 
-class DescriptorListener(_Accepting[int]):
+class DescriptorListener(AcceptLoop[int]):
     """Hands the clients of each wakeup to `serve([(fd, peer), ...])` as bare descriptors,
     non-blocking, with TCP_NODELAY (IP) on: for the forwarder, whose relays work on descriptors
     and which begins the burst's upstream connects together (TcpForwarder.serve).

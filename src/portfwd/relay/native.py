@@ -32,7 +32,7 @@ from portfwd.acl import Network
 from portfwd.addr import Endpoint, HostPorts
 from portfwd.logevents import event
 from portfwd.relay import sessionlog
-from portfwd.relay.listener import ACCEPT_RETRY_DELAY, KEEPALIVE
+from portfwd.relay.listener import KEEPALIVE, AcceptLoop
 from portfwd.relay.splice import PIPE_SIZE
 from portfwd.relay.upstream import literal_addresses
 from portfwd.specs import RuleSpec
@@ -175,28 +175,24 @@ def _networks(networks: tuple[Network, ...]) -> tuple[tuple[bytes, int], ...]:
     return tuple((network.network_address.packed, network.prefixlen) for network in networks)
 
 
-class NativeListener:
+class NativeListener(AcceptLoop[int]):
     """A listening socket served by the C engine: DescriptorListener's interface (start, hold,
-    release, pause, close)."""
+    release, pause, close), the accepting done in C."""
 
     def __init__(self, listener: socket.socket, forwarder: NativeForwarder) -> None:
-        self.listener = listener
+        super().__init__(listener, forwarder.label)
         self.forwarder = forwarder
         self._fd = listener.fileno()
-        self._loop = asyncio.get_running_loop()
         self._started = False
-        self._held = False
-        self._closed = False
-        self._paused: asyncio.TimerHandle | None = None
         forwarder.listeners.append(self)
 
     def start(self) -> None:
-        """Begin accepting."""
+        """Begin accepting (the engine watches the listener from now on)."""
         if self._started or self._closed:
             return
         rule = self.forwarder.rule
-        engine = self.forwarder.relays.engine
         forwarder = self.forwarder
+        engine = forwarder.relays.engine
         engine.listen(
             self._fd,
             self,
@@ -212,34 +208,23 @@ class NativeListener:
             forwarder.balance(),
         )
         self._started = True
-        if self._held:
+        if self._held or self._paused is not None:
             engine.watch(self._fd, False)
-        if self.forwarder.refusing:
+        if forwarder.refusing:
             engine.refuse(self._fd, True)
 
     def _watch(self, on: bool) -> None:
         if self._started and not self._closed:
             self.forwarder.relays.engine.watch(self._fd, on)
 
+    def _forget(self) -> None:
+        if self._started:
+            self.forwarder.relays.engine.unlisten(self._fd)
+
     def refuse(self, on: bool) -> None:
         """Reset new clients (draining) or take them again."""
         if self._started and not self._closed:
             self.forwarder.relays.engine.refuse(self._fd, on)
-
-    def hold(self) -> None:
-        """Stop accepting until `release` (new clients wait in the backlog)."""
-        if self._held or self._closed:
-            return
-        self._held = True
-        self._watch(False)
-
-    def release(self) -> None:
-        """Accept again after `hold` (unless paused for exhaustion: that resumes on its own)."""
-        if not self._held:
-            return
-        self._held = False
-        if self._paused is None:
-            self._watch(True)
 
     def accept_error(self, code: int, exhausted: bool) -> None:
         """The engine could not accept: out of descriptors or memory (it stopped watching this
@@ -250,34 +235,3 @@ class NativeListener:
             return
         label = self.forwarder.label
         log.warning("%s: accept failed: %s", label, why, extra=event("accept.failed", rule=label, reason=why))
-
-    def pause(self, why: str) -> None:
-        """Stop accepting for ACCEPT_RETRY_DELAY: the process is out of descriptors or memory."""
-        if self._paused is not None or self._closed:
-            return
-        label = self.forwarder.label
-        log.warning(
-            "%s: cannot accept more clients (%s); pausing accepts for %.1fs",
-            label,
-            why,
-            ACCEPT_RETRY_DELAY,
-            extra=event("accept.paused", rule=label, reason=why, delay_s=ACCEPT_RETRY_DELAY),
-        )
-        self._watch(False)
-        self._paused = self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
-
-    def _resume(self) -> None:
-        self._paused = None
-        if not self._held:
-            self._watch(True)
-
-    def close(self) -> None:
-        """Stop accepting and close the listening socket."""
-        if self._closed:
-            return
-        if self._paused is not None:
-            self._paused.cancel()
-        if self._started:
-            self.forwarder.relays.engine.unlisten(self._fd)
-        self._closed = True
-        self.listener.close()
