@@ -161,6 +161,7 @@ class _Direct:
         self._until = 0.0  # the end of the second `_prefix` was made for
         self._prefix = ""
         self._root = logging.getLogger()
+        self._loggers: dict[str, logging.Logger] = {}
 
     def opened(self, logger: str, label: str, session: Session) -> bool:
         handlers: Sequence[object] = self._root.handlers
@@ -205,7 +206,10 @@ class _Direct:
         handlers: Sequence[object] = self._root.handlers
         if len(handlers) != 1 or handlers[0] is not self.front:
             return 0
-        if not logging.getLogger(logger).isEnabledFor(logging.INFO):
+        known = self._loggers.get(logger)
+        if known is None:  # logging.getLogger takes a lock: once per name
+            known = self._loggers[logger] = logging.getLogger(logger)
+        if not known.isEnabledFor(logging.INFO):
             return 0
         return 2 if self.json else 1
 

@@ -167,6 +167,9 @@ typedef struct Engine {
     long live;          /* links not yet closed */
     Link *buried;       /* ended inside run(): released once its batch is done */
     int lines;          /* this run(): 0 Python logs, LINES_TEXT or LINES_JSON: the engine writes */
+    int lines_known;    /* `lines` was asked for in this run() (`mode`, once, when a line is due) */
+    PyObject *mode;     /* callable() -> lines, or NULL */
+    PyObject *dispatch; /* callable(events, lines), or NULL: run() returns the events instead */
     PyObject *written;  /* this run()'s log lines (a list), or NULL */
     time_t second;      /* the second `stamp` was made for */
     char stamp[48];     /* "YYYY-mm-dd HH:MM:SS INFO " of that second */
@@ -355,6 +358,24 @@ static void shut(Link *link) {
 }
 
 /* ------------------------------------------------------------------ log lines */
+/* Who writes this run's lines: asked of `mode` once a run, at the first line due, so that a
+ * wake-up with no session opening or closing runs no Python at all. */
+static int lines_of(Engine *engine) {
+    if (engine->lines_known) return engine->lines;
+    engine->lines_known = 1;
+    engine->lines = LINES_PYTHON;
+    if (engine->mode == NULL) return engine->lines;
+    PyObject *answer = PyObject_CallNoArgs(engine->mode);
+    long value = answer != NULL ? PyLong_AsLong(answer) : -1;
+    Py_XDECREF(answer);
+    if (PyErr_Occurred()) {
+        PyErr_WriteUnraisable(engine->mode);
+        return engine->lines;
+    }
+    if (value >= LINES_PYTHON && value <= LINES_JSON) engine->lines = (int)value;
+    return engine->lines;
+}
+
 /* The lines the front end's formatters would write for a session (cli/console.py, _Direct):
  * text "<date> <time> INFO <rule>: <client> -> <target> open (splice)" and "... closed
  * (<reason>): <n> B up, <n> B down, <s>s", or the same records as JSON objects. The rule and
@@ -456,7 +477,7 @@ static void line_closed(Link *link, const char *reason) {
 static void end(Link *link, const char *reason) {
     if (link->state == CLOSED) return;
     shut(link);
-    if (link->engine->lines) line_closed(link, reason);
+    if (lines_of(link->engine)) line_closed(link, reason);
     PyObject *text = PyUnicode_FromString(reason);
     if (text == NULL) {
         PyErr_Clear();
@@ -708,7 +729,7 @@ static void relay(Link *link) {
     double seconds = (double)(link->opened_ns - link->began_ns) / 1e9;
     PyObject *event = Py_BuildValue("(iOOOd)", EV_OPEN, link->token, (PyObject *)link, link->client_text, seconds);
     if (emit(engine, event) < 0) PyErr_Clear();
-    if (engine->lines) line_opened(link);
+    if (lines_of(engine)) line_opened(link);
 }
 
 /* The connect failed: the client is closed, Python told why. */
@@ -1348,25 +1369,31 @@ static PyObject *Engine_abandon(Engine *engine, PyObject *token) {
     return PyLong_FromLong(count);
 }
 
-PyDoc_STRVAR(run_doc, "run(lines=0)\n--\n\n"
-                      "Handle what is ready now, without waiting; returns the events since the last call\n"
-                      "(a list of tuples, see relay/native.py) or None. With `lines` 1 (text) or 2 (JSON)\n"
-                      "the engine writes the sessions' open and closed lines: the last event is\n"
-                      "(LINES, [line, ...]).");
+PyDoc_STRVAR(run_doc, "run(lines=None)\n--\n\n"
+                      "Handle what is ready now, without waiting. With `lines` 1 (text) or 2 (JSON) the engine\n"
+                      "writes the sessions' open and closed lines (the last event is (LINES, [line, ...])); 0\n"
+                      "leaves them to Python; None asks `mode()` when a line is due. The events since the last\n"
+                      "call (tuples, see relay/native.py) go to `dispatch(events, lines)` when it is set, and\n"
+                      "are returned otherwise (None: no event).");
 
 static PyObject *Engine_run(Engine *engine, PyObject *const *args, Py_ssize_t nargs) {
     struct epoll_event ready_events[EVENTS_PER_RUN];
-    long lines = nargs > 0 ? PyLong_AsLong(args[0]) : 0;
-    if (lines == -1 && PyErr_Occurred()) return NULL;
-    if (lines < LINES_PYTHON || lines > LINES_JSON) {
-        PyErr_SetString(PyExc_ValueError, "lines must be 0, 1 or 2");
-        return NULL;
-    }
     if (nargs > 1) {
         PyErr_SetString(PyExc_TypeError, "run() takes at most one argument");
         return NULL;
     }
-    engine->lines = (int)lines;
+    engine->lines = LINES_PYTHON;
+    engine->lines_known = 0;
+    if (nargs == 1 && args[0] != Py_None) {
+        long lines = PyLong_AsLong(args[0]);
+        if (lines == -1 && PyErr_Occurred()) return NULL;
+        if (lines < LINES_PYTHON || lines > LINES_JSON) {
+            PyErr_SetString(PyExc_ValueError, "lines must be 0, 1 or 2");
+            return NULL;
+        }
+        engine->lines = (int)lines;
+        engine->lines_known = 1;
+    }
     int count = epoll_wait(engine->epoll, ready_events, EVENTS_PER_RUN, 0);
     if (count < 0 && errno != EINTR) return PyErr_SetFromErrno(PyExc_OSError);
     /* A link closed by an earlier event of this batch stays allocated until the batch is
@@ -1391,7 +1418,9 @@ static PyObject *Engine_run(Engine *engine, PyObject *const *args, Py_ssize_t na
         }
     }
     unbury(engine);
+    int lines = engine->lines_known ? engine->lines : LINES_PYTHON;
     engine->lines = LINES_PYTHON; /* a Link.close() from Python between runs: Python logs it */
+    engine->lines_known = 1;
     if (engine->written != NULL) {
         PyObject *written = engine->written;
         engine->written = NULL;
@@ -1400,7 +1429,14 @@ static PyObject *Engine_run(Engine *engine, PyObject *const *args, Py_ssize_t na
     PyObject *events = engine->events;
     engine->events = NULL;
     if (events == NULL) Py_RETURN_NONE;
-    return events;
+    if (engine->dispatch == NULL) return events;
+    PyObject *mode = PyLong_FromLong(lines);
+    PyObject *result = mode != NULL ? PyObject_CallFunctionObjArgs(engine->dispatch, events, mode, NULL) : NULL;
+    Py_XDECREF(mode);
+    Py_DECREF(events);
+    if (result == NULL) return NULL; /* the loop reports it; the engine goes on */
+    Py_DECREF(result);
+    Py_RETURN_NONE;
 }
 
 static PyObject *Engine_fileno(Engine *engine, PyObject *Py_UNUSED(ignored)) { return PyLong_FromLong(engine->epoll); }
@@ -1441,7 +1477,35 @@ static void Engine_dealloc(Engine *engine) {
     Py_XDECREF(engine->events);
     Py_XDECREF(engine->written);
     Py_XDECREF(engine->closed);
+    Py_XDECREF(engine->mode);
+    Py_XDECREF(engine->dispatch);
     Py_TYPE(engine)->tp_free((PyObject *)engine);
+}
+
+static PyObject *get_callable(PyObject *value) {
+    if (value == NULL) Py_RETURN_NONE;
+    Py_INCREF(value);
+    return value;
+}
+
+static int set_callable(PyObject **slot, PyObject *value) {
+    if (value == Py_None) value = NULL;
+    if (value != NULL && !PyCallable_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "must be callable or None");
+        return -1;
+    }
+    Py_XINCREF(value);
+    Py_XSETREF(*slot, value);
+    return 0;
+}
+
+static PyObject *Engine_get_mode(Engine *engine, void *Py_UNUSED(c)) { return get_callable(engine->mode); }
+static int Engine_set_mode(Engine *engine, PyObject *value, void *Py_UNUSED(c)) {
+    return set_callable(&engine->mode, value);
+}
+static PyObject *Engine_get_dispatch(Engine *engine, void *Py_UNUSED(c)) { return get_callable(engine->dispatch); }
+static int Engine_set_dispatch(Engine *engine, PyObject *value, void *Py_UNUSED(c)) {
+    return set_callable(&engine->dispatch, value);
 }
 
 static PyObject *Engine_get_closed(Engine *engine, void *Py_UNUSED(closure)) {
@@ -1474,6 +1538,8 @@ static PyMethodDef Engine_methods[] = {
 
 static PyGetSetDef Engine_getset[] = {
     {"closed", (getter)Engine_get_closed, (setter)Engine_set_closed, "callable(link, reason) for Link.close", NULL},
+    {"mode", (getter)Engine_get_mode, (setter)Engine_set_mode, "callable() -> who writes the lines (run)", NULL},
+    {"dispatch", (getter)Engine_get_dispatch, (setter)Engine_set_dispatch, "callable(events, lines) (run)", NULL},
     {"live", (getter)Engine_get_live, NULL, "links connecting or relaying", NULL},
     {"pooled", (getter)Engine_get_pooled, NULL, "empty pipes kept for reuse", NULL},
     {NULL, NULL, NULL, NULL, NULL},

@@ -102,19 +102,27 @@ class NativeRelays:
         """The engine (made on first use)."""
         if self._engine is None:
             assert _native is not None
-            self._engine = _native.Engine(PIPE_SIZE, KEEPALIVE)
-            self._engine.closed = self._closed
+            engine = self._engine = _native.Engine(PIPE_SIZE, KEEPALIVE)
+            engine.closed = self._closed
+            engine.mode = self._mode
+            engine.dispatch = self._dispatch
             self._loop = asyncio.get_running_loop()
-            self._loop.add_reader(self._engine.fileno(), self._run)
+            # The engine's own run() is the reader: a wake-up that opens or closes no session
+            # (most of them: a request, a response) runs no Python.
+            self._loop.add_reader(engine.fileno(), engine.run)
             self.state.syncers.append(self._sync)
         return self._engine
 
-    def _run(self) -> None:
+    @staticmethod
+    def _mode() -> int:
+        """Who writes the session lines of this batch: the engine (1 text, 2 JSON) when the
+        front end's batched handler is the only one, else Python (0)."""
         lines = sessionlog.direct
-        mode = lines.engine_lines(log.name) if lines is not None else 0
-        events = self._engine.run(mode)
-        if not events:
-            return
+        return lines.engine_lines(log.name) if lines is not None else 0
+
+    def _dispatch(self, events: list[tuple[Any, ...]], mode: int) -> None:
+        """The events of one batch of the engine's (see _native.c), in order."""
+        lines = sessionlog.direct
         written = mode != 0  # the engine wrote the open and closed lines of this batch
         for item in events:
             kind = item[0]
@@ -162,7 +170,8 @@ class NativeRelays:
             self._loop.remove_reader(self._engine.fileno())
         if self._sync in self.state.syncers:
             self.state.syncers.remove(self._sync)
-        self._engine.closed = None  # the engine and this object refer to each other until now
+        # The engine and this object refer to each other until now.
+        self._engine.closed = self._engine.mode = self._engine.dispatch = None
         self._engine.close()
         self._engine = None
 
