@@ -199,10 +199,13 @@ def test_restart_rebinds_at_once_with_connections_in_time_wait(socat_echo: int) 
                 assert client.recv(1) == b"x"
 
 
-def test_running_out_of_file_descriptors_pauses_accepts(socat_echo: int) -> None:
+@pytest.mark.parametrize("relay", ["auto", "splice"])
+def test_running_out_of_file_descriptors_pauses_accepts(socat_echo: int, relay: str) -> None:
+    """`splice`: the C engine's accept pause (as root `auto` may be the kernel's relay)."""
     prlimit = need_binary("prlimit", "util-linux")
     port = free_port()
-    argv = [prlimit, "--nofile=48:48", *portfwd_argv("forward", f"127.0.0.1:{port}:127.0.0.1:{socat_echo}")]
+    spec = f"127.0.0.1:{port}:127.0.0.1:{socat_echo}"
+    argv = [prlimit, "--nofile=48:48", *portfwd_argv("forward", spec, "--relay", relay)]
     with started(argv, ready=READY) as proc:
         clients = []
         for _ in range(40):
