@@ -168,6 +168,7 @@ typedef struct Engine {
     Link *buried;       /* ended inside run(): released once its batch is done */
     int lines;          /* this run(): 0 Python logs, LINES_TEXT or LINES_JSON: the engine writes */
     int lines_known;    /* `lines` was asked for in this run() (`mode`, once, when a line is due) */
+    int running;        /* inside run()'s batch: Python called from it must not free what it uses */
     PyObject *mode;     /* callable() -> lines, or NULL */
     PyObject *dispatch; /* callable(events, lines), or NULL: run() returns the events instead */
     PyObject *written;  /* this run()'s log lines (a list), or NULL */
@@ -182,6 +183,14 @@ static int64_t now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Python called from inside run()'s batch (a picker, `mode`) must not free what the batch
+ * uses: the methods that would raise instead. */
+static int not_running(Engine *engine) {
+    if (!engine->running) return 1;
+    PyErr_SetString(PyExc_RuntimeError, "not while the engine runs a batch (from a picker or mode)");
+    return 0;
 }
 
 /* ------------------------------------------------------------------ lists */
@@ -322,8 +331,11 @@ static Link *link_new(Engine *engine, PyObject *token, PyObject *texts, int clie
     return link;
 }
 
+static void end(Link *link, const char *reason);
+
 /* Bring the epoll interest in `fd` (a side of `link`) in line with what its two directions
- * wait for: reading as a source, writing as a blocked destination. */
+ * wait for: reading as a source, writing as a blocked destination. A session whose socket
+ * cannot be watched (ENOMEM, ENOSPC) is ended rather than left to hang. */
 static void watch(Link *link, int client_side) {
     if (link->state == CLOSED) return;
     Direction *source = client_side ? &link->up : &link->down;
@@ -335,12 +347,19 @@ static void watch(Link *link, int client_side) {
     struct epoll_event event;
     event.events = want;
     event.data.u64 = (uint64_t)(uintptr_t)link | (client_side ? TAG_CLIENT : TAG_UPSTREAM);
+    int done;
     if (*have == 0)
-        epoll_ctl(link->engine->epoll, EPOLL_CTL_ADD, fd, &event);
+        done = epoll_ctl(link->engine->epoll, EPOLL_CTL_ADD, fd, &event);
     else if (want)
-        epoll_ctl(link->engine->epoll, EPOLL_CTL_MOD, fd, &event);
+        done = epoll_ctl(link->engine->epoll, EPOLL_CTL_MOD, fd, &event);
     else
-        epoll_ctl(link->engine->epoll, EPOLL_CTL_DEL, fd, &event);
+        done = epoll_ctl(link->engine->epoll, EPOLL_CTL_DEL, fd, &event);
+    if (done < 0 && want) {
+        char reason[200];
+        snprintf(reason, sizeof reason, "internal error: cannot watch a socket: %s", strerror(errno));
+        end(link, reason);
+        return;
+    }
     *have = want;
 }
 
@@ -351,6 +370,7 @@ static void shut(Link *link) {
     list_drop(link);
     if (link->client >= 0) close(link->client);
     if (link->upstream >= 0) close(link->upstream);
+    link->client = link->upstream = -1;
     link->client_mask = link->upstream_mask = 0;
     pipe_give(engine, &link->up);
     pipe_give(engine, &link->down);
@@ -442,8 +462,11 @@ static void line_closed(Link *link, const char *reason) {
     Engine *engine = link->engine;
     PyObject *label = PyTuple_GET_ITEM(link->texts, 0), *label_json = PyTuple_GET_ITEM(link->texts, 1);
     PyObject *target = PyTuple_GET_ITEM(link->texts, 2), *target_json = PyTuple_GET_ITEM(link->texts, 3);
+    char *fixed = PyOS_double_to_string((double)(now_ns() - link->opened_ns) / 1e9, 'f', 3, 0, NULL);
     char duration[64];
-    snprintf(duration, sizeof duration, "%.3f", (double)(now_ns() - link->opened_ns) / 1e9);
+    snprintf(duration, sizeof duration, "%s", fixed != NULL ? fixed : "0.000");
+    PyMem_Free(fixed);
+    PyErr_Clear();
     if (engine->lines == LINES_TEXT) {
         write_line(engine, PyUnicode_FromFormat("%s%U: %U -> %U closed (%s): %llu B up, %llu B down, %ss",
                                                 stamp(engine), label, link->client_text, target, reason,
@@ -724,8 +747,8 @@ static void relay(Link *link) {
     link->up.reading = link->down.reading = 1;
     watch(link, 1);
     watch(link, 0);
-    if (link->keepalive) list_push(&engine->waiting, link);
     link->opened_ns = now_ns();
+    if (link->keepalive) list_push(&engine->waiting, link);
     double seconds = (double)(link->opened_ns - link->began_ns) / 1e9;
     PyObject *event = Py_BuildValue("(iOOOd)", EV_OPEN, link->token, (PyObject *)link, link->client_text, seconds);
     if (emit(engine, event) < 0) PyErr_Clear();
@@ -745,11 +768,11 @@ static void connect_failed(Link *link, int how, int code) {
         double elapsed = (double)(now_ns() - link->began_ns) / 1e9;
         PyObject *event =
             Py_BuildValue("(iOOiidd)", EV_RETRY, link->token, (PyObject *)link, how, code, elapsed, link->timeout);
-        if (emit(engine, event) < 0) PyErr_Clear();
-        return;
+        if (emit(engine, event) == 0) return;
+        PyErr_Clear(); /* no event: no one would end it; it fails here */
     }
-    PyObject *event = Py_BuildValue("(iOOiidii)", EV_FAILED, link->token, link->client_text, how, code,
-                                    link->timeout, link->backend, link->counted);
+    PyObject *event = Py_BuildValue("(iOOiidiiO)", EV_FAILED, link->token, link->client_text, how, code,
+                                    link->timeout, link->backend, link->counted, (PyObject *)link);
     link->state = CLOSED;
     list_drop(link);
     if (link->client >= 0) close(link->client);
@@ -963,6 +986,7 @@ static void on_accept(Engine *engine, Listener *listener) {
             link->counted = 1;
             Py_SETREF(link->texts, Py_NewRef(PyTuple_GET_ITEM(listener->texts, index)));
         }
+        link->timeout = seconds;
         link->deadline_ns = link->began_ns + (int64_t)(seconds * 1e9);
         Target *target = &listener->targets[link->backend];
         memcpy(&link->target, &target->address, target->length);
@@ -1019,7 +1043,7 @@ static void on_tick(Engine *engine) {
     }
     while (engine->waiting.next != &engine->waiting) {
         link = engine->waiting.next;
-        if (link->began_ns + KEEPALIVE_AFTER_NS > now) break;
+        if (link->opened_ns + KEEPALIVE_AFTER_NS > now) break;
         list_drop(link);
         keepalive_on(engine, link->upstream);
     }
@@ -1335,6 +1359,7 @@ static PyObject *Engine_refuse(Engine *engine, PyObject *args) {
 
 static PyObject *Engine_unlisten(Engine *engine, PyObject *args) {
     int fd;
+    if (!not_running(engine)) return NULL;
     if (!PyArg_ParseTuple(args, "i", &fd)) return NULL;
     for (Listener **at = &engine->listeners; *at != NULL; at = &(*at)->next) {
         Listener *listener = *at;
@@ -1349,6 +1374,7 @@ static PyObject *Engine_unlisten(Engine *engine, PyObject *args) {
 
 static PyObject *Engine_abandon(Engine *engine, PyObject *token) {
     /* Close the clients of `token` still waiting for their upstream (shutdown): no events. */
+    if (!not_running(engine)) return NULL;
     long count = 0;
     Link *link = engine->connecting.next;
     while (link != &engine->connecting) {
@@ -1378,6 +1404,7 @@ PyDoc_STRVAR(run_doc, "run(lines=None)\n--\n\n"
 
 static PyObject *Engine_run(Engine *engine, PyObject *const *args, Py_ssize_t nargs) {
     struct epoll_event ready_events[EVENTS_PER_RUN];
+    if (!not_running(engine)) return NULL;
     if (nargs > 1) {
         PyErr_SetString(PyExc_TypeError, "run() takes at most one argument");
         return NULL;
@@ -1396,6 +1423,7 @@ static PyObject *Engine_run(Engine *engine, PyObject *const *args, Py_ssize_t na
     }
     int count = epoll_wait(engine->epoll, ready_events, EVENTS_PER_RUN, 0);
     if (count < 0 && errno != EINTR) return PyErr_SetFromErrno(PyExc_OSError);
+    engine->running = 1;
     /* A link closed by an earlier event of this batch stays allocated until the batch is
      * done: its CLOSED event holds it. */
     for (int i = 0; i < count; i++) {
@@ -1417,6 +1445,7 @@ static PyObject *Engine_run(Engine *engine, PyObject *const *args, Py_ssize_t na
             ready(link, tag == TAG_CLIENT, events);
         }
     }
+    engine->running = 0;
     unbury(engine);
     int lines = engine->lines_known ? engine->lines : LINES_PYTHON;
     engine->lines = LINES_PYTHON; /* a Link.close() from Python between runs: Python logs it */
@@ -1443,6 +1472,7 @@ static PyObject *Engine_fileno(Engine *engine, PyObject *Py_UNUSED(ignored)) { r
 
 static PyObject *Engine_close(Engine *engine, PyObject *Py_UNUSED(ignored)) {
     /* Release what the engine holds (the live links were closed by their sessions first). */
+    if (!not_running(engine)) return NULL;
     while (engine->listeners != NULL) {
         Listener *listener = engine->listeners;
         engine->listeners = listener->next;
@@ -1563,8 +1593,9 @@ static PyObject *Link_close(Link *link, PyObject *reason) {
         return NULL;
     }
     if (link->state != RELAYING) Py_RETURN_NONE;
-    shut(link);
     Engine *engine = link->engine;
+    if (!not_running(engine)) return NULL;
+    shut(link);
     PyObject *result = NULL;
     if (engine->closed != NULL) {
         result = PyObject_CallFunctionObjArgs(engine->closed, (PyObject *)link, reason, NULL);
@@ -1592,7 +1623,7 @@ static PyObject *Link_connect(Link *link, PyObject *args) {
     link->counted = 1;
     Py_SETREF(link->texts, Py_NewRef(texts));
     int upstream = socket(link->target.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (upstream < 0) return PyLong_FromLong(errno);
+    if (upstream < 0) return PyLong_FromLong(-errno); /* this host's descriptors, not the backend */
     if (connect(upstream, (struct sockaddr *)&link->target, link->target_len) < 0 && errno != EINPROGRESS) {
         int code = errno;
         close(upstream);
@@ -1616,6 +1647,7 @@ static PyObject *Link_connect(Link *link, PyObject *args) {
 static PyObject *Link_fail(Link *link, PyObject *Py_UNUSED(ignored)) {
     /* Give up on a waiting link: its client is closed (Python logs why). */
     if (link->state != WAITING) Py_RETURN_NONE;
+    if (!not_running(link->engine)) return NULL;
     link->state = CLOSED;
     close(link->client);
     link->client = -1;

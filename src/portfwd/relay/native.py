@@ -136,7 +136,7 @@ class NativeRelays:
                         lines.put_lines(item[1])
                 elif kind == 8:  # RETRY (several backends): listener, link, how, errno, elapsed, timeout
                     item[1].forwarder.retry(item[2], item[3], item[4], item[5], item[6])
-                elif kind == 1:  # FAILED: listener, client, how, errno, timeout, backend, counted
+                elif kind == 1:  # FAILED: listener, client, how, errno, timeout, backend, counted, link
                     item[1].forwarder.failed(item[1], *item[2:])
                 elif kind == 7:  # DENIED by allow/deny: listener, client
                     item[1].forwarder.denied(item[2])

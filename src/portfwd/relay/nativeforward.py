@@ -141,9 +141,14 @@ class NativeForwarder:
                 self._tried[link] = tried
                 return
             following.stats.active -= 1
+            backend = following
+            if code < 0:  # no socket: this host's descriptors, not the backend's fault
+                error = _error(FAIL_SOCKET, -code, seconds)
+                link.token.pause(error.message)
+                break
             error = describe_error(OSError(code, os.strerror(code)))
             pool.failed(following, now, error.message)
-            backend, tried = following, (*tried, following)
+            tried = (*tried, following)
         link.fail()
         self._failed(link.client_text, self.target_texts[backend.index], error)
 
@@ -196,11 +201,14 @@ class NativeForwarder:
         timeout: float,
         index: int,
         counted: bool,
+        link: Any,
     ) -> None:
         """A client's upstream never connected (or its PROXY header did not go out): count, log
         and keep it among the recently closed."""
-        if self.pool is not None and counted:
-            self.pool.backends[index].stats.active -= 1
+        if self.pool is not None:
+            self._tried.pop(link, None)
+            if counted:
+                self.pool.backends[index].stats.active -= 1
         error = _error(how, code, timeout)
         if error.reason == "resources":
             listener.pause(error.message)
@@ -214,6 +222,7 @@ class NativeForwarder:
 
     def close_pending(self) -> None:
         """Abandon clients still waiting for their upstream (shutdown)."""
+        self._tried.clear()
         if not self.relays.started:
             return
         for listener in self.listeners:
