@@ -122,17 +122,23 @@ def test_portfwd_server_upstreams_have_keepalive(tmp_path: Path) -> None:
             held.sendall(b"held open")
             deadline = time.monotonic() + 10
             towards: list[str] = []
-            while not towards and time.monotonic() < deadline:  # the channel opens the upstream
+            # The channel opens the upstream, and the server arms keepalive just after its connect
+            # returns: `ss` may see the socket in between, so wait (bounded) for the armed state.
+            while time.monotonic() < deadline:
                 towards = [
                     line
                     for line in asyncio.run(timers(sink.port))
                     if line.split()[3].endswith(f":{sink.port}")
                 ]
+                if towards and all("timer:(keepalive," in line for line in towards):
+                    break
+                time.sleep(0.05)
     finally:
         client.terminate()
         client.wait(10)
         server.stop()
         sink.close()
-    # the held session's upstream (and, for a moment, the readiness probe's, still closing)
+    # the held session's upstream (and, for a moment, the readiness probe's, still closing);
+    # without keepalive this fails after the whole wait
     assert towards
     assert all("timer:(keepalive," in line for line in towards), towards
