@@ -406,3 +406,46 @@ async def test_the_proxy_header_the_engine_sends(version: int) -> None:
             writer.close()
     finally:
         target.close()
+
+
+async def test_small_writes_are_copied_and_what_the_upstream_cannot_take_yet_waits() -> None:
+    """Each direction starts by copying (recv, send) and splices once a read fills its copy
+    buffer (_native.c, COPY_BYTES). Small writes against an upstream that reads nothing fill
+    the path; what a copy could not send waits in a pipe and goes out, in order, once the
+    upstream reads."""
+    port = free_port()
+    go = asyncio.Event()
+    received: list[bytes] = []
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await go.wait()
+        received.append(await read_all(reader))
+        writer.write(b"done")
+        writer.close()
+
+    listening = socket.socket()
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited: fills early
+    listening.bind(("127.0.0.1", 0))
+    server = await asyncio.start_server(slow, sock=listening)
+    target = listening.getsockname()[1]
+    async with server, running({"forward": [rule_for(port, target)]}) as runtime:
+        reader, writer = await open_client(("127.0.0.1", port))
+        sent = bytearray()
+        chunk = 0
+        # Bounded: 1000-byte writes until the client's own socket is full (the relay's
+        # destination, the upstream, took what it could), at most 64 MiB.
+        while writer.transport.get_write_buffer_size() == 0 and len(sent) < 64 * MiB:
+            data = chunk.to_bytes(4, "big") * 250
+            writer.write(data)
+            sent += data
+            chunk += 1
+            await asyncio.sleep(0)  # the engine (this loop's reader) copies what arrived
+        assert writer.transport.get_write_buffer_size() > 0, "the path never filled"
+        go.set()
+        writer.write_eof()
+        assert await reader.read() == b"done"
+        writer.close()
+        assert sha(received[0]) == sha(bytes(sent))
+        await wait_until(lambda: not runtime.state.sessions, 5, "session closed")
+        (closed,) = runtime.state.closed_rows()
+        assert closed.bytes_up == len(sent)

@@ -7,15 +7,17 @@ burst of sessions against a full pty froze `portfwd ssh` for ten seconds (seen b
 `/proc/PID/stack`: `n_tty_write`).
 
 So the loop only formats a record (the formatter it always had) and appends the text to a
-deque; a writer thread wakes every `INTERVAL` and writes what gathered, in writes of whole lines
-of at most PIPE_BUF bytes (`workers` share one stderr: `write_whole_lines`). Not the
-standard library's QueueHandler/QueueListener: it wakes its thread for every record, and those
-GIL hand-offs cost a relayed connection four times its CPU with two lines a connection
-(`bench/logcost.py`); batching costs less than writing each line where it was logged. The
-deque is bounded: past `LINES` waiting, new lines are dropped and counted, and one line says how
-many once the writer catches up. `flush()` waits, a bounded time, for what was logged so far:
-before an error line is printed, at a `map` command's quick exit, and at exit. After a fork
-(`portfwd ssh -f`) the child starts its own writer.
+deque; a writer thread, woken by the first line after it went idle, waits `INTERVAL` for more
+and writes what gathered, in writes of whole lines of at most PIPE_BUF bytes (`workers` share
+one stderr: `write_whole_lines`). Not the standard library's QueueHandler/QueueListener: it
+wakes its thread for every record, and those GIL hand-offs cost a relayed connection four times
+its CPU with two lines a connection (`bench/logcost.py`); batching costs less than writing each
+line where it was logged. A process with nothing to log does not wake its writer at all (it
+used to, every `INTERVAL`: 50 futex time-outs a second in an idle `portfwd run`). The deque is
+bounded: past `LINES` waiting, new lines are dropped and counted, and one line says how many
+once the writer catches up. `flush()` waits, a bounded time, for what was logged so far: before
+an error line is printed, at a `map` command's quick exit, and at exit. After a fork (`portfwd
+ssh -f`) the child starts its own writer.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import IO, Any
 
 #: Lines that may wait for the writer; past this the newest are dropped and counted.
 LINES = 20_000
-#: How often the writer wakes to write what gathered (seconds): lines appear at most this late.
+#: How long the writer lets lines gather after the first (seconds): lines appear about this late.
 INTERVAL = 0.02
 #: How long `flush()` waits for the writer (a reader that never reads must not hang exit).
 FLUSH_WAIT = 5.0
@@ -52,6 +54,10 @@ class BatchedHandler(logging.Handler):
         self.written = 0  # lines written or given up (the writer)
         self.dropped = 0
         self._wake = threading.Event()
+        # The writer is (about to be) asleep: the next line wakes it. Set by the writer before
+        # it looks at `pending`, cleared by the line that wakes it: no line is left unwritten.
+        self._idle = False
+        self._hurry = False  # flush() waits: write without gathering
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._file: bool | None = None  # the output is a regular file (`_write` asks once)
@@ -75,6 +81,9 @@ class BatchedHandler(logging.Handler):
             return
         self.pending.append(text)
         self.logged += 1
+        if self._idle:
+            self._idle = False
+            self._wake.set()
 
     def put_many(self, lines: list[str]) -> None:
         """Queue formatted lines (the C engine's session lines, relay/native.py), as `put` each."""
@@ -87,10 +96,14 @@ class BatchedHandler(logging.Handler):
             lines = lines[: max(room, 0)]
         self.pending.extend(lines)
         self.logged += len(lines)
+        if self._idle:
+            self._idle = False
+            self._wake.set()
 
     def flush(self, wait: float = FLUSH_WAIT) -> None:
         """Wait (at most `wait` seconds) until every line logged so far is written."""
         goal = self.logged
+        self._hurry = True
         self._wake.set()
         deadline = time.monotonic() + wait
         while self.written < goal and time.monotonic() < deadline and self._alive():
@@ -116,8 +129,14 @@ class BatchedHandler(logging.Handler):
 
     def _run(self) -> None:
         while True:
-            self._wake.wait(INTERVAL)
+            self._idle = True
+            if not self.pending and not self._stopping and not self._hurry:
+                self._wake.wait()  # until a line comes (put), or flush() or stop()
+            self._idle = False
             self._wake.clear()
+            if not self._stopping and not self._hurry:
+                time.sleep(INTERVAL)  # let a batch gather: one write for many lines
+            self._hurry = False
             self._write_batch()
             if self._stopping and not self.pending:
                 return

@@ -50,6 +50,11 @@
 #define ACCEPT_BATCH 64
 #define EVENTS_PER_RUN 256
 #define ROUNDS_PER_WAKEUP 8
+/* A direction starts by copying (recv, send) through this much stack; a read that fills it
+ * marks a bulk stream, which splice moves from then on (haproxy's `splice-auto`). For the
+ * small messages of a request and its answer a copy is cheaper than two splices through a
+ * pipe, and such a session never takes a pipe. */
+#define COPY_BYTES 16384
 #define POOL_CAPACITY 64
 /* How often the timer looks at connects under way and at sessions due their keepalive. */
 #define TICK_NS 100000000LL
@@ -78,6 +83,7 @@ typedef struct {
     int eof;        /* the source said EOF */
     int reading;    /* waiting for the source to be readable */
     int blocked;    /* waiting for the destination to be writable */
+    int spliced;    /* a read filled COPY_BYTES: bulk, moved by splice from now on */
 } Direction;
 
 struct Engine;
@@ -399,7 +405,8 @@ static int lines_of(Engine *engine) {
 /* The lines the front end's formatters would write for a session (cli/console.py, _Direct):
  * text "<date> <time> INFO <rule>: <client> -> <target> open (splice)" and "... closed
  * (<reason>): <n> B up, <n> B down, <s>s", or the same records as JSON objects. The rule and
- * target come made printable and JSON-escaped by Python; the client is an address. */
+ * target come made printable and JSON-escaped by Python; the client is an address (an odd
+ * interface name in its scope is written as its index: plain_name). */
 static const char *stamp(Engine *engine) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
@@ -554,17 +561,97 @@ static int flush(Link *link, Direction *d) {
     return 1;
 }
 
+/* Take a pipe for `d`, or end the link: 0 taken, -1 ended. */
+static int need_pipe(Link *link, Direction *d) {
+    if (d->pipe_w >= 0 || pipe_take(link->engine, d) == 0) return 0;
+    char reason[200];
+    snprintf(reason, sizeof reason, "cannot make a pipe: %s", strerror(errno));
+    for (char *c = reason; *c; c++) *c = (char)((*c >= 'A' && *c <= 'Z') ? *c + 32 : *c);
+    end(link, reason);
+    return -1;
+}
+
+/* The source ended (read 0): pass it on once the pipe is empty. */
+static void source_ended(Link *link, Direction *d) {
+    d->eof = 1;
+    d->reading = 0;
+    if (d->pending == 0) {
+        release(link->engine, d);
+        finish(link, d);
+    } else {
+        watch(link, d == &link->up);
+    }
+}
+
+/* The destination would not take it all: the rest waits in the pipe (flush sends it), the
+ * source is not read until it has gone. */
+static void blocked(Link *link, Direction *d) {
+    int upward = d == &link->up;
+    d->reading = 0;
+    d->blocked = 1;
+    watch(link, upward);
+    watch(link, !upward);
+}
+
+/* One copy step: 1 a full read (bulk: splice from now on), 0 done for this wake-up, -1 the
+ * link ended or waits for its destination. */
+static int copy_once(Link *link, Direction *d, int hangup) {
+    char buffer[COPY_BYTES];
+    int upward = d == &link->up;
+    int src = upward ? link->client : link->upstream;
+    int dst = upward ? link->upstream : link->client;
+    ssize_t got = recv(src, buffer, sizeof buffer, MSG_DONTWAIT);
+    if (got < 0) {
+        if (errno == EAGAIN || errno == EINTR) return 0;
+        fail(link, errno, upward);
+        return -1;
+    }
+    if (got == 0) {
+        source_ended(link, d);
+        return -1;
+    }
+    if (upward)
+        link->bytes_up += (unsigned long long)got;
+    else
+        link->bytes_down += (unsigned long long)got;
+    ssize_t sent = send(dst, buffer, (size_t)got, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (sent < 0) {
+        if (errno != EAGAIN && errno != EINTR) {
+            fail(link, errno, !upward);
+            return -1;
+        }
+        sent = 0;
+    }
+    if (sent < got) { /* the rest into an empty pipe (it holds 64 KiB at least): flush's to send */
+        if (need_pipe(link, d) < 0) return -1;
+        ssize_t kept = write(d->pipe_w, buffer + sent, (size_t)(got - sent));
+        if (kept != got - sent) {
+            char reason[200];
+            snprintf(reason, sizeof reason, "internal error: cannot hold unsent bytes: %s",
+                     kept < 0 ? strerror(errno) : "short write");
+            end(link, reason);
+            return -1;
+        }
+        d->pending = (size_t)kept;
+        blocked(link, d);
+        return -1;
+    }
+    if (got == COPY_BYTES) return 1;
+    return hangup ? 2 : 0; /* a hang-up: read on, to its EOF */
+}
+
 static void on_readable(Link *link, Direction *d, int hangup) {
     Engine *engine = link->engine;
     int upward = d == &link->up;
     int src = upward ? link->client : link->upstream;
-    if (d->pipe_w < 0 && pipe_take(engine, d) < 0) {
-        char reason[200];
-        snprintf(reason, sizeof reason, "cannot make a pipe: %s", strerror(errno));
-        for (char *c = reason; *c; c++) *c = (char)((*c >= 'A' && *c <= 'Z') ? *c + 32 : *c);
-        end(link, reason);
-        return;
+    for (int round = 0; !d->spliced && round < ROUNDS_PER_WAKEUP; round++) {
+        int step = copy_once(link, d, hangup);
+        if (step < 0) return;
+        if (step == 0) return;
+        if (step == 1) d->spliced = 1;
     }
+    if (!d->spliced) return;
+    if (need_pipe(link, d) < 0) return;
     for (int round = 0; round < ROUNDS_PER_WAKEUP; round++) {
         ssize_t moved = splice(src, NULL, d->pipe_w, NULL, engine->pipe_size, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
         if (moved < 0) {
@@ -573,14 +660,7 @@ static void on_readable(Link *link, Direction *d, int hangup) {
             return;
         }
         if (moved == 0) {
-            d->eof = 1;
-            d->reading = 0;
-            if (d->pending == 0) {
-                release(engine, d);
-                finish(link, d);
-            } else {
-                watch(link, upward);
-            }
+            source_ended(link, d);
             return;
         }
         d->pending += (size_t)moved;
@@ -590,12 +670,7 @@ static void on_readable(Link *link, Direction *d, int hangup) {
             link->bytes_down += (unsigned long long)moved;
         int flushed = flush(link, d);
         if (flushed <= 0) {
-            if (flushed == 0 && link->state != CLOSED) {
-                d->reading = 0;
-                d->blocked = 1;
-                watch(link, upward);
-                watch(link, !upward);
-            }
+            if (flushed == 0 && link->state != CLOSED) blocked(link, d);
             return;
         }
         if ((size_t)moved < engine->pipe_size && !hangup) break;
@@ -811,6 +886,17 @@ static void on_connect_event(Link *link) {
 }
 
 /* ------------------------------------------------------------------ accepting */
+/* An interface name that needs no escaping in a log line, text or JSON (Linux allows nearly
+ * any byte in one): the others are written as their index. */
+static int plain_name(const char *name) {
+    for (const char *c = name; *c; c++) {
+        if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9') || *c == '.' ||
+              *c == '_' || *c == '-' || *c == '@'))
+            return 0;
+    }
+    return 1;
+}
+
 static PyObject *peer_text(struct sockaddr_storage *peer) {
     char host[INET6_ADDRSTRLEN + IF_NAMESIZE + 2];
     if (peer->ss_family == AF_INET) {
@@ -829,7 +915,7 @@ static PyObject *peer_text(struct sockaddr_storage *peer) {
         if (in6->sin6_scope_id) {
             char name[IF_NAMESIZE];
             size_t used = strlen(host);
-            if (if_indextoname(in6->sin6_scope_id, name) != NULL)
+            if (if_indextoname(in6->sin6_scope_id, name) != NULL && plain_name(name))
                 snprintf(host + used, sizeof host - used, "%%%s", name);
             else
                 snprintf(host + used, sizeof host - used, "%%%u", in6->sin6_scope_id);

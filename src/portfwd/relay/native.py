@@ -60,7 +60,7 @@ def available() -> bool:
 
 def native_reason(rule: RuleSpec) -> str | None:
     """None when `rule` can be relayed by the C engine (on the splice path); else what keeps it
-    in Python (for `-v` and the tests)."""
+    in Python (logged at debug level, `-v`, when a rule starts)."""
     if not isinstance(rule.listen, HostPorts) or not rule.protocol.has_tcp:
         return "not a TCP listener on an IP address"
     targets = [backend.connect for backend in rule.backends] or [rule.connect]

@@ -100,9 +100,14 @@ class NativeForwarder:
 
     def pick(self, client: str) -> tuple[int, float]:
         """The engine asks which backend a new client tries first, and for how long."""
-        assert self.pool is not None
-        backend = self.pool.pick(_source(client) if self._hash else None, time.monotonic())
-        assert backend is not None  # a pool has a backend; none was tried yet
+        pool = self.pool
+        assert pool is not None
+        try:
+            backend = pool.pick(_source(client) if self._hash else None, time.monotonic())
+            assert backend is not None  # a pool has a backend; none was tried yet
+        except Exception:  # a bug here must not drop the client unseen: one line, the first backend
+            log.exception("%s: picking a backend for %s failed; trying the first", self.label, client)
+            backend = pool.backends[0]
         backend.stats.active += 1  # a connect under way counts (least-connections)
         return backend.index, self._attempt
 

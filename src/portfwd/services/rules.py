@@ -428,7 +428,10 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
             else None
         )
         pool = self._pool(rule)
-        native = path == "splice" and native_available() and native_reason(rule) is None
+        kept = native_reason(rule) if path == "splice" and native_available() else None
+        native = path == "splice" and native_available() and kept is None
+        if kept is not None and rule.protocol.has_tcp:
+            log.debug("%s: relayed in Python, not the C engine: %s", what, kept)
         handed = self.given(rule) if self.given is not None else None
         copies = self.workers - 1 if self.given is None and self.workers > 1 and shareable(rule) else 0
         groups: list[list[socket.socket]] = []
