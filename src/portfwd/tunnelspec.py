@@ -108,9 +108,11 @@ def _port(text: str, *, zero_ok: bool) -> int:
     return parse_port(text)
 
 
-def _bind(text: str) -> str:
+def _bind(text: str) -> str | None:
+    """A spec's bind address; `localhost` is the default (None), as in ssh: -L and -D listen on
+    127.0.0.1 and ::1, -R asks the server for `localhost`."""
     if text == "localhost":
-        return "127.0.0.1"
+        return None
     return parse_host(text, allow_any=True)
 
 
@@ -366,6 +368,8 @@ def parse_option(text: str, into: dict[str, object]) -> None:
         files = value.split()
         if "none" in (item.lower() for item in files) and len(files) > 1:
             raise ConfigError(f"-o {name}={value}: none must stand alone (no file at all)")
+        for item in files:
+            check_tokens(item, f"-o {name}")
         into[key or name] = [] if files[0].lower() == "none" else files
     elif lower in ("ciphers", "kexalgorithms", "macs", "hostkeyalgorithms"):
         into[key or name] = [item for item in value.split(",") if item]  # checked by config
@@ -377,6 +381,37 @@ def parse_option(text: str, into: dict[str, object]) -> None:
         into["jump"] = [] if value.lower() == "none" else value.split(",")
     else:
         into[key or name] = value
+
+
+#: The % tokens ssh expands in UserKnownHostsFile and GlobalKnownHostsFile (ssh_config(5),
+#: TOKENS), expanded for each hop when it connects (ssh/connection.py).
+KNOWN_HOSTS_TOKENS = "%CdhijkLlnpru"
+
+
+def check_tokens(path: str, where: str) -> None:
+    """Raise ConfigError for a `%` token ssh would not expand in a known-hosts path."""
+    position = 0
+    while (found := path.find("%", position)) >= 0:
+        token = path[found + 1 : found + 2]
+        if not token or token not in KNOWN_HOSTS_TOKENS:
+            shown = f"%{token}" if token else "a lone % at the end"
+            raise ConfigError(
+                f"{where} {path!r}: {shown} is not a token ssh expands here",
+                hint="use %% for a percent sign, or one of %C %d %h %i %j %k %L %l %n %p %r %u",
+            )
+        position = found + 2
+
+
+def expand_tokens(path: str, values: dict[str, str]) -> str:
+    """`path` with its % tokens replaced from `values` (a letter each; checked by check_tokens)."""
+    out: list[str] = []
+    position = 0
+    while (found := path.find("%", position)) >= 0:
+        out.append(path[position:found])
+        out.append(values.get(path[found + 1 : found + 2], ""))
+        position = found + 2
+    out.append(path[position:])
+    return "".join(out)
 
 
 # --------------------------------------------------------------------------- sshd's MaxStartups

@@ -9,6 +9,7 @@ portfwd runs as a subprocess; sshd, the agent and the terminal are real.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pty
@@ -26,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import need_binary, need_root
-from tests.integration.peers import free_port
+from tests.integration.peers import MiB, free_port
 from tests.integration.processes import READY, REPO, Proc, portfwd_argv, run_portfwd, started
 from tests.integration.sshd import Sshd, descendants, keygen
 from tests.integration.test_dropbear import _kexinit, _packet
@@ -747,6 +748,47 @@ def test_f_leaves_a_captured_output_and_goes_on_after_a_forward_that_failed(
         deadline = time.monotonic() + 15
         while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+def test_l_localhost_listens_on_both_loopbacks_as_ssh_does(sshd: Sshd, sink: Sink) -> None:
+    """`-L localhost:PORT:...` is ssh's default bind spelled out: 127.0.0.1 and ::1 both."""
+    port = free_port()
+    argv = portfwd_argv("ssh", *sshd.ssh_args(), "-L", f"localhost:{port}:127.0.0.1:{sink.port}")
+    with started(argv, ready="connected to"):
+        listening = subprocess.run(
+            ["ss", "-Htln", f"sport = :{port}"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.split()
+        assert f"127.0.0.1:{port}" in listening, listening
+        assert f"[::1]:{port}" in listening, listening
+        assert through(port)
+        data = os.urandom(MiB)
+        with socket.create_connection(("::1", port), timeout=60) as client:
+            client.sendall(data)
+            client.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := client.recv(4096):  # bounded: the sink answers once, then closes
+                reply += chunk
+        assert reply == hashlib.sha256(data).hexdigest().encode()
+
+
+def test_known_hosts_file_tokens_are_expanded_as_ssh_does(sshd: Sshd, sink: Sink, tmp_path: Path) -> None:
+    """`UserKnownHostsFile=.../%h-%p-%r` names the file of that host, port and user (strict
+    checking: the connection is made only if the expanded file, holding the key, was read)."""
+    (tmp_path / f"127.0.0.1-{sshd.port}-root").write_text(Path(sshd.known_hosts).read_text())
+    port = free_port()
+    args = [
+        f"UserKnownHostsFile={tmp_path}/%h-%p-%r" if item.startswith("UserKnownHostsFile=") else item
+        for item in sshd.ssh_args()
+    ]
+    argv = portfwd_argv(
+        "ssh", *args, "-o", "StrictHostKeyChecking=yes", "-L", f"{port}:127.0.0.1:{sink.port}"
+    )
+    with started(argv, ready="connected to"):
+        assert through(port)
+    wrong = [item.replace("%r", "%x") for item in args]
+    bad = run_portfwd("ssh", *wrong, "-L", f"{free_port()}:127.0.0.1:{sink.port}")
+    assert bad.returncode == 2, bad.stderr
+    assert "%x is not a token ssh expands here" in bad.stderr
 
 
 def test_g_4_l_and_their_o_options(sshd: Sshd, sink: Sink) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from portfwd.errors import ConfigError
 from portfwd.tunnelspec import parse_destination, parse_forward, parse_option
@@ -30,6 +32,14 @@ GOOD = [
 @pytest.mark.parametrize(("kind", "spec", "shown"), GOOD)
 def test_openssh_specs(kind: str, spec: str, shown: str) -> None:
     assert str(parse_forward(kind, spec)) == shown  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["local", "remote", "dynamic"])
+def test_localhost_is_the_default_bind_as_in_ssh(kind: str) -> None:
+    """ssh -L localhost:8080:... listens on 127.0.0.1 and ::1, as with no bind address."""
+    spec = "localhost:8080" + ("" if kind == "dynamic" else ":db:5432")
+    default = "8080" + ("" if kind == "dynamic" else ":db:5432")
+    assert parse_forward(kind, spec) == parse_forward(kind, default)  # type: ignore[arg-type]
 
 
 BAD = [
@@ -201,3 +211,33 @@ def test_times_in_openssh_s_format(value: str, seconds: int) -> None:
     parse_option(f"ServerAliveInterval={value}", into)
     parse_option(f"ConnectTimeout {value}", into)
     assert into == {"keepalive_interval": seconds, "connect_timeout": seconds}
+
+
+def test_known_hosts_tokens_are_checked_and_expanded() -> None:
+    from portfwd.tunnelspec import check_tokens, expand_tokens
+
+    values = {"%": "%", "h": "db.example", "p": "2222", "r": "alice", "d": "/home/a"}
+    assert expand_tokens("%d/.ssh/kh-%h-%p-%r-100%%", values) == "/home/a/.ssh/kh-db.example-2222-alice-100%"
+    check_tokens("~/.ssh/%C", "-o UserKnownHostsFile")
+    with pytest.raises(ConfigError, match=r"%q is not a token ssh expands here"):
+        check_tokens("~/.ssh/%q", "-o UserKnownHostsFile")
+    with pytest.raises(ConfigError, match="a lone % at the end"):
+        check_tokens("~/.ssh/kh%", "-o UserKnownHostsFile")
+    with pytest.raises(ConfigError, match=r"%x"):
+        parse_option("UserKnownHostsFile=/tmp/%x", {})
+
+
+@given(st.text(max_size=40))
+def test_known_hosts_tokens_fuzzed(path: str) -> None:
+    from portfwd.tunnelspec import check_tokens, expand_tokens
+
+    try:
+        check_tokens(path, "-o UserKnownHostsFile")
+    except ConfigError as exc:
+        message = exc.line()
+        assert "not a token ssh expands here" in message
+        return
+    values = {letter: "" for letter in "%CdhijkLlnpru"}
+    assert len(expand_tokens(path, values)) <= len(path)
+    if "%" not in path:
+        assert expand_tokens(path, values) == path

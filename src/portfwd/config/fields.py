@@ -22,6 +22,7 @@ from portfwd.tunnelspec import (
     Kind,
     StartupsSpec,
     TunnelForward,
+    check_tokens,
     parse_destination,
     parse_forward,
     parse_startups,
@@ -114,6 +115,17 @@ def _strings(value: Any) -> tuple[str, ...]:
     if not isinstance(items, list | tuple) or not all(isinstance(item, str) and item for item in items):
         raise _fail('must be a path or a list of paths; write ["~/.ssh/id_ed25519"]')
     return tuple(items)
+
+
+def _known_hosts(value: Any) -> tuple[str, ...]:
+    """Known-hosts files: paths, with ssh's % tokens (checked here, expanded at connect)."""
+    paths = _strings(value)
+    for path in paths:
+        try:
+            check_tokens(path, "known hosts file")
+        except ConfigError as exc:
+            raise _fail(exc.line()) from exc
+    return paths
 
 
 def _host_names(value: Any) -> tuple[str, ...]:
@@ -363,6 +375,7 @@ Duration = Annotated[float, PlainValidator(_translating(parse_duration))]
 SecondsOrOff = Annotated[float, PlainValidator(_seconds_or_off)]
 Networks = Annotated[tuple[Network, ...], PlainValidator(_networks)]
 Paths = Annotated[tuple[str, ...], PlainValidator(_strings)]
+KnownHostsPaths = Annotated[tuple[str, ...], PlainValidator(_known_hosts)]
 HostNames = Annotated[tuple[str, ...], PlainValidator(_host_names)]
 Destination = Annotated[str, PlainValidator(_destination)]
 Strictness = Annotated[str, PlainValidator(_strictness)]

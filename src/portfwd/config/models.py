@@ -22,6 +22,7 @@ from portfwd.config.fields import (
     Interface,
     IPv4,
     Kex,
+    KnownHostsPaths,
     LanTarget,
     ListenEndpoint,
     LocalForwards,
@@ -153,8 +154,8 @@ class TunnelConfig(_Model):
     identity: Paths = ()
     agent: StrictBool = True
     identities_only: StrictBool = False
-    known_hosts: Paths = USER_KNOWN_HOSTS
-    global_known_hosts: Paths = GLOBAL_KNOWN_HOSTS
+    known_hosts: KnownHostsPaths = USER_KNOWN_HOSTS
+    global_known_hosts: KnownHostsPaths = GLOBAL_KNOWN_HOSTS
     strict_host_key_checking: Strictness = "yes"
     jump: tuple[Destination, ...] = ()
     ssh_config: Paths | None = None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
+import hashlib
 import os
 import random
 import socket
@@ -24,7 +26,7 @@ from portfwd.ssh.cork import CorkedConnector
 from portfwd.ssh.errors import resolve_error, ssh_error
 from portfwd.ssh.hostkeys import HostKeyCheck, HostKeyError
 from portfwd.ssh.lean import accept_time_formats, fix, ssh_config, tune
-from portfwd.tunnelspec import parse_destination
+from portfwd.tunnelspec import expand_tokens, parse_destination
 
 Lost = Callable[[str], None]
 
@@ -199,11 +201,33 @@ async def _connect(host: str, tunnel: Any, options: dict[str, Any]) -> asyncssh.
             await agent.wait_closed()
 
 
-def _check(config: TunnelSpec) -> HostKeyCheck:
-    """A host-key check for one connection attempt to one hop (each gets its own)."""
+def _check(config: TunnelSpec, host: str, port: int | None, user: str | None) -> HostKeyCheck:
+    """A host-key check for one connection attempt to one hop (each gets its own), its files'
+    % tokens expanded for that hop as ssh expands them."""
     accept_new = config.strict_host_key_checking == "accept-new"
-    files = list(config.known_hosts)
-    return HostKeyCheck(files, accept_new, config.host_key_algorithms, config.global_known_hosts)
+    try:
+        local = getpass.getuser()
+    except (KeyError, OSError):  # a uid with no name (a container): ssh says the number too
+        local = str(os.getuid())
+    here = socket.gethostname()
+    values = {
+        "%": "%",
+        "d": os.path.expanduser("~"),
+        "u": local,
+        "i": str(os.getuid()),
+        "l": here,
+        "L": here.split(".", 1)[0],
+        "h": host,
+        "n": host,
+        "k": host,
+        "p": str(port or 22),
+        "r": user or local,
+        "j": ",".join(config.jump),
+    }
+    values["C"] = hashlib.sha1("".join(values[key] for key in "lhprj").encode()).hexdigest()
+    files = [expand_tokens(path, values) for path in config.known_hosts]
+    global_files = tuple(expand_tokens(path, values) for path in config.global_known_hosts)
+    return HostKeyCheck(files, accept_new, config.host_key_algorithms, global_files)
 
 
 async def connect(
@@ -218,7 +242,7 @@ async def connect(
     tunnel: asyncssh.SSHClientConnection | None = None
     for jump in _hops(config):
         user, host, port = parse_destination(jump)
-        check = _check(config)
+        check = _check(config, host, port, user)
         options = _options(config, check, host, port, user, lost)
         try:
             tunnel = await _connect(host, tunnel, options)
@@ -228,7 +252,7 @@ async def connect(
             raise resolve_error(f"jump host {host}", exc) from exc
         tune(tunnel, fast_path)
         jumps.append(tunnel)
-    check = _check(config)
+    check = _check(config, config.host, config.port, config.user)
     options = _options(config, check, config.host, config.port, config.user, lost)
     try:
         conn = await _connect(config.host, tunnel or CorkedConnector(), options)
