@@ -234,6 +234,7 @@ def tunnel_spec(tunnel: TunnelConfig) -> TunnelSpec:
         identities_only=tunnel.identities_only,
         known_hosts=tunnel.known_hosts,
         global_known_hosts=tunnel.global_known_hosts,
+        hash_known_hosts=tunnel.hash_known_hosts,
         strict_host_key_checking=strict,
         jump=tunnel.jump,
         ssh_config=tunnel.ssh_config,

@@ -134,6 +134,8 @@ class TunnelSpec:
     known_hosts: tuple[str, ...] = USER_KNOWN_HOSTS
     #: Read too, never written (ssh's GlobalKnownHostsFile): the host keys an admin vouches for.
     global_known_hosts: tuple[str, ...] = GLOBAL_KNOWN_HOSTS
+    #: ssh's HashKnownHosts: a key accept-new records is filed under a hash of the host's name.
+    hash_known_hosts: bool = False
     strict_host_key_checking: Literal["yes", "accept-new"] = "yes"
     jump: tuple[str, ...] = ()
     #: With no `jump`, follow ssh_config's ProxyJump for the host at connect time (a [[tunnel]]);

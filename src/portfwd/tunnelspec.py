@@ -217,6 +217,7 @@ OPTION_KEYS = {
     "stricthostkeychecking": "strict_host_key_checking",
     "userknownhostsfile": "known_hosts",
     "globalknownhostsfile": "global_known_hosts",
+    "hashknownhosts": "hash_known_hosts",
     "connecttimeout": "connect_timeout",
     "compression": "compression",
     "ciphers": "ciphers",
@@ -321,7 +322,9 @@ def parse_option(text: str, into: dict[str, object]) -> None:
         raise ConfigError(f"-o {name}={value}: portfwd logs in with keys only; this leaves it no way in")
     if lower not in OPTION_KEYS:
         known = "ServerAliveInterval, ServerAliveCountMax, ExitOnForwardFailure, StrictHostKeyChecking, "
-        known += "UserKnownHostsFile, GlobalKnownHostsFile, ConnectTimeout, Compression, Ciphers, "
+        known += (
+            "UserKnownHostsFile, GlobalKnownHostsFile, HashKnownHosts, ConnectTimeout, Compression, Ciphers, "
+        )
         known += "KexAlgorithms, MACs, HostKeyAlgorithms, Port, User, IdentityFile, IdentitiesOnly, "
         known += "ProxyJump, BatchMode, GatewayPorts, AddressFamily, ProxyCommand=none (and takes, changing "
         known += "nothing, the ones a forwarding-only client has no use for: TCPKeepAlive, LogLevel, "
@@ -351,6 +354,8 @@ def parse_option(text: str, into: dict[str, object]) -> None:
         into[key or name] = _yes_no(name, value)
     elif lower == "identitiesonly":
         into["identities_only"] = _yes_no(name, value)
+    elif lower == "hashknownhosts":
+        into["hash_known_hosts"] = _yes_no(name, value)
     elif lower == "stricthostkeychecking":
         choice = value.lower()
         if choice in ("no", "off"):

@@ -236,6 +236,40 @@ def _without_known_hosts(sshd: Sshd) -> list[str]:
     return args[: at - 1] + args[at + 1 :]
 
 
+def test_hash_known_hosts_records_a_hashed_name_ssh_reads(sshd: Sshd, sink: Sink, tmp_path: Path) -> None:
+    """HashKnownHosts=yes (Debian's /etc/ssh/ssh_config sets it): accept-new files the first key
+    under a hash of `[127.0.0.1]:PORT`, which ssh-keygen -F finds and OpenSSH's ssh trusts."""
+    user = tmp_path / "hashed_known_hosts"  # not the fixture's known_hosts, which holds the key
+    local = free_port()
+    argv = portfwd_argv(
+        "ssh", *_without_known_hosts(sshd), "-o", f"UserKnownHostsFile={user}",
+        "-o", "StrictHostKeyChecking=accept-new", "-o", "HashKnownHosts=yes",
+        "-L", f"127.0.0.1:{local}:127.0.0.1:{sink.port}",
+    )  # fmt: skip
+    with started(argv, ready=f"-L listening on 127.0.0.1:{local}") as proc:
+        assert through(local), proc.output()
+        assert proc.stop() == 0
+    (line,) = user.read_text().splitlines()
+    assert line.startswith("|1|"), line
+    assert "127.0.0.1" not in line, line
+    name = f"[127.0.0.1]:{sshd.port}"
+    found = subprocess.run(
+        ["ssh-keygen", "-F", name, "-f", str(user)], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert found.returncode == 0, found.stderr
+    assert f"Host {name} found" in found.stdout, found.stdout
+    ssh = subprocess.run(
+        [
+            "ssh", "-F", "/dev/null", "-i", str(sshd.user_key), "-o", "IdentitiesOnly=yes",
+            "-o", f"UserKnownHostsFile={user}", "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
+            "-p", str(sshd.port), "root@127.0.0.1", "true",
+        ],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert ssh.returncode == 0, ssh.stderr  # OpenSSH trusts the key under its hashed name
+
+
 def test_wrong_key_is_refused_with_one_line(sshd: Sshd, tmp_path: Path) -> None:
     keygen(tmp_path / "stranger")
     args = [str(tmp_path / "stranger") if item == str(sshd.user_key) else item for item in sshd.ssh_args()]

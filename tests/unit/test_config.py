@@ -232,6 +232,11 @@ BAD = [
         'tunnel[0].strict_host_key_checking: portfwd never skips host-key checks; use "yes" or "accept-new"',
     ),
     (
+        '[[tunnel]]\nssh = "a@h"\ndynamic = ["1080"]\nknown_hosts = ["~/.ssh/kh-%h-%z"]\n',
+        "tunnel[0].known_hosts: known hosts file '~/.ssh/kh-%h-%z': %z is not a token ssh expands here; "
+        "use %% for a percent sign, or one of %C %d %h %i %j %k %L %l %n %p %r %u",
+    ),
+    (
         '[[tunnel]]\nssh = "a@h"\ndynamic = ["1080"]\nsocks_user = "u"\n',
         "tunnel[0].socks_user: set socks_user and socks_password together",
     ),

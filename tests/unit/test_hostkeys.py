@@ -53,3 +53,17 @@ def test_with_no_user_file_an_unknown_key_says_what_to_give(tmp_path: Path) -> N
             "file: none is given); add it to ~/.ssh/known_hosts (ssh-keyscan -p 22 lab >> "
             "~/.ssh/known_hosts) and give that file as UserKnownHostsFile"
         )
+
+
+def test_a_hashed_name_is_matched_as_ssh_matches_it() -> None:
+    """HashKnownHosts: the recorded name is `|1|salt|hmac`, and a reader (asyncssh, as ssh) finds it."""
+    from portfwd.ssh.hostkeys import hashed_name
+
+    key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    line = f"{hashed_name('[db.example]:2222')} {key}\n"
+    assert line.startswith("|1|")
+    assert "db.example" not in line
+    keys, *_ = asyncssh.import_known_hosts(line).match("db.example", "", 2222)
+    assert len(keys) == 1
+    other, *_ = asyncssh.import_known_hosts(line).match("db.example", "", 22)
+    assert not other

@@ -104,6 +104,7 @@ _CLI_KEYS = {
     "host_key_algorithms": "-o HostKeyAlgorithms",
     "known_hosts": "-o UserKnownHostsFile",
     "global_known_hosts": "-o GlobalKnownHostsFile",
+    "hash_known_hosts": "-o HashKnownHosts",
     "user": "-o User",
 }
 

@@ -156,6 +156,7 @@ class TunnelConfig(_Model):
     identities_only: StrictBool = False
     known_hosts: KnownHostsPaths = USER_KNOWN_HOSTS
     global_known_hosts: KnownHostsPaths = GLOBAL_KNOWN_HOSTS
+    hash_known_hosts: StrictBool = False
     strict_host_key_checking: Strictness = "yes"
     jump: tuple[Destination, ...] = ()
     ssh_config: Paths | None = None

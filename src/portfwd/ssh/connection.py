@@ -227,7 +227,11 @@ def _check(config: TunnelSpec, host: str, port: int | None, user: str | None) ->
     values["C"] = hashlib.sha1("".join(values[key] for key in "lhprj").encode()).hexdigest()
     files = [expand_tokens(path, values) for path in config.known_hosts]
     global_files = tuple(expand_tokens(path, values) for path in config.global_known_hosts)
-    return HostKeyCheck(files, accept_new, config.host_key_algorithms, global_files)
+    # HashKnownHosts: the tunnel's, or ssh_config's for this host (Debian's /etc/ssh/ssh_config
+    # says yes for every host), as ssh reads it.
+    found = _host_config(_config_paths(config), host) if not config.hash_known_hosts else {}
+    hashed = config.hash_known_hosts or found.get("HashKnownHosts") is True
+    return HostKeyCheck(files, accept_new, config.host_key_algorithms, global_files, hashed)
 
 
 async def connect(

@@ -3,13 +3,17 @@
 asyncssh does the matching (hashed entries, `[host]:port`, patterns, `@cert-authority`,
 `@revoked`); this module adds what it leaves to the caller: the files ssh reads (the user's
 UserKnownHostsFile, then the GlobalKnownHostsFile an admin keeps, /etc/ssh/ssh_known_hosts),
-StrictHostKeyChecking=accept-new (record a first key in the user's first file), and the exact
+StrictHostKeyChecking=accept-new (record a first key in the user's first file, under a hash of
+the host's name with HashKnownHosts=yes, as ssh writes it), and the exact
 file and line to fix when a key has changed.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import hmac
 import logging
 import os
 from pathlib import Path
@@ -31,6 +35,14 @@ def _entry_name(host: str, port: int) -> str:
     return host if port in (0, 22) else f"[{host}]:{port}"
 
 
+def hashed_name(name: str, salt: bytes | None = None) -> str:
+    """A known_hosts name as ssh writes it with HashKnownHosts (`|1|salt|HMAC-SHA1(salt, name)`,
+    both base64): the file no longer lists the hosts a user reaches."""
+    salt = os.urandom(20) if salt is None else salt
+    digest = hmac.new(salt, name.encode(), hashlib.sha1).digest()
+    return f"|1|{base64.b64encode(salt).decode()}|{base64.b64encode(digest).decode()}"
+
+
 class HostKeyCheck:
     """Verifies one server's key for one connection attempt; `problem` says why it was refused."""
 
@@ -40,10 +52,12 @@ class HostKeyCheck:
         accept_new: bool,
         chosen: tuple[str, ...] = (),
         global_files: tuple[str, ...] = (),
+        hashed: bool = False,
     ) -> None:
         self.files = [Path(os.path.expanduser(item)) for item in files]  # the user's: written too
         self.global_files = [Path(os.path.expanduser(item)) for item in global_files]  # read only
         self.accept_new = accept_new
+        self.hashed = hashed  # HashKnownHosts: record a new key under a hash of the name
         self.chosen = chosen  # host_key_algorithms from the config; () is the whole safe set
         self.problem: HostKeyError | None = None
 
@@ -146,7 +160,8 @@ class HostKeyCheck:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             with target.open("a", encoding="utf-8") as handle:
-                handle.write(f"{name} {key.export_public_key().decode().strip()}\n")
+                written = hashed_name(name) if self.hashed else name
+                handle.write(f"{written} {key.export_public_key().decode().strip()}\n")
         except OSError as exc:
             self.problem = HostKeyError(f"cannot record the host key of {name} in {target}: {exc.strerror}")
             return False

@@ -2,7 +2,7 @@
 
 asyncssh reads ssh_config for what it uses itself (HostName, Port, User, IdentityFile, ...) and
 skips the rest: LocalForward, RemoteForward, DynamicForward, ExitOnForwardFailure,
-StrictHostKeyChecking and BatchMode never reach it. Its parser takes a table of handlers per
+StrictHostKeyChecking, HashKnownHosts and BatchMode never reach it. Its parser takes a table of handlers per
 keyword; a subclass adds these with the same matching, first-value-wins and quoting rules, so
 `portfwd ssh -N myhost` finds what `ssh -N myhost` (and autossh) would find.
 """
@@ -29,6 +29,7 @@ NAMES = (
     "ServerAliveCountMax",
     "UserKnownHostsFile",
     "GlobalKnownHostsFile",
+    "HashKnownHosts",
     "ConnectTimeout",
     "Compression",
     "IdentityFile",
@@ -83,6 +84,7 @@ class _ForwardingConfig(SSHClientConfig):
                 ("StrictHostKeyChecking", SSHConfig._set_string),
                 ("BatchMode", SSHConfig._set_bool),
                 ("GatewayPorts", SSHConfig._set_bool),
+                ("HashKnownHosts", SSHConfig._set_bool),
                 ("AddressFamily", SSHConfig._set_string),
                 *((name, _set_time) for name in TIMES),
             )
