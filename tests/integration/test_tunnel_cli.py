@@ -306,7 +306,7 @@ def test_bad_arguments_exit_2_with_every_problem() -> None:
         "portfwd: -D 1:2:3: '1:2:3' is not a -D spec; write -D [bind:]port, e.g. 127.0.0.1:1080",
         "portfwd: -o StrictHostKeyChecking=no: portfwd never skips host-key checks; use yes or accept-new",
         "portfwd: -o Bogus: not an option portfwd ssh supports; it supports ServerAliveInterval, ServerAliveCountMax, "
-        "ExitOnForwardFailure, StrictHostKeyChecking, UserKnownHostsFile, GlobalKnownHostsFile, ConnectTimeout, "
+        "ExitOnForwardFailure, StrictHostKeyChecking, UserKnownHostsFile, GlobalKnownHostsFile, HashKnownHosts, ConnectTimeout, "
         "Compression, Ciphers, KexAlgorithms, MACs, HostKeyAlgorithms, Port, User, IdentityFile, IdentitiesOnly, "
         "ProxyJump, BatchMode, GatewayPorts, AddressFamily, ProxyCommand=none (and takes, changing nothing, "
         "the ones a forwarding-only client has no use for: TCPKeepAlive, LogLevel, ControlMaster, ...)",
