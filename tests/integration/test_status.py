@@ -111,20 +111,31 @@ def test_status_watches_a_transfer_and_totals_match_the_peer(sink: Sink, tmp_pat
     answer: list[bytes] = []
     with started(portfwd_argv("run", "-c", str(config)), ready=READY):
         assert oct(control.stat().st_mode & 0o777) == "0o600"
-        sender = threading.Thread(target=send_all, args=(port, data, answer))
-        sender.start()
         seen: list[int] = []
-        deadline = time.monotonic() + 30
-        while sender.is_alive() and time.monotonic() < deadline:
-            sessions = status(config)["sessions"]
-            if sessions:
-                assert sessions[0]["rule"] == "bulk"
-                assert sessions[0]["target"] == f"127.0.0.1:{sink.port}"
-                seen.append(sessions[0]["bytes_up"])
-        sender.join(30)
-        assert len(set(seen)) >= 2, f"bytes grew while the transfer ran: {seen}"
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
+            # A MiB at a time, each seen in status before the next is sent (a status call may
+            # take longer than the whole transfer would).
+            for part in range(8):
+                client.sendall(data[part * MiB : (part + 1) * MiB])
+                deadline = time.monotonic() + 30
+                while True:
+                    sessions = status(config)["sessions"]
+                    if sessions and sessions[0]["bytes_up"] >= (part + 1) * MiB:
+                        assert sessions[0]["rule"] == "bulk"
+                        assert sessions[0]["target"] == f"127.0.0.1:{sink.port}"
+                        seen.append(sessions[0]["bytes_up"])
+                        break
+                    assert time.monotonic() < deadline, f"status never showed {part + 1} MiB up: {sessions}"
+            client.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := client.recv(4096):  # bounded: the sink answers once, then closes
+                reply += chunk
+            answer.append(reply)
+        assert len(set(seen)) == 8, f"bytes grew while the transfer ran: {seen}"
         assert seen == sorted(seen)
-        final = status(config)
+        deadline = time.monotonic() + 10
+        while (final := status(config))["sessions"]:  # the relay notes the close a moment later
+            assert time.monotonic() < deadline, f"the session never closed: {final['sessions']}"
         rule = next(item for item in final["rules"] if item["name"] == "bulk")
     assert sink.received == [(len(data), hashlib.sha256(data).hexdigest())]
     assert answer == [hashlib.sha256(data).hexdigest().encode()]

@@ -53,8 +53,9 @@
 /* A direction starts by copying (recv, send) through this much stack; a read that fills it
  * marks a bulk stream, which splice moves from then on (haproxy's `splice-auto`). For the
  * small messages of a request and its answer a copy is cheaper than two splices through a
- * pipe, and such a session never takes a pipe. */
-#define COPY_BYTES 16384
+ * pipe, and such a session never takes a pipe. What a send leaves waits in a pipe: 8 KiB fits
+ * the smallest one Linux makes (two pages, for a user over `pipe-user-pages-soft`). */
+#define COPY_BYTES 8192
 #define POOL_CAPACITY 64
 /* How often the timer looks at connects under way and at sessions due their keepalive. */
 #define TICK_NS 100000000LL
@@ -622,7 +623,7 @@ static int copy_once(Link *link, Direction *d, int hangup) {
         }
         sent = 0;
     }
-    if (sent < got) { /* the rest into an empty pipe (it holds 64 KiB at least): flush's to send */
+    if (sent < got) { /* the rest into an empty pipe (COPY_BYTES fits any): flush's to send */
         if (need_pipe(link, d) < 0) return -1;
         ssize_t kept = write(d->pipe_w, buffer + sent, (size_t)(got - sent));
         if (kept != got - sent) {
