@@ -60,9 +60,16 @@ def body(text: str, chain: str) -> list[str]:
 
 
 def chains(text: str) -> dict[str, list[str]]:
-    """Every chain of a plan, by name."""
-    found = re.findall(r"^  chain (\w+) \{$", text, re.MULTILINE)
-    return {name: body(text, name) for name in found}
+    """Every chain of a plan, by name (as `body` reads each; in one pass: a plan may have 5,000)."""
+    found: dict[str, list[str]] = {}
+    lines = text.splitlines()
+    for start, line in enumerate(lines):
+        named = re.fullmatch(r"  chain (\w+) \{", line)
+        if named is not None:
+            name = named.group(1)
+            end = lines.index("  }", start)
+            found[name] = [item.strip() for item in lines[start + (2 if name in BASE_CHAINS else 1) : end]]
+    return found
 
 
 def vmap(text: str, name: str) -> dict[tuple[int, int], str] | None:
