@@ -37,12 +37,17 @@ def target(config_file: str | None, name: str | None, socket: str | None, *, val
         return Target(Path(socket), None)
     if name:
         return Target(instances.socket_for(instances.check_name(name)), None)
-    from portfwd import config  # here, not at the top: see cli/__init__.py on start-up time
+    from portfwd import configfile  # here, not at the top: see cli/__init__.py on start-up time
 
     if not validate and not config_file and not os.environ.get("PORTFWD_CONFIG"):
         return None
-    path = config.find(config_file)
-    configured = config.load(path).control.socket if validate else config.control_socket(path)
+    path = configfile.find(config_file)
+    if validate:
+        from portfwd import config  # the models: only a reload validates the whole file
+
+        configured = config.load(path).control.socket
+    else:
+        configured = configfile.control_socket(path)
     resolved = path.resolve()
     if configured:
         return Target(Path(configured), resolved)
