@@ -202,3 +202,24 @@ def test_map_add_imports_neither_rich_pydantic_nor_asyncio(tmp_path: Path) -> No
     assert not loaded & heavy
     errors = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
     assert (result.returncode, errors) == (1, ["portfwd: PCP: 127.0.0.1:5351 refused (no PCP service there)"])
+
+
+def test_status_of_a_config_file_loads_no_config_models(tmp_path: Path) -> None:
+    """`status -c FILE` needs only `[control] socket` from the file (portfwd.configfile): the
+    pydantic models, most of a status call's start-up, are not imported."""
+    config = tmp_path / "portfwd.toml"
+    config.write_text(f'[control]\nsocket = "{tmp_path / "none.sock"}"\n')
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "portfwd", "status", "--json", "-c", str(config)],
+        capture_output=True, text=True, timeout=30, cwd=REPO, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    loaded = {
+        line.rsplit("|", 1)[1].strip()
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "portfwd.configfile" in loaded
+    assert not loaded & {"pydantic", "portfwd.config"}
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    assert result.returncode == 1, errors
+    assert any("none.sock" in line for line in errors), errors
