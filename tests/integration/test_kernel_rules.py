@@ -39,7 +39,10 @@ def portfwd_in(ns: str, *args: str, env: dict[str, str] | None = None) -> Proc:
 
 def serve(ns: str, port: int, command: str, procs: list[Proc], udp: bool = False) -> None:
     listen = f"UDP4-RECVFROM:{port},fork" if udp else f"TCP4-LISTEN:{port},fork,reuseaddr"
-    procs.append(Proc(["ip", "netns", "exec", ns, "socat", listen, f"SYSTEM:{command}"]))
+    # -T: a forked child whose client's close never reaches it (the kernel relay's table was
+    # removed first, so its FIN is not translated) ends after 30 s idle instead of outliving
+    # the test; stopping the listener by PID does not reach its children.
+    procs.append(Proc(["ip", "netns", "exec", ns, "socat", "-T", "30", listen, f"SYSTEM:{command}"]))
     if not udp:
         wait_listening_in(ns, port)
         return
