@@ -196,6 +196,7 @@ def rule_spec(index: int, rule: ForwardConfig) -> RuleSpec:
         relay=rule.relay,
         dual_stack=rule.dual_stack,
         backlog=rule.backlog,
+        reuseport=rule.reuseport,
         tcp_keepalive=rule.tcp_keepalive,
         idle_timeout=rule.idle_timeout,
         proxy_protocol={"v1": 1, "v2": 2}.get(rule.proxy_protocol or "", 0),

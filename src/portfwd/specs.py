@@ -89,6 +89,9 @@ class RuleSpec:
     relay: RelayChoice = "auto"
     dual_stack: bool = False
     backlog: int = 1024
+    #: With workers: True, one accept queue per process (SO_REUSEPORT, the kernel's hash picks);
+    #: False, one queue all take from; None, shared on the C engine, else per process.
+    reuseport: bool | None = None
     tcp_keepalive: bool = True  #: on both sides of every TCP session (relay/listener.KEEPALIVE)
     idle_timeout: float | None = None  #: close a TCP session that moved no byte for this long
     proxy_protocol: int = 0  #: 1 or 2: send the client's address first, as a PROXY header (TCP)

@@ -538,6 +538,7 @@ def _lazy(stack: contextlib.ExitStack, tmp_path: Path, lazy: int, revived: int, 
     extra = (
         f'[[forward]]\nname = "lazy"\nlisten = "127.0.0.1:{lazy}"\n'
         f'connect = ["127.0.0.1:{revived}", "127.0.0.1:{echo}"]\nbalance = "first"\n'
+        "reuseport = true\n"  # the kernel's hash picks each client's process (_from_port)
         f'[forward.health]\n{health}passive_fall = 1\npassive_down = "300s"\n'
     )
     instance = stack.enter_context(web_instance(tmp_path, rules=("echo",), extra=extra))

@@ -126,9 +126,10 @@ def config_text(port: int, echo: int, rules: dict[str, int], extra: str = "", we
                 f'[[forward]]\nname = "pool"\nlisten = "127.0.0.1:{listen}"\n'
                 f'connect = ["127.0.0.1:{echo}", "127.0.0.1:{dead}"]\nbalance = "first"\n'
             )
-        else:
+        else:  # reuseport: each client's process is the kernel's hash of its address and port
             parts.append(
                 f'[[forward]]\nname = "{name}"\nlisten = "127.0.0.1:{listen}"\nconnect = "127.0.0.1:{echo}"\n'
+                "reuseport = true\n"
             )
     parts.append(extra)
     parts.append(web or f'[web]\nlisten = "127.0.0.1:{port}"\ntoken = "{TOKEN}"\n')

@@ -89,7 +89,7 @@ BAD = [
     (
         '[[forward]]\nlisten = "8080"\nconnect = "h:1"\nbogus = 1\n',
         "forward[0].bogus: unknown key; remove it or use one of: name, listen, connect, backend, balance, health, protocol, allow, "
-        "deny, route, udp_idle_timeout, udp_max_flows, connect_timeout, relay, dual_stack, backlog, map, tcp_keepalive, idle_timeout, proxy_protocol, "
+        "deny, route, udp_idle_timeout, udp_max_flows, connect_timeout, relay, dual_stack, backlog, reuseport, map, tcp_keepalive, idle_timeout, proxy_protocol, "
         "accept_proxy_protocol, trusted_proxies, max_connections, max_connections_per_source, rate, "
         "bandwidth, bandwidth_per_connection, transparent",
     ),
@@ -328,7 +328,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "forward[0].listen: port 70000 is out of range (1-65535)",
         "forward[0].connect: missing port; write host:port",
         "forward[0].bogus: unknown key; remove it or use one of: name, listen, connect, backend, balance, health, protocol, allow, "
-        "deny, route, udp_idle_timeout, udp_max_flows, connect_timeout, relay, dual_stack, backlog, map, tcp_keepalive, idle_timeout, proxy_protocol, "
+        "deny, route, udp_idle_timeout, udp_max_flows, connect_timeout, relay, dual_stack, backlog, reuseport, map, tcp_keepalive, idle_timeout, proxy_protocol, "
         "accept_proxy_protocol, trusted_proxies, max_connections, max_connections_per_source, rate, "
         "bandwidth, bandwidth_per_connection, transparent",
     ]

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
+from portfwd.errors import BindError
 from portfwd.relay import listener as listener_module
-from portfwd.relay.listener import NODELAY_INHERITED, DescriptorListener, bind_ip, bind_unix
+from portfwd.relay.listener import NODELAY_INHERITED, DescriptorListener, bind_ip, bind_shared, bind_unix
 
 
 @pytest.mark.skipif(not NODELAY_INHERITED, reason="TCP_NODELAY is inherited on Linux only")
@@ -26,6 +27,29 @@ def test_accepted_clients_come_with_nodelay() -> None:
     assert not client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     for sock in (accepted, client, listener):
         sock.close()
+
+
+def test_bind_shared_is_one_queue_and_refuses_a_held_address() -> None:
+    """Every copy accepts from the same queue (one socket, no SO_REUSEPORT group another
+    program could join); an address already held is refused with the rule's line."""
+    group = bind_shared("forward[1]", "127.0.0.1", 0, 3, backlog=8, dual_stack=False)
+    try:
+        address = group[0].getsockname()
+        assert len({sock.fileno() for sock in group}) == 3
+        assert {sock.getsockname() for sock in group} == {address}
+        assert not group[0].getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+        client = socket.create_connection(address)
+        group[2].setblocking(True)
+        accepted, peer = group[2].accept()  # queued at the listener, taken through a copy
+        assert peer == client.getsockname()
+        accepted.close()
+        client.close()
+        with pytest.raises(BindError) as raised:
+            bind_shared("forward[2]", "127.0.0.1", address[1], 2, backlog=8, dual_stack=False)
+        assert raised.value.line().startswith(f"forward[2]: cannot listen on 127.0.0.1:{address[1]}: ")
+    finally:
+        for sock in group:
+            sock.close()
 
 
 async def _accept_one(listener: socket.socket, client: socket.socket) -> tuple[int, Any]:

@@ -108,6 +108,9 @@ class ForwardConfig(_Model):
     relay: Literal["auto", "kernel", "splice", "protocol"] = "auto"
     dual_stack: StrictBool = False
     backlog: int = Field(default=1024, ge=1, le=65535)
+    # With workers: one accept queue per process (SO_REUSEPORT) or one they share; None: shared
+    # where the C engine relays the rule, per process otherwise (services/rules.py).
+    reuseport: StrictBool | None = None
     map: StrictBool = False
     tcp_keepalive: StrictBool = True  # on both sides of every TCP session (relay/listener.KEEPALIVE)
     idle_timeout: Duration | None = None  # close a TCP session that moved no byte for this long

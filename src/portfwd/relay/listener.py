@@ -186,6 +186,36 @@ def bind_group(
     return group
 
 
+def bind_shared(
+    what: str, host: str, port: int, count: int, *, backlog: int, dual_stack: bool, tcp_keepalive: bool = True
+) -> list[socket.socket]:
+    """One TCP listener and `count - 1` duplicates of it: one accept queue that every worker
+    process takes clients from (the C engine's rules), where `bind_group` gives each its own.
+
+    Whichever process is awake accepts every client waiting; a group's hash puts each client
+    in one process's queue, which may wait while the other process idles. Raises BindError;
+    nothing stays open.
+    """
+    listener = bind_ip(
+        what,
+        host,
+        port,
+        socket.SOCK_STREAM,
+        backlog=backlog,
+        dual_stack=dual_stack,
+        tcp_keepalive=tcp_keepalive,
+    )
+    group = [listener]
+    try:
+        group.extend(listener.dup() for _ in range(count - 1))
+    except OSError as exc:
+        for sock in group:
+            sock.close()
+        where = f"[{host}]:{port}" if ":" in host else f"{host or '*'}:{port}"
+        raise bind_error(what, where, exc, port) from exc
+    return group
+
+
 def bind_unix(what: str, path: str, *, backlog: int) -> socket.socket:
     """Listen on a Unix stream socket, replacing a stale socket file left by a dead process.
 

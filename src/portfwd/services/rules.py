@@ -26,7 +26,7 @@ from portfwd.relay.describe import relay_path, targets_text
 from portfwd.relay.forwarder import RelayPath, TcpForwarder
 from portfwd.relay.health import Checker
 from portfwd.relay.limits import Limits
-from portfwd.relay.listener import DescriptorListener, bind_group, bind_ip, bind_unix
+from portfwd.relay.listener import DescriptorListener, bind_group, bind_ip, bind_shared, bind_unix
 from portfwd.relay.mmsg import Batch
 from portfwd.relay.native import NativeListener, NativeRelays, native_reason
 from portfwd.relay.native import available as native_available
@@ -58,6 +58,9 @@ class _RuleRun:
     #: With workers: each worker's copies of the listeners (bind order), held open here so a
     #: worker that dies loses none of the clients queued on them.
     siblings: list[list[socket.socket]] | None = None
+    #: Whether the TCP copies are duplicates of this process's own listeners (one accept queue
+    #: for every process: the C engine's rules) rather than members of a SO_REUSEPORT group.
+    one_queue: bool = False
     #: Per worker that is down: this process serving its copies meanwhile.
     adopted: dict[int, list[Accepting | UdpForwarder]] = field(default_factory=dict)
 
@@ -206,6 +209,9 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
             streams = iter(run.tcp)
             datagrams = iter(run.udp)
             for sock in run.siblings[worker - 1]:
+                if run.one_queue and sock.type == socket.SOCK_STREAM:
+                    next(streams)  # this process accepts from that queue already
+                    continue
                 copy = sock.dup()  # (EMFILE: raised to the caller; what started is recorded)
                 try:
                     copy.setblocking(False)
@@ -435,6 +441,13 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         handed = self.given(rule) if self.given is not None else None
         copies = self.workers - 1 if self.given is None and self.workers > 1 and shareable(rule) else 0
         groups: list[list[socket.socket]] = []
+        # With workers, the C engine's processes share one accept queue per TCP listener
+        # (unless `reuseport`): whichever process is awake takes every client waiting, where a
+        # SO_REUSEPORT group's hash leaves one process idle while clients queue at the other's
+        # socket (bench/RESULTS.md, D30). Python's relays keep a queue each (their loop would
+        # wake in every process for each client); UDP keeps its group (a flow stays with one).
+        shared = rule.reuseport is False or (rule.reuseport is None and native)
+        run.one_queue = shared and bool(copies)
 
         def bind(port: int, kind: socket.SocketKind) -> socket.socket:
             if handed is not None:
@@ -442,6 +455,13 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
             assert isinstance(listen, HostPorts)
             stream = kind == socket.SOCK_STREAM
             backlog, keep = (rule.backlog, rule.tcp_keepalive) if stream else (0, False)
+            if copies and run.one_queue and stream:
+                group = bind_shared(
+                    what, listen.host, port, copies + 1, backlog=backlog, dual_stack=rule.dual_stack,
+                    tcp_keepalive=keep,
+                )  # fmt: skip
+                groups.append(group[1:])
+                return group[0]
             if copies:
                 group = bind_group(
                     what, listen.host, port, kind, copies + 1, backlog=backlog, dual_stack=rule.dual_stack,
@@ -569,9 +589,10 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         self.state.add_listening(rule.label, path, [accepting.listener for accepting, _ in run.tcp])
         self.state.add_listening(rule.label, "udp", [udp.listener for udp in run.udp])
         for copies in run.siblings or ():  # the workers' copies: this process holds them too
-            self.state.add_listening(
-                rule.label, path, [sock for sock in copies if sock.type == socket.SOCK_STREAM]
-            )
+            if not run.one_queue:  # (duplicates of the listeners above are no sockets of their own)
+                self.state.add_listening(
+                    rule.label, path, [sock for sock in copies if sock.type == socket.SOCK_STREAM]
+                )
             self.state.add_listening(
                 rule.label, "udp", [sock for sock in copies if sock.type == socket.SOCK_DGRAM]
             )
