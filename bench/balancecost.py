@@ -77,7 +77,11 @@ def main() -> int:
     one_rate, one_cpu = table["one backend"]
     for name in ("two backends", "two, checked"):
         rate, cpu = table[name]
-        print(f"{name} / one backend: conn/s {rate / one_rate:.3f}, CPU per conn {cpu / one_cpu:.3f}")
+        paired = base.by_round(conn, name, "one backend")
+        print(
+            f"{name} / one backend: conn/s {rate / one_rate:.3f} (by round {paired:.3f}), "
+            f"CPU per conn {cpu / one_cpu:.3f}"
+        )
     return 0
 
 

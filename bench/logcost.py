@@ -70,7 +70,8 @@ def main() -> int:
     for name, (rate, cpu) in table.items():
         print(f"| {name} | {rate:,.0f} | {cpu:.1f} |")
     print(
-        f"\ndefault / -q: conn/s {table['default'][0] / table['quiet'][0]:.3f}, "
+        f"\ndefault / -q: conn/s {table['default'][0] / table['quiet'][0]:.3f} "
+        f"(by round {base.by_round(conn, 'default', 'quiet'):.3f}), "
         f"CPU per conn {table['default'][1] / table['quiet'][1]:.3f}"
     )
     opened, closed = text.count(" open ("), text.count(" closed (")

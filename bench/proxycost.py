@@ -73,7 +73,8 @@ def main() -> int:
     plain_rate, plain_cpu = table["no header"]
     proxy_rate, proxy_cpu = table["PROXY v2"]
     print(
-        f"\nPROXY v2 / no header: conn/s {proxy_rate / plain_rate:.3f}, CPU per conn {proxy_cpu / plain_cpu:.3f}"
+        f"\nPROXY v2 / no header: conn/s {proxy_rate / plain_rate:.3f} "
+        f"(by round {base.by_round(conn, 'PROXY v2', 'no header'):.3f}), CPU per conn {proxy_cpu / plain_cpu:.3f}"
     )
     return 0
 

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -456,6 +457,13 @@ def rounds(
 def median(values: list[float]) -> float:
     good = [v for v in values if v == v]
     return statistics.median(good) if good else float("nan")
+
+
+def by_round(results: dict[str, list[Any]], name: str, base_name: str) -> float:
+    """The median of each round's own ratio of `name`'s conn/s to `base_name`'s. Every round
+    measures each forwarder back to back, and this machine's speed drifts by 20 % over minutes:
+    a ratio taken within a round leaves the drift out, a ratio of two medians does not."""
+    return median([a[0] / b[0] for a, b in zip(results[name], results[base_name], strict=True)])
 
 
 def versions() -> dict[str, str]:

@@ -93,13 +93,11 @@ def main() -> int:
     print("|---|---|---|---|---|")
     for name, (rate, cpu, gbps, per_gbit) in table.items():
         print(f"| {name} | {rate:,.0f} | {cpu:.1f} | {gbps:.2f} | {per_gbit:.3f} |")
-    haproxy = f"haproxy nbthread={cores}"
-    haproxy_row = table[haproxy]
+    reference = f"haproxy nbthread={cores}"
+    haproxy_row = table[reference]
     for name in (f"portfwd workers={cores}", "portfwd workers=1", f"portfwd workers={cores} reuseport"):
         row = table[name]
-        # Each round measures every forwarder back to back; this machine's speed drifts by 20 %
-        # over minutes, so the median of each round's own ratio is the steadier figure.
-        paired = base.median([a[0] / b[0] for a, b in zip(conn[name], conn[haproxy], strict=True)])  # type: ignore[index]
+        paired = base.by_round(conn, name, reference)
         print(
             f"{name} / haproxy: conn/s {row[0] / haproxy_row[0]:.3f}, by round {paired:.3f} "
             f"(goal >= 0.9 with workers = cores), bulk {row[2] / haproxy_row[2]:.3f} (goal >= 1.0)"
