@@ -120,7 +120,7 @@ def _token_file(path: Path) -> str:
 
 
 def workers(wanted: int | str) -> int:
-    """`workers = "auto"`: one per core on Linux (SO_REUSEPORT spreads clients there), else one."""
+    """`workers = "auto"`: one per core on Linux (processes share listeners there), else one."""
     if isinstance(wanted, int):
         return wanted
     if sys.platform != "linux":

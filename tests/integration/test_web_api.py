@@ -24,7 +24,7 @@ from jsonschema import Draft202012Validator
 
 from tests.integration.peers import free_port
 from tests.integration.processes import run_portfwd, wait_listening
-from tests.integration.webpeer import TOKEN, WebInstance, echo_client, echo_server, web_instance
+from tests.integration.webpeer import TOKEN, WebInstance, echo_client, echo_flood, echo_server, web_instance
 
 pytestmark = pytest.mark.integration
 
@@ -217,13 +217,18 @@ def test_a_request_http_cannot_parse_gets_one_line_and_nothing_logged(instance: 
 
 
 def test_close_a_live_session_from_either_process(instance: WebInstance) -> None:
-    # 12: the kernel spreads them over both processes by a hash; all in one would be 1 in 2,048
-    clients = [echo_client(instance.rules["echo"]) for _ in range(12)]
+    clients: list[socket.socket] = []
     try:
-        status = instance.wait(
-            lambda s: len([x for x in s["sessions"] if x["rule"] == "echo"]) == 12, "12 sessions"
-        )
-        sessions = [row for row in status["sessions"] if row["rule"] == "echo"]
+        for _ in range(3):  # bounded: floods of 12, shared by the processes (one may take a wave)
+            clients += echo_flood(instance.rules["echo"], 12)
+            want = len(clients)
+            status = instance.wait(
+                lambda s, want=want: len([x for x in s["sessions"] if x["rule"] == "echo"]) == want,
+                "the sessions",
+            )
+            sessions = [row for row in status["sessions"] if row["rule"] == "echo"]
+            if len({row["pid"] for row in sessions}) == 2:
+                break
         assert len({row["pid"] for row in sessions}) == 2, "both processes relay some (workers = 2)"
         by_port = {int(row["client"].rsplit(":", 1)[1]): row for row in sessions}
         for client in clients:
@@ -237,7 +242,8 @@ def test_close_a_live_session_from_either_process(instance: WebInstance) -> None
             assert client.recv(10) == b"", "the client sees its session end"
         status = instance.wait(lambda s: not [x for x in s["sessions"] if x["rule"] == "echo"], "no sessions")
         reasons = [row["reason"] for row in status["closed"] if row["rule"] == "echo"]
-        assert reasons.count("maintenance") == 12
+        assert set(reasons) == {"maintenance"}
+        assert len(reasons) >= min(len(clients), 20)  # each process keeps its newest 20
     finally:
         for client in clients:
             client.close()
@@ -282,7 +288,7 @@ def test_pause_holds_new_clients_drain_refuses_them_and_live_sessions_go_on(inst
             assert client.recv(10) == b"held"
         before = instance.rule("echo")["errors"].get("draining", 0)
         assert instance.call("POST", "/api/v1/rules/echo/drain", token=TOKEN).json["mode"] == "draining"
-        for _ in range(6):  # each process refuses (SO_REUSEPORT spreads them)
+        for _ in range(6):  # whichever process takes one refuses it
             with pytest.raises(ConnectionResetError):  # at connect, or at the first read
                 refused_by(port)
         live.sendall(b"drain")

@@ -61,6 +61,26 @@ def _flood(port: int, count: int) -> list[tuple[socket.socket, bytes]]:
         return list(pool.map(lambda _: one(), range(count)))
 
 
+def _spread(
+    port: int, control: Path, count: int, pids: set[int], waves: int = 3
+) -> tuple[list[tuple[socket.socket, bytes]], dict[str, Any]]:
+    """Floods of `count` clients (at most `waves`, held) until every process in `pids` relays
+    some: the processes share a flood, but the one awake first may take a whole wave."""
+    held: list[tuple[socket.socket, bytes]] = []
+    status: dict[str, Any] = {}
+    for _ in range(waves):
+        held += _flood(port, count)
+        want = len(held)
+        status = _wait(
+            lambda want=want: (s := _status(control)) and len(s["sessions"]) == want and s,
+            10,
+            f"{len(held)} sessions",
+        )
+        if {session["pid"] for session in status["sessions"]} >= pids:
+            break
+    return held, status
+
+
 def _finish(held: list[tuple[socket.socket, bytes]]) -> None:
     """Half-close each held client; the sink's sha256 of what it sent must come back."""
     for client, data in held:
@@ -83,16 +103,22 @@ def _wait(condition: Any, seconds: float, what: str) -> Any:
 
 
 @contextlib.contextmanager
-def _instance(tmp_path: Path, sink: Sink, rules: str = "") -> Iterator[tuple[int, Path, Proc, Path, int]]:
+def _instance(
+    tmp_path: Path, sink: Sink, rules: str = "", workers: int = 2
+) -> Iterator[tuple[int, Path, Proc, Path, int]]:
     port, control = free_port(), tmp_path / "ctl.sock"
     config = tmp_path / "workers.toml"
     metrics = free_port()
     config.write_text(
-        f'workers = 2\n[control]\nsocket = "{control}"\n[metrics]\nlisten = "127.0.0.1:{metrics}"\n'
+        f'workers = {workers}\n[control]\nsocket = "{control}"\n[metrics]\nlisten = "127.0.0.1:{metrics}"\n'
         f'[[forward]]\nname = "web"\nlisten = "127.0.0.1:{port}"\nconnect = "127.0.0.1:{sink.port}"\n{rules}'
     )
     with started(portfwd_argv("run", "-c", str(config)), ready=READY) as proc:
-        _wait(lambda: _status(control)["workers"], 10, "the worker runs")
+        _wait(
+            lambda: len([w for w in _status(control)["workers"] if w["state"] == "running"]) == workers - 1,
+            15,
+            "the workers run",
+        )
         yield port, control, proc, config, metrics
 
 
@@ -106,13 +132,13 @@ def sink() -> Iterator[Sink]:
 
 def test_clients_are_spread_over_the_workers_and_status_counts_them_all(tmp_path: Path, sink: Sink) -> None:
     with _instance(tmp_path, sink) as (port, control, proc, _, metrics_port):
-        held = _flood(port, 40)
-        status = _wait(lambda: (s := _status(control)) and len(s["sessions"]) == 40 and s, 10, "40 sessions")
+        worker = _status(control)["workers"][0]["pid"]
+        held, status = _spread(port, control, 40, {proc.pid, worker})
+        count = len(held)
         pids = {session["pid"] for session in status["sessions"]}
-        worker = status["workers"][0]["pid"]
         assert pids == {proc.pid, worker}  # both processes relay
-        assert status["rules"][0]["connections_active"] == 40
-        assert len({session["id"] for session in status["sessions"]}) == 40
+        assert status["rules"][0]["connections_active"] == count
+        assert len({session["id"] for session in status["sessions"]}) == count
         # One accept queue (the C engine's rule): one listening socket, held by both processes
         ss = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True, check=True)
         assert len(ss.stdout.splitlines()) == 1, ss.stdout
@@ -121,21 +147,37 @@ def test_clients_are_spread_over_the_workers_and_status_counts_them_all(tmp_path
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             metrics = response.read().decode()
-        assert 'portfwd_connections_active{rule="web"} 40.0' in metrics
+        assert f'portfwd_connections_active{{rule="web"}} {count}.0' in metrics
         _finish(held)
         status = _wait(lambda: (s := _status(control)) and not s["sessions"] and s, 10, "all closed")
-        assert status["rules"][0]["connections_total"] == 40
+        assert status["rules"][0]["connections_total"] == count
         assert len([row for row in status["closed"] if row["rule"] == "web"]) == 20  # the newest 20
     assert proc.popen.returncode == 0
     assert "Traceback" not in "\n".join(proc.lines)
 
 
+def test_five_processes_share_two_accept_queues(tmp_path: Path, sink: Sink) -> None:
+    """At most four processes wake for one client: five form a SO_REUSEPORT group of two
+    queues, process i (0: the main one) on queue i % 2; all of them relay."""
+    with _instance(tmp_path, sink, workers=5) as (port, control, proc, _, _):
+        status = _status(control)
+        pids = [proc.pid] + [row["pid"] for row in sorted(status["workers"], key=lambda row: row["index"])]
+        ss = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True, check=True)
+        queues = ss.stdout.splitlines()
+        assert len(queues) == 2, ss.stdout
+        holders = [{pid for pid in pids if f"pid={pid}," in queue} for queue in queues]
+        assert sorted(holders, key=len) == [{pids[1], pids[3]}, {pids[0], pids[2], pids[4]}], ss.stdout
+        held = _flood(port, 40)
+        _wait(lambda: len(_status(control)["sessions"]) == 40, 10, "40 sessions")
+        _finish(held)
+
+
 def test_a_killed_worker_is_started_again_and_nothing_else_stops(tmp_path: Path, sink: Sink) -> None:
     with _instance(tmp_path, sink) as (port, control, proc, _, _):
         before = _status(control)["workers"][0]
-        held = _flood(port, 20)  # some of them in the main process: they must live on
-        _wait(lambda: len(_status(control)["sessions"]) == 20, 10, "20 sessions")
-        mine = [s for s in _status(control)["sessions"] if s["pid"] == proc.pid]
+        # some of them in the main process: they must live on
+        held, status = _spread(port, control, 20, {proc.pid, before["pid"]})
+        mine = [s for s in status["sessions"] if s["pid"] == proc.pid]
         assert mine
         os.kill(before["pid"], signal.SIGKILL)
         proc.wait_for(f"worker 1 (pid {before['pid']}) killed by SIGKILL")
@@ -159,10 +201,7 @@ def test_a_killed_worker_is_started_again_and_nothing_else_stops(tmp_path: Path,
             if client.getsockname()[1] in {int(s["client"].rsplit(":", 1)[1]) for s in mine}
         ]
         _finish(survivors)
-        more = _flood(port, 30)
-        status = _wait(
-            lambda: (s := _status(control)) and len(s["sessions"]) == 30 and s, 10, "30 new sessions"
-        )
+        more, status = _spread(port, control, 30, {proc.pid, after["pid"]})
         assert {session["pid"] for session in status["sessions"]} == {proc.pid, after["pid"]}
         _finish(more)
         for client, _ in held:
@@ -213,11 +252,10 @@ def test_workers_follow_the_main_process_health_checks(tmp_path: Path, sink: Sin
 
         _wait(lambda: backends()[1]["state"] == "down", 10, "the dead backend is down")
         before = backends()[1]["failures"]
-        held = _flood(port, 30)
-        status = _wait(lambda: (s := _status(control)) and len(s["sessions"]) == 30 and s, 10, "30 sessions")
+        held, status = _spread(port, control, 30, {proc.pid, _status(control)["workers"][0]["pid"]})
         assert {session["pid"] for session in status["sessions"]} == {proc.pid, status["workers"][0]["pid"]}
         assert backends()[1]["failures"] == before  # nobody tried it
-        assert backends()[0]["sessions_active"] == 30
+        assert backends()[0]["sessions_active"] == len(held)
         _finish(held)
     checks = [line for line in proc.lines if "backend 127.0.0.1:" in line and " is down" in line]
     assert len(checks) == 1, checks  # said once, by the main process

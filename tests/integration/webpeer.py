@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import http.client
 import json
@@ -9,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -126,10 +128,9 @@ def config_text(port: int, echo: int, rules: dict[str, int], extra: str = "", we
                 f'[[forward]]\nname = "pool"\nlisten = "127.0.0.1:{listen}"\n'
                 f'connect = ["127.0.0.1:{echo}", "127.0.0.1:{dead}"]\nbalance = "first"\n'
             )
-        else:  # reuseport: each client's process is the kernel's hash of its address and port
+        else:
             parts.append(
                 f'[[forward]]\nname = "{name}"\nlisten = "127.0.0.1:{listen}"\nconnect = "127.0.0.1:{echo}"\n'
-                "reuseport = true\n"
             )
     parts.append(extra)
     parts.append(web or f'[web]\nlisten = "127.0.0.1:{port}"\ntoken = "{TOKEN}"\n')
@@ -158,6 +159,19 @@ def web_instance(
         finally:
             proc.stop()
             proc.close()
+
+
+def echo_flood(port: int, count: int) -> list[socket.socket]:
+    """`count` echo clients at once, a thread each released together: a flood, which the
+    processes sharing a rule's accept queue take between them."""
+    start = threading.Barrier(count)
+
+    def one(_: int) -> socket.socket:
+        start.wait(timeout=10)
+        return echo_client(port)
+
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        return list(pool.map(one, range(count)))
 
 
 def echo_client(port: int, payload: bytes = b"ping", timeout: float = 5.0) -> socket.socket:

@@ -13,7 +13,14 @@ import pytest
 
 from portfwd.errors import BindError
 from portfwd.relay import listener as listener_module
-from portfwd.relay.listener import NODELAY_INHERITED, DescriptorListener, bind_ip, bind_shared, bind_unix
+from portfwd.relay.listener import (
+    NODELAY_INHERITED,
+    DescriptorListener,
+    bind_ip,
+    bind_shared,
+    bind_unix,
+    shared_queues,
+)
 
 
 @pytest.mark.skipif(not NODELAY_INHERITED, reason="TCP_NODELAY is inherited on Linux only")
@@ -29,6 +36,13 @@ def test_accepted_clients_come_with_nodelay() -> None:
         sock.close()
 
 
+SO_COOKIE = getattr(socket, "SO_COOKIE", 57)  # Linux: one number per socket, its duplicates' too
+
+
+def _cookie(sock: socket.socket) -> int:
+    return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
+
+
 def test_bind_shared_is_one_queue_and_refuses_a_held_address() -> None:
     """Every copy accepts from the same queue (one socket, no SO_REUSEPORT group another
     program could join); an address already held is refused with the rule's line."""
@@ -37,16 +51,32 @@ def test_bind_shared_is_one_queue_and_refuses_a_held_address() -> None:
         address = group[0].getsockname()
         assert len({sock.fileno() for sock in group}) == 3
         assert {sock.getsockname() for sock in group} == {address}
+        assert len({_cookie(sock) for sock in group}) == 1
         assert not group[0].getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
         client = socket.create_connection(address)
         group[2].setblocking(True)
         accepted, peer = group[2].accept()  # queued at the listener, taken through a copy
+        group[2].setblocking(False)
         assert peer == client.getsockname()
         accepted.close()
         client.close()
         with pytest.raises(BindError) as raised:
             bind_shared("forward[2]", "127.0.0.1", address[1], 2, backlog=8, dual_stack=False)
         assert raised.value.line().startswith(f"forward[2]: cannot listen on 127.0.0.1:{address[1]}: ")
+    finally:
+        for sock in group:
+            sock.close()
+
+
+def test_bind_shared_gives_at_most_four_processes_one_queue() -> None:
+    """Ten processes: three queues (a SO_REUSEPORT group), process i on queue i % 3."""
+    assert [shared_queues(count) for count in (1, 2, 4, 5, 8, 9, 64)] == [1, 1, 1, 2, 2, 3, 16]
+    group = bind_shared("forward[1]", "127.0.0.1", 0, 10, backlog=8, dual_stack=False)
+    try:
+        cookies = [_cookie(sock) for sock in group]
+        assert len(set(cookies)) == 3
+        assert all(cookies[index] == cookies[index % 3] for index in range(10))
+        assert all(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) for sock in group)
     finally:
         for sock in group:
             sock.close()

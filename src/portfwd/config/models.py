@@ -347,7 +347,7 @@ class Config(_Model):
     group: str | None = Field(default=None, min_length=1)
     drain_timeout: Duration = 10.0
     ssh_fast_path: StrictBool = True
-    # Processes that relay the [[forward]] rules (SO_REUSEPORT listeners); "auto": one per core.
+    # Processes that relay the [[forward]] rules (sharing the listeners); "auto": one per core.
     workers: Workers = "auto"
     forward: tuple[ForwardConfig, ...] = ()
     tunnel: tuple[TunnelConfig, ...] = ()

@@ -167,8 +167,8 @@ def unsuitable(rule: RuleSpec) -> str | None:
     address, listen and target of different families (no NAT64), a loopback listen with a remote
     target (needs route_localnet), routes to a backend, and every userspace-only setting with a
     value other than its default. Settings that have no meaning without a socket in the middle
-    (`connect_timeout`, `backlog`, `tcp_keepalive`, `relay`) are ignored: the client and the
-    target talk end to end, with their own timeouts and keepalives.
+    (`connect_timeout`, `backlog`, `reuseport`, `tcp_keepalive`, `relay`) are ignored: the
+    client and the target talk end to end, with their own timeouts and keepalives.
     """
     where = rule.where
     if isinstance(rule.listen, UnixPath):

@@ -186,28 +186,48 @@ def bind_group(
     return group
 
 
+#: The most processes that share one accept queue (`bind_shared`). Each of them wakes for a
+#: client that arrives while they all sleep (the C engine's epoll is itself watched by the
+#: event loop's, and EPOLLEXCLUSIVE does not reach through a nested epoll), and all but one find
+#: nothing: past this many, the processes split into queues of at most this many, which form a
+#: SO_REUSEPORT group.
+QUEUE_SHARERS = 4
+
+
+def shared_queues(count: int) -> int:
+    """How many accept queues `count` processes get from `bind_shared`; process i (0: the main
+    one) takes clients from queue i % shared_queues(count)."""
+    return -(-count // QUEUE_SHARERS)
+
+
 def bind_shared(
     what: str, host: str, port: int, count: int, *, backlog: int, dual_stack: bool, tcp_keepalive: bool = True
 ) -> list[socket.socket]:
-    """One TCP listener and `count - 1` duplicates of it: one accept queue that every worker
-    process takes clients from (the C engine's rules), where `bind_group` gives each its own.
+    """A TCP listening socket for each of `count` processes, index 0 first, where processes
+    share accept queues (the C engine's rules), where `bind_group` gives each its own: up to
+    QUEUE_SHARERS processes one socket and its duplicates, more a SO_REUSEPORT group of such.
 
-    Whichever process is awake accepts every client waiting; a group's hash puts each client
-    in one process's queue, which may wait while the other process idles. Raises BindError;
-    nothing stays open.
+    Whichever process of a queue is awake accepts every client waiting; a group's hash puts
+    each client in one process's queue, which may wait while another process idles. A queue's
+    backlog is `backlog` for each process on it (the kernel caps it at net.core.somaxconn), as
+    a socket each had. The copies share one open file: its non-blocking flag too (nothing may
+    make a listener blocking). Raises BindError; nothing stays open.
     """
-    listener = bind_ip(
-        what,
-        host,
-        port,
-        socket.SOCK_STREAM,
-        backlog=backlog,
-        dual_stack=dual_stack,
-        tcp_keepalive=tcp_keepalive,
-    )
-    group = [listener]
+    queues = shared_queues(count)
+    depth = min(backlog * -(-count // queues), 65535)
+    if queues == 1:
+        kind = socket.SOCK_STREAM
+        originals = [
+            bind_ip(what, host, port, kind, backlog=depth, dual_stack=dual_stack, tcp_keepalive=tcp_keepalive)
+        ]
+    else:
+        originals = bind_group(
+            what, host, port, socket.SOCK_STREAM, queues, backlog=depth, dual_stack=dual_stack,
+            tcp_keepalive=tcp_keepalive,
+        )  # fmt: skip
+    group = list(originals)
     try:
-        group.extend(listener.dup() for _ in range(count - 1))
+        group.extend(originals[index % queues].dup() for index in range(queues, count))
     except OSError as exc:
         for sock in group:
             sock.close()

@@ -26,7 +26,14 @@ from portfwd.relay.describe import relay_path, targets_text
 from portfwd.relay.forwarder import RelayPath, TcpForwarder
 from portfwd.relay.health import Checker
 from portfwd.relay.limits import Limits
-from portfwd.relay.listener import DescriptorListener, bind_group, bind_ip, bind_shared, bind_unix
+from portfwd.relay.listener import (
+    DescriptorListener,
+    bind_group,
+    bind_ip,
+    bind_shared,
+    bind_unix,
+    shared_queues,
+)
 from portfwd.relay.mmsg import Batch
 from portfwd.relay.native import NativeListener, NativeRelays, native_reason
 from portfwd.relay.native import available as native_available
@@ -58,9 +65,10 @@ class _RuleRun:
     #: With workers: each worker's copies of the listeners (bind order), held open here so a
     #: worker that dies loses none of the clients queued on them.
     siblings: list[list[socket.socket]] | None = None
-    #: Whether the TCP copies are duplicates of this process's own listeners (one accept queue
-    #: for every process: the C engine's rules) rather than members of a SO_REUSEPORT group.
-    one_queue: bool = False
+    #: How many accept queues the processes share for each TCP listener (`bind_shared`: worker
+    #: w's copy is a duplicate of queue w % queues, this process's is queue 0); 0: a socket of
+    #: a SO_REUSEPORT group each.
+    queues: int = 0
     #: Per worker that is down: this process serving its copies meanwhile.
     adopted: dict[int, list[Accepting | UdpForwarder]] = field(default_factory=dict)
 
@@ -135,10 +143,11 @@ Given = Callable[[RuleSpec], list[socket.socket] | None]
 class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
     """Runs the [[forward]] rules; a rule that cannot bind is reported and skipped.
 
-    With `workers` > 1 (the main process), each shareable rule's listeners are bound as
-    SO_REUSEPORT groups, one socket per process: this process serves the first, and keeps the
-    others for the workers (`siblings`). In a worker, `given` hands over those sockets instead
-    of binding, and the lines the main process logs already are not repeated.
+    With `workers` > 1 (the main process), each shareable rule's listeners are bound with a
+    socket per process: shared accept queues (`bind_shared`: the C engine's TCP rules) or a
+    SO_REUSEPORT group. This process serves the first, and keeps the others for the workers
+    (`siblings`). In a worker, `given` hands over those sockets instead of binding, and the
+    lines the main process logs already are not repeated.
     """
 
     name = "rules"
@@ -200,8 +209,9 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
 
     def adopt(self, worker: int, skip: set[RuleSpec] | None = None) -> None:
         """Serve worker `worker`'s copies of every shared listener here, while it is down: the
-        kernel keeps giving that copy its share of new clients, who must not wait for it. The
-        copies are served through duplicates, so releasing them leaves the originals open."""
+        kernel keeps giving that copy its share of new clients, who must not wait for it (a
+        copy of this process's own accept queue is skipped: served already). The copies are
+        served through duplicates, so releasing them leaves the originals open."""
         for rule, run in self._runs.items():
             if run.siblings is None or worker in run.adopted or (skip and rule in skip):
                 continue
@@ -209,7 +219,7 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
             streams = iter(run.tcp)
             datagrams = iter(run.udp)
             for sock in run.siblings[worker - 1]:
-                if run.one_queue and sock.type == socket.SOCK_STREAM:
+                if run.queues and worker % run.queues == 0 and sock.type == socket.SOCK_STREAM:
                     next(streams)  # this process accepts from that queue already
                     continue
                 copy = sock.dup()  # (EMFILE: raised to the caller; what started is recorded)
@@ -441,13 +451,14 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         handed = self.given(rule) if self.given is not None else None
         copies = self.workers - 1 if self.given is None and self.workers > 1 and shareable(rule) else 0
         groups: list[list[socket.socket]] = []
-        # With workers, the C engine's processes share one accept queue per TCP listener
-        # (unless `reuseport`): whichever process is awake takes every client waiting, where a
-        # SO_REUSEPORT group's hash leaves one process idle while clients queue at the other's
-        # socket (bench/RESULTS.md, D30). Python's relays keep a queue each (their loop would
-        # wake in every process for each client); UDP keeps its group (a flow stays with one).
+        # With workers, the C engine's processes share accept queues (up to QUEUE_SHARERS a
+        # queue; unless `reuseport`): whichever process is awake takes every client waiting,
+        # where a SO_REUSEPORT group's hash leaves one process idle while clients queue at the
+        # other's socket (bench/RESULTS.md, D30). Python's relays keep a queue each (their loop
+        # would wake in every process for each client); UDP keeps its group (a flow stays with
+        # one process).
         shared = rule.reuseport is False or (rule.reuseport is None and native)
-        run.one_queue = shared and bool(copies)
+        run.queues = shared_queues(copies + 1) if shared and copies else 0
 
         def bind(port: int, kind: socket.SocketKind) -> socket.socket:
             if handed is not None:
@@ -455,7 +466,7 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
             assert isinstance(listen, HostPorts)
             stream = kind == socket.SOCK_STREAM
             backlog, keep = (rule.backlog, rule.tcp_keepalive) if stream else (0, False)
-            if copies and run.one_queue and stream:
+            if run.queues and stream:
                 group = bind_shared(
                     what, listen.host, port, copies + 1, backlog=backlog, dual_stack=rule.dual_stack,
                     tcp_keepalive=keep,
@@ -588,8 +599,8 @@ class RuleSet(Reloadable[tuple[RuleSpec, ...]]):
         self.state.listeners.append(Listener(rule.label, listen, protocol, relay))
         self.state.add_listening(rule.label, path, [accepting.listener for accepting, _ in run.tcp])
         self.state.add_listening(rule.label, "udp", [udp.listener for udp in run.udp])
-        for copies in run.siblings or ():  # the workers' copies: this process holds them too
-            if not run.one_queue:  # (duplicates of the listeners above are no sockets of their own)
+        for worker, copies in enumerate(run.siblings or (), 1):  # this process holds them too
+            if not run.queues or worker < run.queues:  # (not the duplicates of a queue listed)
                 self.state.add_listening(
                     rule.label, path, [sock for sock in copies if sock.type == socket.SOCK_STREAM]
                 )

@@ -1,9 +1,11 @@
 """`workers = N`: the shareable rules relayed by N processes that look like one instance.
 
-The main process binds every listener (as root, if it must) as a SO_REUSEPORT group, one
-socket per process (services/rules.py), serves the first socket of each group itself and hands
-the others to N - 1 worker processes it starts after dropping privileges (`python -m
-portfwd.cli.worker`, links in workerwire.py). The kernel spreads new clients over the group.
+The main process binds every listener (as root, if it must) with a socket per process
+(services/rules.py): duplicates of shared accept queues for the C engine's TCP rules (whichever
+process is awake takes the clients waiting), else a SO_REUSEPORT group (the kernel spreads new
+clients over it). It serves the first socket itself and hands the others to N - 1 worker
+processes it starts after dropping privileges (`python -m portfwd.cli.worker`, links in
+workerwire.py).
 
 - One instance: `status`, `/metrics` and the control socket are the main process's; before
   each read it asks every worker for its snapshot (`refresh`) and folds them in (merge.py).
