@@ -158,7 +158,7 @@ def test_clients_are_spread_over_the_workers_and_status_counts_them_all(tmp_path
 
 def test_five_processes_share_two_accept_queues(tmp_path: Path, sink: Sink) -> None:
     """At most four processes wake for one client: five form a SO_REUSEPORT group of two
-    queues, process i (0: the main one) on queue i % 2; all of them relay."""
+    queues, process i (0: the main one) on queue i % 2; a flood crosses whole (sha256)."""
     with _instance(tmp_path, sink, workers=5) as (port, control, proc, _, _):
         status = _status(control)
         pids = [proc.pid] + [row["pid"] for row in sorted(status["workers"], key=lambda row: row["index"])]
